@@ -1,0 +1,53 @@
+# make install   .venv with torch 2.13.0 (CPU), fairseq-fixed, the recipes' tools and this project (editable)
+# make test      the whole test suite (installs first)
+# make demo      the main job: deep Post-LN vs Admin vs Pre-LN with the real fairseq-train (installs first)
+# make bench     every benchmark under benchmarks/
+#
+# Use an existing environment instead of .venv:  make test VENV=/path/to/env  (it must already hold the
+# packages of constraints.txt; `make install VENV=...` installs them there).
+
+SHELL        := /bin/bash
+PYTHON       ?= python3
+VENV         ?= .venv
+PY           := $(VENV)/bin/python
+PIP          := $(PY) -m pip --disable-pip-version-check -q
+# The fairseq build compiles C++ for ~3 minutes: keep its wheel outside .venv so a rebuilt .venv reuses it.
+WHEEL_CACHE  ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/stability-toolbox/wheels
+FAIRSEQ      := fairseq-fixed==0.12.3.1
+STAMP        := $(VENV)/.installed
+PYTEST_ARGS  ?=
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt Makefile
+	@echo "== creating $(VENV) (torch 2.13.0 CPU, $(FAIRSEQ), recipe tools)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt torch==2.13.0 numpy cython setuptools wheel 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch" # fail here, not later, if torch did not install
+	mkdir -p "$(WHEEL_CACHE)"
+	ls "$(WHEEL_CACHE)"/fairseq_fixed-0.12.3.1-*.whl >/dev/null 2>&1 || \
+	  { echo "== building $(FAIRSEQ) once (about 3 minutes), cached in $(WHEEL_CACHE)"; \
+	    $(PIP) wheel --no-build-isolation --no-deps -w "$(WHEEL_CACHE)" $(FAIRSEQ); }
+	$(PIP) install --no-deps "$$(ls "$(WHEEL_CACHE)"/fairseq_fixed-0.12.3.1-*.whl | head -n 1)"
+	$(PIP) install -c constraints.txt hydra-core omegaconf regex sacrebleu tqdm bitarray cffi \
+	  scikit-learn packaging sentencepiece matplotlib pytest 2>&1 | grep -v "is ignored" || true
+	$(PIP) install --no-build-isolation --no-deps -e .
+	@# the public packages this toolbox is compared with, importable only through tests/peers.py
+	$(PIP) install --no-deps --upgrade --target $(VENV)/peers admin-torch==0.1.0 reinmax==0.1.0
+	$(PY) -c "import fairseq, admin_torch, reinmax, sign_optim, sentencepiece, sacrebleu, matplotlib"
+	touch $(STAMP)
+	@echo "== $(VENV) is ready"
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash recipes/demo/run.sh
+
+bench: install
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

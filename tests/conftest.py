@@ -1,0 +1,40 @@
+"""Shared fixtures: seeding, the real data sets beside the repo, tiny fairseq data."""
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+# tests/peers.py and tests/fairseq_helpers.py; appended, so that tests/admin_torch etc. never
+# shadow the real packages of the same name.
+sys.path.append(str(Path(__file__).resolve().parent))
+
+from fairseq_helpers import REPO_ROOT, make_translation_data  # noqa: E402
+
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``<repo>/../shared/data`` (ListOps, Multi30k, MNIST); the test is skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA} (they sit beside the repository)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_translation_data(tmp_path_factory):
+    """A tiny reversal corpus binarized by the real fairseq-preprocess (shared by the session; read only)."""
+    return make_translation_data(tmp_path_factory.mktemp("tiny_translation"))

@@ -1,0 +1,94 @@
+"""Running the real fairseq command-line tools from tests, on tiny data made by the test.
+
+Example::
+
+    data = make_translation_data(tmp_path)          # raw text + binarized dir
+    run_tool("train", data.bin, *TINY_TRANSFORMER_ARGS, "--max-update", "10",
+             "--save-dir", tmp_path / "ck")
+"""
+
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PLUGINS_DIR = REPO_ROOT / "fairseq_plugins"
+BIN_DIR = Path(sys.executable).parent
+
+# A 2-layer transformer small enough to train a few updates in about a second on one CPU core.
+TINY_TRANSFORMER_ARGS = [
+    "--arch", "transformer",
+    "--encoder-layers", "2", "--decoder-layers", "2",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+    "--share-all-embeddings",
+    "--optimizer", "adam", "--lr", "1e-3",
+    "--max-tokens", "500", "--cpu", "--seed", "1",
+    "--no-progress-bar", "--log-interval", "1", "--log-format", "simple",
+    "--num-workers", "0",
+]
+
+
+def tool_path(tool: str) -> str:
+    """The ``fairseq-<tool>`` executable of the running interpreter's environment."""
+    path = BIN_DIR / f"fairseq-{tool}"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is fairseq installed in {sys.prefix}?")
+    return str(path)
+
+
+def tool_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+def run_tool(tool: str, *args, cwd=None, timeout: float = 300, check: bool = True,
+             env: Optional[Dict[str, str]] = None, stdin: Optional[str] = None) -> subprocess.CompletedProcess:
+    """Run ``fairseq-<tool> *args``; output (stdout and stderr together) is in ``.stdout``.
+
+    With ``check``, a non-zero exit fails the test and shows the end of the log.
+    """
+    cmd = [tool_path(tool)] + [str(a) for a in args]
+    proc = subprocess.run(cmd, cwd=cwd or REPO_ROOT, env=tool_env(env), input=stdin, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
+    return proc
+
+
+@dataclass
+class TranslationData:
+    raw: Path   # train/valid/test.{src,tgt} as text
+    bin: Path   # fairseq-preprocess output, joined dictionary
+
+
+def write_reversal_corpus(directory: Path, sizes: Sequence[int] = (400, 50, 50), vocab: int = 30,
+                          seed: int = 0) -> Path:
+    """Write train/valid/test.{src,tgt}: random words and the same words reversed (a learnable task)."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab)]
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in zip(("train", "valid", "test"), sizes):
+        with open(directory / f"{split}.src", "w") as src, open(directory / f"{split}.tgt", "w") as tgt:
+            for _ in range(n):
+                sent = [rng.choice(words) for _ in range(rng.randint(3, 10))]
+                src.write(" ".join(sent) + "\n")
+                tgt.write(" ".join(reversed(sent)) + "\n")
+    return directory
+
+
+def make_translation_data(root: Path, **corpus_kwargs) -> TranslationData:
+    """A tiny reversal corpus under ``root/raw``, binarized by the real fairseq-preprocess into ``root/bin``."""
+    raw = write_reversal_corpus(root / "raw", **corpus_kwargs)
+    out = root / "bin"
+    run_tool("preprocess", "--source-lang", "src", "--target-lang", "tgt",
+             "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+             "--destdir", out, "--joined-dictionary", "--workers", "1")
+    return TranslationData(raw=raw, bin=out)
