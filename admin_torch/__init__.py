@@ -1,0 +1,55 @@
+"""admin_torch: Admin residual scaling for deep Post-LN transformers (a superset of admin-torch 0.1.0).
+
+* closed-form Admin: :func:`calculate_init`, :class:`OmegaResidual`, :func:`as_module`,
+  :func:`as_buffer`, :func:`as_parameter` (the 0.1.0 API, validated, dtype-following);
+* DeepNorm: :func:`deepnorm_init`, :func:`deepnorm_scale_`, :class:`DeepNormResidual`;
+* profiled Admin: :func:`profile_omegas`, :func:`apply_omegas`, :func:`save_profile`, :func:`load_profile`;
+* the output change against depth: :func:`output_change`, :func:`make_stack`;
+* folding omega into a plain Post-LN network: :func:`fold`, :func:`fold_into_norm_`,
+  :func:`fold_into_linears_`, :func:`fold_into_embedding_`.
+
+Importing this package never imports fairseq.
+"""
+
+from .deepnorm import DEEPNORM_SCALED_PROJECTIONS, DeepNormInit, DeepNormResidual, deepnorm_init, deepnorm_scale_
+from .fold import fold, fold_into_embedding_, fold_into_linears_, fold_into_norm_
+from .output_change import output_change, residual_betas
+from .profiling import apply_omegas, load_profile, omega_residuals, profile_omegas, save_profile
+from .reference_stack import STACK_KINDS, AddResidual, ResidualStack, make_stack
+from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, as_buffer, as_module, as_parameter, calculate_init
+
+__version__ = "0.2.0"
+
+__all__ = [
+    # admin-torch 0.1.0 API
+    "calculate_init",
+    "OmegaResidual",
+    "as_module",
+    "as_buffer",
+    "as_parameter",
+    "OUTPUT_CHANGE_SCALES",
+    # DeepNorm
+    "DeepNormInit",
+    "deepnorm_init",
+    "deepnorm_scale_",
+    "DeepNormResidual",
+    "DEEPNORM_SCALED_PROJECTIONS",
+    # profiled Admin
+    "profile_omegas",
+    "apply_omegas",
+    "save_profile",
+    "load_profile",
+    "omega_residuals",
+    # output change
+    "output_change",
+    "residual_betas",
+    "make_stack",
+    "ResidualStack",
+    "AddResidual",
+    "STACK_KINDS",
+    # folding
+    "fold",
+    "fold_into_norm_",
+    "fold_into_linears_",
+    "fold_into_embedding_",
+]

@@ -1,0 +1,161 @@
+"""Profiled Admin: set each sublayer's omega from one forward pass on real data.
+
+The original two-stage Admin (Transformer-Clinic, ``--init-type adaptive-profiling``) runs one
+forward pass in which every residual sublayer, at the moment it is called, takes the current
+running value of its stack as omega and then updates it::
+
+    v = 1                                         # per stack (encoder, decoder: separate chains)
+    for each residual sublayer i, in call order:
+        omega_i = v                               # set before the sublayer's output is formed
+        v = sqrt(Var[x_i * omega_i] + Var[f_i(x_i)])
+
+where ``Var`` is the population variance (ddof 0) over ALL elements of the tensor (batch, time,
+features, padding included), exactly as ``np.var(t.view(-1))`` in Transformer-Clinic. Because
+``x_i`` is a LayerNorm output (variance ~1), ``Var[x_i * omega_i] ~ omega_i^2`` and the rule is
+``omega_i^2 ~ 1 + sum_{j<i} Var[f_j(x_j)]``. The omega of sublayer i depends on the outputs of
+the sublayers before it computed WITH their already-set omegas, so each omega is written into
+its module as soon as it is measured, inside the same forward pass.
+
+Transformer-Clinic profiles in training mode (dropout on, f includes its dropout);
+:func:`profile_omegas` uses whatever mode the model is in.
+"""
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .residual import OmegaResidual
+
+__all__ = ["profile_omegas", "apply_omegas", "save_profile", "load_profile", "omega_residuals"]
+
+_PROFILE_FORMAT = "admin_torch.profile"
+
+
+def omega_residuals(model: nn.Module) -> List[Tuple[str, OmegaResidual]]:
+    """The ``(name, module)`` pairs of every :class:`OmegaResidual` in ``model``, in registration order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, OmegaResidual)]
+
+
+def _chain_of(names: Sequence[str], model: nn.Module, chains) -> Dict[str, int]:
+    """Map each residual name to the index of its chain (stack)."""
+    if chains is None:
+        return {n: 0 for n in names}
+    module_names = {id(m): n for n, m in model.named_modules()}
+    prefixes = []
+    for c in chains:
+        if isinstance(c, str):
+            prefixes.append(c)
+        elif isinstance(c, nn.Module):
+            if id(c) not in module_names:
+                raise ValueError("chains: a module given is not a submodule of model")
+            prefixes.append(module_names[id(c)])
+        else:
+            raise TypeError(f"chains must hold submodule names (str) or nn.Module objects, got {type(c).__name__}")
+    out = {}
+    for n in names:
+        for k, p in enumerate(prefixes):
+            if p == "" or n == p or n.startswith(p + "."):
+                out[n] = k
+                break
+        else:
+            raise ValueError(f"chains: residual {n!r} is in none of the chains {prefixes!r}")
+    return out
+
+
+def _pop_var(t: Tensor) -> float:
+    return t.detach().double().var(unbiased=False).item() if t.numel() > 0 else 0.0
+
+
+def profile_omegas(
+    model: nn.Module,
+    run_batches: Callable[[], None],
+    *,
+    chains: Optional[Iterable[Union[str, nn.Module]]] = None,
+) -> Dict[str, float]:
+    """Run ``run_batches()`` once under ``torch.no_grad()`` with every :class:`OmegaResidual` of
+    ``model`` in profiling mode, set each omega by Transformer-Clinic's rule (module docstring),
+    and return ``{module name: omega}`` in order of the first call.
+
+    Only the FIRST call of each residual is measured; later calls (a second batch, incremental
+    decoding) use the omega already set. Vector omegas (``as_parameter``) are filled with the
+    scalar value.
+
+    Args:
+        model: the model holding the residual modules.
+        run_batches: runs the forward pass(es), e.g. ``lambda: model(batch)``.
+        chains: the stacks with separate running values, as submodule names or modules, e.g.
+            ``[model.encoder, model.decoder]`` (the original profiles encoder and decoder as two
+            chains, each starting at 1). Default: one chain for the whole model.
+
+    Example::
+
+        >>> omegas = profile_omegas(model, lambda: model(batch))
+        >>> save_profile(omegas, 'profile.json')
+    """
+    residuals = omega_residuals(model)
+    if not residuals:
+        raise ValueError("model has no OmegaResidual module to profile")
+    if not callable(run_batches):
+        raise TypeError(f"run_batches must be a callable taking no argument, got {type(run_batches).__name__}")
+    name_of = {id(m): n for n, m in residuals}
+    chain = _chain_of([n for n, _ in residuals], model, chains)
+    running: Dict[int, float] = {}
+    omegas: Dict[str, float] = {}
+
+    def hook(module: OmegaResidual, x: Tensor, f_x: Tensor) -> None:
+        name = name_of[id(module)]
+        if name in omegas:
+            return
+        k = chain[name]
+        omega = running.get(k, 1.0)
+        module.set_omega_(omega)
+        omegas[name] = omega
+        var_in = _pop_var(x * module.omega.to(x.dtype))
+        var_out = _pop_var(f_x)
+        running[k] = math.sqrt(var_in + var_out)
+
+    for _, m in residuals:
+        m._profile_hook = hook
+    try:
+        with torch.no_grad():
+            run_batches()
+    finally:
+        for _, m in residuals:
+            m._profile_hook = None
+    if not omegas:
+        raise ValueError("run_batches() called none of the model's OmegaResidual modules")
+    missing = [n for n, _ in residuals if n not in omegas]
+    if missing:
+        warnings.warn(f"profile_omegas: {len(missing)} residual module(s) were not called and keep their omega: {missing}")
+    return omegas
+
+
+def apply_omegas(model: nn.Module, omegas: Mapping[str, float]) -> None:
+    """Fill the omega of each named :class:`OmegaResidual` of ``model`` with the profiled value."""
+    residuals = dict(omega_residuals(model))
+    unknown = [n for n in omegas if n not in residuals]
+    if unknown:
+        raise ValueError(f"omegas: no OmegaResidual named {unknown} in model; it has {sorted(residuals)}")
+    for n, v in omegas.items():
+        residuals[n].set_omega_(float(v))
+
+
+def save_profile(omegas: Mapping[str, float], path: Union[str, Path]) -> None:
+    """Write a profile (``{module name: omega}``) as JSON."""
+    data = {"format": _PROFILE_FORMAT, "version": 1, "omegas": {str(k): float(v) for k, v in omegas.items()}}
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def load_profile(path: Union[str, Path]) -> Dict[str, float]:
+    """Read a profile written by :func:`save_profile` (order preserved)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("format") != _PROFILE_FORMAT or "omegas" not in data:
+        raise ValueError(f"path: {path} is not an admin_torch profile (written by save_profile)")
+    return {str(k): float(v) for k, v in data["omegas"].items()}

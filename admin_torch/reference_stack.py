@@ -1,0 +1,178 @@
+"""A small self-contained family of residual stacks (Post-LN, Pre-LN, Admin, DeepNorm).
+
+Used to measure the output change against depth (:mod:`admin_torch.output_change`,
+``benchmarks/output_change.py``) and as the reference model of :func:`admin_torch.fold`.
+Each layer is a self-attention sublayer and/or a ReLU feed-forward sublayer of width ``dim``;
+the input ``(batch, time, dim)`` goes through a LayerNorm first, so every kind starts from a
+normalized stream as a Post-LN transformer does after its embedding LayerNorm.
+"""
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .deepnorm import DeepNormResidual, deepnorm_init, deepnorm_scale_
+from .residual import OmegaResidual, calculate_init
+
+__all__ = ["STACK_KINDS", "SUBLAYER_PATTERNS", "AddResidual", "SelfAttention", "FeedForward", "ResidualStack", "make_stack"]
+
+#: the kinds :func:`make_stack` builds.
+STACK_KINDS = ("post_ln", "pre_ln", "admin", "deepnorm")
+#: the sublayers of one layer.
+SUBLAYER_PATTERNS = {"ffn": ("ffn",), "attn_ffn": ("attn", "ffn")}
+
+
+class AddResidual(nn.Module):
+    """The plain residual ``x + f_x``."""
+
+    def forward(self, x: Tensor, f_x: Tensor) -> Tensor:
+        return x + f_x
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` as in fairseq."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"heads must divide dim, got dim={dim}, heads={heads}")
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def input_linears(self) -> List[nn.Linear]:
+        """The linear maps that read the sublayer input."""
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = self.heads
+
+        def split(y):
+            return y.view(b, t, h, d // h).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    """``fc2(relu(fc1(x)))``."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+
+    def input_linears(self) -> List[nn.Linear]:
+        return [self.fc1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class ResidualStack(nn.Module):
+    """A stack of residual sublayers; see :func:`make_stack`.
+
+    Post-LN / Admin / DeepNorm: ``h = LN_i(res_i(h, f_i(h)))``; Pre-LN: ``h = h + f_i(LN_i(h))``
+    and a final LayerNorm. ``input_norm`` normalizes the input first.
+
+    Shape: input and output ``(batch, time, dim)``.
+    """
+
+    def __init__(self, kind: str, sublayers: List[nn.Module], residuals: List[nn.Module], dim: int):
+        super().__init__()
+        self.kind = kind
+        self.input_norm = nn.LayerNorm(dim)
+        self.sublayers = nn.ModuleList(sublayers)
+        self.residuals = nn.ModuleList(residuals)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in sublayers)
+        self.final_norm = nn.LayerNorm(dim) if kind == "pre_ln" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.input_norm(x)
+        if self.kind == "pre_ln":
+            for f, res, ln in zip(self.sublayers, self.residuals, self.norms):
+                h = res(h, f(ln(h)))
+            return self.final_norm(h)
+        for f, res, ln in zip(self.sublayers, self.residuals, self.norms):
+            h = ln(res(h, f(h)))
+        return h
+
+
+def make_stack(
+    kind: str,
+    depth: int,
+    dim: int = 64,
+    *,
+    scale: str = "O(logn)",
+    sublayers: str = "attn_ffn",
+    heads: int = 4,
+    ffn_dim: Optional[int] = None,
+    as_parameter: bool = False,
+    seed: Optional[int] = None,
+) -> ResidualStack:
+    """A residual stack of ``depth`` layers for output-change measurements and folding tests.
+
+    Args:
+        kind: ``'post_ln'``, ``'pre_ln'``, ``'admin'`` (Post-LN with :class:`OmegaResidual`,
+            closed-form omega for N = depth * sublayers per layer) or ``'deepnorm'`` (encoder-only
+            DeepNorm with N = depth layers).
+        depth: the number of layers (>= 1).
+        dim: the model width.
+        scale: Admin's output change scale (``'O(n)'``, ``'O(logn)'``, ``'default'``, ``'O(1)'``).
+        sublayers: ``'attn_ffn'`` (2 sublayers per layer, as a transformer encoder) or ``'ffn'``.
+        heads: attention heads.
+        ffn_dim: the feed-forward width (default ``4 * dim``).
+        as_parameter: Admin only: trainable vector omegas.
+        seed: seeds the weight init when given.
+
+    Linear weights are xavier-uniform with zero biases (fairseq's transformer init); DeepNorm
+    re-initializes fc1, fc2, v_proj, out_proj with ``xavier_normal_(gain=beta)``.
+
+    Example::
+
+        >>> model = make_stack('admin', depth=6, dim=32, scale='O(1)')
+        >>> model(torch.randn(2, 5, 32)).shape
+        torch.Size([2, 5, 32])
+    """
+    if kind not in STACK_KINDS:
+        raise ValueError(f"kind must be one of {list(STACK_KINDS)}, got {kind!r}")
+    if sublayers not in SUBLAYER_PATTERNS:
+        raise ValueError(f"sublayers must be one of {list(SUBLAYER_PATTERNS)}, got {sublayers!r}")
+    for name, v in (("depth", depth), ("dim", dim), ("heads", heads)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
+    pattern = SUBLAYER_PATTERNS[sublayers]
+    num_res = depth * len(pattern)
+    gen_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        subs: List[nn.Module] = []
+        for _ in range(depth):
+            for p in pattern:
+                subs.append(SelfAttention(dim, heads) if p == "attn" else FeedForward(dim, ffn_dim))
+        for m in subs:
+            for lin in m.modules():
+                if isinstance(lin, nn.Linear):
+                    nn.init.xavier_uniform_(lin.weight)
+                    nn.init.zeros_(lin.bias)
+        if kind == "admin":
+            omega = calculate_init(num_res, scale)
+            residuals = [OmegaResidual(omega, as_parameter=as_parameter, embed_dim=dim if as_parameter else None) for _ in subs]
+        elif kind == "deepnorm":
+            c = deepnorm_init(num_encoder_layers=depth)
+            residuals = [DeepNormResidual(c.encoder_alpha) for _ in subs]
+            scaled = [getattr(m, n) for m in subs for n in ("fc1", "fc2", "v_proj", "out_proj") if hasattr(m, n)]
+            deepnorm_scale_(scaled, c.encoder_beta)
+        else:
+            residuals = [AddResidual() for _ in subs]
+        model = ResidualStack(kind, subs, residuals, dim)
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+    return model

@@ -1,0 +1,232 @@
+"""Admin's rescaled residual connection ``x * omega + f(x)`` and its closed-form initialization.
+
+A drop-in superset of the public admin-torch 0.1.0 API (:func:`calculate_init`,
+:class:`OmegaResidual`, :func:`as_module`, :func:`as_buffer`, :func:`as_parameter`): same
+argument names, order, defaults and numbers, with input validation (ValueError / TypeError
+instead of AssertionError / ZeroDivisionError) and omega that follows the activation dtype.
+"""
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "OUTPUT_CHANGE_SCALES",
+    "calculate_init",
+    "OmegaResidual",
+    "as_module",
+    "as_buffer",
+    "as_parameter",
+]
+
+#: the accepted values of ``output_change_scale`` ('default' is 'O(logn)').
+OUTPUT_CHANGE_SCALES = ("O(n)", "O(logn)", "default", "O(1)")
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    # bool is an int subclass in python, but True layers is a bug, not a count.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_scale(output_change_scale) -> str:
+    if not isinstance(output_change_scale, str):
+        raise TypeError(
+            f"output_change_scale must be one of {list(OUTPUT_CHANGE_SCALES)}, "
+            f"got {output_change_scale!r} ({type(output_change_scale).__name__})"
+        )
+    if output_change_scale not in OUTPUT_CHANGE_SCALES:
+        raise ValueError(
+            f"output_change_scale must be one of {list(OUTPUT_CHANGE_SCALES)}, got {output_change_scale!r}"
+        )
+    return output_change_scale
+
+
+def _check_init_value(init_value) -> float:
+    if isinstance(init_value, bool) or not isinstance(init_value, numbers.Real):
+        raise TypeError(f"init_value must be a real number, got {init_value!r} ({type(init_value).__name__})")
+    value = float(init_value)
+    if not math.isfinite(value):
+        raise ValueError(f"init_value must be finite, got {init_value!r}")
+    return value
+
+
+def calculate_init(num_res_layers: int, output_change_scale: str = "O(logn)") -> float:
+    r"""The closed-form Admin initialization of omega for a stack of ``num_res_layers`` sublayers.
+
+    * ``'O(logn)'`` / ``'default'``: :math:`\omega = \sqrt{(N + 1) / \ln(N + 1) - 1}`
+    * ``'O(1)'``: :math:`\omega = \sqrt{N}`
+    * ``'O(n)'``: :math:`\omega = 1` (plain Post-LN)
+
+    Args:
+        num_res_layers: N, the number of residual sublayers (2 per encoder layer, 3 per decoder
+            layer), an integer >= 1.
+        output_change_scale: how the output change grows with depth, one of
+            ``'O(n)'``, ``'O(logn)'``, ``'default'``, ``'O(1)'``.
+
+    Returns:
+        omega as a python float.
+
+    Example::
+
+        >>> round(calculate_init(12), 3), round(calculate_init(12, 'O(1)'), 3)
+        (2.017, 3.464)
+    """
+    n = _check_int("num_res_layers", num_res_layers)
+    scale = _check_scale(output_change_scale)
+    if scale in ("O(logn)", "default"):
+        omega_sq = (n + 1) / math.log(n + 1) - 1
+    elif scale == "O(n)":
+        omega_sq = 1.0
+    else:
+        omega_sq = float(n)
+    return omega_sq ** 0.5
+
+
+class OmegaResidual(nn.Module):
+    r"""Residual connection with a rescaled shortcut: ``forward(x, f_x) = x * omega + f_x``.
+
+    omega is a 1-element buffer (not trained, in ``state_dict``), or, with ``as_parameter=True``,
+    a trainable vector of size ``embed_dim`` broadcast over the last dimension of ``x``.
+    omega is cast to ``x``'s dtype in the forward pass, so the output dtype is the one of the
+    plain residual ``x + f_x`` under ``.half()``, ``.bfloat16()`` and autocast.
+
+    Args:
+        init_value: the initial omega (see :func:`calculate_init`).
+        as_parameter: make omega a trainable vector of size ``embed_dim``.
+        embed_dim: the size of the last dimension of ``x``; required when ``as_parameter``.
+
+    Shape:
+        ``x``, ``f_x``: ``(*, embed_dim)``; output: the broadcast shape of both.
+
+    Example::
+
+        >>> res = OmegaResidual(2.0)
+        >>> res(torch.ones(3), torch.zeros(3))
+        tensor([2., 2., 2.])
+    """
+
+    def __init__(self, init_value: float, as_parameter: bool = False, embed_dim: Optional[int] = None):
+        super().__init__()
+        value = _check_init_value(init_value)
+        if not (isinstance(as_parameter, bool) or (isinstance(as_parameter, numbers.Integral) and as_parameter in (0, 1))):
+            raise TypeError(f"as_parameter must be True or False, got {as_parameter!r}")
+        as_parameter = bool(as_parameter)
+        self.as_parameter = as_parameter
+        if as_parameter:
+            if embed_dim is None:
+                raise ValueError("embed_dim is required (an integer >= 1) when as_parameter=True, got None")
+            dim = _check_int("embed_dim", embed_dim)
+            self.omega = nn.Parameter(torch.full((dim,), value))
+        else:
+            if embed_dim is not None:
+                _check_int("embed_dim", embed_dim)
+            self.register_buffer("omega", torch.tensor([value]))
+        # set by admin_torch.profiling while a profiling pass runs; None otherwise.
+        self._profile_hook = None
+
+    def forward(self, x: Tensor, f_x: Tensor) -> Tensor:
+        """``x * omega + f_x``. omega always multiplies (no ``omega == 1`` shortcut), so an omega
+        loaded from a state_dict or set by profiling is always used."""
+        if self._profile_hook is not None:
+            self._profile_hook(self, x, f_x)
+        return x * self.omega.to(dtype=x.dtype) + f_x
+
+    # 0.1.0 names of the two forward variants, kept for code that calls them directly.
+    def forward_omega(self, x: Tensor, f_x: Tensor) -> Tensor:
+        return x * self.omega.to(dtype=x.dtype) + f_x
+
+    def forward_original(self, x: Tensor, f_x: Tensor) -> Tensor:
+        return x + f_x
+
+    @torch.no_grad()
+    def set_omega_(self, value) -> "OmegaResidual":
+        """Fill omega with ``value`` (a float, or a tensor broadcastable to omega) in place."""
+        value = torch.as_tensor(value, dtype=self.omega.dtype, device=self.omega.device)
+        self.omega.copy_(value.expand_as(self.omega))
+        return self
+
+    def extra_repr(self) -> str:
+        if self.as_parameter:
+            return f"embed_dim={self.omega.numel()}, as_parameter=True, omega~{self.omega.float().mean().item():.4g}"
+        return f"omega={self.omega.float().item():.4g}"
+
+
+def as_module(
+    num_res_layers: int,
+    output_change_scale: str = "default",
+    as_parameter: bool = False,
+    embed_dim: Optional[int] = None,
+) -> OmegaResidual:
+    """An :class:`OmegaResidual` initialized with :func:`calculate_init`.
+
+    Args:
+        num_res_layers: the number of residual sublayers N (2 per encoder layer, 3 per decoder layer).
+        output_change_scale: ``'O(n)'``, ``'O(logn)'``, ``'default'`` or ``'O(1)'``.
+        as_parameter: make omega a trainable vector of size ``embed_dim``.
+        embed_dim: the hidden size; required when ``as_parameter``.
+
+    Example::
+
+        >>> res = as_module(2 * 6)          # one per sublayer of a 6-layer encoder
+        >>> y = res(torch.randn(4, 8), torch.randn(4, 8))
+    """
+    if as_parameter and embed_dim is None:
+        raise ValueError("embed_dim is required (an integer >= 1) when as_parameter=True, got None")
+    omega_value = calculate_init(num_res_layers, output_change_scale)
+    return OmegaResidual(omega_value, as_parameter=as_parameter, embed_dim=embed_dim)
+
+
+def _check_new_name(network, arg: str, name) -> None:
+    if not isinstance(network, nn.Module):
+        raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
+    if not isinstance(name, str) or not name or "." in name:
+        raise TypeError(f"{arg} must be a non-empty string without '.', got {name!r}")
+    if hasattr(network, name):
+        raise ValueError(f"{arg}={name!r}: the network already has an attribute of that name")
+
+
+def as_buffer(network: nn.Module, buffer_name: str, num_res_layers: int, output_change_scale: str = "default") -> None:
+    """Register the closed-form omega as a 1-element float32 buffer ``network.<buffer_name>``.
+
+    The network's forward then computes ``x * self.<buffer_name> + f_x`` itself.
+
+    Example::
+
+        >>> layer = nn.Module()
+        >>> as_buffer(layer, 'attn_omega', 12)
+        >>> layer.attn_omega
+        tensor([2.0170])
+    """
+    _check_new_name(network, "buffer_name", buffer_name)
+    omega_value = calculate_init(num_res_layers, output_change_scale)
+    network.register_buffer(buffer_name, torch.tensor([omega_value]))
+
+
+def as_parameter(
+    network: nn.Module,
+    parameter_name: str,
+    num_res_layers: int,
+    embed_dim: int,
+    output_change_scale: str = "default",
+) -> None:
+    """Register the closed-form omega as a trainable vector parameter ``network.<parameter_name>``
+    of size ``embed_dim``.
+
+    Example::
+
+        >>> layer = nn.Module()
+        >>> as_parameter(layer, 'ffn_omega', 12, 8)
+        >>> layer.ffn_omega.shape
+        torch.Size([8])
+    """
+    _check_new_name(network, "parameter_name", parameter_name)
+    dim = _check_int("embed_dim", embed_dim)
+    omega_value = calculate_init(num_res_layers, output_change_scale)
+    network.register_parameter(parameter_name, nn.Parameter(torch.full((dim,), omega_value)))

@@ -1,0 +1,35 @@
+"""sign_optim: AddSign and PowerSign (Bello et al., ICML 2017, arXiv 1709.07417) with internal decays.
+
+Example::
+
+    >>> import torch, sign_optim
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = sign_optim.PowerSign(model.parameters(), lr=1e-3,
+    ...                            sign_internal_decay=sign_optim.CosineInternalDecay(1000))
+"""
+
+from .addsign import AddSign
+from .decays import (
+    DECAY_KINDS,
+    CosineInternalDecay,
+    InternalDecay,
+    LinearInternalDecay,
+    RestartCosineInternalDecay,
+    internal_decay_from_state_dict,
+    make_internal_decay,
+)
+from .powersign import PowerSign
+from .sign_optimizer import SignOptimizer
+
+__all__ = [
+    "AddSign",
+    "PowerSign",
+    "SignOptimizer",
+    "InternalDecay",
+    "LinearInternalDecay",
+    "CosineInternalDecay",
+    "RestartCosineInternalDecay",
+    "DECAY_KINDS",
+    "make_internal_decay",
+    "internal_decay_from_state_dict",
+]

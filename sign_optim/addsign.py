@@ -1,0 +1,87 @@
+"""AddSign (Bello et al., 2017): ``w <- w - lr * (alpha + d * sign(g) * sign(m)) * g``."""
+
+from typing import Any, Dict, Iterable, List, Union
+
+import torch
+
+from .sign_optimizer import SignDecay, SignOptimizer, _check_real, scale_decay
+
+__all__ = ["AddSign"]
+
+
+class AddSign(SignOptimizer):
+    r"""AddSign: scale the gradient up where it agrees in sign with its moving average, down where not.
+
+    With ``m <- beta * m + (1 - beta) * g`` updated first (no bias correction) and
+    ``d = sign_internal_decay(step)`` (the step before this update; 1 without a decay):
+
+    .. math::
+        w \leftarrow w - \mathrm{lr}\,(\alpha + d\,\mathrm{sign}(g)\,\mathrm{sign}(m))\,g
+
+    implemented as ``w - lr * alpha * g - lr * d * sign(m) * |g|`` (the same value, fewer passes).
+    ``weight_decay`` is decoupled (``w <- w - lr * weight_decay * w`` before the update), as in AdamW.
+    State: one tensor per parameter (``exp_avg``) and an int ``step``: half of Adam's memory.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate (>= 0). Default: 1e-3 (TensorFlow's default is 0.1).
+        beta: moving-average coefficient in [0, 1). Default: 0.9.
+        alpha: the constant term of the factor (real). Default: 1.
+        sign_internal_decay: None (constant 1), a :class:`~sign_optim.decays.InternalDecay` (saved in
+            ``state_dict``), or any callable ``step -> float`` (not serializable: pass it again when
+            resuming, see :class:`~sign_optim.sign_optimizer.SignOptimizer`).
+        weight_decay: decoupled weight decay (>= 0). Default: 0.
+        maximize: maximize the objective instead of minimizing it. Default: False.
+        foreach: use the ``torch._foreach_*`` implementation (None: when all parameters are dense
+            tensors on a device that supports it). Both paths give the same result.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = AddSign(model.parameters(), lr=1e-3, sign_internal_decay=LinearInternalDecay(1000))
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        beta: float = 0.9,
+        alpha: float = 1.0,
+        sign_internal_decay: SignDecay = None,
+        *,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        foreach: Union[bool, None] = None,
+    ) -> None:
+        defaults = dict(lr=lr, beta=beta, alpha=alpha, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
+        super().__init__(params, defaults, sign_internal_decay)
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        super()._check_group(group)
+        _check_real("alpha", group["alpha"])
+
+    def _single_tensor_update(self, group, lr, p, g, m, decay):  # type: ignore[override]
+        p.add_(g, alpha=-lr * group["alpha"])
+        if decay != 0:
+            p.addcmul_(m.sign(), g.abs(), value=-lr * decay)
+
+    def _foreach_update(  # type: ignore[override]
+        self,
+        group: Dict[str, Any],
+        lr: float,
+        params: List[torch.Tensor],
+        grads: List[torch.Tensor],
+        avgs: List[torch.Tensor],
+        decay: Union[float, List[float]],
+    ) -> None:
+        torch._foreach_add_(params, grads, alpha=-lr * group["alpha"])
+        if isinstance(decay, list) or decay != 0:
+            signs = torch._foreach_sign(avgs)
+            abs_grads = torch._foreach_abs(grads)
+            scale = scale_decay(decay, -lr)
+            if isinstance(scale, list):
+                torch._foreach_addcmul_(params, signs, abs_grads, scale)
+            else:
+                torch._foreach_addcmul_(params, signs, abs_grads, value=scale)

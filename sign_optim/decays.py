@@ -1,0 +1,216 @@
+"""Internal sign decays of AddSign / PowerSign (Bello et al., 2017; TensorFlow's ``sign_decay``).
+
+An internal decay ``d(step)`` scales the sign term of the update: ``d = 1`` is the plain rule and
+``d = 0`` reduces AddSign to SGD with learning rate ``lr * alpha`` and PowerSign to plain SGD.
+With ``T`` the decay horizon (``T_max``), ``s = min(step, T)`` and ``n`` the number of periods:
+
+* :class:`LinearInternalDecay`:        ``(T - s) / T``
+* :class:`CosineInternalDecay`:        ``f = 2 n s / T``, ``0.5 (1 + cos(pi f))``, 0 once ``f >= 2 zero_after``
+* :class:`RestartCosineInternalDecay`: ``f = ((n s) mod T) / T``, ``0.5 (1 + cos(pi f))``, 0 once
+  ``n s / T >= zero_after`` (TensorFlow's test on the unwrapped fraction: the decay does reach 0)
+
+The decays are plain picklable objects (no closures), and :meth:`InternalDecay.state_dict` gives a
+dict of numbers and strings that :func:`internal_decay_from_state_dict` turns back into the decay,
+so an optimizer's ``state_dict`` holding one loads with ``torch.load(..., weights_only=True)``.
+Any other callable ``step -> float`` is accepted by the optimizers too, but cannot be serialized.
+
+Example::
+
+    >>> decay = CosineInternalDecay(100)
+    >>> decay(0), decay(50), decay(100)
+    (1.0, 0.5, 0.0)
+"""
+
+import math
+import numbers
+from typing import Any, Dict, Optional, Type
+
+__all__ = [
+    "InternalDecay",
+    "LinearInternalDecay",
+    "CosineInternalDecay",
+    "RestartCosineInternalDecay",
+    "DECAY_KINDS",
+    "make_internal_decay",
+    "internal_decay_from_state_dict",
+]
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+class InternalDecay:
+    """Base class: a picklable callable ``step (int >= 0) -> float`` with a serializable config.
+
+    Subclasses set ``kind`` (the name used by :func:`make_internal_decay` and in state dicts) and
+    implement :meth:`value`.
+    """
+
+    kind: str = ""
+
+    def __init__(self, T_max: float) -> None:
+        _check_number("T_max", T_max)
+        if T_max < 1:
+            raise ValueError(f"T_max (the number of decay steps) must be >= 1, got {T_max}")
+        self.T_max = T_max
+
+    def value(self, step: float) -> float:
+        raise NotImplementedError
+
+    def __call__(self, step: float) -> float:
+        _check_number("step", step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return float(self.value(min(step, self.T_max)))
+
+    def config(self) -> Dict[str, Any]:
+        return {"T_max": self.T_max}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"kind": ..., <constructor arguments>}``: numbers, strings and None only."""
+        return {"kind": self.kind, **self.config()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Take the configuration of ``state_dict`` (which must be of the same kind)."""
+        if state_dict.get("kind") != self.kind:
+            raise ValueError(f"state_dict is of decay kind {state_dict.get('kind')!r}, not {self.kind!r}")
+        fresh = internal_decay_from_state_dict(state_dict)
+        self.__dict__.update(fresh.__dict__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.config() == self.config()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.kind, tuple(sorted(self.config().items()))))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class LinearInternalDecay(InternalDecay):
+    """``d(step) = (T_max - min(step, T_max)) / T_max``: from 1 at step 0 to 0 at ``T_max``.
+
+    Args:
+        T_max: decay horizon in optimizer steps (>= 1).
+    """
+
+    kind = "linear"
+
+    def value(self, step: float) -> float:
+        return max(0.0, (self.T_max - step) / self.T_max)
+
+
+class _PeriodicDecay(InternalDecay):
+    def __init__(self, T_max: float, num_periods: float, zero_after: Optional[float]) -> None:
+        super().__init__(T_max)
+        _check_number("num_periods", num_periods)
+        if num_periods <= 0:
+            raise ValueError(f"num_periods must be > 0, got {num_periods}")
+        if zero_after is not None:
+            _check_number("zero_after", zero_after)
+            if zero_after < 0:
+                raise ValueError(f"zero_after must be None or >= 0, got {zero_after}")
+        self.num_periods = num_periods
+        self.zero_after = zero_after
+
+    def config(self) -> Dict[str, Any]:
+        return {"T_max": self.T_max, "num_periods": self.num_periods, "zero_after": self.zero_after}
+
+
+class CosineInternalDecay(_PeriodicDecay):
+    """Cosine decay over ``num_periods`` periods: ``0.5 (1 + cos(pi f))`` with ``f = 2 n s / T_max``.
+
+    The default ``num_periods=0.5`` goes once from 1 (step 0) to 0 (step ``T_max``). With
+    ``zero_after`` the decay is 0 once ``f >= 2 * zero_after``, i.e. after ``zero_after`` periods.
+
+    Args:
+        T_max: decay horizon in optimizer steps (>= 1); the step is clipped to it.
+        num_periods: number of cosine periods over ``T_max`` (> 0).
+        zero_after: None, or the number of periods after which the decay is 0.
+    """
+
+    kind = "cosine"
+
+    def __init__(self, T_max: float, num_periods: float = 0.5, zero_after: Optional[float] = None) -> None:
+        super().__init__(T_max, num_periods, zero_after)
+
+    def value(self, step: float) -> float:
+        fraction = 2.0 * self.num_periods * step / self.T_max
+        if self.zero_after is not None and fraction >= 2.0 * self.zero_after:
+            return 0.0
+        return 0.5 * (1.0 + math.cos(math.pi * fraction))
+
+
+class RestartCosineInternalDecay(_PeriodicDecay):
+    """Cosine decay with warm restarts: ``0.5 (1 + cos(pi f))``, ``f = ((n s) mod T_max) / T_max``.
+
+    Each of the ``num_periods`` periods goes from 1 down towards 0 and restarts at 1. With
+    ``zero_after`` the decay is 0 once ``n s / T_max >= zero_after`` (TensorFlow's semantics: the
+    unwrapped number of periods is compared, so the decay stays 0 after ``zero_after`` periods).
+
+    Args:
+        T_max: decay horizon in optimizer steps (>= 1); the step is clipped to it.
+        num_periods: number of restart periods over ``T_max`` (> 0).
+        zero_after: None, or the number of periods after which the decay is 0.
+    """
+
+    kind = "restart"
+
+    def __init__(self, T_max: float, num_periods: float = 1, zero_after: Optional[float] = None) -> None:
+        super().__init__(T_max, num_periods, zero_after)
+
+    def value(self, step: float) -> float:
+        periods = self.num_periods * step
+        if self.zero_after is not None and periods / self.T_max >= self.zero_after:
+            return 0.0
+        fraction = math.fmod(periods, self.T_max) / self.T_max
+        return 0.5 * (1.0 + math.cos(math.pi * fraction))
+
+
+DECAY_KINDS: Dict[str, Type[InternalDecay]] = {
+    cls.kind: cls for cls in (LinearInternalDecay, CosineInternalDecay, RestartCosineInternalDecay)
+}
+
+
+def make_internal_decay(
+    kind: Optional[str],
+    T_max: float,
+    num_periods: Optional[float] = None,
+    zero_after: Optional[float] = None,
+) -> Optional[InternalDecay]:
+    """Build a decay by name: ``kind`` in ``{"none", "linear", "cosine", "restart"}`` (None = "none").
+
+    ``num_periods=None`` takes the class default (0.5 for cosine, 1 for restart); the linear decay
+    takes neither ``num_periods`` nor ``zero_after``.
+
+    Example::
+
+        >>> make_internal_decay("restart", 1000, num_periods=4, zero_after=3)
+        RestartCosineInternalDecay(T_max=1000, num_periods=4, zero_after=3)
+    """
+    if kind is None or kind == "none":
+        return None
+    if kind not in DECAY_KINDS:
+        raise ValueError(f"decay kind must be one of {['none', *DECAY_KINDS]}, got {kind!r}")
+    if kind == "linear":
+        if zero_after is not None:
+            raise ValueError("zero_after is not accepted by the linear decay (it reaches 0 at T_max)")
+        return LinearInternalDecay(T_max)
+    kwargs: Dict[str, Any] = {"zero_after": zero_after}
+    if num_periods is not None:
+        kwargs["num_periods"] = num_periods
+    return DECAY_KINDS[kind](T_max, **kwargs)
+
+
+def internal_decay_from_state_dict(state_dict: Dict[str, Any]) -> InternalDecay:
+    """Inverse of :meth:`InternalDecay.state_dict`."""
+    if not isinstance(state_dict, dict) or state_dict.get("kind") not in DECAY_KINDS:
+        raise ValueError(f"not an internal decay state dict (kind must be one of {list(DECAY_KINDS)}): {state_dict!r}")
+    args = {k: v for k, v in state_dict.items() if k != "kind"}
+    return DECAY_KINDS[state_dict["kind"]](**args)

@@ -1,0 +1,117 @@
+"""PowerSign (Bello et al., 2017): ``w <- w - lr * alpha ** (d * sign(g) * sign(m)) * g``."""
+
+import math
+from typing import Any, Dict, Iterable, List, Union
+
+import torch
+
+from .sign_optimizer import SignDecay, SignOptimizer, _check_real
+
+__all__ = ["PowerSign"]
+
+
+class PowerSign(SignOptimizer):
+    r"""PowerSign: multiply the gradient by ``alpha`` where it agrees in sign with its moving average,
+    divide it by ``alpha`` where not.
+
+    With ``m <- beta * m + (1 - beta) * g`` updated first (no bias correction) and
+    ``d = sign_internal_decay(step)`` (the step before this update; 1 without a decay):
+
+    .. math::
+        w \leftarrow w - \mathrm{lr}\,\exp(\ln(\alpha)\,d\,\mathrm{sign}(g)\,\mathrm{sign}(m))\,g
+
+    computed as ``g + sinh(c) sign(m) |g| + (cosh(c) - 1) |sign(m)| g`` with ``c = d ln(alpha)``
+    (the same value for ``sign(g) sign(m)`` in {-1, 0, 1}, without an exponential per element).
+    ``weight_decay`` is decoupled (``w <- w - lr * weight_decay * w`` before the update).
+    State: one tensor per parameter (``exp_avg``) and an int ``step``: half of Adam's memory.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate (>= 0). Default: 1e-3 (TensorFlow's default is 0.1).
+        beta: moving-average coefficient in [0, 1). Default: 0.9.
+        alpha: the base (> 0). Default: e.
+        sign_internal_decay: None (constant 1), a :class:`~sign_optim.decays.InternalDecay` (saved in
+            ``state_dict``), or any callable ``step -> float`` (not serializable: pass it again when
+            resuming, see :class:`~sign_optim.sign_optimizer.SignOptimizer`).
+        weight_decay: decoupled weight decay (>= 0). Default: 0.
+        maximize: maximize the objective instead of minimizing it. Default: False.
+        foreach: use the ``torch._foreach_*`` implementation (None: when all parameters are dense
+            tensors on a device that supports it). Both paths give the same result.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = PowerSign(model.parameters(), lr=1e-3, sign_internal_decay=CosineInternalDecay(1000))
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        beta: float = 0.9,
+        alpha: float = math.e,
+        sign_internal_decay: SignDecay = None,
+        *,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        foreach: Union[bool, None] = None,
+    ) -> None:
+        defaults = dict(lr=lr, beta=beta, alpha=alpha, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
+        super().__init__(params, defaults, sign_internal_decay)
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        super()._check_group(group)
+        _check_real("alpha", group["alpha"])
+        if group["alpha"] <= 0:
+            raise ValueError(f"alpha (the base of PowerSign) must be > 0, got {group['alpha']}")
+
+    def _coefficients(self, group: Dict[str, Any], decay: float):
+        c = math.log(group["alpha"]) * decay
+        return math.sinh(c), math.expm1(c) - math.sinh(c)  # expm1(c) - sinh(c) = cosh(c) - 1
+
+    # With s = sign(g) sign(m) in {-1, 0, 1}: alpha ** (d s) = 1 + sinh(c) s + (cosh(c) - 1) s**2,
+    # c = d ln(alpha). Times g: g + sinh(c) sign(m) |g| + (cosh(c) - 1) |sign(m)| g -- the same
+    # value as exp(c s) g (to rounding), without an exp per element, and exact where m == 0.
+
+    def _single_tensor_update(self, group, lr, p, g, m, decay):  # type: ignore[override]
+        p.add_(g, alpha=-lr)
+        if decay == 0 or group["alpha"] == 1:
+            return
+        a, b = self._coefficients(group, decay)
+        sign_m = m.sign()
+        p.addcmul_(sign_m, g.abs(), value=-lr * a)
+        p.addcmul_(sign_m.abs_(), g, value=-lr * b)
+
+    def _foreach_update(  # type: ignore[override]
+        self,
+        group: Dict[str, Any],
+        lr: float,
+        params: List[torch.Tensor],
+        grads: List[torch.Tensor],
+        avgs: List[torch.Tensor],
+        decay: Union[float, List[float]],
+    ) -> None:
+        torch._foreach_add_(params, grads, alpha=-lr)
+        if (not isinstance(decay, list) and decay == 0) or group["alpha"] == 1:
+            return
+        if isinstance(decay, list):
+            coefs = [self._coefficients(group, d) for d in decay]
+            scale_a: Union[float, List[float]] = [-lr * a for a, _ in coefs]
+            scale_b: Union[float, List[float]] = [-lr * b for _, b in coefs]
+        else:
+            a, b = self._coefficients(group, decay)
+            scale_a, scale_b = -lr * a, -lr * b
+        signs = torch._foreach_sign(avgs)
+        abs_grads = torch._foreach_abs(grads)
+        _addcmul(params, signs, abs_grads, scale_a)
+        torch._foreach_abs_(signs)
+        _addcmul(params, signs, grads, scale_b)
+
+
+def _addcmul(out: List[torch.Tensor], t1: List[torch.Tensor], t2: List[torch.Tensor], scale: Union[float, List[float]]) -> None:
+    if isinstance(scale, list):
+        torch._foreach_addcmul_(out, t1, t2, scale)
+    else:
+        torch._foreach_addcmul_(out, t1, t2, value=scale)

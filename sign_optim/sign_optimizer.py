@@ -1,0 +1,286 @@
+"""Shared machinery of AddSign and PowerSign: the moving average, the internal decay, serialization.
+
+Both rules (Bello et al., 2017, arXiv 1709.07417) keep one moving average per parameter and, as in
+TensorFlow, update it first (no bias correction), then scale the gradient by a factor of
+``sign(g) * sign(m)`` and of the internal decay ``d`` evaluated at the step *before* it is
+incremented (the first update uses ``d(0)``). Subclasses only write the two update paths
+(single-tensor and ``torch._foreach_*``) of their rule.
+"""
+
+import math
+import numbers
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.optimizer import _default_to_fused_or_foreach
+
+from .decays import InternalDecay, internal_decay_from_state_dict
+
+__all__ = ["SignOptimizer", "SignDecay", "scale_decay"]
+
+SignDecay = Optional[Callable[[int], float]]
+
+# Key of the decay's serialized form in the optimizer's state_dict.
+_DECAY_KEY = "sign_internal_decay"
+
+
+def _check_real(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def scale_decay(decay: Union[float, List[float]], factor: float) -> Union[float, List[float]]:
+    """``factor * decay`` for one decay value or a list of them (the scalar argument of a foreach op)."""
+    if isinstance(decay, list):
+        return [factor * d for d in decay]
+    return factor * decay
+
+
+def _cache_sized_chunks(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    avgs: List[torch.Tensor],
+    decays: List[float],
+    chunk_numel: int,
+) -> Iterator[Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[float]]]:
+    """Split the foreach work on CPU into pieces of about ``chunk_numel`` elements.
+
+    On CPU a foreach op is a loop over the tensors, so each op of the rule streams every tensor
+    through memory, and out-of-place temporaries of full size are fresh (page-faulting) allocations.
+    Running the whole rule on one cache-sized piece after another keeps the data in cache and lets
+    the allocator reuse the temporaries. Large contiguous tensors are cut into flat views at
+    multiples of 64 elements (the vectorized kernels then see the same element boundaries as on the
+    whole tensor, so the result is the same as the single-tensor path). Other devices: one chunk.
+    """
+    if not params or params[0].device.type != "cpu" or chunk_numel <= 0:
+        yield params, grads, avgs, decays
+        return
+    chunk_numel = max(64, chunk_numel // 64 * 64)
+    cur: Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[float]] = ([], [], [], [])
+    size = 0
+    for p, g, m, d in zip(params, grads, avgs, decays):
+        n = p.numel()
+        if n > chunk_numel and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and g.shape == p.shape:
+            for pieces in zip(*(t.view(-1).split(chunk_numel) for t in (p, g, m))):
+                yield [pieces[0]], [pieces[1]], [pieces[2]], [d]
+            continue
+        for lst, item in zip(cur, (p, g, m, d)):
+            lst.append(item)
+        size += n
+        if size >= chunk_numel:
+            yield cur
+            cur, size = ([], [], [], []), 0
+    if cur[0]:
+        yield cur
+
+
+class SignOptimizer(Optimizer):
+    """Base class of :class:`~sign_optim.AddSign` and :class:`~sign_optim.PowerSign`.
+
+    The internal decay is stored on the optimizer (``self.sign_internal_decay``), not in the param
+    groups, so that ``state_dict()`` holds only tensors, numbers and strings. The step counter is
+    per parameter (``state[p]["step"]``, an int), next to the moving average ``state[p]["exp_avg"]``.
+
+    Serialization of the decay: a :class:`~sign_optim.decays.InternalDecay` is saved as its config
+    under ``state_dict()["sign_internal_decay"]`` and rebuilt by ``load_state_dict``. Any other
+    callable cannot be serialized: it is saved as ``{"kind": "custom", "repr": ...}`` and
+    ``load_state_dict`` keeps the callable the optimizer was constructed with (pass the same one
+    again); it raises ``ValueError`` if the optimizer has no decay to keep.
+    """
+
+    #: CPU foreach path: elements per cache-sized piece of work (see :func:`_cache_sized_chunks`).
+    cpu_chunk_numel: int = 1 << 16
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: Dict[str, Any],
+        sign_internal_decay: SignDecay,
+    ) -> None:
+        self.sign_internal_decay = sign_internal_decay
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- validation
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        """Raise ValueError / TypeError for bad hyper-parameters of a param group."""
+        _check_real("lr", group["lr"])
+        if group["lr"] < 0:
+            raise ValueError(f"lr must be >= 0, got {group['lr']}")
+        _check_real("beta", group["beta"])
+        if not 0.0 <= group["beta"] < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {group['beta']}")
+        _check_real("weight_decay", group["weight_decay"])
+        if group["weight_decay"] < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
+        if group["foreach"] is not None and not isinstance(group["foreach"], bool):
+            raise TypeError(f"foreach must be None or a bool, got {type(group['foreach']).__name__}")
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise TypeError(f"{type(self).__name__} does not support complex parameters (sign of a complex number)")
+        self._check_group(group)
+
+    @property
+    def sign_internal_decay(self) -> SignDecay:
+        """The decay ``step -> float`` of the sign term (None: constant 1)."""
+        return self._sign_internal_decay
+
+    @sign_internal_decay.setter
+    def sign_internal_decay(self, decay: SignDecay) -> None:
+        if decay is not None and not callable(decay):
+            raise TypeError(
+                "sign_internal_decay must be None, an InternalDecay or a callable step -> float, "
+                f"got {type(decay).__name__}"
+            )
+        self._sign_internal_decay = decay
+
+    def __getstate__(self) -> Dict[str, Any]:  # copy.deepcopy / pickle of the optimizer keep the decay
+        state = super().__getstate__()
+        state["_sign_internal_decay"] = self.sign_internal_decay
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_sign_internal_decay", None)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("weight_decay", 0.0)
+
+    # ----------------------------------------------------------------- serialization
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's optimizer state dict plus ``"sign_internal_decay"`` (None, a decay config, or
+        ``{"kind": "custom", "repr": ...}`` for a callable that cannot be serialized)."""
+        state_dict = super().state_dict()
+        decay = self.sign_internal_decay
+        if decay is None:
+            saved = None
+        elif isinstance(decay, InternalDecay):
+            saved = decay.state_dict()
+        else:
+            saved = {"kind": "custom", "repr": repr(decay)}
+        state_dict[_DECAY_KEY] = saved
+        return state_dict
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load the state and the decay (see the class docstring for callables that are not decays)."""
+        state_dict = dict(state_dict)
+        has_key = _DECAY_KEY in state_dict
+        saved = state_dict.pop(_DECAY_KEY, None)
+        if has_key:
+            if saved is None:
+                decay: SignDecay = None
+            elif saved.get("kind") == "custom":
+                if self.sign_internal_decay is None:
+                    raise ValueError(
+                        f"the state dict was saved with a custom sign_internal_decay ({saved.get('repr')}) "
+                        "that cannot be serialized: construct the optimizer with that callable again"
+                    )
+                decay = self.sign_internal_decay
+            else:
+                decay = internal_decay_from_state_dict(saved)
+        super().load_state_dict(state_dict)
+        if has_key:
+            self.sign_internal_decay = decay
+
+    # ----------------------------------------------------------------- step
+    def _decay_value(self, step: int) -> float:
+        decay = self.sign_internal_decay
+        if decay is None:
+            return 1.0
+        value = float(decay(step))
+        if not math.isfinite(value):
+            raise ValueError(f"sign_internal_decay({step}) returned {value}; it must be finite")
+        return value
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        name = type(self).__name__
+        for group in self.param_groups:
+            params: List[torch.Tensor] = []
+            grads: List[torch.Tensor] = []
+            avgs: List[torch.Tensor] = []
+            decays: List[float] = []
+            cache: Dict[int, float] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"{name} does not support sparse gradients (grad layout {p.grad.layout})")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                step = int(state["step"])
+                # TF evaluates the decay at the step before incrementing it: the first update uses d(0).
+                if step not in cache:
+                    cache[step] = self._decay_value(step)
+                decays.append(cache[step])
+                params.append(p)
+                grads.append(p.grad)
+                avgs.append(state["exp_avg"])
+            if not params:
+                continue
+            for p in params:  # only once every check passed: a refused step leaves the state as it was
+                self.state[p]["step"] += 1
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = _default_to_fused_or_foreach(params, differentiable=False)[1]
+            lr = float(group["lr"])
+            if foreach:
+                for chunk in _cache_sized_chunks(params, grads, avgs, decays, self.cpu_chunk_numel):
+                    c_params, c_grads, c_avgs, c_decays = chunk
+                    if group["maximize"]:
+                        c_grads = torch._foreach_neg(c_grads)
+                    torch._foreach_lerp_(c_avgs, c_grads, 1.0 - group["beta"])
+                    if group["weight_decay"] != 0:
+                        torch._foreach_mul_(c_params, 1.0 - lr * group["weight_decay"])
+                    decay = c_decays[0] if len(set(c_decays)) == 1 else c_decays
+                    self._foreach_update(group, lr, c_params, c_grads, c_avgs, decay)
+            else:
+                for i, (p, g, m) in enumerate(zip(params, grads, avgs)):
+                    if group["maximize"]:
+                        g = -g
+                    m.lerp_(g, 1.0 - group["beta"])
+                    if group["weight_decay"] != 0:
+                        p.mul_(1.0 - lr * group["weight_decay"])
+                    self._single_tensor_update(group, lr, p, g, m, decays[i])
+        return loss
+
+    def _single_tensor_update(
+        self, group: Dict[str, Any], lr: float, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, decay: float
+    ) -> None:
+        """Apply the rule to one parameter; ``m`` is already updated, weight decay already applied."""
+        raise NotImplementedError
+
+    def _foreach_update(
+        self,
+        group: Dict[str, Any],
+        lr: float,
+        params: List[torch.Tensor],
+        grads: List[torch.Tensor],
+        avgs: List[torch.Tensor],
+        decay: Union[float, List[float]],
+    ) -> None:
+        """Same as :meth:`_single_tensor_update` with ``torch._foreach_*`` ops (``decay``: one value or one per tensor)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f"sign_internal_decay: {self.sign_internal_decay!r}\n)"

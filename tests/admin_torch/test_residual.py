@@ -1,0 +1,221 @@
+"""The 0.1.0-compatible API: formulas, compatibility with admin-torch 0.1.0, dtypes, state_dict, bad input."""
+
+import inspect
+import io
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import admin_torch
+from admin_torch import OmegaResidual, as_buffer, as_module, as_parameter, calculate_init
+from peers import load_peer
+
+GRID_N = [1, 2, 3, 5, 6, 12, 18, 24, 36, 50, 72, 100, 120, 200, 1000]
+SCALES = ["O(n)", "O(logn)", "default", "O(1)"]
+
+
+def written_out(n: int, scale: str) -> float:
+    """The closed forms of REFERENCE section 1, written out separately."""
+    if scale in ("O(logn)", "default"):
+        return math.sqrt((n + 1) / math.log(n + 1) - 1)
+    if scale == "O(1)":
+        return math.sqrt(n)
+    return 1.0
+
+
+@pytest.mark.parametrize(
+    "n,scale,expected",
+    [(12, "O(logn)", 2.017), (12, "O(1)", 3.464), (36, "O(logn)", 3.041), (36, "O(1)", 6.0),
+     (200, "O(logn)", 6.075), (200, "O(1)", 14.142), (12, "O(n)", 1.0), (12, "default", 2.017)],
+)
+def test_anchor_numbers(n, scale, expected):
+    assert calculate_init(n, scale) == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("n", GRID_N)
+def test_formula_written_out(n, scale):
+    assert calculate_init(n, scale) == pytest.approx(written_out(n, scale), rel=1e-12)
+
+
+def test_default_is_logn():
+    assert calculate_init(24) == calculate_init(24, "O(logn)") == calculate_init(24, "default")
+    assert as_module(24).omega.item() == pytest.approx(calculate_init(24, "O(logn)"))
+
+
+@pytest.fixture(scope="module")
+def peer():
+    mod = load_peer("admin_torch")
+    if mod is None:
+        pytest.skip("admin-torch 0.1.0 is not installed under <venv>/peers (make install)")
+    return mod
+
+
+@pytest.mark.parametrize("fn", ["calculate_init", "as_module", "as_buffer", "as_parameter"])
+def test_signatures_match_0_1_0(peer, fn):
+    ours = inspect.signature(getattr(admin_torch, fn)).parameters
+    theirs = inspect.signature(getattr(peer, fn)).parameters
+    assert [(p.name, p.default) for p in ours.values()] == [(p.name, p.default) for p in theirs.values()]
+
+
+def test_omega_residual_signature_matches_0_1_0(peer):
+    ours = inspect.signature(OmegaResidual.__init__).parameters
+    theirs = inspect.signature(peer.OmegaResidual.__init__).parameters
+    assert [(p.name, p.default) for p in ours.values()] == [(p.name, p.default) for p in theirs.values()]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("n", GRID_N)
+def test_numbers_match_0_1_0(peer, n, scale):
+    assert calculate_init(n, scale) == peer.calculate_init(n, scale)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("n", [1, 6, 12, 36, 200])
+@pytest.mark.parametrize("param", [False, True])
+def test_modules_compute_the_same_as_0_1_0(peer, n, scale, param):
+    dim = 8
+    kw = dict(as_parameter=param, embed_dim=dim if param else None)
+    ours, theirs = as_module(n, scale, **kw), peer.as_module(n, scale, **kw)
+    assert ours.omega.shape == theirs.omega.shape and ours.omega.dtype == theirs.omega.dtype
+    assert isinstance(ours.omega, nn.Parameter) == isinstance(theirs.omega, nn.Parameter) == param
+    g = torch.Generator().manual_seed(n)
+    for shape in [(dim,), (3, dim), (2, 5, dim)]:
+        x, f = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        torch.testing.assert_close(ours(x, f), theirs(x, f), rtol=0, atol=0)
+    assert set(ours.state_dict()) == set(theirs.state_dict()) == {"omega"}
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("n", [1, 12, 200])
+def test_register_functions_match_0_1_0(peer, n, scale):
+    a, b = nn.Module(), nn.Module()
+    as_buffer(a, "w", n, scale)
+    peer.as_buffer(b, "w", n, scale)
+    as_parameter(a, "p", n, 4, scale)
+    peer.as_parameter(b, "p", n, 4, scale)
+    assert dict(a.named_buffers()).keys() == dict(b.named_buffers()).keys() == {"w"}
+    assert dict(a.named_parameters()).keys() == dict(b.named_parameters()).keys() == {"p"}
+    for k in ("w", "p"):
+        ta, tb = getattr(a, k), getattr(b, k)
+        assert ta.dtype == tb.dtype and torch.equal(ta, tb)
+
+
+def test_omega_one_reads_loaded_state(peer):
+    # 0.1.0 binds forward to x + f_x when omega == 1, so a loaded omega is ignored; ours uses it.
+    res = OmegaResidual(1.0)
+    res.load_state_dict({"omega": torch.tensor([3.0])})
+    x, f = torch.ones(2), torch.zeros(2)
+    assert torch.equal(res(x, f), torch.full((2,), 3.0))
+
+
+@pytest.mark.parametrize("param", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_output_dtype_follows_the_model(dtype, param):
+    res = as_module(12, as_parameter=param, embed_dim=6 if param else None).to(dtype)
+    assert res.omega.dtype == dtype
+    x, f = torch.randn(3, 6, dtype=dtype), torch.randn(3, 6, dtype=dtype)
+    y = res(x, f)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), x.double() * calculate_init(12) + f.double(), rtol=1e-2, atol=1e-2)
+
+
+def test_half_and_bfloat16_methods():
+    for method, dtype in (("half", torch.float16), ("bfloat16", torch.bfloat16)):
+        res = getattr(as_module(12), method)()
+        x = torch.randn(4, dtype=dtype)
+        assert res(x, x).dtype == dtype
+
+
+@pytest.mark.parametrize("param", [False, True])
+def test_autocast_keeps_activation_dtype(param):
+    lin = nn.Linear(6, 6)
+    res = as_module(12, as_parameter=param, embed_dim=6 if param else None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(torch.randn(2, 6))  # bfloat16 under autocast
+        assert h.dtype == torch.bfloat16
+        assert res(h, h).dtype == torch.bfloat16  # 0.1.0's float32 buffer would promote to float32
+        if param:
+            res(h, h).float().sum().backward()
+            assert res.omega.grad is not None and res.omega.grad.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_cuda_follows_model():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    res = as_module(12).cuda().half()
+    x = torch.randn(4, 8, device="cuda", dtype=torch.half)
+    y = res(x, x)
+    assert y.device.type == "cuda" and y.dtype == torch.half
+    with torch.autocast("cuda", dtype=torch.float16):
+        h = nn.Linear(8, 8).cuda()(torch.randn(2, 8, device="cuda"))
+        assert as_module(12).cuda()(h, h).dtype == torch.float16
+
+
+@pytest.mark.parametrize("param", [False, True])
+def test_state_dict_round_trip(param):
+    kw = dict(as_parameter=param, embed_dim=5 if param else None)
+    src = as_module(36, "O(1)", **kw)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    dst = as_module(6, **kw)
+    dst.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(dst.omega, src.omega)
+    x = torch.randn(2, 5)
+    assert torch.equal(dst(x, x), src(x, x))
+
+
+BAD_CALLS = [
+    (lambda: calculate_init(12, "O(n^2)"), ValueError, "output_change_scale"),
+    (lambda: calculate_init(12, 1), TypeError, "output_change_scale"),
+    (lambda: calculate_init(0), ValueError, "num_res_layers"),
+    (lambda: calculate_init(-3), ValueError, "num_res_layers"),
+    (lambda: calculate_init(12.0), TypeError, "num_res_layers"),
+    (lambda: calculate_init(True), TypeError, "num_res_layers"),
+    (lambda: calculate_init("12"), TypeError, "num_res_layers"),
+    (lambda: as_module(12, as_parameter=True), ValueError, "embed_dim"),
+    (lambda: as_module(12, as_parameter=True, embed_dim=0), ValueError, "embed_dim"),
+    (lambda: OmegaResidual(2.0, as_parameter=True), ValueError, "embed_dim"),
+    (lambda: OmegaResidual("2"), TypeError, "init_value"),
+    (lambda: OmegaResidual(float("nan")), ValueError, "init_value"),
+    (lambda: as_buffer(object(), "w", 12), TypeError, "network"),
+    (lambda: as_parameter([], "w", 12, 4), TypeError, "network"),
+    (lambda: as_buffer(nn.Linear(2, 2), "weight", 12), ValueError, "buffer_name"),
+    (lambda: as_parameter(nn.Linear(2, 2), "bias", 12, 2), ValueError, "parameter_name"),
+    (lambda: as_parameter(nn.Module(), "w", 12, None), TypeError, "embed_dim"),
+    (lambda: as_buffer(nn.Module(), "w", 0), ValueError, "num_res_layers"),
+    (lambda: as_buffer(nn.Module(), "w", 12, "O(2)"), ValueError, "O\\(logn\\)"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD_CALLS)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_existing_name_is_not_overwritten():
+    m = nn.Module()
+    as_buffer(m, "omega", 12)
+    with pytest.raises(ValueError, match="omega"):
+        as_parameter(m, "omega", 12, 4)
+    assert m.omega.shape == (1,)
+
+
+def test_import_does_not_import_fairseq():
+    code = "import sys, admin_torch; sys.exit(1 if any(k.split('.')[0] == 'fairseq' for k in sys.modules) else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_public_api_exported():
+    for name in ["calculate_init", "OmegaResidual", "as_module", "as_buffer", "as_parameter", "deepnorm_init",
+                 "deepnorm_scale_", "DeepNormResidual", "profile_omegas", "apply_omegas", "save_profile",
+                 "load_profile", "output_change", "make_stack", "fold", "fold_into_norm_", "fold_into_linears_",
+                 "fold_into_embedding_"]:
+        assert name in admin_torch.__all__ and hasattr(admin_torch, name)
