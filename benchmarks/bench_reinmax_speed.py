@@ -1,0 +1,165 @@
+"""Forward+backward speed and saved-for-backward memory of reinmax vs torch gumbel_softmax and reinmax 0.1.0.
+
+For each shape, the candidates run interleaved (one repetition of each in turn, so a load change
+on this shared machine hits all of them), and the median time is reported with ratios to
+``torch.nn.functional.gumbel_softmax(hard=True)`` (target <= 1.0) and to the public reinmax 0.1.0
+(target <= 0.75). Bytes saved for backward are counted with ``torch.autograd.graph.saved_tensors_hooks``.
+With CUDA the table is repeated in float32 and bfloat16 on the GPU.
+
+    python benchmarks/bench_reinmax_speed.py            # full run
+    python benchmarks/bench_reinmax_speed.py --quick    # fewer repetitions
+"""
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import reinmax as ours  # noqa: E402  (before anything puts tests/ on sys.path)
+
+SHAPES = [(8192, 512), (65536, 16), (256, 32768)]
+TAU = 1.3
+
+
+def load_public_reinmax():
+    spec = importlib.util.spec_from_file_location("_peers", REPO / "tests" / "peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    return peers.load_peer("reinmax")
+
+
+def candidates(public):
+    c = {
+        "reinmax (ours)": lambda x: ours.reinmax(x, TAU)[0],
+        "torch gumbel_softmax": lambda x: F.gumbel_softmax(x, TAU, hard=True),
+        "gumbel_softmax (ours)": lambda x: ours.gumbel_softmax(x, TAU)[0],
+    }
+    if public is not None:
+        c["reinmax 0.1.0"] = lambda x: public.reinmax(x, TAU)[0]
+    return c
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(fn, x, w):
+    x.grad = None
+    (fn(x) * w).sum().backward()
+
+
+def saved_bytes(fn, x):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return total
+
+
+def bench(shape, dtype, device, cands, repeats):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=gen, device=device).to(dtype).requires_grad_()
+    w = torch.randn(shape, generator=gen, device=device).to(dtype)
+    times = {name: [] for name in cands}
+    for fn in cands.values():  # warm-up
+        step(fn, x, w)
+    for _ in range(repeats):
+        for name, fn in cands.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step(fn, x, w)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    n = x.numel()
+    return {name: {"median_ms": 1e3 * statistics.median(t), "saved_bytes_per_element": saved_bytes(cands[name], x) / n}
+            for name, t in times.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="5 repetitions instead of 15")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (5 if args.quick else 15)
+    public = load_public_reinmax()
+    if public is None:
+        print("public reinmax 0.1.0 not found under <venv>/peers: its column is left out", flush=True)
+    cands = candidates(public)
+    settings = [(torch.device("cpu"), torch.float32)]
+    if torch.cuda.is_available():
+        settings += [(torch.device("cuda"), torch.float32), (torch.device("cuda"), torch.bfloat16)]
+    rows = []
+    for device, dtype in settings:
+        for shape in SHAPES:
+            print(f"[{device.type} {str(dtype)[6:]} {shape}] {repeats} interleaved repetitions ...", flush=True)
+            r = bench(shape, dtype, device, cands, repeats)
+            row = {"device": device.type, "dtype": str(dtype)[6:], "shape": list(shape), "threads": torch.get_num_threads(),
+                   "results": r}
+            mine = r["reinmax (ours)"]["median_ms"]
+            row["ratio_vs_torch_gumbel_softmax"] = mine / r["torch gumbel_softmax"]["median_ms"]
+            if "reinmax 0.1.0" in r:
+                row["ratio_vs_reinmax_0_1_0"] = mine / r["reinmax 0.1.0"]["median_ms"]
+            rows.append(row)
+
+    header = ("| device | dtype | shape | reinmax ms | torch GS ms | 0.1.0 ms | ours/GS (<=1.0) | ours/0.1.0 (<=0.75) "
+              "| saved B/elem ours | saved B/elem 0.1.0 | saved B/elem torch GS |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        r = row["results"]
+        old = r.get("reinmax 0.1.0", {"median_ms": float("nan"), "saved_bytes_per_element": float("nan")})
+        lines.append(
+            f"| {row['device']} | {row['dtype']} | {tuple(row['shape'])} | {r['reinmax (ours)']['median_ms']:.1f} "
+            f"| {r['torch gumbel_softmax']['median_ms']:.1f} | {old['median_ms']:.1f} "
+            f"| {row['ratio_vs_torch_gumbel_softmax']:.2f} | {row.get('ratio_vs_reinmax_0_1_0', float('nan')):.2f} "
+            f"| {r['reinmax (ours)']['saved_bytes_per_element']:.2f} | {old['saved_bytes_per_element']:.2f} "
+            f"| {r['torch gumbel_softmax']['saved_bytes_per_element']:.2f} |")
+    table = "\n".join(lines)
+    print(f"\nforward+backward, median of {repeats}, tau={TAU}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n{table}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "reinmax_speed.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "reinmax_speed.md").write_text(table + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        labels = [f"{r['device']} {r['dtype']}\n{tuple(r['shape'])}" for r in rows]
+        xs = range(len(rows))
+        ax.bar([i - 0.2 for i in xs], [r["ratio_vs_torch_gumbel_softmax"] for r in rows], 0.4, label="ours / torch gumbel_softmax")
+        ax.bar([i + 0.2 for i in xs], [r.get("ratio_vs_reinmax_0_1_0", float("nan")) for r in rows], 0.4, label="ours / reinmax 0.1.0")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(0.75, color="gray", lw=0.8, ls="--")
+        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set_ylabel("time ratio (lower is faster)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.out / "reinmax_speed.png", dpi=120)
+    except ImportError:
+        pass
+    print(f"wrote {args.out}/reinmax_speed.{{json,md,png}}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

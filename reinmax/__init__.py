@@ -1,0 +1,31 @@
+"""reinmax: the ReinMax gradient estimator for categorical samples, its baselines, and layers.
+
+Every estimator maps logits to ``(y_hard, y_soft)``: a one-hot sample carrying the estimator's
+gradient, and ``softmax(logits)``. Pick one by name with :func:`estimate`.
+
+Example::
+
+    >>> import torch, reinmax
+    >>> y_hard, y_soft = reinmax.reinmax(torch.randn(8, 4, requires_grad=True), 1.3)
+    >>> y_hard, y_soft = reinmax.estimate("gumbel_softmax", torch.randn(8, 4), 0.5)
+"""
+
+from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through
+from .layers import CategoricalLayer, DiscreteBottleneck
+from .registry import ESTIMATORS, estimate
+from .reinmax_function import ReinMaxFunction, reinmax
+from .sampling import sample_categorical
+
+__all__ = [
+    "CategoricalLayer",
+    "DiscreteBottleneck",
+    "ESTIMATORS",
+    "ReinMaxFunction",
+    "estimate",
+    "gapped_straight_through",
+    "gumbel_rao",
+    "gumbel_softmax",
+    "reinmax",
+    "sample_categorical",
+    "straight_through",
+]

@@ -1,0 +1,107 @@
+"""Layers that put a discrete choice inside a network, with any estimator of :data:`ESTIMATORS`."""
+
+import math
+from typing import Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_logits, check_tau
+from .registry import check_estimator_name, estimate
+
+
+def _argmax_one_hot(logits: Tensor, dim: int) -> Tensor:
+    idx = logits.argmax(dim, keepdim=True)
+    return torch.zeros_like(logits, memory_format=torch.contiguous_format).scatter_(dim, idx, 1.0)
+
+
+class CategoricalLayer(nn.Module):
+    r"""Logits to one-hot codes: a sample in training (gradient by ``estimator``), the argmax in eval.
+
+    Args:
+        estimator: a name in :data:`reinmax.ESTIMATORS` (default ``"reinmax"``).
+        tau: temperature of the estimator, a finite number > 0.
+        dim: the category dimension.
+        return_probs: also return ``softmax(logits)`` (for a KL term, say).
+        **options: passed to the estimator (``gap=``, ``k=``).
+
+    Shape:
+        input ``(*, C, *)``; output the same shape, one-hot along ``dim``.
+
+    Example::
+
+        >>> layer = CategoricalLayer("reinmax", tau=1.3)
+        >>> codes = layer(torch.randn(16, 8, 4))   # 16 x 8 one-hot vectors of size 4
+    """
+
+    def __init__(self, estimator: str = "reinmax", tau: float = 1.0, dim: int = -1,
+                 return_probs: bool = False, **options):
+        super().__init__()
+        self.estimator = check_estimator_name(estimator)
+        self.tau = check_tau(tau)
+        self.dim = dim
+        self.return_probs = bool(return_probs)
+        self.options = dict(options)
+
+    def forward(self, logits: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        if self.training:
+            codes, probs = estimate(self.estimator, logits, self.tau, dim=self.dim, **self.options)
+        else:
+            dim = check_logits(logits, self.dim)
+            probs = torch.softmax(logits, dim)
+            codes = _argmax_one_hot(logits.detach(), dim)
+        return (codes, probs) if self.return_probs else codes
+
+    def extra_repr(self) -> str:
+        return f"estimator={self.estimator!r}, tau={self.tau}, dim={self.dim}"
+
+
+class DiscreteBottleneck(nn.Module):
+    r"""Hidden states to ``num_latents`` choices among ``num_codes`` learned code-book embeddings.
+
+    ``logits = Linear(hidden)`` reshaped to ``(*, num_latents, num_codes)``; one-hot codes from a
+    :class:`CategoricalLayer`; output ``codes @ codebook``, i.e. the chosen embeddings. With
+    ``shared_codebook=False`` every latent has its own code-book.
+
+    Args:
+        in_features: size of the hidden state.
+        num_codes: categories per latent (``C``).
+        code_dim: size of each embedding.
+        num_latents: independent choices per input (``L``).
+        estimator, tau, **options: as for :class:`CategoricalLayer`.
+        shared_codebook: one code-book for all latents (default) or one per latent.
+        return_probs: also return ``softmax(logits)`` of shape ``(*, L, C)``.
+
+    Shape:
+        input ``(*, in_features)``; output ``(*, num_latents, code_dim)``.
+
+    Example::
+
+        >>> vq = DiscreteBottleneck(32, num_codes=8, code_dim=16, num_latents=4)
+        >>> vq(torch.randn(10, 32)).shape
+        torch.Size([10, 4, 16])
+    """
+
+    def __init__(self, in_features: int, num_codes: int, code_dim: int, num_latents: int = 1,
+                 estimator: str = "reinmax", tau: float = 1.0, shared_codebook: bool = True,
+                 return_probs: bool = False, **options):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("num_codes", num_codes),
+                            ("code_dim", code_dim), ("num_latents", num_latents)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.num_codes, self.code_dim, self.num_latents = num_codes, code_dim, num_latents
+        self.to_logits = nn.Linear(in_features, num_latents * num_codes)
+        shape = (num_codes, code_dim) if shared_codebook else (num_latents, num_codes, code_dim)
+        self.codebook = nn.Parameter(torch.randn(shape) / math.sqrt(code_dim))
+        self.choose = CategoricalLayer(estimator, tau, dim=-1, return_probs=True, **options)
+        self.return_probs = bool(return_probs)
+
+    def forward(self, hidden: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        logits = self.to_logits(hidden).unflatten(-1, (self.num_latents, self.num_codes))
+        codes, probs = self.choose(logits)
+        if self.codebook.dim() == 2:
+            out = codes @ self.codebook
+        else:
+            out = torch.einsum("...lc,lcd->...ld", codes, self.codebook)
+        return (out, probs) if self.return_probs else out
