@@ -8,15 +8,25 @@ Example::
     >>> import torch, reinmax
     >>> y_hard, y_soft = reinmax.reinmax(torch.randn(8, 4, requires_grad=True), 1.3)
     >>> y_hard, y_soft = reinmax.estimate("gumbel_softmax", torch.randn(8, 4), 0.5)
+
+Layers with discrete choices: :class:`CategoricalLayer`, :class:`DiscreteBottleneck` and the
+latent-tree encoder :class:`LatentTreeLSTM` (which adjacent pair to merge, chosen by any
+estimator); :mod:`reinmax.listops` generates, parses and evaluates ListOps.
 """
 
+from . import listops
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through
 from .layers import CategoricalLayer, DiscreteBottleneck
 from .registry import ESTIMATORS, estimate
 from .reinmax_function import ReinMaxFunction, reinmax
 from .sampling import sample_categorical
+from .tree import BinaryTreeLSTMCell, LatentTreeLSTM, TreeClassifier
 
 __all__ = [
+    "BinaryTreeLSTMCell",
+    "LatentTreeLSTM",
+    "TreeClassifier",
+    "listops",
     "CategoricalLayer",
     "DiscreteBottleneck",
     "ESTIMATORS",
