@@ -1,0 +1,169 @@
+"""Overhead of ``transformer_admin`` in fairseq: training speed, and inference after folding.
+
+1. ``fairseq-train`` words per second (fairseq's own ``wps``) of ``transformer_admin`` (closed-form
+   Admin) against the stock ``transformer`` of the same size on the same data, runs interleaved
+   (stock, admin, stock, admin, ...), the median over the logged intervals of each run (the first
+   interval, with start-up, left out), then the median over runs. Target ratio >= 0.98.
+2. Inference: forward passes (eval, no_grad) of the folded model
+   (:func:`fairseq_plugins.fold_checkpoint.fold_admin_model`, a stock ``TransformerModel``) against a
+   stock model of the same size, interleaved, median. Target ratio >= 0.99. The unfolded Admin
+   model is timed as well, for reference.
+
+Everything runs with one thread. Example::
+
+    python benchmarks/bench_admin_fairseq.py            # full
+    python benchmarks/bench_admin_fairseq.py --quick    # a fast check
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))  # the packages of this checkout
+sys.path.append(str(REPO / "tests"))  # fairseq_helpers (appended: tests/<pkg> dirs must not shadow the packages)
+
+MODEL = ["--encoder-layers", "6", "--decoder-layers", "6", "--encoder-embed-dim", "128", "--decoder-embed-dim", "128",
+         "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512",
+         "--encoder-attention-heads", "4", "--decoder-attention-heads", "4", "--share-all-embeddings"]
+
+
+def env():
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return e
+
+
+def train_wps(data: Path, arch_args, updates: int, save_dir: Path):
+    cmd = [BIN / "fairseq-train", data, "--user-dir", REPO / "fairseq_plugins", *arch_args, *MODEL,
+           "--optimizer", "adam", "--lr", "5e-4", "--max-tokens", "2000", "--max-update", str(updates),
+           "--cpu", "--seed", "1", "--num-workers", "0", "--no-progress-bar", "--log-format", "simple",
+           "--log-interval", "5", "--no-save", "--disable-validation", "--save-dir", save_dir]
+    out = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env(), cwd=REPO)
+    if out.returncode != 0:
+        raise RuntimeError(out.stdout[-3000:])
+    wps = [float(m.group(1)) for m in re.finditer(r"train_inner .*?wps=([\d.]+)", out.stdout)]
+    if len(wps) < 2:
+        raise RuntimeError("too few logged intervals:\n" + out.stdout[-2000:])
+    return statistics.median(wps[1:])
+
+
+def build(extra, arch):
+    import fairseq_plugins  # noqa: F401
+    from fairseq.data import Dictionary
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+
+    d = Dictionary()
+    for i in range(1000):
+        d.add_symbol(f"w{i}")
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    ARCH_MODEL_REGISTRY[arch].add_args(parser)
+    args = parser.parse_args(MODEL + list(extra))
+    args.arch = arch
+    ARCH_CONFIG_REGISTRY[arch](args)
+    return ARCH_MODEL_REGISTRY[arch].build_model(args, SimpleNamespace(source_dictionary=d, target_dictionary=d))
+
+
+def inference_times(repeats: int, batches: int):
+    import torch
+
+    from fairseq_plugins.fold_checkpoint import fold_admin_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    stock = build([], "transformer").eval()
+    admin = build(["--admin-init", "admin"], "transformer_admin").eval()
+    folded = fold_admin_model(admin).eval()
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(batches):
+        src = torch.randint(4, 1000, (16, 20), generator=g)
+        prev = torch.randint(4, 1000, (16, 20), generator=g)
+        data.append((src, torch.full((16,), 20), prev))
+    with torch.no_grad():
+        diff = max((admin(*b)[0] - folded(*b)[0]).abs().max().item() for b in data[:2])
+    models = {"stock": stock, "folded": folded, "admin_unfolded": admin}
+    times = {k: [] for k in models}
+    with torch.no_grad():
+        for b in data[:2]:  # warm-up
+            for m in models.values():
+                m(*b)
+        names = list(models)
+        for r in range(repeats):
+            # rotate the order each repeat, so no model always runs first
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                m = models[name]
+                t = time.perf_counter()
+                for b in data:
+                    m(*b)
+                times[name].append(time.perf_counter() - t)
+            print(f"  inference repeat {r + 1}/{repeats}", flush=True)
+    return {k: statistics.median(v) for k, v in times.items()}, diff
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--only", choices=["train", "inference"], help="run only one of the two parts")
+    a = p.parse_args(argv)
+    repeats, updates, inf_repeats = (2, 15, 6) if a.quick else (4, 30, 21)
+    a.out.mkdir(parents=True, exist_ok=True)
+    work = a.out / "bench_admin_fairseq_work"
+
+    result = {"model": " ".join(MODEL), "quick": a.quick}
+    if a.only != "inference":
+        result.update(bench_train(work, repeats, updates))
+    if a.only != "train":
+        result.update(bench_inference(inf_repeats))
+    name = "bench_admin_fairseq" + (f"_{a.only}" if a.only else "") + ".json"
+    (a.out / name).write_text(json.dumps(result, indent=1))
+    print(f"written {a.out / name}")
+
+
+def bench_train(work: Path, repeats: int, updates: int):
+    from fairseq_helpers import make_translation_data
+
+    if not (work / "bin" / "dict.src.txt").exists():
+        print("making data (reversal corpus, 3000 pairs) ...", flush=True)
+        make_translation_data(work, sizes=(3000, 50, 50), vocab=500)
+    data = work / "bin"
+
+    print(f"fairseq-train wps, {repeats} interleaved runs x {updates} updates each ...", flush=True)
+    wps = {"transformer": [], "transformer_admin": []}
+    for r in range(repeats):
+        for arch, extra in (("transformer", []), ("transformer_admin", ["--admin-init", "admin"])):
+            wps[arch].append(train_wps(data, ["--arch", arch, *extra], updates, work / "ck"))
+            print(f"  run {r + 1}/{repeats} {arch}: {wps[arch][-1]:.0f} wps", flush=True)
+    train_ratio = statistics.median(wps["transformer_admin"]) / statistics.median(wps["transformer"])
+    per_run = [x / y for x, y in zip(wps["transformer_admin"], wps["transformer"])]
+    print(f"train wps median: stock {statistics.median(wps['transformer']):.0f}, "
+          f"admin {statistics.median(wps['transformer_admin']):.0f}")
+    print(f"train speed ratio admin/stock: {train_ratio:.3f} (target >= 0.98); per pair "
+          + ", ".join(f"{x:.3f}" for x in per_run), flush=True)
+    return {"train_wps": wps, "train_speed_ratio_admin_over_stock": train_ratio,
+            "train_speed_ratio_per_pair": per_run}
+
+
+def bench_inference(inf_repeats: int):
+    print(f"inference forward passes, {inf_repeats} interleaved repeats ...", flush=True)
+    inf, diff = inference_times(inf_repeats, 4)
+    fold_ratio = inf["stock"] / inf["folded"]  # speed ratio (time of stock / time of folded)
+    admin_ratio = inf["stock"] / inf["admin_unfolded"]
+    print(f"inference speed ratio folded/stock: {fold_ratio:.3f} (target >= 0.99); "
+          f"unfolded admin/stock: {admin_ratio:.3f}; fold max abs diff {diff:.2e}", flush=True)
+    return {"inference_seconds_median": inf, "inference_speed_ratio_folded_over_stock": fold_ratio,
+            "inference_speed_ratio_unfolded_admin_over_stock": admin_ratio, "fold_max_abs_diff": diff}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Fold a ``transformer_admin`` checkpoint into a checkpoint of fairseq's stock ``transformer``.
+
+Command::
+
+    python -m fairseq_plugins.fold_checkpoint IN.pt OUT.pt
+
+``fairseq-generate`` then decodes OUT.pt without ``--user-dir`` and gives the same hypotheses
+as IN.pt with ``--user-dir fairseq_plugins``: inference carries no Admin overhead.
+
+How (see :mod:`admin_torch.fold`): every omega (Admin, profiled Admin, trainable vectors, or
+DeepNorm's alpha, a scalar omega) is moved into the LayerNorm in front of its sublayer
+(:func:`admin_torch.fold_into_norm_`) and out of the linear maps that read that LayerNorm's
+output (:func:`admin_torch.fold_into_linears_`: q, k, v of self-attention, q of cross-attention,
+fc1). The first sublayer of each stack reads the embedding ``embed_scale * E[token] + P[pos]``,
+which takes the factor instead (:func:`admin_torch.fold_into_embedding_`). Because the encoder,
+the decoder and the output projection need different factors and the stock sinusoidal positions
+cannot be scaled, the folded model has unshared token embeddings (``share_all_embeddings`` and
+``share_decoder_input_output_embed`` off; the output projection keeps the unscaled table) and
+learned positional embeddings holding ``omega *`` the sinusoidal table; with
+``--layernorm-embedding`` the factor goes into that LayerNorm and nothing else changes. The
+compute per token is the stock transformer's.
+
+The folded checkpoint keeps the model and task configuration (arch ``transformer``, the admin
+arguments removed, ``user_dir`` cleared), stores the model arguments as a plain dict (so that it
+loads with torch's ``weights_only=True`` without any allowlist) and drops the optimizer state.
+"""
+
+import argparse
+import copy
+import sys
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import admin_torch
+from fairseq.data import Dictionary
+from fairseq.models.transformer import TransformerModel
+from fairseq.modules import SinusoidalPositionalEmbedding
+
+from .models.transformer_admin import ADMIN_ARGS, TransformerAdminModel
+
+__all__ = ["NotAdminCheckpointError", "stock_args", "fold_admin_model", "fold_checkpoint", "main"]
+
+
+class NotAdminCheckpointError(ValueError):
+    """The checkpoint is not one of a ``transformer_admin`` model."""
+
+
+def _omega(residual: nn.Module):
+    if isinstance(residual, admin_torch.OmegaResidual):
+        return residual
+    if isinstance(residual, admin_torch.DeepNormResidual):
+        return residual.alpha
+    raise TypeError(f"not an Admin or DeepNorm residual: {type(residual).__name__}")
+
+
+def _folds_into_embedding(args) -> bool:
+    return not getattr(args, "layernorm_embedding", False)
+
+
+def stock_args(args) -> argparse.Namespace:
+    """The stock ``transformer`` arguments of the folded model of a ``transformer_admin`` model."""
+    if not isinstance(args, argparse.Namespace):
+        raise TypeError(f"args must be the model's argparse.Namespace, got {type(args).__name__}")
+    new = copy.deepcopy(args)
+    for name in ADMIN_ARGS:
+        if hasattr(new, name):
+            delattr(new, name)
+    new.arch = "transformer"
+    if hasattr(new, "_name"):
+        new._name = "transformer"
+    if _folds_into_embedding(new):
+        # encoder, decoder and output projection get different factors (module docstring)
+        new.share_all_embeddings = False
+        new.share_decoder_input_output_embed = False
+        if not getattr(new, "no_token_positional_embeddings", False):
+            new.encoder_learned_pos = True
+            new.decoder_learned_pos = True
+    return new
+
+
+def _sublayer_plan(model) -> List[Tuple[nn.Module, nn.Module, List[nn.Linear]]]:
+    """(residual, module whose output the sublayer reads, input linears) for every residual sublayer
+    of the Admin model; the module read is a LayerNorm, or None for the first sublayer of a stack."""
+    plan = []
+    for stack in (model.encoder, model.decoder):
+        prev = None
+        for layer in stack.layers:
+            if stack is model.encoder:
+                sub = [(layer.self_attn_layer_norm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                       (layer.final_layer_norm, [layer.fc1])]
+                res = list(layer.residuals)
+            else:
+                sub = [(layer.self_attn_layer_norm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])]
+                res = [layer.residuals[0]]
+                if layer.encoder_attn is not None:
+                    sub.append((layer.encoder_attn_layer_norm, [layer.encoder_attn.q_proj]))
+                    res.append(layer.residuals[1])
+                sub.append((layer.final_layer_norm, [layer.fc1]))
+                res.append(layer.residuals[2])
+            for r, (norm_after, linears) in zip(res, sub):
+                plan.append((r, prev, linears))
+                prev = norm_after
+    return plan
+
+
+@torch.no_grad()
+def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerModel:
+    """A stock :class:`fairseq.models.transformer.TransformerModel` computing what the Admin
+    (or DeepNorm) ``model`` computes; ``model`` is not modified.
+
+    Args:
+        model: a built ``transformer_admin`` model.
+        task: anything with ``source_dictionary`` / ``target_dictionary``; default: the model's own.
+
+    Example::
+
+        >>> stock = fold_admin_model(admin_model).eval()
+        >>> stock(src_tokens, src_lengths, prev_output_tokens)[0]   # == admin_model(...)[0]
+    """
+    if not isinstance(model, TransformerAdminModel):
+        raise TypeError(f"model must be a transformer_admin model (TransformerAdminModel), got {type(model).__name__}")
+    if getattr(model.decoder, "project_in_dim", None) is not None:
+        raise ValueError("cannot fold a model with decoder_input_dim != decoder_embed_dim (project_in_dim)")
+    if task is None:
+        task = SimpleNamespace(source_dictionary=model.encoder.dictionary, target_dictionary=model.decoder.dictionary)
+    args = stock_args(getattr(model, "legacy_args", None) or model.args)
+    stock = TransformerModel.build_model(copy.deepcopy(args), task)
+    kinds = (admin_torch.OmegaResidual, admin_torch.DeepNormResidual)
+    admin_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, kinds))
+    state = {k: v.clone() for k, v in model.state_dict().items()
+             if not k.startswith(admin_prefixes) and k != "admin_profiled"}
+    missing, unexpected = stock.load_state_dict(state, strict=False)
+    allowed_missing = {"encoder.embed_positions.weight", "decoder.embed_positions.weight"}
+    if set(missing) - allowed_missing or unexpected:
+        raise RuntimeError(f"folding: unexpected state mismatch, missing {missing}, unexpected {unexpected}")
+    # learned positions take the sinusoidal table of the Admin model
+    for src, dst in ((model.encoder, stock.encoder), (model.decoder, stock.decoder)):
+        if isinstance(src.embed_positions, SinusoidalPositionalEmbedding) and dst.embed_positions is not None \
+                and not isinstance(dst.embed_positions, SinusoidalPositionalEmbedding):
+            table = dst.embed_positions.weight
+            table.copy_(src.embed_positions.weights[: table.shape[0]].to(table))
+
+    # the same sublayers in the stock model, found by module name
+    stock_modules = dict(stock.named_modules())
+    admin_names = {id(m): n for n, m in model.named_modules()}
+    for residual, prev_norm, linears in _sublayer_plan(model):
+        omega = _omega(residual)
+        admin_torch.fold_into_linears_([stock_modules[admin_names[id(lin)]] for lin in linears], omega)
+        if prev_norm is not None:
+            admin_torch.fold_into_norm_(stock_modules[admin_names[id(prev_norm)]], omega)
+        else:
+            stack = stock.encoder if admin_names[id(residual)].startswith("encoder.") else stock.decoder
+            if stack.layernorm_embedding is not None:
+                admin_torch.fold_into_norm_(stack.layernorm_embedding, omega)
+            else:
+                admin_torch.fold_into_embedding_(stack.embed_tokens, omega)
+                if stack.embed_positions is not None:
+                    admin_torch.fold_into_embedding_(stack.embed_positions, omega)
+    return stock
+
+
+def _dummy_dictionary(size: int) -> Dictionary:
+    # building the model needs only the vocabulary size and the special symbols' indices
+    d = Dictionary()
+    i = 0
+    while len(d) < size:
+        d.add_symbol(f"<fold_placeholder_{i}>")
+        i += 1
+    if len(d) != size:
+        raise ValueError(f"cannot rebuild a dictionary of {size} entries")
+    return d
+
+
+def _model_args(state) -> argparse.Namespace:
+    cfg = state.get("cfg")
+    if cfg is not None and cfg.get("model") is not None:
+        model_cfg = cfg["model"]
+        return model_cfg if isinstance(model_cfg, argparse.Namespace) else argparse.Namespace(**dict(model_cfg))
+    if state.get("args") is not None:
+        return state["args"]
+    raise NotAdminCheckpointError("checkpoint has no model configuration (neither cfg.model nor args)")
+
+
+def _to_plain(obj):
+    """OmegaConf / Namespace containers as plain python (what torch's weights_only loader accepts)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=False)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, argparse.Namespace):
+        return {k: _to_plain(v) for k, v in vars(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain(v) for v in obj)
+    return obj
+
+
+def fold_checkpoint(in_path: str, out_path: str) -> Dict[str, float]:
+    """Fold the ``transformer_admin`` checkpoint ``in_path`` into a stock ``transformer``
+    checkpoint ``out_path``. Returns ``{residual module name: mean omega}`` of what was folded.
+
+    Raises:
+        NotAdminCheckpointError: ``in_path`` is not a ``transformer_admin`` checkpoint.
+    """
+    from fairseq import checkpoint_utils
+
+    from . import safe_checkpoint
+
+    safe_checkpoint.install()
+    state = checkpoint_utils.load_checkpoint_to_cpu(in_path)
+    args = _model_args(state)
+    arch = getattr(args, "arch", None) or getattr(args, "_name", None)
+    if getattr(args, "admin_init", None) is None or not str(arch).startswith("transformer_admin"):
+        raise NotAdminCheckpointError(
+            f"{in_path}: not a transformer_admin checkpoint (arch {arch!r}); fold_checkpoint folds only checkpoints "
+            "trained with --arch transformer_admin* (--user-dir fairseq_plugins)"
+        )
+    sd = state["model"]
+    src = _dummy_dictionary(sd["encoder.embed_tokens.weight"].shape[0])
+    tgt = src if getattr(args, "share_all_embeddings", False) else _dummy_dictionary(sd["decoder.embed_tokens.weight"].shape[0])
+    task = SimpleNamespace(source_dictionary=src, target_dictionary=tgt)
+    args = copy.deepcopy(args)
+    args.admin_profile = None  # the checkpoint holds the omegas; do not read or write a profile file
+    model = TransformerAdminModel.build_model(args, task)
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    folded = fold_admin_model(model, task)
+    omegas = {n: float(getattr(m, "omega", getattr(m, "alpha", None)).detach().double().mean())
+              for n, m in model.named_modules() if isinstance(m, (admin_torch.OmegaResidual, admin_torch.DeepNormResidual))}
+
+    new_args = stock_args(_model_args(state))
+    out = {k: v for k, v in state.items() if k not in ("last_optimizer_state",)}
+    out["model"] = folded.state_dict()
+    out["args"] = None
+    cfg = _to_plain(state["cfg"])
+    cfg["model"] = _to_plain(new_args)
+    if isinstance(cfg.get("common"), dict):
+        cfg["common"]["user_dir"] = None
+    out["cfg"] = cfg
+    out["last_optimizer_state"] = None
+    out["extra_state"] = _to_plain(state.get("extra_state"))
+    torch.save(out, out_path)
+    return omegas
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fairseq_plugins.fold_checkpoint",
+        description="Fold a transformer_admin checkpoint into a stock fairseq transformer checkpoint "
+                    "(decodable with fairseq-generate without --user-dir).",
+    )
+    parser.add_argument("input", help="transformer_admin checkpoint (.pt)")
+    parser.add_argument("output", help="where to write the stock transformer checkpoint (.pt)")
+    a = parser.parse_args(argv)
+    try:
+        omegas = fold_checkpoint(a.input, a.output)
+    except NotAdminCheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    values = list(omegas.values())
+    print(f"folded {len(values)} residual omegas (min {min(values):.4g}, max {max(values):.4g}) into {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

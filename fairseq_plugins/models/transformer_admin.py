@@ -1,0 +1,363 @@
+"""``transformer_admin``: fairseq's Post-LN transformer with Admin (or DeepNorm) residual scaling.
+
+Every residual connection of the stock ``transformer`` computes ``LN(x + f(x))``; here it
+computes ``LN(omega * x + f(x))`` through an :class:`admin_torch.OmegaResidual` (or
+``alpha * x`` through an :class:`admin_torch.DeepNormResidual`). The layers override only
+fairseq's ``residual_connection(x, residual)`` hook, so everything else (attention, incremental
+decoding, checkpoints) is the stock code.
+
+Sublayer counts (N of :func:`admin_torch.calculate_init`): the encoder has ``2 * encoder_layers``
+residual sublayers (self-attention, FFN), the decoder ``3 * decoder_layers`` (self-attention,
+cross-attention, FFN). The decoder's N counts the DECODER's sublayers only, not the encoder's:
+the decoder's shortcut stream starts at its own (LayerNorm-free) embedding and the encoder output
+enters only through cross-attention, whose keys/values are LayerNorm outputs; Admin's original
+profiling code (Transformer-Clinic) likewise keeps two separate running variances,
+``encoder_ratio`` and ``decoder_ratio``, each starting at 1.
+
+Initializations (``--admin-init``):
+
+* ``admin`` (default): closed-form omega, ``calculate_init(N, --admin-output-change-scale)``.
+* ``profiled``: the original two-stage Admin. The first training forward pass runs once more
+  under ``torch.no_grad()`` to measure each sublayer's output variance
+  (:func:`admin_torch.profile_omegas`, encoder and decoder as separate chains), sets the omegas
+  and writes them to ``--admin-profile PATH`` (JSON); the persistent buffer ``admin_profiled``
+  records it, so resuming from a checkpoint does not profile again. If PATH exists when the
+  model is built, the omegas are loaded from it instead.
+* ``deepnorm``: DeepNet's encoder-decoder constants (:func:`admin_torch.deepnorm_init` with N, M
+  counted in layers): alpha on the shortcut, fc1, fc2, v_proj and out_proj initialized with
+  gain beta (:func:`admin_torch.deepnorm_scale_`).
+
+``--encoder-as-parameter`` / ``--decoder-as-parameter`` make omega a trainable vector of size
+embed_dim, as in the original recipes. Only Post-LN is supported.
+
+Example::
+
+    fairseq-train data-bin --user-dir fairseq_plugins --arch transformer_admin_wmt_en_de_18_18 \\
+        --admin-init admin --admin-output-change-scale 'O(logn)' --share-all-embeddings ...
+
+A trained model folds into a stock ``transformer`` checkpoint with
+``python -m fairseq_plugins.fold_checkpoint IN.pt OUT.pt``.
+"""
+
+import copy
+import logging
+import os
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+import admin_torch
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import MODEL_REGISTRY, register_model
+from fairseq.models.transformer import (
+    TransformerConfig,
+    TransformerDecoder,
+    TransformerEncoder,
+    TransformerModel,
+)
+from fairseq.models.transformer.transformer_legacy import (
+    base_architecture,
+    transformer_iwslt_de_en,
+    transformer_vaswani_wmt_en_de_big,
+)
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
+
+from ..registry import register_architecture_once, register_once
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ADMIN_INITS",
+    "ADMIN_ARGS",
+    "TransformerAdminModel",
+    "TransformerAdminEncoder",
+    "TransformerAdminDecoder",
+    "TransformerAdminEncoderLayer",
+    "TransformerAdminDecoderLayer",
+    "encoder_sublayers",
+    "decoder_sublayers",
+    "residual_modules",
+]
+
+#: the values of ``--admin-init``.
+ADMIN_INITS = ("admin", "profiled", "deepnorm")
+#: the model arguments this model adds to the stock transformer's (removed by folding).
+ADMIN_ARGS = ("admin_init", "admin_output_change_scale", "encoder_as_parameter", "decoder_as_parameter", "admin_profile")
+
+ENCODER_SUBLAYERS_PER_LAYER = 2  # self-attention, FFN
+DECODER_SUBLAYERS_PER_LAYER = 3  # self-attention, cross-attention, FFN
+
+
+def encoder_sublayers(args) -> int:
+    """N of the encoder: 2 residual sublayers per encoder layer."""
+    return ENCODER_SUBLAYERS_PER_LAYER * args.encoder_layers
+
+
+def decoder_sublayers(args) -> int:
+    """N of the decoder: 3 residual sublayers per decoder layer (the encoder's are not counted)."""
+    return DECODER_SUBLAYERS_PER_LAYER * args.decoder_layers
+
+
+def _admin_defaults(args) -> None:
+    args.admin_init = getattr(args, "admin_init", None) or "admin"
+    args.admin_output_change_scale = getattr(args, "admin_output_change_scale", None) or "O(logn)"
+    args.encoder_as_parameter = bool(getattr(args, "encoder_as_parameter", False))
+    args.decoder_as_parameter = bool(getattr(args, "decoder_as_parameter", False))
+    args.admin_profile = getattr(args, "admin_profile", None)
+
+
+def _check_admin_args(args) -> None:
+    _admin_defaults(args)
+    if args.admin_init not in ADMIN_INITS:
+        raise ValueError(f"--admin-init must be one of {list(ADMIN_INITS)}, got {args.admin_init!r}")
+    if args.admin_output_change_scale not in admin_torch.OUTPUT_CHANGE_SCALES:
+        raise ValueError(
+            f"--admin-output-change-scale must be one of {list(admin_torch.OUTPUT_CHANGE_SCALES)}, "
+            f"got {args.admin_output_change_scale!r}"
+        )
+    if getattr(args, "encoder_normalize_before", False) or getattr(args, "decoder_normalize_before", False):
+        raise ValueError(
+            "transformer_admin is Post-LN only: --encoder-normalize-before / --decoder-normalize-before are not "
+            "supported (Admin rescales the shortcut of Post-LN sublayers; use the stock transformer for Pre-LN)"
+        )
+    if args.admin_init == "deepnorm" and (args.encoder_as_parameter or args.decoder_as_parameter):
+        raise ValueError(
+            "--encoder-as-parameter / --decoder-as-parameter are for --admin-init admin or profiled; "
+            "DeepNorm's alpha is a constant"
+        )
+    if args.admin_profile is not None and args.admin_init != "profiled":
+        raise ValueError(f"--admin-profile is used only with --admin-init profiled (got --admin-init {args.admin_init})")
+    if getattr(args, "cross_self_attention", False):
+        raise ValueError("transformer_admin does not support --cross-self-attention")
+
+
+def _residual(args, num_res_layers: int, as_parameter: bool, embed_dim: int, deepnorm_alpha: Optional[float]) -> nn.Module:
+    if args.admin_init == "deepnorm":
+        return admin_torch.DeepNormResidual(deepnorm_alpha)
+    return admin_torch.as_module(
+        num_res_layers, args.admin_output_change_scale, as_parameter=as_parameter,
+        embed_dim=embed_dim if as_parameter else None,
+    )
+
+
+def _deepnorm_linears(layer) -> List[nn.Linear]:
+    attns = [layer.self_attn] + ([layer.encoder_attn] if getattr(layer, "encoder_attn", None) is not None else [])
+    return [layer.fc1, layer.fc2] + [p for a in attns for p in (a.v_proj, a.out_proj)]
+
+
+class TransformerAdminEncoderLayer(TransformerEncoderLayerBase):
+    """A Post-LN encoder layer whose two residual connections are ``residuals[0]`` (self-attention)
+    and ``residuals[1]`` (FFN): ``LN(residuals[k](x, f(x)))``."""
+
+    def __init__(self, cfg, residuals: List[nn.Module], deepnorm_beta: Optional[float] = None, return_fc=False):
+        super().__init__(cfg, return_fc=return_fc)
+        if len(residuals) != ENCODER_SUBLAYERS_PER_LAYER:
+            raise ValueError(f"residuals must hold {ENCODER_SUBLAYERS_PER_LAYER} modules, got {len(residuals)}")
+        self.residuals = nn.ModuleList(residuals)
+        if deepnorm_beta is not None:
+            admin_torch.deepnorm_scale_(_deepnorm_linears(self), deepnorm_beta)
+        self._next_residual = 0
+
+    def forward(self, *args, **kwargs):
+        # fairseq calls residual_connection once per sublayer, in order; count the calls.
+        self._next_residual = 0
+        return super().forward(*args, **kwargs)
+
+    def residual_connection(self, x, residual):
+        k = self._next_residual
+        self._next_residual = k + 1
+        return self.residuals[k](residual, x)
+
+
+class TransformerAdminDecoderLayer(TransformerDecoderLayerBase):
+    """A Post-LN decoder layer with ``residuals[0]`` (self-attention), ``residuals[1]``
+    (cross-attention) and ``residuals[2]`` (FFN)."""
+
+    def __init__(self, cfg, residuals: List[nn.Module], deepnorm_beta: Optional[float] = None,
+                 no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False):
+        super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
+        if len(residuals) != DECODER_SUBLAYERS_PER_LAYER:
+            raise ValueError(f"residuals must hold {DECODER_SUBLAYERS_PER_LAYER} modules, got {len(residuals)}")
+        self.residuals = nn.ModuleList(residuals)
+        if deepnorm_beta is not None:
+            admin_torch.deepnorm_scale_(_deepnorm_linears(self), deepnorm_beta)
+        self._order = (0, 1, 2)
+        self._next_residual = 0
+
+    def forward(self, x, encoder_out=None, *args, **kwargs):
+        # without cross-attention the second residual_connection call is the FFN's
+        self._order = (0, 1, 2) if (self.encoder_attn is not None and encoder_out is not None) else (0, 2)
+        self._next_residual = 0
+        return super().forward(x, encoder_out, *args, **kwargs)
+
+    def residual_connection(self, x, residual):
+        k = self._order[self._next_residual]
+        self._next_residual += 1
+        return self.residuals[k](residual, x)
+
+
+def _wrap(cfg, layer):
+    """fairseq's activation checkpointing / FSDP wrapping, as the stock build_*_layer does."""
+    checkpoint = cfg.checkpoint_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
+
+
+class TransformerAdminEncoder(TransformerEncoder):
+    """The stock encoder built from :class:`TransformerAdminEncoderLayer`."""
+
+    def build_encoder_layer(self, args):
+        cfg = TransformerConfig.from_namespace(args)
+        n = ENCODER_SUBLAYERS_PER_LAYER * cfg.encoder.layers
+        alpha = beta = None
+        if args.admin_init == "deepnorm":
+            dn = admin_torch.deepnorm_init(cfg.encoder.layers, cfg.decoder.layers)
+            alpha, beta = dn.encoder_alpha, dn.encoder_beta
+        residuals = [_residual(args, n, args.encoder_as_parameter, cfg.encoder.embed_dim, alpha)
+                     for _ in range(ENCODER_SUBLAYERS_PER_LAYER)]
+        return _wrap(cfg, TransformerAdminEncoderLayer(cfg, residuals, beta, return_fc=self.return_fc))
+
+
+class TransformerAdminDecoder(TransformerDecoder):
+    """The stock decoder built from :class:`TransformerAdminDecoderLayer`."""
+
+    def build_decoder_layer(self, args, no_encoder_attn=False):
+        cfg = TransformerConfig.from_namespace(args)
+        n = DECODER_SUBLAYERS_PER_LAYER * cfg.decoder.layers
+        alpha = beta = None
+        if args.admin_init == "deepnorm":
+            dn = admin_torch.deepnorm_init(cfg.encoder.layers, cfg.decoder.layers)
+            alpha, beta = dn.decoder_alpha, dn.decoder_beta
+        residuals = [_residual(args, n, args.decoder_as_parameter, cfg.decoder.embed_dim, alpha)
+                     for _ in range(DECODER_SUBLAYERS_PER_LAYER)]
+        return _wrap(cfg, TransformerAdminDecoderLayer(cfg, residuals, beta, no_encoder_attn=no_encoder_attn))
+
+
+def residual_modules(model: nn.Module):
+    """``(name, module)`` of every Admin / DeepNorm residual of ``model``, encoder first, in call order."""
+    kinds = (admin_torch.OmegaResidual, admin_torch.DeepNormResidual)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+@register_once(MODEL_REGISTRY, register_model, "transformer_admin")
+class TransformerAdminModel(TransformerModel):
+    """fairseq's (legacy, args-based) ``transformer`` with Admin / DeepNorm residuals (module docstring)."""
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        group = parser.add_argument_group("Admin residual scaling (transformer_admin)")
+        group.add_argument("--admin-init", choices=ADMIN_INITS, default=None,
+                           help="omega initialization: closed-form Admin (default), profiled Admin, or DeepNorm")
+        group.add_argument("--admin-output-change-scale", choices=admin_torch.OUTPUT_CHANGE_SCALES, default=None,
+                           help="closed-form Admin's output change scale (default O(logn))")
+        group.add_argument("--encoder-as-parameter", action="store_true", default=None,
+                           help="encoder omegas are trainable vectors of size encoder_embed_dim")
+        group.add_argument("--decoder-as-parameter", action="store_true", default=None,
+                           help="decoder omegas are trainable vectors of size decoder_embed_dim")
+        group.add_argument("--admin-profile", metavar="PATH", default=None,
+                           help="profiled Admin: read the omegas from PATH (JSON) if it exists, otherwise "
+                                "profile on the first training batch and write them there")
+
+    def __init__(self, args, encoder, decoder):
+        super().__init__(args, encoder, decoder)
+        if args.admin_init == "profiled":
+            # 1 once the omegas are profiled (or loaded); saved with the model, so a resumed run keeps them
+            self.register_buffer("admin_profiled", torch.zeros(1))
+
+    @classmethod
+    def build_model(cls, args, task):
+        transformer_admin(args)
+        _check_admin_args(args)
+        model = super().build_model(args, task)
+        # fairseq keeps a TransformerConfig as model.args; keep the flat Namespace too (for folding)
+        model.legacy_args = copy.deepcopy(args)
+        if args.admin_init == "profiled" and args.admin_profile and os.path.exists(args.admin_profile):
+            admin_torch.apply_omegas(model, admin_torch.load_profile(args.admin_profile))
+            model.admin_profiled.fill_(1)
+            logger.info("transformer_admin: loaded profiled omegas from %s", args.admin_profile)
+        return model
+
+    @classmethod
+    def build_encoder(cls, args, src_dict, embed_tokens):
+        return TransformerAdminEncoder(args, src_dict, embed_tokens)
+
+    @classmethod
+    def build_decoder(cls, args, tgt_dict, embed_tokens):
+        return TransformerAdminDecoder(args, tgt_dict, embed_tokens, no_encoder_attn=args.no_cross_attention)
+
+    def needs_profiling(self) -> bool:
+        return self.args.admin_init == "profiled" and self.training and not bool(self.admin_profiled.item())
+
+    def profile_(self, run_forward) -> dict:
+        """Profile the omegas with ``run_forward()`` (one forward pass on real data), average them
+        over distributed ranks, write ``--admin-profile`` (rank 0) and mark the model profiled."""
+        omegas = admin_torch.profile_omegas(self, run_forward, chains=[self.encoder, self.decoder])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # every rank profiled its own batch; all ranks must train the same model
+            values = torch.tensor(list(omegas.values()), dtype=torch.float64, device=self.admin_profiled.device)
+            torch.distributed.all_reduce(values)
+            values /= torch.distributed.get_world_size()
+            omegas = dict(zip(omegas, values.tolist()))
+            admin_torch.apply_omegas(self, omegas)
+        path = self.args.admin_profile
+        if path and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            admin_torch.save_profile(omegas, path)
+            logger.info("transformer_admin: profiled %d omegas, written to %s", len(omegas), path)
+        self.admin_profiled.fill_(1)
+        return omegas
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, **kwargs):
+        if self.needs_profiling():
+            self.profile_(lambda: super(TransformerAdminModel, self).forward(
+                src_tokens, src_lengths, prev_output_tokens, **kwargs))
+        return super().forward(src_tokens, src_lengths, prev_output_tokens, **kwargs)
+
+
+# ------------------------------------------------------------------ architectures
+
+
+@register_architecture_once("transformer_admin", "transformer_admin")
+def transformer_admin(args):
+    """6L-6L base (512 / 2048 / 8 heads), closed-form Admin O(logn)."""
+    _admin_defaults(args)
+    base_architecture(args)
+
+
+@register_architecture_once("transformer_admin", "transformer_admin_wmt_en_de")
+def transformer_admin_wmt_en_de(args):
+    transformer_admin(args)
+
+
+@register_architecture_once("transformer_admin", "transformer_admin_wmt_en_de_18_18")
+def transformer_admin_wmt_en_de_18_18(args):
+    """The Admin paper's 18L-18L WMT14 En-De model (base width)."""
+    args.encoder_layers = getattr(args, "encoder_layers", 18)
+    args.decoder_layers = getattr(args, "decoder_layers", 18)
+    transformer_admin(args)
+
+
+@register_architecture_once("transformer_admin", "transformer_admin_wmt_en_fr_60_12")
+def transformer_admin_wmt_en_fr_60_12(args):
+    """The Admin paper's 60L-12L WMT14 En-Fr model (base width)."""
+    args.encoder_layers = getattr(args, "encoder_layers", 60)
+    args.decoder_layers = getattr(args, "decoder_layers", 12)
+    transformer_admin(args)
+
+
+@register_architecture_once("transformer_admin", "transformer_admin_iwslt_de_en")
+def transformer_admin_iwslt_de_en(args):
+    """IWSLT'14 De-En size (512 / 1024 / 4 heads, 6L-6L)."""
+    _admin_defaults(args)
+    transformer_iwslt_de_en(args)
+
+
+@register_architecture_once("transformer_admin", "transformer_admin_vaswani_wmt_en_de_big")
+def transformer_admin_vaswani_wmt_en_de_big(args):
+    """The big model of Vaswani et al. (1024 / 4096 / 16 heads, dropout 0.3)."""
+    _admin_defaults(args)
+    transformer_vaswani_wmt_en_de_big(args)
