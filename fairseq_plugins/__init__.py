@@ -6,8 +6,9 @@ Importing this package (which ``--user-dir`` does) registers, once per process:
 * tasks    (``fairseq_plugins/tasks``):  ``listops``
 * optimizers: ``addsign``, ``powersign``
 
-and makes fairseq checkpoints load with torch's safe ``weights_only=True`` unpickler
-(:mod:`fairseq_plugins.safe_checkpoint`). The algorithms live in ``admin_torch``, ``reinmax`` and
+makes fairseq checkpoints load with torch's safe ``weights_only=True`` unpickler
+(:mod:`fairseq_plugins.safe_checkpoint`), and keeps the last batch that fairseq-fixed drops, so
+generation and validation see every sentence (:mod:`fairseq_plugins.batching`). The algorithms live in ``admin_torch``, ``reinmax`` and
 ``sign_optim``; this package only adapts them to fairseq.
 
 The directory works as ``--user-dir`` from the repository root (``--user-dir fairseq_plugins``)
@@ -16,12 +17,13 @@ and, once installed, by absolute path::
     fairseq-train --user-dir "$(python -c 'import fairseq_plugins, os; print(os.path.dirname(fairseq_plugins.__file__))')" ...
 """
 
-from . import safe_checkpoint
+from . import batching, safe_checkpoint
 
 safe_checkpoint.install()
+batching.install()
 
 # fairseq auto-imports models/ and tasks/ of a --user-dir; optimizers must be imported here.
 # Importing models/ and tasks/ here as well makes `import fairseq_plugins` alone enough.
 from . import models, optim, tasks  # noqa: E402,F401
 
-__all__ = ["models", "optim", "tasks", "safe_checkpoint"]
+__all__ = ["batching", "models", "optim", "tasks", "safe_checkpoint"]

@@ -81,8 +81,8 @@ def test_sigkilled_training_resumes_to_the_same_updates_and_weights(tiny_transla
                    "--path", broken / "checkpoint_last.pt", "--cpu", "--beam", "2",
                    "--max-tokens", "500", "--gen-subset", "test")
     assert "Generate test with beam=2" in gen.stdout
-    translated = int(re.search(r"Translated (\d+) sentences", gen.stdout).group(1))
-    assert translated >= 45 and gen.stdout.count("\nH-") == translated
+    # Every test sentence, also the 2 that fairseq-fixed's batching would drop (50 % 8 != 0).
+    assert "Translated 50 sentences" in gen.stdout and gen.stdout.count("\nH-") == 50
 
 
 def test_interactive_and_absolute_user_dir_from_another_directory(tiny_translation_data, tmp_path):
