@@ -3,8 +3,7 @@
 # make demo      the main job: deep Post-LN vs Admin vs Pre-LN with the real fairseq-train (installs first)
 # make bench     every benchmark under benchmarks/
 #
-# Use an existing environment instead of .venv:  make test VENV=/path/to/env  (it must already hold the
-# packages of constraints.txt; `make install VENV=...` installs them there).
+# Another environment instead of .venv:  make install test VENV=/path/to/env  (installs into it).
 
 SHELL        := /bin/bash
 PYTHON       ?= python3

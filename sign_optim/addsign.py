@@ -4,7 +4,7 @@ from typing import Any, Dict, Iterable, List, Union
 
 import torch
 
-from .sign_optimizer import SignDecay, SignOptimizer, _check_real, scale_decay
+from .sign_optimizer import SignDecay, SignOptimizer, _check_real, foreach_addcmul_, scale_decay
 
 __all__ = ["AddSign"]
 
@@ -80,8 +80,4 @@ class AddSign(SignOptimizer):
         if isinstance(decay, list) or decay != 0:
             signs = torch._foreach_sign(avgs)
             abs_grads = torch._foreach_abs(grads)
-            scale = scale_decay(decay, -lr)
-            if isinstance(scale, list):
-                torch._foreach_addcmul_(params, signs, abs_grads, scale)
-            else:
-                torch._foreach_addcmul_(params, signs, abs_grads, value=scale)
+            foreach_addcmul_(params, signs, abs_grads, scale_decay(decay, -lr))

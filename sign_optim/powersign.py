@@ -5,7 +5,7 @@ from typing import Any, Dict, Iterable, List, Union
 
 import torch
 
-from .sign_optimizer import SignDecay, SignOptimizer, _check_real
+from .sign_optimizer import SignDecay, SignOptimizer, _check_real, foreach_addcmul_
 
 __all__ = ["PowerSign"]
 
@@ -105,13 +105,7 @@ class PowerSign(SignOptimizer):
             scale_a, scale_b = -lr * a, -lr * b
         signs = torch._foreach_sign(avgs)
         abs_grads = torch._foreach_abs(grads)
-        _addcmul(params, signs, abs_grads, scale_a)
+        foreach_addcmul_(params, signs, abs_grads, scale_a)
         torch._foreach_abs_(signs)
-        _addcmul(params, signs, grads, scale_b)
+        foreach_addcmul_(params, signs, grads, scale_b)
 
-
-def _addcmul(out: List[torch.Tensor], t1: List[torch.Tensor], t2: List[torch.Tensor], scale: Union[float, List[float]]) -> None:
-    if isinstance(scale, list):
-        torch._foreach_addcmul_(out, t1, t2, scale)
-    else:
-        torch._foreach_addcmul_(out, t1, t2, value=scale)

@@ -39,6 +39,15 @@ def scale_decay(decay: Union[float, List[float]], factor: float) -> Union[float,
     return factor * decay
 
 
+def foreach_addcmul_(out: List[torch.Tensor], t1: List[torch.Tensor], t2: List[torch.Tensor],
+                     scale: Union[float, List[float]]) -> None:
+    """``out[i] += scale(_i) * t1[i] * t2[i]`` for one scale or one scale per tensor."""
+    if isinstance(scale, list):
+        torch._foreach_addcmul_(out, t1, t2, scale)
+    else:
+        torch._foreach_addcmul_(out, t1, t2, value=scale)
+
+
 def _cache_sized_chunks(
     params: List[torch.Tensor],
     grads: List[torch.Tensor],
