@@ -156,7 +156,7 @@ def bench_train(work: Path, repeats: int, updates: int):
 
 def bench_inference(inf_repeats: int):
     print(f"inference forward passes, {inf_repeats} interleaved repeats ...", flush=True)
-    inf, diff = inference_times(inf_repeats, 4)
+    inf, diff = inference_times(inf_repeats, 12)  # ~0.5 s of work per model and repeat
     fold_ratio = inf["stock"] / inf["folded"]  # speed ratio (time of stock / time of folded)
     admin_ratio = inf["stock"] / inf["admin_unfolded"]
     print(f"inference speed ratio folded/stock: {fold_ratio:.3f} (target >= 0.99); "
