@@ -56,20 +56,20 @@ def start_training_and_kill(args, log: Path, kill_after_update: int) -> int:
         return proc.wait(timeout=60)
 
 
-def test_sigkilled_training_resumes_to_the_same_updates_and_weights(tiny_translation_data, tmp_path):
+def test_sigkilled_training_resumes_to_the_same_updates_and_quality(tiny_translation_data, tmp_path):
     # Unbroken reference run.
     full = tmp_path / "full"
-    run_tool("train", *train_args(tiny_translation_data, full, 30))
-    assert last_update(full) == 30
+    run_tool("train", *train_args(tiny_translation_data, full, 40))
+    assert last_update(full) == 40
 
     # The same run, killed with SIGKILL after its checkpoint at update 10, then restarted.
     broken = tmp_path / "broken"
-    rc = start_training_and_kill(train_args(tiny_translation_data, broken, 30), tmp_path / "killed.log", 10)
+    rc = start_training_and_kill(train_args(tiny_translation_data, broken, 40), tmp_path / "killed.log", 10)
     assert rc == -signal.SIGKILL, f"training was not killed mid-run (exit {rc})"
-    assert 10 <= last_update(broken) < 30
-    resumed = run_tool("train", *train_args(tiny_translation_data, broken, 30))
+    assert 10 <= last_update(broken) < 40
+    resumed = run_tool("train", *train_args(tiny_translation_data, broken, 40))
     assert "Loaded checkpoint" in resumed.stdout
-    assert last_update(broken) == 30
+    assert last_update(broken) == 40
 
     # The resumed model is as good as the unbroken one (fairseq re-seeds each update, but a
     # mid-epoch resume does not reproduce the weights bit for bit, so compare validation loss).
