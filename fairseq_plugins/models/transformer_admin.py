@@ -133,13 +133,21 @@ def _check_admin_args(args) -> None:
         raise ValueError("transformer_admin does not support --cross-self-attention")
 
 
-def _residual(args, num_res_layers: int, as_parameter: bool, embed_dim: int, deepnorm_alpha: Optional[float]) -> nn.Module:
+def _layer_residuals(args, cfg, side: str):
+    """The residual modules of one ``side`` ('encoder' or 'decoder') layer, and DeepNorm's beta (or None)."""
+    per_layer = ENCODER_SUBLAYERS_PER_LAYER if side == "encoder" else DECODER_SUBLAYERS_PER_LAYER
+    side_cfg = getattr(cfg, side)
+    beta = None
     if args.admin_init == "deepnorm":
-        return admin_torch.DeepNormResidual(deepnorm_alpha)
-    return admin_torch.as_module(
-        num_res_layers, args.admin_output_change_scale, as_parameter=as_parameter,
-        embed_dim=embed_dim if as_parameter else None,
-    )
+        dn = admin_torch.deepnorm_init(cfg.encoder.layers, cfg.decoder.layers)
+        alpha, beta = getattr(dn, f"{side}_alpha"), getattr(dn, f"{side}_beta")
+        return [admin_torch.DeepNormResidual(alpha) for _ in range(per_layer)], beta
+    as_parameter = getattr(args, f"{side}_as_parameter")
+    residuals = [admin_torch.as_module(per_layer * side_cfg.layers, args.admin_output_change_scale,
+                                       as_parameter=as_parameter,
+                                       embed_dim=side_cfg.embed_dim if as_parameter else None)
+                 for _ in range(per_layer)]
+    return residuals, beta
 
 
 def _deepnorm_linears(layer) -> List[nn.Linear]:
@@ -211,13 +219,7 @@ class TransformerAdminEncoder(TransformerEncoder):
 
     def build_encoder_layer(self, args):
         cfg = TransformerConfig.from_namespace(args)
-        n = ENCODER_SUBLAYERS_PER_LAYER * cfg.encoder.layers
-        alpha = beta = None
-        if args.admin_init == "deepnorm":
-            dn = admin_torch.deepnorm_init(cfg.encoder.layers, cfg.decoder.layers)
-            alpha, beta = dn.encoder_alpha, dn.encoder_beta
-        residuals = [_residual(args, n, args.encoder_as_parameter, cfg.encoder.embed_dim, alpha)
-                     for _ in range(ENCODER_SUBLAYERS_PER_LAYER)]
+        residuals, beta = _layer_residuals(args, cfg, "encoder")
         return _wrap(cfg, TransformerAdminEncoderLayer(cfg, residuals, beta, return_fc=self.return_fc))
 
 
@@ -226,13 +228,7 @@ class TransformerAdminDecoder(TransformerDecoder):
 
     def build_decoder_layer(self, args, no_encoder_attn=False):
         cfg = TransformerConfig.from_namespace(args)
-        n = DECODER_SUBLAYERS_PER_LAYER * cfg.decoder.layers
-        alpha = beta = None
-        if args.admin_init == "deepnorm":
-            dn = admin_torch.deepnorm_init(cfg.encoder.layers, cfg.decoder.layers)
-            alpha, beta = dn.decoder_alpha, dn.decoder_beta
-        residuals = [_residual(args, n, args.decoder_as_parameter, cfg.decoder.embed_dim, alpha)
-                     for _ in range(DECODER_SUBLAYERS_PER_LAYER)]
+        residuals, beta = _layer_residuals(args, cfg, "decoder")
         return _wrap(cfg, TransformerAdminDecoderLayer(cfg, residuals, beta, no_encoder_attn=no_encoder_attn))
 
 
