@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=find_packages(include=["admin_torch*", "reinmax*", "sign_optim*", "fairseq_plugins*"]),
+    packages=find_packages(include=["admin_torch*", "reinmax*", "sign_optim*", "fairseq_plugins*", "stability_toolbox*"]),
     # Only torch: fairseq and the recipe tools are extras, and importing the three
     # libraries never imports fairseq.
     install_requires=["torch>=1.13"],

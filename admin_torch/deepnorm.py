@@ -5,13 +5,13 @@ residual module (:class:`DeepNormResidual`, alpha on the shortcut) plus the cons
 (:func:`deepnorm_init`) and the weight scaling at init (:func:`deepnorm_scale_`).
 """
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+from stability_toolbox import validation
 
 __all__ = ["DeepNormInit", "deepnorm_init", "deepnorm_scale_", "DeepNormResidual", "DEEPNORM_SCALED_PROJECTIONS"]
 
@@ -30,11 +30,9 @@ class DeepNormInit:
 
 
 def _check_layers(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= 0, got {value!r} ({type(value).__name__})")
-    if value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
+    n = validation.as_int(name, value, minimum=0)
+    validation.as_real(name, n)  # beyond float range: ValueError, not OverflowError
+    return n
 
 
 def deepnorm_init(num_encoder_layers: int = 0, num_decoder_layers: int = 0) -> DeepNormInit:
@@ -65,11 +63,7 @@ def deepnorm_init(num_encoder_layers: int = 0, num_decoder_layers: int = 0) -> D
 
 
 def _check_beta(beta) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"beta must be a positive real number, got {beta!r}")
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-    return float(beta)
+    return validation.as_real("beta", beta, low=0.0, low_open=True)
 
 
 @torch.no_grad()
@@ -119,12 +113,11 @@ class DeepNormResidual(nn.Module):
 
     def __init__(self, alpha: float):
         super().__init__()
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-            raise TypeError(f"alpha must be a finite real number, got {alpha!r}")
-        self.register_buffer("alpha", torch.tensor([float(alpha)]))
+        self.register_buffer("alpha", torch.tensor([validation.as_real("alpha", alpha)]))
 
     def forward(self, x: Tensor, f_x: Tensor) -> Tensor:
-        return x * self.alpha.to(dtype=x.dtype) + f_x
+        alpha = self.alpha.to(dtype=x.dtype) if x.is_floating_point() else self.alpha  # never truncated
+        return x * alpha + f_x
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha.float().item():.4g}"

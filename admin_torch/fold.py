@@ -11,11 +11,12 @@ Vector omegas (``as_parameter``) fold per feature the same way. omega must be no
 """
 
 import copy
-import numbers
 from typing import Iterable, Union
 
 import torch
 from torch import Tensor, nn
+
+from stability_toolbox import validation
 
 from .reference_stack import AddResidual, ResidualStack
 from .residual import OmegaResidual
@@ -31,16 +32,14 @@ def _omega_tensor(omega: OmegaLike, dim: int, arg: str = "omega") -> Tensor:
         omega = omega.omega
     if isinstance(omega, bool):
         raise TypeError(f"{arg} must be a number, a tensor of 1 or {dim} elements, or an OmegaResidual, got bool")
-    if isinstance(omega, numbers.Real):
-        t = torch.full((dim,), float(omega), dtype=torch.float64)
+    if not isinstance(omega, Tensor):
+        t = torch.full((dim,), validation.as_real(arg, omega), dtype=torch.float64)
     elif isinstance(omega, Tensor):
         t = omega.detach().to(dtype=torch.float64, device="cpu").reshape(-1)
         if t.numel() == 1:
             t = t.expand(dim).clone()
         elif t.numel() != dim:
             raise ValueError(f"{arg} must have 1 or {dim} elements (the feature size), got {t.numel()}")
-    else:
-        raise TypeError(f"{arg} must be a number, a tensor of 1 or {dim} elements, or an OmegaResidual, got {type(omega).__name__}")
     if not torch.isfinite(t).all() or (t == 0).any():
         raise ValueError(f"{arg} must be finite and non-zero to fold, got {t.tolist() if dim <= 8 else t}")
     return t

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from stability_toolbox import validation
+
 __all__ = ["output_change", "residual_betas"]
 
 
@@ -59,10 +61,9 @@ def output_change(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    if not (isinstance(delta_scale, (int, float)) and delta_scale > 0):
-        raise ValueError(f"delta_scale must be a positive number, got {delta_scale!r}")
+    num_samples = validation.as_int("num_samples", num_samples, minimum=1)
+    delta_scale = validation.as_real("delta_scale", delta_scale, low=0.0, low_open=True)
+    seed = validation.as_int("seed", seed, minimum=0)
     args: Tuple = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
     keep = param_filter or _default_filter
     params = dict(model.named_parameters())
@@ -75,6 +76,11 @@ def output_change(
         base = model(*args)
         if not isinstance(base, Tensor):
             raise TypeError(f"model(*inputs) must return a tensor, got {type(base).__name__}")
+        if base.numel() == 0:
+            raise ValueError(f"inputs: model(*inputs) returned an empty tensor of shape {tuple(base.shape)} "
+                             "(an empty batch?); the output change needs at least one output vector")
+        if not bool(torch.isfinite(base).all()):
+            raise ValueError("inputs: model(*inputs) returned NaN or inf; the output change is undefined")
         gen = torch.Generator(device="cpu").manual_seed(seed)
         total = 0.0
         for _ in range(num_samples):

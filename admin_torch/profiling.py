@@ -29,6 +29,9 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import Tensor, nn
 
+from stability_toolbox import validation
+from stability_toolbox.files import atomic_write, check_output_path
+
 from .residual import OmegaResidual
 
 __all__ = ["profile_omegas", "apply_omegas", "save_profile", "load_profile", "omega_residuals"]
@@ -115,47 +118,95 @@ def profile_omegas(
             return
         k = chain[name]
         omega = running.get(k, 1.0)
+        if not math.isfinite(omega):
+            raise ValueError(f"profile_omegas measured a non-finite variance before {name!r} (NaN or inf in the "
+                             "batch or the model's outputs); no omega was changed")
         module.set_omega_(omega)
         omegas[name] = omega
         var_in = _pop_var(x * module.omega.to(x.dtype))
         var_out = _pop_var(f_x)
         running[k] = math.sqrt(var_in + var_out)
 
+    # a failed profile (an exception in run_batches, a NaN measured) leaves every omega as it was
+    before = [m.omega.detach().clone() for _, m in residuals]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for (_, m), omega in zip(residuals, before):
+                m.omega.copy_(omega)
+
     for _, m in residuals:
         m._profile_hook = hook
     try:
         with torch.no_grad():
             run_batches()
+    except BaseException:
+        restore()
+        raise
     finally:
         for _, m in residuals:
             m._profile_hook = None
     if not omegas:
         raise ValueError("run_batches() called none of the model's OmegaResidual modules")
+    if not all(math.isfinite(v) for v in running.values()):
+        restore()
+        raise ValueError("profile_omegas measured a non-finite variance at the last sublayer (NaN or inf in the "
+                         "batch or the model's outputs); no omega was changed")
     missing = [n for n, _ in residuals if n not in omegas]
     if missing:
         warnings.warn(f"profile_omegas: {len(missing)} residual module(s) were not called and keep their omega: {missing}")
     return omegas
 
 
+def _check_omegas(omegas, where: str = "omegas") -> Dict[str, float]:
+    """``{name: finite float}``, or TypeError/ValueError naming ``where`` and the bad entry."""
+    if not isinstance(omegas, Mapping):
+        raise TypeError(f"{where} must be a mapping {{residual module name: omega}}, got {type(omegas).__name__}")
+    out = {}
+    for name, value in omegas.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: keys must be residual module names (str), got {name!r}")
+        out[name] = validation.as_real(f"{where}[{name!r}]", value)
+    return out
+
+
 def apply_omegas(model: nn.Module, omegas: Mapping[str, float]) -> None:
-    """Fill the omega of each named :class:`OmegaResidual` of ``model`` with the profiled value."""
+    """Fill the omega of each named :class:`OmegaResidual` of ``model`` with the profiled value.
+
+    Every name and value is checked (finite numbers, existing modules) before any omega changes.
+    """
     residuals = dict(omega_residuals(model))
+    omegas = _check_omegas(omegas)
     unknown = [n for n in omegas if n not in residuals]
     if unknown:
         raise ValueError(f"omegas: no OmegaResidual named {unknown} in model; it has {sorted(residuals)}")
     for n, v in omegas.items():
-        residuals[n].set_omega_(float(v))
+        residuals[n].set_omega_(v)
 
 
 def save_profile(omegas: Mapping[str, float], path: Union[str, Path]) -> None:
-    """Write a profile (``{module name: omega}``) as JSON."""
-    data = {"format": _PROFILE_FORMAT, "version": 1, "omegas": {str(k): float(v) for k, v in omegas.items()}}
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    """Write a profile (``{module name: omega}``) as JSON (to a temporary name, then renamed)."""
+    omegas = _check_omegas(omegas)
+    data = {"format": _PROFILE_FORMAT, "version": 1, "omegas": omegas}
+    with atomic_write(check_output_path(path, name="path"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
 
 
 def load_profile(path: Union[str, Path]) -> Dict[str, float]:
-    """Read a profile written by :func:`save_profile` (order preserved)."""
-    data = json.loads(Path(path).read_text())
+    """Read a profile written by :func:`save_profile` (order preserved).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, not a profile, or a bad entry; the message names the file and the entry.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not an admin_torch profile: invalid JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != _PROFILE_FORMAT or "omegas" not in data:
-        raise ValueError(f"path: {path} is not an admin_torch profile (written by save_profile)")
-    return {str(k): float(v) for k, v in data["omegas"].items()}
+        raise ValueError(f"{path}: not an admin_torch profile (a JSON object with \"format\": "
+                         f"\"{_PROFILE_FORMAT}\" and \"omegas\", as written by save_profile)")
+    try:
+        return _check_omegas(data["omegas"], where=f"{path}: omegas")
+    except TypeError as err:
+        raise ValueError(str(err)) from None

@@ -7,11 +7,12 @@ instead of AssertionError / ZeroDivisionError) and omega that follows the activa
 """
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from stability_toolbox import validation
 
 __all__ = [
     "OUTPUT_CHANGE_SCALES",
@@ -26,35 +27,19 @@ __all__ = [
 OUTPUT_CHANGE_SCALES = ("O(n)", "O(logn)", "default", "O(1)")
 
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    # bool is an int subclass in python, but True layers is a bug, not a count.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def _check_num_res_layers(num_res_layers) -> int:
+    # admin-torch 0.1.0 accepts any number here; an integral float (12.0) keeps working
+    n = validation.as_int("num_res_layers", num_res_layers, minimum=1, integral_float=True)
+    validation.as_real("num_res_layers", n)  # an integer beyond float range: ValueError, not OverflowError
+    return n
 
 
 def _check_scale(output_change_scale) -> str:
-    if not isinstance(output_change_scale, str):
-        raise TypeError(
-            f"output_change_scale must be one of {list(OUTPUT_CHANGE_SCALES)}, "
-            f"got {output_change_scale!r} ({type(output_change_scale).__name__})"
-        )
-    if output_change_scale not in OUTPUT_CHANGE_SCALES:
-        raise ValueError(
-            f"output_change_scale must be one of {list(OUTPUT_CHANGE_SCALES)}, got {output_change_scale!r}"
-        )
-    return output_change_scale
+    return validation.as_choice("output_change_scale", output_change_scale, OUTPUT_CHANGE_SCALES)
 
 
 def _check_init_value(init_value) -> float:
-    if isinstance(init_value, bool) or not isinstance(init_value, numbers.Real):
-        raise TypeError(f"init_value must be a real number, got {init_value!r} ({type(init_value).__name__})")
-    value = float(init_value)
-    if not math.isfinite(value):
-        raise ValueError(f"init_value must be finite, got {init_value!r}")
-    return value
+    return validation.as_real("init_value", init_value)
 
 
 def calculate_init(num_res_layers: int, output_change_scale: str = "O(logn)") -> float:
@@ -78,7 +63,7 @@ def calculate_init(num_res_layers: int, output_change_scale: str = "O(logn)") ->
         >>> round(calculate_init(12), 3), round(calculate_init(12, 'O(1)'), 3)
         (2.017, 3.464)
     """
-    n = _check_int("num_res_layers", num_res_layers)
+    n = _check_num_res_layers(num_res_layers)
     scale = _check_scale(output_change_scale)
     if scale in ("O(logn)", "default"):
         omega_sq = (n + 1) / math.log(n + 1) - 1
@@ -115,18 +100,14 @@ class OmegaResidual(nn.Module):
     def __init__(self, init_value: float, as_parameter: bool = False, embed_dim: Optional[int] = None):
         super().__init__()
         value = _check_init_value(init_value)
-        if not (isinstance(as_parameter, bool) or (isinstance(as_parameter, numbers.Integral) and as_parameter in (0, 1))):
-            raise TypeError(f"as_parameter must be True or False, got {as_parameter!r}")
-        as_parameter = bool(as_parameter)
+        as_parameter = validation.as_bool("as_parameter", as_parameter)
+        if as_parameter and embed_dim is None:
+            raise ValueError("embed_dim is required (an integer >= 1) when as_parameter=True, got None")
+        dim = None if embed_dim is None else validation.as_int("embed_dim", embed_dim, minimum=1)
         self.as_parameter = as_parameter
         if as_parameter:
-            if embed_dim is None:
-                raise ValueError("embed_dim is required (an integer >= 1) when as_parameter=True, got None")
-            dim = _check_int("embed_dim", embed_dim)
             self.omega = nn.Parameter(torch.full((dim,), value))
         else:
-            if embed_dim is not None:
-                _check_int("embed_dim", embed_dim)
             self.register_buffer("omega", torch.tensor([value]))
         # set by admin_torch.profiling while a profiling pass runs; None otherwise.
         self._profile_hook = None
@@ -136,20 +117,43 @@ class OmegaResidual(nn.Module):
         loaded from a state_dict or set by profiling is always used."""
         if self._profile_hook is not None:
             self._profile_hook(self, x, f_x)
-        return x * self.omega.to(dtype=x.dtype) + f_x
+        return self.forward_omega(x, f_x)
 
     # 0.1.0 names of the two forward variants, kept for code that calls them directly.
     def forward_omega(self, x: Tensor, f_x: Tensor) -> Tensor:
-        return x * self.omega.to(dtype=x.dtype) + f_x
+        omega = self.omega
+        if self.as_parameter and (x.dim() == 0 or x.shape[-1] != omega.shape[0]):
+            raise ValueError(f"x must have last dimension embed_dim={omega.shape[0]} (the size of the vector omega), "
+                             f"got shape {tuple(x.shape)}")
+        # floating x: omega in x's dtype (the dtype of the plain x + f_x, also under autocast);
+        # integer x: type promotion (x * omega is floating: omega is never truncated to an integer)
+        if x.is_floating_point():
+            omega = omega.to(dtype=x.dtype)
+        return x * omega + f_x
 
     def forward_original(self, x: Tensor, f_x: Tensor) -> Tensor:
         return x + f_x
 
     @torch.no_grad()
     def set_omega_(self, value) -> "OmegaResidual":
-        """Fill omega with ``value`` (a float, or a tensor broadcastable to omega) in place."""
-        value = torch.as_tensor(value, dtype=self.omega.dtype, device=self.omega.device)
-        self.omega.copy_(value.expand_as(self.omega))
+        """Fill omega with ``value`` (a finite number, or a finite tensor broadcastable to omega) in place.
+
+        Raises ValueError (NaN, inf, or a shape that does not broadcast) before omega is touched.
+        """
+        if isinstance(value, Tensor) and value.numel() != 1:
+            if not value.is_floating_point() and not value.dtype.is_signed and value.dtype != torch.uint8:
+                raise TypeError(f"value must be a real tensor, got dtype {value.dtype}")
+            try:
+                value = torch.broadcast_to(value.to(self.omega.device, self.omega.dtype), self.omega.shape)
+            except RuntimeError:
+                raise ValueError(f"value of shape {tuple(value.shape)} does not broadcast to omega's shape "
+                                 f"{tuple(self.omega.shape)}") from None
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError("value must be finite (no NaN or inf)")
+        else:
+            value = torch.tensor(validation.as_real("value", value), dtype=self.omega.dtype,
+                                 device=self.omega.device).expand_as(self.omega)
+        self.omega.copy_(value)
         return self
 
     def extra_repr(self) -> str:
@@ -177,8 +181,6 @@ def as_module(
         >>> res = as_module(2 * 6)          # one per sublayer of a 6-layer encoder
         >>> y = res(torch.randn(4, 8), torch.randn(4, 8))
     """
-    if as_parameter and embed_dim is None:
-        raise ValueError("embed_dim is required (an integer >= 1) when as_parameter=True, got None")
     omega_value = calculate_init(num_res_layers, output_change_scale)
     return OmegaResidual(omega_value, as_parameter=as_parameter, embed_dim=embed_dim)
 
@@ -227,6 +229,6 @@ def as_parameter(
         torch.Size([8])
     """
     _check_new_name(network, "parameter_name", parameter_name)
-    dim = _check_int("embed_dim", embed_dim)
+    dim = validation.as_int("embed_dim", embed_dim, minimum=1)
     omega_value = calculate_init(num_res_layers, output_change_scale)
     network.register_parameter(parameter_name, nn.Parameter(torch.full((dim,), omega_value)))

@@ -1,43 +1,37 @@
-"""Argument checks shared by every estimator (errors name the argument and the accepted values)."""
+"""Argument and data checks shared by every estimator and layer of :mod:`reinmax`.
 
-import math
-import numbers
+Argument checks (types, dims, tau) read no tensor data and always run. The data check
+(:func:`check_probabilities`: NaN or +inf logits, a slice of all ``-inf``) reads values, so it
+follows :func:`stability_toolbox.set_data_checks`: on in eager mode, skipped under
+``torch.compile`` and ``torch.func`` transforms, off when switched off.
+"""
+
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from stability_toolbox import validation
+
+NON_FINITE_MESSAGE = ("logits must be finite, except -inf for categories that can never be drawn; got NaN or "
+                      "+inf, or a slice along dim whose logits are all -inf")
+
 
 def check_tau(tau) -> float:
-    """``tau`` as a Python float, or ValueError/TypeError when it is not a finite real number > 0."""
-    if isinstance(tau, Tensor):
-        if tau.numel() != 1 or tau.is_complex() or tau.dtype == torch.bool:
-            raise TypeError(f"tau must be a finite real number > 0 (a float or a 1-element real tensor), "
-                            f"got a tensor of shape {tuple(tau.shape)} and dtype {tau.dtype}")
-        tau = tau.item()
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise TypeError(f"tau must be a finite real number > 0, got {type(tau).__name__} {tau!r}")
-    tau = float(tau)
-    if not math.isfinite(tau) or tau <= 0.0:
-        raise ValueError(f"tau must be a finite real number > 0, got {tau!r}")
-    return tau
+    """``tau`` as a Python float: a finite real number > 0 (int, float, NumPy number, 1-element tensor)."""
+    return validation.as_real("tau", tau, low=0.0, low_open=True)
 
 
-def check_logits(logits, dim: int) -> int:
+def check_logits(logits, dim) -> int:
     """The non-negative ``dim`` of ``logits``; TypeError/ValueError for non-floating or empty input."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a floating-point torch.Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got dtype {logits.dtype}")
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension (the categories), got a 0-d tensor")
-    if not -logits.dim() <= dim < logits.dim():
-        raise ValueError(f"dim must be in [{-logits.dim()}, {logits.dim() - 1}] for logits of shape "
-                         f"{tuple(logits.shape)}, got {dim}")
-    dim = int(dim) % logits.dim()
+    dim = validation.as_int("dim", dim, minimum=-logits.dim(), maximum=logits.dim() - 1) % logits.dim()
     if logits.shape[dim] == 0:
         raise ValueError(f"logits must have at least one category along dim={dim}, "
                          f"got shape {tuple(logits.shape)}")
@@ -54,11 +48,21 @@ def check_generator(generator: Optional[torch.Generator], logits: Tensor) -> Non
                          f"got a generator on {generator.device}")
 
 
-NON_FINITE_MESSAGE = ("logits must be finite, except -inf for categories that can never be drawn; got NaN or "
-                      "+inf, or a slice along dim whose logits are all -inf")
+def check_probabilities(row_sums: Tensor) -> None:
+    """Data check: ValueError when softmax gave NaN (``row_sums``: a per-slice sum of it)."""
+    validation.check_data(lambda: torch.isnan(row_sums).any(), NON_FINITE_MESSAGE)
 
 
-def raise_if_nan(row_sums: Tensor) -> None:
-    """ValueError when softmax produced NaN somewhere (``row_sums``: a per-slice reduction of it)."""
-    if bool(torch.isnan(row_sums).any()):
-        raise ValueError(NON_FINITE_MESSAGE)
+def check_hard(hard) -> None:
+    """reinmax 0.1.0's third argument ``hard``: accepted (True or False) and, as in 0.1.0, without effect."""
+    validation.as_bool("hard", hard)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the estimators compute in: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def one_hot(idx: Tensor, like: Tensor, dim: int) -> Tensor:
+    """Zeros shaped and typed like ``like`` with a 1 at ``idx`` along ``dim`` (out of place: vmap-friendly)."""
+    return torch.zeros_like(like, memory_format=torch.contiguous_format).scatter(dim, idx, 1.0)

@@ -5,39 +5,39 @@ surrogate ``p``) and ``y_soft = softmax(logits)`` (plain softmax gradient), so t
 interchangeable in a model that uses both outputs (for example a KL term on ``y_soft``).
 """
 
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._checks import check_generator, check_logits, check_tau, raise_if_nan
-from .sampling import sample_categorical
+from stability_toolbox import validation
+
+from ._checks import check_generator, check_logits, check_probabilities, check_tau, one_hot, work_dtype
+from .sampling import draw
 
 
-def _prepare(logits: Tensor, tau, dim: int, generator) -> Tuple[float, int]:
+def _prepare(logits: Tensor, tau, dim, generator) -> Tuple[float, int, Tensor, Tensor]:
+    """Checked ``tau`` and ``dim``, the logits in the working precision and their softmax (data-checked)."""
     tau = check_tau(tau)
     dim = check_logits(logits, dim)
     check_generator(generator, logits)
-    return tau, dim
+    work = logits.to(work_dtype(logits.dtype))
+    pi0 = torch.softmax(work, dim)
+    return tau, dim, work, pi0
 
 
-def _one_hot_like(p: Tensor, idx: Tensor, dim: int) -> Tensor:
-    return torch.zeros_like(p, memory_format=torch.contiguous_format).scatter_(dim, idx, 1.0)
+def _straight(sample: Tensor, surrogate: Tensor, logits: Tensor, pi0: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(y_hard, y_soft)`` in the logits' dtype: value ``sample`` (one-hot), gradient of ``surrogate``."""
+    # sample + (s - sg(s)) is exactly one-hot (x - x == 0), unlike s + sg(sample - s)
+    y_hard = sample + (surrogate - surrogate.detach())
+    return y_hard.to(logits.dtype), pi0.to(logits.dtype)
 
 
-def _straight(one_hot: Tensor, surrogate: Tensor) -> Tensor:
-    # value one_hot, gradient of surrogate
-    return surrogate + (one_hot - surrogate).detach()
-
-
-def _uniform_open(shape, like: Tensor, generator) -> Tensor:
-    """Uniform numbers in [tiny, 1 - eps/2] (never 0 or 1), float32 at least."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    u = torch.rand(shape, generator=generator, dtype=dtype, device=like.device)
-    info = torch.finfo(dtype)
-    return u.clamp_(min=info.tiny, max=1.0 - info.eps / 2)
+def _uniform_open(shape, work: Tensor, generator) -> Tensor:
+    """Uniform numbers in [tiny, 1 - eps/2] (never 0 or 1), in the working precision."""
+    u = torch.rand(shape, generator=generator, dtype=work.dtype, device=work.device)
+    info = torch.finfo(work.dtype)
+    return u.clamp(min=info.tiny, max=1.0 - info.eps / 2)
 
 
 def straight_through(logits: Tensor, tau: float = 1.0, *, dim: int = -1,
@@ -48,11 +48,10 @@ def straight_through(logits: Tensor, tau: float = 1.0, *, dim: int = -1,
 
         >>> y_hard, y_soft = straight_through(torch.randn(2, 5), 1.0)
     """
-    tau, dim = _prepare(logits, tau, dim, generator)
-    pi0 = torch.softmax(logits, dim)
-    idx = sample_categorical(pi0.detach(), dim, generator)
-    p = pi0 if tau == 1.0 else torch.softmax(logits / tau, dim)
-    return _straight(_one_hot_like(pi0, idx, dim), p), pi0
+    tau, dim, work, pi0 = _prepare(logits, tau, dim, generator)
+    idx = draw(pi0.detach(), dim, generator)
+    p = pi0 if tau == 1.0 else torch.softmax(work / tau, dim)
+    return _straight(one_hot(idx, pi0, dim), p, logits, pi0)
 
 
 def gumbel_softmax(logits: Tensor, tau: float = 1.0, *, dim: int = -1,
@@ -61,22 +60,19 @@ def gumbel_softmax(logits: Tensor, tau: float = 1.0, *, dim: int = -1,
 
     ``y = logits + G`` with Gumbel noise ``G = -log(-log(U))``, ``U`` kept inside ``[tiny, 1 - eps/2]``
     so the noise is always finite (torch's version can draw 0 or inf and return NaN);
-    ``D = one_hot(argmax y)``, gradient of ``softmax(y / tau)``. Noise and the surrogate are computed
-    in float32 for float16/bfloat16 logits.
+    ``D = one_hot(argmax y)``, gradient of ``softmax(y / tau)``.
 
     Example::
 
         >>> y_hard, y_soft = gumbel_softmax(torch.randn(2, 5), 0.5)
     """
-    tau, dim = _prepare(logits, tau, dim, generator)
-    pi0 = torch.softmax(logits, dim)
-    raise_if_nan(pi0.detach().sum(dim))
-    work = logits if logits.dtype == torch.float64 else logits.float()
-    gumbels = _uniform_open(logits.shape, logits, generator).log_().neg_().log_().neg_()
+    tau, dim, work, pi0 = _prepare(logits, tau, dim, generator)
+    check_probabilities(pi0.detach().sum(dim))
+    gumbels = _uniform_open(work.shape, work, generator).log().neg().log().neg()
     y = (work + gumbels) / tau
     p = torch.softmax(y, dim)
     idx = y.detach().argmax(dim, keepdim=True)
-    return _straight(_one_hot_like(p, idx, dim), p).to(logits.dtype), pi0
+    return _straight(one_hot(idx, p, dim), p, logits, pi0)
 
 
 def gapped_straight_through(logits: Tensor, tau: float = 1.0, *, dim: int = -1, gap: float = 1.0,
@@ -94,20 +90,17 @@ def gapped_straight_through(logits: Tensor, tau: float = 1.0, *, dim: int = -1, 
 
         >>> y_hard, y_soft = gapped_straight_through(torch.randn(2, 5), 1.0, gap=1.0)
     """
-    tau, dim = _prepare(logits, tau, dim, generator)
-    if isinstance(gap, bool) or not isinstance(gap, numbers.Real) or not math.isfinite(gap) or gap < 0:
-        raise ValueError(f"gap must be a finite real number >= 0, got {gap!r}")
-    pi0 = torch.softmax(logits, dim)
-    idx = sample_categorical(pi0.detach(), dim, generator)
-    one_hot = _one_hot_like(pi0, idx, dim)
+    gap = validation.as_real("gap", gap, low=0.0)
+    tau, dim, work, pi0 = _prepare(logits, tau, dim, generator)
+    idx = draw(pi0.detach(), dim, generator)
+    sample = one_hot(idx, pi0, dim)
     with torch.no_grad():
-        top = logits.amax(dim, keepdim=True)
-        sampled = one_hot.bool()
+        top = work.amax(dim, keepdim=True)
         # finite logits only here: -inf stays -inf (never sampled), so no inf - inf
-        moved = torch.where(sampled, top, torch.minimum(logits, top - gap))
-        shift = torch.where(torch.isinf(logits), torch.zeros_like(logits), moved - logits)
-    p = torch.softmax((logits + shift) / tau, dim)
-    return _straight(one_hot, p), pi0
+        moved = torch.where(sample.bool(), top, torch.minimum(work, top - gap))
+        shift = torch.where(torch.isinf(work), torch.zeros_like(work), moved - work)
+    p = torch.softmax((work + shift) / tau, dim)
+    return _straight(sample, p, logits, pi0)
 
 
 def gumbel_rao(logits: Tensor, tau: float = 1.0, *, dim: int = -1, k: int = 10,
@@ -124,20 +117,17 @@ def gumbel_rao(logits: Tensor, tau: float = 1.0, *, dim: int = -1, k: int = 10,
 
         >>> y_hard, y_soft = gumbel_rao(torch.randn(2, 5), 1.0, k=10)
     """
-    tau, dim = _prepare(logits, tau, dim, generator)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k (number of Gumbel samples) must be an int >= 1, got {k!r}")
-    pi0 = torch.softmax(logits, dim)
-    idx = sample_categorical(pi0.detach(), dim, generator)
-    one_hot = _one_hot_like(pi0, idx, dim)
-    work = logits if logits.dtype == torch.float64 else logits.float()
+    k = validation.as_int("k", k, minimum=1)
+    tau, dim, work, pi0 = _prepare(logits, tau, dim, generator)
+    idx = draw(pi0.detach(), dim, generator)
+    sample = one_hot(idx, pi0, dim)
     with torch.no_grad():
         log_pi = torch.log_softmax(work, dim)
-        e = _uniform_open((int(k),) + tuple(logits.shape), work, generator).log_().neg_()  # Exp(1) > 0
-        e_d = e.gather(dim + 1, idx.unsqueeze(0).expand(int(k), *idx.shape))  # dim >= 0 here
+        e = _uniform_open((k,) + tuple(work.shape), work, generator).log().neg()  # Exp(1) > 0
+        e_d = e.gather(dim + 1, idx.unsqueeze(0).expand(k, *idx.shape))  # dim >= 0 here
         others = -torch.log(e * torch.exp(-log_pi) + e_d)  # pi_j = 0 -> -inf: never the argmax
-        y = torch.where(one_hot.bool(), -torch.log(e), others)
+        y = torch.where(sample.bool(), -torch.log(e), others)
         shift = y - log_pi  # y = log_pi + shift; adding it to logits keeps softmax and gradient
         shift = torch.where(torch.isinf(log_pi), torch.zeros_like(shift), shift)
     p = torch.softmax((work.unsqueeze(0) + shift) / tau, dim + 1).mean(0)
-    return _straight(one_hot, p.to(logits.dtype)), pi0
+    return _straight(sample, p, logits, pi0)

@@ -6,13 +6,23 @@ from typing import Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_logits, check_tau
-from .registry import check_estimator_name, estimate
+from stability_toolbox import validation
+
+from ._checks import check_logits, check_probabilities, check_tau, one_hot, work_dtype
+from .registry import check_estimator_name, check_estimator_options, estimate
 
 
-def _argmax_one_hot(logits: Tensor, dim: int) -> Tensor:
-    idx = logits.argmax(dim, keepdim=True)
-    return torch.zeros_like(logits, memory_format=torch.contiguous_format).scatter_(dim, idx, 1.0)
+def argmax_choice(logits: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
+    """Evaluation mode of a discrete layer: ``(one_hot(argmax logits), softmax(logits))``.
+
+    Data-checked like the estimators: NaN/+inf logits or a slice of all ``-inf`` is a ValueError,
+    not a one-hot of an arbitrary category.
+    """
+    probs = torch.softmax(logits, dim, dtype=work_dtype(logits.dtype))
+    check_probabilities(probs.detach().sum(dim))
+    idx = logits.detach().argmax(dim, keepdim=True)
+    codes = one_hot(idx, logits, dim)
+    return codes, probs.to(logits.dtype)
 
 
 class CategoricalLayer(nn.Module):
@@ -37,19 +47,17 @@ class CategoricalLayer(nn.Module):
     def __init__(self, estimator: str = "reinmax", tau: float = 1.0, dim: int = -1,
                  return_probs: bool = False, **options):
         super().__init__()
-        self.estimator = check_estimator_name(estimator)
+        self.estimator = check_estimator_name(estimator, "estimator")
         self.tau = check_tau(tau)
-        self.dim = dim
-        self.return_probs = bool(return_probs)
-        self.options = dict(options)
+        self.dim = validation.as_int("dim", dim)
+        self.return_probs = validation.as_bool("return_probs", return_probs)
+        self.options = check_estimator_options(self.estimator, self.tau, options)
 
     def forward(self, logits: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         if self.training:
             codes, probs = estimate(self.estimator, logits, self.tau, dim=self.dim, **self.options)
         else:
-            dim = check_logits(logits, self.dim)
-            probs = torch.softmax(logits, dim)
-            codes = _argmax_one_hot(logits.detach(), dim)
+            codes, probs = argmax_choice(logits, check_logits(logits, self.dim))
         return (codes, probs) if self.return_probs else codes
 
     def extra_repr(self) -> str:
@@ -86,16 +94,16 @@ class DiscreteBottleneck(nn.Module):
                  estimator: str = "reinmax", tau: float = 1.0, shared_codebook: bool = True,
                  return_probs: bool = False, **options):
         super().__init__()
-        for name, value in (("in_features", in_features), ("num_codes", num_codes),
-                            ("code_dim", code_dim), ("num_latents", num_latents)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        in_features, num_codes, code_dim, num_latents = (
+            validation.as_int(name, value, minimum=1) for name, value in (
+                ("in_features", in_features), ("num_codes", num_codes),
+                ("code_dim", code_dim), ("num_latents", num_latents)))
         self.num_codes, self.code_dim, self.num_latents = num_codes, code_dim, num_latents
         self.to_logits = nn.Linear(in_features, num_latents * num_codes)
         shape = (num_codes, code_dim) if shared_codebook else (num_latents, num_codes, code_dim)
         self.codebook = nn.Parameter(torch.randn(shape) / math.sqrt(code_dim))
         self.choose = CategoricalLayer(estimator, tau, dim=-1, return_probs=True, **options)
-        self.return_probs = bool(return_probs)
+        self.return_probs = validation.as_bool("return_probs", return_probs)
 
     def forward(self, hidden: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         logits = self.to_logits(hidden).unflatten(-1, (self.num_latents, self.num_codes))

@@ -32,13 +32,17 @@ Example::
 """
 
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from stability_toolbox import validation
+from stability_toolbox.files import atomic_write
+
 __all__ = [
     "OPERATORS", "END", "VOCABULARY", "Tree", "ListOpsExample",
-    "generate", "generate_tree", "iter_generate", "to_string", "to_tokens", "evaluate",
+    "generate", "generate_tree", "iter_generate", "count_trees", "to_string", "to_tokens", "evaluate",
     "parse_expression", "tree_depth", "tree_length", "read_listops", "write_listops",
     "strip_parentheses",
 ]
@@ -78,53 +82,178 @@ def generate_tree(rng: random.Random, depth: int = 1, max_depth: int = 20, max_a
     """Draw one tree as the official generator does (same order of calls to ``rng``).
 
     ``depth`` is the depth of the node being drawn (the root has depth 1); at ``depth >= max_depth``
-    the node is a value.
+    the node is a value. Iterative: any ``max_depth`` works without recursion.
     """
-    r = rng.random() if depth < max_depth else 1.0
-    if r > operator_prob:
-        return rng.choice(range(10))
-    num_args = rng.randint(2, max_args)
-    args = tuple(generate_tree(rng, depth + 1, max_depth, max_args, operator_prob) for _ in range(num_args))
-    return (rng.choice(OPERATORS), args)
+    frames: List[Tuple[int, int, List[Tree]]] = []  # (depth, number of arguments, arguments so far)
+    d = depth
+    while True:
+        r = rng.random() if d < max_depth else 1.0
+        if r <= operator_prob:
+            frames.append((d, rng.randint(2, max_args), []))
+            d += 1
+            continue
+        node: Tree = rng.choice(range(10))
+        while True:  # attach the finished node; close every operator it completes
+            if not frames:
+                return node
+            frame_depth, num_args, args = frames[-1]
+            args.append(node)
+            if len(args) < num_args:
+                d = frame_depth + 1
+                break
+            frames.pop()
+            node = (rng.choice(OPERATORS), tuple(args))
+
+
+def _fold(tree: Tree, leaf, node):
+    """Post-order fold without recursion: ``leaf(digit)`` for values, ``node(op, [child results])``."""
+    if isinstance(tree, int):
+        return leaf(tree)
+    stack = [(tree, [])]
+    while True:
+        (op, args), results = stack[-1]
+        if len(results) < len(args):
+            child = args[len(results)]
+            if isinstance(child, int):
+                results.append(leaf(child))
+            else:
+                stack.append((child, []))
+            continue
+        stack.pop()
+        value = node(op, results)
+        if not stack:
+            return value
+        stack[-1][1].append(value)
 
 
 def tree_length(tree: Tree) -> int:
     """Number of tokens without parentheses (operator, arguments and ``]`` of every node)."""
-    if isinstance(tree, int):
-        return 1
-    return 2 + sum(tree_length(a) for a in tree[1])
+    return _fold(tree, lambda _: 1, lambda _, lengths: 2 + sum(lengths))
 
 
 def tree_depth(tree: Tree) -> int:
     """Depth of the tree: 1 for a bare digit, 1 + the deepest argument for an operator."""
-    if isinstance(tree, int):
-        return 1
-    return 1 + max(tree_depth(a) for a in tree[1])
+    return _fold(tree, lambda _: 1, lambda _, depths: 1 + max(depths))
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+def _max_length(max_depth: int, max_args: int, cap: int) -> int:
+    """The longest tree of depth <= max_depth (saturating at ``cap``)."""
+    longest = 1
+    for _ in range(max_depth - 1):
+        longest = min(cap, 2 + max_args * longest)
+    return longest
+
+
+def count_trees(max_length: int, *, min_length: int = 1, min_depth: int = 1, max_depth: int = 20,
+                max_args: int = 5, allow_value_root: bool = False) -> float:
+    """The number of distinct trees with length in ``[min_length, max_length]`` and depth in
+    ``[min_depth, max_depth]`` (a float: exact up to 2**53). Cost grows as ``max_length**2``.
+
+    Example::
+
+        >>> count_trees(4)    # [OP a b ]: 4 operators x 10 x 10 digits
+        400.0
+    """
+    # by_depth[d][n]: trees of depth <= d and length n
+    sizes = max_length + 1
+    levels = min(max_depth, (max_length + 2) // 3)  # a tree of depth d has length >= 3d - 2
+    by_depth = [[0.0] * sizes]
+    for d in range(1, levels + 1):
+        current = [0.0] * sizes
+        current[1] = 10.0
+        if d > 1:
+            below = by_depth[d - 1]
+            seq = below[:]  # sequences of k >= 1 trees of depth <= d - 1, by total length
+            for k in range(2, max_args + 1):
+                seq = [sum(seq[i] * below[n - i] for i in range(1, n)) for n in range(sizes)]
+                for n in range(sizes - 2):
+                    current[n + 2] += len(OPERATORS) * seq[n]
+        by_depth.append(current)
+    deepest = by_depth[levels]
+    shallow = by_depth[min(levels, min_depth - 1)]
+    total = 0.0
+    for n in range(max(1, min_length), sizes):
+        total += deepest[n] - shallow[n]
+    if not allow_value_root and min_depth <= 1 and min_length <= 1:
+        total -= 10.0  # the bare digits
+    return total
+
+
+def _check_int(name: str, value, low: int) -> int:
+    return validation.as_int(name, value, minimum=low)
+
+
+def _check_feasible(num_examples: int, *, max_depth: int, max_args: int, min_length: int,
+                    max_length: Optional[int], min_depth: int, allow_value_root: bool) -> None:
+    """ValueError naming the constraint when no tree (or too few distinct trees) can meet them."""
+    if min_depth > max_depth:
+        raise ValueError(f"min_depth ({min_depth}) must be <= max_depth ({max_depth})")
+    shortest_depth = max(min_depth, 1 if allow_value_root else 2)
+    if shortest_depth > max_depth:
+        raise ValueError(f"max_depth must be >= 2 when allow_value_root is False (a root operator has depth 2), "
+                         f"got {max_depth}")
+    shortest = 3 * shortest_depth - 2
+    if max_length is not None and max_length < shortest:
+        raise ValueError(f"max_length must be >= {shortest} for trees of depth >= {shortest_depth} "
+                         f"(a chain of two-argument operators), got {max_length}")
+    cap = 10 ** 6
+    longest = _max_length(max_depth, max_args, cap)
+    if longest < cap and min_length > longest:
+        raise ValueError(f"min_length must be <= {longest}, the longest tree of max_depth={max_depth} and "
+                         f"max_args={max_args}, got {min_length}")
+    upper = min(longest, max_length if max_length is not None else cap)
+    if upper <= 120:  # otherwise there are astronomically many trees
+        available = count_trees(upper, min_length=min_length, min_depth=min_depth, max_depth=max_depth,
+                                max_args=max_args, allow_value_root=allow_value_root)
+        if num_examples > available:
+            raise ValueError(f"num_examples ({num_examples}) is more than the {int(available)} distinct trees that "
+                             f"meet min_length={min_length}, max_length={max_length}, min_depth={min_depth}, "
+                             f"max_depth={max_depth}, max_args={max_args}, allow_value_root={allow_value_root}")
+
+
+def _check_generator_args(num_examples: Optional[int], max_depth, max_args, operator_prob, min_length, max_length,
+                          min_depth, allow_value_root, max_rejections) -> dict:
+    """Every argument of :func:`generate` checked, and the constraints checked for feasibility."""
+    args = dict(
+        max_depth=_check_int("max_depth", max_depth, 1),
+        max_args=_check_int("max_args", max_args, 2),
+        min_length=_check_int("min_length", min_length, 1),
+        min_depth=_check_int("min_depth", min_depth, 1),
+        allow_value_root=validation.as_bool("allow_value_root", allow_value_root),
+    )
+    args["max_length"] = None if max_length is None else validation.as_int(
+        "max_length", max_length, minimum=args["min_length"])
+    args["operator_prob"] = validation.as_real("operator_prob", operator_prob, low=0.0, high=1.0,
+                                               low_open=True, high_open=True)
+    args["max_rejections"] = _check_int("max_rejections", max_rejections, 1)
+    _check_feasible(num_examples or 1, **{k: args[k] for k in (
+        "max_depth", "max_args", "min_length", "max_length", "min_depth", "allow_value_root")})
+    return args
 
 
 def iter_generate(seed: int = 0, *, max_depth: int = 20, max_args: int = 5, operator_prob: float = 0.25,
                   min_length: int = 1, max_length: Optional[int] = None,
                   min_depth: int = 1, allow_value_root: bool = False,
-                  exclude: Iterable[str] = ()) -> Iterator[ListOpsExample]:
-    """Yield unique ListOps examples forever (see :func:`generate`)."""
-    _check_int("max_depth", max_depth, 1)
-    _check_int("max_args", max_args, 2)
-    _check_int("min_length", min_length, 1)
-    _check_int("min_depth", min_depth, 1)
-    if max_length is not None:
-        _check_int("max_length", max_length, min_length)
-    if not isinstance(operator_prob, (int, float)) or not 0.0 < operator_prob < 1.0:
-        raise ValueError(f"operator_prob must be a float in (0, 1), got {operator_prob!r}")
-    if min_depth > max_depth:
-        raise ValueError(f"min_depth ({min_depth}) must be <= max_depth ({max_depth})")
-    rng = random.Random(seed)
-    seen = set(exclude)
+                  exclude: Iterable[str] = (), max_rejections: int = 1_000_000) -> Iterator[ListOpsExample]:
+    """Yield unique ListOps examples (see :func:`generate`) until ``max_rejections`` draws in a row
+    give nothing new, which raises ValueError (the constraints are met too rarely, or every tree
+    that meets them was produced)."""
+    args = _check_generator_args(None, max_depth, max_args, operator_prob, min_length, max_length,
+                                 min_depth, allow_value_root, max_rejections)
+    return _generate(random.Random(seed), set(exclude), **args)
+
+
+def _generate(rng: random.Random, seen: set, *, max_depth: int, max_args: int, operator_prob: float,
+              min_length: int, max_length: Optional[int], min_depth: int, allow_value_root: bool,
+              max_rejections: int) -> Iterator[ListOpsExample]:
+    rejected = 0
     while True:
+        if rejected >= max_rejections:
+            raise ValueError(
+                f"{rejected} trees in a row were out of range or already drawn: min_length={min_length}, "
+                f"max_length={max_length}, min_depth={min_depth}, max_depth={max_depth}, max_args={max_args}, "
+                f"operator_prob={operator_prob} are met too rarely, or every tree meeting them was produced")
+        rejected += 1
         tree = generate_tree(rng, 1, max_depth, max_args, operator_prob)
         if isinstance(tree, int) and not allow_value_root:
             continue
@@ -137,14 +266,20 @@ def iter_generate(seed: int = 0, *, max_depth: int = 20, max_args: int = 5, oper
         if expression in seen:
             continue
         seen.add(expression)
+        rejected = 0
         yield ListOpsExample(evaluate(tree), expression)
 
 
 def generate(num_examples: int, seed: int = 0, *, max_depth: int = 20, max_args: int = 5,
              operator_prob: float = 0.25, min_length: int = 1, max_length: Optional[int] = None,
              min_depth: int = 1, allow_value_root: bool = False, exclude: Iterable[str] = (),
-             progress: bool = False) -> List[ListOpsExample]:
+             progress: bool = False, max_rejections: int = 1_000_000) -> List[ListOpsExample]:
     """Generate ``num_examples`` unique ListOps examples from the official distribution.
+
+    Constraints no tree can meet (a ``max_length`` or ``max_depth`` too small for any tree, a
+    ``min_length`` beyond the longest tree, more examples than distinct trees exist in range) are a
+    ValueError naming the argument at once; constraints met too rarely give up after
+    ``max_rejections`` unproductive draws in a row, with ValueError.
 
     Args:
         num_examples: how many examples.
@@ -158,25 +293,22 @@ def generate(num_examples: int, seed: int = 0, *, max_depth: int = 20, max_args:
             time, but only 10 distinct ones exist; the official test set holds one, ``9<TAB>9``).
         exclude: expressions (as written, with parentheses) never to produce, e.g. a test set's.
         progress: print a progress line to stderr every 10% of the way.
+        max_rejections: draws in a row that give no new example before giving up.
 
     Returns:
         A list of :class:`ListOpsExample`, in the order drawn.
     """
-    _check_int("num_examples", num_examples, 0)
+    num_examples = _check_int("num_examples", num_examples, 0)
+    progress = validation.as_bool("progress", progress)
+    args = _check_generator_args(num_examples, max_depth, max_args, operator_prob, min_length, max_length,
+                                 min_depth, allow_value_root, max_rejections)
     out: List[ListOpsExample] = []
     if num_examples == 0:
         return out
-    if max_length is not None and min_length <= max_length < 3 and not allow_value_root:
-        raise ValueError(f"max_length must be >= 4 when allow_value_root is False (an operator with two "
-                         f"arguments has 4 tokens), got {max_length}")
-    stream = iter_generate(seed, max_depth=max_depth, max_args=max_args, operator_prob=operator_prob,
-                           min_length=min_length, max_length=max_length, min_depth=min_depth,
-                           allow_value_root=allow_value_root, exclude=exclude)
     step = max(1, num_examples // 10)
-    for example in stream:
+    for example in _generate(random.Random(seed), set(exclude), **args):
         out.append(example)
         if progress and len(out) % step == 0:
-            import sys
             print(f"generated {len(out)}/{num_examples}", file=sys.stderr, flush=True)
         if len(out) == num_examples:
             break
@@ -189,24 +321,23 @@ def generate(num_examples: int, seed: int = 0, *, max_depth: int = 20, max_args:
 
 def to_string(tree: Tree) -> str:
     """The official written form: ``( ( [OP a1 ) a2 ) ... ] )``, or the bare digit."""
-    if isinstance(tree, int):
-        return str(tree)
-    op, args = tree
-    text = f"( {op} {to_string(args[0])} )"
-    for arg in args[1:]:
-        text = f"( {text} {to_string(arg)} )"
-    return f"( {text} {END} )"
+    def node(op: str, args: List[str]) -> str:
+        text = f"( {op} {args[0]} )"
+        for arg in args[1:]:
+            text = f"( {text} {arg} )"
+        return f"( {text} {END} )"
+    return _fold(tree, str, node)
 
 
 def to_tokens(tree: Tree) -> List[str]:
     """The tokens without parentheses (prefix order, each operator closed by ``]``)."""
-    if isinstance(tree, int):
-        return [str(tree)]
-    out = [tree[0]]
-    for arg in tree[1]:
-        out.extend(to_tokens(arg))
-    out.append(END)
-    return out
+    def node(op: str, args: List[List[str]]) -> List[str]:
+        out = [op]
+        for arg in args:
+            out.extend(arg)
+        out.append(END)
+        return out
+    return _fold(tree, lambda d: [str(d)], node)
 
 
 def strip_parentheses(tokens: Sequence[str]) -> List[str]:
@@ -219,21 +350,21 @@ def _median(values: Sequence[int]) -> int:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) // 2
 
 
+_APPLY = {
+    "[MIN": min,
+    "[MAX": max,
+    "[MED": _median,
+    "[SM": lambda values: sum(values) % 10,
+}
+
+
 def evaluate(tree: Tree) -> int:
-    """The value (0-9) of a tree."""
-    if isinstance(tree, int):
-        return tree
-    op, args = tree
-    values = [evaluate(a) for a in args]
-    if op == "[MIN":
-        return min(values)
-    if op == "[MAX":
-        return max(values)
-    if op == "[MED":
-        return _median(values)
-    if op == "[SM":
-        return sum(values) % 10
-    raise ValueError(f"unknown operator {op!r}; expected one of {OPERATORS}")
+    """The value (0-9) of a tree (iterative: any depth)."""
+    def node(op: str, values: List[int]) -> int:
+        if op not in _APPLY:
+            raise ValueError(f"unknown operator {op!r}; expected one of {OPERATORS}")
+        return _APPLY[op](values)
+    return _fold(tree, lambda d: d, node)
 
 
 class _ParseError(ValueError):
@@ -241,7 +372,11 @@ class _ParseError(ValueError):
 
 
 def parse_expression(tokens: Sequence[str]) -> Tree:
-    """Parse the official written form (with parentheses) into a tree.
+    """Parse the official written form (with parentheses) into a tree, iteratively (any depth).
+
+    A node is a digit, or ``k`` opening parentheses, an operator, ``k - 1`` arguments each followed
+    by ``)``, then ``] )``. The ``k`` leading ``(`` all belong to this node because an argument
+    starts after the operator.
 
     Raises:
         ValueError: the tokens are not a well-formed expression (message says where).
@@ -249,10 +384,44 @@ def parse_expression(tokens: Sequence[str]) -> Tree:
     tokens = list(tokens)
     if not tokens:
         raise _ParseError("empty expression")
-    tree, pos = _parse_node(tokens, 0)
-    if pos != len(tokens):
-        raise _ParseError(f"unexpected token {tokens[pos]!r} at token {pos + 1} after a complete expression")
-    return tree
+    pos = 0
+    frames: List[Tuple[str, int, List[Tree]]] = []  # (operator, number of arguments, arguments so far)
+    while True:
+        if pos >= len(tokens):
+            raise _ParseError(f"expression ends early at token {pos + 1}")
+        tok = tokens[pos]
+        if tok == "(":
+            opens = 0
+            while pos < len(tokens) and tokens[pos] == "(":
+                opens += 1
+                pos += 1
+            if pos >= len(tokens) or tokens[pos] not in OPERATORS:
+                got = tokens[pos] if pos < len(tokens) else "end of line"
+                raise _ParseError(f"expected an operator {OPERATORS} at token {pos + 1}, got {got!r}")
+            if opens < 2:
+                raise _ParseError(f"operator {tokens[pos]!r} at token {pos + 1} has no argument")
+            frames.append((tokens[pos], opens - 1, []))
+            pos += 1
+            continue
+        if tok not in DIGITS:
+            raise _ParseError(f"expected a digit or '(' at token {pos + 1}, got {tok!r}")
+        node: Tree = int(tok)
+        pos += 1
+        while True:  # attach the finished node; close every operator it completes
+            if not frames:
+                if pos != len(tokens):
+                    raise _ParseError(f"unexpected token {tokens[pos]!r} at token {pos + 1} "
+                                      "after a complete expression")
+                return node
+            op, num_args, args = frames[-1]
+            args.append(node)
+            pos = _expect(tokens, pos, ")")
+            if len(args) < num_args:
+                break
+            pos = _expect(tokens, pos, END)
+            pos = _expect(tokens, pos, ")")
+            frames.pop()
+            node = (op, tuple(args))
 
 
 def _expect(tokens: Sequence[str], pos: int, wanted: str) -> int:
@@ -261,37 +430,6 @@ def _expect(tokens: Sequence[str], pos: int, wanted: str) -> int:
     if tokens[pos] != wanted:
         raise _ParseError(f"expected {wanted!r} at token {pos + 1}, got {tokens[pos]!r}")
     return pos + 1
-
-
-def _parse_node(tokens: Sequence[str], pos: int) -> Tuple[Tree, int]:
-    # A node is a digit or k opening parentheses, an operator, k-1 arguments each followed by ')',
-    # then '] )'. The k leading '(' all belong to this node because an argument starts after the operator.
-    if pos >= len(tokens):
-        raise _ParseError(f"expression ends early at token {pos + 1}")
-    tok = tokens[pos]
-    if tok in DIGITS:
-        return int(tok), pos + 1
-    if tok != "(":
-        raise _ParseError(f"expected a digit or '(' at token {pos + 1}, got {tok!r}")
-    opens = 0
-    while pos < len(tokens) and tokens[pos] == "(":
-        opens += 1
-        pos += 1
-    if pos >= len(tokens) or tokens[pos] not in OPERATORS:
-        got = tokens[pos] if pos < len(tokens) else "end of line"
-        raise _ParseError(f"expected an operator {OPERATORS} at token {pos + 1}, got {got!r}")
-    if opens < 2:
-        raise _ParseError(f"operator {tokens[pos]!r} at token {pos + 1} has no argument")
-    op = tokens[pos]
-    pos += 1
-    args = []
-    for _ in range(opens - 1):
-        arg, pos = _parse_node(tokens, pos)
-        args.append(arg)
-        pos = _expect(tokens, pos, ")")
-    pos = _expect(tokens, pos, END)
-    pos = _expect(tokens, pos, ")")
-    return (op, tuple(args)), pos
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,12 +448,16 @@ def read_listops(path: Union[str, Path], check_labels: bool = False) -> List[Lis
         ValueError: a malformed line, as ``"<path>:<line>: <what is wrong>"``.
     """
     path = Path(path)
+    check_labels = validation.as_bool("check_labels", check_labels)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8").rstrip("\n").rstrip("\r")
                 examples.append(_parse_line(line, check_labels))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1}); ListOps files hold ASCII tokens") from None
             except _ParseError as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from None
     return examples
@@ -342,9 +484,9 @@ def _parse_line(line: str, check_labels: bool) -> ListOpsExample:
 
 
 def write_listops(path: Union[str, Path], examples: Iterable[ListOpsExample]) -> int:
-    """Write examples as ``label<TAB>expression`` lines; returns how many."""
+    """Write examples as ``label<TAB>expression`` lines (to a temporary name, then renamed); returns how many."""
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         for ex in examples:
             f.write(f"{ex}\n")
             n += 1

@@ -1,10 +1,12 @@
 """Picking an estimator by name: :data:`ESTIMATORS` and :func:`estimate`."""
 
 from types import MappingProxyType
-from typing import Callable, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from stability_toolbox import validation
 
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through
 from .reinmax_function import reinmax
@@ -20,10 +22,20 @@ ESTIMATORS: Mapping[str, Callable[..., Tuple[Tensor, Tensor]]] = MappingProxyTyp
 })
 
 
-def check_estimator_name(name) -> str:
-    if not isinstance(name, str) or name not in ESTIMATORS:
-        raise ValueError(f"name must be one of {sorted(ESTIMATORS)}, got {name!r}")
-    return name
+def check_estimator_name(name, arg: str = "name") -> str:
+    """``name`` if it is a key of :data:`ESTIMATORS`; TypeError/ValueError naming ``arg`` otherwise."""
+    return validation.as_choice(arg, name, sorted(ESTIMATORS))
+
+
+def check_estimator_options(name: str, tau: float, options: Mapping) -> Dict:
+    """Validate ``options`` of estimator ``name`` now (a layer's constructor), not at its first forward.
+
+    Runs the estimator once on a 1x2 tensor with a private generator (the global RNG is untouched).
+    """
+    options = dict(options)
+    with torch.no_grad():
+        ESTIMATORS[name](torch.zeros(1, 2), tau, generator=torch.Generator(), **options)
+    return options
 
 
 def estimate(name: str, logits: Tensor, tau: float, dim: int = -1,

@@ -5,70 +5,83 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import check_generator, check_logits, check_tau
-from .sampling import sample_categorical
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+from ._checks import check_generator, check_hard, check_logits, check_tau, one_hot, work_dtype
+from .sampling import draw
 
 
 class ReinMaxFunction(torch.autograd.Function):
     """Forward: ``(one_hot(sample ~ softmax(logits)), softmax(logits))``; backward: the ReinMax gradient.
 
-    Saves only ``softmax(logits)`` (an output, so no extra memory when the caller keeps it) and the
-    sampled index (one int64 per slice). The tempered softmax is recomputed in backward from
-    ``softmax(logits)`` as ``pi0 ** (1 / tau)`` renormalized, which equals ``softmax(logits / tau)``
-    up to rounding wherever ``pi0`` does not underflow to 0 (a category whose probability
-    underflows gets the gradient 0 from that term; in float32 that needs a logit gap above ~87).
+    Saves ``log_softmax(logits)`` in the working precision (float32, or float64 for float64
+    logits) and the sampled index (one int64 per slice): 4 bytes per element for float16, bfloat16
+    and float32 logits, 8 for float64 (reinmax 0.1.0 saves the sample, the logits and the softmax:
+    12 bytes per float32 element). Backward works in that precision from the saved log-probabilities:
+    ``softmax(logits / tau) = softmax(log_softmax(logits) / tau)`` exactly, so the tempered softmax
+    is finite and exact for every finite ``tau > 0`` (no ``0 / 0`` when ``tau`` is small, no lost
+    category when a probability underflows), and small categories keep their gradient in half
+    precision. Usable under ``torch.func`` (``setup_context`` and a generated vmap rule).
+
+    ``ReinMaxFunction.apply(logits, tau, dim, generator)`` returns ``(y_hard, y_soft, log_probs,
+    index)``: the last two (``log_softmax(logits)`` in the working precision and the sampled index
+    with size 1 at ``dim``) are what backward needs, returned so that ``torch.func`` can save them.
+    Use :func:`reinmax`, which checks its arguments and returns the first two.
     """
 
-    @staticmethod
-    def forward(ctx, logits: Tensor, tau: float, dim: int, generator: Optional[torch.Generator]):
-        pi0 = torch.softmax(logits, dim)
-        idx = sample_categorical(pi0, dim, generator)
-        one_hot = torch.zeros_like(pi0).scatter_(dim, idx, 1.0)
-        ctx.save_for_backward(pi0, idx)
-        ctx.tau, ctx.dim = tau, dim
-        ctx.set_materialize_grads(False)
-        return one_hot, pi0
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, g: Optional[Tensor], h: Optional[Tensor]):
-        pi0, idx = ctx.saved_tensors
+    def forward(logits: Tensor, tau: float, dim: int, generator: Optional[torch.Generator]):
+        log_pi0 = torch.log_softmax(logits, dim, dtype=work_dtype(logits.dtype))
+        pi0 = log_pi0.exp()
+        idx = draw(pi0, dim, generator)
+        y_hard = one_hot(idx, logits, dim)
+        return y_hard, pi0.to(logits.dtype), log_pi0, idx
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, tau, dim, _ = inputs
+        _, _, log_pi0, idx = output
+        ctx.save_for_backward(log_pi0, idx)
+        ctx.tau, ctx.dim = tau, dim
+        ctx.mark_non_differentiable(log_pi0, idx)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g: Optional[Tensor], h: Optional[Tensor], _g_log: Optional[Tensor], _g_idx: Optional[Tensor]):
+        log_pi0, idx = ctx.saved_tensors
         if g is None and h is None:
             return None, None, None, None
         tau, dim = ctx.tau, ctx.dim
-        out_dtype = pi0.dtype
-        if out_dtype in _LOW_PRECISION:  # accumulate in float32, hand back the logits' dtype
-            pi0 = pi0.float()
-            g = None if g is None else g.float()
-            h = None if h is None else h.float()
+        out_dtype = g.dtype if g is not None else h.dtype
+        work = log_pi0.dtype
+        g = None if g is None else g.to(work)
+        h = None if h is None else h.to(work)
+        pi0 = log_pi0.exp()
+
+        def dot(a: Tensor, b: Tensor) -> Tensor:
+            return torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim)
+
+        if g is None:  # only y_soft was used: plain softmax gradient
+            return (pi0 * (h - dot(pi0, h))).to(out_dtype), None, None, None
+        # softmax(logits / tau) from the log-probabilities: the shift by logsumexp cancels
+        pi_tau = pi0 if tau == 1.0 else torch.softmax(log_pi0 * (1.0 / tau), dim)
         # 2 J(pi1) g - 0.5 J(pi0) g + J(pi0) h with pi1 = (pi_tau + D) / 2, expanded so that every
         # full-size pass does useful work (J(p) v = p * (v - p.v)):
         #   = g * (pi_tau - pi0 / 2) - pi_tau * s1 + pi0 * (h - s0) + D * (g_D - s1)
         #   s1 = (pi_tau.g + g_D) / 2,  s0 = pi0.h - pi0.g / 2
-        if g is None:  # only y_soft was used: plain softmax gradient
-            return pi0 * (h - torch.linalg.vecdot(pi0, h, dim=dim).unsqueeze(dim)), None, None, None
-        if tau == 1.0:
-            pi_tau = pi0
-        else:  # softmax(logits / tau) = pi0 ** (1 / tau), renormalized (exact where pi0 did not underflow)
-            pi_tau = torch.log(pi0).mul_(1.0 / tau).exp_()  # log+exp: much faster than pow on CPU
-            pi_tau = pi_tau.div_(pi_tau.sum(dim, keepdim=True))
         g_at = g.gather(dim, idx)
-        s1 = (torch.linalg.vecdot(pi_tau, g, dim=dim).unsqueeze(dim) + g_at).mul_(0.5)
-        s0 = torch.linalg.vecdot(pi0, g, dim=dim).unsqueeze(dim).mul_(-0.5)
+        s1 = (dot(pi_tau, g) + g_at) * 0.5
+        s0 = dot(pi0, g) * -0.5
         if h is not None:
-            s0 = s0.add_(torch.linalg.vecdot(pi0, h, dim=dim).unsqueeze(dim))
-        grad = torch.add(pi_tau, pi0, alpha=-0.5).mul_(g)
-        grad = grad.addcmul_(pi_tau, s1, value=-1.0)
-        if h is not None:
-            grad = grad.addcmul_(pi0, h - s0)
-        else:
-            grad = grad.addcmul_(pi0, s0, value=-1.0)
-        grad = grad.scatter_add_(dim, idx, g_at - s1)
+            s0 = s0 + dot(pi0, h)
+        grad = torch.add(pi_tau, pi0, alpha=-0.5) * g
+        grad = grad.addcmul(pi_tau, s1, value=-1.0)
+        grad = grad.addcmul(pi0, h - s0) if h is not None else grad.addcmul(pi0, s0, value=-1.0)
+        grad = grad.scatter_add(dim, idx, g_at - s1)
         return grad.to(out_dtype), None, None, None
 
 
-def reinmax(logits: Tensor, tau: float, *, dim: int = -1,
+def reinmax(logits: Tensor, tau: float, hard: bool = True, *, dim: int = -1,
             generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
     r"""ReinMax: a one-hot sample with a second-order accurate gradient estimate.
 
@@ -79,13 +92,24 @@ def reinmax(logits: Tensor, tau: float, *, dim: int = -1,
         pi0 = softmax(logits),  pi1 = (softmax(logits / tau) + y_hard) / 2
         dL/dlogits = 2 J(pi1) g - 0.5 J(pi0) g + J(pi0) h
 
-    Same calling convention as the public ``reinmax`` 0.1.0 package, plus ``dim`` and ``generator``.
-    The paper uses ``tau`` in [1, 1.5]; any finite ``tau > 0`` is accepted.
+    A drop-in for the public ``reinmax`` 0.1.0 package: the same positional arguments
+    ``(logits, tau, hard)`` (``hard`` is accepted and, as in 0.1.0, has no effect: ``y_hard`` is
+    always one-hot), plus ``dim`` and ``generator``. The paper uses ``tau`` in [1, 1.5]; any finite
+    ``tau > 0`` is accepted and gives a finite gradient.
+
+    Precision: the softmax, the sample and the backward pass are computed in float32 (float64 for
+    float64 logits); both outputs have the dtype of ``logits``, also under ``torch.autocast``.
+    Memory saved for backward: 4 bytes per element (8 for float64) plus one int64 per slice.
+
+    Data checks (NaN/+inf logits, a slice of all ``-inf``) run in eager mode and are skipped under
+    ``torch.compile`` and ``torch.func``; :func:`stability_toolbox.set_data_checks` switches them
+    off (each is a host-device synchronization on CUDA).
 
     Args:
         logits: unnormalized log-probabilities, any shape, any floating dtype, may be non-contiguous.
             ``-inf`` marks a category that is never drawn (and gets zero gradient).
         tau: temperature of the backward pass, a finite number > 0.
+        hard: reinmax 0.1.0's flag, True or False, without effect.
         dim: the category dimension.
         generator: optional ``torch.Generator`` for reproducible sampling.
 
@@ -93,7 +117,7 @@ def reinmax(logits: Tensor, tau: float, *, dim: int = -1,
         ``(y_hard, y_soft)``, both shaped and typed like ``logits``.
 
     Raises:
-        TypeError: non-floating ``logits``, non-numeric ``tau``.
+        TypeError: non-floating ``logits``, non-numeric ``tau``, non-bool ``hard``.
         ValueError: ``tau`` not finite or <= 0, empty or invalid ``dim``, NaN or +inf in ``logits``
             or a slice of all ``-inf``.
 
@@ -104,6 +128,8 @@ def reinmax(logits: Tensor, tau: float, *, dim: int = -1,
         >>> (y_hard * torch.arange(3.0)).sum().backward()
     """
     tau = check_tau(tau)
+    check_hard(hard)
     dim = check_logits(logits, dim)
     check_generator(generator, logits)
-    return ReinMaxFunction.apply(logits, tau, dim, generator)
+    y_hard, y_soft, _, _ = ReinMaxFunction.apply(logits, tau, dim, generator)
+    return y_hard, y_soft

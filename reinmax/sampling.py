@@ -5,7 +5,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import raise_if_nan
+from stability_toolbox import validation
+
+from ._checks import check_generator, check_logits, check_probabilities, work_dtype
 
 
 def sample_categorical(probs: Tensor, dim: int = -1, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -14,12 +16,13 @@ def sample_categorical(probs: Tensor, dim: int = -1, generator: Optional[torch.G
     Inverse-CDF sampling: a cumulative sum along ``dim`` (in float32, float64 for float64 input) and
     one uniform number per slice, found by binary search. This draws a single random number per
     slice instead of one per category (``torch.multinomial`` and the Gumbel trick draw one
-    exponential number per category, which dominates their cost). A category whose probability is
+    exponential number per category, which dominates their cost). ``probs`` need not be
+    normalized: each slice is drawn in proportion to its entries. A category whose probability is
     0 is never drawn; one smaller than the rounding of the running sum (about 1e-7 of it in
     float32) is not drawn either.
 
     Args:
-        probs: non-negative probabilities that sum to 1 along ``dim``, any shape.
+        probs: finite, non-negative weights along ``dim``, at least one positive per slice.
         dim: the category dimension.
         generator: optional ``torch.Generator`` for reproducible draws.
 
@@ -27,7 +30,9 @@ def sample_categorical(probs: Tensor, dim: int = -1, generator: Optional[torch.G
         int64 tensor shaped like ``probs`` but with size 1 at ``dim`` (ready for ``scatter``/``gather``).
 
     Raises:
-        ValueError: when ``probs`` holds NaN (softmax of NaN or +inf logits, or of all -inf).
+        TypeError: ``probs`` is not a floating-point tensor.
+        ValueError: a negative, NaN or infinite entry, or a slice that sums to 0 (data checks:
+            see :func:`stability_toolbox.set_data_checks`).
 
     Example::
 
@@ -35,18 +40,33 @@ def sample_categorical(probs: Tensor, dim: int = -1, generator: Optional[torch.G
         >>> idx
         tensor([[1]])
     """
-    dim = dim % probs.dim()
+    if not isinstance(probs, Tensor) or not probs.is_floating_point():
+        raise TypeError(f"probs must be a floating-point torch.Tensor, got "
+                        f"{probs.dtype if isinstance(probs, Tensor) else type(probs).__name__}")
+    dim = check_logits(probs, dim)
+    check_generator(generator, probs)
+    validation.check_data(
+        lambda: ~(torch.isfinite(probs).all() & (probs >= 0).all() & (probs.sum(dim) > 0).all()),
+        "probs must be finite and >= 0 with at least one positive entry per slice along dim")
+    return draw(probs, dim, generator)
+
+
+def draw(probs: Tensor, dim: int, generator: Optional[torch.Generator]) -> Tensor:
+    """:func:`sample_categorical` without argument checks (``dim`` already non-negative).
+
+    Raises ValueError (data check) when a slice's sum is NaN: softmax of NaN, +inf or all ``-inf``.
+    """
     last = dim == probs.dim() - 1
     p = probs if last else probs.movedim(dim, -1)
-    cdf_dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    cdf_dtype = work_dtype(probs.dtype)
     cdf = torch.cumsum(p, dim=-1, dtype=cdf_dtype)
     if not cdf.is_contiguous():
         cdf = cdf.contiguous()
     total = cdf[..., -1:]
-    raise_if_nan(total)
+    check_probabilities(total)
     u = torch.rand(total.shape, generator=generator, dtype=cdf_dtype, device=probs.device)
     # u * total may round up to total; keep it strictly below so the search never runs past the end
     # and never lands on a trailing zero-probability category.
-    u = torch.minimum(u.mul_(total), torch.nextafter(total, torch.zeros_like(total)))
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     idx = torch.searchsorted(cdf, u, right=True)
     return idx if last else idx.movedim(-1, dim)

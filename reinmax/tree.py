@@ -22,12 +22,17 @@ Example::
     torch.Size([3, 32])
 """
 
-import math
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from stability_toolbox import validation
+
+from ._checks import check_tau
+from .registry import check_estimator_name, check_estimator_options, estimate
 
 __all__ = ["BinaryTreeLSTMCell", "LatentTreeLSTM", "TreeClassifier"]
 
@@ -59,9 +64,8 @@ class BinaryTreeLSTMCell(nn.Module):
         return h, c
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _check_positive_int(name: str, value) -> int:
+    return validation.as_int(name, value, minimum=1)
 
 
 class LatentTreeLSTM(nn.Module):
@@ -88,16 +92,14 @@ class LatentTreeLSTM(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, estimator: str = "reinmax", tau: float = 1.0,
                  estimator_options: Optional[Dict] = None):
         super().__init__()
-        _check_positive_int("input_dim", input_dim)
-        _check_positive_int("hidden_dim", hidden_dim)
-        from . import ESTIMATORS  # the package is initialised before any instance is made
-        if not isinstance(estimator, str) or estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-            raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+        input_dim = _check_positive_int("input_dim", input_dim)
+        hidden_dim = _check_positive_int("hidden_dim", hidden_dim)
         self.input_dim, self.hidden_dim = input_dim, hidden_dim
-        self.estimator, self.tau = estimator, float(tau)
-        self.estimator_options = dict(estimator_options or {})
+        self.estimator = check_estimator_name(estimator, "estimator")
+        self.tau = check_tau(tau)
+        if estimator_options is not None and not isinstance(estimator_options, Mapping):
+            raise TypeError(f"estimator_options must be a dict or None, got {type(estimator_options).__name__}")
+        self.estimator_options = check_estimator_options(self.estimator, self.tau, estimator_options or {})
         self.leaf = nn.Linear(input_dim, 2 * hidden_dim)
         self.cell = BinaryTreeLSTMCell(hidden_dim)
         self.query = nn.Parameter(torch.empty(hidden_dim))
@@ -115,7 +117,6 @@ class LatentTreeLSTM(nn.Module):
 
     def _choose(self, logits: Tensor) -> Tensor:
         if self.training:
-            from . import estimate
             y_hard, _ = estimate(self.estimator, logits, self.tau, dim=-1, **self.estimator_options)
             return y_hard
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).to(logits.dtype)
@@ -126,11 +127,17 @@ class LatentTreeLSTM(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         batch, time, _ = x.shape
         lengths = torch.as_tensor(lengths, device=x.device)
-        if lengths.shape != (batch,) or lengths.dtype.is_floating_point:
+        if lengths.shape != (batch,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise ValueError(f"lengths must be a ({batch},) integer tensor, got {tuple(lengths.shape)} {lengths.dtype}")
-        if batch and (int(lengths.min()) < 1 or int(lengths.max()) > time):
-            raise ValueError(f"lengths must lie in [1, {time}] (the time dimension of x), got "
-                             f"{int(lengths.min())}..{int(lengths.max())}")
+        # data checks once per forward (not per merge step): the merge logits are then finite by construction
+        validation.check_data(lambda: ((lengths < 1) | (lengths > time)).any(),
+                              f"lengths must lie in [1, {time}] (the time dimension of x)")
+        validation.check_data(lambda: ~torch.isfinite(x).all(), "x must be finite (no NaN or inf)")
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else validation.data_checks(False):
+            return self._encode(x, lengths, return_merges)
+
+    def _encode(self, x: Tensor, lengths: Tensor, return_merges: bool):
+        batch, time, _ = x.shape
         h, c = self.leaf(x).chunk(2, dim=-1)
         active = torch.arange(time, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)  # (batch, time)
         if not self.training and not torch.is_grad_enabled() and time > 1:
@@ -239,11 +246,11 @@ class TreeClassifier(nn.Module):
                  mlp_dim: int = 128, padding_idx: Optional[int] = None, dropout: float = 0.0,
                  estimator: str = "reinmax", tau: float = 1.0, estimator_options: Optional[Dict] = None):
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("num_classes", num_classes), ("embed_dim", embed_dim),
-                            ("mlp_dim", mlp_dim)):
-            _check_positive_int(name, value)
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        vocab_size, num_classes, embed_dim, mlp_dim = (
+            _check_positive_int(name, value) for name, value in (
+                ("vocab_size", vocab_size), ("num_classes", num_classes), ("embed_dim", embed_dim),
+                ("mlp_dim", mlp_dim)))
+        dropout = validation.as_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
         self.encoder = LatentTreeLSTM(embed_dim, hidden_dim, estimator, tau, estimator_options)
         self.dropout = nn.Dropout(dropout)

@@ -4,7 +4,9 @@ from typing import Any, Dict, Iterable, List, Union
 
 import torch
 
-from .sign_optimizer import SignDecay, SignOptimizer, _check_real, foreach_addcmul_, scale_decay
+from stability_toolbox import validation
+
+from .sign_optimizer import SignDecay, SignOptimizer, foreach_addcmul_, scale_decay
 
 __all__ = ["AddSign"]
 
@@ -60,7 +62,7 @@ class AddSign(SignOptimizer):
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         super()._check_group(group)
-        _check_real("alpha", group["alpha"])
+        validation.as_real("alpha", group["alpha"])
 
     def _single_tensor_update(self, group, lr, p, g, m, decay):  # type: ignore[override]
         p.add_(g, alpha=-lr * group["alpha"])

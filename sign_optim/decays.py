@@ -22,8 +22,9 @@ Example::
 """
 
 import math
-import numbers
 from typing import Any, Dict, Optional, Type
+
+from stability_toolbox import validation
 
 __all__ = [
     "InternalDecay",
@@ -36,12 +37,10 @@ __all__ = [
 ]
 
 
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+def _number(name: str, value: Any, **bounds) -> float:
+    """``value`` checked by :func:`validation.as_real`; a Python int or float is kept as given (for the repr)."""
+    checked = validation.as_real(name, value, **bounds)
+    return value if type(value) in (int, float) else checked
 
 
 class InternalDecay:
@@ -54,18 +53,13 @@ class InternalDecay:
     kind: str = ""
 
     def __init__(self, T_max: float) -> None:
-        _check_number("T_max", T_max)
-        if T_max < 1:
-            raise ValueError(f"T_max (the number of decay steps) must be >= 1, got {T_max}")
-        self.T_max = T_max
+        self.T_max = _number("T_max", T_max, low=1.0)
 
     def value(self, step: float) -> float:
         raise NotImplementedError
 
     def __call__(self, step: float) -> float:
-        _check_number("step", step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        step = validation.as_real("step", step, low=0.0)
         return float(self.value(min(step, self.T_max)))
 
     def config(self) -> Dict[str, Any]:
@@ -109,15 +103,8 @@ class LinearInternalDecay(InternalDecay):
 class _PeriodicDecay(InternalDecay):
     def __init__(self, T_max: float, num_periods: float, zero_after: Optional[float]) -> None:
         super().__init__(T_max)
-        _check_number("num_periods", num_periods)
-        if num_periods <= 0:
-            raise ValueError(f"num_periods must be > 0, got {num_periods}")
-        if zero_after is not None:
-            _check_number("zero_after", zero_after)
-            if zero_after < 0:
-                raise ValueError(f"zero_after must be None or >= 0, got {zero_after}")
-        self.num_periods = num_periods
-        self.zero_after = zero_after
+        self.num_periods = _number("num_periods", num_periods, low=0.0, low_open=True)
+        self.zero_after = None if zero_after is None else _number("zero_after", zero_after, low=0.0)
 
     def config(self) -> Dict[str, Any]:
         return {"T_max": self.T_max, "num_periods": self.num_periods, "zero_after": self.zero_after}
@@ -196,11 +183,12 @@ def make_internal_decay(
     """
     if kind is None or kind == "none":
         return None
-    if kind not in DECAY_KINDS:
-        raise ValueError(f"decay kind must be one of {['none', *DECAY_KINDS]}, got {kind!r}")
+    validation.as_choice("kind", kind, ["none", *DECAY_KINDS])
     if kind == "linear":
-        if zero_after is not None:
-            raise ValueError("zero_after is not accepted by the linear decay (it reaches 0 at T_max)")
+        for name, value in (("num_periods", num_periods), ("zero_after", zero_after)):
+            if value is not None:
+                raise ValueError(f"{name} is not accepted by the linear decay (it goes once from 1 to 0 at T_max), "
+                                 f"got {name}={value!r}; use kind 'cosine' or 'restart' for periods")
         return LinearInternalDecay(T_max)
     kwargs: Dict[str, Any] = {"zero_after": zero_after}
     if num_periods is not None:

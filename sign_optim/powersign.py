@@ -5,7 +5,9 @@ from typing import Any, Dict, Iterable, List, Union
 
 import torch
 
-from .sign_optimizer import SignDecay, SignOptimizer, _check_real, foreach_addcmul_
+from stability_toolbox import validation
+
+from .sign_optimizer import SignDecay, SignOptimizer, foreach_addcmul_
 
 __all__ = ["PowerSign"]
 
@@ -63,9 +65,7 @@ class PowerSign(SignOptimizer):
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         super()._check_group(group)
-        _check_real("alpha", group["alpha"])
-        if group["alpha"] <= 0:
-            raise ValueError(f"alpha (the base of PowerSign) must be > 0, got {group['alpha']}")
+        validation.as_real("alpha", group["alpha"], low=0.0, low_open=True)
 
     def _coefficients(self, group: Dict[str, Any], decay: float):
         c = math.log(group["alpha"]) * decay

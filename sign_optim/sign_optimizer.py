@@ -8,12 +8,13 @@ incremented (the first update uses ``d(0)``). Subclasses only write the two upda
 """
 
 import math
-import numbers
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _default_to_fused_or_foreach
+
+from stability_toolbox import validation
 
 from .decays import InternalDecay, internal_decay_from_state_dict
 
@@ -23,13 +24,6 @@ SignDecay = Optional[Callable[[int], float]]
 
 # Key of the decay's serialized form in the optimizer's state_dict.
 _DECAY_KEY = "sign_internal_decay"
-
-
-def _check_real(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
 
 
 def scale_decay(decay: Union[float, List[float]], factor: float) -> Union[float, List[float]]:
@@ -113,29 +107,34 @@ class SignOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- validation
+    #: hyper-parameters every param group of this optimizer holds (a foreign state dict lacks some)
+    group_keys = ("lr", "beta", "alpha", "weight_decay", "maximize", "foreach")
+
     def _check_group(self, group: Dict[str, Any]) -> None:
-        """Raise ValueError / TypeError for bad hyper-parameters of a param group."""
-        _check_real("lr", group["lr"])
-        if group["lr"] < 0:
-            raise ValueError(f"lr must be >= 0, got {group['lr']}")
-        _check_real("beta", group["beta"])
-        if not 0.0 <= group["beta"] < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {group['beta']}")
-        _check_real("weight_decay", group["weight_decay"])
-        if group["weight_decay"] < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+        """Raise ValueError / TypeError for bad hyper-parameters of a param group (nothing is changed)."""
+        missing = [k for k in self.group_keys if k not in group]
+        if missing:
+            raise ValueError(f"param group lacks {missing}: not a {type(self).__name__} param group")
+        validation.as_real("lr", group["lr"], low=0.0)
+        validation.as_real("beta", group["beta"], low=0.0, high=1.0, high_open=True)
+        validation.as_real("weight_decay", group["weight_decay"], low=0.0)
         if not isinstance(group["maximize"], bool):
             raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
         if group["foreach"] is not None and not isinstance(group["foreach"], bool):
             raise TypeError(f"foreach must be None or a bool, got {type(group['foreach']).__name__}")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's ``add_param_group``, with the group's hyper-parameters and parameters checked first."""
+        if isinstance(param_group, dict) and "params" in param_group:
+            param_group = dict(param_group)
+            params = param_group["params"]
+            param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+            for p in param_group["params"]:
+                if isinstance(p, torch.Tensor) and torch.is_complex(p):
+                    raise TypeError(f"{type(self).__name__} does not support complex parameters "
+                                    "(sign of a complex number)")
+            self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for p in group["params"]:
-            if torch.is_complex(p):
-                raise TypeError(f"{type(self).__name__} does not support complex parameters (sign of a complex number)")
-        self._check_group(group)
 
     @property
     def sign_internal_decay(self) -> SignDecay:
@@ -179,8 +178,47 @@ class SignOptimizer(Optimizer):
         state_dict[_DECAY_KEY] = saved
         return state_dict
 
+    def _check_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """ValueError/TypeError unless ``state_dict`` is one of this optimizer's kind for these parameters."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise TypeError(f"state_dict must be the dict of a {name}.state_dict() (keys 'state' and 'param_groups')")
+        groups = state_dict["param_groups"]
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} param groups, "
+                             f"this {name} has {len(self.param_groups)}")
+        params_of = {}
+        for k, (saved, own) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, dict) or len(saved.get("params", ())) != len(own["params"]):
+                raise ValueError(f"state_dict param group {k} does not have the {len(own['params'])} parameters "
+                                 f"of this {name}'s group {k}")
+            try:
+                self._check_group(saved)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"state_dict param group {k} is not a valid {name} group: {err}") from None
+            params_of.update(zip(saved["params"], own["params"]))
+        for key, entry in state_dict["state"].items():
+            p = params_of.get(key)
+            if p is None:
+                raise ValueError(f"state_dict holds state for parameter {key!r}, which is in none of its param groups")
+            if not isinstance(entry, dict) or set(entry) != {"step", "exp_avg"}:
+                raise ValueError(f"state_dict: the state of parameter {key} has keys "
+                                 f"{sorted(entry) if isinstance(entry, dict) else type(entry).__name__}, "
+                                 f"a {name} keeps exactly ['exp_avg', 'step'] (is it another optimizer's?)")
+            avg = entry["exp_avg"]
+            if not isinstance(avg, torch.Tensor) or avg.shape != p.shape:
+                raise ValueError(f"state_dict: exp_avg of parameter {key} has shape "
+                                 f"{tuple(avg.shape) if isinstance(avg, torch.Tensor) else type(avg).__name__}, "
+                                 f"the parameter has shape {tuple(p.shape)}")
+            validation.as_int(f"state_dict: step of parameter {key}", entry["step"], minimum=0)
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load the state and the decay (see the class docstring for callables that are not decays)."""
+        """Load the state and the decay (see the class docstring for callables that are not decays).
+
+        The whole state dict is checked first (the state of another optimizer, of other parameter
+        shapes or counts, or bad hyper-parameters is a ValueError): a refused load changes nothing.
+        """
+        self._check_state_dict(state_dict)
         state_dict = dict(state_dict)
         has_key = _DECAY_KEY in state_dict
         saved = state_dict.pop(_DECAY_KEY, None)
@@ -221,34 +259,16 @@ class SignOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        name = type(self).__name__
-        for group in self.param_groups:
-            params: List[torch.Tensor] = []
-            grads: List[torch.Tensor] = []
-            avgs: List[torch.Tensor] = []
-            decays: List[float] = []
-            cache: Dict[int, float] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"{name} does not support sparse gradients (grad layout {p.grad.layout})")
+        work = self._prepare_step()  # every check first: a refused step changes nothing
+        for group, params, grads, decays in work:
+            avgs = []
+            for p in params:
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                step = int(state["step"])
-                # TF evaluates the decay at the step before incrementing it: the first update uses d(0).
-                if step not in cache:
-                    cache[step] = self._decay_value(step)
-                decays.append(cache[step])
-                params.append(p)
-                grads.append(p.grad)
+                state["step"] += 1
                 avgs.append(state["exp_avg"])
-            if not params:
-                continue
-            for p in params:  # only once every check passed: a refused step leaves the state as it was
-                self.state[p]["step"] += 1
             foreach = group["foreach"]
             if foreach is None:
                 foreach = _default_to_fused_or_foreach(params, differentiable=False)[1]
@@ -272,6 +292,36 @@ class SignOptimizer(Optimizer):
                         p.mul_(1.0 - lr * group["weight_decay"])
                     self._single_tensor_update(group, lr, p, g, m, decays[i])
         return loss
+
+    def _prepare_step(self) -> List[Tuple[Dict[str, Any], List[torch.Tensor], List[torch.Tensor], List[float]]]:
+        """Check every group and gradient (hyper-parameters may have been changed since construction, by
+        a scheduler say) and evaluate the decays; ``[(group, params, grads, decays)]``, nothing changed."""
+        name = type(self).__name__
+        work = []
+        for group in self.param_groups:
+            self._check_group(group)
+            params, grads, decays = [], [], []
+            cache: Dict[int, float] = {}
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise TypeError(f"{name} does not support sparse gradients (grad layout {g.layout})")
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    raise ValueError(f"{name}: a gradient of shape {tuple(g.shape)}, {g.dtype} on {g.device} "
+                                     f"does not match its parameter ({tuple(p.shape)}, {p.dtype} on {p.device})")
+                state = self.state[p]
+                step = int(state["step"]) if state else 0
+                # TF evaluates the decay at the step before incrementing it: the first update uses d(0).
+                if step not in cache:
+                    cache[step] = self._decay_value(step)
+                params.append(p)
+                grads.append(g)
+                decays.append(cache[step])
+            if params:
+                work.append((group, params, grads, decays))
+        return work
 
     def _single_tensor_update(
         self, group: Dict[str, Any], lr: float, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, decay: float

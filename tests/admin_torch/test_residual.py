@@ -176,7 +176,7 @@ BAD_CALLS = [
     (lambda: calculate_init(12, 1), TypeError, "output_change_scale"),
     (lambda: calculate_init(0), ValueError, "num_res_layers"),
     (lambda: calculate_init(-3), ValueError, "num_res_layers"),
-    (lambda: calculate_init(12.0), TypeError, "num_res_layers"),
+    (lambda: calculate_init(12.5), ValueError, "num_res_layers"),
     (lambda: calculate_init(True), TypeError, "num_res_layers"),
     (lambda: calculate_init("12"), TypeError, "num_res_layers"),
     (lambda: as_module(12, as_parameter=True), ValueError, "embed_dim"),

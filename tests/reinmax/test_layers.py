@@ -22,7 +22,7 @@ def test_categorical_layer_train_and_eval(name):
 
 
 def test_categorical_layer_arguments():
-    with pytest.raises(ValueError, match="name"):
+    with pytest.raises(ValueError, match="estimator must be one of"):
         CategoricalLayer("nope")
     with pytest.raises(ValueError, match="tau"):
         CategoricalLayer(tau=-1.0)

@@ -263,7 +263,9 @@ def test_sample_categorical_zero_probability_edges():
 
 def test_function_is_public_and_apply_works():
     x = torch.randn(2, 3, requires_grad=True)
-    y_hard, y_soft = ReinMaxFunction.apply(x, 1.0, 1, None)
+    y_hard, y_soft, log_probs, index = ReinMaxFunction.apply(x, 1.0, 1, None)
+    assert torch.equal(y_hard.argmax(1, keepdim=True), index)
+    torch.testing.assert_close(log_probs.exp(), y_soft)
     y_hard.sum().backward()
     assert x.grad.shape == x.shape
 
