@@ -311,7 +311,7 @@ class SignOptimizer(Optimizer):
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     raise ValueError(f"{name}: a gradient of shape {tuple(g.shape)}, {g.dtype} on {g.device} "
                                      f"does not match its parameter ({tuple(p.shape)}, {p.dtype} on {p.device})")
-                state = self.state[p]
+                state = self.state.get(p)  # .get: self.state is a defaultdict, [] would add an entry
                 step = int(state["step"]) if state else 0
                 # TF evaluates the decay at the step before incrementing it: the first update uses d(0).
                 if step not in cache:
