@@ -31,7 +31,7 @@ $(STAMP): setup.py constraints.txt Makefile
 	    $(PIP) wheel --no-build-isolation --no-deps -w "$(WHEEL_CACHE)" $(FAIRSEQ); }
 	$(PIP) install --no-deps "$$(ls "$(WHEEL_CACHE)"/fairseq_fixed-0.12.3.1-*.whl | head -n 1)"
 	$(PIP) install -c constraints.txt hydra-core omegaconf regex sacrebleu tqdm bitarray cffi \
-	  scikit-learn packaging sentencepiece matplotlib pytest 2>&1 | grep -v "is ignored" || true
+	  scikit-learn packaging sentencepiece matplotlib pytest hypothesis 2>&1 | grep -v "is ignored" || true
 	$(PIP) install --no-build-isolation --no-deps -e .
 	@# the public packages this toolbox is compared with, importable only through tests/peers.py
 	$(PIP) install --no-deps --upgrade --target $(VENV)/peers admin-torch==0.1.0 reinmax==0.1.0

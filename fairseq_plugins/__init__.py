@@ -8,7 +8,8 @@ Importing this package (which ``--user-dir`` does) registers, once per process:
 
 makes fairseq checkpoints load with torch's safe ``weights_only=True`` unpickler
 (:mod:`fairseq_plugins.safe_checkpoint`), and keeps the last batch that fairseq-fixed drops, so
-generation and validation see every sentence (:mod:`fairseq_plugins.batching`). The algorithms live in ``admin_torch``, ``reinmax`` and
+generation and validation see every sentence (:mod:`fairseq_plugins.batching`), and ends a tool with one
+line naming the flag (exit 2) for a bad plugin flag, before any data is loaded (:mod:`fairseq_plugins.flags`). The algorithms live in ``admin_torch``, ``reinmax`` and
 ``sign_optim``; this package only adapts them to fairseq.
 
 The directory works as ``--user-dir`` from the repository root (``--user-dir fairseq_plugins``)
@@ -25,5 +26,9 @@ batching.install()
 # fairseq auto-imports models/ and tasks/ of a --user-dir; optimizers must be imported here.
 # Importing models/ and tasks/ here as well makes `import fairseq_plugins` alone enough.
 from . import models, optim, tasks  # noqa: E402,F401
+from . import flags  # noqa: E402
 
-__all__ = ["batching", "models", "optim", "tasks", "safe_checkpoint"]
+# after the registrations: bad plugin flags end with one line and exit 2, before any data loads
+flags.install()
+
+__all__ = ["batching", "flags", "models", "optim", "tasks", "safe_checkpoint"]

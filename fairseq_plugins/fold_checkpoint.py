@@ -27,6 +27,7 @@ loads with torch's ``weights_only=True`` without any allowlist) and drops the op
 
 import argparse
 import copy
+import os
 import sys
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
@@ -36,6 +37,7 @@ from torch import nn
 
 import admin_torch
 from fairseq.data import Dictionary
+from stability_toolbox.files import atomic_write, check_output_path
 from fairseq.models.transformer import TransformerModel
 from fairseq.modules import SinusoidalPositionalEmbedding
 
@@ -213,6 +215,10 @@ def fold_checkpoint(in_path: str, out_path: str) -> Dict[str, float]:
 
     from . import safe_checkpoint
 
+    if not os.path.isfile(in_path):
+        raise ValueError(f"input {in_path} is {'a directory' if os.path.isdir(in_path) else 'not found'}; "
+                         "give a transformer_admin checkpoint file")
+    out_path = check_output_path(out_path, [in_path])
     safe_checkpoint.install()
     state = checkpoint_utils.load_checkpoint_to_cpu(in_path)
     args = _model_args(state)
@@ -246,7 +252,8 @@ def fold_checkpoint(in_path: str, out_path: str) -> Dict[str, float]:
     out["cfg"] = cfg
     out["last_optimizer_state"] = None
     out["extra_state"] = _to_plain(state.get("extra_state"))
-    torch.save(out, out_path)
+    with atomic_write(out_path, "wb") as f:  # never a half-written checkpoint, never the input
+        torch.save(out, f)
     return omegas
 
 
@@ -261,8 +268,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = parser.parse_args(argv)
     try:
         omegas = fold_checkpoint(a.input, a.output)
-    except NotAdminCheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # not an Admin checkpoint, bad paths, unreadable or unsafe file
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     values = list(omegas.values())
     print(f"folded {len(values)} residual omegas (min {min(values):.4g}, max {max(values):.4g}) into {a.output}")

@@ -32,6 +32,8 @@ from typing import Callable, List
 
 import torch
 
+from . import flags
+
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """The checkpoint's pickle references a global outside the allowlist; nothing was executed."""
@@ -90,19 +92,6 @@ def _guarded(load: Callable) -> Callable:
     return load_checkpoint_to_cpu
 
 
-def _excepthook(previous: Callable) -> Callable:
-    """Print a checkpoint refusal as one ``error:`` line instead of a traceback (exit status stays 1)."""
-
-    def hook(kind, value, traceback):
-        if isinstance(value, (UnsafeCheckpointError, CorruptCheckpointError)):
-            sys.stderr.write(f"error: {value}\n")
-        else:
-            previous(kind, value, traceback)
-
-    hook.__installed_by_fairseq_plugins__ = True
-    return hook
-
-
 def _guarded_broadcast(broadcast_slow: Callable) -> Callable:
     """Wrap fairseq's ``_broadcast_object_slow`` (rank 0 sends the loaded checkpoint to the others).
 
@@ -140,5 +129,5 @@ def install() -> None:
 
     if not getattr(distributed_utils._broadcast_object_slow, "__wrapped_by_fairseq_plugins__", False):
         distributed_utils._broadcast_object_slow = _guarded_broadcast(distributed_utils._broadcast_object_slow)
-    if not getattr(sys.excepthook, "__installed_by_fairseq_plugins__", False):
-        sys.excepthook = _excepthook(sys.excepthook)
+    # a refusal is printed as one "error:" line instead of a traceback (exit status 1)
+    flags.one_line_errors(UnsafeCheckpointError, CorruptCheckpointError, status=1)

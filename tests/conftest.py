@@ -5,6 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# property tests: reproducible (derandomized: the same examples on every run), no per-example deadline
+settings.register_profile("toolbox", derandomize=True, deadline=None, max_examples=60,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile("toolbox")
 
 # tests/peers.py and tests/fairseq_helpers.py; appended, so that tests/admin_torch etc. never
 # shadow the real packages of the same name.

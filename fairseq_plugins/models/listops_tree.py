@@ -12,6 +12,9 @@ from fairseq.models import MODEL_REGISTRY, BaseFairseqModel, register_model
 from reinmax import ESTIMATORS
 from reinmax.tree import TreeClassifier
 
+from stability_toolbox import validation
+
+from ..flags import check_flag, flag_check
 from ..registry import register_once
 
 ESTIMATOR_CHOICES = ChoiceEnum(sorted(ESTIMATORS))
@@ -27,6 +30,24 @@ class ListOpsTreeConfig(FairseqDataclass):
     tau: float = field(default=1.0, metadata={"help": "estimator temperature (ReinMax: >= 1; paper 1.1)"})
     gap: float = field(default=1.0, metadata={"help": "gap of gapped_straight_through"})
     gumbel_rao_k: int = field(default=10, metadata={"help": "samples of gumbel_rao"})
+
+
+@flag_check
+def check_listops_tree_flags(args) -> None:
+    """The flags of ``--arch listops_tree`` (FlagError naming the flag and the accepted values)."""
+    if getattr(args, "arch", None) != "listops_tree":
+        return
+    defaults = ListOpsTreeConfig()
+
+    def value(name: str):  # fairseq's parser leaves out model flags that were not given
+        return getattr(args, name, getattr(defaults, name))
+
+    for flag, name in (("--embed-dim", "embed_dim"), ("--hidden-dim", "hidden_dim"), ("--mlp-dim", "mlp_dim"),
+                       ("--gumbel-rao-k", "gumbel_rao_k")):
+        check_flag(flag, validation.as_int, value(name), minimum=1)
+    check_flag("--dropout", validation.as_real, value("dropout"), low=0.0, high=1.0, high_open=True)
+    check_flag("--tau", validation.as_real, value("tau"), low=0.0, low_open=True)
+    check_flag("--gap", validation.as_real, value("gap"), low=0.0)
 
 
 @register_once(MODEL_REGISTRY, register_model, "listops_tree", dataclass=ListOpsTreeConfig)

@@ -64,6 +64,9 @@ from fairseq.models.transformer.transformer_legacy import (
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
+from stability_toolbox import validation
+
+from ..flags import FlagError, check_flag, flag_check
 from ..registry import register_architecture_once, register_once
 
 logger = logging.getLogger(__name__)
@@ -109,28 +112,41 @@ def _admin_defaults(args) -> None:
 
 
 def _check_admin_args(args) -> None:
+    """The admin flags of a parsed command line or model Namespace; :class:`FlagError` names the flag."""
     _admin_defaults(args)
-    if args.admin_init not in ADMIN_INITS:
-        raise ValueError(f"--admin-init must be one of {list(ADMIN_INITS)}, got {args.admin_init!r}")
-    if args.admin_output_change_scale not in admin_torch.OUTPUT_CHANGE_SCALES:
-        raise ValueError(
-            f"--admin-output-change-scale must be one of {list(admin_torch.OUTPUT_CHANGE_SCALES)}, "
-            f"got {args.admin_output_change_scale!r}"
-        )
+    check_flag("--admin-init", validation.as_choice, args.admin_init, choices=ADMIN_INITS)
+    check_flag("--admin-output-change-scale", validation.as_choice, args.admin_output_change_scale,
+               choices=admin_torch.OUTPUT_CHANGE_SCALES)
     if getattr(args, "encoder_normalize_before", False) or getattr(args, "decoder_normalize_before", False):
-        raise ValueError(
-            "transformer_admin is Post-LN only: --encoder-normalize-before / --decoder-normalize-before are not "
-            "supported (Admin rescales the shortcut of Post-LN sublayers; use the stock transformer for Pre-LN)"
+        raise FlagError(
+            "--encoder-normalize-before / --decoder-normalize-before are not accepted by transformer_admin "
+            "(Admin rescales the shortcut of Post-LN sublayers; use --arch transformer for Pre-LN)"
         )
     if args.admin_init == "deepnorm" and (args.encoder_as_parameter or args.decoder_as_parameter):
-        raise ValueError(
-            "--encoder-as-parameter / --decoder-as-parameter are for --admin-init admin or profiled; "
-            "DeepNorm's alpha is a constant"
+        raise FlagError(
+            "--encoder-as-parameter / --decoder-as-parameter are accepted only with --admin-init admin or "
+            "profiled (DeepNorm's alpha is a constant)"
         )
-    if args.admin_profile is not None and args.admin_init != "profiled":
-        raise ValueError(f"--admin-profile is used only with --admin-init profiled (got --admin-init {args.admin_init})")
+    if args.admin_profile is not None:
+        if args.admin_init != "profiled":
+            raise FlagError(f"--admin-profile is accepted only with --admin-init profiled "
+                            f"(got --admin-init {args.admin_init})")
+        parent = os.path.dirname(os.path.abspath(args.admin_profile))
+        if not os.path.isdir(parent):
+            raise FlagError(f"--admin-profile {args.admin_profile}: directory {parent} does not exist")
+        if os.path.isdir(args.admin_profile):
+            raise FlagError(f"--admin-profile {args.admin_profile} is a directory; give a JSON file path")
     if getattr(args, "cross_self_attention", False):
-        raise ValueError("transformer_admin does not support --cross-self-attention")
+        raise FlagError("--cross-self-attention is not accepted by transformer_admin")
+
+
+@flag_check
+def check_transformer_admin_flags(args) -> None:
+    """Run :func:`_check_admin_args` on command lines whose ``--arch`` is a transformer_admin architecture."""
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    if ARCH_MODEL_REGISTRY.get(getattr(args, "arch", None)) is TransformerAdminModel:
+        _check_admin_args(args)
 
 
 def _layer_residuals(args, cfg, side: str):
@@ -263,6 +279,8 @@ class TransformerAdminModel(TransformerModel):
         if args.admin_init == "profiled":
             # 1 once the omegas are profiled (or loaded); saved with the model, so a resumed run keeps them
             self.register_buffer("admin_profiled", torch.zeros(1))
+        # a host-side copy of admin_profiled: reading the buffer every step would sync with the GPU
+        self._profiled: Optional[bool] = None
 
     @classmethod
     def build_model(cls, args, task):
@@ -274,6 +292,7 @@ class TransformerAdminModel(TransformerModel):
         if args.admin_init == "profiled" and args.admin_profile and os.path.exists(args.admin_profile):
             admin_torch.apply_omegas(model, admin_torch.load_profile(args.admin_profile))
             model.admin_profiled.fill_(1)
+            model._profiled = True
             logger.info("transformer_admin: loaded profiled omegas from %s", args.admin_profile)
         return model
 
@@ -286,7 +305,15 @@ class TransformerAdminModel(TransformerModel):
         return TransformerAdminDecoder(args, tgt_dict, embed_tokens, no_encoder_attn=args.no_cross_attention)
 
     def needs_profiling(self) -> bool:
-        return self.args.admin_init == "profiled" and self.training and not bool(self.admin_profiled.item())
+        if self.args.admin_init != "profiled" or not self.training:
+            return False
+        if self._profiled is None:  # once after construction or a checkpoint load, not per step
+            self._profiled = bool(self.admin_profiled.item())
+        return not self._profiled
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._profiled = None  # admin_profiled may change: read it again at the next training step
+        super()._load_from_state_dict(*args, **kwargs)
 
     def profile_(self, run_forward) -> dict:
         """Profile the omegas with ``run_forward()`` (one forward pass on real data), average them
@@ -305,6 +332,7 @@ class TransformerAdminModel(TransformerModel):
             admin_torch.save_profile(omegas, path)
             logger.info("transformer_admin: profiled %d omegas, written to %s", len(omegas), path)
         self.admin_profiled.fill_(1)
+        self._profiled = True
         return omegas
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, **kwargs):

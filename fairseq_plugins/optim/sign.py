@@ -30,6 +30,9 @@ from omegaconf import II
 
 from sign_optim import AddSign, PowerSign, make_internal_decay
 
+from stability_toolbox import validation
+
+from ..flags import FlagError, check_flag, flag_check
 from ..registry import register_once
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,43 @@ class FairseqAddSignConfig(_SignConfig):
 @dataclass
 class FairseqPowerSignConfig(_SignConfig):
     sign_alpha: float = field(default=math.e, metadata={"help": "PowerSign: the base (> 0)"})
+
+
+@flag_check
+def check_sign_flags(args) -> None:
+    """The flags of ``--optimizer addsign|powersign`` (FlagError naming the flag and the accepted values)."""
+    optimizer = getattr(args, "optimizer", None)
+    if optimizer not in ("addsign", "powersign"):
+        return
+    check_flag("--sign-beta", validation.as_real, args.sign_beta, low=0.0, high=1.0, high_open=True)
+    if optimizer == "powersign":
+        check_flag("--sign-alpha", validation.as_real, args.sign_alpha, low=0.0, low_open=True)
+    else:
+        check_flag("--sign-alpha", validation.as_real, args.sign_alpha)
+    check_flag("--weight-decay", validation.as_real, args.weight_decay, low=0.0)
+    for lr in (args.lr if isinstance(args.lr, Collection) else [args.lr]):
+        check_flag("--lr", validation.as_real, lr, low=0.0)
+    decay = str(args.sign_decay)
+    if decay in ("none", "linear"):
+        for flag, value in (("--sign-decay-periods", args.sign_decay_periods),
+                            ("--sign-decay-zero-after", args.sign_decay_zero_after)):
+            if value is not None:
+                raise FlagError(f"{flag} is accepted only with --sign-decay cosine or restart "
+                                f"(got --sign-decay {decay})")
+    if decay == "none":
+        if args.sign_decay_steps is not None:
+            raise FlagError("--sign-decay-steps is accepted only with --sign-decay linear, cosine or restart "
+                            "(got --sign-decay none)")
+        return
+    if args.sign_decay_periods is not None:
+        check_flag("--sign-decay-periods", validation.as_real, args.sign_decay_periods, low=0.0, low_open=True)
+    if args.sign_decay_zero_after is not None:
+        check_flag("--sign-decay-zero-after", validation.as_real, args.sign_decay_zero_after, low=0.0)
+    if args.sign_decay_steps is not None:
+        check_flag("--sign-decay-steps", validation.as_int, args.sign_decay_steps, minimum=1)
+    elif not args.max_update or args.max_update < 1:
+        raise FlagError(f"--sign-decay {decay} needs a horizon: --sign-decay-steps T (an integer >= 1) "
+                        "or --max-update")
 
 
 class _FairseqSignOptimizer(FairseqOptimizer):

@@ -29,6 +29,9 @@ from fairseq.tasks import TASK_REGISTRY, FairseqTask, register_task
 
 from reinmax.listops import VOCABULARY, read_listops
 
+from stability_toolbox import validation
+
+from ..flags import DataError, FlagError, check_flag, flag_check
 from ..registry import register_once
 
 logger = logging.getLogger(__name__)
@@ -90,6 +93,16 @@ class ListOpsConfig(FairseqDataclass):
         "help": "fail (file:line) when a label differs from the expression's value"})
 
 
+@flag_check
+def check_listops_flags(args) -> None:
+    """The flags of ``--task listops`` (FlagError naming the flag)."""
+    if getattr(args, "task", None) != "listops":
+        return
+    if not args.data or not os.path.isdir(args.data):
+        raise FlagError(f"DATA must be a directory holding <split>.tsv files, got {args.data!r}")
+    check_flag("--max-train-length", validation.as_int, args.max_train_length, minimum=0)
+
+
 @register_once(TASK_REGISTRY, register_task, "listops", dataclass=ListOpsConfig)
 class ListOpsTask(FairseqTask):
     """ListOps classification: a ListOps expression in, its value (0-9) out."""
@@ -111,12 +124,16 @@ class ListOpsTask(FairseqTask):
         if not os.path.exists(path):
             raise FileNotFoundError(f"ListOps split {split!r}: {path} not found")
         examples = read_listops(path, check_labels=self.cfg.check_labels)
-        if split == getattr(self.cfg, "train_subset", "train") or split == "train":
-            if self.cfg.max_train_length:
-                kept = [ex for ex in examples if len(ex.tokens) <= self.cfg.max_train_length]
-                logger.info(f"{split}: kept {len(kept)}/{len(examples)} examples of at most "
-                            f"{self.cfg.max_train_length} tokens")
-                examples = kept
+        read = len(examples)
+        training = split == getattr(self.cfg, "train_subset", "train") or split == "train"
+        if training and self.cfg.max_train_length:
+            examples = [ex for ex in examples if len(ex.tokens) <= self.cfg.max_train_length]
+            logger.info(f"{split}: kept {len(examples)}/{read} examples of at most "
+                        f"{self.cfg.max_train_length} tokens")
+        if not examples:
+            why = (f"all {read} are longer than --max-train-length {self.cfg.max_train_length}"
+                   if read else "the file is empty")
+            raise DataError(f"ListOps split {split!r} ({path}) has no example: {why}")
         tokens = [torch.tensor([self.dictionary.index(t) for t in ex.tokens], dtype=torch.long) for ex in examples]
         self.datasets[split] = ListOpsDataset(tokens, [ex.label for ex in examples], self.dictionary.pad())
         logger.info(f"{split}: {len(examples)} examples from {path}")
