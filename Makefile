@@ -1,5 +1,6 @@
 # make install   .venv with torch 2.13.0 (CPU), fairseq-fixed, the recipes' tools and this project (editable)
 # make test      the whole test suite (installs first)
+# make test-gpu  the GPU lane: the tests marked cuda (needs a CUDA device)
 # make demo      the main job: deep Post-LN vs Admin vs Pre-LN with the real fairseq-train (installs first)
 # make bench     every benchmark under benchmarks/
 #
@@ -16,7 +17,7 @@ FAIRSEQ      := fairseq-fixed==0.12.3.1
 STAMP        := $(VENV)/.installed
 PYTEST_ARGS  ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-gpu demo bench clean
 
 install: $(STAMP)
 
@@ -31,7 +32,7 @@ $(STAMP): setup.py constraints.txt Makefile
 	    $(PIP) wheel --no-build-isolation --no-deps -w "$(WHEEL_CACHE)" $(FAIRSEQ); }
 	$(PIP) install --no-deps "$$(ls "$(WHEEL_CACHE)"/fairseq_fixed-0.12.3.1-*.whl | head -n 1)"
 	$(PIP) install -c constraints.txt hydra-core omegaconf regex sacrebleu tqdm bitarray cffi \
-	  scikit-learn packaging sentencepiece matplotlib pytest hypothesis 2>&1 | grep -v "is ignored" || true
+	  scikit-learn packaging sentencepiece matplotlib tensorboardX pytest hypothesis 2>&1 | grep -v "is ignored" || true
 	$(PIP) install --no-build-isolation --no-deps -e .
 	@# the public packages this toolbox is compared with, importable only through tests/peers.py
 	$(PIP) install --no-deps --upgrade --target $(VENV)/peers admin-torch==0.1.0 reinmax==0.1.0
@@ -41,6 +42,10 @@ $(STAMP): setup.py constraints.txt Makefile
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# the GPU lane: the tests marked cuda (every estimator, layer, residual and optimizer on CUDA, no host syncs)
+test-gpu: install
+	$(VENV)/bin/pytest -m cuda $(PYTEST_ARGS)
 
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash recipes/demo/run.sh

@@ -11,8 +11,9 @@
 
 Everything runs with one thread. Example::
 
-    python benchmarks/bench_admin_fairseq.py            # full
-    python benchmarks/bench_admin_fairseq.py --quick    # a fast check
+    python benchmarks/bench_admin_fairseq.py                                  # full, CPU
+    python benchmarks/bench_admin_fairseq.py --quick                          # a fast check
+    python benchmarks/bench_admin_fairseq.py --device cuda --precision bf16   # on the GPU (--fp16/--bf16)
 """
 
 import argparse
@@ -42,10 +43,14 @@ def env():
     return e
 
 
-def train_wps(data: Path, arch_args, updates: int, save_dir: Path):
+PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}
+
+
+def train_wps(data: Path, arch_args, updates: int, save_dir: Path, device: str = "cpu", precision: str = "fp32"):
+    device_args = ["--cpu"] if device == "cpu" else PRECISION_FLAGS[precision]
     cmd = [BIN / "fairseq-train", data, "--user-dir", REPO / "fairseq_plugins", *arch_args, *MODEL,
            "--optimizer", "adam", "--lr", "5e-4", "--max-tokens", "2000", "--max-update", str(updates),
-           "--cpu", "--seed", "1", "--num-workers", "0", "--no-progress-bar", "--log-format", "simple",
+           *device_args, "--seed", "1", "--num-workers", "0", "--no-progress-bar", "--log-format", "simple",
            "--log-interval", "5", "--no-save", "--disable-validation", "--save-dir", save_dir]
     out = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env=env(), cwd=REPO)
@@ -73,22 +78,27 @@ def build(extra, arch):
     return ARCH_MODEL_REGISTRY[arch].build_model(args, SimpleNamespace(source_dictionary=d, target_dictionary=d))
 
 
-def inference_times(repeats: int, batches: int):
+def inference_times(repeats: int, batches: int, device: str = "cpu"):
     import torch
 
     from fairseq_plugins.fold_checkpoint import fold_admin_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    stock = build([], "transformer").eval()
+    stock = build([], "transformer").eval().to(device)
     admin = build(["--admin-init", "admin"], "transformer_admin").eval()
-    folded = fold_admin_model(admin).eval()
+    folded = fold_admin_model(admin).eval().to(device)
+    admin = admin.to(device)
     g = torch.Generator().manual_seed(0)
     data = []
     for _ in range(batches):
         src = torch.randint(4, 1000, (16, 20), generator=g)
         prev = torch.randint(4, 1000, (16, 20), generator=g)
-        data.append((src, torch.full((16,), 20), prev))
+        data.append((src.to(device), torch.full((16,), 20, device=device), prev.to(device)))
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
     with torch.no_grad():
         diff = max((admin(*b)[0] - folded(*b)[0]).abs().max().item() for b in data[:2])
     models = {"stock": stock, "folded": folded, "admin_unfolded": admin}
@@ -102,9 +112,11 @@ def inference_times(repeats: int, batches: int):
             # rotate the order each repeat, so no model always runs first
             for name in names[r % len(names):] + names[: r % len(names)]:
                 m = models[name]
+                sync()
                 t = time.perf_counter()
                 for b in data:
                     m(*b)
+                sync()
                 times[name].append(time.perf_counter() - t)
             print(f"  inference repeat {r + 1}/{repeats}", flush=True)
     return {k: statistics.median(v) for k, v in times.items()}, diff
@@ -115,22 +127,31 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--only", choices=["train", "inference"], help="run only one of the two parts")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=sorted(PRECISION_FLAGS), default="fp32",
+                   help="with --device cuda: fairseq-train --fp16 or --bf16")
     a = p.parse_args(argv)
+    if a.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is available")
+    elif a.precision != "fp32":
+        p.error("--precision fp16/bf16 needs --device cuda (fairseq's --fp16 and --bf16 run on a GPU)")
     repeats, updates, inf_repeats = (2, 15, 6) if a.quick else (4, 30, 21)
     a.out.mkdir(parents=True, exist_ok=True)
     work = a.out / "bench_admin_fairseq_work"
 
-    result = {"model": " ".join(MODEL), "quick": a.quick}
+    result = {"model": " ".join(MODEL), "quick": a.quick, "device": a.device, "precision": a.precision}
     if a.only != "inference":
-        result.update(bench_train(work, repeats, updates))
+        result.update(bench_train(work, repeats, updates, a.device, a.precision))
     if a.only != "train":
-        result.update(bench_inference(inf_repeats))
+        result.update(bench_inference(inf_repeats, a.device))
     name = "bench_admin_fairseq" + (f"_{a.only}" if a.only else "") + ".json"
     (a.out / name).write_text(json.dumps(result, indent=1))
     print(f"written {a.out / name}")
 
 
-def bench_train(work: Path, repeats: int, updates: int):
+def bench_train(work: Path, repeats: int, updates: int, device: str = "cpu", precision: str = "fp32"):
     from fairseq_helpers import make_translation_data
 
     if not (work / "bin" / "dict.src.txt").exists():
@@ -142,7 +163,7 @@ def bench_train(work: Path, repeats: int, updates: int):
     wps = {"transformer": [], "transformer_admin": []}
     for r in range(repeats):
         for arch, extra in (("transformer", []), ("transformer_admin", ["--admin-init", "admin"])):
-            wps[arch].append(train_wps(data, ["--arch", arch, *extra], updates, work / "ck"))
+            wps[arch].append(train_wps(data, ["--arch", arch, *extra], updates, work / "ck", device, precision))
             print(f"  run {r + 1}/{repeats} {arch}: {wps[arch][-1]:.0f} wps", flush=True)
     train_ratio = statistics.median(wps["transformer_admin"]) / statistics.median(wps["transformer"])
     per_run = [x / y for x, y in zip(wps["transformer_admin"], wps["transformer"])]
@@ -154,9 +175,9 @@ def bench_train(work: Path, repeats: int, updates: int):
             "train_speed_ratio_per_pair": per_run}
 
 
-def bench_inference(inf_repeats: int):
+def bench_inference(inf_repeats: int, device: str = "cpu"):
     print(f"inference forward passes, {inf_repeats} interleaved repeats ...", flush=True)
-    inf, diff = inference_times(inf_repeats, 12)  # ~0.5 s of work per model and repeat
+    inf, diff = inference_times(inf_repeats, 12, device)  # ~0.5 s of work per model and repeat
     fold_ratio = inf["stock"] / inf["folded"]  # speed ratio (time of stock / time of folded)
     admin_ratio = inf["stock"] / inf["admin_unfolded"]
     print(f"inference speed ratio folded/stock: {fold_ratio:.3f} (target >= 0.99); "

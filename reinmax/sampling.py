@@ -69,4 +69,7 @@ def draw(probs: Tensor, dim: int, generator: Optional[torch.Generator]) -> Tenso
     # and never lands on a trailing zero-probability category.
     u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     idx = torch.searchsorted(cdf, u, right=True)
+    # only a NaN slice (data checks off) can land past the end: keep the index valid (NaN in, NaN out;
+    # on CUDA an out-of-range scatter would be a device-side assert)
+    idx = idx.clamp(max=p.shape[-1] - 1)
     return idx if last else idx.movedim(-1, dim)

@@ -49,3 +49,15 @@ def shared_data() -> Path:
 def tiny_translation_data(tmp_path_factory):
     """A tiny reversal corpus binarized by the real fairseq-preprocess (shared by the session; read only)."""
     return make_translation_data(tmp_path_factory.mktemp("tiny_translation"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (the GPU lane, ``make test-gpu``) are skipped without a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (the GPU lane: make test-gpu)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -144,7 +144,7 @@ def test_autocast_keeps_activation_dtype(param):
             assert res.omega.grad is not None and res.omega.grad.dtype == torch.float32
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 def test_cuda_follows_model():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

@@ -152,7 +152,7 @@ def test_deepnorm_refuses_as_parameter():
 
 @pytest.mark.parametrize("flag", ["--encoder-normalize-before", "--decoder-normalize-before"])
 def test_refuses_pre_ln(flag):
-    with pytest.raises(ValueError, match="Post-LN only"):
+    with pytest.raises(ValueError, match="not accepted by transformer_admin"):
         build(flag)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from peers import load_peer
+from torch_helpers import saved_bytes
 from reinmax import ReinMaxFunction, reinmax, sample_categorical
 
 
@@ -213,19 +214,6 @@ def test_empty_batch():
     y_hard, y_soft = reinmax(x, 1.0)
     (y_hard.sum() + y_soft.sum()).backward()
     assert y_hard.shape == (0, 5) and x.grad.shape == (0, 5)
-
-
-def saved_bytes(fn):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 def test_saves_less_than_public_0_1_0():

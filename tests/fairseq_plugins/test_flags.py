@@ -1,0 +1,133 @@
+"""Every plugin flag's bad values, and unusable data, through the real fairseq command-line tools.
+
+The contract: one line ``fairseq-<tool>: error: <flag> ...`` naming the flag and the accepted values,
+exit status 2 (like argparse), before any data is loaded -- no traceback. The data directories
+given here hold files that would fail differently if they were read, so a message about the flag
+proves the check came first.
+"""
+
+import sys
+
+import pytest
+
+from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, run_tool, tool_env
+
+pytestmark = pytest.mark.slow
+
+LISTOPS = ["--user-dir", PLUGINS_DIR, "--task", "listops", "--arch", "listops_tree",
+           "--criterion", "listops_cross_entropy", "--optimizer", "adam", "--lr", "1e-3",
+           "--batch-size", "2", "--max-update", "1", "--cpu", "--no-save", "--num-workers", "0"]
+ADMIN = ["--user-dir", PLUGINS_DIR, "--task", "translation", "--arch", "transformer_admin",
+         "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "100", "--cpu", "--no-save"]
+
+
+@pytest.fixture(scope="module")
+def unreadable_listops(tmp_path_factory):
+    """A ListOps directory whose files are not ListOps: reading them would fail with another message."""
+    root = tmp_path_factory.mktemp("unreadable_listops")
+    for split in ("train", "valid"):
+        (root / f"{split}.tsv").write_text("this is not listops\n")
+    return root
+
+
+def assert_one_line(proc, tool: str, *needles: str, status: int = 2):
+    err = proc.stdout.strip().splitlines()
+    assert proc.returncode == status, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert err[-1].startswith(f"fairseq-{tool}: error: "), proc.stdout[-3000:]
+    for needle in needles:
+        assert needle in err[-1], err[-1]
+    assert not any("loaded" in line and "examples" in line for line in err), "data was loaded before the check"
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--tau", "0"], ["--tau", "> 0"]),
+    (["--tau", "nan"], ["--tau"]),
+    (["--gap", "-1"], ["--gap", ">= 0"]),
+    (["--gumbel-rao-k", "0"], ["--gumbel-rao-k", ">= 1"]),
+    (["--hidden-dim", "0"], ["--hidden-dim", ">= 1"]),
+    (["--dropout", "1.5"], ["--dropout", "[0, 1)"]),
+    (["--max-train-length", "-3"], ["--max-train-length", ">= 0"]),
+    (["--optimizer", "addsign", "--sign-beta", "1.5"], ["--sign-beta", "[0, 1)"]),
+    (["--optimizer", "powersign", "--sign-beta", "-0.1"], ["--sign-beta"]),
+    (["--optimizer", "powersign", "--sign-alpha", "-1"], ["--sign-alpha", "> 0"]),
+    (["--optimizer", "addsign", "--sign-alpha", "inf"], ["--sign-alpha", "finite"]),
+    (["--optimizer", "addsign", "--weight-decay", "-1"], ["--weight-decay", ">= 0"]),
+    (["--optimizer", "addsign", "--sign-decay", "linear", "--sign-decay-periods", "2"],
+     ["--sign-decay-periods", "cosine or restart"]),
+    (["--optimizer", "addsign", "--sign-decay", "none", "--sign-decay-zero-after", "1"],
+     ["--sign-decay-zero-after", "cosine or restart"]),
+    (["--optimizer", "powersign", "--sign-decay", "cosine", "--sign-decay-periods", "0"],
+     ["--sign-decay-periods", "> 0"]),
+    (["--optimizer", "powersign", "--sign-decay", "restart", "--sign-decay-steps", "0"],
+     ["--sign-decay-steps", ">= 1"]),
+    (["--optimizer", "addsign", "--sign-decay", "cosine", "--max-update", "0"], ["--sign-decay-steps"]),
+])
+def test_listops_and_optimizer_flags(unreadable_listops, flags, needles):
+    proc = run_tool("train", unreadable_listops, *LISTOPS, *flags, check=False)
+    assert_one_line(proc, "train", *needles)
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--admin-profile", "/tmp/p.json"], ["--admin-profile", "--admin-init profiled"]),
+    (["--admin-init", "profiled", "--admin-profile", "/no/such/dir/p.json"], ["--admin-profile", "does not exist"]),
+    (["--encoder-normalize-before"], ["--encoder-normalize-before", "--arch transformer"]),
+    (["--decoder-normalize-before"], ["--decoder-normalize-before"]),
+    (["--admin-init", "deepnorm", "--encoder-as-parameter"], ["--encoder-as-parameter", "--admin-init admin"]),
+])
+def test_transformer_admin_flags(tmp_path, flags, needles):
+    proc = run_tool("train", tmp_path / "no-data-here", *ADMIN, *flags, check=False)
+    assert_one_line(proc, "train", *needles)
+
+
+def test_listops_data_dir_is_checked_first(tmp_path):
+    proc = run_tool("train", tmp_path / "missing", *LISTOPS, check=False)
+    assert_one_line(proc, "train", "DATA must be a directory")
+
+
+@pytest.mark.parametrize("train, flags, needle", [
+    ("", [], "the file is empty"),
+    ("0\t( ( ( [MIN 0 ) 1 ) ] )\n", ["--max-train-length", "3"], "longer than --max-train-length 3"),
+])
+def test_empty_or_fully_filtered_training_set_is_one_line(tmp_path, train, flags, needle):
+    (tmp_path / "train.tsv").write_text(train)
+    (tmp_path / "valid.tsv").write_text("0\t( ( ( [MIN 0 ) 1 ) ] )\n")
+    proc = run_tool("train", tmp_path, *LISTOPS, *flags, check=False)
+    err = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout and "IndexError" not in proc.stdout
+    assert err.startswith("fairseq-train: error: ListOps split 'train'") and needle in err
+
+
+def test_good_flags_still_train(tmp_path):
+    (tmp_path / "train.tsv").write_text("0\t( ( ( [MIN 0 ) 1 ) ] )\n3\t( ( ( [SM 1 ) 2 ) ] )\n")
+    (tmp_path / "valid.tsv").write_text("0\t( ( ( [MIN 0 ) 1 ) ] )\n")
+    proc = run_tool("train", tmp_path, *LISTOPS, "--optimizer", "powersign", "--sign-decay", "cosine",
+                    "--sign-decay-periods", "1", "--tau", "1.3", check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+# ---------------------------------------------------------------- fold_checkpoint
+
+def fold(*args):
+    import subprocess
+    return subprocess.run([sys.executable, "-m", "fairseq_plugins.fold_checkpoint", *map(str, args)],
+                          cwd=REPO_ROOT, env=tool_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_fold_checkpoint_bad_paths_write_nothing(tmp_path):
+    ckpt = tmp_path / "checkpoint_last.pt"
+    ckpt.write_bytes(b"training state that must survive")
+    cases = [
+        ((tmp_path / "missing.pt", tmp_path / "out.pt"), "not found"),
+        ((tmp_path, tmp_path / "out.pt"), "is a directory"),
+        ((ckpt, tmp_path / "no-dir" / "out.pt"), "does not exist"),
+        ((ckpt, ckpt), "is the input"),
+        ((ckpt, tmp_path / "." / "checkpoint_last.pt"), "is the input"),
+    ]
+    for args, needle in cases:
+        proc = fold(*args)
+        lines = proc.stdout.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stdout
+        assert lines[0].startswith("python -m fairseq_plugins.fold_checkpoint: error:")
+    assert ckpt.read_bytes() == b"training state that must survive"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pt"]

@@ -1,0 +1,128 @@
+"""The GPU lane (``make test-gpu``): every estimator and layer in float32/float16/bfloat16 and under
+autocast, Admin residuals, the sign optimizers, and no host-device synchronization in the hot paths.
+
+Every test here is marked ``cuda`` and skipped without a CUDA device (conftest.py).
+"""
+
+import pytest
+import torch
+
+import admin_torch
+import reinmax
+import stability_toolbox
+from reinmax import CategoricalLayer, DiscreteBottleneck, LatentTreeLSTM
+from sign_optim import AddSign, CosineInternalDecay, PowerSign
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NAMES = sorted(reinmax.ESTIMATORS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_estimators_on_cuda(name, dtype):
+    x = (torch.randn(64, 10, device="cuda") * 3).to(dtype).requires_grad_()
+    y_hard, y_soft = reinmax.estimate(name, x, 1.3)
+    assert y_hard.dtype == dtype and y_hard.device.type == "cuda"
+    assert torch.equal(y_hard.sum(-1).float(), torch.ones(64, device="cuda"))
+    torch.testing.assert_close(y_soft.float(), torch.softmax(x.detach().float(), -1), rtol=1e-2, atol=1e-3)
+    (y_hard * torch.randn_like(y_hard)).sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_estimators_under_autocast_keep_the_logits_dtype(name, dtype):
+    lin = torch.nn.Linear(16, 10).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        logits = lin(torch.randn(8, 16, device="cuda"))
+        y_hard, y_soft = reinmax.estimate(name, logits, 1.3)
+    assert logits.dtype == y_hard.dtype == y_soft.dtype == dtype
+    y_hard.float().sum().backward()
+    assert torch.isfinite(lin.weight.grad).all()
+
+
+def test_reinmax_cuda_gradient_is_the_cpu_formula():
+    x = torch.randn(128, 7, dtype=torch.float64, device="cuda", requires_grad=True)
+    g, h = torch.randn_like(x), torch.randn_like(x)
+    y_hard, y_soft = reinmax.reinmax(x, 1.3)
+    ((y_hard * g).sum() + (y_soft * h).sum()).backward()
+    pi0 = torch.softmax(x.detach(), -1)
+    pi1 = (torch.softmax(x.detach() / 1.3, -1) + y_hard) / 2
+
+    def J(p, v):
+        return p * (v - (p * v).sum(-1, keepdim=True))
+    torch.testing.assert_close(x.grad, 2 * J(pi1, g) - 0.5 * J(pi0, g) + J(pi0, h))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_layers_on_cuda(dtype, training):
+    cat = CategoricalLayer("reinmax", 1.3).cuda().train(training)
+    vq = DiscreteBottleneck(8, 4, 3, 2).cuda().to(dtype).train(training)
+    tree = LatentTreeLSTM(4, 6).cuda().to(dtype).train(training)
+    x = torch.randn(5, 4, device="cuda", dtype=dtype)
+    assert torch.equal(cat(x).sum(-1).float(), torch.ones(5, device="cuda"))
+    assert vq(torch.randn(5, 8, device="cuda", dtype=dtype)).shape == (5, 2, 3)
+    root = tree(torch.randn(3, 6, 4, device="cuda", dtype=dtype), torch.tensor([6, 3, 1], device="cuda"))
+    assert root.shape == (3, 6) and torch.isfinite(root.float()).all()
+
+
+def test_hot_paths_make_no_host_sync():
+    """With data checks off (the production setting), nothing in the hot paths waits for the GPU."""
+    x = torch.randn(64, 10, device="cuda", requires_grad=True)
+    tree = LatentTreeLSTM(4, 6).cuda()
+    res = admin_torch.as_module(12, as_parameter=True, embed_dim=10).cuda()
+    p = torch.nn.Parameter(torch.randn(10, device="cuda"))
+    opt = PowerSign([p], lr=1e-3, sign_internal_decay=CosineInternalDecay(100))
+    p.grad = torch.randn_like(p)
+    opt.step()  # state creation happens once, outside the checked region
+    lengths = torch.tensor([6, 3, 1], device="cuda")
+    torch.cuda.synchronize()
+    with stability_toolbox.data_checks(False):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for name in NAMES:
+                y_hard, y_soft = reinmax.estimate(name, x, 1.3)
+                (y_hard.sum() + y_soft.sum()).backward()
+            tree(torch.randn(3, 6, 4, device="cuda"), lengths).sum().backward()
+            res(x, x).sum().backward()
+            p.grad = torch.randn_like(p)
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_admin_residuals_and_stacks_on_cuda(dtype):
+    res = admin_torch.as_module(12).cuda()
+    x = torch.randn(4, 8, device="cuda", dtype=dtype)
+    assert res(x, x).dtype == dtype
+    for kind in admin_torch.STACK_KINDS:
+        model = admin_torch.make_stack(kind, depth=2, dim=8, seed=0).cuda().to(dtype)
+        assert torch.isfinite(model(torch.randn(2, 5, 8, device="cuda", dtype=dtype)).float()).all()
+
+
+@pytest.mark.parametrize("cls", [AddSign, PowerSign])
+def test_sign_optimizers_on_cuda_match_cpu(cls):
+    torch.manual_seed(0)
+    cpu = [torch.nn.Parameter(torch.randn(s)) for s in [(33, 7), (5,)]]
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    opts = [cls(ps, lr=1e-2, weight_decay=0.01, sign_internal_decay=CosineInternalDecay(10)) for ps in (cpu, gpu)]
+    for _ in range(5):
+        for pc, pg in zip(cpu, gpu):
+            g = torch.randn_like(pc)
+            pc.grad, pg.grad = g, g.cuda()
+        for opt in opts:
+            opt.step()
+    for pc, pg in zip(cpu, gpu):
+        torch.testing.assert_close(pg.cpu(), pc, rtol=1e-5, atol=1e-6)
+
+
+def test_reinmax_compiles_on_cuda():
+    fn = torch.compile(lambda t: reinmax.reinmax(t, 1.3), fullgraph=True)
+    x = torch.randn(256, 16, device="cuda", requires_grad=True)
+    y_hard, y_soft = fn(x)
+    (y_hard.sum() + (y_soft * y_soft).sum()).backward()
+    assert torch.equal(y_hard.sum(-1), torch.ones(256, device="cuda")) and torch.isfinite(x.grad).all()
