@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import reinmax as ours  # noqa: E402  (before anything puts tests/ on sys.path)
 
+sys.path.append(str(REPO / "tests"))  # appended: tests/<pkg> dirs must not shadow the packages
+from torch_helpers import saved_bytes  # noqa: E402
+
 SHAPES = [(8192, 512), (65536, 16), (256, 32768)]
 TAU = 1.3
 
@@ -73,19 +76,6 @@ def step(fn, x, w, v):
     ((y_hard * w).sum() + (y_soft * v).sum()).backward()
 
 
-def saved_bytes(fn, x):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return total
-
-
 def bench(shape, dtype, device, cands, repeats, compile_too):
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, generator=gen, device=device).to(dtype).requires_grad_()
@@ -113,7 +103,7 @@ def bench(shape, dtype, device, cands, repeats, compile_too):
     for name, t in times.items():
         q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
         out[name] = {"median_ms": 1e3 * statistics.median(t), "iqr_ms": 1e3 * (q[2] - q[0]),
-                     "saved_bytes_per_element": saved_bytes(cands[name], x) / n}
+                     "saved_bytes_per_element": saved_bytes(lambda: cands[name](x)) / n}
     return out, compile_s
 
 
