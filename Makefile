@@ -14,6 +14,7 @@ PIP          := $(PY) -m pip --disable-pip-version-check -q
 # The fairseq build compiles C++ for ~3 minutes: keep its wheel outside .venv so a rebuilt .venv reuses it.
 WHEEL_CACHE  ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/stability-toolbox/wheels
 FAIRSEQ      := fairseq-fixed==0.12.3.1
+FAIRSEQ_WHEEL := fairseq_fixed-0.12.3.1+numpy2-*.whl
 STAMP        := $(VENV)/.installed
 PYTEST_ARGS  ?=
 
@@ -21,18 +22,24 @@ PYTEST_ARGS  ?=
 
 install: $(STAMP)
 
-$(STAMP): setup.py constraints.txt Makefile
+$(STAMP): setup.py constraints.txt Makefile tools/patch_fairseq_numpy2.py
 	@echo "== creating $(VENV) (torch 2.13.0 CPU, $(FAIRSEQ), recipe tools)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0 numpy cython setuptools wheel 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import torch" # fail here, not later, if torch did not install
 	mkdir -p "$(WHEEL_CACHE)"
-	ls "$(WHEEL_CACHE)"/fairseq_fixed-0.12.3.1-*.whl >/dev/null 2>&1 || \
-	  { echo "== building $(FAIRSEQ) once (about 3 minutes), cached in $(WHEEL_CACHE)"; \
-	    $(PIP) wheel --no-build-isolation --no-deps -w "$(WHEEL_CACHE)" $(FAIRSEQ); }
-	$(PIP) install --no-deps "$$(ls "$(WHEEL_CACHE)"/fairseq_fixed-0.12.3.1-*.whl | head -n 1)"
+	@# fairseq's source is repaired for NumPy 2 (tools/patch_fairseq_numpy2.py) before its wheel is built
+	ls "$(WHEEL_CACHE)"/$(FAIRSEQ_WHEEL) >/dev/null 2>&1 || \
+	  { echo "== building $(FAIRSEQ), repaired for NumPy 2, once (about 3 minutes), cached in $(WHEEL_CACHE)"; \
+	    src=$$(mktemp -d) && \
+	    $(PIP) download --no-deps --no-binary :all: --no-build-isolation -d $$src $(FAIRSEQ) && \
+	    tar xzf $$src/fairseq_fixed-0.12.3.1.tar.gz -C $$src && \
+	    $(PY) tools/patch_fairseq_numpy2.py $$src/fairseq_fixed-0.12.3.1 && \
+	    $(PIP) wheel --no-build-isolation --no-deps -w "$(WHEEL_CACHE)" $$src/fairseq_fixed-0.12.3.1 && \
+	    rm -rf $$src; }
+	$(PIP) install --no-deps --force-reinstall "$$(ls "$(WHEEL_CACHE)"/$(FAIRSEQ_WHEEL) | head -n 1)"
 	$(PIP) install -c constraints.txt hydra-core omegaconf regex sacrebleu tqdm bitarray cffi \
-	  scikit-learn packaging sentencepiece matplotlib tensorboardX pytest hypothesis 2>&1 | grep -v "is ignored" || true
+	  scikit-learn packaging sentencepiece matplotlib tensorboardX lion-pytorch pytest hypothesis 2>&1 | grep -v "is ignored" || true
 	$(PIP) install --no-build-isolation --no-deps -e .
 	@# the public packages this toolbox is compared with, importable only through tests/peers.py
 	$(PIP) install --no-deps --upgrade --target $(VENV)/peers admin-torch==0.1.0 reinmax==0.1.0

@@ -1,15 +1,21 @@
-"""Step time and state size of AddSign / PowerSign against torch.optim.Adam (fused, the fastest, and
-foreach) and a per-parameter Python loop like the seed's 2018 port, on a transformer-sized parameter set.
+"""Step time and state size of AddSign / PowerSign against the optimizer peers in their best
+configuration, on a transformer-sized parameter set, at one and two threads in the same run.
+
+Peers: ``torch.optim.Adam(fused=True)`` (the reference: one pass over memory), ``Adam(foreach=True)``,
+Lion from the ``lion-pytorch`` package (its foreach variant on CPU, its Triton kernel on CUDA), the
+seed's 2018-style per-parameter loop, and a **bandwidth row**: a plain one-pass copy that reads p, g,
+m and writes p, m (the bytes AddSign/PowerSign must move), i.e. the physical floor of such a step.
 
 Usage::
 
-    python benchmarks/bench_sign_optim.py                  # ~13.6M parameters in 256 tensors, CPU
+    python benchmarks/bench_sign_optim.py                  # ~13.6M parameters in 257 tensors, CPU, 1 and 2 threads
     python benchmarks/bench_sign_optim.py --quick          # 3 layers, 3 repetitions
     python benchmarks/bench_sign_optim.py --device cuda    # on the GPU (synchronized timing)
 
 Each repetition times every optimizer in a random order (``--steps`` steps each, the same fixed
-gradients), so machine load hits all of them alike; the median over repetitions is reported, with
-the ratio to ``Adam(fused=True)``. Results: ``benchmarks/results/bench_sign_optim.{json,md}`` (or ``--out DIR``).
+gradients), so machine load hits all of them alike; the median over repetitions (and the
+interquartile range) is reported, with the ratio to ``Adam(fused=True)``. The first step of a fresh
+optimizer in a new process is timed separately. Results: ``benchmarks/results/bench_sign_optim.{json,md}``.
 """
 
 import argparse
@@ -17,6 +23,7 @@ import json
 import math
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sign_optim import AddSign, LinearInternalDecay, PowerSign  # noqa: E402
+from sign_optim import AddSign, LinearInternalDecay, PowerSign, fused  # noqa: E402
 
 
 def transformer_params(layers: int, dim: int, ffn: int, vocab: int, device: str = "cpu"):
@@ -80,100 +87,148 @@ class SeedLikeSign(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"])
 
 
-def unchunked(opt):
-    """The foreach path over whole tensors (no cache-sized pieces): shows what the chunking brings on CPU."""
-    opt.cpu_chunk_numel = 0
-    return opt
+class StreamCopy:
+    """The bandwidth row: one pass that reads p, g, m and writes p, m, on scratch copies of the parameters."""
+
+    def __init__(self, params):
+        self.p = [p.detach().clone() for p in params]
+        self.g = [p.grad.detach().clone() for p in params]
+        self.m = [torch.zeros_like(p) for p in params]
+        self.state = {}
+
+    def step(self):
+        if self.p[0].device.type == "cpu":
+            fused.stream_copy(self.p, self.g, self.m)
+        else:  # two fused foreach copies: read g and m, write p and m (+ p read by the add)
+            torch._foreach_add_(self.p, self.g, alpha=0.0)
+            torch._foreach_copy_(self.m, self.g)
+
+
+def lion(params, device):
+    """Lion from lion-pytorch in its best configuration here (None when the package is missing)."""
+    try:
+        if device == "cuda":
+            from lion_pytorch import Lion
+            return Lion(params, lr=1e-4, use_triton=True)
+        from lion_pytorch.foreach import Lion
+        return Lion(params, lr=1e-4)
+    except ImportError:
+        return None
 
 
 def state_bytes(opt) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
+def first_step_seconds(device: str) -> dict:
+    """Seconds of the first step of a fresh AddSign / PowerSign in a new process (imports excluded)."""
+    code = ("import sys, time, torch, sign_optim\n"
+            "p = torch.nn.Parameter(torch.randn(1000, 1000, device=sys.argv[2])); p.grad = torch.randn_like(p)\n"
+            "opt = getattr(sign_optim, sys.argv[1])([p], lr=1e-3)\n"
+            "t = time.perf_counter(); opt.step(); p.sum().item(); print(time.perf_counter() - t)\n")
+    out = {}
+    for name in ("AddSign", "PowerSign"):
+        run = subprocess.run([sys.executable, "-c", code, name, device], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        out[name] = float(run.stdout.strip())
+    return out
+
+
+def time_optimizers(params, device: str, threads: int, reps: int, steps: int) -> dict:
+    torch.set_num_threads(threads)
+    decay = LinearInternalDecay(10_000)
+    factories = {
+        "Adam(fused)": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+        "Adam(foreach)": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+        "Lion (lion-pytorch)": lambda ps: lion(ps, device),
+        "AddSign(fused)": lambda ps: AddSign(ps, lr=1e-3, sign_internal_decay=decay, fused=True),
+        "PowerSign(fused)": lambda ps: PowerSign(ps, lr=1e-3, sign_internal_decay=decay, fused=True),
+        "AddSign(foreach)": lambda ps: AddSign(ps, lr=1e-3, sign_internal_decay=decay, foreach=True),
+        "PowerSign(foreach)": lambda ps: PowerSign(ps, lr=1e-3, sign_internal_decay=decay, foreach=True),
+        "AddSign(seed loop)": lambda ps: SeedLikeSign(ps, "addsign", sign_internal_decay=decay),
+        "bandwidth: copy p,g,m -> p,m": lambda ps: StreamCopy(ps),
+    }
+    optimizers = {name: opt for name, make in factories.items() if (opt := make(params)) is not None}
+    for opt in optimizers.values():  # allocate the state, warm up
+        opt.step()
+    times = {name: [] for name in optimizers}
+    order, rng = list(optimizers), random.Random(threads)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for rep in range(reps):
+        rng.shuffle(order)
+        for name in order:
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                optimizers[name].step()
+            sync()
+            times[name].append((time.perf_counter() - start) / steps)
+        print(f"  {threads} thread(s), repetition {rep + 1}/{reps}: "
+              + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms" for k, v in times.items()), flush=True)
+    ref = statistics.median(times["Adam(fused)"])
+    rows = []
+    for name, t in times.items():
+        q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+        rows.append({"optimizer": name, "threads": threads, "ms_median": round(1e3 * statistics.median(t), 2),
+                     "ms_iqr": round(1e3 * (q[2] - q[0]), 2), "time_vs_fused_adam": round(statistics.median(t) / ref, 3),
+                     "state_bytes": state_bytes(optimizers[name])})
+    return {"rows": rows, "times_s": times}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="6-layer model, 3 repetitions")
+    parser.add_argument("--quick", action="store_true", help="3 layers, 3 repetitions")
     parser.add_argument("--layers", type=int, default=6, help="encoder layers (= decoder layers)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=10000)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer per repetition")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts, each a table")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    try:
+        threads = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads must be comma-separated integers, got {args.threads!r}")
     if args.quick:
         args.layers, args.reps, args.steps = 3, 3, 3
-    torch.set_num_threads(args.threads)
 
     params = transformer_params(args.layers, args.dim, args.ffn, args.vocab, args.device)
     n = sum(p.numel() for p in params)
     print(f"parameter set: {len(params)} tensors, {n / 1e6:.2f}M parameters; torch {torch.__version__}, "
-          f"{args.threads} thread(s); {args.reps} repetitions x {args.steps} steps", flush=True)
-    decay = LinearInternalDecay(10_000)
-    factories = {
-        "Adam(fused)": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
-        "Adam(foreach)": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
-        "AddSign(foreach)": lambda ps: AddSign(ps, lr=1e-3, sign_internal_decay=decay, foreach=True),
-        "PowerSign(foreach)": lambda ps: PowerSign(ps, lr=1e-3, sign_internal_decay=decay, foreach=True),
-        "AddSign(foreach, unchunked)": lambda ps: unchunked(AddSign(ps, lr=1e-3, sign_internal_decay=decay, foreach=True)),
-        "PowerSign(foreach, unchunked)": lambda ps: unchunked(PowerSign(ps, lr=1e-3, sign_internal_decay=decay, foreach=True)),
-        "AddSign(single)": lambda ps: AddSign(ps, lr=1e-3, sign_internal_decay=decay, foreach=False),
-        "PowerSign(single)": lambda ps: PowerSign(ps, lr=1e-3, sign_internal_decay=decay, foreach=False),
-        "AddSign(seed loop)": lambda ps: SeedLikeSign(ps, "addsign", sign_internal_decay=decay),
-        "PowerSign(seed loop)": lambda ps: SeedLikeSign(ps, "powersign", alpha=math.e, sign_internal_decay=decay),
-    }
-    optimizers = {name: make(params) for name, make in factories.items()}
-    for opt in optimizers.values():  # allocate the state, warm up
-        opt.step()
-    times = {name: [] for name in optimizers}
-    order, rng = list(optimizers), random.Random(0)
+          f"{args.device}; {args.reps} repetitions x {args.steps} steps", flush=True)
+    first = first_step_seconds(args.device)
+    print(f"first step in a new process: " + ", ".join(f"{k} {v:.3f} s" for k, v in first.items()), flush=True)
+    results = [time_optimizers(params, args.device, t, args.reps, args.steps) for t in threads]
 
-    def sync():
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-
-    for rep in range(args.reps):
-        rng.shuffle(order)
-        for name in order:
-            opt = optimizers[name]
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                opt.step()
-            sync()
-            times[name].append((time.perf_counter() - start) / args.steps)
-        print(f"  repetition {rep + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms" for k, v in times.items()),
-              flush=True)
-
-    adam_t = statistics.median(times["Adam(fused)"])
-    adam_b = state_bytes(optimizers["Adam(fused)"])
-    rows = []
-    for name, opt in optimizers.items():
-        t = statistics.median(times[name])
-        rows.append({"optimizer": name, "ms_per_step": round(t * 1e3, 2), "time_vs_adam": round(t / adam_t, 3),
-                     "state_bytes": state_bytes(opt), "state_vs_adam": round(state_bytes(opt) / adam_b, 3)})
-    for name in ("AddSign", "PowerSign"):
-        ours, seed = (statistics.median(times[f"{name}({k})"]) for k in ("foreach", "seed loop"))
-        rows.append({"optimizer": f"{name}: seed loop / foreach", "ms_per_step": None,
-                     "time_vs_adam": None, "speedup_vs_seed_loop": round(seed / ours, 2)})
-
-    lines = ["| optimizer | ms/step (median) | time / Adam(fused) | state bytes | state / Adam |", "|---|---|---|---|---|"]
-    for r in rows:
-        if "speedup_vs_seed_loop" in r:
-            lines.append(f"| {r['optimizer']} | | speed-up x{r['speedup_vs_seed_loop']} | | |")
-        else:
-            lines.append(f"| {r['optimizer']} | {r['ms_per_step']} | {r['time_vs_adam']} | {r['state_bytes']} | {r['state_vs_adam']} |")
+    lines = [f"{len(params)} tensors, {n / 1e6:.1f}M parameters, {args.device}, torch {torch.__version__}; "
+             f"median of {args.reps} repetitions x {args.steps} steps (IQR in brackets)", "",
+             "| optimizer | " + " | ".join(f"{t} thread(s): ms/step | / Adam(fused)" for t in threads) + " | state bytes |",
+             "|---|" + "---|---|" * len(threads) + "---|"]
+    for i, row in enumerate(results[0]["rows"]):
+        cells = []
+        for res in results:
+            r = res["rows"][i]
+            cells.append(f"{r['ms_median']} [{r['ms_iqr']}] | {r['time_vs_fused_adam']}")
+        lines.append(f"| {row['optimizer']} | " + " | ".join(cells) + f" | {row['state_bytes']} |")
+    lines += ["", "first step of a fresh optimizer in a new process: "
+              + ", ".join(f"{k} {v:.3f} s" for k, v in first.items())]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"tensors": len(params), "parameters": n, "threads": args.threads, "reps": args.reps, "steps": args.steps,
-            "device": args.device, "torch": torch.__version__, "peer": "torch.optim.Adam(fused=True)"}
-    (args.out / "bench_sign_optim.json").write_text(json.dumps({"meta": meta, "rows": rows, "times_s": times}, indent=1))
-    (args.out / "bench_sign_optim.md").write_text(f"{json.dumps(meta)}\n\n{table}\n")
+    meta = {"tensors": len(params), "parameters": n, "threads": threads, "reps": args.reps, "steps": args.steps,
+            "device": args.device, "torch": torch.__version__, "reference": "torch.optim.Adam(fused=True)",
+            "first_step_s": first}
+    (args.out / "bench_sign_optim.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (args.out / "bench_sign_optim.md").write_text(table + "\n")
     print(f"wrote {args.out / 'bench_sign_optim.json'} and .md")
 
 

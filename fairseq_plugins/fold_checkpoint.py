@@ -41,7 +41,10 @@ from stability_toolbox.files import atomic_write, check_output_path
 from fairseq.models.transformer import TransformerModel
 from fairseq.modules import SinusoidalPositionalEmbedding
 
+from fairseq.models.transformer_lm import TransformerLanguageModel
+
 from .models.transformer_admin import ADMIN_ARGS, TransformerAdminModel
+from .models.transformer_lm_admin import TransformerLMAdmin
 
 __all__ = ["NotAdminCheckpointError", "stock_args", "fold_admin_model", "fold_checkpoint", "main"]
 
@@ -62,23 +65,34 @@ def _folds_into_embedding(args) -> bool:
     return not getattr(args, "layernorm_embedding", False)
 
 
-def stock_args(args) -> argparse.Namespace:
-    """The stock ``transformer`` arguments of the folded model of a ``transformer_admin`` model."""
-    if not isinstance(args, argparse.Namespace):
-        raise TypeError(f"args must be the model's argparse.Namespace, got {type(args).__name__}")
-    new = copy.deepcopy(args)
+def _as_namespace(args) -> argparse.Namespace:
+    """A model configuration (Namespace, OmegaConf config or dict) as a plain argparse.Namespace."""
+    if isinstance(args, argparse.Namespace):
+        return copy.deepcopy(args)
+    return argparse.Namespace(**_to_plain(args))
+
+
+def stock_args(args, language_model: bool = False) -> argparse.Namespace:
+    """The stock ``transformer`` (or, for ``language_model``, ``transformer_lm``) arguments of the folded
+    model of a ``transformer_admin`` (``transformer_lm_admin``) model."""
+    if isinstance(args, (str, bytes)) or not hasattr(args, "__dict__") and not isinstance(args, dict):
+        raise TypeError(f"args must be the model's configuration (argparse.Namespace), got {type(args).__name__}")
+    new = _as_namespace(args)
     for name in ADMIN_ARGS:
         if hasattr(new, name):
             delattr(new, name)
-    new.arch = "transformer"
+    stock = "transformer_lm" if language_model else "transformer"
+    new.arch = stock
     if hasattr(new, "_name"):
-        new._name = "transformer"
+        new._name = stock
     if _folds_into_embedding(new):
         # encoder, decoder and output projection get different factors (module docstring)
-        new.share_all_embeddings = False
+        if not language_model:
+            new.share_all_embeddings = False
         new.share_decoder_input_output_embed = False
         if not getattr(new, "no_token_positional_embeddings", False):
-            new.encoder_learned_pos = True
+            if not language_model:
+                new.encoder_learned_pos = True
             new.decoder_learned_pos = True
     return new
 
@@ -87,10 +101,15 @@ def _sublayer_plan(model) -> List[Tuple[nn.Module, nn.Module, List[nn.Linear]]]:
     """(residual, module whose output the sublayer reads, input linears) for every residual sublayer
     of the Admin model; the module read is a LayerNorm, or None for the first sublayer of a stack."""
     plan = []
-    for stack in (model.encoder, model.decoder):
+    encoder = getattr(model, "encoder", None)
+    for stack in (encoder, model.decoder) if encoder is not None else (model.decoder,):
         prev = None
         for layer in stack.layers:
-            if stack is model.encoder:
+            if len(layer.residuals) == 2 and stack is not encoder:  # a language model's decoder layer
+                sub = [(layer.self_attn_layer_norm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                       (layer.final_layer_norm, [layer.fc1])]
+                res = list(layer.residuals)
+            elif stack is encoder:
                 sub = [(layer.self_attn_layer_norm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
                        (layer.final_layer_norm, [layer.fc1])]
                 res = list(layer.residuals)
@@ -122,14 +141,17 @@ def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerMode
         >>> stock = fold_admin_model(admin_model).eval()
         >>> stock(src_tokens, src_lengths, prev_output_tokens)[0]   # == admin_model(...)[0]
     """
-    if not isinstance(model, TransformerAdminModel):
-        raise TypeError(f"model must be a transformer_admin model (TransformerAdminModel), got {type(model).__name__}")
+    if not isinstance(model, (TransformerAdminModel, TransformerLMAdmin)):
+        raise TypeError(f"model must be a transformer_admin or transformer_lm_admin model, got {type(model).__name__}")
     if getattr(model.decoder, "project_in_dim", None) is not None:
         raise ValueError("cannot fold a model with decoder_input_dim != decoder_embed_dim (project_in_dim)")
+    language_model = isinstance(model, TransformerLMAdmin)
     if task is None:
-        task = SimpleNamespace(source_dictionary=model.encoder.dictionary, target_dictionary=model.decoder.dictionary)
-    args = stock_args(getattr(model, "legacy_args", None) or model.args)
-    stock = TransformerModel.build_model(copy.deepcopy(args), task)
+        source = model.decoder.dictionary if language_model else model.encoder.dictionary
+        task = SimpleNamespace(source_dictionary=source, target_dictionary=model.decoder.dictionary)
+    args = stock_args(getattr(model, "legacy_args", None) or model.args, language_model)
+    stock_class = TransformerLanguageModel if language_model else TransformerModel
+    stock = stock_class.build_model(copy.deepcopy(args), task)
     kinds = (admin_torch.OmegaResidual, admin_torch.DeepNormResidual)
     admin_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, kinds))
     state = {k: v.clone() for k, v in model.state_dict().items()
@@ -139,7 +161,8 @@ def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerMode
     if set(missing) - allowed_missing or unexpected:
         raise RuntimeError(f"folding: unexpected state mismatch, missing {missing}, unexpected {unexpected}")
     # learned positions take the sinusoidal table of the Admin model
-    for src, dst in ((model.encoder, stock.encoder), (model.decoder, stock.decoder)):
+    pairs = [(model.decoder, stock.decoder)] + ([] if language_model else [(model.encoder, stock.encoder)])
+    for src, dst in pairs:
         if isinstance(src.embed_positions, SinusoidalPositionalEmbedding) and dst.embed_positions is not None \
                 and not isinstance(dst.embed_positions, SinusoidalPositionalEmbedding):
             table = dst.embed_positions.weight
@@ -154,7 +177,7 @@ def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerMode
         if prev_norm is not None:
             admin_torch.fold_into_norm_(stock_modules[admin_names[id(prev_norm)]], omega)
         else:
-            stack = stock.encoder if admin_names[id(residual)].startswith("encoder.") else stock.decoder
+            stack = stock.decoder if language_model or admin_names[id(residual)].startswith("decoder.") else stock.encoder
             if stack.layernorm_embedding is not None:
                 admin_torch.fold_into_norm_(stack.layernorm_embedding, omega)
             else:
@@ -205,8 +228,9 @@ def _to_plain(obj):
 
 
 def fold_checkpoint(in_path: str, out_path: str) -> Dict[str, float]:
-    """Fold the ``transformer_admin`` checkpoint ``in_path`` into a stock ``transformer``
-    checkpoint ``out_path``. Returns ``{residual module name: mean omega}`` of what was folded.
+    """Fold the ``transformer_admin`` (``transformer_lm_admin``) checkpoint ``in_path`` into a stock
+    ``transformer`` (``transformer_lm``) checkpoint ``out_path``, written to a temporary name and
+    renamed. Returns ``{residual module name: mean omega}`` of what was folded.
 
     Raises:
         NotAdminCheckpointError: ``in_path`` is not a ``transformer_admin`` checkpoint.
@@ -222,26 +246,32 @@ def fold_checkpoint(in_path: str, out_path: str) -> Dict[str, float]:
     safe_checkpoint.install()
     state = checkpoint_utils.load_checkpoint_to_cpu(in_path)
     args = _model_args(state)
-    arch = getattr(args, "arch", None) or getattr(args, "_name", None)
-    if getattr(args, "admin_init", None) is None or not str(arch).startswith("transformer_admin"):
+    arch = str(getattr(args, "arch", None) or getattr(args, "_name", None))
+    language_model = arch.startswith("transformer_lm_admin")
+    if getattr(args, "admin_init", None) is None or not (language_model or arch.startswith("transformer_admin")):
         raise NotAdminCheckpointError(
-            f"{in_path}: not a transformer_admin checkpoint (arch {arch!r}); fold_checkpoint folds only checkpoints "
-            "trained with --arch transformer_admin* (--user-dir fairseq_plugins)"
+            f"{in_path}: not a transformer_admin or transformer_lm_admin checkpoint (arch {arch!r}); fold_checkpoint "
+            "folds only checkpoints trained with --arch transformer_admin* or transformer_lm_admin* "
+            "(--user-dir fairseq_plugins)"
         )
     sd = state["model"]
-    src = _dummy_dictionary(sd["encoder.embed_tokens.weight"].shape[0])
-    tgt = src if getattr(args, "share_all_embeddings", False) else _dummy_dictionary(sd["decoder.embed_tokens.weight"].shape[0])
+    if language_model:
+        src = tgt = _dummy_dictionary(sd["decoder.embed_tokens.weight"].shape[0])
+    else:
+        src = _dummy_dictionary(sd["encoder.embed_tokens.weight"].shape[0])
+        tgt = src if getattr(args, "share_all_embeddings", False) else \
+            _dummy_dictionary(sd["decoder.embed_tokens.weight"].shape[0])
     task = SimpleNamespace(source_dictionary=src, target_dictionary=tgt)
-    args = copy.deepcopy(args)
+    args = _as_namespace(args)
     args.admin_profile = None  # the checkpoint holds the omegas; do not read or write a profile file
-    model = TransformerAdminModel.build_model(args, task)
+    model = (TransformerLMAdmin if language_model else TransformerAdminModel).build_model(args, task)
     model.load_state_dict(sd, strict=True)
     model.eval()
     folded = fold_admin_model(model, task)
     omegas = {n: float(getattr(m, "omega", getattr(m, "alpha", None)).detach().double().mean())
               for n, m in model.named_modules() if isinstance(m, (admin_torch.OmegaResidual, admin_torch.DeepNormResidual))}
 
-    new_args = stock_args(_model_args(state))
+    new_args = stock_args(_model_args(state), language_model)
     out = {k: v for k, v in state.items() if k not in ("last_optimizer_state",)}
     out["model"] = folded.state_dict()
     out["args"] = None

@@ -8,6 +8,7 @@ Example::
     ...                            sign_internal_decay=sign_optim.CosineInternalDecay(1000))
 """
 
+from . import fused
 from .addsign import AddSign
 from .decays import (
     DECAY_KINDS,
@@ -22,6 +23,7 @@ from .powersign import PowerSign
 from .sign_optimizer import SignOptimizer
 
 __all__ = [
+    "fused",
     "AddSign",
     "PowerSign",
     "SignOptimizer",

@@ -22,7 +22,8 @@ class AddSign(SignOptimizer):
 
     implemented as ``w - lr * alpha * g - lr * d * sign(m) * |g|`` (the same value, fewer passes).
     ``weight_decay`` is decoupled (``w <- w - lr * weight_decay * w`` before the update), as in AdamW.
-    State: one tensor per parameter (``exp_avg``) and an int ``step``: half of Adam's memory.
+    State: one tensor per parameter (``exp_avg``, float32 for float16/bfloat16 parameters, which are
+    updated in float32) and a 0-d tensor ``step``: half of Adam's memory.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -34,8 +35,10 @@ class AddSign(SignOptimizer):
             resuming, see :class:`~sign_optim.sign_optimizer.SignOptimizer`).
         weight_decay: decoupled weight decay (>= 0). Default: 0.
         maximize: maximize the objective instead of minimizing it. Default: False.
-        foreach: use the ``torch._foreach_*`` implementation (None: when all parameters are dense
-            tensors on a device that supports it). Both paths give the same result.
+        foreach: use the ``torch._foreach_*`` implementation.
+        fused: use the one-pass kernel (:mod:`sign_optim.fused`: C/OpenMP on CPU, Triton on CUDA).
+            ``fused=None, foreach=None`` (the default) takes the fused kernel where it is available,
+            else foreach; ``fused=True`` where it is not is a ValueError. The paths agree to 1 ulp.
 
     Example::
 
@@ -56,13 +59,23 @@ class AddSign(SignOptimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         foreach: Union[bool, None] = None,
+        fused: Union[bool, None] = None,
     ) -> None:
-        defaults = dict(lr=lr, beta=beta, alpha=alpha, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
+        defaults = dict(lr=lr, beta=beta, alpha=alpha, weight_decay=weight_decay, maximize=maximize,
+                        foreach=foreach, fused=fused)
         super().__init__(params, defaults, sign_internal_decay)
+
+    rule = "addsign"
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         super()._check_group(group)
         validation.as_real("alpha", group["alpha"])
+
+    def _fused_coefficients(self, group: Dict[str, Any], decay: float):
+        return decay, 0.0
+
+    def _traced_direction(self, group, g, m, d):
+        return g * group["alpha"] + m.sign() * g.abs() * d
 
     def _single_tensor_update(self, group, lr, p, g, m, decay):  # type: ignore[override]
         p.add_(g, alpha=-lr * group["alpha"])

@@ -58,6 +58,15 @@ class InternalDecay:
     def value(self, step: float) -> float:
         raise NotImplementedError
 
+    def tensor_value(self, step: "torch.Tensor") -> "torch.Tensor":
+        """The decay at a 0-d tensor ``step``, as a float64 tensor (torch ops: traceable by
+        ``torch.compile``, no recompilation as the step changes). Equal to ``self(step)``."""
+        import torch
+        return self._tensor_value(torch.clamp(step.double(), min=0.0, max=float(self.T_max)), torch)
+
+    def _tensor_value(self, step, torch):
+        raise NotImplementedError
+
     def __call__(self, step: float) -> float:
         step = validation.as_real("step", step, low=0.0)
         return float(self.value(min(step, self.T_max)))
@@ -99,6 +108,9 @@ class LinearInternalDecay(InternalDecay):
     def value(self, step: float) -> float:
         return max(0.0, (self.T_max - step) / self.T_max)
 
+    def _tensor_value(self, step, torch):
+        return torch.clamp((self.T_max - step) / self.T_max, min=0.0)
+
 
 class _PeriodicDecay(InternalDecay):
     def __init__(self, T_max: float, num_periods: float, zero_after: Optional[float]) -> None:
@@ -133,6 +145,13 @@ class CosineInternalDecay(_PeriodicDecay):
             return 0.0
         return 0.5 * (1.0 + math.cos(math.pi * fraction))
 
+    def _tensor_value(self, step, torch):
+        fraction = 2.0 * self.num_periods * step / self.T_max
+        value = 0.5 * (1.0 + torch.cos(math.pi * fraction))
+        if self.zero_after is not None:
+            value = torch.where(fraction >= 2.0 * self.zero_after, torch.zeros_like(value), value)
+        return value
+
 
 class RestartCosineInternalDecay(_PeriodicDecay):
     """Cosine decay with warm restarts: ``0.5 (1 + cos(pi f))``, ``f = ((n s) mod T_max) / T_max``.
@@ -158,6 +177,13 @@ class RestartCosineInternalDecay(_PeriodicDecay):
             return 0.0
         fraction = math.fmod(periods, self.T_max) / self.T_max
         return 0.5 * (1.0 + math.cos(math.pi * fraction))
+
+    def _tensor_value(self, step, torch):
+        periods = self.num_periods * step
+        value = 0.5 * (1.0 + torch.cos(math.pi * torch.fmod(periods, self.T_max) / self.T_max))
+        if self.zero_after is not None:
+            value = torch.where(periods / self.T_max >= self.zero_after, torch.zeros_like(value), value)
+        return value
 
 
 DECAY_KINDS: Dict[str, Type[InternalDecay]] = {

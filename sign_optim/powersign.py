@@ -7,6 +7,7 @@ import torch
 
 from stability_toolbox import validation
 
+from .fused import powersign_coefficients
 from .sign_optimizer import SignDecay, SignOptimizer, foreach_addcmul_
 
 __all__ = ["PowerSign"]
@@ -25,7 +26,8 @@ class PowerSign(SignOptimizer):
     computed as ``g + sinh(c) sign(m) |g| + (cosh(c) - 1) |sign(m)| g`` with ``c = d ln(alpha)``
     (the same value for ``sign(g) sign(m)`` in {-1, 0, 1}, without an exponential per element).
     ``weight_decay`` is decoupled (``w <- w - lr * weight_decay * w`` before the update).
-    State: one tensor per parameter (``exp_avg``) and an int ``step``: half of Adam's memory.
+    State: one tensor per parameter (``exp_avg``, float32 for float16/bfloat16 parameters, which are
+    updated in float32) and a 0-d tensor ``step``: half of Adam's memory.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -37,8 +39,10 @@ class PowerSign(SignOptimizer):
             resuming, see :class:`~sign_optim.sign_optimizer.SignOptimizer`).
         weight_decay: decoupled weight decay (>= 0). Default: 0.
         maximize: maximize the objective instead of minimizing it. Default: False.
-        foreach: use the ``torch._foreach_*`` implementation (None: when all parameters are dense
-            tensors on a device that supports it). Both paths give the same result.
+        foreach: use the ``torch._foreach_*`` implementation.
+        fused: use the one-pass kernel (:mod:`sign_optim.fused`: C/OpenMP on CPU, Triton on CUDA).
+            ``fused=None, foreach=None`` (the default) takes the fused kernel where it is available,
+            else foreach; ``fused=True`` where it is not is a ValueError. The paths agree to 1 ulp.
 
     Example::
 
@@ -59,17 +63,30 @@ class PowerSign(SignOptimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         foreach: Union[bool, None] = None,
+        fused: Union[bool, None] = None,
     ) -> None:
-        defaults = dict(lr=lr, beta=beta, alpha=alpha, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
+        defaults = dict(lr=lr, beta=beta, alpha=alpha, weight_decay=weight_decay, maximize=maximize,
+                        foreach=foreach, fused=fused)
         super().__init__(params, defaults, sign_internal_decay)
+
+    rule = "powersign"
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         super()._check_group(group)
         validation.as_real("alpha", group["alpha"], low=0.0, low_open=True)
 
     def _coefficients(self, group: Dict[str, Any], decay: float):
-        c = math.log(group["alpha"]) * decay
-        return math.sinh(c), math.expm1(c) - math.sinh(c)  # expm1(c) - sinh(c) = cosh(c) - 1
+        return powersign_coefficients(group["alpha"], decay)
+
+    def _traced_direction(self, group, g, m, d):
+        c = d * math.log(group["alpha"])
+        sign_m = m.sign()
+        return g + sign_m * g.abs() * torch.sinh(c) + sign_m.abs() * g * (torch.cosh(c) - 1)
+
+    def _fused_coefficients(self, group: Dict[str, Any], decay: float):
+        if decay == 0 or group["alpha"] == 1:
+            return 0.0, 0.0
+        return self._coefficients(group, decay)
 
     # With s = sign(g) sign(m) in {-1, 0, 1}: alpha ** (d s) = 1 + sinh(c) s + (cosh(c) - 1) s**2,
     # c = d ln(alpha). Times g: g + sinh(c) sign(m) |g| + (cosh(c) - 1) |sign(m)| g -- the same

@@ -16,11 +16,20 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from stability_toolbox import validation
 
+from . import fused
 from .decays import InternalDecay, internal_decay_from_state_dict
 
 __all__ = ["SignOptimizer", "SignDecay", "scale_decay"]
 
 SignDecay = Optional[Callable[[int], float]]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _cuda_step():
+    from .triton_kernel import cuda_step  # Triton is imported only when CUDA parameters are fused
+    return cuda_step
+
 
 # Key of the decay's serialized form in the optimizer's state_dict.
 _DECAY_KEY = "sign_internal_decay"
@@ -85,7 +94,13 @@ class SignOptimizer(Optimizer):
 
     The internal decay is stored on the optimizer (``self.sign_internal_decay``), not in the param
     groups, so that ``state_dict()`` holds only tensors, numbers and strings. The step counter is
-    per parameter (``state[p]["step"]``, an int), next to the moving average ``state[p]["exp_avg"]``.
+    per parameter (``state[p]["step"]``, a 0-d float32 CPU tensor, as in torch.optim, so that
+    ``torch.compile(opt.step)`` does not recompile per step), next to the moving average
+    ``state[p]["exp_avg"]`` (float32 for float16/bfloat16 parameters).
+
+    Three implementations give the same result (to 1 ulp): the fused one-pass kernel
+    (:mod:`sign_optim.fused`, the default where available), ``torch._foreach_*`` ops, and a loop over
+    parameters. ``lr`` may be a 1-element tensor (read once per step).
 
     Serialization of the decay: a :class:`~sign_optim.decays.InternalDecay` is saved as its config
     under ``state_dict()["sign_internal_decay"]`` and rebuilt by ``load_state_dict``. Any other
@@ -108,7 +123,7 @@ class SignOptimizer(Optimizer):
 
     # ----------------------------------------------------------------- validation
     #: hyper-parameters every param group of this optimizer holds (a foreign state dict lacks some)
-    group_keys = ("lr", "beta", "alpha", "weight_decay", "maximize", "foreach")
+    group_keys = ("lr", "beta", "alpha", "weight_decay", "maximize", "foreach", "fused")
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         """Raise ValueError / TypeError for bad hyper-parameters of a param group (nothing is changed)."""
@@ -120,8 +135,11 @@ class SignOptimizer(Optimizer):
         validation.as_real("weight_decay", group["weight_decay"], low=0.0)
         if not isinstance(group["maximize"], bool):
             raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
-        if group["foreach"] is not None and not isinstance(group["foreach"], bool):
-            raise TypeError(f"foreach must be None or a bool, got {type(group['foreach']).__name__}")
+        for flag in ("foreach", "fused"):
+            if group[flag] is not None and not isinstance(group[flag], bool):
+                raise TypeError(f"{flag} must be None or a bool, got {type(group[flag]).__name__}")
+        if group["foreach"] and group["fused"]:
+            raise ValueError("fused=True and foreach=True cannot both be set: choose one implementation")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's ``add_param_group``, with the group's hyper-parameters and parameters checked first."""
@@ -133,7 +151,13 @@ class SignOptimizer(Optimizer):
                 if isinstance(p, torch.Tensor) and torch.is_complex(p):
                     raise TypeError(f"{type(self).__name__} does not support complex parameters "
                                     "(sign of a complex number)")
-            self._check_group({**self.defaults, **param_group})
+            merged = {**self.defaults, **param_group}
+            self._check_group(merged)
+            if merged["fused"]:
+                for p in param_group["params"]:
+                    why = fused.unavailable_reason(p.device) if isinstance(p, torch.Tensor) else None
+                    if why is not None:
+                        raise ValueError(f"fused=True: {why}; use fused=None (the fastest available) or foreach")
         super().add_param_group(param_group)
 
     @property
@@ -161,6 +185,7 @@ class SignOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
             group.setdefault("weight_decay", 0.0)
 
     # ----------------------------------------------------------------- serialization
@@ -178,7 +203,7 @@ class SignOptimizer(Optimizer):
         state_dict[_DECAY_KEY] = saved
         return state_dict
 
-    def _check_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def _check_state_dict(self, state_dict: Dict[str, Any]) -> Dict[Any, torch.Tensor]:
         """ValueError/TypeError unless ``state_dict`` is one of this optimizer's kind for these parameters."""
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
@@ -193,7 +218,7 @@ class SignOptimizer(Optimizer):
                 raise ValueError(f"state_dict param group {k} does not have the {len(own['params'])} parameters "
                                  f"of this {name}'s group {k}")
             try:
-                self._check_group(saved)
+                self._check_group({"fused": None, **saved})  # state dicts of 0.1 have no "fused"
             except (TypeError, ValueError) as err:
                 raise ValueError(f"state_dict param group {k} is not a valid {name} group: {err}") from None
             params_of.update(zip(saved["params"], own["params"]))
@@ -210,7 +235,8 @@ class SignOptimizer(Optimizer):
                 raise ValueError(f"state_dict: exp_avg of parameter {key} has shape "
                                  f"{tuple(avg.shape) if isinstance(avg, torch.Tensor) else type(avg).__name__}, "
                                  f"the parameter has shape {tuple(p.shape)}")
-            validation.as_int(f"state_dict: step of parameter {key}", entry["step"], minimum=0)
+            validation.as_int(f"state_dict: step of parameter {key}", entry["step"], minimum=0, integral_float=True)
+        return params_of
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load the state and the decay (see the class docstring for callables that are not decays).
@@ -218,7 +244,10 @@ class SignOptimizer(Optimizer):
         The whole state dict is checked first (the state of another optimizer, of other parameter
         shapes or counts, or bad hyper-parameters is a ValueError): a refused load changes nothing.
         """
-        self._check_state_dict(state_dict)
+        params_of = self._check_state_dict(state_dict)
+        # torch casts every state tensor to its parameter's dtype; half-precision parameters keep a
+        # float32 moving average, so the saved one is put back after the load (not a float16 copy)
+        avgs = {params_of[k]: e["exp_avg"] for k, e in state_dict["state"].items()}
         state_dict = dict(state_dict)
         has_key = _DECAY_KEY in state_dict
         saved = state_dict.pop(_DECAY_KEY, None)
@@ -235,6 +264,10 @@ class SignOptimizer(Optimizer):
             else:
                 decay = internal_decay_from_state_dict(saved)
         super().load_state_dict(state_dict)
+        for p, avg in avgs.items():
+            state = self.state[p]
+            state["exp_avg"] = avg.to(device=p.device, dtype=fused.state_dtype(p.dtype), copy=True)
+            state["step"] = torch.as_tensor(float(state["step"]), dtype=torch.float32)  # 0.1 saved an int
         if has_key:
             self.sign_internal_decay = decay
 
@@ -265,33 +298,112 @@ class SignOptimizer(Optimizer):
             for p in params:
                 state = self.state[p]
                 if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    # a tensor step (as torch.optim's): torch.compile(opt.step) does not recompile per step
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=fused.state_dtype(p.dtype),
+                                                        memory_format=torch.preserve_format)
                 state["step"] += 1
                 avgs.append(state["exp_avg"])
+            if torch.compiler.is_compiling():
+                self._traced_update(group, params, grads, avgs)
+                continue
+            lr = validation.as_real("lr", group["lr"])  # a tensor lr is read once per group and step
+            rest = list(range(len(params)))
+            if self._use_fused(group, params):
+                rest = self._fused_update(group, lr, params, grads, avgs, decays)
+            full = [i for i in rest if params[i].dtype not in _HALF]
+            half = [i for i in rest if params[i].dtype in _HALF]
             foreach = group["foreach"]
-            if foreach is None:
-                foreach = _default_to_fused_or_foreach(params, differentiable=False)[1]
-            lr = float(group["lr"])
-            if foreach:
-                for chunk in _cache_sized_chunks(params, grads, avgs, decays, self.cpu_chunk_numel):
-                    c_params, c_grads, c_avgs, c_decays = chunk
-                    if group["maximize"]:
-                        c_grads = torch._foreach_neg(c_grads)
-                    torch._foreach_lerp_(c_avgs, c_grads, 1.0 - group["beta"])
-                    if group["weight_decay"] != 0:
-                        torch._foreach_mul_(c_params, 1.0 - lr * group["weight_decay"])
-                    decay = c_decays[0] if len(set(c_decays)) == 1 else c_decays
-                    self._foreach_update(group, lr, c_params, c_grads, c_avgs, decay)
-            else:
-                for i, (p, g, m) in enumerate(zip(params, grads, avgs)):
-                    if group["maximize"]:
-                        g = -g
-                    m.lerp_(g, 1.0 - group["beta"])
-                    if group["weight_decay"] != 0:
-                        p.mul_(1.0 - lr * group["weight_decay"])
-                    self._single_tensor_update(group, lr, p, g, m, decays[i])
+            if foreach is None and full:
+                foreach = _default_to_fused_or_foreach([params[i] for i in full], differentiable=False)[1]
+            if foreach and full:
+                pick = lambda xs: [xs[i] for i in full]  # noqa: E731
+                self._foreach_step(group, lr, pick(params), pick(grads), pick(avgs), pick(decays))
+                full = []
+            for i in full + half:
+                self._single_step(group, lr, params[i], grads[i], avgs[i], decays[i])
         return loss
+
+    def _traced_update(self, group, params, grads, avgs) -> None:
+        """The update under ``torch.compile``: step, decay and lr stay tensors (no Python number derived
+        from the step counter, so no recompilation per step); inductor fuses the elementwise ops."""
+        decay = self.sign_internal_decay
+        for p, g, m in zip(params, grads, avgs):
+            step = self.state[p]["step"] - 1  # the decay of the step before this update, as in eager
+            if decay is None:
+                d = torch.ones((), dtype=torch.float64)
+            elif isinstance(decay, InternalDecay):
+                d = decay.tensor_value(step)
+            else:  # a custom callable takes a number: one recompilation per step value
+                d = torch.tensor(float(decay(int(step))), dtype=torch.float64)
+            lr = group["lr"]
+            work = p.float() if p.dtype in _HALF else p
+            gw = g.to(m.dtype)
+            if group["maximize"]:
+                gw = -gw
+            m.lerp_(gw, 1.0 - group["beta"])
+            if group["weight_decay"] != 0:
+                work.mul_(1.0 - lr * group["weight_decay"])
+            work.add_(self._traced_direction(group, gw, m, d.to(work.dtype)) * (-lr))
+            if work is not p:
+                p.copy_(work)
+
+    def _traced_direction(self, group, g, m, d):
+        """The update direction (before ``-lr``) with a tensor decay ``d`` (see :meth:`_traced_update`)."""
+        raise NotImplementedError
+
+    def _use_fused(self, group: Dict[str, Any], params: List[torch.Tensor]) -> bool:
+        """``fused=True``, or ``fused=None`` and ``foreach=None`` with a fused kernel for every device."""
+        if group["fused"] is not None or group["foreach"] is not None:
+            return bool(group["fused"])
+        return all(fused.available(d) for d in {p.device for p in params})
+
+    def _fused_update(self, group, lr, params, grads, avgs, decays) -> List[int]:
+        """Run the fused kernels on what they support, grouped by device and dtype; the indices left over."""
+        buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+        rest = []
+        for i, (p, g, m) in enumerate(zip(params, grads, avgs)):
+            ok = fused.supported(p, g, m) and (p.device.type == "cpu" or p.dtype != torch.float64)
+            if ok:
+                buckets.setdefault((p.device, p.dtype), []).append(i)
+            else:
+                rest.append(i)
+        coefs = {d: self._fused_coefficients(group, d) for d in set(decays)}
+        for (device, _), idx in buckets.items():
+            run = fused.cpu_step if device.type == "cpu" else _cuda_step()
+            run(self.rule, [params[i] for i in idx], [grads[i] for i in idx], [avgs[i] for i in idx],
+                [coefs[decays[i]][0] for i in idx], [coefs[decays[i]][1] for i in idx], lr=lr,
+                beta=float(group["beta"]), alpha=float(group["alpha"]), weight_decay=float(group["weight_decay"]),
+                maximize=group["maximize"])
+        return rest
+
+    def _foreach_step(self, group, lr, params, grads, avgs, decays) -> None:
+        for chunk in _cache_sized_chunks(params, grads, avgs, decays, self.cpu_chunk_numel):
+            c_params, c_grads, c_avgs, c_decays = chunk
+            if group["maximize"]:
+                c_grads = torch._foreach_neg(c_grads)
+            torch._foreach_lerp_(c_avgs, c_grads, 1.0 - group["beta"])
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(c_params, 1.0 - lr * group["weight_decay"])
+            decay = c_decays[0] if len(set(c_decays)) == 1 else c_decays
+            self._foreach_update(group, lr, c_params, c_grads, c_avgs, decay)
+
+    def _single_step(self, group, lr, p, g, m, decay) -> None:
+        """One parameter; half precision is computed in float32 (``m`` is float32) and stored once."""
+        work = p.float() if p.dtype in _HALF else p
+        g = g.to(m.dtype)
+        if group["maximize"]:
+            g = -g
+        m.lerp_(g, 1.0 - group["beta"])
+        if group["weight_decay"] != 0:
+            work.mul_(1.0 - lr * group["weight_decay"])
+        self._single_tensor_update(group, lr, work, g, m, decay)
+        if work is not p:
+            p.copy_(work)
+
+    def _fused_coefficients(self, group: Dict[str, Any], decay: float) -> Tuple[float, float]:
+        """The kernel's per-parameter coefficients for decay value ``decay`` (see :mod:`sign_optim.fused`)."""
+        raise NotImplementedError
 
     def _prepare_step(self) -> List[Tuple[Dict[str, Any], List[torch.Tensor], List[torch.Tensor], List[float]]]:
         """Check every group and gradient (hyper-parameters may have been changed since construction, by
@@ -302,6 +414,7 @@ class SignOptimizer(Optimizer):
             self._check_group(group)
             params, grads, decays = [], [], []
             cache: Dict[int, float] = {}
+            compiling = torch.compiler.is_compiling()
             for p in group["params"]:
                 g = p.grad
                 if g is None:
@@ -311,13 +424,15 @@ class SignOptimizer(Optimizer):
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     raise ValueError(f"{name}: a gradient of shape {tuple(g.shape)}, {g.dtype} on {g.device} "
                                      f"does not match its parameter ({tuple(p.shape)}, {p.dtype} on {p.device})")
+                params.append(p)
+                grads.append(g)
+                if compiling:  # the decay is evaluated as a tensor in _traced_update
+                    continue
                 state = self.state.get(p)  # .get: self.state is a defaultdict, [] would add an entry
-                step = int(state["step"]) if state else 0
+                step = int(state["step"]) if state else 0  # a CPU tensor: no device sync
                 # TF evaluates the decay at the step before incrementing it: the first update uses d(0).
                 if step not in cache:
                     cache[step] = self._decay_value(step)
-                params.append(p)
-                grads.append(g)
                 decays.append(cache[step])
             if params:
                 work.append((group, params, grads, decays))

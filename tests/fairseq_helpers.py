@@ -92,3 +92,21 @@ def make_translation_data(root: Path, **corpus_kwargs) -> TranslationData:
              "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
              "--destdir", out, "--joined-dictionary", "--workers", "1")
     return TranslationData(raw=raw, bin=out)
+
+
+def make_lm_data(root: Path, sizes: Sequence[int] = (300, 40, 40), vocab: int = 40, seed: int = 0) -> Path:
+    """A tiny monolingual corpus (random words with a repeated-pattern structure to learn), binarized by
+    the real ``fairseq-preprocess --only-source`` into ``root/bin``."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab)]
+    raw = root / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n in zip(("train", "valid", "test"), sizes):
+        with open(raw / f"{split}.txt", "w") as f:
+            for _ in range(n):
+                start = rng.randrange(vocab)
+                f.write(" ".join(words[(start + 3 * k) % vocab] for k in range(rng.randint(4, 12))) + "\n")
+    out = root / "bin"
+    run_tool("preprocess", "--only-source", "--trainpref", raw / "train.txt", "--validpref", raw / "valid.txt",
+             "--testpref", raw / "test.txt", "--destdir", out, "--workers", "1")
+    return out

@@ -74,6 +74,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ADMIN_INITS",
     "ADMIN_ARGS",
+    "AdminProfiling",
     "TransformerAdminModel",
     "TransformerAdminEncoder",
     "TransformerAdminDecoder",
@@ -91,6 +92,7 @@ ADMIN_ARGS = ("admin_init", "admin_output_change_scale", "encoder_as_parameter",
 
 ENCODER_SUBLAYERS_PER_LAYER = 2  # self-attention, FFN
 DECODER_SUBLAYERS_PER_LAYER = 3  # self-attention, cross-attention, FFN
+LM_SUBLAYERS_PER_LAYER = 2  # a decoder-only (language model) layer: self-attention, FFN
 
 
 def encoder_sublayers(args) -> int:
@@ -103,26 +105,35 @@ def decoder_sublayers(args) -> int:
     return DECODER_SUBLAYERS_PER_LAYER * args.decoder_layers
 
 
+_ADMIN_DEFAULTS = {"admin_init": "admin", "admin_output_change_scale": "O(logn)", "encoder_as_parameter": False,
+                   "decoder_as_parameter": False, "admin_profile": None}
+
+
 def _admin_defaults(args) -> None:
-    args.admin_init = getattr(args, "admin_init", None) or "admin"
-    args.admin_output_change_scale = getattr(args, "admin_output_change_scale", None) or "O(logn)"
-    args.encoder_as_parameter = bool(getattr(args, "encoder_as_parameter", False))
-    args.decoder_as_parameter = bool(getattr(args, "decoder_as_parameter", False))
-    args.admin_profile = getattr(args, "admin_profile", None)
+    """Fill the admin arguments a model configuration lacks (an args Namespace, a TransformerConfig, or a
+    dataclass config whose fields are not all admin arguments: a language model has no encoder)."""
+    for name, default in _ADMIN_DEFAULTS.items():
+        value = getattr(args, name, None)
+        if value is None or (name.endswith("_as_parameter") and not isinstance(value, bool)):
+            value = default if value is None else bool(value)
+            try:
+                setattr(args, name, value)
+            except Exception:  # an OmegaConf struct config without that key: it keeps its own default
+                pass
 
 
 def _check_admin_args(args) -> None:
     """The admin flags of a parsed command line or model Namespace; :class:`FlagError` names the flag."""
     _admin_defaults(args)
-    check_flag("--admin-init", validation.as_choice, args.admin_init, choices=ADMIN_INITS)
-    check_flag("--admin-output-change-scale", validation.as_choice, args.admin_output_change_scale,
+    check_flag("--admin-init", validation.as_choice, str(args.admin_init), choices=ADMIN_INITS)
+    check_flag("--admin-output-change-scale", validation.as_choice, str(args.admin_output_change_scale),
                choices=admin_torch.OUTPUT_CHANGE_SCALES)
     if getattr(args, "encoder_normalize_before", False) or getattr(args, "decoder_normalize_before", False):
         raise FlagError(
             "--encoder-normalize-before / --decoder-normalize-before are not accepted by transformer_admin "
             "(Admin rescales the shortcut of Post-LN sublayers; use --arch transformer for Pre-LN)"
         )
-    if args.admin_init == "deepnorm" and (args.encoder_as_parameter or args.decoder_as_parameter):
+    if args.admin_init == "deepnorm" and (getattr(args, "encoder_as_parameter", False) or args.decoder_as_parameter):
         raise FlagError(
             "--encoder-as-parameter / --decoder-as-parameter are accepted only with --admin-init admin or "
             "profiled (DeepNorm's alpha is a constant)"
@@ -142,23 +153,30 @@ def _check_admin_args(args) -> None:
 
 @flag_check
 def check_transformer_admin_flags(args) -> None:
-    """Run :func:`_check_admin_args` on command lines whose ``--arch`` is a transformer_admin architecture."""
+    """Run :func:`_check_admin_args` on command lines whose ``--arch`` is an Admin model's architecture."""
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    if ARCH_MODEL_REGISTRY.get(getattr(args, "arch", None)) is TransformerAdminModel:
+    model = ARCH_MODEL_REGISTRY.get(getattr(args, "arch", None))
+    if isinstance(model, type) and issubclass(model, AdminProfiling):
         _check_admin_args(args)
 
 
-def _layer_residuals(args, cfg, side: str):
-    """The residual modules of one ``side`` ('encoder' or 'decoder') layer, and DeepNorm's beta (or None)."""
-    per_layer = ENCODER_SUBLAYERS_PER_LAYER if side == "encoder" else DECODER_SUBLAYERS_PER_LAYER
+def _layer_residuals(args, cfg, side: str, decoder_only: bool = False):
+    """The residual modules of one ``side`` ('encoder' or 'decoder') layer, and DeepNorm's beta (or None).
+
+    ``decoder_only``: a language model's decoder (2 sublayers per layer; DeepNorm's decoder-only constants).
+    """
+    if decoder_only:
+        per_layer = LM_SUBLAYERS_PER_LAYER
+    else:
+        per_layer = ENCODER_SUBLAYERS_PER_LAYER if side == "encoder" else DECODER_SUBLAYERS_PER_LAYER
     side_cfg = getattr(cfg, side)
     beta = None
     if args.admin_init == "deepnorm":
-        dn = admin_torch.deepnorm_init(cfg.encoder.layers, cfg.decoder.layers)
+        dn = admin_torch.deepnorm_init(0 if decoder_only else cfg.encoder.layers, cfg.decoder.layers)
         alpha, beta = getattr(dn, f"{side}_alpha"), getattr(dn, f"{side}_beta")
         return [admin_torch.DeepNormResidual(alpha) for _ in range(per_layer)], beta
-    as_parameter = getattr(args, f"{side}_as_parameter")
+    as_parameter = bool(getattr(args, f"{side}_as_parameter", False))
     residuals = [admin_torch.as_module(per_layer * side_cfg.layers, args.admin_output_change_scale,
                                        as_parameter=as_parameter,
                                        embed_dim=side_cfg.embed_dim if as_parameter else None)
@@ -197,13 +215,15 @@ class TransformerAdminEncoderLayer(TransformerEncoderLayerBase):
 
 class TransformerAdminDecoderLayer(TransformerDecoderLayerBase):
     """A Post-LN decoder layer with ``residuals[0]`` (self-attention), ``residuals[1]``
-    (cross-attention) and ``residuals[2]`` (FFN)."""
+    (cross-attention) and ``residuals[2]`` (FFN); a decoder-only layer (``no_encoder_attn``, a
+    language model's) has two: ``residuals[0]`` (self-attention) and ``residuals[1]`` (FFN)."""
 
     def __init__(self, cfg, residuals: List[nn.Module], deepnorm_beta: Optional[float] = None,
                  no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
-        if len(residuals) != DECODER_SUBLAYERS_PER_LAYER:
-            raise ValueError(f"residuals must hold {DECODER_SUBLAYERS_PER_LAYER} modules, got {len(residuals)}")
+        wanted = LM_SUBLAYERS_PER_LAYER if no_encoder_attn else DECODER_SUBLAYERS_PER_LAYER
+        if len(residuals) != wanted:
+            raise ValueError(f"residuals must hold {wanted} modules, got {len(residuals)}")
         self.residuals = nn.ModuleList(residuals)
         if deepnorm_beta is not None:
             admin_torch.deepnorm_scale_(_deepnorm_linears(self), deepnorm_beta)
@@ -212,7 +232,10 @@ class TransformerAdminDecoderLayer(TransformerDecoderLayerBase):
 
     def forward(self, x, encoder_out=None, *args, **kwargs):
         # without cross-attention the second residual_connection call is the FFN's
-        self._order = (0, 1, 2) if (self.encoder_attn is not None and encoder_out is not None) else (0, 2)
+        if len(self.residuals) == LM_SUBLAYERS_PER_LAYER:
+            self._order = (0, 1)
+        else:
+            self._order = (0, 1, 2) if (self.encoder_attn is not None and encoder_out is not None) else (0, 2)
         self._next_residual = 0
         return super().forward(x, encoder_out, *args, **kwargs)
 
@@ -240,11 +263,12 @@ class TransformerAdminEncoder(TransformerEncoder):
 
 
 class TransformerAdminDecoder(TransformerDecoder):
-    """The stock decoder built from :class:`TransformerAdminDecoderLayer`."""
+    """The stock decoder built from :class:`TransformerAdminDecoderLayer` (decoder-only layers when
+    built with ``no_encoder_attn``, as a language model's)."""
 
     def build_decoder_layer(self, args, no_encoder_attn=False):
         cfg = TransformerConfig.from_namespace(args)
-        residuals, beta = _layer_residuals(args, cfg, "decoder")
+        residuals, beta = _layer_residuals(args, cfg, "decoder", decoder_only=no_encoder_attn)
         return _wrap(cfg, TransformerAdminDecoderLayer(cfg, residuals, beta, no_encoder_attn=no_encoder_attn))
 
 
@@ -254,8 +278,78 @@ def residual_modules(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
+class AdminProfiling:
+    """Profiled Admin (``--admin-init profiled``) for a fairseq model with Admin residuals.
+
+    The first training forward pass runs once more under ``torch.no_grad()`` to measure each
+    sublayer's output variance (:func:`admin_torch.profile_omegas`, each stack a separate chain),
+    averages the omegas over distributed ranks, writes ``--admin-profile`` and marks the model
+    profiled in the persistent buffer ``admin_profiled``.
+    """
+
+    def _init_profiling(self, args) -> None:
+        if args.admin_init == "profiled":
+            # 1 once the omegas are profiled (or loaded); saved with the model, so a resumed run keeps them
+            self.register_buffer("admin_profiled", torch.zeros(1))
+        # a host-side copy of admin_profiled: reading the buffer every step would sync with the GPU
+        self._profiled: Optional[bool] = None
+
+    def _profile_chains(self) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def _load_profile_file(self, args) -> None:
+        if args.admin_init == "profiled" and args.admin_profile and os.path.exists(args.admin_profile):
+            admin_torch.apply_omegas(self, admin_torch.load_profile(args.admin_profile))
+            self.admin_profiled.fill_(1)
+            logger.info("%s: loaded profiled omegas from %s", type(self).__name__, args.admin_profile)
+
+    def needs_profiling(self) -> bool:
+        if self._admin_args().admin_init != "profiled" or not self.training:
+            return False
+        if self._profiled is None:  # once after construction or a checkpoint load, not per step
+            self._profiled = self._all_ranks_profiled()
+        return not self._profiled
+
+    def _all_ranks_profiled(self) -> bool:
+        """Whether every rank is profiled. With several ranks this is a collective: a restart where
+        the profile file exists on only some ranks profiles again on all of them (the profiling
+        averages over ranks), instead of leaving the others waiting in that average forever."""
+        flag = self.admin_profiled.detach().clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _admin_args(self):
+        return getattr(self, "legacy_args", None) or self.args
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._profiled = None  # admin_profiled may change: read it again at the next training step
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def profile_(self, run_forward) -> dict:
+        """Profile the omegas with ``run_forward()`` (one forward pass on real data), average them
+        over distributed ranks, write ``--admin-profile`` (rank 0) and mark the model profiled."""
+        omegas = admin_torch.profile_omegas(self, run_forward, chains=self._profile_chains())
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # every rank profiled its own batch; all ranks must train the same model
+            values = torch.tensor(list(omegas.values()), dtype=torch.float64, device=self.admin_profiled.device)
+            torch.distributed.all_reduce(values)
+            values /= torch.distributed.get_world_size()
+            omegas = dict(zip(omegas, values.tolist()))
+            admin_torch.apply_omegas(self, omegas)
+        path = self._admin_args().admin_profile
+        if path and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            admin_torch.save_profile(omegas, path)
+            logger.info("%s: profiled %d omegas, written to %s", type(self).__name__, len(omegas), path)
+        self.admin_profiled.fill_(1)
+        self._profiled = True
+        return omegas
+
+
 @register_once(MODEL_REGISTRY, register_model, "transformer_admin")
-class TransformerAdminModel(TransformerModel):
+class TransformerAdminModel(AdminProfiling, TransformerModel):
     """fairseq's (legacy, args-based) ``transformer`` with Admin / DeepNorm residuals (module docstring)."""
 
     @classmethod
@@ -276,11 +370,7 @@ class TransformerAdminModel(TransformerModel):
 
     def __init__(self, args, encoder, decoder):
         super().__init__(args, encoder, decoder)
-        if args.admin_init == "profiled":
-            # 1 once the omegas are profiled (or loaded); saved with the model, so a resumed run keeps them
-            self.register_buffer("admin_profiled", torch.zeros(1))
-        # a host-side copy of admin_profiled: reading the buffer every step would sync with the GPU
-        self._profiled: Optional[bool] = None
+        self._init_profiling(args)
 
     @classmethod
     def build_model(cls, args, task):
@@ -289,11 +379,7 @@ class TransformerAdminModel(TransformerModel):
         model = super().build_model(args, task)
         # fairseq keeps a TransformerConfig as model.args; keep the flat Namespace too (for folding)
         model.legacy_args = copy.deepcopy(args)
-        if args.admin_init == "profiled" and args.admin_profile and os.path.exists(args.admin_profile):
-            admin_torch.apply_omegas(model, admin_torch.load_profile(args.admin_profile))
-            model.admin_profiled.fill_(1)
-            model._profiled = True
-            logger.info("transformer_admin: loaded profiled omegas from %s", args.admin_profile)
+        model._load_profile_file(args)
         return model
 
     @classmethod
@@ -304,36 +390,8 @@ class TransformerAdminModel(TransformerModel):
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         return TransformerAdminDecoder(args, tgt_dict, embed_tokens, no_encoder_attn=args.no_cross_attention)
 
-    def needs_profiling(self) -> bool:
-        if self.args.admin_init != "profiled" or not self.training:
-            return False
-        if self._profiled is None:  # once after construction or a checkpoint load, not per step
-            self._profiled = bool(self.admin_profiled.item())
-        return not self._profiled
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._profiled = None  # admin_profiled may change: read it again at the next training step
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def profile_(self, run_forward) -> dict:
-        """Profile the omegas with ``run_forward()`` (one forward pass on real data), average them
-        over distributed ranks, write ``--admin-profile`` (rank 0) and mark the model profiled."""
-        omegas = admin_torch.profile_omegas(self, run_forward, chains=[self.encoder, self.decoder])
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            # every rank profiled its own batch; all ranks must train the same model
-            values = torch.tensor(list(omegas.values()), dtype=torch.float64, device=self.admin_profiled.device)
-            torch.distributed.all_reduce(values)
-            values /= torch.distributed.get_world_size()
-            omegas = dict(zip(omegas, values.tolist()))
-            admin_torch.apply_omegas(self, omegas)
-        path = self.args.admin_profile
-        if path and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-            admin_torch.save_profile(omegas, path)
-            logger.info("transformer_admin: profiled %d omegas, written to %s", len(omegas), path)
-        self.admin_profiled.fill_(1)
-        self._profiled = True
-        return omegas
+    def _profile_chains(self):
+        return [self.encoder, self.decoder]
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, **kwargs):
         if self.needs_profiling():

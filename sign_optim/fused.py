@@ -1,0 +1,135 @@
+"""The fused path of AddSign and PowerSign: one pass over memory per parameter.
+
+The whole rule (moving average, sign agreement, internal decay, weight decay, maximize, update)
+reads ``p``, ``g``, ``m`` and writes ``p``, ``m`` once: 5 numbers per parameter per step, the
+physical limit (fused Adam moves 7). Two kernels:
+
+* **CPU**: C with OpenMP (``sign_optim/_fused_kernel.c``), compiled by ``setup.py`` when the package
+  is installed (about 2 s with gcc; no torch headers), loaded here with ctypes. GCC's
+  ``target_clones`` builds the loop for AVX-512, AVX2 and baseline x86-64 and picks one when the
+  library loads, so a build runs on any x86-64 machine at its best width. It uses
+  ``torch.get_num_threads()`` threads.
+* **CUDA**: a Triton kernel (:mod:`sign_optim.triton_kernel`), one launch per parameter, compiled
+  on first use and cached on disk by Triton.
+
+float32 and float64 parameters keep their moving average in their dtype; float16 and bfloat16
+parameters keep it in float32 and are updated in float32, rounded once when stored. The result
+equals the single-tensor path's to 1 ulp (the same operations in the same order; a compiler may
+contract a multiply-add differently).
+
+:func:`available` says whether a device has a fused kernel here; the optimizers use it by default
+(``fused=None``).
+"""
+
+import ctypes
+import importlib.util
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+__all__ = ["available", "unavailable_reason", "cpu_step", "stream_copy", "RULES"]
+
+#: rule name -> the kernel's rule code
+RULES = {"addsign": 0, "powersign": 1}
+_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+_LIB: Optional[ctypes.CDLL] = None
+_LIB_ERROR: Optional[str] = None
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _LIB, _LIB_ERROR
+    if _LIB is not None or _LIB_ERROR is not None:
+        return _LIB
+    spec = importlib.util.find_spec("sign_optim._fused_kernel")
+    if spec is None or not spec.origin:
+        _LIB_ERROR = ("the C kernel sign_optim/_fused_kernel is not built (reinstall the package with a C compiler: "
+                      "pip install -e . or make install)")
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as err:
+        _LIB_ERROR = f"the C kernel {spec.origin} does not load: {err}"
+        return None
+    i64, dbl, ptrs = ctypes.c_int64, ctypes.c_double, ctypes.POINTER(ctypes.c_void_p)
+    lib.sign_fused_step.restype = ctypes.c_int
+    lib.sign_fused_step.argtypes = [ctypes.c_int, ctypes.c_int, i64, ptrs, ptrs, ptrs, ctypes.POINTER(i64),
+                                    ctypes.POINTER(dbl), ctypes.POINTER(dbl), dbl, dbl, dbl, dbl,
+                                    ctypes.c_int, ctypes.c_int]
+    lib.sign_stream_copy.restype = ctypes.c_int
+    lib.sign_stream_copy.argtypes = [i64, ptrs, ptrs, ptrs, ctypes.POINTER(i64), ctypes.c_int]
+    _LIB = lib
+    return lib
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when ``device`` has a fused kernel here, else why not (for error messages)."""
+    if device.type == "cpu":
+        return None if _load() is not None else _LIB_ERROR
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "the CUDA kernel needs Triton (pip install triton)"
+        return None
+    return f"no fused kernel for device type {device.type!r} (cpu and cuda have one)"
+
+
+def available(device: torch.device) -> bool:
+    """Whether parameters on ``device`` can take the fused path here."""
+    return unavailable_reason(torch.device(device)) is None
+
+
+def supported(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> bool:
+    """Whether one parameter fits the kernels: dense, contiguous, a float dtype, the state in place."""
+    return (p.dtype in _DTYPES and g.dtype == p.dtype and p.is_contiguous() and g.is_contiguous()
+            and m.is_contiguous() and not g.is_sparse and m.dtype == state_dtype(p.dtype))
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the moving average of a parameter of ``dtype`` (float32 for half precision)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _pointers(tensors: Sequence[torch.Tensor]):
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def cpu_step(rule: str, params: List[torch.Tensor], grads: List[torch.Tensor], avgs: List[torch.Tensor],
+             coef_a: List[float], coef_b: List[float], *, lr: float, beta: float, alpha: float,
+             weight_decay: float, maximize: bool) -> None:
+    """One fused step over CPU parameters of ONE dtype (the caller groups them and checks :func:`supported`).
+
+    ``coef_a``/``coef_b`` per parameter: AddSign ``(d, 0)``; PowerSign ``(sinh(c), cosh(c) - 1)`` with
+    ``c = d ln(alpha)``.
+    """
+    lib = _load()
+    n = len(params)
+    if n == 0:
+        return
+    numel = (ctypes.c_int64 * n)(*[p.numel() for p in params])
+    status = lib.sign_fused_step(
+        RULES[rule], _DTYPES[params[0].dtype], n, _pointers(params), _pointers(grads), _pointers(avgs), numel,
+        (ctypes.c_double * n)(*coef_a), (ctypes.c_double * n)(*coef_b), lr, beta, alpha, weight_decay,
+        int(maximize), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("sign_optim fused kernel: out of memory for its block table")
+
+
+def stream_copy(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: List[torch.Tensor]) -> None:
+    """Move the bytes of a step (read p, g, m; write p, m) without the arithmetic: the bandwidth floor.
+
+    float32 CPU tensors only; it overwrites ``params`` and ``avgs`` (benchmarks use scratch copies).
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(_LIB_ERROR)
+    n = len(params)
+    numel = (ctypes.c_int64 * n)(*[p.numel() for p in params])
+    lib.sign_stream_copy(n, _pointers(params), _pointers(grads), _pointers(avgs), numel, torch.get_num_threads())
+
+
+def powersign_coefficients(alpha: float, decay: float):
+    """``(sinh(c), cosh(c) - 1)`` with ``c = decay * ln(alpha)``: PowerSign's factor
+    ``alpha ** (decay * s) = 1 + sinh(c) s + (cosh(c) - 1) s**2`` for ``s`` in {-1, 0, 1}."""
+    c = math.log(alpha) * decay
+    return math.sinh(c), math.expm1(c) - math.sinh(c)  # expm1(c) - sinh(c) = cosh(c) - 1
