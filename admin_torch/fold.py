@@ -79,13 +79,21 @@ def fold_into_linears_(linears: Iterable[nn.Linear], omega: OmegaLike) -> None:
 
 
 @torch.no_grad()
-def fold_into_embedding_(embedding: Union[nn.Embedding, Tensor], omega: OmegaLike) -> None:
-    """Multiply an embedding table (an ``nn.Embedding`` or its ``(num, dim)`` weight) by omega
-    per feature, in place. Note that a table shared with an output projection scales that too,
+def fold_into_embedding_(embedding: Union[nn.Embedding, nn.Linear, Tensor], omega: OmegaLike) -> None:
+    """Multiply what an embedding produces by omega per feature, in place: the table of an
+    ``nn.Embedding`` (or its ``(num, dim)`` weight), or the output rows and bias of an ``nn.Linear``
+    (an input projection). Note that a table shared with an output projection scales that too,
     and a non-learned (sinusoidal) positional embedding has to be scaled where it is added."""
+    if isinstance(embedding, nn.Linear):
+        w = _omega_tensor(omega, embedding.out_features)
+        embedding.weight.mul_(w.to(embedding.weight).view(-1, 1))
+        if embedding.bias is not None:
+            embedding.bias.mul_(w.to(embedding.bias))
+        return
     weight = embedding.weight if isinstance(embedding, nn.Module) else embedding
     if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise TypeError(f"embedding must be an nn.Embedding or a 2-d weight tensor, got {type(embedding).__name__}")
+        raise TypeError(f"embedding must be an nn.Embedding, an nn.Linear or a 2-d weight tensor, "
+                        f"got {type(embedding).__name__}")
     w = _omega_tensor(omega, weight.shape[1])
     weight.mul_(w.to(weight).view(1, -1))
 

@@ -143,8 +143,6 @@ def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerMode
     """
     if not isinstance(model, (TransformerAdminModel, TransformerLMAdmin)):
         raise TypeError(f"model must be a transformer_admin or transformer_lm_admin model, got {type(model).__name__}")
-    if getattr(model.decoder, "project_in_dim", None) is not None:
-        raise ValueError("cannot fold a model with decoder_input_dim != decoder_embed_dim (project_in_dim)")
     language_model = isinstance(model, TransformerLMAdmin)
     if task is None:
         source = model.decoder.dictionary if language_model else model.encoder.dictionary
@@ -181,7 +179,10 @@ def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerMode
             if stack.layernorm_embedding is not None:
                 admin_torch.fold_into_norm_(stack.layernorm_embedding, omega)
             else:
-                admin_torch.fold_into_embedding_(stack.embed_tokens, omega)
+                # the stack's input: embed_scale * E[token] (through project_in_dim when the embedding
+                # is narrower than the model) + positions
+                project_in = getattr(stack, "project_in_dim", None)
+                admin_torch.fold_into_embedding_(project_in if project_in is not None else stack.embed_tokens, omega)
                 if stack.embed_positions is not None:
                     admin_torch.fold_into_embedding_(stack.embed_positions, omega)
     return stock

@@ -24,6 +24,7 @@ Example::
         --arch transformer_lm_admin_deep --admin-init admin --tokens-per-sample 128 ...
 """
 
+import argparse
 import copy
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,6 +34,7 @@ from fairseq.models import MODEL_REGISTRY, register_model
 from fairseq.models.transformer_lm import DEFAULT_MAX_TARGET_POSITIONS, TransformerLanguageModel, \
     TransformerLanguageModelConfig
 from fairseq.utils import safe_getattr
+from omegaconf import OmegaConf
 
 import admin_torch
 
@@ -67,6 +69,12 @@ class TransformerLMAdmin(AdminProfiling, TransformerLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
+        # a flat Namespace: fairseq's TransformerConfig.from_namespace keeps the admin fields of a
+        # Namespace, not of the OmegaConf config fairseq hands a dataclass model
+        if not isinstance(args, argparse.Namespace):
+            args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True, enum_to_str=True)) \
+                if OmegaConf.is_config(args) \
+                else argparse.Namespace(**vars(args))
         _check_admin_args(args)
         for flag, name in (("--character-embeddings", "character_embeddings"), ("--adaptive-input", "adaptive_input")):
             if safe_getattr(args, name, False):
