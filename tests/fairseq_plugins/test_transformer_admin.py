@@ -272,7 +272,7 @@ def test_fold_checkpoint_refuses_non_admin(tmp_path, capsys):
                 "model": {}, "optimizer_history": [{"criterion_name": "CrossEntropyCriterion",
                 "optimizer_name": "Adam", "lr_scheduler_state": {"best": None}, "num_updates": 0}],
                 "extra_state": {"train_iterator": {"epoch": 1}}}, path)
-    with pytest.raises(NotAdminCheckpointError, match="not a transformer_admin checkpoint"):
+    with pytest.raises(NotAdminCheckpointError, match="not a transformer_admin or transformer_lm_admin checkpoint"):
         fold_checkpoint(str(path), str(tmp_path / "out.pt"))
     assert main([str(path), str(tmp_path / "out.pt")]) == 2
-    assert "not a transformer_admin checkpoint" in capsys.readouterr().err
+    assert "not a transformer_admin or transformer_lm_admin checkpoint" in capsys.readouterr().err
