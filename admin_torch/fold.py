@@ -65,13 +65,14 @@ def fold_into_norm_(norm: nn.LayerNorm, omega: OmegaLike) -> None:
 
 
 @torch.no_grad()
-def fold_into_linears_(linears: Iterable[nn.Linear], omega: OmegaLike) -> None:
+def fold_into_linears_(linears: Iterable[Union[nn.Linear, Tensor]], omega: OmegaLike) -> None:
     """Divide the input columns of each linear map by omega in place (``W[:, d] /= omega[d]``),
-    so that ``linear(omega * x) == old_linear(x)``. Biases are unchanged."""
-    if isinstance(linears, nn.Module):
+    so that ``linear(omega * x) == old_linear(x)``. Biases are unchanged. An entry may be a 2-d
+    weight tensor (or a view of one, such as the query rows of a packed ``in_proj_weight``)."""
+    if isinstance(linears, (nn.Module, Tensor)):
         linears = [linears]
     for lin in linears:
-        weight = getattr(lin, "weight", None)
+        weight = lin if isinstance(lin, Tensor) else getattr(lin, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise TypeError(f"linears must hold nn.Linear modules (2-d weight), got {type(lin).__name__}")
         w = _omega_tensor(omega, weight.shape[1])

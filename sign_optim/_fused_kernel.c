@@ -8,7 +8,9 @@
  * which is the single-tensor path's arithmetic, in its order. Reads p, g, m; writes p, m: 5 floats.
  *
  * float32 and float64 parameters; float16/bfloat16 parameters keep a float32 moving average and
- * are updated in float32 (the caller passes the dtype code). The work is split into blocks of at
+ * are updated in float32 (the caller passes the dtype code). The step counters of the parameters
+ * (0-d float32 CPU tensors) are read (sign_read_steps) and advanced here too, so a step makes one
+ * call into torch per group instead of several per parameter. The work is split into blocks of at
  * most BLOCK elements across all tensors, run by OpenMP threads (nthreads from torch). GCC's
  * target_clones compiles the loop for AVX-512, AVX2 and baseline x86-64 and picks one at load time.
  *
@@ -158,7 +160,8 @@ static void block_half(void *p_, const void *g_, float *restrict m, int64_t n, i
  * Blocks of at most BLOCK elements are distributed over nthreads OpenMP threads. Returns 0. */
 int sign_fused_step(int rule, int dtype, int64_t count, void **params, void **grads, void **avgs,
                     const int64_t *numel, const double *coef_a, const double *coef_b,
-                    double lr, double beta, double alpha, double weight_decay, int maximize, int nthreads) {
+                    double lr, double beta, double alpha, double weight_decay, int maximize, int nthreads,
+                    float **steps) {
     rule_t r = {rule, maximize, lr, beta, weight_decay, alpha};
     int64_t blocks = 0;
     for (int64_t k = 0; k < count; k++) blocks += (numel[k] + BLOCK - 1) / BLOCK;
@@ -190,6 +193,14 @@ int sign_fused_step(int rule, int dtype, int64_t count, void **params, void **gr
         }
     }
     PyMem_RawFree(first_block);
+    if (steps)  /* the step counters (0-d float32 tensors) advance here: no per-parameter torch call */
+        for (int64_t k = 0; k < count; k++) *steps[k] += 1.0f;
+    return 0;
+}
+
+/* out[k] = *steps[k]: the step counters of count parameters, read in one call. */
+int sign_read_steps(int64_t count, float **steps, double *out) {
+    for (int64_t k = 0; k < count; k++) out[k] = (double)*steps[k];
     return 0;
 }
 

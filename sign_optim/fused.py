@@ -28,7 +28,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "cpu_step", "stream_copy", "RULES"]
+__all__ = ["available", "unavailable_reason", "supported", "state_dtype", "cpu_step", "read_steps",
+           "stream_copy", "powersign_coefficients", "RULES"]
 
 #: rule name -> the kernel's rule code
 RULES = {"addsign": 0, "powersign": 1}
@@ -56,7 +57,9 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.sign_fused_step.restype = ctypes.c_int
     lib.sign_fused_step.argtypes = [ctypes.c_int, ctypes.c_int, i64, ptrs, ptrs, ptrs, ctypes.POINTER(i64),
                                     ctypes.POINTER(dbl), ctypes.POINTER(dbl), dbl, dbl, dbl, dbl,
-                                    ctypes.c_int, ctypes.c_int]
+                                    ctypes.c_int, ctypes.c_int, ptrs]
+    lib.sign_read_steps.restype = ctypes.c_int
+    lib.sign_read_steps.argtypes = [i64, ptrs, ctypes.POINTER(dbl)]
     lib.sign_stream_copy.restype = ctypes.c_int
     lib.sign_stream_copy.argtypes = [i64, ptrs, ptrs, ptrs, ctypes.POINTER(i64), ctypes.c_int]
     _LIB = lib
@@ -79,10 +82,15 @@ def available(device: torch.device) -> bool:
     return unavailable_reason(torch.device(device)) is None
 
 
+_STATE_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
+                 torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 def supported(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> bool:
-    """Whether one parameter fits the kernels: dense, contiguous, a float dtype, the state in place."""
-    return (p.dtype in _DTYPES and g.dtype == p.dtype and p.is_contiguous() and g.is_contiguous()
-            and m.is_contiguous() and not g.is_sparse and m.dtype == state_dtype(p.dtype))
+    """Whether one parameter fits the kernels: contiguous, a float dtype (not float64 on CUDA), the
+    gradient of the same dtype, the moving average in :func:`state_dtype`."""
+    return (_STATE_DTYPES.get(p.dtype) is m.dtype and g.dtype is p.dtype and p.is_contiguous()
+            and g.is_contiguous() and m.is_contiguous() and (p.dtype is not torch.float64 or p.is_cpu))
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,13 +102,21 @@ def _pointers(tensors: Sequence[torch.Tensor]):
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
+def read_steps(steps: Sequence[torch.Tensor]) -> List[float]:
+    """The values of 0-d float32 CPU step counters, read in one call (the C kernel is loaded)."""
+    n = len(steps)
+    out = (ctypes.c_double * n)()
+    _load().sign_read_steps(n, _pointers(steps), out)
+    return list(out)
+
+
 def cpu_step(rule: str, params: List[torch.Tensor], grads: List[torch.Tensor], avgs: List[torch.Tensor],
              coef_a: List[float], coef_b: List[float], *, lr: float, beta: float, alpha: float,
-             weight_decay: float, maximize: bool) -> None:
+             weight_decay: float, maximize: bool, steps: Optional[List[torch.Tensor]] = None) -> None:
     """One fused step over CPU parameters of ONE dtype (the caller groups them and checks :func:`supported`).
 
     ``coef_a``/``coef_b`` per parameter: AddSign ``(d, 0)``; PowerSign ``(sinh(c), cosh(c) - 1)`` with
-    ``c = d ln(alpha)``.
+    ``c = d ln(alpha)``. ``steps``: the parameters' 0-d float32 CPU step counters, advanced by 1.
     """
     lib = _load()
     n = len(params)
@@ -110,7 +126,7 @@ def cpu_step(rule: str, params: List[torch.Tensor], grads: List[torch.Tensor], a
     status = lib.sign_fused_step(
         RULES[rule], _DTYPES[params[0].dtype], n, _pointers(params), _pointers(grads), _pointers(avgs), numel,
         (ctypes.c_double * n)(*coef_a), (ctypes.c_double * n)(*coef_b), lr, beta, alpha, weight_decay,
-        int(maximize), torch.get_num_threads())
+        int(maximize), torch.get_num_threads(), _pointers(steps) if steps is not None else None)
     if status != 0:
         raise MemoryError("sign_optim fused kernel: out of memory for its block table")
 

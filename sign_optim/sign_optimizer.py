@@ -26,6 +26,11 @@ SignDecay = Optional[Callable[[int], float]]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _float32_counters(steps: List[torch.Tensor]) -> bool:
+    """Whether every step counter is a 0-d float32 CPU tensor (what this optimizer creates and loads)."""
+    return all(isinstance(t, torch.Tensor) and t.dtype is torch.float32 and t.is_cpu and t.dim() == 0 for t in steps)
+
+
 def _cuda_step():
     from .triton_kernel import cuda_step  # Triton is imported only when CUDA parameters are fused
     return cuda_step
@@ -294,23 +299,25 @@ class SignOptimizer(Optimizer):
                 loss = closure()
         work = self._prepare_step()  # every check first: a refused step changes nothing
         for group, params, grads, decays in work:
-            avgs = []
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
+                if not state:
                     # a tensor step (as torch.optim's): torch.compile(opt.step) does not recompile per step
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, dtype=fused.state_dtype(p.dtype),
                                                         memory_format=torch.preserve_format)
-                state["step"] += 1
-                avgs.append(state["exp_avg"])
+            avgs = [state["exp_avg"] for state in states]
             if torch.compiler.is_compiling():
+                torch._foreach_add_([state["step"] for state in states], 1.0)
                 self._traced_update(group, params, grads, avgs)
                 continue
             lr = validation.as_real("lr", group["lr"])  # a tensor lr is read once per group and step
             rest = list(range(len(params)))
-            if self._use_fused(group, params):
-                rest = self._fused_update(group, lr, params, grads, avgs, decays)
+            if self._use_fused(group, params):  # the fused kernels advance their parameters' step counters
+                rest = self._fused_update(group, lr, params, grads, avgs, decays, states)
+            if not rest:
+                continue
+            torch._foreach_add_([states[i]["step"] for i in rest], 1.0)  # one call, not one per parameter
             full = [i for i in rest if params[i].dtype not in _HALF]
             half = [i for i in rest if params[i].dtype in _HALF]
             foreach = group["foreach"]
@@ -358,23 +365,29 @@ class SignOptimizer(Optimizer):
             return bool(group["fused"])
         return all(fused.available(d) for d in {p.device for p in params})
 
-    def _fused_update(self, group, lr, params, grads, avgs, decays) -> List[int]:
-        """Run the fused kernels on what they support, grouped by device and dtype; the indices left over."""
+    def _fused_update(self, group, lr, params, grads, avgs, decays, states) -> List[int]:
+        """Run the fused kernels on what they support, grouped by device and dtype, and advance those
+        parameters' step counters; the indices left over."""
         buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
         rest = []
+        supported = fused.supported
         for i, (p, g, m) in enumerate(zip(params, grads, avgs)):
-            ok = fused.supported(p, g, m) and (p.device.type == "cpu" or p.dtype != torch.float64)
-            if ok:
+            if supported(p, g, m):
                 buckets.setdefault((p.device, p.dtype), []).append(i)
             else:
                 rest.append(i)
         coefs = {d: self._fused_coefficients(group, d) for d in set(decays)}
         for (device, _), idx in buckets.items():
-            run = fused.cpu_step if device.type == "cpu" else _cuda_step()
-            run(self.rule, [params[i] for i in idx], [grads[i] for i in idx], [avgs[i] for i in idx],
-                [coefs[decays[i]][0] for i in idx], [coefs[decays[i]][1] for i in idx], lr=lr,
-                beta=float(group["beta"]), alpha=float(group["alpha"]), weight_decay=float(group["weight_decay"]),
-                maximize=group["maximize"])
+            options = dict(lr=lr, beta=float(group["beta"]), alpha=float(group["alpha"]),
+                           weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
+            args = (self.rule, [params[i] for i in idx], [grads[i] for i in idx], [avgs[i] for i in idx],
+                    [coefs[decays[i]][0] for i in idx], [coefs[decays[i]][1] for i in idx])
+            steps = [states[i]["step"] for i in idx]
+            if device.type == "cpu" and _float32_counters(steps):
+                fused.cpu_step(*args, **options, steps=steps)  # the kernel advances the counters
+            else:
+                (fused.cpu_step if device.type == "cpu" else _cuda_step())(*args, **options)
+                torch._foreach_add_(steps, 1.0)
         return rest
 
     def _foreach_step(self, group, lr, params, grads, avgs, decays) -> None:
@@ -410,11 +423,10 @@ class SignOptimizer(Optimizer):
         a scheduler say) and evaluate the decays; ``[(group, params, grads, decays)]``, nothing changed."""
         name = type(self).__name__
         work = []
+        compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
             self._check_group(group)
-            params, grads, decays = [], [], []
-            cache: Dict[int, float] = {}
-            compiling = torch.compiler.is_compiling()
+            params, grads = [], []
             for p in group["params"]:
                 g = p.grad
                 if g is None:
@@ -426,17 +438,25 @@ class SignOptimizer(Optimizer):
                                      f"does not match its parameter ({tuple(p.shape)}, {p.dtype} on {p.device})")
                 params.append(p)
                 grads.append(g)
-                if compiling:  # the decay is evaluated as a tensor in _traced_update
-                    continue
-                state = self.state.get(p)  # .get: self.state is a defaultdict, [] would add an entry
-                step = int(state["step"]) if state else 0  # a CPU tensor: no device sync
-                # TF evaluates the decay at the step before incrementing it: the first update uses d(0).
-                if step not in cache:
-                    cache[step] = self._decay_value(step)
-                decays.append(cache[step])
-            if params:
-                work.append((group, params, grads, decays))
+            if not params:
+                continue
+            # the decay is evaluated as a tensor in _traced_update when compiling
+            work.append((group, params, grads, [] if compiling else self._decays(params)))
         return work
+
+    def _decays(self, params: List[torch.Tensor]) -> List[float]:
+        """The decay of each parameter's update. TF evaluates the decay at the step before incrementing
+        it: the first update uses d(0). The step counters are CPU tensors, read in one call (no sync)."""
+        states = [self.state.get(p) for p in params]  # .get: self.state is a defaultdict, [] would add one
+        counted = [s["step"] for s in states if s]
+        if counted and fused.available(torch.device("cpu")) and _float32_counters(counted):
+            values = iter(fused.read_steps(counted))  # one C call
+        else:
+            values = iter(torch.stack([torch.as_tensor(c, dtype=torch.float64) for c in counted]).tolist()
+                          if counted else [])
+        steps = [int(next(values)) if s else 0 for s in states]
+        cache = {step: self._decay_value(step) for step in set(steps)}
+        return [cache[step] for step in steps]
 
     def _single_tensor_update(
         self, group: Dict[str, Any], lr: float, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, decay: float
