@@ -28,7 +28,11 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _float32_counters(steps: List[torch.Tensor]) -> bool:
     """Whether every step counter is a 0-d float32 CPU tensor (what this optimizer creates and loads)."""
-    return all(isinstance(t, torch.Tensor) and t.dtype is torch.float32 and t.is_cpu and t.dim() == 0 for t in steps)
+    f32 = torch.float32
+    for t in steps:
+        if type(t) is not torch.Tensor or t.dtype is not f32 or not t.is_cpu or t.dim():
+            return False
+    return True
 
 
 def _cuda_step():
@@ -383,7 +387,7 @@ class SignOptimizer(Optimizer):
             args = (self.rule, [params[i] for i in idx], [grads[i] for i in idx], [avgs[i] for i in idx],
                     [coefs[decays[i]][0] for i in idx], [coefs[decays[i]][1] for i in idx])
             steps = [states[i]["step"] for i in idx]
-            if device.type == "cpu" and _float32_counters(steps):
+            if device.type == "cpu" and self._counters_are_float32:
                 fused.cpu_step(*args, **options, steps=steps)  # the kernel advances the counters
             else:
                 (fused.cpu_step if device.type == "cpu" else _cuda_step())(*args, **options)
@@ -449,7 +453,9 @@ class SignOptimizer(Optimizer):
         it: the first update uses d(0). The step counters are CPU tensors, read in one call (no sync)."""
         states = [self.state.get(p) for p in params]  # .get: self.state is a defaultdict, [] would add one
         counted = [s["step"] for s in states if s]
-        if counted and fused.available(torch.device("cpu")) and _float32_counters(counted):
+        # what this optimizer creates and loads; checked once per step, read by the C kernel
+        self._counters_are_float32 = _float32_counters(counted)
+        if counted and self._counters_are_float32 and fused.available(torch.device("cpu")):
             values = iter(fused.read_steps(counted))  # one C call
         else:
             values = iter(torch.stack([torch.as_tensor(c, dtype=torch.float64) for c in counted]).tolist()
