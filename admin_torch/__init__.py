@@ -5,6 +5,9 @@
 * DeepNorm: :func:`deepnorm_init`, :func:`deepnorm_scale_`, :class:`DeepNormResidual`;
 * profiled Admin: :func:`profile_omegas`, :func:`apply_omegas`, :func:`save_profile`, :func:`load_profile`;
 * the output change against depth: :func:`output_change`, :func:`make_stack`;
+* Admin for torch.nn and HuggingFace models: the drop-in :class:`TransformerEncoderLayer` /
+  :class:`TransformerDecoderLayer`, :func:`convert` (torch.nn, BERT, RoBERTa, BART, Marian) and
+  :func:`fold`, driven by the per-layer descriptions of :mod:`admin_torch.architectures`;
 * folding omega into a plain Post-LN network: :func:`fold`, :func:`fold_into_norm_`,
   :func:`fold_into_linears_`, :func:`fold_into_embedding_`.
 
@@ -12,7 +15,10 @@ Importing this package never imports fairseq.
 """
 
 from .deepnorm import DEEPNORM_SCALED_PROJECTIONS, DeepNormInit, DeepNormResidual, deepnorm_init, deepnorm_scale_
-from .fold import fold, fold_into_embedding_, fold_into_linears_, fold_into_norm_
+from .architectures import LAYER_KINDS, STACK_KINDS
+from .convert import convert, fold
+from .fold import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
+from .layers import TransformerDecoderLayer, TransformerEncoderLayer
 from .output_change import output_change, residual_betas
 from .profiling import apply_omegas, load_profile, omega_residuals, profile_omegas, save_profile
 from .reference_stack import STACK_KINDS, AddResidual, ResidualStack, make_stack
@@ -47,8 +53,15 @@ __all__ = [
     "ResidualStack",
     "AddResidual",
     "STACK_KINDS",
+    # any model: drop-in layers, convert, fold
+    "TransformerEncoderLayer",
+    "TransformerDecoderLayer",
+    "convert",
+    "LAYER_KINDS",
+    "STACK_KINDS",
     # folding
     "fold",
+    "fold_reference_stack",
     "fold_into_norm_",
     "fold_into_linears_",
     "fold_into_embedding_",

@@ -21,7 +21,7 @@ from stability_toolbox import validation
 from .reference_stack import AddResidual, ResidualStack
 from .residual import OmegaResidual
 
-__all__ = ["fold_into_norm_", "fold_into_linears_", "fold_into_embedding_", "fold"]
+__all__ = ["fold_into_norm_", "fold_into_linears_", "fold_into_embedding_", "fold_reference_stack"]
 
 OmegaLike = Union[float, Tensor, OmegaResidual]
 
@@ -99,7 +99,7 @@ def fold_into_embedding_(embedding: Union[nn.Embedding, nn.Linear, Tensor], omeg
     weight.mul_(w.to(weight).view(1, -1))
 
 
-def fold(model: ResidualStack) -> ResidualStack:
+def fold_reference_stack(model: ResidualStack) -> ResidualStack:
     """A plain Post-LN copy of an Admin :class:`~admin_torch.reference_stack.ResidualStack`
     (``make_stack('admin', ...)``) computing the same outputs; ``model`` is not modified.
 

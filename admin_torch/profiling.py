@@ -88,7 +88,12 @@ def profile_omegas(
 
     Only the FIRST call of each residual is measured; later calls (a second batch, incremental
     decoding) use the omega already set. Vector omegas (``as_parameter``) are filled with the
-    scalar value.
+    scalar value. With ``torch.distributed`` initialized and several ranks, every rank profiles its
+    own batches and the omegas are averaged over the ranks (a collective: call it on every rank).
+
+    Works on any model whose residuals are :class:`OmegaResidual` modules: the reference stack,
+    the drop-in layers, models :func:`admin_torch.convert` converted (torch.nn, HuggingFace), and
+    fairseq's ``transformer_admin``.
 
     Args:
         model: the model holding the residual modules.
@@ -148,10 +153,16 @@ def profile_omegas(
             m._profile_hook = None
     if not omegas:
         raise ValueError("run_batches() called none of the model's OmegaResidual modules")
+    measured = omegas
     if not all(math.isfinite(v) for v in running.values()):
         restore()
         raise ValueError("profile_omegas measured a non-finite variance at the last sublayer (NaN or inf in the "
                          "batch or the model's outputs); no omega was changed")
+    omegas = _average_over_ranks(omegas, residuals[0][1].omega.device)
+    if omegas is not None:
+        apply_omegas(model, omegas)
+    else:
+        omegas = measured
     missing = [n for n, _ in residuals if n not in omegas]
     if missing:
         warnings.warn(f"profile_omegas: {len(missing)} residual module(s) were not called and keep their omega: {missing}")
@@ -168,6 +179,21 @@ def _check_omegas(omegas, where: str = "omegas") -> Dict[str, float]:
             raise TypeError(f"{where}: keys must be residual module names (str), got {name!r}")
         out[name] = validation.as_real(f"{where}[{name!r}]", value)
     return out
+
+
+def _average_over_ranks(omegas: Dict[str, float], device: torch.device) -> Optional[Dict[str, float]]:
+    """With ``torch.distributed`` initialized and several ranks, the mean of every rank's profile (each
+    rank profiled its own batch; all must train the same model); None otherwise. Every rank must
+    profile the same residuals (the same model), in the same order."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return None
+    backend = torch.distributed.get_backend()
+    on = device if backend == "nccl" else torch.device("cpu")
+    values = torch.tensor(list(omegas.values()), dtype=torch.float64, device=on)
+    torch.distributed.all_reduce(values)
+    values /= torch.distributed.get_world_size()
+    return dict(zip(omegas, values.tolist()))
 
 
 def apply_omegas(model: nn.Module, omegas: Mapping[str, float]) -> None:

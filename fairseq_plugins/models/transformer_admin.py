@@ -330,15 +330,8 @@ class AdminProfiling:
     def profile_(self, run_forward) -> dict:
         """Profile the omegas with ``run_forward()`` (one forward pass on real data), average them
         over distributed ranks, write ``--admin-profile`` (rank 0) and mark the model profiled."""
+        # profile_omegas averages over the distributed ranks: all ranks train the same model
         omegas = admin_torch.profile_omegas(self, run_forward, chains=self._profile_chains())
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            # every rank profiled its own batch; all ranks must train the same model
-            values = torch.tensor(list(omegas.values()), dtype=torch.float64, device=self.admin_profiled.device)
-            torch.distributed.all_reduce(values)
-            values /= torch.distributed.get_world_size()
-            omegas = dict(zip(omegas, values.tolist()))
-            admin_torch.apply_omegas(self, omegas)
         path = self._admin_args().admin_profile
         if path and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
             admin_torch.save_profile(omegas, path)

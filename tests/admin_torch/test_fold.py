@@ -104,7 +104,7 @@ def test_embedding_block(vector):
         (lambda: fold_into_linears_([nn.ReLU()], 2.0), TypeError, "linears"),
         (lambda: fold_into_embedding_(torch.ones(4), 2.0), TypeError, "embedding"),
         (lambda: fold(make_stack("post_ln", 2, 8)), TypeError, "admin"),
-        (lambda: fold(nn.Linear(2, 2)), TypeError, "admin"),
+        (lambda: fold(nn.Linear(2, 2)), ValueError, "no Admin layer"),
     ],
 )
 def test_bad_input(call, exc, match):
