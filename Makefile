@@ -17,6 +17,8 @@ FAIRSEQ      := fairseq-fixed==0.12.3.1
 FAIRSEQ_WHEEL := fairseq_fixed-0.12.3.1+numpy2-*.whl
 STAMP        := $(VENV)/.installed
 PYTEST_ARGS  ?=
+# test processes: one per core (pytest-xdist); every test is single-threaded (tests/conftest.py)
+TEST_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install test test-gpu demo bench clean
 
@@ -39,7 +41,7 @@ $(STAMP): setup.py constraints.txt Makefile tools/patch_fairseq_numpy2.py
 	    rm -rf $$src; }
 	$(PIP) install --no-deps --force-reinstall "$$(ls "$(WHEEL_CACHE)"/$(FAIRSEQ_WHEEL) | head -n 1)"
 	$(PIP) install -c constraints.txt hydra-core omegaconf regex sacrebleu tqdm bitarray cffi \
-	  scikit-learn packaging sentencepiece matplotlib tensorboardX lion-pytorch pytest hypothesis 2>&1 | grep -v "is ignored" || true
+	  scikit-learn packaging sentencepiece matplotlib tensorboardX lion-pytorch transformers pytest pytest-xdist hypothesis 2>&1 | grep -v "is ignored" || true
 	$(PIP) install --no-build-isolation --no-deps -e .
 	@# the public packages this toolbox is compared with, importable only through tests/peers.py
 	$(PIP) install --no-deps --upgrade --target $(VENV)/peers admin-torch==0.1.0 reinmax==0.1.0
@@ -48,11 +50,11 @@ $(STAMP): setup.py constraints.txt Makefile tools/patch_fairseq_numpy2.py
 	@echo "== $(VENV) is ready"
 
 test: install
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 # the GPU lane: the tests marked cuda (every estimator, layer, residual and optimizer on CUDA, no host syncs)
 test-gpu: install
-	$(VENV)/bin/pytest -m cuda $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m cuda -n 1 $(PYTEST_ARGS)
 
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash recipes/demo/run.sh

@@ -30,7 +30,7 @@ setup(
     extras_require={
         "fairseq": ["fairseq-fixed==0.12.3.1", "hydra-core==1.3.2", "omegaconf==2.3.0"],
         "recipes": ["sentencepiece", "sacrebleu>=2", "matplotlib"],
-        "dev": ["pytest", "hypothesis", "matplotlib", "sentencepiece", "sacrebleu>=2"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "matplotlib", "sentencepiece", "sacrebleu>=2"],
     },
     classifiers=[
         "Development Status :: 4 - Beta",

@@ -16,6 +16,7 @@ Importing this package never imports fairseq.
 
 from .deepnorm import DEEPNORM_SCALED_PROJECTIONS, DeepNormInit, DeepNormResidual, deepnorm_init, deepnorm_scale_
 from .architectures import LAYER_KINDS, STACK_KINDS
+from .convert import admin_stacks as convert_module_stacks
 from .convert import convert, fold
 from .fold import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer
@@ -57,6 +58,7 @@ __all__ = [
     "TransformerEncoderLayer",
     "TransformerDecoderLayer",
     "convert",
+    "convert_module_stacks",
     "LAYER_KINDS",
     "STACK_KINDS",
     # folding

@@ -1,0 +1,121 @@
+"""Deep decoder-only LMs: Post-LN vs Pre-LN vs Admin at a learning rate where Post-LN fails.
+
+Runs the LM recipes (recipes/lm/{prepare,train,evaluate}.sh) on the English side of Multi30k for
+every model and seed, and reports the validation perplexity (fairseq-eval-lm, best checkpoint) as
+mean +- std over the seeds. Runs go two at a time (one thread each). Writes
+``lm_stability.{json,md,png}`` under ``--out``.
+
+    python benchmarks/admin_lm_stability.py                                  # 12 layers, 3 seeds, CPU
+    python benchmarks/admin_lm_stability.py --layers 24 --max-update 4000 --device cuda   # paper scale
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(cmd, log: Path, env):
+    with open(log, "w") as f:
+        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return proc.returncode
+
+
+def one(args, model: str, seed: int, env) -> dict:
+    save = args.work / "checkpoints" / f"{model}-{args.layers}-s{seed}"
+    save.mkdir(parents=True, exist_ok=True)
+    gpus = "1" if args.device == "cuda" else "0"
+    code = run([REPO / "recipes/lm/train.sh", "--model", model, "--layers", args.layers, "--data", args.work,
+                "--save", save, "--gpus", gpus, "--lr", args.lr, "--warmup", args.warmup, "--seed", seed,
+                "--max-update", args.max_update], save / "driver_train.log", env)
+    result = {"model": model, "seed": seed, "train_exit": code}
+    if code == 0 and (save / "checkpoint_best.pt").exists():
+        run([REPO / "recipes/lm/evaluate.sh", "--save", save, "--data", args.work, "--split", "valid"],
+            save / "driver_eval.log", env)
+        m = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", (save / "valid.ppl").read_text()
+                      if (save / "valid.ppl").exists() else "")
+        if m:
+            result.update(valid_loss=float(m.group(1)), valid_ppl=float(m.group(2)))
+    print(f"  {model} seed {seed}: {result.get('valid_ppl', 'failed')}", flush=True)
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k")
+    ap.add_argument("--work", type=Path, default=REPO / "work" / "lm")
+    ap.add_argument("--models", default="postln,preln,admin")
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--layers", default="12")
+    ap.add_argument("--lr", default="2e-3")
+    ap.add_argument("--warmup", default="200")
+    ap.add_argument("--max-update", default="400", help="scale: updates per run")
+    ap.add_argument("--max-lines", default="0", help="training lines (0: all)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "admin")
+    args = ap.parse_args(argv)
+    if not args.data.is_dir():
+        ap.error(f"--data: {args.data} not found (Multi30k raw files, e.g. ../shared/data/multi30k)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHON=sys.executable)
+    args.work.mkdir(parents=True, exist_ok=True)
+    print("preparing the English side of Multi30k ...", flush=True)
+    if run([REPO / "recipes/lm/prepare.sh", "--raw", args.data, "--lang", "en", "--out", args.work,
+            "--max-lines", args.max_lines], args.work / "driver_prepare.log", env) != 0:
+        sys.exit(f"prepare failed: see {args.work / 'driver_prepare.log'}")
+    jobs = [(m, int(s)) for s in args.seeds.split(",") for m in args.models.split(",")]
+    print(f"{len(jobs)} runs, {args.jobs} at a time: {args.layers} layers, lr {args.lr}, {args.max_update} updates",
+          flush=True)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda j: one(args, j[0], j[1], env), jobs))
+    rows = []
+    for model in args.models.split(","):
+        ppl = [r["valid_ppl"] for r in results if r["model"] == model and "valid_ppl" in r]
+        n = len([r for r in results if r["model"] == model])
+        mean = statistics.mean(ppl) if ppl else float("nan")
+        std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+        rows.append({"model": model, "seeds": n, "finished": len(ppl), "valid_ppl_mean": mean, "valid_ppl_std": std,
+                     "per_seed": ppl})
+    lines = [f"Decoder-only LM, {args.layers} layers (d=256), English Multi30k, lr {args.lr}, warmup {args.warmup}, "
+             f"{args.max_update} updates, device {args.device}; validation perplexity, mean +- std over seeds "
+             f"{args.seeds}", "", "| model | seeds | valid ppl (mean +- std) | per seed |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['finished']}/{r['seeds']} | {r['valid_ppl_mean']:.2f} +- "
+                     f"{r['valid_ppl_std']:.2f} | {', '.join(f'{p:.2f}' for p in r['per_seed'])} |")
+    lines += ["", f"command: python benchmarks/admin_lm_stability.py --layers {args.layers} --lr {args.lr} "
+              f"--warmup {args.warmup} --max-update {args.max_update} --seeds {args.seeds} --device {args.device}"]
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lm_stability.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                            "runs": results, "rows": rows}, indent=1))
+    (args.out / "lm_stability.md").write_text(table + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for i, r in enumerate(rows):
+            ax.scatter([i] * len(r["per_seed"]), r["per_seed"], color="C%d" % i)
+            ax.errorbar([i], [r["valid_ppl_mean"]], yerr=[r["valid_ppl_std"]], fmt="_", color="k", capsize=6)
+        ax.set_xticks(range(len(rows)), [r["model"] for r in rows])
+        ax.set_yscale("log")
+        ax.set_ylabel("validation perplexity (log)")
+        ax.set_title(f"{args.layers}-layer LM, lr {args.lr}, {len(args.seeds.split(','))} seeds", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(args.out / "lm_stability.png", dpi=120)
+    except ImportError:
+        pass
+    print(f"wrote {args.out}/lm_stability.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
