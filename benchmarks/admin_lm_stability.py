@@ -32,7 +32,8 @@ def one(args, model: str, seed: int, env) -> dict:
     save = args.work / "checkpoints" / f"{model}-{args.layers}-s{seed}"
     save.mkdir(parents=True, exist_ok=True)
     gpus = "1" if args.device == "cuda" else "0"
-    code = run([REPO / "recipes/lm/train.sh", "--model", model, "--layers", args.layers, "--data", args.work,
+    code = run([REPO / "recipes/lm/train.sh", "--model", model, "--layers", args.layers, "--dim", args.dim,
+                "--max-tokens", args.tokens, "--tokens-per-update", args.tokens, "--data", args.work,
                 "--save", save, "--gpus", gpus, "--lr", args.lr, "--warmup", args.warmup, "--seed", seed,
                 "--max-update", args.max_update], save / "driver_train.log", env)
     result = {"model": model, "seed": seed, "train_exit": code}
@@ -54,9 +55,11 @@ def main(argv=None):
     ap.add_argument("--models", default="postln,preln,admin")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--layers", default="12")
+    ap.add_argument("--dim", default="128", help="model width (FFN 4x, 4 heads)")
+    ap.add_argument("--tokens", default="1024", help="tokens per update")
     ap.add_argument("--lr", default="2e-3")
     ap.add_argument("--warmup", default="200")
-    ap.add_argument("--max-update", default="400", help="scale: updates per run")
+    ap.add_argument("--max-update", default="300", help="scale: updates per run")
     ap.add_argument("--max-lines", default="0", help="training lines (0: all)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -84,13 +87,14 @@ def main(argv=None):
         std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
         rows.append({"model": model, "seeds": n, "finished": len(ppl), "valid_ppl_mean": mean, "valid_ppl_std": std,
                      "per_seed": ppl})
-    lines = [f"Decoder-only LM, {args.layers} layers (d=256), English Multi30k, lr {args.lr}, warmup {args.warmup}, "
+    lines = [f"Decoder-only LM, {args.layers} layers (d={args.dim}), {args.tokens} tokens/update, English Multi30k, lr {args.lr}, warmup {args.warmup}, "
              f"{args.max_update} updates, device {args.device}; validation perplexity, mean +- std over seeds "
              f"{args.seeds}", "", "| model | seeds | valid ppl (mean +- std) | per seed |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['finished']}/{r['seeds']} | {r['valid_ppl_mean']:.2f} +- "
                      f"{r['valid_ppl_std']:.2f} | {', '.join(f'{p:.2f}' for p in r['per_seed'])} |")
-    lines += ["", f"command: python benchmarks/admin_lm_stability.py --layers {args.layers} --lr {args.lr} "
+    lines += ["", f"command: python benchmarks/admin_lm_stability.py --layers {args.layers} --dim {args.dim} "
+              f"--tokens {args.tokens} --lr {args.lr} "
               f"--warmup {args.warmup} --max-update {args.max_update} --seeds {args.seeds} --device {args.device}"]
     table = "\n".join(lines)
     print(table)

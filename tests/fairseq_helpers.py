@@ -9,6 +9,7 @@ Example::
 
 import os
 import random
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,40 @@ TINY_TRANSFORMER_ARGS = [
     "--no-progress-bar", "--log-interval", "1", "--log-format", "simple",
     "--num-workers", "0",
 ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS says is free now (for a distributed init method)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(tool_args_per_rank: Sequence[Sequence], logs: Path, timeout: float = 300):
+    """Run ``fairseq-train`` once per rank (gloo on CPU, no spawn); ``(exit codes, logs)``.
+
+    A rank still running after ``timeout`` seconds (a hang) is killed and counts as exit code None.
+    """
+    port = free_port()
+    world = len(tool_args_per_rank)
+    procs = []
+    for rank, args in enumerate(tool_args_per_rank):
+        args = [*args, "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
+                "--distributed-world-size", str(world), "--distributed-rank", str(rank),
+                "--distributed-no-spawn", "--distributed-init-method", f"tcp://127.0.0.1:{port}"]
+        log = open(logs / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([tool_path("train"), *map(str, args)], cwd=REPO_ROOT, env=tool_env(),
+                                       stdout=log, stderr=subprocess.STDOUT), log))
+    codes = []
+    for proc, log in procs:
+        try:
+            codes.append(proc.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+        finally:
+            proc.kill()
+            log.close()
+    return codes, [(logs / f"rank{r}.log").read_text() for r in range(world)]
 
 
 def tool_path(tool: str) -> str:

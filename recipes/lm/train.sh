@@ -6,19 +6,19 @@
 #   --model     postln | preln | admin | admin-profiled | deepnorm
 #                 postln: fairseq's transformer_lm (Post-LN)   preln: the same with --decoder-normalize-before
 #                 admin, admin-profiled, deepnorm: transformer_lm_admin (--user-dir fairseq_plugins)
-#   --layers    decoder layers (default 12)
+#   --layers    decoder layers (default 12)      --dim D    model width (default 256; FFN 4D, 4 heads)
 #   --data      the prepare.sh output (default <repo>/work/lm)
 #   --save      checkpoint directory (default DATA/checkpoints/MODEL-LAYERS-sSEED)
 #   --gpus      0 = CPU (default: the number of GPUs nvidia-smi lists); >0 adds --fp16
 #   --max-update (default 4000)  --lr (default 1e-3)  --warmup (default 400)  --seed (default 1)
 #   --max-tokens N (default 2048)  --tokens-per-update N (default 2048)
-# The model is d=256, FFN 1024, 4 heads, dropout 0.1, sentences as samples (--sample-break-mode eos,
+# The model is d=DIM, FFN 4 DIM, 4 heads, dropout 0.1, sentences as samples (--sample-break-mode eos,
 # at most 128 tokens), shared input/output embeddings; adam (0.9, 0.98), inverse_sqrt from 1e-7.
 # Flags after -- are passed to fairseq-train last and override these.
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/lib.sh"
 
-DATA="$REPO_DIR/work/lm" SAVE="" MODEL="" LAYERS=12 GPUS=$(gpu_count) SEED=1
+DATA="$REPO_DIR/work/lm" SAVE="" MODEL="" LAYERS=12 DIM=256 GPUS=$(gpu_count) SEED=1
 LR=1e-3 WARMUP=400 MAX_TOKENS=2048 TOTAL_TOKENS=2048 MAX_UPDATE=4000
 EXTRA=()
 while [[ $# -gt 0 ]]; do
@@ -26,6 +26,7 @@ while [[ $# -gt 0 ]]; do
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --model) MODEL=$2; shift 2 ;;
     --layers) LAYERS=$2; shift 2 ;;
+    --dim) DIM=$2; shift 2 ;;
     --data) DATA=$2; shift 2 ;;
     --save) SAVE=$2; shift 2 ;;
     --gpus) GPUS=$2; shift 2 ;;
@@ -41,7 +42,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$MODEL" ]] || die "--model is required (postln, preln, admin, admin-profiled, deepnorm)"
 [[ "$LAYERS" =~ ^[1-9][0-9]*$ ]] || die "--layers must be a positive integer (got '$LAYERS')"
-for v in MAX_TOKENS TOTAL_TOKENS MAX_UPDATE WARMUP SEED GPUS; do
+for v in MAX_TOKENS TOTAL_TOKENS MAX_UPDATE WARMUP SEED GPUS DIM; do
   [[ "${!v}" =~ ^[0-9]+$ ]] || die "--$(echo "$v" | tr 'A-Z_' 'a-z-') must be a non-negative integer (got '${!v}')"
 done
 SAVE=${SAVE:-$DATA/checkpoints/$MODEL-$LAYERS-s$SEED}
@@ -63,8 +64,8 @@ device=(--cpu)
 mkdir -p "$SAVE"
 log "train $MODEL, $LAYERS layers, lr $LR, seed $SEED on $DATA/bin -> $SAVE"
 fairseq-train "$DATA/bin" --task language_modeling --sample-break-mode eos --tokens-per-sample 128 \
-  "${FLAGS[@]}" --decoder-layers "$LAYERS" --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 \
-  --decoder-attention-heads 4 --decoder-input-dim 256 --decoder-output-dim 256 \
+  "${FLAGS[@]}" --decoder-layers "$LAYERS" --decoder-embed-dim "$DIM" --decoder-ffn-embed-dim $(( 4 * DIM )) \
+  --decoder-attention-heads 4 --decoder-input-dim "$DIM" --decoder-output-dim "$DIM" \
   --share-decoder-input-output-embed --dropout 0.1 \
   --optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.0 \
   --lr "$LR" --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP" --warmup-init-lr 1e-07 \

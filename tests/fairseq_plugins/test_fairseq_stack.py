@@ -4,7 +4,6 @@ decode, score, distributed training on two CPU ranks, and the failure modes user
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, TINY_TRANSFORMER_ARGS, run_tool, tool_env, tool_path
+from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, TINY_TRANSFORMER_ARGS, run_ranks, run_tool, tool_env, tool_path
 
 pytestmark = pytest.mark.slow
 
@@ -96,31 +95,8 @@ def test_interactive_and_absolute_user_dir_from_another_directory(tiny_translati
     assert out.stdout.count("\nH-") == 2
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_two_ranks(data, save_dir: Path, max_update: int, logs: Path):
-    port = free_port()
-    procs = []
-    for rank in (0, 1):
-        args = train_args(data, save_dir, max_update,
-                          "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
-                          "--distributed-world-size", "2", "--distributed-rank", str(rank),
-                          "--distributed-no-spawn", "--distributed-init-method", f"tcp://127.0.0.1:{port}")
-        log = open(logs / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([tool_path("train"), *map(str, args)], cwd=REPO_ROOT,
-                                       env=tool_env(), stdout=log, stderr=subprocess.STDOUT), log))
-    codes = []
-    for proc, log in procs:
-        try:
-            codes.append(proc.wait(timeout=300))
-        finally:
-            proc.kill()
-            log.close()
-    return codes, [(logs / f"rank{r}.log").read_text() for r in (0, 1)]
+    return run_ranks([train_args(data, save_dir, max_update)] * 2, logs)
 
 
 def test_two_cpu_ranks_train_and_resume(tiny_translation_data, tmp_path):

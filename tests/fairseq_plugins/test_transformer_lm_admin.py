@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from fairseq_helpers import PLUGINS_DIR, make_lm_data, run_tool
+from fairseq_helpers import PLUGINS_DIR, make_lm_data, run_ranks, run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +60,19 @@ def test_admin_lm_refuses_pre_ln_with_one_line(lm_data, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith("fairseq-train: error: --encoder-normalize-before / "
                                                            "--decoder-normalize-before are not accepted")
+
+
+def test_profiled_admin_on_two_ranks_averages_and_a_restart_with_one_profile_file_does_not_hang(lm_data, tmp_path):
+    """Rank 0 writes the averaged profile. A fresh run where only rank 0 finds its profile file profiles
+    again on both ranks (a collective decision) instead of leaving rank 0 out of the average (a hang)."""
+    def args(rank, save):
+        return [lm_data, "--user-dir", PLUGINS_DIR, "--arch", "transformer_lm_admin", *TINY_LM, "--max-update", "4",
+                "--admin-init", "profiled", "--admin-profile", tmp_path / f"rank{rank}" / "profile.json",
+                "--save-dir", save]
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+    codes, logs = run_ranks([args(r, tmp_path / "ck1") for r in (0, 1)], tmp_path, timeout=240)
+    assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert (tmp_path / "rank0" / "profile.json").exists() and not (tmp_path / "rank1" / "profile.json").exists()
+    codes, logs = run_ranks([args(r, tmp_path / "ck2") for r in (0, 1)], tmp_path, timeout=240)
+    assert codes == [0, 0], "a rank hung or failed:\n" + logs[0][-2000:] + logs[1][-2000:]

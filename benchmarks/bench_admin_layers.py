@@ -1,0 +1,100 @@
+"""Training speed of admin_torch's drop-in layers against torch.nn's stock layers.
+
+A 6-layer encoder (and a 6-layer decoder) of ``torch.nn.TransformerEncoderLayer`` against the same
+stack built from :class:`admin_torch.TransformerEncoderLayer` (and a stock stack turned Admin by
+:func:`admin_torch.convert`): forward + backward + an Adam step, interleaved in random order, median
+over repetitions; the ratio stock time / Admin time is the Admin stack's relative speed (target >= 0.98).
+
+    python benchmarks/bench_admin_layers.py                  # CPU
+    python benchmarks/bench_admin_layers.py --device cuda
+"""
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import admin_torch  # noqa: E402
+
+
+def stacks(d: int, layers: int, device: str):
+    torch.manual_seed(0)
+    kw = dict(d_model=d, nhead=4, dim_feedforward=4 * d, dropout=0.1, batch_first=True)
+    stock = nn.TransformerEncoder(nn.TransformerEncoderLayer(**kw), layers, enable_nested_tensor=False)
+    dropin = nn.TransformerEncoder(admin_torch.TransformerEncoderLayer(**kw, num_res_layers=2 * layers), layers,
+                                   enable_nested_tensor=False)
+    converted = admin_torch.convert(copy.deepcopy(stock))
+    dec_kw = dict(kw)
+    stock_dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(**dec_kw), layers)
+    dropin_dec = nn.TransformerDecoder(admin_torch.TransformerDecoderLayer(**dec_kw, num_res_layers=3 * layers), layers)
+    return {"encoder: stock": stock, "encoder: admin drop-in": dropin, "encoder: stock, convert()ed": converted,
+            "decoder: stock": stock_dec, "decoder: admin drop-in": dropin_dec}, device
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "admin")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    torch.set_num_threads(args.threads)
+    models, device = stacks(args.dim, args.layers, args.device)
+    x = torch.randn(args.batch, args.length, args.dim, device=device)
+    opts = {}
+    for name, m in models.items():
+        m.to(device).train()
+        opts[name] = torch.optim.Adam(m.parameters(), lr=1e-4)
+
+    def step(name):
+        m = models[name]
+        out = m(x, x) if name.startswith("decoder") else m(x)
+        out.float().pow(2).mean().backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for name in models:  # warm-up
+        step(name)
+    times = {name: [] for name in models}
+    order, rng = list(models), random.Random(0)
+    for _ in range(args.reps):
+        rng.shuffle(order)
+        for name in order:
+            t = time.perf_counter()
+            step(name)
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = [("encoder: admin drop-in", "encoder: stock"), ("encoder: stock, convert()ed", "encoder: stock"),
+            ("decoder: admin drop-in", "decoder: stock")]
+    lines = [f"{args.layers} layers, d={args.dim}, batch {args.batch}x{args.length}, {args.device}, "
+             f"{args.threads} thread(s), median of {args.reps} interleaved training steps", "",
+             "| stack | ms/step | stock ms/step | speed vs stock (>= 0.98) |", "|---|---|---|---|"]
+    for admin, stock in rows:
+        lines.append(f"| {admin} | {1e3 * med[admin]:.1f} | {1e3 * med[stock]:.1f} | {med[stock] / med[admin]:.3f} |")
+    lines += ["", "command: python benchmarks/bench_admin_layers.py" + (" --device cuda" if args.device == "cuda" else "")]
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "admin_layers_speed.md").write_text(table + "\n")
+    (args.out / "admin_layers_speed.json").write_text(json.dumps({"median_s": med, "args": vars(args)}, default=str,
+                                                                 indent=1))
+
+
+if __name__ == "__main__":
+    main()
