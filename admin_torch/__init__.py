@@ -15,9 +15,9 @@ Importing this package never imports fairseq.
 """
 
 from .deepnorm import DEEPNORM_SCALED_PROJECTIONS, DeepNormInit, DeepNormResidual, deepnorm_init, deepnorm_scale_
-from .architectures import LAYER_KINDS, STACK_KINDS
+from .architectures import LAYER_KINDS, STACK_KINDS, LayerKind, StackKind, Sublayer
 from .convert import admin_stacks as convert_module_stacks
-from .convert import convert, fold
+from .convert import convert, fold, fold_stack_
 from .fold import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer
 from .output_change import output_change, residual_betas
@@ -59,8 +59,12 @@ __all__ = [
     "TransformerDecoderLayer",
     "convert",
     "convert_module_stacks",
+    "fold_stack_",
     "LAYER_KINDS",
     "STACK_KINDS",
+    "LayerKind",
+    "StackKind",
+    "Sublayer",
     # folding
     "fold",
     "fold_reference_stack",

@@ -32,7 +32,7 @@ from .fold import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fol
 from .reference_stack import ResidualStack
 from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, as_module
 
-__all__ = ["convert", "fold", "admin_stacks"]
+__all__ = ["convert", "fold", "fold_stack_", "admin_stacks"]
 
 Embedding = Union[nn.Module, Sequence[nn.Module], Dict[str, Union[nn.Module, Sequence[nn.Module]]]]
 
@@ -312,26 +312,51 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
                     "{stack name: module(s)})")
         plans.append((first, input_norm is not None, [_get(folded, n) for n, _ in layers]))
     for first, first_is_norm, stack_layers in plans:
-        prev_last = None
-        for layer in stack_layers:
-            kind = LAYER_KINDS[kind_key(type(layer))]
-            for sub, omega in zip(kind.sublayers, _omegas_of(layer)):
-                fold_into_linears_(_readers(layer, sub.readers), omega)
-                if sub.source is not None:
-                    fold_into_norm_(_get(layer, sub.source), omega)
-                elif prev_last is not None:
-                    fold_into_norm_(prev_last, omega)
-                elif first_is_norm:
-                    fold_into_norm_(first[0], omega)
-                else:
-                    for emb in first:
-                        _untie(emb, folded)
-                        fold_into_embedding_(emb, omega)
-            prev_last = _get(layer, kind.last_norm)
+        entries = [(layer, LAYER_KINDS[kind_key(type(layer))], _omegas_of(layer)) for layer in stack_layers]
+        fold_stack_(entries, first, first_is_norm, model=folded)
     for _, _, stack_layers in plans:
         for layer in stack_layers:
             _strip(layer)
     return folded
+
+
+@torch.no_grad()
+def fold_stack_(entries: Sequence[Tuple[nn.Module, LayerKind, Sequence]], first: Sequence[nn.Module],
+                first_is_norm: bool, model: Optional[nn.Module] = None) -> None:
+    """Move every omega of one stack into what produces its sublayer's input, in place.
+
+    The algorithm behind :func:`fold`, for any stack described by :class:`LayerKind` (fairseq's layers
+    use it too). Each omega multiplies the LayerNorm (or, for the stack's first sublayer, the input
+    LayerNorm or the embedding modules) that produces its sublayer's input ``x``, and divides the input
+    columns of the linear maps that read ``x``.
+
+    Args:
+        entries: ``(layer, kind, omegas)`` per layer in stack order: ``layer`` holds the LayerNorms and
+            linear maps named by ``kind`` (changed in place), ``omegas`` one per sublayer (numbers,
+            tensors or :class:`OmegaResidual` modules, possibly of another copy of the model).
+        first: what produces the first layer's input: ``[LayerNorm]`` when ``first_is_norm``, else the
+            ``nn.Embedding`` / ``nn.Linear`` modules whose outputs sum to it.
+        model: the model holding ``first``; an embedding weight shared with other modules of it (a
+            tied output projection) is untied before it is scaled.
+    """
+    prev_last = None
+    for layer, kind, omegas in entries:
+        if len(omegas) != len(kind.sublayers):
+            raise ValueError(f"{type(layer).__name__}: {len(omegas)} omegas for {len(kind.sublayers)} sublayers")
+        for sub, omega in zip(kind.sublayers, omegas):
+            fold_into_linears_(_readers(layer, sub.readers), omega)
+            if sub.source is not None:
+                fold_into_norm_(_get(layer, sub.source), omega)
+            elif prev_last is not None:
+                fold_into_norm_(prev_last, omega)
+            elif first_is_norm:
+                fold_into_norm_(first[0], omega)
+            else:
+                for emb in first:
+                    if model is not None:
+                        _untie(emb, model)
+                    fold_into_embedding_(emb, omega)
+        prev_last = _get(layer, kind.last_norm)
 
 
 def _strip(layer: nn.Module) -> None:

@@ -97,34 +97,30 @@ def stock_args(args, language_model: bool = False) -> argparse.Namespace:
     return new
 
 
-def _sublayer_plan(model) -> List[Tuple[nn.Module, nn.Module, List[nn.Linear]]]:
-    """(residual, module whose output the sublayer reads, input linears) for every residual sublayer
-    of the Admin model; the module read is a LayerNorm, or None for the first sublayer of a stack."""
-    plan = []
-    encoder = getattr(model, "encoder", None)
-    for stack in (encoder, model.decoder) if encoder is not None else (model.decoder,):
-        prev = None
-        for layer in stack.layers:
-            if len(layer.residuals) == 2 and stack is not encoder:  # a language model's decoder layer
-                sub = [(layer.self_attn_layer_norm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                       (layer.final_layer_norm, [layer.fc1])]
-                res = list(layer.residuals)
-            elif stack is encoder:
-                sub = [(layer.self_attn_layer_norm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                       (layer.final_layer_norm, [layer.fc1])]
-                res = list(layer.residuals)
-            else:
-                sub = [(layer.self_attn_layer_norm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])]
-                res = [layer.residuals[0]]
-                if layer.encoder_attn is not None:
-                    sub.append((layer.encoder_attn_layer_norm, [layer.encoder_attn.q_proj]))
-                    res.append(layer.residuals[1])
-                sub.append((layer.final_layer_norm, [layer.fc1]))
-                res.append(layer.residuals[2])
-            for r, (norm_after, linears) in zip(res, sub):
-                plan.append((r, prev, linears))
-                prev = norm_after
-    return plan
+# The description of fairseq's Post-LN layers (see admin_torch.architectures): where each residual's
+# input comes from and which linear maps read it. The folding itself is admin_torch.fold_stack_.
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_SELF_ATTN = admin_torch.Sublayer("self_attn_layer_norm", _QKV)
+ENCODER_LAYER = admin_torch.LayerKind((
+    _SELF_ATTN, admin_torch.Sublayer("final_layer_norm", ("fc1",), source="self_attn_layer_norm"),
+), last_norm="final_layer_norm", mechanism="fairseq")
+DECODER_LAYER = admin_torch.LayerKind((
+    _SELF_ATTN,
+    admin_torch.Sublayer("encoder_attn_layer_norm", ("encoder_attn.q_proj",), source="self_attn_layer_norm"),
+    admin_torch.Sublayer("final_layer_norm", ("fc1",), source="encoder_attn_layer_norm"),
+), last_norm="final_layer_norm", mechanism="fairseq")
+#: a decoder layer without cross-attention (a language model's, or --no-cross-attention) is an encoder layer
+DECODER_ONLY_LAYER = ENCODER_LAYER
+
+
+def _described(layer: nn.Module):
+    """The description and the residual modules (in sublayer order) of one fairseq Admin layer."""
+    residuals = list(layer.residuals)
+    if len(residuals) == 2:
+        return ENCODER_LAYER, residuals
+    if layer.encoder_attn is None:
+        return DECODER_ONLY_LAYER, [residuals[0], residuals[2]]
+    return DECODER_LAYER, residuals
 
 
 @torch.no_grad()
@@ -166,25 +162,23 @@ def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerMode
             table = dst.embed_positions.weight
             table.copy_(src.embed_positions.weights[: table.shape[0]].to(table))
 
-    # the same sublayers in the stock model, found by module name
-    stock_modules = dict(stock.named_modules())
-    admin_names = {id(m): n for n, m in model.named_modules()}
-    for residual, prev_norm, linears in _sublayer_plan(model):
-        omega = _omega(residual)
-        admin_torch.fold_into_linears_([stock_modules[admin_names[id(lin)]] for lin in linears], omega)
-        if prev_norm is not None:
-            admin_torch.fold_into_norm_(stock_modules[admin_names[id(prev_norm)]], omega)
+    # each stack's omegas move into the stock model, layer by layer (admin_torch.fold_stack_)
+    stacks = [(model.decoder, stock.decoder)] + ([] if language_model else [(model.encoder, stock.encoder)])
+    for src, dst in stacks:
+        entries = []
+        for admin_layer, stock_layer in zip(src.layers, dst.layers):
+            kind, residuals = _described(admin_layer)
+            entries.append((stock_layer, kind, [_omega(r) for r in residuals]))
+        if dst.layernorm_embedding is not None:
+            first, first_is_norm = [dst.layernorm_embedding], True
         else:
-            stack = stock.decoder if language_model or admin_names[id(residual)].startswith("decoder.") else stock.encoder
-            if stack.layernorm_embedding is not None:
-                admin_torch.fold_into_norm_(stack.layernorm_embedding, omega)
-            else:
-                # the stack's input: embed_scale * E[token] (through project_in_dim when the embedding
-                # is narrower than the model) + positions
-                project_in = getattr(stack, "project_in_dim", None)
-                admin_torch.fold_into_embedding_(project_in if project_in is not None else stack.embed_tokens, omega)
-                if stack.embed_positions is not None:
-                    admin_torch.fold_into_embedding_(stack.embed_positions, omega)
+            # the stack's input: embed_scale * E[token] (through project_in_dim when the embedding is
+            # narrower than the model) + positions
+            project_in = getattr(dst, "project_in_dim", None)
+            first = [project_in if project_in is not None else dst.embed_tokens]
+            first += [dst.embed_positions] if dst.embed_positions is not None else []
+            first_is_norm = False
+        admin_torch.fold_stack_(entries, first, first_is_norm)
     return stock
 
 
