@@ -347,17 +347,7 @@ class SignOptimizer(Optimizer):
                 d = decay.tensor_value(step)
             else:  # a custom callable takes a number: one recompilation per step value
                 d = torch.tensor(float(decay(int(step))), dtype=torch.float64)
-            lr = group["lr"]
-            work = p.float() if p.dtype in _HALF else p
-            gw = g.to(m.dtype)
-            if group["maximize"]:
-                gw = -gw
-            m.lerp_(gw, 1.0 - group["beta"])
-            if group["weight_decay"] != 0:
-                work.mul_(1.0 - lr * group["weight_decay"])
-            work.add_(self._traced_direction(group, gw, m, d.to(work.dtype)) * (-lr))
-            if work is not p:
-                p.copy_(work)
+            self._single_step(group, group["lr"], p, g, m, d, traced=True)
 
     def _traced_direction(self, group, g, m, d):
         """The update direction (before ``-lr``) with a tensor decay ``d`` (see :meth:`_traced_update`)."""
@@ -405,8 +395,9 @@ class SignOptimizer(Optimizer):
             decay = c_decays[0] if len(set(c_decays)) == 1 else c_decays
             self._foreach_update(group, lr, c_params, c_grads, c_avgs, decay)
 
-    def _single_step(self, group, lr, p, g, m, decay) -> None:
-        """One parameter; half precision is computed in float32 (``m`` is float32) and stored once."""
+    def _single_step(self, group, lr, p, g, m, decay, traced: bool = False) -> None:
+        """One parameter; half precision is computed in float32 (``m`` is float32) and stored once.
+        ``traced``: ``decay`` is a tensor (under torch.compile) and the update one expression."""
         work = p.float() if p.dtype in _HALF else p
         g = g.to(m.dtype)
         if group["maximize"]:
@@ -414,7 +405,10 @@ class SignOptimizer(Optimizer):
         m.lerp_(g, 1.0 - group["beta"])
         if group["weight_decay"] != 0:
             work.mul_(1.0 - lr * group["weight_decay"])
-        self._single_tensor_update(group, lr, work, g, m, decay)
+        if traced:
+            work.add_(self._traced_direction(group, g, m, decay.to(work.dtype)) * (-lr))
+        else:
+            self._single_tensor_update(group, lr, work, g, m, decay)
         if work is not p:
             p.copy_(work)
 
