@@ -22,7 +22,7 @@ setup(
     # called through ctypes. optional: without a C compiler the optimizers use their foreach path.
     ext_modules=[Extension(
         "sign_optim._fused_kernel", ["sign_optim/_fused_kernel.c"],
-        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=gnu11"],
+        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-std=gnu11"],
         extra_link_args=["-fopenmp"], optional=True)],
     # Only torch: fairseq and the recipe tools are extras, and importing the three
     # libraries never imports fairseq.

@@ -302,10 +302,11 @@ class SignOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._prepare_step()  # every check first: a refused step changes nothing
-        for group, params, grads, decays in work:
-            states = [self.state[p] for p in params]
-            for p, state in zip(params, states):
+        for group, params, grads, decays, states in work:
+            for i, state in enumerate(states):
                 if not state:
+                    p = params[i]
+                    state = states[i] = self.state[p]
                     # a tensor step (as torch.optim's): torch.compile(opt.step) does not recompile per step
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, dtype=fused.state_dtype(p.dtype),
@@ -416,9 +417,10 @@ class SignOptimizer(Optimizer):
         """The kernel's per-parameter coefficients for decay value ``decay`` (see :mod:`sign_optim.fused`)."""
         raise NotImplementedError
 
-    def _prepare_step(self) -> List[Tuple[Dict[str, Any], List[torch.Tensor], List[torch.Tensor], List[float]]]:
+    def _prepare_step(self) -> List[Tuple[Dict[str, Any], List[torch.Tensor], List[torch.Tensor], List[float], List]]:
         """Check every group and gradient (hyper-parameters may have been changed since construction, by
-        a scheduler say) and evaluate the decays; ``[(group, params, grads, decays)]``, nothing changed."""
+        a scheduler say) and evaluate the decays; ``[(group, params, grads, decays, states)]``, nothing
+        changed (``states``: each parameter's state dict, None for a parameter without state yet)."""
         name = type(self).__name__
         work = []
         compiling = torch.compiler.is_compiling()
@@ -438,14 +440,16 @@ class SignOptimizer(Optimizer):
                 grads.append(g)
             if not params:
                 continue
+            # .get: self.state is a defaultdict, [] would add an entry (None: a new parameter)
+            states = [self.state.get(p) for p in params]
             # the decay is evaluated as a tensor in _traced_update when compiling
-            work.append((group, params, grads, [] if compiling else self._decays(params)))
+            work.append((group, params, grads, [] if compiling else self._decays(states), states))
         return work
 
-    def _decays(self, params: List[torch.Tensor]) -> List[float]:
-        """The decay of each parameter's update. TF evaluates the decay at the step before incrementing
-        it: the first update uses d(0). The step counters are CPU tensors, read in one call (no sync)."""
-        states = [self.state.get(p) for p in params]  # .get: self.state is a defaultdict, [] would add one
+    def _decays(self, states: List[Optional[Dict[str, Any]]]) -> List[float]:
+        """The decay of each parameter's update (``states``: each one's state, None for a new one). TF
+        evaluates the decay at the step before incrementing it: the first update uses d(0). The step
+        counters are CPU tensors, read in one call (no sync)."""
         counted = [s["step"] for s in states if s]
         # what this optimizer creates and loads; checked once per step, read by the C kernel
         self._counters_are_float32 = _float32_counters(counted)
