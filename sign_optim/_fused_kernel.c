@@ -12,7 +12,7 @@
  * (0-d float32 CPU tensors) are read (sign_read_steps) and advanced here too, so a step makes one
  * call into torch per group instead of several per parameter. The work is split into blocks of at
  * most BLOCK elements across all tensors, run by OpenMP threads (nthreads from torch). GCC's
- * target_clones compiles the loop for AVX-512 (Skylake-X), AVX2 with FMA (Haswell) and baseline x86-64
+ * target_clones compiles the loop for AVX-512, AVX2 and baseline x86-64 (feature-based dispatch)
  * and picks one at load time.
  *
  * The file is also a (trivial) Python extension module, so setuptools builds it like any other;
@@ -26,7 +26,7 @@
 #define BLOCK 16384
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CLONES
 #endif
