@@ -74,10 +74,20 @@ class ReinMaxFunction(torch.autograd.Function):
         s0 = dot(pi0, g) * -0.5
         if h is not None:
             s0 = s0 + dot(pi0, h)
-        grad = torch.add(pi_tau, pi0, alpha=-0.5) * g
-        grad = grad.addcmul(pi_tau, s1, value=-1.0)
-        grad = grad.addcmul(pi0, h - s0) if h is not None else grad.addcmul(pi0, s0, value=-1.0)
-        grad = grad.scatter_add(dim, idx, g_at - s1)
+        # one fresh full-size tensor, updated in place (no temporaries); out of place under torch.func,
+        # whose vmap has no rule for every in-place op
+        inplace = torch._C._functorch.peek_interpreter_stack() is None
+        grad = torch.add(pi_tau, pi0, alpha=-0.5)
+        if inplace:
+            grad.mul_(g).addcmul_(pi_tau, s1, value=-1.0)
+            if h is not None:
+                grad.addcmul_(pi0, h)
+            grad.addcmul_(pi0, s0, value=-1.0).scatter_add_(dim, idx, g_at - s1)
+        else:
+            grad = (grad * g).addcmul(pi_tau, s1, value=-1.0)
+            if h is not None:
+                grad = grad.addcmul(pi0, h)
+            grad = grad.addcmul(pi0, s0, value=-1.0).scatter_add(dim, idx, g_at - s1)
         return grad.to(out_dtype), None, None, None
 
 
