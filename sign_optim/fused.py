@@ -28,7 +28,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "supported", "state_dtype", "cpu_step", "read_steps",
+__all__ = ["available", "unavailable_reason", "supported", "state_dtype", "cpu_step", "cpu_step_planned", "plan",
+           "read_steps",
            "stream_copy", "powersign_coefficients", "RULES"]
 
 #: rule name -> the kernel's rule code
@@ -127,6 +128,35 @@ def cpu_step(rule: str, params: List[torch.Tensor], grads: List[torch.Tensor], a
         RULES[rule], _DTYPES[params[0].dtype], n, _pointers(params), _pointers(grads), _pointers(avgs), numel,
         (ctypes.c_double * n)(*coef_a), (ctypes.c_double * n)(*coef_b), lr, beta, alpha, weight_decay,
         int(maximize), torch.get_num_threads(), _pointers(steps) if steps is not None else None)
+    if status != 0:
+        raise MemoryError("sign_optim fused kernel: out of memory for its block table")
+
+
+class KernelPlan:
+    """The ctypes arrays of one bucket of parameters (see :func:`plan`), reused from step to step."""
+
+    def __init__(self, params, avgs, steps):
+        n = len(params)
+        self.n, self.dtype = n, _DTYPES[params[0].dtype]
+        self.params, self.avgs, self.steps = _pointers(params), _pointers(avgs), _pointers(steps)
+        self.numel = (ctypes.c_int64 * n)(*[p.numel() for p in params])
+
+
+def plan(params: List[torch.Tensor], avgs: List[torch.Tensor], steps: List[torch.Tensor]) -> KernelPlan:
+    """Pointers and sizes of CPU parameters of one dtype, their moving averages and their 0-d float32
+    step counters, for :func:`cpu_step_planned` (valid while those tensors keep their storage)."""
+    return KernelPlan(params, avgs, steps)
+
+
+def cpu_step_planned(rule: str, kernel: KernelPlan, grads: List[torch.Tensor], coef_a: List[float],
+                     coef_b: List[float], *, lr: float, beta: float, alpha: float, weight_decay: float,
+                     maximize: bool) -> None:
+    """:func:`cpu_step` with the parameters' pointers prepared once (:func:`plan`); advances the counters."""
+    n = kernel.n
+    status = _load().sign_fused_step(
+        RULES[rule], kernel.dtype, n, kernel.params, _pointers(grads), kernel.avgs, kernel.numel,
+        (ctypes.c_double * n)(*coef_a), (ctypes.c_double * n)(*coef_b), lr, beta, alpha, weight_decay,
+        int(maximize), torch.get_num_threads(), kernel.steps)
     if status != 0:
         raise MemoryError("sign_optim fused kernel: out of memory for its block table")
 

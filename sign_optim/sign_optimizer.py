@@ -8,6 +8,7 @@ incremented (the first update uses ``d(0)``). Subclasses only write the two upda
 """
 
 import math
+import operator
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -33,6 +34,38 @@ def _float32_counters(steps: List[torch.Tensor]) -> bool:
         if type(t) is not torch.Tensor or t.dtype is not f32 or not t.is_cpu or t.dim():
             return False
     return True
+
+
+class _FusedPlan:
+    """What the fused path needs of a group's parameters that does not change from step to step: which
+    ones the kernels take (contiguous, a supported dtype, the state's dtype), grouped by device and dtype,
+    with their pointers. Rebuilt when a parameter, its storage or its state changes."""
+
+    class Bucket:
+        def __init__(self, device, idx, params, avgs, states):
+            self.device, self.idx = device, idx
+            self.kernel = fused.plan([params[i] for i in idx], [avgs[i] for i in idx],
+                                     [states[i]["step"] for i in idx]) if device.type == "cpu" else None
+
+    def __init__(self, params, avgs, states):
+        self.params, self.avgs = list(params), list(avgs)
+        self.ptrs = [p.data_ptr() for p in params]
+        self.steps = [s["step"] for s in states]
+        groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+        rest = []
+        for i, (p, m) in enumerate(zip(params, avgs)):
+            if fused.supported(p, p, m):
+                groups.setdefault((p.device, p.dtype), []).append(i)
+            else:
+                rest.append(i)
+        self.rest = rest
+        self.buckets = [self.Bucket(device, idx, params, avgs, states) for (device, _), idx in groups.items()]
+
+    def matches(self, params, avgs, states) -> bool:
+        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and all(map(operator.is_, avgs, self.avgs))
+                and all(s["step"] is t for s, t in zip(states, self.steps))
+                and [p.data_ptr() for p in params] == self.ptrs)
 
 
 def _cuda_step():
@@ -128,6 +161,7 @@ class SignOptimizer(Optimizer):
         sign_internal_decay: SignDecay,
     ) -> None:
         self.sign_internal_decay = sign_internal_decay
+        self._fused_plans: Dict[int, "_FusedPlan"] = {}
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- validation
@@ -186,11 +220,13 @@ class SignOptimizer(Optimizer):
     def __getstate__(self) -> Dict[str, Any]:  # copy.deepcopy / pickle of the optimizer keep the decay
         state = super().__getstate__()
         state["_sign_internal_decay"] = self.sign_internal_decay
+        state.pop("_fused_plans", None)  # pointers: rebuilt at the next step
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_sign_internal_decay", None)
+        self._fused_plans = {}
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
@@ -363,27 +399,28 @@ class SignOptimizer(Optimizer):
     def _fused_update(self, group, lr, params, grads, avgs, decays, states) -> List[int]:
         """Run the fused kernels on what they support, grouped by device and dtype, and advance those
         parameters' step counters; the indices left over."""
-        buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-        rest = []
-        supported = fused.supported
-        for i, (p, g, m) in enumerate(zip(params, grads, avgs)):
-            if supported(p, g, m):
-                buckets.setdefault((p.device, p.dtype), []).append(i)
-            else:
-                rest.append(i)
+        plan = self._fused_plans.get(id(group))
+        if plan is None or not plan.matches(params, avgs, states):
+            plan = self._fused_plans[id(group)] = _FusedPlan(params, avgs, states)
+        rest = list(plan.rest)
         coefs = {d: self._fused_coefficients(group, d) for d in set(decays)}
-        for (device, _), idx in buckets.items():
-            options = dict(lr=lr, beta=float(group["beta"]), alpha=float(group["alpha"]),
-                           weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
-            args = (self.rule, [params[i] for i in idx], [grads[i] for i in idx], [avgs[i] for i in idx],
-                    [coefs[decays[i]][0] for i in idx], [coefs[decays[i]][1] for i in idx])
-            steps = [states[i]["step"] for i in idx]
-            if device.type == "cpu" and self._counters_are_float32:
-                fused.cpu_step(*args, **options, steps=steps)  # the kernel advances the counters
+        options = dict(lr=lr, beta=float(group["beta"]), alpha=float(group["alpha"]),
+                       weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
+        for bucket in plan.buckets:
+            idx = bucket.idx
+            bucket_grads = [grads[i] for i in idx]
+            if not all(g.is_contiguous() for g in bucket_grads):  # a rare gradient layout: the other paths
+                rest += idx
+                continue
+            a = [coefs[decays[i]][0] for i in idx]
+            b = [coefs[decays[i]][1] for i in idx]
+            if bucket.device.type == "cpu" and self._counters_are_float32:
+                fused.cpu_step_planned(self.rule, bucket.kernel, bucket_grads, a, b, **options)  # advances the counters
             else:
-                (fused.cpu_step if device.type == "cpu" else _cuda_step())(*args, **options)
-                torch._foreach_add_(steps, 1.0)
-        return rest
+                run = fused.cpu_step if bucket.device.type == "cpu" else _cuda_step()
+                run(self.rule, [params[i] for i in idx], bucket_grads, [avgs[i] for i in idx], a, b, **options)
+                torch._foreach_add_([states[i]["step"] for i in idx], 1.0)
+        return sorted(rest)
 
     def _foreach_step(self, group, lr, params, grads, avgs, decays) -> None:
         for chunk in _cache_sized_chunks(params, grads, avgs, decays, self.cpu_chunk_numel):

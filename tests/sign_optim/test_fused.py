@@ -183,3 +183,29 @@ def test_first_step_in_a_new_process_is_fast():
             "t = time.perf_counter(); opt.step(); print(time.perf_counter() - t)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout.strip()) < 5.0
+
+
+@pytest.mark.parametrize("change", ["data", "state", "grad_layout"])
+def test_cached_kernel_plan_follows_storage_and_state_changes(change):
+    """The fused path keeps pointers between steps; replaced storage or state must not be written stale."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    q = torch.nn.Parameter(p.detach().clone())
+    fused_opt, ref_opt = AddSign([p], lr=0.1, fused=True), AddSign([q], lr=0.1, fused=False, foreach=False)
+    for _ in range(2):
+        g = torch.randn(6, 4)
+        p.grad, q.grad = g.clone(), g.clone()
+        fused_opt.step()
+        ref_opt.step()
+    if change == "data":  # new storage under the same Parameter
+        new = torch.randn(6, 4)
+        p.data, q.data = new.clone(), new.clone()
+    elif change == "state":  # a checkpoint loaded: new moving-average and step tensors
+        fused_opt.load_state_dict(ref_opt.state_dict())
+    g = torch.randn(6, 4)
+    p.grad = g.clone() if change != "grad_layout" else g.t().contiguous().t()  # a transposed layout
+    q.grad = g.clone()
+    fused_opt.step()
+    ref_opt.step()
+    assert_within_ulp(p.detach(), q.detach(), torch.float32, ulps=3)  # three steps of 1-ulp rounding
+    assert float(fused_opt.state[p]["step"]) == float(ref_opt.state[q]["step"]) == 3
