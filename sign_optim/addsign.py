@@ -39,6 +39,8 @@ class AddSign(SignOptimizer):
         fused: use the one-pass kernel (:mod:`sign_optim.fused`: C/OpenMP on CPU, Triton on CUDA).
             ``fused=None, foreach=None`` (the default) takes the fused kernel where it is available,
             else foreach; ``fused=True`` where it is not is a ValueError. The paths agree to 1 ulp.
+        capturable: keep the step counter on the parameters' device and never read a tensor on the
+            host (CUDA graphs); ``lr`` may then be a device tensor. Not with ``fused=True``.
 
     Example::
 
@@ -60,9 +62,10 @@ class AddSign(SignOptimizer):
         maximize: bool = False,
         foreach: Union[bool, None] = None,
         fused: Union[bool, None] = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, beta=beta, alpha=alpha, weight_decay=weight_decay, maximize=maximize,
-                        foreach=foreach, fused=fused)
+                        foreach=foreach, fused=fused, capturable=capturable)
         super().__init__(params, defaults, sign_internal_decay)
 
     rule = "addsign"

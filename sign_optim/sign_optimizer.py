@@ -142,7 +142,9 @@ class SignOptimizer(Optimizer):
 
     Three implementations give the same result (to 1 ulp): the fused one-pass kernel
     (:mod:`sign_optim.fused`, the default where available), ``torch._foreach_*`` ops, and a loop over
-    parameters. ``lr`` may be a 1-element tensor (read once per step).
+    parameters. ``lr`` may be a 1-element tensor (read once per step). With ``capturable=True`` the
+    step counters live on the parameters' device and the step, the decay and ``lr`` stay tensors: no
+    host read, CUDA-graph safe (the foreach/traced update, not the fused kernels).
 
     Serialization of the decay: a :class:`~sign_optim.decays.InternalDecay` is saved as its config
     under ``state_dict()["sign_internal_decay"]`` and rebuilt by ``load_state_dict``. Any other
@@ -166,14 +168,23 @@ class SignOptimizer(Optimizer):
 
     # ----------------------------------------------------------------- validation
     #: hyper-parameters every param group of this optimizer holds (a foreign state dict lacks some)
-    group_keys = ("lr", "beta", "alpha", "weight_decay", "maximize", "foreach", "fused")
+    group_keys = ("lr", "beta", "alpha", "weight_decay", "maximize", "foreach", "fused", "capturable")
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         """Raise ValueError / TypeError for bad hyper-parameters of a param group (nothing is changed)."""
         missing = [k for k in self.group_keys if k not in group]
         if missing:
             raise ValueError(f"param group lacks {missing}: not a {type(self).__name__} param group")
-        validation.as_real("lr", group["lr"], low=0.0)
+        capturable = group.get("capturable", False)
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool, got {type(capturable).__name__}")
+        lr = group["lr"]
+        if capturable and isinstance(lr, torch.Tensor):  # its value stays on the device: no read
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise TypeError(f"lr must be a number or a 1-element floating tensor, got shape {tuple(lr.shape)} "
+                                f"and dtype {lr.dtype}")
+        else:
+            validation.as_real("lr", lr, low=0.0)
         validation.as_real("beta", group["beta"], low=0.0, high=1.0, high_open=True)
         validation.as_real("weight_decay", group["weight_decay"], low=0.0)
         if not isinstance(group["maximize"], bool):
@@ -183,6 +194,13 @@ class SignOptimizer(Optimizer):
                 raise TypeError(f"{flag} must be None or a bool, got {type(group[flag]).__name__}")
         if group["foreach"] and group["fused"]:
             raise ValueError("fused=True and foreach=True cannot both be set: choose one implementation")
+        if capturable and group["fused"]:
+            raise ValueError("capturable=True and fused=True cannot both be set: the fused kernels read lr and "
+                             "the decay on the host; capturable keeps them on the device")
+        if capturable and self.sign_internal_decay is not None and not isinstance(self.sign_internal_decay,
+                                                                                   InternalDecay):
+            raise ValueError("capturable=True needs sign_internal_decay None or an InternalDecay (evaluated on the "
+                             "device); a custom callable takes the step as a Python number")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's ``add_param_group``, with the group's hyper-parameters and parameters checked first."""
@@ -231,6 +249,7 @@ class SignOptimizer(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("capturable", False)
             group.setdefault("weight_decay", 0.0)
 
     # ----------------------------------------------------------------- serialization
@@ -263,7 +282,7 @@ class SignOptimizer(Optimizer):
                 raise ValueError(f"state_dict param group {k} does not have the {len(own['params'])} parameters "
                                  f"of this {name}'s group {k}")
             try:
-                self._check_group({"fused": None, **saved})  # state dicts of 0.1 have no "fused"
+                self._check_group({"fused": None, "capturable": False, **saved})  # 0.1's have neither
             except (TypeError, ValueError) as err:
                 raise ValueError(f"state_dict param group {k} is not a valid {name} group: {err}") from None
             params_of.update(zip(saved["params"], own["params"]))
@@ -312,7 +331,10 @@ class SignOptimizer(Optimizer):
         for p, avg in avgs.items():
             state = self.state[p]
             state["exp_avg"] = avg.to(device=p.device, dtype=fused.state_dtype(p.dtype), copy=True)
-            state["step"] = torch.as_tensor(float(state["step"]), dtype=torch.float32)  # 0.1 saved an int
+            # 0.1 saved an int; capturable keeps the counter on the parameter's device
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32,
+                                         device=p.device if group["capturable"] else "cpu")
         if has_key:
             self.sign_internal_decay = decay
 
@@ -343,12 +365,14 @@ class SignOptimizer(Optimizer):
                 if not state:
                     p = params[i]
                     state = states[i] = self.state[p]
-                    # a tensor step (as torch.optim's): torch.compile(opt.step) does not recompile per step
-                    state["step"] = torch.tensor(0.0)
+                    # a tensor step (as torch.optim's): torch.compile(opt.step) does not recompile per step;
+                    # on the parameter's device when capturable (no host read, CUDA-graph safe)
+                    state["step"] = torch.zeros((), dtype=torch.float32,
+                                                device=p.device if group["capturable"] else "cpu")
                     state["exp_avg"] = torch.zeros_like(p, dtype=fused.state_dtype(p.dtype),
                                                         memory_format=torch.preserve_format)
             avgs = [state["exp_avg"] for state in states]
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or group["capturable"]:
                 torch._foreach_add_([state["step"] for state in states], 1.0)
                 self._traced_update(group, params, grads, avgs)
                 continue
@@ -479,8 +503,9 @@ class SignOptimizer(Optimizer):
                 continue
             # .get: self.state is a defaultdict, [] would add an entry (None: a new parameter)
             states = [self.state.get(p) for p in params]
-            # the decay is evaluated as a tensor in _traced_update when compiling
-            work.append((group, params, grads, [] if compiling else self._decays(states), states))
+            # the decay is evaluated as a tensor in _traced_update when compiling or capturable
+            traced = compiling or group["capturable"]
+            work.append((group, params, grads, [] if traced else self._decays(states), states))
         return work
 
     def _decays(self, states: List[Optional[Dict[str, Any]]]) -> List[float]:

@@ -126,3 +126,21 @@ def test_reinmax_compiles_on_cuda():
     y_hard, y_soft = fn(x)
     (y_hard.sum() + (y_soft * y_soft).sum()).backward()
     assert torch.equal(y_hard.sum(-1), torch.ones(256, device="cuda")) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("cls", [AddSign, PowerSign])
+def test_capturable_step_makes_no_host_sync(cls):
+    p = torch.nn.Parameter(torch.randn(1000, device="cuda"))
+    opt = cls([p], lr=torch.tensor(1e-3, device="cuda"), capturable=True,
+              sign_internal_decay=CosineInternalDecay(100))
+    p.grad = torch.randn_like(p)
+    opt.step()  # state creation once, outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            p.grad = torch.randn_like(p)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert opt.state[p]["step"].device.type == "cuda" and float(opt.state[p]["step"]) == 4

@@ -209,3 +209,38 @@ def test_cached_kernel_plan_follows_storage_and_state_changes(change):
     ref_opt.step()
     assert_within_ulp(p.detach(), q.detach(), torch.float32, ulps=3)  # three steps of 1-ulp rounding
     assert float(fused_opt.state[p]["step"]) == float(ref_opt.state[q]["step"]) == 3
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_capturable_keeps_everything_on_the_device_and_matches(cls):
+    """capturable: step counters on the parameter's device, the decay and a tensor lr read by no host code;
+    the same update as the single-tensor path."""
+    decay = CosineInternalDecay(6)
+    ref, _ = run(cls, torch.float32, "single", steps=5, weight_decay=0.01, sign_internal_decay=decay)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((37, 5), (1000,), (3,))]
+    opt = cls(params, lr=torch.tensor(1e-2), capturable=True, weight_decay=0.01, sign_internal_decay=decay)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert opt.state[a]["step"].device == a.device and float(opt.state[a]["step"]) == 5
+    restored = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    again = cls(restored, lr=1e-2, capturable=True, sign_internal_decay=decay)
+    again.load_state_dict(opt.state_dict())
+    assert float(again.state[restored[0]]["step"]) == 5
+
+
+def test_capturable_refusals():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(ValueError, match="capturable=True and fused=True"):
+        AddSign(p, capturable=True, fused=True)
+    with pytest.raises(ValueError, match="capturable=True needs sign_internal_decay None or an InternalDecay"):
+        AddSign(p, capturable=True, sign_internal_decay=lambda step: 1.0)
+    with pytest.raises(TypeError, match="capturable must be a bool"):
+        AddSign(p, capturable="yes")
+    with pytest.raises(TypeError, match="lr must be a number or a 1-element floating tensor"):
+        AddSign(p, capturable=True, lr=torch.ones(2))
