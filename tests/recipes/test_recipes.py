@@ -14,7 +14,8 @@ from fairseq_helpers import BIN_DIR, REPO_ROOT, tool_env
 
 RECIPES = REPO_ROOT / "recipes"
 SCRIPTS = ["wmt14/prepare.sh", "wmt14/train.sh", "wmt14/evaluate.sh", "multi30k/prepare.sh",
-           "multi30k/train.sh", "multi30k/evaluate.sh", "demo/run.sh"]
+           "multi30k/train.sh", "multi30k/evaluate.sh", "demo/run.sh", "lm/prepare.sh", "lm/train.sh",
+           "lm/evaluate.sh"]
 # a 2-layer model and a handful of updates: the recipes' hyper-parameters, shrunk through `--`
 TINY = ["--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
         "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
@@ -149,3 +150,19 @@ def test_demo_quick_runs_all_three_models_and_reuses_them(tmp_path):
     assert re.search(r"postln\s+update\s+20/20", proc.stdout)  # progress is shown
     again = run("demo/run.sh", "--quick", "--updates", 20, "--out", out)
     assert again.stdout.count("reuse finished run") == 3 and "reuse data" in again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["admin", "preln"])
+def test_lm_recipe_end_to_end_on_real_text(shared_data, tmp_path, model):
+    """prepare (sentencepiece, --only-source) -> train a tiny LM -> fairseq-eval-lm perplexity."""
+    out = tmp_path / "lm"
+    run("lm/prepare.sh", "--raw", shared_data / "multi30k", "--lang", "en", "--out", out, "--max-lines", 300,
+        "--vocab", 200)
+    save = out / "ck"
+    run("lm/train.sh", "--model", model, "--layers", 2, "--dim", 32, "--data", out, "--save", save, "--gpus", 0,
+        "--max-update", 6, "--warmup", 2, "--max-tokens", 512, "--tokens-per-update", 512)
+    ppl = run("lm/evaluate.sh", "--save", save, "--data", out, "--split", "valid").stdout
+    match = re.search(r"Perplexity: ([\d.]+)", ppl)
+    assert match and 1 < float(match.group(1)) < 400, ppl[-2000:]
+    assert (save / "valid.ppl").read_text().startswith("Loss (base 2):")
