@@ -11,10 +11,10 @@ Example::
 
 Layers with discrete choices: :class:`CategoricalLayer`, :class:`DiscreteBottleneck` and the
 latent-tree encoder :class:`LatentTreeLSTM` (which adjacent pair to merge, chosen by any
-estimator); :mod:`reinmax.listops` generates, parses and evaluates ListOps.
+estimator). The package carries no data set: ListOps' generator and reader live with its fairseq
+task, in :mod:`fairseq_plugins.tasks.listops_data`.
 """
 
-from . import listops
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through
 from .layers import CategoricalLayer, DiscreteBottleneck
 from .registry import ESTIMATORS, estimate
@@ -26,7 +26,6 @@ __all__ = [
     "BinaryTreeLSTMCell",
     "LatentTreeLSTM",
     "TreeClassifier",
-    "listops",
     "CategoricalLayer",
     "DiscreteBottleneck",
     "ESTIMATORS",

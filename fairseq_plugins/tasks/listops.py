@@ -2,7 +2,7 @@
 
 The data directory holds ``train.tsv``, ``valid.tsv``, ``test.tsv`` (any ``<split>.tsv`` named by
 ``--train-subset`` / ``--valid-subset``) in the official ``label<TAB>expression`` format, read by
-:func:`reinmax.listops.read_listops` (a malformed line is an error naming the file and line). The
+:func:`fairseq_plugins.tasks.listops_data.read_listops` (a malformed line is an error naming the file and line). The
 model reads the tokens without parentheses; the dictionary is fixed (digits, operators, ``]``).
 
 Example::
@@ -27,7 +27,7 @@ from fairseq.data import Dictionary, FairseqDataset, data_utils
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import TASK_REGISTRY, FairseqTask, register_task
 
-from reinmax.listops import VOCABULARY, read_listops
+from fairseq_plugins.tasks.listops_data import VOCABULARY, read_listops
 
 from stability_toolbox import validation
 

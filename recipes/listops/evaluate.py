@@ -67,7 +67,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     import fairseq_plugins  # noqa: F401  registers the task/model and the safe checkpoint loader
     from fairseq import checkpoint_utils
-    from reinmax.listops import read_listops
+    from fairseq_plugins.tasks.listops_data import read_listops
 
     test = Path(args.test)
     if not test.exists():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from reinmax.listops import generate, read_listops, write_listops  # noqa: E402
+from fairseq_plugins.tasks.listops_data import generate, read_listops, write_listops  # noqa: E402
 
 
 def main(argv=None):

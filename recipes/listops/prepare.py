@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from reinmax.listops import generate, read_listops, write_listops  # noqa: E402
+from fairseq_plugins.tasks.listops_data import generate, read_listops, write_listops  # noqa: E402
 
 OFFICIAL = REPO.parent / "shared" / "data" / "listops"
 

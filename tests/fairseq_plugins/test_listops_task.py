@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, run_tool, tool_env
-from reinmax.listops import generate, write_listops
+from fairseq_plugins.tasks.listops_data import generate, write_listops
 
 LISTOPS_ARGS = [
     "--user-dir", PLUGINS_DIR, "--task", "listops", "--arch", "listops_tree",

@@ -24,7 +24,7 @@ above has length 6.
 
 Example::
 
-    >>> from reinmax.listops import generate, to_string, evaluate, parse_expression
+    >>> from fairseq_plugins.tasks.listops_data import generate, to_string, evaluate, parse_expression
     >>> examples = generate(3, seed=0, max_length=30)
     >>> label, expression = examples[0].label, examples[0].expression
     >>> evaluate(parse_expression(expression.split())) == label
