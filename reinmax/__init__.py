@@ -11,18 +11,31 @@ Example::
 
 Layers with discrete choices: :class:`CategoricalLayer`, :class:`DiscreteBottleneck` and the
 latent-tree encoder :class:`LatentTreeLSTM` (which adjacent pair to merge, chosen by any
-estimator). The package carries no data set: ListOps' generator and reader live with its fairseq
+estimator) and the mixture-of-experts FFN :class:`RoutedFeedForward` (which expert a token goes
+to: :func:`route_tokens` with ReinMax, SparseMixer, Switch, straight-through or Gumbel-Softmax). The package carries no data set: ListOps' generator and reader live with its fairseq
 task, in :mod:`fairseq_plugins.tasks.listops_data`.
 """
 
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through
 from .layers import CategoricalLayer, DiscreteBottleneck
+from .moe import RoutedFeedForward, RoutingStats, moe_balance_loss, moe_layers, moe_load
 from .registry import ESTIMATORS, estimate
 from .reinmax_function import ReinMaxFunction, reinmax
+from .routing import ROUTERS, SPARSE_ROUTERS, Routing, balance_loss, route_tokens
 from .sampling import sample_categorical
 from .tree import BinaryTreeLSTMCell, LatentTreeLSTM, TreeClassifier
 
 __all__ = [
+    "ROUTERS",
+    "SPARSE_ROUTERS",
+    "RoutedFeedForward",
+    "Routing",
+    "RoutingStats",
+    "balance_loss",
+    "moe_balance_loss",
+    "moe_layers",
+    "moe_load",
+    "route_tokens",
     "BinaryTreeLSTMCell",
     "LatentTreeLSTM",
     "TreeClassifier",
