@@ -3,7 +3,9 @@
 Importing this package (which ``--user-dir`` does) registers, once per process:
 
 * models   (``fairseq_plugins/models``): ``transformer_admin`` and its architectures, ``listops_tree``
-* tasks    (``fairseq_plugins/tasks``):  ``listops``
+* tasks    (``fairseq_plugins/tasks``):  ``listops`` (its data code: ``tasks/listops_data.py``)
+* criteria (``fairseq_plugins/criterions``): ``cross_entropy_moe``, ``label_smoothed_cross_entropy_moe``
+  (the stock ones plus the balance loss of ``--moe-experts``, :mod:`fairseq_plugins.moe`)
 * optimizers: ``addsign``, ``powersign``
 
 makes fairseq checkpoints load with torch's safe ``weights_only=True`` unpickler
@@ -25,10 +27,10 @@ batching.install()
 
 # fairseq auto-imports models/ and tasks/ of a --user-dir; optimizers must be imported here.
 # Importing models/ and tasks/ here as well makes `import fairseq_plugins` alone enough.
-from . import models, optim, tasks  # noqa: E402,F401
+from . import criterions, models, moe, optim, tasks  # noqa: E402,F401
 from . import flags  # noqa: E402
 
 # after the registrations: bad plugin flags end with one line and exit 2, before any data loads
 flags.install()
 
-__all__ = ["batching", "flags", "models", "optim", "tasks", "safe_checkpoint"]
+__all__ = ["batching", "criterions", "flags", "models", "moe", "optim", "tasks", "safe_checkpoint"]

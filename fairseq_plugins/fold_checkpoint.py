@@ -229,6 +229,7 @@ def fold_checkpoint(in_path: str, out_path: str) -> Dict[str, float]:
 
     Raises:
         NotAdminCheckpointError: ``in_path`` is not a ``transformer_admin`` checkpoint.
+        ValueError: a mixture-of-experts checkpoint (``--moe-experts``): the stock models have no experts.
     """
     from fairseq import checkpoint_utils
 
@@ -249,6 +250,12 @@ def fold_checkpoint(in_path: str, out_path: str) -> Dict[str, float]:
             "folds only checkpoints trained with --arch transformer_admin* or transformer_lm_admin* "
             "(--user-dir fairseq_plugins)"
         )
+    experts = int(getattr(args, "moe_experts", 0) or 0)
+    if experts > 0:
+        # a stock transformer has one dense FFN per layer: E experts and a router have no place in it
+        raise ValueError(
+            f"{in_path}: trained with --moe-experts {experts}; a stock fairseq transformer has no experts, so a "
+            "mixture-of-experts model is not folded (evaluate it with --user-dir fairseq_plugins)")
     sd = state["model"]
     if language_model:
         src = tgt = _dummy_dictionary(sd["decoder.embed_tokens.weight"].shape[0])

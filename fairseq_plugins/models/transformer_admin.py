@@ -27,6 +27,10 @@ Initializations (``--admin-init``):
   counted in layers): alpha on the shortcut, fc1, fc2, v_proj and out_proj initialized with
   gain beta (:func:`admin_torch.deepnorm_scale_`).
 
+``--moe-experts E`` makes every FFN a mixture of E experts routed by a discrete sample
+(:mod:`fairseq_plugins.moe`; ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
+``--moe-capacity-factor``; train with ``--criterion label_smoothed_cross_entropy_moe``).
+
 ``--encoder-as-parameter`` / ``--decoder-as-parameter`` make omega a trainable vector of size
 embed_dim, as in the original recipes. Only Post-LN is supported.
 
@@ -48,6 +52,7 @@ import torch
 from torch import nn
 
 import admin_torch
+import reinmax
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import MODEL_REGISTRY, register_model
 from fairseq.models.transformer import (
@@ -67,6 +72,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 from stability_toolbox import validation
 
 from ..flags import FlagError, check_flag, flag_check
+from ..moe import add_moe_args, check_moe_args, install_moe_ffn, moe_defaults
 from ..registry import register_architecture_once, register_once
 
 logger = logging.getLogger(__name__)
@@ -110,8 +116,10 @@ _ADMIN_DEFAULTS = {"admin_init": "admin", "admin_output_change_scale": "O(logn)"
 
 
 def _admin_defaults(args) -> None:
-    """Fill the admin arguments a model configuration lacks (an args Namespace, a TransformerConfig, or a
-    dataclass config whose fields are not all admin arguments: a language model has no encoder)."""
+    """Fill the admin (and ``--moe-*``) arguments a model configuration lacks (an args Namespace, a
+    TransformerConfig, or a dataclass config whose fields are not all admin arguments: a language model
+    has no encoder)."""
+    moe_defaults(args)
     for name, default in _ADMIN_DEFAULTS.items():
         value = getattr(args, name, None)
         if value is None or (name.endswith("_as_parameter") and not isinstance(value, bool)):
@@ -149,6 +157,7 @@ def _check_admin_args(args) -> None:
             raise FlagError(f"--admin-profile {args.admin_profile} is a directory; give a JSON file path")
     if getattr(args, "cross_self_attention", False):
         raise FlagError("--cross-self-attention is not accepted by transformer_admin")
+    check_moe_args(args)
 
 
 @flag_check
@@ -186,7 +195,12 @@ def _layer_residuals(args, cfg, side: str, decoder_only: bool = False):
 
 def _deepnorm_linears(layer) -> List[nn.Linear]:
     attns = [layer.self_attn] + ([layer.encoder_attn] if getattr(layer, "encoder_attn", None) is not None else [])
-    return [layer.fc1, layer.fc2] + [p for a in attns for p in (a.v_proj, a.out_proj)]
+    if isinstance(layer.fc1, reinmax.RoutedFeedForward):  # each expert's fc1 and fc2, as 2-d views
+        moe = layer.fc1
+        ffn = [w for e in range(moe.num_experts) for w in (moe.fc1_weight.data[e], moe.fc2_weight.data[e])]
+    else:
+        ffn = [layer.fc1, layer.fc2]
+    return ffn + [p for a in attns for p in (a.v_proj, a.out_proj)]
 
 
 class TransformerAdminEncoderLayer(TransformerEncoderLayerBase):
@@ -198,6 +212,7 @@ class TransformerAdminEncoderLayer(TransformerEncoderLayerBase):
         if len(residuals) != ENCODER_SUBLAYERS_PER_LAYER:
             raise ValueError(f"residuals must hold {ENCODER_SUBLAYERS_PER_LAYER} modules, got {len(residuals)}")
         self.residuals = nn.ModuleList(residuals)
+        install_moe_ffn(self, cfg, self.embed_dim, cfg.encoder.ffn_embed_dim, cfg.activation_fn)
         if deepnorm_beta is not None:
             admin_torch.deepnorm_scale_(_deepnorm_linears(self), deepnorm_beta)
         self._next_residual = 0
@@ -225,6 +240,7 @@ class TransformerAdminDecoderLayer(TransformerDecoderLayerBase):
         if len(residuals) != wanted:
             raise ValueError(f"residuals must hold {wanted} modules, got {len(residuals)}")
         self.residuals = nn.ModuleList(residuals)
+        install_moe_ffn(self, cfg, self.embed_dim, cfg.decoder.ffn_embed_dim, cfg.activation_fn)
         if deepnorm_beta is not None:
             admin_torch.deepnorm_scale_(_deepnorm_linears(self), deepnorm_beta)
         self._order = (0, 1, 2)
@@ -360,6 +376,7 @@ class TransformerAdminModel(AdminProfiling, TransformerModel):
         group.add_argument("--admin-profile", metavar="PATH", default=None,
                            help="profiled Admin: read the omegas from PATH (JSON) if it exists, otherwise "
                                 "profile on the first training batch and write them there")
+        add_moe_args(parser)
 
     def __init__(self, args, encoder, decoder):
         super().__init__(args, encoder, decoder)
@@ -372,6 +389,7 @@ class TransformerAdminModel(AdminProfiling, TransformerModel):
         model = super().build_model(args, task)
         # fairseq keeps a TransformerConfig as model.args; keep the flat Namespace too (for folding)
         model.legacy_args = copy.deepcopy(args)
+        model.moe_balance_weight = float(args.moe_balance_weight)
         model._load_profile_file(args)
         return model
 

@@ -7,7 +7,9 @@ as ``LN(omega * x + f(x))`` (:class:`admin_torch.OmegaResidual`) or ``LN(alpha *
 ``alpha = (2M)^(1/4)``, ``beta = (8M)^(-1/4)``.
 
 The flags are ``transformer_admin``'s: ``--admin-init admin|profiled|deepnorm``,
-``--admin-output-change-scale``, ``--decoder-as-parameter``, ``--admin-profile``. Pre-LN
+``--admin-output-change-scale``, ``--decoder-as-parameter``, ``--admin-profile``, and the
+mixture-of-experts FFN's ``--moe-experts``, ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
+``--moe-capacity-factor`` (:mod:`fairseq_plugins.moe`). Pre-LN
 (``--decoder-normalize-before``) is refused. Architectures, named after fairseq's own:
 
 * ``transformer_lm_admin``: the base (512 / 2048 / 8 heads, 6 layers),
@@ -37,6 +39,7 @@ from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf
 
 import admin_torch
+import reinmax
 
 from ..flags import FlagError
 from ..registry import register_architecture_once, register_once
@@ -56,6 +59,14 @@ class TransformerLMAdminConfig(TransformerLanguageModelConfig):
     admin_profile: Optional[str] = field(
         default=None, metadata={"help": "profiled Admin: read the omegas from this JSON file if it exists, "
                                         "otherwise profile on the first training batch and write them there"})
+    moe_experts: int = field(default=0, metadata={"help": "experts per FFN (0: the dense FFN)"})
+    moe_router: ChoiceEnum(list(reinmax.ROUTERS)) = field(  # type: ignore[valid-type]
+        default="sparsemixer", metadata={"help": "how a token's expert is chosen and its gradient estimated"})
+    moe_tau: float = field(default=1.0, metadata={"help": "temperature of straight_through, gumbel_softmax, reinmax"})
+    moe_balance_weight: float = field(
+        default=0.01, metadata={"help": "weight of the load-balancing loss added by the *_moe criteria"})
+    moe_capacity_factor: float = field(
+        default=0.0, metadata={"help": "expert capacity in units of tokens/E; excess tokens dropped (0: none)"})
 
 
 @register_once(MODEL_REGISTRY, register_model, "transformer_lm_admin", dataclass=TransformerLMAdminConfig)
@@ -86,6 +97,7 @@ class TransformerLMAdmin(AdminProfiling, TransformerLanguageModel):
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
         decoder = TransformerAdminDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         model = cls(decoder, copy.deepcopy(args))
+        model.moe_balance_weight = float(args.moe_balance_weight)
         model._load_profile_file(args)
         return model
 

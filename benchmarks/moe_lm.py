@@ -1,0 +1,248 @@
+"""Mixture-of-experts FFNs in a decoder-only LM: dense vs E experts with every router, several seeds.
+
+Every run is ``recipes/lm/train.sh --model admin`` (Post-LN with Admin, English Multi30k) with
+``--moe-experts E --moe-router R --criterion cross_entropy_moe`` added (dense: E = 0, the stock
+criterion). All runs have the same active parameters per token (each expert has the dense FFN's
+size), the same updates, tokens per update, learning rate and seeds. Reported per configuration:
+the final validation loss (base 2, fairseq's, after the last update) as mean +- std over seeds,
+and training words per second (fairseq's ``train_wps``). Runs go ``--jobs`` at a time (one
+thread each), so words per second compare configurations within this run only.
+
+The router's share of step time is measured in process on the same model (the ``transformer_lm_admin``
+built as fairseq builds it): a training step (forward, backward) on a batch of the run's size,
+and, separately, the routing alone (router projection, :func:`reinmax.route_tokens`, balance loss;
+forward and backward) on that batch's tokens, summed over layers; torch.utils.benchmark, median.
+
+Writes ``moe_lm.{json,md,png}`` under ``--out``.
+
+    python benchmarks/moe_lm.py                                   # CPU: 4 layers, d=128, 300 updates, 3 seeds
+    python benchmarks/moe_lm.py --layers 12 --dim 512 --max-update 20000 --device cuda   # larger
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ROUTERS = ["sparsemixer", "switch", "straight_through", "gumbel_softmax", "reinmax"]
+
+
+def run(cmd, log: Path, env) -> int:
+    with open(log, "w") as f:
+        return subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+
+
+def name(experts: int, router: str) -> str:
+    return "dense" if experts == 0 else f"{router}-E{experts}"
+
+
+def one(args, experts: int, router: str, seed: int, env) -> dict:
+    save = args.work / "checkpoints" / f"moe-{name(experts, router)}-L{args.layers}-s{seed}"
+    save.mkdir(parents=True, exist_ok=True)
+    extra = [] if experts == 0 else ["--moe-experts", experts, "--moe-router", router, "--moe-tau", args.tau,
+                                     "--moe-balance-weight", args.balance_weight, "--criterion", "cross_entropy_moe"]
+    cmd = [REPO / "recipes/lm/train.sh", "--model", "admin", "--layers", args.layers, "--dim", args.dim,
+           "--max-tokens", args.tokens, "--tokens-per-update", args.tokens, "--data", args.work, "--save", save,
+           "--gpus", "1" if args.device == "cuda" else "0", "--lr", args.lr, "--warmup", args.warmup,
+           "--seed", seed, "--max-update", args.max_update, "--", "--no-save", *extra]
+    start = time.time()
+    code = run(cmd, save / "driver_train.log", env)
+    result = {"config": name(experts, router), "experts": experts, "router": router if experts else "-",
+              "seed": seed, "exit": code, "seconds": round(time.time() - start, 1)}
+    for line in (save / "train.log").read_text().splitlines() if (save / "train.log").exists() else []:
+        if "{" not in line:
+            continue
+        try:
+            rec = json.loads(line[line.index("{"):])
+        except ValueError:
+            continue
+        if "valid_loss" in rec:
+            result["valid_loss"] = float(rec["valid_loss"])
+            for key in [k for k in rec if k.startswith("valid_moe_load")]:
+                result.setdefault("valid_load", {})[key[len("valid_moe_load"):]] = float(rec[key])
+        if "train_wps" in rec:
+            result["wps"] = float(rec["train_wps"])
+    print(f"  {result['config']} seed {seed}: valid loss {result.get('valid_loss', 'failed')}, "
+          f"wps {result.get('wps', '-')}, {result['seconds']} s", flush=True)
+    return result
+
+
+def router_share(args, experts: int, router: str) -> dict:
+    """(step ms, routing ms, share) on one batch of ``--tokens`` tokens, in process, one thread."""
+    import torch
+    import torch.utils.benchmark as benchmark
+
+    import reinmax
+    from fairseq_plugins.models.transformer_lm_admin import TransformerLMAdmin, TransformerLMAdminConfig
+    from fairseq.data import Dictionary
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: F401  (fairseq's setup)
+    from types import SimpleNamespace
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dictionary = Dictionary.load(str(args.work / "bin" / "dict.txt"))
+    cfg = argparse.Namespace(**{**vars(TransformerLMAdminConfig()), "decoder_layers": int(args.layers),
+                                "decoder_embed_dim": int(args.dim), "decoder_ffn_embed_dim": 4 * int(args.dim),
+                                "decoder_attention_heads": 4, "decoder_input_dim": int(args.dim),
+                                "decoder_output_dim": int(args.dim), "share_decoder_input_output_embed": True,
+                                "dropout": 0.1, "moe_experts": experts, "moe_router": router,
+                                "moe_tau": float(args.tau), "tokens_per_sample": 128, "max_target_positions": 128})
+    cfg = argparse.Namespace(**{k: (v.value if hasattr(v, "value") else v) for k, v in vars(cfg).items()})
+    task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
+    model = TransformerLMAdmin.build_model(cfg, task).train()
+    dev = torch.device(args.device)
+    model.to(dev)
+    seq = 16  # Multi30k sentences are ~15 tokens: a batch of --tokens tokens
+    tokens = torch.randint(4, len(dictionary), (int(args.tokens) // seq, seq), device=dev)
+
+    def step():
+        out, _ = model(tokens)
+        loss = torch.nn.functional.cross_entropy(out.view(-1, out.shape[-1]), tokens.view(-1))
+        moe = reinmax.moe_balance_loss(model)
+        if moe is not None:
+            loss = loss + 0.01 * moe
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    layers = list(reinmax.moe_layers(model))
+    x = torch.randn(tokens.numel(), int(args.dim), device=dev)
+
+    def routing():
+        total = 0
+        for layer in layers:
+            r = reinmax.route_tokens(layer.router(x), router, float(args.tau))
+            gate = r.gate if r.gate is not None else r.weights
+            total = total + gate.sum() + reinmax.balance_loss(r.probs, r.index)
+        total.backward()
+        for layer in layers:
+            layer.router.weight.grad = None
+
+    t_step = benchmark.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=2).median
+    t_route = benchmark.Timer("routing()", globals={"routing": routing}).blocked_autorange(min_run_time=1).median \
+        if layers else 0.0
+    return {"config": name(experts, router), "step_ms": t_step * 1e3, "routing_ms": t_route * 1e3,
+            "share": t_route / t_step}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k")
+    ap.add_argument("--work", type=Path, default=REPO / "work" / "lm")
+    ap.add_argument("--experts", default="4,8", help="expert counts besides the dense model")
+    ap.add_argument("--routers", default=",".join(ROUTERS))
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--layers", default="4")
+    ap.add_argument("--dim", default="128", help="model width (FFN 4x, 4 heads)")
+    ap.add_argument("--tokens", default="1024", help="tokens per update")
+    ap.add_argument("--lr", default="1e-3")
+    ap.add_argument("--warmup", default="100")
+    ap.add_argument("--tau", default="1.0", help="--moe-tau (straight_through, gumbel_softmax, reinmax)")
+    ap.add_argument("--balance-weight", default="0.01")
+    ap.add_argument("--max-update", default="300", help="scale: updates per run")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--skip-train", action="store_true", help="only the router's share of step time")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "reinmax")
+    args = ap.parse_args(argv)
+    if not args.data.is_dir():
+        ap.error(f"--data: {args.data} not found (Multi30k raw files, e.g. ../shared/data/multi30k)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHON=sys.executable)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not (args.work / "bin" / "dict.txt").exists():
+        print("preparing the English side of Multi30k ...", flush=True)
+        if run([REPO / "recipes/lm/prepare.sh", "--raw", args.data, "--lang", "en", "--out", args.work],
+               args.work / "driver_prepare.log", env) != 0:
+            sys.exit(f"prepare failed: see {args.work / 'driver_prepare.log'}")
+    experts = [int(e) for e in args.experts.split(",")]
+    routers = args.routers.split(",")
+    configs = [(0, "-")] + [(e, r) for e in experts for r in routers]
+    results = []
+    if not args.skip_train:
+        jobs = [(e, r, int(s)) for s in args.seeds.split(",") for e, r in configs]
+        print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(lambda j: one(args, *j, env), jobs))
+    print("router share of step time ...", flush=True)
+    shares = {}
+    for e, r in configs:
+        if e:
+            shares[name(e, r)] = router_share(args, e, r)
+            print(f"  {name(e, r)}: {shares[name(e, r)]}", flush=True)
+    shares["dense"] = router_share(args, 0, "sparsemixer")
+
+    rows = []
+    for e, r in configs:
+        runs = [x for x in results if x["config"] == name(e, r)]
+        loss = [x["valid_loss"] for x in runs if "valid_loss" in x]
+        wps = [x["wps"] for x in runs if "wps" in x]
+        rows.append({"config": name(e, r), "experts": e, "router": r, "seeds": len(runs), "finished": len(loss),
+                     "valid_loss_mean": statistics.mean(loss) if loss else float("nan"),
+                     "valid_loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0, "per_seed": loss,
+                     "wps_mean": statistics.mean(wps) if wps else float("nan"),
+                     **{k: shares[name(e, r)][k] for k in ("step_ms", "routing_ms", "share")}})
+    header = (f"Decoder-only LM (Post-LN + Admin), {args.layers} layers, d={args.dim}, FFN {4 * int(args.dim)} per "
+              f"expert, English Multi30k, {args.tokens} tokens/update, lr {args.lr}, warmup {args.warmup}, "
+              f"{args.max_update} updates, tau {args.tau}, balance weight {args.balance_weight}, device "
+              f"{args.device}; validation loss (base 2) mean +- std over seeds {args.seeds}; words/s: fairseq's "
+              f"train_wps with {args.jobs} runs in parallel (1 thread each); router share: routing forward+backward "
+              f"/ training step, in process, 1 thread, median")
+    lines = [header, "", "| model | seeds | valid loss (mean +- std) | per seed | words/s | step ms | routing ms | "
+             "router share |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['finished']}/{r['seeds']} | {r['valid_loss_mean']:.3f} +- "
+                     f"{r['valid_loss_std']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | "
+                     f"{r['wps_mean']:.0f} | {r['step_ms']:.1f} | {r['routing_ms']:.2f} | {100 * r['share']:.1f}% |")
+    lines += ["", f"command: python benchmarks/moe_lm.py --experts {args.experts} --routers {args.routers} --seeds "
+              f"{args.seeds} --layers {args.layers} --dim {args.dim} --tokens {args.tokens} --lr {args.lr} --warmup "
+              f"{args.warmup} --tau {args.tau} --max-update {args.max_update} --device {args.device}"]
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "moe_lm.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                      "runs": results, "rows": rows}, indent=1))
+    (args.out / "moe_lm.md").write_text(table + "\n")
+    if results:
+        plot(rows, experts, routers, args)
+    print(f"wrote {args.out}/moe_lm.{{json,md,png}}")
+
+
+def plot(rows, experts, routers, args):
+    import logging
+
+    import matplotlib
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import set the root logger to DEBUG
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    dense = next(r for r in rows if r["experts"] == 0)
+    ax.axhspan(dense["valid_loss_mean"] - dense["valid_loss_std"], dense["valid_loss_mean"] + dense["valid_loss_std"],
+               color="0.85", label=f"dense ({dense['finished']} seeds)")
+    ax.axhline(dense["valid_loss_mean"], color="0.5", lw=1)
+    width = 0.8 / len(experts)
+    for k, e in enumerate(experts):
+        for i, router in enumerate(routers):
+            r = next(x for x in rows if x["experts"] == e and x["router"] == router)
+            xpos = i + (k - (len(experts) - 1) / 2) * width
+            ax.scatter([xpos] * len(r["per_seed"]), r["per_seed"], s=10, color=f"C{k}", alpha=0.6)
+            ax.errorbar([xpos], [r["valid_loss_mean"]], yerr=[r["valid_loss_std"]], fmt="o", color=f"C{k}",
+                        capsize=4, label=f"E = {e}" if i == 0 else None)
+    ax.set_xticks(range(len(routers)), routers, fontsize=8)
+    ax.set_ylabel("validation loss (base 2)")
+    ax.set_title(f"{args.layers}-layer LM, {args.max_update} updates, seeds {args.seeds}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "moe_lm.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

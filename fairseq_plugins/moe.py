@@ -1,0 +1,110 @@
+"""Mixture-of-experts FFNs in the Admin transformers: the ``--moe-*`` flags and the layer surgery.
+
+With ``--moe-experts E`` (E >= 1) every FFN of ``transformer_admin`` (encoder and decoder) and of
+``transformer_lm_admin`` becomes a :class:`reinmax.RoutedFeedForward` with E experts of the
+FFN's size (``--encoder/decoder-ffn-embed-dim``), so a token's active parameters are a dense
+FFN's. 0 (the default) keeps the dense FFN. The flags:
+
+* ``--moe-router {sparsemixer,switch,straight_through,gumbel_softmax,reinmax}`` (default sparsemixer;
+  ``reinmax`` computes every expert for every token: small E only),
+* ``--moe-tau`` (straight_through, gumbel_softmax, reinmax; default 1.0),
+* ``--moe-balance-weight`` (default 0.01): weight of Switch's load-balancing loss, which the
+  criteria ``cross_entropy_moe`` / ``label_smoothed_cross_entropy_moe`` add (and log, with the
+  per-expert load); with a weight > 0 training with a stock criterion is refused,
+* ``--moe-capacity-factor`` (default 0: no token dropped): a token beyond an expert's
+  ``ceil(factor * tokens / E)`` slots is dropped and passes through the residual unchanged.
+
+The layer swap: fairseq's FFN is ``fc2(activation_dropout(activation_fn(fc1(x))))``; ``fc1``
+becomes the routed layer (which applies the activation and its dropout to each expert) and the
+other three become identities, so the stock ``forward`` runs unchanged. fairseq's
+``--scale-fc`` (a LayerNorm inside the FFN) is refused with MoE.
+
+Example::
+
+    fairseq-train data-bin --user-dir fairseq_plugins --arch transformer_admin \\
+        --moe-experts 8 --moe-router sparsemixer --criterion label_smoothed_cross_entropy_moe ...
+"""
+
+from typing import Optional
+
+from torch import nn
+
+import reinmax
+from fairseq import utils
+from stability_toolbox import validation
+
+from .flags import FlagError, check_flag
+
+__all__ = ["MOE_DEFAULTS", "MOE_CRITERIA", "add_moe_args", "moe_defaults", "check_moe_args", "install_moe_ffn"]
+
+#: the ``--moe-*`` arguments and their defaults.
+MOE_DEFAULTS = {"moe_experts": 0, "moe_router": "sparsemixer", "moe_tau": 1.0, "moe_balance_weight": 0.01,
+                "moe_capacity_factor": 0.0}
+#: the criteria that add the balance loss.
+MOE_CRITERIA = ("cross_entropy_moe", "label_smoothed_cross_entropy_moe")
+_STOCK_CRITERIA = ("cross_entropy", "label_smoothed_cross_entropy")
+
+
+def add_moe_args(parser) -> None:
+    """The ``--moe-*`` flags of an args-based model (``add_args``)."""
+    group = parser.add_argument_group("mixture-of-experts FFN (fairseq_plugins.moe)")
+    group.add_argument("--moe-experts", type=int, metavar="E", default=None,
+                       help="experts per FFN (0, the default: the dense FFN)")
+    group.add_argument("--moe-router", default=None, choices=reinmax.ROUTERS,
+                       help="how a token's expert is chosen and its gradient estimated (default sparsemixer)")
+    group.add_argument("--moe-tau", type=float, default=None,
+                       help="temperature of straight_through, gumbel_softmax and reinmax (default 1.0)")
+    group.add_argument("--moe-balance-weight", type=float, default=None,
+                       help="weight of the load-balancing loss added by the *_moe criteria (default 0.01)")
+    group.add_argument("--moe-capacity-factor", type=float, default=None,
+                       help="expert capacity in units of tokens/E; excess tokens are dropped (default 0: none)")
+
+
+def moe_defaults(args) -> None:
+    """Fill the ``--moe-*`` values a configuration lacks (``None``: not given)."""
+    for name, default in MOE_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            try:
+                setattr(args, name, default)
+            except Exception:  # an OmegaConf struct config without that key keeps its own default
+                pass
+
+
+def check_moe_args(args) -> None:
+    """The ``--moe-*`` flags; :class:`FlagError` names the flag and the accepted values."""
+    moe_defaults(args)
+    experts = check_flag("--moe-experts", validation.as_int, args.moe_experts, minimum=0)
+    if experts == 0:
+        return
+    router = check_flag("--moe-router", validation.as_choice, str(args.moe_router), choices=reinmax.ROUTERS)
+    check_flag("--moe-tau", validation.as_real, args.moe_tau, low=0.0, low_open=True)
+    weight = check_flag("--moe-balance-weight", validation.as_real, args.moe_balance_weight, low=0.0)
+    capacity = check_flag("--moe-capacity-factor", validation.as_real, args.moe_capacity_factor, low=0.0)
+    if capacity > 0 and router == "reinmax":
+        raise FlagError("--moe-capacity-factor must be 0 with --moe-router reinmax (it runs every expert on every "
+                        "token, so no token is dropped)")
+    if getattr(args, "scale_fc", False):
+        raise FlagError("--scale-fc is not accepted with --moe-experts (the experts have no inner LayerNorm)")
+    criterion = getattr(args, "criterion", None)
+    if weight > 0 and criterion in _STOCK_CRITERIA:
+        raise FlagError(f"--criterion {criterion} ignores the load-balancing loss of --moe-experts; use "
+                        f"--criterion {criterion}_moe (or --moe-balance-weight 0)")
+
+
+def install_moe_ffn(layer: nn.Module, args, embed_dim: int, ffn_dim: int, activation: Optional[str]) -> None:
+    """Make the FFN of fairseq transformer ``layer`` a routed mixture of ``args.moe_experts`` experts."""
+    experts = int(getattr(args, "moe_experts", 0) or 0)
+    if experts == 0:
+        return
+    capacity = float(args.moe_capacity_factor) or None
+    layer.fc1 = reinmax.RoutedFeedForward(
+        embed_dim, ffn_dim, experts, router=str(args.moe_router), tau=float(args.moe_tau),
+        capacity_factor=capacity, activation=utils.get_activation_fn(activation or "relu"),
+        activation_dropout=float(layer.activation_dropout_module.p))
+    layer.fc2 = nn.Identity()
+    layer.activation_fn = _identity
+    layer.activation_dropout_module = nn.Identity()
+
+
+def _identity(x):
+    return x

@@ -1,0 +1,184 @@
+"""Mixture-of-experts FFNs in fairseq (``--moe-*``): the model surgery and the criteria in process, then the
+real fairseq-train / -generate / -eval-lm on tiny data: logging, exact resume, fold refusal, bad flags."""
+
+import argparse
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fairseq_plugins  # noqa: F401  (registers models and criteria)
+import reinmax
+from fairseq.data import Dictionary
+from fairseq.models import ARCH_CONFIG_REGISTRY
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+from fairseq_helpers import PLUGINS_DIR, make_lm_data, make_translation_data, run_tool
+from fairseq_plugins.criterions.moe import LabelSmoothedCrossEntropyMoE
+from fairseq_plugins.models.transformer_admin import TransformerAdminModel
+
+VOCAB = 20
+
+
+def build(*extra, layers=2, dim=16):
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    TransformerAdminModel.add_args(parser)
+    argv = ["--encoder-layers", str(layers), "--decoder-layers", str(layers), "--encoder-embed-dim", str(dim),
+            "--decoder-embed-dim", str(dim), "--encoder-ffn-embed-dim", str(2 * dim),
+            "--decoder-ffn-embed-dim", str(2 * dim), "--encoder-attention-heads", "2",
+            "--decoder-attention-heads", "2", "--share-all-embeddings"]
+    args = parser.parse_args(argv + [str(a) for a in extra])
+    args.arch = "transformer_admin"
+    ARCH_CONFIG_REGISTRY["transformer_admin"](args)
+    d = Dictionary()
+    for i in range(VOCAB - len(d)):
+        d.add_symbol(f"w{i}")
+    task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
+    return TransformerAdminModel.build_model(args, task), task
+
+
+def sample(bsz=3, length=6):
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, VOCAB, (bsz, length), generator=g)
+    target = torch.randint(4, VOCAB, (bsz, length), generator=g)
+    prev = torch.cat([torch.full((bsz, 1), 2), target[:, :-1]], 1)
+    return {"net_input": {"src_tokens": src, "src_lengths": torch.full((bsz,), length),
+                          "prev_output_tokens": prev},
+            "target": target, "ntokens": bsz * length, "nsentences": bsz}
+
+
+# ------------------------------------------------------------------ in process
+
+
+def test_dense_by_default_and_every_ffn_routed_with_moe():
+    dense, _ = build()
+    assert not list(reinmax.moe_layers(dense))
+    model, _ = build("--moe-experts", 3, "--moe-router", "switch")
+    layers = list(model.encoder.layers) + list(model.decoder.layers)
+    assert all(isinstance(layer.fc1, reinmax.RoutedFeedForward) for layer in layers)
+    moe = layers[0].fc1
+    assert moe.num_experts == 3 and moe.router_name == "switch" and tuple(moe.fc1_weight.shape) == (3, 32, 16)
+    # a token's active FFN parameters equal the dense FFN's
+    assert moe.fc1_weight[0].numel() + moe.fc2_weight[0].numel() == \
+        dense.encoder.layers[0].fc1.weight.numel() + dense.encoder.layers[0].fc2.weight.numel()
+
+
+def test_criterion_adds_the_weighted_balance_loss_and_logs_the_load():
+    model, task = build("--moe-experts", 4, "--moe-balance-weight", 0.1, "--dropout", 0)
+    task.target_dictionary = task.source_dictionary
+    stock = LabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1)
+    moe = LabelSmoothedCrossEntropyMoE(task, sentence_avg=False, label_smoothing=0.1)
+    torch.manual_seed(3)
+    loss, size, log = moe(model, sample())
+    torch.manual_seed(3)
+    base, _, base_log = stock(model, sample())
+    balances = [m.stats.balance_loss for m in reinmax.moe_layers(model)]
+    assert len(balances) == 4 and all(1.0 <= float(b.detach()) <= 4.0 for b in balances)
+    torch.testing.assert_close(loss, base + 0.1 * size * torch.stack(balances).sum())
+    assert float(log["loss"]) == pytest.approx(float(base_log["loss"]))  # the logged loss stays the stock one
+    loads = torch.stack([log[f"moe_load{i}"] for i in range(4)]) / size
+    assert float(loads.sum()) == pytest.approx(1.0)
+    model.eval()
+    eval_loss, _, _ = moe(model, sample())
+    stock_eval, _, _ = stock(model, sample())
+    assert torch.equal(eval_loss, stock_eval)  # no balance term outside training
+
+
+def test_deepnorm_initializes_every_expert():
+    model, _ = build("--moe-experts", 2, "--admin-init", "deepnorm", layers=6, dim=32)
+    moe = model.encoder.layers[0].fc1
+    beta = 0.87 * (6 ** 4 * 6) ** (-1 / 16)  # DeepNet's encoder beta, N = M = 6
+    for w in (moe.fc1_weight[0], moe.fc1_weight[1], moe.fc2_weight[1]):
+        expected = beta * (2 / sum(w.shape)) ** 0.5  # xavier_normal with gain beta
+        assert float(w.detach().std()) == pytest.approx(expected, rel=0.15)
+
+
+# ------------------------------------------------------------------ the real tools
+
+
+TINY_LM = ["--task", "language_modeling", "--sample-break-mode", "eos", "--tokens-per-sample", "64",
+           "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+           "--decoder-attention-heads", "2", "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "400",
+           "--cpu", "--seed", "1", "--no-progress-bar", "--log-format", "simple", "--num-workers", "0",
+           "--no-epoch-checkpoints", "--arch", "transformer_lm_admin", "--user-dir", PLUGINS_DIR]
+
+
+@pytest.fixture(scope="module")
+def lm_data(tmp_path_factory):
+    return make_lm_data(tmp_path_factory.mktemp("moe_lm"))
+
+
+@pytest.mark.slow
+def test_lm_trains_logs_resumes_exactly_scores_and_refuses_folding(lm_data, tmp_path):
+    moe = ["--moe-experts", "4", "--moe-router", "sparsemixer", "--criterion", "cross_entropy_moe"]
+    straight = run_tool("train", lm_data, *TINY_LM, *moe, "--max-update", "8", "--save-dir", tmp_path / "a").stdout
+    assert re.search(r"train \| .*moe_load0 [\d.]+ \| moe_load1 .*moe_load3 [\d.]+ \| moe_balance [\d.]+", straight)
+    run_tool("train", lm_data, *TINY_LM, *moe, "--max-update", "4", "--save-dir", tmp_path / "b")
+    resumed = run_tool("train", lm_data, *TINY_LM, *moe, "--max-update", "8", "--save-dir", tmp_path / "b").stdout
+    assert "Loaded checkpoint" in resumed and "num_updates 8" in resumed
+    a = torch.load(tmp_path / "a" / "checkpoint_last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=False)["model"]
+    assert a["decoder.layers.0.fc1.router.weight"].shape == (4, 32)
+    for key in a:  # the routing samples, the experts and the router continue exactly
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+    out = run_tool("eval-lm", lm_data, "--path", tmp_path / "a" / "checkpoint_last.pt", "--user-dir", PLUGINS_DIR,
+                   "--cpu", "--max-tokens", "400", "--num-workers", "0", "--sample-break-mode", "eos",
+                   "--tokens-per-sample", "64", "--gen-subset", "valid").stdout
+    assert re.search(r"Perplexity: [\d.]+", out)
+
+    from fairseq_plugins.fold_checkpoint import main as fold_main
+    proc = run_tool("train", lm_data, *TINY_LM, "--max-update", "1", "--save-dir", tmp_path / "c", check=False)
+    assert proc.returncode == 0  # dense, for contrast: folds
+    assert fold_main([str(tmp_path / "c" / "checkpoint_last.pt"), str(tmp_path / "dense.pt")]) == 0
+    assert fold_main([str(tmp_path / "a" / "checkpoint_last.pt"), str(tmp_path / "moe.pt")]) == 2
+    assert not (tmp_path / "moe.pt").exists()
+
+
+@pytest.mark.slow
+def test_translation_with_experts_trains_and_generates(tmp_path_factory, tmp_path):
+    router = "reinmax"  # the dense path; the LM test runs a sparse one
+    data = make_translation_data(tmp_path_factory.mktemp(f"moe_mt_{router}"), sizes=(200, 30, 30))
+    args = [data.bin, "--user-dir", PLUGINS_DIR, "--arch", "transformer_admin", "--encoder-layers", "2",
+            "--decoder-layers", "2", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+            "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+            "--decoder-attention-heads", "2", "--share-all-embeddings", "--optimizer", "adam", "--lr", "1e-3",
+            "--max-tokens", "500", "--max-update", "6", "--cpu", "--no-progress-bar", "--log-format", "simple",
+            "--num-workers", "0", "--no-epoch-checkpoints", "--save-dir", tmp_path,
+            "--criterion", "label_smoothed_cross_entropy_moe", "--label-smoothing", "0.1",
+            "--moe-experts", "2", "--moe-router", router, "--moe-tau", "1.3"]
+    log = run_tool("train", *args).stdout
+    assert "moe_balance" in log and "num_updates 6" in log
+    gen = run_tool("generate", data.bin, "--path", tmp_path / "checkpoint_last.pt", "--user-dir", PLUGINS_DIR,
+                   "--cpu", "--beam", "2", "--max-tokens", "500", "--num-workers", "0").stdout
+    assert len(re.findall(r"^H-\d+\t", gen, flags=re.M)) == 30  # every test sentence decoded
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(moe_experts=-1), "--moe-experts must be an integer >= 0, got -1"),
+    (dict(moe_experts=2.5), "--moe-experts must be an integer >= 0, got 2.5"),
+    (dict(moe_tau=0.0), "--moe-tau must be a finite real number > 0, got 0.0"),
+    (dict(moe_balance_weight=float("nan")), "--moe-balance-weight must be a finite real number >= 0, got nan"),
+    (dict(moe_capacity_factor=-1.0), "--moe-capacity-factor must be a finite real number >= 0"),
+    (dict(moe_router="reinmax", moe_capacity_factor=1.25), "--moe-capacity-factor must be 0 with --moe-router reinmax"),
+    (dict(scale_fc=True), "--scale-fc is not accepted with --moe-experts"),
+    (dict(criterion="label_smoothed_cross_entropy"), "--criterion label_smoothed_cross_entropy ignores"),
+])
+def test_bad_moe_flags_are_refused(flags, message):
+    from fairseq_plugins.flags import FlagError
+    from fairseq_plugins.moe import check_moe_args
+
+    args = argparse.Namespace(**{"moe_experts": 2, **flags})
+    with pytest.raises(FlagError, match=re.escape(message)):
+        check_moe_args(args)
+    check_moe_args(argparse.Namespace(moe_experts=0, moe_tau=0.0))  # dense: the other flags are unused
+
+
+@pytest.mark.slow
+def test_bad_moe_flag_ends_fairseq_train_with_one_line(lm_data, tmp_path):
+    proc = run_tool("train", lm_data, *TINY_LM, "--moe-experts", "2", "--criterion", "cross_entropy",
+                    "--save-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith(
+        "fairseq-train: error: --criterion cross_entropy ignores the load-balancing loss of --moe-experts; "
+        "use --criterion cross_entropy_moe")
