@@ -94,4 +94,19 @@ def test_fairseq_train_then_evaluate(listops_dir, tmp_path):
                           env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     result = json.loads((tmp_path / "acc.json").read_text())
-    assert result["examples"] == 40 and 0.0 <= result["accuracy"] <= 100.0
+    # the recipe's batched, padded evaluation against one example at a time, unpadded, in this process
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq_plugins.tasks.listops_data import read_listops
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(save / "checkpoint_last.pt")],
+                                                                   arg_overrides={"data": str(listops_dir)})
+    model = models[0].eval()
+    examples = read_listops(listops_dir / "test.tsv")
+    correct = 0
+    with torch.no_grad():
+        for ex in examples:
+            tokens = torch.tensor([[task.source_dictionary.index(t) for t in ex.tokens]])
+            correct += int(model(tokens, torch.tensor([tokens.shape[1]])).argmax(-1).item() == ex.label)
+    assert result["examples"] == len(examples) == 40
+    assert result["accuracy"] == pytest.approx(100.0 * correct / len(examples))
