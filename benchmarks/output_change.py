@@ -131,7 +131,11 @@ def main(argv=None):
                 perturbation="delta_p = delta * rms(p) * N(0,1) on every weight matrix; ||.||^2 over features, "
                              "mean over positions, perturbations and model seeds")
     (args.out / "output_change.json").write_text(json.dumps(dict(meta=meta, N=ns, rows=rows, theory_ratio=theory), indent=1))
-    (args.out / "output_change.md").write_text(f"# Output change against depth\n\n{table}\n")
+    footer = (f"Each number: the mean over {args.seeds} model initializations x {args.samples} perturbations "
+              f"(relative size {args.delta}), d={args.dim}, {args.sublayers} stacks, batch {args.batch} x length "
+              f"{args.length}; CPU.\n\ncommand: python benchmarks/output_change.py --depths "
+              f"{' '.join(map(str, args.depths))} --seeds {args.seeds} --samples {args.samples} --out {args.out}\n")
+    (args.out / "output_change.md").write_text(f"# Output change against depth\n\n{table}\n\n{footer}")
     c_pred = 2 * args.dim if args.sublayers == "ffn" else c_all
     predicted = {k: [c_pred * args.delta ** 2 * b for b in v] for k, v in betas.items()}
     plot(ns, results, predicted, args.out / "output_change.png", args)
