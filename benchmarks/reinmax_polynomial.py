@@ -148,7 +148,8 @@ def main(argv=None):
              "cos at init | rel. bias at theta~N(0,1) | cos at N(0,1) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for p, v in r.items():
-            lines.append(f"| {name} | {p} | {v['tau']} | {v['expected_loss_mean'] - v['optimum']:.2e} +- "
+            edge = " (grid edge)" if v["tau"] in (taus[0], taus[-1]) else ""
+            lines.append(f"| {name} | {p} | {v['tau']}{edge} | {v['expected_loss_mean'] - v['optimum']:.2e} +- "
                          f"{v['expected_loss_std']:.1e} | {v['bias_rel_init']:.3f} | {v['cos_init']:.3f} | "
                          f"{v['bias_rel_randn']:.3f} | {v['cos_randn']:.3f} |")
     lines += ["", f"command: python benchmarks/reinmax_polynomial.py --epochs {args.epochs} --steps-per-epoch "
