@@ -41,6 +41,21 @@ def restart_ref(step, T, n=1, zero_after=None):
 STEPS = np.arange(0, 260)
 
 
+@pytest.mark.parametrize("decay, step, expected", [
+    # hand-computed values, independent of the reference functions above
+    (LinearInternalDecay(100), 25, 0.75),
+    (LinearInternalDecay(100), 100, 0.0),
+    (CosineInternalDecay(100), 50, 0.5),              # half a period: (1 + cos(pi/2)) / 2
+    (CosineInternalDecay(100), 100, 0.0),             # the default 0.5 periods end at cos(pi) = -1
+    (CosineInternalDecay(100, num_periods=2), 25, 0.0),
+    (CosineInternalDecay(100, num_periods=2), 50, 1.0),
+    (RestartCosineInternalDecay(100, num_periods=4), 25, 1.0),   # a restart point
+    (RestartCosineInternalDecay(100, num_periods=4), 10, 0.6545084971874737),  # (1 + cos(0.4 pi)) / 2
+])
+def test_hand_computed_anchors(decay, step, expected):
+    assert decay(step) == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("T", [1, 7, 100, 250])
 def test_linear(T):
     decay = LinearInternalDecay(T)
