@@ -144,3 +144,36 @@ def test_capturable_step_makes_no_host_sync(cls):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert opt.state[p]["step"].device.type == "cuda" and float(opt.state[p]["step"]) == 4
+
+
+@pytest.mark.parametrize("router", reinmax.ROUTERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_routed_ffn_on_cuda_matches_cpu_in_eval(router, dtype):
+    layer = reinmax.RoutedFeedForward(16, 32, 4, router=router).eval()
+    x = torch.randn(40, 16)
+    expected = layer(x)
+    layer = layer.cuda().to(dtype)
+    y = layer(x.cuda().to(dtype))
+    assert y.dtype == dtype and layer.stats.index.device.type == "cuda" and torch.isfinite(y.float()).all()
+    if dtype == torch.float32:  # half precision may break near-ties of the argmax differently
+        torch.testing.assert_close(y.cpu(), expected, rtol=1e-4, atol=1e-5)
+    layer.train()
+    out = layer(x.cuda().to(dtype).requires_grad_())
+    out.float().pow(2).mean().add(0.01 * layer.stats.balance_loss).backward()
+    assert torch.isfinite(layer.router.weight.grad.float()).all()
+
+
+@pytest.mark.parametrize("router", reinmax.SPARSE_ROUTERS)
+def test_routed_ffn_with_capacity_makes_no_host_sync_and_compiles(router):
+    layer = reinmax.RoutedFeedForward(16, 32, 4, router=router, capacity_factor=1.25).cuda()
+    x = torch.randn(64, 16, device="cuda", requires_grad=True)
+    layer(x).sum().backward()  # warm-up
+    torch.cuda.synchronize()
+    with stability_toolbox.data_checks(False):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            (layer(x).sum() + layer.stats.balance_loss).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    compiled = torch.compile(layer, fullgraph=True)
+    compiled(x).sum().backward()
