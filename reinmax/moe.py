@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from stability_toolbox import validation
 
 from ._checks import check_tau
-from .routing import Routing, balance_loss, check_router, route_tokens
+from .routing import Routing, balance_loss, check_router, expert_counts, route_tokens
 
 __all__ = ["ACTIVATIONS", "RoutedFeedForward", "RoutingStats", "moe_balance_loss", "moe_layers", "moe_load"]
 
@@ -164,8 +164,7 @@ class RoutedFeedForward(nn.Module):
             out, dropped = self._dense(tokens, routing), tokens.new_zeros(())
         self.stats = RoutingStats(
             balance_loss=balance_loss(routing.probs, routing.index),
-            load=torch.bincount(routing.index, minlength=self.num_experts).to(routing.probs.dtype)
-            / max(tokens.shape[0], 1),
+            load=expert_counts(routing.index, self.num_experts, routing.probs.dtype) / max(tokens.shape[0], 1),
             dropped=dropped, index=routing.index)
         return out.reshape(x.shape)
 
@@ -215,7 +214,7 @@ class RoutedFeedForward(nn.Module):
         """Static shapes: E x C slots filled in token order, batched matmuls, one gather back."""
         E, (n, d) = self.num_experts, tokens.shape
         C = self.capacity(n)
-        chosen = F.one_hot(index, E)
+        chosen = (index.unsqueeze(1) == torch.arange(E, device=index.device)).long()  # one-hot, no host check
         position = (torch.cumsum(chosen, 0) * chosen).sum(1) - 1  # rank of the token among its expert's
         keep = position < C
         slot = torch.where(keep, index * C + position, E * C)  # dropped tokens go to a spare slot

@@ -54,7 +54,7 @@ from .baselines import _uniform_open
 from .reinmax_function import reinmax
 from .sampling import draw
 
-__all__ = ["ROUTERS", "SPARSE_ROUTERS", "Routing", "route_tokens", "check_router", "balance_loss"]
+__all__ = ["ROUTERS", "SPARSE_ROUTERS", "Routing", "route_tokens", "check_router", "balance_loss", "expert_counts"]
 
 #: the routers, sparse ones (one expert computed per token) first.
 ROUTERS = ("sparsemixer", "switch", "straight_through", "gumbel_softmax", "reinmax")
@@ -198,7 +198,10 @@ def balance_loss(probs: Tensor, index: Tensor) -> Tensor:
         tensor(1.)
     """
     experts = probs.shape[1]
-    counts = torch.zeros(experts, dtype=probs.dtype, device=probs.device).index_add_(
-        0, index, torch.ones_like(index, dtype=probs.dtype))
     tokens = max(probs.shape[0], 1)
-    return experts * torch.sum((counts / tokens) * probs.sum(0) / tokens)
+    return experts * torch.sum((expert_counts(index, experts, probs.dtype) / tokens) * probs.sum(0) / tokens)
+
+
+def expert_counts(index: Tensor, experts: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(E,)`` tokens per expert, as ``dtype``. (``torch.bincount`` would read the maximum on the host.)"""
+    return torch.zeros(experts, dtype=dtype, device=index.device).index_add_(0, index, torch.ones_like(index, dtype=dtype))
