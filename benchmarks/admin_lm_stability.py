@@ -13,21 +13,14 @@ interrupted sweep continues where it stopped. Writes ``lm_stability.{json,md,png
 
 import argparse
 import concurrent.futures
-import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(cmd, log: Path, env):
-    with open(log, "w") as f:
-        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    return proc.returncode
+sys.path.insert(0, str(REPO / "benchmarks"))
+from lm_recipe_runs import prepare_english, recipe_env, run, write_table  # noqa: E402
 
 
 def one(args, model: str, lr: str, seed: int, env) -> dict:
@@ -74,13 +67,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         ap.error(f"--data: {args.data} not found (Multi30k raw files, e.g. ../shared/data/multi30k)")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHON=sys.executable)
-    args.work.mkdir(parents=True, exist_ok=True)
-    print("preparing the English side of Multi30k ...", flush=True)
-    if run([REPO / "recipes/lm/prepare.sh", "--raw", args.data, "--lang", "en", "--out", args.work,
-            "--max-lines", args.max_lines], args.work / "driver_prepare.log", env) != 0:
-        sys.exit(f"prepare failed: see {args.work / 'driver_prepare.log'}")
+    env = recipe_env()
+    prepare_english(args.data, args.work, env, args.max_lines)
     lrs, models = args.lrs.split(","), args.models.split(",")
     jobs = [(m, lr, int(s)) for s in args.seeds.split(",") for lr in lrs for m in models]
     print(f"{len(jobs)} runs, {args.jobs} at a time: {args.layers} layers, lrs {args.lrs}, {args.max_update} updates",
@@ -106,12 +94,7 @@ def main(argv=None):
     lines += ["", f"command: python benchmarks/admin_lm_stability.py --models {args.models} --lrs {args.lrs} "
               f"--layers {args.layers} --dim {args.dim} --tokens {args.tokens} --warmup {args.warmup} "
               f"--max-update {args.max_update} --seeds {args.seeds} --device {args.device}"]
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lm_stability.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                            "runs": results, "rows": rows}, indent=1))
-    (args.out / "lm_stability.md").write_text(table + "\n")
+    write_table(args.out, "lm_stability", args, results, rows, "\n".join(lines))
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -22,22 +22,17 @@ Writes ``moe_lm.{json,md,png}`` under ``--out``.
 import argparse
 import concurrent.futures
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from lm_recipe_runs import prepare_english, recipe_env, run, write_table  # noqa: E402
 
 ROUTERS = ["sparsemixer", "switch", "straight_through", "gumbel_softmax", "reinmax"]
-
-
-def run(cmd, log: Path, env) -> int:
-    with open(log, "w") as f:
-        return subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
 
 
 def name(experts: int, router: str) -> str:
@@ -154,14 +149,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         ap.error(f"--data: {args.data} not found (Multi30k raw files, e.g. ../shared/data/multi30k)")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHON=sys.executable)
-    args.work.mkdir(parents=True, exist_ok=True)
-    if not (args.work / "bin" / "dict.txt").exists():
-        print("preparing the English side of Multi30k ...", flush=True)
-        if run([REPO / "recipes/lm/prepare.sh", "--raw", args.data, "--lang", "en", "--out", args.work],
-               args.work / "driver_prepare.log", env) != 0:
-            sys.exit(f"prepare failed: see {args.work / 'driver_prepare.log'}")
+    env = recipe_env()
+    prepare_english(args.data, args.work, env)
     experts = [int(e) for e in args.experts.split(",")]
     routers = args.routers.split(",")
     configs = [(0, "-")] + [(e, r) for e in experts for r in routers]
@@ -204,12 +193,7 @@ def main(argv=None):
     lines += ["", f"command: python benchmarks/moe_lm.py --experts {args.experts} --routers {args.routers} --seeds "
               f"{args.seeds} --layers {args.layers} --dim {args.dim} --tokens {args.tokens} --lr {args.lr} --warmup "
               f"{args.warmup} --tau {args.tau} --max-update {args.max_update} --device {args.device}"]
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "moe_lm.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                      "runs": results, "rows": rows}, indent=1))
-    (args.out / "moe_lm.md").write_text(table + "\n")
+    write_table(args.out, "moe_lm", args, results, rows, "\n".join(lines))
     if results:
         plot(rows, experts, routers, args)
     print(f"wrote {args.out}/moe_lm.{{json,md,png}}")
