@@ -86,7 +86,8 @@ class RoutedFeedForward(nn.Module):
         jitter_eps: ``sparsemixer``'s masking threshold.
 
     Shape:
-        input ``(*, embed_dim)``; output the same.
+        input ``(*, embed_dim)``; output the same. ``forward(x, generator=None)``: an optional
+        ``torch.Generator`` for the routing samples. An empty input gives an empty output.
 
     Parameters: ``router`` (``nn.Linear(embed_dim, E, bias=False)``), ``fc1_weight`` ``(E, ffn_dim,
     embed_dim)``, ``fc1_bias`` ``(E, ffn_dim)``, ``fc2_weight`` ``(E, embed_dim, ffn_dim)``,
