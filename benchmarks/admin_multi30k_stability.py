@@ -1,30 +1,38 @@
-"""Stability of deep Post-LN training on real data: Post-LN, Pre-LN, Admin O(logn), DeepNorm.
+"""Stability of deep Post-LN training on real data across learning rates: Post-LN, Pre-LN, Admin, DeepNorm.
 
 Multi30k En-De (``<repo>/../shared/data/multi30k``, raw .gz), a joint sentencepiece model
 (sentencepiece Python API), a deep narrow transformer (default 18L-18L, width 64) trained with the
-real fairseq-train at a learning rate where plain Post-LN fails, four variants side by side:
+real fairseq-train for every variant x learning rate (``--lrs``: the learning rate is part of the
+stability claim) x seed:
 
 * ``post_ln``  stock ``transformer`` (Post-LN)
 * ``pre_ln``   stock ``transformer`` with ``--encoder-normalize-before --decoder-normalize-before``
 * ``admin``    ``transformer_admin`` ``--admin-init admin --admin-output-change-scale O(logn)``
 * ``deepnorm`` ``transformer_admin`` ``--admin-init deepnorm``
 
-Reports the final validation loss, BLEU on test_2016_flickr (fairseq-generate + sacrebleu on
-detokenized output against the raw references) and a PNG of the training curves.
+Reports, per variant and learning rate, the final validation loss (label-smoothed, base 2) and BLEU on
+test_2016_flickr (fairseq-generate + sacrebleu on detokenized output against the raw references) as
+mean +- std over the seeds, and a plot of both against the learning rate. Every run keeps its own
+directory with a ``result.json``; a finished run is reused, so an interrupted sweep continues where it
+stopped. Runs go ``--jobs`` at a time, one thread each.
 
-The machine is a small shared CPU, so the experiment is scaled to a fixed budget (a few hundred
-updates on a subset of the training data, the four runs in parallel, one thread each); the budget
-is printed and written with the results. Example::
+The default budget fits a 2-core CPU in about an hour (160 updates on 8000 training pairs); the
+scale options (``--layers --dim --updates --train-sentences --max-tokens``) and ``--device cuda``
+give paper-size runs. Example::
 
-    python benchmarks/admin_multi30k_stability.py             # the full budget
-    python benchmarks/admin_multi30k_stability.py --quick     # a smoke run (minutes)
+    python benchmarks/admin_multi30k_stability.py                         # 4 variants x 3 lrs x 3 seeds
+    python benchmarks/admin_multi30k_stability.py --quick                 # a smoke run (minutes)
+    python benchmarks/admin_multi30k_stability.py --updates 20000 --dim 512 --train-sentences 0 --device cuda
 """
 
 import argparse
+import concurrent.futures
 import gzip
 import json
 import math
 import os
+import platform
+import statistics
 import re
 import subprocess
 import sys
@@ -92,17 +100,18 @@ def run(cmd, log: Path):
         raise RuntimeError(f"{cmd[0]} failed, see {log}:\n" + log.read_text()[-3000:])
 
 
-def train_cmd(bin_dir, save_dir, variant, a):
+def train_cmd(bin_dir, save_dir, variant, lr, seed, a):
     return [BIN / "fairseq-train", bin_dir, "--user-dir", REPO / "fairseq_plugins", *VARIANTS[variant],
             "--encoder-layers", a.layers, "--decoder-layers", a.layers,
             "--encoder-embed-dim", a.dim, "--decoder-embed-dim", a.dim,
             "--encoder-ffn-embed-dim", 4 * a.dim, "--decoder-ffn-embed-dim", 4 * a.dim,
             "--encoder-attention-heads", 4, "--decoder-attention-heads", 4, "--share-all-embeddings",
             "--dropout", 0.1, "--attention-dropout", 0.1, "--activation-dropout", 0.1,
-            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", a.lr,
+            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", lr,
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", a.warmup, "--warmup-init-lr", 1e-7,
             "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", 0.1,
-            "--max-tokens", a.max_tokens, "--max-update", a.updates, "--seed", 1, "--cpu", "--num-workers", 0,
+            "--max-tokens", a.max_tokens, "--max-update", a.updates, "--seed", seed, "--num-workers", 0,
+            *(["--cpu"] if a.device == "cpu" else []),
             "--save-dir", save_dir, "--no-epoch-checkpoints", "--save-interval-updates", 0,
             "--log-format", "simple", "--log-interval", a.log_interval, "--no-progress-bar",
             "--validate-interval-updates", a.valid_every,
@@ -129,137 +138,171 @@ def parse_log(log: str):
 
 def generate_cmd(bin_dir: Path, ckpt: Path, a):
     return [BIN / "fairseq-generate", bin_dir, "--user-dir", REPO / "fairseq_plugins", "--path", ckpt,
-            "--gen-subset", "test", "--beam", a.beam, "--lenpen", 0.6, "--batch-size", 128, "--cpu",
-            "--num-workers", 0, "--remove-bpe", "sentencepiece", "--max-len-a", 1.2, "--max-len-b", 10]
+            "--gen-subset", "test", "--beam", a.beam, "--lenpen", 0.6, "--batch-size", 128,
+            *(["--cpu"] if a.device == "cpu" else []), "--num-workers", 0, "--remove-bpe", "sentencepiece", "--max-len-a", 1.2, "--max-len-b", 10]
 
 
-def bleu(work: Path, variant: str) -> float:
-    """sacrebleu of the detokenized hypotheses of generate_<variant>.log against the raw references."""
+def bleu(log: Path, refs_file: Path) -> float:
+    """sacrebleu of the detokenized hypotheses in a fairseq-generate log against the raw references."""
     import sacrebleu
 
-    log = work / f"generate_{variant}.log"
     hyps = {}
     for line in log.read_text(encoding="utf-8").splitlines():
         m = re.match(r"D-(\d+)\t\S+\t(.*)$", line)
         if m:
             hyps[int(m.group(1))] = m.group(2)
-    refs = (work / "raw" / "test.de").read_text(encoding="utf-8").splitlines()
+    refs = refs_file.read_text(encoding="utf-8").splitlines()
     out = [hyps.get(i, "") for i in range(len(refs))]
     return sacrebleu.corpus_bleu(out, [refs]).score
+
+
+def one_run(bin_dir: Path, data_dir: Path, variant: str, lr: str, seed: int, a) -> dict:
+    """Train, then translate test_2016_flickr, in ``a.out/runs/<variant>-lr<lr>-s<seed>``; reuses a finished run."""
+    run_dir = a.out / "runs" / f"{variant}-lr{lr}-s{seed}"
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "w") as log:
+        code = subprocess.run([str(c) for c in train_cmd(bin_dir, run_dir / "ckpt", variant, lr, seed, a)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO).returncode
+    (tu, tl), (vu, vl) = parse_log((run_dir / "train.log").read_text())
+    result = {"variant": variant, "lr": lr, "seed": seed, "returncode": code, "train_updates": tu, "train_loss": tl,
+              "valid_updates": vu, "valid_loss": vl, "final_valid_loss": vl[-1] if vl else None,
+              "final_train_loss": tl[-1] if tl else None,
+              "diverged": code != 0 or not tl or not all(math.isfinite(x) for x in tl), "bleu": None}
+    ckpt = run_dir / "ckpt" / "checkpoint_last.pt"
+    if ckpt.exists():
+        with open(run_dir / "generate.log", "w") as log:
+            gen = subprocess.run([str(c) for c in generate_cmd(bin_dir, ckpt, a)], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env(), cwd=REPO).returncode
+        if gen == 0:
+            result["bleu"] = bleu(run_dir / "generate.log", data_dir / "raw" / "test.de")
+        ckpt.unlink()  # 18L-18L checkpoints are large and the result is all the table needs
+        (run_dir / "ckpt" / "checkpoint_best.pt").unlink(missing_ok=True)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.rename(done)
+    print(f"  {variant:9s} lr {lr} seed {seed}: valid loss {result['final_valid_loss']}, BLEU "
+          f"{result['bleu'] if result['bleu'] is None else round(result['bleu'], 2)}", flush=True)
+    return result
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "admin_multi30k")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 4L-4L, 20 updates")
-    p.add_argument("--layers", type=int, default=18)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--work", type=Path, default=REPO / "work" / "multi30k_stability",
+                   help="prepared data and one directory per run (reused)")
+    p.add_argument("--out", type=Path, default=REPO / "results" / "admin", help="where the table and plot go")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 4L-4L, 20 updates, one seed, one lr")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="comma-separated peak learning rates")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--layers", type=int, default=18, help="scale: encoder and decoder layers")
+    p.add_argument("--dim", type=int, default=64, help="scale: model width (FFN 4x, 4 heads)")
     p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--updates", type=int, default=160)
+    p.add_argument("--updates", type=int, default=160, help="scale: updates per run")
     p.add_argument("--max-tokens", type=int, default=768)
-    p.add_argument("--train-sentences", type=int, default=8000)
+    p.add_argument("--train-sentences", type=int, default=8000, help="scale: training pairs (0: all 29k)")
     p.add_argument("--valid-sentences", type=int, default=200)
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--beam", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each on CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--stop-time-hours", type=float, default=0, help="fairseq-train's time cap per run (0: none)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     a = p.parse_args(argv)
+    variants = a.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; accepted: {', '.join(VARIANTS)}")
+    try:
+        lrs = [f"{float(x):g}" for x in a.lrs.split(",")]
+        seeds = [int(x) for x in a.seeds.split(",")]
+    except ValueError as e:
+        p.error(f"--lrs/--seeds: {e}")
     if a.quick:
         a.layers, a.updates, a.warmup, a.train_sentences, a.beam = 4, 20, 10, 2000, 1
-        a.out = a.out.with_name(a.out.name + "_quick")
+        lrs, seeds = lrs[:1], seeds[:1]
+        a.work, a.out = a.work.with_name(a.work.name + "_quick"), a.work.with_name(a.work.name + "_quick")
     a.log_interval = max(1, a.updates // 40)
     a.valid_every = max(10, a.updates // 4)
     if not a.data.is_dir():
-        sys.exit(f"Multi30k not found at {a.data} (expected <repo>/../shared/data/multi30k)")
-    a.out.mkdir(parents=True, exist_ok=True)
+        p.error(f"--data: Multi30k not found at {a.data} (expected <repo>/../shared/data/multi30k)")
     budget = (f"{a.layers}L-{a.layers}L width {a.dim} (ffn {4 * a.dim}, 4 heads), {a.updates} updates x "
-              f"{a.max_tokens} tokens, {a.train_sentences} training pairs, lr {a.lr} (inverse_sqrt, warmup "
-              f"{a.warmup}), vocab {a.vocab}, {len(a.variants)} runs in parallel, 1 thread each")
-    print(f"budget: {budget}", flush=True)
+              f"{a.max_tokens} tokens, {a.train_sentences or 'all'} training pairs, inverse_sqrt (warmup {a.warmup}), "
+              f"vocab {a.vocab}, beam {a.beam}, device {a.device}")
+    jobs = [(v, lr, s) for s in seeds for lr in lrs for v in variants]
+    print(f"budget: {budget}\n{len(jobs)} runs, {a.jobs} at a time", flush=True)
     t0 = time.time()
-    bin_dir = prepare(a.data, a.out, a.train_sentences, a.valid_sentences, a.vocab)
-    print(f"data ready ({time.time() - t0:.0f}s)", flush=True)
-
-    procs = {}
-    cpu0 = os.times()
-    for v in a.variants:
-        save = a.out / f"ckpt_{v}"
-        log = open(a.out / f"train_{v}.log", "w")
-        procs[v] = (subprocess.Popen([str(c) for c in train_cmd(bin_dir, save, v, a)], stdout=log,
-                                     stderr=subprocess.STDOUT, env=env(), cwd=REPO), log)
-    while any(pr.poll() is None for pr, _ in procs.values()):
-        time.sleep(15)
-        status = []
-        for v in a.variants:
-            (tr, _), _ = parse_log((a.out / f"train_{v}.log").read_text())
-            status.append(f"{v} {tr[-1] if tr else 0}/{a.updates}")
-        print(f"[{time.time() - t0:5.0f}s] " + ", ".join(status), flush=True)
-    results = {}
-    for v, (pr, log) in procs.items():
-        log.close()
-        text = (a.out / f"train_{v}.log").read_text()
-        (tu, tl), (vu, vl) = parse_log(text)
-        ckpt = a.out / f"ckpt_{v}" / "checkpoint_last.pt"
-        finite = bool(tl) and all(math.isfinite(x) for x in tl)
-        results[v] = {"returncode": pr.returncode, "train_updates": tu, "train_loss": tl, "valid_updates": vu,
-                      "valid_loss": vl, "final_valid_loss": vl[-1] if vl else None,
-                      "final_train_loss": tl[-1] if tl else None,
-                      "nan_or_crash": pr.returncode != 0 or not finite}
-    print(f"[{time.time() - t0:5.0f}s] training done; generating test_2016_flickr (beam {a.beam})", flush=True)
-    gens = {}
-    for v in a.variants:
-        ckpt = a.out / f"ckpt_{v}" / "checkpoint_last.pt"
-        if ckpt.exists():
-            log = open(a.out / f"generate_{v}.log", "w")
-            gens[v] = (subprocess.Popen([str(c) for c in generate_cmd(bin_dir, ckpt, a)], stdout=log,
-                                        stderr=subprocess.STDOUT, env=env(), cwd=REPO), log)
-    for v in a.variants:
-        results[v]["bleu"] = None
-        if v in gens:
-            pr, log = gens[v]
-            pr.wait()
-            log.close()
-            results[v]["bleu"] = bleu(a.out, v) if pr.returncode == 0 else None
-        print(f"{v}: BLEU {results[v]['bleu']}", flush=True)
-    cpu1 = os.times()
-    cpu_minutes = (cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system) / 60
+    data_dir = a.work / f"data-{a.train_sentences}-{a.vocab}"
+    bin_dir = prepare(a.data, data_dir, a.train_sentences or None, a.valid_sentences, a.vocab)
+    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+        results = list(pool.map(lambda j: one_run(bin_dir, data_dir, *j, a), jobs))
     wall = time.time() - t0
+
+    rows = []
+    for v in variants:
+        for lr in lrs:
+            runs = [r for r in results if r["variant"] == v and r["lr"] == lr]
+            loss, loss_sd = mean_std([r["final_valid_loss"] for r in runs])
+            b, b_sd = mean_std([r["bleu"] for r in runs])
+            rows.append({"variant": v, "lr": lr, "seeds": len(runs), "diverged": sum(r["diverged"] for r in runs),
+                         "valid_loss": loss, "valid_loss_std": loss_sd, "bleu": b, "bleu_std": b_sd,
+                         "per_seed_loss": [r["final_valid_loss"] for r in runs],
+                         "per_seed_bleu": [r["bleu"] for r in runs]})
+    fmt = lambda x, sd, d: "-" if x is None else f"{x:.{d}f} +- {sd:.{d}f}"  # noqa: E731
+    lines = [f"Multi30k En-De, {budget}; seeds {','.join(map(str, seeds))}; validation loss (label-smoothed, "
+             f"base 2) after the last update and BLEU (sacrebleu) on test_2016_flickr, mean +- std over seeds", "",
+             "| variant | lr | valid loss | BLEU | diverged runs |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['lr']} | {fmt(r['valid_loss'], r['valid_loss_std'], 3)} | "
+                     f"{fmt(r['bleu'], r['bleu_std'], 2)} | {r['diverged']}/{r['seeds']} |")
+    lines += ["", f"command: python benchmarks/admin_multi30k_stability.py --variants {a.variants} --lrs {','.join(lrs)} "
+              f"--seeds {','.join(map(str, seeds))} --layers {a.layers} --dim {a.dim} --updates {a.updates} --max-tokens {a.max_tokens} "
+              f"--train-sentences {a.train_sentences} --device {a.device}",
+              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; wall {wall / 60:.0f} min "
+              "(reused runs cost nothing)"]
+    table = "\n".join(lines)
+    print(table, flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "multi30k_stability.json").write_text(json.dumps({"budget": budget, "args": {k: str(v) for k, v in
+                                                               vars(a).items()}, "rows": rows, "runs": results}))
+    (a.out / "multi30k_stability.md").write_text(table + "\n")
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for v in a.variants:
-        r = results[v]
-        axes[0].plot(r["train_updates"], r["train_loss"], label=v)
-        axes[1].plot(r["valid_updates"], r["valid_loss"], marker="o", label=v)
-    axes[0].set(title=f"train loss, Multi30k En-De {a.layers}L-{a.layers}L d={a.dim}, lr {a.lr}",
-                xlabel="update", ylabel="label-smoothed loss (base 2)")
-    axes[1].set(title="validation loss", xlabel="update", ylabel="loss (base 2)")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, v in enumerate(variants):
+        mine = [r for r in rows if r["variant"] == v]
+        xs = [float(r["lr"]) for r in mine]
+        for ax, key in zip(axes, ("valid_loss", "bleu")):
+            for r in mine:
+                ys = [y for y in r[f"per_seed_{'loss' if key == 'valid_loss' else 'bleu'}"] if y is not None]
+                ax.scatter([float(r["lr"])] * len(ys), ys, s=8, color=f"C{i}", alpha=0.5)
+            ok = [(x, r[key], r[f"{key}_std"]) for x, r in zip(xs, mine) if r[key] is not None]
+            if ok:
+                ax.errorbar(*zip(*[(x, y) for x, y, _ in ok]), yerr=[s for *_, s in ok], fmt="o-", capsize=4,
+                            color=f"C{i}", label=v)
+    axes[0].set(xscale="log", xlabel="peak learning rate", ylabel="validation loss (base 2)",
+                title=f"Multi30k En-De {a.layers}L-{a.layers}L, {a.updates} updates, {len(seeds)} seeds")
+    axes[1].set(xscale="log", xlabel="peak learning rate", ylabel="BLEU test_2016_flickr")
     for ax in axes:
-        ax.legend()
+        ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(a.out / "training_curves.png", dpi=110)
-
-    summary = {"budget": budget, "cpu_minutes": cpu_minutes, "wall_seconds": wall, "results": results}
-    (a.out / "results.json").write_text(json.dumps(summary, indent=1))
-    lines = ["| variant | final valid loss | final train loss | BLEU test_2016_flickr | NaN or crash |",
-             "| --- | --- | --- | --- | --- |"]
-    for v in a.variants:
-        r = results[v]
-        fmt = lambda x, d=3: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
-        lines.append(f"| {v} | {fmt(r['final_valid_loss'])} | {fmt(r['final_train_loss'])} | {fmt(r['bleu'], 2)} | "
-                     f"{r['nan_or_crash']} |")
-    table = "\n".join(lines)
-    (a.out / "results.md").write_text(f"budget: {budget}\n\nCPU minutes (all runs): {cpu_minutes:.1f}, wall "
-                                      f"{wall / 60:.1f} min\n\n{table}\n")
-    print(table)
-    print(f"CPU minutes (children): {cpu_minutes:.1f}, wall {wall / 60:.1f} min; plot {a.out / 'training_curves.png'}")
+    fig.savefig(a.out / "multi30k_stability.png", dpi=120)
+    print(f"wrote {a.out}/multi30k_stability.{{json,md,png}}")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ over repetitions; the ratio stock time / Admin time is the Admin stack's relativ
 import argparse
 import copy
 import json
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import admin_torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine, time_interleaved  # noqa: E402
 
 
 def stacks(d: int, layers: int, device: str):
@@ -58,7 +59,7 @@ def main(argv=None):
     opts = {}
     for name, m in models.items():
         m.to(device).train()
-        opts[name] = torch.optim.Adam(m.parameters(), lr=1e-4)
+        opts[name] = torch.optim.Adam(m.parameters(), lr=1e-4, fused=True)
 
     def step(name):
         m = models[name]
@@ -66,28 +67,21 @@ def main(argv=None):
         out.float().pow(2).mean().backward()
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    for name in models:  # warm-up
-        step(name)
-    times = {name: [] for name in models}
-    order, rng = list(models), random.Random(0)
-    for _ in range(args.reps):
-        rng.shuffle(order)
-        for name in order:
-            t = time.perf_counter()
-            step(name)
-            times[name].append(time.perf_counter() - t)
+    timings = time_interleaved({name: (lambda name=name: step(name)) for name in models}, args.reps,
+                               device=args.device)
+    times = {name: t["samples_s"] for name, t in timings.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = [("encoder: admin drop-in", "encoder: stock"), ("encoder: stock, convert()ed", "encoder: stock"),
             ("decoder: admin drop-in", "decoder: stock")]
     lines = [f"{args.layers} layers, d={args.dim}, batch {args.batch}x{args.length}, {args.device}, "
-             f"{args.threads} thread(s), median of {args.reps} interleaved training steps", "",
+             f"{args.threads} thread(s), median of {args.reps} interleaved training steps (benchmarks/harness.py); "
+             "Adam(fused) for every stack", "",
              "| stack | ms/step | stock ms/step | speed vs stock (>= 0.98) |", "|---|---|---|---|"]
     for admin, stock in rows:
         lines.append(f"| {admin} | {1e3 * med[admin]:.1f} | {1e3 * med[stock]:.1f} | {med[stock] / med[admin]:.3f} |")
-    lines += ["", "command: python benchmarks/bench_admin_layers.py" + (" --device cuda" if args.device == "cuda" else "")]
+    lines += ["", "command: python benchmarks/bench_admin_layers.py" + (" --device cuda" if args.device == "cuda" else ""),
+              f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

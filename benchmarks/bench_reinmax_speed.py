@@ -17,8 +17,6 @@ are counted with ``torch.autograd.graph.saved_tensors_hooks``.
 import argparse
 import importlib.util
 import json
-import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,9 @@ import reinmax as ours  # noqa: E402  (before anything puts tests/ on sys.path)
 
 sys.path.append(str(REPO / "tests"))  # appended: tests/<pkg> dirs must not shadow the packages
 from torch_helpers import saved_bytes  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from harness import machine, time_interleaved  # noqa: E402
 
 SHAPES = [(8192, 512), (65536, 16), (256, 32768)]
 TAU = 1.3
@@ -85,24 +86,12 @@ def bench(shape, dtype, device, cands, repeats, compile_too):
     compile_s = None
     if compile_too:
         cands["reinmax (ours, compiled)"], compile_s = compiled_reinmax(x, w, v)
-    times = {name: [] for name in cands}
-    for fn in cands.values():  # warm-up
-        step(fn, x, w, v)
-    order = list(cands)
-    rng = random.Random(0)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            sync(device)
-            t0 = time.perf_counter()
-            step(cands[name], x, w, v)
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+    timings = time_interleaved({name: (lambda fn=fn: step(fn, x, w, v)) for name, fn in cands.items()}, repeats,
+                               device=str(device))
     n = x.numel()
     out = {}
-    for name, t in times.items():
-        q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
-        out[name] = {"median_ms": 1e3 * statistics.median(t), "iqr_ms": 1e3 * (q[2] - q[0]),
+    for name, t in timings.items():
+        out[name] = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
                      "saved_bytes_per_element": saved_bytes(lambda: cands[name](x)) / n}
     return out, compile_s
 
@@ -115,7 +104,7 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: float32; cuda: float32 and bfloat16 on the GPU")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd reinmax")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "reinmax")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
@@ -160,9 +149,12 @@ def main(argv=None):
             f"| {row['ratio_vs_torch_gumbel_softmax']:.2f} | {row.get('ratio_vs_reinmax_0_1_0', float('nan')):.2f} "
             f"| {r['reinmax (ours)']['saved_bytes_per_element']:.2f} | {old['saved_bytes_per_element']:.2f} "
             f"| {r['torch gumbel_softmax']['saved_bytes_per_element']:.2f} |")
+    lines = [f"forward + backward of both outputs ((y_hard * w).sum() + (y_soft * v).sum()), tau={TAU}; median of "
+             f"{repeats} interleaved repetitions (benchmarks/harness.py); every peer in its best configuration", ""] + \
+        lines + ["", f"command: python benchmarks/bench_reinmax_speed.py --device {args.device}",
+                 f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
-    print(f"\nforward+backward, median of {repeats}, tau={TAU}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n{table}", flush=True)
+    print(f"\n{table}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reinmax_speed.json").write_text(json.dumps(rows, indent=1))
     (args.out / "reinmax_speed.md").write_text(table + "\n")

@@ -21,7 +21,6 @@ optimizer in a new process is timed separately. Results: ``benchmarks/results/be
 import argparse
 import json
 import math
-import random
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sign_optim import AddSign, LinearInternalDecay, PowerSign, fused  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine, time_interleaved  # noqa: E402
 
 
 def transformer_params(layers: int, dim: int, ffn: int, vocab: int, device: str = "cpu"):
@@ -151,24 +153,19 @@ def time_optimizers(params, device: str, threads: int, reps: int, steps: int) ->
     optimizers = {name: opt for name, make in factories.items() if (opt := make(params)) is not None}
     for opt in optimizers.values():  # allocate the state, warm up
         opt.step()
-    times = {name: [] for name in optimizers}
-    order, rng = list(optimizers), random.Random(threads)
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for rep in range(reps):
-        rng.shuffle(order)
-        for name in order:
-            sync()
-            start = time.perf_counter()
+    def steps_of(opt):
+        def run():
             for _ in range(steps):
-                optimizers[name].step()
-            sync()
-            times[name].append((time.perf_counter() - start) / steps)
-        print(f"  {threads} thread(s), repetition {rep + 1}/{reps}: "
-              + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms" for k, v in times.items()), flush=True)
+                opt.step()
+        return run
+
+    def progress(rep, last):
+        print(f"  {threads} thread(s), repetition {rep}/{reps}: "
+              + ", ".join(f"{k} {v * 1e3 / steps:.1f} ms" for k, v in last.items()), flush=True)
+
+    timings = time_interleaved({name: steps_of(opt) for name, opt in optimizers.items()}, reps, device=device,
+                               warmup=0, seed=threads, progress=progress)
+    times = {name: [x / steps for x in t["samples_s"]] for name, t in timings.items()}
     ref = statistics.median(times["Adam(fused)"])
     rows = []
     for name, t in times.items():
@@ -190,7 +187,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts, each a table")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "sign_optim")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -210,7 +207,7 @@ def main(argv=None):
     results = [time_optimizers(params, args.device, t, args.reps, args.steps) for t in threads]
 
     lines = [f"{len(params)} tensors, {n / 1e6:.1f}M parameters, {args.device}, torch {torch.__version__}; "
-             f"median of {args.reps} repetitions x {args.steps} steps (IQR in brackets)", "",
+             f"median of {args.reps} interleaved repetitions x {args.steps} steps (IQR in brackets; benchmarks/harness.py)", "",
              "| optimizer | " + " | ".join(f"{t} thread(s): ms/step | / Adam(fused)" for t in threads) + " | state bytes |",
              "|---|" + "---|---|" * len(threads) + "---|"]
     for i, row in enumerate(results[0]["rows"]):
@@ -220,7 +217,8 @@ def main(argv=None):
             cells.append(f"{r['ms_median']} [{r['ms_iqr']}] | {r['time_vs_fused_adam']}")
         lines.append(f"| {row['optimizer']} | " + " | ".join(cells) + f" | {row['state_bytes']} |")
     lines += ["", "first step of a fresh optimizer in a new process: "
-              + ", ".join(f"{k} {v:.3f} s" for k, v in first.items())]
+              + ", ".join(f"{k} {v:.3f} s" for k, v in first.items()),
+              f"command: python benchmarks/bench_sign_optim.py --device {args.device}", f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

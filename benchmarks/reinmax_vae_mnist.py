@@ -2,10 +2,15 @@
 
 Encoder 784-512-256-(L*C), decoder (L*C)-256-512-784 (ReLU; sigmoid output with summed binary
 cross-entropy on the grey levels in [0, 1]); KL of q(z|x) to the uniform prior, computed from
-``y_soft`` (so its gradient is exact for every estimator); batch 100. Configs (C x L, lr, tau,
-optimizer) from the paper: 8x4 (5e-4, 1.3, Adam), 4x24 (5e-4, 1.5, RAdam), 10x30 (5e-4, 1.3, RAdam).
-Every estimator gets the same number of steps. Reported: negative ELBO (one sample per image) on
-10 000 training images and on the 10 000 test images.
+``y_soft`` (so its gradient is exact for every estimator); batch 100. The six configurations of the
+paper (C x L: lr, optimizer): 8x4 (5e-4, Adam), 4x24 (5e-4, RAdam), 8x16 (7e-4, RAdam), 16x12
+(7e-4, RAdam), 64x8 (5e-4, RAdam), 10x30 (5e-4, RAdam).
+
+Protocol (the same for every estimator): MNIST's 60k training images split 50k train / 10k valid;
+every tau of ``--taus`` trained once (tuning seed 0) and scored by the validation -ELBO; then
+``--seeds`` fresh seeds at the chosen tau, scored once on the 10k test images (mean +- std). Every
+run gets the same number of steps. -ELBO uses one sample per image. Runs go ``--jobs`` at a time
+(one thread each); each finished run is cached under ``--work``, so an interrupted sweep resumes.
 
 For 8x4 the exact gradient of the reconstruction term w.r.t. the encoder logits is enumerated over
 all C^L = 4096 codes for a few test images, at initialization and after training (the ReinMax-trained
@@ -13,14 +18,19 @@ model), and compared with each estimator's mean over many samples: relative bias
 ||E[g_hat] - g|| / ||g||, relative variance E||g_hat - E[g_hat]||^2 / ||g||^2, cosine.
 
     python benchmarks/reinmax_vae_mnist.py --quick
-    python benchmarks/reinmax_vae_mnist.py --steps 1500 --data ../shared/data/mnist
+    python benchmarks/reinmax_vae_mnist.py                                  # all six configs, ~40 CPU-min
+    python benchmarks/reinmax_vae_mnist.py --steps 96000 --seeds 10 --device cuda   # the paper's budget
 """
 
 import argparse
+import concurrent.futures
 import gzip
 import itertools
 import json
 import math
+import os
+import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,8 +45,10 @@ sys.path.insert(0, str(REPO))
 from reinmax import ESTIMATORS, estimate  # noqa: E402
 
 NAMES = ["reinmax", "straight_through", "gumbel_softmax", "gapped_straight_through", "gumbel_rao"]
-# name: (C categories, L latents, lr, reinmax tau, optimizer)
-CONFIGS = {"8x4": (8, 4, 5e-4, 1.3, "adam"), "4x24": (4, 24, 5e-4, 1.5, "radam"), "10x30": (10, 30, 5e-4, 1.3, "radam")}
+# name: (C categories, L latents, lr, optimizer), from the paper
+CONFIGS = {"8x4": (8, 4, 5e-4, "adam"), "4x24": (4, 24, 5e-4, "radam"), "8x16": (8, 16, 7e-4, "radam"),
+           "16x12": (16, 12, 7e-4, "radam"), "64x8": (64, 8, 5e-4, "radam"), "10x30": (10, 30, 5e-4, "radam")}
+TAUS = [0.5, 1.0, 1.5]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -79,10 +91,11 @@ class VAE(nn.Module):
 
 @torch.no_grad()
 def evaluate(model, data, gen):
-    total = 0.0
+    """Mean -ELBO per image, one sample each (the forward value is the same for every estimator)."""
+    total = torch.zeros((), device=data.device)
     for i in range(0, len(data), 1000):
-        total += float(model.neg_elbo(data[i:i + 1000], "reinmax", 1.0, gen).sum())
-    return total / len(data)
+        total += model.neg_elbo(data[i:i + 1000], "reinmax", 1.0, gen).sum()
+    return float(total) / len(data)
 
 
 def options(name, k):
@@ -120,113 +133,186 @@ def exact_and_estimates(model, x, names, taus, samples, k, gen):
     return out
 
 
+_DATA = {}
+
+
+def splits(root: Path, device: str):
+    """(train 50k, valid 10k, test 10k) on ``device``, loaded once per process."""
+    if (root, device) not in _DATA:
+        train, test = load_mnist(root)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234))
+        train = train[order]
+        _DATA[root, device] = (train[:50000].to(device), train[50000:].to(device), test.to(device))
+    return _DATA[root, device]
+
+
+def run_one(cfg: str, name: str, tau: float, seed: int, split: str, args) -> dict:
+    """Train one VAE; score it on ``split`` ('valid' for tuning, 'test' for the final runs). Cached."""
+    cache = args.work / f"{cfg}-{name}-tau{tau:g}-s{seed}-{args.steps}-{split}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    torch.set_num_threads(args.threads)
+    train, valid, test = splits(args.data, args.device)
+    C, L, lr, opt_name = CONFIGS[cfg]
+    torch.manual_seed(seed)
+    model = VAE(C, L).to(args.device)
+    init_state = {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()}
+    opt = (torch.optim.Adam if opt_name == "adam" else torch.optim.RAdam)(model.parameters(), lr=lr)
+    gen = torch.Generator(args.device).manual_seed(seed)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).to(args.device)
+    t0 = time.process_time()
+    for step in range(args.steps):
+        j = (step * 100) % len(train)
+        loss = model.neg_elbo(train[order[j:j + 100]], name, tau, gen, **options(name, args.k)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    eval_gen = torch.Generator(args.device).manual_seed(10_000 + seed)
+    result = {"config": cfg, "estimator": name, "tau": tau, "seed": seed, "split": split,
+              "train": evaluate(model, train[:10000], eval_gen),
+              split: evaluate(model, valid if split == "valid" else test, eval_gen),
+              "cpu_s": time.process_time() - t0}
+    if cfg == "8x4" and name == "reinmax" and split == "test" and seed == args.seed_list[0]:
+        # the models of the gradient-bias measurement: this run's init and its trained weights
+        torch.save({"init": init_state, "trained": {k_: v.cpu() for k_, v in model.state_dict().items()}},
+                   args.work / "8x4-reinmax-states.pt")
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.rename(cache)
+    return result
+
+
+def run_all(jobs, args, label):
+    """Run (cfg, name, tau, seed, split) jobs ``args.jobs`` at a time; prints progress."""
+    out, t0 = [], time.time()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_one, *j, args) for j in jobs]
+        for i, f in enumerate(concurrent.futures.as_completed(futures), 1):
+            r = f.result()
+            out.append(r)
+            print(f"[{label} {i}/{len(jobs)} {time.time() - t0:5.0f}s] {r['config']} {r['estimator']} tau {r['tau']:g} "
+                  f"seed {r['seed']}: {r['split']} -ELBO {r[r['split']]:.2f}", flush=True)
+    return out
+
+
+def mean_std(xs):
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
-    ap.add_argument("--steps", type=int, default=1500, help="training steps per run (batch 100)")
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--estimators", nargs="+", default=NAMES, choices=sorted(ESTIMATORS))
-    ap.add_argument("--baseline-tau", type=float, default=1.0, help="tau of the baselines (ReinMax: the config's)")
+    ap.add_argument("--steps", type=int, default=500, help="scale: training steps per run, batch 100 (paper: ~96k)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
+    ap.add_argument("--estimators", default=",".join(NAMES), help="comma-separated: " + ", ".join(sorted(ESTIMATORS)))
+    ap.add_argument("--taus", default=",".join(map(str, TAUS)), help="the tau grid, the same for every estimator")
+    ap.add_argument("--seeds", default="1,2,3", help="final runs at the chosen tau (tuning uses seed 0)")
     ap.add_argument("--k", type=int, default=10, help="Gumbel-Rao samples")
     ap.add_argument("--bias-images", type=int, default=8)
     ap.add_argument("--bias-samples", type=int, default=2000)
-    ap.add_argument("--quick", action="store_true", help="100 steps, 8x4 only, 500 bias samples")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--quick", action="store_true", help="50 steps, 8x4 only, taus 0.5 1.5, one seed")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--work", type=Path, default=REPO / "work" / "vae_mnist", help="cache of finished runs")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "reinmax")
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps, args.configs, args.bias_samples = 100, ["8x4"], 500
-    torch.set_num_threads(args.threads)
-    train, test = load_mnist(args.data)
-    train_eval = train[:10000]
-    results, bias_results = {}, {}
-    cpu0 = time.process_time()
-    for cfg in args.configs:
-        C, L, lr, tau_rm, opt_name = CONFIGS[cfg]
-        taus = {n: (tau_rm if n == "reinmax" else args.baseline_tau) for n in args.estimators}
-        results[cfg] = {}
-        init_state, trained_reinmax = None, None
-        for name in args.estimators:
-            torch.manual_seed(0)
-            model = VAE(C, L)
-            if init_state is None:
-                init_state = {k_: v.clone() for k_, v in model.state_dict().items()}
-            opt = (torch.optim.Adam if opt_name == "adam" else torch.optim.RAdam)(model.parameters(), lr=lr)
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-            gen = torch.Generator().manual_seed(0)
-            t0 = time.time()
-            for step in range(args.steps):
-                j = (step * 100) % len(train)
-                loss = model.neg_elbo(train[order[j:j + 100]], name, taus[name], gen, **options(name, args.k)).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if (step + 1) % max(1, args.steps // 5) == 0:
-                    print(f"[{cfg} {name}] step {step + 1}/{args.steps} -ELBO {float(loss):.1f} ({time.time() - t0:.0f}s)",
-                          flush=True)
-            eval_gen = torch.Generator().manual_seed(1)
-            results[cfg][name] = {"train": evaluate(model, train_eval, eval_gen), "test": evaluate(model, test, eval_gen),
-                                  "tau": taus[name]}
-            print(f"[{cfg} {name}] train {results[cfg][name]['train']:.2f} test {results[cfg][name]['test']:.2f}", flush=True)
-            if name == "reinmax":
-                trained_reinmax = {k_: v.clone() for k_, v in model.state_dict().items()}
-        if cfg == "8x4":
-            x = test[:args.bias_images]
-            model = VAE(C, L)
-            for label, state in (("init", init_state), ("trained (reinmax)", trained_reinmax)):
-                if state is None:
-                    continue
-                model.load_state_dict(state)
-                print(f"[8x4] bias/variance vs exact enumeration at {label} ...", flush=True)
-                bias_results[label] = exact_and_estimates(model, x, args.estimators, taus, args.bias_samples, args.k,
-                                                          torch.Generator().manual_seed(2))
-    cpu_s = time.process_time() - cpu0
-    lines = [f"Categorical VAE on MNIST, {args.steps} steps of batch 100 per run ({args.steps * 100 / 60000:.1f} epochs; "
-             f"the paper trains far longer), ReinMax at the config's tau, baselines at tau {args.baseline_tau} (untuned), "
-             f"Gumbel-Rao k={args.k}, CPU time {cpu_s:.0f}s", "",
-             "| config | estimator | tau | -ELBO train (10k) | -ELBO test |", "|---|---|---|---|---|"]
-    for cfg, r in results.items():
+        args.steps, args.configs, args.bias_samples, args.taus, args.seeds = 50, "8x4", 500, "0.5,1.5", "1"
+        args.out = args.work = args.work.with_name(args.work.name + "_quick")
+    configs, names = args.configs.split(","), args.estimators.split(",")
+    for flag, values, accepted in (("--configs", configs, CONFIGS), ("--estimators", names, ESTIMATORS)):
+        bad = [v for v in values if v not in accepted]
+        if bad:
+            ap.error(f"{flag}: unknown {bad}; accepted: {', '.join(accepted)}")
+    try:
+        taus = [float(t) for t in args.taus.split(",")]
+        args.seed_list = [int(s) for s in args.seeds.split(",")]
+    except ValueError as e:
+        ap.error(f"--taus/--seeds: {e}")
+    if not args.data.is_dir():
+        ap.error(f"--data: MNIST not found at {args.data} (the four gz IDX files, e.g. ../shared/data/mnist)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    tuning = run_all([(c, n, t, 0, "valid") for c in configs for n in names for t in taus], args, "tuning")
+    chosen = {(c, n): min((r for r in tuning if r["config"] == c and r["estimator"] == n), key=lambda r: r["valid"])["tau"]
+              for c in configs for n in names}
+    final = run_all([(c, n, chosen[c, n], s, "test") for c in configs for n in names for s in args.seed_list], args,
+                    "final")
+    results = {}
+    for c in configs:
+        for n in names:
+            runs = [r for r in final if r["config"] == c and r["estimator"] == n]
+            test_m, test_s = mean_std([r["test"] for r in runs])
+            train_m, train_s = mean_std([r["train"] for r in runs])
+            results.setdefault(c, {})[n] = {
+                "tau": chosen[c, n], "test": test_m, "test_std": test_s, "train": train_m, "train_std": train_s,
+                "per_seed_test": [r["test"] for r in sorted(runs, key=lambda r: r["seed"])],
+                "valid_by_tau": {f"{r['tau']:g}": r["valid"] for r in tuning if r["config"] == c and r["estimator"] == n}}
+
+    bias_results = {}
+    states = args.work / "8x4-reinmax-states.pt"
+    if "8x4" in configs and states.exists():
+        _, _, test = splits(args.data, "cpu")
+        model, saved = VAE(8, 4), torch.load(states)
+        for label, key in (("init", "init"), ("trained (reinmax)", "trained")):
+            model.load_state_dict(saved[key])
+            print(f"[8x4] gradient bias/variance vs exact enumeration at {label} ...", flush=True)
+            bias_results[label] = exact_and_estimates(model, test[:args.bias_images], names,
+                                                      {n: chosen["8x4", n] for n in names}, args.bias_samples, args.k,
+                                                      torch.Generator().manual_seed(2))
+    wall = time.time() - t_start
+
+    seeds = len(args.seed_list)
+    lines = [f"Categorical VAE on MNIST, {args.steps} steps of batch 100 per run ({args.steps * 100 / 50000:.1f} epochs "
+             f"of the 50k training split; the paper trains ~96k steps). tau grid {taus} for every estimator, chosen by "
+             f"the validation -ELBO (10k held-out training images, tuning seed 0); test -ELBO (10k test images, one "
+             f"sample per image) mean +- std over {seeds} seeds {args.seeds} at the chosen tau. Gumbel-Rao k={args.k}.",
+             "", "| config | estimator | tau | -ELBO test (mean +- std) | -ELBO train (10k) |", "|---|---|---|---|---|"]
+    for c, r in results.items():
         best = min(v["test"] for v in r.values())
-        for name, v in r.items():
+        for n, v in r.items():
             mark = " **(best)**" if v["test"] == best else ""
-            lines.append(f"| {cfg} | {name} | {v['tau']} | {v['train']:.2f} | {v['test']:.2f}{mark} |")
+            edge = " (grid edge)" if len(taus) > 1 and v["tau"] in (taus[0], taus[-1]) else ""
+            lines.append(f"| {c} | {n} | {v['tau']:g}{edge} | {v['test']:.2f} +- {v['test_std']:.2f}{mark} | "
+                         f"{v['train']:.2f} +- {v['train_std']:.2f} |")
     if bias_results:
         lines += ["", f"8x4 gradient of the reconstruction term w.r.t. the encoder logits vs exact enumeration "
-                  f"(4096 codes), {args.bias_images} test images, {args.bias_samples} samples per estimator", "",
-                  "| model | estimator | rel. bias | MC noise of the bias | rel. variance | cosine |", "|---|---|---|---|---|---|"]
+                  f"(4096 codes), {args.bias_images} test images, {args.bias_samples} samples per estimator at its "
+                  "chosen tau; models: the first final ReinMax run at init and after training", "",
+                  "| model | estimator | rel. bias | MC noise of the bias | rel. variance | cosine |",
+                  "|---|---|---|---|---|---|"]
         for label, r in bias_results.items():
-            for name, v in r.items():
-                lines.append(f"| {label} | {name} | {v['bias_rel']:.3f} | {v['mc_noise_rel']:.3f} | {v['var_rel']:.3f} "
+            for n, v in r.items():
+                lines.append(f"| {label} | {n} | {v['bias_rel']:.3f} | {v['mc_noise_rel']:.3f} | {v['var_rel']:.3f} "
                              f"| {v['cos']:.3f} |")
+    lines += ["", f"command: python benchmarks/reinmax_vae_mnist.py --configs {args.configs} --estimators "
+              f"{args.estimators} --taus {args.taus} --seeds {args.seeds} --steps {args.steps} --device {args.device}",
+              f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} runs at a time x {args.threads} "
+              f"thread; wall {wall / 60:.0f} min (cached runs cost nothing)"]
     table = "\n".join(lines)
     print(table, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reinmax_vae_mnist.json").write_text(json.dumps(
         {"args": {k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()},
-         "results": results, "bias": bias_results}, indent=1))
+         "results": results, "bias": bias_results, "runs": tuning + final}, indent=1))
     (args.out / "reinmax_vae_mnist.md").write_text(table + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 1 + bool(bias_results), figsize=(10 if bias_results else 5, 3.5))
-    axes = np.atleast_1d(axes)
-    w = 0.8 / len(args.estimators)
-    for j, name in enumerate(args.estimators):
-        xs = [i + (j - (len(args.estimators) - 1) / 2) * w for i in range(len(results))]
-        axes[0].bar(xs, [results[c][name]["test"] for c in results], w, label=name)
-        if bias_results:
-            xb = [i + (j - (len(args.estimators) - 1) / 2) * w for i in range(len(bias_results))]
-            axes[1].bar(xb, [bias_results[m][name]["bias_rel"] for m in bias_results], w, label=name)
-    axes[0].set_xticks(range(len(results)), list(results))
-    axes[0].set_title("test -ELBO (lower is better)", fontsize=9)
-    lo = min(v["test"] for r in results.values() for v in r.values())
-    axes[0].set_ylim(lo * 0.95, None)
-    axes[0].legend(fontsize=7)
-    if bias_results:
-        axes[1].set_xticks(range(len(bias_results)), list(bias_results))
-        axes[1].set_title("8x4: relative gradient bias vs exact (lower is better)", fontsize=9)
+    fig, axes = plt.subplots(1, len(results), figsize=(2.6 * len(results), 3.2), squeeze=False)
+    for ax, (c, r) in zip(axes[0], results.items()):
+        for j, n in enumerate(names):
+            v = r[n]
+            ax.errorbar([j], [v["test"]], yerr=[v["test_std"]], fmt="o", capsize=3, color=f"C{j}",
+                        label=f"{n}" if c == configs[0] else None)
+            ax.scatter([j] * len(v["per_seed_test"]), v["per_seed_test"], s=6, color=f"C{j}", alpha=0.5)
+        ax.set_xticks(range(len(names)), [f"tau {r[n]['tau']:g}" for n in names], rotation=60, fontsize=7)
+        ax.set_title(f"{c}: test -ELBO", fontsize=9)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(args.out / "reinmax_vae_mnist.png", dpi=120)
     print(f"wrote {args.out}/reinmax_vae_mnist.{{json,md,png}}", flush=True)

@@ -29,7 +29,7 @@ def build_command(args, extra):
             "--optimizer", "adam", "--lr", str(args.lr), "--clip-norm", "5",
             "--batch-size", str(args.batch_size), "--max-train-length", str(args.max_length),
             "--max-update", str(args.max_update), "--max-epoch", str(args.max_epoch),
-            "--save-dir", args.save_dir, "--cpu", "--num-workers", "0",
+            "--save-dir", args.save_dir, *(["--cpu"] if args.device == "cpu" else []), "--num-workers", "0",
             "--no-progress-bar", "--log-format", "simple", "--log-interval", "50",
             "--best-checkpoint-metric", "accuracy", "--maximize-best-checkpoint-metric",
             "--no-epoch-checkpoints", "--seed", str(args.seed)] + list(extra)
@@ -55,6 +55,7 @@ def main(argv=None):
     p.add_argument("--max-update", type=int, default=0, help="stop after this many updates (0: no limit)")
     p.add_argument("--max-epoch", type=int, default=20)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dry-run", action="store_true", help="print the fairseq-train command only")
     args = p.parse_args(argv)
     cmd = build_command(args, extra)

@@ -1,0 +1,79 @@
+"""The timing harness every speed benchmark uses: warm-up, interleaved randomized order, median and IQR.
+
+Each repetition runs every candidate once, in a freshly shuffled order, so machine load and clock
+changes hit all candidates alike; CUDA work is synchronized before and after each timed call.
+
+    >>> times = time_interleaved({"a": lambda: sum(range(1000)), "b": lambda: sum(range(2000))}, reps=5)
+    >>> times["b"]["median_ms"] > 0
+    True
+"""
+
+import os
+import platform
+import random
+import statistics
+import time
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], object]], reps: int, *, device: str = "cpu", warmup: int = 1,
+                     inner: int = 1, seed: int = 0,
+                     progress: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, dict]:
+    """Time each of ``fns`` ``reps`` times, interleaved in random order; seconds per call.
+
+    Args:
+        fns: name -> a callable with no arguments (one unit of work, e.g. a training step).
+        reps: timed repetitions per candidate (each repetition shuffles the order anew).
+        device: "cuda..." synchronizes around every timed call.
+        warmup: untimed calls of every candidate first (allocations, autotuning, lazy init).
+        inner: calls per timed sample (the sample is their mean), for calls shorter than the timer's noise.
+        seed: the shuffling seed.
+        progress: called after every repetition with (repetition, {name: last sample in seconds}).
+
+    Returns:
+        name -> {"median_ms", "iqr_ms", "q1_ms", "q3_ms", "reps", "samples_s"}.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    samples = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(seed)
+    for rep in range(reps):
+        rng.shuffle(order)
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fns[name]()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / inner)
+        if progress is not None:
+            progress(rep + 1, {name: s[-1] for name, s in samples.items()})
+    out = {}
+    for name, s in samples.items():
+        q1, _, q3 = statistics.quantiles(s, n=4) if len(s) > 1 else (s[0],) * 3
+        out[name] = {"median_ms": 1e3 * statistics.median(s), "iqr_ms": 1e3 * (q3 - q1), "q1_ms": 1e3 * q1,
+                     "q3_ms": 1e3 * q3, "reps": len(s), "samples_s": s}
+    return out
+
+
+def machine(device: str = "cpu") -> str:
+    """One line naming the machine a table was measured on: CPU, cores, torch threads, GPU, torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return text

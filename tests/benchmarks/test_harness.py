@@ -1,0 +1,37 @@
+"""The shared timing harness of benchmarks/: interleaving, warm-up, statistics."""
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from harness import machine, time_interleaved  # noqa: E402
+
+
+def test_interleaves_in_shuffled_order_after_warmup():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    out = time_interleaved(fns, reps=20, warmup=2, seed=3)
+    assert calls[:8] == list("abcd") * 2  # warm-up: every candidate, untimed
+    timed = calls[8:]
+    rounds = [timed[i:i + 4] for i in range(0, len(timed), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)  # each repetition runs every candidate once
+    assert len({tuple(r) for r in rounds}) > 5  # ... in a fresh random order
+    assert all(v["reps"] == 20 and len(v["samples_s"]) == 20 for v in out.values())
+
+
+def test_median_and_iqr_order_candidates_by_cost():
+    out = time_interleaved({"short": lambda: time.sleep(0.001), "long": lambda: time.sleep(0.008)}, reps=7, inner=2)
+    assert 0.9 < out["short"]["median_ms"] < out["long"]["median_ms"]
+    assert out["long"]["median_ms"] >= 7.9  # a call lasts at least its sleep; per-call, not per inner batch
+    for v in out.values():
+        assert v["q1_ms"] <= v["median_ms"] <= v["q3_ms"] and v["iqr_ms"] == pytest.approx(v["q3_ms"] - v["q1_ms"])
+
+
+def test_progress_reports_every_repetition_and_machine_names_torch():
+    seen = []
+    time_interleaved({"x": lambda: None}, reps=3, progress=lambda rep, last: seen.append((rep, set(last))))
+    assert seen == [(1, {"x"}), (2, {"x"}), (3, {"x"})]
+    assert "torch " in machine() and "cores" in machine()
