@@ -23,13 +23,15 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))  # the packages of this checkout
+sys.path.insert(0, str(REPO / "benchmarks"))
+from harness import time_interleaved  # noqa: E402
+
 sys.path.append(str(REPO / "tests"))  # fairseq_helpers (appended: tests/<pkg> dirs must not shadow the packages)
 
 MODEL = ["--encoder-layers", "6", "--decoder-layers", "6", "--encoder-embed-dim", "128", "--decoder-embed-dim", "128",
@@ -96,36 +98,27 @@ def inference_times(repeats: int, batches: int, device: str = "cpu"):
         prev = torch.randint(4, 1000, (16, 20), generator=g)
         data.append((src.to(device), torch.full((16,), 20, device=device), prev.to(device)))
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
     with torch.no_grad():
         diff = max((admin(*b)[0] - folded(*b)[0]).abs().max().item() for b in data[:2])
     models = {"stock": stock, "folded": folded, "admin_unfolded": admin}
-    times = {k: [] for k in models}
-    with torch.no_grad():
-        for b in data[:2]:  # warm-up
-            for m in models.values():
-                m(*b)
-        names = list(models)
-        for r in range(repeats):
-            # rotate the order each repeat, so no model always runs first
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                m = models[name]
-                sync()
-                t = time.perf_counter()
+
+    def forward_all(m):
+        def run():
+            with torch.no_grad():
                 for b in data:
                     m(*b)
-                sync()
-                times[name].append(time.perf_counter() - t)
-            print(f"  inference repeat {r + 1}/{repeats}", flush=True)
+        return run
+
+    timings = time_interleaved({name: forward_all(m) for name, m in models.items()}, repeats, device=device,
+                               progress=lambda r, _: print(f"  inference repeat {r}/{repeats}", flush=True))
+    times = {name: t["samples_s"] for name, t in timings.items()}
     return {k: statistics.median(v) for k, v in times.items()}, diff
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=REPO / "results" / "admin")
     p.add_argument("--only", choices=["train", "inference"], help="run only one of the two parts")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=sorted(PRECISION_FLAGS), default="fp32",

@@ -73,6 +73,7 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=16)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--quick", action="store_true", help="depths 6 12 24, 1 seed, 2 samples")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/output_change"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -81,7 +82,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     per_layer = 2 if args.sublayers == "attn_ffn" else 1
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, args.length, args.dim, generator=gen)
+    x = torch.randn(args.batch, args.length, args.dim, generator=gen).to(args.device)
 
     results, betas = {}, {}
     t0 = time.time()
@@ -91,7 +92,7 @@ def main(argv=None):
         for depth in args.depths:
             vals, bsum = [], []
             for s in range(args.seeds):
-                model = make_stack(kind, depth, args.dim, scale=scale, sublayers=args.sublayers, seed=1000 * s + depth)
+                model = make_stack(kind, depth, args.dim, scale=scale, sublayers=args.sublayers, seed=1000 * s + depth).to(args.device)
                 vals.append(output_change(model, x, delta_scale=args.delta, num_samples=args.samples, seed=s))
                 bsum.append(sum(residual_betas(model, x)))
             results[label].append(statistics.fmean(vals))

@@ -75,13 +75,13 @@ def train(name, tau, ps, seeds, seed_base, args):
     """Adam on theta (P, S, 128, 2) for every p in ``ps`` and ``seeds`` seeds at once.
 
     Returns (theta at the end, last-epoch mean sampled loss (P, S))."""
-    p_vec = torch.tensor(ps)
+    p_vec = torch.tensor(ps, device=args.device)
     torch.manual_seed(seed_base)
-    gen = torch.Generator().manual_seed(seed_base)
-    theta = torch.nn.Parameter(torch.empty(len(ps), seeds, LATENTS, 2).uniform_(-0.01, 0.01))
+    gen = torch.Generator(args.device).manual_seed(seed_base)
+    theta = torch.nn.Parameter(torch.empty(len(ps), seeds, LATENTS, 2).uniform_(-0.01, 0.01).to(args.device))
     opt = torch.optim.Adam([theta], lr=args.lr)
     for _ in range(args.epochs):
-        running = torch.zeros(len(ps), seeds)
+        running = torch.zeros(len(ps), seeds, device=args.device)
         for _ in range(args.steps_per_epoch):
             loss = sampled_loss(name, theta, p_vec, args.batch, tau, gen, args.k)
             opt.zero_grad(set_to_none=True)
@@ -104,7 +104,7 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=10, help="Gumbel-Rao samples")
     ap.add_argument("--bias-samples", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", choices=["cpu"], default="cpu", help="CPU only: the whole problem is 768 numbers")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "reinmax")
     args = ap.parse_args(argv)
     if args.quick:
@@ -127,11 +127,11 @@ def main(argv=None):
         for p in PS:  # final: fresh seeds 0.. at the chosen tau
             theta, last = train(name, chosen[p], [p], args.seeds, 0, args)
             exp_loss = expected_loss(theta[0], p)
-            gen = torch.Generator().manual_seed(0)
+            gen = torch.Generator(args.device).manual_seed(0)
             init = torch.empty(LATENTS, 2).uniform_(-0.01, 0.01, generator=torch.Generator().manual_seed(7))
-            rel0, cos0 = bias(name, init, p, chosen[p], args.bias_samples, args.k, gen)
-            rel1, cos1 = bias(name, torch.randn(LATENTS, 2, generator=torch.Generator().manual_seed(1)), p,
-                              chosen[p], args.bias_samples, args.k, gen)
+            rel0, cos0 = bias(name, init.to(args.device), p, chosen[p], args.bias_samples, args.k, gen)
+            rel1, cos1 = bias(name, torch.randn(LATENTS, 2, generator=torch.Generator().manual_seed(1)).to(args.device),
+                              p, chosen[p], args.bias_samples, args.k, gen)
             r[str(p)] = {"tau": chosen[p], "train_loss_mean": float(last[0].mean()),
                          "expected_loss_mean": float(exp_loss.mean()), "expected_loss_std": float(exp_loss.std()),
                          "optimum": 0.45 ** p, "bias_rel_init": rel0, "cos_init": cos0, "bias_rel_randn": rel1,
@@ -153,7 +153,8 @@ def main(argv=None):
                          f"{v['expected_loss_std']:.1e} | {v['bias_rel_init']:.3f} | {v['cos_init']:.3f} | "
                          f"{v['bias_rel_randn']:.3f} | {v['cos_randn']:.3f} |")
     lines += ["", f"command: python benchmarks/reinmax_polynomial.py --epochs {args.epochs} --steps-per-epoch "
-              f"{args.steps_per_epoch} --seeds {args.seeds} --tuning-seeds {args.tuning_seeds} --taus {args.taus}"]
+              f"{args.steps_per_epoch} --seeds {args.seeds} --tuning-seeds {args.tuning_seeds} --taus {args.taus} "
+              f"--device {args.device}"]
     table = "\n".join(lines)
     print(table, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

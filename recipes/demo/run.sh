@@ -12,7 +12,8 @@
 # updates are amplified through the deep residual stack), while Admin trains like Pre-LN.
 #
 # Usage: recipes/demo/run.sh [--quick] [--out DIR] [--updates N] [--layers N] [--lr LR] [--force]
-#   --quick      tiny run (~1 minute): fewer updates, smaller model; for tests
+#   --quick      small run (~2 minutes on 2 cores): d=32, 150 updates on 1000 sentences; Post-LN
+#                stays on its plateau while Admin and Pre-LN start learning (~0.3 bits lower); for tests
 #   --out DIR    where data, runs and results go (default: <repo>/demo-output)
 #   --updates N  training updates per model;  --layers N  encoder and decoder layers each
 #   --lr LR      peak learning rate;           --force     retrain even if a finished run exists
@@ -27,7 +28,7 @@ MODELS=(postln admin preln)
 while [[ $# -gt 0 ]]; do
   case $1 in
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    --quick) QUICK=1; LAYERS=12 DIM=32 UPDATES=60 TRAIN=1000 WARMUP=20; shift ;;
+    --quick) QUICK=1; LAYERS=12 DIM=32 UPDATES=150 TRAIN=1000 WARMUP=20; shift ;;
     --out) OUT=$2; shift 2 ;;
     --updates) UPDATES=$2; shift 2 ;;
     --layers) LAYERS=$2; shift 2 ;;

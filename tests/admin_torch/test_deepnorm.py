@@ -1,4 +1,4 @@
-"""DeepNorm constants against the DeepNet formulas written out, the init scaling, the residual module."""
+"""DeepNorm constants against hand-evaluated DeepNet anchors, the init scaling, the residual module."""
 
 import io
 
@@ -9,29 +9,30 @@ from torch import nn
 from admin_torch import DeepNormResidual, deepnorm_init, deepnorm_scale_
 
 
-@pytest.mark.parametrize("n", [1, 6, 18, 100])
-def test_encoder_only(n):
+# Anchors: DeepNet's constants evaluated by hand, not by the formula (e.g. N = 18: (2N)^(1/4) = sqrt(6),
+# (8N)^(-1/4) = 1/sqrt(12); 12L decoder of 60L-12L: (3M)^(1/4) = sqrt(6), (12M)^(-1/4) = 1/sqrt(12)).
+@pytest.mark.parametrize("n,alpha,beta", [(1, 1.1892, 0.5946), (6, 1.8612, 0.3799), (18, 2.4495, 0.2887),
+                                          (100, 3.7606, 0.1880)])
+def test_encoder_only(n, alpha, beta):
     c = deepnorm_init(num_encoder_layers=n)
-    assert c.encoder_alpha == pytest.approx((2 * n) ** 0.25)
-    assert c.encoder_beta == pytest.approx((8 * n) ** -0.25)
+    assert (c.encoder_alpha, c.encoder_beta) == pytest.approx((alpha, beta), abs=1e-4)
     assert c.decoder_alpha is None and c.decoder_beta is None
 
 
-@pytest.mark.parametrize("m", [1, 6, 12, 100])
-def test_decoder_only(m):
+@pytest.mark.parametrize("m,alpha,beta", [(1, 1.1892, 0.5946), (6, 1.8612, 0.3799), (18, 2.4495, 0.2887),
+                                          (100, 3.7606, 0.1880)])
+def test_decoder_only(m, alpha, beta):
     c = deepnorm_init(num_decoder_layers=m)
-    assert c.decoder_alpha == pytest.approx((2 * m) ** 0.25)
-    assert c.decoder_beta == pytest.approx((8 * m) ** -0.25)
+    assert (c.decoder_alpha, c.decoder_beta) == pytest.approx((alpha, beta), abs=1e-4)
     assert c.encoder_alpha is None and c.encoder_beta is None
 
 
-@pytest.mark.parametrize("n,m", [(6, 6), (18, 18), (60, 12), (100, 100)])
-def test_encoder_decoder(n, m):
+@pytest.mark.parametrize("n,m,anchors", [(18, 18, (1.9987, 0.3526, 2.7108, 0.2608)),
+                                         (60, 12, (2.6331, 0.2676, 2.4495, 0.2887)),
+                                         (100, 100, (3.4157, 0.2063, 4.1618, 0.1699))])
+def test_encoder_decoder(n, m, anchors):
     c = deepnorm_init(n, m)
-    assert c.encoder_alpha == pytest.approx(0.81 * (n ** 4 * m) ** (1 / 16))
-    assert c.encoder_beta == pytest.approx(0.87 * (n ** 4 * m) ** (-1 / 16))
-    assert c.decoder_alpha == pytest.approx((3 * m) ** 0.25)
-    assert c.decoder_beta == pytest.approx((12 * m) ** -0.25)
+    assert (c.encoder_alpha, c.encoder_beta, c.decoder_alpha, c.decoder_beta) == pytest.approx(anchors, abs=1e-4)
 
 
 def test_numbers_6_6():

@@ -123,12 +123,12 @@ def test_deepnorm_constants_and_scaling():
     enc, dec, dim = 4, 2, 64
     torch.manual_seed(0)
     model = build("--admin-init", "deepnorm", enc=enc, dec=dec, dim=dim)
-    # DeepNet encoder-decoder formulas, N, M in layers (REFERENCE section 1), written out here
-    enc_alpha, enc_beta = 0.81 * (enc ** 4 * dec) ** (1 / 16), 0.87 * (enc ** 4 * dec) ** (-1 / 16)
-    dec_alpha, dec_beta = (3 * dec) ** 0.25, (12 * dec) ** -0.25
+    # DeepNet's encoder-decoder constants for N=4, M=2, evaluated by hand: 0.81 * 2^(9/16), 0.87 * 2^(-9/16),
+    # 6^(1/4), 24^(-1/4)
+    enc_alpha, enc_beta, dec_alpha, dec_beta = 1.1962, 0.5891, 1.5651, 0.4518
     for name, m in residual_modules(model):
         assert isinstance(m, admin_torch.DeepNormResidual)
-        assert m.alpha.item() == pytest.approx(enc_alpha if name.startswith("encoder.") else dec_alpha, rel=1e-6)
+        assert m.alpha.item() == pytest.approx(enc_alpha if name.startswith("encoder.") else dec_alpha, abs=1e-4)
 
     def gain(w):  # xavier normal: std = gain * sqrt(2 / (fan_in + fan_out))
         return w.std().item() / math.sqrt(2.0 / (w.shape[0] + w.shape[1]))
