@@ -266,3 +266,42 @@ def test_underflowing_probabilities_stay_finite_and_close():
     D, _, grad = run(theta, 2.0, g=g, h=h)
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad.double(), closed_form(theta, D, g, h, 2.0), rtol=1e-5, atol=1e-6)
+
+
+def expected_gradient(estimator, theta, f, tau):
+    """E_D[grad] of ``estimator`` for loss f(D), D ~ softmax(theta), by exact enumeration of the outcomes
+    (each outcome produced by searching a generator seed that draws it)."""
+    n = theta.shape[-1]
+    pi = torch.softmax(theta, -1)
+    total = torch.zeros_like(theta)
+    for i in range(n):
+        for seed in range(10_000):
+            x = theta.clone().requires_grad_()
+            D, _ = estimator(x, tau, generator=torch.Generator().manual_seed(seed))
+            if D.argmax().item() == i:
+                break
+        f(D).backward()
+        total += pi[i] * x.grad
+    return total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_for_quadratic_losses_at_tau_1(seed):
+    """The paper's second-order accuracy (Sec. 4): at tau = 1 ReinMax's expected gradient equals the gradient
+    of E[f(D)] for every quadratic f; straight-through (first order) does not."""
+    from reinmax import straight_through
+
+    g = torch.Generator().manual_seed(seed)
+    n = 5
+    theta = torch.randn(n, generator=g, dtype=torch.float64)
+    A, b = torch.randn(n, n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+
+    def f(D):
+        return D @ A @ D + b @ D
+
+    th = theta.clone().requires_grad_()
+    eye = torch.eye(n, dtype=torch.float64)
+    (exact,) = torch.autograd.grad(sum(torch.softmax(th, -1)[i] * f(eye[i]) for i in range(n)), th)
+    torch.testing.assert_close(expected_gradient(reinmax, theta, f, 1.0), exact, rtol=1e-10, atol=1e-12)
+    st_error = (expected_gradient(straight_through, theta, f, 1.0) - exact).norm() / exact.norm()
+    assert st_error > 0.05
