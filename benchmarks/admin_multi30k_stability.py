@@ -26,13 +26,11 @@ give paper-size runs. Example::
 """
 
 import argparse
-import concurrent.futures
 import gzip
 import json
 import math
 import os
 import platform
-import statistics
 import re
 import subprocess
 import sys
@@ -41,6 +39,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from sweep import mean_std, run_jobs  # noqa: E402
 VARIANTS = {
     "post_ln": ["--arch", "transformer"],
     "pre_ln": ["--arch", "transformer", "--encoder-normalize-before", "--decoder-normalize-before"],
@@ -183,16 +183,7 @@ def one_run(bin_dir: Path, data_dir: Path, variant: str, lr: str, seed: int, a) 
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.rename(done)
-    print(f"  {variant:9s} lr {lr} seed {seed}: valid loss {result['final_valid_loss']}, BLEU "
-          f"{result['bleu'] if result['bleu'] is None else round(result['bleu'], 2)}", flush=True)
     return result
-
-
-def mean_std(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return None, None
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def main(argv=None):
@@ -243,8 +234,9 @@ def main(argv=None):
     t0 = time.time()
     data_dir = a.work / f"data-{a.train_sentences}-{a.vocab}"
     bin_dir = prepare(a.data, data_dir, a.train_sentences or None, a.valid_sentences, a.vocab)
-    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-        results = list(pool.map(lambda j: one_run(bin_dir, data_dir, *j, a), jobs))
+    results = run_jobs(one_run, [(bin_dir, data_dir, *j, a) for j in jobs], a.jobs, label="runs",
+                       describe=lambda r: f"{r['variant']} lr {r['lr']} seed {r['seed']}: valid loss "
+                                          f"{r['final_valid_loss']}, BLEU {r['bleu']}")
     wall = time.time() - t0
 
     rows = []

@@ -16,12 +16,10 @@ run's ``result.json`` is reused, so an interrupted sweep resumes.
 """
 
 import argparse
-import concurrent.futures
 import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "listops"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from sweep import mean_std, run_jobs  # noqa: E402
+
 OFFICIAL = REPO.parent / "shared" / "data" / "listops"
 NAMES = ["reinmax", "straight_through", "gumbel_softmax", "gapped_straight_through", "gumbel_rao"]
 TAUS = [0.5, 1.0, 1.5]
@@ -78,16 +79,8 @@ def one_run(name: str, tau: float, seed: int, split: str, args) -> dict:
     return result
 
 
-def run_all(jobs, args, label):
-    out, t0 = [], time.time()
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(one_run, *j, args) for j in jobs]
-        for i, f in enumerate(concurrent.futures.as_completed(futures), 1):
-            r = f.result()
-            out.append(r)
-            print(f"[{label} {i}/{len(jobs)} {time.time() - t0:5.0f}s] {r['estimator']} tau {r['tau']:g} seed "
-                  f"{r['seed']}: {r['split']} accuracy {r['accuracy']:.2f}%", flush=True)
-    return out
+def describe(r: dict) -> str:
+    return f"{r['estimator']} tau {r['tau']:g} seed {r['seed']}: {r['split']} accuracy {r['accuracy']:.2f}%"
 
 
 def main(argv=None):
@@ -125,14 +118,16 @@ def main(argv=None):
         if sh([sys.executable, RECIPE / "prepare.py", "--dest", args.work / "data", "--num-train", args.num_train,
                "--max-length", 100, "--seed", 1], args.work / "prepare.log") != 0:
             sys.exit(f"prepare failed: see {args.work / 'prepare.log'}")
-    tuning = run_all([(n, t, 100, "valid") for n in names for t in taus], args, "tuning")
+    tuning = run_jobs(one_run, [(n, t, 100, "valid", args) for n in names for t in taus], args.jobs, label="tuning",
+                      describe=describe)
     chosen = {n: max((r for r in tuning if r["estimator"] == n), key=lambda r: r["accuracy"])["tau"] for n in names}
-    final = run_all([(n, chosen[n], s, "test") for n in names for s in seeds], args, "final")
+    final = run_jobs(one_run, [(n, chosen[n], s, "test", args) for n in names for s in seeds], args.jobs,
+                     label="final", describe=describe)
     rows = []
     for n in names:
         accs = [r["accuracy"] for r in sorted(final, key=lambda r: r["seed"]) if r["estimator"] == n]
-        rows.append({"estimator": n, "tau": chosen[n], "test_mean": statistics.mean(accs),
-                     "test_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "per_seed": accs,
+        test_mean, test_std = mean_std(accs)
+        rows.append({"estimator": n, "tau": chosen[n], "test_mean": test_mean, "test_std": test_std, "per_seed": accs,
                      "valid_by_tau": {f"{r['tau']:g}": r["accuracy"] for r in tuning if r["estimator"] == n}})
     wall = time.time() - t0
     lines = [f"ListOps, latent-tree model (hidden {args.hidden_dim}, batch 16, Adam lr 7e-4, clip 5), {args.max_update} "

@@ -23,14 +23,12 @@ model), and compared with each estimator's mean over many samples: relative bias
 """
 
 import argparse
-import concurrent.futures
 import gzip
 import itertools
 import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +41,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from reinmax import ESTIMATORS, estimate  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from sweep import mean_std, run_jobs  # noqa: E402
 
 NAMES = ["reinmax", "straight_through", "gumbel_softmax", "gapped_straight_through", "gumbel_rao"]
 # name: (C categories, L latents, lr, optimizer), from the paper
@@ -182,21 +183,8 @@ def run_one(cfg: str, name: str, tau: float, seed: int, split: str, args) -> dic
     return result
 
 
-def run_all(jobs, args, label):
-    """Run (cfg, name, tau, seed, split) jobs ``args.jobs`` at a time; prints progress."""
-    out, t0 = [], time.time()
-    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, *j, args) for j in jobs]
-        for i, f in enumerate(concurrent.futures.as_completed(futures), 1):
-            r = f.result()
-            out.append(r)
-            print(f"[{label} {i}/{len(jobs)} {time.time() - t0:5.0f}s] {r['config']} {r['estimator']} tau {r['tau']:g} "
-                  f"seed {r['seed']}: {r['split']} -ELBO {r[r['split']]:.2f}", flush=True)
-    return out
-
-
-def mean_std(xs):
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def describe(r: dict) -> str:
+    return f"{r['config']} {r['estimator']} tau {r['tau']:g} seed {r['seed']}: {r['split']} -ELBO {r[r['split']]:.2f}"
 
 
 def main(argv=None):
@@ -235,11 +223,12 @@ def main(argv=None):
     args.work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
-    tuning = run_all([(c, n, t, 0, "valid") for c in configs for n in names for t in taus], args, "tuning")
+    tuning = run_jobs(run_one, [(c, n, t, 0, "valid", args) for c in configs for n in names for t in taus], args.jobs,
+                      processes=True, label="tuning", describe=describe)
     chosen = {(c, n): min((r for r in tuning if r["config"] == c and r["estimator"] == n), key=lambda r: r["valid"])["tau"]
               for c in configs for n in names}
-    final = run_all([(c, n, chosen[c, n], s, "test") for c in configs for n in names for s in args.seed_list], args,
-                    "final")
+    final = run_jobs(run_one, [(c, n, chosen[c, n], s, "test", args) for c in configs for n in names
+                               for s in args.seed_list], args.jobs, processes=True, label="final", describe=describe)
     results = {}
     for c in configs:
         for n in names:
