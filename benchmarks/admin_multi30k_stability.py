@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from sweep import mean_std, run_jobs  # noqa: E402
+from sweep import mean_std, run_jobs, write_json  # noqa: E402
 VARIANTS = {
     "post_ln": ["--arch", "transformer"],
     "pre_ln": ["--arch", "transformer", "--encoder-normalize-before", "--decoder-normalize-before"],
@@ -180,9 +180,7 @@ def one_run(bin_dir: Path, data_dir: Path, variant: str, lr: str, seed: int, a) 
             result["bleu"] = bleu(run_dir / "generate.log", data_dir / "raw" / "test.de")
         ckpt.unlink()  # 18L-18L checkpoints are large and the result is all the table needs
         (run_dir / "ckpt" / "checkpoint_best.pt").unlink(missing_ok=True)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.rename(done)
+    write_json(done, result)
     return result
 
 

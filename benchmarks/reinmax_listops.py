@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "listops"
 sys.path.insert(0, str(REPO / "benchmarks"))
-from sweep import mean_std, run_jobs  # noqa: E402
+from sweep import mean_std, run_jobs, write_json  # noqa: E402
 
 OFFICIAL = REPO.parent / "shared" / "data" / "listops"
 NAMES = ["reinmax", "straight_through", "gumbel_softmax", "gapped_straight_through", "gumbel_rao"]
@@ -73,9 +73,7 @@ def one_run(name: str, tau: float, seed: int, split: str, args) -> dict:
             raise RuntimeError(f"evaluation failed: see {run_dir / 'eval_test.log'}")
         ev = json.loads((run_dir / "eval_test.json").read_text())
         result.update(accuracy=ev["accuracy"], examples=ev["examples"], accuracy_by_length=ev["accuracy_by_length"])
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.rename(done)
+    write_json(done, result)
     return result
 
 

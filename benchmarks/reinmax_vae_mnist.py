@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from reinmax import ESTIMATORS, estimate  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from sweep import mean_std, run_jobs  # noqa: E402
+from sweep import mean_std, run_jobs, write_json  # noqa: E402
 
 NAMES = ["reinmax", "straight_through", "gumbel_softmax", "gapped_straight_through", "gumbel_rao"]
 # name: (C categories, L latents, lr, optimizer), from the paper
@@ -177,9 +177,7 @@ def run_one(cfg: str, name: str, tau: float, seed: int, split: str, args) -> dic
         # the models of the gradient-bias measurement: this run's init and its trained weights
         torch.save({"init": init_state, "trained": {k_: v.cpu() for k_, v in model.state_dict().items()}},
                    args.work / "8x4-reinmax-states.pt")
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.rename(cache)
+    write_json(cache, result)
     return result
 
 

@@ -1,6 +1,7 @@
 """What the quality sweeps share: running their runs a few at a time with progress, and mean +- std."""
 
 import concurrent.futures
+import json
 import math
 import statistics
 import time
@@ -29,3 +30,10 @@ def mean_std(values: Iterable[Optional[float]]) -> Tuple[Optional[float], Option
     if not xs:
         return None, None
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary name, so a killed run never leaves half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.rename(path)
