@@ -157,8 +157,8 @@ def bleu(log: Path, refs_file: Path) -> float:
 
 
 def one_run(bin_dir: Path, data_dir: Path, variant: str, lr: str, seed: int, a) -> dict:
-    """Train, then translate test_2016_flickr, in ``a.out/runs/<variant>-lr<lr>-s<seed>``; reuses a finished run."""
-    run_dir = a.out / "runs" / f"{variant}-lr{lr}-s{seed}"
+    """Train, then translate test_2016_flickr, in ``a.work/runs/<variant>-lr<lr>-s<seed>``; reuses a finished run."""
+    run_dir = a.work / "runs" / f"{variant}-lr{lr}-s{seed}"
     done = run_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text())
