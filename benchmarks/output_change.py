@@ -74,7 +74,7 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--quick", action="store_true", help="depths 6 12 24, 1 seed, 2 samples")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/output_change"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "admin" / "output_change")
     args = ap.parse_args(argv)
     if args.quick:
         args.depths, args.seeds, args.samples = [6, 12, 24], 1, 2
