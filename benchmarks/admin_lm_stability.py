@@ -13,6 +13,8 @@ interrupted sweep continues where it stopped. Writes ``lm_stability.{json,md,png
 
 import argparse
 import concurrent.futures
+import os
+import platform
 import re
 import statistics
 import sys
@@ -93,7 +95,8 @@ def main(argv=None):
                      f"{r['valid_ppl_std']:.2f} | {', '.join(f'{p:.2f}' for p in r['per_seed'])} |")
     lines += ["", f"command: python benchmarks/admin_lm_stability.py --models {args.models} --lrs {args.lrs} "
               f"--layers {args.layers} --dim {args.dim} --tokens {args.tokens} --warmup {args.warmup} "
-              f"--max-update {args.max_update} --seeds {args.seeds} --device {args.device}"]
+              f"--max-update {args.max_update} --seeds {args.seeds} --device {args.device}",
+              f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} runs at a time x 1 thread"]
     write_table(args.out, "lm_stability", args, results, rows, "\n".join(lines))
     try:
         import matplotlib
