@@ -15,6 +15,7 @@ theta ~ N(0, 1), with E[g_hat] averaged over many samples.
 
 import argparse
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -154,7 +155,7 @@ def main(argv=None):
                          f"{v['bias_rel_randn']:.3f} | {v['cos_randn']:.3f} |")
     lines += ["", f"command: python benchmarks/reinmax_polynomial.py --epochs {args.epochs} --steps-per-epoch "
               f"{args.steps_per_epoch} --seeds {args.seeds} --tuning-seeds {args.tuning_seeds} --taus {args.taus} "
-              f"--device {args.device}"]
+              f"--device {args.device}", f"machine: {platform.machine()}, {args.threads} thread(s), {args.device}"]
     table = "\n".join(lines)
     print(table, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
