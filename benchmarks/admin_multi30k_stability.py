@@ -243,16 +243,19 @@ def main(argv=None):
             runs = [r for r in results if r["variant"] == v and r["lr"] == lr]
             loss, loss_sd = mean_std([r["final_valid_loss"] for r in runs])
             b, b_sd = mean_std([r["bleu"] for r in runs])
+            first, _ = mean_std([r["valid_loss"][0] if r["valid_loss"] else None for r in runs])
             rows.append({"variant": v, "lr": lr, "seeds": len(runs), "diverged": sum(r["diverged"] for r in runs),
-                         "valid_loss": loss, "valid_loss_std": loss_sd, "bleu": b, "bleu_std": b_sd,
+                         "valid_loss": loss, "valid_loss_std": loss_sd, "first_valid_loss": first, "bleu": b, "bleu_std": b_sd,
                          "per_seed_loss": [r["final_valid_loss"] for r in runs],
                          "per_seed_bleu": [r["bleu"] for r in runs]})
     fmt = lambda x, sd, d: "-" if x is None else f"{x:.{d}f} +- {sd:.{d}f}"  # noqa: E731
     lines = [f"Multi30k En-De, {budget}; seeds {','.join(map(str, seeds))}; validation loss (label-smoothed, "
              f"base 2) after the last update and BLEU (sacrebleu) on test_2016_flickr, mean +- std over seeds", "",
-             "| variant | lr | valid loss | BLEU | diverged runs |", "|---|---|---|---|---|"]
+             f"| variant | lr | valid loss at update {a.valid_every} (mean) | valid loss at the end | BLEU | NaN or crash |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['lr']} | {fmt(r['valid_loss'], r['valid_loss_std'], 3)} | "
+        first = "-" if r["first_valid_loss"] is None else f"{r['first_valid_loss']:.3f}"
+        lines.append(f"| {r['variant']} | {r['lr']} | {first} | {fmt(r['valid_loss'], r['valid_loss_std'], 3)} | "
                      f"{fmt(r['bleu'], r['bleu_std'], 2)} | {r['diverged']}/{r['seeds']} |")
     lines += ["", f"command: python benchmarks/admin_multi30k_stability.py --variants {a.variants} --lrs {','.join(lrs)} "
               f"--seeds {','.join(map(str, seeds))} --layers {a.layers} --dim {a.dim} --updates {a.updates} --max-tokens {a.max_tokens} "
