@@ -18,7 +18,7 @@ model), and compared with each estimator's mean over many samples: relative bias
 ||E[g_hat] - g|| / ||g||, relative variance E||g_hat - E[g_hat]||^2 / ||g||^2, cosine.
 
     python benchmarks/reinmax_vae_mnist.py --quick
-    python benchmarks/reinmax_vae_mnist.py                                  # all six configs, ~40 CPU-min
+    python benchmarks/reinmax_vae_mnist.py                                  # all six configs, ~45 CPU-min
     python benchmarks/reinmax_vae_mnist.py --steps 96000 --seeds 10 --device cuda   # the paper's budget
 """
 
