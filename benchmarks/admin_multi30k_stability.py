@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from sweep import mean_std, run_jobs, write_json  # noqa: E402
+from sweep import mean_std, parse_list, run_jobs, write_json  # noqa: E402
 VARIANTS = {
     "post_ln": ["--arch", "transformer"],
     "pre_ln": ["--arch", "transformer", "--encoder-normalize-before", "--decoder-normalize-before"],
@@ -211,11 +211,8 @@ def main(argv=None):
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {bad}; accepted: {', '.join(VARIANTS)}")
-    try:
-        lrs = [f"{float(x):g}" for x in a.lrs.split(",")]
-        seeds = [int(x) for x in a.seeds.split(",")]
-    except ValueError as e:
-        p.error(f"--lrs/--seeds: {e}")
+    lrs = [f"{x:g}" for x in parse_list(p, "--lrs", a.lrs)]
+    seeds = parse_list(p, "--seeds", a.seeds, int, positive=False)
     if a.quick:
         a.layers, a.updates, a.warmup, a.train_sentences, a.beam = 4, 20, 10, 2000, 1
         lrs, seeds = lrs[:1], seeds[:1]

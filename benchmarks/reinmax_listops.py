@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "listops"
 sys.path.insert(0, str(REPO / "benchmarks"))
-from sweep import mean_std, run_jobs, write_json  # noqa: E402
+from sweep import mean_std, parse_list, run_jobs, write_json  # noqa: E402
 
 OFFICIAL = REPO.parent / "shared" / "data" / "listops"
 NAMES = ["reinmax", "straight_through", "gumbel_softmax", "gapped_straight_through", "gumbel_rao"]
@@ -102,11 +102,8 @@ def main(argv=None):
     names = args.estimators.split(",")
     if any(n not in NAMES for n in names):
         p.error(f"--estimators: accepted {', '.join(NAMES)}; got {args.estimators}")
-    try:
-        taus = [float(t) for t in args.taus.split(",")]
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError as e:
-        p.error(f"--taus/--seeds: {e}")
+    taus = parse_list(p, "--taus", args.taus)
+    seeds = parse_list(p, "--seeds", args.seeds, int, positive=False)
     if not (OFFICIAL / "test_d20s.tsv").exists() or not (OFFICIAL / "valid.tsv").exists():
         p.error(f"the official ListOps files are not in {OFFICIAL} (valid.tsv, test_d20s.tsv)")
     t0 = time.time()

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from reinmax import ESTIMATORS, estimate  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from sweep import mean_std, run_jobs, write_json  # noqa: E402
+from sweep import mean_std, parse_list, run_jobs, write_json  # noqa: E402
 
 NAMES = ["reinmax", "straight_through", "gumbel_softmax", "gapped_straight_through", "gumbel_rao"]
 # name: (C categories, L latents, lr, optimizer), from the paper
@@ -211,11 +211,8 @@ def main(argv=None):
         bad = [v for v in values if v not in accepted]
         if bad:
             ap.error(f"{flag}: unknown {bad}; accepted: {', '.join(accepted)}")
-    try:
-        taus = [float(t) for t in args.taus.split(",")]
-        args.seed_list = [int(s) for s in args.seeds.split(",")]
-    except ValueError as e:
-        ap.error(f"--taus/--seeds: {e}")
+    taus = parse_list(ap, "--taus", args.taus)
+    args.seed_list = parse_list(ap, "--seeds", args.seeds, int, positive=False)
     if not args.data.is_dir():
         ap.error(f"--data: MNIST not found at {args.data} (the four gz IDX files, e.g. ../shared/data/mnist)")
     args.work.mkdir(parents=True, exist_ok=True)

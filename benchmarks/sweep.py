@@ -37,3 +37,15 @@ def write_json(path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj))
     tmp.rename(path)
+
+
+def parse_list(parser, flag: str, text: str, kind=float, positive: bool = True) -> list:
+    """A comma-separated ``flag`` value as a list of ``kind``; a bad item ends the command via ``parser.error``
+    (one line naming the flag, exit 2)."""
+    try:
+        values = [kind(x) for x in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}")
+    if positive and any(not v > 0 for v in values):
+        parser.error(f"{flag}: every value must be > 0, got {text!r}")
+    return values
