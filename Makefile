@@ -1,6 +1,8 @@
 # make install   .venv with torch 2.13.0 (CPU), fairseq-fixed, the recipes' tools and this project (editable)
 # make test      the whole test suite (installs first)
 # make test-gpu  the GPU lane: the tests marked cuda (needs a CUDA device)
+# make gpu-check the GPU lane, the CUDA speed tables and a paper-budget run in one command, no install:
+#                make gpu-check PYTHON=python3 OUT=results/gpu/<machine>  (CPU smoke scale without CUDA)
 # make demo      the main job: deep Post-LN vs Admin vs Pre-LN with the real fairseq-train (installs first)
 # make bench     every benchmark under benchmarks/
 #
@@ -20,7 +22,7 @@ PYTEST_ARGS  ?=
 # test processes: one per core (pytest-xdist); every test is single-threaded (tests/conftest.py)
 TEST_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install test test-gpu demo bench clean
+.PHONY: install test test-gpu gpu-check demo bench clean
 
 install: $(STAMP)
 
@@ -55,6 +57,11 @@ test: install
 # the GPU lane: the tests marked cuda (every estimator, layer, residual and optimizer on CUDA, no host syncs)
 test-gpu: install
 	$(VENV)/bin/pytest -m cuda -n 1 $(PYTEST_ARGS)
+
+# needs only a Python with torch (no .venv, no network): see tools/gpu_check.py for the parts and budgets
+OUT ?= gpu-check-output
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out "$(OUT)"
 
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash recipes/demo/run.sh

@@ -49,10 +49,15 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--autocast", default="none",
+                    help="comma-separated: none, bfloat16, float16 (each a row group; mixed precision by torch.autocast)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "admin")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
+    precisions = args.autocast.split(",")
+    if not precisions or not set(precisions) <= {"none", "bfloat16", "float16"}:
+        ap.error(f"--autocast: expected comma-separated none, bfloat16, float16, got {args.autocast!r}")
     torch.set_num_threads(args.threads)
     models, device = stacks(args.dim, args.layers, args.device)
     x = torch.randn(args.batch, args.length, args.dim, device=device)
@@ -61,32 +66,35 @@ def main(argv=None):
         m.to(device).train()
         opts[name] = torch.optim.Adam(m.parameters(), lr=1e-4, fused=True)
 
-    def step(name):
+    def step(name, precision):
         m = models[name]
-        out = m(x, x) if name.startswith("decoder") else m(x)
+        with torch.autocast(args.device, dtype=getattr(torch, precision, None), enabled=precision != "none"):
+            out = m(x, x) if name.startswith("decoder") else m(x)
         out.float().pow(2).mean().backward()
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
 
-    timings = time_interleaved({name: (lambda name=name: step(name)) for name in models}, args.reps,
-                               device=args.device)
-    times = {name: t["samples_s"] for name, t in timings.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
+    fns = {(name, precision): (lambda name=name, precision=precision: step(name, precision))
+           for name in models for precision in precisions}
+    timings = time_interleaved(fns, args.reps, device=args.device)
+    med = {key: statistics.median(t["samples_s"]) for key, t in timings.items()}
     rows = [("encoder: admin drop-in", "encoder: stock"), ("encoder: stock, convert()ed", "encoder: stock"),
             ("decoder: admin drop-in", "decoder: stock")]
     lines = [f"{args.layers} layers, d={args.dim}, batch {args.batch}x{args.length}, {args.device}, "
              f"{args.threads} thread(s), median of {args.reps} interleaved training steps (benchmarks/harness.py); "
-             "Adam(fused) for every stack", "",
-             "| stack | ms/step | stock ms/step | speed vs stock (>= 0.98) |", "|---|---|---|---|"]
-    for admin, stock in rows:
-        lines.append(f"| {admin} | {1e3 * med[admin]:.1f} | {1e3 * med[stock]:.1f} | {med[stock] / med[admin]:.3f} |")
-    lines += ["", "command: python benchmarks/bench_admin_layers.py" + (" --device cuda" if args.device == "cuda" else ""),
+             "Adam(fused) for every stack; precision: float32 weights, torch.autocast to the dtype named", "",
+             "| stack | autocast | ms/step | stock ms/step | speed vs stock (>= 0.98) |", "|---|---|---|---|---|"]
+    for precision in precisions:
+        for admin, stock in rows:
+            a, b = med[admin, precision], med[stock, precision]
+            lines.append(f"| {admin} | {precision} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.3f} |")
+    lines += ["", "command: python benchmarks/bench_admin_layers.py " + " ".join(sys.argv[1:] if argv is None else argv),
               f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "admin_layers_speed.md").write_text(table + "\n")
-    (args.out / "admin_layers_speed.json").write_text(json.dumps({"median_s": med, "args": vars(args)}, default=str,
+    (args.out / "admin_layers_speed.json").write_text(json.dumps({"median_s": {f"{n} ({p})": v for (n, p), v in med.items()}, "args": vars(args)}, default=str,
                                                                  indent=1))
 
 

@@ -104,6 +104,8 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: float32; cuda: float32 and bfloat16 on the GPU")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd reinmax")
+    ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES),
+                    help="comma-separated ROWSxCATEGORIES logits shapes")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "reinmax")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -111,6 +113,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 15)
+    try:
+        shapes = [tuple(int(v) for v in item.split("x")) for item in args.shapes.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        ap.error(f"--shapes: expected comma-separated ROWSxCATEGORIES with positive sizes, got {args.shapes!r}")
     public = load_public_reinmax()
     if public is None:
         print("public reinmax 0.1.0 not found under <venv>/peers: its column is left out", flush=True)
@@ -121,7 +129,7 @@ def main(argv=None):
         settings = [(torch.device("cuda"), torch.float32), (torch.device("cuda"), torch.bfloat16)]
     rows = []
     for device, dtype in settings:
-        for shape in SHAPES:
+        for shape in shapes:
             print(f"[{device.type} {str(dtype)[6:]} {shape}] {repeats} interleaved repetitions ...", flush=True)
             r, compile_s = bench(shape, dtype, device, cands, repeats, not args.no_compile)
             if compile_s is not None:
@@ -151,7 +159,7 @@ def main(argv=None):
             f"| {r['torch gumbel_softmax']['saved_bytes_per_element']:.2f} |")
     lines = [f"forward + backward of both outputs ((y_hard * w).sum() + (y_soft * v).sum()), tau={TAU}; median of "
              f"{repeats} interleaved repetitions (benchmarks/harness.py); every peer in its best configuration", ""] + \
-        lines + ["", f"command: python benchmarks/bench_reinmax_speed.py --device {args.device}",
+        lines + ["", "command: python benchmarks/bench_reinmax_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
                  f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(f"\n{table}", flush=True)

@@ -99,7 +99,7 @@ class StreamCopy:
         self.state = {}
 
     def step(self):
-        if self.p[0].device.type == "cpu":
+        if self.p[0].device.type == "cpu" and fused.available(self.p[0].device):
             fused.stream_copy(self.p, self.g, self.m)
         else:  # two fused foreach copies: read g and m, write p and m (+ p read by the add)
             torch._foreach_add_(self.p, self.g, alpha=0.0)
@@ -136,6 +136,13 @@ def first_step_seconds(device: str) -> dict:
     return out
 
 
+COPY = "bandwidth: copy p,g,m -> p,m"
+#: tensors of the parameters' size each step must read or write at least once: Adam reads p, g, m, v and
+#: writes p, m, v; Lion and the sign rules read p, g, m and write p, m (the copy row moves the same five)
+TENSORS_MOVED = {"Adam(fused)": 7, "Adam(foreach)": 7, "Lion (lion-pytorch)": 5, "AddSign(fused)": 5,
+                 "PowerSign(fused)": 5, "AddSign(foreach)": 5, "PowerSign(foreach)": 5, "AddSign(seed loop)": 5, COPY: 5}
+
+
 def time_optimizers(params, device: str, threads: int, reps: int, steps: int) -> dict:
     torch.set_num_threads(threads)
     decay = LinearInternalDecay(10_000)
@@ -148,8 +155,12 @@ def time_optimizers(params, device: str, threads: int, reps: int, steps: int) ->
         "AddSign(foreach)": lambda ps: AddSign(ps, lr=1e-3, sign_internal_decay=decay, foreach=True),
         "PowerSign(foreach)": lambda ps: PowerSign(ps, lr=1e-3, sign_internal_decay=decay, foreach=True),
         "AddSign(seed loop)": lambda ps: SeedLikeSign(ps, "addsign", sign_internal_decay=decay),
-        "bandwidth: copy p,g,m -> p,m": lambda ps: StreamCopy(ps),
+        COPY: lambda ps: StreamCopy(ps),
     }
+    why = fused.unavailable_reason(torch.device(device))
+    if why is not None:  # a fused row without its kernel would time another path under the fused name
+        print(f"  fused rows left out: {why}", flush=True)
+        factories = {k: v for k, v in factories.items() if "(fused)" not in k or k.startswith("Adam")}
     optimizers = {name: opt for name, make in factories.items() if (opt := make(params)) is not None}
     for opt in optimizers.values():  # allocate the state, warm up
         opt.step()
@@ -167,11 +178,16 @@ def time_optimizers(params, device: str, threads: int, reps: int, steps: int) ->
                                warmup=0, seed=threads, progress=progress)
     times = {name: [x / steps for x in t["samples_s"]] for name, t in timings.items()}
     ref = statistics.median(times["Adam(fused)"])
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    copy_rate = TENSORS_MOVED[COPY] * param_bytes / statistics.median(times[COPY])
     rows = []
     for name, t in times.items():
         q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+        # the bytes the rule must move (each tensor of the parameters' size read or written once), per second
+        rate = TENSORS_MOVED[name] * param_bytes / statistics.median(t)
         rows.append({"optimizer": name, "threads": threads, "ms_median": round(1e3 * statistics.median(t), 2),
                      "ms_iqr": round(1e3 * (q[2] - q[0]), 2), "time_vs_fused_adam": round(statistics.median(t) / ref, 3),
+                     "gb_per_s": round(rate / 1e9, 2), "fraction_of_copy": round(rate / copy_rate, 3),
                      "state_bytes": state_bytes(optimizers[name])})
     return {"rows": rows, "times_s": times}
 
@@ -208,17 +224,22 @@ def main(argv=None):
 
     lines = [f"{len(params)} tensors, {n / 1e6:.1f}M parameters, {args.device}, torch {torch.__version__}; "
              f"median of {args.reps} interleaved repetitions x {args.steps} steps (IQR in brackets; benchmarks/harness.py)", "",
-             "| optimizer | " + " | ".join(f"{t} thread(s): ms/step | / Adam(fused)" for t in threads) + " | state bytes |",
-             "|---|" + "---|---|" * len(threads) + "---|"]
+             "| optimizer | " + " | ".join(f"{t} thread(s): ms/step | / Adam(fused) | GB/s | of copy" for t in threads)
+             + " | state bytes |",
+             "|---|" + "---|---|---|---|" * len(threads) + "---|"]
     for i, row in enumerate(results[0]["rows"]):
         cells = []
         for res in results:
             r = res["rows"][i]
-            cells.append(f"{r['ms_median']} [{r['ms_iqr']}] | {r['time_vs_fused_adam']}")
+            cells.append(f"{r['ms_median']} [{r['ms_iqr']}] | {r['time_vs_fused_adam']} | {r['gb_per_s']} "
+                         f"| {100 * r['fraction_of_copy']:.0f}%")
         lines.append(f"| {row['optimizer']} | " + " | ".join(cells) + f" | {row['state_bytes']} |")
     lines += ["", "first step of a fresh optimizer in a new process: "
               + ", ".join(f"{k} {v:.3f} s" for k, v in first.items()),
-              f"command: python benchmarks/bench_sign_optim.py --device {args.device}", f"machine: {machine(args.device)}"]
+              "GB/s: the bytes each rule must move per step (7 parameter-sized tensors for Adam, 5 for the others, "
+              "each read or written once) over its time; of copy: that rate over the copy row's, the bandwidth the "
+              "same run measured",
+              "command: python benchmarks/bench_sign_optim.py " + " ".join(sys.argv[1:] if argv is None else argv), f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,73 @@
+"""``make gpu-check`` as a user runs it: from a fresh copy of the checkout, no .venv, only a Python with torch.
+
+Without CUDA it runs the whole pipeline at CPU smoke scale; these tests keep that pipeline working.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PARTS = ["build", "tests", "reinmax", "sign_optim", "admin", "moe", "vae"]
+TABLES = {"reinmax": "reinmax_speed.md", "sign_optim": "bench_sign_optim.md", "admin": "admin_layers_speed.md",
+          "moe": "moe_layer_speed.md", "vae": "vae_paper.md"}
+
+
+@pytest.fixture(scope="module")
+def fresh_checkout(tmp_path_factory):
+    """What a clone of this working tree holds (tracked and untracked files git does not ignore), no build."""
+    root = tmp_path_factory.mktemp("checkout")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    return root
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_part_on_cpu_from_a_fresh_checkout(fresh_checkout, shared_data, tmp_path):
+    # MNIST beside the code, the way it travels to a GPU machine (shared/ is ignored by git)
+    shutil.copytree(shared_data / "mnist", fresh_checkout / "shared" / "data" / "mnist")
+    out = tmp_path / "out"
+    run = subprocess.run(["make", "gpu-check", f"PYTHON={sys.executable}", f"OUT={out}"], cwd=fresh_checkout,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    first = next(line for line in run.stdout.splitlines() if line.startswith("gpu-check:"))
+    assert "no CUDA device" in first and "CPU at smoke scale" in first
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["parts"]) == PARTS and summary["cuda"] is False
+    assert all(p["status"] == "ok" for p in summary["parts"].values()), summary
+    assert "fused CPU kernel: loaded" in (out / "build.log").read_text()  # built in place in the fresh copy
+    assert list((fresh_checkout / "sign_optim").glob("_fused_kernel*.so"))
+    assert "skipped" in (out / "tests.log").read_text()  # the cuda tests were collected, and skipped on CPU
+    for part, table in TABLES.items():
+        assert (out / part / table).read_text().count("|") > 10, part
+    assert "| 8x4 |" in (out / "vae" / "vae_paper.md").read_text()
+    assert "| vae | ok |" in (out / "SUMMARY.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_failing_part_is_reported_and_the_rest_still_run(fresh_checkout, tmp_path):
+    broken = tmp_path / "tree"
+    shutil.copytree(fresh_checkout, broken)
+    (broken / "benchmarks" / "bench_moe_layer.py").write_text("raise SystemExit(3)\n")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "tools/gpu_check.py", "--out", str(out), "--only", "moe,admin,vae",
+                          "--data", str(tmp_path / "no-mnist")], cwd=broken, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    parts = json.loads((out / "summary.json").read_text())["parts"]
+    assert parts["moe"]["status"] == "failed (exit 3)"
+    assert parts["admin"]["status"] == "ok"
+    assert parts["vae"]["status"].startswith("skipped: MNIST not found")
+
+
+def test_unknown_part_is_one_line_exit_2():
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--only", "tests,warp"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "--only" in run.stderr and "warp" in run.stderr
