@@ -8,6 +8,8 @@ Example::
     ...                            sign_internal_decay=sign_optim.CosineInternalDecay(1000))
 """
 
+import torch as _torch
+
 from . import fused
 from .addsign import AddSign
 from .decays import (
@@ -21,6 +23,11 @@ from .decays import (
 )
 from .powersign import PowerSign
 from .sign_optimizer import SignOptimizer
+
+# The decays hold numbers only: checkpoints that contain one load with torch.load(weights_only=True).
+# (ZeroRedundancyOptimizer copies the constructor's keyword arguments into its param groups, so its
+# consolidated state dict holds the decay object itself.)
+_torch.serialization.add_safe_globals([LinearInternalDecay, CosineInternalDecay, RestartCosineInternalDecay])
 
 __all__ = [
     "fused",

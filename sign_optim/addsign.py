@@ -74,6 +74,9 @@ class AddSign(SignOptimizer):
         super()._check_group(group)
         validation.as_real("alpha", group["alpha"])
 
+    def _max_factor(self, group: Dict[str, Any], decay: float) -> float:
+        return abs(float(group["alpha"])) + abs(decay)  # alpha + d * sign(g) sign(m)
+
     def _fused_coefficients(self, group: Dict[str, Any], decay: float):
         return decay, 0.0
 

@@ -225,6 +225,12 @@ def make_internal_decay(
 def internal_decay_from_state_dict(state_dict: Dict[str, Any]) -> InternalDecay:
     """Inverse of :meth:`InternalDecay.state_dict`."""
     if not isinstance(state_dict, dict) or state_dict.get("kind") not in DECAY_KINDS:
-        raise ValueError(f"not an internal decay state dict (kind must be one of {list(DECAY_KINDS)}): {state_dict!r}")
+        raise ValueError(f"sign_internal_decay: not an internal decay state dict (kind must be one of "
+                         f"{list(DECAY_KINDS)}): {state_dict!r}")
     args = {k: v for k, v in state_dict.items() if k != "kind"}
-    return DECAY_KINDS[state_dict["kind"]](**args)
+    try:
+        return DECAY_KINDS[state_dict["kind"]](**args)
+    except TypeError as err:  # another key than the class takes
+        raise ValueError(f"sign_internal_decay: {state_dict!r} is not a {state_dict['kind']} decay's state dict: "
+                         f"{err}") from None
+

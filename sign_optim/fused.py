@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "supported", "state_dtype", "cpu_step", "cpu_step_planned", "plan",
+__all__ = ["available", "unavailable_reason", "supported", "PLAIN_TENSORS", "state_dtype", "cpu_step", "cpu_step_planned", "plan",
            "read_steps",
            "stream_copy", "powersign_coefficients", "RULES"]
 
@@ -87,11 +87,32 @@ _STATE_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
                  torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
+#: the tensor types whose memory the kernels may be handed (a subclass, e.g. DTensor, has no such memory:
+#: its data_ptr() is 0; the optimizer hands the kernels a DTensor's local shard instead)
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _kernel_memory_reason(t: torch.Tensor) -> Optional[str]:
+    """None when the kernels may read and write ``t``'s elements through ``t.data_ptr()``, else why not."""
+    if type(t) not in PLAIN_TENSORS:
+        return f"a {type(t).__name__} (a tensor subclass) has no plain memory to hand a kernel"
+    if t.device.type not in ("cpu", "cuda"):
+        return f"a tensor on {t.device.type} has no memory a kernel can read"
+    if t.layout is not torch.strided or not t.is_contiguous():
+        return "the kernels take contiguous strided tensors only"
+    if t.numel() and not t.data_ptr():
+        return "the tensor has no storage (data_ptr() is 0)"
+    return None
+
+
 def supported(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> bool:
-    """Whether one parameter fits the kernels: contiguous, a float dtype (not float64 on CUDA), the
-    gradient of the same dtype, the moving average in :func:`state_dtype`."""
-    return (_STATE_DTYPES.get(p.dtype) is m.dtype and g.dtype is p.dtype and p.is_contiguous()
-            and g.is_contiguous() and m.is_contiguous() and (p.dtype is not torch.float64 or p.is_cpu))
+    """Whether one parameter fits the kernels: plain contiguous tensors with memory on CPU or CUDA (not a
+    subclass such as DTensor, not meta), a float dtype (not float64 on CUDA), the gradient of the same dtype,
+    size and device, the moving average of the same size in :func:`state_dtype`."""
+    return (_STATE_DTYPES.get(p.dtype) is m.dtype and g.dtype is p.dtype
+            and p.numel() == g.numel() == m.numel() and p.device == g.device == m.device
+            and (p.dtype is not torch.float64 or p.is_cpu)
+            and not any(_kernel_memory_reason(t) for t in (p, g, m)))
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,9 +124,26 @@ def _pointers(tensors: Sequence[torch.Tensor]):
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
+def _check_cpu_tensors(what: str, tensors: Sequence[torch.Tensor], dtype: torch.dtype,
+                       numel: Optional[Sequence[int]] = None) -> None:
+    """The boundary of the C kernel: ValueError unless every tensor is plain CPU memory of ``dtype`` (and, with
+    ``numel``, of those sizes), so the kernel never touches memory it was not handed."""
+    for i, t in enumerate(tensors):
+        why = _kernel_memory_reason(t) if isinstance(t, torch.Tensor) else f"a {type(t).__name__}, not a tensor"
+        if why is None and not t.is_cpu:
+            why = f"it is on {t.device}, the C kernel takes CPU tensors"
+        if why is None and t.dtype is not dtype:
+            why = f"its dtype is {t.dtype}, expected {dtype}"
+        if why is None and numel is not None and t.numel() != numel[i]:
+            why = f"it has {t.numel()} elements, expected {numel[i]}"
+        if why is not None:
+            raise ValueError(f"sign_optim fused kernel: {what}[{i}] refused: {why}")
+
+
 def read_steps(steps: Sequence[torch.Tensor]) -> List[float]:
     """The values of 0-d float32 CPU step counters, read in one call (the C kernel is loaded)."""
     n = len(steps)
+    _check_cpu_tensors("steps", steps, torch.float32, [1] * n)
     out = (ctypes.c_double * n)()
     _load().sign_read_steps(n, _pointers(steps), out)
     return list(out)
@@ -123,7 +161,17 @@ def cpu_step(rule: str, params: List[torch.Tensor], grads: List[torch.Tensor], a
     n = len(params)
     if n == 0:
         return
-    numel = (ctypes.c_int64 * n)(*[p.numel() for p in params])
+    if not len(grads) == len(avgs) == n or (steps is not None and len(steps) != n):
+        raise ValueError("sign_optim fused kernel: params, grads, avgs (and steps) must have the same length")
+    sizes = [p.numel() for p in params]
+    _check_cpu_tensors("params", params, params[0].dtype)
+    if params[0].dtype not in _DTYPES:
+        raise ValueError(f"sign_optim fused kernel: dtype {params[0].dtype} refused, it takes {list(_DTYPES)}")
+    _check_cpu_tensors("grads", grads, params[0].dtype, sizes)
+    _check_cpu_tensors("avgs", avgs, state_dtype(params[0].dtype), sizes)
+    if steps is not None:
+        _check_cpu_tensors("steps", steps, torch.float32, [1] * n)
+    numel = (ctypes.c_int64 * n)(*sizes)
     status = lib.sign_fused_step(
         RULES[rule], _DTYPES[params[0].dtype], n, _pointers(params), _pointers(grads), _pointers(avgs), numel,
         (ctypes.c_double * n)(*coef_a), (ctypes.c_double * n)(*coef_b), lr, beta, alpha, weight_decay,
@@ -137,22 +185,38 @@ class KernelPlan:
 
     def __init__(self, params, avgs, steps):
         n = len(params)
-        self.n, self.dtype = n, _DTYPES[params[0].dtype]
+        self.n, self.torch_dtype = n, params[0].dtype
+        self.dtype = _DTYPES[params[0].dtype]
+        self.sizes = [p.numel() for p in params]
         self.params, self.avgs, self.steps = _pointers(params), _pointers(avgs), _pointers(steps)
-        self.numel = (ctypes.c_int64 * n)(*[p.numel() for p in params])
+        self.numel = (ctypes.c_int64 * n)(*self.sizes)
 
 
 def plan(params: List[torch.Tensor], avgs: List[torch.Tensor], steps: List[torch.Tensor]) -> KernelPlan:
     """Pointers and sizes of CPU parameters of one dtype, their moving averages and their 0-d float32
-    step counters, for :func:`cpu_step_planned` (valid while those tensors keep their storage)."""
+    step counters, for :func:`cpu_step_planned`. The tensors are checked here (plain contiguous CPU memory
+    of the right dtypes and sizes); the plan is valid only while they keep that memory: the caller
+    compares their layout every step (``SignOptimizer`` does) and makes a new plan when it changed."""
+    if not params or not len(avgs) == len(steps) == len(params):
+        raise ValueError("sign_optim fused kernel: plan needs as many avgs and steps as params, at least one")
+    if params[0].dtype not in _DTYPES:
+        raise ValueError(f"sign_optim fused kernel: dtype {params[0].dtype} refused, it takes {list(_DTYPES)}")
+    sizes = [p.numel() for p in params]
+    _check_cpu_tensors("params", params, params[0].dtype)
+    _check_cpu_tensors("avgs", avgs, state_dtype(params[0].dtype), sizes)
+    _check_cpu_tensors("steps", steps, torch.float32, [1] * len(steps))
     return KernelPlan(params, avgs, steps)
 
 
 def cpu_step_planned(rule: str, kernel: KernelPlan, grads: List[torch.Tensor], coef_a: List[float],
                      coef_b: List[float], *, lr: float, beta: float, alpha: float, weight_decay: float,
                      maximize: bool) -> None:
-    """:func:`cpu_step` with the parameters' pointers prepared once (:func:`plan`); advances the counters."""
+    """:func:`cpu_step` with the parameters' pointers prepared once (:func:`plan`); advances the counters.
+    The gradients, new every step, are checked here (dtype, size, plain contiguous CPU memory)."""
     n = kernel.n
+    if len(grads) != n or len(coef_a) != n or len(coef_b) != n:
+        raise ValueError(f"sign_optim fused kernel: the plan has {n} parameters, got {len(grads)} gradients")
+    _check_cpu_tensors("grads", grads, kernel.torch_dtype, kernel.sizes)
     status = _load().sign_fused_step(
         RULES[rule], kernel.dtype, n, kernel.params, _pointers(grads), kernel.avgs, kernel.numel,
         (ctypes.c_double * n)(*coef_a), (ctypes.c_double * n)(*coef_b), lr, beta, alpha, weight_decay,
@@ -170,7 +234,10 @@ def stream_copy(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: Lis
     if lib is None:
         raise RuntimeError(_LIB_ERROR)
     n = len(params)
-    numel = (ctypes.c_int64 * n)(*[p.numel() for p in params])
+    sizes = [p.numel() for p in params]
+    for what, tensors in (("params", params), ("grads", grads), ("avgs", avgs)):
+        _check_cpu_tensors(what, tensors, torch.float32, sizes)
+    numel = (ctypes.c_int64 * n)(*sizes)
     lib.sign_stream_copy(n, _pointers(params), _pointers(grads), _pointers(avgs), numel, torch.get_num_threads())
 
 

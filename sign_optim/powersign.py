@@ -86,6 +86,10 @@ class PowerSign(SignOptimizer):
         sign_m = m.sign()
         return g + sign_m * g.abs() * torch.sinh(c) + sign_m.abs() * g * (torch.cosh(c) - 1)
 
+    def _max_factor(self, group: Dict[str, Any], decay: float) -> float:
+        c = abs(decay * math.log(group["alpha"]))  # alpha ** (+-d)
+        return math.exp(c) if c < 709.0 else math.inf
+
     def _fused_coefficients(self, group: Dict[str, Any], decay: float):
         if decay == 0 or group["alpha"] == 1:
             return 0.0, 0.0

@@ -28,7 +28,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _float32_counters(steps: List[torch.Tensor]) -> bool:
-    """Whether every step counter is a 0-d float32 CPU tensor (what this optimizer creates and loads)."""
+    """Whether every step counter is a 0-d float32 CPU tensor (what the C kernel reads and advances)."""
     f32 = torch.float32
     for t in steps:
         if type(t) is not torch.Tensor or t.dtype is not f32 or not t.is_cpu or t.dim():
@@ -36,41 +36,72 @@ def _float32_counters(steps: List[torch.Tensor]) -> bool:
     return True
 
 
+def _local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2, tensor parallel), else ``t``: the rule is elementwise, so updating each
+    rank's shard in place is the update of the whole tensor. Partial placements (a pending reduction) and
+    other tensor subclasses are returned as they are, and the kernels refuse them (:func:`fused.supported`)."""
+    if type(t) in fused.PLAIN_TENSORS or not torch.distributed.is_available():
+        return t
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor) and not any(pl.is_partial() for pl in t.placements):
+        return t.to_local()
+    return t
+
+
+def _layout(tensors: List[torch.Tensor]) -> List[tuple]:
+    """What the kernels' pointers depend on, per tensor: address, shape, strides, dtype, device. Compared every
+    step, so a plan is never used after ``p.data = ...``, ``state[p]["exp_avg"].data = ...`` or a resize."""
+    return [(t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors]
+
+
 class _FusedPlan:
     """What the fused path needs of a group's parameters that does not change from step to step: which
-    ones the kernels take (contiguous, a supported dtype, the state's dtype), grouped by device and dtype,
-    with their pointers. Rebuilt when a parameter, its storage or its state changes."""
+    ones the kernels take (contiguous plain tensors or DTensor shards, a supported dtype, the state's
+    dtype), grouped by device and dtype, with their pointers. Valid while every parameter, moving average
+    and step counter is the same object with the same memory layout (:meth:`matches`, checked every step)."""
 
     class Bucket:
-        def __init__(self, device, idx, params, avgs, states):
+        def __init__(self, device, idx, params, avgs, steps, float32_counters):
             self.device, self.idx = device, idx
-            self.kernel = fused.plan([params[i] for i in idx], [avgs[i] for i in idx],
-                                     [states[i]["step"] for i in idx]) if device.type == "cpu" else None
+            self.kernel = None
+            if device.type == "cpu" and float32_counters:
+                self.kernel = fused.plan([params[i] for i in idx], [avgs[i] for i in idx], [steps[i] for i in idx])
 
     def __init__(self, params, avgs, states):
         self.params, self.avgs = list(params), list(avgs)
-        self.ptrs = [p.data_ptr() for p in params]
         self.steps = [s["step"] for s in states]
+        local_params, local_avgs = [_local_shard(p) for p in params], [_local_shard(m) for m in avgs]
+        self.layout = _layout(local_params + local_avgs + self.steps)
         groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
         rest = []
-        for i, (p, m) in enumerate(zip(params, avgs)):
+        for i, (p, m) in enumerate(zip(local_params, local_avgs)):
             if fused.supported(p, p, m):
                 groups.setdefault((p.device, p.dtype), []).append(i)
             else:
                 rest.append(i)
         self.rest = rest
-        self.buckets = [self.Bucket(device, idx, params, avgs, states) for (device, _), idx in groups.items()]
+        float32_counters = _float32_counters(self.steps)
+        self.buckets = [self.Bucket(device, idx, local_params, local_avgs, self.steps, float32_counters)
+                        for (device, _), idx in groups.items()]
+        self.local_params, self.local_avgs = local_params, local_avgs
 
     def matches(self, params, avgs, states) -> bool:
-        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
-                and all(map(operator.is_, avgs, self.avgs))
-                and all(s["step"] is t for s, t in zip(states, self.steps))
-                and [p.data_ptr() for p in params] == self.ptrs)
+        if not (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and all(map(operator.is_, avgs, self.avgs)) and all(s["step"] is t for s, t in zip(states, self.steps))):
+            return False
+        local = [_local_shard(p) for p in params] + [_local_shard(m) for m in avgs]
+        return _layout(local + self.steps) == self.layout
 
 
 def _cuda_step():
     from .triton_kernel import cuda_step  # Triton is imported only when CUDA parameters are fused
     return cuda_step
+
+
+def _step_dtype() -> torch.dtype:
+    """The step counters' dtype, as torch.optim's: float64 when that is the default dtype, else float32."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 # Key of the decay's serialized form in the optimizer's state_dict.
@@ -164,6 +195,7 @@ class SignOptimizer(Optimizer):
     ) -> None:
         self.sign_internal_decay = sign_internal_decay
         self._fused_plans: Dict[int, "_FusedPlan"] = {}
+        self._check_group(defaults)  # hyper-parameters first, before the params are iterated (torch.optim's order)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- validation
@@ -179,10 +211,12 @@ class SignOptimizer(Optimizer):
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be a bool, got {type(capturable).__name__}")
         lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError(f"lr must be a number or a 1-element tensor (of any shape), got a tensor of shape "
+                             f"{tuple(lr.shape)}")
         if capturable and isinstance(lr, torch.Tensor):  # its value stays on the device: no read
-            if lr.numel() != 1 or not lr.is_floating_point():
-                raise TypeError(f"lr must be a number or a 1-element floating tensor, got shape {tuple(lr.shape)} "
-                                f"and dtype {lr.dtype}")
+            if not lr.is_floating_point():
+                raise TypeError(f"lr must be a number or a 1-element floating tensor, got dtype {lr.dtype}")
         else:
             validation.as_real("lr", lr, low=0.0)
         validation.as_real("beta", group["beta"], low=0.0, high=1.0, high_open=True)
@@ -214,12 +248,29 @@ class SignOptimizer(Optimizer):
                                     "(sign of a complex number)")
             merged = {**self.defaults, **param_group}
             self._check_group(merged)
+            if _DECAY_KEY in param_group and not self._same_decay(param_group[_DECAY_KEY]):
+                raise ValueError(
+                    f"{_DECAY_KEY} is one per optimizer (the constructor's argument), a param group cannot have its "
+                    f"own: got {param_group[_DECAY_KEY]!r} for a group of an optimizer with {self.sign_internal_decay!r}; "
+                    "use one optimizer per decay")
             if merged["fused"]:
                 for p in param_group["params"]:
-                    why = fused.unavailable_reason(p.device) if isinstance(p, torch.Tensor) else None
+                    # meta parameters (deferred initialization, to_empty later) are checked at the step
+                    why = (fused.unavailable_reason(p.device) if isinstance(p, torch.Tensor) and not p.is_meta
+                           else None)
                     if why is not None:
                         raise ValueError(f"fused=True: {why}; use fused=None (the fastest available) or foreach")
         super().add_param_group(param_group)
+
+    def _same_decay(self, decay: Any) -> bool:
+        """Whether ``decay`` is this optimizer's decay (ZeroRedundancyOptimizer copies the constructor's keyword
+        arguments into every param group of the optimizer it wraps; that copy is honoured)."""
+        own = self.sign_internal_decay
+        if decay is own:
+            return True
+        if isinstance(decay, dict) and isinstance(own, InternalDecay):  # a group saved by state_dict()
+            return decay == own.state_dict()
+        return isinstance(decay, InternalDecay) and decay == own
 
     @property
     def sign_internal_decay(self) -> SignDecay:
@@ -257,15 +308,21 @@ class SignOptimizer(Optimizer):
         """torch's optimizer state dict plus ``"sign_internal_decay"`` (None, a decay config, or
         ``{"kind": "custom", "repr": ...}`` for a callable that cannot be serialized)."""
         state_dict = super().state_dict()
+        saved = self._saved_decay()
+        state_dict[_DECAY_KEY] = saved
+        for group in state_dict["param_groups"]:  # a group copy of the decay (ZeroRedundancyOptimizer's): its form
+            if _DECAY_KEY in group:
+                group[_DECAY_KEY] = saved
+        return state_dict
+
+    def _saved_decay(self) -> Optional[Dict[str, Any]]:
+        """The decay as ``state_dict()`` saves it: None, an InternalDecay's config, or a custom callable's repr."""
         decay = self.sign_internal_decay
         if decay is None:
-            saved = None
-        elif isinstance(decay, InternalDecay):
-            saved = decay.state_dict()
-        else:
-            saved = {"kind": "custom", "repr": repr(decay)}
-        state_dict[_DECAY_KEY] = saved
-        return state_dict
+            return None
+        if isinstance(decay, InternalDecay):
+            return decay.state_dict()
+        return {"kind": "custom", "repr": repr(decay)}
 
     def _check_state_dict(self, state_dict: Dict[str, Any]) -> Dict[Any, torch.Tensor]:
         """ValueError/TypeError unless ``state_dict`` is one of this optimizer's kind for these parameters."""
@@ -316,6 +373,9 @@ class SignOptimizer(Optimizer):
         has_key = _DECAY_KEY in state_dict
         saved = state_dict.pop(_DECAY_KEY, None)
         if has_key:
+            if saved is not None and not isinstance(saved, dict):
+                raise ValueError(f"state_dict[{_DECAY_KEY!r}] must be None or a decay's state_dict() (a dict), "
+                                 f"got {type(saved).__name__}")
             if saved is None:
                 decay: SignDecay = None
             elif saved.get("kind") == "custom":
@@ -333,7 +393,7 @@ class SignOptimizer(Optimizer):
             state["exp_avg"] = avg.to(device=p.device, dtype=fused.state_dtype(p.dtype), copy=True)
             # 0.1 saved an int; capturable keeps the counter on the parameter's device
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32,
+            state["step"] = torch.tensor(float(state["step"]), dtype=_step_dtype(),
                                          device=p.device if group["capturable"] else "cpu")
         if has_key:
             self.sign_internal_decay = decay
@@ -343,7 +403,11 @@ class SignOptimizer(Optimizer):
         decay = self.sign_internal_decay
         if decay is None:
             return 1.0
-        value = float(decay(step))
+        value = decay(step)
+        try:
+            value = validation.as_real(f"sign_internal_decay({step})", value, finite=False)
+        except TypeError:
+            raise TypeError(f"sign_internal_decay({step}) must return a real number, got {type(value).__name__}") from None
         if not math.isfinite(value):
             raise ValueError(f"sign_internal_decay({step}) returned {value}; it must be finite")
         return value
@@ -367,7 +431,7 @@ class SignOptimizer(Optimizer):
                     state = states[i] = self.state[p]
                     # a tensor step (as torch.optim's): torch.compile(opt.step) does not recompile per step;
                     # on the parameter's device when capturable (no host read, CUDA-graph safe)
-                    state["step"] = torch.zeros((), dtype=torch.float32,
+                    state["step"] = torch.zeros((), dtype=_step_dtype(),
                                                 device=p.device if group["capturable"] else "cpu")
                     state["exp_avg"] = torch.zeros_like(p, dtype=fused.state_dtype(p.dtype),
                                                         memory_format=torch.preserve_format)
@@ -408,7 +472,9 @@ class SignOptimizer(Optimizer):
                 d = decay.tensor_value(step)
             else:  # a custom callable takes a number: one recompilation per step value
                 d = torch.tensor(float(decay(int(step))), dtype=torch.float64)
-            self._single_step(group, group["lr"], p, g, m, d, traced=True)
+            lr = group["lr"]
+            # a 1-element lr of any shape, e.g. (1, 1) for a 1-D bias, scales like a number
+            self._single_step(group, lr.reshape(()) if isinstance(lr, torch.Tensor) else lr, p, g, m, d, traced=True)
 
     def _traced_direction(self, group, g, m, d):
         """The update direction (before ``-lr``) with a tensor decay ``d`` (see :meth:`_traced_update`)."""
@@ -432,17 +498,19 @@ class SignOptimizer(Optimizer):
                        weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
         for bucket in plan.buckets:
             idx = bucket.idx
-            bucket_grads = [grads[i] for i in idx]
-            if not all(g.is_contiguous() for g in bucket_grads):  # a rare gradient layout: the other paths
-                rest += idx
+            bucket_grads = [_local_shard(grads[i]) for i in idx]
+            if not all(fused.supported(plan.local_params[i], g, plan.local_avgs[i])
+                       and g.shape == plan.local_params[i].shape for i, g in zip(idx, bucket_grads)):
+                rest += idx  # a rare gradient layout (non-contiguous, another sharding): the other paths
                 continue
             a = [coefs[decays[i]][0] for i in idx]
             b = [coefs[decays[i]][1] for i in idx]
-            if bucket.device.type == "cpu" and self._counters_are_float32:
+            if bucket.kernel is not None:
                 fused.cpu_step_planned(self.rule, bucket.kernel, bucket_grads, a, b, **options)  # advances the counters
             else:
                 run = fused.cpu_step if bucket.device.type == "cpu" else _cuda_step()
-                run(self.rule, [params[i] for i in idx], bucket_grads, [avgs[i] for i in idx], a, b, **options)
+                run(self.rule, [plan.local_params[i] for i in idx], bucket_grads, [plan.local_avgs[i] for i in idx],
+                    a, b, **options)
                 torch._foreach_add_([states[i]["step"] for i in idx], 1.0)
         return sorted(rest)
 
@@ -505,8 +573,58 @@ class SignOptimizer(Optimizer):
             states = [self.state.get(p) for p in params]
             # the decay is evaluated as a tensor in _traced_update when compiling or capturable
             traced = compiling or group["capturable"]
-            work.append((group, params, grads, [] if traced else self._decays(states), states))
+            if not compiling:
+                for p, state in zip(params, states):
+                    if state:
+                        self._check_state(p, state)
+            decays = [] if traced else self._decays(states)
+            if not traced:
+                self._check_magnitudes(group, params, decays)
+            work.append((group, params, grads, decays, states))
         return work
+
+    def _check_state(self, p: torch.Tensor, state: Dict[str, Any]) -> None:
+        """ValueError unless ``state`` still fits ``p`` (state surgery or ``p.data = ...`` can break that)."""
+        avg, step = state.get("exp_avg"), state.get("step")
+        want = fused.state_dtype(p.dtype)
+        if not isinstance(avg, torch.Tensor) or avg.shape != p.shape or avg.dtype != want or avg.device != p.device:
+            got = (f"shape {tuple(avg.shape)}, {avg.dtype} on {avg.device}" if isinstance(avg, torch.Tensor)
+                   else type(avg).__name__)
+            raise ValueError(f"{type(self).__name__}: the state of a parameter of shape {tuple(p.shape)} ({p.dtype} on "
+                             f"{p.device}) has exp_avg of {got}, expected its shape, {want} on {p.device}; was the "
+                             "parameter or its state replaced? (reset it with optimizer.state.pop(p))")
+        if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.is_complex():
+            raise ValueError(f"{type(self).__name__}: the state of a parameter of shape {tuple(p.shape)} has step "
+                             f"{step!r}, expected a 1-element real tensor")
+
+    def _max_factor(self, group: Dict[str, Any], decay: float) -> float:
+        """The largest ``|factor|`` the rule can multiply a gradient element by at decay value ``decay`` (inf when
+        it overflows a float64)."""
+        raise NotImplementedError
+
+    def _check_magnitudes(self, group: Dict[str, Any], params: List[torch.Tensor], decays: List[float]) -> None:
+        """ValueError before any change when ``lr`` times the rule's factor (or ``lr * weight_decay``) overflows
+        the dtype the update is computed in: a step that would write inf, or fail inside torch half done."""
+        lr = validation.as_real("lr", self._lr_value(group))
+        dtype = min({torch.float32 if p.dtype in _HALF else p.dtype for p in params}, key=lambda d: torch.finfo(d).max)
+        limit = torch.finfo(dtype).max
+        for d in set(decays):
+            factor = self._max_factor(group, d)
+            if not math.isfinite(factor) or factor > limit:
+                raise ValueError(f"{type(self).__name__}: alpha={group['alpha']!r} with sign_internal_decay value {d!r} "
+                                 f"scales the gradient by {factor:.3g}, beyond {dtype}'s range: choose alpha closer to "
+                                 "1 or a smaller decay")
+            if lr * factor > limit:
+                raise ValueError(f"{type(self).__name__}: lr={lr!r} times the rule's largest factor {factor:.3g} "
+                                 f"overflows {dtype} (max {limit:.3g}): lr must be below {limit / factor:.3g}")
+        if lr * float(group["weight_decay"]) > limit:
+            raise ValueError(f"{type(self).__name__}: lr * weight_decay = {lr * float(group['weight_decay']):.3g} "
+                             f"overflows {dtype}")
+
+    @staticmethod
+    def _lr_value(group: Dict[str, Any]):
+        lr = group["lr"]
+        return lr.reshape(()) if isinstance(lr, torch.Tensor) else lr
 
     def _decays(self, states: List[Optional[Dict[str, Any]]]) -> List[float]:
         """The decay of each parameter's update (``states``: each one's state, None for a new one). TF
@@ -514,8 +632,7 @@ class SignOptimizer(Optimizer):
         counters are CPU tensors, read in one call (no sync)."""
         counted = [s["step"] for s in states if s]
         # what this optimizer creates and loads; checked once per step, read by the C kernel
-        self._counters_are_float32 = _float32_counters(counted)
-        if counted and self._counters_are_float32 and fused.available(torch.device("cpu")):
+        if counted and _float32_counters(counted) and fused.available(torch.device("cpu")):
             values = iter(fused.read_steps(counted))  # one C call
         else:
             values = iter(torch.stack([torch.as_tensor(c, dtype=torch.float64) for c in counted]).tolist()

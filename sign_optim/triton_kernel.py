@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused import supported
+
 __all__ = ["cuda_step", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,6 +45,12 @@ def cuda_step(rule: str, params: List[torch.Tensor], grads: List[torch.Tensor], 
               weight_decay: float, maximize: bool) -> None:
     """One fused step over CUDA parameters (contiguous; float32/float16/bfloat16; float32 ``avgs``)."""
     powersign = rule == "powersign"
+    if not len(grads) == len(avgs) == len(coef_a) == len(coef_b) == len(params):
+        raise ValueError("sign_optim fused kernel: params, grads, avgs and coefficients must have the same length")
+    for i, (p, g, m) in enumerate(zip(params, grads, avgs)):  # the kernel's boundary: memory it may touch
+        if not (supported(p, g, m) and p.is_cuda):
+            raise ValueError(f"sign_optim fused kernel: parameter {i} refused (the CUDA kernel takes plain contiguous "
+                             "CUDA tensors of one size, float32/float16/bfloat16, a float32 or same-dtype average)")
     for p, g, m, a, b in zip(params, grads, avgs, coef_a, coef_b):
         n = p.numel()
         if n == 0:
