@@ -28,7 +28,7 @@ from stability_toolbox import validation
 
 from . import layers as admin_layers
 from .architectures import LAYER_KINDS, STACK_KINDS, LayerKind, kind_key
-from .fold import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
+from .fold import _omega_tensor, fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .reference_stack import ResidualStack
 from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, as_module
 
@@ -136,28 +136,54 @@ class _Admin:
         return (self.omega(x, s - x),) + tuple(args[1:])
 
 
-_HOOK_TYPES = (_CaptureInput, _CaptureOutput, _Admin)
+class _ClearSlots:
+    """Empties every slot of a layer: a forward pre-hook on entry, and a forward hook with
+    ``always_call=True`` on exit, which runs when the forward raised too. A failed forward (a wrong
+    input shape, an out-of-memory error) leaves no captured tensor behind: none is kept alive, none
+    leaks into the next forward, and ``copy.deepcopy`` / :func:`fold` work (a non-leaf tensor
+    cannot be deep-copied)."""
+
+    def __init__(self, slots: Sequence[_Slot]):
+        self.slots = tuple(slots)
+
+    def __call__(self, module, args, *output):
+        for slot in self.slots:
+            slot.x = None
+
+
+#: where a converted hooks-mechanism layer keeps the RemovableHandle of every hook convert installed
+_HANDLES = "_admin_hook_handles"
 
 
 def _install_hooks(layer: nn.Module, kind: LayerKind, omegas: Sequence[OmegaResidual]) -> None:
-    captured: Dict[Optional[str], _Slot] = {}
-    for sub, omega in zip(kind.sublayers, omegas):
-        slot = _Slot()
+    slots = [_Slot() for _ in kind.sublayers]
+    clear = _ClearSlots(slots)
+    handles = [layer.register_forward_pre_hook(clear, prepend=True),
+               layer.register_forward_hook(clear, always_call=True)]
+    for sub, omega, slot in zip(kind.sublayers, omegas, slots):
         if sub.source is None:
-            layer.register_forward_pre_hook(_CaptureInput(slot), with_kwargs=True)
+            handles.append(layer.register_forward_pre_hook(_CaptureInput(slot), with_kwargs=True))
         else:
-            _get(layer, sub.source).register_forward_hook(_CaptureOutput(slot))
-        _get(layer, sub.norm).register_forward_pre_hook(_Admin(slot, omega))
-        captured[sub.source] = slot
+            handles.append(_get(layer, sub.source).register_forward_hook(_CaptureOutput(slot)))
+        handles.append(_get(layer, sub.norm).register_forward_pre_hook(_Admin(slot, omega)))
+    # a plain attribute: deep-copied and pickled with the model, each handle then refers to the
+    # hook dictionaries of its own copy
+    setattr(layer, _HANDLES, handles)
 
 
-def _remove_hooks(module: nn.Module) -> None:
-    for m in module.modules():
-        for hooks in (m._forward_pre_hooks, m._forward_hooks):
-            for key in [k for k, h in hooks.items() if isinstance(h, _HOOK_TYPES)]:
-                del hooks[key]
-                m._forward_pre_hooks_with_kwargs.pop(key, None)
-                m._forward_hooks_with_kwargs.pop(key, None)
+def _check_removable(name: str, layer: nn.Module) -> None:
+    """ValueError unless the hooks of a converted hooks-mechanism ``layer`` can be removed."""
+    if isinstance(getattr(layer, "admin_omegas", None), nn.ModuleList) and \
+            not isinstance(getattr(layer, _HANDLES, None), list):
+        raise ValueError(f"{name}: converted layer without its hook handles (converted by an older version of "
+                         "admin_torch?); convert a stock copy of the model again")
+
+
+def _remove_hooks(layer: nn.Module) -> None:
+    for handle in getattr(layer, _HANDLES, ()):
+        handle.remove()
+    if hasattr(layer, _HANDLES):
+        delattr(layer, _HANDLES)
 
 
 # ---------------------------------------------------------------- convert
@@ -236,8 +262,10 @@ def _readers(layer: nn.Module, paths: Iterable[str]) -> List[Union[nn.Module, Te
     return out
 
 
-def _embedding_for(stack: str, embedding: Optional[Embedding], original: nn.Module, copy_: nn.Module):
-    """The modules (in ``copy_``) that produce the input of ``stack``, from the ``embedding=`` argument."""
+def _embedding_for(stack: str, embedding: Optional[Embedding], names: Dict[int, str]
+                   ) -> Optional[List[Tuple[str, nn.Module]]]:
+    """``[(name, module)]`` of ``model`` producing the input of ``stack``, from the ``embedding=`` argument
+    (``names``: id -> name of every submodule of ``model``); a module listed twice counts once."""
     if embedding is None:
         return None
     if isinstance(embedding, dict):
@@ -245,16 +273,57 @@ def _embedding_for(stack: str, embedding: Optional[Embedding], original: nn.Modu
         if embedding is None:
             return None
     modules = [embedding] if isinstance(embedding, nn.Module) else list(embedding)
-    names = {id(m): n for n, m in original.named_modules()}
-    out = []
+    if not modules:
+        raise ValueError(f"embedding: an empty list for stack {stack or '(the model)'!r}; give the nn.Embedding / "
+                         "nn.Linear module(s) whose outputs sum to its input")
+    out: List[Tuple[str, nn.Module]] = []
     for m in modules:
         if not isinstance(m, (nn.Embedding, nn.Linear)):
             raise TypeError(f"embedding must be an nn.Embedding or nn.Linear of model (or a list, or a dict "
                             f"stack name -> those), got {type(m).__name__}")
         if id(m) not in names:
             raise ValueError("embedding: a module given is not a submodule of model")
-        out.append(_get(copy_, names[id(m)]) if names[id(m)] else copy_)
+        if all(m is not seen for _, seen in out):
+            out.append((names[id(m)], m))
     return out
+
+
+def _embedding_dim(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
+
+
+def _check_shared_embeddings(plans) -> set:
+    """The ids of embedding modules that feed several stacks; ValueError unless the first omegas of
+    those stacks are equal.
+
+    A module called for two stacks (one ``nn.Embedding`` of a shared vocabulary feeding the encoder
+    and the decoder) emits one output: it can carry one factor, so it is scaled once, which is exact
+    only when every stack it feeds has the same first omega.
+    """
+    feeds: Dict[int, List[Tuple[str, str, Tensor]]] = {}
+    for stack, _, first, layers in plans:
+        if first is None:
+            continue
+        omega = _omegas_of(layers[0][1])[0]
+        for name, m in first:
+            feeds.setdefault(id(m), []).append((name, stack, _omega_tensor(omega, _embedding_dim(m))))
+    shared = set()
+    for key, uses in feeds.items():
+        if len(uses) < 2:
+            continue
+        shared.add(key)
+        name, stack, omega = uses[0]
+        for _, other, other_omega in uses[1:]:
+            if not torch.equal(omega, other_omega):
+                def show(t):
+                    return f"{t[0].item():.6g}" if bool((t == t[0]).all()) else f"a vector of {t.numel()}"
+                raise ValueError(
+                    f"embedding: {name or '(the model)'!r} feeds stacks {stack or '(the model)'!r} (omega "
+                    f"{show(omega)}) and {other or '(the model)'!r} (omega {show(other_omega)}); a module called "
+                    "for both emits one output, which cannot take two different factors, so no stock model "
+                    "computes the same function. Give each stack its own module (modules sharing one weight "
+                    "are fine: fold unties the weight), or equal omegas (e.g. output_change_scale='O(n)')")
+    return shared
 
 
 def _untie(module: nn.Module, model: nn.Module) -> None:
@@ -283,10 +352,15 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
             produces (torch.nn stacks, Marian), the ``nn.Embedding`` / ``nn.Linear`` module(s) whose
             outputs sum to that input -- one module, a list (token and position embeddings), or a dict
             ``{stack name: module(s)}`` for a model with several such stacks. A shared (tied) weight is
-            untied in the copy.
+            untied in the copy. One module feeding several stacks (a shared vocabulary: the same
+            ``nn.Embedding`` called for the encoder and the decoder) is scaled once, which is exact when
+            those stacks' first omegas are equal, and refused otherwise.
 
     Raises:
-        ValueError: nothing converted in ``model``, or an input that needs ``embedding=`` and has none.
+        ValueError: nothing converted in ``model``; an input that needs ``embedding=`` and has none; an
+            ``embedding=`` dict key that is not a stack, or an empty list; one embedding module feeding
+            stacks whose first omegas differ; a layer whose hooks cannot be removed. Nothing is copied
+            or changed then.
     """
     if isinstance(model, ResidualStack):
         if embedding is not None:
@@ -297,26 +371,42 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
     stacks = admin_stacks(model)
     if not stacks:
         raise ValueError("model has no Admin layer to fold (apply admin_torch.convert first)")
-    folded = copy.deepcopy(model)
+    # every check first: a refused call leaves nothing changed (and copies nothing)
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(embedding, dict):
+        wanted = sorted(s for s, norm, _ in stacks if norm is None)
+        unknown = [k for k in embedding if k not in {s for s, _, _ in stacks}]
+        if unknown:
+            raise ValueError(f"embedding: {unknown[0]!r} is not a stack of model; the stacks that read an "
+                             f"embedding are {wanted}")
     plans = []
     for stack, input_norm, layers in stacks:
+        for name, layer in layers:
+            _check_removable(name, layer)
         first = None
-        if input_norm is not None:
-            first = [_get(folded, input_norm)]
-        else:
-            first = _embedding_for(stack, embedding, model, folded)
+        if input_norm is None:
+            first = _embedding_for(stack, embedding, names)
             if first is None:
                 raise ValueError(
                     f"stack {stack or '(the model)'!r}: its first layer reads an input no LayerNorm of the model "
                     "produces; pass embedding= (the nn.Embedding / nn.Linear module(s) producing it, or a dict "
                     "{stack name: module(s)})")
-        plans.append((first, input_norm is not None, [_get(folded, n) for n, _ in layers]))
-    for first, first_is_norm, stack_layers in plans:
+        plans.append((stack, input_norm, first, layers))
+    shared = _check_shared_embeddings(plans)
+    folded = copy.deepcopy(model)
+    scaled = set()  # a module feeding several stacks (with equal omegas) is scaled once
+    for stack, input_norm, first, layers in plans:
+        if input_norm is not None:
+            first_modules = [_get(folded, input_norm)]
+        else:
+            first_modules = [_get(folded, n) if n else folded for n, m in first if id(m) not in scaled]
+            scaled.update(id(m) for _, m in first if id(m) in shared)
+        stack_layers = [_get(folded, n) for n, _ in layers]
         entries = [(layer, LAYER_KINDS[kind_key(type(layer))], _omegas_of(layer)) for layer in stack_layers]
-        fold_stack_(entries, first, first_is_norm, model=folded)
-    for _, _, stack_layers in plans:
-        for layer in stack_layers:
-            _strip(layer)
+        fold_stack_(entries, first_modules, input_norm is not None, model=folded)
+    for _, _, _, layers in plans:
+        for name, _ in layers:
+            _strip(_get(folded, name))
     return folded
 
 

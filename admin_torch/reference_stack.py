@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .deepnorm import DeepNormResidual, deepnorm_init, deepnorm_scale_
-from .residual import OmegaResidual, calculate_init
+from stability_toolbox import validation
+
+from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, calculate_init
 
 __all__ = ["STACK_KINDS", "SUBLAYER_PATTERNS", "AddResidual", "SelfAttention", "FeedForward", "ResidualStack", "make_stack"]
 
@@ -120,17 +122,21 @@ def make_stack(
         kind: ``'post_ln'``, ``'pre_ln'``, ``'admin'`` (Post-LN with :class:`OmegaResidual`,
             closed-form omega for N = depth * sublayers per layer) or ``'deepnorm'`` (encoder-only
             DeepNorm with N = depth layers).
-        depth: the number of layers (>= 1).
-        dim: the model width.
+        depth: the number of layers (an integer >= 1; NumPy integers are accepted).
+        dim: the model width (>= 1).
         scale: Admin's output change scale (``'O(n)'``, ``'O(logn)'``, ``'default'``, ``'O(1)'``).
         sublayers: ``'attn_ffn'`` (2 sublayers per layer, as a transformer encoder) or ``'ffn'``.
         heads: attention heads.
-        ffn_dim: the feed-forward width (default ``4 * dim``).
+        ffn_dim: the feed-forward width, an integer >= 1 (default ``4 * dim``).
         as_parameter: Admin only: trainable vector omegas.
         seed: seeds the weight init when given.
 
     Linear weights are xavier-uniform with zero biases (fairseq's transformer init); DeepNorm
     re-initializes fc1, fc2, v_proj, out_proj with ``xavier_normal_(gain=beta)``.
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type or out of range (the message names it
+            and the accepted values), e.g. ``ffn_dim <= 0`` or ``heads`` not dividing ``dim``.
 
     Example::
 
@@ -138,14 +144,20 @@ def make_stack(
         >>> model(torch.randn(2, 5, 32)).shape
         torch.Size([2, 5, 32])
     """
-    if kind not in STACK_KINDS:
-        raise ValueError(f"kind must be one of {list(STACK_KINDS)}, got {kind!r}")
-    if sublayers not in SUBLAYER_PATTERNS:
-        raise ValueError(f"sublayers must be one of {list(SUBLAYER_PATTERNS)}, got {sublayers!r}")
-    for name, v in (("depth", depth), ("dim", dim), ("heads", heads)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
+    kind = validation.as_choice("kind", kind, STACK_KINDS)
+    sublayers = validation.as_choice("sublayers", sublayers, tuple(SUBLAYER_PATTERNS))
+    # counts as Python ints (NumPy integers and one-element integer tensors accepted), each >= 1
+    depth = validation.as_int("depth", depth, minimum=1)
+    dim = validation.as_int("dim", dim, minimum=1)
+    heads = validation.as_int("heads", heads, minimum=1)
+    ffn_dim = 4 * dim if ffn_dim is None else validation.as_int("ffn_dim", ffn_dim, minimum=1)
+    if "attn" in SUBLAYER_PATTERNS[sublayers] and dim % heads:
+        raise ValueError(f"heads must divide dim, got dim={dim}, heads={heads}")
+    if kind == "admin":
+        validation.as_choice("scale", scale, OUTPUT_CHANGE_SCALES)
+    as_parameter = validation.as_bool("as_parameter", as_parameter)
+    if seed is not None:
+        seed = validation.as_int("seed", seed)
     pattern = SUBLAYER_PATTERNS[sublayers]
     num_res = depth * len(pattern)
     gen_state = torch.random.get_rng_state()

@@ -106,17 +106,23 @@ def generate_tree(rng: random.Random, depth: int = 1, max_depth: int = 20, max_a
 
 
 def _fold(tree: Tree, leaf, node):
-    """Post-order fold without recursion: ``leaf(digit)`` for values, ``node(op, [child results])``."""
-    if isinstance(tree, int):
+    """Post-order fold without recursion: ``leaf(digit)`` for values, ``node(op, [child results])``.
+
+    Every node is checked on the way (:func:`_check_node`): a malformed tree is a ValueError naming
+    the expression, never an IndexError or a value outside 0-9.
+    """
+    if _is_leaf(tree, tree):
         return leaf(tree)
+    _check_node(tree, tree)
     stack = [(tree, [])]
     while True:
         (op, args), results = stack[-1]
         if len(results) < len(args):
             child = args[len(results)]
-            if isinstance(child, int):
+            if _is_leaf(child, tree):
                 results.append(leaf(child))
             else:
+                _check_node(child, tree)
                 stack.append((child, []))
             continue
         stack.pop()
@@ -124,6 +130,52 @@ def _fold(tree: Tree, leaf, node):
         if not stack:
             return value
         stack[-1][1].append(value)
+
+
+def _is_leaf(value, root) -> bool:
+    """Whether ``value`` is a digit 0-9; ValueError for another number (a bool, -1, 12)."""
+    if isinstance(value, bool):
+        _malformed(root, f"value {value!r} is a bool, not a digit 0-9")
+    if not isinstance(value, int):
+        return False
+    if not 0 <= value <= 9:
+        _malformed(root, f"value {value!r} is not a digit 0-9")
+    return True
+
+
+def _check_node(value, root) -> None:
+    """ValueError unless ``value`` is ``(operator, (arguments...))`` with at least one argument.
+
+    An operator needs an argument: the official ListOps (nyu-mll/spinn ``make_data.py``) draws 2 to 5
+    and cannot even write an operator without one (``[OP`` is always followed by an argument before
+    ``]``); min, max and median of nothing have no value, so ``[MAX ]`` is refused rather than given one.
+    """
+    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], (tuple, list))):
+        _malformed(root, f"node {value!r:.60} is neither a digit 0-9 nor (operator, (arguments...))")
+    if not value[1]:
+        _malformed(root, f"operator {value[0]!r} has no argument ({value[0]} ]); an operator takes at least one")
+
+
+def _malformed(root, what: str):
+    raise ValueError(f"malformed ListOps expression {_render(root)}: {what}")
+
+
+def _render(tree, limit: int = 200) -> str:
+    """The tokens of ``tree`` (checking nothing), for error messages; cut at ``limit`` characters."""
+    out: List[str] = []
+    todo = [tree]
+    while todo and sum(len(t) + 1 for t in out) <= limit:
+        item = todo.pop()
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) \
+                and isinstance(item[1], (tuple, list)):
+            out.append(item[0])
+            todo.append(END)
+            todo.extend(reversed(item[1]))
+        else:
+            out.append(item if isinstance(item, str) else repr(item))
+    text = " ".join(out)
+    return repr(text[:limit] + (" ..." if todo or len(text) > limit else ""))
 
 
 def tree_length(tree: Tree) -> int:

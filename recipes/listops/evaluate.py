@@ -21,10 +21,29 @@ OFFICIAL_TEST = REPO.parent / "shared" / "data" / "listops" / "test_d20s.tsv"
 
 
 def evaluate(model, dictionary, examples, max_tokens=4000, progress=False):
-    """Greedy predictions of ``model`` (a ListOpsTreeModel) on ``examples``; returns a list of ints."""
+    """Greedy predictions of ``model`` (a ListOpsTreeModel) on ``examples``; returns a list of ints.
+
+    Every example is checked first: an expression that is not well-formed ListOps (an operator
+    without an argument such as ``( [MAX ] )``, an unknown token, unbalanced parentheses) is a
+    ValueError naming the example and its expression, before the model runs. ``max_tokens`` is an
+    integer >= 1.
+    """
     import torch
     from fairseq.data import data_utils
 
+    from fairseq_plugins.tasks.listops_data import ListOpsExample, parse_expression
+    from stability_toolbox import validation
+
+    max_tokens = validation.as_int("max_tokens", max_tokens, minimum=1)
+    examples = list(examples)
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, ListOpsExample):
+            raise TypeError(f"examples[{i}] must be a ListOpsExample, got {type(ex).__name__}")
+        try:
+            parse_expression(ex.expression.split())
+        except ValueError as e:
+            raise ValueError(f"examples[{i}]: expression {ex.expression[:200]!r} is not well-formed ListOps: {e}") \
+                from None
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
     preds = [None] * len(examples)
@@ -72,9 +91,15 @@ def main(argv=None):
     test = Path(args.test)
     if not test.exists():
         sys.exit(f"test file {test} not found (pass --test FILE)")
+    if args.limit < 0:
+        p.error(f"--limit must be >= 0 (0: all), got {args.limit}")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     examples = read_listops(test)
     if args.limit:
         examples = examples[:args.limit]
+    if not examples:
+        sys.exit(f"test file {test} holds no example")
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [args.checkpoint], arg_overrides={"data": str(test.parent)})
     model = models[0]

@@ -158,3 +158,45 @@ def test_0_1_0_as_buffer_and_as_parameter():
         lib.as_buffer(net, "w", 12)
         lib.as_parameter(net, "p", 12, 4, "O(1)")
         assert net.w.shape == (1,) and net.p.shape == (4,)
+
+
+# ---------------------------------------------------------------- make_stack at the edges (issue 21)
+
+@pytest.mark.parametrize("kind", ["admin", "post_ln", "pre_ln", "deepnorm"])
+@pytest.mark.parametrize("to_np", [np.int64, np.int32, lambda v: torch.tensor(v)])
+def test_make_stack_accepts_numpy_and_tensor_counts(kind, to_np):
+    """np.int64(3) is the integer 3: the same weights and outputs as the Python int."""
+    ref = make_stack(kind, 3, 16, heads=2, ffn_dim=24, seed=5)
+    got = make_stack(kind, to_np(3), to_np(16), heads=to_np(2), ffn_dim=to_np(24), seed=to_np(5))
+    assert len(got.sublayers) == len(ref.sublayers) == 6
+    assert all(type(v) is int for v in (got.sublayers[1].fc1.out_features, got.sublayers[0].heads))
+    for (k, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
+        assert torch.equal(a, b), k
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(ffn_dim=0), ValueError, "ffn_dim must be an integer >= 1, got 0"),
+    (dict(ffn_dim=-4), ValueError, "ffn_dim must be an integer >= 1, got -4"),
+    (dict(ffn_dim=np.int64(0)), ValueError, "ffn_dim"),
+    (dict(ffn_dim=8.0), TypeError, "ffn_dim"),
+    (dict(depth=0), ValueError, "depth must be an integer >= 1"),
+    (dict(depth=np.int64(-1)), ValueError, "depth"),
+    (dict(depth=True), TypeError, "depth"),
+    (dict(depth=2.5), TypeError, "depth"),
+    (dict(dim=np.float32(8)), TypeError, "dim"),
+    (dict(heads=3), ValueError, "heads must divide dim"),
+    (dict(kind="postln"), ValueError, "kind must be one of"),
+    (dict(sublayers=None), TypeError, "sublayers must be one of"),
+    (dict(scale="O(2)"), ValueError, "scale must be one of"),
+    (dict(as_parameter="yes"), TypeError, "as_parameter"),
+])
+def test_make_stack_refuses_bad_arguments_naming_them(kwargs, exc, match):
+    args = dict(kind="admin", depth=2, dim=8, heads=2, sublayers="attn_ffn")
+    args.update(kwargs)
+    state = torch.random.get_rng_state()
+    with pytest.raises(exc, match=match):
+        make_stack(args.pop("kind"), args.pop("depth"), **args, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is untouched

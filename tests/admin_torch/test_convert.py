@@ -211,3 +211,180 @@ def test_profile_averages_over_two_gloo_ranks(tmp_path):
         singles.append(admin_torch.profile_omegas(model, lambda: model(batch)))
     for name in got[0]:
         assert got[0][name] == pytest.approx((singles[0][name] + singles[1][name]) / 2, rel=1e-9)
+
+
+# ---------------------------------------------------------------- issue 21: edges of convert and fold
+
+class SharedVocab(nn.Module):
+    """nn.Transformer whose encoder and decoder read ONE embedding table (a shared vocabulary), with
+    an output projection tied to it, and padding masks."""
+
+    def __init__(self, enc, dec, d=16, vocab=30):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.model = nn.Transformer(d, 2, num_encoder_layers=enc, num_decoder_layers=dec, dim_feedforward=32,
+                                    dropout=0.0)
+        self.out = nn.Linear(d, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, s, t):
+        s_pad, t_pad = s.eq(0).T, t.eq(0).T
+        causal = nn.Transformer.generate_square_subsequent_mask(t.shape[0]).bool()
+        h = self.model(self.emb(s), self.emb(t), tgt_mask=causal, src_key_padding_mask=s_pad,
+                       tgt_key_padding_mask=t_pad, memory_key_padding_mask=s_pad)
+        return self.out(h)
+
+
+def shared_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randint(1, 30, (7, 3), generator=g), torch.randint(1, 30, (6, 3), generator=g)
+    s[5:, 0] = 0  # padding
+    t[4:, 1] = 0
+    return s, t
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# (3 encoder, 2 decoder layers): N = 6 in both stacks, the same omega; (2, 2): N = 4 and 6
+@pytest.mark.parametrize("enc, dec, as_parameter, exact", [
+    (3, 2, False, True), (3, 2, True, True), (6, 4, False, True), (2, 2, False, False), (6, 6, True, False)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fold_shared_embedding_is_exact_or_refused(enc, dec, as_parameter, exact, seed):
+    torch.manual_seed(seed)
+    model = SharedVocab(enc, dec).eval()
+    convert(model, as_parameter=as_parameter)
+    s, t = shared_batch(seed)
+    with torch.no_grad():
+        admin_out = model(s, t)
+    embedding = {"model.encoder": model.emb, "model.decoder": [model.emb]}
+    if exact:
+        folded = fold(model, embedding=embedding)
+        assert not any(isinstance(m, admin_torch.OmegaResidual) for m in folded.modules())
+        with torch.no_grad():
+            diff = (folded(s, t) - admin_out).abs().max().item()
+        assert diff <= 1e-5, diff  # scaled twice, this was about omega**2 off
+        # the tied output projection keeps the unscaled table
+        torch.testing.assert_close(folded.out.weight, model.emb.weight, rtol=0, atol=0)
+    else:
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=r"embedding: 'emb' feeds stacks 'model.encoder' .* 'model.decoder'"):
+            fold(model, embedding=embedding)
+        after = snapshot(model)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert model.out.weight is model.emb.weight
+        with torch.no_grad():
+            torch.testing.assert_close(model(s, t), admin_out, rtol=0, atol=0)
+
+
+def test_fold_shared_embedding_with_trained_vector_omegas():
+    """Equal vectors (the same training) fold exactly; different ones are refused."""
+    torch.manual_seed(3)
+    model = SharedVocab(3, 2).eval()
+    convert(model, as_parameter=True)
+    s, t = shared_batch(3)
+    enc0, dec0 = model.model.encoder.layers[0], model.model.decoder.layers[0]
+    vec = torch.rand(16) * 2 + 0.5
+    enc0.omega_sa.set_omega_(vec)
+    dec0.omega_sa.set_omega_(vec)
+    with torch.no_grad():
+        ref = model(s, t)
+        folded = fold(model, embedding={"model.encoder": model.emb, "model.decoder": model.emb})
+        assert (folded(s, t) - ref).abs().max().item() <= 1e-5
+        dec0.omega_sa.set_omega_(vec.flip(0))
+    with pytest.raises(ValueError, match="vector of 16"):
+        fold(model, embedding={"model.encoder": model.emb, "model.decoder": model.emb})
+
+
+@pytest.mark.parametrize("embedding, match", [
+    (lambda m: {"model.encoder": m.src, "decoder": m.tgt}, r"'decoder' is not a stack"),
+    (lambda m: {"model.encoder": m.src, "model.decoder": []}, "empty list"),
+    (lambda m: [], "empty list"),
+])
+def test_fold_refuses_bad_embedding_argument(embedding, match):
+    model = Seq2Seq().eval()
+    convert(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        fold(model, embedding=embedding(model))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_fold_embedding_listed_twice_is_scaled_once():
+    torch.manual_seed(0)
+    model = Seq2Seq().eval()
+    convert(model)
+    s, t = torch.randint(0, 30, (6, 2)), torch.randint(0, 30, (5, 2))
+    with torch.no_grad():
+        ref = model(s, t)
+        folded = fold(model, embedding={"model.encoder": [model.src, model.src], "model.decoder": model.tgt})
+        assert (folded(s, t) - ref).abs().max().item() <= 1e-5
+
+
+def _raise(*_):
+    raise RuntimeError("simulated failure inside the layer")
+
+
+def _fail_in_layer(model, family, where):
+    """A forward that raises inside the first layer, after the hooks captured x (a non-leaf tensor)."""
+    layer = model.encoder.layer[0] if family in ("bert", "roberta") else model.get_encoder().layers[0]
+    if where == "shape":  # a wrong hidden size: the first sublayer's q/k/v projection raises
+        x = torch.randn(2, 5, 17, requires_grad=True) * 2
+        with pytest.raises(RuntimeError):
+            layer(x, attention_mask=None) if family in ("bert", "roberta") else layer(x, None)
+        return
+    reader = layer.intermediate.dense if family in ("bert", "roberta") else layer.fc1
+    handle = reader.register_forward_pre_hook(_raise)  # the second sublayer, after its x was captured
+    try:
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            model(**inputs(family))
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("where", ["shape", "inside"])
+def test_fold_and_deepcopy_after_a_failed_forward(family, where):
+    torch.manual_seed(0)
+    model, embedding = tiny(family)
+    model.eval()
+    x = inputs(family)
+    convert(model)
+    with torch.no_grad():
+        admin_out = model(**x)[0]
+    _fail_in_layer(model, family, where)
+    clone = copy.deepcopy(model)  # raised "Only Tensors created explicitly by the user" before
+    folded = fold(model, embedding=embedding)
+    with torch.no_grad():
+        assert (folded(**x)[0] - admin_out).abs().max().item() <= 1e-5
+        torch.testing.assert_close(model(**x)[0], admin_out, rtol=0, atol=0)  # nothing leaked into it
+        torch.testing.assert_close(clone(**x)[0], admin_out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "bart"])
+def test_converted_model_deepcopies_and_pickles_with_working_hooks(family, tmp_path):
+    """The hooks are removed through their RemovableHandles: a copy (deep or pickled) folds on its own,
+    and folding a copy leaves the original's hooks in place."""
+    torch.manual_seed(0)
+    model, embedding = tiny(family)
+    model.eval()
+    x = inputs(family)
+    with torch.no_grad():
+        stock_out = model(**x)[0]
+    convert(model)
+    with torch.no_grad():
+        admin_out = model(**x)[0]
+    torch.save(model, tmp_path / "m.pt")
+    copies = [copy.deepcopy(model), torch.load(tmp_path / "m.pt", weights_only=False)]
+    for c in copies:
+        with torch.no_grad():
+            torch.testing.assert_close(c(**x)[0], admin_out, rtol=0, atol=0)
+        folded = fold(c)
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in folded.modules())
+        with torch.no_grad():
+            assert (folded(**x)[0] - admin_out).abs().max().item() <= 1e-5
+            torch.testing.assert_close(c(**x)[0], admin_out, rtol=0, atol=0)  # fold copies: c keeps Admin
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x)[0], admin_out, rtol=0, atol=0)
+        assert (admin_out - stock_out).abs().max() > 1e-3

@@ -136,3 +136,61 @@ def test_write_listops_is_atomic(tmp_path):
     with pytest.raises(RuntimeError):
         listops.write_listops(path, examples())
     assert path.read_text() == "old\n"
+
+
+# ---------------------------------------------------------------- malformed trees (issue 21)
+
+FUNCTIONS = [evaluate, to_string, to_tokens, tree_depth, tree_length]
+
+
+def bury(node, depth, rng):
+    """``node`` as an argument ``depth`` operators down, beside random digits."""
+    for _ in range(depth):
+        args = [rng.randrange(10) for _ in range(rng.randint(1, 3))]
+        args.insert(rng.randrange(len(args) + 1), node)
+        node = (rng.choice(listops.OPERATORS), tuple(args))
+    return node
+
+
+@pytest.mark.parametrize("op", listops.OPERATORS)
+@pytest.mark.parametrize("depth", [0, 1, 5, DEPTH])
+@pytest.mark.parametrize("function", FUNCTIONS, ids=lambda f: f.__name__)
+def test_operator_without_argument_is_a_value_error_naming_it(op, depth, function):
+    """[MAX ] has no value (the official generator gives every operator 2-5 arguments and its
+    evaluator has none for an empty list): ValueError naming the expression, never IndexError."""
+    tree = bury((op, ()), depth, random.Random(depth))
+    with pytest.raises(ValueError, match=rf"malformed ListOps expression '.+': operator '\{op}' has no argument "
+                                         rf"\(\{op} \]\)") as info:
+        function(tree)
+    if depth <= 5:  # the whole expression is in the message (a long one is cut at 200 characters)
+        assert repr(" ".join(to_tokens_unchecked(tree))) in str(info.value)
+
+
+def to_tokens_unchecked(tree):
+    if isinstance(tree, int):
+        return [str(tree)]
+    return [tree[0], *[t for a in tree[1] for t in to_tokens_unchecked(a)], "]"]
+
+
+@pytest.mark.parametrize("leaf, match", [(12, "value 12 is not a digit"), (-1, "value -1 is not a digit"),
+                                         (True, "is a bool"), ("3", "neither a digit"), (None, "neither a digit"),
+                                         (("[SM",), "neither a digit")])
+@pytest.mark.parametrize("function", FUNCTIONS, ids=lambda f: f.__name__)
+def test_malformed_leaves_are_value_errors(leaf, match, function):
+    with pytest.raises(ValueError, match=match):
+        function(("[SM", (1, ("[MAX", (leaf, 4)))))
+
+
+@pytest.mark.parametrize("text", ["( [MAX ] )", "[MAX ]", "( ( [MED ] ) )", "( ( ( [SM 1 ) ( [MIN ] ) ) ] )"])
+def test_written_operator_without_argument_is_refused_by_the_reader(tmp_path, text):
+    path = tmp_path / "bad.tsv"
+    path.write_text(f"0\t( ( [MIN 1 ) ] )\n0\t{text}\n")
+    with pytest.raises(ValueError, match=rf"^{path}:2: "):
+        read_listops(path)
+
+
+def test_one_argument_operators_still_evaluate():
+    # parse_expression accepts ( ( [OP a ) ] ): the value of the operator over one argument
+    for op, expected in zip(listops.OPERATORS, (7, 7, 7, 7)):
+        tree = parse_expression(f"( ( {op} 7 ) ] )".split())
+        assert tree == (op, (7,)) and evaluate(tree) == expected

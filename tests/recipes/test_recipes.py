@@ -187,3 +187,56 @@ def test_lm_recipe_end_to_end_on_real_text(shared_data, tmp_path, model):
     match = re.search(r"Perplexity: ([\d.]+)", ppl)
     assert match and 1 < float(match.group(1)) < 400, ppl[-2000:]
     assert (save / "valid.ppl").read_text().startswith("Loss (base 2):")
+
+
+# ---------------------------------------------------------------- the ListOps evaluator at the edges (issue 21)
+
+def listops_evaluator():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("listops_evaluate", RECIPES / "listops" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class LengthModel(torch.nn.Module):
+    """Predicts (unpadded length) % 10: the recipe's batching is checked against each example alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, src, lengths):
+        self.calls += 1
+        return torch.nn.functional.one_hot(lengths % 10, 10).float()
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, 4000])
+def test_listops_evaluate_batches_match_single_examples(max_tokens):
+    from fairseq_plugins.tasks.listops import listops_dictionary
+    from fairseq_plugins.tasks.listops_data import generate
+
+    examples = generate(30, seed=max_tokens, max_length=40)
+    preds = listops_evaluator().evaluate(LengthModel(), listops_dictionary(), examples, max_tokens=max_tokens)
+    assert preds == [len(ex.tokens) % 10 for ex in examples]
+
+
+@pytest.mark.parametrize("expression", ["( [MAX ] )", "[MAX ]", "( ( ( [SM 1 ) ( [MIN ] ) ) ] )", "( ( [SM 1 ) ]"])
+def test_listops_evaluate_refuses_an_operator_without_argument(expression):
+    from fairseq_plugins.tasks.listops import listops_dictionary
+    from fairseq_plugins.tasks.listops_data import ListOpsExample, generate
+
+    examples = generate(3, seed=0, max_length=20) + [ListOpsExample(0, expression)]
+    model = LengthModel()
+    with pytest.raises(ValueError, match=rf"examples\[3\]: expression {re.escape(repr(expression))} is not well-formed"):
+        listops_evaluator().evaluate(model, listops_dictionary(), examples)
+    assert model.calls == 0  # refused before the model ran
+
+
+@pytest.mark.parametrize("max_tokens, exc", [(0, ValueError), (-5, ValueError), (2.5, TypeError)])
+def test_listops_evaluate_refuses_bad_max_tokens(max_tokens, exc):
+    from fairseq_plugins.tasks.listops import listops_dictionary
+    from fairseq_plugins.tasks.listops_data import generate
+
+    with pytest.raises(exc, match="max_tokens"):
+        listops_evaluator().evaluate(LengthModel(), listops_dictionary(), generate(2, max_length=10), max_tokens=max_tokens)
