@@ -44,10 +44,12 @@ $(STAMP): setup.py constraints.txt Makefile tools/patch_fairseq_numpy2.py
 	$(PIP) install --no-deps --force-reinstall "$$(ls "$(WHEEL_CACHE)"/$(FAIRSEQ_WHEEL) | head -n 1)"
 	$(PIP) install -c constraints.txt hydra-core omegaconf regex sacrebleu tqdm bitarray cffi \
 	  scikit-learn packaging sentencepiece matplotlib tensorboardX lion-pytorch transformers pytest pytest-xdist hypothesis 2>&1 | grep -v "is ignored" || true
+	@# fairscale (fairseq's --zero-sharding os and --ddp-backend fully_sharded): its sdist, without CUDA extensions
+	BUILD_CUDA_EXTENSIONS=0 $(PIP) install --no-build-isolation --no-deps -c constraints.txt fairscale==0.4.13
 	$(PIP) install --no-build-isolation --no-deps -e .
 	@# the public packages this toolbox is compared with, importable only through tests/peers.py
 	$(PIP) install --no-deps --upgrade --target $(VENV)/peers admin-torch==0.1.0 reinmax==0.1.0
-	$(PY) -c "import fairseq, admin_torch, reinmax, sign_optim, sentencepiece, sacrebleu, matplotlib"
+	$(PY) -c "import fairseq, fairscale, admin_torch, reinmax, sign_optim, sentencepiece, sacrebleu, matplotlib"
 	touch $(STAMP)
 	@echo "== $(VENV) is ready"
 

@@ -10,7 +10,8 @@ Importing this package (which ``--user-dir`` does) registers, once per process:
 
 makes fairseq checkpoints load with torch's safe ``weights_only=True`` unpickler
 (:mod:`fairseq_plugins.safe_checkpoint`), and keeps the last batch that fairseq-fixed drops, so
-generation and validation see every sentence (:mod:`fairseq_plugins.batching`), and ends a tool with one
+generation and validation see every sentence (:mod:`fairseq_plugins.batching`), lets ``--ddp-backend
+c10d``/``pytorch_ddp`` (fairseq's default) wrap a CPU model (:mod:`fairseq_plugins.distributed`), and ends a tool with one
 line naming the flag (exit 2) for a bad plugin flag, before any data is loaded (:mod:`fairseq_plugins.flags`). The algorithms live in ``admin_torch``, ``reinmax`` and
 ``sign_optim``; this package only adapts them to fairseq.
 
@@ -20,10 +21,11 @@ and, once installed, by absolute path::
     fairseq-train --user-dir "$(python -c 'import fairseq_plugins, os; print(os.path.dirname(fairseq_plugins.__file__))')" ...
 """
 
-from . import batching, safe_checkpoint
+from . import batching, distributed, safe_checkpoint
 
 safe_checkpoint.install()
 batching.install()
+distributed.install()
 
 # fairseq auto-imports models/ and tasks/ of a --user-dir; optimizers must be imported here.
 # Importing models/ and tasks/ here as well makes `import fairseq_plugins` alone enough.
@@ -33,4 +35,4 @@ from . import flags  # noqa: E402
 # after the registrations: bad plugin flags end with one line and exit 2, before any data loads
 flags.install()
 
-__all__ = ["batching", "criterions", "flags", "models", "moe", "optim", "tasks", "safe_checkpoint"]
+__all__ = ["batching", "criterions", "distributed", "flags", "models", "moe", "optim", "tasks", "safe_checkpoint"]

@@ -42,7 +42,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(tool_args_per_rank: Sequence[Sequence], logs: Path, timeout: float = 300):
+def run_ranks(tool_args_per_rank: Sequence[Sequence], logs: Path, timeout: float = 300,
+              ddp_backend: str = "legacy_ddp"):
     """Run ``fairseq-train`` once per rank (gloo on CPU, no spawn); ``(exit codes, logs)``.
 
     A rank still running after ``timeout`` seconds (a hang) is killed and counts as exit code None.
@@ -51,7 +52,7 @@ def run_ranks(tool_args_per_rank: Sequence[Sequence], logs: Path, timeout: float
     world = len(tool_args_per_rank)
     procs = []
     for rank, args in enumerate(tool_args_per_rank):
-        args = [*args, "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
+        args = [*args, "--distributed-backend", "gloo", "--ddp-backend", ddp_backend,
                 "--distributed-world-size", str(world), "--distributed-rank", str(rank),
                 "--distributed-no-spawn", "--distributed-init-method", f"tcp://127.0.0.1:{port}"]
         log = open(logs / f"rank{rank}.log", "w")
