@@ -15,6 +15,12 @@ forward and backward) on that batch's tokens, summed over layers; torch.utils.be
 
 Writes ``moe_lm.{json,md,png}`` under ``--out``.
 
+Partial re-runs: ``--reuse-runs results/reinmax/moe_lm.json --rerun sparsemixer-E4,sparsemixer-E8,switch-E4@1``
+trains only the listed configurations (``config`` or ``config@seed``) and takes every other run from
+that JSON, refused unless its training arguments equal this call's; the table marks which runs
+were re-trained. Use it when a change touches only some routers' code, and re-run one unchanged
+run as a control (its loss must be identical).
+
     python benchmarks/moe_lm.py                                   # CPU: 4 layers, d=128, 300 updates, 3 seeds
     python benchmarks/moe_lm.py --layers 12 --dim 512 --max-update 20000 --device cuda   # larger
 """
@@ -145,6 +151,9 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--skip-train", action="store_true", help="only the router's share of step time")
+    ap.add_argument("--reuse-runs", type=Path, default=None,
+                    help="a moe_lm.json whose runs are kept for every configuration not in --rerun")
+    ap.add_argument("--rerun", default="", help="with --reuse-runs: configs (or config@seed) to train again")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "reinmax")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
@@ -155,11 +164,24 @@ def main(argv=None):
     routers = args.routers.split(",")
     configs = [(0, "-")] + [(e, r) for e in experts for r in routers]
     results = []
+    reused = reused_runs(args, ap) if args.reuse_runs else {}
     if not args.skip_train:
-        jobs = [(e, r, int(s)) for s in args.seeds.split(",") for e, r in configs]
+        jobs = [(e, r, int(s)) for s in args.seeds.split(",") for e, r in configs
+                if (name(e, r), int(s)) not in reused]
         print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             results = list(pool.map(lambda j: one(args, *j, env), jobs))
+        for run_ in results:
+            run_["retrained"] = True
+            old = reused.get(("control", run_["config"], run_["seed"]))
+            if old is not None:
+                run_["previous_valid_loss"] = old.get("valid_loss")
+                print(f"  control {run_['config']} seed {run_['seed']}: {run_.get('valid_loss')} now, "
+                      f"{old.get('valid_loss')} before", flush=True)
+        results += [v for k, v in reused.items() if k[0] != "control"]
+        order = {(name(e, r), int(s)): i for i, (s, (e, r)) in
+                 enumerate((s, c) for s in args.seeds.split(",") for c in configs)}
+        results.sort(key=lambda x: order.get((x["config"], x["seed"]), len(order)))
     print("router share of step time ...", flush=True)
     shares = {}
     for e, r in configs:
@@ -187,16 +209,64 @@ def main(argv=None):
     lines = [header, "", "| model | seeds | valid loss (mean +- std) | per seed | words/s | step ms | routing ms | "
              "router share |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['finished']}/{r['seeds']} | {r['valid_loss_mean']:.3f} +- "
+        retrained = [x for x in results if x["config"] == r["config"] and x.get("retrained")]
+        if reused and retrained:
+            r["config_label"] = r["config"] + (" (re-run)" if len(retrained) == r["seeds"] else
+                                               f" (seed {','.join(str(x['seed']) for x in retrained)} re-run)")
+        lines.append(f"| {r.get('config_label', r['config'])} | {r['finished']}/{r['seeds']} | {r['valid_loss_mean']:.3f} +- "
                      f"{r['valid_loss_std']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | "
                      f"{r['wps_mean']:.0f} | {r['step_ms']:.1f} | {r['routing_ms']:.2f} | {100 * r['share']:.1f}% |")
     lines += ["", f"command: python benchmarks/moe_lm.py --experts {args.experts} --routers {args.routers} --seeds "
               f"{args.seeds} --layers {args.layers} --dim {args.dim} --tokens {args.tokens} --lr {args.lr} --warmup "
-              f"{args.warmup} --tau {args.tau} --max-update {args.max_update} --device {args.device}"]
+              f"{args.warmup} --tau {args.tau} --max-update {args.max_update} --device {args.device}"
+              + (f" --reuse-runs {args.reuse_runs} --rerun {args.rerun}" if reused else "")]
+    if reused:
+        lines += [f"runs not marked re-run: taken from {args.reuse_runs} (same training arguments); re-trained: "
+                  f"{args.rerun}"]
+        controls = [x for x in results if "previous_valid_loss" in x]
+        lines += ["re-trained runs against the reused file's: " + "; ".join(
+            f"{x['config']} seed {x['seed']} {x.get('valid_loss')} (was {x['previous_valid_loss']})" for x in controls),
+            "words/s of re-trained runs were measured on a machine shared with other jobs: compare them within the "
+            "re-trained runs only"]
     write_table(args.out, "moe_lm", args, results, rows, "\n".join(lines))
     if results:
         plot(rows, experts, routers, args)
     print(f"wrote {args.out}/moe_lm.{{json,md,png}}")
+
+
+TRAINING_ARGS = ("data", "experts", "routers", "seeds", "layers", "dim", "tokens", "lr", "warmup", "tau",
+                 "balance_weight", "max_update", "device")
+
+
+def reused_runs(args, ap) -> dict:
+    """``{(config, seed): run}`` of ``--reuse-runs`` for the runs not in ``--rerun`` (plus ``("control", config,
+    seed)`` entries for the re-run ones, to compare); refused when the training arguments differ."""
+    import json as _json
+
+    if not args.reuse_runs.is_file():
+        ap.error(f"--reuse-runs: {args.reuse_runs} not found")
+    old = _json.loads(args.reuse_runs.read_text())
+    differ = [k for k in TRAINING_ARGS if str(old["args"].get(k)) != str(getattr(args, k))]
+    if differ:
+        ap.error(f"--reuse-runs: {args.reuse_runs} was made with other training arguments ({', '.join(differ)}); "
+                 f"give the same values or re-run everything")
+    wanted = [spec.split("@") for spec in args.rerun.split(",") if spec]
+    known = {name(e, r) for e in [0, *map(int, args.experts.split(","))] for r in args.routers.split(",")}
+    for spec in wanted:
+        if spec[0] not in known or len(spec) > 2 or (len(spec) == 2 and not spec[1].isdigit()):
+            ap.error(f"--rerun: {'@'.join(spec)!r} is not config or config@seed with config one of {sorted(known)}")
+
+    def retrain(run_) -> bool:
+        return any(spec[0] == run_["config"] and (len(spec) == 1 or int(spec[1]) == run_["seed"]) for spec in wanted)
+
+    kept = {}
+    for run_ in old["runs"]:
+        key = (run_["config"], run_["seed"])
+        if retrain(run_):
+            kept[("control", *key)] = run_
+        else:
+            kept[key] = {**run_, "retrained": False}
+    return kept
 
 
 def plot(rows, experts, routers, args):

@@ -12,7 +12,13 @@ FFN's. 0 (the default) keeps the dense FFN. The flags:
   criteria ``cross_entropy_moe`` / ``label_smoothed_cross_entropy_moe`` add (and log, with the
   per-expert load); with a weight > 0 training with a stock criterion is refused,
 * ``--moe-capacity-factor`` (default 0: no token dropped): a token beyond an expert's
-  ``ceil(factor * tokens / E)`` slots is dropped and passes through the residual unchanged.
+  ``min(tokens, ceil(factor * tokens / E))`` slots is dropped and passes through the residual
+  unchanged; any finite factor is accepted, and one >= E drops nothing (the slots are clamped to
+  the batch's tokens, exactly: :meth:`reinmax.RoutedFeedForward.capacity`).
+
+With ``--encoder-layerdrop`` / ``--decoder-layerdrop``, a layer skipped in a step adds nothing to
+the balance loss or the logged load: the ``*_moe`` criteria clear every layer's routing stats
+before each forward.
 
 The layer swap: fairseq's FFN is ``fc2(activation_dropout(activation_fn(fc1(x))))``; ``fc1``
 becomes the routed layer (which applies the activation and its dropout to each expert) and the
@@ -32,6 +38,8 @@ from torch import nn
 import reinmax
 from fairseq import utils
 from stability_toolbox import validation
+
+from reinmax.routing import ROUTER_MIN_TAU, TAU_ROUTERS
 
 from .flags import FlagError, check_flag
 
@@ -57,7 +65,8 @@ def add_moe_args(parser) -> None:
     group.add_argument("--moe-balance-weight", type=float, default=None,
                        help="weight of the load-balancing loss added by the *_moe criteria (default 0.01)")
     group.add_argument("--moe-capacity-factor", type=float, default=None,
-                       help="expert capacity in units of tokens/E; excess tokens are dropped (default 0: none)")
+                       help="expert capacity in units of tokens/E; excess tokens are dropped (default 0: none; "
+                            ">= E: none either)")
 
 
 def moe_defaults(args) -> None:
@@ -77,7 +86,10 @@ def check_moe_args(args) -> None:
     if experts == 0:
         return
     router = check_flag("--moe-router", validation.as_choice, str(args.moe_router), choices=reinmax.ROUTERS)
-    check_flag("--moe-tau", validation.as_real, args.moe_tau, low=0.0, low_open=True)
+    tau = check_flag("--moe-tau", validation.as_real, args.moe_tau, low=0.0, low_open=True)
+    if router in TAU_ROUTERS and tau < ROUTER_MIN_TAU:
+        raise FlagError(f"--moe-tau must be a finite real number >= {ROUTER_MIN_TAU:g} with --moe-router {router}, "
+                        f"got {tau!r}")
     weight = check_flag("--moe-balance-weight", validation.as_real, args.moe_balance_weight, low=0.0)
     capacity = check_flag("--moe-capacity-factor", validation.as_real, args.moe_capacity_factor, low=0.0)
     if capacity > 0 and router == "reinmax":

@@ -17,12 +17,22 @@ in token order (the first C tokens routed to it); a token beyond that is *droppe
 outputs 0 for it (in a residual block the token passes through the shortcut unchanged) and its
 router gets no gradient from it. Shapes are then static (E x C slots, batched matmuls), with no
 host-device synchronization: this mode compiles with ``torch.compile(fullgraph=True)`` and a
-token costs ``c`` FFNs. ``reinmax`` computes every expert and accepts no capacity.
+token costs ``c`` FFNs. ``C`` is clamped to ``N`` (an expert never receives more than the N
+tokens, so ``C = N`` already drops nothing): any finite ``c`` is accepted, and every ``c >= E``
+(``1e308`` included) is exactly the no-drop layer with ``C = N``. ``reinmax`` computes every
+expert and accepts no capacity.
+
+Dtypes. The input must have the layer's dtype (``layer.to(dtype)`` converts the layer), except
+under ``torch.autocast``, where the matmuls take autocast's dtype; anything else is a TypeError
+(never a silent cast). The routing runs in float32 (float64 for a float64 layer) in every case.
 
 Balance. After each call :attr:`RoutedFeedForward.stats` holds a :class:`RoutingStats`: Switch's
 load-balancing loss (with gradient; add ``weight * stats.balance_loss`` to the training loss, as
 :func:`moe_balance_loss` does for a whole model), the fraction of tokens routed to each expert and
-the fraction dropped.
+the fraction dropped. When a model may skip layers (LayerDrop), call :func:`clear_moe_stats`
+before each forward so that a skipped layer contributes nothing (its stats are None) instead of
+its previous call's loss, whose graph is gone. A copy (``copy.deepcopy``, pickling) of a layer
+has ``stats`` None: it has not run.
 
 Example::
 
@@ -40,16 +50,20 @@ from torch import Tensor, nn
 
 from stability_toolbox import validation
 
-from ._checks import check_tau
-from .routing import Routing, balance_loss, check_router, expert_counts, route_tokens
+from .routing import Routing, _balance_loss, _expert_counts, check_router, check_router_tau, route_tokens
 
-__all__ = ["ACTIVATIONS", "RoutedFeedForward", "RoutingStats", "moe_balance_loss", "moe_layers", "moe_load"]
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+__all__ = ["ACTIVATIONS", "RoutedFeedForward", "RoutingStats", "clear_moe_stats", "moe_balance_loss", "moe_layers",
+           "moe_load"]
 
 #: activation names accepted by :class:`RoutedFeedForward` (a callable is accepted too).
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": _gelu_tanh,
     "silu": F.silu,
     "tanh": torch.tanh,
 }
@@ -61,7 +75,8 @@ class RoutingStats(NamedTuple):
     Attributes:
         balance_loss: 0-d, Switch's load-balancing loss (1 when balanced, E at worst), with gradient.
         load: ``(E,)`` fraction of the tokens routed to each expert (before any drop).
-        dropped: 0-d, fraction of the tokens dropped for capacity (0 without a capacity).
+        dropped: 0-d, fraction of the tokens dropped for capacity (0 without a capacity); float32 (float64
+            for a float64 layer), like ``load`` and ``balance_loss``.
         index: ``(N,)`` the chosen expert of each token (flattened input order).
     """
 
@@ -79,15 +94,19 @@ class RoutedFeedForward(nn.Module):
         ffn_dim: the hidden size of each expert.
         num_experts: E >= 1. With E = 1 the layer is a plain FFN (the gate is exactly 1).
         router: one of :data:`reinmax.routing.ROUTERS` (default ``"sparsemixer"``).
-        tau: temperature of ``straight_through``, ``gumbel_softmax`` and ``reinmax``.
-        capacity_factor: None (no token dropped) or a finite number > 0 (see the module docstring).
+        tau: temperature of ``straight_through``, ``gumbel_softmax`` and ``reinmax``: finite, >=
+            :data:`reinmax.routing.ROUTER_MIN_TAU` (1e-30) for them, > 0 for the others; any such tau gives
+            finite gates and gradients.
+        capacity_factor: None (no token dropped) or a finite number > 0, in units of ``N / E``
+            slots per expert; the slots are clamped to N, so ``c >= E`` drops nothing (module docstring).
         activation: a name in :data:`ACTIVATIONS` or a callable.
         activation_dropout: dropout probability on the hidden activations.
         jitter_eps: ``sparsemixer``'s masking threshold.
 
     Shape:
-        input ``(*, embed_dim)``; output the same. ``forward(x, generator=None)``: an optional
-        ``torch.Generator`` for the routing samples. An empty input gives an empty output.
+        input ``(*, embed_dim)`` of the layer's dtype (any dtype under ``torch.autocast``); output
+        the same shape. ``forward(x, generator=None)``: an optional ``torch.Generator`` for the
+        routing samples. An empty input gives an empty output.
 
     Parameters: ``router`` (``nn.Linear(embed_dim, E, bias=False)``), ``fc1_weight`` ``(E, ffn_dim,
     embed_dim)``, ``fc1_bias`` ``(E, ffn_dim)``, ``fc2_weight`` ``(E, embed_dim, ffn_dim)``,
@@ -109,7 +128,7 @@ class RoutedFeedForward(nn.Module):
         ffn_dim = validation.as_int("ffn_dim", ffn_dim, minimum=1)
         self.num_experts = validation.as_int("num_experts", num_experts, minimum=1)
         self.router_name = check_router(router)
-        self.tau = check_tau(tau)
+        self.tau = check_router_tau(self.router_name, tau)
         if capacity_factor is not None:
             capacity_factor = validation.as_real("capacity_factor", capacity_factor, low=0.0, low_open=True)
             if self.router_name == "reinmax":
@@ -150,24 +169,40 @@ class RoutedFeedForward(nn.Module):
         return self.router_name != "reinmax"
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``(*, embed_dim) -> (*, embed_dim)``; sets :attr:`stats` (a :class:`RoutingStats`)."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point torch.Tensor, got "
                             f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
         d = self.fc1_weight.shape[2]
         if x.dim() == 0 or x.shape[-1] != d:
             raise ValueError(f"x must have shape (*, embed_dim={d}), got {tuple(x.shape)}")
+        dtype = self.fc1_weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x must have the layer's dtype {dtype} (or run under torch.autocast), got {x.dtype}; "
+                            f"convert the input or the layer (layer.to({x.dtype}))")
         tokens = x.reshape(-1, d)
-        routing = route_tokens(self.router(tokens), self.router_name, self.tau, training=self.training,
+        router_weight = self.router.weight
+        # a router kept in another precision than the experts (e.g. float32 with bfloat16 experts) gets its own
+        logits = F.linear(tokens if tokens.dtype == router_weight.dtype else tokens.to(router_weight.dtype),
+                          router_weight)
+        routing = route_tokens(logits, self.router_name, self.tau, training=self.training,
                                jitter_eps=self.jitter_eps, generator=generator)
         if self.sparse:
             out, dropped = self._sparse(tokens, routing)
         else:
-            out, dropped = self._dense(tokens, routing), tokens.new_zeros(())
+            out, dropped = self._dense(tokens, routing), routing.probs.new_zeros(())
         self.stats = RoutingStats(
-            balance_loss=balance_loss(routing.probs, routing.index),
-            load=expert_counts(routing.index, self.num_experts, routing.probs.dtype) / max(tokens.shape[0], 1),
+            balance_loss=_balance_loss(routing.probs, routing.index),
+            load=_expert_counts(routing.index, self.num_experts, routing.probs.dtype) / max(tokens.shape[0], 1),
             dropped=dropped, index=routing.index)
         return out.reshape(x.shape)
+
+    def __getstate__(self):
+        # the last call's stats hold its autograd graph (not copyable, not picklable): a copy has not run
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["stats"] = None
+        return state
 
     # -------------------------------------------------------------- expert computation
 
@@ -183,11 +218,13 @@ class RoutedFeedForward(nn.Module):
 
     def _sparse(self, tokens: Tensor, routing: Routing):
         if self.capacity_factor is None:
-            out, dropped = self._by_sorting(tokens, routing.index), tokens.new_zeros(())
+            out, dropped = self._by_sorting(tokens, routing.index), routing.probs.new_zeros(())
         else:
-            # a dropped token's row is 0, so its gate (and router) gets no gradient from it
+            # a dropped token's row is 0, so its gate (and router) gets no gradient from it; the fraction is
+            # counted in the routing dtype (float32 or float64), not in a half-precision input's
             out, keep = self._by_capacity(tokens, routing.index)
-            dropped = 1.0 - keep.to(tokens.dtype).mean() if tokens.shape[0] else tokens.new_zeros(())
+            probs = routing.probs
+            dropped = 1.0 - keep.to(probs.dtype).mean() if tokens.shape[0] else probs.new_zeros(())
         return out * routing.gate.to(out.dtype).unsqueeze(1), dropped
 
     def _expert(self, e: int, x: Tensor) -> Tensor:
@@ -206,10 +243,16 @@ class RoutedFeedForward(nn.Module):
         return torch.empty_like(sorted_out).index_copy(0, order, sorted_out)
 
     def capacity(self, num_tokens: int) -> int:
-        """Slots per expert for ``num_tokens`` tokens: ``ceil(capacity_factor * N / E)`` (None: N)."""
+        """Slots per expert for ``num_tokens`` tokens: ``min(N, ceil(capacity_factor * N / E))``, at least 1 (None: N).
+
+        The clamp to N is exact (no expert can receive more than N tokens) and keeps every finite
+        factor finite: ``c >= E`` is N without computing ``c * N`` (which overflows for ``c = 1e308``).
+        """
         if self.capacity_factor is None:
             return num_tokens
-        return max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+        if self.capacity_factor >= self.num_experts:
+            return max(1, num_tokens)
+        return max(1, min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts)))
 
     def _by_capacity(self, tokens: Tensor, index: Tensor):
         """Static shapes: E x C slots filled in token order, batched matmuls, one gather back."""
@@ -231,9 +274,32 @@ class RoutedFeedForward(nn.Module):
                 f"capacity_factor={self.capacity_factor}")
 
 
+def _check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def moe_layers(model: nn.Module) -> Iterator[RoutedFeedForward]:
-    """Every :class:`RoutedFeedForward` of ``model``, in module order."""
-    return (m for m in model.modules() if isinstance(m, RoutedFeedForward))
+    """Every :class:`RoutedFeedForward` of ``model`` (an ``nn.Module``, else TypeError), in module order."""
+    return (m for m in _check_model(model).modules() if isinstance(m, RoutedFeedForward))
+
+
+def clear_moe_stats(model: nn.Module) -> None:
+    """Set ``stats`` of every MoE layer of ``model`` to None.
+
+    Call it before a forward of a model that may skip layers (LayerDrop): afterwards only the
+    layers that ran have stats, so :func:`moe_balance_loss` and :func:`moe_load` count exactly
+    those (a skipped layer would otherwise add its previous call's loss, whose graph was freed by
+    the previous backward). The ``*_moe`` fairseq criteria call it on every call.
+
+    Example::
+
+        >>> clear_moe_stats(model); out = model(x)
+        >>> loss = task_loss + 0.01 * moe_balance_loss(model)
+    """
+    for m in moe_layers(model):
+        m.stats = None
 
 
 def moe_balance_loss(model: nn.Module) -> Optional[Tensor]:
@@ -250,6 +316,14 @@ def moe_balance_loss(model: nn.Module) -> Optional[Tensor]:
 
 
 def moe_load(model: nn.Module) -> Optional[Tensor]:
-    """``(layers, E)``: each MoE layer's last fraction of tokens per expert (layers with the same E)."""
-    loads = [m.stats.load.detach() for m in moe_layers(model) if m.stats is not None]
-    return torch.stack(loads) if loads else None
+    """``(layers, E)``: each MoE layer's last fraction of tokens per expert (layers that have stats).
+
+    None when no MoE layer has stats. ValueError when those layers have different expert counts
+    (take ``[m.stats.load for m in moe_layers(model)]`` then).
+    """
+    layers = [m for m in moe_layers(model) if m.stats is not None]
+    counts = sorted({m.num_experts for m in layers})
+    if len(counts) > 1:
+        raise ValueError(f"model's MoE layers must all have the same num_experts for moe_load, got {counts}; "
+                         f"use [m.stats.load for m in reinmax.moe_layers(model)]")
+    return torch.stack([m.stats.load.detach() for m in layers]) if layers else None

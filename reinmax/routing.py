@@ -32,7 +32,24 @@ max)``, are masked out (``pi'``: the softmax over the rest), which keeps the sam
 among the plausible ones (``jitter_eps``, default 0.1 as in the authors' code).
 
 In evaluation (``training=False``) every router takes ``D = argmax theta`` with the training
-forward value at that choice (``pi_D`` for ``switch`` and ``sparsemixer``, 1 otherwise).
+forward value at that choice: ``pi_D`` for ``switch``, ``pi'_D`` (the *masked* softmax, as in
+training, where the argmax always has ``c = 1``) for ``sparsemixer``, 1 otherwise. For
+``sparsemixer`` the mask is therefore computed before the train/eval branch, as in the authors'
+code; an unmasked eval gate would scale every routed FFN differently at validation than in
+training. SparseMixer's balance loss uses the masked softmax too (:attr:`Routing.probs`).
+
+The authors' router also multiplies the gate by a learnable per-dimension scale ``omega``
+(``(d,)``, initialized to 1, shared by the experts). It is not added here: ``omega_j`` times
+every expert's output ``j`` is the same function as every expert's ``fc2`` row ``j`` (weight and
+bias) scaled by ``omega_j``, so it adds no expressiveness, it only reparametrizes the
+optimization; at its initialization the two layers are identical (checked against an
+independent re-implementation of the reference in ``tests/reinmax/test_moe_adversarial.py``).
+Leaving it out keeps every router's layer the same function class and parameters.
+
+Temperature. The tempered softmaxes (``softmax(theta / tau)``) are computed from the shifted logits
+``(theta - max theta) / tau``: no ``inf - inf`` when ``theta / tau`` overflows. The routers that use
+``tau`` refuse one below :data:`ROUTER_MIN_TAU` (1e-30), where their gradient at tied logits
+(``1 / (4 tau)``) overflows float32; every accepted ``tau`` gives finite gates and gradients.
 
 Example::
 
@@ -54,12 +71,20 @@ from .baselines import _uniform_open
 from .reinmax_function import reinmax
 from .sampling import draw
 
-__all__ = ["ROUTERS", "SPARSE_ROUTERS", "Routing", "route_tokens", "check_router", "balance_loss", "expert_counts"]
+__all__ = ["ROUTERS", "SPARSE_ROUTERS", "ROUTER_MIN_TAU", "TAU_ROUTERS", "Routing", "route_tokens", "check_router",
+           "check_router_tau", "balance_loss", "expert_counts"]
 
 #: the routers, sparse ones (one expert computed per token) first.
 ROUTERS = ("sparsemixer", "switch", "straight_through", "gumbel_softmax", "reinmax")
 #: the routers whose gradient needs only the chosen expert's output.
 SPARSE_ROUTERS = ("sparsemixer", "switch", "straight_through", "gumbel_softmax")
+#: the routers whose gradient has a temperature ``tau``.
+TAU_ROUTERS = ("straight_through", "gumbel_softmax", "reinmax")
+#: the smallest ``tau`` of :data:`TAU_ROUTERS`. Below it ``softmax(theta / tau)`` is one-hot to float precision
+#: except at exact ties, where the estimators' gradient (``1 / (4 tau)`` for two tied experts) overflows float32,
+#: and :func:`reinmax.reinmax`'s ``log pi / tau`` overflows float32 (all ``-inf``: NaN). ``switch`` and
+#: ``sparsemixer`` do not use ``tau`` and accept any finite ``tau > 0``.
+ROUTER_MIN_TAU = 1e-30
 
 
 class Routing(NamedTuple):
@@ -71,7 +96,8 @@ class Routing(NamedTuple):
             (sparse routers). ``None`` for ``reinmax``.
         weights: ``(N, E)`` one-hot choice carrying ReinMax's gradient (``reinmax``; the layer
             output is ``sum_i weights_i f_i``); ``None`` for the sparse routers.
-        probs: ``(N, E)`` ``softmax(logits)`` in float32 (float64 for float64), for the balance loss.
+        probs: ``(N, E)`` the router's probabilities in float32 (float64 for float64), for the balance
+            loss: ``softmax(logits)``; for ``sparsemixer`` the masked softmax ``pi'`` (0 at masked experts).
     """
 
     index: Tensor
@@ -83,6 +109,15 @@ class Routing(NamedTuple):
 def check_router(router) -> str:
     """``router`` if it is one of :data:`ROUTERS`; TypeError/ValueError naming them otherwise."""
     return validation.as_choice("router", router, ROUTERS)
+
+
+def check_router_tau(router: str, tau) -> float:
+    """``tau`` as a float: finite and > 0, and >= :data:`ROUTER_MIN_TAU` for the :data:`TAU_ROUTERS`."""
+    tau = check_tau(tau)
+    if router in TAU_ROUTERS and tau < ROUTER_MIN_TAU:
+        raise ValueError(f"tau must be a finite real number >= {ROUTER_MIN_TAU:g} with router={router!r} "
+                         f"(its gradient overflows float32 below it), got {tau!r}")
+    return tau
 
 
 def _check_route_logits(logits) -> None:
@@ -107,6 +142,17 @@ def _jitter_mask(work: Tensor, eps: float) -> Tensor:
     return (top - work) > 2 * eps * torch.maximum(work.abs(), top)
 
 
+def _tempered_softmax(work: Tensor, tau: float) -> Tensor:
+    """``softmax(work / tau)`` along dim 1, finite for every ``tau >= ROUTER_MIN_TAU``.
+
+    The logits are shifted by their maximum first (``<= 0``, so ``/ tau`` can only overflow to
+    ``-inf``, whose ``exp`` is 0: never the ``inf - inf`` of an overflowing ``work / tau``).
+    """
+    if tau == 1.0:
+        return torch.softmax(work, 1)
+    return torch.softmax((work - work.detach().amax(1, keepdim=True)) / tau, 1)
+
+
 def route_tokens(logits: Tensor, router: str, tau: float = 1.0, *, training: bool = True,
                  jitter_eps: float = 0.1, generator: Optional[torch.Generator] = None) -> Routing:
     r"""Choose one expert per token with ``router`` (see the module docstring for each router).
@@ -115,7 +161,8 @@ def route_tokens(logits: Tensor, router: str, tau: float = 1.0, *, training: boo
         logits: ``(N, E)`` router logits (any floating dtype; routed in float32, float64 for float64).
         router: one of :data:`ROUTERS`.
         tau: temperature of ``straight_through``, ``gumbel_softmax`` and ``reinmax`` (their gradient);
-            ``switch`` and ``sparsemixer`` do not use it. A finite number > 0.
+            ``switch`` and ``sparsemixer`` do not use it. A finite number > 0 (at least
+            :data:`ROUTER_MIN_TAU` for the routers that use it).
         training: sample (or, for ``switch``, take the argmax) with the router's gradient; False:
             the argmax, deterministic.
         jitter_eps: ``sparsemixer``'s masking threshold, a finite number >= 0.
@@ -131,13 +178,20 @@ def route_tokens(logits: Tensor, router: str, tau: float = 1.0, *, training: boo
     """
     _check_route_logits(logits)
     router = check_router(router)
-    tau = check_tau(tau)
+    tau = check_router_tau(router, tau)
     training = validation.as_bool("training", training)
     jitter_eps = validation.as_real("jitter_eps", jitter_eps, low=0.0)
     check_generator(generator, logits)
 
     work = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    probs = torch.softmax(work, 1)
+    if router == "sparsemixer":
+        # the mask comes before the train/eval branch: the eval gate is the masked softmax at the
+        # argmax, the value training gives there, and the balance loss uses the masked softmax
+        with torch.no_grad():
+            masked = _jitter_mask(work, jitter_eps)
+        probs = torch.softmax(work.masked_fill(masked, float("-inf")), 1)
+    else:
+        probs = torch.softmax(work, 1)
     check_probabilities(probs.detach().sum(1))
     if not training or router == "switch":
         index = work.detach().argmax(1)
@@ -155,19 +209,18 @@ def route_tokens(logits: Tensor, router: str, tau: float = 1.0, *, training: boo
         return Routing(index, None, y_hard.to(logits.dtype), probs)
     if router == "straight_through":
         index = draw(probs.detach(), 1, generator).squeeze(1)
-        p = probs if tau == 1.0 else torch.softmax(work / tau, 1)
+        p = _tempered_softmax(work, tau)
         return Routing(index, _straight_gate(p, index).to(logits.dtype), None, probs)
     if router == "gumbel_softmax":
         gumbels = _uniform_open(work.shape, work, generator).log().neg().log().neg()
         perturbed = work + gumbels
         index = perturbed.detach().argmax(1)
-        s = torch.softmax(perturbed / tau, 1)
+        s = _tempered_softmax(perturbed, tau)
         return Routing(index, _straight_gate(s, index).to(logits.dtype), None, probs)
 
-    # sparsemixer
-    with torch.no_grad():
-        masked = _jitter_mask(work, jitter_eps)
-    pi = torch.softmax(work.masked_fill(masked, float("-inf")), 1)
+    # sparsemixer: D ~ pi' (one uniform per token, inverse CDF), then one uniform per token for the
+    # mid-point coin (mid-point, forward scale 1/2, where it is < 1/2 and D is not the argmax)
+    pi = probs
     index = draw(pi.detach(), 1, generator).squeeze(1)
     pi_d = pi.gather(1, index.unsqueeze(1)).squeeze(1)
     coin = torch.rand(index.shape, generator=generator, dtype=work.dtype, device=work.device)
@@ -178,6 +231,18 @@ def route_tokens(logits: Tensor, router: str, tau: float = 1.0, *, training: boo
     return Routing(index, gate.to(logits.dtype), None, probs)
 
 
+def _check_index(index, experts: int, name: str = "index", tokens: Optional[int] = None) -> None:
+    """``index``: an integer tensor of shape ``(tokens,)`` with values in ``[0, experts)`` (a data check)."""
+    if not isinstance(index, Tensor) or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer torch.Tensor of expert numbers, got "
+                        f"{index.dtype if isinstance(index, Tensor) else type(index).__name__}")
+    if index.dim() != 1 or (tokens is not None and index.shape[0] != tokens):
+        want = "(tokens,)" if tokens is None else f"(tokens={tokens},)"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(index.shape)}")
+    validation.check_data(lambda: ((index < 0) | (index >= experts)).any(),
+                          f"{name} must hold expert numbers in [0, {experts - 1}] (experts={experts})")
+
+
 def balance_loss(probs: Tensor, index: Tensor) -> Tensor:
     r"""Switch Transformer's load-balancing loss ``E * sum_i f_i P_i`` (1 when perfectly balanced).
 
@@ -186,22 +251,56 @@ def balance_loss(probs: Tensor, index: Tensor) -> Tensor:
     routing; it reaches ``E`` when every token goes to one expert with probability 1.
 
     Args:
-        probs: ``(N, E)`` router probabilities.
-        index: ``(N,)`` chosen experts.
+        probs: ``(N, E)`` floating router probabilities (E >= 1).
+        index: ``(N,)`` integer tensor, the chosen experts, each in ``[0, E)`` (the range is a data
+            check: see :func:`stability_toolbox.set_data_checks`), on ``probs``' device.
 
     Returns:
-        a 0-d tensor (0 for N = 0).
+        a 0-d tensor of ``probs``' dtype (0 for N = 0).
+
+    Raises:
+        TypeError: ``probs`` not a floating tensor, ``index`` not an integer tensor.
+        ValueError: a shape other than ``(N, E)`` / ``(N,)``, another device, an expert out of range.
 
     Example::
 
         >>> balance_loss(torch.full((4, 2), 0.5), torch.tensor([0, 1, 0, 1]))
         tensor(1.)
     """
+    if not isinstance(probs, Tensor) or not probs.is_floating_point():
+        raise TypeError(f"probs must be a floating-point torch.Tensor of shape (tokens, experts), got "
+                        f"{probs.dtype if isinstance(probs, Tensor) else type(probs).__name__}")
+    if probs.dim() != 2 or probs.shape[1] == 0:
+        raise ValueError(f"probs must have shape (tokens, experts) with at least one expert, "
+                         f"got {tuple(probs.shape)}")
+    _check_index(index, probs.shape[1], tokens=probs.shape[0])
+    if index.device != probs.device:
+        raise ValueError(f"index must be on probs' device ({probs.device}), got {index.device}")
+    return _balance_loss(probs, index.long())
+
+
+def _balance_loss(probs: Tensor, index: Tensor) -> Tensor:
+    """:func:`balance_loss` without argument checks."""
     experts = probs.shape[1]
     tokens = max(probs.shape[0], 1)
-    return experts * torch.sum((expert_counts(index, experts, probs.dtype) / tokens) * probs.sum(0) / tokens)
+    return experts * torch.sum((_expert_counts(index, experts, probs.dtype) / tokens) * probs.sum(0) / tokens)
 
 
 def expert_counts(index: Tensor, experts: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(E,)`` tokens per expert, as ``dtype``. (``torch.bincount`` would read the maximum on the host.)"""
+    """``(E,)`` tokens per expert, as ``dtype``. (``torch.bincount`` would read the maximum on the host.)
+
+    Args:
+        index: ``(N,)`` integer tensor of experts in ``[0, experts)`` (the range is a data check).
+        experts: E >= 1.
+        dtype: a floating or integer ``torch.dtype`` of the counts.
+    """
+    experts = validation.as_int("experts", experts, minimum=1)
+    if not isinstance(dtype, torch.dtype) or dtype == torch.bool or dtype.is_complex:
+        raise TypeError(f"dtype must be a real torch.dtype, got {dtype!r}")
+    _check_index(index, experts)
+    return _expert_counts(index.long(), experts, dtype)
+
+
+def _expert_counts(index: Tensor, experts: int, dtype: torch.dtype) -> Tensor:
+    """:func:`expert_counts` without argument checks."""
     return torch.zeros(experts, dtype=dtype, device=index.device).index_add_(0, index, torch.ones_like(index, dtype=dtype))

@@ -7,7 +7,8 @@ when balanced); multiplying by ``sample_size`` keeps the weight's meaning under 
 per-sample-size gradient normalization. The logged ``loss``/``nll_loss``/``ppl`` stay the stock
 criterion's (comparable with a dense model's); added to the log:
 
-* ``moe_balance``: the balance loss averaged over the MoE layers (1: balanced, E: one expert),
+* ``moe_balance``: the balance loss averaged over the MoE layers that ran in this call (1: balanced, E: one
+  expert; a layer skipped by ``--encoder/decoder-layerdrop`` contributes nothing, to the loss either),
 * ``moe_load{i}``: the fraction of tokens routed to expert ``i``, averaged over the layers,
 * ``moe_dropped``: the fraction of tokens dropped for capacity.
 
@@ -22,6 +23,7 @@ Example::
 import torch
 
 import reinmax
+from reinmax.moe import clear_moe_stats
 from fairseq import metrics
 from fairseq.criterions import CRITERION_REGISTRY, register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
@@ -37,6 +39,9 @@ class MoEBalance:
     """Mixin for a fairseq criterion: adds the weighted balance loss and logs the routing."""
 
     def forward(self, model, sample, reduce=True):
+        # stats belong to this call: a layer LayerDrop skips now (--encoder/decoder-layerdrop) has none, so it adds
+        # nothing (not its previous call's balance loss, whose graph the previous backward freed)
+        clear_moe_stats(model)
         loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
         layers = [m for m in reinmax.moe_layers(model) if m.stats is not None]
         if not layers:

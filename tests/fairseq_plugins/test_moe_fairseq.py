@@ -93,6 +93,51 @@ def test_deepnorm_initializes_every_expert():
         assert float(w.detach().std()) == pytest.approx(expected, rel=0.15)
 
 
+def test_capacity_factor_beyond_the_experts_is_the_no_drop_model():
+    """Regression: --moe-capacity-factor 1e308 overflowed (math.ceil of inf) in the first forward, after data loaded."""
+    torch.manual_seed(0)
+    plain, _ = build("--moe-experts", 3, "--moe-router", "switch", "--dropout", 0)
+    huge, _ = build("--moe-experts", 3, "--moe-router", "switch", "--dropout", 0, "--moe-capacity-factor", 1e308)
+    huge.load_state_dict(plain.state_dict())
+    assert all(m.capacity_factor == 1e308 for m in reinmax.moe_layers(huge))
+    net = sample()["net_input"]
+    torch.testing.assert_close(huge(**net)[0], plain(**net)[0])
+    assert all(float(m.stats.dropped) == 0.0 for m in reinmax.moe_layers(huge))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_layerdrop_skipped_layers_add_nothing(seed):
+    """Regression: with --decoder-layerdrop a skipped layer's stale balance loss was summed again; its graph had
+    been freed by the previous backward ("Trying to backward through the graph a second time")."""
+    model, task = build("--moe-experts", 2, "--moe-balance-weight", 0.1, "--dropout", 0, "--encoder-layerdrop", 0.5,
+                        "--decoder-layerdrop", 0.5, layers=4)
+    task.target_dictionary = task.source_dictionary
+    stock = LabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1)
+    moe = LabelSmoothedCrossEntropyMoE(task, sentence_avg=False, label_smoothing=0.1)
+    layers = list(reinmax.moe_layers(model))
+    ran = set()
+    for layer in layers:
+        layer.register_forward_hook(lambda m, args, out: ran.add(id(m)))
+    counts = set()
+    for step in range(6):
+        ran.clear()
+        torch.manual_seed(100 * seed + step)
+        loss, size, log = moe(model, sample())
+        loss.backward()
+        with_stats = [m for m in layers if m.stats is not None]
+        assert {id(m) for m in with_stats} == ran
+        counts.add(len(ran))
+        torch.manual_seed(100 * seed + step)
+        base, _, _ = stock(model, sample())
+        expected = base + 0.1 * size * sum((m.stats.balance_loss for m in with_stats), torch.zeros(()))
+        torch.testing.assert_close(loss.detach(), expected.detach())
+        if with_stats:
+            mean = torch.stack([m.stats.balance_loss for m in with_stats]).mean()
+            torch.testing.assert_close(log["moe_balance"] / size, mean.detach())
+        model.zero_grad()
+    assert len(counts) > 1 and min(counts) < len(layers)  # layers were really skipped, in varying numbers
+
+
 # ------------------------------------------------------------------ the real tools
 
 
@@ -161,6 +206,9 @@ def test_translation_with_experts_trains_and_generates(tmp_path_factory, tmp_pat
     (dict(moe_balance_weight=float("nan")), "--moe-balance-weight must be a finite real number >= 0, got nan"),
     (dict(moe_capacity_factor=-1.0), "--moe-capacity-factor must be a finite real number >= 0"),
     (dict(moe_router="reinmax", moe_capacity_factor=1.25), "--moe-capacity-factor must be 0 with --moe-router reinmax"),
+    (dict(moe_router="reinmax", moe_tau=1e-40), "--moe-tau must be a finite real number >= 1e-30 with --moe-router reinmax"),
+    (dict(moe_router="gumbel_softmax", moe_tau=1e-31), "--moe-tau must be a finite real number >= 1e-30 with --moe-router"),
+    (dict(moe_capacity_factor=float("inf")), "--moe-capacity-factor must be a finite real number >= 0, got inf"),
     (dict(scale_fc=True), "--scale-fc is not accepted with --moe-experts"),
     (dict(criterion="label_smoothed_cross_entropy"), "--criterion label_smoothed_cross_entropy ignores"),
 ])
@@ -182,3 +230,25 @@ def test_bad_moe_flag_ends_fairseq_train_with_one_line(lm_data, tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith(
         "fairseq-train: error: --criterion cross_entropy ignores the load-balancing loss of --moe-experts; "
         "use --criterion cross_entropy_moe")
+
+
+@pytest.mark.slow
+def test_layerdrop_and_a_huge_capacity_factor_train_with_the_real_tool(lm_data, tmp_path):
+    """Regression: --decoder-layerdrop with cross_entropy_moe died in the second update's backward, and
+    --moe-capacity-factor 1e308 with an OverflowError after the data had loaded."""
+    moe = ["--moe-experts", "2", "--moe-router", "switch", "--criterion", "cross_entropy_moe",
+           "--decoder-layers", "4", "--decoder-layerdrop", "0.5", "--moe-capacity-factor", "1e308"]
+    out = run_tool("train", lm_data, *TINY_LM, *moe, "--max-update", "6", "--log-interval", "1",
+                   "--save-dir", tmp_path).stdout
+    assert "num_updates 6" in out and re.search(r"moe_balance [\d.]+", out)
+    assert re.search(r"moe_dropped 0(\.0+)? ", out)
+
+
+@pytest.mark.slow
+def test_tau_below_the_floor_ends_fairseq_train_with_one_line(lm_data, tmp_path):
+    proc = run_tool("train", lm_data, *TINY_LM, "--moe-experts", "2", "--moe-router", "reinmax", "--moe-tau", "1e-40",
+                    "--criterion", "cross_entropy_moe", "--save-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("fairseq-train: error: --moe-tau must be a finite real number >= 1e-30"), last
+    assert "loaded" not in proc.stdout.lower()  # refused before any data is read
