@@ -18,16 +18,19 @@ task, in :mod:`fairseq_plugins.tasks.listops_data`.
 
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through
 from .layers import CategoricalLayer, DiscreteBottleneck
-from .moe import RoutedFeedForward, RoutingStats, moe_balance_loss, moe_layers, moe_load
+from .moe import RoutedFeedForward, RoutingStats, clear_moe_stats, moe_balance_loss, moe_layers, moe_load
 from .registry import ESTIMATORS, estimate
 from .reinmax_function import ReinMaxFunction, reinmax
-from .routing import ROUTERS, SPARSE_ROUTERS, Routing, balance_loss, route_tokens
+from .routing import ROUTER_MIN_TAU, ROUTERS, SPARSE_ROUTERS, TAU_ROUTERS, Routing, balance_loss, route_tokens
 from .sampling import sample_categorical
 from .tree import BinaryTreeLSTMCell, LatentTreeLSTM, TreeClassifier
 
 __all__ = [
     "ROUTERS",
+    "ROUTER_MIN_TAU",
     "SPARSE_ROUTERS",
+    "TAU_ROUTERS",
+    "clear_moe_stats",
     "RoutedFeedForward",
     "Routing",
     "RoutingStats",
