@@ -5,6 +5,11 @@
   model on the CPU ("device_ids ... must be None for CPU modules"). The wrapper class fairseq uses is replaced
   by a subclass that passes ``device_ids=None, output_device=None`` when the module's parameters are on the
   CPU, and changes nothing on CUDA.
+* **Repair** (:func:`install`): under ``torchrun`` / ``torch.distributed.launch`` (one or several nodes) fairseq
+  takes the world from the launcher only when ``--distributed-world-size`` is also given (otherwise every
+  process trains alone, silently), and then sets ``device_id = rank % torch.cuda.device_count()``, a division
+  by zero on a CPU machine and the wrong GPU on a node whose ranks do not start at 0. The launcher's
+  ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` are taken as they are (``env://`` init, device = local rank).
 * **Checks** (before any data loads, one line naming the flag, exit 2): ``--ddp-backend fully_sharded`` is
   fairscale's FullyShardedDataParallel, which fairseq runs on CUDA only; on the CPU (``--cpu`` or no CUDA
   device) it is refused, naming the back-ends that work there. ``fully_sharded`` and ``--zero-sharding os``
@@ -16,6 +21,7 @@ Measured here (2 gloo CPU ranks, tests/fairseq_plugins/test_distributed_backends
 """
 
 import importlib.util
+import os
 
 import torch
 
@@ -43,12 +49,38 @@ def _cpu_aware(ddp_class: type) -> type:
 CpuAwareDistributedDataParallel = _cpu_aware(torch.nn.parallel.DistributedDataParallel)
 
 
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+
+
+def _launcher_aware(infer_init_method):
+    def infer_from_launcher(cfg, force_distributed=False):
+        """fairseq's ``infer_init_method``, with torchrun's world taken as torchrun gives it (module docstring)."""
+        if (cfg.distributed_init_method is None and not getattr(cfg, "tpu", False)
+                and all(k in os.environ for k in LAUNCHER_ENV) and int(os.environ["WORLD_SIZE"]) > 1):
+            cfg.distributed_init_method = "env://"
+            cfg.distributed_world_size = int(os.environ["WORLD_SIZE"])
+            cfg.distributed_rank = int(os.environ["RANK"])
+            cfg.device_id = int(os.environ.get("LOCAL_RANK", 0))
+            cfg.distributed_no_spawn = True  # the launcher made the processes
+            if torch.cuda.is_available() and cfg.device_id < torch.cuda.device_count():
+                torch.cuda.set_device(cfg.device_id)
+            return None
+        return infer_init_method(cfg, force_distributed)
+
+    infer_from_launcher._launcher_aware = True
+    return infer_from_launcher
+
+
 def install() -> None:
-    """Point fairseq's c10d/pytorch_ddp wrapper at :class:`CpuAwareDistributedDataParallel` (idempotent)."""
+    """Point fairseq's c10d/pytorch_ddp wrapper at :class:`CpuAwareDistributedDataParallel` and its init-method
+    inference at the launcher-aware one (idempotent)."""
+    from fairseq.distributed import utils as distributed_utils
     from fairseq.models import distributed_fairseq_model
 
     if not getattr(distributed_fairseq_model.DistributedDataParallel, "_cpu_aware", False):
         distributed_fairseq_model.DistributedDataParallel = CpuAwareDistributedDataParallel
+    if not getattr(distributed_utils.infer_init_method, "_launcher_aware", False):
+        distributed_utils.infer_init_method = _launcher_aware(distributed_utils.infer_init_method)
 
 
 def _has_fairscale() -> bool:
