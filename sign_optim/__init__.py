@@ -29,6 +29,21 @@ from .sign_optimizer import SignOptimizer
 # consolidated state dict holds the decay object itself.)
 _torch.serialization.add_safe_globals([LinearInternalDecay, CosineInternalDecay, RestartCosineInternalDecay])
 
+
+def _warn_without_kernel() -> None:
+    """One warning at import when the optional C kernel was not built: what it costs and how to get it."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("sign_optim._fused_kernel") is None:
+        warnings.warn("sign_optim: the fused CPU kernel (sign_optim/_fused_kernel.c) is not built, so AddSign and "
+                      "PowerSign step CPU parameters with torch's foreach ops, 2-7x slower (benchmarks/bench_sign_optim.py; CUDA parameters are "
+                      "unaffected); reinstall with a C compiler (pip install . or make install) to build it",
+                      RuntimeWarning, stacklevel=2)
+
+
+_warn_without_kernel()
+
 __all__ = [
     "fused",
     "AddSign",
