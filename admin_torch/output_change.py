@@ -56,8 +56,11 @@ def output_change(
 
     Example::
 
+        >>> from admin_torch import make_stack
         >>> model = make_stack('post_ln', depth=6, dim=32, seed=0)
-        >>> output_change(model, torch.randn(4, 8, 32), num_samples=4)  # doctest: +SKIP
+        >>> change = output_change(model, torch.randn(4, 8, 32), num_samples=4)
+        >>> change > 0
+        True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -112,6 +115,7 @@ def residual_betas(
 
     Example::
 
+        >>> from admin_torch import make_stack
         >>> betas = residual_betas(make_stack('post_ln', 6, 32), torch.randn(2, 5, 32))
         >>> len(betas)
         12

@@ -104,8 +104,13 @@ def profile_omegas(
 
     Example::
 
+        >>> import os, tempfile
+        >>> from admin_torch import make_stack
+        >>> model, batch = make_stack('admin', depth=2, dim=8, seed=0), torch.randn(3, 5, 8)
         >>> omegas = profile_omegas(model, lambda: model(batch))
-        >>> save_profile(omegas, 'profile.json')
+        >>> len(omegas), all(w >= 1 for w in omegas.values())
+        (4, True)
+        >>> save_profile(omegas, os.path.join(tempfile.mkdtemp(), 'profile.json'))
     """
     residuals = omega_residuals(model)
     if not residuals:

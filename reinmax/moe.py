@@ -295,8 +295,9 @@ def clear_moe_stats(model: nn.Module) -> None:
 
     Example::
 
-        >>> clear_moe_stats(model); out = model(x)
-        >>> loss = task_loss + 0.01 * moe_balance_loss(model)
+        >>> model = torch.nn.Sequential(RoutedFeedForward(8, 16, 2), RoutedFeedForward(8, 16, 2))
+        >>> clear_moe_stats(model); out = model[0](torch.randn(4, 8))   # layer 1 skipped
+        >>> loss = out.pow(2).mean() + 0.01 * moe_balance_loss(model)   # layer 0's balance loss only
     """
     for m in moe_layers(model):
         m.stats = None
@@ -309,7 +310,9 @@ def moe_balance_loss(model: nn.Module) -> Optional[Tensor]:
 
     Example::
 
-        >>> loss = task_loss + 0.01 * moe_balance_loss(model)
+        >>> model = torch.nn.Sequential(RoutedFeedForward(8, 16, 2), RoutedFeedForward(8, 16, 2))
+        >>> out = model(torch.randn(4, 8))
+        >>> loss = out.pow(2).mean() + 0.01 * moe_balance_loss(model)
     """
     losses = [m.stats.balance_loss for m in moe_layers(model) if m.stats is not None]
     return torch.stack(losses).sum() if losses else None

@@ -174,7 +174,8 @@ def route_tokens(logits: Tensor, router: str, tau: float = 1.0, *, training: boo
     Example::
 
         >>> r = route_tokens(torch.randn(5, 3), "switch")
-        >>> r.gate  # pi_D, the argmax's probability
+        >>> r.gate.shape  # pi_D, the argmax's probability
+        torch.Size([5])
     """
     _check_route_logits(logits)
     router = check_router(router)

@@ -44,6 +44,7 @@ class AddSign(SignOptimizer):
 
     Example::
 
+        >>> from sign_optim import LinearInternalDecay
         >>> model = torch.nn.Linear(4, 2)
         >>> opt = AddSign(model.parameters(), lr=1e-3, sign_internal_decay=LinearInternalDecay(1000))
         >>> model(torch.randn(8, 4)).pow(2).mean().backward()

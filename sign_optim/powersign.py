@@ -48,6 +48,7 @@ class PowerSign(SignOptimizer):
 
     Example::
 
+        >>> from sign_optim import CosineInternalDecay
         >>> model = torch.nn.Linear(4, 2)
         >>> opt = PowerSign(model.parameters(), lr=1e-3, sign_internal_decay=CosineInternalDecay(1000))
         >>> model(torch.randn(8, 4)).pow(2).mean().backward()
