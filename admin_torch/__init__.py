@@ -6,7 +6,7 @@
 * profiled Admin: :func:`profile_omegas`, :func:`apply_omegas`, :func:`save_profile`, :func:`load_profile`;
 * the output change against depth: :func:`output_change`, :func:`make_stack`;
 * Admin for torch.nn and HuggingFace models: the drop-in :class:`TransformerEncoderLayer` /
-  :class:`TransformerDecoderLayer`, :func:`convert` (torch.nn, BERT, RoBERTa, BART, Marian) and
+  :class:`TransformerDecoderLayer`, :func:`convert` (torch.nn and HuggingFace Post-LN families: docs/huggingface.md) and
   :func:`fold`, driven by the per-layer descriptions of :mod:`admin_torch.architectures`;
 * folding omega into a plain Post-LN network: :func:`fold`, :func:`fold_into_norm_`,
   :func:`fold_into_linears_`, :func:`fold_into_embedding_`.
@@ -15,9 +15,10 @@ Importing this package never imports fairseq.
 """
 
 from .deepnorm import DEEPNORM_SCALED_PROJECTIONS, DeepNormInit, DeepNormResidual, deepnorm_init, deepnorm_scale_
-from .architectures import LAYER_KINDS, STACK_KINDS, LayerKind, StackKind, Sublayer
+from .architectures import LAYER_KINDS, PRE_LN_MODEL_TYPES, STACK_KINDS, LayerKind, StackKind, Sublayer, layer_kind, stack_kind
 from .convert import admin_stacks as convert_module_stacks
 from .convert import convert, fold, fold_stack_
+from .hf_io import from_pretrained, save_pretrained
 from .fold import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer
 from .output_change import output_change, residual_betas
@@ -65,6 +66,12 @@ __all__ = [
     "LayerKind",
     "StackKind",
     "Sublayer",
+    "layer_kind",
+    "stack_kind",
+    "PRE_LN_MODEL_TYPES",
+    # HuggingFace save / reload (fold on save, the Admin form alongside)
+    "save_pretrained",
+    "from_pretrained",
     # folding
     "fold",
     "fold_reference_stack",

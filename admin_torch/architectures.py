@@ -24,37 +24,75 @@ reads ``x``), ``"multihead_attn.in_proj_weight[q]"`` its query rows only (cross-
 values read the encoder's output).
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-__all__ = ["Sublayer", "LayerKind", "StackKind", "LAYER_KINDS", "STACK_KINDS", "kind_key"]
+from torch import nn
+
+__all__ = ["Sublayer", "LayerKind", "StackKind", "LAYER_KINDS", "STACK_KINDS", "PRE_LN_MODEL_TYPES", "kind_key",
+           "bert_like_kind", "layer_kind", "stack_kind"]
 
 
 @dataclass(frozen=True)
 class Sublayer:
-    """One residual sublayer ``norm(x + f(x))`` of a layer."""
+    """One residual sublayer ``norm(x + f(x))`` of a layer.
+
+    Where omega goes in (hooks mechanism), checked in this order:
+
+    * ``residual_arg``: a submodule called as ``module(f_x, x)`` (HuggingFace's ``BertSelfOutput``,
+      ``BertOutput``: ``LayerNorm(dropout(dense(h)) + input_tensor)``) -- its second argument (or
+      ``input_tensor=``) is multiplied by omega. Stateless, so exact under gradient checkpointing and
+      ``torch.compile``.
+    * otherwise ``x`` is captured inside the layer's forward and ``s = x + f(x)`` entering ``norm``
+      becomes ``s + (omega - 1) x``: ``x`` is the output of the sublayer norm that ran last in this
+      layer call (``source`` names it for :func:`fold`), or for the first sublayer the first input of
+      ``capture`` (a submodule that receives the layer input, e.g. ``"self_attn"``). Without
+      ``capture`` the layer's own input is taken by a layer pre-hook, which transformers 5.x
+      gradient checkpointing does not replay: give ``capture`` in new descriptions.
+    """
 
     norm: str
     readers: Tuple[str, ...]
     source: Optional[str] = None  # a LayerNorm of the same layer whose output is x; None: the layer's input
+    capture: Optional[str] = None  # first sublayer: a submodule whose first input is the layer input x
+    residual_arg: Optional[str] = None  # a submodule called as (f_x, x): omega scales its second argument
 
 
 @dataclass(frozen=True)
 class LayerKind:
-    """A supported Post-LN layer type."""
+    """A supported Post-LN layer type.
+
+    ``without_cross``: for a decoder layer whose cross-attention only runs when encoder states are
+    given, the description used when the converted model holds no encoder (a causal LM such as
+    ``BartForCausalLM``): N counts and :func:`fold` follow the sublayers that actually run.
+    ``role``: ``"encoder"``, ``"decoder"`` or None.
+    """
 
     sublayers: Tuple[Sublayer, ...]
     last_norm: str                  # the layer's output (x of the next layer's first sublayer)
     mechanism: str                  # "subclass" or "hooks"
     admin_class: Optional[str] = None  # subclass mechanism: the admin_torch.layers class
+    role: Optional[str] = None
+    without_cross: Optional["LayerKind"] = None
+    fold_blocker: Optional[str] = None  # why fold cannot be exact for this layer (convert still works)
 
 
 @dataclass(frozen=True)
 class StackKind:
-    """A module that owns a stack of layers."""
+    """A module that owns a stack of layers.
+
+    ``input_norm``: the LayerNorm producing the first layer's input; ``inputs``: modules
+    (``nn.Embedding`` / ``nn.Linear``) whose outputs are added to it, or that produce it alone when
+    ``input_norm`` is None (then :func:`fold` uses them when no ``embedding=`` is given).
+    ``input_linear``: an ``nn.Linear`` applied after ``input_norm`` (ELECTRA's ``embeddings_project``):
+    it produces the input instead, when present.
+    """
 
     layers: str
     input_norm: Optional[str]
+    inputs: Tuple[str, ...] = ()
+    input_linear: Optional[str] = None
 
 
 def kind_key(cls: type) -> str:
@@ -65,26 +103,44 @@ def kind_key(cls: type) -> str:
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
-def _bart_like(prefix: str) -> Dict[str, LayerKind]:
+def _bart_like(prefix: str, name: Optional[str] = None, encoder_qkv: Tuple[str, ...] = _QKV,
+               encoder_layer: Optional[str] = None, decoder_layer: Optional[str] = None) -> Dict[str, LayerKind]:
+    """BART's layer layout: ``self_attn`` / ``self_attn_layer_norm``, ``encoder_attn`` /
+    ``encoder_attn_layer_norm``, ``fc1`` / ``final_layer_norm``."""
+    self_attn = Sublayer("self_attn_layer_norm", encoder_qkv, capture="self_attn")
     encoder = LayerKind((
-        Sublayer("self_attn_layer_norm", _QKV),
-        Sublayer("final_layer_norm", ("fc1",), source="self_attn_layer_norm"),
-    ), last_norm="final_layer_norm", mechanism="hooks")
+        self_attn, Sublayer("final_layer_norm", ("fc1",), source="self_attn_layer_norm"),
+    ), last_norm="final_layer_norm", mechanism="hooks", role="encoder")
+    dec_self = Sublayer("self_attn_layer_norm", _QKV, capture="self_attn")
     decoder = LayerKind((
-        Sublayer("self_attn_layer_norm", _QKV),
+        dec_self,
         Sublayer("encoder_attn_layer_norm", ("encoder_attn.q_proj",), source="self_attn_layer_norm"),
         Sublayer("final_layer_norm", ("fc1",), source="encoder_attn_layer_norm"),
-    ), last_norm="final_layer_norm", mechanism="hooks")
-    name = prefix.rsplit(".", 1)[-1].replace("modeling_", "").capitalize()
-    return {f"{prefix}.{name}EncoderLayer": encoder, f"{prefix}.{name}DecoderLayer": decoder}
+    ), last_norm="final_layer_norm", mechanism="hooks", role="decoder", without_cross=LayerKind((
+        dec_self, Sublayer("final_layer_norm", ("fc1",), source="self_attn_layer_norm"),
+    ), last_norm="final_layer_norm", mechanism="hooks", role="decoder"))
+    if name is None:
+        name = prefix.rsplit(".", 1)[-1].replace("modeling_", "").capitalize()
+    return {f"{prefix}.{encoder_layer or name + 'EncoderLayer'}": encoder,
+            f"{prefix}.{decoder_layer or name + 'DecoderLayer'}": decoder}
+
+
+def bert_like_kind(qkv: Tuple[str, ...] = ("query", "key", "value"), cross: bool = False,
+                   cross_q: str = "query") -> LayerKind:
+    """BERT's layer layout (``attention.self`` / ``attention.output``, optional ``crossattention``,
+    ``intermediate.dense``, ``output``), whose output modules take the residual as an argument."""
+    subs = [Sublayer("attention.output.LayerNorm", tuple(f"attention.self.{q}" for q in qkv),
+                     residual_arg="attention.output")]
+    if cross:
+        subs.append(Sublayer("crossattention.output.LayerNorm", (f"crossattention.self.{cross_q}",),
+                             source="attention.output.LayerNorm", residual_arg="crossattention.output"))
+    subs.append(Sublayer("output.LayerNorm", ("intermediate.dense",), source=subs[-1].norm, residual_arg="output"))
+    return LayerKind(tuple(subs), last_norm="output.LayerNorm", mechanism="hooks",
+                     role="decoder" if cross else None)
 
 
 def _bert_like(prefix: str, name: str) -> Dict[str, LayerKind]:
-    return {f"{prefix}.{name}Layer": LayerKind((
-        Sublayer("attention.output.LayerNorm",
-                 ("attention.self.query", "attention.self.key", "attention.self.value")),
-        Sublayer("output.LayerNorm", ("intermediate.dense",), source="attention.output.LayerNorm"),
-    ), last_norm="output.LayerNorm", mechanism="hooks")}
+    return {f"{prefix}.{name}Layer": bert_like_kind()}
 
 
 #: supported layer types, by :func:`kind_key`
@@ -98,10 +154,21 @@ LAYER_KINDS: Dict[str, LayerKind] = {
         Sublayer("norm2", ("multihead_attn.in_proj_weight[q]",), source="norm1"),
         Sublayer("norm3", ("linear1",), source="norm2"),
     ), last_norm="norm3", mechanism="subclass", admin_class="TransformerDecoderLayer"),
-    **_bert_like("transformers.models.bert.modeling_bert", "Bert"),
-    **_bert_like("transformers.models.roberta.modeling_roberta", "Roberta"),
+    # BERT, RoBERTa and the other BERT-derived families are recognised by structure (layer_kind)
     **_bart_like("transformers.models.bart.modeling_bart"),
     **_bart_like("transformers.models.marian.modeling_marian"),
+    **_bart_like("transformers.models.blenderbot_small.modeling_blenderbot_small", "BlenderbotSmall"),
+    **_bart_like("transformers.models.led.modeling_led", "LED", encoder_qkv=tuple(
+        f"self_attn.longformer_self_attn.{p}{g}" for p in ("query", "key", "value") for g in ("", "_global"))),
+    "transformers.models.distilbert.modeling_distilbert.TransformerBlock": LayerKind((
+        Sublayer("sa_layer_norm", ("attention.q_lin", "attention.k_lin", "attention.v_lin"), capture="attention"),
+        Sublayer("output_layer_norm", ("ffn.lin1",), source="sa_layer_norm"),
+    ), last_norm="output_layer_norm", mechanism="hooks"),
+    "transformers.models.mpnet.modeling_mpnet.MPNetLayer": LayerKind((
+        Sublayer("attention.LayerNorm", ("attention.attn.q", "attention.attn.k", "attention.attn.v"),
+                 capture="attention.attn"),
+        Sublayer("output.LayerNorm", ("intermediate.dense",), source="attention.LayerNorm", residual_arg="output"),
+    ), last_norm="output.LayerNorm", mechanism="hooks"),
 }
 # the drop-in subclasses describe themselves like the classes they replace
 LAYER_KINDS["admin_torch.layers.TransformerEncoderLayer"] = LAYER_KINDS["torch.nn.modules.transformer.TransformerEncoderLayer"]
@@ -117,4 +184,114 @@ STACK_KINDS: Dict[str, StackKind] = {
     "transformers.models.bart.modeling_bart.BartDecoder": StackKind("layers", "layernorm_embedding"),
     "transformers.models.marian.modeling_marian.MarianEncoder": StackKind("layers", None),
     "transformers.models.marian.modeling_marian.MarianDecoder": StackKind("layers", None),
+    "transformers.models.blenderbot_small.modeling_blenderbot_small.BlenderbotSmallEncoder":
+        StackKind("layers", "layernorm_embedding"),
+    # the decoder normalizes the token embeddings, then adds the (learned) positions
+    "transformers.models.blenderbot_small.modeling_blenderbot_small.BlenderbotSmallDecoder":
+        StackKind("layers", "layernorm_embedding", inputs=("embed_positions",)),
+    "transformers.models.led.modeling_led.LEDEncoder": StackKind("layers", "layernorm_embedding"),
+    "transformers.models.led.modeling_led.LEDDecoder": StackKind("layers", "layernorm_embedding"),
+    "transformers.models.distilbert.modeling_distilbert.DistilBertModel":
+        StackKind("transformer.layer", "embeddings.LayerNorm"),
+    "transformers.models.mpnet.modeling_mpnet.MPNetModel": StackKind("encoder.layer", "embeddings.LayerNorm"),
 }
+
+
+# ---------------------------------------------------------------- recognising structure
+
+def _is_residual_output(module) -> bool:
+    """``module`` computes ``LayerNorm(dropout(dense(hidden_states)) + input_tensor)`` as BERT's
+    ``BertSelfOutput`` / ``BertOutput`` do: a ``dense`` Linear, a ``LayerNorm`` and a forward whose
+    first two parameters are ``hidden_states, input_tensor`` (Pre-LN variants, such as Megatron-BERT's
+    ``(hidden_states, residual)`` without a LayerNorm, do not match)."""
+    if not isinstance(getattr(module, "dense", None), nn.Linear) or \
+            not isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm):
+        return False
+    try:
+        params = list(inspect.signature(type(module).forward).parameters)[1:3]
+    except (TypeError, ValueError):
+        return False
+    return params == ["hidden_states", "input_tensor"]
+
+
+def _qkv(self_attn) -> Optional[Tuple[str, ...]]:
+    """The projections of a BERT-like self-attention module that read the layer input."""
+    for names in (("query", "key", "value"), ("query_proj", "key_proj", "value_proj")):
+        if all(isinstance(getattr(self_attn, n, None), nn.Linear) for n in names):
+            # Longformer's global attention projections read the same input
+            extra = tuple(f"{n}_global" for n in names if isinstance(getattr(self_attn, f"{n}_global", None), nn.Linear))
+            return names + extra
+    return None
+
+
+def _deberta_blocker(self_attn) -> Optional[str]:
+    """DeBERTa's disentangled attention with ``share_att_key`` applies ``key_proj`` / ``query_proj`` to the
+    relative position embeddings too, so their columns cannot absorb 1 / omega."""
+    if getattr(self_attn, "relative_attention", False) and getattr(self_attn, "share_att_key", False) and \
+            any(t in getattr(self_attn, "pos_att_type", ()) for t in ("c2p", "p2c")):
+        return ("share_att_key=True: key_proj / query_proj also read the relative position embeddings, so "
+                "omega cannot be folded into them exactly")
+    return None
+
+
+def layer_kind(module) -> Optional[LayerKind]:
+    """The description of ``module`` as a Post-LN layer, or None.
+
+    :data:`LAYER_KINDS` first (by class), then structure: a BERT-like layer (``attention.self`` with
+    query/key/value projections, ``attention.output`` and ``output`` that compute
+    ``LayerNorm(dense(h) + input_tensor)``, ``intermediate.dense``, optionally ``crossattention``).
+    That covers BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, ERNIE, RoFormer, BigBird, Longformer,
+    Data2VecText and DeBERTa-v2 without naming them.
+    """
+    kind = LAYER_KINDS.get(kind_key(type(module)))
+    if kind is not None:
+        return kind
+    attention = getattr(module, "attention", None)
+    intermediate = getattr(module, "intermediate", None)
+    if attention is None or intermediate is None or not isinstance(getattr(intermediate, "dense", None), nn.Linear):
+        return None
+    if not (_is_residual_output(getattr(attention, "output", None)) and
+            _is_residual_output(getattr(module, "output", None))):
+        return None
+    qkv = _qkv(getattr(attention, "self", None))
+    if qkv is None:
+        return None
+    cross = getattr(module, "crossattention", None)
+    cross_q = None
+    if cross is not None:
+        cross_qkv = _qkv(getattr(cross, "self", None))
+        if cross_qkv is None or not _is_residual_output(getattr(cross, "output", None)):
+            return None
+        cross_q = cross_qkv[0]
+    kind = bert_like_kind(qkv, cross is not None, cross_q or "query")
+    blocker = _deberta_blocker(attention.self)
+    if blocker is not None:
+        kind = LayerKind(kind.sublayers, kind.last_norm, kind.mechanism, role=kind.role, fold_blocker=blocker)
+    return kind
+
+
+def stack_kind(module) -> Optional[StackKind]:
+    """The description of ``module`` as the owner of a stack: :data:`STACK_KINDS` (by class), then
+    structure: ``encoder.layer`` (a list of layers) fed by ``embeddings.LayerNorm``, or by
+    ``embeddings_project`` (ELECTRA, RoFormer with ``embedding_size != hidden_size``)."""
+    kind = STACK_KINDS.get(kind_key(type(module)))
+    if kind is not None:
+        return kind
+    encoder = getattr(module, "encoder", None)
+    if not isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+        return None
+    if not isinstance(getattr(getattr(module, "embeddings", None), "LayerNorm", None), nn.LayerNorm):
+        return None
+    if getattr(encoder, "conv", None) is not None:  # DeBERTa-v2's conv after the first layer
+        return None
+    linear = "embeddings_project" if isinstance(getattr(module, "embeddings_project", None), nn.Linear) else None
+    return StackKind("encoder.layer", "embeddings.LayerNorm", input_linear=linear)
+
+
+#: HuggingFace ``model_type`` values of Pre-LN families (residual ``x + f(LN(x))``): convert refuses them
+PRE_LN_MODEL_TYPES = frozenset({
+    "mbart", "pegasus", "pegasus_x", "m2m_100", "nllb-moe", "megatron-bert", "modernbert", "t5", "mt5", "umt5",
+    "longt5", "switch_transformers", "gpt2", "gpt_neo", "gpt_neox", "gptj", "codegen", "llama", "mistral",
+    "mixtral", "qwen2", "qwen3", "opt", "bloom", "falcon", "phi", "phi3", "gemma", "gemma2", "gemma3", "xglm",
+    "blenderbot", "bigbird_pegasus", "whisper", "biogpt", "olmo", "starcoder2",
+})

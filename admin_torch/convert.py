@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from stability_toolbox import validation
 
 from . import layers as admin_layers
-from .architectures import LAYER_KINDS, STACK_KINDS, LayerKind, kind_key
+from .architectures import LAYER_KINDS, PRE_LN_MODEL_TYPES, LayerKind, StackKind, kind_key, layer_kind, stack_kind
 from .fold import _omega_tensor, fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .reference_stack import ResidualStack
 from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, as_module
@@ -45,30 +45,49 @@ def _get(module: nn.Module, path: str):
     return module
 
 
-def _stacks(model: nn.Module) -> List[Tuple[str, Optional[str], List[Tuple[str, nn.Module]]]]:
-    """``[(stack name, input norm path or None, [(layer name, layer)])]`` of every supported layer."""
+def _stacks_full(model: nn.Module):
+    """``[(stack name, StackKind or None, [(layer name, layer, LayerKind)])]`` of every supported layer.
+
+    A decoder layer whose cross-attention runs only with encoder states (BART's) is described without it
+    when ``model`` holds no encoder stack (``BartForCausalLM``): then N and :func:`fold` follow the
+    sublayers that run.
+    """
     names = {id(m): n for n, m in model.named_modules()}
     seen = set()
     stacks = []
     for name, module in model.named_modules():
-        kind = STACK_KINDS.get(kind_key(type(module)))
+        kind = stack_kind(module)
         if kind is None:
             continue
-        layer_list = _get(module, kind.layers)
-        layers = [(names[id(m)], m) for m in layer_list if kind_key(type(m)) in LAYER_KINDS]
+        try:
+            layer_list = _get(module, kind.layers)
+        except AttributeError:
+            continue
+        layers = [(names[id(m)], m, layer_kind(m)) for m in layer_list if id(m) not in seen]
+        layers = [entry for entry in layers if entry[2] is not None]
         if layers:
             prefix = f"{name}." if name else ""
-            stacks.append((name, prefix + kind.input_norm if kind.input_norm else None, layers))
-            seen.update(id(m) for _, m in layers)
+            stacks.append((prefix, kind, layers))
+            seen.update(id(m) for _, m, _ in layers)
     # supported layers outside any known stack: one stack per parent and layer type
-    loose: Dict[Tuple[str, str], List[Tuple[str, nn.Module]]] = {}
+    loose: Dict[Tuple[str, str], list] = {}
     for name, module in model.named_modules():
-        key = kind_key(type(module))
-        if key in LAYER_KINDS and id(module) not in seen:
+        if id(module) in seen:
+            continue
+        kind = layer_kind(module)
+        if kind is not None:
             parent = name.rsplit(".", 1)[0] if "." in name else ""
-            loose.setdefault((parent, key), []).append((name, module))
-    stacks += [(parent, None, layers) for (parent, _), layers in loose.items()]
+            loose.setdefault((parent, kind_key(type(module))), []).append((name, module, kind))
+    stacks += [(parent + "." if parent else "", None, layers) for (parent, _), layers in loose.items()]
+    if not any(k.role == "encoder" for _, _, layers in stacks for _, _, k in layers):
+        stacks = [(p, sk, [(n, m, k.without_cross or k) for n, m, k in layers]) for p, sk, layers in stacks]
     return stacks
+
+
+def _stacks(model: nn.Module) -> List[Tuple[str, Optional[str], List[Tuple[str, nn.Module]]]]:
+    """``[(stack name, input norm path or None, [(layer name, layer)])]`` of every supported layer."""
+    return [(prefix[:-1], prefix + sk.input_norm if sk is not None and sk.input_norm else None,
+             [(n, m) for n, m, _ in layers]) for prefix, sk, layers in _stacks_full(model)]
 
 
 def admin_stacks(model: nn.Module):
@@ -93,26 +112,51 @@ def _omegas_of(layer: nn.Module) -> List[OmegaResidual]:
 # ---------------------------------------------------------------- the hooks (HuggingFace layers)
 
 class _Slot:
-    """Holds ``x`` of one sublayer from its capture to the LayerNorm that uses it."""
+    """Holds ``x`` of the current sublayer of one layer call, from its capture to the LayerNorm that uses it.
+
+    A copy (``copy.deepcopy``, pickling) starts empty: a slot can hold a non-leaf tensor when a
+    checkpointed recomputation stopped early, and such a tensor can be neither copied nor pickled.
+    """
 
     __slots__ = ("x",)
 
     def __init__(self):
         self.x: Optional[Tensor] = None
 
+    def __deepcopy__(self, memo):
+        return _Slot()
+
+    def __getstate__(self):
+        return None
+
+    def __setstate__(self, state):
+        self.x = None
+
+
+def _first_input(args, kwargs):
+    if args:
+        return args[0]
+    for key in ("hidden_states", "query", "x", "input"):
+        if key in kwargs:
+            return kwargs[key]
+    return None
+
 
 class _CaptureInput:
-    """Forward pre-hook of a layer: its input (first positional argument, or ``hidden_states``) is x."""
+    """Forward pre-hook of the submodule that first reads the layer input (``self_attn``): that input is x.
+
+    It runs inside the layer's forward, so gradient checkpointing, which replays ``forward`` (transformers
+    5.x), replays it too."""
 
     def __init__(self, slot: _Slot):
         self.slot = slot
 
     def __call__(self, module, args, kwargs):
-        self.slot.x = args[0] if args else kwargs.get("hidden_states")
+        self.slot.x = _first_input(args, kwargs)
 
 
 class _CaptureOutput:
-    """Forward hook of a LayerNorm: its output is x of the next sublayer."""
+    """Forward hook of a sublayer's LayerNorm: its output is x of the next sublayer (whichever runs)."""
 
     def __init__(self, slot: _Slot):
         self.slot = slot
@@ -129,11 +173,25 @@ class _Admin:
 
     def __call__(self, module, args):
         x = self.slot.x
-        self.slot.x = None  # not kept alive beyond the layer
+        self.slot.x = None  # not kept alive beyond the sublayer
         if x is None:
-            return None
+            # never a silently different function: this norm ran without its sublayer's input captured
+            raise RuntimeError(f"admin_torch: a converted {type(module).__name__} ran outside its layer's forward "
+                               "(no residual input captured); call the layer, not its LayerNorm")
         s = args[0]
         return (self.omega(x, s - x),) + tuple(args[1:])
+
+
+class _CaptureResidualArg:
+    """Forward pre-hook of a module called as ``module(f_x, x)`` (``BertSelfOutput``, ``BertOutput``):
+    its second argument (or ``input_tensor=``) is x. The module computes ``LayerNorm(... + x)`` inside
+    its own call, so capture and use never straddle a checkpoint boundary."""
+
+    def __init__(self, slot: _Slot):
+        self.slot = slot
+
+    def __call__(self, module, args, kwargs):
+        self.slot.x = args[1] if len(args) >= 2 else kwargs.get("input_tensor")
 
 
 class _ClearSlots:
@@ -156,16 +214,25 @@ _HANDLES = "_admin_hook_handles"
 
 
 def _install_hooks(layer: nn.Module, kind: LayerKind, omegas: Sequence[OmegaResidual]) -> None:
-    slots = [_Slot() for _ in kind.sublayers]
-    clear = _ClearSlots(slots)
+    # one slot per layer: the sublayers run in order, each capture is consumed by the next norm
+    slot = _Slot()
+    clear = _ClearSlots([slot])
     handles = [layer.register_forward_pre_hook(clear, prepend=True),
                layer.register_forward_hook(clear, always_call=True)]
-    for sub, omega, slot in zip(kind.sublayers, omegas, slots):
-        if sub.source is None:
-            handles.append(layer.register_forward_pre_hook(_CaptureInput(slot), with_kwargs=True))
-        else:
-            handles.append(_get(layer, sub.source).register_forward_hook(_CaptureOutput(slot)))
-        handles.append(_get(layer, sub.norm).register_forward_pre_hook(_Admin(slot, omega)))
+    for sub, omega in zip(kind.sublayers, omegas):
+        norm = _get(layer, sub.norm)
+        if sub.residual_arg is not None:
+            handles.append(_get(layer, sub.residual_arg).register_forward_pre_hook(
+                _CaptureResidualArg(slot), with_kwargs=True))
+        elif sub.source is None:
+            target = _get(layer, sub.capture) if sub.capture is not None else layer
+            handles.append(target.register_forward_pre_hook(_CaptureInput(slot), with_kwargs=True))
+        handles.append(norm.register_forward_pre_hook(_Admin(slot, omega)))
+        # x of a later sublayer that reads this norm's output without a residual argument: whichever
+        # sublayer runs next takes it (a decoder layer skipping its cross-attention stays exact)
+        if sub.norm != kind.last_norm and any(o.residual_arg is None and o.source is not None
+                                              for o in kind.sublayers):
+            handles.append(norm.register_forward_hook(_CaptureOutput(slot)))
     # a plain attribute: deep-copied and pickled with the model, each handle then refers to the
     # hook dictionaries of its own copy
     setattr(layer, _HANDLES, handles)
@@ -193,43 +260,68 @@ def _check_post_ln(name: str, layer: nn.Module) -> None:
         raise ValueError(f"{name} is a Pre-LN layer (norm_first=True); Admin is for Post-LN layers only")
 
 
+def _pre_ln_message(model: nn.Module) -> Optional[str]:
+    """The refusal for a HuggingFace model of a Pre-LN family (by ``config.model_type``), or None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in PRE_LN_MODEL_TYPES:
+        return (f"{type(model).__name__} (model_type {model_type!r}) is a Pre-LN model (x + f(LN(x))); Admin "
+                "rescales Post-LN residuals LN(omega * x + f(x)) only, so it does not apply. Nothing was changed.")
+    return None
+
+
+#: the key of a HuggingFace config that records the Admin settings of a converted (or folded) model
+CONFIG_KEY = "admin_torch"
+
+
 def convert(model: nn.Module, *, output_change_scale: str = "default", as_parameter: bool = False) -> nn.Module:
     """Turn every supported Post-LN layer of ``model`` into its Admin form, in place; returns ``model``.
 
+    Every residual ``LN(x + f(x))`` becomes ``LN(omega * x + f(x))`` with ``omega = calculate_init(N)``,
+    N counted per stack (2 per encoder layer, 3 per decoder layer with cross-attention). Admin is an
+    *initialization* for training from scratch: converting a pretrained checkpoint changes the function
+    it computes (omega != 1) -- it is not a fine-tuning recipe.
+
     Args:
-        model: any module holding supported layers (torch.nn's encoder/decoder layers, HuggingFace
-            BERT, RoBERTa, BART, Marian).
+        model: any module holding supported layers: torch.nn's encoder/decoder layers; HuggingFace BERT
+            and every BERT-like family recognised by structure (RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA,
+            ERNIE, RoFormer, BigBird, Longformer, Data2VecText, DeBERTa-v2, BERT decoders with
+            cross-attention), BART (incl. ``BartForCausalLM``), Marian, BlenderbotSmall, LED,
+            DistilBERT, MPNet; anything described in :data:`admin_torch.LAYER_KINDS`.
         output_change_scale: ``'O(n)'``, ``'O(logn)'``, ``'default'`` or ``'O(1)'`` (:func:`calculate_init`).
         as_parameter: trainable omega vectors of the hidden size.
 
+    A HuggingFace model also gets its settings recorded in ``model.config.admin_torch`` and a
+    ``save_pretrained`` that folds on save (see :mod:`admin_torch.hf_io`).
+
     Raises:
-        ValueError: ``model`` has a Pre-LN layer, or no supported layer that is not converted yet
-            (nothing is changed).
-
-    Example::
-
-        >>> from transformers import BertConfig, BertModel
-        >>> bert = convert(BertModel(BertConfig(num_hidden_layers=12)))   # N = 24 per the encoder
+        ValueError: ``model`` is of a Pre-LN family or has a Pre-LN layer; it has no supported layer that
+            is not converted yet; its config says it was saved from an Admin model (load it with
+            :func:`admin_torch.from_pretrained`). Nothing is changed then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     validation.as_choice("output_change_scale", output_change_scale, OUTPUT_CHANGE_SCALES)
     as_parameter = validation.as_bool("as_parameter", as_parameter)
+    message = _pre_ln_message(model)
+    if message is not None:
+        raise ValueError(message)
     plan = []
-    for _, _, layers in _stacks(model):
-        todo = [(n, m) for n, m in layers if not _is_converted(m)]
-        for name, layer in todo:
+    for _, _, layers in _stacks_full(model):
+        todo = [(n, m, k) for n, m, k in layers if not _is_converted(m)]
+        for name, layer, _ in todo:
             _check_post_ln(name, layer)
-        n_res = sum(len(LAYER_KINDS[kind_key(type(m))].sublayers) for _, m in layers)
-        plan += [(layer, n_res) for _, layer in todo]
+        n_res = sum(len(k.sublayers) for _, _, k in layers)
+        plan += [(layer, kind, n_res) for _, layer, kind in todo]
     if not plan:
         raise ValueError("model has no supported Post-LN layer to convert (torch.nn TransformerEncoderLayer/"
-                         "TransformerDecoderLayer, HuggingFace BERT, RoBERTa, BART, Marian), or all are converted")
+                         "TransformerDecoderLayer, HuggingFace BERT-like, BART, Marian, BlenderbotSmall, LED, "
+                         "DistilBERT, MPNet; describe others in admin_torch.LAYER_KINDS), or all are converted")
+    from . import hf_io  # noqa: the HuggingFace glue (no transformers import unless it is a HF model)
+    hf_io.check_convertible(model)
     for name, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False  # its nested-tensor fast path bypasses the layers' residuals
-    for layer, n_res in plan:  # every check passed: now change the model
-        kind = LAYER_KINDS[kind_key(type(layer))]
+    for layer, kind, n_res in plan:  # every check passed: now change the model
         ref = next(layer.parameters())
         hidden = _get(layer, kind.sublayers[0].norm).normalized_shape[0]
         omegas = [as_module(n_res, output_change_scale, as_parameter, hidden).to(device=ref.device)
@@ -242,6 +334,7 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
         else:
             layer.admin_omegas = nn.ModuleList(omegas)
             _install_hooks(layer, kind, omegas)
+    hf_io.after_convert(model, output_change_scale=output_change_scale, as_parameter=as_parameter)
     return model
 
 
@@ -326,8 +419,10 @@ def _check_shared_embeddings(plans) -> set:
     return shared
 
 
-def _untie(module: nn.Module, model: nn.Module) -> None:
-    """Give ``module`` its own weight when other modules of ``model`` share it (a tied output projection)."""
+def _untie(module: nn.Module, model: nn.Module) -> bool:
+    """Give ``module`` its own weight when other modules of ``model`` share it (a tied output projection);
+    True when it did."""
+    done = False
     for attr in ("weight", "bias"):
         t = getattr(module, attr, None)
         if not isinstance(t, Tensor):
@@ -335,6 +430,8 @@ def _untie(module: nn.Module, model: nn.Module) -> None:
         users = [n for n, p in model.named_parameters(remove_duplicate=False) if p is t]
         if len(users) > 1:
             setattr(module, attr, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+            done = True
+    return done
 
 
 @torch.no_grad()
@@ -368,45 +465,64 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
         return fold_reference_stack(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    stacks = admin_stacks(model)
-    if not stacks:
+    full = [(prefix, sk, [(n, m, k) for n, m, k in layers if _is_converted(m)])
+            for prefix, sk, layers in _stacks_full(model)]
+    full = [entry for entry in full if entry[2]]
+    if not full:
         raise ValueError("model has no Admin layer to fold (apply admin_torch.convert first)")
     # every check first: a refused call leaves nothing changed (and copies nothing)
     names = {id(m): n for n, m in model.named_modules()}
+    stack_names = {prefix[:-1] for prefix, _, _ in full}
     if isinstance(embedding, dict):
-        wanted = sorted(s for s, norm, _ in stacks if norm is None)
-        unknown = [k for k in embedding if k not in {s for s, _, _ in stacks}]
+        wanted = sorted(p[:-1] for p, sk, _ in full if sk is None or sk.input_norm is None)
+        unknown = [k for k in embedding if k not in stack_names]
         if unknown:
             raise ValueError(f"embedding: {unknown[0]!r} is not a stack of model; the stacks that read an "
                              f"embedding are {wanted}")
     plans = []
-    for stack, input_norm, layers in stacks:
-        for name, layer in layers:
+    for prefix, sk, layers in full:
+        stack = prefix[:-1]
+        for name, layer, kind in layers:
             _check_removable(name, layer)
-        first = None
-        if input_norm is None:
+            if kind.fold_blocker is not None:
+                raise ValueError(f"{name}: cannot fold exactly: {kind.fold_blocker}")
+            if len(_omegas_of(layer)) != len(kind.sublayers):
+                raise ValueError(f"{name}: {len(_omegas_of(layer))} omegas for {len(kind.sublayers)} sublayers; "
+                                 "convert and fold must see the same model (convert the whole model)")
+        first, input_norm = None, None
+        linear = _get(model, prefix + sk.input_linear) if sk is not None and sk.input_linear else None
+        if linear is not None:
+            first = [(names[id(linear)], linear)]
+        elif sk is not None and sk.input_norm:
+            input_norm = prefix + sk.input_norm
+            first = [(names[id(m)], m) for m in (_get(model, prefix + p) for p in sk.inputs)]
+        else:
             first = _embedding_for(stack, embedding, names)
+            if first is None and sk is not None and sk.inputs:
+                first = [(names[id(m)], m) for m in (_get(model, prefix + p) for p in sk.inputs)]
             if first is None:
                 raise ValueError(
                     f"stack {stack or '(the model)'!r}: its first layer reads an input no LayerNorm of the model "
                     "produces; pass embedding= (the nn.Embedding / nn.Linear module(s) producing it, or a dict "
                     "{stack name: module(s)})")
-        plans.append((stack, input_norm, first, layers))
-    shared = _check_shared_embeddings(plans)
+        plans.append((stack, input_norm, first, [(n, m) for n, m, _ in layers], [k for _, _, k in layers]))
+    shared = _check_shared_embeddings([p[:4] for p in plans])
     folded = copy.deepcopy(model)
     scaled = set()  # a module feeding several stacks (with equal omegas) is scaled once
-    for stack, input_norm, first, layers in plans:
+    untied = []
+    for stack, input_norm, first, layers, kinds in plans:
+        first_modules = [_get(folded, n) if n else folded for n, m in first if id(m) not in scaled]
+        scaled.update(id(m) for _, m in first if id(m) in shared)
         if input_norm is not None:
-            first_modules = [_get(folded, input_norm)]
-        else:
-            first_modules = [_get(folded, n) if n else folded for n, m in first if id(m) not in scaled]
-            scaled.update(id(m) for _, m in first if id(m) in shared)
+            first_modules = [_get(folded, input_norm)] + first_modules
         stack_layers = [_get(folded, n) for n, _ in layers]
-        entries = [(layer, LAYER_KINDS[kind_key(type(layer))], _omegas_of(layer)) for layer in stack_layers]
-        fold_stack_(entries, first_modules, input_norm is not None, model=folded)
-    for _, _, _, layers in plans:
+        entries = [(layer, kind, _omegas_of(layer)) for layer, kind in zip(stack_layers, kinds)]
+        untied += fold_stack_(entries, first_modules, input_norm is not None, model=folded) or []
+    for _, _, _, layers, _ in plans:
         for name, _ in layers:
             _strip(_get(folded, name))
+    from . import hf_io
+    hf_io.after_fold(folded, untied=bool(untied))
     return folded
 
 
@@ -424,12 +540,15 @@ def fold_stack_(entries: Sequence[Tuple[nn.Module, LayerKind, Sequence]], first:
         entries: ``(layer, kind, omegas)`` per layer in stack order: ``layer`` holds the LayerNorms and
             linear maps named by ``kind`` (changed in place), ``omegas`` one per sublayer (numbers,
             tensors or :class:`OmegaResidual` modules, possibly of another copy of the model).
-        first: what produces the first layer's input: ``[LayerNorm]`` when ``first_is_norm``, else the
-            ``nn.Embedding`` / ``nn.Linear`` modules whose outputs sum to it.
+        first: what produces the first layer's input: ``[LayerNorm, *embeddings added after it]`` when
+            ``first_is_norm``, else the ``nn.Embedding`` / ``nn.Linear`` modules whose outputs sum to it.
+
+    Returns the embedding modules whose shared weight was untied (empty when none).
         model: the model holding ``first``; an embedding weight shared with other modules of it (a
             tied output projection) is untied before it is scaled.
     """
     prev_last = None
+    untied = []
     for layer, kind, omegas in entries:
         if len(omegas) != len(kind.sublayers):
             raise ValueError(f"{type(layer).__name__}: {len(omegas)} omegas for {len(kind.sublayers)} sublayers")
@@ -439,14 +558,15 @@ def fold_stack_(entries: Sequence[Tuple[nn.Module, LayerKind, Sequence]], first:
                 fold_into_norm_(_get(layer, sub.source), omega)
             elif prev_last is not None:
                 fold_into_norm_(prev_last, omega)
-            elif first_is_norm:
-                fold_into_norm_(first[0], omega)
             else:
-                for emb in first:
-                    if model is not None:
-                        _untie(emb, model)
+                if first_is_norm:
+                    fold_into_norm_(first[0], omega)
+                for emb in first[1 if first_is_norm else 0:]:  # embeddings added to (or making) the input
+                    if model is not None and _untie(emb, model):
+                        untied.append(emb)
                     fold_into_embedding_(emb, omega)
         prev_last = _get(layer, kind.last_norm)
+    return untied
 
 
 def _strip(layer: nn.Module) -> None:

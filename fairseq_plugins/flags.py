@@ -88,7 +88,8 @@ def _excepthook(previous):
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
         sys.stdout.flush()
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
-        os._exit(status)  # an excepthook cannot choose the exit status otherwise
+        # SystemExit from an excepthook sets the exit status; finally blocks have run and atexit handlers run
+        raise SystemExit(status)
 
     hook._one_line = True
     return hook

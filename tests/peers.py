@@ -27,6 +27,18 @@ def peers_dir() -> Path:
     return Path(sys.prefix) / "peers"
 
 
+def require_peer(name: str) -> ModuleType:
+    """The public package ``name`` (0.1.0); the test FAILS when it is missing: the compatibility claims are
+    part of the contract, and a CI machine without the peers must not pass them by skipping."""
+    import pytest
+
+    module = load_peer(name)
+    if module is None:
+        pytest.fail(f"the public package {name} 0.1.0 is not installed under {peers_dir()} (make install puts it "
+                    "there): the compatibility tests need it")
+    return module
+
+
 def load_peer(name: str) -> Optional[ModuleType]:
     """The public package ``name`` (0.1.0) as a module, or None when it is not installed."""
     if name not in PEERS:

@@ -15,7 +15,7 @@ from torch import nn
 import admin_torch
 from admin_torch import (OmegaResidual, apply_omegas, as_module, calculate_init, load_profile, make_stack,
                          output_change, profile_omegas, save_profile)
-from peers import load_peer
+from peers import require_peer
 
 
 def omegas_of(model):
@@ -130,10 +130,8 @@ def test_calculate_init_property(n, scale):
         assert np.isfinite(omega) and omega >= 1.0
 
 
-PEER = load_peer("admin_torch")
 
 
-@pytest.mark.skipif(PEER is None, reason="admin-torch 0.1.0 is not installed under .venv/peers (make install)")
 @pytest.mark.parametrize("call", [
     lambda a: a.calculate_init(12),
     lambda a: a.calculate_init(12.0, "O(1)"),
@@ -146,14 +144,13 @@ PEER = load_peer("admin_torch")
     lambda a: a.as_module(24)(torch.ones(2, 3), torch.ones(2, 3)),
 ])
 def test_every_0_1_0_call_is_accepted_with_its_meaning(call):
-    theirs, ours = call(PEER), call(admin_torch)
+    theirs, ours = call(require_peer("admin_torch")), call(admin_torch)
     torch.testing.assert_close(torch.as_tensor(ours, dtype=torch.float32).detach(),
                                torch.as_tensor(theirs, dtype=torch.float32).detach())
 
 
-@pytest.mark.skipif(PEER is None, reason="admin-torch 0.1.0 is not installed under .venv/peers (make install)")
 def test_0_1_0_as_buffer_and_as_parameter():
-    for lib in (PEER, admin_torch):
+    for lib in (require_peer("admin_torch"), admin_torch):
         net = nn.Module()
         lib.as_buffer(net, "w", 12)
         lib.as_parameter(net, "p", 12, 4, "O(1)")

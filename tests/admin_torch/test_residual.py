@@ -12,7 +12,7 @@ from torch import nn
 
 import admin_torch
 from admin_torch import OmegaResidual, as_buffer, as_module, as_parameter, calculate_init
-from peers import load_peer
+from peers import require_peer
 
 GRID_N = [1, 2, 3, 5, 6, 12, 18, 24, 36, 50, 72, 100, 120, 200, 1000]
 SCALES = ["O(n)", "O(logn)", "default", "O(1)"]
@@ -49,10 +49,7 @@ def test_default_is_logn():
 
 @pytest.fixture(scope="module")
 def peer():
-    mod = load_peer("admin_torch")
-    if mod is None:
-        pytest.skip("admin-torch 0.1.0 is not installed under <venv>/peers (make install)")
-    return mod
+    return require_peer("admin_torch")
 
 
 @pytest.mark.parametrize("fn", ["calculate_init", "as_module", "as_buffer", "as_parameter"])

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reinmax
-from peers import load_peer
+from peers import require_peer
 from reinmax import CategoricalLayer, DiscreteBottleneck, LatentTreeLSTM, sample_categorical
 
 TAUS = st.floats(1e-4, 1e4).filter(lambda t: t > 0)
@@ -155,10 +155,8 @@ def test_estimator_options_are_checked():
 
 # ---------------------------------------------------------------- reinmax 0.1.0 drop-in
 
-PEER = load_peer("reinmax")
 
 
-@pytest.mark.skipif(PEER is None, reason="reinmax 0.1.0 is not installed under .venv/peers (make install)")
 @pytest.mark.parametrize("call", [
     lambda f, x: f(x, 1.0),
     lambda f, x: f(x, 1.3, True),
@@ -170,7 +168,7 @@ PEER = load_peer("reinmax")
 ])
 def test_every_0_1_0_call_is_accepted_with_its_meaning(call):
     x = torch.randn(6, 5)
-    theirs_hard, theirs_soft = call(PEER.reinmax, x)
+    theirs_hard, theirs_soft = call(require_peer("reinmax").reinmax, x)
     ours_hard, ours_soft = call(reinmax.reinmax, x)
     assert ours_hard.shape == theirs_hard.shape and torch.equal(ours_hard.sum(-1), theirs_hard.sum(-1))
     torch.testing.assert_close(ours_soft, theirs_soft)

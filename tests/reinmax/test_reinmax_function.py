@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from peers import load_peer
+from peers import require_peer
 from torch_helpers import saved_bytes
 from reinmax import ReinMaxFunction, reinmax, sample_categorical
 
@@ -220,16 +220,14 @@ def test_saves_less_than_public_0_1_0():
     x = torch.randn(256, 64, requires_grad=True)
     ours = saved_bytes(lambda: reinmax(x, 1.3))
     assert ours == 256 * 64 * 4 + 256 * 8  # softmax + one int64 index per row
-    old = load_peer("reinmax")
+    old = require_peer("reinmax")
     if old is not None:
         assert saved_bytes(lambda: old.reinmax(x, 1.3)) >= 3 * 256 * 64 * 4
 
 
 @pytest.mark.parametrize("tau", [1.0, 1.3])
 def test_same_gradient_as_public_0_1_0(monkeypatch, tau):
-    old = load_peer("reinmax")
-    if old is None:
-        pytest.skip("public reinmax 0.1.0 not installed under <venv>/peers (make install)")
+    old = require_peer("reinmax")
     theta = torch.randn(3, 8, 10, dtype=torch.float64)
     g, h = torch.randn(theta.shape, dtype=torch.float64), torch.randn(theta.shape, dtype=torch.float64)
     D, _, ours = run(theta, tau, g=g, h=h)

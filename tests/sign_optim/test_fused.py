@@ -183,7 +183,9 @@ def test_first_step_in_a_new_process_is_fast():
             "opt = sign_optim.PowerSign([p], lr=1e-3)\n"
             "t = time.perf_counter(); opt.step(); print(time.perf_counter() - t)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert float(out.stdout.strip()) < 5.0
+    # measured ~0.006-0.03 s (README: under 0.02 s); 0.5 s leaves room for a loaded CI machine and still fails
+    # on a first step that compiles or builds something
+    assert float(out.stdout.strip()) < 0.5
 
 
 @pytest.mark.parametrize("change", ["data", "state", "grad_layout"])

@@ -1,0 +1,197 @@
+"""Saving and reloading converted HuggingFace models without a silent change.
+
+The mechanism: **fold on save, with the Admin form alongside**.
+
+* :func:`admin_torch.convert` records its settings in ``model.config.admin_torch`` and gives every
+  ``PreTrainedModel`` in the converted model a ``save_pretrained`` (an instance attribute) that calls
+  :func:`save_pretrained` here.
+* :func:`save_pretrained` writes the *folded* model (stock classes, the same function, see
+  :func:`admin_torch.fold`) under the stock weight names, plus the Admin form of every tensor that
+  folding changed and every omega under the prefix ``admin_torch.`` in the same weight file.
+* A user following HuggingFace's habits, ``BertModel.from_pretrained(path)``, gets the folded model: the
+  same function (≤ 1e-5 in float32); the ``admin_torch.*`` keys are reported as unexpected and are not
+  needed for it. Training it further is plain Post-LN training (the Admin parametrisation is gone) --
+  that is the trade-off. ``convert`` on it is refused (its config records that it was saved from an
+  Admin model): converting would re-initialise the residuals and change the function.
+* :func:`from_pretrained` (``admin_torch.from_pretrained(BertModel, path)``) restores the Admin form
+  bit for bit (the same omegas, trained ``as_parameter=True`` vectors included, and the unfolded weights).
+* ``Trainer(resume_from_checkpoint=...)`` calls ``model.load_state_dict`` on the converted model with
+  that file: a load pre-hook installed by ``convert`` swaps the ``admin_torch.*`` tensors in, so the
+  resumed model is the Admin model that was saved.
+
+A model whose fold is impossible (e.g. one embedding table shared by two stacks with different first
+omegas, as in Marian) cannot be saved this way: ``save_pretrained`` raises before writing anything.
+"""
+
+import json
+import os
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+__all__ = ["save_pretrained", "from_pretrained", "PREFIX"]
+
+#: prefix of the Admin-form tensors in a saved weight file
+PREFIX = "admin_torch."
+_CONFIG_KEY = "admin_torch"
+_FORMAT = 1
+
+
+def _is_hf(module: nn.Module) -> bool:
+    cls_names = {c.__name__ for c in type(module).__mro__}
+    return "PreTrainedModel" in cls_names and hasattr(module, "config")
+
+
+def _record(model: nn.Module):
+    config = getattr(model, "config", None)
+    return getattr(config, _CONFIG_KEY, None) if config is not None else None
+
+
+def check_convertible(model: nn.Module) -> None:
+    """ValueError when ``model`` was loaded from an Admin save with stock ``from_pretrained`` (its config
+    records it): converting it again would re-initialise residuals of trained weights."""
+    for module in model.modules():
+        record = _record(module) if _is_hf(module) else None
+        if isinstance(record, dict) and record.get("folded"):
+            raise ValueError(
+                f"{type(module).__name__} was saved from an Admin model (config.admin_torch is set) and loaded as its "
+                "folded, stock equivalent; convert would re-initialise its residuals and change its function. Load "
+                "it with admin_torch.from_pretrained(cls, path) to continue Admin training, use it as is, or delete "
+                "config.admin_torch to convert it on purpose. Nothing was changed.")
+
+
+class _SavePretrained:
+    """The ``save_pretrained`` of a converted HuggingFace model: :func:`save_pretrained` on it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        return save_pretrained(self.model, save_directory, *args, **kwargs)
+
+
+def _swap_admin_tensors(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs):
+    """Load pre-hook of a converted model: a saved file's ``admin_torch.*`` tensors replace the folded
+    ones of the same name (Trainer's resume loads that file with ``load_state_dict``)."""
+    marked = [k for k in state_dict if k.startswith(prefix + PREFIX)]
+    for key in marked:
+        state_dict[prefix + key[len(prefix + PREFIX):]] = state_dict.pop(key)
+
+
+def after_convert(model: nn.Module, *, output_change_scale: str, as_parameter: bool) -> None:
+    """Record the settings in each HuggingFace config and install the save / load glue."""
+    for module in model.modules():
+        if not _is_hf(module):
+            continue
+        setattr(module.config, _CONFIG_KEY, {"format": _FORMAT, "output_change_scale": output_change_scale,
+                                             "as_parameter": as_parameter, "folded": False})
+        # an instance attribute shadows the class's save_pretrained; deep-copied / pickled with the model
+        module.__dict__["save_pretrained"] = _SavePretrained(module)
+        if not any(getattr(h, "hook", h) is _swap_admin_tensors for h in module._load_state_dict_pre_hooks.values()):
+            module.register_load_state_dict_pre_hook(_swap_admin_tensors)
+
+
+def after_fold(folded: nn.Module, *, untied: bool) -> None:
+    """The folded copy: no save / load glue, its config marked as folded (and untied when fold untied)."""
+    for module in folded.modules():
+        module.__dict__.pop("save_pretrained", None)
+        for key, hook in list(module._load_state_dict_pre_hooks.items()):
+            if getattr(hook, "hook", hook) is _swap_admin_tensors:
+                del module._load_state_dict_pre_hooks[key]
+        record = _record(module) if _is_hf(module) else None
+        if isinstance(record, dict):
+            setattr(module.config, _CONFIG_KEY, dict(record, folded=True))
+        if untied and _is_hf(module):
+            # an embedding table that also feeds the output projection was scaled on its own: a reload
+            # must not tie them again
+            module.config.tie_word_embeddings = False
+            if hasattr(module, "_tied_weights_keys"):
+                module._tied_weights_keys = None
+
+
+def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
+    """Save a converted HuggingFace ``model``: the folded stock model plus the Admin form (see the module doc).
+
+    Args and kwargs are those of ``PreTrainedModel.save_pretrained``; a ``state_dict=`` (Trainer passes
+    ``model.state_dict()``) is ignored: the tensors are taken from ``model``.
+
+    Raises:
+        ValueError: ``model`` cannot be folded exactly (nothing is written).
+    """
+    from .convert import fold
+    if not _is_hf(model):
+        raise TypeError(f"model must be a converted HuggingFace PreTrainedModel, got {type(model).__name__}")
+    kwargs.pop("state_dict", None)
+    try:
+        folded = fold(model)
+    except ValueError as err:
+        raise ValueError(f"cannot save {type(model).__name__} as a stock model computing the same function: {err}. "
+                         "Nothing was written; torch.save(model.state_dict()) keeps the Admin form") from err
+    stock = folded.state_dict()
+    admin = model.state_dict()
+    extra = {PREFIX + k: v.detach().clone().contiguous() for k, v in admin.items()
+             if k not in stock or not torch.equal(stock[k], v)}
+    state = {k: v.contiguous() for k, v in stock.items()}
+    state.update(extra)
+    cls_save = type(folded).save_pretrained  # the class's method: the folded copy has no instance glue
+    return cls_save(folded, save_directory, *args, state_dict=state, **kwargs)
+
+
+def _admin_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """The ``admin_torch.*`` tensors of a saved directory (single or sharded safetensors)."""
+    from safetensors import safe_open
+    files = []
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for k, v in json.load(f)["weight_map"].items() if k.startswith(PREFIX)})
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = [os.path.join(path, "model.safetensors")]
+    out = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(PREFIX):
+                    out[key[len(PREFIX):]] = f.get_tensor(key)
+    return out
+
+
+def from_pretrained(cls: Any, path, **kwargs) -> nn.Module:
+    """Load a model saved from a converted model back in its Admin form: ``cls.from_pretrained`` (the
+    folded weights), ``convert`` with the recorded settings, then the saved Admin tensors.
+
+    Raises:
+        ValueError: ``path`` holds no Admin save (its config has no ``admin_torch`` record), or its Admin
+            tensors do not match the converted model.
+    """
+    from transformers.utils import logging as hf_logging
+    from .convert import convert
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise ValueError(f"path must be a local directory written by save_pretrained of a converted model, got {path!r}")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the admin_torch.* keys are expected to be unexpected here
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    record = _record(model)
+    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        raise ValueError(f"{path}: config has no admin_torch record (not saved from a converted model); use "
+                         f"{getattr(cls, '__name__', cls)}.from_pretrained and admin_torch.convert instead")
+    for module in model.modules():
+        if _is_hf(module) and hasattr(module.config, _CONFIG_KEY):
+            delattr(module.config, _CONFIG_KEY)
+    convert(model, output_change_scale=record["output_change_scale"], as_parameter=record["as_parameter"])
+    tensors = _admin_tensors(os.fspath(path))
+    own = model.state_dict()
+    missing = [k for k in own if "admin_omegas" in k and k not in tensors]
+    unknown = [k for k in tensors if k not in own]
+    if missing or unknown:
+        raise ValueError(f"{path}: the saved Admin tensors do not match the converted model (missing "
+                         f"{missing[:3]}, unknown {unknown[:3]})")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value.to(own[key].dtype))
+    return model

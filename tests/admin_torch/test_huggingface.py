@@ -1,0 +1,218 @@
+"""admin_torch.convert / fold across HuggingFace Post-LN families (tiny random configs, nothing downloaded):
+exact Admin, exact fold with padding masks, gradient checkpointing in both modes, save / reload,
+torch.compile, and the refusal of Pre-LN families."""
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+import admin_torch
+from admin_torch import calculate_init, convert, fold
+
+sys.path.insert(0, os.path.dirname(__file__))
+import test_huggingface_families as H  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = list(H.families())
+FAST = ["bert", "bert_decoder", "bart", "bart_causal"]  # the rest of the matrix is marked slow
+
+
+def _params(fams):
+    return [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in fams]
+
+
+def _omegas(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, admin_torch.OmegaResidual)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_is_admin_and_fold_is_exact_with_padding(family):
+    """omega = calculate_init(N) with N per stack; omega = 1 is the stock model; fold gives stock
+    classes computing the Admin function (padding mask in the inputs)."""
+    model, x, n_per_stack = H.build(family)
+    with torch.no_grad():
+        stock = H.output(model(**x))
+    one = convert(copy.deepcopy(model), output_change_scale="O(n)")  # omega = 1: the stock function
+    with torch.no_grad():
+        torch.testing.assert_close(H.output(one(**x)), stock, rtol=1e-5, atol=1e-5)
+    classes = {type(m) for m in model.modules()}
+    convert(model)
+    ns = sorted(n_per_stack.values())
+    values = sorted({round(m.omega.item(), 4) for m in _omegas(model).values()})
+    assert values == sorted({round(calculate_init(n), 4) for n in ns})
+    assert len(_omegas(model)) == sum(ns)
+    with torch.no_grad():
+        admin = H.output(model(**x))
+    assert (admin - stock).abs().max() > 1e-4
+    folded = fold(model)
+    assert {type(m) for m in folded.modules()} == classes
+    assert not _omegas(folded) and not any(m._forward_pre_hooks or m._forward_hooks for m in folded.modules())
+    with torch.no_grad():
+        err = (H.output(folded(**x)) - admin).abs().max().item()
+    assert err <= 1e-5, err
+
+
+def _loss(model, x):
+    return H.output(model(**x)).float().pow(2).mean()
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("family", _params(FAMILIES))
+def test_gradient_checkpointing_gives_the_same_gradients(family, use_reentrant):
+    """model.gradient_checkpointing_enable() on a converted model: loss and every gradient (trainable
+    omegas included) equal those without checkpointing."""
+    model, x, _ = H.build(family)
+    if not model.supports_gradient_checkpointing:
+        pytest.skip(f"{type(model).__name__} does not support gradient checkpointing in transformers itself")
+    convert(model, as_parameter=True)
+    with torch.no_grad():  # distinct omegas: a dropped omega would show
+        for i, m in enumerate(_omegas(model).values()):
+            m.omega.mul_(1.0 + 0.1 * i)
+    model.train()
+    ref_model = copy.deepcopy(model)
+    ref_loss = _loss(ref_model, x)
+    ref_loss.backward()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    loss = _loss(model, x)
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    ref = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        if ref[name].grad is None:
+            continue
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(m.omega.grad is not None and m.omega.grad.abs().sum() > 0 for m in _omegas(model).values())
+
+
+@pytest.mark.parametrize("family", _params(FAMILIES))
+def test_save_and_reload(family, tmp_path):
+    """save_pretrained folds on save: the stock from_pretrained gives the same function; the Admin form
+    (trained vector omegas) comes back exactly with admin_torch.from_pretrained; convert of the stock
+    reload is refused."""
+    model, x, _ = H.build(family)
+    convert(model, as_parameter=True)
+    with torch.no_grad():
+        for i, m in enumerate(_omegas(model).values()):
+            m.omega.mul_(1.0 + 0.05 * i)  # "trained" omegas
+        admin = H.output(model(**x))
+    model.save_pretrained(tmp_path)
+    cls = type(model)
+    stock = cls.from_pretrained(tmp_path).eval()
+    assert not _omegas(stock)
+    with torch.no_grad():
+        assert (H.output(stock(**x)) - admin).abs().max().item() <= 1e-5
+    before = copy.deepcopy(stock.state_dict())
+    with pytest.raises(ValueError, match="saved from an Admin model"):
+        convert(stock)
+    assert all(torch.equal(before[k], v) for k, v in stock.state_dict().items()) and not _omegas(stock)
+    back = admin_torch.from_pretrained(cls, tmp_path).eval()
+    own = model.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, own[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(H.output(back(**x)), admin, rtol=0, atol=0)
+
+
+def test_trainer_style_resume_loads_the_admin_form(tmp_path):
+    """Trainer resumes with model.load_state_dict(file, strict=False): the Admin tensors are swapped in."""
+    from safetensors.torch import load_file
+    model, x, _ = H.build("bert")
+    convert(model, as_parameter=True)
+    with torch.no_grad():
+        next(iter(_omegas(model).values())).omega.mul_(1.3)
+    model.save_pretrained(tmp_path)
+    fresh, _, _ = H.build("bert")
+    torch.manual_seed(5)
+    fresh.apply(fresh._init_weights)
+    convert(fresh, as_parameter=True)
+    result = fresh.load_state_dict(load_file(os.path.join(tmp_path, "model.safetensors")), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("family", _params(FAMILIES))
+def test_compile_matches_eager(family):
+    model, x, _ = H.build(family)
+    convert(model)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = H.output(model(**x))
+        compiled = H.output(torch.compile(model, backend="aot_eager")(**x))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def _pre_ln():
+    t = transformers
+    return {
+        "mbart": lambda: t.MBartModel(t.MBartConfig(**H.SEQ2SEQ)),
+        "t5": lambda: t.T5Model(t.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)),
+        "gpt2": lambda: t.GPT2Model(t.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2)),
+        "llama": lambda: t.LlamaModel(t.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                    num_hidden_layers=2, num_attention_heads=2)),
+        "megatron_bert": lambda: t.MegatronBertModel(t.MegatronBertConfig(**H.COMMON)),
+    }
+
+
+@pytest.mark.parametrize("family", ["mbart", "t5", "gpt2", "llama", "megatron_bert"])
+def test_pre_ln_families_are_refused_unchanged(family):
+    torch.manual_seed(0)
+    model = _pre_ln()[family]()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="Pre-LN"):
+        convert(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not _omegas(model) and "save_pretrained" not in model.__dict__
+    assert not hasattr(model.config, "admin_torch")
+
+
+def test_bert_decoder_cross_attention_is_written_out():
+    """LN(w x + f(x)) at all three residuals of a BERT decoder layer, from stock modules (N = 3 per layer)."""
+    model, x, _ = H.build("bert_decoder")
+    layer = model.bert.encoder.layer[0]
+    stock = copy.deepcopy(layer)
+    convert(model)
+    w = calculate_init(6)
+    h, enc = torch.randn(2, 5, 16), x["encoder_hidden_states"]
+    with torch.no_grad():
+        a = stock.attention.output.LayerNorm(stock.attention.output.dense(stock.attention.self(h)[0]) + w * h)
+        c = stock.crossattention.output.LayerNorm(
+            stock.crossattention.output.dense(stock.crossattention.self(a, encoder_hidden_states=enc)[0]) + w * a)
+        out = stock.output.LayerNorm(stock.output.dense(stock.intermediate(c)) + w * c)
+        got = layer(h, encoder_hidden_states=enc)
+    torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, out, rtol=1e-5, atol=1e-5)
+
+
+def test_bart_causal_lm_applies_every_omega():
+    """BartForCausalLM: two residuals per layer (no cross-attention runs), both scaled, N = 2 per layer."""
+    model, x, _ = H.build("bart_causal")
+    layer = model.model.decoder.layers[0]
+    stock = copy.deepcopy(layer)
+    convert(model)
+    assert len(layer.admin_omegas) == 2
+    w = calculate_init(4)
+    h = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        a = stock.self_attn_layer_norm(w * h + stock.self_attn(hidden_states=h)[0])
+        out = stock.final_layer_norm(w * a + stock.fc2(stock.activation_fn(stock.fc1(a))))
+        got = layer(h)
+    torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, out, rtol=1e-5, atol=1e-5)
+
+
+def test_save_refused_when_fold_is_impossible_writes_nothing(tmp_path):
+    """Marian shares one token table between stacks with different first omegas: no stock model computes
+    the Admin function, so save_pretrained raises and writes nothing."""
+    t = transformers
+    model = t.MarianMTModel(t.MarianConfig(**H.SEQ2SEQ))
+    convert(model)
+    with pytest.raises(ValueError, match="cannot save"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,107 @@
+"""Builders (no tests here): tiny random HuggingFace models of every family admin_torch.convert supports (nothing downloaded).
+
+``build(family)`` -> (model in eval mode, inputs with a padding mask, expected N per stack name)."""
+
+import torch
+
+V = 50
+COMMON = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64)
+SEQ2SEQ = dict(vocab_size=V, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+               decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+               dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+               eos_token_id=2, decoder_start_token_id=2)
+
+
+def _ids(seed=1, shape=(2, 8)):
+    ids = torch.randint(3, V, shape, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(shape, dtype=torch.long)
+    mask[1, -3:] = 0  # padding in the second sequence
+    ids[1, -3:] = 1
+    return ids, mask
+
+
+def _encoder(cls, cfg_cls, **kw):
+    def make():
+        model = cls(cfg_cls(**{**COMMON, **kw}))
+        ids, mask = _ids()
+        return model, dict(input_ids=ids, attention_mask=mask), {"": 4}
+    return make
+
+
+def _bert_decoder():
+    import transformers as t
+    model = t.BertLMHeadModel(t.BertConfig(**COMMON, is_decoder=True, add_cross_attention=True))
+    ids, mask = _ids()
+    enc = torch.randn(2, 5, COMMON["hidden_size"], generator=torch.Generator().manual_seed(2))
+    return model, dict(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc), {"bert": 6}
+
+
+def _seq2seq(cls_name, cfg_name, n=None, **kw):
+    def make():
+        import transformers as t
+        model = getattr(t, cls_name)(getattr(t, cfg_name)(**{**SEQ2SEQ, **kw}))
+        ids, mask = _ids()
+        dec, _ = _ids(seed=3, shape=(2, 6))
+        return model, dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec), n or {"enc": 4, "dec": 6}
+    return make
+
+
+def _bart_causal():
+    import transformers as t
+    model = t.BartForCausalLM(t.BartConfig(**SEQ2SEQ))
+    ids, mask = _ids()
+    return model, dict(input_ids=ids, attention_mask=mask), {"dec": 4}
+
+
+def _distilbert():
+    import transformers as t
+    model = t.DistilBertModel(t.DistilBertConfig(vocab_size=V, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
+                                                 dropout=0.0, attention_dropout=0.0, max_position_embeddings=64))
+    ids, mask = _ids()
+    return model, dict(input_ids=ids, attention_mask=mask), {"": 4}
+
+
+def _t(name):
+    import transformers as t
+    return getattr(t, name)
+
+
+def families():
+    return {
+        "bert": lambda: _encoder(_t("BertModel"), _t("BertConfig"))(),
+        "bert_decoder": _bert_decoder,
+        "roberta": lambda: _encoder(_t("RobertaModel"), _t("RobertaConfig"), pad_token_id=1)(),
+        "xlm_roberta": lambda: _encoder(_t("XLMRobertaModel"), _t("XLMRobertaConfig"), pad_token_id=1)(),
+        "camembert": lambda: _encoder(_t("CamembertModel"), _t("CamembertConfig"), pad_token_id=1)(),
+        "electra": lambda: _encoder(_t("ElectraModel"), _t("ElectraConfig"), embedding_size=8)(),
+        "ernie": lambda: _encoder(_t("ErnieModel"), _t("ErnieConfig"))(),
+        "roformer": lambda: _encoder(_t("RoFormerModel"), _t("RoFormerConfig"), embedding_size=8)(),
+        "big_bird": lambda: _encoder(_t("BigBirdModel"), _t("BigBirdConfig"), attention_type="original_full",
+                                     sep_token_id=4)(),
+        "longformer": lambda: _encoder(_t("LongformerModel"), _t("LongformerConfig"), attention_window=4,
+                                       pad_token_id=1, sep_token_id=2)(),
+        "data2vec_text": lambda: _encoder(_t("Data2VecTextModel"), _t("Data2VecTextConfig"), pad_token_id=1)(),
+        "deberta_v2": lambda: _encoder(_t("DebertaV2Model"), _t("DebertaV2Config"))(),
+        "mpnet": lambda: _encoder(_t("MPNetModel"), _t("MPNetConfig"), pad_token_id=1)(),
+        "distilbert": _distilbert,
+        "bart": _seq2seq("BartForConditionalGeneration", "BartConfig"),
+        "bart_causal": _bart_causal,
+        "blenderbot_small": _seq2seq("BlenderbotSmallForConditionalGeneration", "BlenderbotSmallConfig"),
+        "led": _seq2seq("LEDForConditionalGeneration", "LEDConfig", attention_window=4,
+                        max_encoder_position_embeddings=64, max_decoder_position_embeddings=64),
+    }
+
+
+def build(family):
+    torch.manual_seed(0)
+    model, x, n = families()[family]()
+    return model.eval(), x, n
+
+
+def output(out):
+    """The main tensor of a HuggingFace output."""
+    for key in ("logits", "last_hidden_state"):
+        if key in out:
+            return out[key]
+    return out[0]
