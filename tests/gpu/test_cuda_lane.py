@@ -177,3 +177,31 @@ def test_routed_ffn_with_capacity_makes_no_host_sync_and_compiles(router):
             torch.cuda.set_sync_debug_mode(0)
     compiled = torch.compile(layer, fullgraph=True)
     compiled(x).sum().backward()
+
+
+@pytest.mark.parametrize("cls", [AddSign, PowerSign])
+def test_fused_triton_kernel_on_fsdp2_local_shards(cls, tmp_path):
+    """FSDP2 on one CUDA rank: DTensor parameters whose local shards go to the Triton kernel, equal to foreach."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        results = []
+        for kw in ({"fused": True}, {"foreach": True}):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).cuda()
+            fully_shard(model, mesh=mesh)
+            opt = cls(model.parameters(), lr=1e-2, sign_internal_decay=CosineInternalDecay(10), **kw)
+            x = torch.randn(8, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+            for _ in range(3):
+                model(x).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+            results.append([p.full_tensor().detach().cpu() for p in model.parameters()])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
