@@ -24,13 +24,15 @@ reads ``x``), ``"multihead_attn.in_proj_weight[q]"`` its query rows only (cross-
 values read the encoder's output).
 """
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["Sublayer", "LayerKind", "StackKind", "LAYER_KINDS", "STACK_KINDS", "PRE_LN_MODEL_TYPES", "kind_key",
+__all__ = ["Sublayer", "LayerKind", "StackKind", "LAYER_KINDS", "STACK_KINDS", "PRE_LN_MODEL_TYPES",
+           "UNSUPPORTED_MODEL_TYPES", "kind_key",
            "bert_like_kind", "layer_kind", "stack_kind"]
 
 
@@ -87,12 +89,26 @@ class StackKind:
     ``input_norm`` is None (then :func:`fold` uses them when no ``embedding=`` is given).
     ``input_linear``: an ``nn.Linear`` applied after ``input_norm`` (ELECTRA's ``embeddings_project``):
     it produces the input instead, when present.
+    ``sequence``: for a stack whose layers are not one ``nn.ModuleList`` applied once each (ALBERT), a
+    function ``stack module -> [layer, ...]`` giving the layers in the order one forward applies them; a
+    layer shared across depth appears once per application. N counts applications; :func:`fold` refuses
+    a stack that applies a layer more than once (see :data:`SHARED_LAYER_FOLD`).
     """
 
     layers: str
     input_norm: Optional[str]
     inputs: Tuple[str, ...] = ()
     input_linear: Optional[str] = None
+    sequence: Optional[Callable[[nn.Module], List[nn.Module]]] = None
+
+
+#: why :func:`admin_torch.fold` refuses a stack that applies one layer several times (ALBERT's sharing)
+SHARED_LAYER_FOLD = (
+    "its layers are shared across depth (one layer applied {times} times per forward, as ALBERT does with "
+    "num_hidden_groups < num_hidden_layers): the shared last LayerNorm produces both the next application's "
+    "input, which would have to absorb omega, and the stack's output, which must not, so no stock model with "
+    "shared weights computes the Admin function. Train it converted and keep the Admin form "
+    "(torch.save(model.state_dict())), or use num_hidden_groups == num_hidden_layers (no sharing), which folds exactly")
 
 
 def kind_key(cls: type) -> str:
@@ -164,12 +180,22 @@ LAYER_KINDS: Dict[str, LayerKind] = {
         Sublayer("sa_layer_norm", ("attention.q_lin", "attention.k_lin", "attention.v_lin"), capture="attention"),
         Sublayer("output_layer_norm", ("ffn.lin1",), source="sa_layer_norm"),
     ), last_norm="output_layer_norm", mechanism="hooks"),
+    # ALBERT: one omega per residual of each (shared) layer, used at every application (N counts applications)
+    "transformers.models.albert.modeling_albert.AlbertLayer": LayerKind((
+        Sublayer("attention.LayerNorm", ("attention.query", "attention.key", "attention.value"), capture="attention"),
+        Sublayer("full_layer_layer_norm", ("ffn",), source="attention.LayerNorm"),
+    ), last_norm="full_layer_layer_norm", mechanism="hooks"),
     "transformers.models.mpnet.modeling_mpnet.MPNetLayer": LayerKind((
         Sublayer("attention.LayerNorm", ("attention.attn.q", "attention.attn.k", "attention.attn.v"),
                  capture="attention.attn"),
         Sublayer("output.LayerNorm", ("intermediate.dense",), source="attention.LayerNorm", residual_arg="output"),
     ), last_norm="output.LayerNorm", mechanism="hooks"),
 }
+_FSMT_FOLD = ("the first layer reads token embeddings plus FSMT's sinusoidal position embeddings, which are not "
+              "learned and are regenerated unscaled (when a longer input extends the table, and on reload), so "
+              "omega cannot be folded into them durably; keep the Admin form (torch.save(model.state_dict()))")
+LAYER_KINDS.update({k: dataclasses.replace(v, fold_blocker=_FSMT_FOLD) for k, v in _bart_like(
+    "transformers.models.fsmt.modeling_fsmt", encoder_layer="EncoderLayer", decoder_layer="DecoderLayer").items()})
 # the drop-in subclasses describe themselves like the classes they replace
 LAYER_KINDS["admin_torch.layers.TransformerEncoderLayer"] = LAYER_KINDS["torch.nn.modules.transformer.TransformerEncoderLayer"]
 LAYER_KINDS["admin_torch.layers.TransformerDecoderLayer"] = LAYER_KINDS["torch.nn.modules.transformer.TransformerDecoderLayer"]
@@ -194,7 +220,20 @@ STACK_KINDS: Dict[str, StackKind] = {
     "transformers.models.distilbert.modeling_distilbert.DistilBertModel":
         StackKind("transformer.layer", "embeddings.LayerNorm"),
     "transformers.models.mpnet.modeling_mpnet.MPNetModel": StackKind("encoder.layer", "embeddings.LayerNorm"),
+    "transformers.models.fsmt.modeling_fsmt.FSMTEncoder": StackKind("layers", None),
+    "transformers.models.fsmt.modeling_fsmt.FSMTDecoder": StackKind("layers", None),
 }
+
+
+def _albert_sequence(model) -> List[nn.Module]:
+    """AlbertModel's layers in the order ``AlbertTransformer.forward`` applies them."""
+    cfg, groups = model.config, model.encoder.albert_layer_groups
+    per_group = cfg.num_hidden_layers / cfg.num_hidden_groups
+    return [layer for i in range(cfg.num_hidden_layers) for layer in groups[int(i / per_group)].albert_layers]
+
+
+STACK_KINDS["transformers.models.albert.modeling_albert.AlbertModel"] = StackKind(
+    "encoder.albert_layer_groups", None, input_linear="encoder.embedding_hidden_mapping_in", sequence=_albert_sequence)
 
 
 # ---------------------------------------------------------------- recognising structure
@@ -295,3 +334,13 @@ PRE_LN_MODEL_TYPES = frozenset({
     "mixtral", "qwen2", "qwen3", "opt", "bloom", "falcon", "phi", "phi3", "gemma", "gemma2", "gemma3", "xglm",
     "blenderbot", "bigbird_pegasus", "whisper", "biogpt", "olmo", "starcoder2",
 })
+
+#: HuggingFace ``model_type`` values of Post-LN families convert refuses, with the reason
+UNSUPPORTED_MODEL_TYPES: Dict[str, str] = {
+    "xlnet": ("its two-stream attention (the query stream g of permutation-LM pretraining) applies one LayerNorm "
+              "to two residual streams in one layer call, and mask_emb, an nn.Parameter, starts the g stream; and "
+              "the mems it returns are layer inputs, which fold would scale by omega"),
+    "funnel": ("FunnelModel's decoder adds the first block's output (which fold scales by the next omega) to the "
+               "upsampled last block's output (which it does not), and block_repeats > 1 applies a layer several "
+               "times, so fold cannot be exact"),
+}

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from stability_toolbox import validation
 
 from . import layers as admin_layers
-from .architectures import LAYER_KINDS, PRE_LN_MODEL_TYPES, LayerKind, StackKind, kind_key, layer_kind, stack_kind
+from .architectures import (LAYER_KINDS, PRE_LN_MODEL_TYPES, SHARED_LAYER_FOLD, UNSUPPORTED_MODEL_TYPES, LayerKind,
+                            StackKind, kind_key, layer_kind, stack_kind)
 from .fold import _omega_tensor, fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .reference_stack import ResidualStack
 from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, as_module
@@ -45,8 +46,11 @@ def _get(module: nn.Module, path: str):
     return module
 
 
-def _stacks_full(model: nn.Module):
+def _stacks_full(model: nn.Module, applications: Optional[Dict[int, int]] = None):
     """``[(stack name, StackKind or None, [(layer name, layer, LayerKind)])]`` of every supported layer.
+
+    ``applications``, when given, receives ``id(layer) -> times one forward applies it`` for layers of a
+    stack with a ``sequence`` (ALBERT's shared layers); every other layer is applied once.
 
     A decoder layer whose cross-attention runs only with encoder states (BART's) is described without it
     when ``model`` holds no encoder stack (``BartForCausalLM``): then N and :func:`fold` follow the
@@ -60,9 +64,15 @@ def _stacks_full(model: nn.Module):
         if kind is None:
             continue
         try:
-            layer_list = _get(module, kind.layers)
+            layer_list = kind.sequence(module) if kind.sequence is not None else _get(module, kind.layers)
         except AttributeError:
             continue
+        if kind.sequence is not None:
+            unique = {id(m): m for m in layer_list}  # in first-application order
+            if applications is not None:
+                for m in layer_list:
+                    applications[id(m)] = applications.get(id(m), 0) + 1
+            layer_list = list(unique.values())
         layers = [(names[id(m)], m, layer_kind(m)) for m in layer_list if id(m) not in seen]
         layers = [entry for entry in layers if entry[2] is not None]
         if layers:
@@ -263,6 +273,9 @@ def _check_post_ln(name: str, layer: nn.Module) -> None:
 def _pre_ln_message(model: nn.Module) -> Optional[str]:
     """The refusal for a HuggingFace model of a Pre-LN family (by ``config.model_type``), or None."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        return (f"{type(model).__name__} (model_type {model_type!r}) is not supported by admin_torch.convert: "
+                f"{UNSUPPORTED_MODEL_TYPES[model_type]}. Nothing was changed.")
     if model_type in PRE_LN_MODEL_TYPES:
         return (f"{type(model).__name__} (model_type {model_type!r}) is a Pre-LN model (x + f(LN(x))); Admin "
                 "rescales Post-LN residuals LN(omega * x + f(x)) only, so it does not apply. Nothing was changed.")
@@ -286,7 +299,9 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
             and every BERT-like family recognised by structure (RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA,
             ERNIE, RoFormer, BigBird, Longformer, Data2VecText, DeBERTa-v2, BERT decoders with
             cross-attention), BART (incl. ``BartForCausalLM``), Marian, BlenderbotSmall, LED,
-            DistilBERT, MPNet; anything described in :data:`admin_torch.LAYER_KINDS`.
+            DistilBERT, MPNet, ALBERT (a layer shared across depth keeps one omega per residual, used at
+            every application; N counts applications), FSMT (fold refused); anything described in
+            :data:`admin_torch.LAYER_KINDS`.
         output_change_scale: ``'O(n)'``, ``'O(logn)'``, ``'default'`` or ``'O(1)'`` (:func:`calculate_init`).
         as_parameter: trainable omega vectors of the hidden size.
 
@@ -294,7 +309,8 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
     ``save_pretrained`` that folds on save (see :mod:`admin_torch.hf_io`).
 
     Raises:
-        ValueError: ``model`` is of a Pre-LN family or has a Pre-LN layer; it has no supported layer that
+        ValueError: ``model`` is of a Pre-LN family or has a Pre-LN layer; it is of a family in
+            :data:`admin_torch.architectures.UNSUPPORTED_MODEL_TYPES` (XLNet, Funnel); it has no supported layer that
             is not converted yet; its config says it was saved from an Admin model (load it with
             :func:`admin_torch.from_pretrained`). Nothing is changed then.
     """
@@ -306,11 +322,13 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
     if message is not None:
         raise ValueError(message)
     plan = []
-    for _, _, layers in _stacks_full(model):
+    applications: Dict[int, int] = {}
+    for _, _, layers in _stacks_full(model, applications):
         todo = [(n, m, k) for n, m, k in layers if not _is_converted(m)]
         for name, layer, _ in todo:
             _check_post_ln(name, layer)
-        n_res = sum(len(k.sublayers) for _, _, k in layers)
+        # N counts residuals along the depth: a layer shared across depth (ALBERT) counts once per application
+        n_res = sum(len(k.sublayers) * applications.get(id(m), 1) for _, m, k in layers)
         plan += [(layer, kind, n_res) for _, layer, kind in todo]
     if not plan:
         raise ValueError("model has no supported Post-LN layer to convert (torch.nn TransformerEncoderLayer/"
@@ -456,7 +474,9 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
     Raises:
         ValueError: nothing converted in ``model``; an input that needs ``embedding=`` and has none; an
             ``embedding=`` dict key that is not a stack, or an empty list; one embedding module feeding
-            stacks whose first omegas differ; a layer whose hooks cannot be removed. Nothing is copied
+            stacks whose first omegas differ; a layer whose hooks cannot be removed; a layer whose kind
+            cannot be folded exactly (``LayerKind.fold_blocker``: DeBERTa-v2 with ``share_att_key``, FSMT);
+            a layer applied several times per forward (ALBERT with shared layers). Nothing is copied
             or changed then.
     """
     if isinstance(model, ResidualStack):
@@ -465,8 +485,9 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
         return fold_reference_stack(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    applications: Dict[int, int] = {}
     full = [(prefix, sk, [(n, m, k) for n, m, k in layers if _is_converted(m)])
-            for prefix, sk, layers in _stacks_full(model)]
+            for prefix, sk, layers in _stacks_full(model, applications)]
     full = [entry for entry in full if entry[2]]
     if not full:
         raise ValueError("model has no Admin layer to fold (apply admin_torch.convert first)")
@@ -486,6 +507,9 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
             _check_removable(name, layer)
             if kind.fold_blocker is not None:
                 raise ValueError(f"{name}: cannot fold exactly: {kind.fold_blocker}")
+            if applications.get(id(layer), 1) > 1:
+                raise ValueError(f"{name}: cannot fold exactly: "
+                                 + SHARED_LAYER_FOLD.format(times=applications[id(layer)]))
             if len(_omegas_of(layer)) != len(kind.sublayers):
                 raise ValueError(f"{name}: {len(_omegas_of(layer))} omegas for {len(kind.sublayers)} sublayers; "
                                  "convert and fold must see the same model (convert the whole model)")

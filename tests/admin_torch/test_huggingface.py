@@ -216,3 +216,107 @@ def test_save_refused_when_fold_is_impossible_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="cannot save"):
         model.save_pretrained(tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_albert_shared_layer_is_admin_at_every_application():
+    """ALBERT's one layer applied at every depth: one omega per residual of the shared layer, N = 2 per
+    application, the whole encoder written out from stock modules."""
+    model, x, _ = H.build("albert_shared")
+    albert = model.albert
+    stock = copy.deepcopy(albert)
+    convert(model)
+    layer = albert.encoder.albert_layer_groups[0].albert_layers[0]
+    assert len(_omegas(model)) == 2 and len(layer.admin_omegas) == 2
+    w = calculate_init(4)  # 2 layers (applications) x 2 residuals
+    assert all(abs(m.omega.item() - w) < 1e-6 for m in _omegas(model).values())
+    s = stock.encoder.albert_layer_groups[0].albert_layers[0]
+    with torch.no_grad():
+        emb = stock.embeddings(input_ids=x["input_ids"])
+        h = stock.encoder.embedding_hidden_mapping_in(emb)
+        # the padding mask as AlbertModel passes it: additive, (batch, 1, 1, seq)
+        bias = (1.0 - x["attention_mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min
+        for _ in range(2):
+            q, k, v = (m(h).view(2, 8, 2, 8).transpose(1, 2)
+                       for m in (s.attention.query, s.attention.key, s.attention.value))
+            att = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5 + bias, dim=-1) @ v
+            a = s.attention.LayerNorm(w * h + s.attention.dense(att.transpose(1, 2).reshape(2, 8, 16)))
+            h = s.full_layer_layer_norm(w * a + s.ffn_output(s.activation(s.ffn(a))))
+        got = albert(**x).last_hidden_state
+    torch.testing.assert_close(got, h, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["albert_shared", "fsmt"])
+def test_fold_refused_families_convert_and_refuse_fold_unchanged(family, tmp_path):
+    """Convert is Admin (omega = 1 is the stock function, N per stack); fold and save_pretrained are refused with
+    the reason, before anything is copied, changed or written."""
+    model, x, n_per_stack = H.build(family)
+    with torch.no_grad():
+        stock = H.output(model(**x))
+    one = convert(copy.deepcopy(model), output_change_scale="O(n)")
+    with torch.no_grad():
+        torch.testing.assert_close(H.output(one(**x)), stock, rtol=1e-5, atol=1e-5)
+    convert(model)
+    assert sorted({round(m.omega.item(), 4) for m in _omegas(model).values()}) == \
+        sorted({round(calculate_init(n), 4) for n in n_per_stack.values()})
+    with torch.no_grad():
+        admin = H.output(model(**x))
+    assert (admin - stock).abs().max() > 1e-4
+    before = copy.deepcopy(model.state_dict())
+    message = H.fold_refused()[family][1]
+    with pytest.raises(ValueError, match=message):
+        fold(model)
+    with pytest.raises(ValueError, match="cannot save"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():  # still the converted model, hooks in place
+        torch.testing.assert_close(H.output(model(**x)), admin, rtol=0, atol=0)
+
+
+def _unsupported():
+    t = transformers
+    return {
+        "xlnet": lambda: t.XLNetModel(t.XLNetConfig(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_inner=32)),
+        "funnel": lambda: t.FunnelModel(t.FunnelConfig(vocab_size=50, d_model=16, n_head=2, d_head=8, d_inner=32,
+                                                       block_sizes=[1, 1], num_decoder_layers=1)),
+    }
+
+
+@pytest.mark.parametrize("family", ["xlnet", "funnel"])
+def test_unsupported_post_ln_families_are_refused_unchanged(family):
+    torch.manual_seed(0)
+    model = _unsupported()[family]()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"model_type '{family}'.* is not supported by admin_torch.convert: .*Nothing "
+                                         "was changed"):
+        convert(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not _omegas(model) and "save_pretrained" not in model.__dict__
+    assert not hasattr(model.config, "admin_torch")
+
+
+@pytest.mark.slow
+def test_compile_inductor_matches_eager_bert():
+    """The default torch.compile backend (inductor) on a converted BERT with trainable omegas: outputs, loss and
+    every gradient (omegas included) equal eager's."""
+    model, x, _ = H.build("bert")
+    convert(model, as_parameter=True)
+    with torch.no_grad():
+        for i, m in enumerate(_omegas(model).values()):
+            m.omega.mul_(1.0 + 0.1 * i)
+    model.train()
+    ref = copy.deepcopy(model)
+    ref_loss = _loss(ref, x)
+    ref_loss.backward()
+    torch._dynamo.reset()
+    try:
+        loss = _loss(torch.compile(model), x)
+        loss.backward()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if grads[name].grad is not None:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(m.omega.grad is not None and m.omega.grad.abs().sum() > 0 for m in _omegas(model).values())

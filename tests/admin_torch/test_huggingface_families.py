@@ -62,6 +62,37 @@ def _distilbert():
     return model, dict(input_ids=ids, attention_mask=mask), {"": 4}
 
 
+def _albert(groups):
+    def make():
+        import transformers as t
+        model = t.AlbertForMaskedLM(t.AlbertConfig(**COMMON, embedding_size=8, num_hidden_groups=groups))
+        ids, mask = _ids()
+        return model, dict(input_ids=ids, attention_mask=mask), {"": 4}
+    return make
+
+
+FSMT = dict(langs=["en", "de"], src_vocab_size=V, tgt_vocab_size=V, d_model=16, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1,
+            bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+
+
+def _fsmt():
+    import transformers as t
+    model = t.FSMTForConditionalGeneration(t.FSMTConfig(**FSMT))
+    ids, mask = _ids()
+    dec, _ = _ids(seed=3, shape=(2, 6))
+    return model, dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec), {"enc": 4, "dec": 6}
+
+
+def fold_refused():
+    """Families convert supports whose fold (and so save_pretrained) is refused: (builder, message)."""
+    return {
+        "albert_shared": (_albert(1), "shared across depth"),  # one layer applied num_hidden_layers times
+        "fsmt": (_fsmt, "sinusoidal position embeddings"),
+    }
+
+
 def _t(name):
     import transformers as t
     return getattr(t, name)
@@ -85,6 +116,7 @@ def families():
         "deberta_v2": lambda: _encoder(_t("DebertaV2Model"), _t("DebertaV2Config"))(),
         "mpnet": lambda: _encoder(_t("MPNetModel"), _t("MPNetConfig"), pad_token_id=1)(),
         "distilbert": _distilbert,
+        "albert": _albert(2),  # num_hidden_groups == num_hidden_layers: no sharing, fold is exact
         "bart": _seq2seq("BartForConditionalGeneration", "BartConfig"),
         "bart_causal": _bart_causal,
         "blenderbot_small": _seq2seq("BlenderbotSmallForConditionalGeneration", "BlenderbotSmallConfig"),
@@ -95,7 +127,8 @@ def families():
 
 def build(family):
     torch.manual_seed(0)
-    model, x, n = families()[family]()
+    make = families().get(family) or fold_refused()[family][0]
+    model, x, n = make()
     return model.eval(), x, n
 
 
