@@ -3,6 +3,7 @@
 # make test-gpu  the GPU lane: the tests marked cuda (needs a CUDA device)
 # make gpu-check the GPU lane, the CUDA speed tables and a paper-budget run in one command, no install:
 #                make gpu-check PYTHON=python3 OUT=results/gpu/<machine>  (CPU smoke scale without CUDA)
+# make docs      the docs site (mkdocs-material + mkdocstrings), warnings as errors, into site/
 # make demo      the main job: deep Post-LN vs Admin vs Pre-LN with the real fairseq-train (installs first)
 # make bench     every benchmark under benchmarks/
 #
@@ -22,7 +23,7 @@ PYTEST_ARGS  ?=
 # test processes: one per core (pytest-xdist); every test is single-threaded (tests/conftest.py)
 TEST_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install test test-gpu gpu-check demo bench clean
+.PHONY: install test test-gpu gpu-check docs demo bench clean
 
 install: $(STAMP)
 
@@ -43,7 +44,8 @@ $(STAMP): pyproject.toml setup.py constraints.txt Makefile tools/patch_fairseq_n
 	    rm -rf $$src; }
 	$(PIP) install --no-deps --force-reinstall "$$(ls "$(WHEEL_CACHE)"/$(FAIRSEQ_WHEEL) | head -n 1)"
 	$(PIP) install -c constraints.txt hydra-core omegaconf regex sacrebleu tqdm bitarray cffi \
-	  scikit-learn packaging sentencepiece matplotlib tensorboardX lion-pytorch transformers pytest pytest-xdist hypothesis 2>&1 | grep -v "is ignored" || true
+	  scikit-learn packaging sentencepiece matplotlib tensorboardX lion-pytorch transformers accelerate pytest pytest-xdist hypothesis \
+	  mkdocs-material "mkdocstrings[python]" 2>&1 | grep -v "is ignored" || true
 	@# fairscale (fairseq's --zero-sharding os and --ddp-backend fully_sharded): its sdist, without CUDA extensions
 	BUILD_CUDA_EXTENSIONS=0 $(PIP) install --no-build-isolation --no-deps -c constraints.txt fairscale==0.4.13
 	$(PIP) install --no-build-isolation --no-deps -e .
@@ -65,6 +67,9 @@ OUT ?= gpu-check-output
 gpu-check:
 	$(PYTHON) tools/gpu_check.py --out "$(OUT)"
 
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash recipes/demo/run.sh
 
@@ -72,4 +77,4 @@ bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache site

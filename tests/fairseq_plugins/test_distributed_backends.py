@@ -36,7 +36,9 @@ def last_update(save_dir) -> int:
         "num_updates"]
 
 
-@pytest.mark.parametrize("backend", ["c10d", "pytorch_ddp", "no_c10d"])
+# c10d (fairseq's default) trains and resumes in the SIGKILL test below; pytorch_ddp is fairseq's other name for
+# it (the same branch of DistributedFairseqModel); legacy_ddp is every other two-rank test's back-end
+@pytest.mark.parametrize("backend", ["no_c10d"])
 def test_backend_trains_admin_sign_optimizer_and_moe_on_two_cpu_ranks(tiny_translation_data, tmp_path, backend):
     save = tmp_path / "ck"
     codes, logs = run_ranks([toolbox_args(tiny_translation_data, save, 6)] * 2, tmp_path, timeout=300,

@@ -1,0 +1,34 @@
+"""The docs site builds with warnings as errors (what `make docs` runs), and the README stays a front page."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_docs_build_strict(tmp_path):
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    if not mkdocs.exists():
+        pytest.fail("mkdocs is not installed in this environment (make install installs mkdocs-material)")
+    run = subprocess.run([str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "WARNING" not in run.stderr, run.stderr[-3000:]
+    for page in ("index.html", "api/sign_optim/index.html", "distributed/index.html", "huggingface/index.html"):
+        assert (tmp_path / "site" / page).exists(), page
+    assert 'id="sign_optim.AddSign"' in (tmp_path / "site" / "api/sign_optim/index.html").read_text()
+
+
+def test_readme_is_a_front_page_and_its_links_resolve():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    assert "pip install" in text and "make test" in text
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        if not target.startswith("http"):
+            assert (REPO / target).exists(), target
