@@ -15,7 +15,7 @@ Importing this package never imports fairseq.
 """
 
 from .deepnorm import DEEPNORM_SCALED_PROJECTIONS, DeepNormInit, DeepNormResidual, deepnorm_init, deepnorm_scale_
-from .architectures import LAYER_KINDS, PRE_LN_MODEL_TYPES, STACK_KINDS, LayerKind, StackKind, Sublayer, layer_kind, stack_kind
+from .architectures import LAYER_KINDS, PRE_LN_MODEL_TYPES, STACK_KINDS, UNSUPPORTED_MODEL_TYPES, LayerKind, StackKind, Sublayer, layer_kind, stack_kind
 from .convert import admin_stacks as convert_module_stacks
 from .convert import convert, fold, fold_stack_
 from .hf_io import from_pretrained, save_pretrained
@@ -69,6 +69,7 @@ __all__ = [
     "layer_kind",
     "stack_kind",
     "PRE_LN_MODEL_TYPES",
+    "UNSUPPORTED_MODEL_TYPES",
     # HuggingFace save / reload (fold on save, the Admin form alongside)
     "save_pretrained",
     "from_pretrained",
@@ -78,4 +79,7 @@ __all__ = [
     "fold_into_norm_",
     "fold_into_linears_",
     "fold_into_embedding_",
+    "StabilityMonitor",
 ]
+# the live monitor lives in stability_toolbox (it watches any model); here too, where Admin users look
+from stability_toolbox.monitor import StabilityMonitor  # noqa: E402

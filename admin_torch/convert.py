@@ -14,8 +14,14 @@ Example::
 
     >>> enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(32, 4, 64), 6,
     ...                                   enable_nested_tensor=False)
-    >>> convert(enc)                 # 6 layers -> N = 12, omega = calculate_init(12)
-    >>> plain = fold(enc, embedding=my_embedding)   # the first layer reads my_embedding's output
+    >>> enc = convert(enc)           # 6 layers -> N = 12, omega = calculate_init(12)
+    >>> type(enc.layers[0]).__name__
+    'TransformerEncoderLayer'
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(100, 32), enc)   # ... trained, then:
+    >>> plain = fold(model, embedding=model[0])   # the first layer reads the embedding's output
+    >>> tokens = torch.randint(0, 100, (2, 7))
+    >>> torch.allclose(plain.eval()(tokens), model.eval()(tokens), atol=1e-5)
+    True
 """
 
 import copy

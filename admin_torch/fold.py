@@ -108,8 +108,9 @@ def fold_reference_stack(model: ResidualStack) -> ResidualStack:
 
     Example::
 
+        >>> from admin_torch import make_stack
         >>> admin = make_stack('admin', 6, 32, seed=0)
-        >>> plain = fold(admin)
+        >>> plain = fold_reference_stack(admin)
         >>> x = torch.randn(2, 5, 32)
         >>> (admin(x) - plain(x)).abs().max() < 1e-5
         tensor(True)

@@ -21,7 +21,14 @@ and, once installed, by absolute path::
     fairseq-train --user-dir "$(python -c 'import fairseq_plugins, os; print(os.path.dirname(fairseq_plugins.__file__))')" ...
 """
 
-from . import batching, distributed, safe_checkpoint
+import warnings
+
+# fairseq imports fairscale (installed for --zero-sharding os / fully_sharded), whose 0.4.13 decorates with the
+# deprecated torch.cuda.amp.custom_fwd/bwd at import: two FutureWarnings on every tool's stderr, about code that
+# is neither the user's nor ours
+warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.custom_(fwd|bwd)", category=FutureWarning)
+
+from . import batching, distributed, safe_checkpoint  # noqa: E402
 
 safe_checkpoint.install()
 batching.install()
@@ -34,5 +41,6 @@ from . import flags  # noqa: E402
 
 # after the registrations: bad plugin flags end with one line and exit 2, before any data loads
 flags.install()
+from . import monitor  # noqa: E402,F401  (--stability-monitor DIR: fairseq_plugins/monitor.py)
 
 __all__ = ["batching", "criterions", "distributed", "flags", "models", "moe", "optim", "tasks", "safe_checkpoint"]

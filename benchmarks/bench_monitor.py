@@ -1,0 +1,346 @@
+"""The stability monitor: its overhead, and what it shows on the deep runs the toolbox already measures.
+
+Three subcommands::
+
+    python benchmarks/bench_monitor.py overhead [--device cuda]      # step time with / without the monitor
+    python benchmarks/bench_monitor.py evidence                      # the monitored deep runs (fairseq-train)
+    python benchmarks/bench_monitor.py analyze                       # warnings, rates, plots of those runs
+
+``overhead``: a 12-layer Post-LN transformer encoder (torch.nn, d=256, 4 heads, batch 16 x 64 tokens)
+trained with Adam; the median step time of the bare loop and of the loop under
+:class:`stability_toolbox.StabilityMonitor` at several intervals (the timing harness of
+``benchmarks/harness.py``: warm-up, alternating order, medians), plus the cost of one logged step.
+
+``evidence``: the Multi30k En-De 18L-18L runs of ``benchmarks/admin_multi30k_stability.py`` and the
+12-layer LM runs of ``benchmarks/admin_lm_stability.py`` (``recipes/lm/train.sh``), each with
+``--stability-monitor DIR --stability-monitor-interval K``; runs go ``--jobs`` at a time, niced,
+one thread each, and a finished run (``monitor/summary.md`` present) is reused.
+
+``analyze``: reads every run's ``monitor.jsonl`` and training log, and writes
+``results/monitor/evidence.{md,json}`` and the plots: per variant, the update at which the first
+``stability warning:`` line fired, the warning rate per variant family, and the quantities that
+separate Post-LN from Admin before the loss does.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
+
+
+# ----------------------------------------------------------------------------- overhead
+
+def overhead(a) -> None:
+    import torch
+    from torch import nn
+
+    from stability_toolbox import StabilityMonitor
+
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    layer = nn.TransformerEncoderLayer(a.dim, 4, 4 * a.dim, dropout=0.1, batch_first=True)
+    model = nn.TransformerEncoder(layer, a.layers, enable_nested_tensor=False).to(device)
+    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    x = torch.randn(a.batch, a.tokens, a.dim, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step(mon=None):
+        if mon is not None:
+            mon.begin_step()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if mon is not None:
+            mon.end_step(loss)
+
+    def time_steps(n, mon=None):
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            train_step(mon)
+        sync()
+        return (time.perf_counter() - t) / n
+
+    for _ in range(3):
+        train_step()
+    rows = []
+    intervals = [int(k) for k in a.intervals.split(",")]
+    # every repetition times the bare loop and each interval back to back, in a fresh order, over a
+    # window of whole intervals (so the logged steps are in the mean with their true weight)
+    samples = {k: [] for k in ["bare"] + intervals}
+    for rep in range(a.reps):
+        order = ["bare"] + intervals
+        order = order[rep % len(order):] + order[:rep % len(order)]
+        for k in order:
+            if k == "bare":
+                samples[k].append(time_steps(a.window))
+            else:
+                mon = StabilityMonitor(model, None, every=k, tensorboard=False, heatmaps=False, rules={})
+                mon.step_count = 1  # start between logging steps; the window holds window/k logged steps
+                samples[k].append(time_steps(a.window, mon))
+                mon.close()
+    bare = statistics.median(samples["bare"])
+    # one logged step alone (hooks, grad/update snapshots, probe pass, the one transfer)
+    mon = StabilityMonitor(model, None, every=1, tensorboard=False, heatmaps=False, rules={})
+    train_step(mon)
+    logged = statistics.median([time_steps(1, mon) for _ in range(max(3, a.reps))])
+    mon.close()
+    rows.append({"config": "bare loop", "step_ms": bare * 1e3, "overhead_pct": 0.0})
+    for k in intervals:
+        t = statistics.median(samples[k])
+        rows.append({"config": f"monitor every {k}", "step_ms": t * 1e3, "overhead_pct": 100 * (t / bare - 1),
+                     "spread_pct": 100 * (max(samples[k]) - min(samples[k])) / bare})
+    rows.append({"config": "one logged step", "step_ms": logged * 1e3, "overhead_pct": 100 * (logged / bare - 1)})
+    lines = [f"Monitor overhead: torch.nn TransformerEncoder {a.layers} layers (Post-LN, d={a.dim}, 4 heads, FFN "
+             f"{4 * a.dim}), batch {a.batch} x {a.tokens} tokens, Adam; device {a.device}, {a.threads} thread(s); "
+             f"median over {a.reps} repetitions of {a.window} steps (bare and monitored interleaved)", "",
+             "| configuration | step (ms) | overhead vs bare loop |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['step_ms']:.2f} | {r['overhead_pct']:+.2f}% |")
+    lines += ["", f"command: python benchmarks/bench_monitor.py overhead --device {a.device} --layers {a.layers} "
+              f"--dim {a.dim} --batch {a.batch} --tokens {a.tokens} --reps {a.reps} --window {a.window} "
+              f"--intervals {a.intervals} --threads {a.threads}",
+              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"]
+    text = "\n".join(lines)
+    print(text)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"overhead_{a.device}.md").write_text(text + "\n")
+    (a.out / f"overhead_{a.device}.json").write_text(json.dumps({"rows": rows, "samples_s": {str(k): v for k, v in
+                                                                 samples.items()}}, indent=1))
+
+
+# ----------------------------------------------------------------------------- evidence runs
+
+LM_MODELS = ("postln", "admin", "preln", "deepnorm")
+MT_VARIANTS = ("post_ln", "admin", "pre_ln")
+
+
+def _env():
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"  # the recipes call fairseq-train by name
+    return e
+
+
+def _lm_run(a, model: str, seed: int) -> str:
+    run = a.work / "lm" / f"{model}-L{a.lm_layers}-lr{a.lm_lr}-u{a.lm_updates}-s{seed}"
+    if (run / "monitor" / "summary.md").exists():
+        return f"lm {model} s{seed}: reused"
+    run.mkdir(parents=True, exist_ok=True)
+    env = _env()
+    env["LOG_INTERVAL"] = str(a.interval)
+    cmd = ["nice", "-n", "10", str(REPO / "recipes/lm/train.sh"), "--model", model, "--layers", str(a.lm_layers),
+           "--dim", str(a.lm_dim), "--max-tokens", "1024", "--tokens-per-update", "1024", "--data", str(REPO / "work/lm"),
+           "--save", str(run / "ckpt"), "--gpus", "0", "--lr", a.lm_lr, "--warmup", str(a.lm_warmup), "--seed", str(seed),
+           "--max-update", str(a.lm_updates), "--", "--user-dir", str(REPO / "fairseq_plugins"),
+           "--stability-monitor", str(run / "monitor"), "--stability-monitor-interval", str(a.interval),
+           "--no-save"]
+    with open(run / "train.log", "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+    return f"lm {model} s{seed}: exit {code}"
+
+
+def _mt_run(a, bin_dir: Path, variant: str, seed: int) -> str:
+    import admin_multi30k_stability as mt
+
+    run = a.work / "mt" / f"{variant}-L{a.mt_layers}-lr{a.mt_lr}-u{a.mt_updates}-s{seed}"
+    if (run / "monitor" / "summary.md").exists():
+        return f"mt {variant} s{seed}: reused"
+    run.mkdir(parents=True, exist_ok=True)
+    ns = argparse.Namespace(layers=a.mt_layers, dim=a.mt_dim, warmup=a.mt_warmup, max_tokens=768, updates=a.mt_updates,
+                            device="cpu", log_interval=a.mt_interval, valid_every=a.mt_updates, stop_time_hours=0)
+    cmd = ["nice", "-n", "10"] + [str(c) for c in mt.train_cmd(bin_dir, run / "ckpt", variant, a.mt_lr, seed, ns)] + [
+        "--stability-monitor", str(run / "monitor"), "--stability-monitor-interval", str(a.mt_interval), "--no-save"]
+    with open(run / "train.log", "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO).returncode
+    return f"mt {variant} s{seed}: exit {code}"
+
+
+def evidence(a) -> None:
+    import admin_multi30k_stability as mt
+
+    seeds = [int(s) for s in a.seeds.split(",")]
+    jobs = []
+    mt_jobs, lm_jobs = [], []
+    if "mt" in a.which:
+        data_dir = REPO / "work" / "multi30k_stability" / "data-8000-2000"
+        bin_dir = mt.prepare(a.data, data_dir, 8000, 200, 2000)
+        mt_jobs = [(_mt_run, (a, bin_dir, v, s)) for s in seeds for v in a.mt_variants.split(",")]
+    if "lm" in a.which:
+        lm_jobs = [(_lm_run, (a, m, s)) for s in seeds for m in a.lm_models.split(",")]
+    # interleaved, so that a sweep cut short still holds both benchmarks' first seeds
+    for i in range(max(len(mt_jobs), len(lm_jobs))):
+        jobs += mt_jobs[i:i + 1] + lm_jobs[i:i + 1]
+    print(f"{len(jobs)} monitored runs, {a.jobs} at a time", flush=True)
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+        for done in pool.map(lambda j: j[0](*j[1]), jobs):
+            print(f"[{(time.time() - t0) / 60:.1f} min] {done}", flush=True)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+FAILING = {"post_ln", "postln"}  # the variants known to train badly at these depths (results/admin)
+
+
+def _read_run(run: Path) -> dict:
+    bench, name = run.parent.name, run.name
+    variant, seed = name.split("-")[0], int(name.rsplit("-s", 1)[1])
+    records = [json.loads(x) for x in (run / "monitor" / "monitor.jsonl").read_text().splitlines() if x.strip()]
+    log = (run / "train.log").read_text(errors="replace")
+    warnings = [line[line.index("stability warning:"):] for line in log.splitlines() if "stability warning:" in line]
+    steps = [r["step"] for r in records]
+    low = [min(r["quantities"].get("grad_ratio", {}).values(), default=float("nan")) for r in records]
+    lowest = [min(r["quantities"].get("grad_ratio", {}).items(), key=lambda t: t[1], default=("-", 0))[0]
+              for r in records]
+    first = next((r for r in records if r.get("warnings")), None)
+    return {"bench": bench, "variant": variant, "seed": seed, "run": str(run.relative_to(REPO)), "steps": steps,
+            "loss": [r.get("loss") for r in records], "min_grad_ratio": low, "lowest_layer": lowest,
+            "warnings_in_log": warnings, "first_warning_step": first["step"] if first else None,
+            "first_warnings": first["warnings"] if first else [],
+            "output_change_first": max(records[1]["quantities"]["output_change"].values()) if len(records) > 1 and
+            records[1]["quantities"]["output_change"] else None,
+            "finished": (run / "monitor" / "summary.md").exists()}
+
+
+def analyze(a) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [_read_run(r) for r in sorted((a.work).glob("*/*")) if (r / "monitor" / "monitor.jsonl").exists()]
+    a.out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Stability monitor on the deep runs", ""]
+    summary = {}
+    for bench in sorted({r["bench"] for r in runs}):
+        mine = [r for r in runs if r["bench"] == bench]
+        bad = [r for r in mine if r["variant"] in FAILING]
+        good = [r for r in mine if r["variant"] not in FAILING]
+        hit = [r for r in bad if r["first_warning_step"] is not None]
+        false = [r for r in good if r["first_warning_step"] is not None]
+        summary[bench] = {"post_ln_warned": f"{len(hit)}/{len(bad)}", "others_warned": f"{len(false)}/{len(good)}"}
+        lines += [f"## {bench}", "",
+                  f"Warning rate: Post-LN {len(hit)}/{len(bad)} runs; Admin / Pre-LN / DeepNorm (false alarms) "
+                  f"{len(false)}/{len(good)} runs.", "",
+                  "| variant | seed | logged steps | first warning at step | lowest grad_ratio (layer) at the last "
+                  "logged step | loss at the last logged step | max output change, first interval |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(mine, key=lambda r: (r["variant"], r["seed"])):
+            lo = r["min_grad_ratio"][-1] if r["min_grad_ratio"] else float("nan")
+            loss = r["loss"][-1] if r["loss"] and r["loss"][-1] is not None else float("nan")
+            oc = "-" if r["output_change_first"] is None else f"{r['output_change_first']:.3g}"
+            lines.append(f"| {r['variant']} | {r['seed']} | {r['steps'][-1] if r['steps'] else '-'}"
+                         f"{'' if r['finished'] else ' (unfinished)'} | {r['first_warning_step']} | {lo:.2g} "
+                         f"({r['lowest_layer'][-1] if r['lowest_layer'] else '-'}) | {loss:.3f} | {oc} |")
+        lines.append("")
+        for r in sorted(hit + false, key=lambda r: (r["variant"], r["seed"])):
+            lines.append(f"- {r['variant']} seed {r['seed']}, first warning (of {len(r['warnings_in_log'])} in the log): "
+                         f"`{r['first_warnings'][0]}`")
+        lines.append("")
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        variants = sorted({r["variant"] for r in mine})
+        for r in mine:
+            c = f"C{variants.index(r['variant'])}"
+            label = f"{r['variant']}" if r["seed"] == min(x["seed"] for x in mine if x["variant"] == r["variant"]) else None
+            axes[0].plot(r["steps"], r["min_grad_ratio"], color=c, label=label, alpha=0.8)
+            axes[1].plot(r["steps"], r["loss"], color=c, label=label, alpha=0.8)
+            if r["first_warning_step"] is not None:
+                i = r["steps"].index(r["first_warning_step"])
+                axes[0].scatter([r["steps"][i]], [r["min_grad_ratio"][i]], color=c, marker="x", s=60, zorder=5)
+                axes[1].axvline(r["first_warning_step"], color=c, ls=":", alpha=0.7)
+        axes[0].axhline(1e-3, color="gray", ls="--", lw=0.8)
+        axes[0].set(yscale="log", xlabel="update", ylabel="smallest layer grad norm / largest",
+                    title=f"{bench}: gradient ratio of the weakest layer (x: first warning)")
+        axes[1].set(xlabel="update", ylabel="training loss (base 2)", title=f"{bench}: loss (dotted: first warning)")
+        for ax in axes:
+            ax.title.set_fontsize(9)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(a.out / f"evidence_{bench}.png", dpi=110)
+        plt.close(fig)
+        # the layer x step heatmaps of one Post-LN and one Admin run
+        import shutil
+
+        for variant in ("post_ln", "postln", "admin"):
+            pick = [r for r in mine if r["variant"] == variant and r["finished"]]
+            if pick:
+                src = REPO / pick[0]["run"] / "monitor"
+                for q in ("grad_ratio", "beta", "output_change", "update_ratio"):
+                    if (src / f"heatmap_{q}.png").exists():
+                        shutil.copy(src / f"heatmap_{q}.png", a.out / f"heatmap_{bench}_{variant}_{q}.png")
+    text = "\n".join(lines)
+    (a.out / "evidence.md").write_text(text + "\n")
+    (a.out / "evidence.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
+    print(text)
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("overhead")
+    o.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    o.add_argument("--layers", type=int, default=12)
+    o.add_argument("--dim", type=int, default=256)
+    o.add_argument("--batch", type=int, default=16)
+    o.add_argument("--tokens", type=int, default=64)
+    o.add_argument("--reps", type=int, default=5)
+    o.add_argument("--window", type=int, default=100, help="steps per timed window (a multiple of every interval)")
+    o.add_argument("--intervals", default="100,20")
+    o.add_argument("--threads", type=int, default=1)
+    o.add_argument("--out", type=Path, default=REPO / "results" / "monitor")
+    e = sub.add_parser("evidence")
+    e.add_argument("--which", default="mt,lm")
+    e.add_argument("--work", type=Path, default=REPO / "work" / "monitor")
+    e.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k")
+    e.add_argument("--seeds", default="1,2")
+    e.add_argument("--interval", type=int, default=10, help="monitor (and loss log) interval of the LM runs")
+    e.add_argument("--mt-interval", type=int, default=5, help="monitor (and loss log) interval of the Multi30k runs")
+    e.add_argument("--jobs", type=int, default=2)
+    e.add_argument("--mt-variants", default=",".join(MT_VARIANTS))
+    e.add_argument("--mt-layers", type=int, default=18)
+    e.add_argument("--mt-dim", type=int, default=64)
+    e.add_argument("--mt-updates", type=int, default=100)
+    e.add_argument("--mt-warmup", type=int, default=40)
+    e.add_argument("--mt-lr", default="0.002")
+    e.add_argument("--lm-models", default=",".join(LM_MODELS))
+    e.add_argument("--lm-layers", type=int, default=12)
+    e.add_argument("--lm-dim", type=int, default=128)
+    e.add_argument("--lm-updates", type=int, default=150)
+    e.add_argument("--lm-warmup", type=int, default=100)
+    e.add_argument("--lm-lr", default="2e-3")
+    n = sub.add_parser("analyze")
+    n.add_argument("--work", type=Path, default=REPO / "work" / "monitor")
+    n.add_argument("--out", type=Path, default=REPO / "results" / "monitor")
+    a = p.parse_args(argv)
+    if a.cmd == "overhead":
+        if a.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                p.error("--device cuda: no CUDA device")
+        overhead(a)
+    elif a.cmd == "evidence":
+        evidence(a)
+    else:
+        analyze(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""pytest at the repository root: the libraries' docstring examples run as doctests (pytest.ini's
+``--doctest-modules`` over the packages), next to the tests under tests/."""
+
+import importlib.util
+
+# the Triton kernel imports triton at module level: it is collected (and its examples run) where triton is
+collect_ignore = [] if importlib.util.find_spec("triton") else ["sign_optim/triton_kernel.py"]

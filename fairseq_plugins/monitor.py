@@ -1,0 +1,203 @@
+"""``fairseq-train --stability-monitor DIR``: the live stability monitor for any fairseq architecture.
+
+    fairseq-train data-bin --user-dir fairseq_plugins --arch transformer ... \\
+        --stability-monitor runs/mon --stability-monitor-interval 100
+
+records every ``--stability-monitor-interval`` updates (default 100) the per-layer quantities of
+:class:`stability_toolbox.StabilityMonitor` (residual-branch ratio, output change, gradient norm,
+update/weight ratio, activation range, attention-logit maximum, loss spikes) and writes under DIR:
+``monitor.jsonl``, TensorBoard scalars (``tb/``), ``summary.md`` and ``heatmap_<quantity>.png`` at the
+end of training (with several ranks: ``DIR/rank<R>``). A quantity trending toward divergence logs one
+``stability warning: ...`` line in the training log (logger ``fairseq_plugins.monitor``).
+
+The layers are found through the descriptions :mod:`fairseq_plugins.fold_checkpoint` folds with
+(registered with :func:`stability_toolbox.monitor.register_layer_kind`): stock ``transformer`` /
+``transformer_lm`` layers, Post-LN or Pre-LN (``--*-normalize-before``), and ``transformer_admin`` /
+``transformer_lm_admin`` through their residual modules; other architectures fall back to their
+LayerNorms.
+
+Two named repairs, installed once by ``import fairseq_plugins``:
+
+* **flags**: fairseq has no argparse hook for plugins (the ``--user-dir`` is imported inside
+  ``options.get_parser`` before the training parser exists, and only the chosen model, task,
+  optimizer... add arguments). ``fairseq.options.get_training_parser`` calls
+  ``options.add_checkpoint_args`` after that import, looking it up at call time, so
+  :func:`install` wraps ``add_checkpoint_args`` to add the two flags to the training parser. They are
+  not in fairseq's dataclass configuration (``convert_namespace_to_omegaconf`` drops them), so the
+  check (:func:`check_monitor_flags`, run on the parsed command line by :mod:`fairseq_plugins.flags`)
+  records them in the environment (``FAIRSEQ_STABILITY_MONITOR``), which spawned ranks inherit.
+* **the training loop**: :func:`install` wraps ``fairseq.trainer.Trainer.train_step`` once: on a
+  logged update it arms the monitor before the call and reads the gradients, the update and the loss
+  after it (fairseq zeroes the gradients at the start of the next ``train_step``). Between logged
+  updates the wrapper does one integer comparison.
+
+A bad value ends the tool with one line naming the flag, exit status 2 (:class:`~fairseq_plugins.flags.FlagError`).
+"""
+
+import argparse
+import atexit
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from stability_toolbox import validation
+from stability_toolbox.monitor import StabilityMonitor, register_layer_kind
+
+from .flags import FlagError, check_flag, flag_check
+
+__all__ = ["install", "add_monitor_args", "check_monitor_flags", "monitor_of", "ENV"]
+
+logger = logging.getLogger(__name__)
+
+#: the environment variable holding the parsed flags (JSON), inherited by spawned ranks
+ENV = "FAIRSEQ_STABILITY_MONITOR"
+DEFAULT_INTERVAL = 100
+
+
+def add_monitor_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--stability-monitor`` and ``--stability-monitor-interval`` (once) to ``parser``."""
+    if any("--stability-monitor" in a.option_strings for a in parser._actions):
+        return
+    group = parser.add_argument_group("stability monitor (fairseq_plugins)")
+    group.add_argument("--stability-monitor", metavar="DIR", default=None,
+                       help="record per-layer stability quantities (residual ratio, output change, gradient norm, "
+                            "update ratio, activation range, attention logits, loss spikes) under DIR")
+    group.add_argument("--stability-monitor-interval", metavar="N", default=DEFAULT_INTERVAL,
+                       help=f"log every N updates (default {DEFAULT_INTERVAL})")
+
+
+@flag_check
+def check_monitor_flags(args) -> None:
+    """Validate the monitor flags of a parsed command line and record them for the training loop."""
+    directory = getattr(args, "stability_monitor", None)
+    interval = getattr(args, "stability_monitor_interval", DEFAULT_INTERVAL)
+    if directory is None:
+        os.environ.pop(ENV, None)
+        if interval not in (None, DEFAULT_INTERVAL, str(DEFAULT_INTERVAL)):
+            raise FlagError("--stability-monitor-interval is accepted only with --stability-monitor DIR")
+        return
+    try:
+        interval = int(str(interval), 10)
+    except ValueError:
+        raise FlagError(f"--stability-monitor-interval must be an integer >= 1, got {interval!r}") from None
+    interval = check_flag("--stability-monitor-interval", validation.as_int, interval, minimum=1)
+    if not str(directory).strip():
+        raise FlagError("--stability-monitor must name a directory, got an empty string")
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise FlagError(f"--stability-monitor {directory} exists and is not a directory")
+    parent = path.resolve().parent
+    if not path.exists() and not parent.is_dir():
+        raise FlagError(f"--stability-monitor {directory}: directory {parent} does not exist")
+    os.environ[ENV] = json.dumps({"dir": str(path.resolve()), "interval": interval})
+
+
+def _config() -> Optional[dict]:
+    raw = os.environ.get(ENV)
+    return json.loads(raw) if raw else None
+
+
+def _unwrap(model):
+    # DDP and fairseq's legacy wrappers keep the model in .module
+    while hasattr(model, "module") and not hasattr(model, "encoder") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def monitor_of(trainer) -> Optional[StabilityMonitor]:
+    """The monitor a fairseq ``Trainer`` runs (created on its first ``train_step``), or None."""
+    return getattr(trainer, "_stability_monitor", None)
+
+
+def _make_monitor(trainer, cfg: dict) -> StabilityMonitor:
+    directory = Path(cfg["dir"])
+    world = getattr(trainer, "data_parallel_world_size", 1)
+    if world > 1:
+        directory = directory / f"rank{trainer.data_parallel_rank}"
+    mon = StabilityMonitor(_unwrap(trainer.model), directory, every=cfg["interval"], log=logger)
+    logger.info("stability monitor: %d sublayers via %s, every %d updates, writing to %s",
+                len(mon.sites), mon.mechanism, mon.every, directory)
+    atexit.register(mon.close)
+    return mon
+
+
+def _wrap_train_step(train_step):
+    if getattr(train_step, "_stability_monitor", False):
+        return train_step
+
+    @functools.wraps(train_step)
+    def train_step_monitored(self, samples, raise_oom=False):
+        cfg = _config()
+        if cfg is None:
+            return train_step(self, samples, raise_oom)
+        mon = getattr(self, "_stability_monitor", None)
+        if mon is None:
+            mon = self._stability_monitor = _make_monitor(self, cfg)
+        step = self.get_num_updates()
+        if not mon.is_logging_step(step):  # the common case: one comparison, no hook, no sync
+            mon.step_count = step + 1
+            return train_step(self, samples, raise_oom)
+        mon.begin_step(step)
+        try:
+            out = train_step(self, samples, raise_oom)
+        except BaseException:
+            mon.end_step()
+            raise
+        # the gradients stay in place until the next train_step zeroes them (normalized, clipped)
+        mon.capture_grads()
+        loss = None
+        if isinstance(out, dict) and out.get("loss") is not None:
+            loss = float(out["loss"])  # the step's smoothed, normalized loss as fairseq logs it (base 2)
+        mon.end_step(loss)
+        return out
+
+    train_step_monitored._stability_monitor = True
+    return train_step_monitored
+
+
+def _wrap_add_checkpoint_args(add_checkpoint_args):
+    if getattr(add_checkpoint_args, "_stability_monitor", False):
+        return add_checkpoint_args
+
+    @functools.wraps(add_checkpoint_args)
+    def add_checkpoint_and_monitor_args(parser, *args, **kwargs):
+        out = add_checkpoint_args(parser, *args, **kwargs)
+        add_monitor_args(parser)
+        return out
+
+    add_checkpoint_and_monitor_args._stability_monitor = True
+    return add_checkpoint_and_monitor_args
+
+
+def _register_fairseq_layers() -> None:
+    # the descriptions live in fold_checkpoint, imported when a layer is first described (not at import: then
+    # ``python -m fairseq_plugins.fold_checkpoint`` would find its own module imported before it runs)
+    def encoder(layer):
+        from . import fold_checkpoint as fc
+
+        return fc.ENCODER_LAYER
+
+    def decoder(layer):
+        from . import fold_checkpoint as fc
+
+        return fc.DECODER_LAYER if getattr(layer, "encoder_attn", None) is not None else fc.DECODER_ONLY_LAYER
+
+    base = "fairseq.modules.transformer_layer."
+    register_layer_kind(base + "TransformerEncoderLayerBase", encoder)
+    register_layer_kind(base + "TransformerDecoderLayerBase", decoder)
+
+
+def install() -> None:
+    """The two named repairs of the module docstring and fairseq's layer descriptions (idempotent)."""
+    import fairseq.options
+    import fairseq.trainer
+
+    fairseq.options.add_checkpoint_args = _wrap_add_checkpoint_args(fairseq.options.add_checkpoint_args)
+    fairseq.trainer.Trainer.train_step = _wrap_train_step(fairseq.trainer.Trainer.train_step)
+    _register_fairseq_layers()
+
+
+install()
