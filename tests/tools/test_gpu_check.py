@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from checkout import copy_checkout
+
 REPO = Path(__file__).resolve().parents[2]
 PARTS = ["build", "tests", "reinmax", "sign_optim", "admin", "moe", "vae"]
 TABLES = {"reinmax": "reinmax_speed.md", "sign_optim": "bench_sign_optim.md", "admin": "admin_layers_speed.md",
@@ -20,14 +22,7 @@ TABLES = {"reinmax": "reinmax_speed.md", "sign_optim": "bench_sign_optim.md", "a
 @pytest.fixture(scope="module")
 def fresh_checkout(tmp_path_factory):
     """What a clone of this working tree holds (tracked and untracked files git does not ignore), no build."""
-    root = tmp_path_factory.mktemp("checkout")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    return root
+    return copy_checkout(tmp_path_factory.mktemp("checkout"))
 
 
 @pytest.mark.slow
