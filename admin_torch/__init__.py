@@ -16,17 +16,19 @@ Importing this package never imports fairseq.
 
 from .deepnorm import DEEPNORM_SCALED_PROJECTIONS, DeepNormInit, DeepNormResidual, deepnorm_init, deepnorm_scale_
 from .architectures import LAYER_KINDS, PRE_LN_MODEL_TYPES, STACK_KINDS, UNSUPPORTED_MODEL_TYPES, LayerKind, StackKind, Sublayer, layer_kind, stack_kind
-from .convert import admin_stacks as convert_module_stacks
-from .convert import convert, fold, fold_stack_
+from .conversion import admin_stacks as convert_module_stacks
+from .conversion import convert, fold, fold_stack_
 from .hf_io import from_pretrained, save_pretrained
-from .fold import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
+from .folding import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer
 from .output_change import output_change, residual_betas
 from .profiling import apply_omegas, load_profile, omega_residuals, profile_omegas, save_profile
-from .reference_stack import STACK_KINDS, AddResidual, ResidualStack, make_stack
+# make_stack's kinds under their own name: STACK_KINDS is the architectures' mapping, beside LAYER_KINDS
+from .reference_stack import STACK_KINDS as REFERENCE_STACK_KINDS
+from .reference_stack import AddResidual, ResidualStack, make_stack
 from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, as_buffer, as_module, as_parameter, calculate_init
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     # admin-torch 0.1.0 API
@@ -54,7 +56,7 @@ __all__ = [
     "make_stack",
     "ResidualStack",
     "AddResidual",
-    "STACK_KINDS",
+    "REFERENCE_STACK_KINDS",
     # any model: drop-in layers, convert, fold
     "TransformerEncoderLayer",
     "TransformerDecoderLayer",

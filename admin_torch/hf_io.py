@@ -120,7 +120,7 @@ def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
     Raises:
         ValueError: ``model`` cannot be folded exactly (nothing is written).
     """
-    from .convert import fold
+    from .conversion import fold
     if not _is_hf(model):
         raise TypeError(f"model must be a converted HuggingFace PreTrainedModel, got {type(model).__name__}")
     kwargs.pop("state_dict", None)
@@ -167,7 +167,7 @@ def from_pretrained(cls: Any, path, **kwargs) -> nn.Module:
             tensors do not match the converted model.
     """
     from transformers.utils import logging as hf_logging
-    from .convert import convert
+    from .conversion import convert
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         raise ValueError(f"path must be a local directory written by save_pretrained of a converted model, got {path!r}")
     verbosity = hf_logging.get_verbosity()

@@ -7,7 +7,7 @@ Command::
 ``fairseq-generate`` then decodes OUT.pt without ``--user-dir`` and gives the same hypotheses
 as IN.pt with ``--user-dir fairseq_plugins``: inference carries no Admin overhead.
 
-How (see :mod:`admin_torch.fold`): every omega (Admin, profiled Admin, trainable vectors, or
+How (see :mod:`admin_torch.folding`): every omega (Admin, profiled Admin, trainable vectors, or
 DeepNorm's alpha, a scalar omega) is moved into the LayerNorm in front of its sublayer
 (:func:`admin_torch.fold_into_norm_`) and out of the linear maps that read that LayerNorm's
 output (:func:`admin_torch.fold_into_linears_`: q, k, v of self-attention, q of cross-attention,

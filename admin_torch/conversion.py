@@ -35,7 +35,7 @@ from stability_toolbox import validation
 from . import layers as admin_layers
 from .architectures import (LAYER_KINDS, PRE_LN_MODEL_TYPES, SHARED_LAYER_FOLD, UNSUPPORTED_MODEL_TYPES, LayerKind,
                             StackKind, kind_key, layer_kind, stack_kind)
-from .fold import _omega_tensor, fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
+from .folding import _omega_tensor, fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .reference_stack import ResidualStack
 from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, as_module
 
@@ -463,7 +463,7 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
     """A deep copy of a converted ``model`` with Admin folded away: stock classes, the same outputs.
 
     An Admin :class:`~admin_torch.ResidualStack` (``make_stack('admin', ...)``) is folded as before
-    (:func:`admin_torch.fold.fold_reference_stack`).
+    (:func:`admin_torch.folding.fold_reference_stack`).
 
     Args:
         model: a model :func:`convert` was applied to, or a model built from
