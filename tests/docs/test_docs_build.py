@@ -32,3 +32,11 @@ def test_readme_is_a_front_page_and_its_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         if not target.startswith("http"):
             assert (REPO / target).exists(), target
+
+
+def test_readme_python_snippets_run():
+    """The front page's examples are code a user pastes: they must run as written."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
