@@ -10,7 +10,7 @@ Example::
 
 import torch as _torch
 
-from . import fused
+from . import functional, fused
 from .addsign import AddSign
 from .decays import (
     DECAY_KINDS,
@@ -45,6 +45,7 @@ def _warn_without_kernel() -> None:
 _warn_without_kernel()
 
 __all__ = [
+    "functional",
     "fused",
     "AddSign",
     "PowerSign",

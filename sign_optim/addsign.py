@@ -1,12 +1,13 @@
 """AddSign (Bello et al., 2017): ``w <- w - lr * (alpha + d * sign(g) * sign(m)) * g``."""
 
-from typing import Any, Dict, Iterable, List, Union
+from typing import Any, Dict, Iterable, Union
 
 import torch
 
 from stability_toolbox import validation
 
-from .sign_optimizer import SignDecay, SignOptimizer, foreach_addcmul_, scale_decay
+from .functional import Coefficients, addsign_coefficients
+from .sign_optimizer import SignDecay, SignOptimizer
 
 __all__ = ["AddSign"]
 
@@ -75,31 +76,8 @@ class AddSign(SignOptimizer):
         super()._check_group(group)
         validation.as_real("alpha", group["alpha"])
 
-    def _max_factor(self, group: Dict[str, Any], decay: float) -> float:
-        return abs(float(group["alpha"])) + abs(decay)  # alpha + d * sign(g) sign(m)
+    def coefficients(self, group: Dict[str, Any], decay: float) -> Coefficients:
+        return addsign_coefficients(group["alpha"], decay)
 
-    def _fused_coefficients(self, group: Dict[str, Any], decay: float):
-        return decay, 0.0
-
-    def _traced_direction(self, group, g, m, d):
-        return g * group["alpha"] + m.sign() * g.abs() * d
-
-    def _single_tensor_update(self, group, lr, p, g, m, decay):  # type: ignore[override]
-        p.add_(g, alpha=-lr * group["alpha"])
-        if decay != 0:
-            p.addcmul_(m.sign(), g.abs(), value=-lr * decay)
-
-    def _foreach_update(  # type: ignore[override]
-        self,
-        group: Dict[str, Any],
-        lr: float,
-        params: List[torch.Tensor],
-        grads: List[torch.Tensor],
-        avgs: List[torch.Tensor],
-        decay: Union[float, List[float]],
-    ) -> None:
-        torch._foreach_add_(params, grads, alpha=-lr * group["alpha"])
-        if isinstance(decay, list) or decay != 0:
-            signs = torch._foreach_sign(avgs)
-            abs_grads = torch._foreach_abs(grads)
-            foreach_addcmul_(params, signs, abs_grads, scale_decay(decay, -lr))
+    def tensor_coefficients(self, group: Dict[str, Any], decay: torch.Tensor):
+        return group["alpha"], decay, None

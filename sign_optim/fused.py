@@ -23,14 +23,14 @@ contract a multiply-add differently).
 
 import ctypes
 import importlib.util
-import math
-from typing import List, Optional, Sequence
+import operator
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = ["available", "unavailable_reason", "supported", "PLAIN_TENSORS", "state_dtype", "cpu_step", "cpu_step_planned", "plan",
            "read_steps",
-           "stream_copy", "powersign_coefficients", "RULES"]
+           "stream_copy", "RULES", "FusedPlan", "local_shard", "float32_counters"]
 
 #: rule name -> the kernel's rule code
 RULES = {"addsign": 0, "powersign": 1}
@@ -241,8 +241,70 @@ def stream_copy(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: Lis
     lib.sign_stream_copy(n, _pointers(params), _pointers(grads), _pointers(avgs), numel, torch.get_num_threads())
 
 
-def powersign_coefficients(alpha: float, decay: float):
-    """``(sinh(c), cosh(c) - 1)`` with ``c = decay * ln(alpha)``: PowerSign's factor
-    ``alpha ** (decay * s) = 1 + sinh(c) s + (cosh(c) - 1) s**2`` for ``s`` in {-1, 0, 1}."""
-    c = math.log(alpha) * decay
-    return math.sinh(c), math.expm1(c) - math.sinh(c)  # expm1(c) - sinh(c) = cosh(c) - 1
+# ----------------------------------------------------------------- the optimizer's pointer plan
+
+def float32_counters(steps: List[torch.Tensor]) -> bool:
+    """Whether every step counter is a 0-d float32 CPU tensor (what the C kernel reads and advances)."""
+    f32 = torch.float32
+    for t in steps:
+        if type(t) is not torch.Tensor or t.dtype is not f32 or not t.is_cpu or t.dim():
+            return False
+    return True
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2, tensor parallel), else ``t``: the rule is elementwise, so updating each
+    rank's shard in place is the update of the whole tensor. Partial placements (a pending reduction) and
+    other tensor subclasses are returned as they are, and the kernels refuse them (:func:`supported`)."""
+    if type(t) in PLAIN_TENSORS or not torch.distributed.is_available():
+        return t
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor) and not any(pl.is_partial() for pl in t.placements):
+        return t.to_local()
+    return t
+
+
+def layout(tensors: List[torch.Tensor]) -> List[tuple]:
+    """What the kernels' pointers depend on, per tensor: address, shape, strides, dtype, device. Compared every
+    step, so a plan is never used after ``p.data = ...``, ``state[p]["exp_avg"].data = ...`` or a resize."""
+    return [(t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors]
+
+
+class FusedPlan:
+    """What the fused path needs of a group's parameters that does not change from step to step: which
+    ones the kernels take (contiguous plain tensors or DTensor shards, a supported dtype, the state's
+    dtype), grouped by device and dtype, with their pointers. Valid while every parameter, moving average
+    and step counter is the same object with the same memory layout (:meth:`matches`, checked every step)."""
+
+    class Bucket:
+        def __init__(self, device, idx, params, avgs, steps, counters_f32):
+            self.device, self.idx = device, idx
+            self.kernel = None
+            if device.type == "cpu" and counters_f32:
+                self.kernel = plan([params[i] for i in idx], [avgs[i] for i in idx], [steps[i] for i in idx])
+
+    def __init__(self, params, avgs, states):
+        self.params, self.avgs = list(params), list(avgs)
+        self.steps = [s["step"] for s in states]
+        local_params, local_avgs = [local_shard(p) for p in params], [local_shard(m) for m in avgs]
+        self.layout = layout(local_params + local_avgs + self.steps)
+        groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+        rest = []
+        for i, (p, m) in enumerate(zip(local_params, local_avgs)):
+            if supported(p, p, m):
+                groups.setdefault((p.device, p.dtype), []).append(i)
+            else:
+                rest.append(i)
+        self.rest = rest
+        counters_f32 = float32_counters(self.steps)
+        self.buckets = [self.Bucket(device, idx, local_params, local_avgs, self.steps, counters_f32)
+                        for (device, _), idx in groups.items()]
+        self.local_params, self.local_avgs = local_params, local_avgs
+
+    def matches(self, params, avgs, states) -> bool:
+        if not (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and all(map(operator.is_, avgs, self.avgs)) and all(s["step"] is t for s, t in zip(states, self.steps))):
+            return False
+        local = [local_shard(p) for p in params] + [local_shard(m) for m in avgs]
+        return layout(local + self.steps) == self.layout

@@ -1,14 +1,14 @@
 """PowerSign (Bello et al., 2017): ``w <- w - lr * alpha ** (d * sign(g) * sign(m)) * g``."""
 
 import math
-from typing import Any, Dict, Iterable, List, Union
+from typing import Any, Dict, Iterable, Union
 
 import torch
 
 from stability_toolbox import validation
 
-from .fused import powersign_coefficients
-from .sign_optimizer import SignDecay, SignOptimizer, foreach_addcmul_
+from .functional import Coefficients, powersign_coefficients
+from .sign_optimizer import SignDecay, SignOptimizer
 
 __all__ = ["PowerSign"]
 
@@ -79,58 +79,9 @@ class PowerSign(SignOptimizer):
         super()._check_group(group)
         validation.as_real("alpha", group["alpha"], low=0.0, low_open=True)
 
-    def _coefficients(self, group: Dict[str, Any], decay: float):
+    def coefficients(self, group: Dict[str, Any], decay: float) -> Coefficients:
         return powersign_coefficients(group["alpha"], decay)
 
-    def _traced_direction(self, group, g, m, d):
-        c = d * math.log(group["alpha"])
-        sign_m = m.sign()
-        return g + sign_m * g.abs() * torch.sinh(c) + sign_m.abs() * g * (torch.cosh(c) - 1)
-
-    def _max_factor(self, group: Dict[str, Any], decay: float) -> float:
-        c = abs(decay * math.log(group["alpha"]))  # alpha ** (+-d)
-        return math.exp(c) if c < 709.0 else math.inf
-
-    def _fused_coefficients(self, group: Dict[str, Any], decay: float):
-        if decay == 0 or group["alpha"] == 1:
-            return 0.0, 0.0
-        return self._coefficients(group, decay)
-
-    # With s = sign(g) sign(m) in {-1, 0, 1}: alpha ** (d s) = 1 + sinh(c) s + (cosh(c) - 1) s**2,
-    # c = d ln(alpha). Times g: g + sinh(c) sign(m) |g| + (cosh(c) - 1) |sign(m)| g -- the same
-    # value as exp(c s) g (to rounding), without an exp per element, and exact where m == 0.
-
-    def _single_tensor_update(self, group, lr, p, g, m, decay):  # type: ignore[override]
-        p.add_(g, alpha=-lr)
-        if decay == 0 or group["alpha"] == 1:
-            return
-        a, b = self._coefficients(group, decay)
-        sign_m = m.sign()
-        p.addcmul_(sign_m, g.abs(), value=-lr * a)
-        p.addcmul_(sign_m.abs_(), g, value=-lr * b)
-
-    def _foreach_update(  # type: ignore[override]
-        self,
-        group: Dict[str, Any],
-        lr: float,
-        params: List[torch.Tensor],
-        grads: List[torch.Tensor],
-        avgs: List[torch.Tensor],
-        decay: Union[float, List[float]],
-    ) -> None:
-        torch._foreach_add_(params, grads, alpha=-lr)
-        if (not isinstance(decay, list) and decay == 0) or group["alpha"] == 1:
-            return
-        if isinstance(decay, list):
-            coefs = [self._coefficients(group, d) for d in decay]
-            scale_a: Union[float, List[float]] = [-lr * a for a, _ in coefs]
-            scale_b: Union[float, List[float]] = [-lr * b for _, b in coefs]
-        else:
-            a, b = self._coefficients(group, decay)
-            scale_a, scale_b = -lr * a, -lr * b
-        signs = torch._foreach_sign(avgs)
-        abs_grads = torch._foreach_abs(grads)
-        foreach_addcmul_(params, signs, abs_grads, scale_a)
-        torch._foreach_abs_(signs)
-        foreach_addcmul_(params, signs, grads, scale_b)
-
+    def tensor_coefficients(self, group: Dict[str, Any], decay: torch.Tensor):
+        c = decay * math.log(group["alpha"])
+        return 1, torch.sinh(c), torch.cosh(c) - 1

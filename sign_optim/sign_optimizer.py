@@ -3,13 +3,13 @@
 Both rules (Bello et al., 2017, arXiv 1709.07417) keep one moving average per parameter and, as in
 TensorFlow, update it first (no bias correction), then scale the gradient by a factor of
 ``sign(g) * sign(m)`` and of the internal decay ``d`` evaluated at the step *before* it is
-incremented (the first update uses ``d(0)``). Subclasses only write the two update paths
-(single-tensor and ``torch._foreach_*``) of their rule.
+incremented (the first update uses ``d(0)``). A subclass only gives its rule's coefficients
+``(c0, a, b)`` (:mod:`sign_optim.functional`); the class keeps the state, checks everything first, and hands
+the work to the functional implementations and the fused kernels (:mod:`sign_optim.fused`).
 """
 
 import math
-import operator
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.optim import Optimizer
@@ -17,81 +17,15 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from stability_toolbox import validation
 
-from . import fused
+from . import functional, fused
 from .decays import InternalDecay, internal_decay_from_state_dict
+from .functional import Coefficients
 
-__all__ = ["SignOptimizer", "SignDecay", "scale_decay"]
+__all__ = ["SignOptimizer", "SignDecay"]
 
 SignDecay = Optional[Callable[[int], float]]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _float32_counters(steps: List[torch.Tensor]) -> bool:
-    """Whether every step counter is a 0-d float32 CPU tensor (what the C kernel reads and advances)."""
-    f32 = torch.float32
-    for t in steps:
-        if type(t) is not torch.Tensor or t.dtype is not f32 or not t.is_cpu or t.dim():
-            return False
-    return True
-
-
-def _local_shard(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (FSDP2, tensor parallel), else ``t``: the rule is elementwise, so updating each
-    rank's shard in place is the update of the whole tensor. Partial placements (a pending reduction) and
-    other tensor subclasses are returned as they are, and the kernels refuse them (:func:`fused.supported`)."""
-    if type(t) in fused.PLAIN_TENSORS or not torch.distributed.is_available():
-        return t
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor) and not any(pl.is_partial() for pl in t.placements):
-        return t.to_local()
-    return t
-
-
-def _layout(tensors: List[torch.Tensor]) -> List[tuple]:
-    """What the kernels' pointers depend on, per tensor: address, shape, strides, dtype, device. Compared every
-    step, so a plan is never used after ``p.data = ...``, ``state[p]["exp_avg"].data = ...`` or a resize."""
-    return [(t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors]
-
-
-class _FusedPlan:
-    """What the fused path needs of a group's parameters that does not change from step to step: which
-    ones the kernels take (contiguous plain tensors or DTensor shards, a supported dtype, the state's
-    dtype), grouped by device and dtype, with their pointers. Valid while every parameter, moving average
-    and step counter is the same object with the same memory layout (:meth:`matches`, checked every step)."""
-
-    class Bucket:
-        def __init__(self, device, idx, params, avgs, steps, float32_counters):
-            self.device, self.idx = device, idx
-            self.kernel = None
-            if device.type == "cpu" and float32_counters:
-                self.kernel = fused.plan([params[i] for i in idx], [avgs[i] for i in idx], [steps[i] for i in idx])
-
-    def __init__(self, params, avgs, states):
-        self.params, self.avgs = list(params), list(avgs)
-        self.steps = [s["step"] for s in states]
-        local_params, local_avgs = [_local_shard(p) for p in params], [_local_shard(m) for m in avgs]
-        self.layout = _layout(local_params + local_avgs + self.steps)
-        groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-        rest = []
-        for i, (p, m) in enumerate(zip(local_params, local_avgs)):
-            if fused.supported(p, p, m):
-                groups.setdefault((p.device, p.dtype), []).append(i)
-            else:
-                rest.append(i)
-        self.rest = rest
-        float32_counters = _float32_counters(self.steps)
-        self.buckets = [self.Bucket(device, idx, local_params, local_avgs, self.steps, float32_counters)
-                        for (device, _), idx in groups.items()]
-        self.local_params, self.local_avgs = local_params, local_avgs
-
-    def matches(self, params, avgs, states) -> bool:
-        if not (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
-                and all(map(operator.is_, avgs, self.avgs)) and all(s["step"] is t for s, t in zip(states, self.steps))):
-            return False
-        local = [_local_shard(p) for p in params] + [_local_shard(m) for m in avgs]
-        return _layout(local + self.steps) == self.layout
 
 
 def _cuda_step():
@@ -106,60 +40,6 @@ def _step_dtype() -> torch.dtype:
 
 # Key of the decay's serialized form in the optimizer's state_dict.
 _DECAY_KEY = "sign_internal_decay"
-
-
-def scale_decay(decay: Union[float, List[float]], factor: float) -> Union[float, List[float]]:
-    """``factor * decay`` for one decay value or a list of them (the scalar argument of a foreach op)."""
-    if isinstance(decay, list):
-        return [factor * d for d in decay]
-    return factor * decay
-
-
-def foreach_addcmul_(out: List[torch.Tensor], t1: List[torch.Tensor], t2: List[torch.Tensor],
-                     scale: Union[float, List[float]]) -> None:
-    """``out[i] += scale(_i) * t1[i] * t2[i]`` for one scale or one scale per tensor."""
-    if isinstance(scale, list):
-        torch._foreach_addcmul_(out, t1, t2, scale)
-    else:
-        torch._foreach_addcmul_(out, t1, t2, value=scale)
-
-
-def _cache_sized_chunks(
-    params: List[torch.Tensor],
-    grads: List[torch.Tensor],
-    avgs: List[torch.Tensor],
-    decays: List[float],
-    chunk_numel: int,
-) -> Iterator[Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[float]]]:
-    """Split the foreach work on CPU into pieces of about ``chunk_numel`` elements.
-
-    On CPU a foreach op is a loop over the tensors, so each op of the rule streams every tensor
-    through memory, and out-of-place temporaries of full size are fresh (page-faulting) allocations.
-    Running the whole rule on one cache-sized piece after another keeps the data in cache and lets
-    the allocator reuse the temporaries. Large contiguous tensors are cut into flat views at
-    multiples of 64 elements (the vectorized kernels then see the same element boundaries as on the
-    whole tensor, so the result is the same as the single-tensor path). Other devices: one chunk.
-    """
-    if not params or params[0].device.type != "cpu" or chunk_numel <= 0:
-        yield params, grads, avgs, decays
-        return
-    chunk_numel = max(64, chunk_numel // 64 * 64)
-    cur: Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[float]] = ([], [], [], [])
-    size = 0
-    for p, g, m, d in zip(params, grads, avgs, decays):
-        n = p.numel()
-        if n > chunk_numel and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and g.shape == p.shape:
-            for pieces in zip(*(t.view(-1).split(chunk_numel) for t in (p, g, m))):
-                yield [pieces[0]], [pieces[1]], [pieces[2]], [d]
-            continue
-        for lst, item in zip(cur, (p, g, m, d)):
-            lst.append(item)
-        size += n
-        if size >= chunk_numel:
-            yield cur
-            cur, size = ([], [], [], []), 0
-    if cur[0]:
-        yield cur
 
 
 class SignOptimizer(Optimizer):
@@ -184,7 +64,7 @@ class SignOptimizer(Optimizer):
     again); it raises ``ValueError`` if the optimizer has no decay to keep.
     """
 
-    #: CPU foreach path: elements per cache-sized piece of work (see :func:`_cache_sized_chunks`).
+    #: CPU foreach path: elements per cache-sized piece of work (:func:`sign_optim.functional._cache_sized_chunks`).
     cpu_chunk_numel: int = 1 << 16
 
     def __init__(
@@ -194,7 +74,7 @@ class SignOptimizer(Optimizer):
         sign_internal_decay: SignDecay,
     ) -> None:
         self.sign_internal_decay = sign_internal_decay
-        self._fused_plans: Dict[int, "_FusedPlan"] = {}
+        self._fused_plans: Dict[int, fused.FusedPlan] = {}
         self._check_group(defaults)  # hyper-parameters first, before the params are iterated (torch.optim's order)
         super().__init__(params, defaults)
 
@@ -452,18 +332,21 @@ class SignOptimizer(Optimizer):
             foreach = group["foreach"]
             if foreach is None and full:
                 foreach = _default_to_fused_or_foreach([params[i] for i in full], differentiable=False)[1]
-            if foreach and full:
-                pick = lambda xs: [xs[i] for i in full]  # noqa: E731
-                self._foreach_step(group, lr, pick(params), pick(grads), pick(avgs), pick(decays))
-                full = []
-            for i in full + half:
-                self._single_step(group, lr, params[i], grads[i], avgs[i], decays[i])
+            coefs = {d: self.coefficients(group, d) for d in set(decays)}
+            options = dict(lr=lr, beta=group["beta"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+            for idx, use_foreach in ((full, bool(foreach)), (half, False)):  # half precision: one by one, in float32
+                if idx:
+                    functional.sign_update([params[i] for i in idx], [grads[i] for i in idx], [avgs[i] for i in idx],
+                                           [coefs[decays[i]] for i in idx], foreach=use_foreach,
+                                           chunk_numel=self.cpu_chunk_numel, **options)
         return loss
 
     def _traced_update(self, group, params, grads, avgs) -> None:
-        """The update under ``torch.compile``: step, decay and lr stay tensors (no Python number derived
-        from the step counter, so no recompilation per step); inductor fuses the elementwise ops."""
+        """The update under ``torch.compile`` or ``capturable``: step, decay and lr stay tensors (no Python number
+        derived from the step counter, so no recompilation per step); inductor fuses the elementwise ops."""
         decay = self.sign_internal_decay
+        lr = group["lr"]
+        lr = lr.reshape(()) if isinstance(lr, torch.Tensor) else lr  # a 1-element lr of any shape, e.g. (1, 1)
         for p, g, m in zip(params, grads, avgs):
             step = self.state[p]["step"] - 1  # the decay of the step before this update, as in eager
             if decay is None:
@@ -472,13 +355,9 @@ class SignOptimizer(Optimizer):
                 d = decay.tensor_value(step)
             else:  # a custom callable takes a number: one recompilation per step value
                 d = torch.tensor(float(decay(int(step))), dtype=torch.float64)
-            lr = group["lr"]
-            # a 1-element lr of any shape, e.g. (1, 1) for a 1-D bias, scales like a number
-            self._single_step(group, lr.reshape(()) if isinstance(lr, torch.Tensor) else lr, p, g, m, d, traced=True)
-
-    def _traced_direction(self, group, g, m, d):
-        """The update direction (before ``-lr``) with a tensor decay ``d`` (see :meth:`_traced_update`)."""
-        raise NotImplementedError
+            d = d.to(torch.float32 if p.dtype in _HALF else p.dtype)
+            functional._traced_sign(p, g, m, self.tensor_coefficients(group, d), lr=lr, beta=group["beta"],
+                                    weight_decay=group["weight_decay"], maximize=group["maximize"])
 
     def _use_fused(self, group: Dict[str, Any], params: List[torch.Tensor]) -> bool:
         """``fused=True``, or ``fused=None`` and ``foreach=None`` with a fused kernel for every device."""
@@ -491,14 +370,14 @@ class SignOptimizer(Optimizer):
         parameters' step counters; the indices left over."""
         plan = self._fused_plans.get(id(group))
         if plan is None or not plan.matches(params, avgs, states):
-            plan = self._fused_plans[id(group)] = _FusedPlan(params, avgs, states)
+            plan = self._fused_plans[id(group)] = fused.FusedPlan(params, avgs, states)
         rest = list(plan.rest)
-        coefs = {d: self._fused_coefficients(group, d) for d in set(decays)}
+        coefs = {d: self.coefficients(group, d)[1:] for d in set(decays)}  # the kernels' (a, b)
         options = dict(lr=lr, beta=float(group["beta"]), alpha=float(group["alpha"]),
                        weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
         for bucket in plan.buckets:
             idx = bucket.idx
-            bucket_grads = [_local_shard(grads[i]) for i in idx]
+            bucket_grads = [fused.local_shard(grads[i]) for i in idx]
             if not all(fused.supported(plan.local_params[i], g, plan.local_avgs[i])
                        and g.shape == plan.local_params[i].shape for i, g in zip(idx, bucket_grads)):
                 rest += idx  # a rare gradient layout (non-contiguous, another sharding): the other paths
@@ -514,36 +393,13 @@ class SignOptimizer(Optimizer):
                 torch._foreach_add_([states[i]["step"] for i in idx], 1.0)
         return sorted(rest)
 
-    def _foreach_step(self, group, lr, params, grads, avgs, decays) -> None:
-        for chunk in _cache_sized_chunks(params, grads, avgs, decays, self.cpu_chunk_numel):
-            c_params, c_grads, c_avgs, c_decays = chunk
-            if group["maximize"]:
-                c_grads = torch._foreach_neg(c_grads)
-            torch._foreach_lerp_(c_avgs, c_grads, 1.0 - group["beta"])
-            if group["weight_decay"] != 0:
-                torch._foreach_mul_(c_params, 1.0 - lr * group["weight_decay"])
-            decay = c_decays[0] if len(set(c_decays)) == 1 else c_decays
-            self._foreach_update(group, lr, c_params, c_grads, c_avgs, decay)
+    def coefficients(self, group: Dict[str, Any], decay: float) -> Coefficients:
+        """The rule's ``(c0, a, b)`` for a parameter of ``group`` at decay value ``decay``
+        (:mod:`sign_optim.functional`)."""
+        raise NotImplementedError
 
-    def _single_step(self, group, lr, p, g, m, decay, traced: bool = False) -> None:
-        """One parameter; half precision is computed in float32 (``m`` is float32) and stored once.
-        ``traced``: ``decay`` is a tensor (under torch.compile) and the update one expression."""
-        work = p.float() if p.dtype in _HALF else p
-        g = g.to(m.dtype)
-        if group["maximize"]:
-            g = -g
-        m.lerp_(g, 1.0 - group["beta"])
-        if group["weight_decay"] != 0:
-            work.mul_(1.0 - lr * group["weight_decay"])
-        if traced:
-            work.add_(self._traced_direction(group, g, m, decay.to(work.dtype)) * (-lr))
-        else:
-            self._single_tensor_update(group, lr, work, g, m, decay)
-        if work is not p:
-            p.copy_(work)
-
-    def _fused_coefficients(self, group: Dict[str, Any], decay: float) -> Tuple[float, float]:
-        """The kernel's per-parameter coefficients for decay value ``decay`` (see :mod:`sign_optim.fused`)."""
+    def tensor_coefficients(self, group: Dict[str, Any], decay: torch.Tensor):
+        """:meth:`coefficients` with a 0-d tensor ``decay`` (the traced path); ``b`` None where the rule has none."""
         raise NotImplementedError
 
     def _prepare_step(self) -> List[Tuple[Dict[str, Any], List[torch.Tensor], List[torch.Tensor], List[float], List]]:
@@ -600,7 +456,10 @@ class SignOptimizer(Optimizer):
     def _max_factor(self, group: Dict[str, Any], decay: float) -> float:
         """The largest ``|factor|`` the rule can multiply a gradient element by at decay value ``decay`` (inf when
         it overflows a float64)."""
-        raise NotImplementedError
+        try:
+            return functional.max_factor(self.coefficients(group, decay))
+        except OverflowError:
+            return math.inf
 
     def _check_magnitudes(self, group: Dict[str, Any], params: List[torch.Tensor], decays: List[float]) -> None:
         """ValueError before any change when ``lr`` times the rule's factor (or ``lr * weight_decay``) overflows
@@ -632,7 +491,7 @@ class SignOptimizer(Optimizer):
         counters are CPU tensors, read in one call (no sync)."""
         counted = [s["step"] for s in states if s]
         # what this optimizer creates and loads; checked once per step, read by the C kernel
-        if counted and _float32_counters(counted) and fused.available(torch.device("cpu")):
+        if counted and fused.float32_counters(counted) and fused.available(torch.device("cpu")):
             values = iter(fused.read_steps(counted))  # one C call
         else:
             values = iter(torch.stack([torch.as_tensor(c, dtype=torch.float64) for c in counted]).tolist()
@@ -640,24 +499,6 @@ class SignOptimizer(Optimizer):
         steps = [int(next(values)) if s else 0 for s in states]
         cache = {step: self._decay_value(step) for step in set(steps)}
         return [cache[step] for step in steps]
-
-    def _single_tensor_update(
-        self, group: Dict[str, Any], lr: float, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, decay: float
-    ) -> None:
-        """Apply the rule to one parameter; ``m`` is already updated, weight decay already applied."""
-        raise NotImplementedError
-
-    def _foreach_update(
-        self,
-        group: Dict[str, Any],
-        lr: float,
-        params: List[torch.Tensor],
-        grads: List[torch.Tensor],
-        avgs: List[torch.Tensor],
-        decay: Union[float, List[float]],
-    ) -> None:
-        """Same as :meth:`_single_tensor_update` with ``torch._foreach_*`` ops (``decay``: one value or one per tensor)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f"sign_internal_decay: {self.sign_internal_decay!r}\n)"
