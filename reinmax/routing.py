@@ -120,13 +120,14 @@ def check_router_tau(router: str, tau) -> float:
     return tau
 
 
-def _check_route_logits(logits) -> None:
-    if not isinstance(logits, Tensor) or not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point torch.Tensor of shape (tokens, experts), got "
-                        f"{logits.dtype if isinstance(logits, Tensor) else type(logits).__name__}")
-    if logits.dim() != 2 or logits.shape[1] == 0:
-        raise ValueError(f"logits must have shape (tokens, experts) with at least one expert, "
-                         f"got shape {tuple(logits.shape)}")
+def _check_token_matrix(name: str, t) -> None:
+    """TypeError/ValueError naming ``name`` unless ``t`` is a floating (tokens, experts) tensor, experts >= 1."""
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor of shape (tokens, experts), got "
+                        f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+    if t.dim() != 2 or t.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (tokens, experts) with at least one expert, "
+                         f"got shape {tuple(t.shape)}")
 
 
 def _straight_gate(p: Tensor, index: Tensor) -> Tensor:
@@ -177,7 +178,7 @@ def route_tokens(logits: Tensor, router: str, tau: float = 1.0, *, training: boo
         >>> r.gate.shape  # pi_D, the argmax's probability
         torch.Size([5])
     """
-    _check_route_logits(logits)
+    _check_token_matrix("logits", logits)
     router = check_router(router)
     tau = check_router_tau(router, tau)
     training = validation.as_bool("training", training)
@@ -268,12 +269,7 @@ def balance_loss(probs: Tensor, index: Tensor) -> Tensor:
         >>> balance_loss(torch.full((4, 2), 0.5), torch.tensor([0, 1, 0, 1]))
         tensor(1.)
     """
-    if not isinstance(probs, Tensor) or not probs.is_floating_point():
-        raise TypeError(f"probs must be a floating-point torch.Tensor of shape (tokens, experts), got "
-                        f"{probs.dtype if isinstance(probs, Tensor) else type(probs).__name__}")
-    if probs.dim() != 2 or probs.shape[1] == 0:
-        raise ValueError(f"probs must have shape (tokens, experts) with at least one expert, "
-                         f"got {tuple(probs.shape)}")
+    _check_token_matrix("probs", probs)
     _check_index(index, probs.shape[1], tokens=probs.shape[0])
     if index.device != probs.device:
         raise ValueError(f"index must be on probs' device ({probs.device}), got {index.device}")
