@@ -52,6 +52,15 @@ class Sublayer:
       ``capture`` (a submodule that receives the layer input, e.g. ``"self_attn"``). Without
       ``capture`` the layer's own input is taken by a layer pre-hook, which transformers 5.x
       gradient checkpointing does not replay: give ``capture`` in new descriptions.
+    * ``capture`` on a later sublayer: x is the first input of that submodule instead of the output of
+      ``source`` (which still names the LayerNorm producing x, for :func:`fold`). Needed where a layer
+      runs the sublayer once per stream (XLNet's feed-forward on the g and h streams).
+    * ``capture_args``: the positional arguments of ``capture`` that are x, one per call of ``norm`` in
+      that order; a None argument is skipped (XLNet's two-stream attention: ``(0, 1)``, h then g, through
+      one LayerNorm).
+
+    A reader path ending in ``[input_first]`` names a parameter whose *first* dimension is the input
+    features (XLNet's ``einsum("ibh,hnd->ibnd", h, q)`` weights of shape ``(d_model, n_head, d_head)``).
     """
 
     norm: str
@@ -59,6 +68,7 @@ class Sublayer:
     source: Optional[str] = None  # a LayerNorm of the same layer whose output is x; None: the layer's input
     capture: Optional[str] = None  # first sublayer: a submodule whose first input is the layer input x
     residual_arg: Optional[str] = None  # a submodule called as (f_x, x): omega scales its second argument
+    capture_args: Tuple[int, ...] = (0,)  # arguments of capture that are x, in the order norm is called
 
 
 @dataclass(frozen=True)
@@ -89,10 +99,15 @@ class StackKind:
     ``input_norm`` is None (then :func:`fold` uses them when no ``embedding=`` is given).
     ``input_linear``: an ``nn.Linear`` applied after ``input_norm`` (ELECTRA's ``embeddings_project``):
     it produces the input instead, when present.
-    ``sequence``: for a stack whose layers are not one ``nn.ModuleList`` applied once each (ALBERT), a
-    function ``stack module -> [layer, ...]`` giving the layers in the order one forward applies them; a
-    layer shared across depth appears once per application. N counts applications; :func:`fold` refuses
-    a stack that applies a layer more than once (see :data:`SHARED_LAYER_FOLD`).
+    ``sequence``: for a stack whose layers are not one ``nn.ModuleList`` applied once each (ALBERT,
+    Funnel), a function ``stack module -> [layer, ...]`` giving the layers in the order one forward
+    applies them; a layer shared across depth appears once per application. N counts applications;
+    :func:`fold` refuses a stack that applies a layer more than once (see :data:`SHARED_LAYER_FOLD`).
+    ``inputs`` may also name an ``nn.Parameter`` whose last dimension is the features (XLNet's
+    ``mask_emb``, the start of its query stream).
+    ``fold_check``: ``(stack module, omegas) -> reason or None``, where ``omegas(layer)`` gives a
+    layer's omegas as tensors: why this stack's current omegas cannot be folded exactly (Funnel's
+    decoder adds an earlier layer's output to its input), checked by :func:`fold` before anything changes.
     """
 
     layers: str
@@ -100,15 +115,17 @@ class StackKind:
     inputs: Tuple[str, ...] = ()
     input_linear: Optional[str] = None
     sequence: Optional[Callable[[nn.Module], List[nn.Module]]] = None
+    fold_check: Optional[Callable[[nn.Module, Callable], Optional[str]]] = None
 
 
 #: why :func:`admin_torch.fold` refuses a stack that applies one layer several times (ALBERT's sharing)
 SHARED_LAYER_FOLD = (
     "its layers are shared across depth (one layer applied {times} times per forward, as ALBERT does with "
-    "num_hidden_groups < num_hidden_layers): the shared last LayerNorm produces both the next application's "
+    "num_hidden_groups < num_hidden_layers and Funnel with block_repeats > 1): the shared last LayerNorm produces both the next application's "
     "input, which would have to absorb omega, and the stack's output, which must not, so no stock model with "
     "shared weights computes the Admin function. Train it converted and keep the Admin form "
-    "(torch.save(model.state_dict())), or use num_hidden_groups == num_hidden_layers (no sharing), which folds exactly")
+    "(torch.save(model.state_dict())), or configure no sharing (num_hidden_groups == num_hidden_layers, "
+    "block_repeats of 1), which folds exactly")
 
 
 def kind_key(cls: type) -> str:
@@ -190,6 +207,21 @@ LAYER_KINDS: Dict[str, LayerKind] = {
                  capture="attention.attn"),
         Sublayer("output.LayerNorm", ("intermediate.dense",), source="attention.LayerNorm", residual_arg="output"),
     ), last_norm="output.LayerNorm", mechanism="hooks"),
+    # XLNet: one LayerNorm per sublayer serves both streams (h, and the query stream g when target_mapping
+    # is given): the attention captures (h, g) and its norm takes them in that order; the feed-forward runs
+    # on g, then h, each call capturing its own input
+    "transformers.models.xlnet.modeling_xlnet.XLNetLayer": LayerKind((
+        Sublayer("rel_attn.layer_norm", tuple(f"rel_attn.{p}[input_first]" for p in "qkv"), capture="rel_attn",
+                 capture_args=(0, 1)),
+        Sublayer("ff.layer_norm", ("ff.layer_1",), source="rel_attn.layer_norm", capture="ff"),
+    ), last_norm="ff.layer_norm", mechanism="hooks"),
+    # Funnel: x of the attention is its query (pooled at a block's first layer; keys and values read the
+    # unpooled input, the same LayerNorm output)
+    "transformers.models.funnel.modeling_funnel.FunnelLayer": LayerKind((
+        Sublayer("attention.layer_norm", ("attention.q_head", "attention.k_head", "attention.v_head"),
+                 capture="attention"),
+        Sublayer("ffn.layer_norm", ("ffn.linear_1",), source="attention.layer_norm", capture="ffn"),
+    ), last_norm="ffn.layer_norm", mechanism="hooks"),
 }
 _FSMT_FOLD = ("the first layer reads token embeddings plus FSMT's sinusoidal position embeddings, which are not "
               "learned and are regenerated unscaled (when a longer input extends the table, and on reload), so "
@@ -222,6 +254,9 @@ STACK_KINDS: Dict[str, StackKind] = {
     "transformers.models.mpnet.modeling_mpnet.MPNetModel": StackKind("encoder.layer", "embeddings.LayerNorm"),
     "transformers.models.fsmt.modeling_fsmt.FSMTEncoder": StackKind("layers", None),
     "transformers.models.fsmt.modeling_fsmt.FSMTDecoder": StackKind("layers", None),
+    # the first layer reads dropout(word_embedding(ids)) (stream h) and mask_emb (stream g)
+    "transformers.models.xlnet.modeling_xlnet.XLNetModel": StackKind("layer", None,
+                                                                     inputs=("word_embedding", "mask_emb")),
 }
 
 
@@ -234,6 +269,35 @@ def _albert_sequence(model) -> List[nn.Module]:
 
 STACK_KINDS["transformers.models.albert.modeling_albert.AlbertModel"] = StackKind(
     "encoder.albert_layer_groups", None, input_linear="encoder.embedding_hidden_mapping_in", sequence=_albert_sequence)
+
+
+def _funnel_encoder(model) -> List[nn.Module]:
+    """FunnelEncoder's layers in the order its forward applies them (each repeated ``block_repeats`` times)."""
+    repeats = model.config.block_repeats
+    return [layer for b, block in enumerate(model.encoder.blocks) for layer in block for _ in range(repeats[b])]
+
+
+def _funnel_fold_check(model, omegas) -> Optional[str]:
+    """FunnelModel's decoder starts from ``upsample(encoder output) + first_block_hidden``, the output of
+    the first block, which fold scales by the omega of the second block's first layer while the encoder
+    output takes the decoder's first omega: exact only when those are equal."""
+    blocks = model.encoder.blocks
+    if len(blocks) < 2 or not len(model.decoder.layers):
+        return None
+    a, b = omegas(blocks[1][0])[0], omegas(model.decoder.layers[0])[0]
+    if a.shape == b.shape and bool((a == b).all()):
+        return None
+    return ("FunnelModel's decoder adds the first block's output (which fold scales by the first omega of block 1) "
+            "to the upsampled encoder output (scaled by the decoder's first omega), and those omegas differ "
+            "(trained as_parameter omegas); keep the Admin form (torch.save(model.state_dict()))")
+
+
+#: Funnel: the encoder and its decoder (FunnelModel) are one residual stream, one stack for N
+STACK_KINDS["transformers.models.funnel.modeling_funnel.FunnelBaseModel"] = StackKind(
+    "encoder.blocks", "embeddings.layer_norm", sequence=_funnel_encoder)
+STACK_KINDS["transformers.models.funnel.modeling_funnel.FunnelModel"] = StackKind(
+    "encoder.blocks", "embeddings.layer_norm", sequence=lambda m: _funnel_encoder(m) + list(m.decoder.layers),
+    fold_check=_funnel_fold_check)
 
 
 # ---------------------------------------------------------------- recognising structure
@@ -335,12 +399,6 @@ PRE_LN_MODEL_TYPES = frozenset({
     "blenderbot", "bigbird_pegasus", "whisper", "biogpt", "olmo", "starcoder2",
 })
 
-#: HuggingFace ``model_type`` values of Post-LN families convert refuses, with the reason
-UNSUPPORTED_MODEL_TYPES: Dict[str, str] = {
-    "xlnet": ("its two-stream attention (the query stream g of permutation-LM pretraining) applies one LayerNorm "
-              "to two residual streams in one layer call, and mask_emb, an nn.Parameter, starts the g stream; and "
-              "the mems it returns are layer inputs, which fold would scale by omega"),
-    "funnel": ("FunnelModel's decoder adds the first block's output (which fold scales by the next omega) to the "
-               "upsampled last block's output (which it does not), and block_repeats > 1 applies a layer several "
-               "times, so fold cannot be exact"),
-}
+#: HuggingFace ``model_type`` values of Post-LN families convert refuses, with the reason (none today: the
+#: table is where a family whose residuals cannot be described goes)
+UNSUPPORTED_MODEL_TYPES: Dict[str, str] = {}

@@ -159,16 +159,22 @@ def _first_input(args, kwargs):
 
 
 class _CaptureInput:
-    """Forward pre-hook of the submodule that first reads the layer input (``self_attn``): that input is x.
+    """Forward pre-hook of the submodule that first reads the sublayer input (``self_attn``): that input is x.
 
-    It runs inside the layer's forward, so gradient checkpointing, which replays ``forward`` (transformers
-    5.x), replays it too."""
+    ``arg_indices`` other than ``(0,)``: several streams through one LayerNorm (XLNet's h and g); the slot
+    then holds a list, taken in that order by the norm's calls. It runs inside the layer's forward, so
+    gradient checkpointing, which replays ``forward`` (transformers 5.x), replays it too."""
 
-    def __init__(self, slot: _Slot):
-        self.slot = slot
+    def __init__(self, slot: _Slot, arg_indices: Tuple[int, ...] = (0,)):
+        self.slot, self.arg_indices = slot, tuple(arg_indices)
 
     def __call__(self, module, args, kwargs):
-        self.slot.x = _first_input(args, kwargs)
+        if self.arg_indices == (0,):
+            self.slot.x = _first_input(args, kwargs)
+            return
+        xs = [args[i] if i < len(args) else (_first_input(args, kwargs) if i == 0 else None)
+              for i in self.arg_indices]
+        self.slot.x = [x for x in xs if x is not None]
 
 
 class _CaptureOutput:
@@ -189,7 +195,12 @@ class _Admin:
 
     def __call__(self, module, args):
         x = self.slot.x
-        self.slot.x = None  # not kept alive beyond the sublayer
+        if isinstance(x, list):  # one x per stream, in the order the norm is called
+            x = x.pop(0) if x else None
+            if not self.slot.x:
+                self.slot.x = None
+        else:
+            self.slot.x = None  # not kept alive beyond the sublayer
         if x is None:
             # never a silently different function: this norm ran without its sublayer's input captured
             raise RuntimeError(f"admin_torch: a converted {type(module).__name__} ran outside its layer's forward "
@@ -240,13 +251,13 @@ def _install_hooks(layer: nn.Module, kind: LayerKind, omegas: Sequence[OmegaResi
         if sub.residual_arg is not None:
             handles.append(_get(layer, sub.residual_arg).register_forward_pre_hook(
                 _CaptureResidualArg(slot), with_kwargs=True))
-        elif sub.source is None:
+        elif sub.capture is not None or sub.source is None:
             target = _get(layer, sub.capture) if sub.capture is not None else layer
-            handles.append(target.register_forward_pre_hook(_CaptureInput(slot), with_kwargs=True))
+            handles.append(target.register_forward_pre_hook(_CaptureInput(slot, sub.capture_args), with_kwargs=True))
         handles.append(norm.register_forward_pre_hook(_Admin(slot, omega)))
-        # x of a later sublayer that reads this norm's output without a residual argument: whichever
-        # sublayer runs next takes it (a decoder layer skipping its cross-attention stays exact)
-        if sub.norm != kind.last_norm and any(o.residual_arg is None and o.source is not None
+        # x of a later sublayer that reads this norm's output without a residual argument or a capture:
+        # whichever sublayer runs next takes it (a decoder layer skipping its cross-attention stays exact)
+        if sub.norm != kind.last_norm and any(o.residual_arg is None and o.capture is None and o.source is not None
                                               for o in kind.sublayers):
             handles.append(norm.register_forward_hook(_CaptureOutput(slot)))
     # a plain attribute: deep-copied and pickled with the model, each handle then refers to the
@@ -306,8 +317,9 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
             ERNIE, RoFormer, BigBird, Longformer, Data2VecText, DeBERTa-v2, BERT decoders with
             cross-attention), BART (incl. ``BartForCausalLM``), Marian, BlenderbotSmall, LED,
             DistilBERT, MPNet, ALBERT (a layer shared across depth keeps one omega per residual, used at
-            every application; N counts applications), FSMT (fold refused); anything described in
-            :data:`admin_torch.LAYER_KINDS`.
+            every application; N counts applications), FSMT (fold refused), XLNet (both attention streams,
+            mems), Funnel (encoder and decoder one stack; ``block_repeats`` count as applications);
+            anything described in :data:`admin_torch.LAYER_KINDS`.
         output_change_scale: ``'O(n)'``, ``'O(logn)'``, ``'default'`` or ``'O(1)'`` (:func:`calculate_init`).
         as_parameter: trainable omega vectors of the hidden size.
 
@@ -316,7 +328,7 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
 
     Raises:
         ValueError: ``model`` is of a Pre-LN family or has a Pre-LN layer; it is of a family in
-            :data:`admin_torch.architectures.UNSUPPORTED_MODEL_TYPES` (XLNet, Funnel); it has no supported layer that
+            :data:`admin_torch.architectures.UNSUPPORTED_MODEL_TYPES`; it has no supported layer that
             is not converted yet; its config says it was saved from an Admin model (load it with
             :func:`admin_torch.from_pretrained`). Nothing is changed then.
     """
@@ -339,7 +351,8 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
     if not plan:
         raise ValueError("model has no supported Post-LN layer to convert (torch.nn TransformerEncoderLayer/"
                          "TransformerDecoderLayer, HuggingFace BERT-like, BART, Marian, BlenderbotSmall, LED, "
-                         "DistilBERT, MPNet; describe others in admin_torch.LAYER_KINDS), or all are converted")
+                         "FSMT, DistilBERT, MPNet, ALBERT, XLNet, Funnel; describe others in "
+                         "admin_torch.LAYER_KINDS), or all are converted")
     from . import hf_io  # noqa: the HuggingFace glue (no transformers import unless it is a HF model)
     hf_io.check_convertible(model)
     for name, module in model.named_modules():
@@ -367,7 +380,10 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
 def _readers(layer: nn.Module, paths: Iterable[str]) -> List[Union[nn.Module, Tensor]]:
     out = []
     for path in paths:
-        if path.endswith("[q]"):
+        if path.endswith("[input_first]"):  # (in_features, ...) weight: its transposed 2-d view
+            weight = _get(layer, path[:-len("[input_first]")])
+            out.append(weight.view(weight.shape[0], -1).t())
+        elif path.endswith("[q]"):
             mha = _get(layer, path[:-len(".in_proj_weight[q]")])
             out.append(mha.in_proj_weight[: mha.embed_dim] if mha.in_proj_weight is not None else mha.q_proj_weight)
         elif path.endswith("in_proj_weight"):
@@ -405,7 +421,9 @@ def _embedding_for(stack: str, embedding: Optional[Embedding], names: Dict[int, 
     return out
 
 
-def _embedding_dim(module: nn.Module) -> int:
+def _embedding_dim(module: Union[nn.Module, Tensor]) -> int:
+    if isinstance(module, Tensor):  # a parameter whose last dimension is the features (XLNet's mask_emb)
+        return module.shape[-1]
     return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
 
 
@@ -525,16 +543,22 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
             first = [(names[id(linear)], linear)]
         elif sk is not None and sk.input_norm:
             input_norm = prefix + sk.input_norm
-            first = [(names[id(m)], m) for m in (_get(model, prefix + p) for p in sk.inputs)]
+            first = [(prefix + p, _get(model, prefix + p)) for p in sk.inputs]
         else:
             first = _embedding_for(stack, embedding, names)
             if first is None and sk is not None and sk.inputs:
-                first = [(names[id(m)], m) for m in (_get(model, prefix + p) for p in sk.inputs)]
+                first = [(prefix + p, _get(model, prefix + p)) for p in sk.inputs]
             if first is None:
                 raise ValueError(
                     f"stack {stack or '(the model)'!r}: its first layer reads an input no LayerNorm of the model "
                     "produces; pass embedding= (the nn.Embedding / nn.Linear module(s) producing it, or a dict "
                     "{stack name: module(s)})")
+        if sk is not None and sk.fold_check is not None:
+            owner = _get(model, stack) if stack else model
+            reason = sk.fold_check(owner, lambda layer: [_omega_tensor(o, _get(layer, sub.norm).normalized_shape[0])
+                                                          for o, sub in zip(_omegas_of(layer), layer_kind(layer).sublayers)])
+            if reason is not None:
+                raise ValueError(f"stack {stack or '(the model)'!r}: cannot fold exactly: {reason}")
         plans.append((stack, input_norm, first, [(n, m) for n, m, _ in layers], [k for _, _, k in layers]))
     shared = _check_shared_embeddings([p[:4] for p in plans])
     folded = copy.deepcopy(model)

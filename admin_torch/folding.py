@@ -82,7 +82,8 @@ def fold_into_linears_(linears: Iterable[Union[nn.Linear, Tensor]], omega: Omega
 @torch.no_grad()
 def fold_into_embedding_(embedding: Union[nn.Embedding, nn.Linear, Tensor], omega: OmegaLike) -> None:
     """Multiply what an embedding produces by omega per feature, in place: the table of an
-    ``nn.Embedding`` (or its ``(num, dim)`` weight), or the output rows and bias of an ``nn.Linear``
+    ``nn.Embedding`` (or its ``(num, dim)`` weight, or any tensor whose last dimension is the features,
+    such as XLNet's ``mask_emb``), or the output rows and bias of an ``nn.Linear``
     (an input projection). Note that a table shared with an output projection scales that too,
     and a non-learned (sinusoidal) positional embedding has to be scaled where it is added."""
     if isinstance(embedding, nn.Linear):
@@ -92,11 +93,11 @@ def fold_into_embedding_(embedding: Union[nn.Embedding, nn.Linear, Tensor], omeg
             embedding.bias.mul_(w.to(embedding.bias))
         return
     weight = embedding.weight if isinstance(embedding, nn.Module) else embedding
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise TypeError(f"embedding must be an nn.Embedding, an nn.Linear or a 2-d weight tensor, "
-                        f"got {type(embedding).__name__}")
-    w = _omega_tensor(omega, weight.shape[1])
-    weight.mul_(w.to(weight).view(1, -1))
+    if not isinstance(weight, Tensor) or weight.dim() < 2:
+        raise TypeError(f"embedding must be an nn.Embedding, an nn.Linear or a weight tensor (2-d or more) whose "
+                        f"last dimension is the features, got {type(embedding).__name__}")
+    w = _omega_tensor(omega, weight.shape[-1])
+    weight.mul_(w.to(weight).view(*[1] * (weight.dim() - 1), -1))
 
 
 def fold_reference_stack(model: ResidualStack) -> ResidualStack:

@@ -245,7 +245,7 @@ def test_albert_shared_layer_is_admin_at_every_application():
     torch.testing.assert_close(got, h, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["albert_shared", "fsmt"])
+@pytest.mark.parametrize("family", list(H.fold_refused()))
 def test_fold_refused_families_convert_and_refuse_fold_unchanged(family, tmp_path):
     """Convert is Admin (omega = 1 is the stock function, N per stack); fold and save_pretrained are refused with
     the reason, before anything is copied, changed or written."""
@@ -273,26 +273,95 @@ def test_fold_refused_families_convert_and_refuse_fold_unchanged(family, tmp_pat
         torch.testing.assert_close(H.output(model(**x)), admin, rtol=0, atol=0)
 
 
-def _unsupported():
-    t = transformers
-    return {
-        "xlnet": lambda: t.XLNetModel(t.XLNetConfig(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_inner=32)),
-        "funnel": lambda: t.FunnelModel(t.FunnelConfig(vocab_size=50, d_model=16, n_head=2, d_head=8, d_inner=32,
-                                                       block_sizes=[1, 1], num_decoder_layers=1)),
-    }
-
-
-@pytest.mark.parametrize("family", ["xlnet", "funnel"])
-def test_unsupported_post_ln_families_are_refused_unchanged(family):
-    torch.manual_seed(0)
-    model = _unsupported()[family]()
+def test_a_family_listed_as_unsupported_is_refused_unchanged(monkeypatch):
+    """UNSUPPORTED_MODEL_TYPES (empty today) is where a Post-LN family whose residuals cannot be described goes:
+    convert refuses it with the reason and changes nothing."""
+    model, _, _ = H.build("bert")
+    monkeypatch.setitem(admin_torch.UNSUPPORTED_MODEL_TYPES, "bert", "a reason given here")
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=f"model_type '{family}'.* is not supported by admin_torch.convert: .*Nothing "
-                                         "was changed"):
+    with pytest.raises(ValueError, match="model_type 'bert'.* is not supported by admin_torch.convert: a reason given "
+                                         "here. Nothing was changed"):
         convert(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not _omegas(model) and "save_pretrained" not in model.__dict__
     assert not hasattr(model.config, "admin_torch")
+
+
+#: the output projection(s) f ends with, per sublayer: (f's last linear map, as attribute paths of a layer)
+_OUTPUT_PROJECTIONS = {
+    "xlnet": ("rel_attn.o", "ff.layer_2.weight", "ff.layer_2.bias"),
+    "xlnet_two_stream": ("rel_attn.o", "ff.layer_2.weight", "ff.layer_2.bias"),
+    "funnel_base": ("attention.post_proj.weight", "attention.post_proj.bias", "ffn.linear_2.weight",
+                    "ffn.linear_2.bias"),
+}
+
+
+@pytest.mark.parametrize("family", list(_OUTPUT_PROJECTIONS))
+def test_admin_equals_stock_with_output_projections_divided_by_omega(family):
+    """An independent check of where omega goes, with no hook: with LayerNorm eps = 0 (scale invariance),
+    LN(w x + f(x)) = LN(x + f(x) / w), so a converted model with scalar omega w equals the stock model whose
+    sublayer output projections are divided by w -- XLNet's two streams (one LayerNorm per sublayer for h and
+    g) and Funnel's pooled queries included."""
+    model, x, n = H.build(family)
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.eps = 0.0
+    stock = copy.deepcopy(model)
+    convert(model)
+    w = calculate_init(n[""])
+    layers = [m for m in stock.modules() if type(m).__name__ in ("XLNetLayer", "FunnelLayer")]
+    assert layers
+    with torch.no_grad():
+        for layer in layers:
+            for path in _OUTPUT_PROJECTIONS[family]:
+                obj = layer
+                for part in path.split("."):
+                    obj = getattr(obj, part)
+                (obj.weight if isinstance(obj, torch.nn.Module) else obj).div_(w)
+        torch.testing.assert_close(H.output(model(**x)), H.output(stock(**x)), rtol=1e-5, atol=1e-5)
+
+
+def test_funnel_model_encoder_and_decoder_are_one_stack(tmp_path):
+    """FunnelModel: the decoder continues the encoder's residual stream (N counts both); fold and save are exact
+    with the initial omegas, and refused with the reason (nothing written) once the omega of block 1's first
+    layer and the decoder's first omega differ, since the decoder adds block 0's output to its input."""
+    torch.manual_seed(0)
+    model = transformers.FunnelModel(transformers.FunnelConfig(**H.FUNNEL)).eval()
+    ids, mask = H._ids()
+    x = dict(input_ids=ids, attention_mask=mask)
+    convert(model, as_parameter=True)
+    assert len(_omegas(model)) == 8  # 3 encoder layers + 1 decoder layer, 2 residuals each
+    assert all(torch.allclose(m.omega, torch.full((16,), calculate_init(8))) for m in _omegas(model).values())
+    with torch.no_grad():
+        admin = model(**x).last_hidden_state
+        assert (fold(model)(**x).last_hidden_state - admin).abs().max().item() <= 1e-5
+    model.save_pretrained(tmp_path / "ok")
+    with torch.no_grad():
+        reloaded = transformers.FunnelModel.from_pretrained(tmp_path / "ok").eval()
+        assert (reloaded(**x).last_hidden_state - admin).abs().max().item() <= 1e-5
+        model.decoder.layers[0].admin_omegas[0].omega.mul_(1.1)
+    with pytest.raises(ValueError, match="decoder adds the first block's output"):
+        fold(model)
+    with pytest.raises(ValueError, match="cannot save"):
+        model.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_xlnet_mems_of_the_folded_model_give_its_own_next_segment():
+    """XLNet's mems are cached layer inputs: the folded model's mems (scaled like its layer inputs) fed back to
+    the folded model give the Admin model's next-segment output."""
+    model, x, _ = H.build("xlnet")
+    convert(model, as_parameter=True)
+    with torch.no_grad():
+        for i, m in enumerate(_omegas(model).values()):
+            m.omega.mul_(1.0 + 0.1 * i)
+        folded = fold(model)
+        ids2 = torch.randint(3, H.V, (2, 5), generator=torch.Generator().manual_seed(7))
+        a = model(input_ids=x["input_ids"], use_mems=True)
+        f = folded(input_ids=x["input_ids"], use_mems=True)
+        a2 = model(input_ids=ids2, mems=a.mems, use_mems=True).logits
+        f2 = folded(input_ids=ids2, mems=f.mems, use_mems=True).logits
+    assert (f2 - a2).abs().max().item() <= 1e-5
 
 
 @pytest.mark.slow

@@ -85,11 +85,43 @@ def _fsmt():
     return model, dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec), {"enc": 4, "dec": 6}
 
 
+def _xlnet(two_stream=False, **kw):
+    def make():
+        import transformers as t
+        model = t.XLNetLMHeadModel(t.XLNetConfig(vocab_size=V, d_model=16, n_layer=2, n_head=2, d_inner=32,
+                                                 dropout=0.0, **kw))
+        ids, mask = _ids()
+        x = dict(input_ids=ids, attention_mask=mask)
+        if two_stream:  # permutation-LM pretraining: the query stream g predicts the last two tokens
+            perm = torch.zeros(2, 8, 8)
+            perm[:, :, -2:] = 1.0
+            target = torch.zeros(2, 2, 8)
+            target[:, 0, -2], target[:, 1, -1] = 1.0, 1.0
+            x = dict(input_ids=ids, perm_mask=perm, target_mapping=target)
+        return model, x, {"": 4}
+    return make
+
+
+FUNNEL = dict(vocab_size=V, d_model=16, n_head=2, d_head=8, d_inner=32, block_sizes=[1, 1, 1], num_decoder_layers=1,
+              hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+
+
+def _funnel(cls_name, n, **kw):
+    def make():
+        import transformers as t
+        model = getattr(t, cls_name)(t.FunnelConfig(**{**FUNNEL, **kw}))
+        ids, mask = _ids()
+        return model, dict(input_ids=ids, attention_mask=mask), {"": n}
+    return make
+
+
 def fold_refused():
     """Families convert supports whose fold (and so save_pretrained) is refused: (builder, message)."""
     return {
         "albert_shared": (_albert(1), "shared across depth"),  # one layer applied num_hidden_layers times
         "fsmt": (_fsmt, "sinusoidal position embeddings"),
+        # block 1's layer applied twice: 1 + 2 + 1 applications
+        "funnel_repeats": (_funnel("FunnelBaseModel", 8, block_repeats=[1, 2, 1]), "shared across depth"),
     }
 
 
@@ -117,6 +149,10 @@ def families():
         "mpnet": lambda: _encoder(_t("MPNetModel"), _t("MPNetConfig"), pad_token_id=1)(),
         "distilbert": _distilbert,
         "albert": _albert(2),  # num_hidden_groups == num_hidden_layers: no sharing, fold is exact
+        "xlnet": _xlnet(),
+        "xlnet_two_stream": _xlnet(two_stream=True),
+        # FunnelBaseModel: 3 blocks of one layer, mean pooling between them (FunnelModel: test_huggingface.py)
+        "funnel_base": _funnel("FunnelForSequenceClassification", 6),
         "bart": _seq2seq("BartForConditionalGeneration", "BartConfig"),
         "bart_causal": _bart_causal,
         "blenderbot_small": _seq2seq("BlenderbotSmallForConditionalGeneration", "BlenderbotSmallConfig"),
