@@ -10,6 +10,10 @@ MASTER_PORT in the environment, gloo, CPU):
 * ``resume OUT CKPT``: a fresh converted model and optimizer, ``trainer.train(resume_from_checkpoint=CKPT)``
   to the same ``STEPS``; then once more from CKPT with the optimizer's moving averages zeroed after
   Trainer loaded them (a lost moving average), for the test to show that the tolerance detects it.
+* ``accelerate OUT`` / ``accelerate_resume OUT CKPT``: the same training as a plain ``accelerate`` loop
+  (``Accelerator.prepare``, ``accelerator.backward``), ``accelerator.save_state`` after ``SAVE`` steps;
+  the resume is a fresh converted model and optimizer, ``accelerator.load_state(CKPT)`` and the data loader
+  past its first ``SAVE`` batches (``skip_first_batches``).
 """
 
 import json
@@ -85,6 +89,37 @@ def train(out, resume=None, lose_avg=False):
     return model, opt
 
 
+def train_accelerate(out, resume=None):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    accelerator = Accelerator(cpu=True)
+    set_seed(3)
+    model = build()
+    opt = sign_optim.AddSign(model.parameters(), lr=3e-3, beta=0.9,
+                             sign_internal_decay=sign_optim.CosineInternalDecay(STEPS))
+    loader = torch.utils.data.DataLoader(Data(), batch_size=BATCH, shuffle=False)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    start = 0
+    if resume is not None:
+        accelerator.load_state(resume)
+        start = SAVE
+        loader = accelerator.skip_first_batches(loader, SAVE)
+    model.train()
+    for step, batch in enumerate(loader, start):
+        if step == STEPS:
+            break
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step + 1 == SAVE and resume is None:
+            accelerator.save_state(os.path.join(out, "accelerate_state"))
+    model = accelerator.unwrap_model(model)
+    model.trainer_info = {"world_size": accelerator.num_processes,
+                          "ddp": accelerator.distributed_type.value == "MULTI_CPU"}
+    return model, opt.optimizer
+
+
 def record(model, opt, path, with_fold):
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     steps = sorted({float(s["step"]) for s in opt.state.values()})
@@ -116,8 +151,16 @@ def main():
         model, opt = train(os.path.join(out, "lost"), resume=ckpt, lose_avg=True)
         if rank == 0:
             record(model, opt, os.path.join(out, "lost.pt"), with_fold=False)
+    elif mode == "accelerate":
+        model, opt = train_accelerate(out)
+        if rank == 0:
+            record(model, opt, os.path.join(out, "accelerate.pt"), with_fold=True)
+    elif mode == "accelerate_resume":
+        model, opt = train_accelerate(out, resume=sys.argv[3])
+        if rank == 0:
+            record(model, opt, os.path.join(out, "accelerate_resumed.pt"), with_fold=True)
     else:
-        raise ValueError(f"mode must be 'full' or 'resume', got {mode!r}")
+        raise ValueError(f"mode must be 'full', 'resume', 'accelerate' or 'accelerate_resume', got {mode!r}")
     if rank == 0:
         with open(os.path.join(out, f"{mode}.done"), "w") as f:
             json.dump({"ok": True}, f)

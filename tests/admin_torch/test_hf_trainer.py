@@ -88,3 +88,24 @@ def test_trainer_ddp_resume_with_sign_optimizer_equals_unbroken_run_and_folds(tm
     assert lost_err > 100 * tol, lost_err  # the tolerance would catch a lost moving average
     for r in (full, resumed):
         assert not r["folded_has_omegas"] and r["fold_err"] <= 1e-5, r["fold_err"]
+
+
+@pytest.mark.slow
+def test_accelerate_loop_resume_equals_unbroken_run_and_folds(tmp_path):
+    """The same training as a plain accelerate loop on two processes: accelerator.save_state after 3 steps,
+    a fresh converted model + optimizer resumed with load_state ends where the unbroken run ended."""
+    _launch("accelerate", str(tmp_path))
+    state = tmp_path / "accelerate_state"
+    assert state.is_dir()
+    resume_from = tmp_path / "state3"
+    shutil.copytree(state, resume_from)
+    _launch("accelerate_resume", str(tmp_path), str(resume_from))
+    full = torch.load(tmp_path / "accelerate.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "accelerate_resumed.pt", weights_only=True)
+    assert full["opt_steps"] == resumed["opt_steps"] == [6.0]
+    assert full["world_size"] == resumed["world_size"] == 2 and full["ddp"]
+    assert any("admin_omegas" in k for k in full["params"])
+    err = _max_diff(resumed["params"], full["params"])
+    assert err <= 1e-6, err
+    for r in (full, resumed):
+        assert not r["folded_has_omegas"] and r["fold_err"] <= 1e-5, r["fold_err"]
