@@ -12,8 +12,8 @@ Example::
 Layers with discrete choices: :class:`CategoricalLayer`, :class:`DiscreteBottleneck` and the
 latent-tree encoder :class:`LatentTreeLSTM` (which adjacent pair to merge, chosen by any
 estimator) and the mixture-of-experts FFN :class:`RoutedFeedForward` (which expert a token goes
-to: :func:`route_tokens` with ReinMax, SparseMixer, Switch, straight-through or Gumbel-Softmax). The package carries no data set: ListOps' generator and reader live with its fairseq
-task, in :mod:`fairseq_plugins.tasks.listops_data`.
+to: :func:`route_tokens` with ReinMax, SparseMixer, Switch, straight-through or Gumbel-Softmax). The package carries no data set: ListOps' generator and reader live, free of torch
+and fairseq, in :mod:`stability_toolbox.listops`.
 """
 
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through

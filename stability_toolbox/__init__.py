@@ -1,13 +1,61 @@
 """Shared infrastructure of the toolbox's libraries (admin_torch, reinmax, sign_optim).
 
 :mod:`stability_toolbox.validation` holds the argument checks every library uses and the global
-switch of the data checks (:func:`set_data_checks`), re-exported here.
+switch of the data checks (:func:`set_data_checks`), re-exported here; its pure-Python argument
+checks live in the torch-free :mod:`stability_toolbox.checks`.
 :class:`StabilityMonitor` (:mod:`stability_toolbox.monitor`) records Admin's per-layer stability quantities
 live during training; :mod:`stability_toolbox.hf_callback` runs it in a HuggingFace ``Trainer``.
+:mod:`stability_toolbox.listops` holds the ListOps data code (generator, parser, evaluator, reader
+and writer) in pure Python.
+
+Importing this package imports neither torch nor fairseq: the names re-exported here from
+:mod:`~stability_toolbox.validation` and :mod:`~stability_toolbox.monitor` (which need torch) are
+imported on first use, so ``import stability_toolbox.listops`` stays torch-free, while
+``from stability_toolbox import StabilityMonitor`` works as ever.
+
+Example::
+
+    >>> import stability_toolbox
+    >>> with stability_toolbox.data_checks(False):
+    ...     stability_toolbox.data_checks_enabled()
+    False
 """
 
-from .validation import data_checks, data_checks_enabled, set_data_checks
-from .monitor import DEFAULT_RULES, StabilityMonitor, WarningRule, register_layer_kind
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what the names below are, for type checkers and the API docs; imported lazily at run time
+    from .monitor import DEFAULT_RULES, StabilityMonitor, WarningRule, register_layer_kind
+    from .validation import data_checks, data_checks_enabled, set_data_checks
 
 __all__ = ["data_checks", "data_checks_enabled", "set_data_checks", "StabilityMonitor", "WarningRule", "DEFAULT_RULES",
            "register_layer_kind"]
+
+# name -> the submodule it comes from (both submodules import torch)
+_LAZY = {
+    "data_checks": "validation",
+    "data_checks_enabled": "validation",
+    "set_data_checks": "validation",
+    "StabilityMonitor": "monitor",
+    "WarningRule": "monitor",
+    "DEFAULT_RULES": "monitor",
+    "register_layer_kind": "monitor",
+}
+# submodules that ``import stability_toolbox`` used to import eagerly: still reachable as attributes
+_LAZY_SUBMODULES = ("validation", "monitor")
+
+
+def __getattr__(name: str):
+    """PEP 562: import a torch-based re-export (or submodule) on first access, then cache it."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _LAZY_SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_LAZY_SUBMODULES))

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Generate ListOps examples (official distribution) as ``label<TAB>expression`` lines.
 
+Pure Python (:mod:`stability_toolbox.listops`): imports neither torch nor fairseq.
+
 Example::
 
     python recipes/listops/generate.py --num-examples 90000 --seed 1 --output data/train.tsv --max-length 100
@@ -12,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from fairseq_plugins.tasks.listops_data import generate, read_listops, write_listops  # noqa: E402
+from stability_toolbox.listops import generate, read_listops, write_listops  # noqa: E402
 
 
 def main(argv=None):

@@ -4,6 +4,7 @@
 Writes ``DEST/train.tsv`` (generated, excluding the official test and valid expressions) and
 links ``DEST/valid.tsv`` and ``DEST/test.tsv`` to the official files of ``--official`` when they
 exist (otherwise generates them too). The task reads the text format directly; no binarization.
+Pure Python (:mod:`stability_toolbox.listops`): imports neither torch nor fairseq.
 
 Example::
 
@@ -16,9 +17,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from fairseq_plugins.tasks.listops_data import generate, read_listops, write_listops  # noqa: E402
+from stability_toolbox.listops import generate, read_listops, write_listops  # noqa: E402
 
 OFFICIAL = REPO.parent / "shared" / "data" / "listops"
 

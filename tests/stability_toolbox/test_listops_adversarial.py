@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fairseq_plugins.tasks import listops_data as listops
-from fairseq_plugins.tasks.listops_data import (count_trees, evaluate, generate, generate_tree, parse_expression, read_listops,
-                             to_string, to_tokens, tree_depth, tree_length)
+from stability_toolbox import listops
+from stability_toolbox.listops import (count_trees, evaluate, generate, generate_tree, parse_expression, read_listops,
+                                       to_string, to_tokens, tree_depth, tree_length)
 
 DEPTH = 3000  # far beyond Python's recursion limit (1000)
 

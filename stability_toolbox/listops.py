@@ -1,5 +1,10 @@
 """ListOps (Nangia & Bowman 2018): generator, evaluator, parser and file reader.
 
+Pure Python: this module imports neither torch nor fairseq (its argument checks are those of the
+torch-free :mod:`stability_toolbox.checks`), so a recipe that only wants the generator or the
+reader does not load the fairseq plugins. The fairseq task ``listops`` (:mod:`fairseq_plugins.tasks.listops`)
+reads its data with :func:`read_listops`.
+
 A ListOps expression is a tree of list operators over the digits 0-9:
 
 * ``[MIN``, ``[MAX``: minimum / maximum of the arguments,
@@ -24,7 +29,7 @@ above has length 6.
 
 Example::
 
-    >>> from fairseq_plugins.tasks.listops_data import generate, to_string, evaluate, parse_expression
+    >>> from stability_toolbox.listops import generate, to_string, evaluate, parse_expression
     >>> examples = generate(3, seed=0, max_length=30)
     >>> label, expression = examples[0].label, examples[0].expression
     >>> evaluate(parse_expression(expression.split())) == label
@@ -37,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from stability_toolbox import validation
-from stability_toolbox.files import atomic_write
+from . import checks
+from .files import atomic_write
 
 __all__ = [
     "OPERATORS", "END", "VOCABULARY", "Tree", "ListOpsExample",
@@ -232,7 +237,7 @@ def count_trees(max_length: int, *, min_length: int = 1, min_depth: int = 1, max
 
 
 def _check_int(name: str, value, low: int) -> int:
-    return validation.as_int(name, value, minimum=low)
+    return checks.as_int(name, value, minimum=low)
 
 
 def _check_feasible(num_examples: int, *, max_depth: int, max_args: int, min_length: int,
@@ -271,12 +276,12 @@ def _check_generator_args(num_examples: Optional[int], max_depth, max_args, oper
         max_args=_check_int("max_args", max_args, 2),
         min_length=_check_int("min_length", min_length, 1),
         min_depth=_check_int("min_depth", min_depth, 1),
-        allow_value_root=validation.as_bool("allow_value_root", allow_value_root),
+        allow_value_root=checks.as_bool("allow_value_root", allow_value_root),
     )
-    args["max_length"] = None if max_length is None else validation.as_int(
+    args["max_length"] = None if max_length is None else checks.as_int(
         "max_length", max_length, minimum=args["min_length"])
-    args["operator_prob"] = validation.as_real("operator_prob", operator_prob, low=0.0, high=1.0,
-                                               low_open=True, high_open=True)
+    args["operator_prob"] = checks.as_real("operator_prob", operator_prob, low=0.0, high=1.0,
+                                           low_open=True, high_open=True)
     args["max_rejections"] = _check_int("max_rejections", max_rejections, 1)
     _check_feasible(num_examples or 1, **{k: args[k] for k in (
         "max_depth", "max_args", "min_length", "max_length", "min_depth", "allow_value_root")})
@@ -351,7 +356,7 @@ def generate(num_examples: int, seed: int = 0, *, max_depth: int = 20, max_args:
         A list of :class:`ListOpsExample`, in the order drawn.
     """
     num_examples = _check_int("num_examples", num_examples, 0)
-    progress = validation.as_bool("progress", progress)
+    progress = checks.as_bool("progress", progress)
     args = _check_generator_args(num_examples, max_depth, max_args, operator_prob, min_length, max_length,
                                  min_depth, allow_value_root, max_rejections)
     out: List[ListOpsExample] = []
@@ -500,7 +505,7 @@ def read_listops(path: Union[str, Path], check_labels: bool = False) -> List[Lis
         ValueError: a malformed line, as ``"<path>:<line>: <what is wrong>"``.
     """
     path = Path(path)
-    check_labels = validation.as_bool("check_labels", check_labels)
+    check_labels = checks.as_bool("check_labels", check_labels)
     examples = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):

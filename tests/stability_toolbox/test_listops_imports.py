@@ -1,0 +1,67 @@
+"""ListOps' data code and its data recipes are pure Python: they load neither torch nor fairseq.
+
+Each check runs in a fresh interpreter (the project's python), since this test process has torch
+loaded already, and lists the heavy modules left in ``sys.modules`` afterwards.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "fairseq", "fairseq_plugins")
+
+# run CODE (a statement), then print the heavy top-level packages it imported, as JSON
+PROBE = """
+import json, runpy, sys
+{code}
+print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})))
+"""
+
+
+def heavy_modules_after(code: str) -> list:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(code=code, heavy=set(HEAVY))], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_listops_module_imports_neither_torch_nor_fairseq():
+    assert heavy_modules_after("import stability_toolbox.listops, stability_toolbox.checks, stability_toolbox.files") == []
+
+
+def test_generate_recipe_imports_neither_torch_nor_fairseq(tmp_path):
+    out = tmp_path / "gen.tsv"
+    script = REPO / "recipes" / "listops" / "generate.py"
+    code = (f"sys.argv = [{str(script)!r}, '--num-examples', '5', '--seed', '1', '--max-length', '20', "
+            f"'--output', {str(out)!r}]\n"
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    assert heavy_modules_after(code) == []
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_prepare_recipe_imports_neither_torch_nor_fairseq(tmp_path):
+    dest = tmp_path / "data"
+    script = REPO / "recipes" / "listops" / "prepare.py"
+    code = (f"sys.argv = [{str(script)!r}, '--dest', {str(dest)!r}, '--num-train', '5', '--num-eval', '3', "
+            f"'--max-length', '20', '--official', {str(tmp_path / 'no-official')!r}]\n"
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    assert heavy_modules_after(code) == []
+    assert [len((dest / f"{split}.tsv").read_text().splitlines()) for split in ("train", "valid", "test")] == [5, 3, 3]
+
+
+def test_package_import_is_torch_free():
+    assert heavy_modules_after("import stability_toolbox") == []
+
+
+@pytest.mark.parametrize("name", ["StabilityMonitor", "set_data_checks"])
+def test_package_reexports_load_torch_on_first_use(name):
+    """The package's torch-based re-exports still import (lazily), and the probe sees torch once it
+    is loaded, so the checks above are not vacuous."""
+    loaded = heavy_modules_after(f"from stability_toolbox import {name}; assert callable({name})")
+    assert "torch" in loaded and not any(m.split(".")[0] in ("fairseq", "fairseq_plugins") for m in loaded)
