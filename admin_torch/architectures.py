@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from torch import nn
 
 __all__ = ["Sublayer", "LayerKind", "StackKind", "LAYER_KINDS", "STACK_KINDS", "PRE_LN_MODEL_TYPES",
-           "UNSUPPORTED_MODEL_TYPES", "kind_key",
+           "UNSUPPORTED_MODEL_TYPES", "kind_key", "seq2seq_layer_kinds",
            "bert_like_kind", "layer_kind", "stack_kind"]
 
 
@@ -136,22 +136,32 @@ def kind_key(cls: type) -> str:
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
-def _bart_like(prefix: str, name: Optional[str] = None, encoder_qkv: Tuple[str, ...] = _QKV,
-               encoder_layer: Optional[str] = None, decoder_layer: Optional[str] = None) -> Dict[str, LayerKind]:
-    """BART's layer layout: ``self_attn`` / ``self_attn_layer_norm``, ``encoder_attn`` /
-    ``encoder_attn_layer_norm``, ``fc1`` / ``final_layer_norm``."""
+def seq2seq_layer_kinds(encoder_qkv: Tuple[str, ...] = _QKV, mechanism: str = "hooks"
+                        ) -> Tuple[LayerKind, LayerKind]:
+    """``(encoder layer, decoder layer)`` of fairseq's transformer layout, which BART and its descendants
+    copied: ``self_attn`` / ``self_attn_layer_norm``, ``encoder_attn`` / ``encoder_attn_layer_norm``,
+    ``fc1`` / ``final_layer_norm``. The decoder's ``without_cross`` is the layout without cross-attention
+    (a language model's decoder). ``mechanism="fairseq"``: described for fold only
+    (:mod:`fairseq_plugins.fold_checkpoint`; fairseq's Admin layers hold their own residual modules)."""
     self_attn = Sublayer("self_attn_layer_norm", encoder_qkv, capture="self_attn")
     encoder = LayerKind((
         self_attn, Sublayer("final_layer_norm", ("fc1",), source="self_attn_layer_norm"),
-    ), last_norm="final_layer_norm", mechanism="hooks", role="encoder")
+    ), last_norm="final_layer_norm", mechanism=mechanism, role="encoder")
     dec_self = Sublayer("self_attn_layer_norm", _QKV, capture="self_attn")
     decoder = LayerKind((
         dec_self,
         Sublayer("encoder_attn_layer_norm", ("encoder_attn.q_proj",), source="self_attn_layer_norm"),
         Sublayer("final_layer_norm", ("fc1",), source="encoder_attn_layer_norm"),
-    ), last_norm="final_layer_norm", mechanism="hooks", role="decoder", without_cross=LayerKind((
+    ), last_norm="final_layer_norm", mechanism=mechanism, role="decoder", without_cross=LayerKind((
         dec_self, Sublayer("final_layer_norm", ("fc1",), source="self_attn_layer_norm"),
-    ), last_norm="final_layer_norm", mechanism="hooks", role="decoder"))
+    ), last_norm="final_layer_norm", mechanism=mechanism, role="decoder"))
+    return encoder, decoder
+
+
+def _bart_like(prefix: str, name: Optional[str] = None, encoder_qkv: Tuple[str, ...] = _QKV,
+               encoder_layer: Optional[str] = None, decoder_layer: Optional[str] = None) -> Dict[str, LayerKind]:
+    """The two layer classes of a BART-like HuggingFace module (:func:`seq2seq_layer_kinds`)."""
+    encoder, decoder = seq2seq_layer_kinds(encoder_qkv)
     if name is None:
         name = prefix.rsplit(".", 1)[-1].replace("modeling_", "").capitalize()
     return {f"{prefix}.{encoder_layer or name + 'EncoderLayer'}": encoder,

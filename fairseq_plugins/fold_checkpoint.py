@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import admin_torch
+from admin_torch.architectures import seq2seq_layer_kinds
 from fairseq.data import Dictionary
 from stability_toolbox.files import atomic_write, check_output_path
 from fairseq.models.transformer import TransformerModel
@@ -97,20 +98,11 @@ def stock_args(args, language_model: bool = False) -> argparse.Namespace:
     return new
 
 
-# The description of fairseq's Post-LN layers (see admin_torch.architectures): where each residual's
-# input comes from and which linear maps read it. The folding itself is admin_torch.fold_stack_.
-_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-_SELF_ATTN = admin_torch.Sublayer("self_attn_layer_norm", _QKV)
-ENCODER_LAYER = admin_torch.LayerKind((
-    _SELF_ATTN, admin_torch.Sublayer("final_layer_norm", ("fc1",), source="self_attn_layer_norm"),
-), last_norm="final_layer_norm", mechanism="fairseq")
-DECODER_LAYER = admin_torch.LayerKind((
-    _SELF_ATTN,
-    admin_torch.Sublayer("encoder_attn_layer_norm", ("encoder_attn.q_proj",), source="self_attn_layer_norm"),
-    admin_torch.Sublayer("final_layer_norm", ("fc1",), source="encoder_attn_layer_norm"),
-), last_norm="final_layer_norm", mechanism="fairseq")
-#: a decoder layer without cross-attention (a language model's, or --no-cross-attention) is an encoder layer
-DECODER_ONLY_LAYER = ENCODER_LAYER
+# fairseq's Post-LN layers, as admin_torch.architectures describes them (where each residual's input comes
+# from, which linear maps read it); the folding itself is admin_torch.fold_stack_.
+ENCODER_LAYER, DECODER_LAYER = seq2seq_layer_kinds(mechanism="fairseq")
+#: a decoder layer without cross-attention (a language model's, or --no-cross-attention)
+DECODER_ONLY_LAYER = DECODER_LAYER.without_cross
 
 
 def _described(layer: nn.Module):
