@@ -6,23 +6,22 @@ and reports the validation perplexity (fairseq-eval-lm, best checkpoint) as mean
 seeds. Runs go two at a time (one thread each). A run whose perplexity file exists is reused, so an
 interrupted sweep continues where it stopped. Writes ``lm_stability.{json,md,png}`` under ``--out``.
 
-    python benchmarks/admin_lm_stability.py                                  # 12 layers, lr 2e-3, 3 seeds, CPU
-    python benchmarks/admin_lm_stability.py --lrs 1e-3,2e-3,4e-3 --models postln,preln,admin,deepnorm
-    python benchmarks/admin_lm_stability.py --layers 24 --max-update 4000 --device cuda   # paper scale
+    python -m benchmarks.admin_lm_stability                                  # 12 layers, lr 2e-3, 3 seeds, CPU
+    python -m benchmarks.admin_lm_stability --lrs 1e-3,2e-3,4e-3 --models postln,preln,admin,deepnorm
+    python -m benchmarks.admin_lm_stability --layers 24 --max-update 4000 --device cuda   # paper scale
 """
 
 import argparse
-import concurrent.futures
 import os
 import platform
 import re
 import statistics
-import sys
 from pathlib import Path
 
+from benchmarks.lm_recipe_runs import prepare_english, recipe_env, run, write_table
+from benchmarks.sweep import run_jobs
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from lm_recipe_runs import prepare_english, recipe_env, run, write_table  # noqa: E402
 
 
 def one(args, model: str, lr: str, seed: int, env) -> dict:
@@ -46,8 +45,11 @@ def one(args, model: str, lr: str, seed: int, env) -> dict:
                       if (save / "valid.ppl").exists() else "")
         if m:
             result.update(valid_loss=float(m.group(1)), valid_ppl=float(m.group(2)))
-    print(f"  {model} lr {lr} seed {seed}: {result.get('valid_ppl', 'failed')}", flush=True)
     return result
+
+
+def describe(result: dict) -> str:
+    return f"{result['model']} lr {result['lr']} seed {result['seed']}: {result.get('valid_ppl', 'failed')}"
 
 
 def main(argv=None):
@@ -75,8 +77,7 @@ def main(argv=None):
     jobs = [(m, lr, int(s)) for s in args.seeds.split(",") for lr in lrs for m in models]
     print(f"{len(jobs)} runs, {args.jobs} at a time: {args.layers} layers, lrs {args.lrs}, {args.max_update} updates",
           flush=True)
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda j: one(args, *j, env), jobs))
+    results = run_jobs(one, [(args, *j, env) for j in jobs], args.jobs, label="runs", describe=describe)
     rows = []
     for model in models:
         for lr in lrs:
@@ -93,7 +94,7 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['model']} | {r['lr']} | {r['finished']}/{r['seeds']} | {r['valid_ppl_mean']:.2f} +- "
                      f"{r['valid_ppl_std']:.2f} | {', '.join(f'{p:.2f}' for p in r['per_seed'])} |")
-    lines += ["", f"command: python benchmarks/admin_lm_stability.py --models {args.models} --lrs {args.lrs} "
+    lines += ["", f"command: python -m benchmarks.admin_lm_stability --models {args.models} --lrs {args.lrs} "
               f"--layers {args.layers} --dim {args.dim} --tokens {args.tokens} --warmup {args.warmup} "
               f"--max-update {args.max_update} --seeds {args.seeds} --device {args.device}",
               f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} runs at a time x 1 thread"]

@@ -20,9 +20,9 @@ The default budget fits a 2-core CPU in about an hour (160 updates on 8000 train
 scale options (``--layers --dim --updates --train-sentences --max-tokens``) and ``--device cuda``
 give paper-size runs. Example::
 
-    python benchmarks/admin_multi30k_stability.py                         # 4 variants x 3 lrs x 3 seeds
-    python benchmarks/admin_multi30k_stability.py --quick                 # a smoke run (minutes)
-    python benchmarks/admin_multi30k_stability.py --updates 20000 --dim 512 --train-sentences 0 --device cuda
+    python -m benchmarks.admin_multi30k_stability                         # 4 variants x 3 lrs x 3 seeds
+    python -m benchmarks.admin_multi30k_stability --quick                 # a smoke run (minutes)
+    python -m benchmarks.admin_multi30k_stability --updates 20000 --dim 512 --train-sentences 0 --device cuda
 """
 
 import argparse
@@ -37,10 +37,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.sweep import mean_std, parse_list, run_jobs, write_json
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-from sweep import mean_std, parse_list, run_jobs, write_json  # noqa: E402
 VARIANTS = {
     "post_ln": ["--arch", "transformer"],
     "pre_ln": ["--arch", "transformer", "--encoder-normalize-before", "--decoder-normalize-before"],
@@ -254,7 +254,7 @@ def main(argv=None):
         first = "-" if r["first_valid_loss"] is None else f"{r['first_valid_loss']:.3f}"
         lines.append(f"| {r['variant']} | {r['lr']} | {first} | {fmt(r['valid_loss'], r['valid_loss_std'], 3)} | "
                      f"{fmt(r['bleu'], r['bleu_std'], 2)} | {r['diverged']}/{r['seeds']} |")
-    lines += ["", f"command: python benchmarks/admin_multi30k_stability.py --variants {a.variants} --lrs {','.join(lrs)} "
+    lines += ["", f"command: python -m benchmarks.admin_multi30k_stability --variants {a.variants} --lrs {','.join(lrs)} "
               f"--seeds {','.join(map(str, seeds))} --layers {a.layers} --dim {a.dim} --updates {a.updates} --max-tokens {a.max_tokens} "
               f"--train-sentences {a.train_sentences} --device {a.device}",
               f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; wall {wall / 60:.0f} min "

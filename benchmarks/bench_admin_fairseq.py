@@ -11,9 +11,9 @@
 
 Everything runs with one thread. Example::
 
-    python benchmarks/bench_admin_fairseq.py                                  # full, CPU
-    python benchmarks/bench_admin_fairseq.py --quick                          # a fast check
-    python benchmarks/bench_admin_fairseq.py --device cuda --precision bf16   # on the GPU (--fp16/--bf16)
+    python -m benchmarks.bench_admin_fairseq                                  # full, CPU
+    python -m benchmarks.bench_admin_fairseq --quick                          # a fast check
+    python -m benchmarks.bench_admin_fairseq --device cuda --precision bf16   # on the GPU (--fp16/--bf16)
 """
 
 import argparse
@@ -26,13 +26,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+from benchmarks.harness import time_interleaved
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO))  # the packages of this checkout
-sys.path.insert(0, str(REPO / "benchmarks"))
-from harness import time_interleaved  # noqa: E402
-
-sys.path.append(str(REPO / "tests"))  # fairseq_helpers (appended: tests/<pkg> dirs must not shadow the packages)
 
 MODEL = ["--encoder-layers", "6", "--decoder-layers", "6", "--encoder-embed-dim", "128", "--decoder-embed-dim", "128",
          "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512",
@@ -145,7 +142,7 @@ def main(argv=None):
 
 
 def bench_train(work: Path, repeats: int, updates: int, device: str = "cpu", precision: str = "fp32"):
-    from fairseq_helpers import make_translation_data
+    from benchmarks.fairseq_data import make_translation_data
 
     if not (work / "bin" / "dict.src.txt").exists():
         print("making data (reversal corpus, 3000 pairs) ...", flush=True)

@@ -4,24 +4,21 @@ For each family: a small random model (built from a config, nothing downloaded),
 training step (forward, backward, SGD step) of the stock model and of the converted one (same weights),
 and the max |fold(model)(x) - model(x)| in float32 with a padding mask.
 
-    python benchmarks/bench_admin_hf.py                       # CPU, writes results/admin/hf_overhead.md
-    python benchmarks/bench_admin_hf.py --device cuda --hidden 256 --layers 6
+    python -m benchmarks.bench_admin_hf                       # CPU, writes results/admin/hf_overhead.md
+    python -m benchmarks.bench_admin_hf --device cuda --hidden 256 --layers 6
 """
 
 import argparse
 import copy
 import os
-import sys
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "admin_torch"))
-sys.path.insert(0, os.path.join(HERE, ".."))
+import admin_torch
+from benchmarks import hf_families as H
 
-import admin_torch  # noqa: E402
-import test_huggingface_families as H  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _scale(hidden, layers):
@@ -82,7 +79,7 @@ def main(argv=None):
               f"overhead {rows[-1][3]:+6.1f}%  fold err {err:.2e}", flush=True)
     lines = [f"# admin_torch.convert on HuggingFace families: step overhead and fold error",
              "",
-             f"`python benchmarks/bench_admin_hf.py --device {args.device} --hidden {args.hidden} --layers "
+             f"`python -m benchmarks.bench_admin_hf --device {args.device} --hidden {args.hidden} --layers "
              f"{args.layers} --steps {args.steps}` (torch {torch.__version__}; batch 2 x 8 tokens, padding in one "
              "sequence; stock and converted steps interleaved, the fastest step of each; fold error = max |fold(model)(x) - model(x)|, float32, eval).",
              "",

@@ -5,8 +5,8 @@ stack built from :class:`admin_torch.TransformerEncoderLayer` (and a stock stack
 :func:`admin_torch.convert`): forward + backward + an Adam step, interleaved in random order, median
 over repetitions; the ratio stock time / Admin time is the Admin stack's relative speed (target >= 0.98).
 
-    python benchmarks/bench_admin_layers.py                  # CPU
-    python benchmarks/bench_admin_layers.py --device cuda
+    python -m benchmarks.bench_admin_layers                  # CPU
+    python -m benchmarks.bench_admin_layers --device cuda
 """
 
 import argparse
@@ -19,11 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import admin_torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, time_interleaved  # noqa: E402
+import admin_torch
+from benchmarks.harness import machine, time_interleaved
 
 
 def stacks(d: int, layers: int, device: str):
@@ -88,7 +85,7 @@ def main(argv=None):
         for admin, stock in rows:
             a, b = med[admin, precision], med[stock, precision]
             lines.append(f"| {admin} | {precision} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.3f} |")
-    lines += ["", "command: python benchmarks/bench_admin_layers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    lines += ["", "command: python -m benchmarks.bench_admin_layers " + " ".join(sys.argv[1:] if argv is None else argv),
               f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(table)

@@ -6,8 +6,8 @@ batched matmuls) and no host-device synchronization, so it compiles with ``torch
 the dense row is ``fc2(relu(fc1(x)))`` of the same d and 4d, i.e. what one token costs at capacity 1.
 Candidates run interleaved in random order (benchmarks/harness.py), median of ``--reps``.
 
-    python benchmarks/bench_moe_layer.py --device cuda
-    python benchmarks/bench_moe_layer.py --tokens 512 --dim 64 --reps 3 --no-compile     # a CPU smoke run
+    python -m benchmarks.bench_moe_layer --device cuda
+    python -m benchmarks.bench_moe_layer --tokens 512 --dim 64 --reps 3 --no-compile     # a CPU smoke run
 """
 
 import argparse
@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-from reinmax import RoutedFeedForward  # noqa: E402
+from benchmarks.harness import machine, time_interleaved
+from reinmax import RoutedFeedForward
 
-from harness import machine, time_interleaved  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def candidates(args, device, dtype):
@@ -76,7 +74,7 @@ def main(argv=None):
     for name, t in timings.items():
         lines.append(f"| {name} | {t['median_ms']:.2f} | {t['iqr_ms']:.2f} | {args.tokens / t['median_ms'] * 1e3:,.0f} "
                      f"| {t['median_ms'] / dense:.2f} |")
-    command = "python benchmarks/bench_moe_layer.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.bench_moe_layer " + " ".join(argv if argv is not None else sys.argv[1:])
     lines += ["", f"command: {command}", f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(table, flush=True)

@@ -2,9 +2,9 @@
 
 Three subcommands::
 
-    python benchmarks/bench_monitor.py overhead [--device cuda]      # step time with / without the monitor
-    python benchmarks/bench_monitor.py evidence                      # the monitored deep runs (fairseq-train)
-    python benchmarks/bench_monitor.py analyze                       # warnings, rates, plots of those runs
+    python -m benchmarks.bench_monitor overhead [--device cuda]      # step time with / without the monitor
+    python -m benchmarks.bench_monitor evidence                      # the monitored deep runs (fairseq-train)
+    python -m benchmarks.bench_monitor analyze                       # warnings, rates, plots of those runs
 
 ``overhead``: a 12-layer Post-LN transformer encoder (torch.nn, d=256, 4 heads, batch 16 x 64 tokens)
 trained with Adam; the median step time of the bare loop and of the loop under
@@ -23,9 +23,7 @@ separate Post-LN from Admin before the loss does.
 """
 
 import argparse
-import concurrent.futures
 import json
-import math
 import os
 import platform
 import statistics
@@ -34,10 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.sweep import run_jobs
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO))
 
 
 # ----------------------------------------------------------------------------- overhead
@@ -120,7 +118,7 @@ def overhead(a) -> None:
              "| configuration | step (ms) | overhead vs bare loop |", "|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['step_ms']:.2f} | {r['overhead_pct']:+.2f}% |")
-    lines += ["", f"command: python benchmarks/bench_monitor.py overhead --device {a.device} --layers {a.layers} "
+    lines += ["", f"command: python -m benchmarks.bench_monitor overhead --device {a.device} --layers {a.layers} "
               f"--dim {a.dim} --batch {a.batch} --tokens {a.tokens} --reps {a.reps} --window {a.window} "
               f"--intervals {a.intervals} --threads {a.threads}",
               f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"]
@@ -164,7 +162,7 @@ def _lm_run(a, model: str, seed: int) -> str:
 
 
 def _mt_run(a, bin_dir: Path, variant: str, seed: int) -> str:
-    import admin_multi30k_stability as mt
+    from benchmarks import admin_multi30k_stability as mt
 
     run = a.work / "mt" / f"{variant}-L{a.mt_layers}-lr{a.mt_lr}-u{a.mt_updates}-s{seed}"
     if (run / "monitor" / "summary.md").exists():
@@ -180,7 +178,7 @@ def _mt_run(a, bin_dir: Path, variant: str, seed: int) -> str:
 
 
 def evidence(a) -> None:
-    import admin_multi30k_stability as mt
+    from benchmarks import admin_multi30k_stability as mt
 
     seeds = [int(s) for s in a.seeds.split(",")]
     jobs = []
@@ -195,10 +193,7 @@ def evidence(a) -> None:
     for i in range(max(len(mt_jobs), len(lm_jobs))):
         jobs += mt_jobs[i:i + 1] + lm_jobs[i:i + 1]
     print(f"{len(jobs)} monitored runs, {a.jobs} at a time", flush=True)
-    t0 = time.time()
-    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-        for done in pool.map(lambda j: j[0](*j[1]), jobs):
-            print(f"[{(time.time() - t0) / 60:.1f} min] {done}", flush=True)
+    run_jobs(lambda run, run_args: run(*run_args), jobs, a.jobs, label="monitored runs")
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -9,13 +9,12 @@ data checks on) to the torch peer (target <= 0.75) and to the public reinmax 0.1
 A ``torch.compile``d reinmax is timed too; its compile time is printed. Bytes saved for backward
 are counted with ``torch.autograd.graph.saved_tensors_hooks``.
 
-    python benchmarks/bench_reinmax_speed.py                   # CPU, float32
-    python benchmarks/bench_reinmax_speed.py --device cuda     # GPU, float32 and bfloat16
-    python benchmarks/bench_reinmax_speed.py --quick           # fewer repetitions
+    python -m benchmarks.bench_reinmax_speed                   # CPU, float32
+    python -m benchmarks.bench_reinmax_speed --device cuda     # GPU, float32 and bfloat16
+    python -m benchmarks.bench_reinmax_speed --quick           # fewer repetitions
 """
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -24,25 +23,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import reinmax as ours
+from benchmarks.harness import machine, time_interleaved
+from benchmarks.memory import saved_bytes
+from benchmarks.peers import load_peer
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import reinmax as ours  # noqa: E402  (before anything puts tests/ on sys.path)
-
-sys.path.append(str(REPO / "tests"))  # appended: tests/<pkg> dirs must not shadow the packages
-from torch_helpers import saved_bytes  # noqa: E402
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from harness import machine, time_interleaved  # noqa: E402
 
 SHAPES = [(8192, 512), (65536, 16), (256, 32768)]
 TAU = 1.3
 
 
 def load_public_reinmax():
-    spec = importlib.util.spec_from_file_location("_peers", REPO / "tests" / "peers.py")
-    peers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peers)
-    return peers.load_peer("reinmax")
+    return load_peer("reinmax")
 
 
 def candidates(public):
@@ -159,7 +152,7 @@ def main(argv=None):
             f"| {r['torch gumbel_softmax']['saved_bytes_per_element']:.2f} |")
     lines = [f"forward + backward of both outputs ((y_hard * w).sum() + (y_soft * v).sum()), tau={TAU}; median of "
              f"{repeats} interleaved repetitions (benchmarks/harness.py); every peer in its best configuration", ""] + \
-        lines + ["", "command: python benchmarks/bench_reinmax_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        lines + ["", "command: python -m benchmarks.bench_reinmax_speed " + " ".join(sys.argv[1:] if argv is None else argv),
                  f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(f"\n{table}", flush=True)

@@ -8,14 +8,14 @@ m and writes p, m (the bytes AddSign/PowerSign must move), i.e. the physical flo
 
 Usage::
 
-    python benchmarks/bench_sign_optim.py                  # ~13.6M parameters in 257 tensors, CPU, 1 and 2 threads
-    python benchmarks/bench_sign_optim.py --quick          # 3 layers, 3 repetitions
-    python benchmarks/bench_sign_optim.py --device cuda    # on the GPU (synchronized timing)
+    python -m benchmarks.bench_sign_optim                  # ~13.6M parameters in 257 tensors, CPU, 1 and 2 threads
+    python -m benchmarks.bench_sign_optim --quick          # 3 layers, 3 repetitions
+    python -m benchmarks.bench_sign_optim --device cuda    # on the GPU (synchronized timing)
 
 Each repetition times every optimizer in a random order (``--steps`` steps each, the same fixed
 gradients), so machine load hits all of them alike; the median over repetitions (and the
 interquartile range) is reported, with the ratio to ``Adam(fused=True)``. The first step of a fresh
-optimizer in a new process is timed separately. Results: ``benchmarks/results/bench_sign_optim.{json,md}``.
+optimizer in a new process is timed separately. Results: ``results/sign_optim/bench_sign_optim.{json,md}``.
 """
 
 import argparse
@@ -24,16 +24,12 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sign_optim import AddSign, LinearInternalDecay, PowerSign, fused  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, time_interleaved  # noqa: E402
+from benchmarks.harness import machine, time_interleaved
+from sign_optim import AddSign, LinearInternalDecay, PowerSign, fused
 
 
 def transformer_params(layers: int, dim: int, ffn: int, vocab: int, device: str = "cpu"):
@@ -100,7 +96,7 @@ class StreamCopy:
 
     def step(self):
         if self.p[0].device.type == "cpu" and fused.available(self.p[0].device):
-            fused.stream_copy(self.p, self.g, self.m)
+            fused._stream_copy(self.p, self.g, self.m)
         else:  # two fused foreach copies: read g and m, write p and m (+ p read by the add)
             torch._foreach_add_(self.p, self.g, alpha=0.0)
             torch._foreach_copy_(self.m, self.g)
@@ -239,7 +235,7 @@ def main(argv=None):
               "GB/s: the bytes each rule must move per step (7 parameter-sized tensors for Adam, 5 for the others, "
               "each read or written once) over its time; of copy: that rate over the copy row's, the bandwidth the "
               "same run measured",
-              "command: python benchmarks/bench_sign_optim.py " + " ".join(sys.argv[1:] if argv is None else argv), f"machine: {machine(args.device)}"]
+              "command: python -m benchmarks.bench_sign_optim " + " ".join(sys.argv[1:] if argv is None else argv), f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -6,15 +6,14 @@ local shards (the default), the same with ``foreach=True`` (torch's DTensor disp
 ``Adam(fused=True)`` and ``Adam(foreach=True)``. Candidates are interleaved in random order
 (benchmarks/harness.py); a rank's time is its median, the table shows the slowest rank's.
 
-    python benchmarks/bench_sign_optim_sharded.py                  # world sizes 1 and 2, ~10M parameters
-    python benchmarks/bench_sign_optim_sharded.py --layers 2 --dim 64 --reps 3     # a smoke run
+    python -m benchmarks.bench_sign_optim_sharded                  # world sizes 1 and 2, ~10M parameters
+    python -m benchmarks.bench_sign_optim_sharded --layers 2 --dim 64 --reps 3     # a smoke run
 """
 
 import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-from sign_optim import AddSign, LinearInternalDecay, PowerSign  # noqa: E402
+from benchmarks.harness import machine, time_interleaved
+from sign_optim import AddSign, LinearInternalDecay, PowerSign
 
-from harness import machine, time_interleaved  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 OPTIMIZERS = {
     "AddSign (fused, local shards)": lambda ps: AddSign(ps, lr=1e-3, sign_internal_decay=LinearInternalDecay(10_000)),
@@ -94,9 +91,11 @@ def free_port() -> int:
 
 
 def launch(world: int, argv) -> None:
+    # each rank runs this module (python -m) from the repository root, which is also put on PYTHONPATH
     env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank-main", *argv], env=dict(env, RANK=str(r)))
+               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.bench_sign_optim_sharded", "--rank-main", *argv],
+                              env=dict(env, RANK=str(r)), cwd=REPO)
              for r in range(world)]
     for p in procs:
         if p.wait(timeout=1800) != 0:
@@ -144,7 +143,7 @@ def main(argv=None):
             cells.append(f"{res['ms']:.2f} | {res['ms'] / ref[r['world']]:.2f} | {res['state_bytes_per_rank']:,}"
                          if res else f"failed: {r['errors'].get(name, '?')} | | ")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "command: python benchmarks/bench_sign_optim_sharded.py " + " ".join(passed), f"machine: {machine()}"]
+    lines += ["", "command: python -m benchmarks.bench_sign_optim_sharded " + " ".join(passed), f"machine: {machine()}"]
     table = "\n".join(lines)
     print(table)
     (args.out / "sharded_step.md").write_text(table + "\n")

@@ -21,22 +21,20 @@ that JSON, refused unless its training arguments equal this call's; the table ma
 were re-trained. Use it when a change touches only some routers' code, and re-run one unchanged
 run as a control (its loss must be identical).
 
-    python benchmarks/moe_lm.py                                   # CPU: 4 layers, d=128, 300 updates, 3 seeds
-    python benchmarks/moe_lm.py --layers 12 --dim 512 --max-update 20000 --device cuda   # larger
+    python -m benchmarks.moe_lm                                   # CPU: 4 layers, d=128, 300 updates, 3 seeds
+    python -m benchmarks.moe_lm --layers 12 --dim 512 --max-update 20000 --device cuda   # larger
 """
 
 import argparse
-import concurrent.futures
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from benchmarks.lm_recipe_runs import prepare_english, recipe_env, run, write_table
+from benchmarks.sweep import run_jobs
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-from lm_recipe_runs import prepare_english, recipe_env, run, write_table  # noqa: E402
 
 ROUTERS = ["sparsemixer", "switch", "straight_through", "gumbel_softmax", "reinmax"]
 
@@ -71,9 +69,12 @@ def one(args, experts: int, router: str, seed: int, env) -> dict:
                 result.setdefault("valid_load", {})[key[len("valid_moe_load"):]] = float(rec[key])
         if "train_wps" in rec:
             result["wps"] = float(rec["train_wps"])
-    print(f"  {result['config']} seed {seed}: valid loss {result.get('valid_loss', 'failed')}, "
-          f"wps {result.get('wps', '-')}, {result['seconds']} s", flush=True)
     return result
+
+
+def describe(result: dict) -> str:
+    return (f"{result['config']} seed {result['seed']}: valid loss {result.get('valid_loss', 'failed')}, "
+            f"wps {result.get('wps', '-')}, {result['seconds']} s")
 
 
 def router_share(args, experts: int, router: str) -> dict:
@@ -169,8 +170,7 @@ def main(argv=None):
         jobs = [(e, r, int(s)) for s in args.seeds.split(",") for e, r in configs
                 if (name(e, r), int(s)) not in reused]
         print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(lambda j: one(args, *j, env), jobs))
+        results = run_jobs(one, [(args, *j, env) for j in jobs], args.jobs, label="runs", describe=describe)
         for run_ in results:
             run_["retrained"] = True
             old = reused.get(("control", run_["config"], run_["seed"]))
@@ -216,7 +216,7 @@ def main(argv=None):
         lines.append(f"| {r.get('config_label', r['config'])} | {r['finished']}/{r['seeds']} | {r['valid_loss_mean']:.3f} +- "
                      f"{r['valid_loss_std']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_seed'])} | "
                      f"{r['wps_mean']:.0f} | {r['step_ms']:.1f} | {r['routing_ms']:.2f} | {100 * r['share']:.1f}% |")
-    lines += ["", f"command: python benchmarks/moe_lm.py --experts {args.experts} --routers {args.routers} --seeds "
+    lines += ["", f"command: python -m benchmarks.moe_lm --experts {args.experts} --routers {args.routers} --seeds "
               f"{args.seeds} --layers {args.layers} --dim {args.dim} --tokens {args.tokens} --lr {args.lr} --warmup "
               f"{args.warmup} --tau {args.tau} --max-update {args.max_update} --device {args.device}"
               + (f" --reuse-runs {args.reuse_runs} --rerun {args.rerun}" if reused else "")]

@@ -13,8 +13,8 @@ plot draws the prediction as dashed lines. FFN stacks (the default) follow the t
 with self-attention, attention's Jacobian amplifies perturbations beyond its output variance,
 so deep Post-LN grows faster than O(N).
 
-    python benchmarks/output_change.py --depths 6 12 24 48 96 --out benchmarks/results/output_change
-    python benchmarks/output_change.py --quick
+    python -m benchmarks.output_change --depths 6 12 24 48 96 --out results/admin/output_change
+    python -m benchmarks.output_change --quick
 """
 
 import argparse
@@ -134,7 +134,7 @@ def main(argv=None):
     (args.out / "output_change.json").write_text(json.dumps(dict(meta=meta, N=ns, rows=rows, theory_ratio=theory), indent=1))
     footer = (f"Each number: the mean over {args.seeds} model initializations x {args.samples} perturbations "
               f"(relative size {args.delta}), d={args.dim}, {args.sublayers} stacks, batch {args.batch} x length "
-              f"{args.length}; CPU.\n\ncommand: python benchmarks/output_change.py --depths "
+              f"{args.length}; CPU.\n\ncommand: python -m benchmarks.output_change --depths "
               f"{' '.join(map(str, args.depths))} --seeds {args.seeds} --samples {args.samples} --out {args.out}\n")
     (args.out / "output_change.md").write_text(f"# Output change against depth\n\n{table}\n\n{footer}")
     c_pred = 2 * args.dim if args.sublayers == "ffn" else c_all

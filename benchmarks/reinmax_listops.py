@@ -10,9 +10,9 @@ tau, each scored once on the official test set (10 000 expressions, up to 939 to
 +- std. Every run gets the same updates. Runs go ``--jobs`` at a time (one thread each); a finished
 run's ``result.json`` is reused, so an interrupted sweep resumes.
 
-    python benchmarks/reinmax_listops.py                  # CPU budget: hidden 64, 400 updates, ~45 CPU-min
-    python benchmarks/reinmax_listops.py --quick          # smoke run
-    python benchmarks/reinmax_listops.py --hidden-dim 300 --max-update 100000 --seeds 1,2,3,4,5 --device cuda
+    python -m benchmarks.reinmax_listops                  # CPU budget: hidden 64, 400 updates, ~45 CPU-min
+    python -m benchmarks.reinmax_listops --quick          # smoke run
+    python -m benchmarks.reinmax_listops --hidden-dim 300 --max-update 100000 --seeds 1,2,3,4,5 --device cuda
 """
 
 import argparse
@@ -25,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.sweep import mean_std, parse_list, run_jobs, write_json
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "listops"
-sys.path.insert(0, str(REPO / "benchmarks"))
-from sweep import mean_std, parse_list, run_jobs, write_json  # noqa: E402
 
 OFFICIAL = REPO.parent / "shared" / "data" / "listops"
 NAMES = ["reinmax", "straight_through", "gumbel_softmax", "gapped_straight_through", "gumbel_rao"]
@@ -136,7 +136,7 @@ def main(argv=None):
         lines.append(f"| {r['estimator']} | {r['tau']:g}{edge} | {r['test_mean']:.2f} +- {r['test_std']:.2f} | "
                      f"{', '.join(f'{a:.2f}' for a in r['per_seed'])} | "
                      f"{', '.join(f'{t}: {a:.1f}' for t, a in r['valid_by_tau'].items())} |")
-    lines += ["", f"command: python benchmarks/reinmax_listops.py --estimators {args.estimators} --taus {args.taus} "
+    lines += ["", f"command: python -m benchmarks.reinmax_listops --estimators {args.estimators} --taus {args.taus} "
               f"--seeds {args.seeds} --num-train {args.num_train} --hidden-dim {args.hidden_dim} --max-update "
               f"{args.max_update} --device {args.device}",
               f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} runs at a time x 1 thread; wall "

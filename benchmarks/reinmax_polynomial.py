@@ -10,21 +10,20 @@ Reports: last-epoch training loss (mean of the sampled loss over the last epoch)
 at the end, and the gradient bias (||E[g_hat] - g|| / ||g||, cosine) at initialization and at
 theta ~ N(0, 1), with E[g_hat] averaged over many samples.
 
-    python benchmarks/reinmax_polynomial.py --quick
+    python -m benchmarks.reinmax_polynomial --quick
 """
 
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from reinmax import estimate
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from reinmax import estimate  # noqa: E402
 
 NAMES = ["reinmax", "straight_through", "gumbel_softmax", "gapped_straight_through", "gumbel_rao"]
 PS = [1.5, 2.0, 3.0]
@@ -153,7 +152,7 @@ def main(argv=None):
             lines.append(f"| {name} | {p} | {v['tau']}{edge} | {v['expected_loss_mean'] - v['optimum']:.2e} +- "
                          f"{v['expected_loss_std']:.1e} | {v['bias_rel_init']:.3f} | {v['cos_init']:.3f} | "
                          f"{v['bias_rel_randn']:.3f} | {v['cos_randn']:.3f} |")
-    lines += ["", f"command: python benchmarks/reinmax_polynomial.py --epochs {args.epochs} --steps-per-epoch "
+    lines += ["", f"command: python -m benchmarks.reinmax_polynomial --epochs {args.epochs} --steps-per-epoch "
               f"{args.steps_per_epoch} --seeds {args.seeds} --tuning-seeds {args.tuning_seeds} --taus {args.taus} "
               f"--device {args.device}", f"machine: {platform.machine()}, {args.threads} thread(s), {args.device}"]
     table = "\n".join(lines)

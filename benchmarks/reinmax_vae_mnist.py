@@ -17,56 +17,35 @@ all C^L = 4096 codes for a few test images, at initialization and after training
 model), and compared with each estimator's mean over many samples: relative bias
 ||E[g_hat] - g|| / ||g||, relative variance E||g_hat - E[g_hat]||^2 / ||g||^2, cosine.
 
-    python benchmarks/reinmax_vae_mnist.py --quick
-    python benchmarks/reinmax_vae_mnist.py                                  # all six configs, ~45 CPU-min
-    python benchmarks/reinmax_vae_mnist.py --steps 96000 --seeds 10 --device cuda   # the paper's budget
+    python -m benchmarks.reinmax_vae_mnist --quick
+    python -m benchmarks.reinmax_vae_mnist                                  # all six configs, ~45 CPU-min
+    python -m benchmarks.reinmax_vae_mnist --steps 96000 --seeds 10 --device cuda   # the paper's budget
 """
 
 import argparse
-import gzip
 import itertools
 import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from reinmax import ESTIMATORS, estimate  # noqa: E402
+from benchmarks import mnist
+from benchmarks.sweep import mean_std, parse_list, run_jobs, write_json
+from reinmax import ESTIMATORS, estimate
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from sweep import mean_std, parse_list, run_jobs, write_json  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 NAMES = ["reinmax", "straight_through", "gumbel_softmax", "gapped_straight_through", "gumbel_rao"]
 # name: (C categories, L latents, lr, optimizer), from the paper
 CONFIGS = {"8x4": (8, 4, 5e-4, "adam"), "4x24": (4, 24, 5e-4, "radam"), "8x16": (8, 16, 7e-4, "radam"),
            "16x12": (16, 12, 7e-4, "radam"), "64x8": (64, 8, 5e-4, "radam"), "10x30": (10, 30, 5e-4, "radam")}
 TAUS = [0.5, 1.0, 1.5]
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    magic = int.from_bytes(data[:4], "big")
-    ndim = magic & 0xFF
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_mnist(root: Path):
-    if not root.is_dir():
-        raise SystemExit(f"MNIST not found at {root} (expected the four gz IDX files); pass --data")
-    train = torch.from_numpy(read_idx(root / "train-images-idx3-ubyte.gz").reshape(-1, 784).astype(np.float32) / 255)
-    test = torch.from_numpy(read_idx(root / "t10k-images-idx3-ubyte.gz").reshape(-1, 784).astype(np.float32) / 255)
-    return train, test
 
 
 class VAE(nn.Module):
@@ -138,9 +117,11 @@ _DATA = {}
 
 
 def splits(root: Path, device: str):
-    """(train 50k, valid 10k, test 10k) on ``device``, loaded once per process."""
+    """(train 50k, valid 10k, test 10k) images on ``device``, loaded once per process (:func:`benchmarks.mnist.load`:
+    MNISTNotFound, naming the missing files, when ``root`` lacks them)."""
     if (root, device) not in _DATA:
-        train, test = load_mnist(root)
+        data = mnist.load(root)
+        train, test = data.train_images, data.test_images
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234))
         train = train[order]
         _DATA[root, device] = (train[:50000].to(device), train[50000:].to(device), test.to(device))
@@ -187,7 +168,7 @@ def describe(r: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
+    ap.add_argument("--data", type=Path, default=mnist.DEFAULT_ROOT)
     ap.add_argument("--steps", type=int, default=500, help="scale: training steps per run, batch 100 (paper: ~96k)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     ap.add_argument("--estimators", default=",".join(NAMES), help="comma-separated: " + ", ".join(sorted(ESTIMATORS)))
@@ -213,8 +194,9 @@ def main(argv=None):
             ap.error(f"{flag}: unknown {bad}; accepted: {', '.join(accepted)}")
     taus = parse_list(ap, "--taus", args.taus)
     args.seed_list = parse_list(ap, "--seeds", args.seeds, int, positive=False)
-    if not args.data.is_dir():
-        ap.error(f"--data: MNIST not found at {args.data} (the four gz IDX files, e.g. ../shared/data/mnist)")
+    reason = mnist.missing(args.data)
+    if reason is not None:
+        ap.error(f"--data: {reason}")
     args.work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
@@ -271,7 +253,7 @@ def main(argv=None):
             for n, v in r.items():
                 lines.append(f"| {label} | {n} | {v['bias_rel']:.3f} | {v['mc_noise_rel']:.3f} | {v['var_rel']:.3f} "
                              f"| {v['cos']:.3f} |")
-    lines += ["", f"command: python benchmarks/reinmax_vae_mnist.py --configs {args.configs} --estimators "
+    lines += ["", f"command: python -m benchmarks.reinmax_vae_mnist --configs {args.configs} --estimators "
               f"{args.estimators} --taus {args.taus} --seeds {args.seeds} --steps {args.steps} --device {args.device}",
               f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} runs at a time x {args.threads} "
               f"thread; wall {wall / 60:.0f} min (cached runs cost nothing)"]

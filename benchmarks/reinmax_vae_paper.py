@@ -11,32 +11,30 @@ One GPU step trains all M runs, which is what makes 2 x 5 estimators x several s
 in minutes. Scores: -ELBO (one sample per image, nats) on the 10k test images and on 10k training
 images, mean +- std over seeds. Settings: ../shared/REFERENCE.md section 6 (the paper's Table 8).
 
-    python benchmarks/reinmax_vae_paper.py --device cuda --configs 8x4,8x16 --seeds 1,2,3,4
-    python benchmarks/reinmax_vae_paper.py --steps 20 --configs 8x4 --seeds 1,2     # a CPU smoke run
+    python -m benchmarks.reinmax_vae_paper --device cuda --configs 8x4,8x16 --seeds 1,2,3,4
+    python -m benchmarks.reinmax_vae_paper --steps 20 --configs 8x4 --seeds 1,2     # a CPU smoke run
 
 ``--time-budget S`` stops training when S seconds are spent (checked once per epoch: the only host
 read in the loop) and reports the epochs reached, so a fixed GPU slot always ends with a table.
 """
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-from reinmax import estimate  # noqa: E402
-from reinmax_vae_mnist import VAE, splits  # noqa: E402
-from sweep import mean_std, parse_list, write_json  # noqa: E402
+from benchmarks import mnist
+from benchmarks.harness import machine
+from benchmarks.reinmax_vae_mnist import VAE, splits
+from benchmarks.sweep import mean_std, parse_list, write_json
+from reinmax import estimate
 
-from harness import machine  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 #: config -> estimator -> (lr, tau, optimizer): the ReinMax paper's Table 8 (REFERENCE.md section 6)
 PAPER = {
@@ -211,7 +209,7 @@ def table(results: List[dict], device: str, command: str) -> str:
 
 def main(argv=None) -> List[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
+    ap.add_argument("--data", type=Path, default=mnist.DEFAULT_ROOT)
     ap.add_argument("--configs", default="8x4,8x16", help="comma-separated: " + ", ".join(PAPER))
     ap.add_argument("--estimators", default=",".join(NAMES), help="comma-separated: " + ", ".join(NAMES))
     ap.add_argument("--seeds", default="1,2,3,4")
@@ -235,8 +233,9 @@ def main(argv=None) -> List[dict]:
         ap.error(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
-    if not args.data.is_dir():
-        print(f"skipped: MNIST not found at {args.data} (the four gz IDX files; pass --data)", flush=True)
+    reason = mnist.missing(args.data)
+    if reason is not None:
+        print(f"skipped: {reason}; pass --data", flush=True)
         return []
     start = time.time()
     results = []
@@ -247,7 +246,7 @@ def main(argv=None) -> List[dict]:
         print(f"[{cfg}] {len(names)} estimators x {len(seeds)} seeds in one stacked model, {args.steps} updates",
               flush=True)
         results.append(run_config(cfg, names, seeds, args.steps, args, deadline))
-    command = "python benchmarks/reinmax_vae_paper.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.reinmax_vae_paper " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(results, args.device, command)
     print(text, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

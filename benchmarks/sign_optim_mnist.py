@@ -9,16 +9,15 @@ touch the 10 000 test images, once, at the end. Tables give mean +- std over the
 
 Usage::
 
-    python benchmarks/sign_optim_mnist.py                  # 1000 steps of batch 128, 4 lrs + 3 seeds each
-    python benchmarks/sign_optim_mnist.py --quick          # 200 steps, 2 seeds
-    python benchmarks/sign_optim_mnist.py --device cuda --steps 10000   # longer
+    python -m benchmarks.sign_optim_mnist                  # 1000 steps of batch 128, 4 lrs + 3 seeds each
+    python -m benchmarks.sign_optim_mnist --quick          # 200 steps, 2 seeds
+    python -m benchmarks.sign_optim_mnist --device cuda --steps 10000   # longer
 
 Data: the four gzipped IDX files of ``<repo>/../shared/data/mnist`` (skipped with a message when
 absent). Writes ``sign_optim_mnist.{json,md,png}`` under ``--out``.
 """
 
 import argparse
-import gzip
 import json
 import math
 import statistics
@@ -26,33 +25,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sign_optim import AddSign, CosineInternalDecay, LinearInternalDecay, PowerSign  # noqa: E402
+from benchmarks import mnist
+from sign_optim import AddSign, CosineInternalDecay, LinearInternalDecay, PowerSign
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    magic = int.from_bytes(raw[:4], "big")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(magic & 0xFF)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+DEFAULT_DATA = mnist.DEFAULT_ROOT
 
 
-def load_mnist(root: Path):
-    def images(name):
-        x = torch.from_numpy(read_idx(root / name).astype(np.float32) / 255.0).view(-1, 784)
-        return (x - 0.1307) / 0.3081
-
-    def labels(name):
-        return torch.from_numpy(read_idx(root / name).astype(np.int64))
-
-    return (images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
-            images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
+def load_standardized(root: Path):
+    """(train images, train labels, test images, test labels), images standardized with MNIST's mean and std."""
+    data = mnist.load(root)
+    return ((data.train_images - 0.1307) / 0.3081, data.train_labels, (data.test_images - 0.1307) / 0.3081,
+            data.test_labels)
 
 
 # lr grids: 4 points, the same budget for every optimizer, around the family's usual value
@@ -127,11 +112,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds = 200, 2
-    if not all((args.data / f).exists() for f in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
-        print(f"MNIST not found at {args.data} (the gzipped IDX files): skipping. Pass --data DIR.")
+    reason = mnist.missing(args.data)
+    if reason is not None:
+        print(f"{reason}: skipping. Pass --data DIR.")
         return 0
     torch.set_num_threads(args.threads)
-    x_all, y_all, x_test, y_test = (t.to(args.device) for t in load_mnist(args.data))
+    x_all, y_all, x_test, y_test = (t.to(args.device) for t in load_standardized(args.data))
     data = (x_all[:50000], y_all[:50000], x_all[50000:], y_all[50000:], x_test, y_test)
     print(f"MNIST 50000 train / 10000 validation / 10000 test; {args.steps} steps of {args.batch}; MLP 784-256-10; "
           f"{args.threads} thread(s), {args.device}", flush=True)
@@ -161,7 +147,7 @@ def main(argv=None):
         edge = " (grid edge)" if r["lr"] in (r["grid"][0], r["grid"][-1]) else ""
         lines.append(f"| {name} | {', '.join(f'{v:g}' for v in r['grid'])} | {r['lr']:g}{edge} | {grid_accs} | "
                      f"{r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f}% | {r['test_loss_mean']:.4f} |")
-    lines += ["", f"command: python benchmarks/sign_optim_mnist.py --steps {args.steps} --batch {args.batch} "
+    lines += ["", f"command: python -m benchmarks.sign_optim_mnist --steps {args.steps} --batch {args.batch} "
               f"--seeds {args.seeds} --device {args.device}"]
     table = "\n".join(lines)
     print(table)

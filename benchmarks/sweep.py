@@ -7,6 +7,8 @@ import statistics
 import time
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
+from stability_toolbox.files import atomic_write
+
 
 def run_jobs(fn: Callable, jobs: Sequence[tuple], workers: int, *, processes: bool = False, label: str = "",
              describe: Callable[[object], str] = str) -> List:
@@ -33,10 +35,10 @@ def mean_std(values: Iterable[Optional[float]]) -> Tuple[Optional[float], Option
 
 
 def write_json(path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary name, so a killed run never leaves half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.rename(path)
+    """Write ``obj`` as JSON to ``path`` through a temporary name (:func:`stability_toolbox.files.atomic_write`),
+    so a killed run never leaves half a file."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj))
 
 
 def parse_list(parser, flag: str, text: str, kind=float, positive: bool = True) -> list:

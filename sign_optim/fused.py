@@ -30,7 +30,7 @@ import torch
 
 __all__ = ["available", "unavailable_reason", "supported", "PLAIN_TENSORS", "state_dtype", "cpu_step", "cpu_step_planned", "plan",
            "read_steps",
-           "stream_copy", "RULES", "FusedPlan", "local_shard", "float32_counters"]
+           "RULES", "FusedPlan", "local_shard", "float32_counters"]
 
 #: rule name -> the kernel's rule code
 RULES = {"addsign": 0, "powersign": 1}
@@ -225,10 +225,14 @@ def cpu_step_planned(rule: str, kernel: KernelPlan, grads: List[torch.Tensor], c
         raise MemoryError("sign_optim fused kernel: out of memory for its block table")
 
 
-def stream_copy(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: List[torch.Tensor]) -> None:
-    """Move the bytes of a step (read p, g, m; write p, m) without the arithmetic: the bandwidth floor.
+def _stream_copy(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: List[torch.Tensor]) -> None:
+    """The bandwidth reference of ``benchmarks.bench_sign_optim`` (not public API): move the bytes of a
+    step (read p, g, m; write p, m) without the arithmetic, the floor a fused step can reach.
 
-    float32 CPU tensors only; it overwrites ``params`` and ``avgs`` (benchmarks use scratch copies).
+    It calls ``sign_stream_copy`` of the same C library as the step kernel: an OpenMP loop with the same
+    threads (``torch.get_num_threads()``) and the same traffic per element, so the benchmark's "of copy"
+    column compares like with like (the copy splits the work per tensor, the step per block). float32 CPU
+    tensors only; it overwrites ``params`` and ``avgs`` (the benchmark passes scratch copies).
     """
     lib = _load()
     if lib is None:

@@ -12,9 +12,10 @@ import random
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence
+
+from benchmarks.fairseq_data import TranslationData, write_reversal_corpus  # noqa: F401 (re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PLUGINS_DIR = REPO_ROOT / "fairseq_plugins"
@@ -97,27 +98,6 @@ def run_tool(tool: str, *args, cwd=None, timeout: float = 300, check: bool = Tru
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
     return proc
-
-
-@dataclass
-class TranslationData:
-    raw: Path   # train/valid/test.{src,tgt} as text
-    bin: Path   # fairseq-preprocess output, joined dictionary
-
-
-def write_reversal_corpus(directory: Path, sizes: Sequence[int] = (400, 50, 50), vocab: int = 30,
-                          seed: int = 0) -> Path:
-    """Write train/valid/test.{src,tgt}: random words and the same words reversed (a learnable task)."""
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(vocab)]
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, n in zip(("train", "valid", "test"), sizes):
-        with open(directory / f"{split}.src", "w") as src, open(directory / f"{split}.tgt", "w") as tgt:
-            for _ in range(n):
-                sent = [rng.choice(words) for _ in range(rng.randint(3, 10))]
-                src.write(" ".join(sent) + "\n")
-                tgt.write(" ".join(reversed(sent)) + "\n")
-    return directory
 
 
 def make_translation_data(root: Path, **corpus_kwargs) -> TranslationData:

@@ -1,8 +1,7 @@
-"""The public packages this toolbox is compared with, loaded under names that do not clash.
+"""The public packages this toolbox is compared with (:mod:`benchmarks.peers` loads them), for tests.
 
-``make install`` puts admin-torch 0.1.0 and reinmax 0.1.0 under ``<venv>/peers`` (not on
-``sys.path``: their import names are this project's). :func:`load_peer` loads one of their
-implementation files under an alias, for compatibility tests and benchmarks.
+:func:`require_peer` is :func:`~benchmarks.peers.load_peer` for a compatibility test: it fails the test
+(never skips it) when ``make install`` did not put the package under ``<venv>/peers``.
 
 Example::
 
@@ -11,21 +10,9 @@ Example::
     True
 """
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
-from typing import Optional
 
-# import name -> (file inside the installed package, alias it is loaded under)
-PEERS = {
-    "admin_torch": ("admin_torch/admin.py", "admin_torch_0_1_0"),
-    "reinmax": ("reinmax/reinmax.py", "reinmax_0_1_0"),
-}
-
-
-def peers_dir() -> Path:
-    return Path(sys.prefix) / "peers"
+from benchmarks.peers import PEERS, load_peer, peers_dir  # noqa: F401 (re-exported)
 
 
 def require_peer(name: str) -> ModuleType:
@@ -39,19 +26,3 @@ def require_peer(name: str) -> ModuleType:
                     "there): the compatibility tests need it")
     return module
 
-
-def load_peer(name: str) -> Optional[ModuleType]:
-    """The public package ``name`` (0.1.0) as a module, or None when it is not installed."""
-    if name not in PEERS:
-        raise ValueError(f"name must be one of {sorted(PEERS)}, got {name!r}")
-    rel, alias = PEERS[name]
-    if alias in sys.modules:
-        return sys.modules[alias]
-    path = peers_dir() / rel
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location(alias, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = module
-    spec.loader.exec_module(module)
-    return module

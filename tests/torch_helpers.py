@@ -1,19 +1,9 @@
-"""Small measurements shared by tests (``tests/`` is on sys.path, see conftest.py)."""
+"""Small measurements shared by tests (``tests/`` is on sys.path, see conftest.py).
 
-from typing import Callable
+:func:`saved_bytes` lives in :mod:`benchmarks.memory` (the benchmarks measure with it too); tests may
+import from ``benchmarks``, never the other way round.
+"""
 
-import torch
+from benchmarks.memory import saved_bytes
 
-
-def saved_bytes(fn: Callable[[], object]) -> int:
-    """Bytes of the tensors autograd saves for backward while ``fn()`` runs."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
+__all__ = ["saved_bytes"]

@@ -3,7 +3,8 @@
 Made for a GPU lent for minutes to a machine with its own Python and torch and no package registry:
 it needs nothing but a Python with torch (``make gpu-check PYTHON=python3``), no network and no
 install. It runs, in order, each part in its own process with a time limit, so that a part that fails
-or hangs is reported and the rest still run:
+or hangs is reported and the rest still run (a benchmark as ``python -m benchmarks.<name>``, from the
+checkout's root, which is also put on ``PYTHONPATH``):
 
     build      the C kernel of sign_optim, in place (setuptools, or the C compiler directly)
     tests      the tests marked ``cuda`` (pytest -m cuda; the files that hold them, so no fairseq is needed)
@@ -51,9 +52,10 @@ class Part(NamedTuple):
     command: Callable[[argparse.Namespace, bool, Path], Optional[List[str]]]  # (args, cuda, part dir) -> argv
 
 
-def _bench(script: str, cuda_args: List[str], cpu_args: List[str]):
+def _bench(module: str, cuda_args: List[str], cpu_args: List[str]):
+    """``python -m benchmarks.<module>``: run from the checkout's root (``run_logged``'s cwd, and on PYTHONPATH)."""
     def command(args, cuda, out):
-        return [sys.executable, str(REPO / "benchmarks" / script), "--out", str(out),
+        return [sys.executable, "-m", f"benchmarks.{module}", "--out", str(out),
                 *(["--device", "cuda", *cuda_args] if cuda else cpu_args)]
     return command
 
@@ -72,7 +74,7 @@ def _build(args, cuda, out):
 def _vae(args, cuda, out):
     data = args.data or next((p for p in (REPO / "shared" / "data" / "mnist", REPO.parent / "shared" / "data" / "mnist")
                               if p.is_dir()), REPO / "shared" / "data" / "mnist")
-    common = [sys.executable, str(REPO / "benchmarks" / "reinmax_vae_paper.py"), "--out", str(out), "--data", str(data)]
+    common = [sys.executable, "-m", "benchmarks.reinmax_vae_paper", "--out", str(out), "--data", str(data)]
     if cuda:
         return common + ["--device", "cuda", "--configs", "8x4,8x16", "--seeds", "1,2,3,4",
                          "--time-budget", str(max(30, args.remaining - 25))]
@@ -83,16 +85,16 @@ def _vae(args, cuda, out):
 PARTS = [
     Part("build", 20, _build),
     Part("tests", 120, _tests),
-    Part("reinmax", 90, _bench("bench_reinmax_speed.py", ["--repeats", "10", "--shapes", "8192x512,65536x16"],
+    Part("reinmax", 90, _bench("bench_reinmax_speed", ["--repeats", "10", "--shapes", "8192x512,65536x16"],
                                ["--repeats", "3", "--shapes", "256x64", "--no-compile"])),
-    Part("sign_optim", 45, _bench("bench_sign_optim.py", ["--reps", "5", "--steps", "5", "--threads", "1"],
+    Part("sign_optim", 45, _bench("bench_sign_optim", ["--reps", "5", "--steps", "5", "--threads", "1"],
                                   ["--quick", "--layers", "1", "--dim", "64", "--ffn", "128", "--vocab", "500",
                                    "--threads", "1"])),
-    Part("admin", 30, _bench("bench_admin_layers.py", ["--autocast", "none,bfloat16,float16", "--dim", "512",
+    Part("admin", 30, _bench("bench_admin_layers", ["--autocast", "none,bfloat16,float16", "--dim", "512",
                                                        "--batch", "32", "--length", "128", "--reps", "10"],
                              ["--autocast", "none,bfloat16", "--dim", "32", "--layers", "2", "--batch", "2",
                               "--length", "8", "--reps", "3"])),
-    Part("moe", 75, _bench("bench_moe_layer.py", ["--reps", "10"],
+    Part("moe", 75, _bench("bench_moe_layer", ["--reps", "10"],
                            ["--tokens", "256", "--dim", "32", "--reps", "3", "--no-compile"])),
     Part("vae", 150, _vae),
 ]

@@ -4,7 +4,6 @@ torch.compile, and the refusal of Pre-LN families."""
 
 import copy
 import os
-import sys
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ import torch
 import admin_torch
 from admin_torch import calculate_init, convert, fold
 
-sys.path.insert(0, os.path.dirname(__file__))
-import test_huggingface_families as H  # noqa: E402
+from benchmarks import hf_families as H  # the family builders, shared with benchmarks.bench_admin_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,13 +1,10 @@
 """The shared timing harness of benchmarks/: interleaving, warm-up, statistics."""
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from harness import machine, time_interleaved  # noqa: E402
+from benchmarks.harness import machine, time_interleaved
 
 
 def test_interleaves_in_shuffled_order_after_warmup():

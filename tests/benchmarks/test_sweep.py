@@ -2,13 +2,10 @@
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from sweep import mean_std, parse_list, run_jobs, write_json  # noqa: E402
+from benchmarks.sweep import mean_std, parse_list, run_jobs, write_json
 
 
 @pytest.mark.parametrize("text", ["0.5,x", "0,1", "-1"])

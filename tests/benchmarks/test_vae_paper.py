@@ -1,14 +1,10 @@
 """The batched paper-budget VAE: each stacked member is one independent run of the single-run script."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from reinmax_vae_mnist import VAE  # noqa: E402
-from reinmax_vae_paper import PAPER, MemberwiseAdam, StackedVAE, main  # noqa: E402
+from benchmarks.reinmax_vae_mnist import VAE
+from benchmarks.reinmax_vae_paper import PAPER, MemberwiseAdam, StackedVAE, main
 
 
 @pytest.mark.parametrize("rule", ["adam", "radam"])

@@ -34,8 +34,10 @@ def test_readme_is_a_front_page_and_its_links_resolve():
             assert (REPO / target).exists(), target
 
 
-def test_readme_python_snippets_run():
-    """The front page's examples are code a user pastes: they must run as written."""
+def test_readme_python_snippets_run(tmp_path, monkeypatch):
+    """The front page's examples are code a user pastes: they must run as written (in a scratch directory:
+    they save models)."""
+    monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     assert blocks
     for block in blocks:

@@ -58,6 +58,7 @@ def test_a_failing_part_is_reported_and_the_rest_still_run(fresh_checkout, tmp_p
     assert run.returncode == 1
     parts = json.loads((out / "summary.json").read_text())["parts"]
     assert parts["moe"]["status"] == "failed (exit 3)"
+    assert parts["moe"]["command"][1:3] == ["-m", "benchmarks.bench_moe_layer"]
     assert parts["admin"]["status"] == "ok"
     assert parts["vae"]["status"].startswith("skipped: MNIST not found")
 
@@ -66,3 +67,22 @@ def test_unknown_part_is_one_line_exit_2():
     run = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--only", "tests,warp"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "--only" in run.stderr and "warp" in run.stderr
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_every_benchmark_is_launched_as_a_module_of_the_package(cuda, tmp_path):
+    """``python -m benchmarks.<name>`` (run_logged starts it in the checkout's root, also put on PYTHONPATH)."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", REPO / "tools" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    args = argparse.Namespace(data=tmp_path, remaining=300.0)
+    commands = {part.name: [str(c) for c in part.command(args, cuda, tmp_path)] for part in gpu_check.PARTS}
+    launched = {name: cmd[cmd.index("-m") + 1] for name, cmd in commands.items()
+                if "-m" in cmd and cmd[cmd.index("-m") + 1].startswith("benchmarks.")}
+    assert set(launched) == {"reinmax", "sign_optim", "admin", "moe", "vae"}
+    for module in launched.values():
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
+    assert not any("benchmarks" in c and c.endswith(".py") for cmd in commands.values() for c in cmd)

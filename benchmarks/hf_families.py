@@ -1,6 +1,8 @@
-"""Builders (no tests here): tiny random HuggingFace models of every family admin_torch.convert supports (nothing downloaded).
+"""Tiny random HuggingFace models of every family admin_torch.convert supports (built from configs, nothing downloaded).
 
-``build(family)`` -> (model in eval mode, inputs with a padding mask, expected N per stack name)."""
+``build(family)`` -> (model in eval mode, inputs with a padding mask, expected N per stack name). Used by
+``benchmarks.bench_admin_hf`` (tests may import it too); ``transformers`` is imported only when a model
+is built."""
 
 import torch
 
