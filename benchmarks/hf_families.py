@@ -58,18 +58,22 @@ def _bart_causal():
 
 def _distilbert():
     import transformers as t
-    model = t.DistilBertModel(t.DistilBertConfig(vocab_size=V, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
+    c = COMMON
+    model = t.DistilBertModel(t.DistilBertConfig(vocab_size=V, dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+                                                 n_heads=c["num_attention_heads"], hidden_dim=c["intermediate_size"],
                                                  dropout=0.0, attention_dropout=0.0, max_position_embeddings=64))
     ids, mask = _ids()
-    return model, dict(input_ids=ids, attention_mask=mask), {"": 4}
+    return model, dict(input_ids=ids, attention_mask=mask), {"": 2 * c["num_hidden_layers"]}
 
 
-def _albert(groups):
+def _albert(shared):
+    """ALBERT with one layer applied at every depth (``shared``), or one layer per depth (no sharing)."""
     def make():
         import transformers as t
+        groups = 1 if shared else COMMON["num_hidden_layers"]
         model = t.AlbertForMaskedLM(t.AlbertConfig(**COMMON, embedding_size=8, num_hidden_groups=groups))
         ids, mask = _ids()
-        return model, dict(input_ids=ids, attention_mask=mask), {"": 4}
+        return model, dict(input_ids=ids, attention_mask=mask), {"": 2 * COMMON["num_hidden_layers"]}
     return make
 
 
@@ -90,7 +94,9 @@ def _fsmt():
 def _xlnet(two_stream=False, **kw):
     def make():
         import transformers as t
-        model = t.XLNetLMHeadModel(t.XLNetConfig(vocab_size=V, d_model=16, n_layer=2, n_head=2, d_inner=32,
+        c = COMMON
+        model = t.XLNetLMHeadModel(t.XLNetConfig(vocab_size=V, d_model=c["hidden_size"], n_layer=c["num_hidden_layers"],
+                                                 n_head=c["num_attention_heads"], d_inner=c["intermediate_size"],
                                                  dropout=0.0, **kw))
         ids, mask = _ids()
         x = dict(input_ids=ids, attention_mask=mask)
@@ -100,7 +106,7 @@ def _xlnet(two_stream=False, **kw):
             target = torch.zeros(2, 2, 8)
             target[:, 0, -2], target[:, 1, -1] = 1.0, 1.0
             x = dict(input_ids=ids, perm_mask=perm, target_mapping=target)
-        return model, x, {"": 4}
+        return model, x, {"": 2 * c["num_hidden_layers"]}
     return make
 
 
@@ -120,7 +126,7 @@ def _funnel(cls_name, n, **kw):
 def fold_refused():
     """Families convert supports whose fold (and so save_pretrained) is refused: (builder, message)."""
     return {
-        "albert_shared": (_albert(1), "shared across depth"),  # one layer applied num_hidden_layers times
+        "albert_shared": (_albert(True), "shared across depth"),  # one layer applied num_hidden_layers times
         "fsmt": (_fsmt, "sinusoidal position embeddings"),
         # block 1's layer applied twice: 1 + 2 + 1 applications
         "funnel_repeats": (_funnel("FunnelBaseModel", 8, block_repeats=[1, 2, 1]), "shared across depth"),
@@ -150,7 +156,7 @@ def families():
         "deberta_v2": lambda: _encoder(_t("DebertaV2Model"), _t("DebertaV2Config"))(),
         "mpnet": lambda: _encoder(_t("MPNetModel"), _t("MPNetConfig"), pad_token_id=1)(),
         "distilbert": _distilbert,
-        "albert": _albert(2),  # num_hidden_groups == num_hidden_layers: no sharing, fold is exact
+        "albert": _albert(False),  # num_hidden_groups == num_hidden_layers: no sharing, fold is exact
         "xlnet": _xlnet(),
         "xlnet_two_stream": _xlnet(two_stream=True),
         # FunnelBaseModel: 3 blocks of one layer, mean pooling between them (FunnelModel: test_huggingface.py)
