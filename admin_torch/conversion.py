@@ -324,7 +324,8 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
         as_parameter: trainable omega vectors of the hidden size.
 
     A HuggingFace model also gets its settings recorded in ``model.config.admin_torch`` and a
-    ``save_pretrained`` that folds on save (see :mod:`admin_torch.hf_io`).
+    ``save_pretrained`` that folds on save, or saves the Admin form where no stock model computes its function
+    (see :mod:`admin_torch.hf_io`).
 
     Raises:
         ValueError: ``model`` is of a Pre-LN family or has a Pre-LN layer; it is of a family in

@@ -19,10 +19,22 @@ The mechanism: **fold on save, with the Admin form alongside**.
   that file: a load pre-hook installed by ``convert`` swaps the ``admin_torch.*`` tensors in, so the
   resumed model is the Admin model that was saved.
 
-A model whose fold is impossible (e.g. one embedding table shared by two stacks with different first
-omegas, as in Marian) cannot be saved this way: ``save_pretrained`` raises before writing anything.
+A model whose fold is impossible (shared ALBERT layers, FSMT's and Marian's sinusoidal positions, Funnel's
+repeated blocks, DeBERTa-v2 with ``share_att_key``: see :func:`admin_torch.fold`) is saved in its **Admin form**
+instead, so that Trainer's checkpointing keeps working:
+
+* ``model.safetensors`` holds every tensor of the converted model under ``admin_torch.*`` and none under the
+  stock names; the config is ``admin_torch_config.json``.
+* ``config.json`` is there for the stock loader to *refuse*: its width field (``hidden_size``, ``d_model``
+  or ``dim``) holds, instead of its number, the sentence saying how to load the directory, so
+  ``AutoConfig`` / ``cls.from_pretrained(path)`` raise a validation error quoting it instead of building a
+  model that computes something else (transformers would otherwise build one from defaults and random
+  weights, with only a load report). A ``README.md`` in the directory says the same.
+* :func:`from_pretrained` and Trainer's resume (the load pre-hook; Trainer reads ``config.json`` with the
+  base config class, which accepts it) restore the model bit for bit.
 """
 
+import copy
 import json
 import os
 from typing import Any, Dict
@@ -36,6 +48,21 @@ __all__ = ["save_pretrained", "from_pretrained", "PREFIX"]
 PREFIX = "admin_torch."
 _CONFIG_KEY = "admin_torch"
 _FORMAT = 1
+#: the config file of an Admin-form save (a model that cannot be folded); ``config.json`` is absent there
+ADMIN_CONFIG_NAME = "admin_torch_config.json"
+_WEIGHTS_NAME = "model.safetensors"
+_README = """# An admin_torch model saved in its Admin form
+
+{cls} was converted with admin_torch.convert and cannot be folded into a stock model computing the same
+function ({reason}). Its weights are in model.safetensors under the prefix "admin_torch." and its config in
+admin_torch_config.json; config.json deliberately has this explanation in place of its "{field}", so the stock
+{cls}.from_pretrained refuses this directory instead of loading a different function.
+
+    import admin_torch, transformers
+    model = admin_torch.from_pretrained(transformers.{cls}, "this directory")
+
+transformers.Trainer(resume_from_checkpoint=...) on the converted model restores it too.
+"""
 
 
 def _is_hf(module: nn.Module) -> bool:
@@ -112,13 +139,12 @@ def after_fold(folded: nn.Module, *, untied: bool) -> None:
 
 
 def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
-    """Save a converted HuggingFace ``model``: the folded stock model plus the Admin form (see the module doc).
+    """Save a converted HuggingFace ``model``: the folded stock model plus the Admin form, or, where no
+    stock model computes its function, the Admin form alone (see the module doc).
 
     Args and kwargs are those of ``PreTrainedModel.save_pretrained``; a ``state_dict=`` (Trainer passes
-    ``model.state_dict()``) is ignored: the tensors are taken from ``model``.
-
-    Raises:
-        ValueError: ``model`` cannot be folded exactly (nothing is written).
+    ``model.state_dict()``) is ignored: the tensors are taken from ``model``. An Admin-form save writes one
+    safetensors file and honours ``is_main_process``; it refuses ``push_to_hub=True``.
     """
     from .conversion import fold
     if not _is_hf(model):
@@ -127,8 +153,7 @@ def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
     try:
         folded = fold(model)
     except ValueError as err:
-        raise ValueError(f"cannot save {type(model).__name__} as a stock model computing the same function: {err}. "
-                         "Nothing was written; torch.save(model.state_dict()) keeps the Admin form") from err
+        return _save_admin_form(model, save_directory, reason=str(err), **kwargs)
     stock = folded.state_dict()
     admin = model.state_dict()
     extra = {PREFIX + k: v.detach().clone().contiguous() for k, v in admin.items()
@@ -137,6 +162,55 @@ def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
     state.update(extra)
     cls_save = type(folded).save_pretrained  # the class's method: the folded copy has no instance glue
     return cls_save(folded, save_directory, *args, state_dict=state, **kwargs)
+
+
+def _save_admin_form(model: nn.Module, save_directory, *, reason: str, is_main_process: bool = True,
+                     push_to_hub: bool = False, **ignored) -> None:
+    """Write ``model`` in its Admin form (module doc): every tensor under ``admin_torch.*`` in
+    ``model.safetensors``, the config as ``admin_torch_config.json``, a ``config.json`` the stock loader
+    refuses; each file written to a temporary name and renamed, the refusing ``config.json`` first (a save
+    killed half-way never pairs a stock config with these weights)."""
+    from safetensors.torch import save as safetensors_bytes
+    from stability_toolbox.files import atomic_write
+    cls = type(model).__name__
+    if push_to_hub:
+        raise ValueError(f"push_to_hub: {cls} cannot be folded ({reason}), so it is saved in its Admin form, which "
+                         "is for admin_torch.from_pretrained and Trainer resumes only; not pushed")
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory must be a directory, got the file {save_directory!r}")
+    config = copy.deepcopy(model.config)
+    setattr(config, _CONFIG_KEY, dict(getattr(config, _CONFIG_KEY), admin_form=True))
+    refusing = json.loads(config.to_json_string())
+    # the model width: the family's config class checks its type; the base class (Trainer's resume reads
+    # config.json with it) neither checks it nor compares it with anything (it does vocab_size)
+    field = next((k for k in ("hidden_size", "d_model", "dim") if isinstance(refusing.get(k), int)), None)
+    if field is None:
+        raise ValueError(f"{cls}: its config has none of hidden_size, d_model, dim to mark as an Admin-form save; "
+                         "nothing was written")
+    refusing[field] = (f"not a stock checkpoint: saved by admin_torch in its Admin form ({cls} cannot be folded). "
+                       f"Load it with admin_torch.from_pretrained(transformers.{cls}, path); see README.md here")
+    if not is_main_process:
+        return None
+    os.makedirs(save_directory, exist_ok=True)
+
+    def write(name, data, mode="w"):
+        with atomic_write(os.path.join(save_directory, name), mode) as f:
+            f.write(data)
+
+    write("config.json", json.dumps(refusing, indent=2, sort_keys=True) + "\n")
+    # a shard index left by an earlier save would make loaders read other weights
+    stale = os.path.join(save_directory, "model.safetensors.index.json")
+    if os.path.isfile(stale):
+        os.remove(stale)
+    # clones: tied weights share storage, which safetensors refuses; each key loads its own copy back
+    state = {PREFIX + k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    write(_WEIGHTS_NAME, safetensors_bytes(state, metadata={"format": "pt", "admin_torch": "admin_form"}), "wb")
+    write(ADMIN_CONFIG_NAME, config.to_json_string())
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+        write("generation_config.json", generation.to_json_string())
+    write("README.md", _README.format(cls=cls, reason=reason, field=field))
+    return None
 
 
 def _admin_tensors(path: str) -> Dict[str, torch.Tensor]:
@@ -160,7 +234,9 @@ def _admin_tensors(path: str) -> Dict[str, torch.Tensor]:
 
 def from_pretrained(cls: Any, path, **kwargs) -> nn.Module:
     """Load a model saved from a converted model back in its Admin form: ``cls.from_pretrained`` (the
-    folded weights), ``convert`` with the recorded settings, then the saved Admin tensors.
+    folded weights), ``convert`` with the recorded settings, then the saved Admin tensors. An Admin-form save
+    (a model that cannot be folded; its config is ``admin_torch_config.json``) is restored the same way, every
+    tensor from the ``admin_torch.*`` ones.
 
     Raises:
         ValueError: ``path`` holds no Admin save (its config has no ``admin_torch`` record), or its Admin
@@ -170,6 +246,10 @@ def from_pretrained(cls: Any, path, **kwargs) -> nn.Module:
     from .conversion import convert
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         raise ValueError(f"path must be a local directory written by save_pretrained of a converted model, got {path!r}")
+    admin_config = os.path.join(path, ADMIN_CONFIG_NAME)
+    admin_form = os.path.isfile(admin_config)
+    if admin_form and "config" not in kwargs:
+        kwargs["config"] = cls.config_class.from_json_file(admin_config)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the admin_torch.* keys are expected to be unexpected here
     try:
@@ -186,7 +266,7 @@ def from_pretrained(cls: Any, path, **kwargs) -> nn.Module:
     convert(model, output_change_scale=record["output_change_scale"], as_parameter=record["as_parameter"])
     tensors = _admin_tensors(os.fspath(path))
     own = model.state_dict()
-    missing = [k for k in own if "admin_omegas" in k and k not in tensors]
+    missing = [k for k in own if (admin_form or "admin_omegas" in k) and k not in tensors]
     unknown = [k for k in tensors if k not in own]
     if missing or unknown:
         raise ValueError(f"{path}: the saved Admin tensors do not match the converted model (missing "

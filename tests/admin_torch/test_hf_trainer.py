@@ -109,3 +109,48 @@ def test_accelerate_loop_resume_equals_unbroken_run_and_folds(tmp_path):
     assert err <= 1e-6, err
     for r in (full, resumed):
         assert not r["folded_has_omegas"] and r["fold_err"] <= 1e-5, r["fold_err"]
+
+
+@pytest.mark.slow
+def test_trainer_checkpoints_and_resumes_a_model_that_cannot_be_folded(tmp_path):
+    """ALBERT with its one layer shared across depth (the default) cannot be folded: Trainer's checkpoints hold
+    its Admin form (save_pretrained), and a fresh converted model resumed from one ends equal to the unbroken
+    run (one process; the two-process runs above use BERT)."""
+    import transformers
+    from transformers import AlbertConfig, AlbertForMaskedLM, Trainer, TrainingArguments
+
+    import admin_torch
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from hf_trainer_worker import Data  # noqa: E402  (the same fixed token sequences)
+
+    transformers.utils.logging.set_verbosity_error()
+
+    def build():
+        torch.manual_seed(0)
+        config = AlbertConfig(vocab_size=40, embedding_size=8, hidden_size=16, num_hidden_layers=3,
+                              num_attention_heads=2, intermediate_size=32, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0, max_position_embeddings=32)
+        return admin_torch.convert(AlbertForMaskedLM(config), as_parameter=True)
+
+    def train(out, resume=None):
+        model = build()
+        args = TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, save_strategy="steps",
+                                 per_device_train_batch_size=4, use_cpu=True, learning_rate=1e-2, seed=3,
+                                 data_seed=3, report_to=[], logging_strategy="no", disable_tqdm=True,
+                                 dataloader_num_workers=0)
+        Trainer(model=model, args=args, train_dataset=Data()).train(resume_from_checkpoint=resume)
+        return model
+
+    full = train(tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert (ckpt / "admin_torch_config.json").is_file()  # the Admin form: no stock model computes it
+    with pytest.raises(ValueError, match="shared across depth"):
+        admin_torch.fold(full)
+    resumed = train(tmp_path / "resumed", resume=str(ckpt))
+    ref = dict(full.named_parameters())
+    assert any("admin_omegas" in k for k in ref)
+    err = max((p - ref[k]).abs().max().item() for k, p in resumed.named_parameters())
+    assert err <= 1e-6, err
+    moved = max((p - ref[k]).abs().max().item() for k, p in build().named_parameters())
+    assert moved > 1e-3  # training moved the weights: the comparison above is not trivial

@@ -205,15 +205,51 @@ def test_bart_causal_lm_applies_every_omega():
     torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, out, rtol=1e-5, atol=1e-5)
 
 
-def test_save_refused_when_fold_is_impossible_writes_nothing(tmp_path):
-    """Marian shares one token table between stacks with different first omegas: no stock model computes
-    the Admin function, so save_pretrained raises and writes nothing."""
-    t = transformers
-    model = t.MarianMTModel(t.MarianConfig(**H.SEQ2SEQ))
-    convert(model)
-    with pytest.raises(ValueError, match="cannot save"):
-        model.save_pretrained(tmp_path / "m")
-    assert not (tmp_path / "m").exists()
+def _check_admin_form_save(model, x, path):
+    """``model.save_pretrained(path)`` of a model that cannot be folded: the Admin form. The stock loader refuses
+    it with the way to load it; admin_torch.from_pretrained and a Trainer-style resume restore it bit for bit."""
+    from safetensors.torch import load_file
+    with torch.no_grad():
+        admin = H.output(model(**x))
+    model.save_pretrained(path)
+    assert {"model.safetensors", "admin_torch_config.json", "config.json", "README.md"} <= set(os.listdir(path))
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    assert saved and all(k.startswith("admin_torch.") for k in saved)  # nothing under a stock name
+    cls = type(model)
+    with pytest.raises(Exception, match=rf"admin_torch.from_pretrained\(transformers.{cls.__name__}, path\)"):
+        cls.from_pretrained(path)
+    with pytest.raises(Exception, match="Admin form"):
+        transformers.AutoConfig.from_pretrained(path)
+    back = admin_torch.from_pretrained(cls, path).eval()
+    own = model.state_dict()
+    assert back.state_dict().keys() == own.keys()
+    assert all(torch.equal(v, own[k]) for k, v in back.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(H.output(back(**x)), admin, rtol=0, atol=0)
+    # Trainer's resume: load_state_dict(file, strict=False) on a converted model (of other weights)
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    result = fresh.load_state_dict(saved, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(torch.equal(v, own[k]) for k, v in fresh.state_dict().items())
+    # Trainer reads config.json with the base config class: it must load
+    transformers.PretrainedConfig.from_json_file(os.path.join(path, "config.json"))
+
+
+def test_marian_saves_its_admin_form(tmp_path):
+    """Marian: one token table shared by stacks with different first omegas, and sinusoidal positions that are
+    not saved: no stock model computes the Admin function, so save_pretrained writes the Admin form."""
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(transformers.MarianConfig(**H.SEQ2SEQ)).eval()
+    ids, mask = H._ids()
+    dec, _ = H._ids(seed=3, shape=(2, 6))
+    x = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    convert(model, as_parameter=True)
+    with pytest.raises(ValueError, match="pass embedding="):  # fold needs to be told where its input comes from
+        fold(model)
+    _check_admin_form_save(model, x, tmp_path / "m")
 
 
 def test_albert_shared_layer_is_admin_at_every_application():
@@ -245,8 +281,8 @@ def test_albert_shared_layer_is_admin_at_every_application():
 
 @pytest.mark.parametrize("family", list(H.fold_refused()))
 def test_fold_refused_families_convert_and_refuse_fold_unchanged(family, tmp_path):
-    """Convert is Admin (omega = 1 is the stock function, N per stack); fold and save_pretrained are refused with
-    the reason, before anything is copied, changed or written."""
+    """Convert is Admin (omega = 1 is the stock function, N per stack); fold is refused with the reason, before
+    anything is copied or changed; save_pretrained writes the Admin form (the stock loader refuses it)."""
     model, x, n_per_stack = H.build(family)
     with torch.no_grad():
         stock = H.output(model(**x))
@@ -263,12 +299,10 @@ def test_fold_refused_families_convert_and_refuse_fold_unchanged(family, tmp_pat
     message = H.fold_refused()[family][1]
     with pytest.raises(ValueError, match=message):
         fold(model)
-    with pytest.raises(ValueError, match="cannot save"):
-        model.save_pretrained(tmp_path / "m")
-    assert not (tmp_path / "m").exists()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():  # still the converted model, hooks in place
         torch.testing.assert_close(H.output(model(**x)), admin, rtol=0, atol=0)
+    _check_admin_form_save(model, x, tmp_path / "m")
 
 
 def test_a_family_listed_as_unsupported_is_refused_unchanged(monkeypatch):
@@ -322,7 +356,8 @@ def test_admin_equals_stock_with_output_projections_divided_by_omega(family):
 def test_funnel_model_encoder_and_decoder_are_one_stack(tmp_path):
     """FunnelModel: the decoder continues the encoder's residual stream (N counts both); fold and save are exact
     with the initial omegas, and refused with the reason (nothing written) once the omega of block 1's first
-    layer and the decoder's first omega differ, since the decoder adds block 0's output to its input."""
+    layer and the decoder's first omega differ, since the decoder adds block 0's output to its input (then
+    save_pretrained writes the Admin form)."""
     torch.manual_seed(0)
     model = transformers.FunnelModel(transformers.FunnelConfig(**H.FUNNEL)).eval()
     ids, mask = H._ids()
@@ -340,9 +375,7 @@ def test_funnel_model_encoder_and_decoder_are_one_stack(tmp_path):
         model.decoder.layers[0].admin_omegas[0].omega.mul_(1.1)
     with pytest.raises(ValueError, match="decoder adds the first block's output"):
         fold(model)
-    with pytest.raises(ValueError, match="cannot save"):
-        model.save_pretrained(tmp_path / "refused")
-    assert not (tmp_path / "refused").exists()
+    _check_admin_form_save(model, x, tmp_path / "admin_form")
 
 
 def test_xlnet_mems_of_the_folded_model_give_its_own_next_segment():
