@@ -48,8 +48,10 @@ __all__ = ["save_pretrained", "from_pretrained", "PREFIX"]
 PREFIX = "admin_torch."
 _CONFIG_KEY = "admin_torch"
 _FORMAT = 1
-#: the config file of an Admin-form save (a model that cannot be folded); ``config.json`` is absent there
+#: the config file of an Admin-form save (a model that cannot be folded); its ``config.json`` refuses stock loading
 ADMIN_CONFIG_NAME = "admin_torch_config.json"
+#: the config field that carries the refusal in an Admin-form save's ``config.json`` (the first one present)
+_WIDTH_FIELDS = ("hidden_size", "d_model", "dim")
 _WEIGHTS_NAME = "model.safetensors"
 _README = """# An admin_torch model saved in its Admin form
 
@@ -160,8 +162,30 @@ def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
              if k not in stock or not torch.equal(stock[k], v)}
     state = {k: v.contiguous() for k, v in stock.items()}
     state.update(extra)
+    if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+        for name in (ADMIN_CONFIG_NAME, "README.md"):  # left by an earlier Admin-form save to this directory
+            stale = os.path.join(save_directory, name)
+            if os.path.isfile(stale) and (name != "README.md" or _is_ours(stale)):
+                os.remove(stale)
     cls_save = type(folded).save_pretrained  # the class's method: the folded copy has no instance glue
     return cls_save(folded, save_directory, *args, state_dict=state, **kwargs)
+
+
+def _is_ours(readme: str) -> bool:
+    with open(readme, encoding="utf-8", errors="replace") as f:
+        return f.readline().startswith(_README.splitlines()[0])
+
+
+def _is_admin_form(path: str) -> bool:
+    """``path`` holds an Admin-form save: its config and a ``config.json`` whose width field is the refusal."""
+    if not os.path.isfile(os.path.join(path, ADMIN_CONFIG_NAME)):
+        return False
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(config.get(k), str) for k in _WIDTH_FIELDS)
 
 
 def _save_admin_form(model: nn.Module, save_directory, *, reason: str, is_main_process: bool = True,
@@ -183,7 +207,7 @@ def _save_admin_form(model: nn.Module, save_directory, *, reason: str, is_main_p
     refusing = json.loads(config.to_json_string())
     # the model width: the family's config class checks its type; the base class (Trainer's resume reads
     # config.json with it) neither checks it nor compares it with anything (it does vocab_size)
-    field = next((k for k in ("hidden_size", "d_model", "dim") if isinstance(refusing.get(k), int)), None)
+    field = next((k for k in _WIDTH_FIELDS if isinstance(refusing.get(k), int)), None)
     if field is None:
         raise ValueError(f"{cls}: its config has none of hidden_size, d_model, dim to mark as an Admin-form save; "
                          "nothing was written")
@@ -246,10 +270,9 @@ def from_pretrained(cls: Any, path, **kwargs) -> nn.Module:
     from .conversion import convert
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         raise ValueError(f"path must be a local directory written by save_pretrained of a converted model, got {path!r}")
-    admin_config = os.path.join(path, ADMIN_CONFIG_NAME)
-    admin_form = os.path.isfile(admin_config)
+    admin_form = _is_admin_form(os.fspath(path))
     if admin_form and "config" not in kwargs:
-        kwargs["config"] = cls.config_class.from_json_file(admin_config)
+        kwargs["config"] = cls.config_class.from_json_file(os.path.join(path, ADMIN_CONFIG_NAME))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the admin_torch.* keys are expected to be unexpected here
     try:

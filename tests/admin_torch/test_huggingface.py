@@ -238,6 +238,24 @@ def _check_admin_form_save(model, x, path):
     transformers.PretrainedConfig.from_json_file(os.path.join(path, "config.json"))
 
 
+def test_a_fold_save_after_an_admin_form_save_to_the_same_directory(tmp_path):
+    """Saving a foldable model where an Admin-form save was: the stock loader and admin_torch.from_pretrained
+    read the new, folded save (the Admin-form config and README are gone)."""
+    unfoldable, x_u, _ = H.build("albert_shared")
+    convert(unfoldable)
+    unfoldable.save_pretrained(tmp_path)
+    model, x, _ = H.build("albert")
+    convert(model)
+    with torch.no_grad():
+        admin = H.output(model(**x))
+    model.save_pretrained(tmp_path)
+    assert not (tmp_path / "admin_torch_config.json").exists() and not (tmp_path / "README.md").exists()
+    with torch.no_grad():
+        assert (H.output(type(model).from_pretrained(tmp_path).eval()(**x)) - admin).abs().max() <= 1e-5
+        torch.testing.assert_close(H.output(admin_torch.from_pretrained(type(model), tmp_path).eval()(**x)), admin,
+                                   rtol=0, atol=0)
+
+
 def test_marian_saves_its_admin_form(tmp_path):
     """Marian: one token table shared by stacks with different first omegas, and sinusoidal positions that are
     not saved: no stock model computes the Admin function, so save_pretrained writes the Admin form."""
