@@ -27,6 +27,14 @@ def _omegas(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, admin_torch.OmegaResidual)}
 
 
+@torch.no_grad()
+def _distinct_omegas(model, step=0.1):
+    """Give every omega of ``model`` its own value (``omega * (1 + step * i)``), as training would: an omega
+    that is dropped or swapped then shows in the outputs."""
+    for i, m in enumerate(_omegas(model).values()):
+        m.omega.mul_(1.0 + step * i)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_convert_is_admin_and_fold_is_exact_with_padding(family):
     """omega = calculate_init(N) with N per stack; omega = 1 is the stock model; fold gives stock
@@ -67,9 +75,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, use_reentrant):
     if not model.supports_gradient_checkpointing:
         pytest.skip(f"{type(model).__name__} does not support gradient checkpointing in transformers itself")
     convert(model, as_parameter=True)
-    with torch.no_grad():  # distinct omegas: a dropped omega would show
-        for i, m in enumerate(_omegas(model).values()):
-            m.omega.mul_(1.0 + 0.1 * i)
+    _distinct_omegas(model)
     model.train()
     ref_model = copy.deepcopy(model)
     ref_loss = _loss(ref_model, x)
@@ -96,9 +102,8 @@ def test_save_and_reload(family, tmp_path):
     reload is refused."""
     model, x, _ = H.build(family)
     convert(model, as_parameter=True)
+    _distinct_omegas(model, step=0.05)  # "trained" omegas
     with torch.no_grad():
-        for i, m in enumerate(_omegas(model).values()):
-            m.omega.mul_(1.0 + 0.05 * i)  # "trained" omegas
         admin = H.output(model(**x))
     model.save_pretrained(tmp_path)
     cls = type(model)
@@ -401,9 +406,8 @@ def test_xlnet_mems_of_the_folded_model_give_its_own_next_segment():
     the folded model give the Admin model's next-segment output."""
     model, x, _ = H.build("xlnet")
     convert(model, as_parameter=True)
+    _distinct_omegas(model)
     with torch.no_grad():
-        for i, m in enumerate(_omegas(model).values()):
-            m.omega.mul_(1.0 + 0.1 * i)
         folded = fold(model)
         ids2 = torch.randint(3, H.V, (2, 5), generator=torch.Generator().manual_seed(7))
         a = model(input_ids=x["input_ids"], use_mems=True)
@@ -419,9 +423,7 @@ def test_compile_inductor_matches_eager_bert():
     every gradient (omegas included) equal eager's."""
     model, x, _ = H.build("bert")
     convert(model, as_parameter=True)
-    with torch.no_grad():
-        for i, m in enumerate(_omegas(model).values()):
-            m.omega.mul_(1.0 + 0.1 * i)
+    _distinct_omegas(model)
     model.train()
     ref = copy.deepcopy(model)
     ref_loss = _loss(ref, x)

@@ -35,23 +35,23 @@ def test_listops_module_imports_neither_torch_nor_fairseq():
     assert heavy_modules_after("import stability_toolbox.listops, stability_toolbox.checks, stability_toolbox.files") == []
 
 
+def _run_recipe(name, *args):
+    """The heavy modules loaded by running ``recipes/listops/<name>.py args`` as a script in a fresh interpreter."""
+    script = str(REPO / "recipes" / "listops" / f"{name}.py")
+    argv = [script, *map(str, args)]
+    return heavy_modules_after(f"sys.argv = {argv!r}\nrunpy.run_path({script!r}, run_name='__main__')")
+
+
 def test_generate_recipe_imports_neither_torch_nor_fairseq(tmp_path):
     out = tmp_path / "gen.tsv"
-    script = REPO / "recipes" / "listops" / "generate.py"
-    code = (f"sys.argv = [{str(script)!r}, '--num-examples', '5', '--seed', '1', '--max-length', '20', "
-            f"'--output', {str(out)!r}]\n"
-            f"runpy.run_path({str(script)!r}, run_name='__main__')")
-    assert heavy_modules_after(code) == []
+    assert _run_recipe("generate", "--num-examples", 5, "--seed", 1, "--max-length", 20, "--output", out) == []
     assert len(out.read_text().splitlines()) == 5
 
 
 def test_prepare_recipe_imports_neither_torch_nor_fairseq(tmp_path):
     dest = tmp_path / "data"
-    script = REPO / "recipes" / "listops" / "prepare.py"
-    code = (f"sys.argv = [{str(script)!r}, '--dest', {str(dest)!r}, '--num-train', '5', '--num-eval', '3', "
-            f"'--max-length', '20', '--official', {str(tmp_path / 'no-official')!r}]\n"
-            f"runpy.run_path({str(script)!r}, run_name='__main__')")
-    assert heavy_modules_after(code) == []
+    assert _run_recipe("prepare", "--dest", dest, "--num-train", 5, "--num-eval", 3, "--max-length", 20,
+                       "--official", tmp_path / "no-official") == []
     assert [len((dest / f"{split}.tsv").read_text().splitlines()) for split in ("train", "valid", "test")] == [5, 3, 3]
 
 
