@@ -273,6 +273,9 @@ def test_marian_saves_its_admin_form(tmp_path):
     with pytest.raises(ValueError, match="pass embedding="):  # fold needs to be told where its input comes from
         fold(model)
     _check_admin_form_save(model, x, tmp_path / "m")
+    with pytest.raises(ValueError, match="push_to_hub"):  # the Admin form is not for the Hub; nothing written
+        model.save_pretrained(tmp_path / "hub", push_to_hub=True)
+    assert not (tmp_path / "hub").exists()
 
 
 def test_albert_shared_layer_is_admin_at_every_application():
