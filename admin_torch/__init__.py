@@ -8,6 +8,8 @@
 * Admin for torch.nn and HuggingFace models: the drop-in :class:`TransformerEncoderLayer` /
   :class:`TransformerDecoderLayer`, :func:`convert` (torch.nn and HuggingFace Post-LN families: docs/huggingface.md) and
   :func:`fold`, driven by the per-layer descriptions of :mod:`admin_torch.architectures`;
+* qk-layernorm (:func:`add_qk_norm`, ``make_stack(..., qk_norm=True)``, ``convert(..., qk_norm=True)``):
+  LayerNorm on each head's queries and keys (:mod:`admin_torch.qk_norm`);
 * folding omega into a plain Post-LN network: :func:`fold`, :func:`fold_into_norm_`,
   :func:`fold_into_linears_`, :func:`fold_into_embedding_`.
 
@@ -22,6 +24,7 @@ from .hf_io import from_pretrained, save_pretrained
 from .folding import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer
 from .output_change import output_change, residual_betas
+from .qk_norm import QKNorm, QKNormMultiheadAttention, add_qk_norm, has_qk_norm
 from .profiling import apply_omegas, load_profile, omega_residuals, profile_omegas, save_profile
 # make_stack's kinds under their own name: STACK_KINDS is the architectures' mapping, beside LAYER_KINDS
 from .reference_stack import STACK_KINDS as REFERENCE_STACK_KINDS
@@ -75,6 +78,11 @@ __all__ = [
     # HuggingFace save / reload (fold on save, the Admin form alongside)
     "save_pretrained",
     "from_pretrained",
+    # qk-layernorm (Wortsman et al. 2023's remedy for attention-logit growth)
+    "QKNorm",
+    "QKNormMultiheadAttention",
+    "add_qk_norm",
+    "has_qk_norm",
     # folding
     "fold",
     "fold_reference_stack",

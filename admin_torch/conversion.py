@@ -303,7 +303,8 @@ def _pre_ln_message(model: nn.Module) -> Optional[str]:
 CONFIG_KEY = "admin_torch"
 
 
-def convert(model: nn.Module, *, output_change_scale: str = "default", as_parameter: bool = False) -> nn.Module:
+def convert(model: nn.Module, *, output_change_scale: str = "default", as_parameter: bool = False,
+            qk_norm: bool = False) -> nn.Module:
     """Turn every supported Post-LN layer of ``model`` into its Admin form, in place; returns ``model``.
 
     Every residual ``LN(x + f(x))`` becomes ``LN(omega * x + f(x))`` with ``omega = calculate_init(N)``,
@@ -322,6 +323,9 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
             anything described in :data:`admin_torch.LAYER_KINDS`.
         output_change_scale: ``'O(n)'``, ``'O(logn)'``, ``'default'`` or ``'O(1)'`` (:func:`calculate_init`).
         as_parameter: trainable omega vectors of the hidden size.
+        qk_norm: also give every attention module qk-layernorm (:func:`admin_torch.add_qk_norm`: torch.nn's
+            ``MultiheadAttention``; a model with no such module is refused, e.g. HuggingFace families).
+            Pre-LN models, which ``convert`` refuses, take :func:`admin_torch.add_qk_norm` directly.
 
     A HuggingFace model also gets its settings recorded in ``model.config.admin_torch`` and a
     ``save_pretrained`` that folds on save, or saves the Admin form where no stock model computes its function
@@ -337,6 +341,7 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     validation.as_choice("output_change_scale", output_change_scale, OUTPUT_CHANGE_SCALES)
     as_parameter = validation.as_bool("as_parameter", as_parameter)
+    qk_norm = validation.as_bool("qk_norm", qk_norm)
     message = _pre_ln_message(model)
     if message is not None:
         raise ValueError(message)
@@ -356,6 +361,9 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
                          "admin_torch.LAYER_KINDS), or all are converted")
     from . import hf_io  # noqa: the HuggingFace glue (no transformers import unless it is a HF model)
     hf_io.check_convertible(model)
+    if qk_norm:
+        from .qk_norm import _plan as qk_norm_plan
+        qk_norm_plan(model)  # refuses (nothing changed) where qk-layernorm cannot be added
     for name, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False  # its nested-tensor fast path bypasses the layers' residuals
@@ -372,6 +380,9 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
         else:
             layer.admin_omegas = nn.ModuleList(omegas)
             _install_hooks(layer, kind, omegas)
+    if qk_norm:
+        from .qk_norm import add_qk_norm
+        add_qk_norm(model)
     hf_io.after_convert(model, output_change_scale=output_change_scale, as_parameter=as_parameter)
     return model
 

@@ -35,14 +35,23 @@ class AddResidual(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with separate ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` as in fairseq."""
+    """Multi-head self-attention with separate ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` as in fairseq.
 
-    def __init__(self, dim: int, heads: int):
+    ``causal=True``: each position attends to itself and the earlier ones (a language model).
+    ``qk_norm=True``: qk-layernorm, ``LN(q_h) . LN(k_h)`` per head (:class:`admin_torch.qk_norm.QKNorm` as
+    ``q_norm`` / ``k_norm``; :func:`admin_torch.add_qk_norm` adds them to an existing module).
+    """
+
+    def __init__(self, dim: int, heads: int, *, causal: bool = False, qk_norm: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"heads must divide dim, got dim={dim}, heads={heads}")
         self.heads = heads
+        self.causal = validation.as_bool("causal", causal)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+        if validation.as_bool("qk_norm", qk_norm):
+            from .qk_norm import QKNorm
+            self.q_norm, self.k_norm = QKNorm(dim, heads), QKNorm(dim, heads)
 
     def input_linears(self) -> List[nn.Linear]:
         """The linear maps that read the sublayer input."""
@@ -55,8 +64,11 @@ class SelfAttention(nn.Module):
         def split(y):
             return y.view(b, t, h, d // h).transpose(1, 2)
 
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        y = F.scaled_dot_product_attention(q, k, v)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if getattr(self, "q_norm", None) is not None:  # qk-layernorm (added here or by add_qk_norm)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = split(q), split(k), split(self.v_proj(x))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=getattr(self, "causal", False))
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -115,6 +127,8 @@ def make_stack(
     ffn_dim: Optional[int] = None,
     as_parameter: bool = False,
     seed: Optional[int] = None,
+    causal: bool = False,
+    qk_norm: bool = False,
 ) -> ResidualStack:
     """A residual stack of ``depth`` layers for output-change measurements and folding tests.
 
@@ -130,6 +144,9 @@ def make_stack(
         ffn_dim: the feed-forward width, an integer >= 1 (default ``4 * dim``).
         as_parameter: Admin only: trainable vector omegas.
         seed: seeds the weight init when given.
+        causal: causal self-attention (each position sees itself and the earlier ones: a language model).
+        qk_norm: qk-layernorm in every attention sublayer (Wortsman et al. 2023's remedy for attention-logit
+            growth; :mod:`admin_torch.qk_norm`); its LayerNorms are kept as they are by folding.
 
     Linear weights are xavier-uniform with zero biases (fairseq's transformer init); DeepNorm
     re-initializes fc1, fc2, v_proj, out_proj with ``xavier_normal_(gain=beta)``.
@@ -156,6 +173,8 @@ def make_stack(
     if kind == "admin":
         validation.as_choice("scale", scale, OUTPUT_CHANGE_SCALES)
     as_parameter = validation.as_bool("as_parameter", as_parameter)
+    causal = validation.as_bool("causal", causal)
+    qk_norm = validation.as_bool("qk_norm", qk_norm)
     if seed is not None:
         seed = validation.as_int("seed", seed)
     pattern = SUBLAYER_PATTERNS[sublayers]
@@ -167,7 +186,8 @@ def make_stack(
         subs: List[nn.Module] = []
         for _ in range(depth):
             for p in pattern:
-                subs.append(SelfAttention(dim, heads) if p == "attn" else FeedForward(dim, ffn_dim))
+                subs.append(SelfAttention(dim, heads, causal=causal, qk_norm=qk_norm) if p == "attn"
+                            else FeedForward(dim, ffn_dim))
         for m in subs:
             for lin in m.modules():
                 if isinstance(lin, nn.Linear):

@@ -5,6 +5,8 @@ switch of the data checks (:func:`set_data_checks`), re-exported here; its pure-
 checks live in the torch-free :mod:`stability_toolbox.checks`.
 :class:`StabilityMonitor` (:mod:`stability_toolbox.monitor`) records Admin's per-layer stability quantities
 live during training; :mod:`stability_toolbox.hf_callback` runs it in a HuggingFace ``Trainer``.
+:mod:`stability_toolbox.warning_rules` holds its warning rules (pure functions of its history: each warning
+names the likely mechanism and the remedy); :mod:`stability_toolbox.z_loss` the z-loss remedy.
 :mod:`stability_toolbox.listops` holds the ListOps data code (generator, parser, evaluator, reader
 and writer) in pure Python.
 
@@ -26,10 +28,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the names below are, for type checkers and the API docs; imported lazily at run time
     from .monitor import DEFAULT_RULES, StabilityMonitor, WarningRule, register_layer_kind
+    from .z_loss import DEFAULT_Z_LOSS, cross_entropy_with_z_loss, log_z
     from .validation import data_checks, data_checks_enabled, set_data_checks
 
 __all__ = ["data_checks", "data_checks_enabled", "set_data_checks", "StabilityMonitor", "WarningRule", "DEFAULT_RULES",
-           "register_layer_kind"]
+           "register_layer_kind", "cross_entropy_with_z_loss", "log_z", "DEFAULT_Z_LOSS"]
 
 # name -> the submodule it comes from (both submodules import torch)
 _LAZY = {
@@ -40,9 +43,12 @@ _LAZY = {
     "WarningRule": "monitor",
     "DEFAULT_RULES": "monitor",
     "register_layer_kind": "monitor",
+    "cross_entropy_with_z_loss": "z_loss",
+    "log_z": "z_loss",
+    "DEFAULT_Z_LOSS": "z_loss",
 }
 # submodules that ``import stability_toolbox`` used to import eagerly: still reachable as attributes
-_LAZY_SUBMODULES = ("validation", "monitor")
+_LAZY_SUBMODULES = ("validation", "monitor", "warning_rules", "z_loss")
 
 
 def __getattr__(name: str):

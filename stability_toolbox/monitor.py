@@ -90,7 +90,7 @@ logger = logging.getLogger(__name__)
 QUANTITIES = ("beta", "output_change", "grad_norm", "grad_ratio", "update_ratio", "act_max", "act_frac",
               "attn_logit_max")
 #: model-level quantities
-MODEL_QUANTITIES = ("loss", "loss_max", "loss_spike")
+MODEL_QUANTITIES = ("loss", "loss_max", "loss_spike", "log_z", "log_z_rms")
 #: quantities whose heatmap and warnings are read on a log scale
 _LOG_SCALE = {"output_change", "grad_norm", "grad_ratio", "update_ratio", "act_max", "act_frac", "attn_logit_max"}
 
@@ -334,7 +334,7 @@ class StabilityMonitor:
         if not isinstance(rules, dict):
             raise TypeError(f"rules must be a dict {{quantity: WarningRule}}, got {type(rules).__name__}")
         for q, r in rules.items():
-            if q not in QUANTITIES:
+            if q not in QUANTITIES + ("log_z_rms",):
                 raise ValueError(f"rules: unknown quantity {q!r}; accepted: {', '.join(QUANTITIES)}")
             if not isinstance(r, WarningRule):
                 raise TypeError(f"rules[{q!r}] must be a WarningRule, got {type(r).__name__}")
@@ -371,6 +371,7 @@ class StabilityMonitor:
         self._loss_sum: Optional[Tensor] = None
         self._loss_max: Optional[Tensor] = None
         self._loss_n = 0
+        self._log_z: Optional[Tuple[Tensor, Tensor, int]] = None  # observe_logits: sum, sum of squares, count
         self._writer = None
         self._jsonl = None
         self._optimizer_handles: List[Any] = []
@@ -504,6 +505,8 @@ class StabilityMonitor:
                     lambda m, a, k, name=name: self._fairseq_logits(name, m, a, k), with_kwargs=True))
             else:
                 q_name, k_name = ("query", "key") if style == "hf_bert" else ("q_proj", "k_proj")
+                if _qk_normed(module):  # qk-layernorm: the logits are those of the normalised q and k
+                    q_name, k_name = "q_norm", "k_norm"
                 slot: Dict[str, Tensor] = {}
 
                 def proj_hook(_m, _a, out, which, name=name, module=module, style=style, slot=slot):
@@ -613,6 +616,8 @@ class StabilityMonitor:
                 bq, bk = m.in_proj_bias[:e], m.in_proj_bias[e:2 * e]
             q = nn.functional.linear(query.detach(), wq, bq)
             k = nn.functional.linear(key.detach(), wk, bk)
+            if _qk_normed(m):
+                q, k = m.q_norm(q), m.k_norm(k)
             self._store_logits(name, q, k, m.num_heads, batch_first=m.batch_first)
 
     def _fairseq_logits(self, name: str, m: nn.Module, args, kwargs) -> None:
@@ -623,6 +628,8 @@ class StabilityMonitor:
             return
         with torch.no_grad():
             q, k = m.q_proj(query.detach()), m.k_proj(key.detach())
+            if _qk_normed(m):
+                q, k = m.q_norm(q), m.k_norm(k)
             self._store_logits(name, q, k, m.num_heads, batch_first=False)
 
     def _proj_logits(self, name: str, module: nn.Module, style: str, q: Tensor, k: Tensor) -> None:
@@ -694,6 +701,21 @@ class StabilityMonitor:
                 if sq:
                     self._grads[gname] = torch.stack(sq).sum()
 
+    def observe_logits(self, logits: Tensor) -> None:
+        """On a logging step, record the output logits' softmax normaliser: ``log_z`` (the mean over
+        positions of ``logsumexp(logits, -1)``) and ``log_z_rms`` (its root mean square, what z-loss
+        penalises; output-logit divergence makes it grow). Between logging steps it does nothing.
+        Device-side only (no sync); call it with the logits of each forward pass (detached here)."""
+        if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
+            raise TypeError(f"logits must be a floating tensor (..., vocabulary), got {type(logits).__name__}")
+        if not self._armed:
+            return
+        with torch.no_grad():
+            lz = logits.detach().float().logsumexp(-1).reshape(-1)
+            part = (lz.sum(), lz.pow(2).sum(), lz.numel())
+            old = self._log_z
+            self._log_z = part if old is None else (old[0] + part[0], old[1] + part[1], old[2] + part[2])
+
     def observe_loss(self, loss) -> None:
         """Add a step's loss (a tensor stays on its device: no sync; or a number)."""
         if loss is None:
@@ -724,6 +746,7 @@ class StabilityMonitor:
                 for _, s in self._all_sites():
                     s.reset()
                 self._attn_max = {}
+                self._log_z = None
         self.step_count += 1
         return record
 
@@ -848,12 +871,15 @@ class StabilityMonitor:
         if self._loss_n:
             put("loss", "(model)", self._loss_sum / self._loss_n)
             put("loss_max", "(model)", self._loss_max)
+        if self._log_z is not None:
+            put("log_z", "(model)", self._log_z[0] / self._log_z[2])
+            put("log_z_rms", "(model)", (self._log_z[1] / self._log_z[2]).sqrt())
         host = torch.stack([v.cpu() for v in values]).tolist() if values else []
         # ---- host side
         quantities: Dict[str, Dict[str, float]] = {q: {} for q in QUANTITIES}
         model_q: Dict[str, float] = {}
         for (q, row), v in zip(keys, host):
-            if q in ("loss", "loss_max"):
+            if q in ("loss", "loss_max", "log_z", "log_z_rms"):
                 model_q[q] = v
             else:
                 quantities.setdefault(q, {})[row] = v
@@ -896,55 +922,16 @@ class StabilityMonitor:
     # ------------------------------------------------------------------ warnings
 
     def _check_rules(self, record: Dict[str, Any]) -> List[str]:
+        # the rules are pure functions of the history: stability_toolbox.warning_rules
+        from .warning_rules import check
+
         lines = []
-        step = record["step"]
-        for q, rule in self.rules.items():
-            rows = record["quantities"].get(q, {})
-            hits = []
-            for row, v in rows.items():
-                if (row, q) in self._warned:
-                    continue
-                if not math.isfinite(v):
-                    hits.append((row, f"is non-finite ({v}) at step {step}"))
-                    continue
-                series = [h["quantities"].get(q, {}).get(row) for h in self.history[-rule.window:]]
-                if len(series) < rule.window or any(x is None or not math.isfinite(x) for x in series):
-                    continue
-                pairs = list(zip(series, series[1:]))
-                if rule.direction == "rising":
-                    moving = all(b > a and b >= a * rule.min_growth for a, b in pairs)
-                    reached, verb, cmp = v >= rule.threshold, "rose", ">="
-                else:
-                    moving = all(b < a and b * rule.min_growth <= a for a, b in pairs)
-                    reached, verb, cmp = v <= rule.threshold, "fell", "<="
-                if reached and moving:
-                    trend = " -> ".join(f"{x:.3g}" for x in series)
-                    hits.append((row, f"{verb} {trend} over the last {rule.window} logged steps "
-                                      f"({cmp} {rule.threshold:g}) at step {step}"))
-            nonfinite = [h for h in hits if "non-finite" in h[1]]
-            if len(hits) - len(nonfinite) < rule.min_rows:
-                hits = nonfinite
-            for row, trend in hits:
-                self._warned.add((row, q))
-                line = f"stability warning: layer {row}: {q} {trend}"
-                self.log.warning(line)
-                lines.append(line)
-                self.warnings.append({"step": step, "layer": row, "quantity": q, "message": line})
-        # the loss: non-finite, or a spike over the recent level
-        spike = record.get("loss_spike")
-        lmax = record.get("loss_max")
-        if lmax is not None and not math.isfinite(lmax) and ("(model)", "loss") not in self._warned:
-            self._warned.add(("(model)", "loss"))
-            line = f"stability warning: layer (model): loss is non-finite ({lmax}) at step {step}"
-            self.log.warning(line)
-            lines.append(line)
-            self.warnings.append({"step": step, "layer": "(model)", "quantity": "loss", "message": line})
-        elif spike is not None and spike >= 2.0:
-            line = (f"stability warning: layer (model): loss_spike: the interval's largest loss {lmax:.4g} is "
-                    f"{spike:.2f}x the recent median at step {step}")
-            self.log.warning(line)
-            lines.append(line)
-            self.warnings.append({"step": step, "layer": "(model)", "quantity": "loss_spike", "message": line})
+        for w in check(self.history, self.rules, self._warned):
+            if w["quantity"] != "loss_spike":  # a loss spike may warn again; everything else warns once
+                self._warned.add((w["layer"], w["quantity"]))
+            self.log.warning(w["message"])
+            lines.append(w["message"])
+            self.warnings.append(w)
         return lines
 
     # ------------------------------------------------------------------ outputs
@@ -971,6 +958,8 @@ class StabilityMonitor:
             for row, v in rows.items():
                 # TensorBoard tags allow [A-Za-z0-9_./-]: "(other)" becomes "_other_"
                 self._writer.add_scalar(re.sub(r"[^\w./-]", "_", f"stability/{q}/{row}"), v, step)
+        for line in record.get("warnings", ()):  # the same one-line text as the log and monitor.jsonl
+            self._writer.add_text("stability/warnings", line, step)
         self._writer.flush()
 
     def summary(self) -> str:
@@ -1067,7 +1056,12 @@ class StabilityMonitor:
             (self.log_dir / "summary.md").write_text(text + "\n", encoding="utf-8")
             if self._heatmaps:
                 try:
-                    self.heatmaps()
+                    written = self.heatmaps()
+                    if self._writer is not None:  # the heatmaps as TensorBoard images too
+                        from matplotlib.image import imread
+                        for path in written:
+                            self._writer.add_image(f"stability/{path.stem}", imread(str(path))[..., :3],
+                                                   self.history[-1]["step"], dataformats="HWC")
                 except ImportError:
                     self.log.warning("stability monitor: matplotlib is not installed; no heatmaps")
         if self._jsonl is not None:
@@ -1094,6 +1088,12 @@ def _heads(module: nn.Module) -> Optional[int]:
     cfg = getattr(module, "config", None)
     v = getattr(cfg, "num_attention_heads", None)
     return v if isinstance(v, int) and v > 0 else None
+
+
+def _qk_normed(module: nn.Module) -> bool:
+    """Whether an attention module applies qk-layernorm (``q_norm`` / ``k_norm``, :mod:`admin_torch.qk_norm`)."""
+    return isinstance(getattr(module, "q_norm", None), nn.Module) and isinstance(getattr(module, "k_norm", None),
+                                                                                 nn.Module)
 
 
 def _attention_style(module: nn.Module) -> Optional[str]:

@@ -1,0 +1,285 @@
+"""qk-layernorm: a LayerNorm on the queries and the keys of every attention head.
+
+Dehghani et al. 2023 (ViT-22B) and Wortsman et al. 2023 ("Small-scale proxies for large-scale
+Transformer training instabilities") normalise each head's query and key before their dot product::
+
+    logits = LN(q_h) . LN(k_h) / sqrt(d_head)        for every head h
+
+which bounds the attention logits by ``|gamma|^2 * d_head / sqrt(d_head)`` plus bias terms and removes
+*attention-logit growth*, the instability where ``q.k`` grows without bound at high learning rates and
+the attention softmax collapses to one-hot. One LayerNorm over ``d_head`` (its ``gamma``/``beta`` of size
+``d_head``, shared by the heads) for the queries and one for the keys, per attention module.
+
+What this module gives:
+
+* :class:`QKNorm`: the per-head LayerNorm of a ``(..., heads * d_head)`` projection;
+* :class:`QKNormMultiheadAttention`: ``torch.nn.MultiheadAttention`` with ``q_norm`` / ``k_norm``
+  (same parameters, same call signature, masks and ``is_causal`` honoured);
+* :func:`add_qk_norm`: in place, gives every attention module of a model qk-layernorm: torch.nn's
+  ``MultiheadAttention`` (inside ``TransformerEncoderLayer`` / ``TransformerDecoderLayer``, Pre-LN or
+  Post-LN, converted by :func:`admin_torch.convert` or not) and the reference stacks'
+  :class:`~admin_torch.reference_stack.SelfAttention` (``make_stack(..., qk_norm=True)`` builds them so).
+
+Nothing else changes: the new LayerNorms start at ``gamma = 1, beta = 0`` and are trained with the
+model. They are not an identity, so adding them changes the function of a trained model (an
+architecture for training from scratch, as in both papers). :func:`admin_torch.fold` keeps them
+where they are (they read the projections, which folding leaves unchanged): nothing is folded into
+or out of them.
+
+Example::
+
+    >>> import torch
+    >>> layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, norm_first=True)
+    >>> layer = add_qk_norm(layer)
+    >>> type(layer.self_attn).__name__, layer.self_attn.q_norm.norm.normalized_shape
+    ('QKNormMultiheadAttention', (8,))
+    >>> layer(torch.randn(2, 5, 32)).shape
+    torch.Size([2, 5, 32])
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stability_toolbox import validation
+
+__all__ = ["QKNorm", "QKNormMultiheadAttention", "add_qk_norm", "has_qk_norm"]
+
+
+class QKNorm(nn.Module):
+    """LayerNorm of each head's slice of a ``(..., heads * head_dim)`` projection.
+
+    ``forward(x)`` views ``x`` as ``(..., heads, head_dim)``, applies ``layer_norm`` over ``head_dim``
+    (one ``gamma``/``beta`` of size ``head_dim`` shared by the heads) and returns the original shape.
+
+    Args:
+        dim: the projection's width (``heads * head_dim``), an integer >= 1.
+        heads: the number of heads, an integer >= 1 dividing ``dim``.
+        eps: LayerNorm's epsilon, a real > 0.
+        elementwise_affine: learnable ``gamma`` and ``beta``.
+
+    Example::
+
+        >>> norm = QKNorm(8, 2)
+        >>> y = norm(torch.randn(3, 8))
+        >>> y.view(3, 2, 4).mean(-1).abs().max() < 1e-6
+        tensor(True)
+    """
+
+    def __init__(self, dim: int, heads: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        dim = validation.as_int("dim", dim, minimum=1)
+        heads = validation.as_int("heads", heads, minimum=1)
+        if dim % heads:
+            raise ValueError(f"heads must divide dim, got dim={dim}, heads={heads}")
+        eps = validation.as_real("eps", eps, low=0.0, low_open=True)
+        elementwise_affine = validation.as_bool("elementwise_affine", elementwise_affine)
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.norm = nn.LayerNorm(self.head_dim, eps=eps, elementwise_affine=elementwise_affine,
+                                 device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.heads * self.head_dim:
+            raise ValueError(f"x: last dimension {x.shape[-1]} is not heads * head_dim = "
+                             f"{self.heads} * {self.head_dim}")
+        shape = x.shape
+        return self.norm(x.reshape(*shape[:-1], self.heads, self.head_dim)).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}"
+
+
+def _merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], b: int, h: int, tq: int,
+                 tk: int, dtype: torch.dtype) -> Optional[Tensor]:
+    """One additive float mask of shape ``(b, h, tq, tk)`` (or None) from torch.nn's two masks."""
+    mask = None
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            mask = attn_mask.view(1, 1, tq, tk)
+        elif attn_mask.dim() == 3:
+            mask = attn_mask.view(b, h, tq, tk)
+        else:
+            raise ValueError(f"attn_mask: expected 2 or 3 dimensions, got shape {tuple(attn_mask.shape)}")
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(b, 1, 1, tk)
+        mask = kpm if mask is None else mask + kpm
+    return None if mask is None else mask.to(dtype)
+
+
+class QKNormMultiheadAttention(nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` with qk-layernorm: ``softmax(LN(q_h) LN(k_h)^T / sqrt(d_h) + mask) v_h``.
+
+    Made by :func:`add_qk_norm` from an existing ``nn.MultiheadAttention`` (its parameters are kept;
+    ``q_norm`` and ``k_norm`` are added as :class:`QKNorm`), or constructed directly with the
+    arguments of ``nn.MultiheadAttention`` (``add_bias_kv``, ``add_zero_attn`` and ``kdim``/``vdim``
+    different from ``embed_dim`` are refused). ``forward`` takes the same arguments and returns
+    ``(output, weights)`` like the stock module (weights averaged over heads unless
+    ``average_attn_weights=False``; None when ``need_weights=False``).
+
+    torch.nn's fused inference fast paths read ``in_proj_weight`` directly and would skip the
+    LayerNorms; ``_qkv_same_embed_dim`` is set False on this module so that ``TransformerEncoderLayer``
+    and ``TransformerEncoder`` never take them (this module's own forward does not read it).
+
+    Example::
+
+        >>> mha = QKNormMultiheadAttention(16, 2, batch_first=True)
+        >>> out, w = mha(torch.randn(2, 3, 16), torch.randn(2, 4, 16), torch.randn(2, 4, 16))
+        >>> out.shape, w.shape
+        (torch.Size([2, 3, 16]), torch.Size([2, 3, 4]))
+    """
+
+    q_norm: QKNorm
+    k_norm: QKNorm
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim=None, vdim=None,
+                 batch_first: bool = False, device=None, dtype=None, *, eps: float = 1e-5):
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim,
+                         batch_first, device, dtype)
+        _check_supported("attention", self)
+        _add_norms(self, eps)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        # time-first from here: (t, b, e)
+        tq, b, e = query.shape
+        tk = key.shape[0]
+        h, dh = self.num_heads, self.head_dim
+        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                             target_type=query.dtype)
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        if is_causal and attn_mask is None:
+            attn_mask = torch.full((tq, tk), float("-inf"), dtype=query.dtype, device=query.device).triu(1)
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = self.q_norm(F.linear(query, w_q, b_q))
+        k = self.k_norm(F.linear(key, w_k, b_k))
+        v = F.linear(value, w_v, b_v)
+
+        def heads(t: Tensor, length: int) -> Tensor:  # (t, b, e) -> (b, h, t, dh)
+            return t.reshape(length, b, h, dh).permute(1, 2, 0, 3)
+
+        q, k, v = heads(q, tq), heads(k, tk), heads(v, tk)
+        mask = _merge_masks(attn_mask, key_padding_mask, b, h, tq, tk, q.dtype)
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            logits = q @ k.transpose(-1, -2) / math.sqrt(dh)
+            if mask is not None:
+                logits = logits + mask
+            weights = logits.softmax(-1)
+            y = F.dropout(weights, p, training=p > 0) @ v
+        else:
+            weights = None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = self.out_proj(y.permute(2, 0, 1, 3).reshape(tq, b, e))  # (tq, b, e)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(1)
+        if not batched:
+            y = y.squeeze(1)
+            weights = None if weights is None else weights.squeeze(0)
+        elif self.batch_first:
+            y = y.transpose(0, 1)
+        return y, weights
+
+
+def _check_supported(name: str, mha: nn.MultiheadAttention) -> None:
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError(f"{name}: add_bias_kv / add_zero_attn attention is not supported by qk-layernorm")
+    if mha.in_proj_weight is None:
+        raise ValueError(f"{name}: attention with kdim/vdim different from embed_dim is not supported by "
+                         "qk-layernorm")
+
+
+def _add_norms(module: nn.Module, eps: float = 1e-5) -> None:
+    dim = module.embed_dim if isinstance(module, nn.MultiheadAttention) else module.q_proj.out_features
+    heads = module.num_heads if isinstance(module, nn.MultiheadAttention) else module.heads
+    ref = next(module.parameters())
+    module.q_norm = QKNorm(dim, heads, eps=eps, device=ref.device, dtype=ref.dtype)
+    module.k_norm = QKNorm(dim, heads, eps=eps, device=ref.device, dtype=ref.dtype)
+    if isinstance(module, nn.MultiheadAttention):
+        module._qkv_same_embed_dim = False  # keeps torch.nn's fused fast paths (which skip q/k norms) off
+
+
+def has_qk_norm(module: nn.Module) -> bool:
+    """Whether ``module`` (an attention module) applies qk-layernorm (has ``q_norm`` and ``k_norm``)."""
+    return isinstance(getattr(module, "q_norm", None), nn.Module) and isinstance(getattr(module, "k_norm", None),
+                                                                                 nn.Module)
+
+
+def add_qk_norm(model: nn.Module, *, eps: float = 1e-5) -> nn.Module:
+    """Give every attention module of ``model`` qk-layernorm, in place; returns ``model``.
+
+    Handled: ``torch.nn.MultiheadAttention`` (self- and cross-attention of torch.nn's encoder/decoder
+    layers, Pre-LN or Post-LN, Admin-converted or not; the module becomes a
+    :class:`QKNormMultiheadAttention` with the same parameters) and the reference stacks'
+    :class:`~admin_torch.reference_stack.SelfAttention`. Attention modules that already have it are left
+    as they are. For fairseq models use ``--qk-norm`` (``fairseq_plugins``).
+
+    Args:
+        model: a module (the model or one layer).
+        eps: the LayerNorms' epsilon.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: no attention module without qk-layernorm was found, or one is of an unsupported form
+            (``add_bias_kv``, ``add_zero_attn``, ``kdim``/``vdim`` != ``embed_dim``). Nothing is changed then.
+
+    Example::
+
+        >>> from admin_torch import make_stack
+        >>> stack = add_qk_norm(make_stack('pre_ln', depth=2, dim=16, heads=2, seed=0))
+        >>> stack.sublayers[0].q_norm
+        QKNorm(
+          heads=2, head_dim=8
+          (norm): LayerNorm((8,), eps=1e-05, elementwise_affine=True)
+        )
+    """
+    eps = validation.as_real("eps", eps, low=0.0, low_open=True)
+    todo = _plan(model)
+    for module in todo:  # every check passed: now change the model
+        if isinstance(module, nn.MultiheadAttention):
+            module.__class__ = QKNormMultiheadAttention
+        _add_norms(module, eps)
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+    return model
+
+
+def _plan(model: nn.Module) -> list:
+    """The attention modules :func:`add_qk_norm` changes; TypeError/ValueError (nothing changed) if none
+    or one is unsupported. :func:`admin_torch.convert` calls it before changing anything."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .reference_stack import SelfAttention
+
+    todo = []
+    for name, module in model.named_modules():
+        if has_qk_norm(module):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            _check_supported(name or "model", module)
+            todo.append(module)
+        elif isinstance(module, SelfAttention):
+            todo.append(module)
+    if not todo:
+        raise ValueError("model has no attention module without qk-layernorm (torch.nn MultiheadAttention, "
+                         "admin_torch's reference-stack SelfAttention); nothing was changed")
+    return todo
