@@ -129,16 +129,20 @@ class WarningRule:
 
 #: the default rules (calibration and false-alarm rates: docs/monitor.md)
 DEFAULT_RULES: Dict[str, WarningRule] = {
-    # vanishing gradients, what freezes the lower layers of a deep Post-LN stack: a layer's gradient
-    # fell below 1/1000 of the largest layer gradient, falling at each of the last 3 logged steps
-    # (with Adam, a layer whose per-element gradient drops under eps stops moving altogether)
-    "grad_ratio": WarningRule(threshold=1e-3, window=3, direction="falling"),
+    # vanishing gradients, what freezes the lower layers of a deep Post-LN stack: in at least 2 layers the
+    # gradient fell below 1/100 of the largest layer gradient, falling >= 3x per log over the last 3
+    # logged steps (a rate: it warns while the collapse is under way, before the loss stalls)
+    "grad_ratio": WarningRule(threshold=1e-2, window=3, min_growth=3.0, min_rows=2, direction="falling"),
     # exploding gradients: a layer's gradient norm grew three logs in a row to >= 100
     "grad_norm": WarningRule(threshold=100.0, window=3, min_growth=1.5),
     # fp16 overflow: the largest activation within a factor 16 of the dtype's largest finite value
     "act_frac": WarningRule(threshold=1.0 / 16, window=2),
-    # softmax saturation: logits beyond ~30 make attention one-hot and its gradient vanish
-    "attn_logit_max": WarningRule(threshold=30.0, window=3, min_growth=1.05),
+    # attention-logit growth: the largest |q.k|/sqrt(d) past 20 and at least doubling per log over the last
+    # 3 logged steps (slow growth to ~50 trains fine; growth that fast ends in a saturated softmax)
+    "attn_logit_max": WarningRule(threshold=20.0, window=3, min_growth=2.0),
+    # output-logit divergence: the RMS of the output logits' log Z past 10 and growing >= 1.3x per log
+    # (needs monitor.observe_logits(logits))
+    "log_z_rms": WarningRule(threshold=10.0, window=3, min_growth=1.3),
 }
 
 
