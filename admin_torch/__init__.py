@@ -24,7 +24,7 @@ from .hf_io import from_pretrained, save_pretrained
 from .folding import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer
 from .output_change import output_change, residual_betas
-from .qk_norm import QKNorm, QKNormMultiheadAttention, add_qk_norm, has_qk_norm
+from .qk_norm import QKNorm, QKNormLinear, QKNormMultiheadAttention, add_qk_norm, has_qk_norm, qk_norm_projections_
 from .profiling import apply_omegas, load_profile, omega_residuals, profile_omegas, save_profile
 # make_stack's kinds under their own name: STACK_KINDS is the architectures' mapping, beside LAYER_KINDS
 from .reference_stack import STACK_KINDS as REFERENCE_STACK_KINDS
@@ -81,8 +81,10 @@ __all__ = [
     # qk-layernorm (Wortsman et al. 2023's remedy for attention-logit growth)
     "QKNorm",
     "QKNormMultiheadAttention",
+    "QKNormLinear",
     "add_qk_norm",
     "has_qk_norm",
+    "qk_norm_projections_",
     # folding
     "fold",
     "fold_reference_stack",

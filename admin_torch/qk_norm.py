@@ -15,6 +15,8 @@ What this module gives:
 * :class:`QKNorm`: the per-head LayerNorm of a ``(..., heads * d_head)`` projection;
 * :class:`QKNormMultiheadAttention`: ``torch.nn.MultiheadAttention`` with ``q_norm`` / ``k_norm``
   (same parameters, same call signature, masks and ``is_causal`` honoured);
+* :class:`QKNormLinear` / :func:`qk_norm_projections_`: a query/key projection with its norm built in, for
+  attention modules that call ``q_proj`` / ``k_proj`` (fairseq's ``--qk-norm`` uses it);
 * :func:`add_qk_norm`: in place, gives every attention module of a model qk-layernorm: torch.nn's
   ``MultiheadAttention`` (inside ``TransformerEncoderLayer`` / ``TransformerDecoderLayer``, Pre-LN or
   Post-LN, converted by :func:`admin_torch.convert` or not) and the reference stacks'
@@ -46,7 +48,8 @@ from torch import Tensor, nn
 
 from stability_toolbox import validation
 
-__all__ = ["QKNorm", "QKNormMultiheadAttention", "add_qk_norm", "has_qk_norm"]
+__all__ = ["QKNorm", "QKNormMultiheadAttention", "QKNormLinear", "add_qk_norm", "has_qk_norm",
+           "qk_norm_projections_"]
 
 
 class QKNorm(nn.Module):
@@ -199,6 +202,48 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
         return y, weights
 
 
+class QKNormLinear(nn.Linear):
+    """A query or key projection followed by its per-head LayerNorm: ``qk_norm(x W^T + b)``.
+
+    For attention modules that call their ``q_proj`` / ``k_proj`` (fairseq's ``MultiheadAttention``): the
+    projection stays an ``nn.Linear`` (``weight`` / ``bias`` as before, what folding and DeepNorm read),
+    its output is normalised per head by ``self.qk_norm`` (:class:`QKNorm`). Made in place by
+    :func:`qk_norm_projections_`.
+
+    Example::
+
+        >>> proj = qk_norm_projections_(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), heads=2)[0]
+        >>> proj(torch.randn(3, 8)).view(3, 2, 4).mean(-1).abs().max() < 1e-5
+        tensor(True)
+    """
+
+    qk_norm: QKNorm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.qk_norm(F.linear(x, self.weight, self.bias))
+
+
+def qk_norm_projections_(q_proj: nn.Linear, k_proj: nn.Linear, heads: int, eps: float = 1e-5):
+    """Turn the query and key projections of one attention module into :class:`QKNormLinear`, in place.
+
+    Returns ``(q_proj, k_proj)``. Raises TypeError/ValueError (nothing changed) for a projection that is
+    not an ``nn.Linear``, is one already, or whose width ``heads`` does not divide.
+    """
+    heads = validation.as_int("heads", heads, minimum=1)
+    eps = validation.as_real("eps", eps, low=0.0, low_open=True)
+    for name, proj in (("q_proj", q_proj), ("k_proj", k_proj)):
+        if not isinstance(proj, nn.Linear):
+            raise TypeError(f"{name} must be an nn.Linear, got {type(proj).__name__}")
+        if isinstance(proj, QKNormLinear):
+            raise ValueError(f"{name} already has qk-layernorm")
+        if proj.out_features % heads:
+            raise ValueError(f"heads must divide {name}.out_features, got {proj.out_features} and heads={heads}")
+    for proj in (q_proj, k_proj):
+        proj.__class__ = QKNormLinear
+        proj.qk_norm = QKNorm(proj.out_features, heads, eps=eps, device=proj.weight.device, dtype=proj.weight.dtype)
+    return q_proj, k_proj
+
+
 def _check_supported(name: str, mha: nn.MultiheadAttention) -> None:
     if mha.bias_k is not None or mha.add_zero_attn:
         raise ValueError(f"{name}: add_bias_kv / add_zero_attn attention is not supported by qk-layernorm")
@@ -218,7 +263,10 @@ def _add_norms(module: nn.Module, eps: float = 1e-5) -> None:
 
 
 def has_qk_norm(module: nn.Module) -> bool:
-    """Whether ``module`` (an attention module) applies qk-layernorm (has ``q_norm`` and ``k_norm``)."""
+    """Whether ``module`` (an attention module) applies qk-layernorm (``q_norm`` and ``k_norm``, or
+    :class:`QKNormLinear` projections)."""
+    if isinstance(getattr(module, "q_proj", None), QKNormLinear):
+        return True
     return isinstance(getattr(module, "q_norm", None), nn.Module) and isinstance(getattr(module, "k_norm", None),
                                                                                  nn.Module)
 
@@ -245,11 +293,8 @@ def add_qk_norm(model: nn.Module, *, eps: float = 1e-5) -> nn.Module:
 
         >>> from admin_torch import make_stack
         >>> stack = add_qk_norm(make_stack('pre_ln', depth=2, dim=16, heads=2, seed=0))
-        >>> stack.sublayers[0].q_norm
-        QKNorm(
-          heads=2, head_dim=8
-          (norm): LayerNorm((8,), eps=1e-05, elementwise_affine=True)
-        )
+        >>> stack.sublayers[0].q_norm.heads, stack.sublayers[0].q_norm.head_dim
+        (2, 8)
     """
     eps = validation.as_real("eps", eps, low=0.0, low_open=True)
     todo = _plan(model)

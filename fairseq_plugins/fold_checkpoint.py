@@ -133,6 +133,9 @@ def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerMode
     if not isinstance(model, (TransformerAdminModel, TransformerLMAdmin)):
         raise TypeError(f"model must be a transformer_admin or transformer_lm_admin model, got {type(model).__name__}")
     language_model = isinstance(model, TransformerLMAdmin)
+    if any(admin_torch.has_qk_norm(m) for m in model.modules()):
+        raise ValueError("model has qk-layernorm (--qk-norm); a stock fairseq transformer has no LayerNorm on queries "
+                         "and keys, so it is not folded (evaluate it with --user-dir fairseq_plugins)")
     if task is None:
         source = model.decoder.dictionary if language_model else model.encoder.dictionary
         task = SimpleNamespace(source_dictionary=source, target_dictionary=model.decoder.dictionary)
@@ -249,6 +252,11 @@ def fold_checkpoint(in_path: str, out_path: str) -> Dict[str, float]:
         raise ValueError(
             f"{in_path}: trained with --moe-experts {experts}; a stock fairseq transformer has no experts, so a "
             "mixture-of-experts model is not folded (evaluate it with --user-dir fairseq_plugins)")
+    if getattr(args, "qk_norm", False):
+        # a stock fairseq transformer has no qk-layernorm: its LayerNorms cannot be folded into anything
+        raise ValueError(
+            f"{in_path}: trained with --qk-norm; a stock fairseq transformer has no LayerNorm on queries and keys, "
+            "so the model is not folded (evaluate it with --user-dir fairseq_plugins)")
     sd = state["model"]
     if language_model:
         src = tgt = _dummy_dictionary(sd["decoder.embed_tokens.weight"].shape[0])

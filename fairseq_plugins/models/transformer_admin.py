@@ -31,6 +31,10 @@ Initializations (``--admin-init``):
 (:mod:`fairseq_plugins.moe`; ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
 ``--moe-capacity-factor``; train with ``--criterion label_smoothed_cross_entropy_moe``).
 
+``--qk-norm`` adds qk-layernorm (a LayerNorm on each head's queries and keys, :func:`apply_qk_norm`) to every
+attention; with z-loss (``--criterion label_smoothed_cross_entropy_zloss --z-loss 1e-4``) these are the
+remedies of Wortsman et al. 2023 that the stability monitor's warnings name.
+
 ``--encoder-as-parameter`` / ``--decoder-as-parameter`` make omega a trainable vector of size
 embed_dim, as in the original recipes. Only Post-LN is supported.
 
@@ -112,7 +116,7 @@ def decoder_sublayers(args) -> int:
 
 
 _ADMIN_DEFAULTS = {"admin_init": "admin", "admin_output_change_scale": "O(logn)", "encoder_as_parameter": False,
-                   "decoder_as_parameter": False, "admin_profile": None}
+                   "decoder_as_parameter": False, "admin_profile": None, "qk_norm": False}
 
 
 def _admin_defaults(args) -> None:
@@ -122,7 +126,7 @@ def _admin_defaults(args) -> None:
     moe_defaults(args)
     for name, default in _ADMIN_DEFAULTS.items():
         value = getattr(args, name, None)
-        if value is None or (name.endswith("_as_parameter") and not isinstance(value, bool)):
+        if value is None or ((name.endswith("_as_parameter") or name == "qk_norm") and not isinstance(value, bool)):
             value = default if value is None else bool(value)
             try:
                 setattr(args, name, value)
@@ -288,6 +292,27 @@ class TransformerAdminDecoder(TransformerDecoder):
         return _wrap(cfg, TransformerAdminDecoderLayer(cfg, residuals, beta, no_encoder_attn=no_encoder_attn))
 
 
+def apply_qk_norm(model: nn.Module) -> int:
+    """``--qk-norm``: qk-layernorm in every fairseq ``MultiheadAttention`` of ``model`` (self- and cross-attention),
+    in place; returns how many modules got it.
+
+    Each ``q_proj`` / ``k_proj`` becomes an :class:`admin_torch.QKNormLinear` (the same ``nn.Linear`` weights,
+    followed by a LayerNorm over each head's slice; fairseq then scales q by ``1/sqrt(d_head)`` as always), so
+    incremental decoding caches normalised keys. fairseq's fused path (``F.multi_head_attention_forward``)
+    reads ``q_proj.weight`` directly and would skip the norms: ``skip_embed_dim_check`` turns it off for these
+    modules (its only other effect is skipping an input-width assertion).
+    """
+    from fairseq.modules.multihead_attention import MultiheadAttention
+
+    count = 0
+    for m in model.modules():
+        if isinstance(m, MultiheadAttention) and not admin_torch.has_qk_norm(m):
+            admin_torch.qk_norm_projections_(m.q_proj, m.k_proj, m.num_heads)
+            m.skip_embed_dim_check = True
+            count += 1
+    return count
+
+
 def residual_modules(model: nn.Module):
     """``(name, module)`` of every Admin / DeepNorm residual of ``model``, encoder first, in call order."""
     kinds = (admin_torch.OmegaResidual, admin_torch.DeepNormResidual)
@@ -376,6 +401,9 @@ class TransformerAdminModel(AdminProfiling, TransformerModel):
         group.add_argument("--admin-profile", metavar="PATH", default=None,
                            help="profiled Admin: read the omegas from PATH (JSON) if it exists, otherwise "
                                 "profile on the first training batch and write them there")
+        group.add_argument("--qk-norm", action="store_true", default=None,
+                           help="qk-layernorm: a LayerNorm on each head's queries and keys in every attention "
+                                "(Wortsman et al. 2023's remedy for attention-logit growth)")
         add_moe_args(parser)
 
     def __init__(self, args, encoder, decoder):
@@ -390,6 +418,8 @@ class TransformerAdminModel(AdminProfiling, TransformerModel):
         # fairseq keeps a TransformerConfig as model.args; keep the flat Namespace too (for folding)
         model.legacy_args = copy.deepcopy(args)
         model.moe_balance_weight = float(args.moe_balance_weight)
+        if args.qk_norm:
+            apply_qk_norm(model)
         model._load_profile_file(args)
         return model
 

@@ -9,7 +9,8 @@ as ``LN(omega * x + f(x))`` (:class:`admin_torch.OmegaResidual`) or ``LN(alpha *
 The flags are ``transformer_admin``'s: ``--admin-init admin|profiled|deepnorm``,
 ``--admin-output-change-scale``, ``--decoder-as-parameter``, ``--admin-profile``, and the
 mixture-of-experts FFN's ``--moe-experts``, ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
-``--moe-capacity-factor`` (:mod:`fairseq_plugins.moe`). Pre-LN
+``--moe-capacity-factor`` (:mod:`fairseq_plugins.moe`), and ``--qk-norm`` (qk-layernorm,
+:func:`fairseq_plugins.models.transformer_admin.apply_qk_norm`). Pre-LN
 (``--decoder-normalize-before``) is refused. Architectures, named after fairseq's own:
 
 * ``transformer_lm_admin``: the base (512 / 2048 / 8 heads, 6 layers),
@@ -43,7 +44,7 @@ import reinmax
 
 from ..flags import FlagError
 from ..registry import register_architecture_once, register_once
-from .transformer_admin import ADMIN_INITS, AdminProfiling, TransformerAdminDecoder, _check_admin_args
+from .transformer_admin import ADMIN_INITS, AdminProfiling, TransformerAdminDecoder, _check_admin_args, apply_qk_norm
 
 __all__ = ["TransformerLMAdminConfig", "TransformerLMAdmin"]
 
@@ -67,6 +68,9 @@ class TransformerLMAdminConfig(TransformerLanguageModelConfig):
         default=0.01, metadata={"help": "weight of the load-balancing loss added by the *_moe criteria"})
     moe_capacity_factor: float = field(
         default=0.0, metadata={"help": "expert capacity in units of tokens/E; excess tokens dropped (0: none)"})
+    qk_norm: bool = field(
+        default=False, metadata={"help": "qk-layernorm: a LayerNorm on each head's queries and keys "
+                                         "(Wortsman et al. 2023's remedy for attention-logit growth)"})
 
 
 @register_once(MODEL_REGISTRY, register_model, "transformer_lm_admin", dataclass=TransformerLMAdminConfig)
@@ -98,6 +102,8 @@ class TransformerLMAdmin(AdminProfiling, TransformerLanguageModel):
         decoder = TransformerAdminDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         model = cls(decoder, copy.deepcopy(args))
         model.moe_balance_weight = float(args.moe_balance_weight)
+        if args.qk_norm:
+            apply_qk_norm(model)
         model._load_profile_file(args)
         return model
 
