@@ -3,6 +3,7 @@
 Three subcommands::
 
     python -m benchmarks.bench_monitor overhead [--device cuda]      # step time with / without the monitor
+    python -m benchmarks.bench_monitor overhead-paired               # the same, step-paired: small spread
     python -m benchmarks.bench_monitor evidence                      # the monitored deep runs (fairseq-train)
     python -m benchmarks.bench_monitor analyze                       # warnings, rates, plots of those runs
 
@@ -128,6 +129,138 @@ def overhead(a) -> None:
     (a.out / f"overhead_{a.device}.md").write_text(text + "\n")
     (a.out / f"overhead_{a.device}.json").write_text(json.dumps({"rows": rows, "samples_s": {str(k): v for k, v in
                                                                  samples.items()}}, indent=1))
+
+
+def overhead_paired(a) -> None:
+    """The overhead at interval k decomposed and measured step by step, so that the spread is small on a
+    busy machine: a bare step and a monitored step alternate (ABBA order), and the per-pair difference is
+    what the monitor costs that step. Between logging steps (``non-logging pairs``) and on a logging step
+    (``logged pairs``) separately; the overhead at interval k is ``((k - 1) * d_nonlog + d_logged) / k``
+    over the bare step. The spread: 5th-95th percentile over 1000 bootstrap resamples of the pairs. The
+    host-side cost of ``begin_step()`` + ``end_step(loss)`` alone (no model) is timed too."""
+    import random
+
+    import torch
+    from torch import nn
+
+    from stability_toolbox import StabilityMonitor
+
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    layer = nn.TransformerEncoderLayer(a.dim, 4, 4 * a.dim, dropout=0.1, batch_first=True)
+    model = nn.TransformerEncoder(layer, a.layers, enable_nested_tensor=False).to(device)
+    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    x = torch.randn(a.batch, a.tokens, a.dim, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(mon=None):
+        sync()
+        t = time.perf_counter()
+        if mon is not None:
+            mon.begin_step()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        if mon is not None:
+            mon.capture_grads()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if mon is not None:
+            mon.end_step(loss)
+        sync()
+        return time.perf_counter() - t
+
+    k = a.interval
+    mon = StabilityMonitor(model, None, every=k, tensorboard=False, heatmaps=False, rules={})
+    for _ in range(3):
+        step()
+    mon.step_count = 0
+    step(mon)  # the first logged step (one-time set-up: probe capture) is not a per-step cost
+
+    def pairs(n, logged):
+        bare, monitored = [], []
+        for i in range(n):
+            mon.step_count = (0 if logged else 1) + k * (i + 1)
+            if i % 2:
+                monitored.append(step(mon))
+                bare.append(step())
+            else:
+                bare.append(step())
+                monitored.append(step(mon))
+        return bare, monitored
+
+    t0 = time.time()
+    nb, nm = pairs(a.pairs, logged=False)
+    lb, lm = pairs(a.logged_pairs, logged=True)
+    seconds = time.time() - t0
+    mon.close()
+    # begin_step + end_step(loss) alone, between logging steps
+    mon2 = StabilityMonitor(model, None, every=10 ** 9, tensorboard=False, heatmaps=False, rules={})
+    mon2.step_count = 1
+    loss = torch.tensor(1.0, device=device)
+    calls = 20000
+    t = time.perf_counter()
+    for _ in range(calls):
+        mon2.begin_step()
+        mon2.end_step(loss)
+    sync()
+    host_us = (time.perf_counter() - t) / calls * 1e6
+    mon2.close()
+
+    rng = random.Random(0)
+    d_non = [m - b for b, m in zip(nb, nm)]
+    d_log = [m - b for b, m in zip(lb, lm)]
+    bare_all = nb + lb
+
+    def estimate(dn, dl, bare):
+        base = statistics.median(bare)
+        return {kk: 100 * ((kk - 1) * statistics.median(dn) + statistics.median(dl)) / kk / base
+                for kk in (k, 20, 1000)} | {"nonlog": 100 * statistics.median(dn) / base,
+                                            "logged": 100 * statistics.median(dl) / base}
+
+    point = estimate(d_non, d_log, bare_all)
+    boots = []
+    for _ in range(1000):
+        dn = [rng.choice(d_non) for _ in d_non]
+        dl = [rng.choice(d_log) for _ in d_log]
+        bb = [rng.choice(bare_all) for _ in bare_all]
+        boots.append(estimate(dn, dl, bb))
+
+    def spread(key):
+        vals = sorted(b[key] for b in boots)
+        return vals[int(0.05 * len(vals))], vals[int(0.95 * len(vals)) - 1]
+
+    base_ms = statistics.median(bare_all) * 1e3
+    lines = [f"Monitor overhead, paired steps: torch.nn TransformerEncoder {a.layers} layers (Post-LN, d={a.dim}, 4 "
+             f"heads), batch {a.batch} x {a.tokens} tokens, Adam; device {a.device}, {a.threads} thread(s); "
+             f"{a.pairs} non-logging pairs and {a.logged_pairs} logged pairs (bare / monitored alternating, ABBA), "
+             f"{seconds:.0f} s", "",
+             f"bare step: median {base_ms:.2f} ms (5-95%: {1e3 * sorted(bare_all)[len(bare_all) // 20]:.1f}-"
+             f"{1e3 * sorted(bare_all)[-max(1, len(bare_all) // 20)]:.1f} ms)", "",
+             "| what | overhead vs bare step (median of paired differences) | 5-95% bootstrap |", "|---|---|---|"]
+    names = [("nonlog", "a step between logging steps"), ("logged", "one logged step"),
+             (k, f"monitor every {k} (the default)" if k == 100 else f"monitor every {k}"), (20, "monitor every 20"),
+             (1000, "monitor every 1000")]
+    for key, label in names:
+        lo, hi = spread(key)
+        lines.append(f"| {label} | {point[key]:+.2f}% | {lo:+.2f}% .. {hi:+.2f}% |")
+    lines += ["", f"host cost of begin_step() + end_step(loss) between logging steps (no model): {host_us:.1f} us "
+              f"per step = {100 * host_us / 1e3 / base_ms:.3f}% of the bare step", "",
+              f"command: python -m benchmarks.bench_monitor overhead-paired --device {a.device} --layers {a.layers} "
+              f"--dim {a.dim} --batch {a.batch} --tokens {a.tokens} --pairs {a.pairs} --logged-pairs "
+              f"{a.logged_pairs} --interval {k} --threads {a.threads}",
+              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"]
+    text = "\n".join(lines)
+    print(text)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"overhead_paired_{a.device}.md").write_text(text + "\n")
+    (a.out / f"overhead_paired_{a.device}.json").write_text(json.dumps(
+        {"point_pct": {str(kk): v for kk, v in point.items()},
+         "spread_pct": {str(kk): spread(kk) for kk, _ in names}, "host_us": host_us,
+         "bare_s": bare_all, "nonlog_pairs_s": list(zip(nb, nm)), "logged_pairs_s": list(zip(lb, lm))}, indent=1))
 
 
 # ----------------------------------------------------------------------------- evidence runs
@@ -307,6 +440,17 @@ def main(argv=None):
     o.add_argument("--intervals", default="100,20")
     o.add_argument("--threads", type=int, default=1)
     o.add_argument("--out", type=Path, default=REPO / "results" / "monitor")
+    q = sub.add_parser("overhead-paired")
+    q.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    q.add_argument("--layers", type=int, default=6)
+    q.add_argument("--dim", type=int, default=128)
+    q.add_argument("--batch", type=int, default=8)
+    q.add_argument("--tokens", type=int, default=64)
+    q.add_argument("--pairs", type=int, default=300, help="bare / non-logging monitored step pairs")
+    q.add_argument("--logged-pairs", type=int, default=40, help="bare / logged step pairs")
+    q.add_argument("--interval", type=int, default=100)
+    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--out", type=Path, default=REPO / "results" / "monitor")
     e = sub.add_parser("evidence")
     e.add_argument("--which", default="mt,lm")
     e.add_argument("--work", type=Path, default=REPO / "work" / "monitor")
@@ -337,6 +481,12 @@ def main(argv=None):
             if not torch.cuda.is_available():
                 p.error("--device cuda: no CUDA device")
         overhead(a)
+    elif a.cmd == "overhead-paired":
+        if a.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                p.error("--device cuda: no CUDA device")
+        overhead_paired(a)
     elif a.cmd == "evidence":
         evidence(a)
     else:

@@ -25,9 +25,9 @@ toolbox's *remedy* of it, same seed, plus stable *controls*:
   z-loss 1e-4 (remedy), and with z-loss at a moderate learning rate (control).
 
 ``analyze`` judges every run against its group's reference (the lowest final validation loss among
-the group's runs of the same seed): *failed* when its final validation loss exceeds the reference by
-more than ``FAIL_NATS``; the *separation update* is the first update at which its training loss
-(mean over a window of ``SMOOTH`` updates) exceeds the reference run's by more than ``FAIL_NATS``;
+the group's runs of the same seed): *failed* when its final validation loss exceeds the reference's by
+more than ``FAIL_REL`` (5%); the *separation update* is the first update (from update ``SMOOTH`` on) at
+which its training loss (mean over ``SMOOTH`` = 10 updates) exceeds the reference run's by more than 5%;
 the *first warning* replays the monitor's history through :mod:`stability_toolbox.warning_rules`
 with :data:`stability_toolbox.DEFAULT_RULES`; *lead time* = separation update - first warning's update.
 """
@@ -54,7 +54,7 @@ SEQ = 32
 BATCH = 16
 DIM = 64
 HEADS = 4
-FAIL_NATS = 0.1   # failed: final validation loss > the group's best (same seed) + 0.1 nats
+FAIL_REL = 0.05   # failed: final validation loss > 1.05 x the group's best (same seed)
 SMOOTH = 10       # the separation compares training losses averaged over 10 updates
 
 # mechanism -> [(variant, role, settings)]; role: candidate (expected to fail), remedy, control
@@ -241,11 +241,11 @@ def smooth(xs: List[float], k: int = SMOOTH) -> List[float]:
     return out
 
 
-def separation(run: List[float], ref: List[float], nats: float = FAIL_NATS) -> Optional[int]:
-    """The first update at which the smoothed training loss of ``run`` exceeds ``ref``'s by > ``nats``."""
+def separation(run: List[float], ref: List[float], rel: float = FAIL_REL) -> Optional[int]:
+    """The first update at which the smoothed training loss of ``run`` exceeds ``ref``'s by > ``rel`` (relative)."""
     a, b = smooth(run), smooth(ref)
     for i, (x, y) in enumerate(zip(a, b)):
-        if i >= SMOOTH and x > y + nats:
+        if i >= SMOOTH and x > y * (1 + rel):
             return i
     return None
 
@@ -270,7 +270,7 @@ def judge_grid(work: Path, rules=None) -> List[dict]:
         peers = [p for p in results.values() if p["group"] == group and p["seed"] == seed]
         ref = min(peers, key=lambda p: p["valid_loss"] if math.isfinite(p["valid_loss"]) else 1e9)
         vl = r["valid_loss"] if math.isfinite(r["valid_loss"]) else float("inf")
-        failed = vl > ref["valid_loss"] + FAIL_NATS
+        failed = vl > ref["valid_loss"] * (1 + FAIL_REL)
         sep = separation(r["losses"], ref["losses"]) if failed else None
         warn = first_warning(read_history(work / name), rules)
         lead = (sep - warn["step"]) if (failed and warn is not None and sep is not None) else None
@@ -329,8 +329,9 @@ def analyze(a) -> None:
     summary = summarize_grid(rows)
     lines = ["# Stability grid: does the monitor warn before the loss separates?", "",
              f"Command: `{a.grid_command}` then `python -m benchmarks.stability_grid analyze`.", "",
-             f"Failed: final validation loss > the best of its group (same seed) + {FAIL_NATS} nats. Separation: "
-             f"first update where its training loss (mean of {SMOOTH} updates) exceeds that run's by > {FAIL_NATS}. "
+             f"Failed: final validation loss > {1 + FAIL_REL:g} x the best of its group (same seed). Separation: "
+             f"first update where its training loss (mean of {SMOOTH} updates) exceeds that run's by > "
+             f"{100 * FAIL_REL:g}%. "
              "First warning: the monitor's history replayed through stability_toolbox.warning_rules with "
              "DEFAULT_RULES. Lead = separation - first warning (updates; > 0: warned before).", "",
              "| mechanism | runs | failed | hits (warned before separation) | warned late | missed | stable | "

@@ -44,9 +44,13 @@ hooks go in, the statistics are computed on the device, and one transfer brings 
 
 Outputs under ``log_dir``: ``monitor.jsonl`` (one JSON object per logging step), TensorBoard scalars
 (``tb/``, tensorboardX), ``summary.md`` and one ``heatmap_<quantity>.png`` (layer x step) per quantity
-at :meth:`close`. A quantity trending toward divergence logs one line (logger
+at :meth:`close` (also as TensorBoard images). A quantity trending toward divergence logs one line (logger
 ``stability_toolbox.monitor``, level WARNING) that begins with ``stability warning:`` and names the
-layer, the quantity and the trend; the rule is :class:`WarningRule` (see ``docs/monitor.md``).
+layer, the quantity and its trend, the likely mechanism and the toolbox's remedy; the same line goes to
+``monitor.jsonl`` and to TensorBoard (text ``stability/warnings``). The rules (:class:`WarningRule`,
+:data:`DEFAULT_RULES`) are pure functions of the history in :mod:`stability_toolbox.warning_rules`
+(see ``docs/monitor.md``). :meth:`StabilityMonitor.observe_logits` adds the output logits' ``log_z`` /
+``log_z_rms`` (output-logit divergence).
 
 Example::
 
