@@ -34,10 +34,17 @@ instead, so that Trainer's checkpointing keeps working:
   base config class, which accepts it) restore the model bit for bit.
 """
 
+import contextlib
 import copy
+import ctypes
+import errno
 import json
 import os
-from typing import Any, Dict
+import re
+import shutil
+import sys
+import tempfile
+from typing import Any, Callable, Dict
 
 import torch
 from torch import nn
@@ -147,10 +154,25 @@ def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
     Args and kwargs are those of ``PreTrainedModel.save_pretrained``; a ``state_dict=`` (Trainer passes
     ``model.state_dict()``) is ignored: the tensors are taken from ``model``. An Admin-form save writes one
     safetensors file and honours ``is_main_process``; it refuses ``push_to_hub=True``.
+
+    Atomic as a whole: the save is written into a sibling temporary directory and published by one
+    rename (an atomic exchange with an existing directory on Linux), so a reader of ``save_directory`` sees
+    the old checkpoint or the new one, never a mix and never nothing. Files of ``save_directory`` that are
+    not part of a model checkpoint (a tokenizer, Trainer's ``optimizer.pt``...) are kept; weight files of
+    either layout (single file or sharded), ``config.json``, ``generation_config.json`` and an Admin-form
+    save's files are replaced by the new save's.
+
+    Raises:
+        ValueError: ``save_directory`` is an existing file (left intact), or not a path.
     """
     from .conversion import fold
     if not _is_hf(model):
         raise TypeError(f"model must be a converted HuggingFace PreTrainedModel, got {type(model).__name__}")
+    if not isinstance(save_directory, (str, os.PathLike)) or not os.fspath(save_directory):
+        raise ValueError(f"save_directory must be a directory path (str or os.PathLike), got {save_directory!r}")
+    if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+        raise ValueError(f"save_directory must be a directory, got the file {os.fspath(save_directory)!r} "
+                         "(left as it is; nothing was written)")
     kwargs.pop("state_dict", None)
     try:
         folded = fold(model)
@@ -162,13 +184,126 @@ def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
              if k not in stock or not torch.equal(stock[k], v)}
     state = {k: v.contiguous() for k, v in stock.items()}
     state.update(extra)
-    if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
-        for name in (ADMIN_CONFIG_NAME, "README.md"):  # left by an earlier Admin-form save to this directory
-            stale = os.path.join(save_directory, name)
-            if os.path.isfile(stale) and (name != "README.md" or _is_ours(stale)):
-                os.remove(stale)
+    if not kwargs.get("is_main_process", True):
+        return None  # only the main process writes (transformers' own rule)
+    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+        kwargs["repo_id"] = os.path.basename(os.path.abspath(os.fspath(save_directory)))
     cls_save = type(folded).save_pretrained  # the class's method: the folded copy has no instance glue
-    return cls_save(folded, save_directory, *args, state_dict=state, **kwargs)
+    return _publish(save_directory, lambda tmp: cls_save(folded, tmp, *args, state_dict=state, **kwargs))
+
+
+#: the files of a model checkpoint (replaced by a save; anything else in the directory is kept)
+_CHECKPOINT_FILES = re.compile(
+    r"(config\.json|generation_config\.json|" + re.escape(ADMIN_CONFIG_NAME) + r"|"
+    r"(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)(\.index\.json)?)")
+_TMP_MARK = ".admin_torch-save-"
+
+
+def _is_checkpoint_file(directory: str, name: str) -> bool:
+    if _CHECKPOINT_FILES.fullmatch(name):
+        return True
+    path = os.path.join(directory, name)
+    return name == "README.md" and os.path.isfile(path) and _is_ours(path)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_other_files(old: str, new: str) -> None:
+    """Hard-link (or copy) into ``new`` the entries of ``old`` that are not checkpoint files and that ``new``
+    lacks: a tokenizer, Trainer's state, a user's notes stay where they were."""
+    for name in os.listdir(old):
+        src, dst = os.path.join(old, name), os.path.join(new, name)
+        if _is_checkpoint_file(old, name) or os.path.lexists(dst):
+            continue
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the directories ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False
+    where the system or the file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _publish(save_directory, write: Callable[[str], Any]):
+    """Run ``write(tmp)`` on a new sibling directory of ``save_directory``, then make it ``save_directory`` in
+    one rename: an atomic exchange with an existing directory (whose non-checkpoint files are carried over
+    first), a plain rename where there is none. Interrupted at any point, ``save_directory`` is the old
+    checkpoint or the new one; the temporary directory is removed on an error (a killed process can leave one,
+    named ``.<name>.admin_torch-save-*``, beside it: the next save to the same directory removes it)."""
+    target = os.path.abspath(os.fspath(save_directory))
+    if os.path.islink(target):
+        target = os.path.realpath(target)
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # left by a save that was killed
+        if stale.startswith(f".{name}{_TMP_MARK}"):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}{_TMP_MARK}", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+        result = write(tmp)
+        for file in os.listdir(tmp):
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(tmp, file), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        if os.path.isdir(target):
+            _carry_other_files(target, tmp)
+            _fsync_dir(tmp)
+            if not _exchange(tmp, target):
+                # no atomic exchange here: two renames, the old directory kept under the temporary name until
+                # the new one is in place
+                old = tempfile.mkdtemp(prefix=f".{name}{_TMP_MARK}old-", dir=parent)
+                os.rmdir(old)
+                os.rename(target, old)
+                os.rename(tmp, target)
+                tmp = old
+        else:
+            _fsync_dir(tmp)
+            os.rename(tmp, target)
+            tmp = None
+        _fsync_dir(parent)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # the old checkpoint after the exchange, or an unfinished save
+    return result
 
 
 def _is_ours(readme: str) -> bool:
@@ -192,16 +327,12 @@ def _save_admin_form(model: nn.Module, save_directory, *, reason: str, is_main_p
                      push_to_hub: bool = False, **ignored) -> None:
     """Write ``model`` in its Admin form (module doc): every tensor under ``admin_torch.*`` in
     ``model.safetensors``, the config as ``admin_torch_config.json``, a ``config.json`` the stock loader
-    refuses; each file written to a temporary name and renamed, the refusing ``config.json`` first (a save
-    killed half-way never pairs a stock config with these weights)."""
+    refuses; the whole directory published at once (:func:`_publish`)."""
     from safetensors.torch import save as safetensors_bytes
-    from stability_toolbox.files import atomic_write
     cls = type(model).__name__
     if push_to_hub:
         raise ValueError(f"push_to_hub: {cls} cannot be folded ({reason}), so it is saved in its Admin form, which "
                          "is for admin_torch.from_pretrained and Trainer resumes only; not pushed")
-    if os.path.isfile(save_directory):
-        raise ValueError(f"save_directory must be a directory, got the file {save_directory!r}")
     config = copy.deepcopy(model.config)
     setattr(config, _CONFIG_KEY, dict(getattr(config, _CONFIG_KEY), admin_form=True))
     refusing = json.loads(config.to_json_string())
@@ -215,25 +346,24 @@ def _save_admin_form(model: nn.Module, save_directory, *, reason: str, is_main_p
                        f"Load it with admin_torch.from_pretrained(transformers.{cls}, path); see README.md here")
     if not is_main_process:
         return None
-    os.makedirs(save_directory, exist_ok=True)
-
-    def write(name, data, mode="w"):
-        with atomic_write(os.path.join(save_directory, name), mode) as f:
-            f.write(data)
-
-    write("config.json", json.dumps(refusing, indent=2, sort_keys=True) + "\n")
-    # a shard index left by an earlier save would make loaders read other weights
-    stale = os.path.join(save_directory, "model.safetensors.index.json")
-    if os.path.isfile(stale):
-        os.remove(stale)
     # clones: tied weights share storage, which safetensors refuses; each key loads its own copy back
     state = {PREFIX + k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    write(_WEIGHTS_NAME, safetensors_bytes(state, metadata={"format": "pt", "admin_torch": "admin_form"}), "wb")
-    write(ADMIN_CONFIG_NAME, config.to_json_string())
     generation = getattr(model, "generation_config", None)
-    if generation is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
-        write("generation_config.json", generation.to_json_string())
-    write("README.md", _README.format(cls=cls, reason=reason, field=field))
+    can_generate = generation is not None and callable(getattr(model, "can_generate", None)) and model.can_generate()
+
+    def write_all(directory):
+        def write(name, data, mode="w"):
+            with open(os.path.join(directory, name), mode) as f:
+                f.write(data)
+
+        write("config.json", json.dumps(refusing, indent=2, sort_keys=True) + "\n")
+        write(_WEIGHTS_NAME, safetensors_bytes(state, metadata={"format": "pt", "admin_torch": "admin_form"}), "wb")
+        write(ADMIN_CONFIG_NAME, config.to_json_string())
+        if can_generate:
+            write("generation_config.json", generation.to_json_string())
+        write("README.md", _README.format(cls=cls, reason=reason, field=field))
+
+    _publish(save_directory, write_all)
     return None
 
 
@@ -272,7 +402,13 @@ def from_pretrained(cls: Any, path, **kwargs) -> nn.Module:
         raise ValueError(f"path must be a local directory written by save_pretrained of a converted model, got {path!r}")
     admin_form = _is_admin_form(os.fspath(path))
     if admin_form and "config" not in kwargs:
-        kwargs["config"] = cls.config_class.from_json_file(os.path.join(path, ADMIN_CONFIG_NAME))
+        config_file = os.path.join(path, ADMIN_CONFIG_NAME)
+        try:
+            kwargs["config"] = cls.config_class.from_json_file(config_file)
+        except (ValueError, TypeError, AttributeError) as err:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+            raise ValueError(f"{config_file} is not a valid config ({type(err).__name__}: {err}): this Admin-form save "
+                             "is damaged; save the model again with save_pretrained, or restore the file from a "
+                             "copy of the checkpoint") from err
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the admin_torch.* keys are expected to be unexpected here
     try:
