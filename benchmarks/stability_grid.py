@@ -21,8 +21,9 @@ toolbox's *remedy* of it, same seed, plus stable *controls*:
 * ``deep_postln``: 12-layer Post-LN (24 residual sublayers) vs Admin (remedy) and Pre-LN (control);
 * ``attn_logits``: 2-layer Pre-LN at a high learning rate vs the same with qk-layernorm (remedy),
   and Pre-LN at a moderate learning rate (control);
-* ``output_logits``: 2-layer Pre-LN + qk-layernorm at a higher learning rate vs the same with
-  z-loss 1e-4 (remedy), and with z-loss at a moderate learning rate (control).
+* ``output_logits``: 2-layer Pre-LN + qk-layernorm at learning rates 0.5 and 1 vs the same with
+  z-loss 1e-4 (remedy), and with z-loss at 0.03 (control); ``output_logits_slow``: lr 1 with a
+  200-update warm-up (the instability arrives after the run has learned for a while).
 
 ``analyze`` judges every run against its group's reference (the lowest final validation loss among
 the group's runs of the same seed): *failed* when its final validation loss exceeds the reference's by
@@ -76,6 +77,13 @@ GRID = {
         ("qk_lr1", "candidate", dict(kind="pre_ln", depth=2, lr=1.0, qk_norm=True)),
         ("qk_lr1_z", "remedy", dict(kind="pre_ln", depth=2, lr=1.0, qk_norm=True, z_loss=1e-4)),
         ("qk_lr0.03_z", "control", dict(kind="pre_ln", depth=2, lr=3e-2, qk_norm=True, z_loss=1e-4)),
+    ],
+    # the same with a 200-update warm-up: the learning rate reaches the unstable range only after the run
+    # has learned normally for a while, so a warning can precede the separation
+    "output_logits_slow": [
+        ("qk_lr1", "candidate", dict(kind="pre_ln", depth=2, lr=1.0, qk_norm=True, warmup=200)),
+        ("qk_lr1_z", "remedy", dict(kind="pre_ln", depth=2, lr=1.0, qk_norm=True, z_loss=1e-4, warmup=200)),
+        ("qk_lr0.03_z", "control", dict(kind="pre_ln", depth=2, lr=3e-2, qk_norm=True, z_loss=1e-4, warmup=200)),
     ],
 }
 LR_KINDS = {"post_ln": dict(kind="post_ln"), "admin": dict(kind="admin"), "deepnorm": dict(kind="deepnorm"),
@@ -198,7 +206,8 @@ def run_all(jobs, a) -> None:
         if (time.time() - t0) / 60 > a.budget_min:
             print(f"budget of {a.budget_min} min spent; {len(jobs) - i} runs left (run again to continue)", flush=True)
             return
-        result = train_one(a.work / name, settings, seed, a.updates, a.warmup, a.interval, data)
+        result = train_one(a.work / name, settings, seed, a.updates, settings.get("warmup", a.warmup), a.interval,
+                           data)
         result.update(extra)
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result))
@@ -207,10 +216,12 @@ def run_all(jobs, a) -> None:
               f"{result['train_seconds']:.0f}s", flush=True)
 
 
-def grid_jobs(seeds) -> list:
+def grid_jobs(seeds, groups=None) -> list:
     jobs = []
     for seed in seeds:  # seed-major: an interrupted grid has whole seeds
         for group, variants in GRID.items():
+            if groups is not None and group not in groups:
+                continue
             for variant, role, settings in variants:
                 jobs.append((run_name(group, variant, seed), settings, seed,
                              {"group": group, "variant": variant, "role": role}))
@@ -282,10 +293,13 @@ def judge_grid(work: Path, rules=None) -> List[dict]:
     return rows
 
 
-def summarize_grid(rows: List[dict]) -> List[dict]:
+CALIBRATION_SEED = 1  # the default rules' thresholds and rates were set on pilot runs of this seed
+
+
+def summarize_grid(rows: List[dict], seeds=None) -> List[dict]:
     out = []
     for group in GRID:
-        rs = [r for r in rows if r["group"] == group]
+        rs = [r for r in rows if r["group"] == group and (seeds is None or r["seed"] in seeds)]
         failing = [r for r in rs if r["failed"]]
         stable = [r for r in rs if not r["failed"]]
         hits = [r for r in failing if r["first_warning"] is not None and r["lead"] is not None and r["lead"] >= 0]
@@ -326,19 +340,29 @@ def analyze(a) -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     rows = judge_grid(a.work)
-    summary = summarize_grid(rows)
+    all_seeds = sorted({r["seed"] for r in rows})
+    eval_seeds = [x for x in all_seeds if x != CALIBRATION_SEED]
+    summary = summarize_grid(rows, eval_seeds)
+    calibration = summarize_grid(rows, [CALIBRATION_SEED])
     lines = ["# Stability grid: does the monitor warn before the loss separates?", "",
              f"Command: `{a.grid_command}` then `python -m benchmarks.stability_grid analyze`.", "",
              f"Failed: final validation loss > {1 + FAIL_REL:g} x the best of its group (same seed). Separation: "
              f"first update where its training loss (mean of {SMOOTH} updates) exceeds that run's by > "
              f"{100 * FAIL_REL:g}%. "
              "First warning: the monitor's history replayed through stability_toolbox.warning_rules with "
-             "DEFAULT_RULES. Lead = separation - first warning (updates; > 0: warned before).", "",
-             "| mechanism | runs | failed | hits (warned before separation) | warned late | missed | stable | "
-             "false alarms | median lead (updates) |", "|---|---|---|---|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(f"| {s['mechanism']} | {s['runs']} | {s['failed']} | {s['hits']} | {s['warned_late']} | "
-                     f"{s['missed']} | {s['stable']} | {s['false_alarms']} | {s['median_lead']} |")
+             "DEFAULT_RULES. Lead = separation - first warning (updates; > 0: warned before). The monitor logs "
+             f"every {rows[0]['interval'] if rows and 'interval' in rows[0] else 10} updates, so a lead is "
+             "known to that resolution.", ""]
+    header = ["| mechanism | runs | failed | hits (warned before separation) | warned late | missed | stable | "
+              "false alarms | median lead (updates) |", "|---|---|---|---|---|---|---|---|---|"]
+    for title, table in ((f"Evaluation seeds {', '.join(map(str, eval_seeds))} (not used to set the rules):",
+                          summary),
+                         (f"Calibration seed {CALIBRATION_SEED} (the rules were set on its pilot runs):", calibration)):
+        lines += [title, ""] + header
+        for s in table:
+            lines.append(f"| {s['mechanism']} | {s['runs']} | {s['failed']} | {s['hits']} | {s['warned_late']} | "
+                         f"{s['missed']} | {s['stable']} | {s['false_alarms']} | {s['median_lead']} |")
+        lines.append("")
     lines += ["", "| run | role | valid loss | group best | failed | separation | first warning | quantity | lead |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -348,7 +372,8 @@ def analyze(a) -> None:
     lines += ["", "First warning lines:", ""]
     lines += [f"* {r['run']}: `{r['warning']}`" for r in rows if r["warning"]]
     (OUT / "grid.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (OUT / "grid.json").write_text(json.dumps({"summary": summary, "runs": rows}, indent=1), encoding="utf-8")
+    (OUT / "grid.json").write_text(json.dumps({"summary_eval": summary, "summary_calibration": calibration,
+                                               "eval_seeds": eval_seeds, "runs": rows}, indent=1), encoding="utf-8")
     # plot: per mechanism, the training loss curves with first warnings (x) and separations (|)
     fig, axes = plt.subplots(1, len(GRID), figsize=(5 * len(GRID), 4))
     colors = {"candidate": "tab:red", "remedy": "tab:green", "control": "tab:blue"}
@@ -415,13 +440,14 @@ def main(argv=None):
     ap.add_argument("--budget-min", type=float, default=60.0)
     ap.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2,3e-2")
     ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--groups", default="", help="grid: only these groups (comma-separated; default all)")
     ap.add_argument("--settings", default="{}", help="one: a JSON dict of settings")
     ap.add_argument("--grid-command", default="python -m benchmarks.stability_grid grid --seeds 0,1,2")
     ap.add_argument("--lr-command", default="python -m benchmarks.stability_grid lr --seeds 1")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     if a.what == "grid":
-        run_all(grid_jobs(seeds), a)
+        run_all(grid_jobs(seeds, a.groups.split(",") if a.groups else None), a)
     elif a.what == "lr":
         run_all(lr_jobs(seeds, [float(x) for x in a.lrs.split(",")], a.depth), a)
     elif a.what == "one":
