@@ -38,7 +38,8 @@ def _build():
             every: the logging interval in optimizer steps (default 100).
             **monitor_kwargs: passed to :class:`~stability_toolbox.StabilityMonitor`.
 
-        The monitor is :attr:`monitor` (created at ``on_train_begin``).
+        The monitor is :attr:`monitor` (created at ``on_train_begin``; each ``trainer.train()`` gets a new one,
+        appending to the same ``monitor.jsonl``).
         """
 
         def __init__(self, log_dir: Optional[str] = None, every: int = 100, **monitor_kwargs: Any):
@@ -53,7 +54,12 @@ def _build():
             self._loss_hook = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if self.monitor is None:
+            # a second trainer.train() with this callback: a new monitor (the first one closed at on_train_end);
+            # it appends to the same monitor.jsonl
+            if self.monitor is None or self.monitor._closed or (model is not None and self.monitor.model is not model):
+                if self.monitor is not None:
+                    self.monitor.close()
+                    self.monitor = None
                 if model is None:
                     raise ValueError("model: the Trainer passed no model to the callback")
                 import os
@@ -71,6 +77,7 @@ def _build():
                     if loss is not None:
                         mon.observe_loss(loss)
                 self._loss_hook = model.register_forward_hook(read_loss)
+                mon._wrap_hooks([self._loss_hook])  # inert in a copied / pickled model
             return control
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):

@@ -42,7 +42,8 @@ Between logging steps no hook is installed and nothing is read on the host: :met
 :meth:`end_step` count, and a loss passed in is accumulated on its device. On a logging step the
 hooks go in, the statistics are computed on the device, and one transfer brings them to the host.
 
-Outputs under ``log_dir``: ``monitor.jsonl`` (one JSON object per logging step), TensorBoard scalars
+Outputs under ``log_dir``: ``monitor.jsonl`` (one JSON object per logging step; a non-finite value as the
+string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``, read back by :func:`read_records`), TensorBoard scalars
 (``tb/``, tensorboardX), ``summary.md`` and one ``heatmap_<quantity>.png`` (layer x step) per quantity
 at :meth:`close` (also as TensorBoard images). A quantity trending toward divergence logs one line (logger
 ``stability_toolbox.monitor``, level WARNING) that begins with ``stability warning:`` and names the
@@ -74,6 +75,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import statistics
 import warnings
@@ -252,6 +254,40 @@ def _max(acc: Optional[Tensor], value: Tensor) -> Tensor:
     return value if acc is None else torch.maximum(acc, value)
 
 
+#: how many monitors are running their probe pass now: every other monitor's hooks ignore those calls (two
+#: monitors on one model stay independent)
+_PROBING = [0]
+
+
+def _inert_hook(*_args, **_kwargs) -> None:
+    """What a monitor's hook becomes in a pickled or deep-copied model: nothing."""
+    return None
+
+
+class _Hook:
+    """A monitor's hook on the model: calls ``fn`` in this model only. A ``copy.deepcopy`` of the model (an EMA
+    copy) and a pickled one (``torch.save(model)``) get :func:`_inert_hook` instead, so they are picklable and
+    never report into this monitor."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _inert_hook
+
+    def __reduce__(self):
+        return (_make_inert, ())
+
+
+def _make_inert():
+    return _inert_hook
+
+
 class _Recorder:
     """Shared state of the hooks of one logging step: training pass or probe pass."""
 
@@ -259,8 +295,15 @@ class _Recorder:
         self.phase = "train"
         self.probe_rows = probe_rows
 
+    @property
+    def foreign(self) -> bool:
+        """Another monitor's probe pass is running: what the hooks see now is not a training call."""
+        return self.phase == "train" and _PROBING[0] > 0
+
     def record(self, site: _Site, f: Tensor, s: Tensor) -> None:
         """``f``: the branch output, ``s``: the residual sum (same shape)."""
+        if self.foreign:
+            return
         if self.phase == "probe":
             rows = s.detach().reshape(-1, s.shape[-1]) if s.dim() else s.detach().reshape(1, 1)
             site.probe = rows[: self.probe_rows].float().clone()
@@ -275,12 +318,24 @@ class _Recorder:
 # ----------------------------------------------------------------------------- the monitor
 
 class _StepHandle:
-    """What ``with monitor.step() as s`` gives: set ``s.loss`` to report the step's loss."""
+    """What ``with monitor.step() as s`` gives: set ``s.loss`` to report the step's loss (a tensor or a real
+    number; anything else is a TypeError at the assignment, and the step fails: nothing is logged)."""
 
-    __slots__ = ("loss",)
+    __slots__ = ("_loss",)
 
     def __init__(self):
-        self.loss = None
+        self._loss = None
+
+    @property
+    def loss(self):
+        return self._loss
+
+    @loss.setter
+    def loss(self, value) -> None:
+        if value is not None and not isinstance(value, Tensor) and \
+                (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"loss must be a tensor or a real number, got {type(value).__name__}")
+        self._loss = value
 
 
 class StabilityMonitor:
@@ -354,6 +409,11 @@ class StabilityMonitor:
         tensorboard = validation.as_bool("tensorboard", tensorboard)
         heatmaps = validation.as_bool("heatmaps", heatmaps)
         if log_dir is not None:
+            if not isinstance(log_dir, (str, os.PathLike)):
+                raise TypeError(f"log_dir must be a directory path (str or os.PathLike) or None, got "
+                                f"{type(log_dir).__name__}")
+            if not os.fspath(log_dir):
+                raise ValueError("log_dir must be a non-empty directory path or None (in memory only), got ''")
             log_dir = Path(log_dir)
             if log_dir.exists() and not log_dir.is_dir():
                 raise ValueError(f"log_dir {log_dir} exists and is not a directory")
@@ -367,6 +427,9 @@ class StabilityMonitor:
         self._recorder = _Recorder(self.probe_rows)
         self._plan()
         self._probe = None if probe is None else self._as_call(probe)
+        self._probe_step: Optional[int] = None  # the step whose inputs the probe was taken from (None: given)
+        self._probe_model = self._model_dtype_device() if probe is not None else None  # its dtype, device then
+        self._probe_given = probe is not None
         self.step_count = 0          # completed steps
         self.history: List[Dict[str, Any]] = []
         self.warnings: List[Dict[str, Any]] = []
@@ -582,7 +645,7 @@ class StabilityMonitor:
 
     def _fallback_hook(self, site: _Site, args, out) -> None:
         s = args[0] if args else None
-        if not isinstance(s, Tensor) or not isinstance(out, Tensor):
+        if not isinstance(s, Tensor) or not isinstance(out, Tensor) or self._recorder.foreign:
             return
         prev = self._fallback_prev
         self._fallback_prev = (s, out)
@@ -604,9 +667,13 @@ class StabilityMonitor:
         site.calls += 1
 
     def _capture_probe(self, _m, args, kwargs):
+        if self._recorder.foreign:
+            return
         def keep(v):
             return v.detach().clone() if isinstance(v, Tensor) else v
         self._probe = (tuple(keep(a) for a in args), {k: keep(v) for k, v in kwargs.items()})
+        self._probe_step = self.step_count
+        self._probe_model = self._model_dtype_device()
 
     def _mha_logits(self, name: str, m: nn.MultiheadAttention, args, kwargs) -> None:
         query = args[0] if args else kwargs.get("query")
@@ -648,7 +715,7 @@ class StabilityMonitor:
             self._store_logits(name, q.detach(), k.detach(), heads, batch_first=(style != "fairseq"))
 
     def _store_logits(self, name: str, q: Tensor, k: Tensor, heads: int, batch_first: bool) -> None:
-        if self._recorder.phase != "train":
+        if self._recorder.phase != "train" or self._recorder.foreign:
             return
         if not batch_first:
             q, k = q.transpose(0, 1), k.transpose(0, 1)
@@ -695,7 +762,16 @@ class StabilityMonitor:
             self._before = [[p.detach().clone() for _, p in params] for _, params in self._groups]
         self._arm()
         self._arm_attention()
+        self._wrap_hooks()
         return True
+
+    def _wrap_hooks(self, handles: Optional[List[Any]] = None) -> None:
+        """Every hook this monitor put on the model as a :class:`_Hook`: a pickled or deep-copied model carries
+        an inert hook instead (``torch.save(model)`` works; an EMA copy does not report here)."""
+        for handle in self._handles if handles is None else handles:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks and not isinstance(hooks[handle.id], _Hook):
+                hooks[handle.id] = _Hook(hooks[handle.id])
 
     def capture_grads(self) -> None:
         """Read the gradients now (after unscaling/clipping, before ``zero_grad``); without this call the
@@ -749,14 +825,25 @@ class StabilityMonitor:
             try:
                 record = self._finish()
             finally:
-                self._disarm()
-                self._before, self._grads, self._hooked_grads = None, None, {}
-                for _, s in self._all_sites():
-                    s.reset()
-                self._attn_max = {}
-                self._log_z = None
+                self._clear_step(failed=record is None)
         self.step_count += 1
         return record
+
+    def _clear_step(self, failed: bool) -> None:
+        """Forget every capture of the current step: hooks, weights before the update, gradients, per-site
+        statistics, attention logits, logits' normaliser; after a failed step also a probe taken from its
+        inputs (the next logged step takes a fresh one)."""
+        self._disarm()
+        self._before, self._grads, self._hooked_grads = None, None, {}
+        for _, s in self._all_sites():
+            s.reset()
+        self._attn_max = {}
+        self._log_z = None
+        self._fallback_prev = None
+        if failed and self._probe_step is not None and self._probe_step == self.step_count:
+            self._probe = None
+        if self._probe_step == self.step_count:
+            self._probe_step = None
 
     @contextlib.contextmanager
     def step(self, step: Optional[int] = None) -> Iterator[_StepHandle]:
@@ -770,19 +857,21 @@ class StabilityMonitor:
         self.begin_step(step)
         try:
             yield handle
+            self.end_step(handle.loss)
         except BaseException:
-            self._disarm()  # a failed step leaves no hook behind and logs nothing
-            self._before = None
-            for _, s in self._all_sites():
-                s.reset()
+            if self._armed:  # a failed step leaves no hook and no capture behind, and logs nothing
+                self._clear_step(failed=True)
             raise
-        self.end_step(handle.loss)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "StabilityMonitor":
         """Drive the monitor from ``optimizer``'s step hooks: no other call needed in the loop (losses:
         :meth:`observe_loss`). Gradients are read just before each logged ``optimizer.step()``."""
+        self._check_open()
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._optimizer_handles:
+            raise ValueError("optimizer: this monitor is already driven by an optimizer (attach_optimizer was "
+                             "called); a second one would count every step twice. One attach_optimizer per monitor")
 
         def pre(_opt, _args, _kwargs):
             self.capture_grads()
@@ -791,7 +880,9 @@ class StabilityMonitor:
             self.end_step()
             self.begin_step()
 
-        self._optimizer_handles += [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
+        handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
+        self._wrap_hooks(handles)  # a pickled / copied optimizer carries inert hooks
+        self._optimizer_handles += handles
         self.begin_step()
         return self
 
@@ -813,16 +904,45 @@ class StabilityMonitor:
         # hooks of their LayerNorms; grad mode keeps them on the Python path (outputs are discarded)
         fast_path = any(isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention)) for m in model.modules())
         devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+        args, kwargs = self._probe = self._follow_model(args, kwargs)
         self._recorder.phase = "probe"
+        _PROBING[0] += 1
         try:
             model.eval()
             with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(fast_path):
                 model(*args, **kwargs)
+        except Exception as err:
+            given = "the probe= inputs" if self._probe_given else "the probe (the first logged step's inputs)"
+            raise ValueError(f"probe: the model refused {given} ({type(err).__name__}: {err}); give probe= "
+                             "inputs the model accepts: a tensor, a tuple of positional arguments or a dict of "
+                             "keyword arguments of model") from err
         finally:
+            _PROBING[0] -= 1
             self._recorder.phase = "train"
             for m, mode in modes:
                 m.training = mode
         return True
+
+    def _model_dtype_device(self) -> Tuple[Optional[torch.dtype], Optional[torch.device]]:
+        p = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        return (p.dtype, p.device) if p is not None else (None, None)
+
+    def _follow_model(self, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+        """The probe moved to the model's floating dtype and device when the model moved since the probe was
+        stored (``model.to(torch.bfloat16)``, ``model.cuda()``): floating inputs of the model's old dtype take
+        the new one, every tensor the new device."""
+        now = self._model_dtype_device()
+        was = self._probe_model or now
+        self._probe_model = now
+        if was == now or now[0] is None:
+            return args, kwargs
+
+        def move(v):
+            if not isinstance(v, Tensor):
+                return v
+            dtype = now[0] if v.is_floating_point() and v.dtype == was[0] else v.dtype
+            return v.to(device=now[1], dtype=dtype)
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
     def _finish(self) -> Dict[str, Any]:
         step = self.step_count
@@ -946,7 +1066,7 @@ class StabilityMonitor:
 
     def _write(self, record: Dict[str, Any]) -> None:
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+            self._jsonl.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
             self._jsonl.flush()
         if self.log_dir is None or not self._tensorboard:
             return
@@ -1084,6 +1204,43 @@ class StabilityMonitor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float as a JSON string: ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
+    (``float()`` reads them back); JSON has no literal for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+_NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def read_records(path: Union[str, Path]) -> List[Dict[str, Any]]:
+    """The records of a ``monitor.jsonl`` as :attr:`StabilityMonitor.history` holds them: the strings
+    ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` of the values of ``loss*``, ``log_z*`` and the quantities back
+    to floats (e.g. for :func:`stability_toolbox.warning_rules.replay`)."""
+    def number(v):
+        return _NON_FINITE.get(v, v) if isinstance(v, str) else v
+
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            for key, v in record.items():
+                if key not in ("quantities", "warnings", "step"):
+                    record[key] = number(v)
+            record["quantities"] = {q: {row: number(v) for row, v in rows.items()}
+                                    for q, rows in record.get("quantities", {}).items()}
+            out.append(record)
+    return out
 
 
 # ----------------------------------------------------------------------------- attention modules
