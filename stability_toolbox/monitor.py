@@ -321,10 +321,11 @@ class _StepHandle:
     """What ``with monitor.step() as s`` gives: set ``s.loss`` to report the step's loss (a tensor or a real
     number; anything else is a TypeError at the assignment, and the step fails: nothing is logged)."""
 
-    __slots__ = ("_loss",)
+    __slots__ = ("_loss", "logits")
 
     def __init__(self):
         self._loss = None
+        self.logits = None  # optional: the output logits, for log_z (StabilityMonitor.observe_logits)
 
     @property
     def loss(self):
@@ -852,11 +853,14 @@ class StabilityMonitor:
             with monitor.step() as s:
                 loss = model(x).loss; loss.backward(); opt.step(); opt.zero_grad()
                 s.loss = loss      # optional: loss spikes
+                s.logits = logits  # optional: log Z of the output logits (output-logit divergence)
         """
         handle = _StepHandle()
         self.begin_step(step)
         try:
             yield handle
+            if handle.logits is not None:
+                self.observe_logits(handle.logits)
             self.end_step(handle.loss)
         except BaseException:
             if self._armed:  # a failed step leaves no hook and no capture behind, and logs nothing

@@ -97,3 +97,11 @@ def test_monitor_records_log_z_on_logging_steps_only(tmp_path):
     assert mon._log_z is None
     with pytest.raises(TypeError, match="logits"):
         mon.observe_logits([1.0])
+    # the step handle: s.logits
+    mon2 = StabilityMonitor(model, every=1, rules={})
+    logits = torch.randn(3, 4) * 5
+    with mon2.step() as s:
+        model(torch.randn(2, 3, 8)).sum().backward()
+        s.logits = logits
+    assert mon2.history[0]["log_z"] == pytest.approx(logits.logsumexp(-1).mean().item(), rel=1e-6)
+    mon2.close()
