@@ -317,10 +317,17 @@ def lr_sensitivity(work: Path) -> dict:
     learning rates of min(loss, init loss) - the best loss of the sweep."""
     per: Dict[str, Dict[float, List[float]]] = {}
     init = math.log(VOCAB)
+    results = []
     for d in sorted(work.iterdir()):
         f = d / "result.json"
         if d.name.startswith("lr__") and f.exists():
-            r = json.loads(f.read_text())
+            results.append(json.loads(f.read_text()))
+    # only seeds whose sweep is complete (every model at every rate): an interrupted seed would bias the means
+    cells = {(r["variant"], r["lr"]) for r in results}
+    complete = {sd for sd in {r.get("seed") for r in results}
+                if {(r["variant"], r["lr"]) for r in results if r.get("seed") == sd} == cells}
+    for r in results:
+        if r.get("seed") in complete:
             v = r["valid_loss"] if math.isfinite(r["valid_loss"]) else init
             per.setdefault(r["variant"], {}).setdefault(r["lr"], []).append(v)
     table = {}

@@ -50,7 +50,10 @@ def test_lr_sensitivity_is_wortsmans_formula(tmp_path):
     for lr, v in ((1e-3, 4.0), (1e-2, 3.5), (1e-1, float("nan"))):
         d = tmp_path / f"lr__pre_ln__d2__lr{lr:g}__s1"
         d.mkdir()
-        (d / "result.json").write_text(json.dumps({"variant": "pre_ln", "lr": lr, "valid_loss": v}))
+        (d / "result.json").write_text(json.dumps({"variant": "pre_ln", "lr": lr, "valid_loss": v, "seed": 1}))
+    d = tmp_path / "lr__pre_ln__d2__lr0.001__s2"   # an interrupted second seed: left out
+    d.mkdir()
+    (d / "result.json").write_text(json.dumps({"variant": "pre_ln", "lr": 1e-3, "valid_loss": 9.0, "seed": 2}))
     t = sg.lr_sensitivity(tmp_path)["pre_ln"]
     # mean over rates of min(loss, init) - best; a diverged run counts as the loss at initialisation
     assert t["sensitivity"] == pytest.approx(((4.0 - 3.5) + 0 + (init - 3.5)) / 3)
