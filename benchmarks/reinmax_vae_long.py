@@ -163,12 +163,13 @@ def train_members(members: List[Member], train: torch.Tensor, test: torch.Tensor
 # report
 
 
-def collect(work: Path, cfg: str) -> Dict[str, List[dict]]:
-    """estimator -> the history.json of each of its seeds in ``work`` (sorted by seed)."""
+def collect(work: Path, cfg: str, seeds: Optional[Sequence[int]] = None) -> Dict[str, List[dict]]:
+    """estimator -> the history.json of each of its seeds in ``work`` (sorted by seed; only ``seeds`` if given)."""
     out: Dict[str, List[dict]] = {}
     for path in sorted((work / cfg).glob("*/history.json")):
         h = json.loads(path.read_text())
-        out.setdefault(h["estimator"], []).append(h)
+        if seeds is None or h["seed"] in seeds:
+            out.setdefault(h["estimator"], []).append(h)
     for runs in out.values():
         runs.sort(key=lambda h: h["seed"])
     return {n: out[n] for n in NAMES if n in out}
@@ -201,15 +202,17 @@ def table(cfg: str, rows: List[dict], command: str) -> str:
              f"100, {epoch} epochs of the 50k training split (the paper: 160 epochs of 60k). -ELBO in nats, mean +- std "
              f"over seeds (lower is better): train as the paper reports it (running mean over the epoch's updates), "
              f"test on the 10k test images, one sample per image. Gumbel-Rao k={GR_K}.", "",
-             "| estimator (lr / tau / opt) | seeds | epochs | train -ELBO | test -ELBO | per-seed test | paper train / test |",
-             "|---|---|---|---|---|---|---|"]
+             "| estimator (lr / tau / opt) | seeds | epochs | train -ELBO | test -ELBO | per-seed test |"
+             + (" paper train / test |" if any(r["paper"] for r in rows) else ""),
+             "|---|---|---|---|---|---|" + ("---|" if any(r["paper"] for r in rows) else "")]
     for r in rows:
         paper = r["paper"]
-        ptxt = "n/a" if not paper else f"{paper.get('train', float('nan')):.2f} / {paper.get('test', float('nan')):.2f}"
+        ptxt = "" if not any(r["paper"] for r in rows) else (
+            " n/a |" if not paper else f" {paper.get('train', float('nan')):.2f} / {paper.get('test', float('nan')):.2f} |")
         mark = " **(best)**" if r["test"] == best else ""
         lines.append(f"| {r['label']} ({r['lr']:g} / {r['tau']:g} / {r['optimizer']}) | {len(r['seeds'])} "
                      f"| {r['epoch']} | {r['train']:.2f} +- {r['train_std']:.2f} | {r['test']:.2f} +- "
-                     f"{r['test_std']:.2f}{mark} | {', '.join(f'{v:.2f}' for v in r['per_seed_test'])} | {ptxt} |")
+                     f"{r['test_std']:.2f}{mark} | {', '.join(f'{v:.2f}' for v in r['per_seed_test'])} |{ptxt}")
     reached = sorted({e for r in rows for e in r["epochs_reached"]})
     lines += ["", f"epochs reached per run: {reached[0]}-{reached[-1]} (the table is at epoch {epoch}, which every run "
               f"reached); one member-epoch took {min(r['member_epoch_s'] for r in rows):.1f}-"
@@ -247,11 +250,12 @@ def plot(cfg: str, runs: Dict[str, List[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def report(work: Path, configs: Sequence[str], out: Path, command: str) -> List[dict]:
+def report(work: Path, configs: Sequence[str], out: Path, command: str,
+           seeds: Optional[Sequence[int]] = None) -> List[dict]:
     out.mkdir(parents=True, exist_ok=True)
     results, texts = [], []
     for cfg in configs:
-        runs = collect(work, cfg)
+        runs = collect(work, cfg, seeds)
         rows = summarize(runs)
         results.append({"config": cfg, "rows": rows, "histories": runs})
         texts.append(table(cfg, rows, command))
@@ -278,7 +282,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=REPO.parent / "runs" / "vae_long", help="checkpoints (outside git)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "reinmax")
-    ap.add_argument("--report", action="store_true", help="only write the table and curves from --work")
+    ap.add_argument("--report", action="store_true", help="only write the table and curves of --seeds from --work")
     args = ap.parse_args(argv)
     configs = parse_list(ap, "--configs", args.configs, str, positive=False)
     names = parse_list(ap, "--estimators", args.estimators, str, positive=False)
@@ -296,7 +300,7 @@ def main(argv=None):
     if args.report:
         if saved_command.exists():
             command = saved_command.read_text().strip()
-        return report(args.work, configs, args.out, command)
+        return report(args.work, configs, args.out, command, seeds)
     reason = mnist.missing(args.data)
     if reason is not None:
         print(f"skipped: {reason}; pass --data", flush=True)
@@ -311,7 +315,7 @@ def main(argv=None):
         left = args.time_budget - (time.time() - start)
         why = train_members(members, train, test, args.epochs, left / (len(configs) - i))
         print(f"[{cfg}] {why}", flush=True)
-    return report(args.work, configs, args.out, command)
+    return report(args.work, configs, args.out, command, seeds)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,5 @@ def test_summary_is_at_the_epoch_every_run_reached(tmp_path):
     hist = json.loads((tmp_path / "8x4" / "reinmax-s1" / "history.json").read_text())
     assert r["reinmax"]["per_seed_test"][0] == hist["history"][0]["test"]
     assert r["gumbel_rao"]["seeds"] == [1, 2]
+    only2 = long.collect(tmp_path, "8x4", seeds=[2])
+    assert [h["seed"] for h in only2["reinmax"]] == [2] and summarize(only2)[0]["epoch"] == 1
