@@ -1,50 +1,27 @@
-"""The one thing pyproject.toml cannot say: sign_optim's optional C kernel, built portably.
+"""The one thing pyproject.toml cannot say: sign_optim's native operators, a torch C++ extension.
 
-The kernel is plain C (no torch headers) called through ctypes: AddSign/PowerSign's one-pass CPU step.
-Flags are chosen per compiler: GCC/Clang get -O3 and, where the compiler links it, OpenMP; MSVC gets /O2
-/openmp. The build is optional: without a working C compiler the package installs anyway and
-``import sign_optim`` warns once that CPU steps take the slower foreach path.
+``sign_optim/csrc/fused_sign.cpp`` registers ``sign_optim::fused_sign_`` (AddSign/PowerSign's one-pass CPU step,
+which checks every tensor natively, as torch's fused optimizers do) with ``torch.library``. It compiles against
+the torch it is built beside, so torch must be importable at build time: ``make install`` builds with
+``--no-build-isolation``; ``pip install --no-build-isolation .`` does the same by hand. The build is optional:
+without torch at build time or a working C++ compiler the package installs anyway and ``import sign_optim`` warns
+once that CPU steps take the slower foreach path.
 """
 
-import os
-import tempfile
+from setuptools import setup
 
-from setuptools import Extension, setup
-from setuptools.command.build_ext import build_ext
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:  # an isolated build environment without torch: no native operators
+    print("sign_optim: torch is not importable at build time, so the fused CPU kernel is not built "
+          "(build with pip install --no-build-isolation . beside torch)")
+    ext_modules, cmdclass = [], {}
+else:
+    ext_modules = [CppExtension(
+        "sign_optim._C", ["sign_optim/csrc/fused_sign.cpp"], optional=True,
+        # -fno-math-errno: std::fabs/sqrt need no errno, so the loops vectorize; no -ffast-math (the order of the
+        # additions is the single-tensor path's)
+        extra_compile_args=["-O3", "-fno-math-errno"])]
+    cmdclass = {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
-
-def _compiles_with(compiler, flags) -> bool:
-    """Whether ``compiler`` compiles and links a tiny OpenMP program with ``flags``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "omp_check.c")
-        with open(src, "w") as f:
-            f.write("#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
-        try:
-            objects = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
-            compiler.link_executable(objects, "omp_check", output_dir=tmp, extra_postargs=flags)
-            return True
-        except Exception:  # any compiler or linker failure: no OpenMP
-            return False
-
-
-class PortableBuildExt(build_ext):
-    def build_extensions(self):
-        if self.compiler.compiler_type == "msvc":
-            args, link = ["/O2", "/openmp"], []
-        else:
-            args, link = ["-O3", "-fno-math-errno", "-std=gnu11"], []
-            if _compiles_with(self.compiler, ["-fopenmp"]):
-                args.append("-fopenmp")
-                link.append("-fopenmp")
-            else:  # e.g. Apple clang: the kernel runs single-threaded (the pragmas are ignored)
-                print("sign_optim: the C compiler has no OpenMP; the fused CPU kernel is built single-threaded")
-        for ext in self.extensions:
-            ext.extra_compile_args = args
-            ext.extra_link_args = link
-        super().build_extensions()
-
-
-setup(
-    ext_modules=[Extension("sign_optim._fused_kernel", ["sign_optim/_fused_kernel.c"], optional=True)],
-    cmdclass={"build_ext": PortableBuildExt},
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

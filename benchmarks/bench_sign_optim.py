@@ -6,9 +6,15 @@ Lion from the ``lion-pytorch`` package (its foreach variant on CPU, its Triton k
 seed's 2018-style per-parameter loop, and a **bandwidth row**: a plain one-pass copy that reads p, g,
 m and writes p, m (the bytes AddSign/PowerSign must move), i.e. the physical floor of such a step.
 
+Three parameter sets, each a table (``--sets``): ``transformer`` (an encoder-decoder, ~13.6M parameters in 257
+tensors), ``model300`` (300 tensors: 40 of 512x512, 8 of 2048x512, 252 biases of 512) and ``hostbound`` (3,000
+tensors of 4,096 elements, where the per-tensor host cost shows). The **host µs per tensor** column is the
+step time of each optimizer on as many 1-element tensors divided by their count: what the optimizer pays per
+tensor outside its arithmetic.
+
 Usage::
 
-    python -m benchmarks.bench_sign_optim                  # ~13.6M parameters in 257 tensors, CPU, 1 and 2 threads
+    python -m benchmarks.bench_sign_optim                  # the three sets, CPU, 1 and 2 threads
     python -m benchmarks.bench_sign_optim --quick          # 3 layers, 3 repetitions
     python -m benchmarks.bench_sign_optim --device cuda    # on the GPU (synchronized timing)
 
@@ -118,6 +124,24 @@ def state_bytes(opt) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
+def model300_params(device: str = "cpu"):
+    """The 300-tensor model of the sign optimizers' speed issue: 40 of 512x512, 8 of 2048x512, 252 biases."""
+    return _with_grads([(512, 512)] * 40 + [(2048, 512)] * 8 + [(512,)] * 252, device)
+
+
+def hostbound_params(device: str = "cpu"):
+    """3,000 tensors of 4,096 elements: a set where the per-tensor host cost matters."""
+    return _with_grads([(4096,)] * 3000, device)
+
+
+def _with_grads(shapes, device):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in shapes]
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+    return params
+
+
 def first_step_seconds(device: str) -> dict:
     """Seconds of the first step of a fresh AddSign / PowerSign in a new process (imports excluded)."""
     code = ("import sys, time, torch, sign_optim\n"
@@ -139,10 +163,9 @@ TENSORS_MOVED = {"Adam(fused)": 7, "Adam(foreach)": 7, "Lion (lion-pytorch)": 5,
                  "PowerSign(fused)": 5, "AddSign(foreach)": 5, "PowerSign(foreach)": 5, "AddSign(seed loop)": 5, COPY: 5}
 
 
-def time_optimizers(params, device: str, threads: int, reps: int, steps: int) -> dict:
-    torch.set_num_threads(threads)
+def _factories(device: str) -> dict:
     decay = LinearInternalDecay(10_000)
-    factories = {
+    return {
         "Adam(fused)": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
         "Adam(foreach)": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
         "Lion (lion-pytorch)": lambda ps: lion(ps, device),
@@ -153,6 +176,22 @@ def time_optimizers(params, device: str, threads: int, reps: int, steps: int) ->
         "AddSign(seed loop)": lambda ps: SeedLikeSign(ps, "addsign", sign_internal_decay=decay),
         COPY: lambda ps: StreamCopy(ps),
     }
+
+
+def host_us_per_tensor(name: str, count: int, device: str, reps: int = 5) -> float:
+    """Microseconds per tensor of one step of optimizer ``name`` on ``count`` 1-element tensors (median)."""
+    params = _with_grads([(1,)] * count, device)
+    opt = _factories(device)[name](params)
+    if opt is None:
+        return float("nan")
+    opt.step()
+    times = time_interleaved({name: opt.step}, reps, device=device, warmup=1)[name]["samples_s"]
+    return 1e6 * statistics.median(times) / count
+
+
+def time_optimizers(params, device: str, threads: int, reps: int, steps: int) -> dict:
+    torch.set_num_threads(threads)
+    factories = _factories(device)
     why = fused.unavailable_reason(torch.device(device))
     if why is not None:  # a fused row without its kernel would time another path under the fused name
         print(f"  fused rows left out: {why}", flush=True)
@@ -182,6 +221,7 @@ def time_optimizers(params, device: str, threads: int, reps: int, steps: int) ->
         # the bytes the rule must move (each tensor of the parameters' size read or written once), per second
         rate = TENSORS_MOVED[name] * param_bytes / statistics.median(t)
         rows.append({"optimizer": name, "threads": threads, "ms_median": round(1e3 * statistics.median(t), 2),
+                     "host_us_per_tensor": round(host_us_per_tensor(name, len(params), device), 2),
                      "ms_iqr": round(1e3 * (q[2] - q[0]), 2), "time_vs_fused_adam": round(statistics.median(t) / ref, 3),
                      "gb_per_s": round(rate / 1e9, 2), "fraction_of_copy": round(rate / copy_rate, 3),
                      "state_bytes": state_bytes(optimizers[name])})
@@ -199,6 +239,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts, each a table")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--sets", default="transformer,model300,hostbound",
+                        help="comma-separated parameter sets (transformer, model300, hostbound), each a table")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "sign_optim")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -210,39 +252,51 @@ def main(argv=None):
     if args.quick:
         args.layers, args.reps, args.steps = 3, 3, 3
 
-    params = transformer_params(args.layers, args.dim, args.ffn, args.vocab, args.device)
-    n = sum(p.numel() for p in params)
-    print(f"parameter set: {len(params)} tensors, {n / 1e6:.2f}M parameters; torch {torch.__version__}, "
-          f"{args.device}; {args.reps} repetitions x {args.steps} steps", flush=True)
+    builders = {"transformer": lambda: transformer_params(args.layers, args.dim, args.ffn, args.vocab, args.device),
+                "model300": lambda: model300_params(args.device), "hostbound": lambda: hostbound_params(args.device)}
+    sets = args.sets.split(",")
+    unknown = [name for name in sets if name not in builders]
+    if unknown:
+        parser.error(f"--sets: unknown {unknown}; choose from {list(builders)}")
     first = first_step_seconds(args.device)
-    print(f"first step in a new process: " + ", ".join(f"{k} {v:.3f} s" for k, v in first.items()), flush=True)
-    results = [time_optimizers(params, args.device, t, args.reps, args.steps) for t in threads]
-
-    lines = [f"{len(params)} tensors, {n / 1e6:.1f}M parameters, {args.device}, torch {torch.__version__}; "
-             f"median of {args.reps} interleaved repetitions x {args.steps} steps (IQR in brackets; benchmarks/harness.py)", "",
-             "| optimizer | " + " | ".join(f"{t} thread(s): ms/step | / Adam(fused) | GB/s | of copy" for t in threads)
-             + " | state bytes |",
-             "|---|" + "---|---|---|---|" * len(threads) + "---|"]
-    for i, row in enumerate(results[0]["rows"]):
-        cells = []
-        for res in results:
-            r = res["rows"][i]
-            cells.append(f"{r['ms_median']} [{r['ms_iqr']}] | {r['time_vs_fused_adam']} | {r['gb_per_s']} "
-                         f"| {100 * r['fraction_of_copy']:.0f}%")
-        lines.append(f"| {row['optimizer']} | " + " | ".join(cells) + f" | {row['state_bytes']} |")
-    lines += ["", "first step of a fresh optimizer in a new process: "
+    print("first step in a new process: " + ", ".join(f"{k} {v:.3f} s" for k, v in first.items()), flush=True)
+    command = "python -m benchmarks.bench_sign_optim " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines, everything = [], {}
+    for name in sets:
+        params = builders[name]()
+        n = sum(p.numel() for p in params)
+        print(f"parameter set {name}: {len(params)} tensors, {n / 1e6:.2f}M parameters; torch {torch.__version__}, "
+              f"{args.device}; {args.reps} repetitions x {args.steps} steps", flush=True)
+        results = [time_optimizers(params, args.device, t, args.reps, args.steps) for t in threads]
+        everything[name] = {"tensors": len(params), "parameters": n, "results": results}
+        lines += [f"### {name}: {len(params)} tensors, {n / 1e6:.1f}M parameters", "",
+                  "| optimizer | " + " | ".join(f"{t} thread(s): ms/step | / Adam(fused) | GB/s | of copy"
+                                               for t in threads) + " | host µs/tensor | state bytes |",
+                  "|---|" + "---|---|---|---|" * len(threads) + "---|---|"]
+        for i, row in enumerate(results[0]["rows"]):
+            cells = []
+            for res in results:
+                r = res["rows"][i]
+                cells.append(f"{r['ms_median']} [{r['ms_iqr']}] | {r['time_vs_fused_adam']} | {r['gb_per_s']} "
+                             f"| {100 * r['fraction_of_copy']:.0f}%")
+            lines.append(f"| {row['optimizer']} | " + " | ".join(cells)
+                         + f" | {row['host_us_per_tensor']} | {row['state_bytes']} |")
+        lines.append("")
+    lines = [f"{args.device}, torch {torch.__version__}; median of {args.reps} interleaved repetitions x {args.steps} "
+             "steps (IQR in brackets; benchmarks/harness.py)", ""] + lines
+    lines += ["first step of a fresh optimizer in a new process: "
               + ", ".join(f"{k} {v:.3f} s" for k, v in first.items()),
               "GB/s: the bytes each rule must move per step (7 parameter-sized tensors for Adam, 5 for the others, "
               "each read or written once) over its time; of copy: that rate over the copy row's, the bandwidth the "
-              "same run measured",
-              "command: python -m benchmarks.bench_sign_optim " + " ".join(sys.argv[1:] if argv is None else argv), f"machine: {machine(args.device)}"]
+              "same run measured; host µs/tensor: one step on as many 1-element tensors, per tensor (1 thread)",
+              f"command: {command}", f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"tensors": len(params), "parameters": n, "threads": threads, "reps": args.reps, "steps": args.steps,
-            "device": args.device, "torch": torch.__version__, "reference": "torch.optim.Adam(fused=True)",
-            "first_step_s": first}
-    (args.out / "bench_sign_optim.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    meta = {"sets": sets, "threads": threads, "reps": args.reps, "steps": args.steps, "device": args.device,
+            "torch": torch.__version__, "reference": "torch.optim.Adam(fused=True)", "first_step_s": first,
+            "command": command}
+    (args.out / "bench_sign_optim.json").write_text(json.dumps({"meta": meta, "sets": everything}, indent=1))
     (args.out / "bench_sign_optim.md").write_text(table + "\n")
     print(f"wrote {args.out / 'bench_sign_optim.json'} and .md")
 

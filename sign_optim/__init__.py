@@ -35,10 +35,11 @@ def _warn_without_kernel() -> None:
     import importlib.util
     import warnings
 
-    if importlib.util.find_spec("sign_optim._fused_kernel") is None:
-        warnings.warn("sign_optim: the fused CPU kernel (sign_optim/_fused_kernel.c) is not built, so AddSign and "
-                      "PowerSign step CPU parameters with torch's foreach ops, 2-7x slower (benchmarks/bench_sign_optim.py; CUDA parameters are "
-                      "unaffected); reinstall with a C compiler (pip install . or make install) to build it",
+    if importlib.util.find_spec("sign_optim._C") is None:
+        warnings.warn("sign_optim: the fused CPU operator (sign_optim/csrc/fused_sign.cpp) is not built, so AddSign "
+                      "and PowerSign step CPU parameters with torch's foreach ops, 2-7x slower "
+                      "(benchmarks/bench_sign_optim.py; CUDA parameters are unaffected); reinstall beside torch with "
+                      "a C++ compiler (pip install --no-build-isolation . or make install) to build it",
                       RuntimeWarning, stacklevel=2)
 
 

@@ -45,23 +45,24 @@ _DECAY_KEY = "sign_internal_decay"
 class SignOptimizer(Optimizer):
     """Base class of :class:`~sign_optim.AddSign` and :class:`~sign_optim.PowerSign`.
 
-    The internal decay is stored on the optimizer (``self.sign_internal_decay``), not in the param
-    groups, so that ``state_dict()`` holds only tensors, numbers and strings. The step counter is
-    per parameter (``state[p]["step"]``, a 0-d float32 CPU tensor, as in torch.optim, so that
-    ``torch.compile(opt.step)`` does not recompile per step), next to the moving average
-    ``state[p]["exp_avg"]`` (float32 for float16/bfloat16 parameters).
+    Every constructor keyword is a per-group hyper-parameter, as in torch.optim, the internal decay included:
+    ``group["sign_internal_decay"]`` (None: constant 1), so param groups may decay differently. The step counter
+    is per parameter (``state[p]["step"]``, a 0-d CPU tensor of torch's step dtype, as in torch.optim, so that
+    ``torch.compile(opt.step)`` does not recompile per step), next to the moving average ``state[p]["exp_avg"]``
+    (float32 for float16/bfloat16 parameters).
 
-    Three implementations give the same result (to 1 ulp): the fused one-pass kernel
-    (:mod:`sign_optim.fused`, the default where available), ``torch._foreach_*`` ops, and a loop over
-    parameters. ``lr`` may be a 1-element tensor (read once per step). With ``capturable=True`` the
-    step counters live on the parameters' device and the step, the decay and ``lr`` stay tensors: no
-    host read, CUDA-graph safe (the foreach/traced update, not the fused kernels).
+    Three implementations give the same result (to 1 ulp), as torch.optim's functional split: the fused
+    operator ``torch.ops.sign_optim.fused_sign_`` (:mod:`sign_optim.fused`, the default where available: it
+    checks the tensors natively, as torch's fused optimizers do), ``torch._foreach_*`` ops, and a loop over
+    parameters. ``lr`` may be a 1-element tensor (read once per step). With ``capturable=True`` the step
+    counters live on the parameters' device and the step, the decay and ``lr`` stay tensors: no host read,
+    CUDA-graph safe (the foreach/traced update, not the fused kernels).
 
-    Serialization of the decay: a :class:`~sign_optim.decays.InternalDecay` is saved as its config
-    under ``state_dict()["sign_internal_decay"]`` and rebuilt by ``load_state_dict``. Any other
-    callable cannot be serialized: it is saved as ``{"kind": "custom", "repr": ...}`` and
-    ``load_state_dict`` keeps the callable the optimizer was constructed with (pass the same one
-    again); it raises ``ValueError`` if the optimizer has no decay to keep.
+    Serialization of the decays: an :class:`~sign_optim.decays.InternalDecay` is saved as its config in its
+    group of ``state_dict()["param_groups"]`` (and the constructor's under ``state_dict()["sign_internal_decay"]``)
+    and rebuilt by ``load_state_dict``. Any other callable cannot be serialized: it is saved as
+    ``{"kind": "custom", "repr": ...}`` and ``load_state_dict`` keeps the callable the group was constructed with
+    (pass the same one again); it raises ``ValueError`` if that group has no decay to keep.
     """
 
     #: CPU foreach path: elements per cache-sized piece of work (:func:`sign_optim.functional._cache_sized_chunks`).
@@ -73,14 +74,13 @@ class SignOptimizer(Optimizer):
         defaults: Dict[str, Any],
         sign_internal_decay: SignDecay,
     ) -> None:
-        self.sign_internal_decay = sign_internal_decay
-        self._fused_plans: Dict[int, fused.FusedPlan] = {}
+        defaults = {**defaults, _DECAY_KEY: _as_decay(sign_internal_decay)}
         self._check_group(defaults)  # hyper-parameters first, before the params are iterated (torch.optim's order)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- validation
     #: hyper-parameters every param group of this optimizer holds (a foreign state dict lacks some)
-    group_keys = ("lr", "beta", "alpha", "weight_decay", "maximize", "foreach", "fused", "capturable")
+    group_keys = ("lr", "beta", "alpha", "weight_decay", "maximize", "foreach", "fused", "capturable", _DECAY_KEY)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         """Raise ValueError / TypeError for bad hyper-parameters of a param group (nothing is changed)."""
@@ -92,8 +92,8 @@ class SignOptimizer(Optimizer):
             raise TypeError(f"capturable must be a bool, got {type(capturable).__name__}")
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError(f"lr must be a number or a 1-element tensor (of any shape), got a tensor of shape "
-                             f"{tuple(lr.shape)}")
+            raise ValueError(f"Tensor lr must be 1-element (a number or a 1-element tensor of any shape), got a "
+                             f"tensor of shape {tuple(lr.shape)}")
         if capturable and isinstance(lr, torch.Tensor):  # its value stays on the device: no read
             if not lr.is_floating_point():
                 raise TypeError(f"lr must be a number or a 1-element floating tensor, got dtype {lr.dtype}")
@@ -111,8 +111,11 @@ class SignOptimizer(Optimizer):
         if capturable and group["fused"]:
             raise ValueError("capturable=True and fused=True cannot both be set: the fused kernels read lr and "
                              "the decay on the host; capturable keeps them on the device")
-        if capturable and self.sign_internal_decay is not None and not isinstance(self.sign_internal_decay,
-                                                                                   InternalDecay):
+        decay = group[_DECAY_KEY]
+        if decay is not None and not callable(decay):
+            raise TypeError("sign_internal_decay must be None, an InternalDecay or a callable step -> float, "
+                            f"got {type(decay).__name__}")
+        if capturable and decay is not None and not isinstance(decay, InternalDecay):
             raise ValueError("capturable=True needs sign_internal_decay None or an InternalDecay (evaluated on the "
                              "device); a custom callable takes the step as a Python number")
 
@@ -126,13 +129,10 @@ class SignOptimizer(Optimizer):
                 if isinstance(p, torch.Tensor) and torch.is_complex(p):
                     raise TypeError(f"{type(self).__name__} does not support complex parameters "
                                     "(sign of a complex number)")
+            if _DECAY_KEY in param_group:  # a saved group's config (ZeroRedundancyOptimizer's copy) is a decay
+                param_group[_DECAY_KEY] = _as_decay(param_group[_DECAY_KEY])
             merged = {**self.defaults, **param_group}
             self._check_group(merged)
-            if _DECAY_KEY in param_group and not self._same_decay(param_group[_DECAY_KEY]):
-                raise ValueError(
-                    f"{_DECAY_KEY} is one per optimizer (the constructor's argument), a param group cannot have its "
-                    f"own: got {param_group[_DECAY_KEY]!r} for a group of an optimizer with {self.sign_internal_decay!r}; "
-                    "use one optimizer per decay")
             if merged["fused"]:
                 for p in param_group["params"]:
                     # meta parameters (deferred initialization, to_empty later) are checked at the step
@@ -142,67 +142,42 @@ class SignOptimizer(Optimizer):
                         raise ValueError(f"fused=True: {why}; use fused=None (the fastest available) or foreach")
         super().add_param_group(param_group)
 
-    def _same_decay(self, decay: Any) -> bool:
-        """Whether ``decay`` is this optimizer's decay (ZeroRedundancyOptimizer copies the constructor's keyword
-        arguments into every param group of the optimizer it wraps; that copy is honoured)."""
-        own = self.sign_internal_decay
-        if decay is own:
-            return True
-        if isinstance(decay, dict) and isinstance(own, InternalDecay):  # a group saved by state_dict()
-            return decay == own.state_dict()
-        return isinstance(decay, InternalDecay) and decay == own
-
     @property
     def sign_internal_decay(self) -> SignDecay:
-        """The decay ``step -> float`` of the sign term (None: constant 1)."""
-        return self._sign_internal_decay
+        """The constructor's decay ``step -> float`` of the sign term (None: constant 1), the default of every
+        param group. Setting it sets it for every group."""
+        return self.defaults[_DECAY_KEY]
 
     @sign_internal_decay.setter
     def sign_internal_decay(self, decay: SignDecay) -> None:
-        if decay is not None and not callable(decay):
-            raise TypeError(
-                "sign_internal_decay must be None, an InternalDecay or a callable step -> float, "
-                f"got {type(decay).__name__}"
-            )
-        self._sign_internal_decay = decay
-
-    def __getstate__(self) -> Dict[str, Any]:  # copy.deepcopy / pickle of the optimizer keep the decay
-        state = super().__getstate__()
-        state["_sign_internal_decay"] = self.sign_internal_decay
-        state.pop("_fused_plans", None)  # pointers: rebuilt at the next step
-        return state
+        decay = _as_decay(decay)
+        for group in [self.defaults, *self.param_groups]:
+            self._check_group({**group, _DECAY_KEY: decay})
+        for group in [self.defaults, *self.param_groups]:
+            group[_DECAY_KEY] = decay
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        old_decay = state.pop("_sign_internal_decay", None)  # pickles of 0.3 kept the decay on the optimizer
         super().__setstate__(state)
-        self.__dict__.setdefault("_sign_internal_decay", None)
-        self._fused_plans = {}
+        self.defaults.setdefault(_DECAY_KEY, old_decay)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("capturable", False)
             group.setdefault("weight_decay", 0.0)
+            group.setdefault(_DECAY_KEY, old_decay)
 
     # ----------------------------------------------------------------- serialization
     def state_dict(self) -> Dict[str, Any]:
-        """torch's optimizer state dict plus ``"sign_internal_decay"`` (None, a decay config, or
-        ``{"kind": "custom", "repr": ...}`` for a callable that cannot be serialized)."""
+        """torch's optimizer state dict, each group's decay in its serialized form (None, a decay config, or
+        ``{"kind": "custom", "repr": ...}`` for a callable that cannot be serialized), and the constructor's
+        under ``"sign_internal_decay"``."""
         state_dict = super().state_dict()
-        saved = self._saved_decay()
-        state_dict[_DECAY_KEY] = saved
-        for group in state_dict["param_groups"]:  # a group copy of the decay (ZeroRedundancyOptimizer's): its form
-            if _DECAY_KEY in group:
-                group[_DECAY_KEY] = saved
+        state_dict[_DECAY_KEY] = _saved_decay(self.sign_internal_decay)
+        for group in state_dict["param_groups"]:
+            group[_DECAY_KEY] = _saved_decay(group.get(_DECAY_KEY))
         return state_dict
-
-    def _saved_decay(self) -> Optional[Dict[str, Any]]:
-        """The decay as ``state_dict()`` saves it: None, an InternalDecay's config, or a custom callable's repr."""
-        decay = self.sign_internal_decay
-        if decay is None:
-            return None
-        if isinstance(decay, InternalDecay):
-            return decay.state_dict()
-        return {"kind": "custom", "repr": repr(decay)}
 
     def _check_state_dict(self, state_dict: Dict[str, Any]) -> Dict[Any, torch.Tensor]:
         """ValueError/TypeError unless ``state_dict`` is one of this optimizer's kind for these parameters."""
@@ -213,13 +188,19 @@ class SignOptimizer(Optimizer):
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} param groups, "
                              f"this {name} has {len(self.param_groups)}")
+        if _DECAY_KEY in state_dict:
+            try:
+                self._loaded_decay(state_dict[_DECAY_KEY], self.defaults, -1)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"state_dict[{_DECAY_KEY!r}]: {err}") from None
         params_of = {}
         for k, (saved, own) in enumerate(zip(groups, self.param_groups)):
             if not isinstance(saved, dict) or len(saved.get("params", ())) != len(own["params"]):
                 raise ValueError(f"state_dict param group {k} does not have the {len(own['params'])} parameters "
                                  f"of this {name}'s group {k}")
             try:
-                self._check_group({"fused": None, "capturable": False, **saved})  # 0.1's have neither
+                decay = self._loaded_decay(saved.get(_DECAY_KEY, state_dict.get(_DECAY_KEY)), own, k)
+                self._check_group({"fused": None, "capturable": False, **saved, _DECAY_KEY: decay})  # 0.1's lack some
             except (TypeError, ValueError) as err:
                 raise ValueError(f"state_dict param group {k} is not a valid {name} group: {err}") from None
             params_of.update(zip(saved["params"], own["params"]))
@@ -236,11 +217,32 @@ class SignOptimizer(Optimizer):
                 raise ValueError(f"state_dict: exp_avg of parameter {key} has shape "
                                  f"{tuple(avg.shape) if isinstance(avg, torch.Tensor) else type(avg).__name__}, "
                                  f"the parameter has shape {tuple(p.shape)}")
+            if _is_dtensor(p) != _is_dtensor(avg):
+                raise ValueError(
+                    f"state_dict: exp_avg of parameter {key} is a {type(avg).__name__} but the parameter is a "
+                    f"{type(p).__name__}: a single-process state does not load into sharded (FSDP2/DTensor) "
+                    "parameters, or the reverse; load it with torch.distributed.checkpoint.state_dict."
+                    "set_optimizer_state_dict (or set_state_dict), which reshards it")
             validation.as_int(f"state_dict: step of parameter {key}", entry["step"], minimum=0, integral_float=True)
         return params_of
 
+    @staticmethod
+    def _loaded_decay(saved: Any, group: Dict[str, Any], k: int) -> SignDecay:
+        """The decay a loaded group gets: rebuilt from its config, or the group's own callable for a custom one."""
+        if saved is None or callable(saved):
+            return saved
+        if not isinstance(saved, dict):
+            raise ValueError(f"{_DECAY_KEY} must be None or a decay's state_dict() (a dict), got {type(saved).__name__}")
+        if saved.get("kind") == "custom":
+            if group.get(_DECAY_KEY) is None:
+                where = "" if k < 0 else f" in param group {k}"
+                raise ValueError(f"the state dict was saved with a custom {_DECAY_KEY} ({saved.get('repr')}){where} "
+                                 "that cannot be serialized: construct the optimizer with that callable again")
+            return group[_DECAY_KEY]
+        return internal_decay_from_state_dict(saved)
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load the state and the decay (see the class docstring for callables that are not decays).
+        """Load the state and the groups' decays (see the class docstring for callables that are not decays).
 
         The whole state dict is checked first (the state of another optimizer, of other parameter
         shapes or counts, or bad hyper-parameters is a ValueError): a refused load changes nothing.
@@ -249,24 +251,13 @@ class SignOptimizer(Optimizer):
         # torch casts every state tensor to its parameter's dtype; half-precision parameters keep a
         # float32 moving average, so the saved one is put back after the load (not a float16 copy)
         avgs = {params_of[k]: e["exp_avg"] for k, e in state_dict["state"].items()}
+        top = state_dict.get(_DECAY_KEY, self.sign_internal_decay)
+        decays = [self._loaded_decay(saved.get(_DECAY_KEY, top), own, k)
+                  for k, (saved, own) in enumerate(zip(state_dict["param_groups"], self.param_groups))]
+        default = self._loaded_decay(top, self.defaults, -1)  # the constructor's: the default of groups added later
         state_dict = dict(state_dict)
-        has_key = _DECAY_KEY in state_dict
-        saved = state_dict.pop(_DECAY_KEY, None)
-        if has_key:
-            if saved is not None and not isinstance(saved, dict):
-                raise ValueError(f"state_dict[{_DECAY_KEY!r}] must be None or a decay's state_dict() (a dict), "
-                                 f"got {type(saved).__name__}")
-            if saved is None:
-                decay: SignDecay = None
-            elif saved.get("kind") == "custom":
-                if self.sign_internal_decay is None:
-                    raise ValueError(
-                        f"the state dict was saved with a custom sign_internal_decay ({saved.get('repr')}) "
-                        "that cannot be serialized: construct the optimizer with that callable again"
-                    )
-                decay = self.sign_internal_decay
-            else:
-                decay = internal_decay_from_state_dict(saved)
+        state_dict.pop(_DECAY_KEY, None)
+        state_dict["param_groups"] = [{**g, _DECAY_KEY: d} for g, d in zip(state_dict["param_groups"], decays)]
         super().load_state_dict(state_dict)
         for p, avg in avgs.items():
             state = self.state[p]
@@ -275,12 +266,11 @@ class SignOptimizer(Optimizer):
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
             state["step"] = torch.tensor(float(state["step"]), dtype=_step_dtype(),
                                          device=p.device if group["capturable"] else "cpu")
-        if has_key:
-            self.sign_internal_decay = decay
+        self.defaults[_DECAY_KEY] = default
 
     # ----------------------------------------------------------------- step
-    def _decay_value(self, step: int) -> float:
-        decay = self.sign_internal_decay
+    @staticmethod
+    def _decay_value(decay: SignDecay, step: int) -> float:
         if decay is None:
             return 1.0
         value = decay(step)
@@ -296,6 +286,9 @@ class SignOptimizer(Optimizer):
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Perform one optimization step.
 
+        Every group is checked before any tensor changes: a refused step raises ValueError or TypeError and
+        changes nothing.
+
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
         """
@@ -303,50 +296,106 @@ class SignOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._prepare_step()  # every check first: a refused step changes nothing
-        for group, params, grads, decays, states in work:
-            for i, state in enumerate(states):
-                if not state:
-                    p = params[i]
-                    state = states[i] = self.state[p]
-                    # a tensor step (as torch.optim's): torch.compile(opt.step) does not recompile per step;
-                    # on the parameter's device when capturable (no host read, CUDA-graph safe)
-                    state["step"] = torch.zeros((), dtype=_step_dtype(),
-                                                device=p.device if group["capturable"] else "cpu")
-                    state["exp_avg"] = torch.zeros_like(p, dtype=fused.state_dtype(p.dtype),
-                                                        memory_format=torch.preserve_format)
-            avgs = [state["exp_avg"] for state in states]
-            if torch.compiler.is_compiling() or group["capturable"]:
-                torch._foreach_add_([state["step"] for state in states], 1.0)
-                self._traced_update(group, params, grads, avgs)
-                continue
-            lr = validation.as_real("lr", group["lr"])  # a tensor lr is read once per group and step
-            rest = list(range(len(params)))
-            if self._use_fused(group, params):  # the fused kernels advance their parameters' step counters
-                rest = self._fused_update(group, lr, params, grads, avgs, decays, states)
-            if not rest:
-                continue
-            torch._foreach_add_([states[i]["step"] for i in rest], 1.0)  # one call, not one per parameter
-            full = [i for i in rest if params[i].dtype not in _HALF]
-            half = [i for i in rest if params[i].dtype in _HALF]
-            foreach = group["foreach"]
-            if foreach is None and full:
-                foreach = _default_to_fused_or_foreach([params[i] for i in full], differentiable=False)[1]
-            coefs = {d: self.coefficients(group, d) for d in set(decays)}
-            options = dict(lr=lr, beta=group["beta"], weight_decay=group["weight_decay"], maximize=group["maximize"])
-            for idx, use_foreach in ((full, bool(foreach)), (half, False)):  # half precision: one by one, in float32
-                if idx:
-                    functional.sign_update([params[i] for i in idx], [grads[i] for i in idx], [avgs[i] for i in idx],
-                                           [coefs[decays[i]] for i in idx], foreach=use_foreach,
-                                           chunk_numel=self.cpu_chunk_numel, **options)
+        fast = None if torch.compiler.is_compiling() else self._fused_work()
+        if fast is not None:  # every group fused and checked natively: one operator call per group
+            for params, grads, avgs, steps, coefficients, group in fast:
+                fused.fused_sign_(params, grads, avgs, steps, coefficients, beta=float(group["beta"]),
+                                  maximize=group["maximize"])
+            return loss
+        for group, params, grads, decays, states in self._prepare_step():  # every check first
+            self._update_group(group, params, grads, decays, states)
         return loss
+
+    # ---- the fused fast path: torch.optim's _init_group, with the checks in the operator
+    def _fused_work(self) -> Optional[List[tuple]]:
+        """The operator's arguments for every group, checked natively, when every group with gradients takes the
+        fused path and every parameter has its state; None otherwise (the general path then checks, partitions
+        and reports). Per parameter this costs what torch's fused Adam's ``_init_group`` does."""
+        work = []
+        state_of = self.state.get
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if not self._use_fused(group, params) or group["capturable"]:
+                return None
+            self._check_group(group)
+            states = list(map(state_of, params))
+            if not all(states):
+                return None  # a first step: the general path creates the state
+            try:
+                grads = [p.grad for p in params]
+                avgs = [s["exp_avg"] for s in states]
+                steps = [s["step"] for s in states]
+            except KeyError:
+                return None
+            coefficients = self._fused_coefficients(group, params, steps)
+            try:
+                torch.ops.sign_optim.check_fused_inputs(params, grads, avgs, steps, coefficients,
+                                                        params[0].device.type)
+            except (ValueError, TypeError):
+                return None  # a layout the general path partitions or reports (a subclass, a view, state surgery)
+            work.append((params, grads, avgs, steps, coefficients, group))
+        return work
+
+    def _fused_coefficients(self, group: Dict[str, Any], params: List[torch.Tensor],
+                            steps: List[torch.Tensor]) -> torch.Tensor:
+        """The operator's coefficient table of a group: one row when every parameter is at the same decay (always
+        without a decay), else one per parameter. Checks the magnitudes first."""
+        decay = group[_DECAY_KEY]
+        if decay is None:
+            decays = [1.0]
+        else:
+            values = fused.step_values(steps)  # one native read of every counter
+            decays = [self._decay_value(decay, int(v)) for v in values] if min(values) != max(values) \
+                else [self._decay_value(decay, int(values[0]))]
+        self._check_magnitudes(group, params, decays)
+        lr = validation.as_real("lr", self._lr_value(group))
+        by_decay = {d: self.coefficients(group, d) for d in set(decays)}
+        return fused.kernel_coefficients([by_decay[d] for d in decays], lr=lr, weight_decay=float(group["weight_decay"]))
+
+    # ---- the general path: every implementation, first steps, subclasses, capturable, torch.compile
+    def _update_group(self, group, params, grads, decays, states) -> None:
+        for i, state in enumerate(states):
+            if not state:
+                p = params[i]
+                state = states[i] = self.state[p]
+                # a tensor step (as torch.optim's): torch.compile(opt.step) does not recompile per step;
+                # on the parameter's device when capturable (no host read, CUDA-graph safe)
+                state["step"] = torch.zeros((), dtype=_step_dtype(), device=p.device if group["capturable"] else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, dtype=fused.state_dtype(p.dtype),
+                                                    memory_format=torch.preserve_format)
+        avgs = [state["exp_avg"] for state in states]
+        steps = [state["step"] for state in states]
+        if torch.compiler.is_compiling() or group["capturable"]:
+            torch._foreach_add_(steps, 1.0)
+            self._traced_update(group, params, grads, avgs)
+            return
+        lr = validation.as_real("lr", group["lr"])  # a tensor lr is read once per group and step
+        rest = list(range(len(params)))
+        if self._use_fused(group, params):
+            rest = self._fused_update(group, lr, params, grads, avgs, steps, decays)
+        if not rest:
+            return
+        torch._foreach_add_([steps[i] for i in rest], 1.0)  # one call, not one per parameter
+        full = [i for i in rest if params[i].dtype not in _HALF]
+        half = [i for i in rest if params[i].dtype in _HALF]
+        foreach = group["foreach"]
+        if foreach is None and full:
+            foreach = _default_to_fused_or_foreach([params[i] for i in full], differentiable=False)[1]
+        coefs = {d: self.coefficients(group, d) for d in set(decays)}
+        options = dict(lr=lr, beta=group["beta"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+        for idx, use_foreach in ((full, bool(foreach)), (half, False)):  # half precision: one by one, in float32
+            if idx:
+                functional.sign_update([params[i] for i in idx], [grads[i] for i in idx], [avgs[i] for i in idx],
+                                       [coefs[decays[i]] for i in idx], foreach=use_foreach,
+                                       chunk_numel=self.cpu_chunk_numel, **options)
 
     def _traced_update(self, group, params, grads, avgs) -> None:
         """The update under ``torch.compile`` or ``capturable``: step, decay and lr stay tensors (no Python number
         derived from the step counter, so no recompilation per step); inductor fuses the elementwise ops."""
-        decay = self.sign_internal_decay
-        lr = group["lr"]
-        lr = lr.reshape(()) if isinstance(lr, torch.Tensor) else lr  # a 1-element lr of any shape, e.g. (1, 1)
+        decay = group[_DECAY_KEY]
+        lr = self._lr_value(group)  # a 1-element lr of any shape, e.g. (1, 1)
         for p, g, m in zip(params, grads, avgs):
             step = self.state[p]["step"] - 1  # the decay of the step before this update, as in eager
             if decay is None:
@@ -363,35 +412,29 @@ class SignOptimizer(Optimizer):
         """``fused=True``, or ``fused=None`` and ``foreach=None`` with a fused kernel for every device."""
         if group["fused"] is not None or group["foreach"] is not None:
             return bool(group["fused"])
-        return all(fused.available(d) for d in {p.device for p in params})
+        devices = {p.device for p in params}
+        return all(fused.available(d) for d in devices)
 
-    def _fused_update(self, group, lr, params, grads, avgs, decays, states) -> List[int]:
-        """Run the fused kernels on what they support, grouped by device and dtype, and advance those
-        parameters' step counters; the indices left over."""
-        plan = self._fused_plans.get(id(group))
-        if plan is None or not plan.matches(params, avgs, states):
-            plan = self._fused_plans[id(group)] = fused.FusedPlan(params, avgs, states)
-        rest = list(plan.rest)
-        coefs = {d: self.coefficients(group, d)[1:] for d in set(decays)}  # the kernels' (a, b)
-        options = dict(lr=lr, beta=float(group["beta"]), alpha=float(group["alpha"]),
-                       weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
-        for bucket in plan.buckets:
-            idx = bucket.idx
-            bucket_grads = [fused.local_shard(grads[i]) for i in idx]
-            if not all(fused.supported(plan.local_params[i], g, plan.local_avgs[i])
-                       and g.shape == plan.local_params[i].shape for i, g in zip(idx, bucket_grads)):
-                rest += idx  # a rare gradient layout (non-contiguous, another sharding): the other paths
-                continue
-            a = [coefs[decays[i]][0] for i in idx]
-            b = [coefs[decays[i]][1] for i in idx]
-            if bucket.kernel is not None:
-                fused.cpu_step_planned(self.rule, bucket.kernel, bucket_grads, a, b, **options)  # advances the counters
+    def _fused_update(self, group, lr, params, grads, avgs, steps, decays) -> List[int]:
+        """The fused operator on the parameters it takes (DTensors by their local shards), one call per device;
+        the indices left to the other paths (a layout it does not take, e.g. a non-contiguous view)."""
+        local = [(fused.local_shard(p), fused.local_shard(g), fused.local_shard(m))
+                 for p, g, m in zip(params, grads, avgs)]
+        by_device: Dict[torch.device, List[int]] = {}
+        rest = []
+        for i, ((p, g, m), s) in enumerate(zip(local, steps)):
+            if fused.supported(p, g, m, s) and fused.available(p.device):
+                by_device.setdefault(p.device, []).append(i)
             else:
-                run = fused.cpu_step if bucket.device.type == "cpu" else _cuda_step()
-                run(self.rule, [plan.local_params[i] for i in idx], bucket_grads, [plan.local_avgs[i] for i in idx],
-                    a, b, **options)
-                torch._foreach_add_([states[i]["step"] for i in idx], 1.0)
-        return sorted(rest)
+                rest.append(i)
+        by_decay = {d: self.coefficients(group, d) for d in set(decays)}
+        for idx in by_device.values():
+            coefficients = fused.kernel_coefficients([by_decay[decays[i]] for i in idx], lr=lr,
+                                                     weight_decay=float(group["weight_decay"]))
+            fused.fused_sign_([local[i][0] for i in idx], [local[i][1] for i in idx], [local[i][2] for i in idx],
+                              [steps[i] for i in idx], coefficients, beta=float(group["beta"]),
+                              maximize=group["maximize"])
+        return rest
 
     def coefficients(self, group: Dict[str, Any], decay: float) -> Coefficients:
         """The rule's ``(c0, a, b)`` for a parameter of ``group`` at decay value ``decay``
@@ -425,6 +468,10 @@ class SignOptimizer(Optimizer):
                 grads.append(g)
             if not params:
                 continue
+            if group["fused"] and any(p.is_meta or not p.is_floating_point() for p in params):
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                                   f"devices: {sorted({str(p.device.type) for p in params})} (materialize meta "
+                                   "parameters first, e.g. with module.to_empty(device=...))")
             # .get: self.state is a defaultdict, [] would add an entry (None: a new parameter)
             states = [self.state.get(p) for p in params]
             # the decay is evaluated as a tensor in _traced_update when compiling or capturable
@@ -433,7 +480,7 @@ class SignOptimizer(Optimizer):
                 for p, state in zip(params, states):
                     if state:
                         self._check_state(p, state)
-            decays = [] if traced else self._decays(states)
+            decays = [] if traced else self._decays(group, states)
             if not traced:
                 self._check_magnitudes(group, params, decays)
             work.append((group, params, grads, decays, states))
@@ -465,7 +512,8 @@ class SignOptimizer(Optimizer):
         """ValueError before any change when ``lr`` times the rule's factor (or ``lr * weight_decay``) overflows
         the dtype the update is computed in: a step that would write inf, or fail inside torch half done."""
         lr = validation.as_real("lr", self._lr_value(group))
-        dtype = min({torch.float32 if p.dtype in _HALF else p.dtype for p in params}, key=lambda d: torch.finfo(d).max)
+        dtypes = {torch.float32 if p.dtype in _HALF else p.dtype for p in params}
+        dtype = min(dtypes, key=lambda d: torch.finfo(d).max)
         limit = torch.finfo(dtype).max
         for d in set(decays):
             factor = self._max_factor(group, d)
@@ -485,20 +533,46 @@ class SignOptimizer(Optimizer):
         lr = group["lr"]
         return lr.reshape(()) if isinstance(lr, torch.Tensor) else lr
 
-    def _decays(self, states: List[Optional[Dict[str, Any]]]) -> List[float]:
+    def _decays(self, group: Dict[str, Any], states: List[Optional[Dict[str, Any]]]) -> List[float]:
         """The decay of each parameter's update (``states``: each one's state, None for a new one). TF
         evaluates the decay at the step before incrementing it: the first update uses d(0). The step
         counters are CPU tensors, read in one call (no sync)."""
+        decay = group[_DECAY_KEY]
+        if decay is None:
+            return [1.0] * len(states)
         counted = [s["step"] for s in states if s]
-        # what this optimizer creates and loads; checked once per step, read by the C kernel
-        if counted and fused.float32_counters(counted) and fused.available(torch.device("cpu")):
-            values = iter(fused.read_steps(counted))  # one C call
+        if all(type(c) in fused.PLAIN_TENSORS and c.is_cpu and c.dtype in (torch.float32, torch.float64)
+               for c in counted):
+            values = iter(fused.step_values(counted))
         else:
-            values = iter(torch.stack([torch.as_tensor(c, dtype=torch.float64) for c in counted]).tolist()
+            values = iter(torch.stack([torch.as_tensor(c, dtype=torch.float64).reshape(()) for c in counted]).tolist()
                           if counted else [])
         steps = [int(next(values)) if s else 0 for s in states]
-        cache = {step: self._decay_value(step) for step in set(steps)}
+        cache = {step: self._decay_value(decay, step) for step in set(steps)}
         return [cache[step] for step in steps]
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f"sign_internal_decay: {self.sign_internal_decay!r}\n)"
+        return super().__repr__()
+
+
+def _as_decay(decay: Any) -> SignDecay:
+    """A group's decay: None, a callable, or an InternalDecay rebuilt from its saved config (a dict)."""
+    if isinstance(decay, dict):
+        return internal_decay_from_state_dict(decay)
+    if decay is not None and not callable(decay):
+        raise TypeError("sign_internal_decay must be None, an InternalDecay or a callable step -> float, "
+                        f"got {type(decay).__name__}")
+    return decay
+
+
+def _saved_decay(decay: SignDecay) -> Optional[Dict[str, Any]]:
+    """A decay as ``state_dict()`` saves it: None, an InternalDecay's config, or a custom callable's repr."""
+    if decay is None:
+        return None
+    if isinstance(decay, InternalDecay):
+        return decay.state_dict()
+    return {"kind": "custom", "repr": repr(decay)}
+
+
+def _is_dtensor(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and type(t).__name__ == "DTensor"

@@ -21,7 +21,9 @@ reached if 160 do not fit). Without CUDA the same pipeline runs on the CPU at sm
 per part) and says so in its first line; ``make test`` runs it that way.
 
 Everything goes under ``--out`` (default ``gpu-check-output/``): one folder and one log per part,
-``SUMMARY.md`` with the machine and each part's status and wall time, ``summary.json``.
+``SUMMARY.md`` with the machine and each part's status and wall time, ``summary.json``. A relative ``--out``
+(``OUT=``) or ``--data`` is taken from the directory the command runs in; an ``--out`` that is a file is refused
+in one line (exit 2, the file left as it is).
 MNIST for the VAE: ``--data``, else ``shared/data/mnist`` in the checkout (copy it there before
 sending the tree to a GPU machine: ``shared/`` travels and is ignored by git), else ``../shared/data/mnist``.
 
@@ -33,10 +35,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -101,26 +101,17 @@ PARTS = [
 
 
 def build_kernel() -> int:
-    """Build sign_optim's C kernel in place: setuptools if there is one, else the C compiler directly."""
+    """Build sign_optim's native operators in place (setup.py build_ext beside this Python's torch); without
+    setuptools or a C++ compiler the CPU steps take the foreach path, which the report says."""
     try:
         import setuptools  # noqa: F401
-        run = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=REPO)
-        if run.returncode == 0:
-            return _report_kernel()
-        print("setup.py build_ext failed; trying the C compiler directly", flush=True)
     except ImportError:
-        print("no setuptools: building with the C compiler directly", flush=True)
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        print("no C compiler: the fused CPU kernel is not built (CPU steps use the foreach path)", flush=True)
+        print("no setuptools: the native operators are not built (CPU steps use the foreach path)", flush=True)
         return _report_kernel()
-    target = REPO / "sign_optim" / ("_fused_kernel" + sysconfig.get_config_var("EXT_SUFFIX"))
-    source = str(REPO / "sign_optim" / "_fused_kernel.c")
-    for flags in (["-fopenmp"], []):  # OpenMP when the compiler has it
-        cmd = [cc, "-O3", "-shared", "-fPIC", "-std=gnu11", *flags, source, "-o", str(target)]
-        print(" ".join(cmd), flush=True)
-        if subprocess.run(cmd).returncode == 0:
-            break
+    run = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=REPO)
+    if run.returncode != 0:
+        print("setup.py build_ext failed: the native operators are not built (CPU steps use the foreach path)",
+              flush=True)
     return _report_kernel()
 
 
@@ -168,6 +159,12 @@ def describe_machine(cuda: bool) -> str:
     return text
 
 
+def _refuse(message: str) -> int:
+    """A bad command line: one line on stderr, exit status 2 (like argparse, without the usage block)."""
+    print(f"gpu_check: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "gpu-check-output")
@@ -181,7 +178,17 @@ def main(argv=None) -> int:
     names = args.only.split(",")
     unknown = sorted(set(names) - {p.name for p in PARTS})
     if unknown:
-        ap.error(f"--only: unknown part(s) {unknown}; choose from {', '.join(p.name for p in PARTS)}")
+        return _refuse(f"--only: unknown part(s) {unknown}; choose from {', '.join(p.name for p in PARTS)}")
+    # the parts run from the checkout's root: a relative --out / --data is the caller's, so make it absolute
+    args.out = args.out.expanduser().absolute()
+    if args.data is not None:
+        args.data = args.data.expanduser().absolute()
+    if args.out.exists() and not args.out.is_dir():
+        return _refuse(f"--out {args.out} (OUT=) is a file, not a directory; give a directory for the reports "
+                       "(the file is left as it is)")
+    blocked = next((p for p in args.out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        return _refuse(f"--out {args.out} (OUT=): {blocked} is a file, so the directory cannot be made")
     import torch
 
     cuda = torch.cuda.is_available() and not args.cpu

@@ -246,7 +246,7 @@ def test_capturable_refusals():
     with pytest.raises(TypeError, match="capturable must be a bool"):
         AddSign(p, capturable="yes")
     # torch.optim's convention (its test_optim.py): a tensor lr of more than one element is a ValueError
-    with pytest.raises(ValueError, match="lr must be a number or a 1-element tensor"):
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
         AddSign(p, capturable=True, lr=torch.ones(2))
     with pytest.raises(TypeError, match="lr must be a number or a 1-element floating tensor"):
         AddSign(p, capturable=True, lr=torch.ones(1, dtype=torch.int64))

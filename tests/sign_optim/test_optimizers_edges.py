@@ -114,26 +114,65 @@ def test_fused_kernel_follows_or_refuses_every_storage_change(cls):
     assert lines["4"].split() == ["True", "True"]
 
 
+def _operator_args(n=8, **change):
+    """The fused operator's arguments for one float32 parameter of ``n`` elements, with ``change`` replacing some."""
+    args = dict(params=[torch.zeros(n)], grads=[torch.zeros(n)], exp_avgs=[torch.zeros(n)],
+                state_steps=[torch.zeros(())],
+                coefficients=fused.kernel_coefficients([(1.0, 1.0, 0.0)], lr=0.1, weight_decay=0.0))
+    args.update(change)
+    return args
+
+
+BAD_OPERATOR_ARGS = {
+    "grad of fewer elements": (dict(grads=[torch.zeros(4)]), ValueError, r"params\[0\] has 8 elements"),
+    "grad of another shape": (dict(grads=[torch.zeros(2, 4)]), ValueError, "shape"),
+    "average of another shape": (dict(exp_avgs=[torch.zeros(2, 4)]), ValueError, "exp_avgs"),
+    "non-contiguous parameter": (dict(params=[torch.zeros(8, 2).t()[0]]), ValueError, "contiguous"),
+    "sparse gradient": (dict(grads=[torch.zeros(8).to_sparse()]), (ValueError, TypeError, NotImplementedError),
+                        "layout|Sparse"),
+    "float64 gradient": (dict(grads=[torch.zeros(8, dtype=torch.float64)]), TypeError, "grads"),
+    "float16 average of a float16 parameter": (dict(params=[torch.zeros(8, dtype=torch.float16)],
+                                                    grads=[torch.zeros(8, dtype=torch.float16)],
+                                                    exp_avgs=[torch.zeros(8, dtype=torch.float16)]),
+                                               TypeError, "Float average"),
+    "integer parameter": (dict(params=[torch.zeros(8, dtype=torch.int32)], grads=[torch.zeros(8, dtype=torch.int32)]),
+                          TypeError, "dtype"),
+    "step of 2 elements": (dict(state_steps=[torch.zeros(2)]), ValueError, "state_steps"),
+    "integer step": (dict(state_steps=[torch.zeros((), dtype=torch.int64)]), ValueError, "state_steps"),
+    "lists of different lengths": (dict(grads=[]), ValueError, "same length"),
+    "coefficients of the wrong shape": (dict(coefficients=torch.zeros(2, 4, dtype=torch.float64)), ValueError,
+                                        "coefficients"),
+    "float32 coefficients": (dict(coefficients=torch.zeros(1, 4)), ValueError, "coefficients"),
+}
+
+
 @needs_kernel
-def test_kernel_boundary_refuses_what_it_cannot_prove_valid():
-    p, g, m = torch.zeros(8), torch.zeros(8), torch.zeros(8)
-    step = torch.zeros(())
-    with pytest.raises(ValueError, match=r"grads\[0\] refused: it has 4 elements, expected 8"):
-        fused.cpu_step("addsign", [p], [torch.zeros(4)], [m], [1.0], [0.0], lr=0.1, beta=0.9, alpha=1.0,
-                       weight_decay=0.0, maximize=False)
-    with pytest.raises(ValueError, match="meta"):
-        fused.cpu_step("addsign", [torch.zeros(8, device="meta")], [g], [m], [1.0], [0.0], lr=0.1, beta=0.9,
-                       alpha=1.0, weight_decay=0.0, maximize=False)
-    with pytest.raises(ValueError, match="contiguous"):
-        fused.cpu_step("addsign", [torch.zeros(4, 4).t()], [torch.zeros(4, 4)], [torch.zeros(4, 4)], [1.0], [0.0],
-                       lr=0.1, beta=0.9, alpha=1.0, weight_decay=0.0, maximize=False)
-    with pytest.raises(ValueError, match="steps"):
-        fused.plan([p], [m], [torch.zeros((), dtype=torch.float64)])
-    kernel = fused.plan([p], [m], [step])
-    with pytest.raises(ValueError, match="float32"):
-        fused.cpu_step_planned("addsign", kernel, [torch.zeros(8, dtype=torch.float64)], [1.0], [0.0], lr=0.1,
-                               beta=0.9, alpha=1.0, weight_decay=0.0, maximize=False)
-    assert not p.any() and not m.any() and float(step) == 0  # nothing was touched
+@pytest.mark.parametrize("case", list(BAD_OPERATOR_ARGS))
+def test_operator_refuses_what_it_cannot_prove_valid_and_touches_nothing(case):
+    """The operator checks every tensor natively before touching memory: a refused call changes nothing."""
+    change, error, match = BAD_OPERATOR_ARGS[case]
+    args = _operator_args(**change)
+    before = [t.clone() for k in ("params", "exp_avgs", "state_steps") for t in args[k]]
+    with pytest.raises(error, match=match):
+        fused.fused_sign_(args["params"], args["grads"], args["exp_avgs"], args["state_steps"],
+                          args["coefficients"], beta=0.9, maximize=False)
+    after = [t for k in ("params", "exp_avgs", "state_steps") for t in args[k]]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+@needs_kernel
+def test_operator_checks_every_tensor_before_the_first_write():
+    """The bad tensor is the last of three: the first two are not updated either (validate, then write)."""
+    params = [torch.ones(8), torch.ones(8), torch.ones(8)]
+    grads = [torch.ones(8), torch.ones(8), torch.ones(4)]
+    avgs = [torch.zeros(8) for _ in range(3)]
+    steps = [torch.zeros(()) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"params\[2\]"):
+        fused.fused_sign_(params, grads, avgs, steps, fused.kernel_coefficients([(1.0, 1.0, 0.0)], lr=0.1,
+                                                                                 weight_decay=0.0),
+                          beta=0.9, maximize=False)
+    assert all(bool((p == 1).all()) for p in params) and all(not m.any() for m in avgs)
+    assert all(float(s) == 0 for s in steps)
 
 
 # ------------------------------------------------------------------ refused steps change nothing
@@ -292,15 +331,35 @@ def test_step_counter_follows_torch_default_dtype(cls):
         torch.set_default_dtype(previous)
 
 
-def test_decay_per_param_group_is_honoured_when_it_is_the_optimizers_or_refused():
-    decay = CosineInternalDecay(100)
-    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
-    opt = AddSign([{"params": [a], "sign_internal_decay": decay}], sign_internal_decay=decay)  # ZeRO's way
-    with pytest.raises(ValueError, match="one per optimizer"):
-        opt.add_param_group({"params": [b], "sign_internal_decay": LinearInternalDecay(5)})
-    assert len(opt.param_groups) == 1
-    with pytest.raises(ValueError, match="one per optimizer"):
-        AddSign([{"params": [b], "sign_internal_decay": LinearInternalDecay(5)}])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_decay_per_param_group_is_honoured_saved_and_restored(cls, path):
+    """torch.optim's convention: every constructor keyword is a per-group hyper-parameter. Two groups with their
+    own decays step as two optimizers would, and a save/load round trip keeps each group's decay."""
+    if path == "fused" and not fused.available(torch.device("cpu")):
+        pytest.skip("the C kernel is not built")
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
+    a1, b1 = (torch.nn.Parameter(t.detach().clone()) for t in (a, b))
+    decays = (CosineInternalDecay(4), LinearInternalDecay(3))
+    opt = cls([{"params": [a]}, {"params": [b], "sign_internal_decay": decays[1]}], lr=0.1,
+              sign_internal_decay=decays[0], **PATHS[path])
+    refs = [cls([a1], lr=0.1, sign_internal_decay=decays[0], **PATHS[path]),
+            cls([b1], lr=0.1, sign_internal_decay=decays[1], **PATHS[path])]
+    for k in range(5):
+        if k == 2:  # resume from a checkpoint half-way
+            saved = opt.state_dict()
+            assert [g["sign_internal_decay"] for g in saved["param_groups"]] == [d.state_dict() for d in decays]
+            opt = cls([{"params": [a]}, {"params": [b]}], lr=0.1, **PATHS[path])
+            opt.load_state_dict(saved)
+            assert [g["sign_internal_decay"] for g in opt.param_groups] == list(decays)
+        g_a, g_b = torch.randn(5), torch.randn(3)
+        a.grad, b.grad, a1.grad, b1.grad = g_a, g_b, g_a.clone(), g_b.clone()
+        opt.step()
+        for r in refs:
+            r.step()
+    torch.testing.assert_close(a.detach(), a1.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(b.detach(), b1.detach(), rtol=0, atol=0)
 
 
 def test_state_dict_loads_weights_only_even_with_the_decay_in_a_group():

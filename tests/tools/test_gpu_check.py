@@ -39,7 +39,7 @@ def test_gpu_check_runs_every_part_on_cpu_from_a_fresh_checkout(fresh_checkout, 
     assert list(summary["parts"]) == PARTS and summary["cuda"] is False
     assert all(p["status"] == "ok" for p in summary["parts"].values()), summary
     assert "fused CPU kernel: loaded" in (out / "build.log").read_text()  # built in place in the fresh copy
-    assert list((fresh_checkout / "sign_optim").glob("_fused_kernel*.so"))
+    assert list((fresh_checkout / "sign_optim").glob("_C*.so"))
     assert "skipped" in (out / "tests.log").read_text()  # the cuda tests were collected, and skipped on CPU
     for part, table in TABLES.items():
         assert (out / part / table).read_text().count("|") > 10, part
@@ -86,3 +86,47 @@ def test_every_benchmark_is_launched_as_a_module_of_the_package(cuda, tmp_path):
     for module in launched.values():
         assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
     assert not any("benchmarks" in c and c.endswith(".py") for cmd in commands.values() for c in cmd)
+
+
+def _gpu_check_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", REPO / "tools" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/below"])
+def test_an_out_that_is_a_file_is_one_line_exit_2(tmp_path, out):
+    """OUT=<a file> (or a path under one): one line naming --out on stderr, exit 2, the file unchanged, no part run."""
+    (tmp_path / "a_file").write_text("keep me")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--out", out, "--only", "tests"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: error: --out ") and "a_file" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert (tmp_path / "a_file").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize("out", ["rel", "nested/rel", "./rel/"])
+def test_a_relative_out_puts_every_part_under_it(tmp_path, monkeypatch, out):
+    """Run from another directory with a relative --out: every part's table lands under that OUT (the parts run
+    from the checkout's root), nothing in the checkout."""
+    gpu_check = _gpu_check_module()
+    table = "import sys, pathlib; pathlib.Path(sys.argv[1], 'table.md').write_text('| x |')"
+
+    def command(args, cuda, part_out):
+        return [sys.executable, "-c", table, str(part_out)]
+
+    monkeypatch.setattr(gpu_check, "PARTS", [gpu_check.Part("one", 1, command), gpu_check.Part("two", 1, command)])
+    monkeypatch.setattr(gpu_check, "describe_machine", lambda cuda: "test machine")
+    monkeypatch.chdir(tmp_path)
+    before = set((REPO / Path(out).parts[0]).glob("**/*")) if (REPO / Path(out).parts[0]).exists() else set()
+    assert gpu_check.main(["--out", out, "--only", "one,two", "--cpu"]) == 0
+    for part in ("one", "two"):
+        assert (tmp_path / out / part / "table.md").read_text() == "| x |"
+        assert (tmp_path / out / f"{part}.log").exists()
+    assert (tmp_path / out / "SUMMARY.md").exists()
+    after = set((REPO / Path(out).parts[0]).glob("**/*")) if (REPO / Path(out).parts[0]).exists() else set()
+    assert after == before
