@@ -82,9 +82,8 @@ def moe_defaults(args) -> None:
 def check_moe_args(args) -> None:
     """The ``--moe-*`` flags; :class:`FlagError` names the flag and the accepted values."""
     moe_defaults(args)
+    # every value is checked whether or not --moe-experts turns the feature on: a bad value is a bad command line
     experts = check_flag("--moe-experts", validation.as_int, args.moe_experts, minimum=0)
-    if experts == 0:
-        return
     router = check_flag("--moe-router", validation.as_choice, str(args.moe_router), choices=reinmax.ROUTERS)
     tau = check_flag("--moe-tau", validation.as_real, args.moe_tau, low=0.0, low_open=True)
     if router in TAU_ROUTERS and tau < ROUTER_MIN_TAU:
@@ -95,6 +94,8 @@ def check_moe_args(args) -> None:
     if capacity > 0 and router == "reinmax":
         raise FlagError("--moe-capacity-factor must be 0 with --moe-router reinmax (it runs every expert on every "
                         "token, so no token is dropped)")
+    if experts == 0:
+        return
     if getattr(args, "scale_fc", False):
         raise FlagError("--scale-fc is not accepted with --moe-experts (the experts have no inner LayerNorm)")
     criterion = getattr(args, "criterion", None)

@@ -71,6 +71,9 @@ def test_listops_and_optimizer_flags(unreadable_listops, flags, needles):
     (["--encoder-normalize-before"], ["--encoder-normalize-before", "--arch transformer"]),
     (["--decoder-normalize-before"], ["--decoder-normalize-before"]),
     (["--admin-init", "deepnorm", "--encoder-as-parameter"], ["--encoder-as-parameter", "--admin-init admin"]),
+    # a plugin flag's bad value is refused whether or not its feature is on (no --moe-experts here)
+    (["--moe-tau", "-1"], ["--moe-tau", "> 0", "got -1.0"]),
+    (["--moe-capacity-factor", "nan"], ["--moe-capacity-factor", ">= 0"]),
 ])
 def test_transformer_admin_flags(tmp_path, flags, needles):
     proc = run_tool("train", tmp_path / "no-data-here", *ADMIN, *flags, check=False)

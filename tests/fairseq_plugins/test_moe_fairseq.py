@@ -199,27 +199,38 @@ def test_translation_with_experts_trains_and_generates(tmp_path_factory, tmp_pat
     assert len(re.findall(r"^H-\d+\t", gen, flags=re.M)) == 30  # every test sentence decoded
 
 
-@pytest.mark.parametrize("flags, message", [
+#: bad values of the --moe-* flags themselves: refused whether or not --moe-experts turns the feature on
+BAD_MOE_VALUES = [
     (dict(moe_experts=-1), "--moe-experts must be an integer >= 0, got -1"),
     (dict(moe_experts=2.5), "--moe-experts must be an integer >= 0, got 2.5"),
     (dict(moe_tau=0.0), "--moe-tau must be a finite real number > 0, got 0.0"),
+    (dict(moe_tau=-1.0), "--moe-tau must be a finite real number > 0, got -1.0"),
     (dict(moe_balance_weight=float("nan")), "--moe-balance-weight must be a finite real number >= 0, got nan"),
     (dict(moe_capacity_factor=-1.0), "--moe-capacity-factor must be a finite real number >= 0"),
     (dict(moe_router="reinmax", moe_capacity_factor=1.25), "--moe-capacity-factor must be 0 with --moe-router reinmax"),
     (dict(moe_router="reinmax", moe_tau=1e-40), "--moe-tau must be a finite real number >= 1e-30 with --moe-router reinmax"),
     (dict(moe_router="gumbel_softmax", moe_tau=1e-31), "--moe-tau must be a finite real number >= 1e-30 with --moe-router"),
     (dict(moe_capacity_factor=float("inf")), "--moe-capacity-factor must be a finite real number >= 0, got inf"),
+]
+#: settings that are wrong only together with experts (the dense model accepts them)
+BAD_WITH_EXPERTS = [
     (dict(scale_fc=True), "--scale-fc is not accepted with --moe-experts"),
     (dict(criterion="label_smoothed_cross_entropy"), "--criterion label_smoothed_cross_entropy ignores"),
-])
-def test_bad_moe_flags_are_refused(flags, message):
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_MOE_VALUES + BAD_WITH_EXPERTS)
+@pytest.mark.parametrize("experts", [0, 2])
+def test_bad_moe_flags_are_refused(flags, message, experts):
     from fairseq_plugins.flags import FlagError
     from fairseq_plugins.moe import check_moe_args
 
-    args = argparse.Namespace(**{"moe_experts": 2, **flags})
+    args = argparse.Namespace(**{"moe_experts": experts, **flags})
+    if experts == 0 and (flags, message) in BAD_WITH_EXPERTS:
+        check_moe_args(args)  # the dense model: the setting concerns the experts only
+        return
     with pytest.raises(FlagError, match=re.escape(message)):
         check_moe_args(args)
-    check_moe_args(argparse.Namespace(moe_experts=0, moe_tau=0.0))  # dense: the other flags are unused
 
 
 @pytest.mark.slow
