@@ -27,7 +27,7 @@ TEST_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints.txt Makefile tools/patch_fairseq_numpy2.py
+$(STAMP): pyproject.toml setup.py constraints.txt Makefile tools/patch_fairseq_numpy2.py tools/patch_fairscale_amp.py
 	@echo "== creating $(VENV) (torch 2.13.0 CPU, $(FAIRSEQ), recipe tools)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0 numpy cython setuptools wheel 2>&1 | grep -v "is ignored" || true
@@ -48,6 +48,8 @@ $(STAMP): pyproject.toml setup.py constraints.txt Makefile tools/patch_fairseq_n
 	  mkdocs-material "mkdocstrings[python]" 2>&1 | grep -v "is ignored" || true
 	@# fairscale (fairseq's --zero-sharding os and --ddp-backend fully_sharded): its sdist, without CUDA extensions
 	BUILD_CUDA_EXTENSIONS=0 $(PIP) install --no-build-isolation --no-deps -c constraints.txt fairscale==0.4.13
+	@# its import-time FutureWarnings would precede every fairseq tool's output (tools/patch_fairscale_amp.py)
+	$(PY) tools/patch_fairscale_amp.py
 	$(PIP) install --no-build-isolation --no-deps -e .
 	@# the public packages this toolbox is compared with, importable only through tests/peers.py
 	$(PIP) install --no-deps --upgrade --target $(VENV)/peers admin-torch==0.1.0 reinmax==0.1.0

@@ -62,8 +62,9 @@ def test_fully_sharded_on_cpu_is_one_line_before_data(tiny_translation_data, tmp
                     check=False, timeout=120)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    # the whole output is the one line: no fairscale FutureWarning before it (tools/patch_fairscale_amp.py)
+    assert len(lines) == 1, proc.stdout[-2000:]
     assert lines[-1].startswith("fairseq-train: error: --ddp-backend fully_sharded: ") and "CUDA only" in lines[-1]
-    assert not any("loaded" in line and "examples" in line for line in lines)
 
 
 def test_sigkilled_two_rank_c10d_run_resumes_to_the_same_update_count(tiny_translation_data, tmp_path):
