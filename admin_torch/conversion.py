@@ -512,7 +512,10 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
             ``embedding=`` dict key that is not a stack, or an empty list; one embedding module feeding
             stacks whose first omegas differ; a layer whose hooks cannot be removed; a layer whose kind
             cannot be folded exactly (``LayerKind.fold_blocker``: DeBERTa-v2 with ``share_att_key``, FSMT);
-            a layer applied several times per forward (ALBERT with shared layers). Nothing is copied
+            a layer applied several times per forward whose kind has no output projections to divide
+            (Funnel's repeated blocks), or whose omegas differ per feature (ALBERT with shared layers and
+            trained ``as_parameter`` vectors; with one number per omega it folds, see
+            :data:`SHARED_FOLD_OUTPUTS`). Nothing is copied
             or changed then.
     """
     if isinstance(model, ResidualStack):
@@ -537,18 +540,25 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
             raise ValueError(f"embedding: {unknown[0]!r} is not a stack of model; the stacks that read an "
                              f"embedding are {wanted}")
     plans = []
+    division = set()  # stacks whose layers are shared across depth: omega divides the branch outputs
     for prefix, sk, layers in full:
         stack = prefix[:-1]
+        shared_depth = any(applications.get(id(layer), 1) > 1 for _, layer, _ in layers)
         for name, layer, kind in layers:
             _check_removable(name, layer)
             if kind.fold_blocker is not None:
                 raise ValueError(f"{name}: cannot fold exactly: {kind.fold_blocker}")
-            if applications.get(id(layer), 1) > 1:
-                raise ValueError(f"{name}: cannot fold exactly: "
-                                 + SHARED_LAYER_FOLD.format(times=applications[id(layer)]))
             if len(_omegas_of(layer)) != len(kind.sublayers):
                 raise ValueError(f"{name}: {len(_omegas_of(layer))} omegas for {len(kind.sublayers)} sublayers; "
                                  "convert and fold must see the same model (convert the whole model)")
+            if shared_depth:
+                reason = _shared_fold_blocker(layer, kind, applications.get(id(layer), 1))
+                if reason is not None:
+                    raise ValueError(f"{name}: cannot fold exactly: {reason}")
+        if shared_depth:
+            division.add(stack)
+            plans.append((stack, None, [], [(n, m) for n, m, _ in layers], [k for _, _, k in layers]))
+            continue
         first, input_norm = None, None
         linear = _get(model, prefix + sk.input_linear) if sk is not None and sk.input_linear else None
         if linear is not None:
@@ -577,6 +587,11 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
     scaled = set()  # a module feeding several stacks (with equal omegas) is scaled once
     untied = []
     for stack, input_norm, first, layers, kinds in plans:
+        if stack in division:
+            for name in dict.fromkeys(n for n, _ in layers):  # each shared layer once
+                layer = _get(folded, name)
+                _fold_into_outputs_(layer, _omegas_of(layer))
+            continue
         first_modules = [_get(folded, n) if n else folded for n, m in first if id(m) not in scaled]
         scaled.update(id(m) for _, m in first if id(m) in shared)
         if input_norm is not None:
@@ -585,11 +600,52 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
         entries = [(layer, kind, _omegas_of(layer)) for layer, kind in zip(stack_layers, kinds)]
         untied += fold_stack_(entries, first_modules, input_norm is not None, model=folded) or []
     for _, _, _, layers, _ in plans:
-        for name, _ in layers:
+        for name in dict.fromkeys(n for n, _ in layers):
             _strip(_get(folded, name))
     from . import hf_io
     hf_io.after_fold(folded, untied=bool(untied))
     return folded
+
+
+#: a layer shared across depth (ALBERT's ``num_hidden_groups < num_hidden_layers``) folds by dividing, per residual,
+#: the output projection(s) that end its branch ``f`` by that residual's omega: with one number ``w`` per residual,
+#: ``LN(w x + f(x)) = LN(x + f(x) / w)`` up to the LayerNorm's eps (its input is scaled by ``1/w``, so eps acts as
+#: ``eps * w^2``: each output differs by at most ``|gamma * n| * eps * |1 - 1/w^2| / (2 Var)`` for ``w >= 1``
+#: (Admin's omegas; twice that for ``w < 1``), ``n`` the normalised value and ``Var`` the variance of the LayerNorm's
+#: input: with ALBERT's eps 1e-12, far below float32 rounding). Per layer kind: one tuple of
+#: module paths per sublayer, in the order of the kind's sublayers.
+SHARED_FOLD_OUTPUTS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
+    "transformers.models.albert.modeling_albert.AlbertLayer": (("attention.dense",), ("ffn_output",)),
+}
+
+
+def _shared_fold_blocker(layer: nn.Module, kind: LayerKind, times: int) -> Optional[str]:
+    """Why a layer of a stack whose layers are shared across depth cannot be folded (None: it can)."""
+    outputs = SHARED_FOLD_OUTPUTS.get(kind_key(type(layer)))
+    if outputs is None or len(outputs) != len(kind.sublayers):
+        return SHARED_LAYER_FOLD.format(times=times)
+    for i, (omega, sub) in enumerate(zip(_omegas_of(layer), kind.sublayers)):
+        t = _omega_tensor(omega, _get(layer, sub.norm).normalized_shape[0], arg=f"omega of {sub.norm}")
+        if not bool((t == t[0]).all()):
+            return (f"its layers are shared across depth (one layer applied {times} times per forward) and the omega "
+                    f"of {sub.norm} is a vector whose entries differ (trained as_parameter=True omegas): a LayerNorm "
+                    "is invariant to one scale, not to a scale per feature, so no stock model computes the Admin "
+                    "function. Keep the Admin form (save_pretrained writes it), or train with scalar omegas "
+                    "(as_parameter=False), which fold")
+    return None
+
+
+@torch.no_grad()
+def _fold_into_outputs_(layer: nn.Module, omegas: Sequence[OmegaResidual]) -> None:
+    """Divide the output projection(s) of each sublayer of ``layer`` by its (uniform) omega (see
+    :data:`SHARED_FOLD_OUTPUTS`)."""
+    for paths, omega in zip(SHARED_FOLD_OUTPUTS[kind_key(type(layer))], omegas):
+        w = float(omega.omega.detach().reshape(-1)[0])
+        for path in paths:
+            linear = _get(layer, path)
+            linear.weight.div_(w)
+            if linear.bias is not None:
+                linear.bias.div_(w)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ The mechanism: **fold on save, with the Admin form alongside**.
   that file: a load pre-hook installed by ``convert`` swaps the ``admin_torch.*`` tensors in, so the
   resumed model is the Admin model that was saved.
 
-A model whose fold is impossible (shared ALBERT layers, FSMT's and Marian's sinusoidal positions, Funnel's
+A model whose fold is impossible (shared ALBERT layers with per-feature omegas, FSMT's and Marian's sinusoidal positions, Funnel's
 repeated blocks, DeBERTa-v2 with ``share_att_key``: see :func:`admin_torch.fold`) is saved in its **Admin form**
 instead, so that Trainer's checkpointing keeps working:
 

@@ -113,9 +113,10 @@ def test_accelerate_loop_resume_equals_unbroken_run_and_folds(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_checkpoints_and_resumes_a_model_that_cannot_be_folded(tmp_path):
-    """ALBERT with its one layer shared across depth (the default) cannot be folded: Trainer's checkpoints hold
-    its Admin form (save_pretrained), and a fresh converted model resumed from one ends equal to the unbroken
-    run (one process; the two-process runs above use BERT)."""
+    """ALBERT with its one layer shared across depth (the default) and trained per-feature omegas
+    (as_parameter=True) cannot be folded: Trainer's checkpoints hold its Admin form (save_pretrained), and a fresh
+    converted model resumed from one ends equal to the unbroken run (one process; the two-process runs above use
+    BERT)."""
     import transformers
     from transformers import AlbertConfig, AlbertForMaskedLM, Trainer, TrainingArguments
 

@@ -247,7 +247,8 @@ def test_a_fold_save_after_an_admin_form_save_to_the_same_directory(tmp_path):
     """Saving a foldable model where an Admin-form save was: the stock loader and admin_torch.from_pretrained
     read the new, folded save (the Admin-form config and README are gone)."""
     unfoldable, x_u, _ = H.build("albert_shared")
-    convert(unfoldable)
+    convert(unfoldable, as_parameter=True)
+    _per_feature_omegas(unfoldable)  # shared layers with per-feature omegas: no stock model, the Admin form
     unfoldable.save_pretrained(tmp_path)
     model, x, _ = H.build("albert")
     convert(model)
@@ -305,19 +306,32 @@ def test_albert_shared_layer_is_admin_at_every_application():
     torch.testing.assert_close(got, h, rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def _per_feature_omegas(model, seed=0):
+    """Trained as_parameter omegas whose entries differ per feature."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in _omegas(model).values():
+        m.omega.mul_(1 + 0.1 * torch.rand(m.omega.shape, generator=gen))
+
+
 @pytest.mark.parametrize("family", list(H.fold_refused()))
 def test_fold_refused_families_convert_and_refuse_fold_unchanged(family, tmp_path):
     """Convert is Admin (omega = 1 is the stock function, N per stack); fold is refused with the reason, before
-    anything is copied or changed; save_pretrained writes the Admin form (the stock loader refuses it)."""
+    anything is copied or changed; save_pretrained writes the Admin form (the stock loader refuses it). A shared
+    ALBERT layer is refused with per-feature omegas (with scalar ones it folds:
+    test_shared_albert_folds_with_one_omega_per_residual)."""
     model, x, n_per_stack = H.build(family)
+    per_feature = family == "albert_shared"
     with torch.no_grad():
         stock = H.output(model(**x))
     one = convert(copy.deepcopy(model), output_change_scale="O(n)")
     with torch.no_grad():
         torch.testing.assert_close(H.output(one(**x)), stock, rtol=1e-5, atol=1e-5)
-    convert(model)
-    assert sorted({round(m.omega.item(), 4) for m in _omegas(model).values()}) == \
+    convert(model, as_parameter=per_feature)
+    assert sorted({round(m.omega.reshape(-1)[0].item(), 4) for m in _omegas(model).values()}) == \
         sorted({round(calculate_init(n), 4) for n in n_per_stack.values()})
+    if per_feature:
+        _per_feature_omegas(model)
     with torch.no_grad():
         admin = H.output(model(**x))
     assert (admin - stock).abs().max() > 1e-4
@@ -443,3 +457,51 @@ def test_compile_inductor_matches_eager_bert():
         if grads[name].grad is not None:
             torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
     assert all(m.omega.grad is not None and m.omega.grad.abs().sum() > 0 for m in _omegas(model).values())
+
+
+@pytest.mark.parametrize("as_parameter", [False, True])
+@pytest.mark.parametrize("layers,groups,inner", [(2, 1, 1), (4, 2, 1), (3, 1, 2)])
+def test_shared_albert_folds_with_one_omega_per_residual(layers, groups, inner, as_parameter, tmp_path):
+    """ALBERT with its layers shared across depth (num_hidden_groups < num_hidden_layers, inner groups too): with one
+    number per residual omega (the default buffers, or as_parameter vectors still uniform, each residual's own
+    value), fold divides each branch's output projection by its omega: a stock shared ALBERT computing the Admin
+    function (<= 1e-5), which save_pretrained writes and the stock loader reads back."""
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(**{**H.COMMON, "num_hidden_layers": layers}, embedding_size=8,
+                                       num_hidden_groups=groups, inner_group_num=inner)
+    model = transformers.AlbertForMaskedLM(config).eval()
+    x = dict(zip(("input_ids", "attention_mask"), H._ids()))
+    convert(model, as_parameter=as_parameter)
+    _distinct_omegas(model, step=0.2)  # each residual its own (uniform) omega
+    assert len({round(m.omega.reshape(-1)[0].item(), 4) for m in _omegas(model).values()}) == 2 * groups * inner
+    with torch.no_grad():
+        admin = H.output(model(**x))
+        folded = fold(model)
+        assert not _omegas(folded) and type(folded) is type(model)
+        assert (H.output(folded(**x)) - admin).abs().max().item() <= 1e-5
+        model.save_pretrained(tmp_path)
+        assert not (tmp_path / "admin_torch_config.json").exists()
+        stock = transformers.AlbertForMaskedLM.from_pretrained(tmp_path).eval()
+        assert stock.config.num_hidden_groups == groups
+        assert (H.output(stock(**x)) - admin).abs().max().item() <= 1e-5
+    back = admin_torch.from_pretrained(transformers.AlbertForMaskedLM, tmp_path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-5, 1e-2, 1.0])
+@pytest.mark.parametrize("w", [0.5, 1.7, 12.0])
+def test_layernorm_scale_bound_of_the_shared_fold(eps, w):
+    """The bound the shared-layer fold states: LN_eps(w y) and LN_eps(y) differ per element by at most
+    |gamma * n| * eps * |1 - 1/w^2| / (2 Var[y]) for w >= 1 (twice that for w < 1), n the normalised value (float64,
+    random y with a spread of scales)."""
+    gen = torch.Generator().manual_seed(int(w * 100) + int(eps * 1e6))
+    y = torch.randn(64, 32, generator=gen, dtype=torch.float64) * torch.logspace(-2, 1, 64, dtype=torch.float64)[:, None]
+    ln = torch.nn.LayerNorm(32, eps=eps, dtype=torch.float64)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(32, generator=gen, dtype=torch.float64))
+        ln.bias.zero_()
+        exact, folded = ln(w * y), ln(y)
+        var = y.var(-1, unbiased=False, keepdim=True)
+        scale = eps * abs(1 - 1 / w ** 2) / ((2 if w >= 1 else 1) * var)
+        bound = folded.abs() * scale * (1 + 1e-9) + 1e-13  # + float64 rounding
+        assert ((exact - folded).abs() <= bound).all()
