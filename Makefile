@@ -27,7 +27,7 @@ TEST_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints.txt Makefile tools/patch_fairseq_numpy2.py tools/patch_fairscale_amp.py
+$(STAMP): pyproject.toml setup.py sign_optim/csrc/fused_sign.cpp constraints.txt Makefile tools/patch_fairseq_numpy2.py tools/patch_fairscale_amp.py
 	@echo "== creating $(VENV) (torch 2.13.0 CPU, $(FAIRSEQ), recipe tools)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0 numpy cython setuptools wheel 2>&1 | grep -v "is ignored" || true
@@ -45,6 +45,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt Makefile tools/patch_fairseq_n
 	$(PIP) install --no-deps --force-reinstall "$$(ls "$(WHEEL_CACHE)"/$(FAIRSEQ_WHEEL) | head -n 1)"
 	$(PIP) install -c constraints.txt hydra-core omegaconf regex sacrebleu tqdm bitarray cffi \
 	  scikit-learn packaging sentencepiece matplotlib tensorboardX lion-pytorch transformers accelerate pytest pytest-xdist hypothesis \
+	  expecttest triton==3.9.0 \
 	  mkdocs-material "mkdocstrings[python]" 2>&1 | grep -v "is ignored" || true
 	@# fairscale (fairseq's --zero-sharding os and --ddp-backend fully_sharded): its sdist, without CUDA extensions
 	BUILD_CUDA_EXTENSIONS=0 $(PIP) install --no-build-isolation --no-deps -c constraints.txt fairscale==0.4.13

@@ -40,6 +40,9 @@ def _step_dtype() -> torch.dtype:
 
 # Key of the decay's serialized form in the optimizer's state_dict.
 _DECAY_KEY = "sign_internal_decay"
+# Flags added after the first release, with their defaults: an older state dict's groups may lack them
+# (torch's test_can_load_older_state_dict removes each one, as torch.optim's own flags).
+_LATER_FLAGS = {"maximize": False, "foreach": None, "fused": None, "capturable": False, "weight_decay": 0.0}
 
 
 class SignOptimizer(Optimizer):
@@ -108,9 +111,6 @@ class SignOptimizer(Optimizer):
                 raise TypeError(f"{flag} must be None or a bool, got {type(group[flag]).__name__}")
         if group["foreach"] and group["fused"]:
             raise ValueError("fused=True and foreach=True cannot both be set: choose one implementation")
-        if capturable and group["fused"]:
-            raise ValueError("capturable=True and fused=True cannot both be set: the fused kernels read lr and "
-                             "the decay on the host; capturable keeps them on the device")
         decay = group[_DECAY_KEY]
         if decay is not None and not callable(decay):
             raise TypeError("sign_internal_decay must be None, an InternalDecay or a callable step -> float, "
@@ -200,7 +200,7 @@ class SignOptimizer(Optimizer):
                                  f"of this {name}'s group {k}")
             try:
                 decay = self._loaded_decay(saved.get(_DECAY_KEY, state_dict.get(_DECAY_KEY)), own, k)
-                self._check_group({"fused": None, "capturable": False, **saved, _DECAY_KEY: decay})  # 0.1's lack some
+                self._check_group({**_LATER_FLAGS, **saved, _DECAY_KEY: decay})
             except (TypeError, ValueError) as err:
                 raise ValueError(f"state_dict param group {k} is not a valid {name} group: {err}") from None
             params_of.update(zip(saved["params"], own["params"]))
@@ -296,6 +296,8 @@ class SignOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._skip_for_amp():
+            return loss
         fast = None if torch.compiler.is_compiling() else self._fused_work()
         if fast is not None:  # every group fused and checked natively: one operator call per group
             for params, grads, avgs, steps, coefficients, group in fast:
@@ -305,6 +307,19 @@ class SignOptimizer(Optimizer):
         for group, params, grads, decays, states in self._prepare_step():  # every check first
             self._update_group(group, params, grads, decays, states)
         return loss
+
+    def _skip_for_amp(self) -> bool:
+        """torch's fused-optimizer protocol with a gradient scaler: ``optimizer.found_inf`` (non-zero: skip this
+        step, nothing changes) and ``optimizer.grad_scale`` (gradients are divided by it first, in place, as
+        ``GradScaler.unscale_`` does). Both are absent unless a caller sets them."""
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        if found_inf is not None and bool(found_inf):
+            return True
+        if grad_scale is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+        return False
 
     # ---- the fused fast path: torch.optim's _init_group, with the checks in the operator
     def _fused_work(self) -> Optional[List[tuple]]:
@@ -317,7 +332,7 @@ class SignOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if not self._use_fused(group, params) or group["capturable"]:
+            if not self._use_fused(group, params) or self._traced(group, params):
                 return None
             self._check_group(group)
             states = list(map(state_of, params))
@@ -367,7 +382,12 @@ class SignOptimizer(Optimizer):
                                                     memory_format=torch.preserve_format)
         avgs = [state["exp_avg"] for state in states]
         steps = [state["step"] for state in states]
-        if torch.compiler.is_compiling() or group["capturable"]:
+        # (torch.compile's optimizer tracing sets capturable=True while it traces: on the CPU the fused operator
+        # reads nothing on the host under compile either, so it stays the path)
+        if torch.compiler.is_compiling() and self._use_fused(group, params) and all(p.is_cpu for p in params):
+            self._compiled_fused_update(group, params, grads, avgs, steps)  # one operator node in the graph
+            return
+        if self._traced(group, params):
             torch._foreach_add_(steps, 1.0)
             self._traced_update(group, params, grads, avgs)
             return
@@ -391,6 +411,25 @@ class SignOptimizer(Optimizer):
                                        [coefs[decays[i]] for i in idx], foreach=use_foreach,
                                        chunk_numel=self.cpu_chunk_numel, **options)
 
+    def _compiled_fused_update(self, group, params, grads, avgs, steps) -> None:
+        """The fused operator under ``torch.compile``: the coefficient table is computed from the step counters
+        as tensors (no Python number derived from them, so no recompilation per step) and the operator is one
+        node of the graph (its fake implementation: :mod:`sign_optim.fused`)."""
+        decay = group[_DECAY_KEY]
+        lr = self._lr_value(group)
+        if decay is None:
+            d = torch.ones(1, dtype=torch.float64)
+        elif isinstance(decay, InternalDecay):
+            d = decay.tensor_value(torch.stack([s.reshape(()) for s in steps]))  # the steps before this update
+        else:  # a custom callable takes numbers: a recompilation per step value
+            d = torch.tensor([float(decay(int(s))) for s in steps], dtype=torch.float64)
+        c0, a, b = self.tensor_coefficients(group, d)
+        zero = torch.zeros_like(d)
+        keep = (1.0 - lr * group["weight_decay"]) + zero
+        table = torch.stack([keep, -lr * (c0 + zero), -lr * a, -lr * (zero if b is None else b)], dim=1)
+        torch.ops.sign_optim.fused_sign_(params, grads, avgs, steps, table.to(torch.float64), float(group["beta"]),
+                                         group["maximize"])
+
     def _traced_update(self, group, params, grads, avgs) -> None:
         """The update under ``torch.compile`` or ``capturable``: step, decay and lr stay tensors (no Python number
         derived from the step counter, so no recompilation per step); inductor fuses the elementwise ops."""
@@ -407,6 +446,13 @@ class SignOptimizer(Optimizer):
             d = d.to(torch.float32 if p.dtype in _HALF else p.dtype)
             functional._traced_sign(p, g, m, self.tensor_coefficients(group, d), lr=lr, beta=group["beta"],
                                     weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+    def _traced(self, group: Dict[str, Any], params: List[torch.Tensor]) -> bool:
+        """Whether the group takes the traced update: under torch.compile, and for ``capturable`` unless every
+        parameter is on the CPU and fused (where reading lr and the counters on the host is no device sync)."""
+        if torch.compiler.is_compiling():
+            return True
+        return group["capturable"] and not (self._use_fused(group, params) and all(p.is_cpu for p in params))
 
     def _use_fused(self, group: Dict[str, Any], params: List[torch.Tensor]) -> bool:
         """``fused=True``, or ``fused=None`` and ``foreach=None`` with a fused kernel for every device."""
@@ -475,7 +521,7 @@ class SignOptimizer(Optimizer):
             # .get: self.state is a defaultdict, [] would add an entry (None: a new parameter)
             states = [self.state.get(p) for p in params]
             # the decay is evaluated as a tensor in _traced_update when compiling or capturable
-            traced = compiling or group["capturable"]
+            traced = self._traced(group, params)
             if not compiling:
                 for p, state in zip(params, states):
                     if state:

@@ -237,10 +237,27 @@ def test_capturable_keeps_everything_on_the_device_and_matches(cls):
     assert float(again.state[restored[0]]["step"]) == 5
 
 
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_capturable_and_fused_together_as_torch_allows(cls):
+    """torch's fused optimizers take capturable=True too: on the CPU the fused operator reads nothing from a
+    device, so it is the path; the result is the foreach path's, with a tensor lr as well."""
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = cls(a, lr=torch.tensor(0.01), capturable=True, fused=True, sign_internal_decay=CosineInternalDecay(6))
+    opt_b = cls(b, lr=0.01, foreach=True, sign_internal_decay=CosineInternalDecay(6))
+    for _ in range(4):
+        for p, q in zip(a, b):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.clone()
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        assert_within_ulp(p.detach(), q.detach(), torch.float32)
+
+
 def test_capturable_refusals():
     p = [torch.nn.Parameter(torch.ones(2))]
-    with pytest.raises(ValueError, match="capturable=True and fused=True"):
-        AddSign(p, capturable=True, fused=True)
     with pytest.raises(ValueError, match="capturable=True needs sign_internal_decay None or an InternalDecay"):
         AddSign(p, capturable=True, sign_internal_decay=lambda step: 1.0)
     with pytest.raises(TypeError, match="capturable must be a bool"):
