@@ -331,12 +331,16 @@ def lr_sensitivity(work: Path) -> dict:
             v = r["valid_loss"] if math.isfinite(r["valid_loss"]) else init
             per.setdefault(r["variant"], {}).setdefault(r["lr"], []).append(v)
     table = {}
+    overall = min((statistics.mean(vs) for by_lr in per.values() for vs in by_lr.values()), default=None)
     for kind, by_lr in per.items():
         means = {lr: statistics.mean(vs) for lr, vs in sorted(by_lr.items())}
         best = min(means.values())
         table[kind] = {"losses": means, "best": best, "best_lr": min(means, key=means.get),
                        "sensitivity": statistics.mean(min(v, init) - best for v in means.values()),
-                       "n_seeds": min(len(vs) for vs in by_lr.values())}
+                       # the same deviation measured from the best loss of every model of the sweep: a model
+                       # that is bad at every rate is not "insensitive" on this one
+                       "excess_over_overall_best": statistics.mean(min(v, init) - overall for v in means.values()),
+                       "n_seeds": min(len(vs) for vs in by_lr.values()), "seeds": sorted(complete)}
     return table
 
 
@@ -408,16 +412,19 @@ def analyze(a) -> None:
         lrs = sorted({lr for t in table.values() for lr in t["losses"]})
         lines = ["# Learning-rate sensitivity (Wortsman et al. 2023)", "",
                  f"Command: `{a.lr_command}` then `python -m benchmarks.stability_grid analyze`.", "",
-                 "Final validation loss (nats, mean over seeds) per peak learning rate; LR sensitivity = mean over "
-                 "the rates of min(loss, loss at init = ln 2000) - the best loss of the sweep.", "",
-                 "| model | " + " | ".join(f"{lr:g}" for lr in lrs) + " | best | LR sensitivity | seeds |",
-                 "|---|" + "---|" * (len(lrs) + 3)]
+                 "Final validation loss (nats, mean over seeds) per peak learning rate. LR sensitivity (Wortsman et "
+                 "al.) = mean over the rates of min(loss, loss at init = ln 2000) - that model's best loss of the sweep; "
+                 "excess = the same mean measured from the best loss of all models (a model bad at every rate has a "
+                 "small sensitivity but a large excess). Seeds: only seeds whose sweep is complete.", "",
+                 "| model | " + " | ".join(f"{lr:g}" for lr in lrs) + " | best | LR sensitivity | excess over overall "
+                 "best | seeds |", "|---|" + "---|" * (len(lrs) + 4)]
         for kind in LR_KINDS:
             if kind in table:
                 t = table[kind]
                 lines.append(f"| {kind} | " + " | ".join(f"{t['losses'][lr]:.3f}" if lr in t["losses"] else "-"
                                                           for lr in lrs)
-                             + f" | {t['best']:.3f} | {t['sensitivity']:.3f} | {t['n_seeds']} |")
+                             + f" | {t['best']:.3f} | {t['sensitivity']:.3f} | {t['excess_over_overall_best']:.3f} | "
+                               f"{t['n_seeds']} |")
         (OUT / "lr_sensitivity.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
         (OUT / "lr_sensitivity.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -449,8 +456,9 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, default=12)
     ap.add_argument("--groups", default="", help="grid: only these groups (comma-separated; default all)")
     ap.add_argument("--settings", default="{}", help="one: a JSON dict of settings")
-    ap.add_argument("--grid-command", default="python -m benchmarks.stability_grid grid --seeds 0,1,2")
-    ap.add_argument("--lr-command", default="python -m benchmarks.stability_grid lr --seeds 1")
+    ap.add_argument("--grid-command", default="python -m benchmarks.stability_grid grid --seeds 1,2,3,4,5")
+    ap.add_argument("--lr-command", default="python -m benchmarks.stability_grid lr --seeds 1,2 --lrs "
+                                            "3e-4,1e-3,3e-3,1e-2,3e-2,1e-1")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     if a.what == "grid":
