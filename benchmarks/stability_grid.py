@@ -308,8 +308,13 @@ def summarize_grid(rows: List[dict], seeds=None) -> List[dict]:
                     "warned_late": len([r for r in failing if r["lead"] is not None and r["lead"] < 0]),
                     "missed": len([r for r in failing if r["first_warning"] is None]),
                     "stable": len(stable), "false_alarms": len([r for r in stable if r["first_warning"] is not None]),
-                    "median_lead": statistics.median(leads) if leads else None})
-    return out
+                    "median_lead": statistics.median(leads) if leads else None, "leads": leads})
+    total = {"mechanism": "all", "median_lead": None, "leads": [x for o in out for x in o["leads"]]}
+    for key in ("runs", "failed", "hits", "warned_late", "missed", "stable", "false_alarms"):
+        total[key] = sum(o[key] for o in out)
+    if total["leads"]:
+        total["median_lead"] = statistics.median(total["leads"])
+    return out + [total]
 
 
 def lr_sensitivity(work: Path) -> dict:

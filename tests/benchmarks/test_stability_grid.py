@@ -43,6 +43,7 @@ def test_judge_counts_hits_lead_and_false_alarms(tmp_path):
     assert not rows["pre_ln"]["failed"] and rows["pre_ln"]["first_warning"] == 40   # a false alarm
     (s,) = [x for x in sg.summarize_grid(list(rows.values())) if x["mechanism"] == "deep_postln"]
     assert (s["runs"], s["failed"], s["hits"], s["warned_late"], s["false_alarms"]) == (3, 1, 0, 1, 1)
+    assert sg.summarize_grid(list(rows.values()))[-1]["runs"] == 3   # the "all" row
 
 
 def test_lr_sensitivity_is_wortsmans_formula(tmp_path):
