@@ -70,12 +70,50 @@ def fsdp2_sign(out, mesh, rank, world):
             opt = RULES[rule](model.parameters(), lr=1e-2, sign_internal_decay=CosineInternalDecay(10), **kw)
             xs = [x.chunk(world)[rank] for x in admin_batches()]
             train(model, opt, xs, lambda m, x: m(x).pow(2).mean())
-            fused_local = [b.kernel is not None for plan in opt._fused_plans.values() for b in plan.buckets]
             params = [full(p).detach() for p in model.parameters()]
             avgs = [full(opt.state[p]["exp_avg"]) for p in model.parameters()]
+            fused_local = fused_operator_calls(opt)
+            if path == "default":  # a single-process state loaded into the sharded optimizer: refused, unchanged
+                single = sign_model(seed=0)
+                single_opt = RULES[rule](single.parameters(), lr=1e-2, sign_internal_decay=CosineInternalDecay(10))
+                train(single, single_opt, admin_batches()[:1], lambda m, x: m(x).pow(2).mean())
+                before = [opt.state[p]["exp_avg"].to_local().clone() for p in model.parameters()]
+                try:
+                    opt.load_state_dict(single_opt.state_dict())
+                    refused = "loaded"
+                except ValueError as err:
+                    refused = str(err)
+                unchanged = all(torch.equal(b, opt.state[p]["exp_avg"].to_local())
+                                for b, p in zip(before, model.parameters()))
+                save(out, f"{rule}-single-process-state", {"refused": refused, "unchanged": unchanged})
             save(out, f"{rule}-{path}", {"params": params, "avgs": avgs, "fused_buckets": fused_local,
                                          "state_bytes_per_rank": sum(opt.state[p]["exp_avg"].to_local().nbytes
                                                                      for p in model.parameters())})
+
+
+def fused_operator_calls(opt):
+    """One more step of ``opt`` under a dispatch mode: for each call of the fused operator, whether every tensor it
+    was handed is a plain tensor (a rank's local shard, not a DTensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "sign_optim.fused_sign_" in str(func):
+                lists = [a for a in args if isinstance(a, (list, tuple))]
+                self.calls.append(all(type(t) is torch.Tensor or type(t) is nn.Parameter
+                                      for lst in lists for t in lst))
+            return func(*args, **(kwargs or {}))
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)  # the results were saved: a zero gradient for the recorded step
+    with Record() as record:
+        opt.step()
+    return record.calls
 
 
 def dcp_resume(out, mesh, rank, world):
@@ -127,9 +165,8 @@ def tensor_parallel(out, mesh, rank, world):
     parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     opt = AddSign(model.parameters(), lr=1e-2, sign_internal_decay=CosineInternalDecay(10), fused=True)
     train(model, opt, admin_batches(), lambda m, x: m(x).pow(2).mean())  # the same batch on every rank
-    kinds = [b.kernel is not None for plan in opt._fused_plans.values() for b in plan.buckets]
-    save(out, "tensor_parallel", {"params": [full(p).detach() for p in model.parameters()], "fused_buckets": kinds,
-                                  "rest": [list(plan.rest) for plan in opt._fused_plans.values()]})
+    params = [full(p).detach() for p in model.parameters()]
+    save(out, "tensor_parallel", {"params": params, "fused_buckets": fused_operator_calls(opt)})
 
 
 def zero(out, mesh, rank, world):

@@ -85,9 +85,18 @@ def test_sign_optimizers_on_fsdp2_shards_equal_one_process(ranks, rule, path):
     for a, p in zip(got["avgs"], model.parameters()):
         torch.testing.assert_close(a, opt.state[p]["exp_avg"], rtol=0, atol=1e-6)
     if path != "foreach" and fused.available(torch.device("cpu")):
-        assert got["fused_buckets"] and all(got["fused_buckets"])  # the C kernel ran on each rank's local shard
+        assert got["fused_buckets"] and all(got["fused_buckets"])  # the fused operator ran on local shards only
     total = sum(p.numel() * 4 for p in model.parameters())
     assert got["state_bytes_per_rank"] <= total // WORLD + 64  # one tensor per parameter, sharded
+
+
+@pytest.mark.parametrize("rule", ["AddSign", "PowerSign"])
+def test_single_process_state_into_fsdp2_shards_is_refused_naming_the_fix(ranks, rule):
+    """load_state_dict of a plain (unsharded) state into DTensor parameters would make every later step fail
+    ("mixed torch.Tensor and DTensor"): it is refused before anything changes, naming set_optimizer_state_dict."""
+    got = load(ranks, f"{rule}-single-process-state")
+    assert "set_optimizer_state_dict" in got["refused"] and "DTensor" in got["refused"]
+    assert got["unchanged"]
 
 
 def test_distributed_checkpoint_resume_equals_the_unbroken_run(ranks):
