@@ -356,19 +356,20 @@ def main(argv=None):
     cache.mkdir(parents=True, exist_ok=True)
     points = []
     all_taus = sorted(set(taus) | {PAPER[args.config][n][1] for n in names})
-    for n in names:
-        for ep in epochs:
+    for ep in epochs:  # training point by training point, so that an early stop leaves whole epochs
+        for n in names:
             snap = member_dir(args.work, args.config, n, args.seed_run) / f"e{ep}.pt"
             sweep = ep in sweep_epochs
-            done = cache / (f"{n}-s{args.seed_run}-e{ep}-{args.images}-{args.samples}"
-                            + (f"-sweep{args.sweep_samples}" if sweep else "") + ".json")
-            if done.exists():
-                points.append(json.loads(done.read_text()))
+            stem = f"{n}-s{args.seed_run}-e{ep}-{args.images}-{args.samples}"
+            done = cache / (stem + (f"-sweep{args.sweep_samples}" if sweep else "") + ".json")
+            with_sweep = cache / f"{stem}-sweep{args.sweep_samples}.json"  # a superset of the point without it
+            if done.exists() or with_sweep.exists():
+                points.append(json.loads((done if done.exists() else with_sweep).read_text()))
                 continue
             if not snap.exists():
                 print(f"  {n} epoch {ep}: no snapshot yet ({snap})", flush=True)
                 continue
-            if ep == 0 and n != names[0] and any(p["epoch"] == 0 for p in points):
+            if ep == 0 and any(p["epoch"] == 0 for p in points):
                 shared = next(p for p in points if p["epoch"] == 0)  # the common initialisation: measured once
                 points.append({**shared, "run": n})
                 continue

@@ -84,3 +84,36 @@ def test_quality_numbers_on_known_draws():
     assert abs(q["cos_of_mean"] - 1) < 1e-12 and q["cos"] < 1
     shifted = vg.quality(draws + np.array([0.0, 0.5]), e)
     assert abs(shifted["bias_rel"] - 0.1) < 1e-12
+
+
+def test_the_study_end_to_end_on_kept_snapshots(tmp_path, shared_data):
+    """main() on two runs' snapshots: the shared initialisation measured once, every point in the table, the
+    control's bias at the noise level, and a second call served from the cache."""
+    from benchmarks.reinmax_vae_long import Member
+
+    for name in ("reinmax", "straight_through"):
+        m = Member("8x4", name, 1, tmp_path / "work", snapshot_epochs=(0, 1))
+        torch.manual_seed(9)
+        with torch.no_grad():
+            for p in m.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        m.epoch = 1
+        m.save()
+    argv = ["--data", str(shared_data / "mnist"), "--work", str(tmp_path / "work"), "--epochs", "0,1",
+            "--sweep-epochs", "0", "--estimators", "reinmax,straight_through", "--taus", "1.0", "--images", "2",
+            "--samples", "400", "--sweep-samples", "50", "--out", str(tmp_path / "out")]
+    res = vg.main(argv)
+    assert sorted((p["run"], p["epoch"]) for p in res["points"]) == [("reinmax", 0), ("reinmax", 1),
+                                                                     ("straight_through", 0), ("straight_through", 1)]
+    init = [p for p in res["points"] if p["epoch"] == 0]
+    assert init[0]["estimators"] == init[1]["estimators"]  # one measurement of the common initialisation
+    assert set(init[0]["estimators"]["reinmax"]) == {"1", "1.3"}  # the sweep (1.0) and the Table-8 tau
+    later = next(p for p in res["points"] if p["run"] == "straight_through" and p["epoch"] == 1)
+    assert set(later["estimators"]["straight_through"]) == {"1.3"}  # no sweep there
+    ctrl = later["estimators"][vg.CONTROL]["-"]
+    assert ctrl["bias_rel"] < 3 * ctrl["bias_noise"]
+    text = (tmp_path / "out" / "vae_gradients.md").read_text()
+    assert "| 1 | ST (1.3) |" in text and "| 0 | ReinMax (1.3) |" in text
+    assert len(list((tmp_path / "work" / "gradients_8x4").glob("*.json"))) == 3
+    again = vg.main(argv)
+    assert again["points"] == res["points"]
