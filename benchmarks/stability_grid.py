@@ -391,9 +391,11 @@ def analyze(a) -> None:
     (OUT / "grid.json").write_text(json.dumps({"summary_eval": summary, "summary_calibration": calibration,
                                                "eval_seeds": eval_seeds, "runs": rows}, indent=1), encoding="utf-8")
     # plot: per mechanism, the training loss curves with first warnings (x) and separations (|)
-    fig, axes = plt.subplots(1, len(GRID), figsize=(5 * len(GRID), 4))
+    cols = 2
+    fig, axes = plt.subplots((len(GRID) + cols - 1) // cols, cols, figsize=(6 * cols, 4 * ((len(GRID) + 1) // cols)),
+                             squeeze=False)
     colors = {"candidate": "tab:red", "remedy": "tab:green", "control": "tab:blue"}
-    for ax, group in zip(axes, GRID):
+    for ax, group in zip(axes.flat, GRID):
         for r in [r for r in rows if r["group"] == group]:
             res = json.loads((a.work / r["run"] / "result.json").read_text())
             ys = smooth(res["losses"])
@@ -403,11 +405,12 @@ def analyze(a) -> None:
                 ax.plot(r["first_warning"], ys[min(r["first_warning"], len(ys) - 1)], "x", color="k", ms=8)
             if r["separation"] is not None:
                 ax.axvline(r["separation"], color=colors[r["role"]], lw=0.6, ls=":")
-        ax.set_title(group, fontsize=9)
+        ax.set_title(f"{group} (red: expected to fail, green: its remedy, blue: control)", fontsize=9)
+        ax.set_yscale("log")
         ax.set_xlabel("update")
         ax.set_ylabel("training loss (nats, mean of 10)")
         ax.legend(fontsize=6)
-    fig.suptitle("x: first stability warning; dotted: loss separation", fontsize=9)
+    fig.suptitle("x: first stability warning (DEFAULT_RULES); dotted: the update its loss separated", fontsize=9)
     fig.tight_layout()
     fig.savefig(OUT / "grid.png", dpi=100)
     plt.close(fig)
