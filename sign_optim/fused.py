@@ -156,7 +156,8 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     if isinstance(t, DTensor) and not any(pl.is_partial() for pl in t.placements):
-        return t.to_local()
+        # the local tensor itself (what to_local() returns, without its autograd function: a step is no_grad)
+        return t._local_tensor
     return t
 
 

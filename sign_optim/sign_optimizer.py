@@ -345,11 +345,15 @@ class SignOptimizer(Optimizer):
             except KeyError:
                 return None
             coefficients = self._fused_coefficients(group, params, steps)
+            if type(params[0]) not in fused.PLAIN_TENSORS:  # DTensors (FSDP2, tensor parallel): their local shards
+                params, grads, avgs = ([fused.local_shard(t) for t in ts] for ts in (params, grads, avgs))
             try:
                 torch.ops.sign_optim.check_fused_inputs(params, grads, avgs, steps, coefficients,
                                                         params[0].device.type)
-            except (ValueError, TypeError):
-                return None  # a layout the general path partitions or reports (a subclass, a view, state surgery)
+            except (ValueError, TypeError, RuntimeError, NotImplementedError):
+                # the check reads metadata only: a layout the general path partitions or reports (a subclass that is
+                # not a plain shard, a view, state surgery)
+                return None
             work.append((params, grads, avgs, steps, coefficients, group))
         return work
 
