@@ -1,5 +1,5 @@
 """Where Admin's residuals sit in the transformer layers this library supports: one small description
-per layer type, read by :func:`admin_torch.convert`, :func:`admin_torch.fold` and the profiler.
+per layer type, read by [`admin_torch.convert`][admin_torch.convert], [`admin_torch.fold`][admin_torch.fold] and the profiler.
 
 A Post-LN sublayer computes ``norm(x + f(x))``. Its description says which LayerNorm ``norm`` is,
 where ``x`` comes from (the output of a LayerNorm of the same layer, or the layer's input, which the
@@ -9,14 +9,14 @@ linear maps read ``x`` (their input columns take ``1 / omega`` when Admin is fol
 Two ways to put omega in:
 
 * ``"subclass"`` (torch.nn): the layer's class becomes a drop-in subclass whose forward calls
-  :class:`~admin_torch.OmegaResidual` modules (:mod:`admin_torch.layers`);
+  [`OmegaResidual`][admin_torch.OmegaResidual] modules (`admin_torch.layers`);
 * ``"hooks"`` (HuggingFace, whose layer forwards are long): hooks capture ``x`` and turn the sum
   ``s = x + f(x)`` entering ``norm`` into ``omega * x + f(x) = s + (omega - 1) x`` -- the same
   function, so the same training, without copying the library's forward code. The omegas are
-  :class:`~admin_torch.OmegaResidual` modules in ``layer.admin_omegas``.
+  [`OmegaResidual`][admin_torch.OmegaResidual] modules in ``layer.admin_omegas``.
 
 A stack description names the layer list of a module that owns a stack and the LayerNorm that
-produces the stack's input (None where an embedding does; :func:`admin_torch.fold` then needs
+produces the stack's input (None where an embedding does; [`admin_torch.fold`][admin_torch.fold] then needs
 ``embedding=``).
 
 Readers are attribute paths; ``"self_attn.in_proj_weight"`` is a packed q/k/v weight (every row
@@ -48,12 +48,12 @@ class Sublayer:
       ``torch.compile``.
     * otherwise ``x`` is captured inside the layer's forward and ``s = x + f(x)`` entering ``norm``
       becomes ``s + (omega - 1) x``: ``x`` is the output of the sublayer norm that ran last in this
-      layer call (``source`` names it for :func:`fold`), or for the first sublayer the first input of
+      layer call (``source`` names it for [`fold`][admin_torch.fold]), or for the first sublayer the first input of
       ``capture`` (a submodule that receives the layer input, e.g. ``"self_attn"``). Without
       ``capture`` the layer's own input is taken by a layer pre-hook, which transformers 5.x
       gradient checkpointing does not replay: give ``capture`` in new descriptions.
     * ``capture`` on a later sublayer: x is the first input of that submodule instead of the output of
-      ``source`` (which still names the LayerNorm producing x, for :func:`fold`). Needed where a layer
+      ``source`` (which still names the LayerNorm producing x, for [`fold`][admin_torch.fold]). Needed where a layer
       runs the sublayer once per stream (XLNet's feed-forward on the g and h streams).
     * ``capture_args``: the positional arguments of ``capture`` that are x, one per call of ``norm`` in
       that order; a None argument is skipped (XLNet's two-stream attention: ``(0, 1)``, h then g, through
@@ -77,7 +77,7 @@ class LayerKind:
 
     ``without_cross``: for a decoder layer whose cross-attention only runs when encoder states are
     given, the description used when the converted model holds no encoder (a causal LM such as
-    ``BartForCausalLM``): N counts and :func:`fold` follow the sublayers that actually run.
+    ``BartForCausalLM``): N counts and [`fold`][admin_torch.fold] follow the sublayers that actually run.
     ``role``: ``"encoder"``, ``"decoder"`` or None.
     """
 
@@ -96,18 +96,18 @@ class StackKind:
 
     ``input_norm``: the LayerNorm producing the first layer's input; ``inputs``: modules
     (``nn.Embedding`` / ``nn.Linear``) whose outputs are added to it, or that produce it alone when
-    ``input_norm`` is None (then :func:`fold` uses them when no ``embedding=`` is given).
+    ``input_norm`` is None (then [`fold`][admin_torch.fold] uses them when no ``embedding=`` is given).
     ``input_linear``: an ``nn.Linear`` applied after ``input_norm`` (ELECTRA's ``embeddings_project``):
     it produces the input instead, when present.
     ``sequence``: for a stack whose layers are not one ``nn.ModuleList`` applied once each (ALBERT,
     Funnel), a function ``stack module -> [layer, ...]`` giving the layers in the order one forward
     applies them; a layer shared across depth appears once per application. N counts applications;
-    :func:`fold` refuses a stack that applies a layer more than once (see :data:`SHARED_LAYER_FOLD`).
+    [`fold`][admin_torch.fold] refuses a stack that applies a layer more than once (see `SHARED_LAYER_FOLD`).
     ``inputs`` may also name an ``nn.Parameter`` whose last dimension is the features (XLNet's
     ``mask_emb``, the start of its query stream).
     ``fold_check``: ``(stack module, omegas) -> reason or None``, where ``omegas(layer)`` gives a
     layer's omegas as tensors: why this stack's current omegas cannot be folded exactly (Funnel's
-    decoder adds an earlier layer's output to its input), checked by :func:`fold` before anything changes.
+    decoder adds an earlier layer's output to its input), checked by [`fold`][admin_torch.fold] before anything changes.
     """
 
     layers: str
@@ -118,7 +118,7 @@ class StackKind:
     fold_check: Optional[Callable[[nn.Module, Callable], Optional[str]]] = None
 
 
-#: why :func:`admin_torch.fold` refuses a stack that applies one layer several times (ALBERT's sharing)
+#: why [`admin_torch.fold`][admin_torch.fold] refuses a stack that applies one layer several times (ALBERT's sharing)
 SHARED_LAYER_FOLD = (
     "its layers are shared across depth (one layer applied {times} times per forward, as ALBERT does with "
     "num_hidden_groups < num_hidden_layers and Funnel with block_repeats > 1): the shared last LayerNorm produces both the next application's "
@@ -142,7 +142,7 @@ def seq2seq_layer_kinds(encoder_qkv: Tuple[str, ...] = _QKV, mechanism: str = "h
     copied: ``self_attn`` / ``self_attn_layer_norm``, ``encoder_attn`` / ``encoder_attn_layer_norm``,
     ``fc1`` / ``final_layer_norm``. The decoder's ``without_cross`` is the layout without cross-attention
     (a language model's decoder). ``mechanism="fairseq"``: described for fold only
-    (:mod:`fairseq_plugins.fold_checkpoint`; fairseq's Admin layers hold their own residual modules)."""
+    (`fairseq_plugins.fold_checkpoint`; fairseq's Admin layers hold their own residual modules)."""
     self_attn = Sublayer("self_attn_layer_norm", encoder_qkv, capture="self_attn")
     encoder = LayerKind((
         self_attn, Sublayer("final_layer_norm", ("fc1",), source="self_attn_layer_norm"),
@@ -160,7 +160,7 @@ def seq2seq_layer_kinds(encoder_qkv: Tuple[str, ...] = _QKV, mechanism: str = "h
 
 def _bart_like(prefix: str, name: Optional[str] = None, encoder_qkv: Tuple[str, ...] = _QKV,
                encoder_layer: Optional[str] = None, decoder_layer: Optional[str] = None) -> Dict[str, LayerKind]:
-    """The two layer classes of a BART-like HuggingFace module (:func:`seq2seq_layer_kinds`)."""
+    """The two layer classes of a BART-like HuggingFace module (`seq2seq_layer_kinds`)."""
     encoder, decoder = seq2seq_layer_kinds(encoder_qkv)
     if name is None:
         name = prefix.rsplit(".", 1)[-1].replace("modeling_", "").capitalize()
@@ -186,7 +186,7 @@ def _bert_like(prefix: str, name: str) -> Dict[str, LayerKind]:
     return {f"{prefix}.{name}Layer": bert_like_kind()}
 
 
-#: supported layer types, by :func:`kind_key`
+#: supported layer types, by `kind_key`
 LAYER_KINDS: Dict[str, LayerKind] = {
     "torch.nn.modules.transformer.TransformerEncoderLayer": LayerKind((
         Sublayer("norm1", ("self_attn.in_proj_weight",)),
@@ -242,7 +242,7 @@ LAYER_KINDS.update({k: dataclasses.replace(v, fold_blocker=_FSMT_FOLD) for k, v 
 LAYER_KINDS["admin_torch.layers.TransformerEncoderLayer"] = LAYER_KINDS["torch.nn.modules.transformer.TransformerEncoderLayer"]
 LAYER_KINDS["admin_torch.layers.TransformerDecoderLayer"] = LAYER_KINDS["torch.nn.modules.transformer.TransformerDecoderLayer"]
 
-#: modules that own a stack of supported layers, by :func:`kind_key`
+#: modules that own a stack of supported layers, by `kind_key`
 STACK_KINDS: Dict[str, StackKind] = {
     "torch.nn.modules.transformer.TransformerEncoder": StackKind("layers", None),
     "torch.nn.modules.transformer.TransformerDecoder": StackKind("layers", None),
@@ -350,7 +350,7 @@ def _deberta_blocker(self_attn) -> Optional[str]:
 def layer_kind(module) -> Optional[LayerKind]:
     """The description of ``module`` as a Post-LN layer, or None.
 
-    :data:`LAYER_KINDS` first (by class), then structure: a BERT-like layer (``attention.self`` with
+    `LAYER_KINDS` first (by class), then structure: a BERT-like layer (``attention.self`` with
     query/key/value projections, ``attention.output`` and ``output`` that compute
     ``LayerNorm(dense(h) + input_tensor)``, ``intermediate.dense``, optionally ``crossattention``).
     That covers BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, ERNIE, RoFormer, BigBird, Longformer,
@@ -384,7 +384,7 @@ def layer_kind(module) -> Optional[LayerKind]:
 
 
 def stack_kind(module) -> Optional[StackKind]:
-    """The description of ``module`` as the owner of a stack: :data:`STACK_KINDS` (by class), then
+    """The description of ``module`` as the owner of a stack: `STACK_KINDS` (by class), then
     structure: ``encoder.layer`` (a list of layers) fed by ``embeddings.LayerNorm``, or by
     ``embeddings_project`` (ELECTRA, RoFormer with ``embedding_size != hidden_size``)."""
     kind = STACK_KINDS.get(kind_key(type(module)))

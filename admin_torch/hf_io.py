@@ -2,25 +2,25 @@
 
 The mechanism: **fold on save, with the Admin form alongside**.
 
-* :func:`admin_torch.convert` records its settings in ``model.config.admin_torch`` and gives every
+* [`admin_torch.convert`][admin_torch.convert] records its settings in ``model.config.admin_torch`` and gives every
   ``PreTrainedModel`` in the converted model a ``save_pretrained`` (an instance attribute) that calls
-  :func:`save_pretrained` here.
-* :func:`save_pretrained` writes the *folded* model (stock classes, the same function, see
-  :func:`admin_torch.fold`) under the stock weight names, plus the Admin form of every tensor that
+  [`save_pretrained`][admin_torch.save_pretrained] here.
+* [`save_pretrained`][admin_torch.save_pretrained] writes the *folded* model (stock classes, the same function, see
+  [`admin_torch.fold`][admin_torch.fold]) under the stock weight names, plus the Admin form of every tensor that
   folding changed and every omega under the prefix ``admin_torch.`` in the same weight file.
 * A user following HuggingFace's habits, ``BertModel.from_pretrained(path)``, gets the folded model: the
   same function (≤ 1e-5 in float32); the ``admin_torch.*`` keys are reported as unexpected and are not
   needed for it. Training it further is plain Post-LN training (the Admin parametrisation is gone) --
   that is the trade-off. ``convert`` on it is refused (its config records that it was saved from an
   Admin model): converting would re-initialise the residuals and change the function.
-* :func:`from_pretrained` (``admin_torch.from_pretrained(BertModel, path)``) restores the Admin form
+* [`from_pretrained`][admin_torch.from_pretrained] (``admin_torch.from_pretrained(BertModel, path)``) restores the Admin form
   bit for bit (the same omegas, trained ``as_parameter=True`` vectors included, and the unfolded weights).
 * ``Trainer(resume_from_checkpoint=...)`` calls ``model.load_state_dict`` on the converted model with
   that file: a load pre-hook installed by ``convert`` swaps the ``admin_torch.*`` tensors in, so the
   resumed model is the Admin model that was saved.
 
 A model whose fold is impossible (shared ALBERT layers with per-feature omegas, FSMT's and Marian's sinusoidal positions, Funnel's
-repeated blocks, DeBERTa-v2 with ``share_att_key``: see :func:`admin_torch.fold`) is saved in its **Admin form**
+repeated blocks, DeBERTa-v2 with ``share_att_key``: see [`admin_torch.fold`][admin_torch.fold]) is saved in its **Admin form**
 instead, so that Trainer's checkpointing keeps working:
 
 * ``model.safetensors`` holds every tensor of the converted model under ``admin_torch.*`` and none under the
@@ -30,7 +30,7 @@ instead, so that Trainer's checkpointing keeps working:
   ``AutoConfig`` / ``cls.from_pretrained(path)`` raise a validation error quoting it instead of building a
   model that computes something else (transformers would otherwise build one from defaults and random
   weights, with only a load report). A ``README.md`` in the directory says the same.
-* :func:`from_pretrained` and Trainer's resume (the load pre-hook; Trainer reads ``config.json`` with the
+* [`from_pretrained`][admin_torch.from_pretrained] and Trainer's resume (the load pre-hook; Trainer reads ``config.json`` with the
   base config class, which accepts it) restore the model bit for bit.
 """
 
@@ -98,7 +98,7 @@ def check_convertible(model: nn.Module) -> None:
 
 
 class _SavePretrained:
-    """The ``save_pretrained`` of a converted HuggingFace model: :func:`save_pretrained` on it."""
+    """The ``save_pretrained`` of a converted HuggingFace model: [`save_pretrained`][admin_torch.save_pretrained] on it."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -327,7 +327,7 @@ def _save_admin_form(model: nn.Module, save_directory, *, reason: str, is_main_p
                      push_to_hub: bool = False, **ignored) -> None:
     """Write ``model`` in its Admin form (module doc): every tensor under ``admin_torch.*`` in
     ``model.safetensors``, the config as ``admin_torch_config.json``, a ``config.json`` the stock loader
-    refuses; the whole directory published at once (:func:`_publish`)."""
+    refuses; the whole directory published at once (`_publish`)."""
     from safetensors.torch import save as safetensors_bytes
     cls = type(model).__name__
     if push_to_hub:

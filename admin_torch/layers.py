@@ -2,14 +2,13 @@
 
 They are subclasses with the same constructor, plus keyword-only ``num_res_layers``,
 ``output_change_scale`` and ``as_parameter``; each residual connection ``norm(x + f(x))`` becomes
-``norm(omega * x + f(x))`` through an :class:`admin_torch.OmegaResidual` (``omega_sa``, ``omega_ff``;
+``norm(omega * x + f(x))`` through an [`admin_torch.OmegaResidual`][admin_torch.OmegaResidual] (``omega_sa``, ``omega_ff``;
 the decoder also ``omega_mha``). Admin is for Post-LN: ``norm_first=True`` is a ValueError.
 
 ``num_res_layers`` is N of the stack: 2 per encoder layer, 3 per decoder layer, e.g. 12 for a
 6-layer encoder. ``admin_torch.convert`` turns existing stock layers into these in place.
 
-Example::
-
+Examples:
     >>> layer = TransformerEncoderLayer(64, 4, 256, num_res_layers=2 * 6)
     >>> encoder = torch.nn.TransformerEncoder(layer, num_layers=6, enable_nested_tensor=False)
     >>> encoder(torch.randn(10, 3, 64)).shape
@@ -49,7 +48,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     Args: those of ``torch.nn.TransformerEncoderLayer``, and keyword-only
         num_res_layers: N of the stack (2 per encoder layer), an integer >= 1.
-        output_change_scale: ``'O(n)'``, ``'O(logn)'``, ``'default'`` or ``'O(1)'`` (see :func:`calculate_init`).
+        output_change_scale: ``'O(n)'``, ``'O(logn)'``, ``'default'`` or ``'O(1)'`` (see [`calculate_init`][admin_torch.calculate_init]).
         as_parameter: trainable omega vectors of size ``d_model``.
     """
 
@@ -82,7 +81,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
     """``torch.nn.TransformerDecoderLayer`` (Post-LN) with Admin's ``norm(omega * x + f(x))`` residuals.
 
     Args: those of ``torch.nn.TransformerDecoderLayer``, and keyword-only ``num_res_layers`` (3 per
-    decoder layer), ``output_change_scale``, ``as_parameter``, as for :class:`TransformerEncoderLayer`.
+    decoder layer), ``output_change_scale``, ``as_parameter``, as for [`TransformerEncoderLayer`][admin_torch.TransformerEncoderLayer].
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,

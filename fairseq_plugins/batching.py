@@ -1,7 +1,7 @@
 """Keep every sentence in fairseq's batches.
 
 fairseq-fixed 0.12.3.1's ``fairseq.data.data_utils.batch_by_size`` drops the last batch when its
-size is not a multiple of ``--required-batch-size-multiple`` (default 8)::
+size is not a multiple of ``--required-batch-size-multiple`` (default 8):
 
     if bsz_mult > 1 and len(b[-1]) % bsz_mult != 0:
         b = b[:-1]
@@ -9,11 +9,10 @@ size is not a multiple of ``--required-batch-size-multiple`` (default 8)::
 so ``fairseq-generate`` silently skips up to 7 test sentences (BLEU on a subset), validation
 loss leaves them out, and training never sees them. The batches are formed in order over
 ``indices``, so what was dropped is exactly the tail of ``indices`` past the kept batches;
-:func:`install` wraps ``batch_by_size`` to hand that tail back as one last batch. Every other
+`install` wraps ``batch_by_size`` to hand that tail back as one last batch. Every other
 batch is unchanged.
 
-Example::
-
+Examples:
     >>> from fairseq_plugins import batching
     >>> batching.install()   # done by ``--user-dir fairseq_plugins``
 """

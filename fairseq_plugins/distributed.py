@@ -1,11 +1,11 @@
 """fairseq's distributed back-ends with the toolbox, on CPU and CUDA: one repair and one set of flag checks.
 
-* **Repair** (:func:`install`): fairseq wraps the model for ``--ddp-backend c10d`` / ``pytorch_ddp`` (its
+* **Repair** (`install`): fairseq wraps the model for ``--ddp-backend c10d`` / ``pytorch_ddp`` (its
   default) as ``DistributedDataParallel(model, device_ids=[args.device_id], ...)``, which PyTorch refuses for a
   model on the CPU ("device_ids ... must be None for CPU modules"). The wrapper class fairseq uses is replaced
   by a subclass that passes ``device_ids=None, output_device=None`` when the module's parameters are on the
   CPU, and changes nothing on CUDA.
-* **Repair** (:func:`install`): under ``torchrun`` / ``torch.distributed.launch`` (one or several nodes) fairseq
+* **Repair** (`install`): under ``torchrun`` / ``torch.distributed.launch`` (one or several nodes) fairseq
   takes the world from the launcher only when ``--distributed-world-size`` is also given (otherwise every
   process trains alone, silently), and then sets ``device_id = rank % torch.cuda.device_count()``, a division
   by zero on a CPU machine and the wrong GPU on a node whose ranks do not start at 0. The launcher's
@@ -72,7 +72,7 @@ def _launcher_aware(infer_init_method):
 
 
 def install() -> None:
-    """Point fairseq's c10d/pytorch_ddp wrapper at :class:`CpuAwareDistributedDataParallel` and its init-method
+    """Point fairseq's c10d/pytorch_ddp wrapper at `CpuAwareDistributedDataParallel` and its init-method
     inference at the launcher-aware one (idempotent)."""
     from fairseq.distributed import utils as distributed_utils
     from fairseq.models import distributed_fairseq_model

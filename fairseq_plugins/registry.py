@@ -6,7 +6,7 @@ when the same file is reached under two module names (``--user-dir`` by path and
 this package registers through these wrappers, so a second import is a no-op that hands back the
 class registered first.
 
-Example::
+Example:
 
     from fairseq_plugins.registry import register_once
     from fairseq.optim import OPTIMIZER_REGISTRY, register_optimizer

@@ -4,20 +4,19 @@ torch >= 2.6 unpickles checkpoints with ``weights_only=True``: only tensors, pla
 (dict, OrderedDict, list, ...), numbers, strings and allowlisted classes. A fairseq checkpoint
 written by this stack (any model, optimizer, lr scheduler, with or without validation, one or
 several ranks) holds exactly one class beyond that: ``argparse.Namespace``, its ``args`` entry.
-:func:`install` allowlists that class and nothing else, so
+`install` allowlists that class and nothing else, so
 
 * checkpoints of this stack resume and decode with the safe loader, and
 * a checkpoint whose pickle names any other global (``os.system``, ``builtins.eval`` ...) is
-  refused with :class:`UnsafeCheckpointError` before anything in it runs, and a truncated or
-  corrupted file raises :class:`CorruptCheckpointError`; both name the file.
+  refused with `UnsafeCheckpointError` before anything in it runs, and a truncated or
+  corrupted file raises `CorruptCheckpointError`; both name the file.
 
 Ranks > 0 of a distributed run receive the checkpoint from rank 0 through the same unpickler;
-that message is made loadable too (see :func:`_guarded_broadcast`).
+that message is made loadable too (see `_guarded_broadcast`).
 
 Nothing here sets ``weights_only=False`` or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``.
 
-Example::
-
+Examples:
     >>> from fairseq_plugins import safe_checkpoint
     >>> safe_checkpoint.install()          # done by ``--user-dir fairseq_plugins``
     >>> all(isinstance(cls, type) for cls in safe_checkpoint.safe_globals())   # what checkpoints may hold

@@ -24,7 +24,7 @@ class ReinMaxFunction(torch.autograd.Function):
     ``ReinMaxFunction.apply(logits, tau, dim, generator)`` returns ``(y_hard, y_soft, log_probs,
     index)``: the last two (``log_softmax(logits)`` in the working precision and the sampled index
     with size 1 at ``dim``) are what backward needs, returned so that ``torch.func`` can save them.
-    Use :func:`reinmax`, which checks its arguments and returns the first two.
+    Use [`reinmax`][reinmax.reinmax], which checks its arguments and returns the first two.
     """
 
     generate_vmap_rule = True
@@ -97,7 +97,7 @@ def reinmax(logits: Tensor, tau: float, hard: bool = True, *, dim: int = -1,
 
     Returns ``(y_hard, y_soft)``: ``y_hard = one_hot(D)`` with ``D ~ Categorical(softmax(logits))``
     (no temperature in the forward pass) and ``y_soft = softmax(logits)``. In backward, with
-    ``g = dL/dy_hard``, ``h = dL/dy_soft`` and ``J(p) = diag(p) - p p^T``::
+    ``g = dL/dy_hard``, ``h = dL/dy_soft`` and ``J(p) = diag(p) - p p^T``:
 
         pi0 = softmax(logits),  pi1 = (softmax(logits / tau) + y_hard) / 2
         dL/dlogits = 2 J(pi1) g - 0.5 J(pi0) g + J(pi0) h
@@ -112,7 +112,7 @@ def reinmax(logits: Tensor, tau: float, hard: bool = True, *, dim: int = -1,
     Memory saved for backward: 4 bytes per element (8 for float64) plus one int64 per slice.
 
     Data checks (NaN/+inf logits, a slice of all ``-inf``) run in eager mode and are skipped under
-    ``torch.compile`` and ``torch.func``; :func:`stability_toolbox.set_data_checks` switches them
+    ``torch.compile`` and ``torch.func``; `stability_toolbox.set_data_checks` switches them
     off (each is a host-device synchronization on CUDA).
 
     Args:
@@ -131,8 +131,7 @@ def reinmax(logits: Tensor, tau: float, hard: bool = True, *, dim: int = -1,
         ValueError: ``tau`` not finite or <= 0, empty or invalid ``dim``, NaN or +inf in ``logits``
             or a slice of all ``-inf``.
 
-    Example::
-
+    Examples:
         >>> logits = torch.randn(4, 3, requires_grad=True)
         >>> y_hard, y_soft = reinmax(logits, 1.0)
         >>> (y_hard * torch.arange(3.0)).sum().backward()

@@ -1,7 +1,6 @@
 """sign_optim: AddSign and PowerSign (Bello et al., ICML 2017, arXiv 1709.07417) with internal decays.
 
-Example::
-
+Examples:
     >>> import torch, sign_optim
     >>> model = torch.nn.Linear(4, 2)
     >>> opt = sign_optim.PowerSign(model.parameters(), lr=1e-3,

@@ -3,23 +3,21 @@ r"""The sign update as functions over one coefficient form, in torch.optim's fun
 After the moving average ``m <- beta m + (1 - beta) g`` (``g`` negated when maximizing) and the decoupled
 weight decay ``p <- (1 - lr wd) p``, both rules (Bello et al., 2017) are
 
-.. math::
     p \leftarrow p - \mathrm{lr}\,(c_0\,g + a\,\mathrm{sign}(m)\,|g| + b\,|\mathrm{sign}(m)|\,g)
 
 with per-parameter coefficients ``(c0, a, b)`` from the rule's hyper-parameters and the internal decay
-``d`` (:func:`addsign_coefficients`, :func:`powersign_coefficients`): AddSign ``(alpha, d, 0)``;
+``d`` (`addsign_coefficients`, `powersign_coefficients`): AddSign ``(alpha, d, 0)``;
 PowerSign ``(1, sinh(c), cosh(c) - 1)`` with ``c = d ln(alpha)``, because
 ``alpha ** (d s) = 1 + sinh(c) s + (cosh(c) - 1) s**2`` for ``s = sign(g) sign(m)`` in {-1, 0, 1}: the same
 value as the exponential, without an exponential per element, and exact where ``m == 0``.
 
-:func:`sign_update` runs the update as torch.optim's ``adam()`` does, by one of its implementations:
-:func:`_single_tensor_sign` (a loop over parameters; half precision computed in float32 and stored once),
-:func:`_multi_tensor_sign` (``torch._foreach_*`` ops, in cache-sized chunks on the CPU) and, in
-:mod:`sign_optim.fused`, the one-pass kernels (C on the CPU, Triton on CUDA), which take the same ``(a, b)``.
-:func:`_traced_sign` is the single-tensor form with tensor coefficients (``torch.compile``, ``capturable``).
+`sign_update` runs the update as torch.optim's ``adam()`` does, by one of its implementations:
+`_single_tensor_sign` (a loop over parameters; half precision computed in float32 and stored once),
+`_multi_tensor_sign` (``torch._foreach_*`` ops, in cache-sized chunks on the CPU) and, in
+`sign_optim.fused`, the one-pass kernels (C on the CPU, Triton on CUDA), which take the same ``(a, b)``.
+`_traced_sign` is the single-tensor form with tensor coefficients (``torch.compile``, ``capturable``).
 
-Example::
-
+Examples:
     >>> import torch
     >>> p, g, m = torch.ones(3), torch.tensor([1.0, -1.0, 2.0]), torch.zeros(3)
     >>> sign_update([p], [g], [m], [addsign_coefficients(1.0, 1.0)], lr=0.1, beta=0.9, weight_decay=0.0,
@@ -65,7 +63,7 @@ def sign_update(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: Lis
                 foreach: bool, chunk_numel: int = 1 << 16) -> None:
     """One step of the sign rule over ``params`` (in place), their gradients and moving averages ``avgs``
     (float32 for half-precision parameters), ``coefficients[i]`` for parameter ``i``. ``foreach`` picks
-    :func:`_multi_tensor_sign` (float32/float64 parameters of one device) over :func:`_single_tensor_sign`.
+    `_multi_tensor_sign` (float32/float64 parameters of one device) over `_single_tensor_sign`.
     The step counters are the caller's."""
     if foreach:
         _multi_tensor_sign(params, grads, avgs, coefficients, lr=lr, beta=beta, weight_decay=weight_decay,
@@ -105,7 +103,7 @@ def _single_tensor_sign(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, coefs
 
 def _traced_sign(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, coefs, *, lr, beta: float, weight_decay: float,
                  maximize: bool) -> None:
-    """:func:`_single_tensor_sign` with tensor coefficients (``b`` None where the rule has none) and a tensor or
+    """`_single_tensor_sign` with tensor coefficients (``b`` None where the rule has none) and a tensor or
     number ``lr``, as one expression: no Python number derived from a tensor, so ``torch.compile`` does not
     recompile per step, and inductor fuses it."""
     work, g = _moving_average_and_decay(p, g, m, lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)

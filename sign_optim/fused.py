@@ -4,7 +4,7 @@
 every parameter and its moving average in one pass (read ``p``, ``g``, ``m``, write ``p``, ``m``: 5 numbers per
 parameter, where fused Adam moves 7) and advances the step counters. ``coefficients`` is a float64 CPU tensor of
 shape ``(n, 4)`` or ``(1, 4)``: per parameter ``(1 - lr wd, -lr c0, -lr a, -lr b)``, the coefficient form of
-:mod:`sign_optim.functional` with ``lr`` and the weight decay folded in (:func:`kernel_coefficients`).
+`sign_optim.functional` with ``lr`` and the weight decay folded in (`kernel_coefficients`).
 
 The operator is built like torch's own fused optimizers (``torch._fused_adam_``): it receives the tensor lists
 and checks every tensor natively before it touches any memory (device, layout, contiguity, dtype, shape,
@@ -14,7 +14,7 @@ refused call raises ValueError or TypeError and changes nothing. Kernels:
 * **CPU**: C++ (``sign_optim/csrc/fused_sign.cpp``), built by ``setup.py`` when the package is installed beside
   torch; torch's intra-op threads (``torch.set_num_threads``); the float32 loop is compiled for AVX-512, AVX2
   and baseline x86-64 and picked when the library loads.
-* **CUDA**: a multi-tensor Triton kernel (:mod:`sign_optim.triton_kernel`, one launch for many parameters),
+* **CUDA**: a multi-tensor Triton kernel (`sign_optim.triton_kernel`, one launch for many parameters),
   registered here for the operator's CUDA key; checked by the same native checks.
 * **Meta / fake tensors**: a fake implementation, so ``torch.compile(opt.step)`` traces the step as one node.
 
@@ -101,7 +101,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def kernel_coefficients(coefficients: Sequence[Sequence[float]], *, lr: float, weight_decay: float) -> torch.Tensor:
-    """The operator's ``(n, 4)`` float64 table from per-parameter ``(c0, a, b)`` (:mod:`sign_optim.functional`):
+    """The operator's ``(n, 4)`` float64 table from per-parameter ``(c0, a, b)`` (`sign_optim.functional`):
     rows ``(1 - lr wd, -lr c0, -lr a, -lr b)``. One row serves every parameter."""
     keep = 1.0 - lr * weight_decay
     return torch.tensor([[keep, -lr * c0, -lr * a, -lr * b] for c0, a, b in coefficients], dtype=torch.float64)
@@ -110,7 +110,7 @@ def kernel_coefficients(coefficients: Sequence[Sequence[float]], *, lr: float, w
 def fused_sign_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                 state_steps: List[torch.Tensor], coefficients: torch.Tensor, *, beta: float, maximize: bool) -> None:
     """One fused step (in place) of ``params``, their moving averages ``exp_avgs`` and step counters
-    ``state_steps`` (each advanced by 1), with the operator's ``coefficients`` (:func:`kernel_coefficients`).
+    ``state_steps`` (each advanced by 1), with the operator's ``coefficients`` (`kernel_coefficients`).
     Every tensor is checked natively first: a refused call raises ValueError/TypeError and changes nothing."""
     if not _load():
         raise RuntimeError(_LOAD_ERROR)
@@ -133,7 +133,7 @@ PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def supported(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, step: torch.Tensor) -> bool:
     """Whether one parameter fits the kernels (the slow path's partition; the operator checks natively what it
     is handed): plain contiguous tensors of one shape on CPU or CUDA, a kernel dtype (not float64 on CUDA), the
-    gradient of the parameter's dtype, the average in :func:`state_dtype`, a 1-element float CPU counter."""
+    gradient of the parameter's dtype, the average in `state_dtype`, a 1-element float CPU counter."""
     for t in (p, g, m):
         if type(t) not in PLAIN_TENSORS or t.layout is not torch.strided or not t.is_contiguous():
             return False
@@ -150,7 +150,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (FSDP2, tensor parallel), else ``t``: the rule is elementwise, so updating each
     rank's shard in place is the update of the whole tensor. Partial placements (a pending reduction) and
-    other tensor subclasses are returned as they are, and the kernels refuse them (:func:`supported`)."""
+    other tensor subclasses are returned as they are, and the kernels refuse them (`supported`)."""
     if type(t) in PLAIN_TENSORS or not torch.distributed.is_available():
         return t
     from torch.distributed.tensor import DTensor

@@ -3,7 +3,7 @@
 As torch's fused Adam does, a launch covers a list of tensors: program ``i`` updates block ``i`` of the
 concatenated tensors, finding its tensor, offset and coefficients in small tables built at the call from the
 tensors it was handed (and checked natively by ``sign_optim::check_fused_inputs``), so no address outlives the
-call. The arithmetic is the C++ kernel's (:mod:`sign_optim.fused`), in float32 registers for float32, float16 and
+call. The arithmetic is the C++ kernel's (`sign_optim.fused`), in float32 registers for float32, float16 and
 bfloat16 parameters (the moving average of half precision parameters is float32). float64 parameters take the
 foreach path on CUDA.
 

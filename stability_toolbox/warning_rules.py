@@ -1,11 +1,11 @@
 """The stability monitor's warning rules: pure functions of its logged history.
 
-A *history* is the list of records :class:`~stability_toolbox.StabilityMonitor` logs (one per logging
+A *history* is the list of records [`StabilityMonitor`][stability_toolbox.StabilityMonitor] logs (one per logging
 step, as in ``monitor.jsonl``): ``{"step": int, "loss": ..., "log_z_rms": ..., "quantities": {quantity:
 {row: value}}}``. Model-level quantities (``log_z``, ``log_z_rms``, ``loss``...) are read from the record
 itself with the row ``(model)``.
 
-A rule (:class:`stability_toolbox.WarningRule`: ``threshold``, ``window``, ``min_growth``, ``min_rows``,
+A rule ([`stability_toolbox.WarningRule`][stability_toolbox.WarningRule]: ``threshold``, ``window``, ``min_growth``, ``min_rows``,
 ``direction``) fires on one (row, quantity) at the latest record when its latest value is past the
 threshold *and* it moved the same way at each of the last ``window`` logged values, by at least a factor
 ``min_growth`` per logged step (a rate, not only a level: a low threshold with a required rate warns
@@ -13,18 +13,17 @@ early without firing on a value that merely sits low). Non-finite values warn at
 (row, quantity) warns once; ``min_rows`` rows must fire together.
 
 Each warning names the layer, the quantity and its trend, then the *likely mechanism* and the
-*remedy this toolbox ships* (:data:`DIAGNOSES`), in one line that begins ``stability warning:``::
+*remedy this toolbox ships* (`DIAGNOSES`), in one line that begins ``stability warning:``:
 
     stability warning: layer layers.0: grad_ratio fell 0.0207 -> 0.00297 -> 0.000615 over the last 3 logged
     steps (x0.17 per log; <= 0.001) at step 15; likely mechanism: vanishing gradients in the lower layers ...;
     remedy: Admin (admin_torch.convert(model)) ...
 
-:func:`check` gives the warnings of the latest record (the monitor calls it at every logging step);
-:func:`replay` re-runs a whole history (e.g. a ``monitor.jsonl`` with other rules) and :func:`first_warning`
+`check` gives the warnings of the latest record (the monitor calls it at every logging step);
+`replay` re-runs a whole history (e.g. a ``monitor.jsonl`` with other rules) and `first_warning`
 returns the first one.
 
-Example::
-
+Examples:
     >>> from stability_toolbox import WarningRule
     >>> hist = [{"step": s, "quantities": {"attn_logit_max": {"attn.0": v}}}
     ...         for s, v in ((0, 4.0), (10, 9.0), (20, 20.0), (30, 45.0))]
@@ -86,7 +85,7 @@ _GENERIC = Diagnosis("a quantity trending toward divergence", "a lower learning 
 
 
 def rows(record: Mapping[str, Any], quantity: str) -> Dict[str, float]:
-    """``{row: value}`` of ``quantity`` in one record (model-level quantities under :data:`MODEL_ROW`)."""
+    """``{row: value}`` of ``quantity`` in one record (model-level quantities under `MODEL_ROW`)."""
     per_row = record.get("quantities", {}).get(quantity)
     if per_row:
         return dict(per_row)
@@ -179,7 +178,7 @@ def replay(history: Sequence[Mapping[str, Any]], rules: Mapping[str, Any]) -> Li
 
 
 def first_warning(history: Sequence[Mapping[str, Any]], rules: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """The first warning of ``history`` under ``rules`` (a dict as :func:`check` gives), or None."""
+    """The first warning of ``history`` under ``rules`` (a dict as `check` gives), or None."""
     warned: Set[Tuple[str, str]] = set()
     for i in range(1, len(history) + 1):
         new = check(history[:i], rules, warned)

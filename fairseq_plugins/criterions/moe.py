@@ -2,7 +2,7 @@
 
 For a model with mixture-of-experts FFNs (``--moe-experts``), the loss that is back-propagated is
 the stock criterion's plus ``--moe-balance-weight * sample_size * B``, where ``B`` is the sum over
-the MoE layers of Switch's load-balancing loss (:func:`reinmax.moe_balance_loss`; 1 per layer
+the MoE layers of Switch's load-balancing loss ([`reinmax.moe_balance_loss`][reinmax.moe_balance_loss]; 1 per layer
 when balanced); multiplying by ``sample_size`` keeps the weight's meaning under fairseq's
 per-sample-size gradient normalization. The logged ``loss``/``nll_loss``/``ppl`` stay the stock
 criterion's (comparable with a dense model's); added to the log:
@@ -14,7 +14,7 @@ criterion's (comparable with a dense model's); added to the log:
 
 A model without MoE layers gets exactly the stock criterion. Nothing here reads a tensor on the host.
 
-Example::
+Example:
 
     fairseq-train data-bin --user-dir fairseq_plugins --arch transformer_admin --moe-experts 8 \\
         --criterion label_smoothed_cross_entropy_moe --label-smoothing 0.1 ...

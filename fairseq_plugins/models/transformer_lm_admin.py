@@ -1,16 +1,16 @@
 """``transformer_lm_admin``: fairseq's decoder-only language model, Post-LN, with Admin (or DeepNorm) residuals.
 
 The decoder of fairseq's ``transformer_lm`` with every residual connection ``LN(x + f(x))`` computed
-as ``LN(omega * x + f(x))`` (:class:`admin_torch.OmegaResidual`) or ``LN(alpha * x + f(x))``
-(:class:`admin_torch.DeepNormResidual`). A decoder-only layer has two residual sublayers
+as ``LN(omega * x + f(x))`` ([`admin_torch.OmegaResidual`][admin_torch.OmegaResidual]) or ``LN(alpha * x + f(x))``
+([`admin_torch.DeepNormResidual`][admin_torch.DeepNormResidual]). A decoder-only layer has two residual sublayers
 (self-attention, FFN), so ``N = 2 * decoder_layers``; DeepNorm takes its decoder-only constants
 ``alpha = (2M)^(1/4)``, ``beta = (8M)^(-1/4)``.
 
 The flags are ``transformer_admin``'s: ``--admin-init admin|profiled|deepnorm``,
 ``--admin-output-change-scale``, ``--decoder-as-parameter``, ``--admin-profile``, and the
 mixture-of-experts FFN's ``--moe-experts``, ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
-``--moe-capacity-factor`` (:mod:`fairseq_plugins.moe`), and ``--qk-norm`` (qk-layernorm,
-:func:`fairseq_plugins.models.transformer_admin.apply_qk_norm`). Pre-LN
+``--moe-capacity-factor`` (`fairseq_plugins.moe`), and ``--qk-norm`` (qk-layernorm,
+`fairseq_plugins.models.transformer_admin.apply_qk_norm`). Pre-LN
 (``--decoder-normalize-before``) is refused. Architectures, named after fairseq's own:
 
 * ``transformer_lm_admin``: the base (512 / 2048 / 8 heads, 6 layers),
@@ -21,7 +21,7 @@ mixture-of-experts FFN's ``--moe-experts``, ``--moe-router``, ``--moe-tau``, ``-
 ``python -m fairseq_plugins.fold_checkpoint IN OUT`` turns a checkpoint into a stock ``transformer_lm``
 checkpoint that ``fairseq-eval-lm`` scores without ``--user-dir``.
 
-Example::
+Example:
 
     fairseq-train data-bin --task language_modeling --user-dir fairseq_plugins \\
         --arch transformer_lm_admin_deep --admin-init admin --tokens-per-sample 128 ...
