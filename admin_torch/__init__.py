@@ -91,7 +91,17 @@ __all__ = [
     "fold_into_norm_",
     "fold_into_linears_",
     "fold_into_embedding_",
-    "StabilityMonitor",
 ]
-# the live monitor lives in stability_toolbox (it watches any model); here too, where Admin users look
-from stability_toolbox.monitor import StabilityMonitor  # noqa: E402
+
+
+def __getattr__(name: str):
+    """``admin_torch.StabilityMonitor``, the name of earlier releases: the monitor is a feature package above the
+    libraries (``stability_toolbox``), so it is found there on first use, with a DeprecationWarning."""
+    if name == "StabilityMonitor":
+        import importlib
+        import warnings
+
+        warnings.warn("admin_torch.StabilityMonitor moved: import it from stability_toolbox "
+                      "(from stability_toolbox import StabilityMonitor)", DeprecationWarning, stacklevel=2)
+        return importlib.import_module("stability_toolbox").StabilityMonitor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

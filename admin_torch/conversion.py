@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from . import layers as admin_layers
 from .architectures import (LAYER_KINDS, PRE_LN_MODEL_TYPES, SHARED_LAYER_FOLD, UNSUPPORTED_MODEL_TYPES, LayerKind,

@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 __all__ = ["DeepNormInit", "deepnorm_init", "deepnorm_scale_", "DeepNormResidual", "DEEPNORM_SCALED_PROJECTIONS"]
 

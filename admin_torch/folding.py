@@ -16,7 +16,7 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor, nn
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from .reference_stack import AddResidual, ResidualStack
 from .residual import OmegaResidual

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 __all__ = ["output_change", "residual_betas"]
 

@@ -29,8 +29,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import Tensor, nn
 
-from stability_toolbox import validation
-from stability_toolbox.files import atomic_write, check_output_path
+from toolbox_core import validation
+from toolbox_core.files import atomic_write, check_output_path
 
 from .residual import OmegaResidual
 

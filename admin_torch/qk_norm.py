@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 __all__ = ["QKNorm", "QKNormMultiheadAttention", "QKNormLinear", "add_qk_norm", "has_qk_norm",
            "qk_norm_projections_"]

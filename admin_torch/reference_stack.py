@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .deepnorm import DeepNormResidual, deepnorm_init, deepnorm_scale_
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, calculate_init
 

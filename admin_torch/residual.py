@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 __all__ = [
     "OUTPUT_CHANGE_SCALES",

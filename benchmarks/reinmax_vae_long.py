@@ -39,7 +39,7 @@ from benchmarks.harness import machine
 from benchmarks.reinmax_vae_mnist import VAE, splits
 from benchmarks.reinmax_vae_paper import NAMES, PAPER
 from benchmarks.sweep import mean_std, parse_list, write_json
-from stability_toolbox.files import atomic_write
+from toolbox_core.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 100

@@ -7,7 +7,7 @@ import statistics
 import time
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
-from stability_toolbox.files import atomic_write
+from toolbox_core.files import atomic_write
 
 
 def run_jobs(fn: Callable, jobs: Sequence[tuple], workers: int, *, processes: bool = False, label: str = "",
@@ -35,7 +35,7 @@ def mean_std(values: Iterable[Optional[float]]) -> Tuple[Optional[float], Option
 
 
 def write_json(path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary name (:func:`stability_toolbox.files.atomic_write`),
+    """Write ``obj`` as JSON to ``path`` through a temporary name (:func:`toolbox_core.files.atomic_write`),
     so a killed run never leaves half a file."""
     with atomic_write(path) as f:
         f.write(json.dumps(obj))

@@ -3,7 +3,7 @@
 Importing this package (which ``--user-dir`` does) registers, once per process:
 
 * models   (``fairseq_plugins/models``): ``transformer_admin`` and its architectures, ``listops_tree``
-* tasks    (``fairseq_plugins/tasks``):  ``listops`` (its pure-Python data code: :mod:`stability_toolbox.listops`)
+* tasks    (``fairseq_plugins/tasks``):  ``listops`` (its pure-Python data code: :mod:`toolbox_core.listops`)
 * criteria (``fairseq_plugins/criterions``): ``cross_entropy_moe``, ``label_smoothed_cross_entropy_moe``
   (the stock ones plus the balance loss of ``--moe-experts``, :mod:`fairseq_plugins.moe`)
 * optimizers: ``addsign``, ``powersign``

@@ -48,7 +48,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_flag(flag: str, check: Callable, value, **bounds):
-    """``check(flag, value, **bounds)`` (a :mod:`stability_toolbox.validation` helper) with its
+    """``check(flag, value, **bounds)`` (a :mod:`toolbox_core.validation` helper) with its
     TypeError/ValueError turned into :class:`FlagError`; the message starts with the flag."""
     try:
         return check(flag, value, **bounds)

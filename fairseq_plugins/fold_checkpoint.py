@@ -38,7 +38,7 @@ from torch import nn
 import admin_torch
 from admin_torch.architectures import seq2seq_layer_kinds
 from fairseq.data import Dictionary
-from stability_toolbox.files import atomic_write, check_output_path
+from toolbox_core.files import atomic_write, check_output_path
 from fairseq.models.transformer import TransformerModel
 from fairseq.modules import SinusoidalPositionalEmbedding
 

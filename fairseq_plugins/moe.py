@@ -37,7 +37,7 @@ from torch import nn
 
 import reinmax
 from fairseq import utils
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from reinmax.routing import ROUTER_MIN_TAU, TAU_ROUTERS
 

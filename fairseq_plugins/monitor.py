@@ -43,7 +43,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from stability_toolbox import validation
+from toolbox_core import validation
 from stability_toolbox.monitor import StabilityMonitor, register_layer_kind
 
 from .flags import FlagError, check_flag, flag_check

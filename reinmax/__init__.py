@@ -13,7 +13,7 @@ Layers with discrete choices: :class:`CategoricalLayer`, :class:`DiscreteBottlen
 latent-tree encoder :class:`LatentTreeLSTM` (which adjacent pair to merge, chosen by any
 estimator) and the mixture-of-experts FFN :class:`RoutedFeedForward` (which expert a token goes
 to: :func:`route_tokens` with ReinMax, SparseMixer, Switch, straight-through or Gumbel-Softmax). The package carries no data set: ListOps' generator and reader live, free of torch
-and fairseq, in :mod:`stability_toolbox.listops`.
+and fairseq, in :mod:`toolbox_core.listops`.
 """
 
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through

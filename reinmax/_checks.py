@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 NON_FINITE_MESSAGE = ("logits must be finite, except -inf for categories that can never be drawn; got NaN or "
                       "+inf, or a slice along dim whose logits are all -inf")

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from ._checks import check_generator, check_logits, check_probabilities, check_tau, one_hot, work_dtype
 from .sampling import draw

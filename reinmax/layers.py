@@ -6,7 +6,7 @@ from typing import Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from ._checks import check_logits, check_probabilities, check_tau, one_hot, work_dtype
 from .registry import check_estimator_name, check_estimator_options, estimate

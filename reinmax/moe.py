@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from .routing import Routing, _balance_loss, _expert_counts, check_router, check_router_tau, route_tokens
 

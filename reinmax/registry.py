@@ -6,7 +6,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through
 from .reinmax_function import reinmax

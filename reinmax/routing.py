@@ -64,7 +64,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from ._checks import check_generator, check_probabilities, check_tau, one_hot
 from .baselines import _uniform_open

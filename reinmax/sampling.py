@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from ._checks import check_generator, check_logits, check_probabilities, work_dtype
 

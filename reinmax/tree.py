@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from ._checks import check_tau
 from .registry import check_estimator_name, check_estimator_options, estimate

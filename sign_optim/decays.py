@@ -24,7 +24,7 @@ Example::
 import math
 from typing import Any, Dict, Optional, Type
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 __all__ = [
     "InternalDecay",

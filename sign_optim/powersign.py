@@ -5,7 +5,7 @@ from typing import Any, Dict, Iterable, Union
 
 import torch
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from .functional import Coefficients, powersign_coefficients
 from .sign_optimizer import SignDecay, SignOptimizer

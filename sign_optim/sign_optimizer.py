@@ -15,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from . import functional, fused
 from .decays import InternalDecay, internal_decay_from_state_dict

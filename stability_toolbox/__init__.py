@@ -1,18 +1,18 @@
 """Shared infrastructure of the toolbox's libraries (admin_torch, reinmax, sign_optim).
 
-:mod:`stability_toolbox.validation` holds the argument checks every library uses and the global
+:mod:`toolbox_core.validation` holds the argument checks every library uses and the global
 switch of the data checks (:func:`set_data_checks`), re-exported here; its pure-Python argument
-checks live in the torch-free :mod:`stability_toolbox.checks`.
+checks live in the torch-free :mod:`toolbox_core.checks`.
 :class:`StabilityMonitor` (:mod:`stability_toolbox.monitor`) records Admin's per-layer stability quantities
 live during training; :mod:`stability_toolbox.hf_callback` runs it in a HuggingFace ``Trainer``.
 :mod:`stability_toolbox.warning_rules` holds its warning rules (pure functions of its history: each warning
 names the likely mechanism and the remedy); :mod:`stability_toolbox.z_loss` the z-loss remedy.
-:mod:`stability_toolbox.listops` holds the ListOps data code (generator, parser, evaluator, reader
+:mod:`toolbox_core.listops` holds the ListOps data code (generator, parser, evaluator, reader
 and writer) in pure Python.
 
 Importing this package imports neither torch nor fairseq: the names re-exported here from
-:mod:`~stability_toolbox.validation` and :mod:`~stability_toolbox.monitor` (which need torch) are
-imported on first use, so ``import stability_toolbox.listops`` stays torch-free, while
+:mod:`~toolbox_core.validation` and :mod:`~stability_toolbox.monitor` (which need torch) are
+imported on first use, so ``import toolbox_core.listops`` stays torch-free, while
 ``from stability_toolbox import StabilityMonitor`` works as ever.
 
 Example::
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # what the names below are, for type checkers and the API docs; imported lazily at run time
     from .monitor import DEFAULT_RULES, StabilityMonitor, WarningRule, register_layer_kind
     from .z_loss import DEFAULT_Z_LOSS, cross_entropy_with_z_loss, log_z
-    from .validation import data_checks, data_checks_enabled, set_data_checks
+    from toolbox_core.validation import data_checks, data_checks_enabled, set_data_checks
 
 __all__ = ["data_checks", "data_checks_enabled", "set_data_checks", "StabilityMonitor", "WarningRule", "DEFAULT_RULES",
            "register_layer_kind", "cross_entropy_with_z_loss", "log_z", "DEFAULT_Z_LOSS"]

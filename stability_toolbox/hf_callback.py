@@ -43,7 +43,7 @@ def _build():
         """
 
         def __init__(self, log_dir: Optional[str] = None, every: int = 100, **monitor_kwargs: Any):
-            from . import validation
+            from toolbox_core import validation
 
             self.every = validation.as_int("every", every, minimum=1)
             if "log_dir" in monitor_kwargs or "model" in monitor_kwargs:

@@ -86,7 +86,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from . import validation
+from toolbox_core import validation
 
 __all__ = ["StabilityMonitor", "WarningRule", "DEFAULT_RULES", "QUANTITIES", "register_layer_kind"]
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import validation
+from toolbox_core import validation
 
 __all__ = ["DEFAULT_Z_LOSS", "z_loss", "log_z", "cross_entropy_with_z_loss"]
 

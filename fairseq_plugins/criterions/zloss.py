@@ -22,7 +22,7 @@ from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropy
 from fairseq.criterions.label_smoothed_cross_entropy import (LabelSmoothedCrossEntropyCriterion,
                                                              LabelSmoothedCrossEntropyCriterionConfig)
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from ..flags import check_flag, flag_check
 from ..registry import register_once

@@ -12,7 +12,7 @@ from fairseq.models import MODEL_REGISTRY, BaseFairseqModel, register_model
 from reinmax import ESTIMATORS
 from reinmax.tree import TreeClassifier
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from ..flags import check_flag, flag_check
 from ..registry import register_once

@@ -73,7 +73,7 @@ from fairseq.models.transformer.transformer_legacy import (
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from ..flags import FlagError, check_flag, flag_check
 from ..moe import add_moe_args, check_moe_args, install_moe_ffn, moe_defaults

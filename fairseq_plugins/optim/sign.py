@@ -30,7 +30,7 @@ from omegaconf import II
 
 from sign_optim import AddSign, PowerSign, make_internal_decay
 
-from stability_toolbox import validation
+from toolbox_core import validation
 
 from ..flags import FlagError, check_flag, flag_check
 from ..registry import register_once

@@ -35,7 +35,7 @@ def test_imports_are_absolute_and_never_from_tests(path):
     assert not paths, f"{path.name}: a path into tests/ ({paths}): no loading of test files by path either"
     if path.name != "sweep.py":  # parallel runs go through sweep.run_jobs
         assert not any(pool in source for pool in ("concurrent.futures", "ThreadPool", "ProcessPool", "multiprocessing"))
-    # result files through stability_toolbox.files.atomic_write (sweep.write_json), no temp-file + rename by hand
+    # result files through toolbox_core.files.atomic_write (sweep.write_json), no temp-file + rename by hand
     assert ".rename(" not in source and "os.replace(" not in source and "mkstemp" not in source
     if "def main(" in source:
         assert 'if __name__ == "__main__":' in source, f"{path.name}: main() without an entry point"

@@ -6,7 +6,7 @@ import statistics
 import numpy as np
 import pytest
 
-from stability_toolbox.listops import (OPERATORS, ListOpsExample, generate, generate_tree, parse_expression,
+from toolbox_core.listops import (OPERATORS, ListOpsExample, generate, generate_tree, parse_expression,
                                        read_listops, to_string, tree_depth, write_listops)
 
 
@@ -73,7 +73,7 @@ def test_official_bare_digit_line(shared_data):
 def test_median_even_count_rounds_down():
     # MED of [2, 5] is int(numpy.median) = int(3.5) = 3; of [1, 2, 3, 4] it is 2
     assert parse_expression("( ( ( [MED 2 ) 5 ) ] )".split()) == ("[MED", (2, 5))
-    from stability_toolbox.listops import evaluate
+    from toolbox_core.listops import evaluate
     assert evaluate(("[MED", (2, 5))) == 3
     assert evaluate(("[MED", (1, 2, 3, 4))) == 2
     assert evaluate(("[MED", (9, 0, 9))) == 9

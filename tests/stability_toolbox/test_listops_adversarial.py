@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stability_toolbox import listops
-from stability_toolbox.listops import (count_trees, evaluate, generate, generate_tree, parse_expression, read_listops,
+from toolbox_core import listops
+from toolbox_core.listops import (count_trees, evaluate, generate, generate_tree, parse_expression, read_listops,
                                        to_string, to_tokens, tree_depth, tree_length)
 
 DEPTH = 3000  # far beyond Python's recursion limit (1000)

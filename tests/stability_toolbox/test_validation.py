@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import stability_toolbox
-from stability_toolbox import validation as v
-from stability_toolbox.files import atomic_write, check_output_path
+from toolbox_core import validation as v
+from toolbox_core.files import atomic_write, check_output_path
 
 
 @pytest.mark.parametrize("value", [3, np.int64(3), np.int32(3), torch.tensor(3), torch.tensor([3])])

@@ -1,0 +1,96 @@
+"""Argument checks shared by admin_torch, reinmax and sign_optim: one helper per kind of check.
+
+Every helper takes the argument's public name, so an error reads ``"tau must be a finite real
+number > 0, got 0.0"``. Numbers are accepted in every form a user passes one: Python ``int``
+and ``float``, NumPy scalars (``np.int64(2)``, ``np.float32(0.5)``) and one-element tensors
+(a 0-d tensor where a number is expected). ``bool`` is never a number here (``True`` layers is a
+bug, not a count).
+
+Two kinds of check (the convention of ``torch.distributions``):
+
+* **argument checks** (types, ranges, shapes, dims: :func:`as_int`, :func:`as_real`,
+  :func:`as_bool`, :func:`as_choice`) read no tensor data: they always run, cost nothing on a GPU
+  and are invisible to ``torch.compile``. They live in the torch-free :mod:`toolbox_core.checks`
+  (what the ListOps data code, :mod:`toolbox_core.listops`, uses) and are re-exported here;
+* **data checks** (:func:`check_data`: NaN or +inf logits, an all ``-inf`` slice, negative
+  probabilities) read a tensor's values. On CUDA each one is a host-device synchronization and
+  under ``torch.compile`` a graph break, so they run only in eager mode, and
+  :func:`set_data_checks` switches them off globally for production GPU loops. Switched off, a
+  bad value is not reported and propagates (a NaN input gives NaN outputs).
+
+Example::
+
+    >>> from toolbox_core import validation as v
+    >>> v.as_real("tau", 1.5, low=0.0, low_open=True)
+    1.5
+    >>> v.as_int("k", __import__("numpy").int64(3), minimum=1)
+    3
+"""
+
+import contextlib
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from .checks import as_bool, as_choice, as_int, as_real
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = [
+    "as_int",
+    "as_real",
+    "as_bool",
+    "as_choice",
+    "check_data",
+    "data_checks_enabled",
+    "set_data_checks",
+    "data_checks",
+]
+
+_DATA_CHECKS = True
+
+
+def set_data_checks(enabled: bool) -> None:
+    """Switch the data checks (NaN/inf/all ``-inf`` inputs) of every library on or off, globally.
+
+    On by default. Off, the estimators, layers and residuals make no host-device synchronization
+    at all (what production GPU loops want), and a bad value is no longer reported: NaN in, NaN out.
+    Inside ``torch.compile`` the data checks are always skipped.
+
+    Example::
+
+        >>> import stability_toolbox
+        >>> stability_toolbox.set_data_checks(False)   # production: no syncs
+        >>> stability_toolbox.set_data_checks(True)
+    """
+    global _DATA_CHECKS
+    _DATA_CHECKS = as_bool("enabled", enabled)
+
+
+def data_checks_enabled() -> bool:
+    """Whether data checks run now: switched on, and not being traced by ``torch.compile``."""
+    if not _DATA_CHECKS:
+        return False
+    import torch  # only here: the ground package imports no torch (a tensor's caller has it loaded already)
+
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+
+
+@contextlib.contextmanager
+def data_checks(enabled: bool) -> Iterator[None]:
+    """Context manager form of :func:`set_data_checks` (the previous setting is restored)."""
+    global _DATA_CHECKS
+    previous = _DATA_CHECKS
+    set_data_checks(enabled)
+    try:
+        yield
+    finally:
+        _DATA_CHECKS = previous
+
+
+def check_data(bad: Callable[[], "Tensor"], message: str) -> None:
+    """Raise ValueError(message) when the 0-d bool tensor ``bad()`` is True, if data checks run.
+
+    ``bad`` is a callable so that nothing is computed when the checks are off or compiled.
+    """
+    if data_checks_enabled() and bool(bad()):
+        raise ValueError(message)
