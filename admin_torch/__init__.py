@@ -1,17 +1,17 @@
 """admin_torch: Admin residual scaling for deep Post-LN transformers (a superset of admin-torch 0.1.0).
 
-* closed-form Admin: :func:`calculate_init`, :class:`OmegaResidual`, :func:`as_module`,
-  :func:`as_buffer`, :func:`as_parameter` (the 0.1.0 API, validated, dtype-following);
-* DeepNorm: :func:`deepnorm_init`, :func:`deepnorm_scale_`, :class:`DeepNormResidual`;
-* profiled Admin: :func:`profile_omegas`, :func:`apply_omegas`, :func:`save_profile`, :func:`load_profile`;
-* the output change against depth: :func:`output_change`, :func:`make_stack`;
-* Admin for torch.nn and HuggingFace models: the drop-in :class:`TransformerEncoderLayer` /
-  :class:`TransformerDecoderLayer`, :func:`convert` (torch.nn and HuggingFace Post-LN families: docs/huggingface.md) and
-  :func:`fold`, driven by the per-layer descriptions of :mod:`admin_torch.architectures`;
-* qk-layernorm (:func:`add_qk_norm`, ``make_stack(..., qk_norm=True)``, ``convert(..., qk_norm=True)``):
-  LayerNorm on each head's queries and keys (:mod:`admin_torch.qk_norm`);
-* folding omega into a plain Post-LN network: :func:`fold`, :func:`fold_into_norm_`,
-  :func:`fold_into_linears_`, :func:`fold_into_embedding_`.
+* closed-form Admin: [`calculate_init`][admin_torch.calculate_init], [`OmegaResidual`][admin_torch.OmegaResidual], [`as_module`][admin_torch.as_module],
+  [`as_buffer`][admin_torch.as_buffer], [`as_parameter`][admin_torch.as_parameter] (the 0.1.0 API, validated, dtype-following);
+* DeepNorm: [`deepnorm_init`][admin_torch.deepnorm_init], [`deepnorm_scale_`][admin_torch.deepnorm_scale_], [`DeepNormResidual`][admin_torch.DeepNormResidual];
+* profiled Admin: [`profile_omegas`][admin_torch.profile_omegas], [`apply_omegas`][admin_torch.apply_omegas], [`save_profile`][admin_torch.save_profile], [`load_profile`][admin_torch.load_profile];
+* the output change against depth: `output_change`, [`make_stack`][admin_torch.make_stack];
+* Admin for torch.nn and HuggingFace models: the drop-in [`TransformerEncoderLayer`][admin_torch.TransformerEncoderLayer] /
+  [`TransformerDecoderLayer`][admin_torch.TransformerDecoderLayer], [`convert`][admin_torch.convert] (torch.nn and HuggingFace Post-LN families: docs/huggingface.md) and
+  [`fold`][admin_torch.fold], driven by the per-layer descriptions of `admin_torch.architectures`;
+* qk-layernorm ([`add_qk_norm`][admin_torch.add_qk_norm], ``make_stack(..., qk_norm=True)``, ``convert(..., qk_norm=True)``):
+  LayerNorm on each head's queries and keys (`admin_torch.qk_norm`);
+* folding omega into a plain Post-LN network: [`fold`][admin_torch.fold], [`fold_into_norm_`][admin_torch.fold_into_norm_],
+  [`fold_into_linears_`][admin_torch.fold_into_linears_], [`fold_into_embedding_`][admin_torch.fold_into_embedding_].
 
 Importing this package never imports fairseq.
 """

@@ -1,6 +1,6 @@
-"""Admin for models built elsewhere: :func:`convert` a model's Post-LN layers in place, :func:`fold` it back.
+"""Admin for models built elsewhere: [`convert`][admin_torch.convert] a model's Post-LN layers in place, [`fold`][admin_torch.fold] it back.
 
-Supported (:mod:`admin_torch.architectures` describes each): torch.nn's ``TransformerEncoderLayer`` and
+Supported (`admin_torch.architectures` describes each): torch.nn's ``TransformerEncoderLayer`` and
 ``TransformerDecoderLayer``, and HuggingFace's BERT, RoBERTa, BART and Marian layers. ``convert``
 counts N per stack (2 per encoder layer, 3 per decoder layer; a stack is the layer list of an
 ``nn.TransformerEncoder``, a ``BertModel``, a ``BartEncoder``..., or the layers of one kind under one
@@ -10,8 +10,7 @@ parent) and gives every residual ``norm(x + f(x))`` the form ``norm(omega * x + 
 function with no Admin left: each omega moves into whatever produces its sublayer's input (a LayerNorm,
 or the stack's embedding) and out of the linear maps that read it.
 
-Example::
-
+Examples:
     >>> enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(32, 4, 64), 6,
     ...                                   enable_nested_tensor=False)
     >>> enc = convert(enc)           # 6 layers -> N = 12, omega = calculate_init(12)
@@ -59,7 +58,7 @@ def _stacks_full(model: nn.Module, applications: Optional[Dict[int, int]] = None
     stack with a ``sequence`` (ALBERT's shared layers); every other layer is applied once.
 
     A decoder layer whose cross-attention runs only with encoder states (BART's) is described without it
-    when ``model`` holds no encoder stack (``BartForCausalLM``): then N and :func:`fold` follow the
+    when ``model`` holds no encoder stack (``BartForCausalLM``): then N and [`fold`][admin_torch.fold] follow the
     sublayers that run.
     """
     names = {id(m): n for n, m in model.named_modules()}
@@ -225,7 +224,7 @@ class _ClearSlots:
     """Empties every slot of a layer: a forward pre-hook on entry, and a forward hook with
     ``always_call=True`` on exit, which runs when the forward raised too. A failed forward (a wrong
     input shape, an out-of-memory error) leaves no captured tensor behind: none is kept alive, none
-    leaks into the next forward, and ``copy.deepcopy`` / :func:`fold` work (a non-leaf tensor
+    leaks into the next forward, and ``copy.deepcopy`` / [`fold`][admin_torch.fold] work (a non-leaf tensor
     cannot be deep-copied)."""
 
     def __init__(self, slots: Sequence[_Slot]):
@@ -320,22 +319,22 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
             DistilBERT, MPNet, ALBERT (a layer shared across depth keeps one omega per residual, used at
             every application; N counts applications), FSMT (fold refused), XLNet (both attention streams,
             mems), Funnel (encoder and decoder one stack; ``block_repeats`` count as applications);
-            anything described in :data:`admin_torch.LAYER_KINDS`.
-        output_change_scale: ``'O(n)'``, ``'O(logn)'``, ``'default'`` or ``'O(1)'`` (:func:`calculate_init`).
+            anything described in `admin_torch.LAYER_KINDS`.
+        output_change_scale: ``'O(n)'``, ``'O(logn)'``, ``'default'`` or ``'O(1)'`` ([`calculate_init`][admin_torch.calculate_init]).
         as_parameter: trainable omega vectors of the hidden size.
-        qk_norm: also give every attention module qk-layernorm (:func:`admin_torch.add_qk_norm`: torch.nn's
+        qk_norm: also give every attention module qk-layernorm ([`admin_torch.add_qk_norm`][admin_torch.add_qk_norm]: torch.nn's
             ``MultiheadAttention``; a model with no such module is refused, e.g. HuggingFace families).
-            Pre-LN models, which ``convert`` refuses, take :func:`admin_torch.add_qk_norm` directly.
+            Pre-LN models, which ``convert`` refuses, take [`admin_torch.add_qk_norm`][admin_torch.add_qk_norm] directly.
 
     A HuggingFace model also gets its settings recorded in ``model.config.admin_torch`` and a
     ``save_pretrained`` that folds on save, or saves the Admin form where no stock model computes its function
-    (see :mod:`admin_torch.hf_io`).
+    (see `admin_torch.hf_io`).
 
     Raises:
         ValueError: ``model`` is of a Pre-LN family or has a Pre-LN layer; it is of a family in
-            :data:`admin_torch.architectures.UNSUPPORTED_MODEL_TYPES`; it has no supported layer that
+            `admin_torch.architectures.UNSUPPORTED_MODEL_TYPES`; it has no supported layer that
             is not converted yet; its config says it was saved from an Admin model (load it with
-            :func:`admin_torch.from_pretrained`). Nothing is changed then.
+            [`admin_torch.from_pretrained`][admin_torch.from_pretrained]). Nothing is changed then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -492,12 +491,12 @@ def _untie(module: nn.Module, model: nn.Module) -> bool:
 def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Module:
     """A deep copy of a converted ``model`` with Admin folded away: stock classes, the same outputs.
 
-    An Admin :class:`~admin_torch.ResidualStack` (``make_stack('admin', ...)``) is folded as before
-    (:func:`admin_torch.folding.fold_reference_stack`).
+    An Admin [`ResidualStack`][admin_torch.ResidualStack] (``make_stack('admin', ...)``) is folded as before
+    ([`admin_torch.fold_reference_stack`][admin_torch.fold_reference_stack]).
 
     Args:
-        model: a model :func:`convert` was applied to, or a model built from
-            :class:`~admin_torch.TransformerEncoderLayer` / :class:`~admin_torch.TransformerDecoderLayer`
+        model: a model [`convert`][admin_torch.convert] was applied to, or a model built from
+            [`TransformerEncoderLayer`][admin_torch.TransformerEncoderLayer] / [`TransformerDecoderLayer`][admin_torch.TransformerDecoderLayer]
             (``model`` is not modified).
         embedding: where a stack's first sublayer reads an input that no LayerNorm of the model
             produces (torch.nn stacks, Marian), the ``nn.Embedding`` / ``nn.Linear`` module(s) whose
@@ -515,7 +514,7 @@ def fold(model: nn.Module, *, embedding: Optional[Embedding] = None) -> nn.Modul
             a layer applied several times per forward whose kind has no output projections to divide
             (Funnel's repeated blocks), or whose omegas differ per feature (ALBERT with shared layers and
             trained ``as_parameter`` vectors; with one number per omega it folds, see
-            :data:`SHARED_FOLD_OUTPUTS`). Nothing is copied
+            `SHARED_FOLD_OUTPUTS`). Nothing is copied
             or changed then.
     """
     if isinstance(model, ResidualStack):
@@ -638,7 +637,7 @@ def _shared_fold_blocker(layer: nn.Module, kind: LayerKind, times: int) -> Optio
 @torch.no_grad()
 def _fold_into_outputs_(layer: nn.Module, omegas: Sequence[OmegaResidual]) -> None:
     """Divide the output projection(s) of each sublayer of ``layer`` by its (uniform) omega (see
-    :data:`SHARED_FOLD_OUTPUTS`)."""
+    `SHARED_FOLD_OUTPUTS`)."""
     for paths, omega in zip(SHARED_FOLD_OUTPUTS[kind_key(type(layer))], omegas):
         w = float(omega.omega.detach().reshape(-1)[0])
         for path in paths:
@@ -653,7 +652,7 @@ def fold_stack_(entries: Sequence[Tuple[nn.Module, LayerKind, Sequence]], first:
                 first_is_norm: bool, model: Optional[nn.Module] = None) -> None:
     """Move every omega of one stack into what produces its sublayer's input, in place.
 
-    The algorithm behind :func:`fold`, for any stack described by :class:`LayerKind` (fairseq's layers
+    The algorithm behind [`fold`][admin_torch.fold], for any stack described by [`LayerKind`][admin_torch.LayerKind] (fairseq's layers
     use it too). Each omega multiplies the LayerNorm (or, for the stack's first sublayer, the input
     LayerNorm or the embedding modules) that produces its sublayer's input ``x``, and divides the input
     columns of the linear maps that read ``x``.
@@ -661,7 +660,7 @@ def fold_stack_(entries: Sequence[Tuple[nn.Module, LayerKind, Sequence]], first:
     Args:
         entries: ``(layer, kind, omegas)`` per layer in stack order: ``layer`` holds the LayerNorms and
             linear maps named by ``kind`` (changed in place), ``omegas`` one per sublayer (numbers,
-            tensors or :class:`OmegaResidual` modules, possibly of another copy of the model).
+            tensors or [`OmegaResidual`][admin_torch.OmegaResidual] modules, possibly of another copy of the model).
         first: what produces the first layer's input: ``[LayerNorm, *embeddings added after it]`` when
             ``first_is_norm``, else the ``nn.Embedding`` / ``nn.Linear`` modules whose outputs sum to it.
 

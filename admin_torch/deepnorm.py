@@ -1,8 +1,8 @@
 """DeepNorm (DeepNet, arXiv 2203.00555): ``x_next = LN(alpha * x + G(x))`` with beta-scaled init.
 
 The second initialization of the toolbox, with the same shape of interface as Admin: a
-residual module (:class:`DeepNormResidual`, alpha on the shortcut) plus the constants
-(:func:`deepnorm_init`) and the weight scaling at init (:func:`deepnorm_scale_`).
+residual module ([`DeepNormResidual`][admin_torch.DeepNormResidual], alpha on the shortcut) plus the constants
+([`deepnorm_init`][admin_torch.deepnorm_init]) and the weight scaling at init ([`deepnorm_scale_`][admin_torch.deepnorm_scale_]).
 """
 
 from dataclasses import dataclass
@@ -38,15 +38,14 @@ def _check_layers(name: str, value) -> int:
 def deepnorm_init(num_encoder_layers: int = 0, num_decoder_layers: int = 0) -> DeepNormInit:
     r"""DeepNorm's alpha (shortcut multiplier) and beta (init gain) for N encoder and M decoder LAYERS.
 
-    * encoder only (M = 0): :math:`\alpha = (2N)^{1/4}`, :math:`\beta = (8N)^{-1/4}`
-    * decoder only (N = 0): :math:`\alpha = (2M)^{1/4}`, :math:`\beta = (8M)^{-1/4}`
-    * encoder-decoder: encoder :math:`\alpha = 0.81 (N^4 M)^{1/16}`, :math:`\beta = 0.87 (N^4 M)^{-1/16}`;
-      decoder :math:`\alpha = (3M)^{1/4}`, :math:`\beta = (12M)^{-1/4}`
+    * encoder only (M = 0): `\alpha = (2N)^{1/4}`, `\beta = (8N)^{-1/4}`
+    * decoder only (N = 0): `\alpha = (2M)^{1/4}`, `\beta = (8M)^{-1/4}`
+    * encoder-decoder: encoder `\alpha = 0.81 (N^4 M)^{1/16}`, `\beta = 0.87 (N^4 M)^{-1/16}`;
+      decoder `\alpha = (3M)^{1/4}`, `\beta = (12M)^{-1/4}`
 
     N and M count layers (not sublayers), as in the DeepNet paper.
 
-    Example::
-
+    Examples:
         >>> deepnorm_init(num_encoder_layers=6).encoder_alpha == 12 ** 0.25
         True
     """
@@ -73,15 +72,14 @@ def deepnorm_scale_(
     """DeepNet's init of the fc1, fc2, v_proj and out_proj weights, in place.
 
     Args:
-        linear_weights: the weight tensors (or :class:`nn.Linear` modules) to initialize;
-            pass only fc1, fc2, v_proj and out_proj (see :data:`DEEPNORM_SCALED_PROJECTIONS`).
-        beta: the gain, from :func:`deepnorm_init`.
+        linear_weights: the weight tensors (or `nn.Linear` modules) to initialize;
+            pass only fc1, fc2, v_proj and out_proj (see `DEEPNORM_SCALED_PROJECTIONS`).
+        beta: the gain, from [`deepnorm_init`][admin_torch.deepnorm_init].
         mode: ``'xavier_normal'`` re-initializes each weight with ``xavier_normal_(w, gain=beta)``
             (the DeepNet paper's pseudocode); ``'scale'`` multiplies the existing weight by beta
             (the torchscale implementation, which divides the default init by 1/beta).
 
-    Example::
-
+    Examples:
         >>> fc = nn.Linear(8, 8)
         >>> deepnorm_scale_([fc.weight], deepnorm_init(6).encoder_beta)
     """
@@ -103,10 +101,9 @@ class DeepNormResidual(nn.Module):
     """DeepNorm's residual connection ``forward(x, f_x) = alpha * x + f_x``.
 
     alpha is a 1-element buffer (in ``state_dict``), cast to ``x``'s dtype in the forward pass
-    as in :class:`admin_torch.OmegaResidual`.
+    as in [`admin_torch.OmegaResidual`][admin_torch.OmegaResidual].
 
-    Example::
-
+    Examples:
         >>> res = DeepNormResidual(deepnorm_init(6).encoder_alpha)
         >>> y = res(torch.randn(2, 8), torch.randn(2, 8))
     """

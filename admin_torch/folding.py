@@ -2,11 +2,11 @@
 
 A Post-LN sublayer computes ``LN_i(x * omega_i + f_i(x))`` where ``x = LN_{i-1}(...)`` (or the
 embedding for the first sublayer). Multiply the preceding LayerNorm's gamma and beta by omega
-(:func:`fold_into_norm_`), so that it emits ``omega * x``, and divide the input columns of the
-sublayer's linear maps that read ``x`` by omega (:func:`fold_into_linears_`: fc1; q, k and v
+([`fold_into_norm_`][admin_torch.fold_into_norm_]), so that it emits ``omega * x``, and divide the input columns of the
+sublayer's linear maps that read ``x`` by omega ([`fold_into_linears_`][admin_torch.fold_into_linears_]: fc1; q, k and v
 of self-attention; only q of cross-attention, whose k and v read the encoder output), so that
 ``f_i`` is unchanged. The shortcut then carries ``omega * x`` with a plain ``x + f(x)``. The
-first sublayer reads the embedding, which absorbs the factor instead (:func:`fold_into_embedding_`).
+first sublayer reads the embedding, which absorbs the factor instead ([`fold_into_embedding_`][admin_torch.fold_into_embedding_]).
 Vector omegas (``as_parameter``) fold per feature the same way. omega must be non-zero.
 """
 
@@ -49,8 +49,9 @@ def _omega_tensor(omega: OmegaLike, dim: int, arg: str = "omega") -> Tensor:
 def fold_into_norm_(norm: nn.LayerNorm, omega: OmegaLike) -> None:
     """Multiply a LayerNorm's weight (gamma) and bias (beta) by omega in place, per feature.
 
-    The norm must have an elementwise affine weight. Example::
+    The norm must have an elementwise affine weight.
 
+    Examples:
         >>> ln = nn.LayerNorm(4); fold_into_norm_(ln, 2.0); ln.weight.data
         tensor([2., 2., 2., 2.])
     """
@@ -101,14 +102,13 @@ def fold_into_embedding_(embedding: Union[nn.Embedding, nn.Linear, Tensor], omeg
 
 
 def fold_reference_stack(model: ResidualStack) -> ResidualStack:
-    """A plain Post-LN copy of an Admin :class:`~admin_torch.reference_stack.ResidualStack`
+    """A plain Post-LN copy of an Admin [`ResidualStack`][admin_torch.ResidualStack]
     (``make_stack('admin', ...)``) computing the same outputs; ``model`` is not modified.
 
     Each omega goes into the LayerNorm before its sublayer (the input LayerNorm for the first
     sublayer) and out of the sublayer's input linears; the residuals become ``x + f_x``.
 
-    Example::
-
+    Examples:
         >>> from admin_torch import make_stack
         >>> admin = make_stack('admin', 6, 32, seed=0)
         >>> plain = fold_reference_stack(admin)

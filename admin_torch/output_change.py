@@ -4,7 +4,7 @@ The quantity Admin's analysis is built on: Post-LN's output change grows O(N) wi
 sublayers N, Admin's O(log N) (``'O(logn)'``) or O(1) (``'O(1)'``), Pre-LN's O(log N).
 The Admin paper (Liu et al. 2020, Theorem 3) predicts ``output change ~ C * delta^2 * sum_i beta_i``
 with ``beta_i = Var[f_i(x_i)] / Var[residual output i]``, the share of sublayer i in its residual
-sum; :func:`residual_betas` measures those shares, so the prediction can be checked on any model.
+sum; [`residual_betas`][admin_torch.residual_betas] measures those shares, so the prediction can be checked on any model.
 """
 
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
@@ -32,14 +32,14 @@ def output_change(
     seed: int = 0,
     param_filter: Optional[Callable[[str, Tensor], bool]] = None,
 ) -> float:
-    r"""Estimate :math:`E_\delta \|F(x, W) - F(x, W + \delta)\|^2` for any module.
+    r"""Estimate `E_\delta \|F(x, W) - F(x, W + \delta)\|^2` for any module.
 
     The perturbation: for every selected parameter tensor ``p`` (by default every floating
     parameter with 2 or more dimensions: the weight matrices; biases, LayerNorm gains and
     omegas are kept), ``delta_p = delta_scale * rms(p) * eps`` with ``eps`` i.i.d. standard
     normal and ``rms(p) = sqrt(mean(p^2))``, i.e. a random relative perturbation of size
     ``delta_scale``. The model runs in eval mode (no dropout) under ``no_grad``; the weights
-    are not modified (the perturbed ones are passed with :func:`torch.func.functional_call`).
+    are not modified (the perturbed ones are passed with `torch.func.functional_call`).
 
     The norm is taken over the last (feature) dimension of the output and averaged over all its
     other positions and over ``num_samples`` perturbations, so the result is the expected
@@ -54,8 +54,7 @@ def output_change(
         seed: seeds the perturbations (the global RNG is not touched).
         param_filter: ``(name, param) -> bool`` choosing the perturbed parameters.
 
-    Example::
-
+    Examples:
         >>> from admin_torch import make_stack
         >>> model = make_stack('post_ln', depth=6, dim=32, seed=0)
         >>> change = output_change(model, torch.randn(4, 8, 32), num_samples=4)
@@ -109,12 +108,11 @@ def residual_betas(
     """``beta_i = Var[f_i] / Var[x_i * scale_i + f_i]`` of each residual module, in call order.
 
     The residual modules are called as ``module(x, f_x)``; by default every
-    :class:`~admin_torch.OmegaResidual`, :class:`~admin_torch.DeepNormResidual` and
-    :class:`~admin_torch.reference_stack.AddResidual` of ``model``. Variances are population
+    [`OmegaResidual`][admin_torch.OmegaResidual], [`DeepNormResidual`][admin_torch.DeepNormResidual] and
+    [`AddResidual`][admin_torch.AddResidual] of ``model``. Variances are population
     variances over all elements (float64). One forward pass in eval mode.
 
-    Example::
-
+    Examples:
         >>> from admin_torch import make_stack
         >>> betas = residual_betas(make_stack('post_ln', 6, 32), torch.randn(2, 5, 32))
         >>> len(betas)

@@ -2,7 +2,7 @@
 
 The original two-stage Admin (Transformer-Clinic, ``--init-type adaptive-profiling``) runs one
 forward pass in which every residual sublayer, at the moment it is called, takes the current
-running value of its stack as omega and then updates it::
+running value of its stack as omega and then updates it:
 
     v = 1                                         # per stack (encoder, decoder: separate chains)
     for each residual sublayer i, in call order:
@@ -17,7 +17,7 @@ the sublayers before it computed WITH their already-set omegas, so each omega is
 its module as soon as it is measured, inside the same forward pass.
 
 Transformer-Clinic profiles in training mode (dropout on, f includes its dropout);
-:func:`profile_omegas` uses whatever mode the model is in.
+[`profile_omegas`][admin_torch.profile_omegas] uses whatever mode the model is in.
 """
 
 import json
@@ -40,7 +40,7 @@ _PROFILE_FORMAT = "admin_torch.profile"
 
 
 def omega_residuals(model: nn.Module) -> List[Tuple[str, OmegaResidual]]:
-    """The ``(name, module)`` pairs of every :class:`OmegaResidual` in ``model``, in registration order."""
+    """The ``(name, module)`` pairs of every [`OmegaResidual`][admin_torch.OmegaResidual] in ``model``, in registration order."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [(name, m) for name, m in model.named_modules() if isinstance(m, OmegaResidual)]
@@ -82,7 +82,7 @@ def profile_omegas(
     *,
     chains: Optional[Iterable[Union[str, nn.Module]]] = None,
 ) -> Dict[str, float]:
-    """Run ``run_batches()`` once under ``torch.no_grad()`` with every :class:`OmegaResidual` of
+    """Run ``run_batches()`` once under ``torch.no_grad()`` with every [`OmegaResidual`][admin_torch.OmegaResidual] of
     ``model`` in profiling mode, set each omega by Transformer-Clinic's rule (module docstring),
     and return ``{module name: omega}`` in order of the first call.
 
@@ -91,8 +91,8 @@ def profile_omegas(
     scalar value. With ``torch.distributed`` initialized and several ranks, every rank profiles its
     own batches and the omegas are averaged over the ranks (a collective: call it on every rank).
 
-    Works on any model whose residuals are :class:`OmegaResidual` modules: the reference stack,
-    the drop-in layers, models :func:`admin_torch.convert` converted (torch.nn, HuggingFace), and
+    Works on any model whose residuals are [`OmegaResidual`][admin_torch.OmegaResidual] modules: the reference stack,
+    the drop-in layers, models [`admin_torch.convert`][admin_torch.convert] converted (torch.nn, HuggingFace), and
     fairseq's ``transformer_admin``.
 
     Args:
@@ -102,8 +102,7 @@ def profile_omegas(
             ``[model.encoder, model.decoder]`` (the original profiles encoder and decoder as two
             chains, each starting at 1). Default: one chain for the whole model.
 
-    Example::
-
+    Examples:
         >>> import os, tempfile
         >>> from admin_torch import make_stack
         >>> model, batch = make_stack('admin', depth=2, dim=8, seed=0), torch.randn(3, 5, 8)
@@ -202,7 +201,7 @@ def _average_over_ranks(omegas: Dict[str, float], device: torch.device) -> Optio
 
 
 def apply_omegas(model: nn.Module, omegas: Mapping[str, float]) -> None:
-    """Fill the omega of each named :class:`OmegaResidual` of ``model`` with the profiled value.
+    """Fill the omega of each named [`OmegaResidual`][admin_torch.OmegaResidual] of ``model`` with the profiled value.
 
     Every name and value is checked (finite numbers, existing modules) before any omega changes.
     """
@@ -224,7 +223,7 @@ def save_profile(omegas: Mapping[str, float], path: Union[str, Path]) -> None:
 
 
 def load_profile(path: Union[str, Path]) -> Dict[str, float]:
-    """Read a profile written by :func:`save_profile` (order preserved).
+    """Read a profile written by [`save_profile`][admin_torch.save_profile] (order preserved).
 
     Raises:
         FileNotFoundError: no such file.

@@ -1,7 +1,7 @@
 """qk-layernorm: a LayerNorm on the queries and the keys of every attention head.
 
 Dehghani et al. 2023 (ViT-22B) and Wortsman et al. 2023 ("Small-scale proxies for large-scale
-Transformer training instabilities") normalise each head's query and key before their dot product::
+Transformer training instabilities") normalise each head's query and key before their dot product:
 
     logits = LN(q_h) . LN(k_h) / sqrt(d_head)        for every head h
 
@@ -12,24 +12,23 @@ the attention softmax collapses to one-hot. One LayerNorm over ``d_head`` (its `
 
 What this module gives:
 
-* :class:`QKNorm`: the per-head LayerNorm of a ``(..., heads * d_head)`` projection;
-* :class:`QKNormMultiheadAttention`: ``torch.nn.MultiheadAttention`` with ``q_norm`` / ``k_norm``
+* [`QKNorm`][admin_torch.QKNorm]: the per-head LayerNorm of a ``(..., heads * d_head)`` projection;
+* [`QKNormMultiheadAttention`][admin_torch.QKNormMultiheadAttention]: ``torch.nn.MultiheadAttention`` with ``q_norm`` / ``k_norm``
   (same parameters, same call signature, masks and ``is_causal`` honoured);
-* :class:`QKNormLinear` / :func:`qk_norm_projections_`: a query/key projection with its norm built in, for
+* [`QKNormLinear`][admin_torch.QKNormLinear] / [`qk_norm_projections_`][admin_torch.qk_norm_projections_]: a query/key projection with its norm built in, for
   attention modules that call ``q_proj`` / ``k_proj`` (fairseq's ``--qk-norm`` uses it);
-* :func:`add_qk_norm`: in place, gives every attention module of a model qk-layernorm: torch.nn's
+* [`add_qk_norm`][admin_torch.add_qk_norm]: in place, gives every attention module of a model qk-layernorm: torch.nn's
   ``MultiheadAttention`` (inside ``TransformerEncoderLayer`` / ``TransformerDecoderLayer``, Pre-LN or
-  Post-LN, converted by :func:`admin_torch.convert` or not) and the reference stacks'
-  :class:`~admin_torch.reference_stack.SelfAttention` (``make_stack(..., qk_norm=True)`` builds them so).
+  Post-LN, converted by [`admin_torch.convert`][admin_torch.convert] or not) and the reference stacks'
+  `SelfAttention` (``make_stack(..., qk_norm=True)`` builds them so).
 
 Nothing else changes: the new LayerNorms start at ``gamma = 1, beta = 0`` and are trained with the
 model. They are not an identity, so adding them changes the function of a trained model (an
-architecture for training from scratch, as in both papers). :func:`admin_torch.fold` keeps them
+architecture for training from scratch, as in both papers). [`admin_torch.fold`][admin_torch.fold] keeps them
 where they are (they read the projections, which folding leaves unchanged): nothing is folded into
 or out of them.
 
-Example::
-
+Examples:
     >>> import torch
     >>> layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, norm_first=True)
     >>> layer = add_qk_norm(layer)
@@ -64,8 +63,7 @@ class QKNorm(nn.Module):
         eps: LayerNorm's epsilon, a real > 0.
         elementwise_affine: learnable ``gamma`` and ``beta``.
 
-    Example::
-
+    Examples:
         >>> norm = QKNorm(8, 2)
         >>> y = norm(torch.randn(3, 8))
         >>> y.view(3, 2, 4).mean(-1).abs().max() < 1e-6
@@ -117,8 +115,8 @@ def _merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor]
 class QKNormMultiheadAttention(nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` with qk-layernorm: ``softmax(LN(q_h) LN(k_h)^T / sqrt(d_h) + mask) v_h``.
 
-    Made by :func:`add_qk_norm` from an existing ``nn.MultiheadAttention`` (its parameters are kept;
-    ``q_norm`` and ``k_norm`` are added as :class:`QKNorm`), or constructed directly with the
+    Made by [`add_qk_norm`][admin_torch.add_qk_norm] from an existing ``nn.MultiheadAttention`` (its parameters are kept;
+    ``q_norm`` and ``k_norm`` are added as [`QKNorm`][admin_torch.QKNorm]), or constructed directly with the
     arguments of ``nn.MultiheadAttention`` (``add_bias_kv``, ``add_zero_attn`` and ``kdim``/``vdim``
     different from ``embed_dim`` are refused). ``forward`` takes the same arguments and returns
     ``(output, weights)`` like the stock module (weights averaged over heads unless
@@ -128,8 +126,7 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
     LayerNorms; ``_qkv_same_embed_dim`` is set False on this module so that ``TransformerEncoderLayer``
     and ``TransformerEncoder`` never take them (this module's own forward does not read it).
 
-    Example::
-
+    Examples:
         >>> mha = QKNormMultiheadAttention(16, 2, batch_first=True)
         >>> out, w = mha(torch.randn(2, 3, 16), torch.randn(2, 4, 16), torch.randn(2, 4, 16))
         >>> out.shape, w.shape
@@ -207,11 +204,10 @@ class QKNormLinear(nn.Linear):
 
     For attention modules that call their ``q_proj`` / ``k_proj`` (fairseq's ``MultiheadAttention``): the
     projection stays an ``nn.Linear`` (``weight`` / ``bias`` as before, what folding and DeepNorm read),
-    its output is normalised per head by ``self.qk_norm`` (:class:`QKNorm`). Made in place by
-    :func:`qk_norm_projections_`.
+    its output is normalised per head by ``self.qk_norm`` ([`QKNorm`][admin_torch.QKNorm]). Made in place by
+    [`qk_norm_projections_`][admin_torch.qk_norm_projections_].
 
-    Example::
-
+    Examples:
         >>> proj = qk_norm_projections_(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), heads=2)[0]
         >>> proj(torch.randn(3, 8)).view(3, 2, 4).mean(-1).abs().max() < 1e-5
         tensor(True)
@@ -224,7 +220,7 @@ class QKNormLinear(nn.Linear):
 
 
 def qk_norm_projections_(q_proj: nn.Linear, k_proj: nn.Linear, heads: int, eps: float = 1e-5):
-    """Turn the query and key projections of one attention module into :class:`QKNormLinear`, in place.
+    """Turn the query and key projections of one attention module into [`QKNormLinear`][admin_torch.QKNormLinear], in place.
 
     Returns ``(q_proj, k_proj)``. Raises TypeError/ValueError (nothing changed) for a projection that is
     not an ``nn.Linear``, is one already, or whose width ``heads`` does not divide.
@@ -264,7 +260,7 @@ def _add_norms(module: nn.Module, eps: float = 1e-5) -> None:
 
 def has_qk_norm(module: nn.Module) -> bool:
     """Whether ``module`` (an attention module) applies qk-layernorm (``q_norm`` and ``k_norm``, or
-    :class:`QKNormLinear` projections)."""
+    [`QKNormLinear`][admin_torch.QKNormLinear] projections)."""
     if isinstance(getattr(module, "q_proj", None), QKNormLinear):
         return True
     return isinstance(getattr(module, "q_norm", None), nn.Module) and isinstance(getattr(module, "k_norm", None),
@@ -276,8 +272,8 @@ def add_qk_norm(model: nn.Module, *, eps: float = 1e-5) -> nn.Module:
 
     Handled: ``torch.nn.MultiheadAttention`` (self- and cross-attention of torch.nn's encoder/decoder
     layers, Pre-LN or Post-LN, Admin-converted or not; the module becomes a
-    :class:`QKNormMultiheadAttention` with the same parameters) and the reference stacks'
-    :class:`~admin_torch.reference_stack.SelfAttention`. Attention modules that already have it are left
+    [`QKNormMultiheadAttention`][admin_torch.QKNormMultiheadAttention] with the same parameters) and the reference stacks'
+    `SelfAttention`. Attention modules that already have it are left
     as they are. For fairseq models use ``--qk-norm`` (``fairseq_plugins``).
 
     Args:
@@ -289,8 +285,7 @@ def add_qk_norm(model: nn.Module, *, eps: float = 1e-5) -> nn.Module:
         ValueError: no attention module without qk-layernorm was found, or one is of an unsupported form
             (``add_bias_kv``, ``add_zero_attn``, ``kdim``/``vdim`` != ``embed_dim``). Nothing is changed then.
 
-    Example::
-
+    Examples:
         >>> from admin_torch import make_stack
         >>> stack = add_qk_norm(make_stack('pre_ln', depth=2, dim=16, heads=2, seed=0))
         >>> stack.sublayers[0].q_norm.heads, stack.sublayers[0].q_norm.head_dim
@@ -309,8 +304,8 @@ def add_qk_norm(model: nn.Module, *, eps: float = 1e-5) -> nn.Module:
 
 
 def _plan(model: nn.Module) -> list:
-    """The attention modules :func:`add_qk_norm` changes; TypeError/ValueError (nothing changed) if none
-    or one is unsupported. :func:`admin_torch.convert` calls it before changing anything."""
+    """The attention modules [`add_qk_norm`][admin_torch.add_qk_norm] changes; TypeError/ValueError (nothing changed) if none
+    or one is unsupported. [`admin_torch.convert`][admin_torch.convert] calls it before changing anything."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from .reference_stack import SelfAttention

@@ -1,7 +1,7 @@
 """A small self-contained family of residual stacks (Post-LN, Pre-LN, Admin, DeepNorm).
 
-Used to measure the output change against depth (:mod:`admin_torch.output_change`,
-``benchmarks/output_change.py``) and as the reference model of :func:`admin_torch.fold`.
+Used to measure the output change against depth (`admin_torch.output_change`,
+``benchmarks/output_change.py``) and as the reference model of [`admin_torch.fold`][admin_torch.fold].
 Each layer is a self-attention sublayer and/or a ReLU feed-forward sublayer of width ``dim``;
 the input ``(batch, time, dim)`` goes through a LayerNorm first, so every kind starts from a
 normalized stream as a Post-LN transformer does after its embedding LayerNorm.
@@ -21,7 +21,7 @@ from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, calculate_init
 
 __all__ = ["STACK_KINDS", "SUBLAYER_PATTERNS", "AddResidual", "SelfAttention", "FeedForward", "ResidualStack", "make_stack"]
 
-#: the kinds :func:`make_stack` builds.
+#: the kinds [`make_stack`][admin_torch.make_stack] builds.
 STACK_KINDS = ("post_ln", "pre_ln", "admin", "deepnorm")
 #: the sublayers of one layer.
 SUBLAYER_PATTERNS = {"ffn": ("ffn",), "attn_ffn": ("attn", "ffn")}
@@ -38,8 +38,8 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with separate ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` as in fairseq.
 
     ``causal=True``: each position attends to itself and the earlier ones (a language model).
-    ``qk_norm=True``: qk-layernorm, ``LN(q_h) . LN(k_h)`` per head (:class:`admin_torch.qk_norm.QKNorm` as
-    ``q_norm`` / ``k_norm``; :func:`admin_torch.add_qk_norm` adds them to an existing module).
+    ``qk_norm=True``: qk-layernorm, ``LN(q_h) . LN(k_h)`` per head ([`admin_torch.QKNorm`][admin_torch.QKNorm] as
+    ``q_norm`` / ``k_norm``; [`admin_torch.add_qk_norm`][admin_torch.add_qk_norm] adds them to an existing module).
     """
 
     def __init__(self, dim: int, heads: int, *, causal: bool = False, qk_norm: bool = False):
@@ -88,7 +88,7 @@ class FeedForward(nn.Module):
 
 
 class ResidualStack(nn.Module):
-    """A stack of residual sublayers; see :func:`make_stack`.
+    """A stack of residual sublayers; see [`make_stack`][admin_torch.make_stack].
 
     Post-LN / Admin / DeepNorm: ``h = LN_i(res_i(h, f_i(h)))``; Pre-LN: ``h = h + f_i(LN_i(h))``
     and a final LayerNorm. ``input_norm`` normalizes the input first.
@@ -133,7 +133,7 @@ def make_stack(
     """A residual stack of ``depth`` layers for output-change measurements and folding tests.
 
     Args:
-        kind: ``'post_ln'``, ``'pre_ln'``, ``'admin'`` (Post-LN with :class:`OmegaResidual`,
+        kind: ``'post_ln'``, ``'pre_ln'``, ``'admin'`` (Post-LN with [`OmegaResidual`][admin_torch.OmegaResidual],
             closed-form omega for N = depth * sublayers per layer) or ``'deepnorm'`` (encoder-only
             DeepNorm with N = depth layers).
         depth: the number of layers (an integer >= 1; NumPy integers are accepted).
@@ -146,7 +146,7 @@ def make_stack(
         seed: seeds the weight init when given.
         causal: causal self-attention (each position sees itself and the earlier ones: a language model).
         qk_norm: qk-layernorm in every attention sublayer (Wortsman et al. 2023's remedy for attention-logit
-            growth; :mod:`admin_torch.qk_norm`); its LayerNorms are kept as they are by folding.
+            growth; `admin_torch.qk_norm`); its LayerNorms are kept as they are by folding.
 
     Linear weights are xavier-uniform with zero biases (fairseq's transformer init); DeepNorm
     re-initializes fc1, fc2, v_proj, out_proj with ``xavier_normal_(gain=beta)``.
@@ -155,8 +155,7 @@ def make_stack(
         TypeError / ValueError: an argument of the wrong type or out of range (the message names it
             and the accepted values), e.g. ``ffn_dim <= 0`` or ``heads`` not dividing ``dim``.
 
-    Example::
-
+    Examples:
         >>> model = make_stack('admin', depth=6, dim=32, scale='O(1)')
         >>> model(torch.randn(2, 5, 32)).shape
         torch.Size([2, 5, 32])

@@ -1,7 +1,7 @@
 """Admin's rescaled residual connection ``x * omega + f(x)`` and its closed-form initialization.
 
-A drop-in superset of the public admin-torch 0.1.0 API (:func:`calculate_init`,
-:class:`OmegaResidual`, :func:`as_module`, :func:`as_buffer`, :func:`as_parameter`): same
+A drop-in superset of the public admin-torch 0.1.0 API ([`calculate_init`][admin_torch.calculate_init],
+[`OmegaResidual`][admin_torch.OmegaResidual], [`as_module`][admin_torch.as_module], [`as_buffer`][admin_torch.as_buffer], [`as_parameter`][admin_torch.as_parameter]): same
 argument names, order, defaults and numbers, with input validation (ValueError / TypeError
 instead of AssertionError / ZeroDivisionError) and omega that follows the activation dtype.
 """
@@ -45,9 +45,9 @@ def _check_init_value(init_value) -> float:
 def calculate_init(num_res_layers: int, output_change_scale: str = "O(logn)") -> float:
     r"""The closed-form Admin initialization of omega for a stack of ``num_res_layers`` sublayers.
 
-    * ``'O(logn)'`` / ``'default'``: :math:`\omega = \sqrt{(N + 1) / \ln(N + 1) - 1}`
-    * ``'O(1)'``: :math:`\omega = \sqrt{N}`
-    * ``'O(n)'``: :math:`\omega = 1` (plain Post-LN)
+    * ``'O(logn)'`` / ``'default'``: `\omega = \sqrt{(N + 1) / \ln(N + 1) - 1}`
+    * ``'O(1)'``: `\omega = \sqrt{N}`
+    * ``'O(n)'``: `\omega = 1` (plain Post-LN)
 
     Args:
         num_res_layers: N, the number of residual sublayers (2 per encoder layer, 3 per decoder
@@ -58,8 +58,7 @@ def calculate_init(num_res_layers: int, output_change_scale: str = "O(logn)") ->
     Returns:
         omega as a python float.
 
-    Example::
-
+    Examples:
         >>> round(calculate_init(12), 3), round(calculate_init(12, 'O(1)'), 3)
         (2.017, 3.464)
     """
@@ -83,15 +82,14 @@ class OmegaResidual(nn.Module):
     plain residual ``x + f_x`` under ``.half()``, ``.bfloat16()`` and autocast.
 
     Args:
-        init_value: the initial omega (see :func:`calculate_init`).
+        init_value: the initial omega (see [`calculate_init`][admin_torch.calculate_init]).
         as_parameter: make omega a trainable vector of size ``embed_dim``.
         embed_dim: the size of the last dimension of ``x``; required when ``as_parameter``.
 
     Shape:
         ``x``, ``f_x``: ``(*, embed_dim)``; output: the broadcast shape of both.
 
-    Example::
-
+    Examples:
         >>> res = OmegaResidual(2.0)
         >>> res(torch.ones(3), torch.zeros(3))
         tensor([2., 2., 2.])
@@ -168,7 +166,7 @@ def as_module(
     as_parameter: bool = False,
     embed_dim: Optional[int] = None,
 ) -> OmegaResidual:
-    """An :class:`OmegaResidual` initialized with :func:`calculate_init`.
+    """An [`OmegaResidual`][admin_torch.OmegaResidual] initialized with [`calculate_init`][admin_torch.calculate_init].
 
     Args:
         num_res_layers: the number of residual sublayers N (2 per encoder layer, 3 per decoder layer).
@@ -176,8 +174,7 @@ def as_module(
         as_parameter: make omega a trainable vector of size ``embed_dim``.
         embed_dim: the hidden size; required when ``as_parameter``.
 
-    Example::
-
+    Examples:
         >>> res = as_module(2 * 6)          # one per sublayer of a 6-layer encoder
         >>> y = res(torch.randn(4, 8), torch.randn(4, 8))
     """
@@ -199,8 +196,7 @@ def as_buffer(network: nn.Module, buffer_name: str, num_res_layers: int, output_
 
     The network's forward then computes ``x * self.<buffer_name> + f_x`` itself.
 
-    Example::
-
+    Examples:
         >>> layer = nn.Module()
         >>> as_buffer(layer, 'attn_omega', 12)
         >>> layer.attn_omega
@@ -221,8 +217,7 @@ def as_parameter(
     """Register the closed-form omega as a trainable vector parameter ``network.<parameter_name>``
     of size ``embed_dim``.
 
-    Example::
-
+    Examples:
         >>> layer = nn.Module()
         >>> as_parameter(layer, 'ffn_omega', 12, 8)
         >>> layer.ffn_omega.shape

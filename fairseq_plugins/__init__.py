@@ -3,20 +3,20 @@
 Importing this package (which ``--user-dir`` does) registers, once per process:
 
 * models   (``fairseq_plugins/models``): ``transformer_admin`` and its architectures, ``listops_tree``
-* tasks    (``fairseq_plugins/tasks``):  ``listops`` (its pure-Python data code: :mod:`toolbox_core.listops`)
+* tasks    (``fairseq_plugins/tasks``):  ``listops`` (its pure-Python data code: `toolbox_core.listops`)
 * criteria (``fairseq_plugins/criterions``): ``cross_entropy_moe``, ``label_smoothed_cross_entropy_moe``
-  (the stock ones plus the balance loss of ``--moe-experts``, :mod:`fairseq_plugins.moe`)
+  (the stock ones plus the balance loss of ``--moe-experts``, `fairseq_plugins.moe`)
 * optimizers: ``addsign``, ``powersign``
 
 makes fairseq checkpoints load with torch's safe ``weights_only=True`` unpickler
-(:mod:`fairseq_plugins.safe_checkpoint`), and keeps the last batch that fairseq-fixed drops, so
-generation and validation see every sentence (:mod:`fairseq_plugins.batching`), lets ``--ddp-backend
-c10d``/``pytorch_ddp`` (fairseq's default) wrap a CPU model (:mod:`fairseq_plugins.distributed`), and ends a tool with one
-line naming the flag (exit 2) for a bad plugin flag, before any data is loaded (:mod:`fairseq_plugins.flags`). The algorithms live in ``admin_torch``, ``reinmax`` and
+(`fairseq_plugins.safe_checkpoint`), and keeps the last batch that fairseq-fixed drops, so
+generation and validation see every sentence (`fairseq_plugins.batching`), lets ``--ddp-backend
+c10d``/``pytorch_ddp`` (fairseq's default) wrap a CPU model (`fairseq_plugins.distributed`), and ends a tool with one
+line naming the flag (exit 2) for a bad plugin flag, before any data is loaded (`fairseq_plugins.flags`). The algorithms live in ``admin_torch``, ``reinmax`` and
 ``sign_optim``; this package only adapts them to fairseq.
 
 The directory works as ``--user-dir`` from the repository root (``--user-dir fairseq_plugins``)
-and, once installed, by absolute path::
+and, once installed, by absolute path:
 
     fairseq-train --user-dir "$(python -c 'import fairseq_plugins, os; print(os.path.dirname(fairseq_plugins.__file__))')" ...
 """

@@ -2,13 +2,13 @@
 
 fairseq applies the architecture function of ``--arch`` to the fully parsed arguments at the end of
 ``options.parse_args_and_arch`` (every tool: train, generate, validate, interactive, eval-lm), before
-the task, the model or any data is set up. :func:`install` wraps the registered architecture
-functions so that, right after them, every check registered with :func:`flag_check` runs on those
-arguments. A check raises :class:`FlagError` naming the flag and the accepted values, e.g.::
+the task, the model or any data is set up. `install` wraps the registered architecture
+functions so that, right after them, every check registered with `flag_check` runs on those
+arguments. A check raises `FlagError` naming the flag and the accepted values, e.g.:
 
     fairseq-train: error: --sign-beta must be a finite real number in [0, 1), got 1.5
 
-Unhandled :class:`FlagError` and :class:`DataError` (an empty or fully filtered training set) are
+Unhandled `FlagError` and `DataError` (an empty or fully filtered training set) are
 printed as that one line by a ``sys.excepthook`` (exit status 2 for a flag, 1 for data), instead of a
 50-line traceback. Called from Python, both are plain ``ValueError`` subclasses.
 """
@@ -42,14 +42,14 @@ def flag_check(fn: Callable[[argparse.Namespace], None]) -> Callable[[argparse.N
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Run every registered check; the first failure raises :class:`FlagError`."""
+    """Run every registered check; the first failure raises `FlagError`."""
     for check in _CHECKS:
         check(args)
 
 
 def check_flag(flag: str, check: Callable, value, **bounds):
-    """``check(flag, value, **bounds)`` (a :mod:`toolbox_core.validation` helper) with its
-    TypeError/ValueError turned into :class:`FlagError`; the message starts with the flag."""
+    """``check(flag, value, **bounds)`` (a [`toolbox_core.validation`][toolbox_core.validation] helper) with its
+    TypeError/ValueError turned into `FlagError`; the message starts with the flag."""
     try:
         return check(flag, value, **bounds)
     except (TypeError, ValueError) as err:

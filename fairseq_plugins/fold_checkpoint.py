@@ -1,18 +1,18 @@
 """Fold a ``transformer_admin`` checkpoint into a checkpoint of fairseq's stock ``transformer``.
 
-Command::
+Command:
 
     python -m fairseq_plugins.fold_checkpoint IN.pt OUT.pt
 
 ``fairseq-generate`` then decodes OUT.pt without ``--user-dir`` and gives the same hypotheses
 as IN.pt with ``--user-dir fairseq_plugins``: inference carries no Admin overhead.
 
-How (see :mod:`admin_torch.folding`): every omega (Admin, profiled Admin, trainable vectors, or
+How (see `admin_torch.folding`): every omega (Admin, profiled Admin, trainable vectors, or
 DeepNorm's alpha, a scalar omega) is moved into the LayerNorm in front of its sublayer
-(:func:`admin_torch.fold_into_norm_`) and out of the linear maps that read that LayerNorm's
-output (:func:`admin_torch.fold_into_linears_`: q, k, v of self-attention, q of cross-attention,
+([`admin_torch.fold_into_norm_`][admin_torch.fold_into_norm_]) and out of the linear maps that read that LayerNorm's
+output ([`admin_torch.fold_into_linears_`][admin_torch.fold_into_linears_]: q, k, v of self-attention, q of cross-attention,
 fc1). The first sublayer of each stack reads the embedding ``embed_scale * E[token] + P[pos]``,
-which takes the factor instead (:func:`admin_torch.fold_into_embedding_`). Because the encoder,
+which takes the factor instead ([`admin_torch.fold_into_embedding_`][admin_torch.fold_into_embedding_]). Because the encoder,
 the decoder and the output projection need different factors and the stock sinusoidal positions
 cannot be scaled, the folded model has unshared token embeddings (``share_all_embeddings`` and
 ``share_decoder_input_output_embed`` off; the output projection keeps the unscaled table) and
@@ -117,15 +117,14 @@ def _described(layer: nn.Module):
 
 @torch.no_grad()
 def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerModel:
-    """A stock :class:`fairseq.models.transformer.TransformerModel` computing what the Admin
+    """A stock `fairseq.models.transformer.TransformerModel` computing what the Admin
     (or DeepNorm) ``model`` computes; ``model`` is not modified.
 
     Args:
         model: a built ``transformer_admin`` model.
         task: anything with ``source_dictionary`` / ``target_dictionary``; default: the model's own.
 
-    Example::
-
+    Examples:
         >>> # needs a trained model and its batch (tests/fairseq_plugins/test_admin_fairseq_e2e.py runs this)
         >>> stock = fold_admin_model(admin_model).eval()  # doctest: +SKIP
         >>> stock(src_tokens, src_lengths, prev_output_tokens)[0]  # doctest: +SKIP

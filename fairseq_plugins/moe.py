@@ -1,7 +1,7 @@
 """Mixture-of-experts FFNs in the Admin transformers: the ``--moe-*`` flags and the layer surgery.
 
 With ``--moe-experts E`` (E >= 1) every FFN of ``transformer_admin`` (encoder and decoder) and of
-``transformer_lm_admin`` becomes a :class:`reinmax.RoutedFeedForward` with E experts of the
+``transformer_lm_admin`` becomes a [`reinmax.RoutedFeedForward`][reinmax.RoutedFeedForward] with E experts of the
 FFN's size (``--encoder/decoder-ffn-embed-dim``), so a token's active parameters are a dense
 FFN's. 0 (the default) keeps the dense FFN. The flags:
 
@@ -14,7 +14,7 @@ FFN's. 0 (the default) keeps the dense FFN. The flags:
 * ``--moe-capacity-factor`` (default 0: no token dropped): a token beyond an expert's
   ``min(tokens, ceil(factor * tokens / E))`` slots is dropped and passes through the residual
   unchanged; any finite factor is accepted, and one >= E drops nothing (the slots are clamped to
-  the batch's tokens, exactly: :meth:`reinmax.RoutedFeedForward.capacity`).
+  the batch's tokens, exactly: [`reinmax.RoutedFeedForward.capacity`][reinmax.RoutedFeedForward.capacity]).
 
 With ``--encoder-layerdrop`` / ``--decoder-layerdrop``, a layer skipped in a step adds nothing to
 the balance loss or the logged load: the ``*_moe`` criteria clear every layer's routing stats
@@ -25,7 +25,7 @@ becomes the routed layer (which applies the activation and its dropout to each e
 other three become identities, so the stock ``forward`` runs unchanged. fairseq's
 ``--scale-fc`` (a LayerNorm inside the FFN) is refused with MoE.
 
-Example::
+Example:
 
     fairseq-train data-bin --user-dir fairseq_plugins --arch transformer_admin \\
         --moe-experts 8 --moe-router sparsemixer --criterion label_smoothed_cross_entropy_moe ...
@@ -80,7 +80,7 @@ def moe_defaults(args) -> None:
 
 
 def check_moe_args(args) -> None:
-    """The ``--moe-*`` flags; :class:`FlagError` names the flag and the accepted values."""
+    """The ``--moe-*`` flags; `FlagError` names the flag and the accepted values."""
     moe_defaults(args)
     # every value is checked whether or not --moe-experts turns the feature on: a bad value is a bad command line
     experts = check_flag("--moe-experts", validation.as_int, args.moe_experts, minimum=0)

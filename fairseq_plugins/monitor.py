@@ -4,14 +4,14 @@
         --stability-monitor runs/mon --stability-monitor-interval 100
 
 records every ``--stability-monitor-interval`` updates (default 100) the per-layer quantities of
-:class:`stability_toolbox.StabilityMonitor` (residual-branch ratio, output change, gradient norm,
+[`stability_toolbox.StabilityMonitor`][stability_toolbox.StabilityMonitor] (residual-branch ratio, output change, gradient norm,
 update/weight ratio, activation range, attention-logit maximum, loss spikes) and writes under DIR:
 ``monitor.jsonl``, TensorBoard scalars (``tb/``), ``summary.md`` and ``heatmap_<quantity>.png`` at the
 end of training (with several ranks: ``DIR/rank<R>``). A quantity trending toward divergence logs one
 ``stability warning: ...`` line in the training log (logger ``fairseq_plugins.monitor``).
 
-The layers are found through the descriptions :mod:`fairseq_plugins.fold_checkpoint` folds with
-(registered with :func:`stability_toolbox.monitor.register_layer_kind`): stock ``transformer`` /
+The layers are found through the descriptions `fairseq_plugins.fold_checkpoint` folds with
+(registered with [`stability_toolbox.register_layer_kind`][stability_toolbox.register_layer_kind]): stock ``transformer`` /
 ``transformer_lm`` layers, Post-LN or Pre-LN (``--*-normalize-before``), and ``transformer_admin`` /
 ``transformer_lm_admin`` through their residual modules; other architectures fall back to their
 LayerNorms.
@@ -22,16 +22,16 @@ Two named repairs, installed once by ``import fairseq_plugins``:
   ``options.get_parser`` before the training parser exists, and only the chosen model, task,
   optimizer... add arguments). ``fairseq.options.get_training_parser`` calls
   ``options.add_checkpoint_args`` after that import, looking it up at call time, so
-  :func:`install` wraps ``add_checkpoint_args`` to add the two flags to the training parser. They are
+  `install` wraps ``add_checkpoint_args`` to add the two flags to the training parser. They are
   not in fairseq's dataclass configuration (``convert_namespace_to_omegaconf`` drops them), so the
-  check (:func:`check_monitor_flags`, run on the parsed command line by :mod:`fairseq_plugins.flags`)
+  check (`check_monitor_flags`, run on the parsed command line by `fairseq_plugins.flags`)
   records them in the environment (``FAIRSEQ_STABILITY_MONITOR``), which spawned ranks inherit.
-* **the training loop**: :func:`install` wraps ``fairseq.trainer.Trainer.train_step`` once: on a
+* **the training loop**: `install` wraps ``fairseq.trainer.Trainer.train_step`` once: on a
   logged update it arms the monitor before the call and reads the gradients, the update and the loss
   after it (fairseq zeroes the gradients at the start of the next ``train_step``). Between logged
   updates the wrapper does one integer comparison.
 
-A bad value ends the tool with one line naming the flag, exit status 2 (:class:`~fairseq_plugins.flags.FlagError`).
+A bad value ends the tool with one line naming the flag, exit status 2 (`FlagError`).
 """
 
 import argparse

@@ -1,19 +1,18 @@
 """reinmax: the ReinMax gradient estimator for categorical samples, its baselines, and layers.
 
 Every estimator maps logits to ``(y_hard, y_soft)``: a one-hot sample carrying the estimator's
-gradient, and ``softmax(logits)``. Pick one by name with :func:`estimate`.
+gradient, and ``softmax(logits)``. Pick one by name with [`estimate`][reinmax.estimate].
 
-Example::
-
+Examples:
     >>> import torch, reinmax
     >>> y_hard, y_soft = reinmax.reinmax(torch.randn(8, 4, requires_grad=True), 1.3)
     >>> y_hard, y_soft = reinmax.estimate("gumbel_softmax", torch.randn(8, 4), 0.5)
 
-Layers with discrete choices: :class:`CategoricalLayer`, :class:`DiscreteBottleneck` and the
-latent-tree encoder :class:`LatentTreeLSTM` (which adjacent pair to merge, chosen by any
-estimator) and the mixture-of-experts FFN :class:`RoutedFeedForward` (which expert a token goes
-to: :func:`route_tokens` with ReinMax, SparseMixer, Switch, straight-through or Gumbel-Softmax). The package carries no data set: ListOps' generator and reader live, free of torch
-and fairseq, in :mod:`toolbox_core.listops`.
+Layers with discrete choices: [`CategoricalLayer`][reinmax.CategoricalLayer], [`DiscreteBottleneck`][reinmax.DiscreteBottleneck] and the
+latent-tree encoder [`LatentTreeLSTM`][reinmax.LatentTreeLSTM] (which adjacent pair to merge, chosen by any
+estimator) and the mixture-of-experts FFN [`RoutedFeedForward`][reinmax.RoutedFeedForward] (which expert a token goes
+to: [`route_tokens`][reinmax.route_tokens] with ReinMax, SparseMixer, Switch, straight-through or Gumbel-Softmax). The package carries no data set: ListOps' generator and reader live, free of torch
+and fairseq, in `toolbox_core.listops`.
 """
 
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through

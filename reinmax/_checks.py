@@ -1,8 +1,8 @@
-"""Argument and data checks shared by every estimator and layer of :mod:`reinmax`.
+"""Argument and data checks shared by every estimator and layer of [`reinmax`][reinmax].
 
 Argument checks (types, dims, tau) read no tensor data and always run. The data check
-(:func:`check_probabilities`: NaN or +inf logits, a slice of all ``-inf``) reads values, so it
-follows :func:`stability_toolbox.set_data_checks`: on in eager mode, skipped under
+(`check_probabilities`: NaN or +inf logits, a slice of all ``-inf``) reads values, so it
+follows [`toolbox_core.validation.set_data_checks`][toolbox_core.validation.set_data_checks]: on in eager mode, skipped under
 ``torch.compile`` and ``torch.func`` transforms, off when switched off.
 """
 

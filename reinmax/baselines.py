@@ -1,4 +1,4 @@
-"""The estimators ReinMax is compared with, all returning ``(y_hard, y_soft)`` like :func:`reinmax`.
+"""The estimators ReinMax is compared with, all returning ``(y_hard, y_soft)`` like [`reinmax`][reinmax.reinmax].
 
 Each returns ``y_hard = D - sg(p) + p`` (value: the one-hot sample ``D``; gradient: that of a soft
 surrogate ``p``) and ``y_soft = softmax(logits)`` (plain softmax gradient), so the estimators are
@@ -44,8 +44,7 @@ def straight_through(logits: Tensor, tau: float = 1.0, *, dim: int = -1,
                      generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
     r"""Straight-through: ``D ~ softmax(logits)``, gradient of ``p = softmax(logits / tau)``.
 
-    Example::
-
+    Examples:
         >>> y_hard, y_soft = straight_through(torch.randn(2, 5), 1.0)
     """
     tau, dim, work, pi0 = _prepare(logits, tau, dim, generator)
@@ -62,8 +61,7 @@ def gumbel_softmax(logits: Tensor, tau: float = 1.0, *, dim: int = -1,
     so the noise is always finite (torch's version can draw 0 or inf and return NaN);
     ``D = one_hot(argmax y)``, gradient of ``softmax(y / tau)``.
 
-    Example::
-
+    Examples:
         >>> y_hard, y_soft = gumbel_softmax(torch.randn(2, 5), 0.5)
     """
     tau, dim, work, pi0 = _prepare(logits, tau, dim, generator)
@@ -81,13 +79,12 @@ def gapped_straight_through(logits: Tensor, tau: float = 1.0, *, dim: int = -1, 
 
     ``D ~ softmax(logits)``; the logits are moved, without gradient, so that the sampled one equals
     the maximum logit ``m`` and every other one is at most ``m - gap``; the gradient is that of
-    ``softmax(moved / tau)``::
+    ``softmax(moved / tau)``:
 
         moved_k = m                      (k the sample)
         moved_j = min(logits_j, m - gap) (j != k)
 
-    Example::
-
+    Examples:
         >>> y_hard, y_soft = gapped_straight_through(torch.randn(2, 5), 1.0, gap=1.0)
     """
     gap = validation.as_real("gap", gap, low=0.0)
@@ -109,12 +106,11 @@ def gumbel_rao(logits: Tensor, tau: float = 1.0, *, dim: int = -1, k: int = 10,
 
     ``D ~ softmax(logits)``; ``k`` Gumbel perturbations ``G`` are drawn conditionally on
     ``argmax(logits + G) = D``; the gradient is that of ``mean_k softmax((logits + G_k) / tau)``.
-    Conditional draws (with ``log pi = log_softmax(logits)``, ``E ~ Exp(1)``)::
+    Conditional draws (with ``log pi = log_softmax(logits)``, ``E ~ Exp(1)``):
 
         y_D = -log E_D,   y_j = -log(E_j / pi_j + E_D)   (j != D)
 
-    Example::
-
+    Examples:
         >>> y_hard, y_soft = gumbel_rao(torch.randn(2, 5), 1.0, k=10)
     """
     k = validation.as_int("k", k, minimum=1)

@@ -1,4 +1,4 @@
-"""Layers that put a discrete choice inside a network, with any estimator of :data:`ESTIMATORS`."""
+"""Layers that put a discrete choice inside a network, with any estimator of `ESTIMATORS`."""
 
 import math
 from typing import Tuple, Union
@@ -29,7 +29,7 @@ class CategoricalLayer(nn.Module):
     r"""Logits to one-hot codes: a sample in training (gradient by ``estimator``), the argmax in eval.
 
     Args:
-        estimator: a name in :data:`reinmax.ESTIMATORS` (default ``"reinmax"``).
+        estimator: a name in `reinmax.ESTIMATORS` (default ``"reinmax"``).
         tau: temperature of the estimator, a finite number > 0.
         dim: the category dimension.
         return_probs: also return ``softmax(logits)`` (for a KL term, say).
@@ -38,8 +38,7 @@ class CategoricalLayer(nn.Module):
     Shape:
         input ``(*, C, *)``; output the same shape, one-hot along ``dim``.
 
-    Example::
-
+    Examples:
         >>> layer = CategoricalLayer("reinmax", tau=1.3)
         >>> codes = layer(torch.randn(16, 8, 4))   # 16 x 8 one-hot vectors of size 4
     """
@@ -68,7 +67,7 @@ class DiscreteBottleneck(nn.Module):
     r"""Hidden states to ``num_latents`` choices among ``num_codes`` learned code-book embeddings.
 
     ``logits = Linear(hidden)`` reshaped to ``(*, num_latents, num_codes)``; one-hot codes from a
-    :class:`CategoricalLayer`; output ``codes @ codebook``, i.e. the chosen embeddings. With
+    [`CategoricalLayer`][reinmax.CategoricalLayer]; output ``codes @ codebook``, i.e. the chosen embeddings. With
     ``shared_codebook=False`` every latent has its own code-book.
 
     Args:
@@ -76,15 +75,14 @@ class DiscreteBottleneck(nn.Module):
         num_codes: categories per latent (``C``).
         code_dim: size of each embedding.
         num_latents: independent choices per input (``L``).
-        estimator, tau, **options: as for :class:`CategoricalLayer`.
+        estimator, tau, **options: as for [`CategoricalLayer`][reinmax.CategoricalLayer].
         shared_codebook: one code-book for all latents (default) or one per latent.
         return_probs: also return ``softmax(logits)`` of shape ``(*, L, C)``.
 
     Shape:
         input ``(*, in_features)``; output ``(*, num_latents, code_dim)``.
 
-    Example::
-
+    Examples:
         >>> vq = DiscreteBottleneck(32, num_codes=8, code_dim=16, num_latents=4)
         >>> vq(torch.randn(10, 32)).shape
         torch.Size([10, 4, 16])

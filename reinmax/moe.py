@@ -1,8 +1,8 @@
 r"""A mixture-of-experts feed-forward layer: each token goes to one of E expert FFNs, chosen by a router.
 
-:class:`RoutedFeedForward` replaces a transformer's FFN ``fc2(act(fc1(x)))`` by E experts of the
+[`RoutedFeedForward`][reinmax.RoutedFeedForward] replaces a transformer's FFN ``fc2(act(fc1(x)))`` by E experts of the
 same shape and a router ``theta = x W_r`` (no bias); each token's output is ``gate * f_D(x)``
-for its chosen expert ``D`` (:func:`reinmax.routing.route_tokens`). Active parameters per token
+for its chosen expert ``D`` ([`reinmax.route_tokens`][reinmax.route_tokens]). Active parameters per token
 are those of one dense FFN (plus the E x d router).
 
 Compute. The sparse routers (``sparsemixer``, ``switch``, ``straight_through``,
@@ -26,16 +26,15 @@ Dtypes. The input must have the layer's dtype (``layer.to(dtype)`` converts the 
 under ``torch.autocast``, where the matmuls take autocast's dtype; anything else is a TypeError
 (never a silent cast). The routing runs in float32 (float64 for a float64 layer) in every case.
 
-Balance. After each call :attr:`RoutedFeedForward.stats` holds a :class:`RoutingStats`: Switch's
+Balance. After each call `RoutedFeedForward.stats` holds a [`RoutingStats`][reinmax.RoutingStats]: Switch's
 load-balancing loss (with gradient; add ``weight * stats.balance_loss`` to the training loss, as
-:func:`moe_balance_loss` does for a whole model), the fraction of tokens routed to each expert and
-the fraction dropped. When a model may skip layers (LayerDrop), call :func:`clear_moe_stats`
+[`moe_balance_loss`][reinmax.moe_balance_loss] does for a whole model), the fraction of tokens routed to each expert and
+the fraction dropped. When a model may skip layers (LayerDrop), call [`clear_moe_stats`][reinmax.clear_moe_stats]
 before each forward so that a skipped layer contributes nothing (its stats are None) instead of
 its previous call's loss, whose graph is gone. A copy (``copy.deepcopy``, pickling) of a layer
 has ``stats`` None: it has not run.
 
-Example::
-
+Examples:
     >>> moe = RoutedFeedForward(64, 256, num_experts=4, router="sparsemixer")
     >>> y = moe(torch.randn(10, 8, 64))            # (*, 64) -> (*, 64)
     >>> loss = y.pow(2).mean() + 0.01 * moe.stats.balance_loss
@@ -59,7 +58,7 @@ def _gelu_tanh(x: Tensor) -> Tensor:
 __all__ = ["ACTIVATIONS", "RoutedFeedForward", "RoutingStats", "clear_moe_stats", "moe_balance_loss", "moe_layers",
            "moe_load"]
 
-#: activation names accepted by :class:`RoutedFeedForward` (a callable is accepted too).
+#: activation names accepted by [`RoutedFeedForward`][reinmax.RoutedFeedForward] (a callable is accepted too).
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -70,7 +69,7 @@ ACTIVATIONS = {
 
 
 class RoutingStats(NamedTuple):
-    """What the last call of a :class:`RoutedFeedForward` routed.
+    """What the last call of a [`RoutedFeedForward`][reinmax.RoutedFeedForward] routed.
 
     Attributes:
         balance_loss: 0-d, Switch's load-balancing loss (1 when balanced, E at worst), with gradient.
@@ -93,13 +92,13 @@ class RoutedFeedForward(nn.Module):
         embed_dim: d, the input and output size.
         ffn_dim: the hidden size of each expert.
         num_experts: E >= 1. With E = 1 the layer is a plain FFN (the gate is exactly 1).
-        router: one of :data:`reinmax.routing.ROUTERS` (default ``"sparsemixer"``).
+        router: one of `reinmax.routing.ROUTERS` (default ``"sparsemixer"``).
         tau: temperature of ``straight_through``, ``gumbel_softmax`` and ``reinmax``: finite, >=
-            :data:`reinmax.routing.ROUTER_MIN_TAU` (1e-30) for them, > 0 for the others; any such tau gives
+            `reinmax.routing.ROUTER_MIN_TAU` (1e-30) for them, > 0 for the others; any such tau gives
             finite gates and gradients.
         capacity_factor: None (no token dropped) or a finite number > 0, in units of ``N / E``
             slots per expert; the slots are clamped to N, so ``c >= E`` drops nothing (module docstring).
-        activation: a name in :data:`ACTIVATIONS` or a callable.
+        activation: a name in `ACTIVATIONS` or a callable.
         activation_dropout: dropout probability on the hidden activations.
         jitter_eps: ``sparsemixer``'s masking threshold.
 
@@ -112,8 +111,7 @@ class RoutedFeedForward(nn.Module):
     embed_dim)``, ``fc1_bias`` ``(E, ffn_dim)``, ``fc2_weight`` ``(E, embed_dim, ffn_dim)``,
     ``fc2_bias`` ``(E, embed_dim)``, each expert initialized like an ``nn.Linear``.
 
-    Example::
-
+    Examples:
         >>> moe = RoutedFeedForward(16, 32, num_experts=2, router="reinmax", tau=1.3)
         >>> moe(torch.randn(5, 16)).shape
         torch.Size([5, 16])
@@ -169,7 +167,7 @@ class RoutedFeedForward(nn.Module):
         return self.router_name != "reinmax"
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """``(*, embed_dim) -> (*, embed_dim)``; sets :attr:`stats` (a :class:`RoutingStats`)."""
+        """``(*, embed_dim) -> (*, embed_dim)``; sets `stats` (a [`RoutingStats`][reinmax.RoutingStats])."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point torch.Tensor, got "
                             f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
@@ -281,7 +279,7 @@ def _check_model(model) -> nn.Module:
 
 
 def moe_layers(model: nn.Module) -> Iterator[RoutedFeedForward]:
-    """Every :class:`RoutedFeedForward` of ``model`` (an ``nn.Module``, else TypeError), in module order."""
+    """Every [`RoutedFeedForward`][reinmax.RoutedFeedForward] of ``model`` (an ``nn.Module``, else TypeError), in module order."""
     return (m for m in _check_model(model).modules() if isinstance(m, RoutedFeedForward))
 
 
@@ -289,12 +287,11 @@ def clear_moe_stats(model: nn.Module) -> None:
     """Set ``stats`` of every MoE layer of ``model`` to None.
 
     Call it before a forward of a model that may skip layers (LayerDrop): afterwards only the
-    layers that ran have stats, so :func:`moe_balance_loss` and :func:`moe_load` count exactly
+    layers that ran have stats, so [`moe_balance_loss`][reinmax.moe_balance_loss] and [`moe_load`][reinmax.moe_load] count exactly
     those (a skipped layer would otherwise add its previous call's loss, whose graph was freed by
     the previous backward). The ``*_moe`` fairseq criteria call it on every call.
 
-    Example::
-
+    Examples:
         >>> model = torch.nn.Sequential(RoutedFeedForward(8, 16, 2), RoutedFeedForward(8, 16, 2))
         >>> clear_moe_stats(model); out = model[0](torch.randn(4, 8))   # layer 1 skipped
         >>> loss = out.pow(2).mean() + 0.01 * moe_balance_loss(model)   # layer 0's balance loss only
@@ -308,8 +305,7 @@ def moe_balance_loss(model: nn.Module) -> Optional[Tensor]:
 
     None when the model has no MoE layer or none has run yet.
 
-    Example::
-
+    Examples:
         >>> model = torch.nn.Sequential(RoutedFeedForward(8, 16, 2), RoutedFeedForward(8, 16, 2))
         >>> out = model(torch.randn(4, 8))
         >>> loss = out.pow(2).mean() + 0.01 * moe_balance_loss(model)

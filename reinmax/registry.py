@@ -1,4 +1,4 @@
-"""Picking an estimator by name: :data:`ESTIMATORS` and :func:`estimate`."""
+"""Picking an estimator by name: `ESTIMATORS` and [`estimate`][reinmax.estimate]."""
 
 from types import MappingProxyType
 from typing import Callable, Dict, Mapping, Optional, Tuple
@@ -23,7 +23,7 @@ ESTIMATORS: Mapping[str, Callable[..., Tuple[Tensor, Tensor]]] = MappingProxyTyp
 
 
 def check_estimator_name(name, arg: str = "name") -> str:
-    """``name`` if it is a key of :data:`ESTIMATORS`; TypeError/ValueError naming ``arg`` otherwise."""
+    """``name`` if it is a key of `ESTIMATORS`; TypeError/ValueError naming ``arg`` otherwise."""
     return validation.as_choice(arg, name, sorted(ESTIMATORS))
 
 
@@ -40,14 +40,13 @@ def check_estimator_options(name: str, tau: float, options: Mapping) -> Dict:
 
 def estimate(name: str, logits: Tensor, tau: float, dim: int = -1,
              generator: Optional[torch.Generator] = None, **options) -> Tuple[Tensor, Tensor]:
-    r"""Run the estimator ``name`` (a key of :data:`ESTIMATORS`) on ``logits``.
+    r"""Run the estimator ``name`` (a key of `ESTIMATORS`) on ``logits``.
 
     Returns ``(y_hard, y_soft)``: a one-hot sample that carries the estimator's gradient, and
     ``softmax(logits)``. ``options`` go to the estimator (``gap=`` for ``gapped_straight_through``,
     ``k=`` for ``gumbel_rao``); an option the estimator does not take is a TypeError.
 
-    Example::
-
+    Examples:
         >>> y_hard, y_soft = estimate("reinmax", torch.randn(8, 4), 1.3)
         >>> y_hard, y_soft = estimate("gumbel_rao", torch.randn(8, 4), 1.0, k=5)
     """

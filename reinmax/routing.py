@@ -17,7 +17,7 @@ router                        ``D``           forward value                    g
 
 The first four are *sparse*: their gradient needs the chosen expert's output only, so a layer
 computes one expert per token. ``reinmax`` needs every expert's output ``f_i`` (it is the exact
-ReinMax estimator of :func:`reinmax.reinmax` on the one-hot choice), so a layer computes all E
+ReinMax estimator of [`reinmax.reinmax`][reinmax.reinmax] on the one-hot choice), so a layer computes all E
 experts per token: the reference, for small E.
 
 SparseMixer (Liu, Gao and Chen 2023, "Sparse Backpropagation for MoE Training"): the gradient of
@@ -36,7 +36,7 @@ forward value at that choice: ``pi_D`` for ``switch``, ``pi'_D`` (the *masked* s
 training, where the argmax always has ``c = 1``) for ``sparsemixer``, 1 otherwise. For
 ``sparsemixer`` the mask is therefore computed before the train/eval branch, as in the authors'
 code; an unmasked eval gate would scale every routed FFN differently at validation than in
-training. SparseMixer's balance loss uses the masked softmax too (:attr:`Routing.probs`).
+training. SparseMixer's balance loss uses the masked softmax too (`Routing.probs`).
 
 The authors' router also multiplies the gate by a learnable per-dimension scale ``omega``
 (``(d,)``, initialized to 1, shared by the experts). It is not added here: ``omega_j`` times
@@ -48,11 +48,10 @@ Leaving it out keeps every router's layer the same function class and parameters
 
 Temperature. The tempered softmaxes (``softmax(theta / tau)``) are computed from the shifted logits
 ``(theta - max theta) / tau``: no ``inf - inf`` when ``theta / tau`` overflows. The routers that use
-``tau`` refuse one below :data:`ROUTER_MIN_TAU` (1e-30), where their gradient at tied logits
+``tau`` refuse one below `ROUTER_MIN_TAU` (1e-30), where their gradient at tied logits
 (``1 / (4 tau)``) overflows float32; every accepted ``tau`` gives finite gates and gradients.
 
-Example::
-
+Examples:
     >>> logits = torch.randn(6, 4, requires_grad=True)
     >>> r = route_tokens(logits, "sparsemixer")
     >>> r.index.shape, r.gate.shape, r.weights
@@ -80,9 +79,9 @@ ROUTERS = ("sparsemixer", "switch", "straight_through", "gumbel_softmax", "reinm
 SPARSE_ROUTERS = ("sparsemixer", "switch", "straight_through", "gumbel_softmax")
 #: the routers whose gradient has a temperature ``tau``.
 TAU_ROUTERS = ("straight_through", "gumbel_softmax", "reinmax")
-#: the smallest ``tau`` of :data:`TAU_ROUTERS`. Below it ``softmax(theta / tau)`` is one-hot to float precision
+#: the smallest ``tau`` of `TAU_ROUTERS`. Below it ``softmax(theta / tau)`` is one-hot to float precision
 #: except at exact ties, where the estimators' gradient (``1 / (4 tau)`` for two tied experts) overflows float32,
-#: and :func:`reinmax.reinmax`'s ``log pi / tau`` overflows float32 (all ``-inf``: NaN). ``switch`` and
+#: and [`reinmax.reinmax`][reinmax.reinmax]'s ``log pi / tau`` overflows float32 (all ``-inf``: NaN). ``switch`` and
 #: ``sparsemixer`` do not use ``tau`` and accept any finite ``tau > 0``.
 ROUTER_MIN_TAU = 1e-30
 
@@ -107,12 +106,12 @@ class Routing(NamedTuple):
 
 
 def check_router(router) -> str:
-    """``router`` if it is one of :data:`ROUTERS`; TypeError/ValueError naming them otherwise."""
+    """``router`` if it is one of `ROUTERS`; TypeError/ValueError naming them otherwise."""
     return validation.as_choice("router", router, ROUTERS)
 
 
 def check_router_tau(router: str, tau) -> float:
-    """``tau`` as a float: finite and > 0, and >= :data:`ROUTER_MIN_TAU` for the :data:`TAU_ROUTERS`."""
+    """``tau`` as a float: finite and > 0, and >= `ROUTER_MIN_TAU` for the `TAU_ROUTERS`."""
     tau = check_tau(tau)
     if router in TAU_ROUTERS and tau < ROUTER_MIN_TAU:
         raise ValueError(f"tau must be a finite real number >= {ROUTER_MIN_TAU:g} with router={router!r} "
@@ -160,20 +159,19 @@ def route_tokens(logits: Tensor, router: str, tau: float = 1.0, *, training: boo
 
     Args:
         logits: ``(N, E)`` router logits (any floating dtype; routed in float32, float64 for float64).
-        router: one of :data:`ROUTERS`.
+        router: one of `ROUTERS`.
         tau: temperature of ``straight_through``, ``gumbel_softmax`` and ``reinmax`` (their gradient);
             ``switch`` and ``sparsemixer`` do not use it. A finite number > 0 (at least
-            :data:`ROUTER_MIN_TAU` for the routers that use it).
+            `ROUTER_MIN_TAU` for the routers that use it).
         training: sample (or, for ``switch``, take the argmax) with the router's gradient; False:
             the argmax, deterministic.
         jitter_eps: ``sparsemixer``'s masking threshold, a finite number >= 0.
         generator: optional ``torch.Generator`` for the sampling.
 
     Returns:
-        a :class:`Routing`.
+        a [`Routing`][reinmax.Routing].
 
-    Example::
-
+    Examples:
         >>> r = route_tokens(torch.randn(5, 3), "switch")
         >>> r.gate.shape  # pi_D, the argmax's probability
         torch.Size([5])
@@ -255,7 +253,7 @@ def balance_loss(probs: Tensor, index: Tensor) -> Tensor:
     Args:
         probs: ``(N, E)`` floating router probabilities (E >= 1).
         index: ``(N,)`` integer tensor, the chosen experts, each in ``[0, E)`` (the range is a data
-            check: see :func:`stability_toolbox.set_data_checks`), on ``probs``' device.
+            check: see [`toolbox_core.validation.set_data_checks`][toolbox_core.validation.set_data_checks]), on ``probs``' device.
 
     Returns:
         a 0-d tensor of ``probs``' dtype (0 for N = 0).
@@ -264,8 +262,7 @@ def balance_loss(probs: Tensor, index: Tensor) -> Tensor:
         TypeError: ``probs`` not a floating tensor, ``index`` not an integer tensor.
         ValueError: a shape other than ``(N, E)`` / ``(N,)``, another device, an expert out of range.
 
-    Example::
-
+    Examples:
         >>> balance_loss(torch.full((4, 2), 0.5), torch.tensor([0, 1, 0, 1]))
         tensor(1.)
     """
@@ -277,7 +274,7 @@ def balance_loss(probs: Tensor, index: Tensor) -> Tensor:
 
 
 def _balance_loss(probs: Tensor, index: Tensor) -> Tensor:
-    """:func:`balance_loss` without argument checks."""
+    """[`balance_loss`][reinmax.balance_loss] without argument checks."""
     experts = probs.shape[1]
     tokens = max(probs.shape[0], 1)
     return experts * torch.sum((_expert_counts(index, experts, probs.dtype) / tokens) * probs.sum(0) / tokens)
@@ -299,5 +296,5 @@ def expert_counts(index: Tensor, experts: int, dtype: torch.dtype = torch.float3
 
 
 def _expert_counts(index: Tensor, experts: int, dtype: torch.dtype) -> Tensor:
-    """:func:`expert_counts` without argument checks."""
+    """`expert_counts` without argument checks."""
     return torch.zeros(experts, dtype=dtype, device=index.device).index_add_(0, index, torch.ones_like(index, dtype=dtype))

@@ -32,10 +32,9 @@ def sample_categorical(probs: Tensor, dim: int = -1, generator: Optional[torch.G
     Raises:
         TypeError: ``probs`` is not a floating-point tensor.
         ValueError: a negative, NaN or infinite entry, or a slice that sums to 0 (data checks:
-            see :func:`stability_toolbox.set_data_checks`).
+            see [`toolbox_core.validation.set_data_checks`][toolbox_core.validation.set_data_checks]).
 
-    Example::
-
+    Examples:
         >>> idx = sample_categorical(torch.tensor([[0.0, 1.0, 0.0]]))
         >>> idx
         tensor([[1]])
@@ -52,7 +51,7 @@ def sample_categorical(probs: Tensor, dim: int = -1, generator: Optional[torch.G
 
 
 def draw(probs: Tensor, dim: int, generator: Optional[torch.Generator]) -> Tensor:
-    """:func:`sample_categorical` without argument checks (``dim`` already non-negative).
+    """[`sample_categorical`][reinmax.sample_categorical] without argument checks (``dim`` already non-negative).
 
     Raises ValueError (data check) when a slice's sum is NaN: softmax of NaN, +inf or all ``-inf``.
     """

@@ -1,18 +1,17 @@
 """A latent-tree encoder whose structure is a sequence of discrete merge choices.
 
-:class:`LatentTreeLSTM` is the Gumbel Tree-LSTM of Choi, Yoo & Lee (AAAI 2018) with the choice
-estimator picked by name from :data:`reinmax.ESTIMATORS`: starting from one node per token, it
+[`LatentTreeLSTM`][reinmax.LatentTreeLSTM] is the Gumbel Tree-LSTM of Choi, Yoo & Lee (AAAI 2018) with the choice
+estimator picked by name from `reinmax.ESTIMATORS`: starting from one node per token, it
 composes every adjacent pair with a binary Tree-LSTM cell, scores the candidates with a learned
 query vector, and merges one pair per step until a single root is left. The choice is sampled
 through the estimator in training (the one-hot carries the estimator's gradient into the scores)
 and is the greedy argmax in evaluation. Batches of unequal lengths are handled with masks: a
 padded sequence gives the same root as the sequence alone (in evaluation mode).
 
-:class:`TreeClassifier` puts an embedding in front and an MLP behind it (ListOps: tokens in,
+[`TreeClassifier`][reinmax.TreeClassifier] puts an embedding in front and an MLP behind it (ListOps: tokens in,
 digit out).
 
-Example::
-
+Examples:
     >>> import torch
     >>> from reinmax.tree import LatentTreeLSTM
     >>> enc = LatentTreeLSTM(input_dim=16, hidden_dim=32, estimator="reinmax", tau=1.1)
@@ -74,7 +73,7 @@ class LatentTreeLSTM(nn.Module):
     Args:
         input_dim: size of the token vectors.
         hidden_dim: size of the Tree-LSTM state.
-        estimator: name of the choice estimator in :data:`reinmax.ESTIMATORS` (``"reinmax"``,
+        estimator: name of the choice estimator in `reinmax.ESTIMATORS` (``"reinmax"``,
             ``"straight_through"``, ``"gumbel_softmax"``, ``"gapped_straight_through"``, ``"gumbel_rao"``).
         tau: the estimator's temperature (ReinMax prefers >= 1, Gumbel-Softmax < 1).
         estimator_options: extra keywords for the estimator (``gap=`` or ``k=``).
@@ -229,14 +228,14 @@ class LatentTreeLSTM(nn.Module):
 
 
 class TreeClassifier(nn.Module):
-    """Token ids -> class scores through :class:`LatentTreeLSTM` (the ListOps model).
+    """Token ids -> class scores through [`LatentTreeLSTM`][reinmax.LatentTreeLSTM] (the ListOps model).
 
     Args:
         vocab_size, num_classes: sizes of the input vocabulary and of the output.
         embed_dim, hidden_dim, mlp_dim: sizes of the embedding, tree state and classifier MLP layer.
         padding_idx: the padding token id (its embedding is zero and never read anyway).
         dropout: dropout on the embedding and in the MLP.
-        estimator, tau, estimator_options: see :class:`LatentTreeLSTM`.
+        estimator, tau, estimator_options: see [`LatentTreeLSTM`][reinmax.LatentTreeLSTM].
 
     Shapes: ``forward(tokens, lengths)``: ``tokens`` ``(batch, time)`` long, right-padded;
     ``lengths`` ``(batch,)``; returns logits ``(batch, num_classes)``.

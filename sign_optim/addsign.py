@@ -18,7 +18,6 @@ class AddSign(SignOptimizer):
     With ``m <- beta * m + (1 - beta) * g`` updated first (no bias correction) and
     ``d = sign_internal_decay(step)`` (the step before this update; 1 without a decay):
 
-    .. math::
         w \leftarrow w - \mathrm{lr}\,(\alpha + d\,\mathrm{sign}(g)\,\mathrm{sign}(m))\,g
 
     implemented as ``w - lr * alpha * g - lr * d * sign(m) * |g|`` (the same value, fewer passes).
@@ -31,20 +30,19 @@ class AddSign(SignOptimizer):
         lr: learning rate (>= 0). Default: 1e-3 (TensorFlow's default is 0.1).
         beta: moving-average coefficient in [0, 1). Default: 0.9.
         alpha: the constant term of the factor (real). Default: 1.
-        sign_internal_decay: None (constant 1), a :class:`~sign_optim.decays.InternalDecay` (saved in
+        sign_internal_decay: None (constant 1), a [`InternalDecay`][sign_optim.InternalDecay] (saved in
             ``state_dict``), or any callable ``step -> float`` (not serializable: pass it again when
-            resuming, see :class:`~sign_optim.sign_optimizer.SignOptimizer`).
+            resuming, see [`SignOptimizer`][sign_optim.SignOptimizer]).
         weight_decay: decoupled weight decay (>= 0). Default: 0.
         maximize: maximize the objective instead of minimizing it. Default: False.
         foreach: use the ``torch._foreach_*`` implementation.
-        fused: use the one-pass kernel (:mod:`sign_optim.fused`: C/OpenMP on CPU, Triton on CUDA).
+        fused: use the one-pass kernel (`sign_optim.fused`: C/OpenMP on CPU, Triton on CUDA).
             ``fused=None, foreach=None`` (the default) takes the fused kernel where it is available,
             else foreach; ``fused=True`` where it is not is a ValueError. The paths agree to 1 ulp.
         capturable: keep the step counter on the parameters' device and never read a tensor on the
             host (CUDA graphs); ``lr`` may then be a device tensor. Not with ``fused=True``.
 
-    Example::
-
+    Examples:
         >>> from sign_optim import LinearInternalDecay
         >>> model = torch.nn.Linear(4, 2)
         >>> opt = AddSign(model.parameters(), lr=1e-3, sign_internal_decay=LinearInternalDecay(1000))

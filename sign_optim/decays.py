@@ -4,18 +4,17 @@ An internal decay ``d(step)`` scales the sign term of the update: ``d = 1`` is t
 ``d = 0`` reduces AddSign to SGD with learning rate ``lr * alpha`` and PowerSign to plain SGD.
 With ``T`` the decay horizon (``T_max``), ``s = min(step, T)`` and ``n`` the number of periods:
 
-* :class:`LinearInternalDecay`:        ``(T - s) / T``
-* :class:`CosineInternalDecay`:        ``f = 2 n s / T``, ``0.5 (1 + cos(pi f))``, 0 once ``f >= 2 zero_after``
-* :class:`RestartCosineInternalDecay`: ``f = ((n s) mod T) / T``, ``0.5 (1 + cos(pi f))``, 0 once
+* [`LinearInternalDecay`][sign_optim.LinearInternalDecay]:        ``(T - s) / T``
+* [`CosineInternalDecay`][sign_optim.CosineInternalDecay]:        ``f = 2 n s / T``, ``0.5 (1 + cos(pi f))``, 0 once ``f >= 2 zero_after``
+* [`RestartCosineInternalDecay`][sign_optim.RestartCosineInternalDecay]: ``f = ((n s) mod T) / T``, ``0.5 (1 + cos(pi f))``, 0 once
   ``n s / T >= zero_after`` (TensorFlow's test on the unwrapped fraction: the decay does reach 0)
 
-The decays are plain picklable objects (no closures), and :meth:`InternalDecay.state_dict` gives a
-dict of numbers and strings that :func:`internal_decay_from_state_dict` turns back into the decay,
+The decays are plain picklable objects (no closures), and [`InternalDecay.state_dict`][sign_optim.InternalDecay.state_dict] gives a
+dict of numbers and strings that [`internal_decay_from_state_dict`][sign_optim.internal_decay_from_state_dict] turns back into the decay,
 so an optimizer's ``state_dict`` holding one loads with ``torch.load(..., weights_only=True)``.
 Any other callable ``step -> float`` is accepted by the optimizers too, but cannot be serialized.
 
-Example::
-
+Examples:
     >>> decay = CosineInternalDecay(100)
     >>> decay(0), decay(50), decay(100)
     (1.0, 0.5, 0.0)
@@ -38,7 +37,7 @@ __all__ = [
 
 
 def _number(name: str, value: Any, **bounds) -> float:
-    """``value`` checked by :func:`validation.as_real`; a Python int or float is kept as given (for the repr)."""
+    """``value`` checked by [`validation.as_real`][toolbox_core.checks.as_real]; a Python int or float is kept as given (for the repr)."""
     checked = validation.as_real(name, value, **bounds)
     return value if type(value) in (int, float) else checked
 
@@ -46,8 +45,8 @@ def _number(name: str, value: Any, **bounds) -> float:
 class InternalDecay:
     """Base class: a picklable callable ``step (int >= 0) -> float`` with a serializable config.
 
-    Subclasses set ``kind`` (the name used by :func:`make_internal_decay` and in state dicts) and
-    implement :meth:`value`.
+    Subclasses set ``kind`` (the name used by [`make_internal_decay`][sign_optim.make_internal_decay] and in state dicts) and
+    implement `value`.
     """
 
     kind: str = ""
@@ -202,8 +201,7 @@ def make_internal_decay(
     ``num_periods=None`` takes the class default (0.5 for cosine, 1 for restart); the linear decay
     takes neither ``num_periods`` nor ``zero_after``.
 
-    Example::
-
+    Examples:
         >>> make_internal_decay("restart", 1000, num_periods=4, zero_after=3)
         RestartCosineInternalDecay(T_max=1000, num_periods=4, zero_after=3)
     """
@@ -223,7 +221,7 @@ def make_internal_decay(
 
 
 def internal_decay_from_state_dict(state_dict: Dict[str, Any]) -> InternalDecay:
-    """Inverse of :meth:`InternalDecay.state_dict`."""
+    """Inverse of [`InternalDecay.state_dict`][sign_optim.InternalDecay.state_dict]."""
     if not isinstance(state_dict, dict) or state_dict.get("kind") not in DECAY_KINDS:
         raise ValueError(f"sign_internal_decay: not an internal decay state dict (kind must be one of "
                          f"{list(DECAY_KINDS)}): {state_dict!r}")

@@ -4,8 +4,8 @@ Both rules (Bello et al., 2017, arXiv 1709.07417) keep one moving average per pa
 TensorFlow, update it first (no bias correction), then scale the gradient by a factor of
 ``sign(g) * sign(m)`` and of the internal decay ``d`` evaluated at the step *before* it is
 incremented (the first update uses ``d(0)``). A subclass only gives its rule's coefficients
-``(c0, a, b)`` (:mod:`sign_optim.functional`); the class keeps the state, checks everything first, and hands
-the work to the functional implementations and the fused kernels (:mod:`sign_optim.fused`).
+``(c0, a, b)`` (`sign_optim.functional`); the class keeps the state, checks everything first, and hands
+the work to the functional implementations and the fused kernels (`sign_optim.fused`).
 """
 
 import math
@@ -46,7 +46,7 @@ _LATER_FLAGS = {"maximize": False, "foreach": None, "fused": None, "capturable":
 
 
 class SignOptimizer(Optimizer):
-    """Base class of :class:`~sign_optim.AddSign` and :class:`~sign_optim.PowerSign`.
+    """Base class of [`AddSign`][sign_optim.AddSign] and [`PowerSign`][sign_optim.PowerSign].
 
     Every constructor keyword is a per-group hyper-parameter, as in torch.optim, the internal decay included:
     ``group["sign_internal_decay"]`` (None: constant 1), so param groups may decay differently. The step counter
@@ -55,20 +55,20 @@ class SignOptimizer(Optimizer):
     (float32 for float16/bfloat16 parameters).
 
     Three implementations give the same result (to 1 ulp), as torch.optim's functional split: the fused
-    operator ``torch.ops.sign_optim.fused_sign_`` (:mod:`sign_optim.fused`, the default where available: it
+    operator ``torch.ops.sign_optim.fused_sign_`` (`sign_optim.fused`, the default where available: it
     checks the tensors natively, as torch's fused optimizers do), ``torch._foreach_*`` ops, and a loop over
     parameters. ``lr`` may be a 1-element tensor (read once per step). With ``capturable=True`` the step
     counters live on the parameters' device and the step, the decay and ``lr`` stay tensors: no host read,
     CUDA-graph safe (the foreach/traced update, not the fused kernels).
 
-    Serialization of the decays: an :class:`~sign_optim.decays.InternalDecay` is saved as its config in its
+    Serialization of the decays: an [`InternalDecay`][sign_optim.InternalDecay] is saved as its config in its
     group of ``state_dict()["param_groups"]`` (and the constructor's under ``state_dict()["sign_internal_decay"]``)
     and rebuilt by ``load_state_dict``. Any other callable cannot be serialized: it is saved as
     ``{"kind": "custom", "repr": ...}`` and ``load_state_dict`` keeps the callable the group was constructed with
     (pass the same one again); it raises ``ValueError`` if that group has no decay to keep.
     """
 
-    #: CPU foreach path: elements per cache-sized piece of work (:func:`sign_optim.functional._cache_sized_chunks`).
+    #: CPU foreach path: elements per cache-sized piece of work (`sign_optim.functional._cache_sized_chunks`).
     cpu_chunk_numel: int = 1 << 16
 
     def __init__(
@@ -418,7 +418,7 @@ class SignOptimizer(Optimizer):
     def _compiled_fused_update(self, group, params, grads, avgs, steps) -> None:
         """The fused operator under ``torch.compile``: the coefficient table is computed from the step counters
         as tensors (no Python number derived from them, so no recompilation per step) and the operator is one
-        node of the graph (its fake implementation: :mod:`sign_optim.fused`)."""
+        node of the graph (its fake implementation: `sign_optim.fused`)."""
         decay = group[_DECAY_KEY]
         lr = self._lr_value(group)
         if decay is None:
@@ -488,11 +488,11 @@ class SignOptimizer(Optimizer):
 
     def coefficients(self, group: Dict[str, Any], decay: float) -> Coefficients:
         """The rule's ``(c0, a, b)`` for a parameter of ``group`` at decay value ``decay``
-        (:mod:`sign_optim.functional`)."""
+        (`sign_optim.functional`)."""
         raise NotImplementedError
 
     def tensor_coefficients(self, group: Dict[str, Any], decay: torch.Tensor):
-        """:meth:`coefficients` with a 0-d tensor ``decay`` (the traced path); ``b`` None where the rule has none."""
+        """[`coefficients`][sign_optim.SignOptimizer.coefficients] with a 0-d tensor ``decay`` (the traced path); ``b`` None where the rule has none."""
         raise NotImplementedError
 
     def _prepare_step(self) -> List[Tuple[Dict[str, Any], List[torch.Tensor], List[torch.Tensor], List[float], List]]:

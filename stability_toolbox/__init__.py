@@ -1,22 +1,21 @@
 """Shared infrastructure of the toolbox's libraries (admin_torch, reinmax, sign_optim).
 
-:mod:`toolbox_core.validation` holds the argument checks every library uses and the global
-switch of the data checks (:func:`set_data_checks`), re-exported here; its pure-Python argument
-checks live in the torch-free :mod:`toolbox_core.checks`.
-:class:`StabilityMonitor` (:mod:`stability_toolbox.monitor`) records Admin's per-layer stability quantities
-live during training; :mod:`stability_toolbox.hf_callback` runs it in a HuggingFace ``Trainer``.
-:mod:`stability_toolbox.warning_rules` holds its warning rules (pure functions of its history: each warning
-names the likely mechanism and the remedy); :mod:`stability_toolbox.z_loss` the z-loss remedy.
-:mod:`toolbox_core.listops` holds the ListOps data code (generator, parser, evaluator, reader
+[`toolbox_core.validation`][toolbox_core.validation] holds the argument checks every library uses and the global
+switch of the data checks ([`set_data_checks`][toolbox_core.validation.set_data_checks]), re-exported here; its pure-Python argument
+checks live in the torch-free [`toolbox_core.checks`][toolbox_core.checks].
+[`StabilityMonitor`][stability_toolbox.StabilityMonitor] (`stability_toolbox.monitor`) records Admin's per-layer stability quantities
+live during training; `stability_toolbox.hf_callback` runs it in a HuggingFace ``Trainer``.
+`stability_toolbox.warning_rules` holds its warning rules (pure functions of its history: each warning
+names the likely mechanism and the remedy); `stability_toolbox.z_loss` the z-loss remedy.
+`toolbox_core.listops` holds the ListOps data code (generator, parser, evaluator, reader
 and writer) in pure Python.
 
 Importing this package imports neither torch nor fairseq: the names re-exported here from
-:mod:`~toolbox_core.validation` and :mod:`~stability_toolbox.monitor` (which need torch) are
+[`validation`][toolbox_core.validation] and `monitor` (which need torch) are
 imported on first use, so ``import toolbox_core.listops`` stays torch-free, while
 ``from stability_toolbox import StabilityMonitor`` works as ever.
 
-Example::
-
+Examples:
     >>> import stability_toolbox
     >>> with stability_toolbox.data_checks(False):
     ...     stability_toolbox.data_checks_enabled()

@@ -1,16 +1,15 @@
-"""The stability monitor in a HuggingFace ``Trainer``: :class:`StabilityMonitorCallback`.
+"""The stability monitor in a HuggingFace ``Trainer``: `StabilityMonitorCallback`.
 
 Importing this module does not import transformers; the callback class is built (as a subclass of
 ``transformers.TrainerCallback``) the first time it is looked up.
 
-Example::
-
+Examples:
     >>> from stability_toolbox.hf_callback import StabilityMonitorCallback   # doctest: +SKIP
     >>> trainer = Trainer(model, args, train_dataset=ds,
     ...                   callbacks=[StabilityMonitorCallback('runs/stability', every=100)])   # doctest: +SKIP
     >>> trainer.train()   # monitor.jsonl, tb/, summary.md, heatmap_*.png under runs/stability   # doctest: +SKIP
 
-Works with stock models and with models :func:`admin_torch.convert` converted (BERT, RoBERTa, BART,
+Works with stock models and with models [`admin_torch.convert`][admin_torch.convert] converted (BERT, RoBERTa, BART,
 Marian, ...): the monitor finds their sublayers through the same descriptions. Per optimizer step:
 ``on_step_begin`` arms the monitor on logged steps (and hooks the model's output to read its ``loss``),
 ``on_pre_optimizer_step`` reads the gradients (after clipping, before ``optimizer.step``; the Trainer
@@ -31,14 +30,14 @@ def _build():
     from .monitor import StabilityMonitor
 
     class StabilityMonitorCallback(TrainerCallback):
-        """A ``TrainerCallback`` running :class:`~stability_toolbox.StabilityMonitor` on the trained model.
+        """A ``TrainerCallback`` running [`StabilityMonitor`][stability_toolbox.StabilityMonitor] on the trained model.
 
         Args:
             log_dir: where the monitor writes (default: ``<output_dir>/stability``).
             every: the logging interval in optimizer steps (default 100).
-            **monitor_kwargs: passed to :class:`~stability_toolbox.StabilityMonitor`.
+            **monitor_kwargs: passed to [`StabilityMonitor`][stability_toolbox.StabilityMonitor].
 
-        The monitor is :attr:`monitor` (created at ``on_train_begin``; each ``trainer.train()`` gets a new one,
+        The monitor is `monitor` (created at ``on_train_begin``; each ``trainer.train()`` gets a new one,
         appending to the same ``monitor.jsonl``).
         """
 

@@ -1,11 +1,11 @@
 """A live training-stability monitor: Admin's analysis, per layer, every k steps.
 
-:class:`StabilityMonitor` attaches to a model and, on every ``every``-th optimizer step (the
+[`StabilityMonitor`][stability_toolbox.StabilityMonitor] attaches to a model and, on every ``every``-th optimizer step (the
 *logging steps*), records per layer:
 
 * ``beta``: the residual-branch ratio of each residual sublayer (Admin's beta), the share of the
   branch in the variance of the residual sum: ``Var[f(x)] / Var[omega * x + f(x)]`` (population
-  variances over every element of the batch, padding included, as :func:`admin_torch.residual_betas`
+  variances over every element of the batch, padding included, as [`admin_torch.residual_betas`][admin_torch.residual_betas]
   and Admin's profiler). For Post-LN the residual sum is the LayerNorm's input; for Pre-LN it is the
   stream the next sublayer's LayerNorm reads.
 * ``output_change``: the relative change of each sublayer's residual sum on a fixed probe batch (the
@@ -27,34 +27,33 @@
 
 Where the residual sums are found (most exact first):
 
-1. residual modules called as ``module(x, f_x)``: :class:`admin_torch.OmegaResidual`,
-   :class:`admin_torch.DeepNormResidual`, :class:`admin_torch.reference_stack.AddResidual` (the
+1. residual modules called as ``module(x, f_x)``: [`admin_torch.OmegaResidual`][admin_torch.OmegaResidual],
+   [`admin_torch.DeepNormResidual`][admin_torch.DeepNormResidual], [`admin_torch.AddResidual`][admin_torch.AddResidual] (the
    reference stacks, converted torch.nn and HuggingFace models, fairseq's ``transformer_admin``);
-2. the per-layer descriptions that drive :func:`admin_torch.convert` / :func:`admin_torch.fold`
-   (:data:`admin_torch.LAYER_KINDS`: torch.nn, BERT, RoBERTa, BART, Marian; fairseq's layers are
-   added by :mod:`fairseq_plugins.monitor` through :func:`register_layer_kind`), Post-LN or Pre-LN
+2. the per-layer descriptions that drive [`admin_torch.convert`][admin_torch.convert] / [`admin_torch.fold`][admin_torch.fold]
+   (`admin_torch.LAYER_KINDS`: torch.nn, BERT, RoBERTa, BART, Marian; fairseq's layers are
+   added by `fairseq_plugins.monitor` through [`register_layer_kind`][stability_toolbox.register_layer_kind]), Post-LN or Pre-LN
    (``norm_first`` / ``normalize_before``): ``f = s - x`` with ``x`` the sublayer's input stream;
 3. any other model: every LayerNorm/RMSNorm in call order, the shortcut of norm i being the previous
    norm's output (Post-LN) or input (Pre-LN), decided once from the first logged step (the candidate
    leaving the smaller branch) unless ``fallback=`` says which.
 
-Between logging steps no hook is installed and nothing is read on the host: :meth:`begin_step` /
-:meth:`end_step` count, and a loss passed in is accumulated on its device. On a logging step the
+Between logging steps no hook is installed and nothing is read on the host: [`begin_step`][stability_toolbox.StabilityMonitor.begin_step] /
+[`end_step`][stability_toolbox.StabilityMonitor.end_step] count, and a loss passed in is accumulated on its device. On a logging step the
 hooks go in, the statistics are computed on the device, and one transfer brings them to the host.
 
 Outputs under ``log_dir``: ``monitor.jsonl`` (one JSON object per logging step; a non-finite value as the
-string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``, read back by :func:`read_records`), TensorBoard scalars
+string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``, read back by `read_records`), TensorBoard scalars
 (``tb/``, tensorboardX), ``summary.md`` and one ``heatmap_<quantity>.png`` (layer x step) per quantity
-at :meth:`close` (also as TensorBoard images). A quantity trending toward divergence logs one line (logger
+at [`close`][stability_toolbox.StabilityMonitor.close] (also as TensorBoard images). A quantity trending toward divergence logs one line (logger
 ``stability_toolbox.monitor``, level WARNING) that begins with ``stability warning:`` and names the
 layer, the quantity and its trend, the likely mechanism and the toolbox's remedy; the same line goes to
-``monitor.jsonl`` and to TensorBoard (text ``stability/warnings``). The rules (:class:`WarningRule`,
-:data:`DEFAULT_RULES`) are pure functions of the history in :mod:`stability_toolbox.warning_rules`
-(see ``docs/monitor.md``). :meth:`StabilityMonitor.observe_logits` adds the output logits' ``log_z`` /
+``monitor.jsonl`` and to TensorBoard (text ``stability/warnings``). The rules ([`WarningRule`][stability_toolbox.WarningRule],
+`DEFAULT_RULES`) are pure functions of the history in `stability_toolbox.warning_rules`
+(see ``docs/monitor.md``). [`StabilityMonitor.observe_logits`][stability_toolbox.StabilityMonitor.observe_logits] adds the output logits' ``log_z`` /
 ``log_z_rms`` (output-logit divergence).
 
-Example::
-
+Examples:
     >>> import torch
     >>> from admin_torch import make_stack
     >>> from stability_toolbox import StabilityMonitor
@@ -158,14 +157,13 @@ _EXTRA_KINDS: Dict[str, Callable[[nn.Module], Any]] = {}
 
 
 def register_layer_kind(key: str, describe: Callable[[nn.Module], Any]) -> None:
-    """Teach the monitor a layer type: ``describe(layer)`` returns its :class:`admin_torch.LayerKind`.
+    """Teach the monitor a layer type: ``describe(layer)`` returns its [`admin_torch.LayerKind`][admin_torch.LayerKind].
 
-    ``key`` is ``module.QualifiedName`` of the class (:func:`admin_torch.architectures.kind_key`);
-    subclasses match too. :mod:`fairseq_plugins.monitor` registers fairseq's layers this way with the
-    descriptions :mod:`fairseq_plugins.fold_checkpoint` folds with.
+    ``key`` is ``module.QualifiedName`` of the class (`admin_torch.architectures.kind_key`);
+    subclasses match too. `fairseq_plugins.monitor` registers fairseq's layers this way with the
+    descriptions `fairseq_plugins.fold_checkpoint` folds with.
 
-    Example::
-
+    Examples:
         >>> register_layer_kind('mylib.MyLayer', lambda layer: MY_KIND)   # doctest: +SKIP
     """
     if not isinstance(key, str):
@@ -176,7 +174,7 @@ def register_layer_kind(key: str, describe: Callable[[nn.Module], Any]) -> None:
 
 
 def _describe_layer(module: nn.Module):
-    """The :class:`admin_torch.LayerKind` of ``module`` (registered kinds, then admin_torch's tables and
+    """The [`admin_torch.LayerKind`][admin_torch.LayerKind] of ``module`` (registered kinds, then admin_torch's tables and
     structural recognition), or None."""
     from admin_torch import architectures as arch
 
@@ -266,7 +264,7 @@ def _inert_hook(*_args, **_kwargs) -> None:
 
 class _Hook:
     """A monitor's hook on the model: calls ``fn`` in this model only. A ``copy.deepcopy`` of the model (an EMA
-    copy) and a pickled one (``torch.save(model)``) get :func:`_inert_hook` instead, so they are picklable and
+    copy) and a pickled one (``torch.save(model)``) get `_inert_hook` instead, so they are picklable and
     never report into this monitor."""
 
     __slots__ = ("fn",)
@@ -345,7 +343,7 @@ class StabilityMonitor:
     Args:
         model: the model (an ``nn.Module``; the unwrapped one, not a DDP wrapper).
         log_dir: where ``monitor.jsonl``, ``tb/``, ``summary.md`` and the heatmaps go (created);
-            None keeps everything in memory (:attr:`history`, :attr:`warnings`).
+            None keeps everything in memory (`history`, `warnings`).
         every: the logging interval k (an integer >= 1); steps 0, k, 2k, ... are logged.
         probe: the probe inputs for ``output_change``: a tensor, a tuple of positional arguments or a
             dict of keyword arguments of ``model``; default: the inputs of the first logged forward.
@@ -353,15 +351,14 @@ class StabilityMonitor:
         range_dtype: the floating dtype ``act_frac`` compares with (e.g. ``torch.float16`` to see the
             fp16 margin of an fp32 run); default: each activation's own dtype.
         fallback: models without residual modules or known layers: ``'auto'``, ``'post_ln'``, ``'pre_ln'``.
-        rules: ``{quantity: WarningRule}`` replacing :data:`DEFAULT_RULES` (``{}``: no warnings).
+        rules: ``{quantity: WarningRule}`` replacing `DEFAULT_RULES` (``{}``: no warnings).
         tensorboard, heatmaps: write TensorBoard scalars / PNG heatmaps (needs ``log_dir``).
         log: the logger warnings and the summary go to (default ``stability_toolbox.monitor``).
 
     Raises:
         TypeError / ValueError: a bad argument (named); nothing is attached then.
 
-    Example::
-
+    Examples:
         >>> model = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32), 3,
         ...                                     enable_nested_tensor=False)
         >>> mon = StabilityMonitor(model, every=10)
@@ -749,7 +746,7 @@ class StabilityMonitor:
     def begin_step(self, step: Optional[int] = None) -> bool:
         """Call before the forward pass of a step; ``step`` realigns the counter (a resumed run).
 
-        Returns whether this step is logged (then the hooks are in until :meth:`end_step`).
+        Returns whether this step is logged (then the hooks are in until [`end_step`][stability_toolbox.StabilityMonitor.end_step]).
         """
         self._check_open()
         if step is not None:
@@ -767,7 +764,7 @@ class StabilityMonitor:
         return True
 
     def _wrap_hooks(self, handles: Optional[List[Any]] = None) -> None:
-        """Every hook this monitor put on the model as a :class:`_Hook`: a pickled or deep-copied model carries
+        """Every hook this monitor put on the model as a `_Hook`: a pickled or deep-copied model carries
         an inert hook instead (``torch.save(model)`` works; an EMA copy does not report here)."""
         for handle in self._handles if handles is None else handles:
             hooks = handle.hooks_dict_ref()
@@ -848,7 +845,7 @@ class StabilityMonitor:
 
     @contextlib.contextmanager
     def step(self, step: Optional[int] = None) -> Iterator[_StepHandle]:
-        """Context manager around one training step (forward, backward, optimizer step)::
+        """Context manager around one training step (forward, backward, optimizer step):
 
             with monitor.step() as s:
                 loss = model(x).loss; loss.backward(); opt.step(); opt.zero_grad()
@@ -869,7 +866,7 @@ class StabilityMonitor:
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "StabilityMonitor":
         """Drive the monitor from ``optimizer``'s step hooks: no other call needed in the loop (losses:
-        :meth:`observe_loss`). Gradients are read just before each logged ``optimizer.step()``."""
+        [`observe_loss`][stability_toolbox.StabilityMonitor.observe_loss]). Gradients are read just before each logged ``optimizer.step()``."""
         self._check_open()
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -1226,9 +1223,9 @@ _NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float
 
 
 def read_records(path: Union[str, Path]) -> List[Dict[str, Any]]:
-    """The records of a ``monitor.jsonl`` as :attr:`StabilityMonitor.history` holds them: the strings
+    """The records of a ``monitor.jsonl`` as `StabilityMonitor.history` holds them: the strings
     ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` of the values of ``loss*``, ``log_z*`` and the quantities back
-    to floats (e.g. for :func:`stability_toolbox.warning_rules.replay`)."""
+    to floats (e.g. for `stability_toolbox.warning_rules.replay`)."""
     def number(v):
         return _NON_FINITE.get(v, v) if isinstance(v, str) else v
 
@@ -1260,7 +1257,7 @@ def _heads(module: nn.Module) -> Optional[int]:
 
 
 def _qk_normed(module: nn.Module) -> bool:
-    """Whether an attention module applies qk-layernorm (``q_norm`` / ``k_norm``, :mod:`admin_torch.qk_norm`)."""
+    """Whether an attention module applies qk-layernorm (``q_norm`` / ``k_norm``, `admin_torch.qk_norm`)."""
     return isinstance(getattr(module, "q_norm", None), nn.Module) and isinstance(getattr(module, "k_norm", None),
                                                                                  nn.Module)
 

@@ -3,21 +3,20 @@
 ``Z = sum_j exp(logit_j)`` is the softmax's normaliser over the vocabulary at one position. Cross-entropy
 is invariant to adding a constant to every logit, so ``log Z`` is free to drift; at high learning rates
 it drifts far from 0 (*output-logit divergence*, Wortsman et al. 2023), and the loss diverges. The
-auxiliary loss of PaLM (Chowdhery et al. 2022) pulls it back::
+auxiliary loss of PaLM (Chowdhery et al. 2022) pulls it back:
 
     z_loss = weight * mean over positions of logsumexp(logits)^2       (weight 1e-4)
 
-* :func:`z_loss`: the term alone;
-* :func:`cross_entropy_with_z_loss`: ``F.cross_entropy(logits, target) + z_loss`` over the same
+* `z_loss`: the term alone;
+* [`cross_entropy_with_z_loss`][stability_toolbox.cross_entropy_with_z_loss]: ``F.cross_entropy(logits, target) + z_loss`` over the same
   positions (``ignore_index`` positions count in neither); ``z_loss=0`` returns exactly
   ``F.cross_entropy``'s value (no term is computed);
-* :func:`log_z`: the per-position ``log Z`` (what :meth:`StabilityMonitor.observe_logits` records).
+* [`log_z`][stability_toolbox.log_z]: the per-position ``log Z`` (what [`StabilityMonitor.observe_logits`][stability_toolbox.StabilityMonitor.observe_logits] records).
 
 fairseq: ``--criterion cross_entropy_zloss --z-loss 1e-4`` and
 ``--criterion label_smoothed_cross_entropy_zloss --z-loss 1e-4`` (``fairseq_plugins.criterions``).
 
-Example::
-
+Examples:
     >>> import torch
     >>> logits, target = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
     >>> ce = torch.nn.functional.cross_entropy(logits, target)
@@ -54,8 +53,7 @@ def _check_logits(logits) -> Tensor:
 def log_z(logits: Tensor) -> Tensor:
     """``logsumexp`` of ``logits`` over the last (vocabulary) dimension, computed in float32 or wider.
 
-    Example::
-
+    Examples:
         >>> log_z(torch.zeros(2, 4))
         tensor([1.3863, 1.3863])
     """
@@ -74,8 +72,7 @@ def z_loss(logits: Tensor, weight: float = DEFAULT_Z_LOSS, *, mask: Optional[Ten
         mask: optional bool tensor of ``logits.shape[:-1]``: only True positions count.
         reduction: ``'mean'`` (over counted positions), ``'sum'`` or ``'none'`` (per position, masked ones 0).
 
-    Example::
-
+    Examples:
         >>> z_loss(torch.zeros(3, 2), weight=1.0)   # log(2)^2
         tensor(0.4805)
     """
@@ -114,8 +111,7 @@ def cross_entropy_with_z_loss(logits: Tensor, target: Tensor, *, z_loss: float =
         TypeError / ValueError: ``logits``/``target`` of the wrong type or shape, ``z_loss < 0``, a bad
             ``reduction`` (named).
 
-    Example::
-
+    Examples:
         >>> logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
         >>> cross_entropy_with_z_loss(logits, torch.tensor([0, -100]), z_loss=1.0)   # CE + logsumexp^2
         tensor(4.6508)

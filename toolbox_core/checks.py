@@ -5,14 +5,13 @@ Every helper takes the argument's public name, so an error reads ``"tau must be 
 number > 0, got 0.0"``. Numbers are accepted in every form a user passes one: Python ``int``
 and ``float``, NumPy scalars (``np.int64(2)``, ``np.float32(0.5)``) and one-element tensors
 (a 0-d tensor where a number is expected; a tensor exists only once torch is imported, so torch is
-looked up in :data:`sys.modules`, never imported here). ``bool`` is never a number here (``True``
+looked up in `sys.modules`, never imported here). ``bool`` is never a number here (``True``
 layers is a bug, not a count).
 
-These are the *argument checks* of :mod:`toolbox_core.validation` (which re-exports them
+These are the *argument checks* of [`toolbox_core.validation`][toolbox_core.validation] (which re-exports them
 beside the data checks): they read no tensor data, always run and cost nothing on a GPU.
 
-Example::
-
+Examples:
     >>> from stability_toolbox import checks
     >>> checks.as_real("tau", 1.5, low=0.0, low_open=True)
     1.5

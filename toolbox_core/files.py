@@ -34,8 +34,7 @@ def check_output_path(output: PathLike, inputs: Sequence[PathLike] = (), name: s
 def atomic_write(path: PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; on success it replaces ``path`` atomically.
 
-    Example::
-
+    Examples:
         >>> with atomic_write("profile.json") as f:   # doctest: +SKIP
         ...     f.write("{}")
     """

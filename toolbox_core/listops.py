@@ -1,9 +1,9 @@
 """ListOps (Nangia & Bowman 2018): generator, evaluator, parser and file reader.
 
 Pure Python: this module imports neither torch nor fairseq (its argument checks are those of the
-torch-free :mod:`toolbox_core.checks`), so a recipe that only wants the generator or the
-reader does not load the fairseq plugins. The fairseq task ``listops`` (:mod:`fairseq_plugins.tasks.listops`)
-reads its data with :func:`read_listops`.
+torch-free [`toolbox_core.checks`][toolbox_core.checks]), so a recipe that only wants the generator or the
+reader does not load the fairseq plugins. The fairseq task ``listops`` (`fairseq_plugins.tasks.listops`)
+reads its data with `read_listops`.
 
 A ListOps expression is a tree of list operators over the digits 0-9:
 
@@ -21,14 +21,13 @@ below the depth cap each node is an operator with probability ``operator_prob`` 
 official ``VALUE_P = 0.25`` is compared as ``r > VALUE_P -> value``, so *values* have probability
 0.75; the official test set confirms this: 25.2% of the arguments are operators), an operator
 takes 2 to 5 arguments, a node at depth ``max_depth`` = 20 is forced to be a value (the root has
-depth 1), and the trees of a data set are unique. It draws from :class:`random.Random` in the
+depth 1), and the trees of a data set are unique. It draws from `random.Random` in the
 same order as the official script.
 
 Lengths count the tokens without parentheses (what a latent-tree model reads), e.g. the example
 above has length 6.
 
-Example::
-
+Examples:
     >>> from toolbox_core.listops import generate, to_string, evaluate, parse_expression
     >>> examples = generate(3, seed=0, max_length=30)
     >>> label, expression = examples[0].label, examples[0].expression
@@ -113,7 +112,7 @@ def generate_tree(rng: random.Random, depth: int = 1, max_depth: int = 20, max_a
 def _fold(tree: Tree, leaf, node):
     """Post-order fold without recursion: ``leaf(digit)`` for values, ``node(op, [child results])``.
 
-    Every node is checked on the way (:func:`_check_node`): a malformed tree is a ValueError naming
+    Every node is checked on the way (`_check_node`): a malformed tree is a ValueError naming
     the expression, never an IndexError or a value outside 0-9.
     """
     if _is_leaf(tree, tree):
@@ -206,8 +205,7 @@ def count_trees(max_length: int, *, min_length: int = 1, min_depth: int = 1, max
     """The number of distinct trees with length in ``[min_length, max_length]`` and depth in
     ``[min_depth, max_depth]`` (a float: exact up to 2**53). Cost grows as ``max_length**2``.
 
-    Example::
-
+    Examples:
         >>> count_trees(4)    # [OP a b ]: 4 operators x 10 x 10 digits
         400.0
     """
@@ -270,7 +268,7 @@ def _check_feasible(num_examples: int, *, max_depth: int, max_args: int, min_len
 
 def _check_generator_args(num_examples: Optional[int], max_depth, max_args, operator_prob, min_length, max_length,
                           min_depth, allow_value_root, max_rejections) -> dict:
-    """Every argument of :func:`generate` checked, and the constraints checked for feasibility."""
+    """Every argument of `generate` checked, and the constraints checked for feasibility."""
     args = dict(
         max_depth=_check_int("max_depth", max_depth, 1),
         max_args=_check_int("max_args", max_args, 2),
@@ -292,7 +290,7 @@ def iter_generate(seed: int = 0, *, max_depth: int = 20, max_args: int = 5, oper
                   min_length: int = 1, max_length: Optional[int] = None,
                   min_depth: int = 1, allow_value_root: bool = False,
                   exclude: Iterable[str] = (), max_rejections: int = 1_000_000) -> Iterator[ListOpsExample]:
-    """Yield unique ListOps examples (see :func:`generate`) until ``max_rejections`` draws in a row
+    """Yield unique ListOps examples (see `generate`) until ``max_rejections`` draws in a row
     give nothing new, which raises ValueError (the constraints are met too rarely, or every tree
     that meets them was produced)."""
     args = _check_generator_args(None, max_depth, max_args, operator_prob, min_length, max_length,
@@ -340,7 +338,7 @@ def generate(num_examples: int, seed: int = 0, *, max_depth: int = 20, max_args:
 
     Args:
         num_examples: how many examples.
-        seed: seed of the :class:`random.Random` that draws the trees.
+        seed: seed of the `random.Random` that draws the trees.
         max_depth: depth cap (official 20); nodes at this depth are values.
         max_args: most arguments of an operator (official 5; the fewest is 2).
         operator_prob: probability that a node below the cap is an operator (official 0.25).
@@ -353,7 +351,7 @@ def generate(num_examples: int, seed: int = 0, *, max_depth: int = 20, max_args:
         max_rejections: draws in a row that give no new example before giving up.
 
     Returns:
-        A list of :class:`ListOpsExample`, in the order drawn.
+        A list of `ListOpsExample`, in the order drawn.
     """
     num_examples = _check_int("num_examples", num_examples, 0)
     progress = checks.as_bool("progress", progress)

@@ -8,18 +8,17 @@ bug, not a count).
 
 Two kinds of check (the convention of ``torch.distributions``):
 
-* **argument checks** (types, ranges, shapes, dims: :func:`as_int`, :func:`as_real`,
-  :func:`as_bool`, :func:`as_choice`) read no tensor data: they always run, cost nothing on a GPU
-  and are invisible to ``torch.compile``. They live in the torch-free :mod:`toolbox_core.checks`
-  (what the ListOps data code, :mod:`toolbox_core.listops`, uses) and are re-exported here;
-* **data checks** (:func:`check_data`: NaN or +inf logits, an all ``-inf`` slice, negative
+* **argument checks** (types, ranges, shapes, dims: [`as_int`][toolbox_core.checks.as_int], [`as_real`][toolbox_core.checks.as_real],
+  [`as_bool`][toolbox_core.checks.as_bool], [`as_choice`][toolbox_core.checks.as_choice]) read no tensor data: they always run, cost nothing on a GPU
+  and are invisible to ``torch.compile``. They live in the torch-free [`toolbox_core.checks`][toolbox_core.checks]
+  (what the ListOps data code, `toolbox_core.listops`, uses) and are re-exported here;
+* **data checks** ([`check_data`][toolbox_core.validation.check_data]: NaN or +inf logits, an all ``-inf`` slice, negative
   probabilities) read a tensor's values. On CUDA each one is a host-device synchronization and
   under ``torch.compile`` a graph break, so they run only in eager mode, and
-  :func:`set_data_checks` switches them off globally for production GPU loops. Switched off, a
+  [`set_data_checks`][toolbox_core.validation.set_data_checks] switches them off globally for production GPU loops. Switched off, a
   bad value is not reported and propagates (a NaN input gives NaN outputs).
 
-Example::
-
+Examples:
     >>> from toolbox_core import validation as v
     >>> v.as_real("tau", 1.5, low=0.0, low_open=True)
     1.5
@@ -56,8 +55,7 @@ def set_data_checks(enabled: bool) -> None:
     at all (what production GPU loops want), and a bad value is no longer reported: NaN in, NaN out.
     Inside ``torch.compile`` the data checks are always skipped.
 
-    Example::
-
+    Examples:
         >>> import stability_toolbox
         >>> stability_toolbox.set_data_checks(False)   # production: no syncs
         >>> stability_toolbox.set_data_checks(True)
@@ -77,7 +75,7 @@ def data_checks_enabled() -> bool:
 
 @contextlib.contextmanager
 def data_checks(enabled: bool) -> Iterator[None]:
-    """Context manager form of :func:`set_data_checks` (the previous setting is restored)."""
+    """Context manager form of [`set_data_checks`][toolbox_core.validation.set_data_checks] (the previous setting is restored)."""
     global _DATA_CHECKS
     previous = _DATA_CHECKS
     set_data_checks(enabled)

@@ -2,13 +2,13 @@
 
 z-loss (PaLM; Wortsman et al. 2023's remedy for output-logit divergence) adds ``--z-loss W`` times
 ``log(Z)^2`` per target position (a bad value: one line, exit 2), ``Z`` the softmax normaliser of the output logits
-(:mod:`stability_toolbox.z_loss`). fairseq's criteria return a loss *summed* over the non-padding target
+(`stability_toolbox.z_loss`). fairseq's criteria return a loss *summed* over the non-padding target
 positions (the trainer divides by the sample size), so the term is summed over the same positions:
 ``loss = stock loss + W * sum_{t not pad} logsumexp(logits_t)^2``. ``--z-loss 0`` gives exactly the stock
 criterion (no term is computed). The term is logged as ``z_loss`` (per sample-size unit, base e);
 ``loss``/``nll_loss``/``ppl`` stay the stock criterion's values plus nothing else but the term in ``loss``.
 
-Example::
+Example:
 
     fairseq-train data-bin --user-dir fairseq_plugins --task language_modeling --arch transformer_lm_admin \\
         --criterion cross_entropy_zloss --z-loss 1e-4 ...

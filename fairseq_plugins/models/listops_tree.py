@@ -1,4 +1,4 @@
-"""fairseq model ``listops_tree``: the latent-tree classifier of :mod:`reinmax.tree` for task ``listops``.
+"""fairseq model ``listops_tree``: the latent-tree classifier of `reinmax.tree` for task ``listops``.
 
 The tree is built by discrete merge choices made through a ``reinmax`` estimator (``--estimator``,
 ``--tau``; sampled in training, greedy in evaluation). Train with criterion ``listops_cross_entropy``.
@@ -52,7 +52,7 @@ def check_listops_tree_flags(args) -> None:
 
 @register_once(MODEL_REGISTRY, register_model, "listops_tree", dataclass=ListOpsTreeConfig)
 class ListOpsTreeModel(BaseFairseqModel):
-    """Thin fairseq wrapper of :class:`reinmax.tree.TreeClassifier`; ``forward`` returns ``(batch, 10)`` logits."""
+    """Thin fairseq wrapper of [`reinmax.TreeClassifier`][reinmax.TreeClassifier]; ``forward`` returns ``(batch, 10)`` logits."""
 
     def __init__(self, classifier: TreeClassifier):
         super().__init__()

@@ -1,12 +1,12 @@
 """``transformer_admin``: fairseq's Post-LN transformer with Admin (or DeepNorm) residual scaling.
 
 Every residual connection of the stock ``transformer`` computes ``LN(x + f(x))``; here it
-computes ``LN(omega * x + f(x))`` through an :class:`admin_torch.OmegaResidual` (or
-``alpha * x`` through an :class:`admin_torch.DeepNormResidual`). The layers override only
+computes ``LN(omega * x + f(x))`` through an [`admin_torch.OmegaResidual`][admin_torch.OmegaResidual] (or
+``alpha * x`` through an [`admin_torch.DeepNormResidual`][admin_torch.DeepNormResidual]). The layers override only
 fairseq's ``residual_connection(x, residual)`` hook, so everything else (attention, incremental
 decoding, checkpoints) is the stock code.
 
-Sublayer counts (N of :func:`admin_torch.calculate_init`): the encoder has ``2 * encoder_layers``
+Sublayer counts (N of [`admin_torch.calculate_init`][admin_torch.calculate_init]): the encoder has ``2 * encoder_layers``
 residual sublayers (self-attention, FFN), the decoder ``3 * decoder_layers`` (self-attention,
 cross-attention, FFN). The decoder's N counts the DECODER's sublayers only, not the encoder's:
 the decoder's shortcut stream starts at its own (LayerNorm-free) embedding and the encoder output
@@ -19,26 +19,26 @@ Initializations (``--admin-init``):
 * ``admin`` (default): closed-form omega, ``calculate_init(N, --admin-output-change-scale)``.
 * ``profiled``: the original two-stage Admin. The first training forward pass runs once more
   under ``torch.no_grad()`` to measure each sublayer's output variance
-  (:func:`admin_torch.profile_omegas`, encoder and decoder as separate chains), sets the omegas
+  ([`admin_torch.profile_omegas`][admin_torch.profile_omegas], encoder and decoder as separate chains), sets the omegas
   and writes them to ``--admin-profile PATH`` (JSON); the persistent buffer ``admin_profiled``
   records it, so resuming from a checkpoint does not profile again. If PATH exists when the
   model is built, the omegas are loaded from it instead.
-* ``deepnorm``: DeepNet's encoder-decoder constants (:func:`admin_torch.deepnorm_init` with N, M
+* ``deepnorm``: DeepNet's encoder-decoder constants ([`admin_torch.deepnorm_init`][admin_torch.deepnorm_init] with N, M
   counted in layers): alpha on the shortcut, fc1, fc2, v_proj and out_proj initialized with
-  gain beta (:func:`admin_torch.deepnorm_scale_`).
+  gain beta ([`admin_torch.deepnorm_scale_`][admin_torch.deepnorm_scale_]).
 
 ``--moe-experts E`` makes every FFN a mixture of E experts routed by a discrete sample
-(:mod:`fairseq_plugins.moe`; ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
+(`fairseq_plugins.moe`; ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
 ``--moe-capacity-factor``; train with ``--criterion label_smoothed_cross_entropy_moe``).
 
-``--qk-norm`` adds qk-layernorm (a LayerNorm on each head's queries and keys, :func:`apply_qk_norm`) to every
+``--qk-norm`` adds qk-layernorm (a LayerNorm on each head's queries and keys, `apply_qk_norm`) to every
 attention; with z-loss (``--criterion label_smoothed_cross_entropy_zloss --z-loss 1e-4``) these are the
 remedies of Wortsman et al. 2023 that the stability monitor's warnings name.
 
 ``--encoder-as-parameter`` / ``--decoder-as-parameter`` make omega a trainable vector of size
 embed_dim, as in the original recipes. Only Post-LN is supported.
 
-Example::
+Example:
 
     fairseq-train data-bin --user-dir fairseq_plugins --arch transformer_admin_wmt_en_de_18_18 \\
         --admin-init admin --admin-output-change-scale 'O(logn)' --share-all-embeddings ...
@@ -135,7 +135,7 @@ def _admin_defaults(args) -> None:
 
 
 def _check_admin_args(args) -> None:
-    """The admin flags of a parsed command line or model Namespace; :class:`FlagError` names the flag."""
+    """The admin flags of a parsed command line or model Namespace; `FlagError` names the flag."""
     _admin_defaults(args)
     check_flag("--admin-init", validation.as_choice, str(args.admin_init), choices=ADMIN_INITS)
     check_flag("--admin-output-change-scale", validation.as_choice, str(args.admin_output_change_scale),
@@ -166,7 +166,7 @@ def _check_admin_args(args) -> None:
 
 @flag_check
 def check_transformer_admin_flags(args) -> None:
-    """Run :func:`_check_admin_args` on command lines whose ``--arch`` is an Admin model's architecture."""
+    """Run `_check_admin_args` on command lines whose ``--arch`` is an Admin model's architecture."""
     from fairseq.models import ARCH_MODEL_REGISTRY
 
     model = ARCH_MODEL_REGISTRY.get(getattr(args, "arch", None))
@@ -274,7 +274,7 @@ def _wrap(cfg, layer):
 
 
 class TransformerAdminEncoder(TransformerEncoder):
-    """The stock encoder built from :class:`TransformerAdminEncoderLayer`."""
+    """The stock encoder built from `TransformerAdminEncoderLayer`."""
 
     def build_encoder_layer(self, args):
         cfg = TransformerConfig.from_namespace(args)
@@ -283,7 +283,7 @@ class TransformerAdminEncoder(TransformerEncoder):
 
 
 class TransformerAdminDecoder(TransformerDecoder):
-    """The stock decoder built from :class:`TransformerAdminDecoderLayer` (decoder-only layers when
+    """The stock decoder built from `TransformerAdminDecoderLayer` (decoder-only layers when
     built with ``no_encoder_attn``, as a language model's)."""
 
     def build_decoder_layer(self, args, no_encoder_attn=False):
@@ -296,7 +296,7 @@ def apply_qk_norm(model: nn.Module) -> int:
     """``--qk-norm``: qk-layernorm in every fairseq ``MultiheadAttention`` of ``model`` (self- and cross-attention),
     in place; returns how many modules got it.
 
-    Each ``q_proj`` / ``k_proj`` becomes an :class:`admin_torch.QKNormLinear` (the same ``nn.Linear`` weights,
+    Each ``q_proj`` / ``k_proj`` becomes an [`admin_torch.QKNormLinear`][admin_torch.QKNormLinear] (the same ``nn.Linear`` weights,
     followed by a LayerNorm over each head's slice; fairseq then scales q by ``1/sqrt(d_head)`` as always), so
     incremental decoding caches normalised keys. fairseq's fused path (``F.multi_head_attention_forward``)
     reads ``q_proj.weight`` directly and would skip the norms: ``skip_embed_dim_check`` turns it off for these
@@ -323,7 +323,7 @@ class AdminProfiling:
     """Profiled Admin (``--admin-init profiled``) for a fairseq model with Admin residuals.
 
     The first training forward pass runs once more under ``torch.no_grad()`` to measure each
-    sublayer's output variance (:func:`admin_torch.profile_omegas`, each stack a separate chain),
+    sublayer's output variance ([`admin_torch.profile_omegas`][admin_torch.profile_omegas], each stack a separate chain),
     averages the omegas over distributed ranks, writes ``--admin-profile`` and marks the model
     profiled in the persistent buffer ``admin_profiled``.
     """

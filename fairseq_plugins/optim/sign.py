@@ -1,6 +1,6 @@
-"""``--optimizer addsign`` and ``--optimizer powersign``: fairseq adapters of :mod:`sign_optim`.
+"""``--optimizer addsign`` and ``--optimizer powersign``: fairseq adapters of [`sign_optim`][sign_optim].
 
-Flags (both optimizers)::
+Flags (both optimizers):
 
     --sign-beta 0.9                 moving-average coefficient, in [0, 1)
     --sign-alpha A                  AddSign's constant (default 1) / PowerSign's base (default e)
@@ -156,13 +156,13 @@ class _FairseqSignOptimizer(FairseqOptimizer):
 
 @register_once(OPTIMIZER_REGISTRY, register_optimizer, "addsign", dataclass=FairseqAddSignConfig)
 class FairseqAddSign(_FairseqSignOptimizer):
-    """AddSign (:class:`sign_optim.AddSign`) for fairseq: ``--optimizer addsign``."""
+    """AddSign ([`sign_optim.AddSign`][sign_optim.AddSign]) for fairseq: ``--optimizer addsign``."""
 
     optimizer_class = AddSign
 
 
 @register_once(OPTIMIZER_REGISTRY, register_optimizer, "powersign", dataclass=FairseqPowerSignConfig)
 class FairseqPowerSign(_FairseqSignOptimizer):
-    """PowerSign (:class:`sign_optim.PowerSign`) for fairseq: ``--optimizer powersign``."""
+    """PowerSign ([`sign_optim.PowerSign`][sign_optim.PowerSign]) for fairseq: ``--optimizer powersign``."""
 
     optimizer_class = PowerSign

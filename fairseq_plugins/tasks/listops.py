@@ -2,11 +2,11 @@
 
 The data directory holds ``train.tsv``, ``valid.tsv``, ``test.tsv`` (any ``<split>.tsv`` named by
 ``--train-subset`` / ``--valid-subset``) in the official ``label<TAB>expression`` format, read by
-:func:`toolbox_core.listops.read_listops` (a malformed line is an error naming the file and line), where
+`toolbox_core.listops.read_listops` (a malformed line is an error naming the file and line), where
 ListOps' pure-Python data code (generator, parser, evaluator, reader and writer) lives; this module keeps only the
 fairseq side. The model reads the tokens without parentheses; the dictionary is fixed (digits, operators, ``]``).
 
-Example::
+Example:
 
     fairseq-train DATA --user-dir fairseq_plugins --task listops --arch listops_tree \\
         --criterion listops_cross_entropy --estimator reinmax --tau 1.1 \\
