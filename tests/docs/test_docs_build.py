@@ -23,6 +23,9 @@ def test_docs_build_strict(tmp_path):
     for page in ("index.html", "api/sign_optim/index.html", "distributed/index.html", "huggingface/index.html"):
         assert (tmp_path / "site" / page).exists(), page
     assert 'id="sign_optim.AddSign"' in (tmp_path / "site" / "api/sign_optim/index.html").read_text()
+    # the docstrings' cross-references are links (autorefs), not Sphinx roles printed as text
+    admin = (tmp_path / "site" / "api/admin_torch/index.html").read_text()
+    assert 'href="#admin_torch.calculate_init"' in admin and ":func:" not in admin
 
 
 def test_readme_is_a_front_page_and_its_links_resolve():
