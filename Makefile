@@ -1,5 +1,7 @@
 # make install   .venv with torch 2.13.0 (CPU), fairseq-fixed, the recipes' tools and this project (editable)
 # make test      the whole test suite (installs first)
+# make check     the fast lane for everyday work: the libraries' unit tests and doctests, no fairseq tools,
+#                no multi-process runs, no builds (installs first)
 # make test-gpu  the GPU lane: the tests marked cuda (needs a CUDA device)
 # make gpu-check the GPU lane, the CUDA speed tables and a paper-budget run in one command, no install:
 #                make gpu-check PYTHON=python3 OUT=results/gpu/<machine>  (CPU smoke scale without CUDA)
@@ -23,7 +25,7 @@ PYTEST_ARGS  ?=
 # test processes: one per core (pytest-xdist); every test is single-threaded (tests/conftest.py)
 TEST_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install test test-gpu gpu-check docs demo bench clean
+.PHONY: install test check test-gpu gpu-check docs demo bench clean
 
 install: $(STAMP)
 
@@ -59,7 +61,14 @@ $(STAMP): pyproject.toml setup.py sign_optim/csrc/fused_sign.cpp constraints.txt
 	@echo "== $(VENV) is ready"
 
 test: install
-	$(VENV)/bin/pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_JOBS) --dist loadgroup $(PYTEST_ARGS)
+
+# the fast lane: what make test runs minus the end-to-end parts (slow-marked fairseq tool runs, multi-process
+# and packaging tests, the docs build, the recipes)
+CHECK_IGNORE := tests/distributed tests/fairseq_plugins tests/recipes tests/packaging tests/docs tests/tools \
+                tests/gpu tests/admin_torch/test_hf_trainer.py fairseq_plugins benchmarks
+check: install
+	$(VENV)/bin/pytest -n $(TEST_JOBS) -m "not slow" $(addprefix --ignore=,$(CHECK_IGNORE)) $(PYTEST_ARGS)
 
 # the GPU lane: the tests marked cuda (every estimator, layer, residual and optimizer on CUDA, no host syncs)
 test-gpu: install

@@ -100,6 +100,57 @@ def run_tool(tool: str, *args, cwd=None, timeout: float = 300, check: bool = Tru
     return proc
 
 
+_BATCH_DRIVER = r"""
+import importlib.metadata, json, os, sys, tempfile, traceback
+tool, cases, results_path = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
+main = next(ep for ep in importlib.metadata.entry_points(group="console_scripts")
+            if ep.name == "fairseq-" + tool).load()
+results = []
+for args in cases:
+    with tempfile.TemporaryFile(mode="w+") as out:
+        sys.stdout.flush(); sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1); os.dup2(out.fileno(), 2)
+        sys.argv = ["fairseq-" + tool, *args]
+        code = 0
+        try:
+            main()
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        except BaseException:  # what the interpreter does with an unhandled exception: its excepthook, status 1
+            try:
+                sys.excepthook(*sys.exc_info())
+                code = 1
+            except SystemExit as exit:  # the plugins' one-line hook sets the status this way
+                code = exit.code
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+        out.seek(0)
+        results.append({"returncode": code, "stdout": out.read()})
+json.dump(results, open(results_path, "w"))
+"""
+
+
+def run_tool_batch(tool: str, cases: Sequence[Sequence], timeout: float = 600) -> list:
+    """Run ``fairseq-<tool>`` once per argument list in ``cases``, all in ONE Python process (fairseq's start-up,
+    6-7 s, is paid once): each run's console entry point is called with its ``sys.argv``, its output (file
+    descriptors 1 and 2) and exit status kept apart. For command-line checks that end before any training
+    state exists; returns ``subprocess.CompletedProcess``-like objects (``returncode``, ``stdout``)."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        todo, done = Path(tmp) / "cases.json", Path(tmp) / "results.json"
+        todo.write_text(json.dumps([[str(a) for a in args] for args in cases]))
+        proc = subprocess.run([sys.executable, "-c", _BATCH_DRIVER, tool, str(todo), str(done)], cwd=REPO_ROOT,
+                              env=tool_env(), text=True, capture_output=True, timeout=timeout)
+        if proc.returncode != 0 or not done.exists():
+            raise AssertionError(f"the fairseq-{tool} batch driver failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+        results = json.loads(done.read_text())
+    return [subprocess.CompletedProcess(["fairseq-" + tool, *map(str, args)], r["returncode"], r["stdout"])
+            for args, r in zip(cases, results)]
+
+
 def make_translation_data(root: Path, **corpus_kwargs) -> TranslationData:
     """A tiny reversal corpus under ``root/raw``, binarized by the real fairseq-preprocess into ``root/bin``."""
     raw = write_reversal_corpus(root / "raw", **corpus_kwargs)

@@ -10,9 +10,11 @@ import sys
 
 import pytest
 
-from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, run_tool, tool_env
+from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, run_tool, run_tool_batch, tool_env
 
-pytestmark = pytest.mark.slow
+# every fairseq-train refusal below runs in one process (tool_runs): fairseq's start-up is paid once per module
+# (xdist_group keeps the module on one worker under `pytest --dist loadgroup`, as make test runs it)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fairseq_flag_checks")]
 
 LISTOPS = ["--user-dir", PLUGINS_DIR, "--task", "listops", "--arch", "listops_tree",
            "--criterion", "listops_cross_entropy", "--optimizer", "adam", "--lr", "1e-3",
@@ -40,7 +42,7 @@ def assert_one_line(proc, tool: str, *needles: str, status: int = 2):
     assert not any("loaded" in line and "examples" in line for line in err), "data was loaded before the check"
 
 
-@pytest.mark.parametrize("flags, needles", [
+LISTOPS_CASES = [
     (["--tau", "0"], ["--tau", "> 0"]),
     (["--gap", "-1"], ["--gap", ">= 0"]),
     (["--gumbel-rao-k", "0"], ["--gumbel-rao-k", ">= 1"]),
@@ -59,13 +61,8 @@ def assert_one_line(proc, tool: str, *needles: str, status: int = 2):
     (["--optimizer", "powersign", "--sign-decay", "restart", "--sign-decay-steps", "0"],
      ["--sign-decay-steps", ">= 1"]),
     (["--optimizer", "addsign", "--sign-decay", "cosine", "--max-update", "0"], ["--sign-decay-steps"]),
-])
-def test_listops_and_optimizer_flags(unreadable_listops, flags, needles):
-    proc = run_tool("train", unreadable_listops, *LISTOPS, *flags, check=False)
-    assert_one_line(proc, "train", *needles)
-
-
-@pytest.mark.parametrize("flags, needles", [
+]
+ADMIN_CASES = [
     (["--admin-profile", "/tmp/p.json"], ["--admin-profile", "--admin-init profiled"]),
     (["--admin-init", "profiled", "--admin-profile", "/no/such/dir/p.json"], ["--admin-profile", "does not exist"]),
     (["--encoder-normalize-before"], ["--encoder-normalize-before", "--arch transformer"]),
@@ -74,15 +71,32 @@ def test_listops_and_optimizer_flags(unreadable_listops, flags, needles):
     # a plugin flag's bad value is refused whether or not its feature is on (no --moe-experts here)
     (["--moe-tau", "-1"], ["--moe-tau", "> 0", "got -1.0"]),
     (["--moe-capacity-factor", "nan"], ["--moe-capacity-factor", ">= 0"]),
-])
-def test_transformer_admin_flags(tmp_path, flags, needles):
-    proc = run_tool("train", tmp_path / "no-data-here", *ADMIN, *flags, check=False)
-    assert_one_line(proc, "train", *needles)
+]
 
 
-def test_listops_data_dir_is_checked_first(tmp_path):
-    proc = run_tool("train", tmp_path / "missing", *LISTOPS, check=False)
-    assert_one_line(proc, "train", "DATA must be a directory")
+@pytest.fixture(scope="module")
+def tool_runs(unreadable_listops, tmp_path_factory):
+    """Every refusal of this module, run by one fairseq-train process: (kind, case index) -> its run."""
+    no_data = tmp_path_factory.mktemp("admin") / "no-data-here"
+    cases = {("listops", i): [unreadable_listops, *LISTOPS, *flags] for i, (flags, _) in enumerate(LISTOPS_CASES)}
+    cases.update({("admin", i): [no_data, *ADMIN, *flags] for i, (flags, _) in enumerate(ADMIN_CASES)})
+    cases[("missing", 0)] = [tmp_path_factory.mktemp("missing") / "missing", *LISTOPS]
+    runs = run_tool_batch("train", list(cases.values()))
+    return dict(zip(cases, runs))
+
+
+@pytest.mark.parametrize("case", range(len(LISTOPS_CASES)), ids=[" ".join(f) for f, _ in LISTOPS_CASES])
+def test_listops_and_optimizer_flags(tool_runs, case):
+    assert_one_line(tool_runs["listops", case], "train", *LISTOPS_CASES[case][1])
+
+
+@pytest.mark.parametrize("case", range(len(ADMIN_CASES)), ids=[" ".join(f) for f, _ in ADMIN_CASES])
+def test_transformer_admin_flags(tool_runs, case):
+    assert_one_line(tool_runs["admin", case], "train", *ADMIN_CASES[case][1])
+
+
+def test_listops_data_dir_is_checked_first(tool_runs):
+    assert_one_line(tool_runs["missing", 0], "train", "DATA must be a directory")
 
 
 @pytest.mark.parametrize("train, flags, needle", [
