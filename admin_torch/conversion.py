@@ -298,9 +298,6 @@ def _pre_ln_message(model: nn.Module) -> Optional[str]:
     return None
 
 
-#: the key of a HuggingFace config that records the Admin settings of a converted (or folded) model
-CONFIG_KEY = "admin_torch"
-
 
 def convert(model: nn.Module, *, output_change_scale: str = "default", as_parameter: bool = False,
             qk_norm: bool = False) -> nn.Module:
