@@ -251,7 +251,7 @@ def plot(cfg: str, runs: Dict[str, List[dict]], path: Path) -> None:
 
 
 def report(work: Path, configs: Sequence[str], out: Path, command: str,
-           seeds: Optional[Sequence[int]] = None) -> List[dict]:
+           seeds: Optional[Sequence[int]] = None, name: str = "vae_long") -> List[dict]:
     out.mkdir(parents=True, exist_ok=True)
     results, texts = [], []
     for cfg in configs:
@@ -260,10 +260,10 @@ def report(work: Path, configs: Sequence[str], out: Path, command: str,
         results.append({"config": cfg, "rows": rows, "histories": runs})
         texts.append(table(cfg, rows, command))
         if rows:
-            plot(cfg, runs, out / f"vae_long_{cfg}.png")
+            plot(cfg, runs, out / f"{name}_{cfg}.png")
     text = "\n\n".join(texts)
-    write_json(out / "vae_long.json", results)
-    (out / "vae_long.md").write_text(text + "\n")
+    write_json(out / f"{name}.json", results)
+    (out / f"{name}.md").write_text(text + "\n")
     print(text, flush=True)
     return results
 
@@ -282,6 +282,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=REPO.parent / "runs" / "vae_long", help="checkpoints (outside git)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "reinmax")
+    ap.add_argument("--name", default="vae_long", help="output files: <out>/<name>.{md,json}, <name>_<config>.png")
     ap.add_argument("--report", action="store_true", help="only write the table and curves of --seeds from --work")
     args = ap.parse_args(argv)
     configs = parse_list(ap, "--configs", args.configs, str, positive=False)
@@ -300,7 +301,7 @@ def main(argv=None):
     if args.report:
         if saved_command.exists():
             command = saved_command.read_text().strip()
-        return report(args.work, configs, args.out, command, seeds)
+        return report(args.work, configs, args.out, command, seeds, args.name)
     reason = mnist.missing(args.data)
     if reason is not None:
         print(f"skipped: {reason}; pass --data", flush=True)
@@ -315,7 +316,7 @@ def main(argv=None):
         left = args.time_budget - (time.time() - start)
         why = train_members(members, train, test, args.epochs, left / (len(configs) - i))
         print(f"[{cfg}] {why}", flush=True)
-    return report(args.work, configs, args.out, command, seeds)
+    return report(args.work, configs, args.out, command, seeds, args.name)
 
 
 if __name__ == "__main__":
