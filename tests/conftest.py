@@ -37,6 +37,16 @@ def _seed_and_one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches empty before and after the test (compile counts and graphs are the test's own)."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``<repo>/../shared/data`` (ListOps, Multi30k, MNIST); the test is skipped when it is absent."""

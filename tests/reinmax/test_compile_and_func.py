@@ -16,11 +16,7 @@ from torch_helpers import saved_bytes
 NAMES = sorted(reinmax.ESTIMATORS)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def loss_of(name, tau=1.3):

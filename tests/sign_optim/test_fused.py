@@ -7,7 +7,6 @@ weight decay, maximize and every decay, and half-precision parameters keep a flo
 
 import subprocess
 import sys
-import time
 
 import pytest
 import torch

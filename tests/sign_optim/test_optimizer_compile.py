@@ -6,11 +6,7 @@ import torch
 from sign_optim import AddSign, CosineInternalDecay, PowerSign, fused
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("cls", [AddSign, PowerSign])

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from torch_helpers import assert_optimizer_unchanged, optimizer_snapshot
 from sign_optim import AddSign, PowerSign, make_internal_decay
 
 OPTIMIZERS = [AddSign, PowerSign]
@@ -26,20 +27,6 @@ def trained(cls, shapes=((3, 4), (5,)), steps=2, **kwargs):
     return params, opt
 
 
-def snapshot(params, opt):
-    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
-
-
-def assert_unchanged(params, opt, snap):
-    for p, q in zip(params, snap[0]):
-        assert torch.equal(p.detach(), q)
-    now = opt.state_dict()
-    assert now["param_groups"] == snap[1]["param_groups"]
-    for k, entry in snap[1]["state"].items():
-        assert now["state"][k]["step"] == entry["step"]
-        assert torch.equal(now["state"][k]["exp_avg"], entry["exp_avg"])
-
-
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_adam_state_dict_is_refused(cls):
     params, opt = trained(cls)
@@ -47,10 +34,10 @@ def test_adam_state_dict_is_refused(cls):
     for p in params:
         p.grad = torch.randn_like(p)
     adam.step()
-    snap = snapshot(params, opt)
+    snap = optimizer_snapshot(opt, params)
     with pytest.raises(ValueError, match="not a valid .* group|another optimizer"):
         opt.load_state_dict(adam.state_dict())
-    assert_unchanged(params, opt, snap)
+    assert_optimizer_unchanged(snap, opt, params)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
@@ -58,21 +45,21 @@ def test_state_of_other_shapes_or_counts_is_refused(cls):
     params, opt = trained(cls)
     _, other_shapes = trained(cls, shapes=((4, 3), (5,)))
     _, other_count = trained(cls, shapes=((3, 4),))
-    snap = snapshot(params, opt)
+    snap = optimizer_snapshot(opt, params)
     with pytest.raises(ValueError, match=r"exp_avg of parameter 0 has shape \(4, 3\)"):
         opt.load_state_dict(other_shapes.state_dict())
     with pytest.raises(ValueError, match="parameters"):
         opt.load_state_dict(other_count.state_dict())
     with pytest.raises(TypeError, match="state_dict must be"):
         opt.load_state_dict({"state": {}})
-    assert_unchanged(params, opt, snap)
+    assert_optimizer_unchanged(snap, opt, params)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 @given(key=st.sampled_from(["step", "exp_avg", "extra", "lr", "beta"]), data=st.data())
 def test_corrupted_state_dicts_are_refused_and_change_nothing(cls, key, data):
     params, opt = trained(cls)
-    snap = snapshot(params, opt)
+    snap = optimizer_snapshot(opt, params)
     bad = copy.deepcopy(opt.state_dict())
     if key == "step":
         bad["state"][0]["step"] = data.draw(st.sampled_from([-1, 1.5, "3", None]))
@@ -84,7 +71,7 @@ def test_corrupted_state_dicts_are_refused_and_change_nothing(cls, key, data):
         bad["param_groups"][0][key] = data.draw(st.sampled_from([float("nan"), -1.0, "x", 2.0 if key == "beta" else -2.0]))
     with pytest.raises((ValueError, TypeError)):
         opt.load_state_dict(bad)
-    assert_unchanged(params, opt, snap)
+    assert_optimizer_unchanged(snap, opt, params)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
@@ -93,14 +80,14 @@ def test_corrupted_state_dicts_are_refused_and_change_nothing(cls, key, data):
 def test_bad_hyper_parameter_set_after_construction_refuses_the_step(cls, key, value):
     """A scheduler can write a NaN lr into the param group: the step refuses instead of NaN weights."""
     params, opt = trained(cls)
-    snap = snapshot(params, opt)
+    snap = optimizer_snapshot(opt, params)
     opt.param_groups[0][key] = value
     for p in params:
         p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match=key):
         opt.step()
-    opt.param_groups[0][key] = snap[1]["param_groups"][0][key]
-    assert_unchanged(params, opt, snap)
+    opt.param_groups[0][key] = snap["groups"][0][key]
+    assert_optimizer_unchanged(snap, opt, params)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
@@ -112,12 +99,12 @@ def test_failed_step_does_not_advance_the_counter(cls):
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-    snap = snapshot(params, opt)
+    snap = optimizer_snapshot(opt, params)
     opt.param_groups[1]["lr"] = float("nan")
     with pytest.raises(ValueError, match="lr must be"):
         opt.step()
     opt.param_groups[1]["lr"] = 1e-2
-    assert_unchanged(params, opt, snap)
+    assert_optimizer_unchanged(snap, opt, params)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)

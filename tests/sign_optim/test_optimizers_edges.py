@@ -6,7 +6,6 @@ import io
 import math
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,25 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sign_optim import AddSign, CosineInternalDecay, LinearInternalDecay, PowerSign, fused
+from torch_helpers import assert_optimizer_unchanged, optimizer_snapshot
 
 OPTIMIZERS = [AddSign, PowerSign]
 PATHS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "single": dict(foreach=False)}
 needs_kernel = pytest.mark.skipif(not fused.available(torch.device("cpu")), reason="the C kernel is not built")
-
-
-def snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
-
-
-def assert_unchanged(before, opt, params):
-    ps, state = before
-    for p, q in zip(params, ps):
-        assert torch.equal(p.detach(), q)
-    assert {id(p) for p in opt.state} == set(state)
-    for p, s in opt.state.items():
-        for k, v in s.items():
-            assert torch.equal(v, state[id(p)][k]), k
 
 
 # ------------------------------------------------------------------ the fused kernel's memory
@@ -185,11 +170,11 @@ def test_overflowing_lr_is_refused_before_any_change(cls, path):
     opt = cls([p], lr=1e-2, **PATHS[path])
     p.grad = torch.randn(6)
     opt.step()
-    before = snapshot(opt, [p])
     opt.param_groups[0]["lr"] = 1e300
+    before = optimizer_snapshot(opt, [p])
     with pytest.raises(ValueError, match="lr=1e\\+300"):
         opt.step()
-    assert_unchanged(before, opt, [p])
+    assert_optimizer_unchanged(before, opt, [p])
     assert torch.isfinite(p).all()
 
 
@@ -205,10 +190,10 @@ def test_overflowing_factor_is_refused_before_any_change(make, path):
     p = torch.nn.Parameter(torch.randn(5))
     opt = make(p, PATHS[path])
     p.grad = torch.randn(5)
-    before = snapshot(opt, [p])
+    before = optimizer_snapshot(opt, [p])
     with pytest.raises(ValueError, match="sign_internal_decay|lr="):
         opt.step()
-    assert_unchanged(before, opt, [p])
+    assert_optimizer_unchanged(before, opt, [p])
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -221,20 +206,20 @@ def test_average_of_another_shape_is_refused_before_any_change(cls, path):
     p.grad, q.grad = torch.randn(6), torch.randn(3)
     opt.step()
     opt.state[p]["exp_avg"] = torch.zeros(5)  # state surgery gone wrong
-    before = snapshot(opt, [p, q])
+    before = optimizer_snapshot(opt, [p, q])
     with pytest.raises(ValueError, match="exp_avg of shape \\(5,\\)"):
         opt.step()
-    assert_unchanged(before, opt, [p, q])  # q was not stepped either
+    assert_optimizer_unchanged(before, opt, [p, q])  # q was not stepped either
 
 
 def test_decay_returning_a_non_number_names_sign_internal_decay():
     p = torch.nn.Parameter(torch.randn(3))
     opt = AddSign([p], sign_internal_decay=lambda step: "half")
     p.grad = torch.randn(3)
-    before = snapshot(opt, [p])
+    before = optimizer_snapshot(opt, [p])
     with pytest.raises(TypeError, match="sign_internal_decay\\(0\\) must return a real number, got str"):
         opt.step()
-    assert_unchanged(before, opt, [p])
+    assert_optimizer_unchanged(before, opt, [p])
 
 
 @pytest.mark.parametrize("saved", [5, "linear", {"kind": "linear", "T_max": 10, "bogus": 1}, {"kind": "nope"}])
@@ -245,10 +230,10 @@ def test_load_state_dict_with_a_decay_that_is_not_a_decay(saved):
     opt.step()
     sd = opt.state_dict()
     sd["sign_internal_decay"] = saved
-    before = snapshot(opt, [p])
+    before = optimizer_snapshot(opt, [p])
     with pytest.raises(ValueError, match="sign_internal_decay"):
         opt.load_state_dict(sd)
-    assert_unchanged(before, opt, [p])
+    assert_optimizer_unchanged(before, opt, [p])
     assert opt.sign_internal_decay == LinearInternalDecay(100)
 
 
