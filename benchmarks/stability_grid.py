@@ -37,13 +37,14 @@ import argparse
 import gzip
 import json
 import math
-import os
 import statistics
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from toolbox_core.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "multi30k" / "tok"
@@ -209,9 +210,8 @@ def run_all(jobs, a) -> None:
         result = train_one(a.work / name, settings, seed, a.updates, settings.get("warmup", a.warmup), a.interval,
                            data)
         result.update(extra)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, done)
+        with atomic_write(done) as f:  # a killed sweep never leaves half a result
+            f.write(json.dumps(result))
         print(f"[{time.time() - t0:6.0f}s] {name}: valid {result['valid_loss']:.3f}, "
               f"{result['train_seconds']:.0f}s", flush=True)
 
