@@ -337,7 +337,9 @@ FAILING = {"post_ln", "postln"}  # the variants known to train badly at these de
 def _read_run(run: Path) -> dict:
     bench, name = run.parent.name, run.name
     variant, seed = name.split("-")[0], int(name.rsplit("-s", 1)[1])
-    records = [json.loads(x) for x in (run / "monitor" / "monitor.jsonl").read_text().splitlines() if x.strip()]
+    from stability_toolbox.monitor import read_records  # non-finite values come back as numbers
+
+    records = read_records(run / "monitor" / "monitor.jsonl")
     log = (run / "train.log").read_text(errors="replace")
     warnings = [line[line.index("stability warning:"):] for line in log.splitlines() if "stability warning:" in line]
     steps = [r["step"] for r in records]

@@ -262,8 +262,10 @@ def separation(run: List[float], ref: List[float], rel: float = FAIL_REL) -> Opt
 
 
 def read_history(run_dir: Path) -> List[dict]:
-    with open(run_dir / "monitor.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The monitor's records, non-finite values back as numbers (the file writes them as strings)."""
+    from stability_toolbox.monitor import read_records
+
+    return read_records(run_dir / "monitor.jsonl")
 
 
 def judge_grid(work: Path, rules=None) -> List[dict]:
