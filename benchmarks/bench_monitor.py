@@ -41,11 +41,10 @@ BIN = Path(sys.executable).parent
 
 # ----------------------------------------------------------------------------- overhead
 
-def overhead(a) -> None:
+def _overhead_model(a):
+    """The timed model of both overhead measurements: (device, model, optimizer, batch, sync())."""
     import torch
     from torch import nn
-
-    from stability_toolbox import StabilityMonitor
 
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
@@ -58,6 +57,16 @@ def overhead(a) -> None:
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    return device, model, opt, x, sync
+
+
+def overhead(a) -> None:
+    import torch
+
+    from stability_toolbox import StabilityMonitor
+
+    device, model, opt, x, sync = _overhead_model(a)
 
     def train_step(mon=None):
         if mon is not None:
@@ -141,21 +150,10 @@ def overhead_paired(a) -> None:
     import random
 
     import torch
-    from torch import nn
 
     from stability_toolbox import StabilityMonitor
 
-    torch.manual_seed(0)
-    torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
-    layer = nn.TransformerEncoderLayer(a.dim, 4, 4 * a.dim, dropout=0.1, batch_first=True)
-    model = nn.TransformerEncoder(layer, a.layers, enable_nested_tensor=False).to(device)
-    opt = torch.optim.Adam(model.parameters(), 1e-4)
-    x = torch.randn(a.batch, a.tokens, a.dim, device=device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    device, model, opt, x, sync = _overhead_model(a)
 
     def step(mon=None):
         sync()
