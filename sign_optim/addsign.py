@@ -36,11 +36,12 @@ class AddSign(SignOptimizer):
         weight_decay: decoupled weight decay (>= 0). Default: 0.
         maximize: maximize the objective instead of minimizing it. Default: False.
         foreach: use the ``torch._foreach_*`` implementation.
-        fused: use the one-pass kernel (`sign_optim.fused`: C/OpenMP on CPU, Triton on CUDA).
+        fused: use the one-pass operator (`sign_optim.fused`: C++ on CPU, Triton on CUDA).
             ``fused=None, foreach=None`` (the default) takes the fused kernel where it is available,
             else foreach; ``fused=True`` where it is not is a ValueError. The paths agree to 1 ulp.
         capturable: keep the step counter on the parameters' device and never read a tensor on the
-            host (CUDA graphs); ``lr`` may then be a device tensor. Not with ``fused=True``.
+            host (CUDA graphs); ``lr`` may then be a device tensor. With ``fused=True`` on the CPU the
+            fused operator runs (no device to sync with); on CUDA the traced update.
 
     Examples:
         >>> from sign_optim import LinearInternalDecay
