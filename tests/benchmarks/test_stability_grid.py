@@ -61,7 +61,7 @@ def test_lr_sensitivity_is_wortsmans_formula(tmp_path):
     assert t["best_lr"] == 1e-2
 
 
-def test_a_tiny_real_run_is_saved_and_skipped_when_run_again(tmp_path, capsys):
+def test_a_tiny_real_run_is_saved_and_skipped_when_run_again(tmp_path, capsys, shared_data):  # Multi30k
     a = Namespace(work=tmp_path, budget_min=5.0, updates=4, warmup=2, interval=2)
     jobs = [("g__tiny__s1", dict(kind="pre_ln", depth=1, lr=1e-3, qk_norm=True, z_loss=1e-4), 1,
              {"group": "g", "variant": "tiny", "role": "control"})]

@@ -134,7 +134,7 @@ def test_heatmaps_become_tensorboard_images(tmp_path):
     (dict(kind="pre_ln", depth=2, lr=0.1), "attn_logit_max", "add_qk_norm"),
     (dict(kind="pre_ln", depth=2, lr=0.1, qk_norm=True), None, None),
 ])
-def test_real_runs_get_the_mechanism_and_remedy_right(tmp_path, settings, quantity, remedy):
+def test_real_runs_get_the_mechanism_and_remedy_right(tmp_path, settings, quantity, remedy, shared_data):
     """The grid's settings on Multi30k, first 21 updates (seed 2): the failing kinds warn at update 20 naming
     their mechanism's remedy; with the remedy applied, no warning."""
     from benchmarks import stability_grid as sg
