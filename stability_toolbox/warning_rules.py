@@ -21,7 +21,9 @@ Each warning names the layer, the quantity and its trend, then the *likely mecha
 
 `check` gives the warnings of the latest record (the monitor calls it at every logging step);
 `replay` re-runs a whole history (e.g. a ``monitor.jsonl`` with other rules) and `first_warning`
-returns the first one.
+returns the first one. `WarningRule` and `DEFAULT_RULES` live here with the rules they parameterise
+(``stability_toolbox.WarningRule`` and ``stability_toolbox.monitor.WarningRule`` are the same class).
+Nothing here imports torch.
 
 Examples:
     >>> from stability_toolbox import WarningRule
@@ -36,10 +38,63 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
-__all__ = ["Diagnosis", "DIAGNOSES", "MODEL_ROW", "rows", "check", "replay", "first_warning", "format_line"]
+# the torch-free argument checks (toolbox_core.validation re-exports the same functions): the rules stay
+# importable without torch
+from toolbox_core import checks
+
+__all__ = ["WarningRule", "DEFAULT_RULES", "Diagnosis", "DIAGNOSES", "MODEL_ROW", "rows", "check", "replay",
+           "first_warning", "format_line"]
 
 #: the row name of model-level quantities
 MODEL_ROW = "(model)"
+
+
+@dataclass(frozen=True)
+class WarningRule:
+    """When a per-row quantity "trends toward divergence".
+
+    Over the logged values ``v_1 .. v_n`` of one (row, quantity), a warning is issued at step n when
+
+    * ``direction='rising'``: ``v_n >= threshold`` and each of the last ``window`` values is more than
+      ``min_growth`` times the one before;
+    * ``direction='falling'``: ``v_n <= threshold`` and each of the last ``window`` values is less than
+      ``1 / min_growth`` times the one before;
+    * and at least ``min_rows`` rows of that quantity meet it at once (one noisy row does not fire).
+
+    Non-finite values (NaN/inf in a statistic) warn at once. Each (row, quantity) warns once.
+    """
+
+    threshold: float
+    window: int = 3
+    min_growth: float = 1.0
+    min_rows: int = 1
+    direction: str = "rising"
+
+    def __post_init__(self):
+        checks.as_real("threshold", self.threshold)
+        checks.as_int("window", self.window, minimum=1)
+        checks.as_real("min_growth", self.min_growth, low=0.0)
+        checks.as_int("min_rows", self.min_rows, minimum=1)
+        checks.as_choice("direction", self.direction, ("rising", "falling"))
+
+
+#: the default rules (calibration and false-alarm rates: docs/monitor.md)
+DEFAULT_RULES: Dict[str, WarningRule] = {
+    # vanishing gradients, what freezes the lower layers of a deep Post-LN stack: in at least 2 layers the
+    # gradient fell below 1/100 of the largest layer gradient, falling >= 3x per log over the last 3
+    # logged steps (a rate: it warns while the collapse is under way, before the loss stalls)
+    "grad_ratio": WarningRule(threshold=1e-2, window=3, min_growth=3.0, min_rows=2, direction="falling"),
+    # exploding gradients: a layer's gradient norm grew three logs in a row to >= 100
+    "grad_norm": WarningRule(threshold=100.0, window=3, min_growth=1.5),
+    # fp16 overflow: the largest activation within a factor 16 of the dtype's largest finite value
+    "act_frac": WarningRule(threshold=1.0 / 16, window=2),
+    # attention-logit growth: the largest |q.k|/sqrt(d) past 20 and at least doubling per log over the last
+    # 3 logged steps (slow growth to ~50 trains fine; growth that fast ends in a saturated softmax)
+    "attn_logit_max": WarningRule(threshold=20.0, window=3, min_growth=2.0),
+    # output-logit divergence: the RMS of the output logits' log Z past 10 and growing >= 1.3x per log
+    # (needs monitor.observe_logits(logits))
+    "log_z_rms": WarningRule(threshold=10.0, window=3, min_growth=1.3),
+}
 
 
 @dataclass(frozen=True)

@@ -372,3 +372,42 @@ def test_hf_callback_stock_and_converted(tmp_path):
         assert hist[-1]["quantities"]["grad_norm"]["bert.encoder.layer.1"] > 0
         assert cb.monitor.mechanism == ("residual modules" if converted else "layer descriptions")
         assert (out / "stability" / "summary.md").exists()
+
+
+def test_names_import_from_where_they_did_before_the_monitor_was_split():
+    import stability_toolbox
+    from stability_toolbox import monitor, quantities, records, sites, warning_rules
+
+    assert monitor.read_records is records.read_records and monitor._json_safe is records._json_safe
+    assert monitor.register_layer_kind is sites.register_layer_kind is stability_toolbox.register_layer_kind
+    assert monitor.WarningRule is warning_rules.WarningRule is stability_toolbox.WarningRule is WarningRule
+    assert monitor.DEFAULT_RULES is warning_rules.DEFAULT_RULES is stability_toolbox.DEFAULT_RULES
+    assert monitor.QUANTITIES is quantities.QUANTITIES and monitor.MODEL_QUANTITIES is quantities.MODEL_QUANTITIES
+    assert monitor.StabilityMonitor is stability_toolbox.StabilityMonitor is StabilityMonitor
+    assert all(hasattr(monitor, name) for name in monitor.__all__)
+    assert all(hasattr(stability_toolbox, name) for name in stability_toolbox.__all__)
+
+
+def test_the_monitors_modules_import_downward_only():
+    """monitor.py composes the one-idea modules; each imports only those below it (read from the source, imports
+    inside functions too), so there is no circle and the quantities know nothing of sites, records or steps."""
+    import ast
+    from pathlib import Path
+
+    import stability_toolbox
+
+    below = {"quantities": set(), "hooks": set(), "warning_rules": set(), "sites": {"quantities"},
+             "probe": {"quantities"}, "records": {"quantities"}, "attention_stats": {"quantities", "sites"},
+             "monitor": {"quantities", "hooks", "warning_rules", "sites", "probe", "records", "attention_stats"}}
+    package = Path(stability_toolbox.__file__).parent
+    for module, allowed in below.items():
+        imported = set()
+        for node in ast.walk(ast.parse((package / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stability_toolbox"):
+                imported |= {(node.module.split(".") + ["__init__"])[1]}
+            elif isinstance(node, ast.Import):
+                imported |= {(a.name.split(".") + ["__init__"])[1] for a in node.names
+                             if a.name.startswith("stability_toolbox")}
+        assert imported == allowed, f"{module} imports {sorted(imported)}, expected {sorted(allowed)}"

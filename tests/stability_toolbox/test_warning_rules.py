@@ -68,6 +68,22 @@ def test_every_default_rule_has_a_diagnosis():
         assert d.mechanism and d.remedy
 
 
+def test_rules_are_checked_and_import_without_torch():
+    """WarningRule and DEFAULT_RULES live with the rules: replaying a monitor.jsonl needs no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from stability_toolbox.warning_rules import DEFAULT_RULES, WarningRule, replay; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+    for bad, match in ((dict(threshold="x"), "threshold"), (dict(threshold=1.0, window=0), "window"),
+                       (dict(threshold=1.0, min_rows=0), "min_rows"),
+                       (dict(threshold=1.0, direction="up"), "direction")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            WarningRule(**bad)
+
+
 def _tb_texts(directory):
     """The text summaries of the tensorboardX event files under ``directory`` (parsed by hand)."""
     from tensorboardX.proto import event_pb2

@@ -1,0 +1,128 @@
+"""The attention-logit statistic: the largest ``|q . k| / sqrt(d_head)`` of each attention module.
+
+On a logging step, [`AttentionLogits`][stability_toolbox.attention_stats.AttentionLogits] recomputes the
+scaled logits of every attention module [`SitePlan`][stability_toolbox.sites.SitePlan] found, from the
+module's own query/key projections (no grad, on the device), and keeps their largest magnitude over the step:
+
+* torch.nn ``MultiheadAttention``: its packed (or separate) projection weights, applied to the
+  ``query`` / ``key`` arguments;
+* fairseq's ``MultiheadAttention``: it hands ``q_proj.weight`` to ``F.multi_head_attention_forward``
+  without calling ``q_proj``, so ``q_proj`` / ``k_proj`` are applied to the module's inputs (time-first);
+* modules with ``q_proj`` / ``k_proj`` (BART, Marian, our reference stacks) or ``query`` / ``key`` (BERT,
+  RoBERTa): the projections' outputs, read by forward hooks.
+
+With qk-layernorm (``q_norm`` / ``k_norm``) the logits are those of the normalised q and k. Masks and
+position biases are not applied, so the value is an upper bound of the softmax's input.
+"""
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .quantities import Recorder, running_max
+from .sites import heads, qk_normed
+
+__all__ = ["AttentionLogits"]
+
+
+class AttentionLogits:
+    """The largest scaled attention logit of each module, over one logging step (device tensors).
+
+    Args:
+        modules: ``[(name, module, style)]`` ([`SitePlan.attention`][stability_toolbox.sites.SitePlan]).
+        recorder: the monitor's recorder: logits are kept on the training pass only.
+    """
+
+    def __init__(self, modules: List[Tuple[str, nn.Module, str]], recorder: Recorder):
+        self.modules = modules
+        self.recorder = recorder
+        #: ``{module name: largest |q.k|/sqrt(d_head)}`` of the step (None: not called yet)
+        self.maxima: Dict[str, Optional[Tensor]] = {}
+
+    def clear(self) -> None:
+        """Forget the step's maxima."""
+        self.maxima = {}
+
+    def arm(self, handles: List[Any]) -> None:
+        """Install the hooks that read each module's query and key, appending their handles to ``handles``
+        (as they go in: a failure leaves none that the caller cannot remove)."""
+        for name, module, style in self.modules:
+            self.maxima.setdefault(name, None)
+            if style == "torch_mha":
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, a, k, name=name: self._mha_logits(name, m, a, k), with_kwargs=True))
+            elif style == "fairseq":
+                # fairseq's attention hands q_proj.weight to F.multi_head_attention_forward without
+                # calling q_proj: project the query and key from the module's inputs instead
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, a, k, name=name: self._fairseq_logits(name, m, a, k), with_kwargs=True))
+            else:
+                q_name, k_name = ("query", "key") if style == "hf_bert" else ("q_proj", "k_proj")
+                if qk_normed(module):  # qk-layernorm: the logits are those of the normalised q and k
+                    q_name, k_name = "q_norm", "k_norm"
+                slot: Dict[str, Tensor] = {}
+
+                def proj_hook(_m, _a, out, which, name=name, module=module, style=style, slot=slot):
+                    slot[which] = out
+                    if "q" in slot and "k" in slot:
+                        self._proj_logits(name, module, style, slot.pop("q"), slot.pop("k"))
+
+                handles.append(getattr(module, q_name).register_forward_hook(
+                    lambda m, a, o, h=proj_hook: h(m, a, o, "q")))
+                handles.append(getattr(module, k_name).register_forward_hook(
+                    lambda m, a, o, h=proj_hook: h(m, a, o, "k")))
+
+    def _mha_logits(self, name: str, m: nn.MultiheadAttention, args, kwargs) -> None:
+        query = args[0] if args else kwargs.get("query")
+        key = args[1] if len(args) > 1 else kwargs.get("key")
+        if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.dim() != 3:
+            return
+        e = m.embed_dim
+        with torch.no_grad():
+            if m.in_proj_weight is not None:
+                wq, wk = m.in_proj_weight[:e], m.in_proj_weight[e:2 * e]
+            else:
+                wq, wk = m.q_proj_weight, m.k_proj_weight
+            bq = bk = None
+            if m.in_proj_bias is not None:
+                bq, bk = m.in_proj_bias[:e], m.in_proj_bias[e:2 * e]
+            q = nn.functional.linear(query.detach(), wq, bq)
+            k = nn.functional.linear(key.detach(), wk, bk)
+            if qk_normed(m):
+                q, k = m.q_norm(q), m.k_norm(k)
+            self._store(name, q, k, m.num_heads, batch_first=m.batch_first)
+
+    def _fairseq_logits(self, name: str, m: nn.Module, args, kwargs) -> None:
+        query = args[0] if args else kwargs.get("query")
+        key = args[1] if len(args) > 1 else kwargs.get("key")
+        key = query if key is None else key
+        if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.dim() != 3:
+            return
+        with torch.no_grad():
+            q, k = m.q_proj(query.detach()), m.k_proj(key.detach())
+            if qk_normed(m):
+                q, k = m.q_norm(q), m.k_norm(k)
+            self._store(name, q, k, m.num_heads, batch_first=False)
+
+    def _proj_logits(self, name: str, module: nn.Module, style: str, q: Tensor, k: Tensor) -> None:
+        n_heads = heads(module)
+        if n_heads is None or q.dim() != 3 or k.dim() != 3:
+            return
+        with torch.no_grad():
+            self._store(name, q.detach(), k.detach(), n_heads, batch_first=(style != "fairseq"))
+
+    def _store(self, name: str, q: Tensor, k: Tensor, n_heads: int, batch_first: bool) -> None:
+        if self.recorder.phase != "train" or self.recorder.foreign:
+            return
+        if not batch_first:
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+        b, tq, d = q.shape
+        if k.shape[0] != b or k.shape[2] != d or d % n_heads:
+            return
+        dh = d // n_heads
+        qh = q.reshape(b, tq, n_heads, dh).transpose(1, 2).float()
+        kh = k.reshape(b, k.shape[1], n_heads, dh).transpose(1, 2).float()
+        value = (qh @ kh.transpose(-1, -2)).abs().amax() / math.sqrt(dh)
+        self.maxima[name] = running_max(self.maxima.get(name), value)
