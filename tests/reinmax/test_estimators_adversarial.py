@@ -6,7 +6,6 @@ explicit Jacobian matrices), or a ValueError/TypeError naming the argument -- ne
 exception, a NaN, or a hang.
 """
 
-import math
 
 import numpy as np
 import pytest
@@ -16,22 +15,11 @@ from hypothesis import strategies as st
 
 import reinmax
 from peers import require_peer
-from reinmax import CategoricalLayer, DiscreteBottleneck, LatentTreeLSTM, sample_categorical
+from reinmax import CategoricalLayer, DiscreteBottleneck, LatentTreeLSTM
+from torch_helpers import reinmax_gradient
 
 TAUS = st.floats(1e-4, 1e4).filter(lambda t: t > 0)
 SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=3)
-
-
-def jacobian_formula(theta, D, g, h, tau, dim):
-    """2 J(pi1) g - 0.5 J(pi0) g + J(pi0) h with J(p) = diag(p) - p p^T as explicit matrices (float64)."""
-    theta, D, g, h = (t.double().movedim(dim, -1) for t in (theta, D, g, h))
-    pi0 = torch.softmax(theta, -1)
-    pi1 = (torch.softmax(theta / tau, -1) + D) / 2
-
-    def J(p):
-        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    out = (2 * J(pi1) @ g.unsqueeze(-1) - 0.5 * J(pi0) @ g.unsqueeze(-1) + J(pi0) @ h.unsqueeze(-1)).squeeze(-1)
-    return out.movedim(-1, dim)
 
 
 @given(shape=SHAPES, tau=TAUS, data=st.data(), scale=st.sampled_from([0.1, 3.0, 30.0]))
@@ -45,7 +33,7 @@ def test_reinmax_gradient_is_finite_and_the_formula_for_any_tau(shape, tau, data
     ((y_hard * g).sum() + (y_soft * h).sum()).backward()
     assert torch.isfinite(theta.grad).all()
     assert torch.equal(y_hard.sum(dim), torch.ones_like(y_hard.sum(dim))) and set(y_hard.unique().tolist()) <= {0, 1}
-    expected = jacobian_formula(theta.detach(), y_hard, g, h, tau, dim)
+    expected = reinmax_gradient(theta.detach(), y_hard, g, h, tau, dim)
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(theta.grad.double(), expected, **tol)
 
@@ -58,7 +46,7 @@ def test_small_tau_in_float32_is_no_longer_nan():
     y_hard, _ = reinmax.reinmax(x, 0.01, generator=torch.Generator().manual_seed(0))
     (y_hard * g).sum().backward()
     assert torch.isfinite(x.grad).all()
-    torch.testing.assert_close(x.grad.double(), jacobian_formula(theta, y_hard, g, torch.zeros_like(g), 0.01, -1),
+    torch.testing.assert_close(x.grad.double(), reinmax_gradient(theta, y_hard, g, torch.zeros_like(g), 0.01, -1),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -69,7 +57,7 @@ def test_large_tau_keeps_underflowed_categories():
     g = torch.tensor([[0.0, 1.0, 0.0]])
     y_hard, _ = reinmax.reinmax(x, 100.0, generator=torch.Generator().manual_seed(0))
     (y_hard * g).sum().backward()
-    expected = jacobian_formula(theta, y_hard, g, torch.zeros_like(g), 100.0, -1)
+    expected = reinmax_gradient(theta, y_hard, g, torch.zeros_like(g), 100.0, -1)
     assert expected[0, 1].abs() > 0.01  # the old pi0 ** (1 / tau) gave exactly 0 here
     torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-6)
 
@@ -174,7 +162,7 @@ def test_every_0_1_0_call_is_accepted_with_its_meaning(call):
     torch.testing.assert_close(ours_soft, theirs_soft)
 
 
-# ---------------------------------------------------------------- layers and sampling
+# ---------------------------------------------------------------- layers
 
 @pytest.mark.parametrize("make", [
     lambda: CategoricalLayer("reinmax", 1.0),
@@ -202,26 +190,6 @@ def test_bottleneck_in_eval_refuses_nan_and_accepts_numpy_sizes():
         vq(torch.full((5, 8), float("nan")))
     with pytest.raises(ValueError, match="num_codes must be an integer >= 1"):
         DiscreteBottleneck(8, num_codes=0, code_dim=3)
-
-
-@pytest.mark.parametrize("probs, match", [
-    (torch.tensor([[0.5, -0.1, 0.6]]), "probs must be finite and >= 0"),
-    (torch.tensor([[0.0, 0.0, 0.0]]), "at least one positive"),
-    (torch.tensor([[0.5, float("nan"), 0.5]]), "finite"),
-    (torch.tensor([[0.5, float("inf"), 0.5]]), "finite"),
-])
-def test_sample_categorical_refuses_bad_probabilities(probs, match):
-    with pytest.raises(ValueError, match=match):
-        sample_categorical(probs)
-    with pytest.raises(TypeError, match="floating-point"):
-        sample_categorical(torch.tensor([[1, 2]]))
-
-
-@given(st.lists(st.floats(0, 10), min_size=1, max_size=8).filter(lambda p: sum(p) > 0))
-def test_sample_categorical_never_draws_a_zero(p):
-    probs = torch.tensor([p] * 64, dtype=torch.float64)
-    idx = sample_categorical(probs, generator=torch.Generator().manual_seed(0)).squeeze(-1)
-    assert all(p[i] > 0 for i in idx.tolist())
 
 
 def test_latent_tree_refuses_bad_lengths_and_nan():

@@ -1,4 +1,5 @@
-"""RoutedFeedForward and the routers, against computations written out independently.
+"""RoutedFeedForward with each router, against computations written out independently (the routing functions
+on their own: test_routing.py).
 
 The independent side runs each expert as a plain ``F.linear -> relu -> F.linear`` on the token
 (never the layer's dispatch), writes each router's gradient from the formulas of the paper
@@ -14,21 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from reinmax import (ROUTERS, SPARSE_ROUTERS, RoutedFeedForward, balance_loss, moe_balance_loss, moe_load,
-                     route_tokens)
+from reinmax import ROUTERS, SPARSE_ROUTERS, RoutedFeedForward, moe_balance_loss, moe_load
+from torch_helpers import expert_outputs, softmax_jacobian
 
 D, H = 6, 10
-
-
-def expert_outputs(layer, x):
-    """(E, d): every expert's output on one token x (d,), computed one expert at a time."""
-    return torch.stack([F.linear(torch.relu(F.linear(x, layer.fc1_weight[e], layer.fc1_bias[e])),
-                                 layer.fc2_weight[e], layer.fc2_bias[e]) for e in range(layer.num_experts)])
-
-
-def jacobian(p):
-    """d softmax / d logits at probabilities p: diag(p) - p p^T."""
-    return torch.diag(p) - torch.outer(p, p)
 
 
 def make_layer(router, experts=3, **kwargs):
@@ -113,7 +103,7 @@ def test_router_gradient_matches_its_formula(router, seed):
     else:  # reinmax: 2 J(pi1) G - J(pi0) G / 2 with G over every expert
         pi1 = (e_d + torch.softmax(theta / tau, 0)) / 2
         torch.testing.assert_close(y, outs[d])
-        expected = 2 * jacobian(pi1) @ g - 0.5 * jacobian(pi) @ g
+        expected = 2 * softmax_jacobian(pi1) @ g - 0.5 * softmax_jacobian(pi) @ g
     torch.testing.assert_close(grad, expected)
 
 
@@ -164,28 +154,7 @@ def test_expected_router_gradient_by_enumeration(router):
     torch.testing.assert_close(expected_grad, exact)
 
 
-def test_sparsemixer_masks_far_experts():
-    logits = torch.tensor([[4.0, 3.9, -5.0, 0.0]])
-    for seed in range(50):
-        r = route_tokens(logits, "sparsemixer", jitter_eps=0.1, generator=torch.Generator().manual_seed(seed))
-        assert int(r.index) in (0, 1)  # 4 - 0 > 0.8: masked; 4 - 3.9 <= 0.8: kept
-
-
 # ------------------------------------------------------------------ balance, capacity, eval, compute
-
-
-def test_balance_loss_values_and_gradient():
-    E = 4
-    assert float(balance_loss(torch.full((8, E), 1 / E), torch.arange(8) % E)) == pytest.approx(1.0)
-    assert float(balance_loss(F.one_hot(torch.zeros(8, dtype=torch.long), E).float(),
-                              torch.zeros(8, dtype=torch.long))) == pytest.approx(E)
-    logits = torch.randn(16, E, dtype=torch.float64, requires_grad=True)
-    index = torch.randint(E, (16,))
-    balance_loss(torch.softmax(logits, 1), index).backward()
-    f = torch.bincount(index, minlength=E).double() / 16
-    # d/dlogits_n of E sum_i f_i mean_n p_ni = E/N J(p_n) f
-    expected = torch.stack([E / 16 * jacobian(p) @ f for p in torch.softmax(logits.detach(), 1)])
-    torch.testing.assert_close(logits.grad, expected)
 
 
 def test_capacity_drops_later_tokens_in_order():
@@ -311,5 +280,3 @@ def test_bad_inputs_are_refused():
         layer(torch.ones(3, D, dtype=torch.long))
     with pytest.raises(ValueError, match="logits must be finite"):
         layer(torch.full((2, D), float("nan")))
-    with pytest.raises(ValueError, match=r"logits must have shape \(tokens, experts\)"):
-        route_tokens(torch.randn(3), "switch")

@@ -1,7 +1,8 @@
 """Adversarial, property and reference tests of the mixture-of-experts layer and its routers (issue 21).
 
 * refusals and overflow: capacity factors up to the largest float, other dtypes than the layer's,
-  tiny temperatures, bad arguments of the balance/load helpers (a refused call changes nothing);
+  tiny temperatures, bad arguments of the model-level balance/load helpers (a refused call changes nothing;
+  `route_tokens`, `balance_loss` and `expert_counts` on their own: test_routing.py);
 * lifecycle: ``copy.deepcopy`` / pickling after a training forward, stats of skipped layers;
 * properties over shapes, dtypes, capacities and routers, against a per-token computation written
   here (each expert a plain ``F.linear -> relu -> F.linear`` on its token);
@@ -23,27 +24,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reinmax
-from reinmax import ROUTERS, SPARSE_ROUTERS, RoutedFeedForward, balance_loss, moe_balance_loss, moe_load, route_tokens
+from reinmax import ROUTERS, SPARSE_ROUTERS, RoutedFeedForward, moe_balance_loss, moe_load, route_tokens
 from reinmax.moe import clear_moe_stats
-from reinmax.routing import ROUTER_MIN_TAU, TAU_ROUTERS, expert_counts
+from reinmax.routing import ROUTER_MIN_TAU, TAU_ROUTERS
+from torch_helpers import expert_outputs, sparsemixer_probs
 
 D, H = 6, 10
-
-
-def expert_outputs(layer, tokens):
-    """(N, E, d) in float64: every expert's output on every token, one expert at a time."""
-    w1, b1, w2, b2 = (t.detach().double() for t in (layer.fc1_weight, layer.fc1_bias, layer.fc2_weight,
-                                                     layer.fc2_bias))
-    x = tokens.detach().double()
-    return torch.stack([F.linear(torch.relu(F.linear(x, w1[e], b1[e])), w2[e], b2[e])
-                        for e in range(layer.num_experts)], 1)
-
-
-def masked_softmax(logits, eps):
-    """SparseMixer's pi': experts with (max - l) / max(|l|, max) > 2 eps get probability 0 (the quotient form)."""
-    top = logits.max(-1, keepdim=True).values
-    ratio = (top - logits) / logits.abs().clamp(min=top)
-    return torch.softmax(logits.masked_fill(ratio > 2 * eps, float("-inf")), -1)
 
 
 # ------------------------------------------------------------------ capacity factors that overflow the slot count
@@ -141,38 +127,6 @@ def test_deepcopy_and_pickle_after_a_training_forward(router, capacity_factor):
 # ------------------------------------------------------------------ temperatures
 
 
-@given(log_tau=st.floats(-30, 4), router=st.sampled_from(ROUTERS), data=st.data())
-def test_any_valid_tau_gives_finite_gates_and_gradients(log_tau, router, data):
-    """Regression: straight_through / gumbel_softmax with tau = 1e-46 (float32) gave NaN gates (0 / 0), and
-    reinmax with tau = 1e-40 NaN gradients; logits of scale 0 are all tied (the largest gradient, 1 / (4 tau))."""
-    tau = max(10.0 ** log_tau, ROUTER_MIN_TAU)
-    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
-    experts = data.draw(st.integers(1, 9))
-    theta = (torch.randn(17, experts, generator=gen) * data.draw(st.sampled_from([0.0, 1.0, 30.0]))).to(dtype)
-    theta.requires_grad_()
-    r = route_tokens(theta, router, tau, generator=gen)
-    gate = r.gate if r.gate is not None else r.weights
-    (gate * torch.randn(gate.shape, generator=gen).to(dtype)).sum().backward()
-    assert torch.isfinite(gate.float()).all() and torch.isfinite(theta.grad.float()).all()
-    if router in ("straight_through", "gumbel_softmax", "reinmax"):
-        assert torch.equal(gate.float().sum(-1) if gate.dim() == 2 else gate.float(), torch.ones(17))
-
-
-def test_straight_through_gradient_at_tiny_tau_is_the_saturated_formula():
-    """p = softmax(theta / tau) is one-hot at the argmax for tau -> 0: the gradient p_D (e_D - p) / tau is 0."""
-    theta = torch.tensor([[0.3, -1.0, 2.0], [1e9, 1e9, 0.0]], requires_grad=True)
-    for tau in (1e-20, 1e-30):
-        theta.grad = None
-        r = route_tokens(theta, "straight_through", tau, generator=torch.Generator().manual_seed(0))
-        r.gate.sum().backward()
-        assert torch.equal(r.gate, torch.ones(2))
-        assert torch.equal(theta.grad[0], torch.zeros(3))  # saturated
-        d = int(r.index[1])  # two tied experts: p = (1/2, 1/2, 0), gradient (e_D - p) / (2 tau), finite
-        expected = (F.one_hot(torch.tensor(d), 3).double() - torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
-        torch.testing.assert_close(theta.grad[1].double(), expected * 0.5 / tau)
-
-
 @pytest.mark.parametrize("router", TAU_ROUTERS)
 def test_a_tau_below_the_floor_is_refused_and_the_floor_works(router):
     """Regression: reinmax with tau = 1e-40 in float32 gave NaN (log pi / tau overflowed to -inf everywhere)."""
@@ -194,38 +148,6 @@ def test_routers_without_tau_accept_any_positive_tau():
 
 
 # ------------------------------------------------------------------ argument checks of the helpers
-
-
-@pytest.mark.parametrize("probs, index, error, match", [
-    ("p", torch.zeros(2, dtype=torch.long), TypeError, "probs must be a floating-point torch.Tensor"),
-    (torch.ones(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), TypeError, "probs must be a floating"),
-    (torch.ones(2), torch.zeros(2, dtype=torch.long), ValueError, r"probs must have shape \(tokens, experts\)"),
-    (torch.ones(2, 0), torch.zeros(2, dtype=torch.long), ValueError, "at least one expert"),
-    (torch.ones(2, 3), [0, 1], TypeError, "index must be an integer torch.Tensor"),
-    (torch.ones(2, 3), torch.zeros(2), TypeError, "index must be an integer torch.Tensor"),
-    (torch.ones(2, 3), torch.zeros(2, dtype=torch.bool), TypeError, "index must be an integer"),
-    (torch.ones(2, 3), torch.zeros(3, dtype=torch.long), ValueError, r"index must have shape \(tokens=2,\)"),
-    (torch.ones(2, 3), torch.zeros(2, 1, dtype=torch.long), ValueError, r"index must have shape"),
-    (torch.ones(2, 3), torch.tensor([0, 3]), ValueError, r"index must hold expert numbers in \[0, 2\]"),
-    (torch.ones(2, 3), torch.tensor([-1, 0]), ValueError, r"index must hold expert numbers in \[0, 2\]"),
-])
-def test_balance_loss_refuses_bad_arguments(probs, index, error, match):
-    with pytest.raises(error, match=match):
-        balance_loss(probs, index)
-
-
-def test_balance_loss_accepts_every_integer_dtype_and_matches_the_definition():
-    probs = torch.softmax(torch.randn(12, 4, dtype=torch.float64), 1)
-    index = torch.tensor([0, 1, 1, 3, 3, 3, 0, 2, 1, 1, 0, 3])
-    f = torch.tensor([3, 4, 1, 4], dtype=torch.float64) / 12
-    expected = 4 * (f * probs.mean(0)).sum()
-    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        torch.testing.assert_close(balance_loss(probs, index.to(dtype)), expected)
-    torch.testing.assert_close(expert_counts(index.int(), 4), f.float() * 12)
-    with pytest.raises(ValueError, match="experts must be an integer >= 1"):
-        expert_counts(index, 0)
-    with pytest.raises(ValueError, match=r"index must hold expert numbers in \[0, 2\]"):
-        expert_counts(index, 3)
 
 
 @pytest.mark.parametrize("fn", [moe_balance_loss, moe_load, clear_moe_stats, lambda m: list(reinmax.moe_layers(m))])
@@ -269,7 +191,7 @@ def expected_gate(router, logits, index, eps):
     if router == "switch":
         return torch.softmax(logits, 1).gather(1, index[:, None])[:, 0]
     if router == "sparsemixer":
-        return masked_softmax(logits, eps).gather(1, index[:, None])[:, 0]
+        return sparsemixer_probs(logits, eps).gather(1, index[:, None])[:, 0]
     return torch.ones(len(index), dtype=torch.float64)
 
 
@@ -305,7 +227,7 @@ def test_layer_against_per_token_computation(lead, experts, router, training, dt
     counts = torch.bincount(index, minlength=experts).double()
     torch.testing.assert_close(stats.load.double(), counts / max(n, 1))
     # the output, token by token
-    f = expert_outputs(layer, tokens)
+    f = expert_outputs(layer, tokens, torch.float64)
     f_d = f[torch.arange(n), index] if n else f.new_zeros(0, D)
     gate = expected_gate(router, logits, index, 0.1)
     got = y.reshape(n, D).double()
@@ -318,7 +240,7 @@ def test_layer_against_per_token_computation(lead, experts, router, training, dt
         full = torch.where(half[:, None], 0.5 * full, full)
     torch.testing.assert_close(got[kept], full[kept], **tol)
     # the balance loss: E sum f_e P_e with the router's probabilities (SparseMixer: the masked softmax)
-    p = masked_softmax(logits, 0.1) if router == "sparsemixer" else torch.softmax(logits, 1)
+    p = sparsemixer_probs(logits, 0.1) if router == "sparsemixer" else torch.softmax(logits, 1)
     expected_balance = experts * ((counts / max(n, 1)) * p.sum(0) / max(n, 1)).sum()
     torch.testing.assert_close(stats.balance_loss.double(), expected_balance, **tol)
 
@@ -339,7 +261,7 @@ def test_eval_output_equals_the_training_output_at_the_argmax(router):
     y_eval = layer(x)
     top = layer.stats.index.clone()
     logits = layer.router(x).double()
-    masked = (masked_softmax(logits, 0.1) == 0).any(1)
+    masked = (sparsemixer_probs(logits, 0.1) == 0).any(1)
     if router == "sparsemixer":
         assert masked.sum() > 10  # the case the old eval gate got wrong
     layer.train()
@@ -350,15 +272,6 @@ def test_eval_output_equals_the_training_output_at_the_argmax(router):
         torch.testing.assert_close(y[hit], y_eval[hit], rtol=1e-6, atol=1e-6)
         matched |= hit
     assert matched.all()
-
-
-def test_sparsemixer_eval_gate_is_the_masked_softmax():
-    logits = torch.tensor([[4.0, 3.9, -5.0, 0.0]])
-    r = route_tokens(logits, "sparsemixer", training=False, jitter_eps=0.1)
-    expected = torch.softmax(torch.tensor([4.0, 3.9]), 0)[0]  # experts 2 and 3 are masked
-    assert int(r.index) == 0 and float(r.gate) == pytest.approx(float(expected), abs=1e-7)
-    assert float(r.gate) != pytest.approx(float(torch.softmax(logits, 1)[0, 0]), abs=1e-3)
-    torch.testing.assert_close(r.probs, torch.tensor([[expected, 1 - expected, 0.0, 0.0]]))
 
 
 # ------------------------------------------------------------------ SparseMixer against the authors' router
@@ -420,7 +333,7 @@ def same_noise(layer, x, seed, eps):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         logits = F.linear(x, layer.router.weight)
-        sample = reinmax.sample_categorical(masked_softmax(logits, eps), -1, generator=g)[:, 0]
+        sample = reinmax.sample_categorical(sparsemixer_probs(logits, eps), -1, generator=g)[:, 0]
         coin = torch.rand(x.shape[0], generator=g, dtype=logits.dtype)
     return sample, coin >= 0.5
 

@@ -7,22 +7,8 @@ import pytest
 import torch
 
 from peers import require_peer
-from torch_helpers import saved_bytes
-from reinmax import ReinMaxFunction, reinmax, sample_categorical
-
-
-def jac(p, v):
-    """J(p) v = (diag(p) - p p^T) v over the last dim, written out as a matrix product (float64)."""
-    J = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    return (J @ v.unsqueeze(-1)).squeeze(-1)
-
-
-def closed_form(theta, D, g, h, tau):
-    """The REFERENCE formula 2 J(pi1) g - 0.5 J(pi0) g + J(pi0) h, in float64, last dim."""
-    theta, D, g, h = (t.double() for t in (theta, D, g, h))
-    pi0 = torch.softmax(theta, -1)
-    pi1 = (torch.softmax(theta / tau, -1) + D) / 2
-    return 2 * jac(pi1, g) - 0.5 * jac(pi0, g) + jac(pi0, h)
+from reinmax import ReinMaxFunction, reinmax
+from torch_helpers import chi_square, reinmax_gradient, saved_bytes, softmax_jvp
 
 
 def run(theta, tau, dim=-1, seed=0, g=None, h=None):
@@ -39,21 +25,21 @@ def run(theta, tau, dim=-1, seed=0, g=None, h=None):
 
 @pytest.mark.parametrize("tau", [0.5, 1.0, 1.3, 3.0])
 @pytest.mark.parametrize("shape", [(7,), (4, 5), (2, 3, 6)])
-def test_gradient_equals_closed_form(shape, tau):
+def test_gradient_equals_reinmax_gradient(shape, tau):
     theta = torch.randn(shape, dtype=torch.float64) * 2
     g, h = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
     D, y_soft, grad = run(theta, tau, g=g, h=h)
     assert torch.equal(D.sum(-1), torch.ones(shape[:-1], dtype=torch.float64))
     assert set(D.unique().tolist()) <= {0.0, 1.0}
     torch.testing.assert_close(y_soft, torch.softmax(theta, -1))
-    torch.testing.assert_close(grad, closed_form(theta, D, g, h, tau), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, reinmax_gradient(theta, D, g, h, tau), rtol=1e-10, atol=1e-12)
 
 
 def test_gradient_float32_matches_float64_formula():
     theta = torch.randn(64, 33) * 3
     g, h = torch.randn(64, 33), torch.randn(64, 33)
     D, _, grad = run(theta, 1.5, g=g, h=h)
-    torch.testing.assert_close(grad.double(), closed_form(theta, D, g, h, 1.5), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), reinmax_gradient(theta, D, g, h, 1.5), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("tau", [1.0, 1.7])
@@ -94,9 +80,9 @@ def test_only_one_output_used():
     g, h = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     zero = torch.zeros_like(g)
     D, _, grad = run(theta, 1.2, g=g)
-    torch.testing.assert_close(grad, closed_form(theta, D, g, zero, 1.2))
+    torch.testing.assert_close(grad, reinmax_gradient(theta, D, g, zero, 1.2))
     D, _, grad = run(theta, 1.2, h=h)
-    torch.testing.assert_close(grad, jac(torch.softmax(theta, -1), h))
+    torch.testing.assert_close(grad, softmax_jvp(torch.softmax(theta, -1), h))
 
 
 @pytest.mark.parametrize("dim", [0, 1, -2])
@@ -109,7 +95,7 @@ def test_dim_and_non_contiguous_input(dim):
     move = lambda t: t.movedim(dim, -1)  # noqa: E731
     assert torch.equal(move(D).sum(-1), torch.ones(move(D).shape[:-1], dtype=torch.float64))
     torch.testing.assert_close(y_soft, torch.softmax(theta, dim))
-    expected = closed_form(move(theta), move(D), move(g), move(h), 1.4)
+    expected = reinmax_gradient(move(theta), move(D), move(g), move(h), 1.4)
     torch.testing.assert_close(move(grad), expected, rtol=1e-10, atol=1e-12)
 
 
@@ -119,12 +105,6 @@ def test_generator_reproducible():
     b = reinmax(theta, 1.0, generator=torch.Generator().manual_seed(3))[0]
     c = reinmax(theta, 1.0, generator=torch.Generator().manual_seed(4))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def chi_square(counts, probs):
-    n = counts.sum()
-    expected = n * probs
-    return float(((counts - expected) ** 2 / expected).sum())
 
 
 @pytest.mark.parametrize("dim", [-1, 0])
@@ -147,7 +127,7 @@ def test_low_precision(dtype):
     assert y_hard.dtype == dtype and y_soft.dtype == dtype
     ((y_hard * g.to(dtype)).sum() + (y_soft * h.to(dtype)).sum()).backward()
     assert x.grad.dtype == dtype
-    expected = closed_form(x.detach(), y_hard.detach(), g.to(dtype), h.to(dtype), 1.3)
+    expected = reinmax_gradient(x.detach(), y_hard.detach(), g.to(dtype), h.to(dtype), 1.3)
     torch.testing.assert_close(x.grad.double(), expected, rtol=2e-2, atol=2e-2)
     counts = reinmax(torch.zeros(40_000, 4, dtype=dtype), 1.0)[0].sum(0).double()
     assert chi_square(counts, torch.full((4,), 0.25, dtype=torch.float64)) < 20.0
@@ -241,12 +221,6 @@ def test_same_gradient_as_public_0_1_0(monkeypatch, tau):
     torch.testing.assert_close(ours, x.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_sample_categorical_zero_probability_edges():
-    probs = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]).repeat(1000, 1)
-    idx = sample_categorical(probs, generator=torch.Generator().manual_seed(1)).squeeze(-1)
-    assert (idx[0::3] == 1).all() and (idx[1::3] < 2).all() and (idx[2::3] == 2).all()
-
-
 def test_function_is_public_and_apply_works():
     x = torch.randn(2, 3, requires_grad=True)
     y_hard, y_soft, log_probs, index = ReinMaxFunction.apply(x, 1.0, 1, None)
@@ -263,7 +237,7 @@ def test_underflowing_probabilities_stay_finite_and_close():
     g, h = torch.randn(50, 4), torch.randn(50, 4)
     D, _, grad = run(theta, 2.0, g=g, h=h)
     assert torch.isfinite(grad).all()
-    torch.testing.assert_close(grad.double(), closed_form(theta, D, g, h, 2.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), reinmax_gradient(theta, D, g, h, 2.0), rtol=1e-5, atol=1e-6)
 
 
 def expected_gradient(estimator, theta, f, tau):

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from sign_optim import AddSign, CosineInternalDecay, LinearInternalDecay, PowerSign, fused
+from torch_helpers import assert_within_ulp, step_alike  # assert_within_ulp: 1 ulp of the larger magnitude (1e-3 below)
 
 pytestmark = pytest.mark.skipif(not fused.available(torch.device("cpu")),
                                 reason=f"the C kernel is not built: {fused.unavailable_reason(torch.device('cpu'))}")
 
 OPTIMIZERS = [AddSign, PowerSign]
-ULP = {torch.float32: 2 ** -23, torch.float64: 2 ** -52, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
 
 
 def run(cls, dtype, impl, steps=4, shapes=((37, 5), (1000,), (3,)), **kwargs):
@@ -31,13 +31,6 @@ def run(cls, dtype, impl, steps=4, shapes=((37, 5), (1000,), (3,)), **kwargs):
             p.grad = torch.randn(p.shape, generator=gen).to(dtype)
         opt.step()
     return params, opt
-
-
-def assert_within_ulp(a, b, dtype, ulps=1):
-    diff = (a.double() - b.double()).abs()
-    # 1 ulp of the larger magnitude, plus the same for the tiniest values
-    bound = ulps * ULP[dtype] * torch.maximum(a.double().abs(), b.double().abs()).clamp(min=1e-3)
-    assert (diff <= bound).all(), f"max diff {diff.max().item():.3g}, bound {bound[diff > bound][:3].tolist()}"
 
 
 def one_step_from(cls, params, state_dict, impl, grads, **kwargs):
@@ -245,12 +238,7 @@ def test_capturable_and_fused_together_as_torch_allows(cls):
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     opt_a = cls(a, lr=torch.tensor(0.01), capturable=True, fused=True, sign_internal_decay=CosineInternalDecay(6))
     opt_b = cls(b, lr=0.01, foreach=True, sign_internal_decay=CosineInternalDecay(6))
-    for _ in range(4):
-        for p, q in zip(a, b):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        opt_a.step()
-        opt_b.step()
+    step_alike(a, opt_a.step, b, opt_b.step)
     for p, q in zip(a, b):
         assert_within_ulp(p.detach(), q.detach(), torch.float32)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sign_optim import AddSign, CosineInternalDecay, PowerSign, fused
+from torch_helpers import step_alike
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -19,12 +20,7 @@ def test_compiled_step_matches_eager(cls, foreach):
     kwargs = dict(lr=1e-2, weight_decay=0.01, sign_internal_decay=CosineInternalDecay(10), foreach=foreach)
     opt_e, opt_c = cls(eager, **kwargs), cls(comp, **kwargs)
     step = torch.compile(opt_c.step, backend="aot_eager")
-    for _ in range(4):
-        for pe, pc in zip(eager, comp):
-            g = torch.randn_like(pe)
-            pe.grad, pc.grad = g, g.clone()
-        opt_e.step()
-        step()
+    step_alike(eager, opt_e.step, comp, step)
     for pe, pc in zip(eager, comp):
         torch.testing.assert_close(pc, pe, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(opt_c.state[pc]["exp_avg"], opt_e.state[pe]["exp_avg"])
@@ -52,12 +48,7 @@ def test_compiled_fused_step_is_one_operator_node_and_compiles_once(cls, decay):
     opt_e.step()
     opt_c.step()
     step = torch.compile(opt_c.step, backend=backend, fullgraph=True)
-    for _ in range(4):
-        for pe, pc in zip(eager, comp):
-            g = torch.randn_like(pe)
-            pe.grad, pc.grad = g, g.clone()
-        opt_e.step()
-        step()
+    step_alike(eager, opt_e.step, comp, step)
     assert len(graphs) == 1
     calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "fused_sign_" in str(n.target)]
     assert len(calls) == 1

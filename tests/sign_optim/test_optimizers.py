@@ -2,7 +2,6 @@
 foreach path against the single-tensor path, state_dict round trips, and bad input."""
 
 import copy
-import io
 import math
 import pickle
 
@@ -17,24 +16,18 @@ from sign_optim import (
     PowerSign,
     RestartCosineInternalDecay,
 )
+from torch_helpers import saved_and_loaded, sign_rule_step
 
 OPTIMIZERS = {"addsign": AddSign, "powersign": PowerSign}
 
 
 def reference(rule, w0, grads, lr, beta, alpha, decay=None, weight_decay=0.0, maximize=False):
-    """TF's rule, step by step: moving average first, d evaluated at the step before the update."""
+    """TF's rule, step by step (`sign_rule_step`): moving average first, d evaluated at the step before the update."""
     w = np.array(w0, dtype=np.float64)
     m = np.zeros_like(w)
     for t, g in enumerate(grads):
-        g = -g if maximize else g
-        m = beta * m + (1.0 - beta) * g
-        d = 1.0 if decay is None else decay(t)
-        s = np.sign(g) * np.sign(m)
-        w = w - lr * weight_decay * w
-        if rule == "addsign":
-            w = w - lr * (alpha + d * s) * g
-        else:
-            w = w - lr * alpha ** (d * s) * g
+        w, m = sign_rule_step(rule, w, m, g, lr=lr, beta=beta, alpha=alpha, decay=1.0 if decay is None else decay(t),
+                              weight_decay=weight_decay, maximize=maximize)
     return w
 
 
@@ -197,10 +190,7 @@ def test_state_dict_resume_continues_exactly(rule, decay, via_file):
     sd = opt.state_dict()
     model_sd = copy.deepcopy(model.state_dict())
     if via_file:
-        buf = io.BytesIO()
-        torch.save({"optimizer": sd, "model": model_sd}, buf)
-        buf.seek(0)
-        loaded = torch.load(buf, weights_only=True)
+        loaded = saved_and_loaded({"optimizer": sd, "model": model_sd})
         sd, model_sd = loaded["optimizer"], loaded["model"]
     pickle.dumps(sd)
     model2, opt2 = fresh(with_decay=False)  # the decay comes back from the state dict
@@ -222,10 +212,7 @@ def test_custom_callable_decay_is_kept_not_serialized():
     train(model, opt, 3)
     sd = opt.state_dict()
     assert sd["sign_internal_decay"]["kind"] == "custom"
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    sd = torch.load(buf, weights_only=True)
+    sd = saved_and_loaded(sd)
     with pytest.raises(ValueError, match="custom sign_internal_decay"):
         AddSign(make_model().parameters()).load_state_dict(sd)
     again = AddSign(make_model().parameters(), sign_internal_decay=decay)

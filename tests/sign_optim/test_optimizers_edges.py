@@ -2,7 +2,6 @@
 changes nothing, and torch.optim's own conventions (as its test_optim.py states them) hold."""
 
 import copy
-import io
 import math
 import subprocess
 import sys
@@ -13,11 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sign_optim import AddSign, CosineInternalDecay, LinearInternalDecay, PowerSign, fused
-from torch_helpers import assert_optimizer_unchanged, optimizer_snapshot
+from torch_helpers import assert_optimizer_unchanged, optimizer_snapshot, saved_and_loaded
 
 OPTIMIZERS = [AddSign, PowerSign]
 PATHS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "single": dict(foreach=False)}
 needs_kernel = pytest.mark.skipif(not fused.available(torch.device("cpu")), reason="the C kernel is not built")
+PATH_PARAMS = [pytest.param("fused", marks=needs_kernel), "foreach", "single"]  # the keys of PATHS
 
 
 # ------------------------------------------------------------------ the fused kernel's memory
@@ -161,11 +161,9 @@ def test_operator_checks_every_tensor_before_the_first_write():
 
 
 # ------------------------------------------------------------------ refused steps change nothing
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", PATH_PARAMS)
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_overflowing_lr_is_refused_before_any_change(cls, path):
-    if path == "fused" and not fused.available(torch.device("cpu")):
-        pytest.skip("the C kernel is not built")
     p = torch.nn.Parameter(torch.randn(6))
     opt = cls([p], lr=1e-2, **PATHS[path])
     p.grad = torch.randn(6)
@@ -178,15 +176,13 @@ def test_overflowing_lr_is_refused_before_any_change(cls, path):
     assert torch.isfinite(p).all()
 
 
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", PATH_PARAMS)
 @pytest.mark.parametrize("make", [
     lambda p, kw: PowerSign([p], alpha=1e-310, **kw),
     lambda p, kw: PowerSign([p], sign_internal_decay=lambda step: 1000.0, **kw),
     lambda p, kw: AddSign([p], sign_internal_decay=lambda step: 1e300, lr=1e300, **kw),
 ], ids=["tiny-alpha", "decay-1000", "addsign-huge"])
 def test_overflowing_factor_is_refused_before_any_change(make, path):
-    if path == "fused" and not fused.available(torch.device("cpu")):
-        pytest.skip("the C kernel is not built")
     p = torch.nn.Parameter(torch.randn(5))
     opt = make(p, PATHS[path])
     p.grad = torch.randn(5)
@@ -196,11 +192,9 @@ def test_overflowing_factor_is_refused_before_any_change(make, path):
     assert_optimizer_unchanged(before, opt, [p])
 
 
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", PATH_PARAMS)
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_average_of_another_shape_is_refused_before_any_change(cls, path):
-    if path == "fused" and not fused.available(torch.device("cpu")):
-        pytest.skip("the C kernel is not built")
     p, q = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(3))
     opt = cls([p, q], lr=1e-2, **PATHS[path])
     p.grad, q.grad = torch.randn(6), torch.randn(3)
@@ -316,13 +310,11 @@ def test_step_counter_follows_torch_default_dtype(cls):
         torch.set_default_dtype(previous)
 
 
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", PATH_PARAMS)
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_decay_per_param_group_is_honoured_saved_and_restored(cls, path):
     """torch.optim's convention: every constructor keyword is a per-group hyper-parameter. Two groups with their
     own decays step as two optimizers would, and a save/load round trip keeps each group's decay."""
-    if path == "fused" and not fused.available(torch.device("cpu")):
-        pytest.skip("the C kernel is not built")
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
     a1, b1 = (torch.nn.Parameter(t.detach().clone()) for t in (a, b))
@@ -354,10 +346,7 @@ def test_state_dict_loads_weights_only_even_with_the_decay_in_a_group():
     p.grad = torch.randn(3)
     opt.step()
     for obj in (opt.state_dict(), {"param_groups": opt.param_groups}):  # the latter: ZeRO's consolidated form
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        buf.seek(0)
-        loaded = torch.load(buf, weights_only=True)
+        loaded = saved_and_loaded(obj)
         assert loaded["param_groups"][0]["sign_internal_decay"] in (decay, decay.state_dict())
     fresh = PowerSign([{"params": [torch.nn.Parameter(p.detach().clone())], "sign_internal_decay": decay}],
                       sign_internal_decay=decay)

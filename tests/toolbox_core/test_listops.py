@@ -198,9 +198,10 @@ def test_wrong_label_reported_when_checked(tmp_path):
 def test_generate_script_matches_library(tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "recipes" / "listops" / "generate.py"
+    from fairseq_helpers import REPO_ROOT
+
+    script = REPO_ROOT / "recipes" / "listops" / "generate.py"
     out = tmp_path / "gen.tsv"
     subprocess.run([sys.executable, str(script), "--num-examples", "30", "--seed", "4", "--output", str(out),
                     "--max-length", "40", "--max-depth", "6"], check=True, capture_output=True)

@@ -8,11 +8,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from fairseq_helpers import REPO_ROOT as REPO
 HEAVY = ("torch", "fairseq", "fairseq_plugins")
 
 # run CODE (a statement), then print the heavy top-level packages it imported, as JSON

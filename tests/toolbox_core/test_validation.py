@@ -1,79 +1,90 @@
-"""The shared argument checks and file writing of every library (stability_toolbox)."""
+"""`toolbox_core.validation`: the data checks of tensors and their global switch (`check_data`,
+`set_data_checks`, `data_checks`, `data_checks_enabled`), and the argument checks it re-exports (those
+themselves: test_checks.py)."""
 
-import os
-
-import numpy as np
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
-import stability_toolbox
+from toolbox_core import checks
 from toolbox_core import validation as v
-from toolbox_core.files import atomic_write, check_output_path
 
 
-@pytest.mark.parametrize("value", [3, np.int64(3), np.int32(3), torch.tensor(3), torch.tensor([3])])
-def test_as_int_accepts_every_integer_form(value):
-    assert v.as_int("k", value, minimum=1) == 3
+@pytest.fixture(autouse=True)
+def _checks_on_again():
+    """Every test starts and ends with the data checks on (the default)."""
+    v.set_data_checks(True)
+    yield
+    v.set_data_checks(True)
 
 
-@pytest.mark.parametrize("value", [2.5, 1.0, np.float32(0.5), torch.tensor(2.5), torch.tensor([2.5]), 7])
-def test_as_real_accepts_every_real_form(value):
-    assert v.as_real("x", value) == pytest.approx(float(value))
-
-
-@pytest.mark.parametrize("value, exc", [
-    (True, TypeError), ("3", TypeError), (None, TypeError), (torch.ones(2), TypeError),
-    (float("nan"), ValueError), (float("inf"), ValueError), (10 ** 400, ValueError), (-1, ValueError),
-])
-def test_as_real_refuses_with_the_argument_named(value, exc):
-    with pytest.raises(exc, match=r"^x must be a finite real number >= 0"):
-        v.as_real("x", value, low=0.0)
-
-
-def test_messages_never_contradict_the_value():
-    """0.1.0-era bug: 'must be an integer >= 1, got np.int64(2)' -- a NumPy 2 is an integer >= 1."""
-    assert v.as_int("n", np.int64(2), minimum=1) == 2
-    with pytest.raises(ValueError, match=r"n must be an integer >= 1, got 0$"):
-        v.as_int("n", np.int64(0), minimum=1)
-    with pytest.raises(TypeError, match=r"got 2\.0 \(float\)"):
-        v.as_int("n", 2.0, minimum=1)
-    assert v.as_int("n", 2.0, minimum=1, integral_float=True) == 2
-    with pytest.raises(ValueError, match="n must be an integer"):
-        v.as_int("n", 2.5, integral_float=True)
-
-
-@given(st.floats(allow_nan=True, allow_infinity=True), st.floats(-10, 10), st.booleans())
-def test_as_real_property(x, low, low_open):
-    """Either the number itself comes back, or ValueError naming the argument -- nothing else."""
-    try:
-        out = v.as_real("arg", x, low=low, low_open=low_open)
-    except ValueError as err:
-        assert str(err).startswith("arg must be")
-        assert x != x or abs(x) == float("inf") or x < low or (low_open and x == low)
-    else:
-        assert out == x and (out > low or (out == low and not low_open))
-
-
-def test_as_bool_and_choice():
-    assert v.as_bool("flag", np.bool_(True)) is True and v.as_bool("flag", 0) is False
-    with pytest.raises(TypeError, match="flag must be True or False"):
-        v.as_bool("flag", 2)
-    with pytest.raises(ValueError, match=r"mode must be one of \['a', 'b'\], got 'c'"):
-        v.as_choice("mode", "c", ["a", "b"])
+def test_the_argument_checks_are_re_exported():
+    for name in ("as_int", "as_real", "as_bool", "as_choice"):
+        assert getattr(v, name) is getattr(checks, name) and name in v.__all__
 
 
 def test_data_checks_switch_and_context():
     bad = torch.tensor(True)
     with pytest.raises(ValueError, match="boom"):
         v.check_data(lambda: bad, "boom")
-    with stability_toolbox.data_checks(False):
-        assert not stability_toolbox.data_checks_enabled()
+    with v.data_checks(False):
+        assert not v.data_checks_enabled()
         v.check_data(lambda: bad, "boom")  # skipped
-    assert stability_toolbox.data_checks_enabled()
+    assert v.data_checks_enabled()
     with pytest.raises(TypeError):
-        stability_toolbox.set_data_checks("yes")
+        v.set_data_checks("yes")
+
+
+def test_check_data_raises_the_message_only_when_bad():
+    v.check_data(lambda: torch.tensor(False), "never")
+    with pytest.raises(ValueError, match=r"^x must be finite \(got NaN\)$"):
+        v.check_data(lambda: torch.isnan(torch.tensor([1.0, float("nan")])).any(), "x must be finite (got NaN)")
+
+
+def test_switched_off_nothing_is_computed():
+    """``bad`` is a callable so that a switched-off check costs nothing: it is not even called."""
+    calls = []
+
+    def bad():
+        calls.append(1)
+        return torch.tensor(True)
+
+    v.set_data_checks(False)
+    v.check_data(bad, "boom")
+    assert calls == [] and not v.data_checks_enabled()
+    v.set_data_checks(True)
+    with pytest.raises(ValueError):
+        v.check_data(bad, "boom")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("value, expected", [(False, False), (0, False), (True, True), (1, True)])
+def test_set_data_checks_takes_booleans(value, expected):
+    v.set_data_checks(value)
+    assert v.data_checks_enabled() is expected
+
+
+@pytest.mark.parametrize("value", ["yes", 2, None, 0.0])
+def test_set_data_checks_refuses_the_rest_and_keeps_the_setting(value):
+    with pytest.raises(TypeError, match="^enabled must be True or False"):
+        v.set_data_checks(value)
+    assert v.data_checks_enabled()
+
+
+@pytest.mark.parametrize("outer", [True, False])
+def test_the_context_restores_the_previous_setting_even_on_error(outer):
+    v.set_data_checks(outer)
+    with pytest.raises(RuntimeError):
+        with v.data_checks(not outer):
+            assert v.data_checks_enabled() is (not outer)
+            with v.data_checks(outer):  # nested
+                assert v.data_checks_enabled() is outer
+            assert v.data_checks_enabled() is (not outer)
+            raise RuntimeError("inside")
+    assert v.data_checks_enabled() is outer
+    with pytest.raises(TypeError):
+        with v.data_checks("off"):
+            pass
+    assert v.data_checks_enabled() is outer
 
 
 def test_data_checks_are_skipped_under_torch_func():
@@ -83,31 +94,17 @@ def test_data_checks_are_skipped_under_torch_func():
     assert torch.func.grad(f)(torch.tensor([float("nan"), 1.0])).tolist() == [1.0, 1.0]
 
 
-def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
-    target = tmp_path / "f.txt"
-    target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_write(target) as f:
-            f.write("half")
-            raise RuntimeError("crash while writing")
-    assert target.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
-    with atomic_write(target) as f:
-        f.write("new")
-    assert target.read_text() == "new" and os.listdir(tmp_path) == ["f.txt"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
+def test_data_checks_are_skipped_under_torch_compile(fresh_dynamo):
+    """Traced, a data check would be a graph break (and a host sync on CUDA): it is skipped, eager still checks."""
+    seen = []
 
+    def f(x):
+        seen.append(v.data_checks_enabled())
+        v.check_data(lambda: torch.isnan(x).any(), "nan")
+        return x * 2
 
-def test_check_output_path(tmp_path):
-    src = tmp_path / "in.pt"
-    src.write_bytes(b"x")
-    with pytest.raises(ValueError, match="is the input"):
-        check_output_path(src, [src])
-    with pytest.raises(ValueError, match="is the input"):
-        check_output_path(tmp_path / "." / "in.pt", [src])
-    with pytest.raises(ValueError, match="does not exist"):
-        check_output_path(tmp_path / "missing" / "out.pt", [src])
-    with pytest.raises(ValueError, match="is a directory"):
-        check_output_path(tmp_path, [src])
-    assert check_output_path(tmp_path / "out.pt", [src]) == tmp_path / "out.pt"
+    x = torch.tensor([float("nan"), 1.0])
+    out = torch.compile(f, backend="eager", fullgraph=True)(x)
+    assert seen == [False] and torch.isnan(out[0]) and out[1] == 2.0
+    with pytest.raises(ValueError, match="nan"):
+        f(x)
