@@ -1,19 +1,26 @@
-"""Shared infrastructure of the toolbox's libraries (admin_torch, reinmax, sign_optim).
+"""The live stability monitor: a feature package above the libraries (admin_torch, reinmax, sign_optim).
 
-[`toolbox_core.validation`][toolbox_core.validation] holds the argument checks every library uses and the global
-switch of the data checks ([`set_data_checks`][toolbox_core.validation.set_data_checks]), re-exported here; its pure-Python argument
-checks live in the torch-free [`toolbox_core.checks`][toolbox_core.checks].
-[`StabilityMonitor`][stability_toolbox.StabilityMonitor] (`stability_toolbox.monitor`) records Admin's per-layer stability quantities
-live during training; `stability_toolbox.hf_callback` runs it in a HuggingFace ``Trainer``.
-`stability_toolbox.warning_rules` holds its warning rules (pure functions of its history: each warning
-names the likely mechanism and the remedy); `stability_toolbox.z_loss` the z-loss remedy.
-`toolbox_core.listops` holds the ListOps data code (generator, parser, evaluator, reader
-and writer) in pure Python.
+[`StabilityMonitor`][stability_toolbox.StabilityMonitor] records Admin's per-layer stability quantities live
+during training, warns before the loss does and names the mechanism and the remedy. It is built from one-idea
+modules:
 
-Importing this package imports neither torch nor fairseq: the names re-exported here from
-[`validation`][toolbox_core.validation] and `monitor` (which need torch) are
-imported on first use, so ``import toolbox_core.listops`` stays torch-free, while
-``from stability_toolbox import StabilityMonitor`` works as ever.
+* `stability_toolbox.monitor`: the step protocol (`begin_step`/`end_step`/`step`, `close`), composing
+* `stability_toolbox.sites`: where the residual branches, norms and attention modules of a model are;
+* `stability_toolbox.quantities`: the per-site statistics and the quantities computed from them;
+* `stability_toolbox.attention_stats`: the attention-logit statistics;
+* `stability_toolbox.probe`: the fixed probe batch replayed on logging steps;
+* `stability_toolbox.warning_rules`: the warning rules, pure functions of the history;
+* `stability_toolbox.records`: ``monitor.jsonl`` (and [`read_records`][stability_toolbox.records.read_records]),
+  the summary table and the heatmaps;
+* `stability_toolbox.hooks`: hooks that go inert in a copied or pickled model.
+
+`stability_toolbox.hf_callback` runs the monitor in a HuggingFace ``Trainer``; `stability_toolbox.z_loss`
+is the z-loss remedy. The shared helpers live one floor down, in `toolbox_core`; the data-check switch
+([`set_data_checks`][toolbox_core.validation.set_data_checks] and friends) is re-exported here, and
+``stability_toolbox.{checks,validation,files,listops}`` still name the `toolbox_core` modules.
+
+Importing this package imports neither torch nor fairseq: the names re-exported here are imported on first
+use, while ``from stability_toolbox import StabilityMonitor`` works as ever.
 
 Examples:
     >>> import stability_toolbox
@@ -26,21 +33,22 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the names below are, for type checkers and the API docs; imported lazily at run time
-    from .monitor import DEFAULT_RULES, StabilityMonitor, WarningRule, register_layer_kind
+    from .monitor import StabilityMonitor, register_layer_kind
+    from .warning_rules import DEFAULT_RULES, WarningRule
     from .z_loss import DEFAULT_Z_LOSS, cross_entropy_with_z_loss, log_z
     from toolbox_core.validation import data_checks, data_checks_enabled, set_data_checks
 
 __all__ = ["data_checks", "data_checks_enabled", "set_data_checks", "StabilityMonitor", "WarningRule", "DEFAULT_RULES",
            "register_layer_kind", "cross_entropy_with_z_loss", "log_z", "DEFAULT_Z_LOSS"]
 
-# name -> the submodule it comes from (both submodules import torch)
+# name -> the submodule it comes from (they import torch)
 _LAZY = {
     "data_checks": "validation",
     "data_checks_enabled": "validation",
     "set_data_checks": "validation",
     "StabilityMonitor": "monitor",
-    "WarningRule": "monitor",
-    "DEFAULT_RULES": "monitor",
+    "WarningRule": "warning_rules",
+    "DEFAULT_RULES": "warning_rules",
     "register_layer_kind": "monitor",
     "cross_entropy_with_z_loss": "z_loss",
     "log_z": "z_loss",
