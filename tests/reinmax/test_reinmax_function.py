@@ -25,7 +25,7 @@ def run(theta, tau, dim=-1, seed=0, g=None, h=None):
 
 @pytest.mark.parametrize("tau", [0.5, 1.0, 1.3, 3.0])
 @pytest.mark.parametrize("shape", [(7,), (4, 5), (2, 3, 6)])
-def test_gradient_equals_reinmax_gradient(shape, tau):
+def test_gradient_equals_closed_form(shape, tau):
     theta = torch.randn(shape, dtype=torch.float64) * 2
     g, h = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
     D, y_soft, grad = run(theta, tau, g=g, h=h)

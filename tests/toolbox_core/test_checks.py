@@ -159,6 +159,18 @@ def test_an_integer_too_large_for_a_float_is_a_value_error():
         as_real("x", 10 ** 400)
 
 
+@given(st.floats(allow_nan=True, allow_infinity=True), st.floats(-10, 10), st.booleans())
+def test_as_real_property(x, low, low_open):
+    """Either the number itself comes back, or ValueError naming the argument -- nothing else."""
+    try:
+        out = checks.as_real("arg", x, low=low, low_open=low_open)
+    except ValueError as err:
+        assert str(err).startswith("arg must be")
+        assert x != x or abs(x) == float("inf") or x < low or (low_open and x == low)
+    else:
+        assert out == x and (out > low or (out == low and not low_open))
+
+
 def describe_interval(low, high, low_open, high_open):
     """How the message states the accepted interval (REFERENCE of the module docstring: ``> 0``, ``in [0, 1)``)."""
     if low is None and high is None:
