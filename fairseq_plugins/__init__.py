@@ -1,19 +1,25 @@
 """fairseq plugins of the toolbox: ``fairseq-train --user-dir fairseq_plugins ...``.
 
-Importing this package (which ``--user-dir`` does) registers, once per process:
+Importing this package (which ``--user-dir`` does) does two things, once per process.
 
-* models   (``fairseq_plugins/models``): ``transformer_admin`` and its architectures, ``listops_tree``
+It installs the repairs of fairseq and torch behaviour listed in `REPAIRS`, in that order: one module
+each under ``fairseq_plugins/repairs``, whose docstring says what fairseq or torch does wrong. Nothing
+else in the package patches anything, at import or later.
+
+Then it registers:
+
+* models   (``fairseq_plugins/models``): ``transformer_admin`` and its architectures, ``transformer_lm_admin``
+  and its architectures, ``listops_tree``
 * tasks    (``fairseq_plugins/tasks``):  ``listops`` (its pure-Python data code: `toolbox_core.listops`)
 * criteria (``fairseq_plugins/criterions``): ``cross_entropy_moe``, ``label_smoothed_cross_entropy_moe``
-  (the stock ones plus the balance loss of ``--moe-experts``, `fairseq_plugins.moe`)
-* optimizers: ``addsign``, ``powersign``
+  (the stock ones plus the balance loss of ``--moe-experts``, `fairseq_plugins.moe`), ``cross_entropy_zloss``,
+  ``label_smoothed_cross_entropy_zloss``, ``listops_cross_entropy``
+* optimizers (``fairseq_plugins/optim``): ``addsign``, ``powersign``
+* the training-loop flags ``--stability-monitor DIR`` (`fairseq_plugins.monitor`)
 
-makes fairseq checkpoints load with torch's safe ``weights_only=True`` unpickler
-(`fairseq_plugins.safe_checkpoint`), and keeps the last batch that fairseq-fixed drops, so
-generation and validation see every sentence (`fairseq_plugins.batching`), lets ``--ddp-backend
-c10d``/``pytorch_ddp`` (fairseq's default) wrap a CPU model (`fairseq_plugins.distributed`), and ends a tool with one
-line naming the flag (exit 2) for a bad plugin flag, before any data is loaded (`fairseq_plugins.flags`). The algorithms live in ``admin_torch``, ``reinmax`` and
-``sign_optim``; this package only adapts them to fairseq.
+and the checks of their flags (`fairseq_plugins.flags`): a bad plugin flag ends a tool with one line
+naming the flag (exit 2), before any data is loaded. The algorithms live in ``admin_torch``, ``reinmax``,
+``sign_optim`` and ``stability_toolbox``; this package only adapts them to fairseq.
 
 The directory works as ``--user-dir`` from the repository root (``--user-dir fairseq_plugins``)
 and, once installed, by absolute path:
@@ -21,26 +27,32 @@ and, once installed, by absolute path:
     fairseq-train --user-dir "$(python -c 'import fairseq_plugins, os; print(os.path.dirname(fairseq_plugins.__file__))')" ...
 """
 
-import warnings
+from . import repairs  # the repair modules only: importing them patches nothing
 
-# fairseq imports fairscale (installed for --zero-sharding os / fully_sharded), whose 0.4.13 decorates with the
-# deprecated torch.cuda.amp.custom_fwd/bwd at import: two FutureWarnings on every tool's stderr, about code that
-# is neither the user's nor ours
-warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.custom_(fwd|bwd)", category=FutureWarning)
+REPAIRS = (
+    repairs.fairscale_warnings,    # fairscale 0.4.13's two FutureWarnings on every tool's stderr
+    repairs.one_line_errors,       # a bad flag, unusable data, a refused checkpoint: one line, not a traceback
+    repairs.safe_checkpoint,       # fairseq checkpoints load with torch's weights_only=True unpickler
+    repairs.checkpoint_broadcast,  # ranks > 0 receive rank 0's checkpoint under that unpickler
+    repairs.last_batch,            # batch_by_size keeps the last batch that fairseq drops
+    repairs.cpu_ddp,               # --ddp-backend c10d / pytorch_ddp wrap a CPU model
+    repairs.launcher_env,          # torchrun's world taken as the launcher gives it
+    repairs.flag_checks,           # the plugins' flag checks run right after the --arch function
+    repairs.monitor_flags,         # fairseq-train's parser gets --stability-monitor
+    repairs.monitor_train_step,    # the stability monitor runs around Trainer.train_step
+)
+"""Every process-wide repair of fairseq / torch behaviour, one module each (`fairseq_plugins.repairs`), installed in
+this order by ``import fairseq_plugins``; each ``install()`` is idempotent. The warnings filter comes first: it must
+precede the first import of fairseq."""
 
-from . import batching, distributed, safe_checkpoint  # noqa: E402
+for _repair in REPAIRS:
+    _repair.install()
 
-safe_checkpoint.install()
-batching.install()
-distributed.install()
+# fairseq auto-imports models/ and tasks/ of a --user-dir; optimizers and criteria must be imported here.
+# Importing models/ and tasks/ here as well makes `import fairseq_plugins` alone enough. The flag checks run
+# in this order (the first failing one is reported).
+from . import distributed  # noqa: E402,F401  (the --ddp-backend checks)
+from . import criterions, models, moe, optim, tasks  # noqa: E402,F401  (registrations)
+from . import monitor  # noqa: E402,F401  (--stability-monitor: its checks, fairseq's layers for the monitor)
 
-# fairseq auto-imports models/ and tasks/ of a --user-dir; optimizers must be imported here.
-# Importing models/ and tasks/ here as well makes `import fairseq_plugins` alone enough.
-from . import criterions, models, moe, optim, tasks  # noqa: E402,F401
-from . import flags  # noqa: E402
-
-# after the registrations: bad plugin flags end with one line and exit 2, before any data loads
-flags.install()
-from . import monitor  # noqa: E402,F401  (--stability-monitor DIR: fairseq_plugins/monitor.py)
-
-__all__ = ["batching", "criterions", "distributed", "flags", "models", "moe", "optim", "tasks", "safe_checkpoint"]
+__all__ = ["REPAIRS", "criterions", "distributed", "flags", "models", "moe", "monitor", "optim", "repairs", "tasks"]

@@ -1,26 +1,26 @@
 """A bad value of a plugin flag ends a fairseq tool with one line and exit status 2, before any data loads.
 
-fairseq applies the architecture function of ``--arch`` to the fully parsed arguments at the end of
-``options.parse_args_and_arch`` (every tool: train, generate, validate, interactive, eval-lm), before
-the task, the model or any data is set up. `install` wraps the registered architecture
-functions so that, right after them, every check registered with `flag_check` runs on those
-arguments. A check raises `FlagError` naming the flag and the accepted values, e.g.:
+Each plugin declares its flags once (a fairseq dataclass) and registers a check with `flag_check`. The
+checks run on the fully parsed arguments right after fairseq applies the architecture function of
+``--arch`` (the repair [`fairseq_plugins.repairs.flag_checks`][fairseq_plugins.repairs.flag_checks]), which is the end of
+``options.parse_args_and_arch`` in every tool (train, generate, validate, interactive, eval-lm), before the
+task, the model or any data is set up. A check validates a value with the libraries' validator and the
+flag's name (`check_flag`), so the bound is written once, and raises `FlagError` naming the flag and the
+accepted values, e.g.:
 
     fairseq-train: error: --sign-beta must be a finite real number in [0, 1), got 1.5
 
-Unhandled `FlagError` and `DataError` (an empty or fully filtered training set) are
-printed as that one line by a ``sys.excepthook`` (exit status 2 for a flag, 1 for data), instead of a
-50-line traceback. Called from Python, both are plain ``ValueError`` subclasses.
+Unhandled `FlagError` and `DataError` (an empty or fully filtered training set) are printed as that one
+line (exit status 2 for a flag, 1 for data; the repair
+[`fairseq_plugins.repairs.one_line_errors`][fairseq_plugins.repairs.one_line_errors]) instead of a 50-line traceback.
+Called from Python, both are plain ``ValueError`` subclasses.
 """
 
 import argparse
-import functools
-import os
-import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 
-__all__ = ["FlagError", "DataError", "flag_check", "check_args", "check_flag", "install", "one_line_errors"]
+__all__ = ["FlagError", "DataError", "flag_check", "check_args", "check_flag", "one_line_errors", "one_line_status"]
 
 
 class FlagError(ValueError):
@@ -56,56 +56,20 @@ def check_flag(flag: str, check: Callable, value, **bounds):
         raise FlagError(str(err)) from None
 
 
-def _wrap(arch_fn: Callable) -> Callable:
-    if getattr(arch_fn, "_checks_flags", False):
-        return arch_fn
-
-    @functools.wraps(arch_fn)
-    def arch_then_check(args):
-        arch_fn(args)
-        check_args(args)
-
-    arch_then_check._checks_flags = True
-    return arch_then_check
-
-
 # exception type -> exit status of the one-line report; like argparse, 2 for a bad command line
 _ONE_LINE: Dict[type, int] = {FlagError: 2, DataError: 1}
 
 
 def one_line_errors(*types: type, status: int) -> None:
-    """Report unhandled exceptions of ``types`` as one ``<prog>: error: ...`` line, exit ``status``."""
+    """Report unhandled exceptions of ``types`` as one ``<prog>: error: ...`` line, exit ``status``.
+
+    The report itself is the repair [`fairseq_plugins.repairs.one_line_errors`][fairseq_plugins.repairs.one_line_errors],
+    installed by ``import fairseq_plugins``; this only records the types.
+    """
     for t in types:
         _ONE_LINE[t] = status
-    _install_excepthook()
 
 
-def _excepthook(previous):
-    def hook(exc_type, exc, tb):
-        status = next((code for t, code in _ONE_LINE.items() if issubclass(exc_type, t)), None)
-        if status is None:
-            return previous(exc_type, exc, tb)
-        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
-        sys.stdout.flush()
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
-        # SystemExit from an excepthook sets the exit status; finally blocks have run and atexit handlers run
-        raise SystemExit(status)
-
-    hook._one_line = True
-    return hook
-
-
-def _install_excepthook() -> None:
-    if not getattr(sys.excepthook, "_one_line", False):
-        sys.excepthook = _excepthook(sys.excepthook)
-
-
-def install() -> None:
-    """Wrap the registered architecture functions and install the one-line excepthook (idempotent)."""
-    from fairseq.models import ARCH_CONFIG_REGISTRY
-
-    for name, fn in list(ARCH_CONFIG_REGISTRY.items()):
-        ARCH_CONFIG_REGISTRY[name] = _wrap(fn)
-    _install_excepthook()
-
-
+def one_line_status(exc_type: type) -> Optional[int]:
+    """The exit status of a one-line report of ``exc_type``, or None (a traceback, as usual)."""
+    return next((code for t, code in _ONE_LINE.items() if issubclass(exc_type, t)), None)

@@ -226,15 +226,12 @@ def fold_checkpoint(in_path: str, out_path: str) -> Dict[str, float]:
         NotAdminCheckpointError: ``in_path`` is not a ``transformer_admin`` checkpoint.
         ValueError: a mixture-of-experts checkpoint (``--moe-experts``): the stock models have no experts.
     """
-    from fairseq import checkpoint_utils
-
-    from . import safe_checkpoint
+    from fairseq import checkpoint_utils  # safe loading: a repair that importing fairseq_plugins installed
 
     if not os.path.isfile(in_path):
         raise ValueError(f"input {in_path} is {'a directory' if os.path.isdir(in_path) else 'not found'}; "
                          "give a transformer_admin checkpoint file")
     out_path = check_output_path(out_path, [in_path])
-    safe_checkpoint.install()
     state = checkpoint_utils.load_checkpoint_to_cpu(in_path)
     args = _model_args(state)
     arch = str(getattr(args, "arch", None) or getattr(args, "_name", None))

@@ -16,27 +16,19 @@ The layers are found through the descriptions `fairseq_plugins.fold_checkpoint` 
 ``transformer_lm_admin`` through their residual modules; other architectures fall back to their
 LayerNorms.
 
-Two named repairs, installed once by ``import fairseq_plugins``:
-
-* **flags**: fairseq has no argparse hook for plugins (the ``--user-dir`` is imported inside
-  ``options.get_parser`` before the training parser exists, and only the chosen model, task,
-  optimizer... add arguments). ``fairseq.options.get_training_parser`` calls
-  ``options.add_checkpoint_args`` after that import, looking it up at call time, so
-  `install` wraps ``add_checkpoint_args`` to add the two flags to the training parser. They are
-  not in fairseq's dataclass configuration (``convert_namespace_to_omegaconf`` drops them), so the
-  check (`check_monitor_flags`, run on the parsed command line by `fairseq_plugins.flags`)
-  records them in the environment (``FAIRSEQ_STABILITY_MONITOR``), which spawned ranks inherit.
-* **the training loop**: `install` wraps ``fairseq.trainer.Trainer.train_step`` once: on a
-  logged update it arms the monitor before the call and reads the gradients, the update and the loss
-  after it (fairseq zeroes the gradients at the start of the next ``train_step``). Between logged
-  updates the wrapper does one integer comparison.
+The flags are declared here (`add_monitor_args`; plain argparse: they belong to no fairseq component, so no
+fairseq dataclass holds them) and checked by `check_monitor_flags`, which records them in the environment
+(``FAIRSEQ_STABILITY_MONITOR``) that spawned ranks inherit. Two repairs, installed by ``import fairseq_plugins``,
+connect them to fairseq: [`fairseq_plugins.repairs.monitor_flags`][fairseq_plugins.repairs.monitor_flags] adds the
+flags to the training parser and [`fairseq_plugins.repairs.monitor_train_step`][fairseq_plugins.repairs.monitor_train_step]
+runs the monitor around ``Trainer.train_step``. Importing this module registers fairseq's layers with the
+monitor (a registration, as a model's).
 
 A bad value ends the tool with one line naming the flag, exit status 2 (`FlagError`).
 """
 
 import argparse
 import atexit
-import functools
 import json
 import logging
 import os
@@ -48,7 +40,8 @@ from stability_toolbox.monitor import StabilityMonitor, register_layer_kind
 
 from .flags import FlagError, check_flag, flag_check
 
-__all__ = ["install", "add_monitor_args", "check_monitor_flags", "monitor_of", "ENV"]
+__all__ = ["add_monitor_args", "check_monitor_flags", "monitor_of", "monitor_config", "make_monitor", "ENV",
+           "DEFAULT_INTERVAL"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +88,8 @@ def check_monitor_flags(args) -> None:
     os.environ[ENV] = json.dumps({"dir": str(path.resolve()), "interval": interval})
 
 
-def _config() -> Optional[dict]:
+def monitor_config() -> Optional[dict]:
+    """The flags `check_monitor_flags` recorded for this process (``{"dir": ..., "interval": ...}``), or None."""
     raw = os.environ.get(ENV)
     return json.loads(raw) if raw else None
 
@@ -112,7 +106,8 @@ def monitor_of(trainer) -> Optional[StabilityMonitor]:
     return getattr(trainer, "_stability_monitor", None)
 
 
-def _make_monitor(trainer, cfg: dict) -> StabilityMonitor:
+def make_monitor(trainer, cfg: dict) -> StabilityMonitor:
+    """The monitor of a fairseq ``Trainer`` for the recorded flags ``cfg`` (one directory per rank), closed at exit."""
     directory = Path(cfg["dir"])
     world = getattr(trainer, "data_parallel_world_size", 1)
     if world > 1:
@@ -122,54 +117,6 @@ def _make_monitor(trainer, cfg: dict) -> StabilityMonitor:
                 len(mon.sites), mon.mechanism, mon.every, directory)
     atexit.register(mon.close)
     return mon
-
-
-def _wrap_train_step(train_step):
-    if getattr(train_step, "_stability_monitor", False):
-        return train_step
-
-    @functools.wraps(train_step)
-    def train_step_monitored(self, samples, raise_oom=False):
-        cfg = _config()
-        if cfg is None:
-            return train_step(self, samples, raise_oom)
-        mon = getattr(self, "_stability_monitor", None)
-        if mon is None:
-            mon = self._stability_monitor = _make_monitor(self, cfg)
-        step = self.get_num_updates()
-        if not mon.is_logging_step(step):  # the common case: one comparison, no hook, no sync
-            mon.step_count = step + 1
-            return train_step(self, samples, raise_oom)
-        mon.begin_step(step)
-        try:
-            out = train_step(self, samples, raise_oom)
-        except BaseException:
-            mon.end_step()
-            raise
-        # the gradients stay in place until the next train_step zeroes them (normalized, clipped)
-        mon.capture_grads()
-        loss = None
-        if isinstance(out, dict) and out.get("loss") is not None:
-            loss = float(out["loss"])  # the step's smoothed, normalized loss as fairseq logs it (base 2)
-        mon.end_step(loss)
-        return out
-
-    train_step_monitored._stability_monitor = True
-    return train_step_monitored
-
-
-def _wrap_add_checkpoint_args(add_checkpoint_args):
-    if getattr(add_checkpoint_args, "_stability_monitor", False):
-        return add_checkpoint_args
-
-    @functools.wraps(add_checkpoint_args)
-    def add_checkpoint_and_monitor_args(parser, *args, **kwargs):
-        out = add_checkpoint_args(parser, *args, **kwargs)
-        add_monitor_args(parser)
-        return out
-
-    add_checkpoint_and_monitor_args._stability_monitor = True
-    return add_checkpoint_and_monitor_args
 
 
 def _register_fairseq_layers() -> None:
@@ -190,14 +137,4 @@ def _register_fairseq_layers() -> None:
     register_layer_kind(base + "TransformerDecoderLayerBase", decoder)
 
 
-def install() -> None:
-    """The two named repairs of the module docstring and fairseq's layer descriptions (idempotent)."""
-    import fairseq.options
-    import fairseq.trainer
-
-    fairseq.options.add_checkpoint_args = _wrap_add_checkpoint_args(fairseq.options.add_checkpoint_args)
-    fairseq.trainer.Trainer.train_step = _wrap_train_step(fairseq.trainer.Trainer.train_step)
-    _register_fairseq_layers()
-
-
-install()
+_register_fairseq_layers()

@@ -1,4 +1,4 @@
-"""fairseq_plugins.batching: fairseq-fixed's batch_by_size keeps every sentence once the plugins load."""
+"""fairseq_plugins.repairs.last_batch: fairseq-fixed's batch_by_size keeps every sentence once the plugins load."""
 
 import numpy as np
 import pytest
@@ -26,8 +26,10 @@ def test_every_index_lands_in_exactly_one_batch(num_sentences, bsz_mult):
 
 
 def test_the_fix_is_installed_once():
-    from fairseq_plugins import batching
+    from fairseq_plugins import batching  # the old name of the repair
+    from fairseq_plugins.repairs import last_batch
 
     wrapped = data_utils.batch_by_size
+    last_batch.install()
     batching.install()
     assert data_utils.batch_by_size is wrapped

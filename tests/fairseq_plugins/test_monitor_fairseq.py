@@ -9,6 +9,7 @@ import torch
 import fairseq_plugins  # noqa: F401  (installs the repairs)
 from fairseq_plugins import monitor as fm
 from fairseq_plugins.flags import FlagError
+from fairseq_plugins.repairs import monitor_flags, monitor_train_step
 from fairseq_helpers import PLUGINS_DIR, TINY_TRANSFORMER_ARGS, run_tool
 from stability_toolbox import StabilityMonitor
 
@@ -45,8 +46,11 @@ def test_parser_has_the_flags_and_train_step_is_wrapped_once():
     parser = options.get_training_parser()
     assert any("--stability-monitor-interval" in a.option_strings for a in parser._actions)
     assert Trainer.train_step._stability_monitor
-    fm.install()  # idempotent
+    monitor_flags.install()  # idempotent
+    monitor_train_step.install()
     assert not getattr(Trainer.train_step.__wrapped__, "_stability_monitor", False)
+    parser = options.get_training_parser()
+    assert sum("--stability-monitor-interval" in a.option_strings for a in parser._actions) == 1
 
 
 @pytest.mark.parametrize("pre_ln", [False, True])
