@@ -7,27 +7,36 @@
 * the output change against depth: `output_change`, [`make_stack`][admin_torch.make_stack];
 * Admin for torch.nn and HuggingFace models: the drop-in [`TransformerEncoderLayer`][admin_torch.TransformerEncoderLayer] /
   [`TransformerDecoderLayer`][admin_torch.TransformerDecoderLayer], [`convert`][admin_torch.convert] (torch.nn and HuggingFace Post-LN families: docs/huggingface.md) and
-  [`fold`][admin_torch.fold], driven by the per-layer descriptions of `admin_torch.architectures`;
+  [`fold`][admin_torch.fold], driven by the per-layer descriptions of `admin_torch.architectures`
+  (`LAYER_KINDS`, [`LayerKind`][admin_torch.LayerKind], [`Sublayer`][admin_torch.Sublayer], [`StackKind`][admin_torch.StackKind]: describing another family);
+* HuggingFace save / reload: [`save_pretrained`][admin_torch.save_pretrained] (fold on save, the Admin form alongside),
+  [`from_pretrained`][admin_torch.from_pretrained];
 * qk-layernorm ([`add_qk_norm`][admin_torch.add_qk_norm], ``make_stack(..., qk_norm=True)``, ``convert(..., qk_norm=True)``):
   LayerNorm on each head's queries and keys (`admin_torch.qk_norm`);
 * folding omega into a plain Post-LN network: [`fold`][admin_torch.fold], [`fold_into_norm_`][admin_torch.fold_into_norm_],
   [`fold_into_linears_`][admin_torch.fold_into_linears_], [`fold_into_embedding_`][admin_torch.fold_into_embedding_].
 
+How the package is built, bottom to top: the pure-torch core (`admin_torch.stacks` finds the residual stacks,
+`admin_torch.hooks` gives a layer Admin residuals without copying its forward, `admin_torch.conversion` and
+`admin_torch.folding` convert and fold), the HuggingFace adapter above it (`admin_torch.hf_io`), and
+`admin_torch.api`, whose [`convert`][admin_torch.convert] and [`fold`][admin_torch.fold] compose the two
+(`admin_torch.adapter` is the seam). Names of earlier releases that are not listed here are found in their
+modules (a DeprecationWarning says where).
+
 Importing this package never imports fairseq.
 """
 
+from .api import convert, fold
+from .architectures import LAYER_KINDS, LayerKind, StackKind, Sublayer
 from .deepnorm import DEEPNORM_SCALED_PROJECTIONS, DeepNormInit, DeepNormResidual, deepnorm_init, deepnorm_scale_
-from .architectures import LAYER_KINDS, PRE_LN_MODEL_TYPES, STACK_KINDS, UNSUPPORTED_MODEL_TYPES, LayerKind, StackKind, Sublayer, layer_kind, stack_kind
-from .conversion import admin_stacks as convert_module_stacks
-from .conversion import convert, fold, fold_stack_
+from .folding import fold_into_embedding_, fold_into_linears_, fold_into_norm_
+# fold_stack_ stays importable from here without a warning: fairseq_plugins.fold_checkpoint calls admin_torch.fold_stack_
+from .folding import fold_stack_  # noqa: F401
 from .hf_io import from_pretrained, save_pretrained
-from .folding import fold_into_embedding_, fold_into_linears_, fold_into_norm_, fold_reference_stack
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer
 from .output_change import output_change, residual_betas
+from .profiling import apply_omegas, load_profile, profile_omegas, save_profile
 from .qk_norm import QKNorm, QKNormLinear, QKNormMultiheadAttention, add_qk_norm, has_qk_norm, qk_norm_projections_
-from .profiling import apply_omegas, load_profile, omega_residuals, profile_omegas, save_profile
-# make_stack's kinds under their own name: STACK_KINDS is the architectures' mapping, beside LAYER_KINDS
-from .reference_stack import STACK_KINDS as REFERENCE_STACK_KINDS
 from .reference_stack import AddResidual, ResidualStack, make_stack
 from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, as_buffer, as_module, as_parameter, calculate_init
 
@@ -52,29 +61,21 @@ __all__ = [
     "apply_omegas",
     "save_profile",
     "load_profile",
-    "omega_residuals",
     # output change
     "output_change",
     "residual_betas",
     "make_stack",
     "ResidualStack",
     "AddResidual",
-    "REFERENCE_STACK_KINDS",
-    # any model: drop-in layers, convert, fold
+    # any model: drop-in layers, convert, fold, and the descriptions that drive them
     "TransformerEncoderLayer",
     "TransformerDecoderLayer",
     "convert",
-    "convert_module_stacks",
-    "fold_stack_",
+    "fold",
     "LAYER_KINDS",
-    "STACK_KINDS",
     "LayerKind",
-    "StackKind",
     "Sublayer",
-    "layer_kind",
-    "stack_kind",
-    "PRE_LN_MODEL_TYPES",
-    "UNSUPPORTED_MODEL_TYPES",
+    "StackKind",
     # HuggingFace save / reload (fold on save, the Admin form alongside)
     "save_pretrained",
     "from_pretrained",
@@ -85,23 +86,41 @@ __all__ = [
     "add_qk_norm",
     "has_qk_norm",
     "qk_norm_projections_",
-    # folding
-    "fold",
-    "fold_reference_stack",
+    # folding, one module at a time
     "fold_into_norm_",
     "fold_into_linears_",
     "fold_into_embedding_",
 ]
 
+#: names the root of earlier releases exported that live in their modules only now: ``root name -> (module, name)``
+_MOVED = {
+    "convert_module_stacks": ("stacks", "admin_stacks"),
+    "fold_reference_stack": ("folding", "fold_reference_stack"),
+    "REFERENCE_STACK_KINDS": ("reference_stack", "STACK_KINDS"),
+    "STACK_KINDS": ("architectures", "STACK_KINDS"),
+    "layer_kind": ("architectures", "layer_kind"),
+    "stack_kind": ("architectures", "stack_kind"),
+    "PRE_LN_MODEL_TYPES": ("architectures", "PRE_LN_MODEL_TYPES"),
+    "UNSUPPORTED_MODEL_TYPES": ("architectures", "UNSUPPORTED_MODEL_TYPES"),
+    "omega_residuals": ("profiling", "omega_residuals"),
+}
+
 
 def __getattr__(name: str):
-    """``admin_torch.StabilityMonitor``, the name of earlier releases: the monitor is a feature package above the
-    libraries (``stability_toolbox``), so it is found there on first use, with a DeprecationWarning."""
-    if name == "StabilityMonitor":
-        import importlib
-        import warnings
+    """The names of earlier releases, found where they live now, with a DeprecationWarning: those of ``_MOVED``,
+    and ``admin_torch.StabilityMonitor`` (the monitor is a feature package above the libraries,
+    ``stability_toolbox``)."""
+    import importlib
+    import warnings
 
+    if name == "StabilityMonitor":
         warnings.warn("admin_torch.StabilityMonitor moved: import it from stability_toolbox "
                       "(from stability_toolbox import StabilityMonitor)", DeprecationWarning, stacklevel=2)
         return importlib.import_module("stability_toolbox").StabilityMonitor
+    if name in _MOVED:
+        module, attr = _MOVED[name]
+        alias = f" as {name}" if attr != name else ""
+        warnings.warn(f"admin_torch.{name} is no longer exported by admin_torch: import it from its module "
+                      f"(from admin_torch.{module} import {attr}{alias})", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,8 @@
-"""Saving and reloading converted HuggingFace models without a silent change.
+"""The HuggingFace adapter: what [`convert`][admin_torch.convert] and [`fold`][admin_torch.fold] add for a HuggingFace
+``PreTrainedModel`` (`HuggingFaceAdapter`, one of `admin_torch.api.ADAPTERS`), and saving and reloading
+converted models without a silent change. It sits above admin_torch's pure-torch core
+(`admin_torch.conversion`, `admin_torch.folding`), which never imports it; it imports no transformers until
+[`from_pretrained`][admin_torch.from_pretrained] runs, and recognises a HuggingFace model by its class names.
 
 The mechanism: **fold on save, with the Admin form alongside**.
 
@@ -49,7 +53,11 @@ from typing import Any, Callable, Dict
 import torch
 from torch import nn
 
-__all__ = ["save_pretrained", "from_pretrained", "PREFIX"]
+from .adapter import Adapter
+from .conversion import convert_model
+from .folding import fold_model
+
+__all__ = ["save_pretrained", "from_pretrained", "HuggingFaceAdapter", "HUGGINGFACE", "PREFIX"]
 
 #: prefix of the Admin-form tensors in a saved weight file
 PREFIX = "admin_torch."
@@ -84,19 +92,6 @@ def _record(model: nn.Module):
     return getattr(config, _CONFIG_KEY, None) if config is not None else None
 
 
-def check_convertible(model: nn.Module) -> None:
-    """ValueError when ``model`` was loaded from an Admin save with stock ``from_pretrained`` (its config
-    records it): converting it again would re-initialise residuals of trained weights."""
-    for module in model.modules():
-        record = _record(module) if _is_hf(module) else None
-        if isinstance(record, dict) and record.get("folded"):
-            raise ValueError(
-                f"{type(module).__name__} was saved from an Admin model (config.admin_torch is set) and loaded as its "
-                "folded, stock equivalent; convert would re-initialise its residuals and change its function. Load "
-                "it with admin_torch.from_pretrained(cls, path) to continue Admin training, use it as is, or delete "
-                "config.admin_torch to convert it on purpose. Nothing was changed.")
-
-
 class _SavePretrained:
     """The ``save_pretrained`` of a converted HuggingFace model: [`save_pretrained`][admin_torch.save_pretrained] on it."""
 
@@ -116,35 +111,55 @@ def _swap_admin_tensors(module, state_dict, prefix, local_metadata, strict, miss
         state_dict[prefix + key[len(prefix + PREFIX):]] = state_dict.pop(key)
 
 
-def after_convert(model: nn.Module, *, output_change_scale: str, as_parameter: bool) -> None:
-    """Record the settings in each HuggingFace config and install the save / load glue."""
-    for module in model.modules():
-        if not _is_hf(module):
-            continue
-        setattr(module.config, _CONFIG_KEY, {"format": _FORMAT, "output_change_scale": output_change_scale,
-                                             "as_parameter": as_parameter, "folded": False})
-        # an instance attribute shadows the class's save_pretrained; deep-copied / pickled with the model
-        module.__dict__["save_pretrained"] = _SavePretrained(module)
-        if not any(getattr(h, "hook", h) is _swap_admin_tensors for h in module._load_state_dict_pre_hooks.values()):
-            module.register_load_state_dict_pre_hook(_swap_admin_tensors)
+class HuggingFaceAdapter(Adapter):
+    """HuggingFace's steps in [`convert`][admin_torch.convert] and [`fold`][admin_torch.fold], for each
+    ``PreTrainedModel`` in the model (none: nothing is done)."""
+
+    def check_convertible(self, model: nn.Module) -> None:
+        """ValueError when ``model`` was loaded from an Admin save with stock ``from_pretrained`` (its config
+        records it): converting it again would re-initialise residuals of trained weights."""
+        for module in model.modules():
+            record = _record(module) if _is_hf(module) else None
+            if isinstance(record, dict) and record.get("folded"):
+                raise ValueError(
+                    f"{type(module).__name__} was saved from an Admin model (config.admin_torch is set) and loaded as "
+                    "its folded, stock equivalent; convert would re-initialise its residuals and change its function. "
+                    "Load it with admin_torch.from_pretrained(cls, path) to continue Admin training, use it as is, or "
+                    "delete config.admin_torch to convert it on purpose. Nothing was changed.")
+
+    def after_convert(self, model: nn.Module, *, output_change_scale: str, as_parameter: bool) -> None:
+        """Record the settings in each HuggingFace config and install the save / load glue."""
+        for module in model.modules():
+            if not _is_hf(module):
+                continue
+            setattr(module.config, _CONFIG_KEY, {"format": _FORMAT, "output_change_scale": output_change_scale,
+                                                 "as_parameter": as_parameter, "folded": False})
+            # an instance attribute shadows the class's save_pretrained; deep-copied / pickled with the model
+            module.__dict__["save_pretrained"] = _SavePretrained(module)
+            hooks = module._load_state_dict_pre_hooks.values()
+            if not any(getattr(h, "hook", h) is _swap_admin_tensors for h in hooks):
+                module.register_load_state_dict_pre_hook(_swap_admin_tensors)
+
+    def after_fold(self, folded: nn.Module, *, untied: bool) -> None:
+        """The folded copy: no save / load glue, its config marked as folded (and untied when fold untied)."""
+        for module in folded.modules():
+            module.__dict__.pop("save_pretrained", None)
+            for key, hook in list(module._load_state_dict_pre_hooks.items()):
+                if getattr(hook, "hook", hook) is _swap_admin_tensors:
+                    del module._load_state_dict_pre_hooks[key]
+            record = _record(module) if _is_hf(module) else None
+            if isinstance(record, dict):
+                setattr(module.config, _CONFIG_KEY, dict(record, folded=True))
+            if untied and _is_hf(module):
+                # an embedding table that also feeds the output projection was scaled on its own: a reload
+                # must not tie them again
+                module.config.tie_word_embeddings = False
+                if hasattr(module, "_tied_weights_keys"):
+                    module._tied_weights_keys = None
 
 
-def after_fold(folded: nn.Module, *, untied: bool) -> None:
-    """The folded copy: no save / load glue, its config marked as folded (and untied when fold untied)."""
-    for module in folded.modules():
-        module.__dict__.pop("save_pretrained", None)
-        for key, hook in list(module._load_state_dict_pre_hooks.items()):
-            if getattr(hook, "hook", hook) is _swap_admin_tensors:
-                del module._load_state_dict_pre_hooks[key]
-        record = _record(module) if _is_hf(module) else None
-        if isinstance(record, dict):
-            setattr(module.config, _CONFIG_KEY, dict(record, folded=True))
-        if untied and _is_hf(module):
-            # an embedding table that also feeds the output projection was scaled on its own: a reload
-            # must not tie them again
-            module.config.tie_word_embeddings = False
-            if hasattr(module, "_tied_weights_keys"):
-                module._tied_weights_keys = None
+#: the adapter instance [`convert`][admin_torch.convert], [`fold`][admin_torch.fold] and this module use
+HUGGINGFACE = HuggingFaceAdapter()
 
 
 def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
@@ -165,7 +180,6 @@ def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
     Raises:
         ValueError: ``save_directory`` is an existing file (left intact), or not a path.
     """
-    from .conversion import fold
     if not _is_hf(model):
         raise TypeError(f"model must be a converted HuggingFace PreTrainedModel, got {type(model).__name__}")
     if not isinstance(save_directory, (str, os.PathLike)) or not os.fspath(save_directory):
@@ -175,7 +189,7 @@ def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
                          "(left as it is; nothing was written)")
     kwargs.pop("state_dict", None)
     try:
-        folded = fold(model)
+        folded = fold_model(model, adapters=(HUGGINGFACE,))
     except ValueError as err:
         return _save_admin_form(model, save_directory, reason=str(err), **kwargs)
     stock = folded.state_dict()
@@ -397,7 +411,6 @@ def from_pretrained(cls: Any, path, **kwargs) -> nn.Module:
             tensors do not match the converted model.
     """
     from transformers.utils import logging as hf_logging
-    from .conversion import convert
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         raise ValueError(f"path must be a local directory written by save_pretrained of a converted model, got {path!r}")
     admin_form = _is_admin_form(os.fspath(path))
@@ -422,7 +435,8 @@ def from_pretrained(cls: Any, path, **kwargs) -> nn.Module:
     for module in model.modules():
         if _is_hf(module) and hasattr(module.config, _CONFIG_KEY):
             delattr(module.config, _CONFIG_KEY)
-    convert(model, output_change_scale=record["output_change_scale"], as_parameter=record["as_parameter"])
+    convert_model(model, output_change_scale=record["output_change_scale"], as_parameter=record["as_parameter"],
+                  adapters=(HUGGINGFACE,))
     tensors = _admin_tensors(os.fspath(path))
     own = model.state_dict()
     missing = [k for k in own if (admin_form or "admin_omegas" in k) and k not in tensors]

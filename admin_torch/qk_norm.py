@@ -273,8 +273,9 @@ def add_qk_norm(model: nn.Module, *, eps: float = 1e-5) -> nn.Module:
     Handled: ``torch.nn.MultiheadAttention`` (self- and cross-attention of torch.nn's encoder/decoder
     layers, Pre-LN or Post-LN, Admin-converted or not; the module becomes a
     [`QKNormMultiheadAttention`][admin_torch.QKNormMultiheadAttention] with the same parameters) and the reference stacks'
-    `SelfAttention`. Attention modules that already have it are left
-    as they are. For fairseq models use ``--qk-norm`` (``fairseq_plugins``).
+    `SelfAttention`, or any attention module whose class says ``supports_qk_norm = True``: it applies its
+    ``q_norm`` / ``k_norm`` once they are set and has ``q_proj`` (an ``nn.Linear``) and ``heads``. Attention
+    modules that already have it are left as they are. For fairseq models use ``--qk-norm`` (``fairseq_plugins``).
 
     Args:
         model: a module (the model or one layer).
@@ -292,7 +293,7 @@ def add_qk_norm(model: nn.Module, *, eps: float = 1e-5) -> nn.Module:
         (2, 8)
     """
     eps = validation.as_real("eps", eps, low=0.0, low_open=True)
-    todo = _plan(model)
+    todo = plan_qk_norm(model)
     for module in todo:  # every check passed: now change the model
         if isinstance(module, nn.MultiheadAttention):
             module.__class__ = QKNormMultiheadAttention
@@ -303,13 +304,11 @@ def add_qk_norm(model: nn.Module, *, eps: float = 1e-5) -> nn.Module:
     return model
 
 
-def _plan(model: nn.Module) -> list:
+def plan_qk_norm(model: nn.Module) -> list:
     """The attention modules [`add_qk_norm`][admin_torch.add_qk_norm] changes; TypeError/ValueError (nothing changed) if none
     or one is unsupported. [`admin_torch.convert`][admin_torch.convert] calls it before changing anything."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    from .reference_stack import SelfAttention
-
     todo = []
     for name, module in model.named_modules():
         if has_qk_norm(module):
@@ -317,7 +316,7 @@ def _plan(model: nn.Module) -> list:
         if isinstance(module, nn.MultiheadAttention):
             _check_supported(name or "model", module)
             todo.append(module)
-        elif isinstance(module, SelfAttention):
+        elif getattr(type(module), "supports_qk_norm", False) is True:
             todo.append(module)
     if not todo:
         raise ValueError("model has no attention module without qk-layernorm (torch.nn MultiheadAttention, "

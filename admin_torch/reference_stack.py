@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .deepnorm import DeepNormResidual, deepnorm_init, deepnorm_scale_
 from toolbox_core import validation
 
+from .deepnorm import DeepNormResidual, deepnorm_init, deepnorm_scale_
+from .qk_norm import QKNorm
 from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, calculate_init
 
 __all__ = ["STACK_KINDS", "SUBLAYER_PATTERNS", "AddResidual", "SelfAttention", "FeedForward", "ResidualStack", "make_stack"]
@@ -42,6 +43,9 @@ class SelfAttention(nn.Module):
     ``q_norm`` / ``k_norm``; [`admin_torch.add_qk_norm`][admin_torch.add_qk_norm] adds them to an existing module).
     """
 
+    #: it applies ``q_norm`` / ``k_norm`` once they are set: [`admin_torch.add_qk_norm`][admin_torch.add_qk_norm] adds them
+    supports_qk_norm = True
+
     def __init__(self, dim: int, heads: int, *, causal: bool = False, qk_norm: bool = False):
         super().__init__()
         if dim % heads:
@@ -50,7 +54,6 @@ class SelfAttention(nn.Module):
         self.causal = validation.as_bool("causal", causal)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
         if validation.as_bool("qk_norm", qk_norm):
-            from .qk_norm import QKNorm
             self.q_norm, self.k_norm = QKNorm(dim, heads), QKNorm(dim, heads)
 
     def input_linears(self) -> List[nn.Linear]:

@@ -15,11 +15,12 @@ from torch import nn
 import admin_torch
 from admin_torch import (OmegaResidual, apply_omegas, as_module, calculate_init, load_profile, make_stack,
                          output_change, profile_omegas, save_profile)
+from admin_torch.profiling import omega_residuals
 from peers import require_peer
 
 
 def omegas_of(model):
-    return [m.omega.detach().clone() for _, m in admin_torch.omega_residuals(model)]
+    return [m.omega.detach().clone() for _, m in omega_residuals(model)]
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def test_set_omega_refuses_non_finite_and_keeps_omega(value):
 
 def test_apply_omegas_validates_everything_first(stack):
     before = omegas_of(stack)
-    names = [n for n, _ in admin_torch.omega_residuals(stack)]
+    names = [n for n, _ in omega_residuals(stack)]
     for bad in ({names[0]: 1.5, names[1]: float("nan")}, {names[0]: 1.5, "nope": 2.0}, {names[0]: "x"}, [1.0]):
         with pytest.raises((ValueError, TypeError)):
             apply_omegas(stack, bad)
@@ -82,7 +83,7 @@ def test_profile_whose_batches_raise_midway_changes_nothing(stack):
     with pytest.raises(RuntimeError, match="data loader died"):
         profile_omegas(stack, run)
     assert calls and all(torch.equal(a, b) for a, b in zip(before, omegas_of(stack)))
-    assert all(m._profile_hook is None for _, m in admin_torch.omega_residuals(stack))
+    assert all(m._profile_hook is None for _, m in omega_residuals(stack))
 
 
 @pytest.mark.parametrize("content, match", [

@@ -12,6 +12,7 @@ from torch import nn
 
 import admin_torch
 from admin_torch import TransformerDecoderLayer, TransformerEncoderLayer, calculate_init, convert, fold
+from admin_torch.stacks import admin_stacks
 
 
 # ---------------------------------------------------------------- the drop-in layers
@@ -134,11 +135,11 @@ def test_huggingface_convert_and_fold(family):
     x = inputs(family)
     stock_out = model(**x)[0]
     convert(model)
-    stacks = {name: len(layers) for name, _, layers in admin_torch.convert_module_stacks(model)}
+    stacks = {name: len(layers) for name, _, layers in admin_stacks(model)}
     per_layer = {"encoder": 2, "decoder": 3}
     for name, n in stacks.items():
         side = "decoder" if "decoder" in name else "encoder"
-        layer = admin_torch.convert_module_stacks(model)[list(stacks).index(name)][2][0][1]
+        layer = admin_stacks(model)[list(stacks).index(name)][2][0][1]
         assert layer.admin_omegas[0].omega.item() == pytest.approx(calculate_init(per_layer[side] * n))
     admin_out = model(**x)[0]
     assert (admin_out - stock_out).abs().max() > 1e-3

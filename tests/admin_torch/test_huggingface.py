@@ -10,6 +10,7 @@ import torch
 
 import admin_torch
 from admin_torch import calculate_init, convert, fold
+from admin_torch.architectures import UNSUPPORTED_MODEL_TYPES
 
 from benchmarks import hf_families as H  # the family builders, shared with benchmarks.bench_admin_hf
 
@@ -349,7 +350,7 @@ def test_a_family_listed_as_unsupported_is_refused_unchanged(monkeypatch):
     """UNSUPPORTED_MODEL_TYPES (empty today) is where a Post-LN family whose residuals cannot be described goes:
     convert refuses it with the reason and changes nothing."""
     model, _, _ = H.build("bert")
-    monkeypatch.setitem(admin_torch.UNSUPPORTED_MODEL_TYPES, "bert", "a reason given here")
+    monkeypatch.setitem(UNSUPPORTED_MODEL_TYPES, "bert", "a reason given here")
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="model_type 'bert'.* is not supported by admin_torch.convert: a reason given "
                                          "here. Nothing was changed"):

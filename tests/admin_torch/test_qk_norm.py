@@ -170,6 +170,27 @@ def test_causal_reference_stack_does_not_look_ahead():
     assert not torch.allclose(model(x2)[:, 4:], y[:, 4:])
 
 
+def test_add_qk_norm_takes_an_attention_class_that_says_it_supports_it():
+    """The reference stacks' SelfAttention is found by ``supports_qk_norm = True`` on its class, as any class
+    that applies ``q_norm`` / ``k_norm`` once they are set can say (qk_norm imports no reference stack)."""
+    from admin_torch.reference_stack import SelfAttention
+
+    class Attention(SelfAttention):  # a subclass says so too
+        pass
+
+    class Unknown(nn.Module):  # q_proj and heads, but no word on q_norm / k_norm: left alone
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.heads = nn.Linear(8, 8), 2
+
+    model = nn.Sequential(SelfAttention(8, 2), Attention(8, 4), Unknown())
+    add_qk_norm(model)
+    assert [getattr(m, "q_norm", None) is not None for m in model] == [True, True, False]
+    assert (model[0].q_norm.heads, model[1].k_norm.heads) == (2, 4)
+    with pytest.raises(ValueError, match="no attention module"):
+        add_qk_norm(Unknown())
+
+
 def test_bad_input_is_named_and_changes_nothing():
     with pytest.raises(TypeError, match="model"):
         add_qk_norm("not a model")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import admin_torch
+from admin_torch.reference_stack import STACK_KINDS
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -23,7 +24,7 @@ def test_residuals_compile_fully(make):
     assert x.grad is not None
 
 
-@pytest.mark.parametrize("kind", admin_torch.REFERENCE_STACK_KINDS)
+@pytest.mark.parametrize("kind", STACK_KINDS)
 def test_reference_stacks_compile_fully(kind):
     model = admin_torch.make_stack(kind, depth=2, dim=8, seed=0).eval()
     x = torch.randn(2, 5, 8)

@@ -56,3 +56,118 @@ def test_the_ground_imports_no_torch_at_module_level():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in ("torch", "numpy", "fairseq") for n in names), f"{path}: {names}"
+
+
+# ---------------------------------------------------------------- inside admin_torch: a core below its adapter
+
+ADMIN_TORCH = REPO / "admin_torch"
+#: admin_torch's HuggingFace adapter, and the public modules above it: the only ones that may import it. Every other
+#: module is the pure-torch core (stacks, hooks, conversion, folding and the rest), below the adapter.
+ADMIN_ADAPTER = "hf_io"
+ADMIN_ABOVE_ADAPTER = {"__init__", "api"}
+#: what only the adapter may import (inside its functions: importing admin_torch imports neither)
+FRAMEWORKS = {"transformers", "safetensors"}
+
+
+def module_graph(sources, package):
+    """``{module: {modules of package it imports}}`` for ``sources`` (``{module name: source}``, ``__init__`` for the
+    package itself), every import read, at module level and inside functions alike; ``from package import name``
+    of a name that is not a module is an import of ``__init__``. Also ``{module: {other top-level packages}}``."""
+    graph, external = {}, {}
+    for name, source in sources.items():
+        targets, others = set(), set()
+
+        def add(parts, names=()):
+            if parts:
+                targets.add(parts[0] if parts[0] in sources else "__init__")
+            else:  # from package import a, b: modules, or names of __init__
+                targets.update(n if n in sources else "__init__" for n in names)
+
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = alias.name.split(".")
+                    if parts[0] == package:
+                        add(parts[1:] or ["__init__"])
+                    else:
+                        others.add(parts[0])
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, f"{name}: an import from above {package}"
+                parts = (node.module or "").split(".") if node.module else []
+                if node.level == 0 and parts[0] != package:
+                    others.add(parts[0])
+                    continue
+                add(parts[1:] if node.level == 0 else parts, [alias.name for alias in node.names])
+        graph[name], external[name] = targets - {name}, others
+    return graph, external
+
+
+def admin_torch_graph():
+    return module_graph({path.stem: path.read_text() for path in sorted(ADMIN_TORCH.glob("*.py"))}, "admin_torch")
+
+
+def find_cycle(graph):
+    """One import circle of ``graph`` as ``[a, b, ..., a]``, or None."""
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state:
+                found = visit(target, path + [target])
+                if found:
+                    return found
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node, [node])
+            if found:
+                return found
+    return None
+
+
+def reachable(graph, start):
+    seen, todo = set(), list(graph[start])
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo += graph.get(node, ())
+    return seen
+
+
+def test_the_module_graph_reads_imports_inside_functions_and_from_the_package_root():
+    sources = {
+        "__init__": "from .a import f\nfrom .b import g\n",
+        "a": "import torch\nfrom . import b\n",
+        "b": "def g():\n    from admin_torch import f\n    import admin_torch.a\n    from transformers import x\n",
+    }
+    graph, external = module_graph(sources, "admin_torch")
+    assert graph == {"__init__": {"a", "b"}, "a": {"b"}, "b": {"__init__", "a"}}
+    assert external == {"__init__": set(), "a": {"torch"}, "b": {"transformers"}}
+    assert find_cycle(graph) in (["__init__", "a", "b", "__init__"], ["a", "b", "a"])
+    assert find_cycle({"x": {"y"}, "y": set()}) is None
+
+
+def test_admin_torch_modules_import_in_no_circle():
+    """Not at module level, and not hidden in a function either (the core once imported the HuggingFace adapter
+    inside convert and fold while the adapter imported them)."""
+    graph, _ = admin_torch_graph()
+    assert {"stacks", "hooks", "conversion", "folding", "adapter", "api", ADMIN_ADAPTER} <= set(graph)
+    assert {"conversion", "folding", "adapter"} <= graph[ADMIN_ADAPTER]  # the adapter sits on the core
+    assert {"conversion", "folding", ADMIN_ADAPTER} <= graph["api"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "admin_torch imports in a circle: " + " -> ".join(cycle)
+
+
+def test_the_admin_torch_core_never_imports_its_huggingface_adapter():
+    graph, external = admin_torch_graph()
+    core = set(graph) - ADMIN_ABOVE_ADAPTER - {ADMIN_ADAPTER}
+    bad = sorted(m for m in core if ADMIN_ADAPTER in reachable(graph, m) or reachable(graph, m) & ADMIN_ABOVE_ADAPTER)
+    assert not bad, f"{bad} reach the HuggingFace adapter {ADMIN_ADAPTER} (or the modules above it)"
+    framework = sorted(f"{m} imports {sorted(external[m] & FRAMEWORKS)}" for m in core if external[m] & FRAMEWORKS)
+    assert not framework, f"the core is pure torch: {framework}"

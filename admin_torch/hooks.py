@@ -1,0 +1,195 @@
+"""The forward hooks that give a layer Admin residuals without copying its forward code: the ``"hooks"``
+mechanism of `admin_torch.architectures` (HuggingFace's layers, whose forwards are long).
+
+Per sublayer ``norm(x + f(x))`` of a layer, a hook captures ``x`` into the layer's slot (the first input of a
+submodule, the output of the LayerNorm that ran before, or the second argument of a module called as
+``module(f_x, x)``), and a forward pre-hook of ``norm`` turns its input ``s = x + f(x)`` into
+``omega * x + f(x) = s + (omega - 1) x``: the same function as the drop-in layers of `admin_torch.layers`.
+Capture and use happen inside the layer's forward, so gradient checkpointing, which replays that forward,
+replays them too; a forward that raises leaves no captured tensor behind.
+
+Examples:
+    >>> from admin_torch.architectures import LayerKind, Sublayer
+    >>> from admin_torch.residual import as_module
+    >>> class Block(nn.Module):   # LN(x + fc(x)): a Post-LN layer with one sublayer
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+    ...     def forward(self, x):
+    ...         return self.norm(x + self.fc(x))
+    >>> block, x, omega = Block(), torch.randn(2, 8), as_module(6)
+    >>> install_hooks(block, LayerKind((Sublayer("norm", ("fc",), capture="fc"),), "norm", "hooks"), [omega])
+    >>> y = block(x)
+    >>> remove_hooks(block)   # a stock Block again
+    >>> torch.allclose(y, block.norm(omega(x, block.fc(x))))
+    True
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .architectures import LayerKind
+from .residual import OmegaResidual
+from .stacks import resolve
+
+__all__ = ["install_hooks", "remove_hooks", "check_removable", "HANDLES"]
+
+
+class _Slot:
+    """Holds ``x`` of the current sublayer of one layer call, from its capture to the LayerNorm that uses it.
+
+    A copy (``copy.deepcopy``, pickling) starts empty: a slot can hold a non-leaf tensor when a
+    checkpointed recomputation stopped early, and such a tensor can be neither copied nor pickled.
+    """
+
+    __slots__ = ("x",)
+
+    def __init__(self):
+        self.x: Optional[Tensor] = None
+
+    def __deepcopy__(self, memo):
+        return _Slot()
+
+    def __getstate__(self):
+        return None
+
+    def __setstate__(self, state):
+        self.x = None
+
+
+def _first_input(args, kwargs):
+    if args:
+        return args[0]
+    for key in ("hidden_states", "query", "x", "input"):
+        if key in kwargs:
+            return kwargs[key]
+    return None
+
+
+class _CaptureInput:
+    """Forward pre-hook of the submodule that first reads the sublayer input (``self_attn``): that input is x.
+
+    ``arg_indices`` other than ``(0,)``: several streams through one LayerNorm (XLNet's h and g); the slot
+    then holds a list, taken in that order by the norm's calls. It runs inside the layer's forward, so
+    gradient checkpointing, which replays ``forward`` (transformers 5.x), replays it too."""
+
+    def __init__(self, slot: _Slot, arg_indices: Tuple[int, ...] = (0,)):
+        self.slot, self.arg_indices = slot, tuple(arg_indices)
+
+    def __call__(self, module, args, kwargs):
+        if self.arg_indices == (0,):
+            self.slot.x = _first_input(args, kwargs)
+            return
+        xs = [args[i] if i < len(args) else (_first_input(args, kwargs) if i == 0 else None)
+              for i in self.arg_indices]
+        self.slot.x = [x for x in xs if x is not None]
+
+
+class _CaptureOutput:
+    """Forward hook of a sublayer's LayerNorm: its output is x of the next sublayer (whichever runs)."""
+
+    def __init__(self, slot: _Slot):
+        self.slot = slot
+
+    def __call__(self, module, args, output):
+        self.slot.x = output
+
+
+class _Admin:
+    """Forward pre-hook of a sublayer's LayerNorm: its input ``s = x + f(x)`` becomes ``omega * x + f(x)``."""
+
+    def __init__(self, slot: _Slot, omega: OmegaResidual):
+        self.slot, self.omega = slot, omega
+
+    def __call__(self, module, args):
+        x = self.slot.x
+        if isinstance(x, list):  # one x per stream, in the order the norm is called
+            x = x.pop(0) if x else None
+            if not self.slot.x:
+                self.slot.x = None
+        else:
+            self.slot.x = None  # not kept alive beyond the sublayer
+        if x is None:
+            # never a silently different function: this norm ran without its sublayer's input captured
+            raise RuntimeError(f"admin_torch: a converted {type(module).__name__} ran outside its layer's forward "
+                               "(no residual input captured); call the layer, not its LayerNorm")
+        s = args[0]
+        return (self.omega(x, s - x),) + tuple(args[1:])
+
+
+class _CaptureResidualArg:
+    """Forward pre-hook of a module called as ``module(f_x, x)`` (``BertSelfOutput``, ``BertOutput``):
+    its second argument (or ``input_tensor=``) is x. The module computes ``LayerNorm(... + x)`` inside
+    its own call, so capture and use never straddle a checkpoint boundary."""
+
+    def __init__(self, slot: _Slot):
+        self.slot = slot
+
+    def __call__(self, module, args, kwargs):
+        self.slot.x = args[1] if len(args) >= 2 else kwargs.get("input_tensor")
+
+
+class _ClearSlots:
+    """Empties every slot of a layer: a forward pre-hook on entry, and a forward hook with
+    ``always_call=True`` on exit, which runs when the forward raised too. A failed forward (a wrong
+    input shape, an out-of-memory error) leaves no captured tensor behind: none is kept alive, none
+    leaks into the next forward, and ``copy.deepcopy`` / [`fold`][admin_torch.fold] work (a non-leaf tensor
+    cannot be deep-copied)."""
+
+    def __init__(self, slots: Sequence[_Slot]):
+        self.slots = tuple(slots)
+
+    def __call__(self, module, args, *output):
+        for slot in self.slots:
+            slot.x = None
+
+
+#: where a converted hooks-mechanism layer keeps the RemovableHandle of every hook convert installed
+HANDLES = "_admin_hook_handles"
+
+
+def install_hooks(layer: nn.Module, kind: LayerKind, omegas: Sequence[OmegaResidual]) -> None:
+    """Give a hooks-mechanism ``layer`` of ``kind`` its Admin residuals, one omega per sublayer, in place.
+
+    Its handles are kept in ``layer._admin_hook_handles`` (`remove_hooks` removes them).
+    """
+    # one slot per layer: the sublayers run in order, each capture is consumed by the next norm
+    slot = _Slot()
+    clear = _ClearSlots([slot])
+    handles = [layer.register_forward_pre_hook(clear, prepend=True),
+               layer.register_forward_hook(clear, always_call=True)]
+    for sub, omega in zip(kind.sublayers, omegas):
+        norm = resolve(layer, sub.norm)
+        if sub.residual_arg is not None:
+            handles.append(resolve(layer, sub.residual_arg).register_forward_pre_hook(
+                _CaptureResidualArg(slot), with_kwargs=True))
+        elif sub.capture is not None or sub.source is None:
+            target = resolve(layer, sub.capture) if sub.capture is not None else layer
+            handles.append(target.register_forward_pre_hook(_CaptureInput(slot, sub.capture_args), with_kwargs=True))
+        handles.append(norm.register_forward_pre_hook(_Admin(slot, omega)))
+        # x of a later sublayer that reads this norm's output without a residual argument or a capture:
+        # whichever sublayer runs next takes it (a decoder layer skipping its cross-attention stays exact)
+        if sub.norm != kind.last_norm and any(o.residual_arg is None and o.capture is None and o.source is not None
+                                              for o in kind.sublayers):
+            handles.append(norm.register_forward_hook(_CaptureOutput(slot)))
+    # a plain attribute: deep-copied and pickled with the model, each handle then refers to the
+    # hook dictionaries of its own copy
+    setattr(layer, HANDLES, handles)
+
+
+def check_removable(name: str, layer: nn.Module) -> None:
+    """ValueError unless the hooks of a converted hooks-mechanism ``layer`` can be removed."""
+    if isinstance(getattr(layer, "admin_omegas", None), nn.ModuleList) and \
+            not isinstance(getattr(layer, HANDLES, None), list):
+        raise ValueError(f"{name}: converted layer without its hook handles (converted by an older version of "
+                         "admin_torch?); convert a stock copy of the model again")
+
+
+def remove_hooks(layer: nn.Module) -> None:
+    """Remove every hook `install_hooks` gave ``layer`` (nothing where there is none)."""
+    for handle in getattr(layer, HANDLES, ()):
+        handle.remove()
+    if hasattr(layer, HANDLES):
+        delattr(layer, HANDLES)
