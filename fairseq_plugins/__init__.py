@@ -6,10 +6,10 @@ It installs the repairs of fairseq and torch behaviour listed in `REPAIRS`, in t
 each under ``fairseq_plugins/repairs``, whose docstring says what fairseq or torch does wrong. Nothing
 else in the package patches anything, at import or later.
 
-Then it registers:
+Then it registers (as fairseq plugins do: each module only registers and subclasses):
 
 * models   (``fairseq_plugins/models``): ``transformer_admin`` and its architectures, ``transformer_lm_admin``
-  and its architectures, ``listops_tree``
+  and its architectures, ``listops_tree``; their layers live in ``fairseq_plugins/modules``
 * tasks    (``fairseq_plugins/tasks``):  ``listops`` (its pure-Python data code: `toolbox_core.listops`)
 * criteria (``fairseq_plugins/criterions``): ``cross_entropy_moe``, ``label_smoothed_cross_entropy_moe``
   (the stock ones plus the balance loss of ``--moe-experts``, `fairseq_plugins.moe`), ``cross_entropy_zloss``,
@@ -55,4 +55,5 @@ from . import distributed  # noqa: E402,F401  (the --ddp-backend checks)
 from . import criterions, models, moe, optim, tasks  # noqa: E402,F401  (registrations)
 from . import monitor  # noqa: E402,F401  (--stability-monitor: its checks, fairseq's layers for the monitor)
 
-__all__ = ["REPAIRS", "criterions", "distributed", "flags", "models", "moe", "monitor", "optim", "repairs", "tasks"]
+__all__ = ["REPAIRS", "criterions", "distributed", "flags", "models", "modules", "moe", "monitor", "optim", "repairs",
+           "tasks"]

@@ -44,7 +44,8 @@ from fairseq.modules import SinusoidalPositionalEmbedding
 
 from fairseq.models.transformer_lm import TransformerLanguageModel
 
-from .models.transformer_admin import ADMIN_ARGS, TransformerAdminModel
+from .admin import ADMIN_ARGS
+from .models.transformer_admin import TransformerAdminModel
 from .models.transformer_lm_admin import TransformerLMAdmin
 
 __all__ = ["NotAdminCheckpointError", "stock_args", "fold_admin_model", "fold_checkpoint", "main"]

@@ -31,42 +31,55 @@ Example:
         --moe-experts 8 --moe-router sparsemixer --criterion label_smoothed_cross_entropy_moe ...
 """
 
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from torch import nn
 
 import reinmax
 from fairseq import utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
 from toolbox_core import validation
 
 from reinmax.routing import ROUTER_MIN_TAU, TAU_ROUTERS
 
 from .flags import FlagError, check_flag
 
-__all__ = ["MOE_DEFAULTS", "MOE_CRITERIA", "add_moe_args", "moe_defaults", "check_moe_args", "install_moe_ffn"]
+__all__ = ["MoEConfig", "MOE_DEFAULTS", "MOE_CRITERIA", "add_moe_args", "moe_defaults", "check_moe_args",
+           "install_moe_ffn"]
 
-#: the ``--moe-*`` arguments and their defaults.
-MOE_DEFAULTS = {"moe_experts": 0, "moe_router": "sparsemixer", "moe_tau": 1.0, "moe_balance_weight": 0.01,
-                "moe_capacity_factor": 0.0}
+
+@dataclass
+class MoEConfig(FairseqDataclass):
+    """The ``--moe-*`` flags, declared once: a dataclass model config inherits them
+    (``transformer_lm_admin``'s ``TransformerLMAdminConfig``), an args-based model adds them with `add_moe_args`."""
+
+    moe_experts: int = field(default=0, metadata={"help": "experts per FFN (0, the default: the dense FFN)"})
+    moe_router: ChoiceEnum(list(reinmax.ROUTERS)) = field(  # type: ignore[valid-type]
+        default="sparsemixer",
+        metadata={"help": "how a token's expert is chosen and its gradient estimated (default sparsemixer)"})
+    moe_tau: float = field(
+        default=1.0, metadata={"help": "temperature of straight_through, gumbel_softmax and reinmax (default 1.0)"})
+    moe_balance_weight: float = field(
+        default=0.01, metadata={"help": "weight of the load-balancing loss added by the *_moe criteria (default 0.01)"})
+    moe_capacity_factor: float = field(
+        default=0.0, metadata={"help": "expert capacity in units of tokens/E; excess tokens are dropped (default 0: "
+                                       "none; >= E: none either)"})
+
+
+#: the ``--moe-*`` arguments and their defaults (`MoEConfig`'s).
+MOE_DEFAULTS = {f.name: f.default for f in fields(MoEConfig) if f.name != "_name"}
 #: the criteria that add the balance loss.
 MOE_CRITERIA = ("cross_entropy_moe", "label_smoothed_cross_entropy_moe")
 _STOCK_CRITERIA = ("cross_entropy", "label_smoothed_cross_entropy")
 
 
 def add_moe_args(parser) -> None:
-    """The ``--moe-*`` flags of an args-based model (``add_args``)."""
+    """The ``--moe-*`` flags of an args-based model (``add_args``), generated from `MoEConfig` as fairseq
+    generates a dataclass model's (no defaults: `moe_defaults` fills what was not given)."""
     group = parser.add_argument_group("mixture-of-experts FFN (fairseq_plugins.moe)")
-    group.add_argument("--moe-experts", type=int, metavar="E", default=None,
-                       help="experts per FFN (0, the default: the dense FFN)")
-    group.add_argument("--moe-router", default=None, choices=reinmax.ROUTERS,
-                       help="how a token's expert is chosen and its gradient estimated (default sparsemixer)")
-    group.add_argument("--moe-tau", type=float, default=None,
-                       help="temperature of straight_through, gumbel_softmax and reinmax (default 1.0)")
-    group.add_argument("--moe-balance-weight", type=float, default=None,
-                       help="weight of the load-balancing loss added by the *_moe criteria (default 0.01)")
-    group.add_argument("--moe-capacity-factor", type=float, default=None,
-                       help="expert capacity in units of tokens/E; excess tokens are dropped (default 0: none; "
-                            ">= E: none either)")
+    gen_parser_from_dataclass(group, MoEConfig(), delete_default=True)
 
 
 def moe_defaults(args) -> None:

@@ -1,9 +1,10 @@
 """Criteria ``cross_entropy_zloss`` and ``label_smoothed_cross_entropy_zloss``: the stock ones plus z-loss.
 
 z-loss (PaLM; Wortsman et al. 2023's remedy for output-logit divergence) adds ``--z-loss W`` times
-``log(Z)^2`` per target position (a bad value: one line, exit 2), ``Z`` the softmax normaliser of the output logits
-(`stability_toolbox.z_loss`). fairseq's criteria return a loss *summed* over the non-padding target
-positions (the trainer divides by the sample size), so the term is summed over the same positions:
+``log(Z)^2`` per target position (a bad value: one line, exit 2), ``Z`` the softmax normaliser of the output
+logits (`stability_toolbox.z_loss`, whose [`log_z`][stability_toolbox.log_z] computes it). fairseq's criteria
+return a loss *summed* over the non-padding target positions (the trainer divides by the sample size), so the
+term is summed over the same positions:
 ``loss = stock loss + W * sum_{t not pad} logsumexp(logits_t)^2``. ``--z-loss 0`` gives exactly the stock
 criterion (no term is computed). The term is logged as ``z_loss`` (per sample-size unit, base e);
 ``loss``/``nll_loss``/``ppl`` stay the stock criterion's values plus nothing else but the term in ``loss``.
@@ -21,25 +22,33 @@ from fairseq.criterions import CRITERION_REGISTRY, register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 from fairseq.criterions.label_smoothed_cross_entropy import (LabelSmoothedCrossEntropyCriterion,
                                                              LabelSmoothedCrossEntropyCriterionConfig)
+from fairseq.dataclass import FairseqDataclass
 
+from stability_toolbox.z_loss import DEFAULT_Z_LOSS, log_z
 from toolbox_core import validation
 
 from ..flags import check_flag, flag_check
 from ..registry import register_once
 
-__all__ = ["ZLoss", "CrossEntropyZLoss", "LabelSmoothedCrossEntropyZLoss", "check_z_loss_flags"]
-
-_HELP = "z-loss weight: adds W * log(Z)^2 per target position (1e-4 in PaLM and Wortsman et al. 2023; 0: off)"
+__all__ = ["ZLoss", "ZLossConfig", "CrossEntropyZLoss", "LabelSmoothedCrossEntropyZLoss", "check_z_loss_flags"]
 
 
 @dataclass
-class CrossEntropyZLossConfig(CrossEntropyCriterionConfig):
-    z_loss: float = field(default=1e-4, metadata={"help": _HELP})
+class ZLossConfig(FairseqDataclass):
+    """``--z-loss``, declared once; each criterion's config adds it to the stock criterion's."""
+
+    z_loss: float = field(default=DEFAULT_Z_LOSS, metadata={
+        "help": "z-loss weight: adds W * log(Z)^2 per target position (1e-4 in PaLM and Wortsman et al. 2023; 0: off)"})
 
 
 @dataclass
-class LabelSmoothedCrossEntropyZLossConfig(LabelSmoothedCrossEntropyCriterionConfig):
-    z_loss: float = field(default=1e-4, metadata={"help": _HELP})
+class CrossEntropyZLossConfig(ZLossConfig, CrossEntropyCriterionConfig):
+    pass
+
+
+@dataclass
+class LabelSmoothedCrossEntropyZLossConfig(ZLossConfig, LabelSmoothedCrossEntropyCriterionConfig):
+    pass
 
 
 def _weight(value) -> float:
@@ -50,7 +59,7 @@ def _weight(value) -> float:
 def check_z_loss_flags(args) -> None:
     """``--z-loss`` of a command line whose criterion is one of these (one line, exit 2, before data loads)."""
     if str(getattr(args, "criterion", "")).endswith("_zloss"):
-        _weight(getattr(args, "z_loss", 1e-4))
+        _weight(getattr(args, "z_loss", DEFAULT_Z_LOSS))
 
 
 class ZLoss:
@@ -63,8 +72,7 @@ class ZLoss:
         if prefix > 0:  # the positions label_smoothed_cross_entropy scores
             logits, target = logits[:, prefix:], target[:, prefix:]
         keep = target.ne(self.padding_idx)
-        lz = logits.float().logsumexp(-1)
-        return self.z_loss * lz.pow(2).masked_fill(~keep, 0.0).sum()
+        return self.z_loss * log_z(logits).pow(2).masked_fill(~keep, 0.0).sum()  # log Z in float32 or wider
 
     def compute_loss(self, model, net_output, sample, reduce=True):
         out = super().compute_loss(model, net_output, sample, reduce=reduce)
@@ -99,7 +107,7 @@ class ZLoss:
 class CrossEntropyZLoss(ZLoss, CrossEntropyCriterion):
     """``cross_entropy`` plus z-loss (module docstring)."""
 
-    def __init__(self, task, sentence_avg, z_loss=1e-4):
+    def __init__(self, task, sentence_avg, z_loss=DEFAULT_Z_LOSS):
         super().__init__(task, sentence_avg)
         self.z_loss = _weight(z_loss)
 
@@ -110,7 +118,7 @@ class LabelSmoothedCrossEntropyZLoss(ZLoss, LabelSmoothedCrossEntropyCriterion):
     """``label_smoothed_cross_entropy`` plus z-loss (module docstring)."""
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
-                 z_loss=1e-4):
+                 z_loss=DEFAULT_Z_LOSS):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size=ignore_prefix_size,
                          report_accuracy=report_accuracy)
         self.z_loss = _weight(z_loss)

@@ -10,7 +10,7 @@ The flags are ``transformer_admin``'s: ``--admin-init admin|profiled|deepnorm``,
 ``--admin-output-change-scale``, ``--decoder-as-parameter``, ``--admin-profile``, and the
 mixture-of-experts FFN's ``--moe-experts``, ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
 ``--moe-capacity-factor`` (`fairseq_plugins.moe`), and ``--qk-norm`` (qk-layernorm,
-`fairseq_plugins.models.transformer_admin.apply_qk_norm`). Pre-LN
+`fairseq_plugins.modules.admin_layers.apply_qk_norm`). Pre-LN
 (``--decoder-normalize-before``) is refused. Architectures, named after fairseq's own:
 
 * ``transformer_lm_admin``: the base (512 / 2048 / 8 heads, 6 layers),
@@ -29,48 +29,28 @@ Example:
 
 import argparse
 import copy
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
-from fairseq.dataclass import ChoiceEnum
 from fairseq.models import MODEL_REGISTRY, register_model
 from fairseq.models.transformer_lm import DEFAULT_MAX_TARGET_POSITIONS, TransformerLanguageModel, \
     TransformerLanguageModelConfig
 from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf
 
-import admin_torch
-import reinmax
-
+from ..admin import AdminConfig, check_admin_args
 from ..flags import FlagError
+from ..modules.admin_layers import TransformerAdminDecoder, apply_qk_norm
+from ..modules.admin_profiling import AdminProfiling
+from ..moe import MoEConfig
 from ..registry import register_architecture_once, register_once
-from .transformer_admin import ADMIN_INITS, AdminProfiling, TransformerAdminDecoder, _check_admin_args, apply_qk_norm
 
 __all__ = ["TransformerLMAdminConfig", "TransformerLMAdmin"]
 
 
 @dataclass
-class TransformerLMAdminConfig(TransformerLanguageModelConfig):
-    admin_init: ChoiceEnum(list(ADMIN_INITS)) = field(  # type: ignore[valid-type]
-        default="admin", metadata={"help": "omega initialization: closed-form Admin, profiled Admin, or DeepNorm"})
-    admin_output_change_scale: ChoiceEnum(list(admin_torch.OUTPUT_CHANGE_SCALES)) = field(  # type: ignore[valid-type]
-        default="O(logn)", metadata={"help": "closed-form Admin's output change scale"})
-    decoder_as_parameter: bool = field(
-        default=False, metadata={"help": "omegas are trainable vectors of size decoder_embed_dim"})
-    admin_profile: Optional[str] = field(
-        default=None, metadata={"help": "profiled Admin: read the omegas from this JSON file if it exists, "
-                                        "otherwise profile on the first training batch and write them there"})
-    moe_experts: int = field(default=0, metadata={"help": "experts per FFN (0: the dense FFN)"})
-    moe_router: ChoiceEnum(list(reinmax.ROUTERS)) = field(  # type: ignore[valid-type]
-        default="sparsemixer", metadata={"help": "how a token's expert is chosen and its gradient estimated"})
-    moe_tau: float = field(default=1.0, metadata={"help": "temperature of straight_through, gumbel_softmax, reinmax"})
-    moe_balance_weight: float = field(
-        default=0.01, metadata={"help": "weight of the load-balancing loss added by the *_moe criteria"})
-    moe_capacity_factor: float = field(
-        default=0.0, metadata={"help": "expert capacity in units of tokens/E; excess tokens dropped (0: none)"})
-    qk_norm: bool = field(
-        default=False, metadata={"help": "qk-layernorm: a LayerNorm on each head's queries and keys "
-                                         "(Wortsman et al. 2023's remedy for attention-logit growth)"})
+class TransformerLMAdminConfig(MoEConfig, AdminConfig, TransformerLanguageModelConfig):  # fields: the base first
+    """fairseq's ``transformer_lm`` configuration with the Admin flags (`fairseq_plugins.admin.AdminConfig`) and
+    the ``--moe-*`` flags (`fairseq_plugins.moe.MoEConfig`), each declared once there."""
 
 
 @register_once(MODEL_REGISTRY, register_model, "transformer_lm_admin", dataclass=TransformerLMAdminConfig)
@@ -90,7 +70,7 @@ class TransformerLMAdmin(AdminProfiling, TransformerLanguageModel):
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True, enum_to_str=True)) \
                 if OmegaConf.is_config(args) \
                 else argparse.Namespace(**vars(args))
-        _check_admin_args(args)
+        check_admin_args(args)
         for flag, name in (("--character-embeddings", "character_embeddings"), ("--adaptive-input", "adaptive_input")):
             if safe_getattr(args, name, False):
                 raise FlagError(f"{flag} is not accepted by transformer_lm_admin (its omegas fold into a token embedding)")
