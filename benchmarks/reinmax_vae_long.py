@@ -258,7 +258,8 @@ def report(work: Path, configs: Sequence[str], out: Path, command: str,
         runs = collect(work, cfg, seeds)
         rows = summarize(runs)
         results.append({"config": cfg, "rows": rows, "histories": runs})
-        texts.append(table(cfg, rows, command))
+        saved = work / cfg / "command.txt"  # the invocation that trained this configuration
+        texts.append(table(cfg, rows, saved.read_text().strip() if saved.exists() else command))
         if rows:
             plot(cfg, runs, out / f"{name}_{cfg}.png")
     text = "\n\n".join(texts)
@@ -297,18 +298,16 @@ def main(argv=None):
     if not args.time_budget > 0:
         ap.error(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     command = "python -m benchmarks.reinmax_vae_long " + " ".join(argv if argv is not None else sys.argv[1:])
-    saved_command = args.work / "command.txt"
     if args.report:
-        if saved_command.exists():
-            command = saved_command.read_text().strip()
         return report(args.work, configs, args.out, command, seeds, args.name)
     reason = mnist.missing(args.data)
     if reason is not None:
         print(f"skipped: {reason}; pass --data", flush=True)
         return []
     torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    saved_command.write_text(command + "\n")
+    for cfg in configs:
+        (args.work / cfg).mkdir(parents=True, exist_ok=True)
+        (args.work / cfg / "command.txt").write_text(command + "\n")
     train, _, test = splits(args.data, "cpu")
     start = time.time()
     for i, cfg in enumerate(configs):
