@@ -22,18 +22,18 @@ def check_tau(tau) -> float:
     return validation.as_real("tau", tau, low=0.0, low_open=True)
 
 
-def check_logits(logits, dim) -> int:
-    """The non-negative ``dim`` of ``logits``; TypeError/ValueError for non-floating or empty input."""
+def check_logits(logits, dim, name: str = "logits") -> int:
+    """The non-negative ``dim`` of ``logits``; TypeError/ValueError naming ``name`` for non-floating or empty input."""
     if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a floating-point torch.Tensor, got {type(logits).__name__}")
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got dtype {logits.dtype}")
     if logits.dim() == 0:
-        raise ValueError("logits must have at least one dimension (the categories), got a 0-d tensor")
+        raise ValueError(f"{name} must have at least one dimension (the categories), got a 0-d tensor")
     dim = validation.as_int("dim", dim, minimum=-logits.dim(), maximum=logits.dim() - 1) % logits.dim()
     if logits.shape[dim] == 0:
-        raise ValueError(f"logits must have at least one category along dim={dim}, "
+        raise ValueError(f"{name} must have at least one category along dim={dim}, "
                          f"got shape {tuple(logits.shape)}")
     return dim
 

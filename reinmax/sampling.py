@@ -42,7 +42,7 @@ def sample_categorical(probs: Tensor, dim: int = -1, generator: Optional[torch.G
     if not isinstance(probs, Tensor) or not probs.is_floating_point():
         raise TypeError(f"probs must be a floating-point torch.Tensor, got "
                         f"{probs.dtype if isinstance(probs, Tensor) else type(probs).__name__}")
-    dim = check_logits(probs, dim)
+    dim = check_logits(probs, dim, "probs")
     check_generator(generator, probs)
     validation.check_data(
         lambda: ~(torch.isfinite(probs).all() & (probs >= 0).all() & (probs.sum(dim) > 0).all()),

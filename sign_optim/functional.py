@@ -54,7 +54,8 @@ def powersign_coefficients(alpha: float, decay: float) -> Coefficients:
 
 def max_factor(coefficients: Coefficients) -> float:
     """The largest ``|factor|`` an update multiplies a gradient element by: ``|c0| + |a| + |b|`` (for
-    PowerSign ``1 + sinh|c| + cosh(c) - 1 = alpha ** |d|``)."""
+    PowerSign ``1 + sinh|c| + cosh(c) - 1 = exp|c|`` with ``c = d ln(alpha)``: ``alpha ** |d|`` for
+    ``alpha >= 1``, ``(1 / alpha) ** |d|`` below)."""
     return sum(abs(x) for x in coefficients)
 
 
@@ -65,6 +66,8 @@ def sign_update(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: Lis
     (float32 for half-precision parameters), ``coefficients[i]`` for parameter ``i``. ``foreach`` picks
     `_multi_tensor_sign` (float32/float64 parameters of one device) over `_single_tensor_sign`.
     The step counters are the caller's."""
+    if not params:  # the foreach ops refuse empty lists; nothing to update is a no-op on every path
+        return
     if foreach:
         _multi_tensor_sign(params, grads, avgs, coefficients, lr=lr, beta=beta, weight_decay=weight_decay,
                            maximize=maximize, chunk_numel=chunk_numel)

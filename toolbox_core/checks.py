@@ -121,6 +121,8 @@ def as_real(name: str, value: Any, *, low: Optional[float] = None, high: Optiona
 def as_bool(name: str, value: Any) -> bool:
     """``value`` as a bool: ``True``/``False``, NumPy bools, or the integers 0 and 1."""
     v = _scalar(value)
+    if _is_tensor(v) and v.numel() == 1 and v.dtype == _torch().bool:  # _scalar keeps bool tensors (not numbers)
+        return bool(v.item())
     if isinstance(v, bool):
         return v
     if isinstance(v, numbers.Integral) and v in (0, 1):

@@ -6,6 +6,7 @@ is one of the inputs is refused before anything is written.
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Sequence, Union
@@ -34,15 +35,22 @@ def check_output_path(output: PathLike, inputs: Sequence[PathLike] = (), name: s
 def atomic_write(path: PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; on success it replaces ``path`` atomically.
 
+    A file that is replaced keeps its permission bits; a new one gets what ``open()`` would give it under the
+    process umask. A symbolic link is written through: its target is replaced and the link stays.
+
     Examples:
         >>> with atomic_write("profile.json") as f:   # doctest: +SKIP
         ...     f.write("{}")
     """
-    target = Path(path)
+    target = Path(os.path.realpath(path))  # through symlinks: renaming over a link would replace the link itself
+    try:
+        permissions = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        permissions = 0o666 & ~umask  # as open() makes a new file
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
+    os.chmod(tmp, permissions)  # mkstemp's 0600 would outlive the rename
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f

@@ -139,8 +139,6 @@ def test_bad_arguments_are_named(args, kwargs, error, match):
         sample_categorical(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: sample_categorical's shape errors name 'logits' (reinmax._checks."
-                                       "check_logits is shared with the estimators), its argument is probs")
 @pytest.mark.parametrize("probs", [torch.tensor(1.0), torch.ones(2, 0)])
 def test_shape_errors_name_probs(probs):
     with pytest.raises(ValueError, match="^probs must have"):

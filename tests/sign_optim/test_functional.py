@@ -189,9 +189,7 @@ def test_zero_average_and_zero_gradient(rule, foreach):
     assert p[3] == 0.9
 
 
-@pytest.mark.parametrize("foreach", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason="bug: sign_update([], ..., foreach=True) calls torch._foreach_lerp_ on "
-    "empty lists (RuntimeError: Tensor list must have at least one tensor); the single-tensor path is a no-op"))])
+@pytest.mark.parametrize("foreach", [False, True])
 def test_nothing_to_update(foreach):
     sign_update([], [], [], [], lr=0.1, beta=0.9, weight_decay=0.0, maximize=False, foreach=foreach)
 

@@ -239,8 +239,6 @@ def test_as_bool_refuses_the_rest_with_a_type_error(value, shown):
         as_bool("flag", value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: as_bool refuses a one-element bool tensor (torch.tensor(True)) while it "
-                                       "takes torch.tensor(1): _scalar leaves bool tensors as tensors")
 def test_as_bool_accepts_a_one_element_bool_tensor():
     assert as_bool("flag", torch.tensor(True)) is True
 

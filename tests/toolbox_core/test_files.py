@@ -106,6 +106,29 @@ def test_permissions_follow_the_umask_as_open_would(tmp_path, umask, mask, exist
     assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~mask
 
 
+@pytest.mark.parametrize("permissions", [0o640, 0o600, 0o755])
+def test_a_replaced_file_keeps_its_permissions(tmp_path, permissions):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    os.chmod(target, permissions)
+    with atomic_write(target) as f:
+        f.write("new")
+    assert target.read_text() == "new"
+    assert stat.S_IMODE(target.stat().st_mode) == permissions
+
+
+def test_a_symlink_is_written_through(tmp_path):
+    real = tmp_path / "real.txt"
+    real.write_text("old")
+    link = tmp_path / "link.txt"
+    link.symlink_to(real)
+    with atomic_write(link) as f:
+        f.write("new")
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "real.txt"]
+
+
 def test_a_missing_directory_fails_before_the_body_runs(tmp_path):
     ran = []
     with pytest.raises(FileNotFoundError):
