@@ -30,8 +30,6 @@ from .api import convert, fold
 from .architectures import LAYER_KINDS, LayerKind, StackKind, Sublayer
 from .deepnorm import DEEPNORM_SCALED_PROJECTIONS, DeepNormInit, DeepNormResidual, deepnorm_init, deepnorm_scale_
 from .folding import fold_into_embedding_, fold_into_linears_, fold_into_norm_
-# fold_stack_ stays importable from here without a warning: fairseq_plugins.fold_checkpoint calls admin_torch.fold_stack_
-from .folding import fold_stack_  # noqa: F401
 from .hf_io import from_pretrained, save_pretrained
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer
 from .output_change import output_change, residual_betas
@@ -103,6 +101,7 @@ _MOVED = {
     "PRE_LN_MODEL_TYPES": ("architectures", "PRE_LN_MODEL_TYPES"),
     "UNSUPPORTED_MODEL_TYPES": ("architectures", "UNSUPPORTED_MODEL_TYPES"),
     "omega_residuals": ("profiling", "omega_residuals"),
+    "fold_stack_": ("folding", "fold_stack_"),
 }
 
 

@@ -30,13 +30,14 @@ import copy
 import os
 import sys
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 import admin_torch
 from admin_torch.architectures import seq2seq_layer_kinds
+from admin_torch.folding import fold_stack_
 from fairseq.data import Dictionary
 from toolbox_core.files import atomic_write, check_output_path
 from fairseq.models.transformer import TransformerModel
@@ -100,7 +101,7 @@ def stock_args(args, language_model: bool = False) -> argparse.Namespace:
 
 
 # fairseq's Post-LN layers, as admin_torch.architectures describes them (where each residual's input comes
-# from, which linear maps read it); the folding itself is admin_torch.fold_stack_.
+# from, which linear maps read it); the folding itself is admin_torch.folding.fold_stack_.
 ENCODER_LAYER, DECODER_LAYER = seq2seq_layer_kinds(mechanism="fairseq")
 #: a decoder layer without cross-attention (a language model's, or --no-cross-attention)
 DECODER_ONLY_LAYER = DECODER_LAYER.without_cross
@@ -158,7 +159,7 @@ def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerMode
             table = dst.embed_positions.weight
             table.copy_(src.embed_positions.weights[: table.shape[0]].to(table))
 
-    # each stack's omegas move into the stock model, layer by layer (admin_torch.fold_stack_)
+    # each stack's omegas move into the stock model, layer by layer (admin_torch.folding.fold_stack_)
     stacks = [(model.decoder, stock.decoder)] + ([] if language_model else [(model.encoder, stock.encoder)])
     for src, dst in stacks:
         entries = []
@@ -174,7 +175,7 @@ def fold_admin_model(model: TransformerAdminModel, task=None) -> TransformerMode
             first = [project_in if project_in is not None else dst.embed_tokens]
             first += [dst.embed_positions] if dst.embed_positions is not None else []
             first_is_norm = False
-        admin_torch.fold_stack_(entries, first, first_is_norm)
+        fold_stack_(entries, first, first_is_norm)
     return stock
 
 

@@ -124,7 +124,7 @@ evaluate_model() {
   log "decode $split with $ckpt (beam $beam, lenpen $lenpen)"
   # --required-batch-size-multiple 1: fairseq-fixed 0.12.3.1's batch_by_size drops the last batch
   # when its size is not a multiple of it (default 8), i.e. the longest sentences would go untranslated.
-  # fairseq_plugins.batching fixes that for every --user-dir run; the flag keeps it so without them.
+  # fairseq_plugins.repairs.last_batch fixes that for every --user-dir run; the flag keeps it so without them.
   fairseq-generate "$bin" --user-dir "$USER_DIR" --path "$ckpt" --gen-subset "$split" \
     --source-lang "$src" --target-lang "$tgt" --beam "$beam" --lenpen "$lenpen" \
     --remove-bpe sentencepiece --max-tokens "${GEN_MAX_TOKENS:-4096}" --required-batch-size-multiple 1 "$@" > "$save/$split.gen" 2>"$save/$split.gen.log" \

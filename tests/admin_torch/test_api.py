@@ -65,15 +65,6 @@ def test_a_name_earlier_releases_exported_is_found_in_its_module_with_a_warning(
         exec(f"from admin_torch import {name}", {})
 
 
-def test_fold_stack_stays_at_the_root_without_a_warning():
-    """fairseq_plugins.fold_checkpoint calls admin_torch.fold_stack_ (its home is admin_torch.folding)."""
-    from admin_torch.folding import fold_stack_
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert admin_torch.fold_stack_ is fold_stack_
-    assert "fold_stack_" not in admin_torch.__all__
-
-
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         admin_torch.no_such_name

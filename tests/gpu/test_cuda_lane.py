@@ -99,7 +99,7 @@ def test_admin_residuals_and_stacks_on_cuda(dtype):
     res = admin_torch.as_module(12).cuda()
     x = torch.randn(4, 8, device="cuda", dtype=dtype)
     assert res(x, x).dtype == dtype
-    for kind in admin_torch.REFERENCE_STACK_KINDS:
+    for kind in admin_torch.reference_stack.STACK_KINDS:
         model = admin_torch.make_stack(kind, depth=2, dim=8, seed=0).cuda().to(dtype)
         assert torch.isfinite(model(torch.randn(2, 5, 8, device="cuda", dtype=dtype)).float()).all()
 
