@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from ._wrap import wrap_once
+
 __all__ = ["install"]
 
 
@@ -34,7 +36,6 @@ def _guarded_broadcast(broadcast_slow: Callable) -> Callable:
             obj["cfg"] = OmegaConf.create(obj["cfg"], flags={"allow_objects": True})
         return obj
 
-    _broadcast_object_slow.__wrapped_by_fairseq_plugins__ = True
     return _broadcast_object_slow
 
 
@@ -42,5 +43,4 @@ def install() -> None:
     """Wrap fairseq's ``_broadcast_object_slow`` (idempotent)."""
     from fairseq.distributed import utils as distributed_utils
 
-    if not getattr(distributed_utils._broadcast_object_slow, "__wrapped_by_fairseq_plugins__", False):
-        distributed_utils._broadcast_object_slow = _guarded_broadcast(distributed_utils._broadcast_object_slow)
+    wrap_once(distributed_utils, "_broadcast_object_slow", _guarded_broadcast)

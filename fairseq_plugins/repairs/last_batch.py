@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from ._wrap import wrap_once
+
 __all__ = ["install"]
 
 
@@ -38,7 +40,6 @@ def _keep_tail(batch_by_size: Callable) -> Callable:
             batches = list(batches) + [indices[kept:]]
         return batches
 
-    keep_every_sentence.__wrapped_by_fairseq_plugins__ = True
     return keep_every_sentence
 
 
@@ -46,5 +47,4 @@ def install() -> None:
     """Make ``fairseq.data.data_utils.batch_by_size`` keep the last batch (idempotent)."""
     from fairseq.data import data_utils
 
-    if not getattr(data_utils.batch_by_size, "__wrapped_by_fairseq_plugins__", False):
-        data_utils.batch_by_size = _keep_tail(data_utils.batch_by_size)
+    wrap_once(data_utils, "batch_by_size", _keep_tail)

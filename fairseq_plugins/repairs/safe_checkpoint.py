@@ -39,6 +39,7 @@ from typing import Callable, List
 import torch
 
 from .. import flags
+from ._wrap import wrap_once
 
 __all__ = ["install", "safe_globals", "UnsafeCheckpointError", "CorruptCheckpointError"]
 
@@ -96,7 +97,6 @@ def _guarded(load: Callable) -> Callable:
                 ) from None
             raise
 
-    load_checkpoint_to_cpu.__wrapped_by_fairseq_plugins__ = True
     return load_checkpoint_to_cpu
 
 
@@ -105,7 +105,6 @@ def install() -> None:
     torch.serialization.add_safe_globals(safe_globals())
     from fairseq import checkpoint_utils
 
-    if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "__wrapped_by_fairseq_plugins__", False):
-        checkpoint_utils.load_checkpoint_to_cpu = _guarded(checkpoint_utils.load_checkpoint_to_cpu)
+    wrap_once(checkpoint_utils, "load_checkpoint_to_cpu", _guarded)
     # a refusal is printed as one "error:" line instead of a traceback (exit status 1)
     flags.one_line_errors(UnsafeCheckpointError, CorruptCheckpointError, status=1)
