@@ -45,9 +45,9 @@ def _check_init_value(init_value) -> float:
 def calculate_init(num_res_layers: int, output_change_scale: str = "O(logn)") -> float:
     r"""The closed-form Admin initialization of omega for a stack of ``num_res_layers`` sublayers.
 
-    * ``'O(logn)'`` / ``'default'``: `\omega = \sqrt{(N + 1) / \ln(N + 1) - 1}`
-    * ``'O(1)'``: `\omega = \sqrt{N}`
-    * ``'O(n)'``: `\omega = 1` (plain Post-LN)
+    * ``'O(logn)'`` / ``'default'``: $\omega = \sqrt{(N + 1) / \ln(N + 1) - 1}$
+    * ``'O(1)'``: $\omega = \sqrt{N}$
+    * ``'O(n)'``: $\omega = 1$ (plain Post-LN)
 
     Args:
         num_res_layers: N, the number of residual sublayers (2 per encoder layer, 3 per decoder

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.sweep import mean_std, parse_list, run_jobs, write_json
+from benchmarks.sweep import mean_std, parse_list, recorded_args, run_jobs, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -262,8 +262,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table, flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "multi30k_stability.json").write_text(json.dumps({"budget": budget, "args": {k: str(v) for k, v in
-                                                               vars(a).items()}, "rows": rows, "runs": results}))
+    (a.out / "multi30k_stability.json").write_text(json.dumps({"budget": budget, "args": recorded_args(a), "rows": rows, "runs": results}))
     (a.out / "multi30k_stability.md").write_text(table + "\n")
 
     import matplotlib

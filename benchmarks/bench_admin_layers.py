@@ -21,6 +21,7 @@ from torch import nn
 
 import admin_torch
 from benchmarks.harness import machine, time_interleaved
+from benchmarks.sweep import recorded_args
 
 
 def stacks(d: int, layers: int, device: str):
@@ -91,7 +92,7 @@ def main(argv=None):
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "admin_layers_speed.md").write_text(table + "\n")
-    (args.out / "admin_layers_speed.json").write_text(json.dumps({"median_s": {f"{n} ({p})": v for (n, p), v in med.items()}, "args": vars(args)}, default=str,
+    (args.out / "admin_layers_speed.json").write_text(json.dumps({"median_s": {f"{n} ({p})": v for (n, p), v in med.items()}, "args": recorded_args(args)}, default=str,
                                                                  indent=1))
 
 

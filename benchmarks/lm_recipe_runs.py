@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.sweep import recorded_args
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,6 +37,6 @@ def write_table(out: Path, stem: str, args, results, rows, table: str) -> None:
     """Print ``table`` and write ``out/stem.md`` and ``out/stem.json`` (arguments, runs, rows)."""
     print(table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+    (out / f"{stem}.json").write_text(json.dumps({"args": recorded_args(args),
                                                   "runs": results, "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text(table + "\n")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from admin_torch import make_stack, output_change, residual_betas
+from benchmarks.sweep import recorded_args
 
 # label -> (make_stack kind, Admin scale)
 VARIANTS = {
@@ -128,7 +129,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print()
     print(table)
-    meta = dict(vars(args), out=str(args.out), x_shape=list(x.shape), sublayers_per_layer=per_layer,
+    meta = dict(recorded_args(args), x_shape=list(x.shape), sublayers_per_layer=per_layer,
                 perturbation="delta_p = delta * rms(p) * N(0,1) on every weight matrix; ||.||^2 over features, "
                              "mean over positions, perturbations and model seeds")
     (args.out / "output_change.json").write_text(json.dumps(dict(meta=meta, N=ns, rows=rows, theory_ratio=theory), indent=1))

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.sweep import mean_std, parse_list, run_jobs, write_json
+from benchmarks.sweep import mean_std, parse_list, recorded_args, run_jobs, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "listops"
@@ -192,7 +192,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+    (args.out / f"{args.name}.json").write_text(json.dumps({"args": recorded_args(args),
                                                        "rows": rows, "runs": tuning + final}, indent=1))
     (args.out / f"{args.name}.md").write_text(table + "\n")
     import matplotlib

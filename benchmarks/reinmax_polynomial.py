@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.sweep import recorded_args
 from reinmax import estimate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def main(argv=None):
     print(table, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reinmax_polynomial.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "tuning": tuning, "results": results}, indent=1))
+        {"args": recorded_args(args), "tuning": tuning, "results": results}, indent=1))
     (args.out / "reinmax_polynomial.md").write_text(table + "\n")
     import matplotlib
 

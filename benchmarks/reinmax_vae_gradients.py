@@ -26,7 +26,7 @@ here in NumPy: its measured bias must be at the noise level, which checks the me
 
 Models: each estimator's seed-1 run of :mod:`benchmarks.reinmax_vae_long` at the epochs kept (``e{epoch}.pt``).
 
-    python -m benchmarks.reinmax_vae_gradients --work /work/runs/vae_long --epochs 0,10,20,30,40,50
+    python -m benchmarks.reinmax_vae_gradients --work work/vae_long --epochs 0,10,20,30,40,50
 """
 
 import argparse
@@ -48,7 +48,7 @@ from benchmarks.harness import machine
 from benchmarks.reinmax_vae_long import GR_K, LABELS, member_dir
 from benchmarks.reinmax_vae_mnist import VAE, splits
 from benchmarks.reinmax_vae_paper import NAMES, PAPER
-from benchmarks.sweep import parse_list, write_json
+from benchmarks.sweep import parse_list, recorded_command, write_json
 from reinmax import estimate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -390,7 +390,7 @@ def main(argv=None):
     results = {"config": args.config, "codes": C ** L, "images": args.images, "samples": args.samples,
                "sweep_samples": args.sweep_samples,
                "taus": all_taus, "points": points, "wall_s": time.time() - t0}
-    command = "python -m benchmarks.reinmax_vae_gradients " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = recorded_command("benchmarks.reinmax_vae_gradients", argv if argv is not None else sys.argv[1:])
     text = tables(results, args.config, command)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "vae_gradients.json", results)

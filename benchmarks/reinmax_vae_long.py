@@ -19,8 +19,8 @@ Scores per epoch: train -ELBO as the paper reports it (the running mean of the e
 curves and JSON from whatever the work folder holds, while a run goes on.
 
     OMP_NUM_THREADS=1 nohup nice -n 10 python -m benchmarks.reinmax_vae_long --epochs 50 --seeds 1,2,3 \\
-        --time-budget 9000 --work /work/runs/vae_long &
-    python -m benchmarks.reinmax_vae_long --report --work /work/runs/vae_long
+        --time-budget 9000 --work work/vae_long &
+    python -m benchmarks.reinmax_vae_long --report --work work/vae_long
 """
 
 import argparse
@@ -38,7 +38,7 @@ from benchmarks import mnist
 from benchmarks.harness import machine
 from benchmarks.reinmax_vae_mnist import VAE, splits
 from benchmarks.reinmax_vae_paper import NAMES, PAPER
-from benchmarks.sweep import mean_std, parse_list, write_json
+from benchmarks.sweep import mean_std, parse_list, recorded_command, write_json
 from toolbox_core.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,7 +297,7 @@ def main(argv=None):
         ap.error(f"--epochs must be >= 1, got {args.epochs}")
     if not args.time_budget > 0:
         ap.error(f"--time-budget must be > 0 seconds, got {args.time_budget}")
-    command = "python -m benchmarks.reinmax_vae_long " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = recorded_command("benchmarks.reinmax_vae_long", argv if argv is not None else sys.argv[1:])
     if args.report:
         return report(args.work, configs, args.out, command, seeds, args.name)
     reason = mnist.missing(args.data)

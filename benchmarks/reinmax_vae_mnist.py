@@ -36,7 +36,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from benchmarks import mnist
-from benchmarks.sweep import mean_std, parse_list, run_jobs, write_json
+from benchmarks.sweep import mean_std, parse_list, recorded_args, run_jobs, write_json
 from reinmax import ESTIMATORS, estimate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,7 +261,7 @@ def main(argv=None):
     print(table, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reinmax_vae_mnist.json").write_text(json.dumps(
-        {"args": {k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()},
+        {"args": recorded_args(args),
          "results": results, "bias": bias_results, "runs": tuning + final}, indent=1))
     (args.out / "reinmax_vae_mnist.md").write_text(table + "\n")
     import matplotlib

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import mnist
+from benchmarks.sweep import recorded_args
 from sign_optim import AddSign, CosineInternalDecay, LinearInternalDecay, PowerSign
 
 DEFAULT_DATA = mnist.DEFAULT_ROOT
@@ -152,7 +153,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sign_optim_mnist.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+    (args.out / "sign_optim_mnist.json").write_text(json.dumps({"args": recorded_args(args),
                                                                 "results": results}, indent=1))
     (args.out / "sign_optim_mnist.md").write_text(table + "\n")
     import matplotlib
