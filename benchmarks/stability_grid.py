@@ -48,7 +48,7 @@ from toolbox_core.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "multi30k" / "tok"
-WORK = Path("/work/runs/issue31")
+WORK = REPO / "work" / "stability_grid"  # git-ignored; --work points elsewhere
 OUT = REPO / "results" / "monitor"
 
 VOCAB = 2000
