@@ -25,16 +25,17 @@ Examples:
     True
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .architectures import LayerKind
 from .residual import OmegaResidual
 from .stacks import resolve
 
-__all__ = ["install_hooks", "remove_hooks", "check_removable", "HANDLES"]
+__all__ = ["capture_sums", "install_hooks", "remove_hooks", "check_removable", "HANDLES"]
 
 
 class _Slot:
@@ -97,26 +98,57 @@ class _CaptureOutput:
         self.slot.x = output
 
 
+def _take(slot: _Slot):
+    """The captured x of the sublayer whose norm runs now, removed from ``slot`` (not kept alive beyond it)."""
+    x = slot.x
+    if isinstance(x, list):  # one x per stream, in the order the norm is called
+        x = x.pop(0) if x else None
+        if not slot.x:
+            slot.x = None
+    else:
+        slot.x = None
+    return x
+
+
+class _AtNorm:
+    """Forward pre-hook of a sublayer's LayerNorm: hands ``(x, s)`` to ``at_sum``, ``s = x + f(x)`` being the
+    norm's input; a tensor ``at_sum`` returns replaces ``s`` (Admin), None leaves it (the monitor).
+    ``strict``: a norm that runs with no x captured raises instead of being skipped."""
+
+    def __init__(self, slot: _Slot, at_sum: Callable[[Tensor, Tensor], Optional[Tensor]], strict: bool):
+        self.slot, self.at_sum, self.strict = slot, at_sum, strict
+
+    def __call__(self, module, args):
+        x = _take(self.slot)
+        if x is None:
+            if not self.strict:
+                return None
+            # never a silently different function: this norm ran without its sublayer's input captured
+            raise RuntimeError(f"admin_torch: a converted {type(module).__name__} ran outside its layer's forward "
+                               "(no residual input captured); call the layer, not its LayerNorm")
+        out = self.at_sum(x, args[0])
+        return None if out is None else (out,) + tuple(args[1:])
+
+
+class _OmegaSum:
+    """Admin's use of a sum: ``s = x + f(x)`` becomes ``omega * x + f(x)``."""
+
+    def __init__(self, omega: OmegaResidual):
+        self.omega = omega
+
+    def __call__(self, x: Tensor, s: Tensor) -> Tensor:
+        return self.omega(x, s - x)
+
+
 class _Admin:
-    """Forward pre-hook of a sublayer's LayerNorm: its input ``s = x + f(x)`` becomes ``omega * x + f(x)``."""
+    """The norm hook of models converted before `capture_sums` existed (``_AtNorm`` + ``_OmegaSum`` now): kept
+    so that such models, pickled whole, still load and run."""
 
     def __init__(self, slot: _Slot, omega: OmegaResidual):
         self.slot, self.omega = slot, omega
 
     def __call__(self, module, args):
-        x = self.slot.x
-        if isinstance(x, list):  # one x per stream, in the order the norm is called
-            x = x.pop(0) if x else None
-            if not self.slot.x:
-                self.slot.x = None
-        else:
-            self.slot.x = None  # not kept alive beyond the sublayer
-        if x is None:
-            # never a silently different function: this norm ran without its sublayer's input captured
-            raise RuntimeError(f"admin_torch: a converted {type(module).__name__} ran outside its layer's forward "
-                               "(no residual input captured); call the layer, not its LayerNorm")
-        s = args[0]
-        return (self.omega(x, s - x),) + tuple(args[1:])
+        return _AtNorm(self.slot, _OmegaSum(self.omega), strict=True)(module, args)
 
 
 class _CaptureResidualArg:
@@ -150,17 +182,49 @@ class _ClearSlots:
 HANDLES = "_admin_hook_handles"
 
 
-def install_hooks(layer: nn.Module, kind: LayerKind, omegas: Sequence[OmegaResidual]) -> None:
-    """Give a hooks-mechanism ``layer`` of ``kind`` its Admin residuals, one omega per sublayer, in place.
+def capture_sums(layer: nn.Module, kind: LayerKind, at_sums: Sequence[Callable[[Tensor, Tensor], Optional[Tensor]]],
+                 *, strict: bool = True, handles: Optional[List[RemovableHandle]] = None) -> List[RemovableHandle]:
+    """The one reader of a Post-LN layer's residual sums: for sublayer ``i`` of ``kind`` (``norm(x + f(x))``),
+    ``at_sums[i](x, s)`` runs just before ``norm`` with ``x`` the sublayer's input stream (captured as the
+    `Sublayer` description says) and ``s = x + f(x)`` the norm's input, both ``(..., d)``; a tensor it returns
+    replaces ``s``. Admin (`install_hooks`) and the stability monitor (`stability_toolbox.sites`) both read
+    layers through it, so they see the same sublayers.
 
-    Its handles are kept in ``layer._admin_hook_handles`` (`remove_hooks` removes them).
+    Args:
+        layer: a module described by ``kind``.
+        kind: its `LayerKind`.
+        at_sums: one callable per sublayer, in ``kind.sublayers`` order.
+        strict: a norm that runs without its x captured (called outside its layer) raises RuntimeError;
+            False: it is skipped.
+        handles: a list the hook handles are appended to as they are installed (a failure part-way leaves
+            none the caller cannot remove); a new list by default.
+
+    Returns:
+        ``handles``, with the handles of every hook installed.
+
+    Examples:
+        >>> from admin_torch.architectures import LAYER_KINDS
+        >>> layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        >>> kind = LAYER_KINDS["torch.nn.modules.transformer.TransformerEncoderLayer"]
+        >>> seen = []
+        >>> hs = capture_sums(layer, kind, [lambda x, s, i=i: seen.append((i, tuple(x.shape))) for i in range(2)])
+        >>> _ = layer(torch.randn(3, 5, 8))
+        >>> seen
+        [(0, (3, 5, 8)), (1, (3, 5, 8))]
+        >>> for h in hs:
+        ...     h.remove()
     """
+    if len(at_sums) != len(kind.sublayers):
+        raise ValueError(f"at_sums: one callable per sublayer ({len(kind.sublayers)}), got {len(at_sums)}")
+    handles = [] if handles is None else handles
     # one slot per layer: the sublayers run in order, each capture is consumed by the next norm
     slot = _Slot()
     clear = _ClearSlots([slot])
-    handles = [layer.register_forward_pre_hook(clear, prepend=True),
-               layer.register_forward_hook(clear, always_call=True)]
-    for sub, omega in zip(kind.sublayers, omegas):
+    handles.append(layer.register_forward_pre_hook(clear, prepend=True))
+    handles.append(layer.register_forward_hook(clear, always_call=True))
+    reads_norm_output = any(o.residual_arg is None and o.capture is None and o.source is not None
+                            for o in kind.sublayers)
+    for sub, at_sum in zip(kind.sublayers, at_sums):
         norm = resolve(layer, sub.norm)
         if sub.residual_arg is not None:
             handles.append(resolve(layer, sub.residual_arg).register_forward_pre_hook(
@@ -168,12 +232,21 @@ def install_hooks(layer: nn.Module, kind: LayerKind, omegas: Sequence[OmegaResid
         elif sub.capture is not None or sub.source is None:
             target = resolve(layer, sub.capture) if sub.capture is not None else layer
             handles.append(target.register_forward_pre_hook(_CaptureInput(slot, sub.capture_args), with_kwargs=True))
-        handles.append(norm.register_forward_pre_hook(_Admin(slot, omega)))
+        handles.append(norm.register_forward_pre_hook(_AtNorm(slot, at_sum, strict)))
         # x of a later sublayer that reads this norm's output without a residual argument or a capture:
         # whichever sublayer runs next takes it (a decoder layer skipping its cross-attention stays exact)
-        if sub.norm != kind.last_norm and any(o.residual_arg is None and o.capture is None and o.source is not None
-                                              for o in kind.sublayers):
+        if sub.norm != kind.last_norm and reads_norm_output:
             handles.append(norm.register_forward_hook(_CaptureOutput(slot)))
+    return handles
+
+
+def install_hooks(layer: nn.Module, kind: LayerKind, omegas: Sequence[OmegaResidual]) -> None:
+    """Give a hooks-mechanism ``layer`` of ``kind`` its Admin residuals, one omega per sublayer, in place
+    (`capture_sums` with ``s -> omega * x + f(x)``).
+
+    Its handles are kept in ``layer._admin_hook_handles`` (`remove_hooks` removes them).
+    """
+    handles = capture_sums(layer, kind, [_OmegaSum(omega) for omega in omegas])
     # a plain attribute: deep-copied and pickled with the model, each handle then refers to the
     # hook dictionaries of its own copy
     setattr(layer, HANDLES, handles)

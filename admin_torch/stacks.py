@@ -22,7 +22,7 @@ from . import layers as admin_layers
 from .architectures import LayerKind, StackKind, kind_key, layer_kind, stack_kind
 from .residual import OmegaResidual
 
-__all__ = ["resolve", "find_stacks", "admin_stacks", "is_converted", "omegas_of"]
+__all__ = ["resolve", "find_stacks", "as_run", "admin_stacks", "is_converted", "omegas_of"]
 
 #: ``[(stack prefix, StackKind or None, [(layer name, layer, LayerKind)])]``, what `find_stacks` returns
 Stacks = List[Tuple[str, Optional[StackKind], List[Tuple[str, nn.Module, LayerKind]]]]
@@ -82,9 +82,17 @@ def find_stacks(model: nn.Module, applications: Optional[Dict[int, int]] = None)
             parent = name.rsplit(".", 1)[0] if "." in name else ""
             loose.setdefault((parent, kind_key(type(module))), []).append((name, module, kind))
     stacks += [(parent + "." if parent else "", None, layers) for (parent, _), layers in loose.items()]
-    if not any(k.role == "encoder" for _, _, layers in stacks for _, _, k in layers):
-        stacks = [(p, sk, [(n, m, k.without_cross or k) for n, m, k in layers]) for p, sk, layers in stacks]
-    return stacks
+    kinds = iter(as_run([k for _, _, layers in stacks for _, _, k in layers]))
+    return [(p, sk, [(n, m, next(kinds)) for n, m, _ in layers]) for p, sk, layers in stacks]
+
+
+def as_run(kinds: List[LayerKind]) -> List[LayerKind]:
+    """The descriptions of one model's layers as they run: where none is an encoder layer, a decoder layer whose
+    cross-attention runs only with encoder states (BART's) is described without it (``without_cross``).
+    Admin (`find_stacks`) and the stability monitor (`stability_toolbox.sites`) both apply it."""
+    if any(k.role == "encoder" for k in kinds):
+        return list(kinds)
+    return [k.without_cross or k for k in kinds]
 
 
 def admin_stacks(model: nn.Module) -> List[Tuple[str, Optional[str], List[Tuple[str, nn.Module]]]]:

@@ -24,9 +24,13 @@ Attention modules are those whose query/key projections are known
 ([`attention_style`][stability_toolbox.sites.attention_style]); their logits are `stability_toolbox.attention_stats`'s.
 """
 
+import functools
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
+
+from admin_torch.hooks import capture_sums
+from admin_torch.stacks import as_run, resolve
 
 from .quantities import OTHER_ROW, Recorder, Site
 
@@ -79,12 +83,6 @@ def _residual_types() -> Tuple[type, ...]:
     from admin_torch.residual import OmegaResidual
 
     return (OmegaResidual, DeepNormResidual, AddResidual)
-
-
-def _get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -161,24 +159,27 @@ class SitePlan:
         self.residual_sites: List[Tuple[nn.Module, Site]] = []
         self.layer_plans: List[Tuple[str, nn.Module, Any, bool, List[Site]]] = []
         covered: set = set()  # ids of modules whose norms are accounted for
-        layers: List[Tuple[str, nn.Module]] = []
+        described: List[Tuple[str, nn.Module, Any]] = []
         for name, module in model.named_modules():
             if id(module) in covered:
                 continue
             kind = _describe_layer(module)
-            residuals = [(n, m) for n, m in module.named_modules() if isinstance(m, residual_types)] \
-                if kind is not None else []
             if kind is not None:
-                layers.append((name, module))
+                described.append((name, module, kind))
                 covered.update(id(m) for m in module.modules())
-                prefix = f"{name}." if name else ""
-                if residuals:  # converted / Admin layer: its residual modules give x and f exactly
-                    for n, m in residuals:
-                        self.residual_sites.append((m, Site(prefix + n)))
-                else:
-                    pre = bool(getattr(module, "norm_first", False) or getattr(module, "normalize_before", False))
-                    sites = [Site(prefix + sub.norm) for sub in kind.sublayers]
-                    self.layer_plans.append((name, module, kind, pre, sites))
+        # the sublayers that run, as Admin counts them (a causal LM's decoder layers without cross-attention)
+        kinds = as_run([kind for _, _, kind in described])
+        layers: List[Tuple[str, nn.Module]] = [(name, module) for name, module, _ in described]
+        for (name, module, _), kind in zip(described, kinds):
+            prefix = f"{name}." if name else ""
+            residuals = [(n, m) for n, m in module.named_modules() if isinstance(m, residual_types)]
+            if residuals:  # converted / Admin layer: its residual modules give x and f exactly
+                for n, m in residuals:
+                    self.residual_sites.append((m, Site(prefix + n)))
+            else:
+                pre = bool(getattr(module, "norm_first", False) or getattr(module, "normalize_before", False))
+                sites = [Site(prefix + sub.norm) for sub in kind.sublayers]
+                self.layer_plans.append((name, module, kind, pre, sites))
         for name, module in model.named_modules():
             if isinstance(module, residual_types) and id(module) not in covered:
                 self.residual_sites.append((module, Site(name)))
@@ -272,36 +273,12 @@ def _arm_layer(rec: Recorder, layer: nn.Module, kind, pre: bool, sites: List[Sit
     recorded at its norm."""
     slots: List[Optional[Tensor]] = [None] * len(sites)
     if not pre:
-        # Post-LN: s = norm input; x = the residual argument of the sublayer's output module, the
-        # source norm's output, the input of the capture module, or the layer's input; f = s - x
-        def capture_input(_m, args, kwargs):
-            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
-            for i, sub in enumerate(kind.sublayers):
-                if sub.source is None and getattr(sub, "capture", None) is None and \
-                        getattr(sub, "residual_arg", None) is None:
-                    slots[i] = x
-        hs.append(layer.register_forward_pre_hook(capture_input, with_kwargs=True))
-        for i, sub in enumerate(kind.sublayers):
-            residual_arg, capture = getattr(sub, "residual_arg", None), getattr(sub, "capture", None)
-            if residual_arg is not None:
-                def capture_arg(_m, args, kwargs, i=i):
-                    slots[i] = args[1] if len(args) >= 2 else kwargs.get("input_tensor")
-                hs.append(_get(layer, residual_arg).register_forward_pre_hook(capture_arg, with_kwargs=True))
-            elif sub.source is not None:
-                def capture_source(_m, _a, out, i=i):
-                    slots[i] = out
-                hs.append(_get(layer, sub.source).register_forward_hook(capture_source))
-            elif capture is not None:
-                def capture_first(_m, args, kwargs, i=i):
-                    slots[i] = args[0] if args else kwargs.get("hidden_states", kwargs.get("query"))
-                hs.append(_get(layer, capture).register_forward_pre_hook(capture_first, with_kwargs=True))
-
-            def at_norm(_m, args, i=i):
-                x, s = slots[i], args[0]
-                slots[i] = None
-                if isinstance(x, Tensor) and x.shape == s.shape:
-                    rec.record(sites[i], s - x, s)
-            hs.append(_get(layer, sub.norm).register_forward_pre_hook(at_norm))
+        # Post-LN: admin_torch's reader of the sums, the one Admin converts with (x as the description says:
+        # the residual argument, the source norm's output, the capture module's inputs or the layer's input)
+        def at_sum(x, s, site):
+            if isinstance(x, Tensor) and x.shape == s.shape:
+                rec.record(site, s - x, s)
+        capture_sums(layer, kind, [functools.partial(at_sum, site=site) for site in sites], strict=False, handles=hs)
     else:
         # Pre-LN: x_i = norm i's input, s_i = norm i+1's input (or the layer's output), f = s - x
         def close(i: int, s: Optional[Tensor]) -> None:
@@ -315,5 +292,5 @@ def _arm_layer(rec: Recorder, layer: nn.Module, kind, pre: bool, sites: List[Sit
                 if i > 0:
                     close(i - 1, args[0])
                 slots[i] = args[0]
-            hs.append(_get(layer, sub.norm).register_forward_pre_hook(at_norm))
+            hs.append(resolve(layer, sub.norm).register_forward_pre_hook(at_norm))
         hs.append(layer.register_forward_hook(lambda m, a, out: close(len(sites) - 1, _first_tensor(out))))
