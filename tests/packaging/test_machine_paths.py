@@ -24,7 +24,8 @@ def _tracked_files():
 def test_no_tracked_file_holds_a_machine_path():
     offenders = []
     for name in _tracked_files():
-        if name == ".gitignore":  # "/work/" there is a pattern relative to the repository root
+        # .gitignore's "/work/" is a pattern relative to the repository root; this file holds examples
+        if name in (".gitignore", "tests/packaging/test_machine_paths.py"):
             continue
         path = REPO / name
         if not path.is_file() or path.stat().st_size > 5_000_000:
