@@ -39,7 +39,7 @@ Examples:
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,9 +85,11 @@ class QKNorm(nn.Module):
                                  device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.heads * self.head_dim:
-            raise ValueError(f"x: last dimension {x.shape[-1]} is not heads * head_dim = "
-                             f"{self.heads} * {self.head_dim}")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.heads * self.head_dim:
+            raise ValueError(f"x must have last dimension heads * head_dim = {self.heads} * {self.head_dim}, got "
+                             f"shape {tuple(x.shape)}")
         shape = x.shape
         return self.norm(x.reshape(*shape[:-1], self.heads, self.head_dim)).reshape(shape)
 
@@ -95,21 +97,76 @@ class QKNorm(nn.Module):
         return f"heads={self.heads}, head_dim={self.head_dim}"
 
 
-def _merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], b: int, h: int, tq: int,
-                 tk: int, dtype: torch.dtype) -> Optional[Tensor]:
-    """One additive float mask of shape ``(b, h, tq, tk)`` (or None) from torch.nn's two masks."""
+def _check_qkv(mha: nn.MultiheadAttention, query, key, value) -> bool:
+    """torch.nn's shape rules for ``query``/``key``/``value``, as ValueError/TypeError naming the argument;
+    returns whether the call is batched."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    layout = "(N, L, E)" if mha.batch_first else "(L, N, E)"
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query must be 2-D (L, E) (unbatched) or 3-D {layout} (batch_first={mha.batch_first}), "
+                         f"got shape {tuple(query.shape)}")
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"key and value must be {query.dim()}-D like query, got shapes {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.shape[-1] != mha.embed_dim:
+            raise ValueError(f"{name} must have last dimension embed_dim={mha.embed_dim}, got shape {tuple(t.shape)}")
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+    batched = query.dim() == 3
+    if batched:
+        n = 0 if mha.batch_first else 1
+        if key.shape[n] != query.shape[n]:
+            raise ValueError(f"key must have the batch size N={query.shape[n]} of query (dimension {n} with "
+                             f"batch_first={mha.batch_first}), got shape {tuple(key.shape)}")
+    dtype = mha.in_proj_weight.dtype
+    if not torch.is_autocast_enabled(query.device.type):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dtype != dtype:
+                raise TypeError(f"{name} must have the module's dtype {dtype} (or run under torch.autocast), "
+                                f"got {t.dtype}")
+    return batched
+
+
+def _check_mask(name: str, mask, shapes: Sequence[Tuple[str, Tuple[int, ...]]]) -> None:
+    """``mask`` is None, or a bool or floating tensor of one of ``shapes`` ((what, shape) pairs)."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be None or a bool or floating tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be a bool tensor (True: not attended) or a floating tensor (added to the "
+                        f"attention logits), got dtype {mask.dtype}")
+    if all(tuple(mask.shape) != shape for _, shape in shapes):
+        accepted = " or ".join(f"{what} = {shape}" for what, shape in shapes)
+        raise ValueError(f"{name} must have shape {accepted}, got {tuple(mask.shape)}")
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """torch.nn's convention: a bool mask is True where attention is not allowed; a float mask is added."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _merged_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool, b: int, h: int,
+                 tq: int, tk: int, dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
+    """One additive float mask, broadcastable to ``(b, h, tq, tk)`` (or None), from checked masks."""
     mask = None
     if attn_mask is not None:
-        if attn_mask.dim() == 2:
-            mask = attn_mask.view(1, 1, tq, tk)
-        elif attn_mask.dim() == 3:
-            mask = attn_mask.view(b, h, tq, tk)
-        else:
-            raise ValueError(f"attn_mask: expected 2 or 3 dimensions, got shape {tuple(attn_mask.shape)}")
+        mask = _additive(attn_mask, dtype)
+        mask = mask.reshape(1, 1, tq, tk) if mask.dim() == 2 else mask.reshape(b, h, tq, tk)  # any strides
+    elif causal:  # query i attends keys j <= i (top-left aligned, as scaled_dot_product_attention's is_causal)
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=device).triu(1)
+        mask = _additive(mask, dtype).view(1, 1, tq, tk)
     if key_padding_mask is not None:
-        kpm = key_padding_mask.view(b, 1, 1, tk)
+        kpm = _additive(key_padding_mask, dtype).reshape(b, 1, 1, tk)
         mask = kpm if mask is None else mask + kpm
-    return None if mask is None else mask.to(dtype)
+    return mask
 
 
 class QKNormMultiheadAttention(nn.MultiheadAttention):
@@ -118,9 +175,28 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
     Made by [`add_qk_norm`][admin_torch.add_qk_norm] from an existing ``nn.MultiheadAttention`` (its parameters are kept;
     ``q_norm`` and ``k_norm`` are added as [`QKNorm`][admin_torch.QKNorm]), or constructed directly with the
     arguments of ``nn.MultiheadAttention`` (``add_bias_kv``, ``add_zero_attn`` and ``kdim``/``vdim``
-    different from ``embed_dim`` are refused). ``forward`` takes the same arguments and returns
-    ``(output, weights)`` like the stock module (weights averaged over heads unless
-    ``average_attn_weights=False``; None when ``need_weights=False``).
+    different from ``embed_dim`` are refused). ``forward`` takes the same arguments, accepts the same shapes
+    and returns ``(output, weights)`` like the stock module; with ``q_norm``/``k_norm`` replaced by identities
+    it computes what ``nn.MultiheadAttention`` computes (tested on every mask form, both layouts, both paths):
+
+    * ``query`` ``(L, N, E)``, or ``(N, L, E)`` with ``batch_first``, or ``(L, E)`` unbatched; ``key`` and
+      ``value`` the same with ``S`` for ``L``; the module's dtype (any dtype under ``torch.autocast``);
+    * ``attn_mask``: ``(L, S)`` or ``(N * num_heads, L, S)`` (unbatched: ``(num_heads, L, S)``), row
+      ``n * num_heads + h`` for batch ``n``, head ``h``;
+    * ``key_padding_mask``: ``(N, S)`` (unbatched: ``(S,)``);
+    * either mask bool (True: not attended) or floating (added to the logits);
+    * ``is_causal=True``: a hint that ``attn_mask`` is causal, as in torch; without ``attn_mask`` it applies the
+      causal mask itself (query ``i`` attends keys ``j <= i``) where the stock module raises;
+    * a query with no key left to attend (every key masked) gets zero weights and output ``out_proj(0)`` on both
+      paths, as ``scaled_dot_product_attention`` does (torch's ``need_weights=True`` path gives NaN there);
+    * ``weights`` ``(N, L, S)`` averaged over heads, ``(N, num_heads, L, S)`` with
+      ``average_attn_weights=False``, None with ``need_weights=False`` (which runs
+      ``scaled_dot_product_attention``); in training with dropout, the weights returned are the dropped ones,
+      as torch's.
+
+    Any other shape or type (a transposed ``(S, L)`` mask, an ``(S, N)`` padding mask, a 3-D mask of the wrong
+    size, an integer mask) raises ValueError/TypeError naming the argument and the shapes it accepts; where
+    ``L == S`` or ``N == S`` a transposed mask has an accepted shape and cannot be told apart, as in torch.
 
     torch.nn's fused inference fast paths read ``in_proj_weight`` directly and would skip the
     LayerNorms; ``_qkv_same_embed_dim`` is set False on this module so that ``TransformerEncoderLayer``
@@ -131,6 +207,10 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
         >>> out, w = mha(torch.randn(2, 3, 16), torch.randn(2, 4, 16), torch.randn(2, 4, 16))
         >>> out.shape, w.shape
         (torch.Size([2, 3, 16]), torch.Size([2, 3, 4]))
+        >>> mha(torch.randn(2, 3, 16), torch.randn(2, 4, 16), torch.randn(2, 4, 16), attn_mask=torch.ones(4, 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: attn_mask must have shape (L, S) = (3, 4) or (N * num_heads, L, S) = (4, 3, 4), got (4, 3)
     """
 
     q_norm: QKNorm
@@ -147,24 +227,27 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        batched = query.dim() == 3
+        # every check first (shapes and types only: no tensor data is read)
+        need_weights = validation.as_bool("need_weights", need_weights)
+        average_attn_weights = validation.as_bool("average_attn_weights", average_attn_weights)
+        is_causal = validation.as_bool("is_causal", is_causal)
+        batched = _check_qkv(self, query, key, value)
+        h, dh = self.num_heads, self.head_dim
+        if batched:
+            b, tq, tk = (query.shape[0], query.shape[1], key.shape[1]) if self.batch_first else \
+                (query.shape[1], query.shape[0], key.shape[0])
+            _check_mask("key_padding_mask", key_padding_mask, [("(N, S)", (b, tk))])
+            _check_mask("attn_mask", attn_mask, [("(L, S)", (tq, tk)), ("(N * num_heads, L, S)", (b * h, tq, tk))])
+        else:
+            b, tq, tk = 1, query.shape[0], key.shape[0]
+            _check_mask("key_padding_mask", key_padding_mask, [("(S,)", (tk,))])
+            _check_mask("attn_mask", attn_mask, [("(L, S)", (tq, tk)), ("(num_heads, L, S)", (h, tq, tk))])
+
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
         elif self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         # time-first from here: (t, b, e)
-        tq, b, e = query.shape
-        tk = key.shape[0]
-        h, dh = self.num_heads, self.head_dim
-        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
-                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
-                                             target_type=query.dtype)
-        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-                                      target_type=query.dtype, check_other=False)
-        if is_causal and attn_mask is None:
-            attn_mask = torch.full((tq, tk), float("-inf"), dtype=query.dtype, device=query.device).triu(1)
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q = b_k = b_v = None
         if self.in_proj_bias is not None:
@@ -177,18 +260,30 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
             return t.reshape(length, b, h, dh).permute(1, 2, 0, 3)
 
         q, k, v = heads(q, tq), heads(k, tk), heads(v, tk)
-        mask = _merge_masks(attn_mask, key_padding_mask, b, h, tq, tk, q.dtype)
         p = self.dropout if self.training else 0.0
+        sdpa_causal = is_causal and attn_mask is None and key_padding_mask is None and not need_weights
+        mask = None if sdpa_causal else _merged_mask(attn_mask, key_padding_mask, is_causal, b, h, tq, tk,
+                                                     q.dtype, q.device)
+        dead = None
+        if mask is not None:
+            # a query with every key masked attends nothing: zero weights and output, on both paths and every
+            # kernel (torch's weights path gives NaN there); unmasking its row first keeps forward and backward
+            # free of NaN. No data-dependent branch: no host-device sync.
+            dead = torch.isneginf(mask).all(-1, keepdim=True)
+            mask = mask.masked_fill(dead, 0.0)
         if need_weights:
-            logits = q @ k.transpose(-1, -2) / math.sqrt(dh)
-            if mask is not None:
-                logits = logits + mask
-            weights = logits.softmax(-1)
-            y = F.dropout(weights, p, training=p > 0) @ v
+            weights = ((q * math.sqrt(1.0 / dh)) @ k.transpose(-1, -2) + (0.0 if mask is None else mask)).softmax(-1)
+            if dead is not None:
+                weights = weights.masked_fill(dead, 0.0)
+            if p > 0.0:
+                weights = F.dropout(weights, p)  # torch returns the dropped weights too
+            y = weights @ v
         else:
             weights = None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = self.out_proj(y.permute(2, 0, 1, 3).reshape(tq, b, e))  # (tq, b, e)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=sdpa_causal)
+            if dead is not None:
+                y = y.masked_fill(dead, 0.0)
+        y = self.out_proj(y.permute(2, 0, 1, 3).reshape(tq, b, self.embed_dim))  # (tq, b, e)
         if weights is not None and average_attn_weights:
             weights = weights.mean(1)
         if not batched:

@@ -5,13 +5,21 @@ is invariant to adding a constant to every logit, so ``log Z`` is free to drift;
 it drifts far from 0 (*output-logit divergence*, Wortsman et al. 2023), and the loss diverges. The
 auxiliary loss of PaLM (Chowdhery et al. 2022) pulls it back:
 
-    z_loss = weight * mean over positions of logsumexp(logits)^2       (weight 1e-4)
+    z_loss = weight * mean over non-ignored positions of logsumexp(logits)^2       (weight 1e-4)
 
 * `z_loss`: the term alone;
 * [`cross_entropy_with_z_loss`][stability_toolbox.cross_entropy_with_z_loss]: ``F.cross_entropy(logits, target) + z_loss`` over the same
-  positions (``ignore_index`` positions count in neither); ``z_loss=0`` returns exactly
-  ``F.cross_entropy``'s value (no term is computed);
+  positions (``ignore_index`` positions count in neither), with ``F.cross_entropy``'s ``weight``,
+  ``ignore_index``, ``reduction`` and ``label_smoothing``; ``z_loss=0`` returns ``F.cross_entropy``'s value
+  (no term is computed);
 * [`log_z`][stability_toolbox.log_z]: the per-position ``log Z`` (what [`StabilityMonitor.observe_logits`][stability_toolbox.StabilityMonitor.observe_logits] records).
+
+Padding: a batch with no counted position (every target ``ignore_index``, or no position at all) gives a
+loss of exactly 0 with a zero gradient under ``reduction='mean'`` (``F.cross_entropy`` gives NaN there, which
+would poison a training run through its optimizer state); ``'sum'`` gives 0 as torch does.
+
+Precision: float16 and bfloat16 logits are scored in float32 (as ``torch.autocast`` runs cross-entropy) and the
+loss is returned in float32; float32 and float64 logits in their own dtype.
 
 fairseq: ``--criterion cross_entropy_zloss --z-loss 1e-4`` and
 ``--criterion label_smoothed_cross_entropy_zloss --z-loss 1e-4`` (``fairseq_plugins.criterions``).
@@ -25,6 +33,8 @@ Examples:
     >>> extra = cross_entropy_with_z_loss(logits, target) - ce
     >>> torch.allclose(extra, 1e-4 * logits.logsumexp(-1).pow(2).mean(), atol=1e-6)
     True
+    >>> cross_entropy_with_z_loss(logits, torch.full((4,), -100))   # all padding: 0, not NaN
+    tensor(0.)
 """
 
 from typing import Optional
@@ -44,72 +54,130 @@ DEFAULT_Z_LOSS = 1e-4
 def _check_logits(logits) -> Tensor:
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point() or logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must be a floating tensor (..., vocabulary), got dtype {logits.dtype}, "
-                         f"shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating tensor (..., vocabulary), got dtype {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape (..., vocabulary) with a vocabulary of at least 1, got shape "
+                         f"{tuple(logits.shape)}")
     return logits
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision logits, their own dtype otherwise (what the losses are computed in)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def log_z(logits: Tensor) -> Tensor:
-    """``logsumexp`` of ``logits`` over the last (vocabulary) dimension, computed in float32 or wider.
+    """``logsumexp`` of ``logits`` ``(..., vocabulary)`` over the vocabulary: shape ``logits.shape[:-1]``,
+    computed in float32 or wider.
 
     Examples:
         >>> log_z(torch.zeros(2, 4))
         tensor([1.3863, 1.3863])
     """
     logits = _check_logits(logits)
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    return logits.to(dtype).logsumexp(-1)
+    return logits.to(_wide(logits.dtype)).logsumexp(-1)
+
+
+def _reduce(per: Tensor, keep: Optional[Tensor], reduction: str) -> Tensor:
+    """Sum or mean of ``per`` over the kept positions (``per`` is 0 elsewhere); the mean of none is 0."""
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    count = max(per.numel(), 1) if keep is None else keep.sum().clamp_min(1)  # no position counted: 0, not 0/0
+    return per.sum() / count
 
 
 def z_loss(logits: Tensor, weight: float = DEFAULT_Z_LOSS, *, mask: Optional[Tensor] = None,
            reduction: str = "mean") -> Tensor:
-    """``weight * log(Z)^2`` over the positions of ``logits`` ``(..., vocabulary)``.
+    """``weight * log(Z)^2`` over the positions of ``logits`` ``(..., vocabulary)``, in float32 or wider.
 
     Args:
-        logits: the output logits.
+        logits: the output logits, floating.
         weight: the coefficient, a finite real >= 0 (default 1e-4).
-        mask: optional bool tensor of ``logits.shape[:-1]``: only True positions count.
-        reduction: ``'mean'`` (over counted positions), ``'sum'`` or ``'none'`` (per position, masked ones 0).
+        mask: optional bool tensor of shape ``logits.shape[:-1]``: only True positions count.
+        reduction: ``'mean'`` (over counted positions; 0 when none is counted), ``'sum'`` or ``'none'``
+            (per position, shape ``logits.shape[:-1]``, masked ones 0).
 
     Examples:
         >>> z_loss(torch.zeros(3, 2), weight=1.0)   # log(2)^2
         tensor(0.4805)
+        >>> z_loss(torch.zeros(3, 2), mask=torch.zeros(3, dtype=torch.bool))   # nothing counted
+        tensor(0.)
     """
     logits = _check_logits(logits)
     weight = validation.as_real("weight", weight, low=0.0)
     reduction = validation.as_choice("reduction", reduction, ("mean", "sum", "none"))
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != logits.shape[:-1]:
+            raise ValueError(f"mask must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got "
+                             f"{tuple(mask.shape)}")
     per = log_z(logits).pow(2)
     if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != logits.shape[:-1]:
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(logits.shape[:-1])}, got "
-                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
         per = per.masked_fill(~mask, 0.0)
-    if reduction == "none":
-        out = per
-    elif reduction == "sum":
-        out = per.sum()
-    else:
-        count = per.numel() if mask is None else mask.sum().clamp_min(1)
-        out = per.sum() / count
-    return (weight * out).to(logits.dtype)
+    return weight * _reduce(per, mask, reduction)
 
 
 _z_loss_term = z_loss  # the function, under a name the keyword argument below does not shadow
 
 
+def _check_target(target, logits: Tensor) -> Tensor:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be an integer tensor of class indices, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of class indices (class probabilities are not "
+                        f"supported), got dtype {target.dtype}")
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(f"target must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])} (the class "
+                         f"dimension of logits is the last), got {tuple(target.shape)}")
+    return target
+
+
+def _check_class_weight(weight, classes: int) -> Optional[Tensor]:
+    if weight is None:
+        return None
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be None or a floating tensor of shape ({classes},), got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    if weight.shape != (classes,):
+        raise ValueError(f"weight must have shape ({classes},) (one per class), got {tuple(weight.shape)}")
+    validation.check_data(lambda: ~(torch.isfinite(weight) & (weight >= 0)).all(),
+                          "weight must hold finite class weights >= 0")
+    return weight
+
+
 def cross_entropy_with_z_loss(logits: Tensor, target: Tensor, *, z_loss: float = DEFAULT_Z_LOSS,
-                              ignore_index: int = -100, reduction: str = "mean",
+                              weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                               label_smoothing: float = 0.0) -> Tensor:
     """``F.cross_entropy(logits, target, ...) + z_loss * log(Z)^2`` over the non-ignored positions.
 
-    ``logits``: ``(N, C)`` or ``(..., C)`` (flattened); ``target``: the class indices of those positions.
-    ``z_loss=0`` returns ``F.cross_entropy``'s value itself. ``reduction='mean'`` divides both terms by
-    the number of non-ignored positions (as cross-entropy does), ``'sum'`` adds them up.
+    Args:
+        logits: ``(..., C)``, floating: the class dimension is the **last** one (``F.cross_entropy`` takes
+            ``(N, C, d1, ...)``; for ``(N, C)`` the two agree).
+        target: class indices of shape ``logits.shape[:-1]``, each in ``[0, C)`` or ``ignore_index``.
+        z_loss: the z-loss weight, a finite real >= 0; 0 computes no term.
+        weight: ``F.cross_entropy``'s class weights, None or a ``(C,)`` floating tensor of finite values >= 0
+            (they weight the cross-entropy only: the z-loss is an unweighted mean over positions).
+        ignore_index: a target value that is not scored (padding), an integer.
+        reduction: ``'mean'``: cross-entropy averaged as ``F.cross_entropy`` does (over the weights of the
+            counted targets) plus ``z_loss * mean(log(Z)^2)`` over the counted positions; ``'sum'``: both summed;
+            ``'none'``: per position, shape ``target.shape``, 0 at ignored positions.
+        label_smoothing: a real in ``[0, 1]``, as ``F.cross_entropy``.
+
+    Returns:
+        The loss in the logits' dtype, float32 for float16/bfloat16 logits. ``z_loss=0`` gives
+        ``F.cross_entropy``'s value exactly (of the float32 logits for half precision). When no position is
+        counted (every target is ``ignore_index``, or ``logits`` has no position) ``'mean'`` gives 0 with a
+        zero gradient, where ``F.cross_entropy`` gives NaN: a batch of padding leaves training finite.
 
     Raises:
-        TypeError / ValueError: ``logits``/``target`` of the wrong type or shape, ``z_loss < 0``, a bad
-            ``reduction`` (named).
+        TypeError / ValueError: naming the argument: ``logits``/``target``/``weight`` of a wrong type or shape,
+            ``z_loss < 0``, ``label_smoothing`` outside ``[0, 1]`` or NaN, a bad ``reduction``; and (data checks,
+            eager mode only, see `toolbox_core.validation.set_data_checks`) a target outside ``[0, C)`` that is
+            not ``ignore_index``, a negative or non-finite class weight.
 
     Examples:
         >>> logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
@@ -117,19 +185,32 @@ def cross_entropy_with_z_loss(logits: Tensor, target: Tensor, *, z_loss: float =
         tensor(4.6508)
     """
     logits = _check_logits(logits)
-    if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must be an integer tensor of class indices, got "
-                        f"{getattr(target, 'dtype', type(target).__name__)}")
-    weight = validation.as_real("z_loss", z_loss, low=0.0)
-    reduction = validation.as_choice("reduction", reduction, ("mean", "sum"))
-    flat = logits.reshape(-1, logits.shape[-1])
-    flat_target = target.reshape(-1)
-    if flat_target.shape[0] != flat.shape[0]:
-        raise ValueError(f"target: {flat_target.shape[0]} positions, logits have {flat.shape[0]}")
-    ce = F.cross_entropy(flat, flat_target.long(), ignore_index=ignore_index, reduction=reduction,
+    target = _check_target(target, logits)
+    coef = validation.as_real("z_loss", z_loss, low=0.0)
+    classes = logits.shape[-1]
+    weight = _check_class_weight(weight, classes)
+    ignore_index = validation.as_int("ignore_index", ignore_index, minimum=-2 ** 63, maximum=2 ** 63 - 1)  # int64
+    reduction = validation.as_choice("reduction", reduction, ("mean", "sum", "none"))
+    label_smoothing = validation.as_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    keep = target != ignore_index
+    validation.check_data(lambda: (keep & ((target < 0) | (target >= classes))).any(),
+                          f"target must hold class indices in [0, {classes}) or ignore_index={ignore_index}")
+
+    dtype = _wide(logits.dtype)
+    flat = logits.reshape(-1, classes).to(dtype)
+    flat_target, flat_keep = target.reshape(-1).long(), keep.reshape(-1)
+    if weight is not None:
+        weight = weight.to(dtype)
+    ce = F.cross_entropy(flat, flat_target, weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
-    if weight == 0.0:
-        return ce
-    keep = flat_target != ignore_index
-    term = _z_loss_term(flat, weight, mask=keep, reduction=reduction)
-    return ce + term
+    if reduction == "mean":
+        # F.cross_entropy divides by the weight of the counted targets: 0/0 = NaN when there is none. The NaN
+        # stays out of the result and out of the gradient (every position of such a batch is ignored).
+        if weight is None:
+            counted = flat_keep.any()
+        else:
+            counted = (weight[torch.where(flat_keep, flat_target, 0)] * flat_keep).sum() > 0
+        ce = torch.where(counted, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
+    if coef != 0.0:
+        ce = ce + _z_loss_term(flat, coef, mask=flat_keep, reduction=reduction)
+    return ce.reshape(target.shape) if reduction == "none" else ce

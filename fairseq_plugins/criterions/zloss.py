@@ -9,6 +9,13 @@ term is summed over the same positions:
 criterion (no term is computed). The term is logged as ``z_loss`` (per sample-size unit, base e);
 ``loss``/``nll_loss``/``ppl`` stay the stock criterion's values plus nothing else but the term in ``loss``.
 
+Flags are checked when the command line is parsed, before any data loads (one line naming the flag, exit
+status 2; from Python the constructors raise the same ``ValueError``): ``--z-loss`` a finite real >= 0;
+``--label-smoothing`` a real in ``[0, 1]`` (torch's range; checked for the stock
+``label_smoothed_cross_entropy`` too, which would otherwise train with any value); ``--ignore-prefix-size``
+an integer >= 0; and ``--adaptive-softmax-cutoff`` is refused with these criteria (the decoder's output is
+then not the vocabulary logits z-loss needs).
+
 Example:
 
     fairseq-train data-bin --user-dir fairseq_plugins --task language_modeling --arch transformer_lm_admin \\
@@ -27,7 +34,7 @@ from fairseq.dataclass import FairseqDataclass
 from stability_toolbox.z_loss import DEFAULT_Z_LOSS, log_z
 from toolbox_core import validation
 
-from ..flags import check_flag, flag_check
+from ..flags import FlagError, check_flag, flag_check
 from ..registry import register_once
 
 __all__ = ["ZLoss", "ZLossConfig", "CrossEntropyZLoss", "LabelSmoothedCrossEntropyZLoss", "check_z_loss_flags"]
@@ -55,17 +62,36 @@ def _weight(value) -> float:
     return check_flag("--z-loss", validation.as_real, value, low=0.0)
 
 
+def _label_smoothing(value) -> float:
+    return check_flag("--label-smoothing", validation.as_real, value, low=0.0, high=1.0)
+
+
+def _ignore_prefix_size(value) -> int:
+    return check_flag("--ignore-prefix-size", validation.as_int, value, minimum=0)
+
+
 @flag_check
 def check_z_loss_flags(args) -> None:
-    """``--z-loss`` of a command line whose criterion is one of these (one line, exit 2, before data loads)."""
-    if str(getattr(args, "criterion", "")).endswith("_zloss"):
+    """The flags of a command line whose criterion is one of these (or the stock label-smoothed one): one
+    line naming the flag, exit 2, before data loads."""
+    criterion = str(getattr(args, "criterion", ""))
+    if criterion.endswith("_zloss"):
         _weight(getattr(args, "z_loss", DEFAULT_Z_LOSS))
+        if getattr(args, "adaptive_softmax_cutoff", None):
+            raise FlagError(f"--adaptive-softmax-cutoff is not accepted with --criterion {criterion} (z-loss needs "
+                            "the full vocabulary logits; drop the cutoff or use --criterion adaptive_loss)")
+    if criterion.startswith("label_smoothed_cross_entropy"):
+        _label_smoothing(getattr(args, "label_smoothing", 0.0))
+        _ignore_prefix_size(getattr(args, "ignore_prefix_size", 0))
 
 
 class ZLoss:
     """Mixin for a fairseq criterion: ``compute_loss`` adds ``z_loss * sum log(Z)^2`` over non-padding targets."""
 
     def _z_term(self, model, net_output, sample):
+        if getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is not None:
+            raise ValueError("--z-loss: a decoder with an adaptive softmax has no full vocabulary logits "
+                             "(--adaptive-softmax-cutoff is not accepted with the z-loss criteria)")
         logits = net_output[0]
         target = model.get_targets(sample, net_output)
         prefix = getattr(self, "ignore_prefix_size", 0)
@@ -108,8 +134,9 @@ class CrossEntropyZLoss(ZLoss, CrossEntropyCriterion):
     """``cross_entropy`` plus z-loss (module docstring)."""
 
     def __init__(self, task, sentence_avg, z_loss=DEFAULT_Z_LOSS):
+        z_loss = _weight(z_loss)
         super().__init__(task, sentence_avg)
-        self.z_loss = _weight(z_loss)
+        self.z_loss = z_loss
 
 
 @register_once(CRITERION_REGISTRY, register_criterion, "label_smoothed_cross_entropy_zloss",
@@ -119,6 +146,9 @@ class LabelSmoothedCrossEntropyZLoss(ZLoss, LabelSmoothedCrossEntropyCriterion):
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
                  z_loss=DEFAULT_Z_LOSS):
+        z_loss = _weight(z_loss)  # every check before the stock criterion is set up
+        label_smoothing = _label_smoothing(label_smoothing)
+        ignore_prefix_size = _ignore_prefix_size(ignore_prefix_size)
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size=ignore_prefix_size,
                          report_accuracy=report_accuracy)
-        self.z_loss = _weight(z_loss)
+        self.z_loss = z_loss

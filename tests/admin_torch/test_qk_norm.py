@@ -1,5 +1,7 @@
 """qk-layernorm against a written-out formula: QKNorm, QKNormMultiheadAttention (masks, fast paths),
-add_qk_norm on torch.nn layers and the reference stacks, convert(qk_norm=True), fold, the monitor."""
+add_qk_norm on torch.nn layers and the reference stacks, convert(qk_norm=True), fold, the monitor; and
+torch.nn.MultiheadAttention's call contract: with identity norms, torch's numbers for every accepted mask,
+layout and path; what torch refuses refused by name; fully masked queries; finite differences; compile."""
 
 import math
 
@@ -76,25 +78,265 @@ def test_attention_matches_the_formula_with_masks(batch_first):
         assert (w is not None) == need_weights
 
 
-def test_without_its_norms_it_is_torch_multihead_attention():
-    """The mask / causal / weights plumbing is torch's: with identity norms the outputs are torch's."""
-    torch.manual_seed(2)
-    stock = nn.MultiheadAttention(16, 4, batch_first=True)
-    mine = add_qk_norm(nn.Sequential(stock_copy := nn.MultiheadAttention(16, 4, batch_first=True)))[0]
-    mine.load_state_dict(stock.state_dict(), strict=False)
-    mine.q_norm, mine.k_norm = nn.Identity(), nn.Identity()
-    x = torch.randn(2, 6, 16)
-    causal = nn.Transformer.generate_square_subsequent_mask(6)
-    bool_mask = torch.rand(6, 6) > 0.7
-    bool_mask.fill_diagonal_(False)
-    kpm = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
-    for kw in (dict(attn_mask=causal, is_causal=True), dict(attn_mask=bool_mask), dict(key_padding_mask=kpm),
-               dict(attn_mask=causal, key_padding_mask=kpm, average_attn_weights=False)):
-        want, want_w = stock(x, x, x, **kw)
-        got, got_w = mine(x, x, x, **kw)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
-    assert stock_copy is mine
+# ---------------------------------------------------------------- the call contract of torch's MultiheadAttention
+
+E, H, N, L, S = 8, 2, 2, 3, 5  # L != S and N != S: a transposed mask has no accepted shape
+
+
+@pytest.fixture
+def stock_and_mine():
+    """A stock ``nn.MultiheadAttention`` per layout and a qk-norm copy whose norms are identities: where the
+    module claims torch's plumbing (masks, layouts, paths, dropout), the two must agree."""
+    def make(batch_first, dropout=0.0):
+        torch.manual_seed(10)
+        stock = nn.MultiheadAttention(E, H, dropout=dropout, batch_first=batch_first)
+        mine = QKNormMultiheadAttention(E, H, dropout=dropout, batch_first=batch_first)
+        mine.load_state_dict(stock.state_dict(), strict=False)
+        mine.q_norm, mine.k_norm = nn.Identity(), nn.Identity()
+        return stock, mine
+    return make
+
+
+def _strided(*shape, gen):
+    """A non-contiguous tensor of ``shape`` (every other element of a wider one)."""
+    return torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)[..., ::2]
+
+
+def _masks(case, gen, tq=L, tk=S, n=N):
+    """(attn_mask, key_padding_mask, is_causal) of a named case; no query loses every key (torch's
+    need_weights path is NaN there, a case tested on its own below)."""
+    keep = torch.zeros(tq, tk, dtype=torch.bool)
+    keep[:, 0] = True  # key 0 always visible
+    bool2 = (torch.rand(tq, tk, generator=gen) > 0.6) & ~keep
+    bool3 = (torch.rand(n * H, tq, tk, generator=gen) > 0.6) & ~keep
+    kpm = torch.zeros(n, tk, dtype=torch.bool)
+    kpm[-1, -2:] = True
+    return {
+        "none": (None, None, False),
+        "2d-float": (torch.randn(tk, tq, generator=gen).T, None, False),  # a transposed view: any strides
+        "2d-bool": (bool2, None, False),
+        "3d-float": (torch.randn(n * H, tq, tk, generator=gen), None, False),
+        "3d-bool": (bool3, None, False),
+        "kpm-bool": (None, kpm, False),
+        "kpm-float": (None, torch.where(kpm, -1e4, 0.0), False),
+        "2d-bool+kpm": (bool2, kpm, False),
+        "3d-float+kpm-float": (torch.randn(n * H, tq, tk, generator=gen), torch.where(kpm, -1e4, 0.0), False),
+        "causal-hint": (torch.ones(tq, tk, dtype=torch.bool).triu(1), None, True),
+        "causal-hint+kpm": (torch.ones(tq, tk, dtype=torch.bool).triu(1), kpm, True),
+    }[case]
+
+
+MASK_CASES = ["none", "2d-float", "2d-bool", "3d-float", "3d-bool", "kpm-bool", "kpm-float", "2d-bool+kpm",
+              "3d-float+kpm-float", "causal-hint", "causal-hint+kpm"]
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched")
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("need_weights, average", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_identity_norms_agree_with_torch_on_every_accepted_mask(stock_and_mine, batch_first, need_weights,
+                                                                 average, case):
+    stock, mine = stock_and_mine(batch_first)
+    gen = torch.Generator().manual_seed(MASK_CASES.index(case))
+    tq = tk = S if case.startswith("causal") else None
+    tq, tk = tq or L, tk or S
+    shape = (lambda t: (N, t, E)) if batch_first else (lambda t: (t, N, E))
+    q, kv = _strided(*shape(tq), gen=gen), _strided(*shape(tk), gen=gen)
+    attn_mask, kpm, causal = _masks(case, gen, tq, tk)
+    kw = dict(attn_mask=attn_mask, key_padding_mask=kpm, is_causal=causal, need_weights=need_weights,
+              average_attn_weights=average)
+    want, want_w = stock(q, kv, kv, **kw)
+    got, got_w = mine(q, kv, kv, **kw)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-5)
+    else:
+        assert got_w is None and want_w is None
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched")
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("masks", ["2d", "3d+kpm"])
+def test_unbatched_calls_agree_with_torch(stock_and_mine, need_weights, masks):
+    stock, mine = stock_and_mine(False)
+    gen = torch.Generator().manual_seed(11)
+    q, kv = torch.randn(L, E, generator=gen), torch.randn(S, E, generator=gen)
+    kw = dict(attn_mask=torch.randn(L, S, generator=gen)) if masks == "2d" else \
+        dict(attn_mask=torch.randn(H, L, S, generator=gen), key_padding_mask=torch.tensor([False, True] * 2 + [False]))
+    want, want_w = stock(q, kv, kv, need_weights=need_weights, **kw)
+    got, got_w = mine(q, kv, kv, need_weights=need_weights, **kw)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_training_dropout_draws_what_torch_draws(stock_and_mine, need_weights):
+    """Same seed, same dropped weights and output (the weights returned are the dropped ones, as torch's)."""
+    stock, mine = stock_and_mine(True, dropout=0.5)
+    gen = torch.Generator().manual_seed(12)
+    q, kv = torch.randn(N, L, E, generator=gen), torch.randn(N, S, E, generator=gen)
+    kpm = torch.tensor([[False] * S, [False] * 3 + [True] * 2])
+    torch.manual_seed(0)
+    want, want_w = stock.train()(q, kv, kv, key_padding_mask=kpm, need_weights=need_weights)
+    torch.manual_seed(0)
+    got, got_w = mine.train()(q, kv, kv, key_padding_mask=kpm, need_weights=need_weights)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-5)
+
+
+def _bad_calls():
+    """(name, call kwargs, what must be named): each refused by torch too (with a bare RuntimeError or
+    AssertionError), and by this module as ValueError/TypeError naming the argument and what it accepts."""
+    q, kv = torch.randn(N, L, E), torch.randn(N, S, E)
+    return [
+        ("transposed 2-D attn_mask", dict(attn_mask=torch.zeros(S, L)), (ValueError, "attn_mask", "(L, S) = (3, 5)")),
+        ("transposed key_padding_mask", dict(key_padding_mask=torch.zeros(S, N, dtype=torch.bool)),
+         (ValueError, "key_padding_mask", "(N, S) = (2, 5)")),
+        ("3-D attn_mask of one batch", dict(attn_mask=torch.zeros(H, L, S)),
+         (ValueError, "attn_mask", "(N * num_heads, L, S) = (4, 3, 5)")),
+        ("3-D attn_mask transposed", dict(attn_mask=torch.zeros(N * H, S, L)), (ValueError, "attn_mask", "(4, 3, 5)")),
+        ("4-D attn_mask", dict(attn_mask=torch.zeros(N, H, L, S)), (ValueError, "attn_mask", "(L, S)")),
+        ("1-D key_padding_mask", dict(key_padding_mask=torch.zeros(S, dtype=torch.bool)),
+         (ValueError, "key_padding_mask", "(N, S)")),
+        ("integer attn_mask", dict(attn_mask=torch.zeros(L, S, dtype=torch.long)), (TypeError, "attn_mask", "bool")),
+        ("integer key_padding_mask", dict(key_padding_mask=torch.zeros(N, S, dtype=torch.long)),
+         (TypeError, "key_padding_mask", "bool")),
+        ("4-D query", dict(query=q[None]), (ValueError, "query", "3-D (N, L, E)")),
+        ("2-D key with 3-D query", dict(key=kv[0], value=kv[0]), (ValueError, "key and value", "3-D")),
+        ("key and value differ", dict(value=kv[:, :-1]), (ValueError, "key and value", "same shape")),
+        ("wrong embedding", dict(query=torch.randn(N, L, E + 1)), (ValueError, "query", f"embed_dim={E}")),
+        ("batch sizes differ", dict(key=kv[:1], value=kv[:1]), (ValueError, "key", "batch size N=2")),
+        ("half query in a float module", dict(query=q.half()), (TypeError, "query", "torch.float32")),
+        ("a list for a query", dict(query=q.tolist()), (TypeError, "query", "tensor")),
+    ], q, kv
+
+
+@pytest.mark.parametrize("index", range(15), ids=[c[0] for c in _bad_calls()[0]])
+def test_what_torch_refuses_is_refused_by_name_and_changes_nothing(stock_and_mine, index):
+    cases, q, kv = _bad_calls()
+    _, kw, (error, name, accepted) = cases[index]
+    stock, mine = stock_and_mine(True)
+    call = {**dict(query=q, key=kv, value=kv), **kw}
+    with pytest.raises(Exception):  # torch refuses it too (in its own words)
+        stock(**call)
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    with pytest.raises(error) as err:
+        mine(**call)
+    assert name in str(err.value) and accepted in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in mine.state_dict().items())
+    assert all(p.grad is None for p in mine.parameters())
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_layers_pass_their_masks_through_unchanged(norm_first):
+    """An encoder-decoder layer pair given every mask torch's layers take: with identity norms, torch's numbers
+    (grad mode on, so torch takes its plain path too)."""
+    torch.manual_seed(18)
+    kw = dict(d_model=E, nhead=H, dim_feedforward=16, dropout=0.0, batch_first=True, norm_first=norm_first)
+    enc, dec = nn.TransformerEncoderLayer(**kw), nn.TransformerDecoderLayer(**kw)
+    stock = nn.ModuleList([enc, dec])
+    mine = add_qk_norm(__import__("copy").deepcopy(stock))
+    for m in mine.modules():
+        if isinstance(m, QKNormMultiheadAttention):
+            m.q_norm, m.k_norm = nn.Identity(), nn.Identity()
+    src, tgt = torch.randn(N, S, E), torch.randn(N, L, E)
+    src_kpm = torch.tensor([[False] * S, [False] * 3 + [True] * 2])
+    tgt_mask = torch.ones(L, L, dtype=torch.bool).triu(1)
+    tgt_kpm = torch.tensor([[False] * L, [False, False, True]])
+
+    def run(layers):
+        memory = layers[0](src, src_key_padding_mask=src_kpm)
+        return layers[1](tgt, memory, tgt_mask=tgt_mask, tgt_key_padding_mask=tgt_kpm, memory_key_padding_mask=src_kpm,
+                         tgt_is_causal=True)
+    torch.testing.assert_close(run(mine), run(stock), atol=1e-5, rtol=1e-5)
+
+
+def test_is_causal_without_a_mask_is_the_causal_mask():
+    """torch raises for ``is_causal=True`` without ``attn_mask``; this module applies the causal mask itself
+    (query i sees keys j <= i), on both paths, with or without a padding mask."""
+    torch.manual_seed(13)
+    mha = QKNormMultiheadAttention(E, H, batch_first=True)
+    _randomize_norms(mha)
+    x = torch.randn(N, S, E)
+    kpm = torch.tensor([[False] * S, [False] * 4 + [True]])
+    causal = torch.full((S, S), float("-inf")).triu(1)
+    for pad in (None, kpm):
+        full = causal.view(1, 1, S, S) + (0 if pad is None else torch.where(pad, float("-inf"), 0.0).view(N, 1, 1, S))
+        for need_weights in (True, False):
+            out, _ = mha(x, x, x, is_causal=True, key_padding_mask=pad, need_weights=need_weights)
+            torch.testing.assert_close(out.double(), _formula(mha, x, x, x, full), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_a_query_with_every_key_masked_attends_nothing(need_weights):
+    """Zero weights and output ``out_proj(0)`` (scaled_dot_product_attention's convention), finite gradients;
+    the other queries are untouched."""
+    torch.manual_seed(14)
+    mha = QKNormMultiheadAttention(E, H, batch_first=True)
+    _randomize_norms(mha)
+    q, kv = torch.randn(N, L, E, requires_grad=True), torch.randn(N, S, E)
+    attn_mask = torch.zeros(L, S, dtype=torch.bool)
+    attn_mask[1] = True  # query 1 may see no key
+    kpm = torch.tensor([[False] * S, [True] * S])  # batch 1 has no key at all
+    out, w = mha(q, kv, kv, attn_mask=attn_mask, key_padding_mask=kpm, need_weights=need_weights)
+    dead = torch.tensor([[False, True, False], [True, True, True]])
+    torch.testing.assert_close(out[dead], mha.out_proj.bias.expand(int(dead.sum()), E))
+    if need_weights:
+        assert torch.equal(w[dead], torch.zeros(int(dead.sum()), S))
+    mask = torch.where(attn_mask, float("-inf"), 0.0)
+    want = _formula(mha, q[:1].detach(), kv[:1], kv[:1], mask)
+    torch.testing.assert_close(out[0, [0, 2]].double(), want[0, [0, 2]], atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and q.grad[dead].abs().max() == 0
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_gradients_match_finite_differences(need_weights):
+    torch.manual_seed(15)
+    mha = QKNormMultiheadAttention(4, 2, batch_first=True, dtype=torch.float64)
+    _randomize_norms(mha)
+    q = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    attn_mask = torch.randn(2, 3, dtype=torch.float64)
+    kpm = torch.tensor([[False, False, True], [False, False, False]])
+    assert torch.autograd.gradcheck(
+        lambda q, kv: mha(q, kv, kv, attn_mask=attn_mask, key_padding_mask=kpm, need_weights=need_weights)[0],
+        (q, kv))
+
+
+def test_low_precision_and_autocast():
+    """bf16 module and inputs: the formula to bf16 accuracy; float module under CPU autocast: any input dtype,
+    as torch's module under the same autocast."""
+    torch.manual_seed(16)
+    mha = QKNormMultiheadAttention(16, 4, batch_first=True)
+    _randomize_norms(mha)
+    q, kv = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
+    kpm = torch.tensor([[False] * 4, [False, False, True, True]])
+    full = torch.where(kpm, float("-inf"), 0.0).view(2, 1, 1, 4)
+    low = QKNormMultiheadAttention(16, 4, batch_first=True, dtype=torch.bfloat16)
+    low.load_state_dict(mha.state_dict())
+    for need_weights in (True, False):
+        out, _ = low(q.bfloat16(), kv.bfloat16(), kv.bfloat16(), key_padding_mask=kpm, need_weights=need_weights)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), _formula(mha, q, kv, kv, full), atol=5e-2, rtol=5e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = mha(q.bfloat16(), kv, kv, key_padding_mask=kpm)
+    torch.testing.assert_close(out.double(), _formula(mha, q, kv, kv, full), atol=5e-2, rtol=5e-2)
+
+
+def test_compiles_without_graph_breaks():
+    """The training path (need_weights=False, as torch's layers call it) with both masks, fullgraph: the checks
+    read shapes only."""
+    torch.manual_seed(17)
+    mha = QKNormMultiheadAttention(E, H, batch_first=True)
+    _randomize_norms(mha)
+    q, kv = torch.randn(N, L, E), torch.randn(N, S, E)
+    kw = dict(attn_mask=torch.randn(L, S), key_padding_mask=torch.tensor([[False] * S, [False] * 3 + [True] * 2]),
+              need_weights=False)
+    compiled = torch.compile(mha, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, kv, kv, **kw)[0], mha(q, kv, kv, **kw)[0])
 
 
 def test_add_qk_norm_on_a_pre_ln_torch_layer_keeps_weights_and_blocks_the_fast_path():

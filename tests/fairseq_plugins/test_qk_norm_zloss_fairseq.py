@@ -16,8 +16,9 @@ from admin_torch import QKNormLinear
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.modules.multihead_attention import MultiheadAttention
-from fairseq_helpers import PLUGINS_DIR, make_lm_data, run_tool
-from fairseq_plugins.criterions.zloss import CrossEntropyZLoss, LabelSmoothedCrossEntropyZLoss
+from fairseq_helpers import PLUGINS_DIR, make_lm_data, run_tool, run_tool_batch
+from fairseq_plugins.criterions.zloss import CrossEntropyZLoss, LabelSmoothedCrossEntropyZLoss, check_z_loss_flags
+from fairseq_plugins.flags import FlagError
 from fairseq_plugins.models.transformer_admin import TransformerAdminModel, apply_qk_norm
 
 VOCAB = 20
@@ -163,7 +164,79 @@ def test_fairseq_train_qk_norm_and_zloss(lm_data, tmp_path, capsys):
     from fairseq_plugins.fold_checkpoint import main as fold_main
     assert fold_main([str(tmp_path / "c" / "checkpoint_last.pt"), str(tmp_path / "folded.pt")]) == 2
     assert "trained with --qk-norm" in capsys.readouterr().err and not (tmp_path / "folded.pt").exists()
-    bad = run_tool("train", lm_data, *TINY_LM, "--criterion", "cross_entropy_zloss", "--z-loss", "-1",
-                   "--save-dir", tmp_path / "d", check=False)
-    assert bad.returncode == 2
-    assert bad.stdout.strip().splitlines()[-1].startswith("fairseq-train: error: --z-loss")
+    # bad flags: one line naming the flag, exit 2, before the data loads (all in one fairseq-train process)
+    runs = run_tool_batch("train", [[lm_data, *TINY_LM, *flags, "--save-dir", tmp_path / "d"]
+                                    for flags, _ in BAD_FLAGS])
+    for (flags, needle), run in zip(BAD_FLAGS, runs):
+        last = run.stdout.strip().splitlines()[-1]
+        assert run.returncode == 2 and "Traceback" not in run.stdout, (flags, run.stdout[-2000:])
+        assert last.startswith("fairseq-train: error: " + needle), (flags, last)
+        assert not any("loaded" in line and "examples" in line for line in run.stdout.splitlines()), flags
+    assert not (tmp_path / "d").exists()
+
+
+LS = ["--criterion", "label_smoothed_cross_entropy_zloss"]
+BAD_FLAGS = [
+    (["--criterion", "cross_entropy_zloss", "--z-loss", "-1"], "--z-loss must be a finite real number >= 0"),
+    (LS + ["--label-smoothing", "1.5"], "--label-smoothing must be a finite real number in [0, 1], got 1.5"),
+    (LS + ["--label-smoothing", "nan"], "--label-smoothing must be a finite real number in [0, 1], got nan"),
+    (["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "-0.1"], "--label-smoothing"),
+    (LS + ["--ignore-prefix-size", "-1"], "--ignore-prefix-size must be an integer >= 0"),
+    (["--criterion", "cross_entropy_zloss", "--adaptive-softmax-cutoff", "10"], "--adaptive-softmax-cutoff"),
+]
+
+
+def _ns(criterion, **kw):
+    return argparse.Namespace(criterion=criterion, **kw)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (_ns("cross_entropy_zloss", z_loss=-1e-4), "--z-loss"),
+    (_ns("cross_entropy_zloss", z_loss=float("inf")), "--z-loss"),
+    (_ns("label_smoothed_cross_entropy_zloss", z_loss=1e-4, label_smoothing=1.5), "--label-smoothing"),
+    (_ns("label_smoothed_cross_entropy_zloss", z_loss=1e-4, label_smoothing=float("nan")), "--label-smoothing"),
+    (_ns("label_smoothed_cross_entropy", label_smoothing=-0.1), "--label-smoothing"),
+    (_ns("label_smoothed_cross_entropy_zloss", label_smoothing=0.1, ignore_prefix_size=-1), "--ignore-prefix-size"),
+    (_ns("cross_entropy_zloss", adaptive_softmax_cutoff="10,20"), "--adaptive-softmax-cutoff"),
+])
+def test_flag_checks_name_the_flag(args, flag):
+    with pytest.raises(FlagError) as err:
+        check_z_loss_flags(args)
+    assert str(err.value).startswith(flag)
+
+
+def test_good_and_unrelated_flags_pass():
+    check_z_loss_flags(_ns("label_smoothed_cross_entropy_zloss", z_loss=0.0, label_smoothing=1.0, ignore_prefix_size=1))
+    check_z_loss_flags(_ns("cross_entropy_zloss", z_loss=1e-4, adaptive_softmax_cutoff=None))
+    check_z_loss_flags(_ns("cross_entropy", label_smoothing=1.5, z_loss=-1))  # flags its criterion does not read
+
+
+def test_constructors_refuse_bad_values_before_anything_is_set_up():
+    task = SimpleNamespace(target_dictionary=Dictionary())
+    for kw, flag in ((dict(label_smoothing=1.5), "--label-smoothing"),
+                     (dict(label_smoothing=-0.5), "--label-smoothing"),
+                     (dict(label_smoothing=0.1, z_loss=-1.0), "--z-loss"),
+                     (dict(label_smoothing=0.1, ignore_prefix_size=-2), "--ignore-prefix-size")):
+        with pytest.raises(ValueError, match=flag):
+            LabelSmoothedCrossEntropyZLoss(task, False, **kw)
+    with pytest.raises(ValueError, match="--z-loss"):
+        CrossEntropyZLoss(task, False, z_loss=float("nan"))
+
+
+@pytest.mark.parametrize("criterion", ["ce", "ls"])
+def test_an_all_padding_sample_adds_nothing_and_half_logits_are_scored_in_float32(criterion):
+    d = Dictionary()
+    task = SimpleNamespace(target_dictionary=d)
+    crit = (CrossEntropyZLoss(task, False, z_loss=1.0) if criterion == "ce" else
+            LabelSmoothedCrossEntropyZLoss(task, False, 0.1, z_loss=1.0))
+    logits = (torch.randn(2, 3, 9) * 3).requires_grad_()
+    pad = torch.full((2, 3), d.pad())
+    loss = crit.compute_loss(_StubModel(), (logits,), {"target": pad})[0]
+    assert loss.item() == 0.0
+    grad, = torch.autograd.grad(loss, logits)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    big = (torch.randn(2, 3, 9) + 200).half()  # log(Z)^2 ~ 4e4 per position: past float16 when summed
+    target = torch.randint(4, 9, (2, 3))
+    term = crit._z_term(_StubModel(), (big,), {"target": target})
+    want = big.double().logsumexp(-1).pow(2).sum()
+    assert term.dtype == torch.float32 and term.item() == pytest.approx(want.item(), rel=1e-5)
