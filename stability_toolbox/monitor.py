@@ -51,20 +51,21 @@ Examples:
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from toolbox_core import validation
 
-from .attention_stats import AttentionLogits
+from .leading_signals import EntropyLogits, UpdateStream
 from .hooks import wrap_hooks
 from .probe import Probe, as_call
 from .quantities import QUANTITIES, ParameterGroups, Recorder, accumulate, collect, resolve_fallback, running_max
-from .records import RecordWriter, as_log_dir, summary_table, write_heatmaps
+from .records import RecordWriter, as_log_dir, summary_table, write_heatmaps, write_summary
+from .signal_detector import SignalDetector
 from .sites import FALLBACK_MODES, SitePlan, register_layer_kind
-from .warning_rules import DEFAULT_RULES, WarningRule, check
+from .warning_rules import DEFAULT_RULES, WarningRule, as_rules, check, lookback
 
 # Names that lived here before the monitor was split, still importable from here: read_records (benchmarks,
 # tests), MODEL_QUANTITIES and _json_safe (the jsonl format), and the hooks a pickled model names as
@@ -114,9 +115,14 @@ class StabilityMonitor:
         range_dtype: the floating dtype ``act_frac`` compares with (e.g. ``torch.float16`` to see the
             fp16 margin of an fp32 run); default: each activation's own dtype.
         fallback: models without residual modules or known layers: ``'auto'``, ``'post_ln'``, ``'pre_ln'``.
-        rules: ``{quantity: WarningRule}`` replacing `DEFAULT_RULES` (``{}``: no warnings).
+        rules: ``{quantity: WarningRule}`` replacing `DEFAULT_RULES` (``{}``: no warnings); a rule may also be
+            a dict of its fields (checked by `stability_toolbox.warning_rules.as_rules`).
         tensorboard, heatmaps: write TensorBoard scalars / PNG heatmaps (needs ``log_dir``).
         log: the logger warnings and the summary go to (default ``stability_toolbox.monitor``).
+        signal_rules: the per-update rules ([`SignalRule`][stability_toolbox.signal_detector.SignalRule]s) run
+            at each logging step over the updates since the last one (the record's ``updates``: ``loss``,
+            ``grad_norm``, ``log_z_rms`` of every update); default
+            `stability_toolbox.signal_detector.DEFAULT_SIGNAL_RULES` (``[]``: none).
 
     Raises:
         TypeError / ValueError: a bad argument (named); nothing is attached then.
@@ -144,6 +150,7 @@ class StabilityMonitor:
         tensorboard: bool = True,
         heatmaps: bool = True,
         log: Optional[logging.Logger] = None,
+        signal_rules: Optional[Sequence[Any]] = None,
     ):
         # ---- every check first: a refused call attaches nothing
         if not isinstance(model, nn.Module):
@@ -153,21 +160,17 @@ class StabilityMonitor:
         if range_dtype is not None and not (isinstance(range_dtype, torch.dtype) and range_dtype.is_floating_point):
             raise TypeError(f"range_dtype must be a floating torch.dtype or None, got {range_dtype!r}")
         self.fallback = validation.as_choice("fallback", fallback, FALLBACK_MODES)
-        if rules is None:
-            rules = DEFAULT_RULES
-        if not isinstance(rules, dict):
-            raise TypeError(f"rules must be a dict {{quantity: WarningRule}}, got {type(rules).__name__}")
-        for q, r in rules.items():
+        rules = as_rules(DEFAULT_RULES if rules is None else rules)  # the rules' own check (warning_rules)
+        for q in rules:
             if q not in QUANTITIES + ("log_z_rms",):
                 raise ValueError(f"rules: unknown quantity {q!r}; accepted: {', '.join(QUANTITIES)}")
-            if not isinstance(r, WarningRule):
-                raise TypeError(f"rules[{q!r}] must be a WarningRule, got {type(r).__name__}")
         probe_call = None if probe is None else as_call(probe)
         if log is not None and not isinstance(log, logging.Logger):
             raise TypeError(f"log must be a logging.Logger, got {type(log).__name__}")
         tensorboard = validation.as_bool("tensorboard", tensorboard)
         heatmaps = validation.as_bool("heatmaps", heatmaps)
         log_dir = as_log_dir(log_dir)
+        signal_detector = SignalDetector(signal_rules)  # checks the rules (default: DEFAULT_SIGNAL_RULES)
         # ---- attach
         self.model = model
         self.log_dir = log_dir
@@ -177,7 +180,13 @@ class StabilityMonitor:
         self._heatmaps = heatmaps
         self._recorder = Recorder(self.probe_rows)
         self._site_plan = SitePlan(model)  # raises when there is nothing to monitor
-        self._attention = AttentionLogits(self._site_plan.attention, self._recorder)
+        self._attention = EntropyLogits(self._site_plan.attention, self._recorder)  # logit maxima and entropy
+        # per-update scalars (loss, gradient norm, log Z RMS) kept on the device and read at the logging step
+        self._stream = UpdateStream()
+        self._signal_detector = signal_detector
+        self._all_params = [p for _, ps in self._site_plan.groups for _, p in ps]
+        self._eps = 1e-8  # grad_rms_eps's unit: the attached optimizer's eps (attach_optimizer), else 1e-8
+        self._optimizer: Optional[torch.optim.Optimizer] = None
         self._params = ParameterGroups(self._site_plan.groups)
         self._probe = Probe(model, self._recorder, probe_call)
         self.step_count = 0          # completed steps
@@ -233,6 +242,11 @@ class StabilityMonitor:
         """Whether ``step`` (default: the coming one) is logged."""
         return (self.step_count if step is None else step) % self.every == 0
 
+    @property
+    def recording(self) -> bool:
+        """Whether a logged step is under way now (between `begin_step` and `end_step` of a logging step)."""
+        return self._armed
+
     def begin_step(self, step: Optional[int] = None) -> bool:
         """Call before the forward pass of a step; ``step`` realigns the counter (a resumed run).
 
@@ -251,7 +265,13 @@ class StabilityMonitor:
 
     def capture_grads(self) -> None:
         """Read the gradients now (after unscaling/clipping, before ``zero_grad``); without this call the
-        gradient of the step is the one autograd accumulated. Only on logging steps; no host sync."""
+        gradient of the step is the one autograd accumulated. Only on logging steps; no host sync.
+        RuntimeError after `close` (like every observation: nothing is dropped silently)."""
+        self._check_open()
+        grads = [p.grad for p in self._all_params if p.grad is not None]
+        if grads:  # every step: the global gradient norm for the per-update stream (one fused norm, no sync)
+            with torch.no_grad():
+                self._stream.put("grad_norm", torch.stack(torch._foreach_norm(grads)).float().norm())
         if self._armed:
             self._params.capture()
 
@@ -259,20 +279,36 @@ class StabilityMonitor:
         """On a logging step, record the output logits' softmax normaliser: ``log_z`` (the mean over
         positions of ``logsumexp(logits, -1)``) and ``log_z_rms`` (its root mean square, what z-loss
         penalises; output-logit divergence makes it grow). Between logging steps it does nothing.
-        Device-side only (no sync); call it with the logits of each forward pass (detached here)."""
+        Device-side only (no sync); call it with the logits of each forward pass (detached here).
+
+        Logits with no positions (e.g. shape ``(0, vocabulary)``, an empty batch) add nothing, as a step
+        without a loss records no loss: no ``log_z`` is made up for them. An empty vocabulary (last dimension
+        0) is a ValueError: the normaliser of a softmax over no classes does not exist. RuntimeError after
+        `close`."""
+        self._check_open()
         if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
             raise TypeError(f"logits must be a floating tensor (..., vocabulary), got {type(logits).__name__}")
-        if not self._armed:
+        if logits.shape[-1] == 0:
+            raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape "
+                             f"{tuple(logits.shape)}")
+        if logits.numel() == 0:  # no positions: nothing observed (shapes only, no sync)
             return
         with torch.no_grad():
             lz = logits.detach().float().logsumexp(-1).reshape(-1)
+            self._stream.put("log_z_rms", lz.pow(2).mean().sqrt())  # every step: the per-update stream
+            if not self._armed:
+                return
             part = (lz.sum(), lz.pow(2).sum(), lz.numel())
             old = self._log_z
             self._log_z = part if old is None else (old[0] + part[0], old[1] + part[1], old[2] + part[2])
 
     def observe_loss(self, loss) -> None:
-        """Add a step's loss (a tensor stays on its device: no sync; or a number)."""
+        """Add a step's loss (a tensor stays on its device: no sync; or a number). None or an empty tensor
+        adds nothing (the mean of no losses is not a loss). RuntimeError after `close`."""
+        self._check_open()
         if loss is None:
+            return
+        if isinstance(loss, Tensor) and loss.numel() == 0:
             return
         if isinstance(loss, Tensor):
             value = loss.detach().float().reshape(-1).mean()
@@ -282,6 +318,7 @@ class StabilityMonitor:
             raise TypeError(f"loss must be a tensor or a real number, got {type(loss).__name__}")
         if self._loss_sum is not None:
             value = value.to(self._loss_sum.device)
+        self._stream.put("loss", value)
         self._loss_sum = accumulate(self._loss_sum, value)
         self._loss_max = running_max(self._loss_max, value)
         self._loss_n += 1
@@ -290,6 +327,7 @@ class StabilityMonitor:
         """Call after the optimizer step. On a logging step, returns the record written; else None."""
         self._check_open()
         self.observe_loss(loss)
+        self._stream.end(self.step_count)
         record = None
         if self._armed:
             try:
@@ -329,6 +367,7 @@ class StabilityMonitor:
                 self.observe_logits(handle.logits)
             self.end_step(handle.loss)
         except BaseException:
+            self._stream.clear()  # the failed step's per-update values are not an update
             if self._armed:  # a failed step leaves no hook and no capture behind, and logs nothing
                 self._clear_step(failed=True)
             raise
@@ -368,9 +407,9 @@ class StabilityMonitor:
             history=self.history)
         self.fallback = resolve_fallback(quantities, self.fallback)
         self._loss_sum, self._loss_max, self._loss_n = None, None, 0
-        record = {"step": step, **model_q, "quantities": quantities}
+        record = {"step": step, **model_q, "quantities": quantities, "updates": self._stream.read()}
         self.history.append(record)
-        record["warnings"] = self._check_rules(record)
+        record["warnings"] = self._check_rules(record) + self._check_signals(record["updates"])
         if self._writer is not None:
             self._writer.write(record)
         return record
@@ -379,12 +418,24 @@ class StabilityMonitor:
         # the rules are pure functions of the history (stability_toolbox.warning_rules); the monitor keeps the
         # state: which (row, quantity) warned already
         lines = []
-        for w in check(self.history, self.rules, self._warned):
+        # check reads the last lookback(rules) records only: passing those keeps a logging step O(1) in the run length
+        for w in check(self.history[-lookback(self.rules):], self.rules, self._warned):
             if w["quantity"] != "loss_spike":  # a loss spike may warn again; everything else warns once
                 self._warned.add((w["layer"], w["quantity"]))
             self.log.warning(w["message"])
             lines.append(w["message"])
             self.warnings.append(w)
+        return lines
+
+    def _check_signals(self, updates: Dict[str, List]) -> List[str]:
+        # the per-update rules (stability_toolbox.signal_detector) over the updates since the last logging step
+        lines = []
+        names = [k for k in updates if k != "update"]
+        for i, step in enumerate(updates["update"]):
+            for w in self._signal_detector.update(step, {k: updates[k][i] for k in names}):
+                self.log.warning(w["message"])
+                lines.append(w["message"])
+                self.warnings.append(w)
         return lines
 
     # ------------------------------------------------------------------ outputs
@@ -396,7 +447,7 @@ class StabilityMonitor:
 
     def heatmaps(self, directory: Optional[Union[str, Path]] = None) -> List[Path]:
         """Write ``heatmap_<quantity>.png`` (rows: layers in model order, columns: logged steps)."""
-        directory = Path(directory) if directory is not None else self.log_dir
+        directory = directory if directory is not None else self.log_dir  # checked by write_heatmaps
         if directory is None:
             raise ValueError("directory: no log_dir was given; name a directory for the heatmaps")
         return write_heatmaps(self.history, directory, every=self.every)
@@ -420,24 +471,29 @@ class StabilityMonitor:
             s.prev_probe = None
 
     def close(self) -> str:
-        """Remove the hooks, write ``summary.md`` and the heatmaps (with a ``log_dir``), log and return the
-        summary table. Idempotent."""
+        """Remove the hooks, write ``summary.md`` and the heatmaps (with a ``log_dir``), close ``monitor.jsonl``,
+        log and return the summary table. Idempotent. Afterwards, like a closed file, the monitor refuses every
+        step and observation (``begin_step``, ``end_step``, ``step``, ``observe_loss``, ``observe_logits``,
+        ``capture_grads``, ``attach_optimizer``: RuntimeError "... closed ..."); ``history``, ``warnings`` and
+        ``summary()`` stay readable."""
         if self._closed:
             return self.summary()
         self.remove()
         self._closed = True
         text = self.summary()
-        if self.log_dir is not None:
-            (self.log_dir / "summary.md").write_text(text + "\n", encoding="utf-8")
-            if self._heatmaps:
-                try:
-                    written = self.heatmaps()
-                    if written:  # the heatmaps as TensorBoard images too
-                        self._writer.add_images(written, self.history[-1]["step"])
-                except ImportError:
-                    self.log.warning("stability monitor: matplotlib is not installed; no heatmaps")
-        if self._writer is not None:
-            self._writer.close()
+        try:
+            if self.log_dir is not None:
+                write_summary(self.log_dir, text)
+                if self._heatmaps:
+                    try:
+                        written = self.heatmaps()
+                        if written:  # the heatmaps as TensorBoard images too
+                            self._writer.add_images(written, self.history[-1]["step"])
+                    except ImportError:
+                        self.log.warning("stability monitor: matplotlib is not installed; no heatmaps")
+        finally:  # monitor.jsonl is closed even when an output fails (a full disk)
+            if self._writer is not None:
+                self._writer.close()
         self.log.info("%s", text)
         return text
 

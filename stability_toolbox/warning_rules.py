@@ -21,7 +21,18 @@ Each warning names the layer, the quantity and its trend, then the *likely mecha
 
 `check` gives the warnings of the latest record (the monitor calls it at every logging step);
 `replay` re-runs a whole history (e.g. a ``monitor.jsonl`` with other rules) and `first_warning`
-returns the first one. `WarningRule` and `DEFAULT_RULES` live here with the rules they parameterise
+returns the first one.
+
+Their arguments are checked before anything is read, by one helper per kind: `as_history` (a sequence of
+records; a single record is a TypeError naming ``history``: wrap it in a list), `as_record` (a mapping with an
+integer ``step``, ``quantities`` ``{str: {str: real}}``, ``warnings`` a list of str, the model-level values the
+rules read real or None; NaN and infinities are values like any other, as floats), `as_rules`
+(``{quantity: WarningRule}``, a rule also as a dict of its fields) and ``warned`` (``(row, quantity)`` pairs of
+str). A malformed argument is a TypeError or ValueError naming it down to the field
+(``history[3]['quantities']['beta']['layers.0']``, ``rules['beta'].window``), never an AttributeError or
+KeyError.
+
+`WarningRule` and `DEFAULT_RULES` live here with the rules they parameterise
 (``stability_toolbox.WarningRule`` and ``stability_toolbox.monitor.WarningRule`` are the same class).
 Nothing here imports torch.
 
@@ -35,7 +46,11 @@ Examples:
 """
 
 import math
-from dataclasses import dataclass
+import numbers
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from collections.abc import Sequence as _Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 # the torch-free argument checks (toolbox_core.validation re-exports the same functions): the rules stay
@@ -43,7 +58,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 from toolbox_core import checks
 
 __all__ = ["WarningRule", "DEFAULT_RULES", "Diagnosis", "DIAGNOSES", "MODEL_ROW", "rows", "check", "replay",
-           "first_warning", "format_line"]
+           "first_warning", "format_line", "lookback", "as_record", "as_history", "as_rules"]
 
 #: the row name of model-level quantities
 MODEL_ROW = "(model)"
@@ -71,11 +86,14 @@ class WarningRule:
     direction: str = "rising"
 
     def __post_init__(self):
-        checks.as_real("threshold", self.threshold)
-        checks.as_int("window", self.window, minimum=1)
-        checks.as_real("min_growth", self.min_growth, low=0.0)
-        checks.as_int("min_rows", self.min_rows, minimum=1)
-        checks.as_choice("direction", self.direction, ("rising", "falling"))
+        # stored as checked (Python float / int): a NumPy scalar or a 0-d tensor given here compares, slices,
+        # formats and hashes like the number it holds
+        for name, value in (("threshold", checks.as_real("threshold", self.threshold)),
+                            ("window", checks.as_int("window", self.window, minimum=1)),
+                            ("min_growth", checks.as_real("min_growth", self.min_growth, low=0.0)),
+                            ("min_rows", checks.as_int("min_rows", self.min_rows, minimum=1)),
+                            ("direction", checks.as_choice("direction", self.direction, ("rising", "falling")))):
+            object.__setattr__(self, name, value)  # frozen: the dataclass way to set a field in __post_init__
 
 
 #: the default rules (calibration and false-alarm rates: docs/monitor.md)
@@ -139,13 +157,199 @@ DIAGNOSES: Dict[str, Diagnosis] = {
 _GENERIC = Diagnosis("a quantity trending toward divergence", "a lower learning rate")
 
 
-def rows(record: Mapping[str, Any], quantity: str) -> Dict[str, float]:
-    """``{row: value}`` of ``quantity`` in one record (model-level quantities under `MODEL_ROW`)."""
+# the keys of a record that are not a quantity (a rule cannot be named after them)
+_RECORD_FIELDS = ("step", "quantities", "warnings")
+# the model-level values `check` reads besides those the rules name
+_LOSS_KEYS = ("loss_max", "loss_spike")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
+def _value(name: str, value: Any) -> None:
+    """A logged value: a real number (NaN and infinities included: they are what the rules look for)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (NaN and infinities as floats: read a monitor.jsonl with "
+                        f"stability_toolbox.records.read_records), got {_describe(value)}")
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a real number that fits a float, got an integer of "
+                         f"{int(value).bit_length()} bits") from None
+
+
+def as_record(record: Any, name: str = "record", *, model_keys: Iterable[str] = ()) -> Mapping[str, Any]:
+    """``record`` checked as one record of a history, and returned as it is.
+
+    A record is a mapping with an integer ``step``; ``quantities`` (optional) ``{quantity (str): {row (str):
+    real}}``; ``warnings`` (optional) a list of str; and each key of ``model_keys`` absent, None or a real
+    number. Other keys are not read here. Values may be NaN or infinite (as floats).
+
+    Raises:
+        TypeError / ValueError: what is wrong, named from ``name`` down to the field
+            (``record['quantities']['beta']['layers.0']``).
+
+    Examples:
+        >>> as_record({"step": 0, "quantities": {"beta": {"layers.0": float("nan")}}})["step"]
+        0
+        >>> as_record({"step": 0, "quantities": {"beta": {"layers.0": "NaN"}}})
+        Traceback (most recent call last):
+        ...
+        TypeError: record['quantities']['beta']['layers.0'] must be a real number (NaN and infinities as floats: \
+read a monitor.jsonl with stability_toolbox.records.read_records), got 'NaN' (str)
+    """
+    if not isinstance(record, _Mapping):
+        raise TypeError(f"{name} must be a record (a dict {{'step': int, 'quantities': {{quantity: {{row: value}}}}, "
+                        f"...}}), got {_describe(record)}")
+    if "step" not in record:
+        raise ValueError(f"{name} has no 'step': a record is a dict {{'step': int, 'quantities': ...}}, got the "
+                         f"keys {sorted(map(str, record))[:8]}")
+    step = record["step"]
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"{name}['step'] must be an integer, got {_describe(step)}")
+    if "quantities" in record:
+        per_quantity = record["quantities"]
+        if not isinstance(per_quantity, _Mapping):
+            raise TypeError(f"{name}['quantities'] must be a dict {{quantity: {{row: value}}}}, got "
+                            f"{_describe(per_quantity)}")
+        for q, per_row in per_quantity.items():
+            if not isinstance(q, str):
+                raise TypeError(f"{name}['quantities'] must have quantity names (str) as keys, got {_describe(q)}")
+            if not isinstance(per_row, _Mapping):
+                raise TypeError(f"{name}['quantities'][{q!r}] must be a dict {{row: value}}, got {_describe(per_row)}")
+            for row, v in per_row.items():
+                if not isinstance(row, str):
+                    raise TypeError(f"{name}['quantities'][{q!r}] must have row names (str) as keys, got "
+                                    f"{_describe(row)}")
+                _value(f"{name}['quantities'][{q!r}][{row!r}]", v)
+    if "warnings" in record:
+        lines = record["warnings"]
+        if isinstance(lines, (str, bytes)) or not isinstance(lines, (list, tuple)) or \
+                not all(isinstance(line, str) for line in lines):
+            raise TypeError(f"{name}['warnings'] must be a list of str (the warning lines), got {_describe(lines)}")
+    for key in model_keys:
+        v = record.get(key)
+        if v is not None:
+            _value(f"{name}[{key!r}]", v)
+    return record
+
+
+def as_history(history: Any, name: str = "history", *, model_keys: Iterable[str] = ()) -> Sequence[Mapping[str, Any]]:
+    """``history`` checked as a sequence of records (each by `as_record`) and returned as it is.
+
+    A single record (a mapping) is a TypeError naming ``history``: a history is a list of them, even of one
+    (``[record]``); so are a str, a generator and anything else that is not a sequence.
+
+    Examples:
+        >>> as_history({"step": 0, "quantities": {}})
+        Traceback (most recent call last):
+        ...
+        TypeError: history must be a sequence of records (a list of dicts, as StabilityMonitor.history and \
+read_records give), got a single record (dict): pass [record]
+    """
+    if isinstance(history, _Mapping):
+        raise TypeError(f"{name} must be a sequence of records (a list of dicts, as StabilityMonitor.history and "
+                        f"read_records give), got a single record ({type(history).__name__}): pass [record]")
+    if isinstance(history, (str, bytes, bytearray)) or not isinstance(history, _Sequence):
+        raise TypeError(f"{name} must be a sequence of records (a list of dicts, as StabilityMonitor.history and "
+                        f"read_records give), got {_describe(history)}")
+    model_keys = tuple(model_keys)
+    for i, record in enumerate(history):
+        as_record(record, f"{name}[{i}]", model_keys=model_keys)
+    return history
+
+
+_RULE_FIELDS = tuple(f.name for f in fields(WarningRule))
+
+
+def as_rules(rules: Any, name: str = "rules") -> Dict[str, WarningRule]:
+    """``rules`` checked as ``{quantity: WarningRule}``: a new dict, each rule a `WarningRule` (one given as a
+    dict of its fields, ``{"threshold": 20.0, "window": 3}``, is made one).
+
+    Raises:
+        TypeError / ValueError: not a mapping, a quantity that is not a non-empty str or is a record field
+            (``step``, ``quantities``, ``warnings``), a rule of another type, an unknown or missing field, or a
+            field's value (named: ``rules['beta'].window must be an integer >= 1, got 0``).
+
+    Examples:
+        >>> as_rules({"attn_logit_max": {"threshold": 20.0, "window": 3, "min_growth": 2.0}})["attn_logit_max"].window
+        3
+        >>> as_rules({"beta": {"threshold": 1.0, "window": 0}})
+        Traceback (most recent call last):
+        ...
+        ValueError: rules['beta'].window must be an integer >= 1, got 0
+    """
+    if not isinstance(rules, _Mapping):
+        raise TypeError(f"{name} must be a dict {{quantity: WarningRule}}, got {_describe(rules)}")
+    out: Dict[str, WarningRule] = {}
+    for q, rule in rules.items():
+        if not isinstance(q, str):
+            raise TypeError(f"{name} must have quantity names (str) as keys, got {_describe(q)}")
+        if not q or q in _RECORD_FIELDS:
+            raise ValueError(f"{name}: {q!r} is not a quantity name (a non-empty str other than "
+                             f"{', '.join(_RECORD_FIELDS)})")
+        if isinstance(rule, WarningRule):
+            out[q] = rule
+            continue
+        if not isinstance(rule, _Mapping):
+            raise TypeError(f"{name}[{q!r}] must be a WarningRule (or a dict of its fields "
+                            f"{', '.join(_RULE_FIELDS)}), got {_describe(rule)}")
+        unknown = [k for k in rule if k not in _RULE_FIELDS]
+        if unknown:
+            raise TypeError(f"{name}[{q!r}] has the unknown field {unknown[0]!r}; a WarningRule's fields are "
+                            f"{', '.join(_RULE_FIELDS)}")
+        if "threshold" not in rule:
+            raise TypeError(f"{name}[{q!r}].threshold is required (a finite real number)")
+        try:
+            out[q] = WarningRule(**rule)
+        except (TypeError, ValueError) as e:  # the field's own message, prefixed with where the rule is
+            raise type(e)(f"{name}[{q!r}].{e}") from None
+    return out
+
+
+def _as_warned(warned: Any) -> Set[Tuple[str, str]]:
+    """``warned`` checked as an iterable of ``(row, quantity)`` pairs of str, as a new set."""
+    if isinstance(warned, (str, bytes, _Mapping)) or not isinstance(warned, _Iterable):
+        raise TypeError(f"warned must be an iterable of (row, quantity) pairs of str, got {_describe(warned)}")
+    out: Set[Tuple[str, str]] = set()
+    for pair in warned:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise TypeError(f"warned must hold (row, quantity) pairs of str, got {_describe(pair)}")
+        out.add((pair[0], pair[1]))
+    return out
+
+
+def lookback(rules: Mapping[str, WarningRule]) -> int:
+    """How many of the latest records `check` reads under ``rules``: the longest ``window`` (at least 1).
+    ``check(history[-lookback(rules):], ...)`` gives what ``check(history, ...)`` gives.
+
+    Examples:
+        >>> lookback(DEFAULT_RULES), lookback({})
+        (3, 1)
+    """
+    return max((rule.window for rule in as_rules(rules).values()), default=1)
+
+
+def _rows(record: Mapping[str, Any], quantity: str) -> Dict[str, float]:
     per_row = record.get("quantities", {}).get(quantity)
     if per_row:
         return dict(per_row)
     value = record.get(quantity)
-    return {MODEL_ROW: value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
+    return {MODEL_ROW: value} if isinstance(value, numbers.Real) and not isinstance(value, bool) else {}
+
+
+def rows(record: Mapping[str, Any], quantity: str) -> Dict[str, float]:
+    """``{row: value}`` of ``quantity`` in one record (model-level quantities under `MODEL_ROW`).
+
+    Examples:
+        >>> rows({"step": 0, "log_z_rms": 3.0, "quantities": {"beta": {"layers.0": 0.5}}}, "log_z_rms")
+        {'(model)': 3.0}
+    """
+    if not isinstance(quantity, str):
+        raise TypeError(f"quantity must be a quantity name (str), got {_describe(quantity)}")
+    return _rows(as_record(record, model_keys=(quantity,)), quantity)
 
 
 def format_line(layer: str, quantity: str, trend: str) -> str:
@@ -179,28 +383,21 @@ def _trend(series: Sequence[float], rule) -> Optional[str]:
     return text + f" ({cmp} {rule.threshold:g})"
 
 
-def check(history: Sequence[Mapping[str, Any]], rules: Mapping[str, Any],
-          warned: Iterable[Tuple[str, str]] = ()) -> List[Dict[str, Any]]:
-    """The warnings the latest record of ``history`` raises under ``rules`` (``{quantity: WarningRule}``).
-
-    ``warned``: the (row, quantity) pairs that warned before (they do not warn again). Pure: nothing is
-    modified; each warning is a dict ``step, layer, quantity, trend, mechanism, remedy, message``.
-    """
-    if not history:
-        return []
-    record = history[-1]
-    step = record.get("step")
-    done: Set[Tuple[str, str]] = set(warned)
+def _check(history: Sequence[Mapping[str, Any]], end: int, rules: Mapping[str, WarningRule],
+           done: Set[Tuple[str, str]]) -> List[Dict[str, Any]]:
+    """The warnings of ``history[end - 1]`` (the arguments checked already; reads ``history[:end]`` only)."""
+    record = history[end - 1]
+    step = record["step"]
     out: List[Dict[str, Any]] = []
     for q, rule in rules.items():
         hits = []
-        for row, v in rows(record, q).items():
+        for row, v in _rows(record, q).items():
             if (row, q) in done:
                 continue
             if not math.isfinite(v):
                 hits.append((row, f"is non-finite ({v}) at step {step}", True))
                 continue
-            series = [rows(h, q).get(row) for h in history[-rule.window:]]
+            series = [_rows(h, q).get(row) for h in history[max(0, end - rule.window):end]]
             if len(series) < rule.window or any(x is None or not math.isfinite(x) for x in series):
                 continue
             trend = _trend(series, rule)
@@ -216,27 +413,61 @@ def check(history: Sequence[Mapping[str, Any]], rules: Mapping[str, Any],
         if (MODEL_ROW, "loss") not in done:
             out.append(_warning(step, MODEL_ROW, "loss", f"is non-finite ({lmax}) at step {step}"))
     elif spike is not None and spike >= 2.0:
+        largest = "the interval's largest loss" + (f" {lmax:.4g}" if lmax is not None else "")
         out.append(_warning(step, MODEL_ROW, "loss_spike",
-                            f"the interval's largest loss {lmax:.4g} is {spike:.2f}x the recent median at step {step}"))
+                            f"{largest} is {spike:.2f}x the recent median at step {step}"))
     return out
 
 
+def _checked(history: Any, rules: Any) -> Tuple[Sequence[Mapping[str, Any]], Dict[str, WarningRule]]:
+    """The arguments of `check`, `replay`, `first_warning` checked: the rules first (they say which model-level
+    values of the records are read)."""
+    rules = as_rules(rules)
+    history = as_history(history, model_keys=tuple(rules) + _LOSS_KEYS)
+    return history, rules
+
+
+def check(history: Sequence[Mapping[str, Any]], rules: Mapping[str, Any],
+          warned: Iterable[Tuple[str, str]] = ()) -> List[Dict[str, Any]]:
+    """The warnings the latest record of ``history`` raises under ``rules`` (``{quantity: WarningRule}``).
+
+    ``warned``: the (row, quantity) pairs that warned before (they do not warn again). Pure: nothing is
+    modified; each warning is a dict ``step, layer, quantity, trend, mechanism, remedy, message``. Every record
+    of ``history`` is checked (`as_history`; the monitor passes the last `lookback` records).
+
+    Raises:
+        TypeError / ValueError: a malformed argument, named down to the field (module docstring).
+    """
+    history, rules = _checked(history, rules)
+    done = _as_warned(warned)
+    return _check(history, len(history), rules, done) if len(history) else []
+
+
 def replay(history: Sequence[Mapping[str, Any]], rules: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    """Every warning of ``history`` as the monitor would have issued it under ``rules``, in order."""
+    """Every warning of ``history`` as the monitor would have issued it under ``rules``, in order.
+
+    Raises:
+        TypeError / ValueError: a malformed argument, named down to the field (module docstring).
+    """
+    history, rules = _checked(history, rules)
     warned: Set[Tuple[str, str]] = set()
     out: List[Dict[str, Any]] = []
-    for i in range(1, len(history) + 1):
-        new = check(history[:i], rules, warned)
+    for end in range(1, len(history) + 1):
+        new = _check(history, end, rules, warned)
         warned.update((w["layer"], w["quantity"]) for w in new)
         out += new
     return out
 
 
 def first_warning(history: Sequence[Mapping[str, Any]], rules: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """The first warning of ``history`` under ``rules`` (a dict as `check` gives), or None."""
-    warned: Set[Tuple[str, str]] = set()
-    for i in range(1, len(history) + 1):
-        new = check(history[:i], rules, warned)
+    """The first warning of ``history`` under ``rules`` (a dict as `check` gives), or None.
+
+    Raises:
+        TypeError / ValueError: a malformed argument, named down to the field (module docstring).
+    """
+    history, rules = _checked(history, rules)
+    for end in range(1, len(history) + 1):
+        new = _check(history, end, rules, set())
         if new:
             return new[0]
     return None

@@ -1,4 +1,5 @@
-"""The stability monitor at its edges: a failed step leaves nothing behind, refused calls change nothing, two
+"""The stability monitor at its edges: a failed step leaves nothing behind, refused calls change nothing, empty
+logits or losses add nothing, a closed monitor refuses observations, a crashed run reads back and resumes, two
 monitors on one model are independent, a monitored model pickles and copies, bad arguments are named, the
 probe follows the model's dtype, and monitor.jsonl is strict JSON. Real models (the reference stacks and
 torch.nn's encoder), seeded."""
@@ -304,3 +305,141 @@ def test_hf_callback_trains_twice(tmp_path):
     lines = (tmp_path / "stability" / "monitor.jsonl").read_text().splitlines()
     assert [_strict(line)["step"] for line in lines] == [0, 1, 0, 1]
     assert _no_hooks(model)
+
+
+# ---------------------------------------------------------------- empty observations, closed monitors, records
+
+@pytest.mark.parametrize("empty", [(0, 7), (0, 3, 7), (2, 0, 7)], ids=["no_rows", "no_batch", "no_positions"])
+def test_logits_with_no_positions_add_nothing_and_never_warn(empty):
+    """observe_logits on logits with no positions records nothing (before: log_z = 0/0 = NaN and a false
+    "non-finite" warning): alone, the record has no log_z; beside real logits, log_z is theirs alone."""
+    model = _model("residual_modules")
+    rules = {"log_z_rms": {"threshold": 10.0}}
+    mon = StabilityMonitor(model, every=1, rules=rules)
+    real = torch.randn(4, 7, generator=torch.Generator().manual_seed(0)) * 3
+    for logits in ([torch.empty(empty)], [torch.empty(empty), real, torch.empty(empty)]):
+        with mon.step() as s:
+            model(_batch(0)).pow(2).mean().backward()
+            for t in logits:
+                mon.observe_logits(t)
+            s.loss = 1.0
+    first, second = mon.history
+    assert "log_z" not in first and "log_z_rms" not in first and not mon.warnings
+    lz = real.double().logsumexp(-1)
+    assert second["log_z"] == pytest.approx(lz.mean().item(), rel=1e-6)
+    assert second["log_z_rms"] == pytest.approx(lz.pow(2).mean().sqrt().item(), rel=1e-6)
+    mon.close()
+
+
+def test_logits_with_an_empty_vocabulary_are_a_value_error_changing_nothing():
+    model = _model("residual_modules")
+    mon = StabilityMonitor(model, every=1, rules={})
+    real = torch.randn(3, 5)
+    with mon.step():
+        model(_batch(0)).pow(2).mean().backward()
+        with pytest.raises(ValueError, match=r"logits must have a non-empty last \(vocabulary\) dimension, got "
+                                             r"shape \(3, 0\)"):
+            mon.observe_logits(torch.empty(3, 0))
+        mon.observe_logits(real)
+    assert mon.history[0]["log_z"] == pytest.approx(real.logsumexp(-1).mean().item(), rel=1e-6)
+    mon.close()
+
+
+def test_an_empty_loss_adds_nothing_and_never_warns():
+    """A loss tensor with no elements (reduction='none' on an empty batch) is no loss: no NaN, no warning."""
+    model = _model("residual_modules")
+    mon = StabilityMonitor(model, every=1)
+    for loss in (torch.empty(0), torch.tensor(2.0)):
+        with mon.step() as s:
+            model(_batch(0)).pow(2).mean().backward()
+            s.loss = loss
+    assert "loss" not in mon.history[0] and mon.history[1]["loss"] == 2.0
+    assert not [w for w in mon.warnings if w["quantity"] == "loss"]
+    mon.close()
+
+
+@pytest.mark.parametrize("call", ["observe_logits", "observe_loss", "capture_grads", "begin_step", "end_step",
+                                  "step"])
+def test_after_close_every_observation_is_refused_like_a_closed_file(call, tmp_path):
+    """Before: observe_logits / observe_loss / capture_grads after close() were dropped silently. Now each
+    raises RuntimeError naming the closed monitor, and nothing is written (monitor.jsonl, history)."""
+    model = _model("residual_modules")
+    mon = StabilityMonitor(model, tmp_path, every=1, tensorboard=False, heatmaps=False)
+    _step(model, torch.optim.SGD(model.parameters(), lr=0.01), mon, _batch(0))
+    summary = mon.close()
+    jsonl = (tmp_path / "monitor.jsonl").read_bytes()
+    args = {"observe_logits": (torch.randn(2, 5),), "observe_loss": (1.0,)}.get(call, ())
+    with pytest.raises(RuntimeError, match="closed"):
+        if call == "step":
+            with mon.step():
+                pass
+        else:
+            getattr(mon, call)(*args)
+    assert len(mon.history) == 1 and mon.close() == summary and _no_hooks(model)
+    assert (tmp_path / "monitor.jsonl").read_bytes() == jsonl
+
+
+def test_rules_are_checked_by_the_rules_own_check():
+    """The monitor takes rules as warning_rules.as_rules does (a rule also as a dict of its fields); a malformed
+    one is named down to the field and nothing is attached."""
+    model = _model("residual_modules")
+    with pytest.raises(ValueError, match=r"rules\['grad_norm'\]\.window must be an integer >= 1, got 0"):
+        StabilityMonitor(model, rules={"grad_norm": {"threshold": 1.0, "window": 0}})
+    with pytest.raises(TypeError, match=r"rules\['grad_norm'\] must be a WarningRule"):
+        StabilityMonitor(model, rules={"grad_norm": 1.0})
+    assert _no_hooks(model)
+    mon = StabilityMonitor(model, every=1, rules={"grad_norm": {"threshold": 0.0, "window": 1}})
+    _step(model, torch.optim.SGD(model.parameters(), lr=0.01), mon, _batch(0))
+    assert mon.warnings and all(w["quantity"] == "grad_norm" for w in mon.warnings)
+    mon.close()
+
+
+class _Named(nn.Module):
+    """A Post-LN stack under a non-ASCII module name."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_module("kodierer_ü", make_stack("post_ln", depth=2, dim=16, seed=0))
+
+    def forward(self, x):
+        return getattr(self, "kodierer_ü")(x)
+
+
+def test_a_crashed_and_resumed_run_reads_back_as_its_history(tmp_path):
+    """A monitored run with non-ASCII layer names and a NaN loss: monitor.jsonl reads back as the history; the
+    run crashes while appending (its last line torn): read_records warns and gives the whole records; a
+    resumed run on the same log_dir repairs the file, and the whole log reads back as both histories."""
+    model = _Named()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = StabilityMonitor(model, tmp_path, every=1, tensorboard=False, heatmaps=False)
+    for i in range(3):
+        with mon.step() as s:
+            model(_batch(i)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            s.loss = float("nan") if i == 1 else 1.0 + i
+    mon.close()
+    path = tmp_path / "monitor.jsonl"
+    assert any("kodierer_ü" in row for row in mon.history[0]["quantities"]["beta"])
+    back = read_records(path)
+    assert json.dumps(back, sort_keys=True) == json.dumps(mon.history, sort_keys=True)   # NaN as NaN
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])   # the crash: the last record cut short
+    with pytest.warns(UserWarning, match="line 3 is torn"):
+        assert [r["step"] for r in read_records(path)] == [0, 1]
+    resumed = StabilityMonitor(model, tmp_path, every=1, tensorboard=False, heatmaps=False)
+    _step(model, opt, resumed, _batch(5))
+    resumed.close()
+    again = read_records(path)
+    assert [r["step"] for r in again] == [0, 1, 0]
+    assert json.dumps(again[2], sort_keys=True) == json.dumps(resumed.history[0], sort_keys=True)
+
+
+def test_a_monitor_with_a_log_dir_refuses_pickling_by_name(tmp_path):
+    import pickle
+
+    model = _model("residual_modules")
+    mon = StabilityMonitor(model, tmp_path, every=1, tensorboard=False, heatmaps=False)
+    with pytest.raises(TypeError, match="RecordWriter holds an open monitor.jsonl"):
+        pickle.dumps(mon)
+    mon.close()

@@ -1,12 +1,17 @@
 """The warning rules as pure functions of a history; the monitor's lines (log, monitor.jsonl, TensorBoard
-text) are theirs, and name layer, quantity, trend, mechanism and remedy."""
+text) are theirs, and name layer, quantity, trend, mechanism and remedy. Malformed histories, records, rules
+and ``warned`` are TypeError/ValueError naming the field; random histories and rules (hypothesis) against the
+rule's definition written out."""
 
 import json
 import logging
+import math
 import struct
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from admin_torch import make_stack
 from stability_toolbox import DEFAULT_RULES, StabilityMonitor, WarningRule
@@ -173,3 +178,243 @@ def _DATA():
     if "data" not in _CACHE:
         _CACHE["data"] = sg.load_data()
     return _CACHE["data"]
+
+
+# ---------------------------------------------------------------- the arguments: checked, named, nothing read first
+
+FUNCTIONS = {"check": check, "replay": replay, "first_warning": first_warning}
+RULE = {"attn_logit_max": WarningRule(threshold=20.0, window=3, min_growth=1.5)}
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_a_single_record_is_a_type_error_naming_history(name):
+    record = _hist("attn_logit_max", [2.0])[0]
+    with pytest.raises(TypeError, match=r"history must be a sequence of records .*single record \(dict\): pass "
+                                        r"\[record\]"):
+        FUNCTIONS[name](record, RULE)
+    for bad in ("records", iter([record]), 3, None):
+        with pytest.raises(TypeError, match="history must be a sequence of records"):
+            FUNCTIONS[name](bad, RULE)
+    assert FUNCTIONS[name]((record,), RULE) in ([], None)   # a tuple is a sequence
+
+
+BAD_RULES = [
+    ([("attn_logit_max", RULE["attn_logit_max"])], TypeError, r"rules must be a dict"),
+    (None, TypeError, r"rules must be a dict"),
+    ({"attn_logit_max": 20.0}, TypeError, r"rules\['attn_logit_max'\] must be a WarningRule"),
+    ({"attn_logit_max": None}, TypeError, r"rules\['attn_logit_max'\] must be a WarningRule"),
+    ({3: RULE["attn_logit_max"]}, TypeError, r"rules must have quantity names \(str\) as keys"),
+    ({"": RULE["attn_logit_max"]}, ValueError, r"rules: '' is not a quantity name"),
+    ({"step": RULE["attn_logit_max"]}, ValueError, r"rules: 'step' is not a quantity name"),
+    ({"attn_logit_max": {"window": 3}}, TypeError, r"rules\['attn_logit_max'\]\.threshold is required"),
+    ({"attn_logit_max": {"threshold": 1, "thresh": 2}}, TypeError, r"unknown field 'thresh'"),
+    ({"attn_logit_max": {"threshold": 1, "window": 0}}, ValueError, r"rules\['attn_logit_max'\]\.window must be"),
+    ({"attn_logit_max": {"threshold": "20"}}, TypeError, r"rules\['attn_logit_max'\]\.threshold must be"),
+    ({"attn_logit_max": {"threshold": float("nan")}}, ValueError, r"\.threshold must be a finite"),
+    ({"attn_logit_max": {"threshold": 1, "min_growth": -1}}, ValueError, r"\.min_growth must be"),
+    ({"attn_logit_max": {"threshold": 1, "min_rows": True}}, TypeError, r"\.min_rows must be"),
+    ({"attn_logit_max": {"threshold": 1, "direction": "up"}}, ValueError, r"\.direction must be one of"),
+]
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("rules, exc, match", BAD_RULES)
+def test_malformed_rules_are_named_down_to_the_field(name, rules, exc, match):
+    with pytest.raises(exc, match=match):
+        FUNCTIONS[name](_hist("attn_logit_max", [2, 4, 8, 16, 32]), rules)
+
+
+def _bad(i, **change):
+    hist = _hist("attn_logit_max", [2, 4, 8, 16, 32, 64])
+    hist[i] = {**hist[i], **change}
+    return hist
+
+
+BAD_HISTORIES = [
+    ([{"quantities": {}}], ValueError, r"history\[0\] has no 'step'"),
+    ([{"step": 0}, 3], TypeError, r"history\[1\] must be a record"),
+    (_bad(2, step="20"), TypeError, r"history\[2\]\['step'\] must be an integer"),
+    (_bad(2, step=None), TypeError, r"history\[2\]\['step'\] must be an integer"),
+    (_bad(0, quantities=[("attn_logit_max", 2.0)]), TypeError, r"history\[0\]\['quantities'\] must be a dict"),
+    (_bad(4, quantities={"attn_logit_max": 32.0}), TypeError, r"history\[4\]\['quantities'\]\['attn_logit_max'\] "
+                                                              r"must be a dict"),
+    (_bad(5, quantities={"attn_logit_max": {"layers.0": "NaN"}}), TypeError,
+     r"history\[5\]\['quantities'\]\['attn_logit_max'\]\['layers.0'\] must be a real number .*read_records"),
+    (_bad(5, quantities={"attn_logit_max": {"layers.0": None}}), TypeError, r"\['layers.0'\] must be a real"),
+    (_bad(5, quantities={"attn_logit_max": {"layers.0": True}}), TypeError, r"\['layers.0'\] must be a real"),
+    (_bad(5, quantities={"attn_logit_max": {"layers.0": 10 ** 400}}), ValueError, r"\['layers.0'\] must be a real "
+                                                                                  r"number that fits a float"),
+    (_bad(5, quantities={"attn_logit_max": {0: 1.0}}), TypeError, r"must have row names \(str\) as keys"),
+    (_bad(5, loss_max="inf"), TypeError, r"history\[5\]\['loss_max'\] must be a real"),
+    (_bad(5, loss_spike=[3.0]), TypeError, r"history\[5\]\['loss_spike'\] must be a real"),
+    (_bad(1, warnings="stability warning: x"), TypeError, r"history\[1\]\['warnings'\] must be a list of str"),
+]
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("history, exc, match", BAD_HISTORIES)
+def test_malformed_records_are_named_down_to_the_field(name, history, exc, match):
+    with pytest.raises(exc, match=match):
+        FUNCTIONS[name](history, RULE)
+
+
+@pytest.mark.parametrize("warned", ["ab", [("layers.0",)], [("layers.0", 3)], {"layers.0": "q"}, 3])
+def test_malformed_warned_is_named(warned):
+    with pytest.raises(TypeError, match="warned must"):
+        check(_hist("attn_logit_max", [2, 4, 8, 16, 32]), RULE, warned)
+
+
+def test_a_rule_as_a_dict_of_its_fields_is_that_rule():
+    hist = _hist("attn_logit_max", [2, 4, 8, 16, 32, 64])
+    assert replay(hist, {"attn_logit_max": {"threshold": 20.0, "window": 3, "min_growth": 1.5}}) == replay(hist, RULE)
+    assert len(replay(hist, RULE)) == 1
+
+
+def test_a_rule_stores_plain_numbers():
+    """NumPy numbers given to WarningRule are stored as the Python numbers they hold: equal, hashable, and they
+    format and slice as those."""
+    np = pytest.importorskip("numpy")
+    rule = WarningRule(np.float32(20.0), window=np.int64(3), min_growth=np.float64(1.5))
+    assert rule == RULE["attn_logit_max"] and hash(rule) == hash(RULE["attn_logit_max"])
+    assert type(rule.threshold) is float and type(rule.window) is int
+
+
+def test_a_loss_spike_without_its_maximum_still_warns():
+    (w,) = check([{"step": 5, "loss_spike": 3.0, "quantities": {}}], {})
+    assert w["quantity"] == "loss_spike" and "is 3.00x the recent median at step 5" in w["message"]
+
+
+def test_a_refused_call_reads_nothing_and_the_history_is_unchanged():
+    hist = _bad(5, quantities={"attn_logit_max": {"layers.0": "NaN"}})
+    snapshot = json.dumps(hist)
+    with pytest.raises(TypeError):
+        replay(hist, RULE)
+    assert json.dumps(hist) == snapshot
+
+
+# ---------------------------------------------------------------- random histories and rules (hypothesis)
+
+def _oracle(history, rules):
+    """The warnings of replay(history, rules) as {(step, layer, quantity)}, from the rule's definition in the
+    docs: a (row, quantity) warns the first time its value is non-finite, or its last `window` values are all
+    finite, the latest is past the threshold, each moved the rule's way by at least the factor, and at least
+    `min_rows` rows of the quantity fire together; a non-finite loss_max warns once, a loss_spike >= 2 each time."""
+    def values(record, q):
+        per_row = record.get("quantities", {}).get(q)
+        if per_row:
+            return dict(per_row)
+        v = record.get(q)
+        return {"(model)": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else {}
+
+    out, done = set(), set()
+    for n, record in enumerate(history):
+        now = set()
+        for q, rule in rules.items():
+            fired = []
+            for row, v in values(record, q).items():
+                if (row, q) in done:
+                    continue
+                if not math.isfinite(v):
+                    now.add((record["step"], row, q))
+                    continue
+                if n + 1 < rule.window:
+                    continue
+                seq = [values(history[j], q).get(row) for j in range(n + 1 - rule.window, n + 1)]
+                if any(x is None or not math.isfinite(x) for x in seq):
+                    continue
+                if rule.direction == "rising":
+                    ok = v >= rule.threshold and all(b > a and b >= rule.min_growth * a for a, b in zip(seq, seq[1:]))
+                else:
+                    ok = v <= rule.threshold and all(b < a and rule.min_growth * b <= a for a, b in zip(seq, seq[1:]))
+                if ok:
+                    fired.append(row)
+            if len(fired) >= rule.min_rows:
+                now |= {(record["step"], row, q) for row in fired}
+        lmax = record.get("loss_max")
+        if lmax is not None and not math.isfinite(lmax):
+            if ("(model)", "loss") not in done:
+                now.add((record["step"], "(model)", "loss"))
+        elif record.get("loss_spike") is not None and record["loss_spike"] >= 2.0:
+            now.add((record["step"], "(model)", "loss_spike"))
+        done |= {(row, q) for _, row, q in now}
+        out |= now
+    return out
+
+
+QS = ["attn_logit_max", "grad_ratio", "log_z_rms"]
+# decades make monotone runs (what the rules look for) common; the rest: any value, non-finite ones, ints
+value = st.one_of(st.sampled_from([1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3]), st.floats(-1e3, 1e3),
+                  st.sampled_from([0.0, float("nan"), float("inf"), float("-inf")]), st.integers(-5, 5))
+bad_value = st.sampled_from(["NaN", None, True, [1.0], 10 ** 400])
+row_values = st.dictionaries(st.sampled_from(["layers.0", "layers.1"]), value, max_size=2)
+
+
+@st.composite
+def histories(draw):
+    """A history, and whether it is well formed (a bad part is drawn with a small probability)."""
+    ok = True
+    records = []
+    for step in range(draw(st.integers(0, 7))):
+        record = {"step": step, "quantities": draw(st.dictionaries(st.sampled_from(QS[:2]), row_values, max_size=2))}
+        for key in ("log_z_rms", "loss_max", "loss_spike"):
+            if draw(st.booleans()):
+                record[key] = draw(st.one_of(value, st.floats(1.0, 5.0)))
+        if draw(st.integers(0, 30)) == 0:   # a malformed part
+            ok = False
+            where = draw(st.sampled_from(["step", "quantities", "row", "model", "record"]))
+            if where == "step":
+                record["step"] = draw(st.sampled_from(["1", 1.0, None, True]))
+            elif where == "quantities":
+                record["quantities"] = draw(st.sampled_from([[], None, "beta", {"attn_logit_max": 1.0}]))
+            elif where == "row":
+                record["quantities"] = {"attn_logit_max": {"layers.0": draw(bad_value)}}
+            elif where == "model":
+                record["loss_max"] = draw(bad_value.filter(lambda v: v is not None))
+            else:
+                record = draw(st.sampled_from([[], "record", 3, None]))
+        records.append(record)
+    return records, ok
+
+
+rule_fields = st.fixed_dictionaries({"threshold": st.one_of(st.sampled_from([0.01, 1.0, 20.0]), st.floats(-50, 50))},
+                                    optional={
+        "window": st.integers(1, 4), "min_growth": st.floats(0, 3), "min_rows": st.integers(1, 2),
+        "direction": st.sampled_from(["rising", "falling"])})
+
+
+@st.composite
+def rule_sets(draw):
+    ok = True
+    rules = {}
+    for q in draw(st.lists(st.sampled_from(QS), unique=True, max_size=3)):
+        fields = draw(rule_fields)
+        rules[q] = WarningRule(**fields) if draw(st.booleans()) else fields
+    if draw(st.integers(0, 10)) == 0:
+        ok = False
+        q = draw(st.sampled_from(QS + ["step", ""]))
+        rules[q] = draw(st.sampled_from([3.0, None, {"window": 2}, {"threshold": 1.0, "window": 0},
+                                         {"threshold": 1.0, "windw": 2}, {"threshold": float("inf")},
+                                         {"threshold": 1.0, "direction": "sideways"}]))
+    return rules, ok
+
+
+@given(histories(), rule_sets())
+def test_random_histories_and_rules_give_the_defined_warnings_or_a_named_error(drawn_history, drawn_rules):
+    """check, replay and first_warning on random histories and rules (some malformed): a malformed one is a
+    TypeError/ValueError naming history or rules; a well-formed one gives the warnings of the definition
+    (_oracle), replay's first is first_warning, and check on the last lookback records gives check's answer."""
+    from stability_toolbox.warning_rules import as_rules, lookback
+
+    history, history_ok = drawn_history
+    rules, rules_ok = drawn_rules
+    if not (history_ok and rules_ok):
+        for f in (check, replay, first_warning):
+            with pytest.raises((TypeError, ValueError), match="^(history|rules)"):
+                f(history, rules)
+        return
+    got = replay(history, rules)
+    assert {(w["step"], w["layer"], w["quantity"]) for w in got} == _oracle(history, as_rules(rules))
+    assert first_warning(history, rules) == (got[0] if got else None)
+    for end in range(1, len(history) + 1):
+        assert check(history[:end], rules) == check(history[max(0, end - lookback(rules)):end], rules)
+    assert all(w["message"].startswith("stability warning: layer ") and "\n" not in w["message"] for w in got)

@@ -1,0 +1,381 @@
+"""Per-update scalars that may lead an instability, recorded on the device at every update.
+
+The monitor's per-layer quantities (`stability_toolbox.quantities`) are read every ``k`` updates; the
+signals here are cheap enough to keep at **every** update, so a warning's lead time is known to one
+update. [`UpdateSignals`][stability_toolbox.leading_signals.UpdateSignals] computes them on the device,
+stacks one row per update and brings every row to the host in one transfer when
+[`read`][stability_toolbox.leading_signals.UpdateSignals.read] is called (no host-device sync per update).
+
+The signals (``SIGNALS``), each a formula of the update's tensors (``N``: the number of trainable
+parameter entries; ``g``: the gradient before the optimizer step; ``W`` / ``W'``: the weights before /
+after it; ``L`` the layer parameter groups of `stability_toolbox.sites.SitePlan`):
+
+* ``loss``: the loss passed in (nats);
+* ``grad_norm``: ``||g||_2`` over every parameter (OLMo 2's gradient-norm spikes are read from it);
+* ``grad_rms_eps``: ``sqrt(sum g^2 / N) / eps``, the gradient's RMS in units of Adam's epsilon
+  (Wortsman et al. 2023: when it nears 1, Adam's updates shrink); ``grad_rms_eps_min``: the same per
+  layer group, the smallest;
+* ``grad_ratio_min``: ``min_l ||g_l|| / max_l ||g_l||`` over the layer groups (vanishing gradients);
+* ``update_ratio``: ``||W' - W||_2 / ||W||_2`` over every parameter (update RMS over parameter RMS);
+* ``log_z_mean``, ``log_z_rms``: the mean and root mean square over positions of ``logsumexp(logits)``
+  of the output logits (output-logit divergence; only with ``observe_logits``);
+* ``attn_logit_max``: the largest ``|q.k|/sqrt(d_head)`` over the attention modules;
+  ``attn_entropy_min``: the smallest, over the attention modules, of the mean over batch, heads and
+  queries of the softmax entropy ``-sum_j p_j log p_j`` (nats) of ``q.k/sqrt(d_head)`` (masks not applied,
+  as ``attn_logit_max``; Zhai et al. 2023: entropy collapse goes with an oscillating loss);
+* ``linear_rms_max``: the largest, over the ``nn.Linear`` modules, of the RMS of its output; the RMS of
+  every linear output is kept too (``linear_rms``, one column per linear; Rybakov et al. 2024: each
+  linear's output norm grows step by step before divergence); ``linear_rms_gmean``: their geometric mean
+  ``exp(mean_l log RMS_l)`` (all of them growing moves it);
+* ``act_kurtosis_max``: the largest, over the layer groups, of the excess kurtosis
+  ``E[(x - mu)^4] / sigma^4 - 3`` of the layer's output (the signal ``trainscope`` reads);
+* ``adam_v_rms``, ``adam_v_max``: ``sqrt(mean v)`` and ``sqrt(max v)`` of Adam's second moment ``v``
+  (``exp_avg_sq``) over every parameter, after the step (BLOOM's engineers read its growth).
+
+The formulas are also functions (`grad_rms_over_eps`, `update_ratio`, `attention_entropy`,
+`excess_kurtosis`, `second_moment_stats`), each tested against the computation written out.
+
+Examples:
+    >>> import torch
+    >>> from admin_torch import make_stack
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> model = make_stack("pre_ln", depth=2, dim=16, heads=2, seed=0)
+    >>> opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    >>> sig = UpdateSignals(model, opt)
+    >>> for _ in range(3):
+    ...     y = model(torch.randn(2, 5, 16))
+    ...     loss = y.pow(2).mean()
+    ...     loss.backward()
+    ...     sig.after_backward()
+    ...     opt.step()
+    ...     sig.after_step(loss)
+    ...     opt.zero_grad()
+    >>> out = sig.read()
+    >>> len(out["loss"]), out["grad_ratio_min"][0] <= 1.0
+    (3, True)
+    >>> sig.remove()
+"""
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .attention_stats import AttentionLogits
+from .quantities import OTHER_ROW, Recorder
+from .sites import SitePlan
+
+__all__ = ["SIGNALS", "UpdateSignals", "UpdateStream", "EntropyLogits", "grad_rms_over_eps", "update_ratio",
+           "attention_entropy", "excess_kurtosis", "second_moment_stats"]
+
+#: the per-update scalars, in the order of a row
+SIGNALS = ("loss", "grad_norm", "grad_rms_eps", "grad_rms_eps_min", "grad_ratio_min", "update_ratio", "log_z_mean",
+           "log_z_rms", "attn_logit_max", "attn_entropy_min", "linear_rms_max", "linear_rms_gmean", "act_kurtosis_max",
+           "adam_v_rms", "adam_v_max")
+
+
+def grad_rms_over_eps(grads: Sequence[Tensor], eps: float) -> Tensor:
+    """``sqrt(sum_i g_i^2 / N) / eps`` over every entry of ``grads`` (a device scalar).
+
+    Examples:
+        >>> float(grad_rms_over_eps([torch.full((4,), 1e-8)], 1e-8))
+        1.0
+    """
+    if not grads:
+        raise ValueError("grads must hold at least one tensor")
+    sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+    n = sum(g.numel() for g in grads)
+    return (sq / max(n, 1)).sqrt() / eps
+
+
+def update_ratio(before: Sequence[Tensor], after: Sequence[Tensor]) -> Tensor:
+    """``||W' - W||_2 / ||W||_2`` over all tensors (``before``: W, ``after``: W'), a device scalar.
+
+    Examples:
+        >>> float(update_ratio([torch.ones(4)], [torch.full((4,), 1.5)]))
+        0.5
+    """
+    num = torch.stack([(a.detach().float() - b.detach().float()).pow(2).sum() for a, b in zip(after, before)]).sum()
+    den = torch.stack([b.detach().float().pow(2).sum() for b in before]).sum()
+    return (num / den.clamp_min(1e-30)).sqrt()
+
+
+def attention_entropy(q: Tensor, k: Tensor, n_heads: int) -> Tensor:
+    """Mean softmax entropy (nats) of ``q.k/sqrt(d_head)`` over batch, heads and queries.
+
+    Args:
+        q, k: ``(batch, time, dim)`` queries and keys (batch first), ``dim`` divisible by ``n_heads``.
+
+    Examples:
+        >>> q = torch.zeros(1, 3, 4); k = torch.randn(1, 5, 4)
+        >>> round(float(attention_entropy(q, k, 2)), 4) == round(math.log(5), 4)   # uniform over 5 keys
+        True
+    """
+    b, tq, d = q.shape
+    dh = d // n_heads
+    qh = q.reshape(b, tq, n_heads, dh).transpose(1, 2).float()
+    kh = k.reshape(b, k.shape[1], n_heads, dh).transpose(1, 2).float()
+    logp = torch.log_softmax(qh @ kh.transpose(-1, -2) / math.sqrt(dh), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def excess_kurtosis(x: Tensor) -> Tensor:
+    """``E[(x - mu)^4] / sigma^4 - 3`` over every entry of ``x`` (population moments; 0 for a constant).
+
+    Examples:
+        >>> float(excess_kurtosis(torch.tensor([-1.0, 1.0])))    # two points: 1 - 3
+        -2.0
+    """
+    x = x.detach().float().reshape(-1)
+    c = x - x.mean()
+    var = c.pow(2).mean()
+    return torch.where(var > 0, c.pow(4).mean() / var.clamp_min(1e-30).pow(2) - 3.0, torch.zeros_like(var))
+
+
+def second_moment_stats(optimizer: torch.optim.Optimizer) -> Optional[Tensor]:
+    """``stack([sqrt(mean v), sqrt(max v)])`` of Adam's ``exp_avg_sq`` over every parameter, or None
+    (no such state yet).
+
+    Examples:
+        >>> p = nn.Parameter(torch.zeros(2)); opt = torch.optim.Adam([p], 0.1, betas=(0.9, 0.5))
+        >>> p.grad = torch.tensor([2.0, 4.0]); opt.step()
+        >>> second_moment_stats(opt).tolist()     # v = 0.5 * g^2 = [2, 8]: sqrt(5), sqrt(8)
+        [2.2360680103302, 2.8284270763397217]
+    """
+    vs = [s["exp_avg_sq"] for s in optimizer.state.values() if isinstance(s.get("exp_avg_sq"), Tensor)]
+    if not vs:
+        return None
+    total = torch.stack([v.float().sum() for v in vs]).sum() / sum(v.numel() for v in vs)
+    top = torch.stack([v.float().amax() for v in vs]).amax()
+    return torch.stack([total.sqrt(), top.sqrt()])
+
+
+class EntropyLogits(AttentionLogits):
+    """`AttentionLogits` that also keeps each module's mean attention entropy (`attention_entropy`; the
+    smallest over the calls it sees) in ``entropy``: ``{module name: device scalar}``."""
+
+    def __init__(self, modules, recorder):
+        super().__init__(modules, recorder)
+        self.entropy: Dict[str, Tensor] = {}
+
+    def clear(self) -> None:
+        super().clear()
+        self.entropy = {}
+
+    def _store(self, name, q, k, n_heads, batch_first):
+        super()._store(name, q, k, n_heads, batch_first)
+        if not batch_first:
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+        if q.shape[-1] % n_heads or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+            return
+        e = attention_entropy(q.detach(), k.detach(), n_heads)
+        old = self.entropy.get(name)
+        self.entropy[name] = e if old is None else torch.minimum(old, e)
+
+
+class UpdateSignals:
+    """Records `SIGNALS` at every update (device tensors; one transfer at `read`).
+
+    Call `after_backward` once the gradients are final (after unscaling/clipping, before the
+    optimizer step), `observe_logits` with the output logits of the update's forward pass (optional),
+    then `after_step` with the loss after the optimizer step. The hooks (attention, linear outputs,
+    layer outputs) stay on the model until `remove`.
+
+    Args:
+        model: the model (its layer groups and attention modules come from `SitePlan`).
+        optimizer: the optimizer (its ``eps`` and, for Adam-like ones, ``exp_avg_sq``).
+        eps: the epsilon ``grad_rms_eps`` is measured in (default: the optimizer's first group's
+            ``eps``, else 1e-8).
+        activations: record the attention, linear-output and kurtosis signals (forward hooks); False
+            records the gradient, update, logit and optimizer signals only.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``optimizer`` not an optimizer.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, eps: Optional[float] = None,
+                 activations: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if eps is None:
+            eps = optimizer.param_groups[0].get("eps", 1e-8)
+            eps = eps if isinstance(eps, float) and eps > 0 else 1e-8
+        elif not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        self.model, self.optimizer, self.eps = model, optimizer, float(eps)
+        plan = SitePlan(model)
+        self.params: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+        index = {id(p): i for i, p in enumerate(self.params)}
+        layer_rows = [(row, ps) for row, ps in plan.groups if row != OTHER_ROW]
+        self.layers = [row for row, _ in layer_rows]
+        gid = torch.full((len(self.params),), len(layer_rows), dtype=torch.long)
+        numel = torch.zeros(len(layer_rows) + 1)
+        for g, (_, ps) in enumerate(layer_rows):
+            for _, p in ps:
+                if id(p) in index:
+                    gid[index[id(p)]] = g
+                    numel[g] += p.numel()
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self._gid, self._numel = gid.to(device), numel.to(device)
+        self._before = [p.detach().clone() for p in self.params]
+        self._rows: List[Tensor] = []
+        self._linear_rows: List[Tensor] = []
+        self._handles: List[Any] = []
+        self._pending: Dict[str, Tensor] = {}
+        self.linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] if activations else []
+        self._lin: Dict[int, Tensor] = {}
+        self._kurt: Dict[int, Tensor] = {}
+        self._attn = EntropyLogits(plan.attention, Recorder(1)) if activations else None
+        if activations:
+            self._attn.arm(self._handles)
+            for i, name in enumerate(self.linears):
+                self._handles.append(model.get_submodule(name).register_forward_hook(
+                    lambda _m, _a, out, i=i: self._lin.__setitem__(i, out.detach().float().pow(2).mean().sqrt())))
+            for i, row in enumerate(self.layers):
+                try:
+                    layer = model.get_submodule(row)
+                except AttributeError:
+                    continue
+                self._handles.append(layer.register_forward_hook(lambda _m, _a, out, i=i: self._kurtosis(i, out)))
+
+    def _kurtosis(self, i: int, out) -> None:
+        t = out if isinstance(out, Tensor) else (out[0] if isinstance(out, (tuple, list)) and out and
+                                                  isinstance(out[0], Tensor) else None)
+        if t is not None and t.is_floating_point() and t.numel() > 1:
+            self._kurt[i] = excess_kurtosis(t)
+
+    def begin_update(self) -> None:
+        """Forget what the hooks saw since the last update (e.g. another forward pass, a probe batch):
+        call it before the update's forward pass when other passes run between updates."""
+        self._lin, self._kurt = {}, {}
+        if self._attn is not None:
+            self._attn.clear()
+
+    def observe_logits(self, logits: Tensor) -> None:
+        """The output logits ``(..., vocabulary)`` of this update's forward pass (for ``log_z_*``)."""
+        if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1 or not logits.numel():
+            raise TypeError("logits must be a non-empty floating tensor (..., vocabulary)")
+        with torch.no_grad():
+            lz = logits.detach().float().logsumexp(-1).reshape(-1)
+            self._pending["log_z_mean"] = lz.mean()
+            self._pending["log_z_rms"] = lz.pow(2).mean().sqrt()
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Read the gradients (before the optimizer step) and keep the weights the step will change."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if not grads:
+            return
+        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).pow(2)
+        per = torch.zeros_like(self._numel).index_add_(0, self._gid, sq)
+        total = sq.sum()
+        n_all = sum(p.numel() for p in self.params)
+        self._pending["grad_norm"] = total.sqrt()
+        self._pending["grad_rms_eps"] = (total / n_all).sqrt() / self.eps
+        if self.layers:
+            lay, lay_n = per[:-1], self._numel[:-1].clamp_min(1)
+            self._pending["grad_rms_eps_min"] = (lay / lay_n).sqrt().amin() / self.eps
+            self._pending["grad_ratio_min"] = (lay.amin() / lay.amax().clamp_min(1e-30)).sqrt()
+        torch._foreach_copy_(self._before, [p.detach() for p in self.params])
+
+    @torch.no_grad()
+    def after_step(self, loss: Any = None) -> None:
+        """Close the update: the update ratio, Adam's second moment, the forward-pass signals, the ``loss``."""
+        p = self._pending
+        nan = torch.tensor(float("nan"), device=self._numel.device)
+        if "grad_norm" in p:
+            p["update_ratio"] = update_ratio(self._before, [q.detach() for q in self.params])
+        v = second_moment_stats(self.optimizer)
+        if v is not None:
+            p["adam_v_rms"], p["adam_v_max"] = v[0], v[1]
+        if self._attn is not None:
+            maxima = [t for t in self._attn.maxima.values() if t is not None]
+            if maxima:
+                p["attn_logit_max"] = torch.stack(maxima).amax()
+            if self._attn.entropy:
+                p["attn_entropy_min"] = torch.stack(list(self._attn.entropy.values())).amin()
+            self._attn.clear()
+        if self._lin:
+            lin = torch.stack([self._lin.get(i, nan) for i in range(len(self.linears))])
+            p["linear_rms_max"] = lin.nan_to_num(nan=0.0).amax()
+            p["linear_rms_gmean"] = lin.clamp_min(1e-30).log().nanmean().exp()
+            self._linear_rows.append(lin)
+            self._lin = {}
+        if self._kurt:
+            p["act_kurtosis_max"] = torch.stack(list(self._kurt.values())).amax()
+            self._kurt = {}
+        if loss is not None:
+            p["loss"] = loss.detach().float().reshape(-1).mean() if isinstance(loss, Tensor) else \
+                torch.tensor(float(loss))
+        self._rows.append(torch.stack([p[s].to(nan.device).float().reshape(()) if s in p else nan
+                                       for s in SIGNALS]))
+        self._pending = {}
+
+    def read(self) -> Dict[str, List]:
+        """``{signal: [value per update]}`` (NaN where a signal was not available), plus ``linear_rms``:
+        ``[[RMS per linear] per update]`` and ``linears``: their names. One device-to-host transfer."""
+        rows = torch.stack(self._rows).cpu().tolist() if self._rows else []
+        out: Dict[str, List] = {s: [r[i] for r in rows] for i, s in enumerate(SIGNALS)}
+        out["linear_rms"] = torch.stack(self._linear_rows).cpu().tolist() if self._linear_rows else []
+        out["linears"] = list(self.linears)
+        return out
+
+    def remove(self) -> None:
+        """Remove every hook from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class UpdateStream:
+    """Per-update device scalars kept until the next read: what the monitor records between its logging steps.
+
+    ``put(name, value)`` sets a scalar of the current update (a tensor stays on its device); ``end(step)``
+    closes the update; ``read()`` returns ``{"update": [step, ...], name: [value, ...]}`` for the updates
+    closed since the last read (NaN where a name had no value) in one device-to-host transfer, and forgets them.
+
+    Examples:
+        >>> s = UpdateStream()
+        >>> s.put("loss", torch.tensor(2.0)); s.end(0)
+        >>> s.put("loss", torch.tensor(1.5)); s.put("grad_norm", torch.tensor(3.0)); s.end(1)
+        >>> out = s.read()
+        >>> out["update"], out["loss"], math.isnan(out["grad_norm"][0]), out["grad_norm"][1]
+        ([0, 1], [2.0, 1.5], True, 3.0)
+    """
+
+    def __init__(self):
+        self._current: Dict[str, Tensor] = {}
+        self._rows: List[Dict[str, Tensor]] = []
+        self._steps: List[int] = []
+
+    def put(self, name: str, value: Tensor) -> None:
+        """Set ``name`` of the current update to ``value`` (a scalar tensor; no transfer)."""
+        self._current[name] = value.detach().float().reshape(())
+
+    def end(self, step: int) -> None:
+        """Close the current update as update ``step`` (nothing is kept for an update without a value)."""
+        if self._current:
+            self._rows.append(self._current)
+            self._steps.append(step)
+        self._current = {}
+
+    def clear(self) -> None:
+        """Forget the current update's values (a failed step)."""
+        self._current = {}
+
+    def read(self) -> Dict[str, List]:
+        """The closed updates' values, one transfer; they are forgotten."""
+        names = sorted({k for r in self._rows for k in r})
+        out: Dict[str, List] = {"update": list(self._steps)}
+        if names:
+            dev = next(iter(self._rows[0].values())).device
+            nan = torch.tensor(float("nan"), device=dev)
+            table = torch.stack([torch.stack([r.get(k, nan).to(dev) for k in names]) for r in self._rows]).cpu()
+            for i, k in enumerate(names):
+                out[k] = table[:, i].tolist()
+        self._rows, self._steps = [], []
+        return out

@@ -1,0 +1,251 @@
+"""The early-warning detector over per-update scalars: rules against each signal's own recent baseline.
+
+Input: one value per update and signal (`stability_toolbox.leading_signals.SIGNALS`: ``grad_norm``,
+``attn_logit_max``, ``grad_ratio_min`` ...). A [`SignalRule`][stability_toolbox.signal_detector.SignalRule]
+compares, at update ``t``, the signal's recent level
+
+    ``level_t = median(x[t - smooth + 1 .. t])``
+
+with its baseline, the median of the ``baseline`` values before the latest ``lag + 1``,
+
+    ``base_t = median(x[t - lag - baseline .. t - lag - 1])``
+
+and holds at ``t`` when ``level_t >= factor * base_t`` (``direction='rising'``) or
+``level_t <= base_t / factor`` (``'falling'``) with ``base_t > 0``, and, with ``level`` set,
+``level_t >= level`` (rising) or
+``<= level`` (falling). It fires at the first update ``t >= start`` at which it has held for ``persist``
+consecutive updates; a non-finite value fires at once. Each rule fires once.
+
+[`SignalDetector`][stability_toolbox.signal_detector.SignalDetector] runs a set of rules online
+(``update(step, scalars)`` returns the warnings of that update, each with its update index) and
+[`detect`][stability_toolbox.signal_detector.detect] / [`first_alarm`][stability_toolbox.signal_detector.first_alarm]
+replay whole recorded streams. Nothing here imports torch, and the detector is what a guard (skip or
+rewind an update) can build on: it needs only the scalars and returns the update index of each warning.
+
+`DEFAULT_SIGNAL_RULES` were calibrated on the calibration seeds of ``benchmarks.foresight`` only
+(results/monitor/foresight.md gives their hit, lead and false-alarm rates on the evaluation seeds and on
+models they were not calibrated on).
+
+Examples:
+    >>> rules = [SignalRule("grad_norm", factor=4.0, baseline=20, lag=5, persist=2, smooth=1, start=10)]
+    >>> stream = {"grad_norm": [1.0] * 30 + [1.0 * 2 ** i for i in range(1, 8)]}
+    >>> [(w["update"], w["signal"]) for w in detect(stream, rules)]
+    [(32, 'grad_norm')]
+"""
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence
+
+from toolbox_core import checks
+
+__all__ = ["SignalRule", "SignalDetector", "DEFAULT_SIGNAL_RULES", "SIGNAL_DIAGNOSES", "detect", "first_alarm"]
+
+
+@dataclass(frozen=True)
+class SignalRule:
+    """When one per-update signal departs from its own recent baseline (module docstring for the formula).
+
+    Args:
+        signal: the signal's name (a key of the scalars passed to the detector).
+        factor: the ratio to the baseline that fires (> 1).
+        direction: ``'rising'`` or ``'falling'``.
+        baseline: how many values the baseline median spans (>= 1).
+        lag: how many of the latest updates the baseline leaves out (>= 0).
+        smooth: how many of the latest values the level median spans (>= 1; 1: the value itself).
+        persist: how many consecutive updates the condition must hold (>= 1).
+        level: an absolute bound the level must also pass (None: none).
+        start: no warning before this update (>= 0).
+
+    Raises:
+        TypeError / ValueError: a field of the wrong type or out of range (named).
+    """
+
+    signal: str
+    factor: float
+    direction: str = "rising"
+    baseline: int = 50
+    lag: int = 10
+    smooth: int = 3
+    persist: int = 3
+    level: Optional[float] = None
+    start: int = 20
+
+    def __post_init__(self):
+        if not isinstance(self.signal, str) or not self.signal:
+            raise TypeError(f"signal must be a non-empty str, got {self.signal!r}")
+        checks.as_real("factor", self.factor, low=1.0)
+        checks.as_choice("direction", self.direction, ("rising", "falling"))
+        checks.as_int("baseline", self.baseline, minimum=1)
+        checks.as_int("lag", self.lag, minimum=0)
+        checks.as_int("smooth", self.smooth, minimum=1)
+        checks.as_int("persist", self.persist, minimum=1)
+        if self.level is not None:
+            checks.as_real("level", self.level)
+        checks.as_int("start", self.start, minimum=0)
+
+    @property
+    def memory(self) -> int:
+        """How many past values the rule reads."""
+        return max(self.smooth, self.lag + self.baseline)
+
+
+#: signal -> (likely mechanism, remedy) named in a warning
+SIGNAL_DIAGNOSES: Dict[str, tuple] = {
+    "grad_ratio_min": ("vanishing gradients in the lower layers (deep Post-LN)",
+                       "Admin (admin_torch.convert(model)) or DeepNorm, else a lower learning rate or a longer "
+                       "warm-up"),
+    "grad_norm": ("a gradient-norm surge (OLMo 2: gradient spikes precede loss spikes)",
+                  "a lower learning rate or gradient clipping"),
+    "grad_rms_eps": ("the gradient's RMS shrinking towards Adam's epsilon (updates shrink; Wortsman et al. 2023)",
+                     "a smaller Adam eps (1e-15) or a larger learning rate"),
+    "grad_rms_eps_min": ("a layer's gradient RMS shrinking towards Adam's epsilon (Wortsman et al. 2023)",
+                         "a smaller Adam eps (1e-15); if the layer is a lower Post-LN layer: Admin"),
+    "update_ratio": ("updates growing against the weights",
+                     "a lower learning rate or a longer warm-up"),
+    "log_z_rms": ("output-logit divergence (log Z drifts; Wortsman et al. 2023)",
+                  "z-loss 1e-4 (stability_toolbox.cross_entropy_with_z_loss), weight decay, a lower learning rate"),
+    "log_z_mean": ("output-logit divergence (log Z drifts; Wortsman et al. 2023)",
+                   "z-loss 1e-4 (stability_toolbox.cross_entropy_with_z_loss), weight decay, a lower learning rate"),
+    "attn_logit_max": ("attention-logit growth (Wortsman et al. 2023)",
+                       "qk-layernorm (admin_torch.add_qk_norm(model)), else a lower learning rate"),
+    "attn_entropy_min": ("attention-entropy collapse (Zhai et al. 2023)",
+                         "qk-layernorm or sigmaReparam, else a lower learning rate"),
+    "linear_rms_max": ("linear-layer output norms growing (Rybakov et al. 2024)",
+                       "qk-layernorm and a lower learning rate"),
+    "linear_rms_gmean": ("every linear layer's output norm growing (Rybakov et al. 2024)",
+                         "qk-layernorm and a lower learning rate"),
+    "act_kurtosis_max": ("heavy-tailed activations (outlier features)", "a lower learning rate"),
+    "adam_v_rms": ("Adam's second moment growing (BLOOM)", "a lower learning rate or gradient clipping"),
+    "adam_v_max": ("Adam's second moment growing (BLOOM)", "a lower learning rate or gradient clipping"),
+    "loss": ("the loss rising above its recent level", "a lower learning rate; check the data"),
+}
+
+
+def _median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+class SignalDetector:
+    """Runs `SignalRule` s online over per-update scalars.
+
+    Args:
+        rules: the rules (default `DEFAULT_SIGNAL_RULES`).
+
+    Examples:
+        >>> det = SignalDetector([SignalRule("loss", factor=2.0, baseline=3, lag=0, smooth=1, persist=1,
+        ...                                  start=0)])
+        >>> [det.update(i, {"loss": v}) for i, v in enumerate([1.0, 1.0, 1.0, 3.0])][-1][0]["update"]
+        3
+    """
+
+    def __init__(self, rules: Optional[Sequence[SignalRule]] = None):
+        rules = DEFAULT_SIGNAL_RULES if rules is None else rules
+        if isinstance(rules, SignalRule) or not isinstance(rules, (list, tuple)):
+            raise TypeError(f"rules must be a list or tuple of SignalRule, got {type(rules).__name__}")
+        for i, r in enumerate(rules):
+            if not isinstance(r, SignalRule):
+                raise TypeError(f"rules[{i}] must be a SignalRule, got {type(r).__name__}")
+        self.rules = tuple(rules)
+        self._past: Dict[str, Deque[float]] = {}
+        self._held = [0] * len(self.rules)
+        self._fired = [False] * len(self.rules)
+        #: every warning issued so far, in order
+        self.warnings: List[Dict[str, Any]] = []
+
+    def update(self, step: int, scalars: Mapping[str, float]) -> List[Dict[str, Any]]:
+        """Feed update ``step``'s scalars (``{signal: value}``; signals absent or None are skipped).
+
+        Returns the warnings this update raises: dicts ``update`` (= ``step``), ``signal`` (= ``quantity``;
+        ``layer`` is ``'(model)'``), ``value``, ``baseline``, ``ratio``, ``rule``, ``mechanism``, ``remedy``,
+        ``message``.
+        """
+        checks.as_int("step", step, minimum=0)
+        if not isinstance(scalars, Mapping):
+            raise TypeError(f"scalars must be a mapping {{signal: value}}, got {type(scalars).__name__}")
+        memory: Dict[str, int] = {}
+        for r in self.rules:
+            memory[r.signal] = max(memory.get(r.signal, 0), r.memory)
+        for name in memory:  # every value checked before any is kept: a refused call changes nothing
+            v = scalars.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"scalars[{name!r}] must be a real number, got {type(v).__name__}")
+        out = []
+        for name, keep in memory.items():
+            if scalars.get(name) is not None:
+                self._past.setdefault(name, deque(maxlen=keep + 1)).append(float(scalars[name]))
+        for i, r in enumerate(self.rules):
+            if self._fired[i] or r.signal not in scalars or scalars[r.signal] is None:
+                continue
+            w = self._check(i, r, step)
+            if w is not None:
+                self._fired[i] = True
+                out.append(w)
+        self.warnings += out
+        return out
+
+    def _check(self, i: int, r: SignalRule, step: int) -> Optional[Dict[str, Any]]:
+        past = self._past[r.signal]
+        v = past[-1]
+        if not math.isfinite(v):
+            return self._warning(r, step, v, float("nan"), "is non-finite")
+        xs = list(past)
+        if len(xs) < r.lag + r.baseline + 1 or step < r.start:
+            self._held[i] = 0
+            return None
+        recent = [x for x in xs[-r.smooth:] if math.isfinite(x)]
+        base_vals = [x for x in xs[-(r.lag + r.baseline) - 1: len(xs) - r.lag - 1] if math.isfinite(x)]
+        if not recent or not base_vals:
+            self._held[i] = 0
+            return None
+        level, base = _median(recent), _median(base_vals)
+        if r.direction == "rising":
+            ok = base > 0 and level >= r.factor * base  # a ratio needs a positive baseline
+            ok = ok and (r.level is None or level >= r.level)
+        else:
+            ok = base > 0 and level * r.factor <= base
+            ok = ok and (r.level is None or level <= r.level)
+        self._held[i] = self._held[i] + 1 if ok else 0
+        if self._held[i] < r.persist:
+            return None
+        verb = "rose" if r.direction == "rising" else "fell"
+        return self._warning(r, step, level, base, f"{verb} to {level:.4g} from a baseline of {base:.4g}")
+
+    @staticmethod
+    def _warning(r: SignalRule, step: int, level: float, base: float, trend: str) -> Dict[str, Any]:
+        mech, remedy = SIGNAL_DIAGNOSES.get(r.signal, ("a signal departing from its baseline", "a lower learning rate"))
+        ratio = level / base if base and math.isfinite(base) and base != 0 else float("nan")
+        message = (f"stability warning: update {step}: {r.signal} {trend} (x{ratio:.3g}; rule x{r.factor:g}, "
+                   f"{r.persist} updates); likely mechanism: {mech}; remedy: {remedy}")
+        # step / layer / quantity: the keys of the monitor's other warnings (warning_rules), for one list of both
+        return {"update": step, "step": step, "layer": "(model)", "quantity": r.signal, "signal": r.signal,
+                "value": level, "baseline": base, "ratio": ratio, "rule": r, "mechanism": mech, "remedy": remedy, "message": message}
+
+
+def detect(stream: Mapping[str, Sequence[float]], rules: Optional[Sequence[SignalRule]] = None,
+           first_update: int = 0) -> List[Dict[str, Any]]:
+    """Every warning of a recorded ``stream`` (``{signal: [value per update]}``, the updates numbered from
+    ``first_update``) under ``rules``, in order (the same as feeding `SignalDetector.update` one update at a
+    time)."""
+    if not isinstance(stream, Mapping):
+        raise TypeError(f"stream must be a mapping {{signal: [value per update]}}, got {type(stream).__name__}")
+    det = SignalDetector(rules)
+    names = sorted({r.signal for r in det.rules} & set(stream))
+    n = max((len(stream[k]) for k in names), default=0)
+    for t in range(n):
+        det.update(first_update + t, {k: stream[k][t] for k in names if t < len(stream[k])})
+    return det.warnings
+
+
+def first_alarm(stream: Mapping[str, Sequence[float]], rules: Optional[Sequence[SignalRule]] = None
+                ) -> Optional[Dict[str, Any]]:
+    """The first warning of ``stream`` under ``rules`` (a dict as `SignalDetector.update` gives), or None."""
+    ws = detect(stream, rules)
+    return ws[0] if ws else None
+
+
+#: the default rules (set by ``python -m benchmarks.foresight analyze`` on the calibration seeds; see
+#: results/monitor/foresight.md)
+DEFAULT_SIGNAL_RULES: tuple = ()

@@ -1,0 +1,99 @@
+"""stability_toolbox.signal_detector: the rule against a brute-force reading of its formula (hypothesis
+streams), online == offline, and refused arguments."""
+
+import math
+import statistics
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stability_toolbox.signal_detector import DEFAULT_SIGNAL_RULES, SignalDetector, SignalRule, detect, first_alarm
+
+
+def brute_first_fire(xs, r):
+    """The rule written out: level = median of the last `smooth`, base = median of the `baseline` values
+    ending `lag + 1` before; held `persist` updates in a row from update `start`."""
+    held = 0
+    for t in range(len(xs)):
+        if not math.isfinite(xs[t]):
+            return t
+        if t < r.lag + r.baseline or t < r.start:
+            held = 0
+            continue
+        level = statistics.median(xs[max(0, t - r.smooth + 1): t + 1])
+        base = statistics.median(xs[t - r.lag - r.baseline: t - r.lag])
+        if r.direction == "rising":
+            ok = base > 0 and level >= r.factor * base and (r.level is None or level >= r.level)
+        else:
+            ok = base > 0 and level * r.factor <= base and (r.level is None or level <= r.level)
+        held = held + 1 if ok else 0
+        if held >= r.persist:
+            return t
+    return None
+
+
+rules = st.builds(SignalRule, signal=st.just("x"), factor=st.sampled_from([1.1, 1.5, 2.0, 4.0]),
+                  direction=st.sampled_from(["rising", "falling"]), baseline=st.integers(1, 8),
+                  lag=st.integers(0, 4), smooth=st.integers(1, 4), persist=st.integers(1, 3),
+                  level=st.sampled_from([None, 0.5, 2.0]), start=st.integers(0, 10))
+streams = st.lists(st.floats(0.01, 100.0), min_size=1, max_size=40)
+
+
+@given(rule=rules, xs=streams)
+def test_first_alarm_is_the_formula_written_out(rule, xs):
+    w = first_alarm({"x": xs}, [rule])
+    assert (None if w is None else w["update"]) == brute_first_fire(xs, rule)
+
+
+def test_online_equals_offline_and_each_rule_fires_once():
+    rs = [SignalRule("a", 2.0, baseline=5, lag=1, smooth=1, persist=1, start=0),
+          SignalRule("b", 2.0, "falling", baseline=5, lag=1, smooth=1, persist=2, start=0)]
+    stream = {"a": [1.0] * 10 + [3.0] * 10, "b": [1.0] * 12 + [0.1] * 8}
+    det = SignalDetector(rs)
+    online = [w for t in range(20) for w in det.update(t, {k: v[t] for k, v in stream.items()})]
+    offline = detect(stream, rs)
+    assert [(w["update"], w["signal"]) for w in online] == [(w["update"], w["signal"]) for w in offline] \
+        == [(10, "a"), (13, "b")]
+    assert "stability warning: update 10: a rose" in online[0]["message"]
+
+
+def test_a_non_finite_value_fires_at_once_and_a_missing_signal_is_skipped():
+    r = SignalRule("a", 2.0, baseline=50, lag=10, start=20)
+    det = SignalDetector([r])
+    assert det.update(0, {"b": 1.0}) == []
+    (w,) = det.update(1, {"a": float("nan")})
+    assert w["update"] == 1 and "non-finite" in w["message"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(signal="", factor=2.0), "signal"), (dict(signal="a", factor=0.5), "factor"),
+    (dict(signal="a", factor=2.0, direction="up"), "direction"), (dict(signal="a", factor=2.0, baseline=0), "baseline"),
+    (dict(signal="a", factor=2.0, lag=-1), "lag"), (dict(signal="a", factor=2.0, persist=0), "persist"),
+    (dict(signal="a", factor=2.0, smooth=0), "smooth"), (dict(signal="a", factor=2.0, start=-1), "start"),
+    (dict(signal="a", factor=2.0, level="x"), "level")])
+def test_bad_rules_are_refused(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        SignalRule(**kwargs)
+
+
+def test_bad_detector_inputs_are_refused_and_change_nothing():
+    with pytest.raises(TypeError, match="rules"):
+        SignalDetector("grad_norm")
+    with pytest.raises(TypeError, match=r"rules\[0\]"):
+        SignalDetector([1])
+    det = SignalDetector([SignalRule("a", 2.0, baseline=1, lag=0, smooth=1, persist=1, start=0)])
+    with pytest.raises(TypeError, match="scalars"):
+        det.update(0, [1.0])
+    with pytest.raises(TypeError, match=r"scalars\['a'\]"):
+        det.update(0, {"a": "1"})
+    with pytest.raises((TypeError, ValueError), match="step"):
+        det.update(-1, {"a": 1.0})
+    det.update(0, {"a": 1.0})
+    assert det.update(1, {"a": 3.0})[0]["update"] == 1   # the refused calls left no value behind
+    with pytest.raises(TypeError, match="stream"):
+        detect([1.0])
+
+
+def test_default_rules_are_rules():
+    assert all(isinstance(r, SignalRule) for r in DEFAULT_SIGNAL_RULES)
