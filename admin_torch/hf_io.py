@@ -38,21 +38,18 @@ instead, so that Trainer's checkpointing keeps working:
   base config class, which accepts it) restore the model bit for bit.
 """
 
-import contextlib
 import copy
-import ctypes
-import errno
 import json
 import os
 import re
-import shutil
-import sys
-import tempfile
 from typing import Any, Callable, Dict
 
 import torch
 from torch import nn
 
+from toolbox_core.files import _carry, _exchange, _fsync_dir, publish_directory  # noqa: F401 (former names here)
+
+from . import hf_architectures  # registers HuggingFace's layer and stack descriptions
 from .adapter import Adapter
 from .conversion import convert_model
 from .folding import fold_model
@@ -115,6 +112,12 @@ class HuggingFaceAdapter(Adapter):
     """HuggingFace's steps in [`convert`][admin_torch.convert] and [`fold`][admin_torch.fold], for each
     ``PreTrainedModel`` in the model (none: nothing is done)."""
 
+    def check_family(self, model: nn.Module) -> None:
+        """ValueError for a model of a Pre-LN or unsupported family (`admin_torch.hf_architectures.refusal`)."""
+        message = hf_architectures.refusal(model)
+        if message is not None:
+            raise ValueError(message)
+
     def check_convertible(self, model: nn.Module) -> None:
         """ValueError when ``model`` was loaded from an Admin save with stock ``from_pretrained`` (its config
         records it): converting it again would re-initialise residuals of trained weights."""
@@ -175,10 +178,16 @@ def save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
     the old checkpoint or the new one, never a mix and never nothing. Files of ``save_directory`` that are
     not part of a model checkpoint (a tokenizer, Trainer's ``optimizer.pt``...) are kept; weight files of
     either layout (single file or sharded), ``config.json``, ``generation_config.json`` and an Admin-form
-    save's files are replaced by the new save's.
+    save's files are replaced by the new save's. One save at a time per directory: a second one raises
+    BlockingIOError naming the first, which completes (see
+    [`publish_directory`][toolbox_core.files.publish_directory]).
 
     Raises:
-        ValueError: ``save_directory`` is an existing file (left intact), or not a path.
+        ValueError: ``save_directory`` is an existing file (left intact), not a path, or the current working
+            directory or one above it (nothing written).
+        PermissionError: ``save_directory``, a checkpoint file in it, or the directory above it is read-only
+            (no write permission, or no write bit at all, also for root): left as it is, nothing written.
+        BlockingIOError: another save into ``save_directory`` is under way (it is named; nothing written).
     """
     if not _is_hf(model):
         raise TypeError(f"model must be a converted HuggingFace PreTrainedModel, got {type(model).__name__}")
@@ -220,104 +229,24 @@ def _is_checkpoint_file(directory: str, name: str) -> bool:
     return name == "README.md" and os.path.isfile(path) and _is_ours(path)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _carry_other_files(old: str, new: str) -> None:
     """Hard-link (or copy) into ``new`` the entries of ``old`` that are not checkpoint files and that ``new``
     lacks: a tokenizer, Trainer's state, a user's notes stay where they were."""
-    for name in os.listdir(old):
-        src, dst = os.path.join(old, name), os.path.join(new, name)
-        if _is_checkpoint_file(old, name) or os.path.lexists(dst):
-            continue
-        if os.path.islink(src):
-            os.symlink(os.readlink(src), dst)
-        elif os.path.isdir(src):
-            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(src, dst)
+    _carry(old, new, _keeps)
 
 
-def _exchange(a: str, b: str) -> bool:
-    """Swap the directories ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False
-    where the system or the file system does not offer it."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _keeps(entry: str) -> bool:
+    return not _is_checkpoint_file(*os.path.split(entry))
 
 
 def _publish(save_directory, write: Callable[[str], Any]):
-    """Run ``write(tmp)`` on a new sibling directory of ``save_directory``, then make it ``save_directory`` in
-    one rename: an atomic exchange with an existing directory (whose non-checkpoint files are carried over
-    first), a plain rename where there is none. Interrupted at any point, ``save_directory`` is the old
-    checkpoint or the new one; the temporary directory is removed on an error (a killed process can leave one,
-    named ``.<name>.admin_torch-save-*``, beside it: the next save to the same directory removes it)."""
-    target = os.path.abspath(os.fspath(save_directory))
-    if os.path.islink(target):
-        target = os.path.realpath(target)
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    for stale in os.listdir(parent):  # left by a save that was killed
-        if stale.startswith(f".{name}{_TMP_MARK}"):
-            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}{_TMP_MARK}", dir=parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-        result = write(tmp)
-        for file in os.listdir(tmp):
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(tmp, file), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        if os.path.isdir(target):
-            _carry_other_files(target, tmp)
-            _fsync_dir(tmp)
-            if not _exchange(tmp, target):
-                # no atomic exchange here: two renames, the old directory kept under the temporary name until
-                # the new one is in place
-                old = tempfile.mkdtemp(prefix=f".{name}{_TMP_MARK}old-", dir=parent)
-                os.rmdir(old)
-                os.rename(target, old)
-                os.rename(tmp, target)
-                tmp = old
-        else:
-            _fsync_dir(tmp)
-            os.rename(tmp, target)
-            tmp = None
-        _fsync_dir(parent)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # the old checkpoint after the exchange, or an unfinished save
-    return result
+    """Run ``write(tmp)`` on a new sibling directory of ``save_directory`` and swap it in atomically
+    ([`toolbox_core.files.publish_directory`][toolbox_core.files.publish_directory]: one writer at a time, a
+    read-only checkpoint or the working directory refused untouched); the old directory's files that are not
+    checkpoint files (a tokenizer, Trainer's state) are carried over. Temporary names:
+    ``.<name>.admin_torch-save-<pid>-<random>``, the lock ``.<name>.admin_torch-save.lock``."""
+    return publish_directory(save_directory, write, name="save_directory", tag=_TMP_MARK.strip(".-"),
+                             keep=_keeps)
 
 
 def _is_ours(readme: str) -> bool:

@@ -4,7 +4,8 @@
   Python;
 * `toolbox_core.validation`: those checks plus the data checks of tensors and their global switch
   (`set_data_checks`; torch is imported by the functions that read tensors, not by the module);
-* `toolbox_core.files`: atomic writes (a temporary name, then a rename);
+* `toolbox_core.files`: atomic writes of a file (`atomic_write`) and of a whole directory (`publish_directory`,
+  one writer at a time): a temporary name, then a rename;
 * `toolbox_core.listops`: the ListOps data (generator, parser, evaluator, reader and writer), pure Python.
 
 The libraries (`admin_torch`, `reinmax`, `sign_optim`) import from here; the feature packages above them

@@ -1,12 +1,17 @@
 """The save path of converted HuggingFace models: atomic as a whole (a save killed at any file boundary leaves
 the old checkpoint or the new one), stale files of the other weight layout gone, a file in place of the
-directory refused intact, a damaged Admin-form config named. Tiny random ALBERT / BERT, nothing downloaded."""
+directory refused intact, a damaged Admin-form config named; a read-only checkpoint, the working directory and
+a second concurrent save refused with the old checkpoint untouched. Tiny random ALBERT / BERT, nothing
+downloaded."""
 
 import builtins
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -15,6 +20,7 @@ import admin_torch
 from admin_torch import convert, hf_io
 
 from benchmarks import hf_families as H
+from toolbox_core import files as toolbox_files
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,7 +104,7 @@ class _Killed(BaseException):
 #: every call that creates, writes, moves or removes a file or directory: the file boundaries of a save
 _BOUNDARIES = [(os, "rename"), (os, "replace"), (os, "link"), (os, "symlink"), (os, "mkdir"), (os, "makedirs"),
                (os, "remove"), (os, "unlink"), (os, "rmdir"), (os, "fsync"), (shutil, "rmtree"), (shutil, "copy2"),
-               (shutil, "copytree"), (tempfile, "mkdtemp"), (builtins, "open"), (hf_io, "_exchange")]
+               (shutil, "copytree"), (tempfile, "mkdtemp"), (builtins, "open"), (toolbox_files, "_exchange")]
 
 
 class _Killer:
@@ -252,3 +258,109 @@ def test_a_damaged_admin_form_config_is_named(content, tmp_path):
     (tmp_path / hf_io.ADMIN_CONFIG_NAME).write_bytes(content)
     with pytest.raises(ValueError, match=r"admin_torch_config.json is not a valid config .*save the model again"):
         admin_torch.from_pretrained(transformers.AlbertForMaskedLM, tmp_path)
+
+
+# ------------------------------------------------------------------ permissions, the working directory, concurrency
+
+
+@pytest.fixture(scope="module")
+def folded_model():
+    return _folded_model()[0]
+
+
+@pytest.fixture
+def saved(tmp_path, folded_model):
+    """``tmp_path/"ckpt"``: a checkpoint saved by the folded model, with a tokenizer beside its files."""
+    path = tmp_path / "ckpt"
+    folded_model.save_pretrained(path)
+    (path / "tokenizer.json").write_text('{"tokens": 1}')
+    return path
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(path)``: chmod ``path`` a-w; write permission comes back after the test."""
+    done = []
+
+    def make(path):
+        os.chmod(path, os.stat(path).st_mode & 0o7555)
+        done.append(path)
+    yield make
+    for path in done:
+        os.chmod(path, os.stat(path).st_mode | 0o200)
+
+
+@pytest.mark.parametrize("what", ["directory", "parent", "weights"])
+def test_a_save_over_a_read_only_checkpoint_is_refused_and_leaves_it_untouched(saved, tmp_path, read_only,
+                                                                                folded_model, what):
+    """Formerly the save "succeeded" by swapping a fresh directory in and left the read-only old one beside it.
+    Now PermissionError naming save_directory; the old checkpoint file for file, nothing beside it (for root
+    too: a checkpoint with no write bit is protected)."""
+    before = _snapshot(saved)
+    read_only({"directory": saved, "parent": tmp_path, "weights": saved / "model.safetensors"}[what])
+    with pytest.raises(PermissionError, match=r"save_directory .*ckpt.* is read-only .*nothing was written"):
+        folded_model.save_pretrained(saved)
+    assert _snapshot(saved) == before and os.listdir(tmp_path) == ["ckpt"]
+
+
+@pytest.mark.parametrize("cwd", ["ckpt", "ckpt/sub"])
+def test_saving_into_the_working_directory_or_one_above_it_is_refused(saved, tmp_path, monkeypatch, folded_model,
+                                                                      cwd):
+    """``save_pretrained(".")`` from inside the checkpoint used to delete the process's working directory."""
+    (tmp_path / "ckpt" / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / cwd)
+    before = _snapshot(saved)
+    with pytest.raises(ValueError, match=r"save_directory .* is the current working directory or contains it"):
+        folded_model.save_pretrained("." if cwd == "ckpt" else "..")
+    assert os.getcwd() == str(tmp_path / cwd) and os.path.isdir(".")
+    assert _snapshot(saved) == before and os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_a_save_through_a_symlink_replaces_its_target_and_keeps_the_link(saved, tmp_path, folded_model):
+    link = tmp_path / "latest"
+    link.symlink_to(saved, target_is_directory=True)
+    folded_model.save_pretrained(link)
+    assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["ckpt", "latest"]
+    assert (saved / "tokenizer.json").exists() and (saved / "model.safetensors").exists()
+
+
+#: another process saving into the same directory: holds the save lock while it waits for "go"
+_HOLDER = """
+import os, sys, time
+from toolbox_core.files import publish_directory
+target, sync = sys.argv[1:3]
+
+def write(tmp):
+    open(os.path.join(tmp, "config.json"), "w").write("{}")
+    open(os.path.join(sync, "started"), "w").close()
+    while not os.path.exists(os.path.join(sync, "go")):
+        time.sleep(0.005)
+
+publish_directory(target, write, tag="admin_torch-save")
+"""
+
+
+def test_a_second_save_into_one_directory_fails_cleanly_and_the_first_completes(saved, tmp_path, folded_model):
+    """Formerly the second save deleted the first one's temporary directory and that save failed. Now the
+    second raises BlockingIOError naming the first (its pid) before writing anything; the first completes."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sync = tmp_path.parent / f"{tmp_path.name}-sync"
+    sync.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", _HOLDER, str(saved), str(sync)], cwd=repo,
+                             env={**os.environ, "PYTHONPATH": repo}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (sync / "started").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.005)
+        before = _snapshot(saved)
+        with pytest.raises(BlockingIOError, match=rf"is being written by another save \(pid {first.pid} on "):
+            folded_model.save_pretrained(saved)
+        assert _snapshot(saved) == before
+    finally:
+        (sync / "go").touch()
+        _, err = first.communicate(timeout=30)
+    assert first.returncode == 0, err
+    assert os.listdir(saved) == ["config.json"]  # the first save, whole (it keeps nothing of the old)
+    folded_model.save_pretrained(saved)  # and the next save works
+    assert "model.safetensors" in os.listdir(saved) and os.listdir(tmp_path) == ["ckpt"]
