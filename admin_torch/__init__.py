@@ -98,8 +98,8 @@ _MOVED = {
     "STACK_KINDS": ("architectures", "STACK_KINDS"),
     "layer_kind": ("architectures", "layer_kind"),
     "stack_kind": ("architectures", "stack_kind"),
-    "PRE_LN_MODEL_TYPES": ("architectures", "PRE_LN_MODEL_TYPES"),
-    "UNSUPPORTED_MODEL_TYPES": ("architectures", "UNSUPPORTED_MODEL_TYPES"),
+    "PRE_LN_MODEL_TYPES": ("hf_architectures", "PRE_LN_MODEL_TYPES"),
+    "UNSUPPORTED_MODEL_TYPES": ("hf_architectures", "UNSUPPORTED_MODEL_TYPES"),
     "omega_residuals": ("profiling", "omega_residuals"),
     "fold_stack_": ("folding", "fold_stack_"),
 }

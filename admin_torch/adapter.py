@@ -28,6 +28,10 @@ class Adapter:
     there is none.
     """
 
+    def check_family(self, model: nn.Module) -> None:
+        """Raise ValueError where ``model``'s family must not be converted (HuggingFace: a Pre-LN
+        ``model_type``). Called first, before the core looks for layers, so the refusal names the family."""
+
     def check_convertible(self, model: nn.Module) -> None:
         """Raise ValueError where ``model`` must not be converted.
 

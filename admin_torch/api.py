@@ -72,7 +72,7 @@ def convert(model: nn.Module, *, output_change_scale: str = "default", as_parame
 
     Raises:
         ValueError: ``model`` is of a Pre-LN family or has a Pre-LN layer; it is of a family in
-            `admin_torch.architectures.UNSUPPORTED_MODEL_TYPES`; it has no supported layer that
+            `admin_torch.hf_architectures.UNSUPPORTED_MODEL_TYPES`; it has no supported layer that
             is not converted yet; its config says it was saved from an Admin model (load it with
             [`admin_torch.from_pretrained`][admin_torch.from_pretrained]). Nothing is changed then.
     """

@@ -15,7 +15,7 @@ Examples:
     (2.01701, 2.01701)
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 from torch import nn
 
@@ -23,7 +23,7 @@ from toolbox_core import validation
 
 from . import layers as admin_layers
 from .adapter import Adapter
-from .architectures import PRE_LN_MODEL_TYPES, UNSUPPORTED_MODEL_TYPES
+from .architectures import CONVERTIBLE_MECHANISMS
 from .hooks import install_hooks
 # pickles of models converted by earlier versions name the hook classes here, where they were defined
 from .hooks import _Admin, _CaptureInput, _CaptureOutput, _CaptureResidualArg, _ClearSlots, _Slot  # noqa: F401
@@ -39,25 +39,14 @@ def _check_post_ln(name: str, layer: nn.Module) -> None:
         raise ValueError(f"{name} is a Pre-LN layer (norm_first=True); Admin is for Post-LN layers only")
 
 
-def _pre_ln_message(model: nn.Module) -> Optional[str]:
-    """The refusal for a HuggingFace model of a Pre-LN family (by ``config.model_type``), or None."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in UNSUPPORTED_MODEL_TYPES:
-        return (f"{type(model).__name__} (model_type {model_type!r}) is not supported by admin_torch.convert: "
-                f"{UNSUPPORTED_MODEL_TYPES[model_type]}. Nothing was changed.")
-    if model_type in PRE_LN_MODEL_TYPES:
-        return (f"{type(model).__name__} (model_type {model_type!r}) is a Pre-LN model (x + f(LN(x))); Admin "
-                "rescales Post-LN residuals LN(omega * x + f(x)) only, so it does not apply. Nothing was changed.")
-    return None
-
-
 def convert_model(model: nn.Module, *, output_change_scale: str = "default", as_parameter: bool = False,
                   qk_norm: bool = False, adapters: Sequence[Adapter] = ()) -> nn.Module:
     """The core of [`convert`][admin_torch.convert]: the same, with ``adapters`` in place of
     `admin_torch.api.ADAPTERS` (none: pure torch, no framework's steps).
 
-    In this order: the arguments and the model are checked (a Pre-LN family or layer, nothing left to convert),
-    then each adapter's [`check_convertible`][admin_torch.adapter.Adapter.check_convertible], then the
+    In this order: the arguments are checked, then each adapter's
+    [`check_family`][admin_torch.adapter.Adapter.check_family] (a Pre-LN family), then the model (a Pre-LN layer,
+    nothing left to convert), then each adapter's [`check_convertible`][admin_torch.adapter.Adapter.check_convertible], then the
     qk-layernorm check; every check passed, the layers are converted (and given qk-layernorm), then each
     adapter's [`after_convert`][admin_torch.adapter.Adapter.after_convert] runs. A refusal leaves ``model`` as
     it was.
@@ -77,13 +66,12 @@ def convert_model(model: nn.Module, *, output_change_scale: str = "default", as_
     validation.as_choice("output_change_scale", output_change_scale, OUTPUT_CHANGE_SCALES)
     as_parameter = validation.as_bool("as_parameter", as_parameter)
     qk_norm = validation.as_bool("qk_norm", qk_norm)
-    message = _pre_ln_message(model)
-    if message is not None:
-        raise ValueError(message)
+    for adapter in adapters:
+        adapter.check_family(model)
     plan = []
     applications: Dict[int, int] = {}
     for _, _, layers in find_stacks(model, applications):
-        todo = [(n, m, k) for n, m, k in layers if not is_converted(m)]
+        todo = [(n, m, k) for n, m, k in layers if not is_converted(m) and k.mechanism in CONVERTIBLE_MECHANISMS]
         for name, layer, _ in todo:
             _check_post_ln(name, layer)
         # N counts residuals along the depth: a layer shared across depth (ALBERT) counts once per application

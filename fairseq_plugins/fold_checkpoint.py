@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 import admin_torch
-from admin_torch.architectures import seq2seq_layer_kinds
 from admin_torch.folding import fold_stack_
 from fairseq.data import Dictionary
 from toolbox_core.files import atomic_write, check_output_path
@@ -46,6 +45,7 @@ from fairseq.modules import SinusoidalPositionalEmbedding
 from fairseq.models.transformer_lm import TransformerLanguageModel
 
 from .admin import ADMIN_ARGS
+from .modules.layer_kinds import DECODER_LAYER, DECODER_ONLY_LAYER, ENCODER_LAYER
 from .models.transformer_admin import TransformerAdminModel
 from .models.transformer_lm_admin import TransformerLMAdmin
 
@@ -100,11 +100,8 @@ def stock_args(args, language_model: bool = False) -> argparse.Namespace:
     return new
 
 
-# fairseq's Post-LN layers, as admin_torch.architectures describes them (where each residual's input comes
-# from, which linear maps read it); the folding itself is admin_torch.folding.fold_stack_.
-ENCODER_LAYER, DECODER_LAYER = seq2seq_layer_kinds(mechanism="fairseq")
-#: a decoder layer without cross-attention (a language model's, or --no-cross-attention)
-DECODER_ONLY_LAYER = DECODER_LAYER.without_cross
+# fairseq's Post-LN layers are described in modules/layer_kinds (ENCODER_LAYER, ...); the folding itself is
+# admin_torch.folding.fold_stack_.
 
 
 def _described(layer: nn.Module):

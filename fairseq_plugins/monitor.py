@@ -5,13 +5,14 @@
 
 records every ``--stability-monitor-interval`` updates (default 100) the per-layer quantities of
 [`stability_toolbox.StabilityMonitor`][stability_toolbox.StabilityMonitor] (residual-branch ratio, output change, gradient norm,
-update/weight ratio, activation range, attention-logit maximum, loss spikes) and writes under DIR:
+update/weight ratio, activation range, attention-logit maximum, loss spikes, and ``log_z`` / ``log_z_rms`` of the
+output logits, handed over by `feed_output_logits`) and writes under DIR:
 ``monitor.jsonl``, TensorBoard scalars (``tb/``), ``summary.md`` and ``heatmap_<quantity>.png`` at the
 end of training (with several ranks: ``DIR/rank<R>``). A quantity trending toward divergence logs one
 ``stability warning: ...`` line in the training log (logger ``fairseq_plugins.monitor``).
 
 The layers are found through the descriptions `fairseq_plugins.fold_checkpoint` folds with
-(registered with [`stability_toolbox.register_layer_kind`][stability_toolbox.register_layer_kind]): stock ``transformer`` /
+(`fairseq_plugins.modules.layer_kinds`, in admin_torch's registry): stock ``transformer`` /
 ``transformer_lm`` layers, Post-LN or Pre-LN (``--*-normalize-before``), and ``transformer_admin`` /
 ``transformer_lm_admin`` through their residual modules; other architectures fall back to their
 LayerNorms.
@@ -21,8 +22,7 @@ fairseq dataclass holds them) and checked by `check_monitor_flags`, which record
 (``FAIRSEQ_STABILITY_MONITOR``) that spawned ranks inherit. Two repairs, installed by ``import fairseq_plugins``,
 connect them to fairseq: [`fairseq_plugins.repairs.monitor_flags`][fairseq_plugins.repairs.monitor_flags] adds the
 flags to the training parser and [`fairseq_plugins.repairs.monitor_train_step`][fairseq_plugins.repairs.monitor_train_step]
-runs the monitor around ``Trainer.train_step``. Importing this module registers fairseq's layers with the
-monitor (a registration, as a model's).
+runs the monitor around ``Trainer.train_step``.
 
 A bad value ends the tool with one line naming the flag, exit status 2 (`FlagError`).
 """
@@ -35,13 +35,17 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from toolbox_core import validation
-from stability_toolbox.monitor import StabilityMonitor, register_layer_kind
+from stability_toolbox.hooks import wrap_hooks
+from stability_toolbox.monitor import StabilityMonitor
 
 from .flags import FlagError, check_flag, flag_check
+from .modules import layer_kinds  # noqa: F401  (registers fairseq's layers: the monitor finds them)
 
-__all__ = ["add_monitor_args", "check_monitor_flags", "monitor_of", "monitor_config", "make_monitor", "ENV",
-           "DEFAULT_INTERVAL"]
+__all__ = ["add_monitor_args", "check_monitor_flags", "monitor_of", "monitor_config", "make_monitor",
+           "feed_output_logits", "ENV", "DEFAULT_INTERVAL"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,29 +116,30 @@ def make_monitor(trainer, cfg: dict) -> StabilityMonitor:
     world = getattr(trainer, "data_parallel_world_size", 1)
     if world > 1:
         directory = directory / f"rank{trainer.data_parallel_rank}"
-    mon = StabilityMonitor(_unwrap(trainer.model), directory, every=cfg["interval"], log=logger)
+    model = _unwrap(trainer.model)
+    mon = StabilityMonitor(model, directory, every=cfg["interval"], log=logger)
+    feed_output_logits(model, mon)
     logger.info("stability monitor: %d sublayers via %s, every %d updates, writing to %s",
                 len(mon.sites), mon.mechanism, mon.every, directory)
     atexit.register(mon.close)
     return mon
 
 
-def _register_fairseq_layers() -> None:
-    # the descriptions live in fold_checkpoint, imported when a layer is first described (not at import: then
-    # ``python -m fairseq_plugins.fold_checkpoint`` would find its own module imported before it runs)
-    def encoder(layer):
-        from . import fold_checkpoint as fc
+def feed_output_logits(model, mon: StabilityMonitor):
+    """Hand the output logits of ``model``'s training forward passes on logged updates to
+    [`mon.observe_logits`][stability_toolbox.StabilityMonitor.observe_logits] (``log_z``, ``log_z_rms``: output-logit
+    divergence). fairseq's models return ``(logits, extra)`` with logits ``(batch, time, vocabulary)``; other
+    outputs, evaluation passes and passes between logged updates are left alone (one attribute read). Returns
+    the hook's handle (inert in a copied or pickled model)."""
+    def hook(module, _args, out):
+        if not mon.recording or not module.training:
+            return
+        logits = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.dim() == 3:
+            mon.observe_logits(logits)
 
-        return fc.ENCODER_LAYER
-
-    def decoder(layer):
-        from . import fold_checkpoint as fc
-
-        return fc.DECODER_LAYER if getattr(layer, "encoder_attn", None) is not None else fc.DECODER_ONLY_LAYER
-
-    base = "fairseq.modules.transformer_layer."
-    register_layer_kind(base + "TransformerEncoderLayerBase", encoder)
-    register_layer_kind(base + "TransformerDecoderLayerBase", decoder)
+    handle = model.register_forward_hook(hook)
+    wrap_hooks([handle])
+    return handle
 
 
-_register_fairseq_layers()

@@ -13,7 +13,7 @@ Where the residual sums are found (most exact first):
    reference stacks, converted torch.nn and HuggingFace models, fairseq's ``transformer_admin``);
 2. the per-layer descriptions that drive [`admin_torch.convert`][admin_torch.convert] / [`admin_torch.fold`][admin_torch.fold]
    (`admin_torch.LAYER_KINDS`: torch.nn, BERT, RoBERTa, BART, Marian; fairseq's layers are
-   added by `fairseq_plugins.monitor` through [`register_layer_kind`][stability_toolbox.register_layer_kind]), Post-LN or Pre-LN
+   added by `fairseq_plugins.modules.layer_kinds` through [`register_layer_kind`][stability_toolbox.register_layer_kind]), Post-LN or Pre-LN
    (``norm_first`` / ``normalize_before``): ``f = s - x`` with ``x`` the sublayer's input stream;
 3. any other model: every LayerNorm/RMSNorm in call order, the shortcut of norm i being the previous
    norm's output (Post-LN) or input (Pre-LN), decided once from the first logged step (the candidate
@@ -25,10 +25,11 @@ Attention modules are those whose query/key projections are known
 """
 
 import functools
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from torch import Tensor, nn
 
+from admin_torch.architectures import layer_kind, register_layer_kind
 from admin_torch.hooks import capture_sums
 from admin_torch.stacks import as_run, resolve
 
@@ -42,39 +43,9 @@ FALLBACK_MODES = ("auto", "post_ln", "pre_ln")
 
 # ----------------------------------------------------------------------------- layer descriptions
 
-_EXTRA_KINDS: Dict[str, Callable[[nn.Module], Any]] = {}
-
-
-def register_layer_kind(key: str, describe: Callable[[nn.Module], Any]) -> None:
-    """Teach the monitor a layer type: ``describe(layer)`` returns its [`admin_torch.LayerKind`][admin_torch.LayerKind].
-
-    ``key`` is ``module.QualifiedName`` of the class (`admin_torch.architectures.kind_key`);
-    subclasses match too. `fairseq_plugins.monitor` registers fairseq's layers this way with the
-    descriptions `fairseq_plugins.fold_checkpoint` folds with.
-
-    Examples:
-        >>> register_layer_kind('mylib.MyLayer', lambda layer: MY_KIND)   # doctest: +SKIP
-    """
-    if not isinstance(key, str):
-        raise TypeError(f"key must be a class key 'module.QualifiedName' (str), got {type(key).__name__}")
-    if not callable(describe):
-        raise TypeError(f"describe must be a callable layer -> LayerKind, got {type(describe).__name__}")
-    _EXTRA_KINDS[key] = describe
-
-
-def _describe_layer(module: nn.Module):
-    """The [`admin_torch.LayerKind`][admin_torch.LayerKind] of ``module`` (registered kinds, then admin_torch's tables and
-    structural recognition), or None."""
-    from admin_torch import architectures as arch
-
-    for cls in type(module).__mro__:
-        describe = _EXTRA_KINDS.get(arch.kind_key(cls))
-        if describe is not None:
-            return describe(module)
-    layer_kind = getattr(arch, "layer_kind", None)  # structural recognition (BERT-like families), if present
-    if layer_kind is not None:
-        return layer_kind(module)
-    return arch.LAYER_KINDS.get(arch.kind_key(type(module)))
+# one registry of layer descriptions, admin_torch's: Admin and the monitor see the same sublayers. Its
+# register_layer_kind is re-exported here and as stability_toolbox.register_layer_kind.
+_describe_layer = layer_kind
 
 
 def _residual_types() -> Tuple[type, ...]:

@@ -10,7 +10,7 @@ import torch
 
 import admin_torch
 from admin_torch import calculate_init, convert, fold
-from admin_torch.architectures import UNSUPPORTED_MODEL_TYPES
+from admin_torch.hf_architectures import UNSUPPORTED_MODEL_TYPES
 
 from benchmarks import hf_families as H  # the family builders, shared with benchmarks.bench_admin_hf
 

@@ -138,7 +138,9 @@ class _MySubLayer(_MyLayer):
 
 
 def test_register_layer_kind_teaches_a_layer_type_and_its_subclasses(monkeypatch):
-    monkeypatch.setattr(sites, "_EXTRA_KINDS", {})  # registrations stay within this test
+    from admin_torch import architectures
+
+    monkeypatch.setattr(architectures, "_DESCRIBERS", {})  # registrations stay within this test
     model = nn.Sequential(_MyLayer(), _MySubLayer())
     assert SitePlan(model).mechanism("auto") == "fallback (auto)"
     kind = LayerKind(sublayers=(Sublayer(norm="norm", readers=("ff",)),), last_norm="norm", mechanism="hooks")
@@ -154,7 +156,9 @@ def test_register_layer_kind_teaches_a_layer_type_and_its_subclasses(monkeypatch
     with pytest.raises(TypeError, match="key"):
         register_layer_kind(_MyLayer, lambda layer: kind)
     with pytest.raises(TypeError, match="describe"):
-        register_layer_kind("mylib.MyLayer", kind)
+        register_layer_kind("mylib.MyLayer", "not a kind")
+    # one registry: Admin converts what the monitor was taught
+    assert architectures.layer_kind(_MySubLayer()) is kind
 
 
 def test_attention_style_heads_and_qk_norm_of_plain_modules():
