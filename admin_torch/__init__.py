@@ -106,16 +106,15 @@ _MOVED = {
 
 
 def __getattr__(name: str):
-    """The names of earlier releases, found where they live now, with a DeprecationWarning: those of ``_MOVED``,
-    and ``admin_torch.StabilityMonitor`` (the monitor is a feature package above the libraries,
-    ``stability_toolbox``)."""
+    """The names of earlier releases, found where they live now, with a DeprecationWarning: those of ``_MOVED``.
+    ``admin_torch.StabilityMonitor`` is gone (the monitor is a feature package above the libraries, which never
+    import it): an AttributeError names its home."""
     import importlib
     import warnings
 
     if name == "StabilityMonitor":
-        warnings.warn("admin_torch.StabilityMonitor moved: import it from stability_toolbox "
-                      "(from stability_toolbox import StabilityMonitor)", DeprecationWarning, stacklevel=2)
-        return importlib.import_module("stability_toolbox").StabilityMonitor
+        raise AttributeError("admin_torch.StabilityMonitor moved to the stability_toolbox package, above the "
+                             "libraries: from stability_toolbox import StabilityMonitor")
     if name in _MOVED:
         module, attr = _MOVED[name]
         alias = f" as {name}" if attr != name else ""
