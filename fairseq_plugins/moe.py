@@ -15,6 +15,14 @@ FFN's. 0 (the default) keeps the dense FFN. The flags:
   ``min(tokens, ceil(factor * tokens / E))`` slots is dropped and passes through the residual
   unchanged; any finite factor is accepted, and one >= E drops nothing (the slots are clamped to
   the batch's tokens, exactly: [`reinmax.RoutedFeedForward.capacity`][reinmax.RoutedFeedForward.capacity]).
+* ``--moe-expert-parallel-size P`` (default 1): expert parallelism (``reinmax.expert_parallel``).
+  The ranks ``kP, ..., kP + P - 1`` share each FFN's experts, each holding ``E / P`` of them, and exchange
+  tokens by all-to-all; the ranks that hold the same experts (``j, j + P, ...``) average their gradients.
+  Needs ``--ddp-backend c10d`` (or ``pytorch_ddp``: torch's DDP, which then leaves the experts to the
+  exchange), ``--distributed-backend gloo`` or ``nccl``, P dividing ``--moe-experts`` and the world size, a
+  sparse router and no ``--zero-sharding``; anything else is one line naming the flag (exit 2) at argument
+  parsing. Checkpoints hold every expert (gathered before the save): they resume at any P and load in one
+  process (``fairseq-generate``, ``fairseq-eval-lm``), optimizer state included.
 
 With ``--encoder-layerdrop`` / ``--decoder-layerdrop``, a layer skipped in a step adds nothing to
 the balance loss or the logged load: the ``*_moe`` criteria clear every layer's routing stats
@@ -31,6 +39,7 @@ Example:
         --moe-experts 8 --moe-router sparsemixer --criterion label_smoothed_cross_entropy_moe ...
 """
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -47,7 +56,7 @@ from reinmax.routing import ROUTER_MIN_TAU, TAU_ROUTERS
 from .flags import FlagError, check_flag
 
 __all__ = ["MoEConfig", "MOE_DEFAULTS", "MOE_CRITERIA", "add_moe_args", "moe_defaults", "check_moe_args",
-           "install_moe_ffn"]
+           "install_moe_ffn", "expert_parallel_groups"]
 
 
 @dataclass
@@ -66,6 +75,9 @@ class MoEConfig(FairseqDataclass):
     moe_capacity_factor: float = field(
         default=0.0, metadata={"help": "expert capacity in units of tokens/E; excess tokens are dropped (default 0: "
                                        "none; >= E: none either)"})
+    moe_expert_parallel_size: int = field(
+        default=1, metadata={"help": "ranks sharing each FFN's experts, each holding --moe-experts / P of them, "
+                                     "tokens exchanged by all-to-all (default 1: every rank holds every expert)"})
 
 
 #: the ``--moe-*`` arguments and their defaults (`MoEConfig`'s).
@@ -107,6 +119,9 @@ def check_moe_args(args) -> None:
     if capacity > 0 and router == "reinmax":
         raise FlagError("--moe-capacity-factor must be 0 with --moe-router reinmax (it runs every expert on every "
                         "token, so no token is dropped)")
+    parallel = check_flag("--moe-expert-parallel-size", validation.as_int, args.moe_expert_parallel_size, minimum=1)
+    if parallel > 1:
+        _check_expert_parallel_args(args, parallel, experts, router)
     if experts == 0:
         return
     if getattr(args, "scale_fc", False):
@@ -117,19 +132,183 @@ def check_moe_args(args) -> None:
                         f"--criterion {criterion}_moe (or --moe-balance-weight 0)")
 
 
+#: the --ddp-backend values that leave the experts to the expert-parallel exchange (torch's DDP with ignored
+#: parameters); the others all-reduce every parameter (legacy_ddp, no_c10d) or shard them (fully_sharded)
+_EP_DDP_BACKENDS = ("c10d", "pytorch_ddp")
+
+
+def _world_size(args) -> Optional[int]:
+    """The world size the run has or will have; None where the arguments do not say (a model's own configuration,
+    checked again when fairseq builds the model from it, or from a checkpoint in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    launcher = os.environ.get("WORLD_SIZE", "")
+    if launcher.isdigit() and int(launcher) > 1 and getattr(args, "distributed_init_method", None) is None:
+        return int(launcher)  # torchrun: fairseq_plugins.repairs.launcher_env takes it as it is
+    world = getattr(args, "distributed_world_size", None)
+    return None if world is None else int(world)
+
+
+def _check_expert_parallel_args(args, parallel: int, experts: int, router: str) -> None:
+    flag = f"--moe-expert-parallel-size {parallel}"
+    if experts == 0:
+        raise FlagError(f"{flag} needs --moe-experts (a multiple of {parallel})")
+    if experts % parallel:
+        raise FlagError(f"{flag} must divide --moe-experts {experts} (each rank holds experts / P of them)")
+    if router == "reinmax":
+        raise FlagError(f"{flag} is not accepted with --moe-router reinmax (it runs every expert on every token; "
+                        f"use a sparse router: {', '.join(reinmax.SPARSE_ROUTERS)})")
+    world = _world_size(args)
+    if world is not None and world % parallel:
+        raise FlagError(f"{flag} must divide the world size ({world} ranks: --distributed-world-size or the "
+                        f"launcher's WORLD_SIZE)")
+    backend = str(getattr(args, "ddp_backend", "c10d"))
+    if backend not in _EP_DDP_BACKENDS:
+        raise FlagError(f"{flag} needs --ddp-backend c10d or pytorch_ddp (torch's DDP, which leaves the experts to "
+                        f"the expert-parallel exchange), got --ddp-backend {backend}")
+    sharding = str(getattr(args, "zero_sharding", "none") or "none")
+    if sharding != "none":
+        raise FlagError(f"{flag} is not accepted with --zero-sharding {sharding} (it shards the optimizer state "
+                        f"as if every rank held the same parameters)")
+    comm = getattr(args, "distributed_backend", None)
+    if comm is not None and str(comm) not in ("gloo", "nccl"):
+        raise FlagError(f"{flag} needs --distributed-backend gloo or nccl (torch.distributed.all_to_all_single), "
+                        f"got --distributed-backend {comm}")
+
+
+#: P -> (this rank's expert-parallel group, its data-parallel group or None): created once per process
+_GROUPS: dict = {}
+
+
+def expert_parallel_groups(parallel: int):
+    """This rank's (expert-parallel group, data-parallel group) for P = ``parallel`` (a collective the first time).
+
+    Expert-parallel groups: consecutive ranks ``kP .. kP + P - 1``; data-parallel groups: ``j, j + P, ...`` (the
+    ranks that hold the same experts; None when the world is one expert-parallel group).
+    """
+    if parallel not in _GROUPS:
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % parallel:
+            raise FlagError(f"--moe-expert-parallel-size {parallel} must divide the world size ({world} ranks)")
+        # every rank creates every group, in the same order (new_group is collective)
+        ep = [dist.new_group(list(range(s, s + parallel))) for s in range(0, world, parallel)]
+        dp = [dist.new_group(list(range(j, world, parallel))) for j in range(parallel)] if world > parallel else None
+        _GROUPS[parallel] = (ep[rank // parallel], None if dp is None else dp[rank % parallel])
+        _install_expert_parallel_hooks()
+    return _GROUPS[parallel]
+
+
+def _data_parallel_group():
+    return next(iter(_GROUPS.values()))[1] if _GROUPS else None
+
+
+def _install_expert_parallel_hooks() -> None:
+    """Wrap the four places of fairseq's trainer that expert parallelism needs (once, only when it is used)."""
+    from fairseq import models, trainer
+    from fairseq.optim import fairseq_optimizer
+
+    from .repairs._wrap import wrap_once
+    from reinmax import expert_parallel as ep
+
+    def wrapper_of_ddp(make):  # DDP leaves the experts alone: they differ between ranks
+        def distributed_model(args, model, process_group, device):
+            ep.exclude_experts_from_ddp(model)
+            return make(args, model, process_group, device)
+        return distributed_model
+
+    def reducing(all_reduce_grads):  # after every backward of the update: the experts' gradients
+        def all_reduce_then_experts(self, module):
+            all_reduce_grads(self, module)
+            ep.reduce_expert_gradients(module, _data_parallel_group())
+        return all_reduce_then_experts
+
+    def gathering(consolidate):  # every rank, right before rank 0 saves: every expert and its optimizer state
+        def consolidate_with_experts(self):
+            ep.gather_experts(self._model)
+            self._moe_optimizer_state = ep.gather_optimizer_state(self._model, self.optimizer.optimizer)
+            out = consolidate(self)
+            if not self.should_save_checkpoint_on_current_rank:  # only the saving rank uses them
+                self.__dict__.pop("_moe_optimizer_state", None)
+                for layer in reinmax.moe_layers(self._model):
+                    layer._group.full = None
+            return out
+        return consolidate_with_experts
+
+    def with_full_state(state_dict):
+        def state_dict_with_experts(self):
+            state = state_dict(self)
+            full = self.__dict__.pop("_moe_optimizer_state", None)
+            if full is not None and state.get("last_optimizer_state") is not None:
+                state["last_optimizer_state"]["state"] = full["state"]
+            return state
+        return state_dict_with_experts
+
+    def sharding(load_state_dict):
+        def load_own_experts(self, state_dict, optimizer_overrides=None):
+            model = getattr(self, "_moe_model", None)
+            if model is not None:
+                state_dict = ep.shard_optimizer_state(model, self.optimizer, state_dict)
+            return load_state_dict(self, state_dict, optimizer_overrides)
+        return load_own_experts
+
+    def global_norm(clip_grad_norm):  # the gradient norm of the whole model: every expert of the group counted
+        def clip_grad_norm_with_every_expert(self, max_norm, aggregate_norm_fn=None):
+            model = getattr(self, "_moe_model", None)
+            if model is None:
+                return clip_grad_norm(self, max_norm, aggregate_norm_fn)
+            local, every = ep.expert_grad_square_norms(model)
+
+            def with_every_expert(total_norm):
+                total = total_norm.float().pow(2) - local + every
+                total = total.clamp_min(0).sqrt()
+                return total if aggregate_norm_fn is None else aggregate_norm_fn(total)
+
+            return clip_grad_norm(self, max_norm, with_every_expert)
+        return clip_grad_norm_with_every_expert
+
+    def remembering(build_optimizer):  # the optimizer must know the model to shard its loaded state
+        def build_optimizer_knowing_the_model(self):
+            build_optimizer(self)
+            self._optimizer._moe_model = self._model
+        return build_optimizer_knowing_the_model
+
+    wrap_once(models, "DistributedFairseqModel", wrapper_of_ddp)
+    wrap_once(fairseq_optimizer.FairseqOptimizer, "all_reduce_grads", reducing)
+    wrap_once(fairseq_optimizer.FairseqOptimizer, "load_state_dict", sharding)
+    wrap_once(fairseq_optimizer.FairseqOptimizer, "clip_grad_norm", global_norm)
+    wrap_once(trainer.Trainer, "consolidate_optimizer", gathering)
+    wrap_once(trainer.Trainer, "state_dict", with_full_state)
+    wrap_once(trainer.Trainer, "_build_optimizer", remembering)
+
+
 def install_moe_ffn(layer: nn.Module, args, embed_dim: int, ffn_dim: int, activation: Optional[str]) -> None:
     """Make the FFN of fairseq transformer ``layer`` a routed mixture of ``args.moe_experts`` experts."""
     experts = int(getattr(args, "moe_experts", 0) or 0)
     if experts == 0:
         return
     capacity = float(args.moe_capacity_factor) or None
+    parallel = int(getattr(args, "moe_expert_parallel_size", 1) or 1)
+    group = None
+    if parallel > 1 and _distributed():
+        group = expert_parallel_groups(parallel)[0]
+    # else: one process (fairseq-generate, eval-lm on a checkpoint trained with experts in parallel): every expert
     layer.fc1 = reinmax.RoutedFeedForward(
         embed_dim, ffn_dim, experts, router=str(args.moe_router), tau=float(args.moe_tau),
         capacity_factor=capacity, activation=utils.get_activation_fn(activation or "relu"),
-        activation_dropout=float(layer.activation_dropout_module.p))
+        activation_dropout=float(layer.activation_dropout_module.p), expert_parallel_group=group)
     layer.fc2 = nn.Identity()
     layer.activation_fn = _identity
     layer.activation_dropout_module = nn.Identity()
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _identity(x):

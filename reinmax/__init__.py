@@ -15,6 +15,7 @@ to: [`route_tokens`][reinmax.route_tokens] with ReinMax, SparseMixer, Switch, st
 and fairseq, in `toolbox_core.listops`.
 """
 
+from . import expert_parallel
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through
 from .layers import CategoricalLayer, DiscreteBottleneck
 from .moe import RoutedFeedForward, RoutingStats, clear_moe_stats, moe_balance_loss, moe_layers, moe_load
@@ -30,6 +31,7 @@ __all__ = [
     "SPARSE_ROUTERS",
     "TAU_ROUTERS",
     "clear_moe_stats",
+    "expert_parallel",
     "RoutedFeedForward",
     "Routing",
     "RoutingStats",

@@ -49,7 +49,9 @@ from torch import Tensor, nn
 
 from toolbox_core import validation
 
-from .routing import Routing, _balance_loss, _expert_counts, check_router, check_router_tau, route_tokens
+from . import expert_parallel
+from .routing import (SPARSE_ROUTERS, Routing, _balance_loss, _expert_counts, check_router, check_router_tau,
+                      route_tokens)
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -66,6 +68,23 @@ ACTIVATIONS = {
     "silu": F.silu,
     "tanh": torch.tanh,
 }
+
+
+class _GroupRef:
+    """Holds a layer's expert-parallel process group: a copy of the layer (``copy.deepcopy``) shares the group
+    (a ProcessGroup cannot be copied); pickling a layer that has a group is refused by name."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        if self.group is not None:
+            raise TypeError("a RoutedFeedForward with an expert_parallel_group cannot be pickled (its process group "
+                            "cannot); save its state_dict (torch.distributed.checkpoint reshards it)")
+        return (_GroupRef, (None,))
 
 
 class RoutingStats(NamedTuple):
@@ -101,6 +120,11 @@ class RoutedFeedForward(nn.Module):
         activation: a name in `ACTIVATIONS` or a callable.
         activation_dropout: dropout probability on the hidden activations.
         jitter_eps: ``sparsemixer``'s masking threshold.
+        expert_parallel_group: None (every expert here), or a ``torch.distributed`` process group or 1-D
+            ``DeviceMesh`` of P ranks whose size divides ``num_experts``: this rank then holds experts
+            ``[rank * E/P, (rank+1) * E/P)`` and exchanges tokens with the others by all-to-all, with exactly the
+            single-process layer's numbers on its own tokens (``reinmax.expert_parallel``). A collective at
+            construction checks that every rank passed the same arguments; ``router="reinmax"`` is refused.
 
     Shape:
         input ``(*, embed_dim)`` of the layer's dtype (any dtype under ``torch.autocast``); output
@@ -109,7 +133,8 @@ class RoutedFeedForward(nn.Module):
 
     Parameters: ``router`` (``nn.Linear(embed_dim, E, bias=False)``), ``fc1_weight`` ``(E, ffn_dim,
     embed_dim)``, ``fc1_bias`` ``(E, ffn_dim)``, ``fc2_weight`` ``(E, embed_dim, ffn_dim)``,
-    ``fc2_bias`` ``(E, embed_dim)``, each expert initialized like an ``nn.Linear``.
+    ``fc2_bias`` ``(E, embed_dim)``, each expert initialized like an ``nn.Linear`` (with a group: E/P rows,
+    the same numbers as the single-process layer's rows of this rank's experts for the same seed).
 
     Examples:
         >>> moe = RoutedFeedForward(16, 32, num_experts=2, router="reinmax", tau=1.3)
@@ -120,10 +145,45 @@ class RoutedFeedForward(nn.Module):
     def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, router: str = "sparsemixer",
                  tau: float = 1.0, capacity_factor: Optional[float] = None,
                  activation: Union[str, Callable[[Tensor], Tensor]] = "relu", activation_dropout: float = 0.0,
-                 jitter_eps: float = 0.1):
+                 jitter_eps: float = 0.1, expert_parallel_group=None):
         super().__init__()
-        embed_dim = validation.as_int("embed_dim", embed_dim, minimum=1)
-        ffn_dim = validation.as_int("ffn_dim", ffn_dim, minimum=1)
+        group = expert_parallel.resolve_group(expert_parallel_group)
+        try:
+            self._check_arguments(embed_dim, ffn_dim, num_experts, router, tau, capacity_factor, activation,
+                                  activation_dropout, jitter_eps)
+            if group is not None:
+                self._check_expert_parallel(group)
+            error = None
+        except (TypeError, ValueError) as err:
+            if group is None:
+                raise
+            error = err
+        if group is not None:
+            # collectively, once: every rank raises the same error for arguments that differ between ranks
+            expert_parallel.agree(group, "RoutedFeedForward", None if error else self._config(), error)
+        self._group = _GroupRef(group)
+        E = self.num_experts
+        size = 1 if group is None else group.size()
+        rank = 0 if group is None else group.rank()
+        self.num_local_experts = E // size
+        self.first_expert = rank * self.num_local_experts
+        E_local, embed_dim, ffn_dim = self.num_local_experts, self._embed_dim, self._ffn_dim
+        self.router = nn.Linear(embed_dim, E, bias=False)
+        self.fc1_weight = nn.Parameter(torch.empty(E_local, ffn_dim, embed_dim))
+        self.fc1_bias = nn.Parameter(torch.empty(E_local, ffn_dim))
+        self.fc2_weight = nn.Parameter(torch.empty(E_local, embed_dim, ffn_dim))
+        self.fc2_bias = nn.Parameter(torch.empty(E_local, embed_dim))
+        self.reset_parameters()
+        self.stats: Optional[RoutingStats] = None
+        if group is not None:
+            # checkpoints hold each expert once, at its global position: they load at any P (or in one process)
+            self.register_state_dict_post_hook(expert_parallel.experts_as_dtensors)
+            self.register_load_state_dict_pre_hook(expert_parallel.experts_from_state)
+
+    def _check_arguments(self, embed_dim, ffn_dim, num_experts, router, tau, capacity_factor, activation,
+                         activation_dropout, jitter_eps) -> None:
+        self._embed_dim = validation.as_int("embed_dim", embed_dim, minimum=1)
+        self._ffn_dim = validation.as_int("ffn_dim", ffn_dim, minimum=1)
         self.num_experts = validation.as_int("num_experts", num_experts, minimum=1)
         self.router_name = check_router(router)
         self.tau = check_router_tau(self.router_name, tau)
@@ -144,22 +204,48 @@ class RoutedFeedForward(nn.Module):
                                                      high_open=True)
         self.jitter_eps = validation.as_real("jitter_eps", jitter_eps, low=0.0)
 
-        E = self.num_experts
-        self.router = nn.Linear(embed_dim, E, bias=False)
-        self.fc1_weight = nn.Parameter(torch.empty(E, ffn_dim, embed_dim))
-        self.fc1_bias = nn.Parameter(torch.empty(E, ffn_dim))
-        self.fc2_weight = nn.Parameter(torch.empty(E, embed_dim, ffn_dim))
-        self.fc2_bias = nn.Parameter(torch.empty(E, embed_dim))
-        self.reset_parameters()
-        self.stats: Optional[RoutingStats] = None
+    def _check_expert_parallel(self, group) -> None:
+        size = group.size()
+        if self.router_name == "reinmax":
+            raise ValueError("router='reinmax' cannot be expert parallel (expert_parallel_group): it runs every "
+                             "expert on every token, so every token would travel to every rank; use one of "
+                             f"{list(SPARSE_ROUTERS)}")
+        if self.num_experts % size:
+            raise ValueError(f"expert_parallel_group must have a size that divides num_experts={self.num_experts}, "
+                             f"got a group of {size} ranks")
+
+    def _config(self) -> dict:
+        """What every rank of an expert-parallel group must agree on."""
+        activation = getattr(self.activation, "__qualname__", type(self.activation).__qualname__)
+        return {"embed_dim": self._embed_dim, "ffn_dim": self._ffn_dim, "num_experts": self.num_experts,
+                "router": self.router_name, "tau": self.tau, "capacity_factor": self.capacity_factor,
+                "activation": activation, "activation_dropout": self.activation_dropout,
+                "jitter_eps": self.jitter_eps}
+
+    @property
+    def expert_parallel_group(self):
+        """The expert-parallel process group (None: every expert on this process)."""
+        return self._group.group
+
+    def expert_range(self) -> range:
+        """The (global) numbers of the experts this rank holds: all of them without a group."""
+        return range(self.first_expert, self.first_expert + self.num_local_experts)
 
     def reset_parameters(self) -> None:
         """Each expert's fc1/fc2 like ``nn.Linear`` (uniform in +-1/sqrt(fan_in)); the router likewise."""
         self.router.reset_parameters()
+        local = slice(self.first_expert, self.first_expert + self.num_local_experts)
         for weight, bias in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
             bound = 1.0 / math.sqrt(weight.shape[2])
-            nn.init.uniform_(weight, -bound, bound)
-            nn.init.uniform_(bias, -bound, bound)
+            for p in (weight, bias):
+                if self.num_local_experts == self.num_experts:
+                    nn.init.uniform_(p, -bound, bound)
+                else:
+                    # the numbers the single-process layer draws (the same seed gives the same experts on every
+                    # P), one full tensor at a time, of which this rank keeps its experts
+                    full = torch.empty((self.num_experts, *p.shape[1:]), dtype=p.dtype, device=p.device)
+                    with torch.no_grad():
+                        p.copy_(nn.init.uniform_(full, -bound, bound)[local])
 
     @property
     def sparse(self) -> bool:
@@ -202,6 +288,14 @@ class RoutedFeedForward(nn.Module):
         state["stats"] = None
         return state
 
+    def __setstate__(self, state):
+        # a layer pickled before expert parallelism existed holds every expert
+        state = dict(state)
+        if "_group" not in state:
+            experts = state["_parameters"]["fc1_weight"].shape[0]
+            state.update(_group=_GroupRef(None), num_local_experts=experts, first_expert=0)
+        super().__setstate__(state)
+
     # -------------------------------------------------------------- expert computation
 
     def _hidden(self, h: Tensor) -> Tensor:
@@ -226,19 +320,45 @@ class RoutedFeedForward(nn.Module):
         return out * routing.gate.to(out.dtype).unsqueeze(1), dropped
 
     def _expert(self, e: int, x: Tensor) -> Tensor:
+        """Local expert ``e`` (``0 <= e < num_local_experts``) on the rows of ``x``."""
         h = F.linear(x, self.fc1_weight[e], self.fc1_bias[e])
         return F.linear(self._hidden(h), self.fc2_weight[e], self.fc2_bias[e])
 
     def _by_sorting(self, tokens: Tensor, index: Tensor) -> Tensor:
-        """Tokens sorted by expert; each expert runs on its contiguous slice."""
+        """Tokens sorted by expert; each expert runs on its contiguous slice (sent to its rank and back)."""
+        group = self.expert_parallel_group
         if self.num_experts == 1:
             return self._expert(0, tokens)
         order = torch.argsort(index, stable=True)
-        counts = torch.bincount(index, minlength=self.num_experts).tolist()  # the one host read
         sorted_tokens = tokens.index_select(0, order)
-        chunks = [self._expert(e, chunk) for e, chunk in enumerate(sorted_tokens.split(counts)) if chunk.shape[0]]
-        sorted_out = torch.cat(chunks) if chunks else sorted_tokens
+        if group is None:
+            counts = torch.bincount(index, minlength=self.num_experts).tolist()  # the one host read
+            sorted_out = self._run_sorted(sorted_tokens, counts)
+        else:
+            sorted_out = self._exchange_sorted(sorted_tokens, index, group)
         return torch.empty_like(sorted_out).index_copy(0, order, sorted_out)
+
+    def _run_sorted(self, sorted_tokens: Tensor, counts) -> Tensor:
+        """The local experts on their contiguous slices of ``sorted_tokens`` (``counts``: rows per local expert)."""
+        chunks = [self._expert(e, chunk) for e, chunk in enumerate(sorted_tokens.split(counts)) if chunk.shape[0]]
+        return torch.cat(chunks) if chunks else sorted_tokens
+
+    def _exchange_sorted(self, sorted_tokens: Tensor, index: Tensor, group) -> Tensor:
+        """The variable-size exchange: each rank gets its experts' tokens, in (source rank, expert) order."""
+        P, E_local = group.size(), self.num_local_experts
+        counts = _expert_counts(index, self.num_experts, torch.int64)  # (E,) tokens this rank sends per expert
+        received = expert_parallel.exchange(counts, group).view(P, E_local)  # [source, local expert]
+        host = torch.cat([counts, received.flatten()]).tolist()  # the one host read of the call
+        send = torch.tensor(host[:self.num_experts]).view(P, E_local).sum(1).tolist()
+        recv_counts = torch.tensor(host[self.num_experts:]).view(P, E_local)
+        recv = recv_counts.sum(1).tolist()
+        arrived = expert_parallel.all_to_all(sorted_tokens, group, recv, send)
+        # regroup the arrivals by local expert (stable: the source ranks in order), run, undo the regrouping
+        local_expert = torch.repeat_interleave(torch.arange(E_local).repeat(P), recv_counts.flatten())
+        by_expert = torch.argsort(local_expert, stable=True).to(arrived.device)
+        out = self._run_sorted(arrived.index_select(0, by_expert), recv_counts.sum(0).tolist())
+        out = torch.empty_like(out).index_copy(0, by_expert, out)
+        return expert_parallel.all_to_all(out, group, send, recv)
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for ``num_tokens`` tokens: ``min(N, ceil(capacity_factor * N / E))``, at least 1 (None: N).
@@ -254,22 +374,43 @@ class RoutedFeedForward(nn.Module):
 
     def _by_capacity(self, tokens: Tensor, index: Tensor):
         """Static shapes: E x C slots filled in token order, batched matmuls, one gather back."""
+        group = self.expert_parallel_group
         E, (n, d) = self.num_experts, tokens.shape
         C = self.capacity(n)
         chosen = (index.unsqueeze(1) == torch.arange(E, device=index.device)).long()  # one-hot, no host check
         position = (torch.cumsum(chosen, 0) * chosen).sum(1) - 1  # rank of the token among its expert's
         keep = position < C
-        slot = torch.where(keep, index * C + position, E * C)  # dropped tokens go to a spare slot
-        slots = tokens.new_zeros(E * C + 1, d).index_add(0, slot, tokens)
-        h = torch.baddbmm(self.fc1_bias.unsqueeze(1), slots[:-1].view(E, C, d), self.fc1_weight.transpose(1, 2))
-        outs = torch.baddbmm(self.fc2_bias.unsqueeze(1), self._hidden(h), self.fc2_weight.transpose(1, 2))
-        outs = torch.cat([outs.reshape(E * C, d), outs.new_zeros(1, d)])
+        # the exchange needs the same number of slots on every rank: the largest C of the group (empty slots pad)
+        width = C if group is None else expert_parallel.max_over_group(C, group, tokens.device)
+        slot = torch.where(keep, index * width + position, E * width)  # dropped tokens go to a spare slot
+        slots = tokens.new_zeros(E * width + 1, d).index_add(0, slot, tokens)
+        outs = self._run_slots(slots[:-1].view(E, width, d), group)
+        outs = torch.cat([outs.reshape(E * width, d), outs.new_zeros(1, d)])
         return outs.index_select(0, slot), keep
 
+    def _run_slots(self, slots: Tensor, group) -> Tensor:
+        """``(E, C, d)`` slots -> the experts' outputs ``(E, C, d)`` (with a group: sent to their ranks and back)."""
+        E_local, (E, C, d) = self.num_local_experts, slots.shape
+        if group is not None:
+            P = group.size()
+            # block q of the E x C x d slots (rank q's experts) goes to rank q; what arrives is
+            # [source rank, local expert, slot], regrouped as each local expert's P x C slots
+            arrived = expert_parallel.all_to_all(slots.reshape(P, E_local * C * d), group)
+            slots = arrived.view(P, E_local, C, d).transpose(0, 1).reshape(E_local, P * C, d)
+        h = torch.baddbmm(self.fc1_bias.unsqueeze(1), slots, self.fc1_weight.transpose(1, 2))
+        outs = torch.baddbmm(self.fc2_bias.unsqueeze(1), self._hidden(h), self.fc2_weight.transpose(1, 2))
+        if group is not None:
+            outs = outs.view(E_local, P, C, d).transpose(0, 1).reshape(P, E_local * C * d)
+            outs = expert_parallel.all_to_all(outs, group).view(E, C, d)
+        return outs
+
     def extra_repr(self) -> str:
-        e, f, d = self.fc1_weight.shape
-        return (f"embed_dim={d}, ffn_dim={f}, num_experts={e}, router={self.router_name!r}, tau={self.tau}, "
-                f"capacity_factor={self.capacity_factor}")
+        _, f, d = self.fc1_weight.shape
+        text = (f"embed_dim={d}, ffn_dim={f}, num_experts={self.num_experts}, router={self.router_name!r}, "
+                f"tau={self.tau}, capacity_factor={self.capacity_factor}")
+        if self.expert_parallel_group is not None:
+            text += f", local experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1}"
+        return text
 
 
 def _check_model(model) -> nn.Module:

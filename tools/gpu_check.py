@@ -7,7 +7,8 @@ or hangs is reported and the rest still run (a benchmark as ``python -m benchmar
 checkout's root, which is also put on ``PYTHONPATH``):
 
     build      the C kernel of sign_optim, in place (setuptools, or the C compiler directly)
-    tests      the tests marked ``cuda`` (pytest -m cuda; the files that hold them, so no fairseq is needed)
+    tests      the tests marked ``cuda`` (pytest -m cuda; the files that hold them, so no fairseq is needed),
+               expert parallelism over NCCL among them (tests/reinmax/test_expert_parallel_nccl.py: 2 GPUs)
     reinmax    bench_reinmax_speed: reinmax vs torch gumbel_softmax + softmax, float32 and bfloat16, compiled
     sign_optim bench_sign_optim: AddSign/PowerSign (Triton) vs Adam(fused=True), as a fraction of the copy bandwidth
     admin      bench_admin_layers: the Admin drop-in layers vs stock, float32 and autocast bfloat16/float16

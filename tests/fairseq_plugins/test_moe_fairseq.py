@@ -263,3 +263,85 @@ def test_tau_below_the_floor_ends_fairseq_train_with_one_line(lm_data, tmp_path)
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("fairseq-train: error: --moe-tau must be a finite real number >= 1e-30"), last
     assert "loaded" not in proc.stdout.lower()  # refused before any data is read
+
+
+# ------------------------------------------------------------------ expert parallelism (--moe-expert-parallel-size)
+
+#: (flags, message): refused at argument parsing, before any process group forms or data loads
+BAD_EXPERT_PARALLEL = [
+    (dict(moe_expert_parallel_size=0), "--moe-expert-parallel-size must be an integer >= 1, got 0"),
+    (dict(moe_expert_parallel_size=3), "--moe-expert-parallel-size 3 must divide --moe-experts 4"),
+    (dict(moe_experts=0), "--moe-expert-parallel-size 2 needs --moe-experts"),
+    (dict(moe_router="reinmax"), "--moe-expert-parallel-size 2 is not accepted with --moe-router reinmax"),
+    (dict(distributed_world_size=3), "--moe-expert-parallel-size 2 must divide the world size (3 ranks"),
+    (dict(ddp_backend="legacy_ddp"), "--moe-expert-parallel-size 2 needs --ddp-backend c10d or pytorch_ddp"),
+    (dict(ddp_backend="fully_sharded"), "got --ddp-backend fully_sharded"),
+    (dict(zero_sharding="os"), "--moe-expert-parallel-size 2 is not accepted with --zero-sharding os"),
+    (dict(distributed_backend="mpi"), "--moe-expert-parallel-size 2 needs --distributed-backend gloo or nccl"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_EXPERT_PARALLEL)
+def test_bad_expert_parallel_combinations_are_refused(flags, message, monkeypatch):
+    from fairseq_plugins.flags import FlagError
+    from fairseq_plugins.moe import check_moe_args
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    good = dict(moe_experts=4, moe_router="switch", moe_expert_parallel_size=2, distributed_world_size=4,
+                ddp_backend="c10d", zero_sharding="none", distributed_backend="gloo", criterion="cross_entropy_moe")
+    check_moe_args(argparse.Namespace(**good))  # the good combination passes
+    with pytest.raises(FlagError, match=re.escape(message)):
+        check_moe_args(argparse.Namespace(**{**good, **flags}))
+
+
+def test_a_model_configuration_without_the_world_size_is_accepted(monkeypatch):
+    """fairseq checks the model's own configuration again when it builds the model (and a checkpoint's, in one
+    process for fairseq-generate): that configuration has no world size, which then cannot be refused."""
+    from fairseq_plugins.moe import check_moe_args
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    check_moe_args(argparse.Namespace(moe_experts=4, moe_router="switch", moe_expert_parallel_size=2))
+
+
+@pytest.mark.slow
+def test_expert_parallel_size_not_dividing_the_world_is_one_line_before_data(lm_data, tmp_path):
+    proc = run_tool("train", lm_data, *TINY_LM, "--moe-experts", "4", "--moe-expert-parallel-size", "2",
+                    "--criterion", "cross_entropy_moe", "--save-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("fairseq-train: error: --moe-expert-parallel-size 2 must divide the world size "
+                           "(1 ranks"), last
+    assert "loaded" not in proc.stdout.lower()
+
+
+@pytest.mark.slow
+def test_expert_parallel_on_two_cpu_ranks_resumes_and_equals_data_parallel(lm_data, tmp_path):
+    """c10d on 2 gloo ranks, each holding 2 of the 4 experts: trained to 2 updates, resumed to 4, it equals the
+    plain data-parallel run (every expert on both ranks) of 4 updates: model and optimizer state, and the
+    checkpoint holds every expert (it loads at any P, or in one process)."""
+    from fairseq_helpers import run_ranks
+
+    moe = [lm_data, *TINY_LM, "--moe-experts", "4", "--moe-router", "sparsemixer", "--criterion", "cross_entropy_moe",
+           "--disable-validation", "--clip-norm", "0.5"]
+    runs = {}
+    # the first run saves after update 1 and trains on: the save must leave the live optimizer state alone
+    for tag, updates, extra in (("ep", 2, ["--moe-expert-parallel-size", "2", "--save-interval-updates", "1"]),
+                                ("ep", 4, ["--moe-expert-parallel-size", "2"]), ("dp", 4, [])):
+        codes, logs = run_ranks([[*moe, "--max-update", updates, "--save-dir", tmp_path / tag, *extra]] * 2,
+                                tmp_path, timeout=300, ddp_backend="c10d")
+        assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+        runs[tag, updates] = logs[0]
+    assert "Loaded checkpoint" in runs["ep", 4] and "(epoch 1 @ 2 updates)" in runs["ep", 4]
+    ep = torch.load(tmp_path / "ep" / "checkpoint_last.pt", weights_only=False)
+    dp = torch.load(tmp_path / "dp" / "checkpoint_last.pt", weights_only=False)
+    assert ep["optimizer_history"][-1]["num_updates"] == 4
+    assert ep["model"]["decoder.layers.0.fc1.fc1_weight"].shape == (4, 64, 32)  # every expert, gathered
+    for key in dp["model"]:
+        torch.testing.assert_close(ep["model"][key], dp["model"][key], rtol=0, atol=2e-5, msg=key)
+    for index, state in dp["last_optimizer_state"]["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(ep["last_optimizer_state"]["state"][index][name], value, rtol=0, atol=2e-5)
+    # the logged gradient norm counts every expert (the clipping is the same on both ranks and as without experts
+    # split): the same as the data-parallel run's
+    norms = [re.findall(r"gnorm ([\d.]+)", runs[k]) for k in (("ep", 4), ("dp", 4))]
+    assert norms[0] and norms[0][-1] == norms[1][-1]

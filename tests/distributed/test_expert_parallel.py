@@ -1,0 +1,183 @@
+"""Expert parallelism on 2 and 4 gloo ranks (CPU) against one process.
+
+The ranks run tests/distributed/expert_parallel_worker.py once, on 4 ranks (each with a timeout, so a hang
+fails instead of blocking): expert parallelism over the 4 ranks and over the pairs of ranks. The reference
+here is the single-process layer with every expert, built from the same seed, run on each rank's part of
+the global batch with that rank's routing samples: each rank's outputs, input and router gradients and stats
+must equal the reference's on its tokens (the same tokens dropped), and each expert's gradient the sum over
+the ranks' losses of the reference gradients. The same launch trains DDP + expert parallelism on a 2-D mesh,
+saves and reloads distributed checkpoints at another P, and kills a rank.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from expert_parallel_cases import CASES, OPTIMIZERS, Model, layer, model_loss, optimizer, rank_batch, run  # noqa: E402
+from reinmax import expert_parallel  # noqa: E402
+
+from fairseq_helpers import free_port  # noqa: E402
+
+WORKER = Path(__file__).resolve().parent / "expert_parallel_worker.py"
+WORLD = 4
+SCENARIOS = ["equality", "refusals", "composition", "checkpoint", "dead_rank"]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")]
+
+
+def launch(out: Path, world: int, scenarios, timeout: float = 120):
+    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), *scenarios], env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"a rank hung (killed after {timeout} s)")
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("ep"), WORLD, SCENARIOS)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"P{p}")
+def ranks(request, launched):
+    return request.param, launched
+
+
+def load(out: Path, name: str, rank: int, world=None):
+    got = torch.load(out / f"{name}-{rank}.pt", weights_only=False)
+    return got if world is None else got[world]
+
+
+@pytest.fixture(scope="module")
+def references(ranks):
+    world, _ = ranks
+    refs = {}
+    for router, capacity in CASES:
+        per_rank = [run(layer(router, capacity), world, r) for r in range(world)]
+        # one process, every rank's loss: each expert's gradient is the sum over the ranks
+        total = {n: sum(ref["expert_grads"][n] for ref in per_rank) for n in per_rank[0]["expert_grads"]}
+        refs[f"{router}-{capacity}"] = per_rank, total
+    return refs
+
+
+@pytest.mark.parametrize("case", [f"{r}-{c}" for r, c in CASES])
+def test_each_rank_equals_the_single_process_layer(ranks, references, case):
+    world, out = ranks
+    per_rank, total = references[case]
+    experts_per_rank = 4 // world
+    for rank in range(world):
+        got, want = load(out, "equality", rank, world)[case], per_rank[rank]
+        assert got["experts"] == list(range(rank * experts_per_rank, (rank + 1) * experts_per_rank))
+        assert torch.equal(got["index"], want["index"])  # the same routing samples
+        for key in ("out", "x_grad", "router_grad", "balance_loss", "load", "dropped"):
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-12, msg=f"{case} rank {rank} {key}")
+        local = slice(rank * experts_per_rank, (rank + 1) * experts_per_rank)
+        for name, grad in got["expert_grads"].items():
+            assert grad.shape[0] == experts_per_rank  # this rank holds E / P experts
+            torch.testing.assert_close(grad, total[name][local], rtol=0, atol=1e-12, msg=f"{case} {name}")
+
+
+def test_the_capacity_cases_drop_tokens(ranks, references):
+    """The capacity cases are meaningful: tokens are dropped on some rank, and a dropped token's output is 0."""
+    world, out = ranks
+    for router, capacity in CASES:
+        if capacity is None:
+            continue
+        runs = [load(out, "equality", r, world)[f"{router}-{capacity}"] for r in range(world)]
+        assert max(float(g["dropped"]) for g in runs) > 0, router
+        for g in runs:
+            zero_rows = (g["out"] == 0).all(1).double().mean()
+            torch.testing.assert_close(zero_rows, g["dropped"].double(), rtol=0, atol=1e-12)
+
+
+def test_switch_without_capacity_equals_one_call_on_the_global_batch(ranks):
+    """switch routes deterministically: the ranks' outputs are one single-process call on the concatenated batch."""
+    world, out = ranks
+    whole = torch.cat([rank_batch(world, r)[0] for r in range(world)])
+    want = layer("switch", None)(whole).detach()
+    got = torch.cat([load(out, "equality", r, world)["switch-None"]["out"] for r in range(world)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_bad_arguments_are_refused_the_same_on_every_rank(launched):
+    world, out = WORLD, launched
+    got = [load(out, "refusals", r) for r in range(world)]
+    for key in ("router", "capacity", "bad_tau_on_one_rank", "not_dividing", "reinmax", "mesh_2d"):
+        assert len({g[key] for g in got}) == 1, (key, [g[key] for g in got])  # the same error on every rank
+        assert got[0][key].startswith(("ValueError", "TypeError")), got[0][key]
+    assert "router must be the same on every rank" in got[0]["router"] and "'switch'" in got[0]["router"]
+    assert "capacity_factor must be the same" in got[0]["capacity"]
+    assert f"rank {world - 1}" in got[0]["bad_tau_on_one_rank"] and "tau" in got[0]["bad_tau_on_one_rank"]
+    assert "expert_parallel_group" in got[0]["not_dividing"] and f"num_experts={world + 1}" in got[0]["not_dividing"]
+    assert "reinmax" in got[0]["reinmax"] and "expert_parallel_group" in got[0]["reinmax"]
+    assert "1-D DeviceMesh" in got[0]["mesh_2d"]
+    assert all(g["after"] for g in got)
+
+
+def test_a_stalled_or_dead_rank_fails_the_others_naming_the_group(launched):
+    got = load(launched, "dead_rank", 0)
+    for what in ("stalled", "died"):
+        assert got[what] is not None and got[what].startswith("ExpertParallelError"), got[what]
+        assert "expert-parallel group of ranks [0, 1] (gloo)" in got[what]
+        assert got[what + "_seconds"] < 30  # the group's 3 s timeout, not a hang
+    assert "Timed out" in got["stalled"]
+
+
+def reference_training(name: str, steps: int, world: int = WORLD):
+    """One process, every expert: each step on the mean of the ranks' losses (what DDP + expert parallelism
+    with reduce_expert_gradients computes)."""
+    model = Model()
+    opt = optimizer(name, list(model.parameters()))
+    for step in range(steps):
+        (sum(model_loss(model, model.moe, world, r, step) for r in range(world)) / world).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model
+
+
+def assert_model_equal(got: dict, experts, model, atol=1e-10):
+    """Non-expert parameters whole; expert parameters: this rank's rows of the reference's."""
+    want = dict(model.named_parameters())
+    assert set(got) == set(want)
+    for name, value in got.items():
+        ref = want[name].detach()
+        if name.split(".")[-1] in expert_parallel.EXPERT_PARAMETERS:
+            ref = ref[experts[0]:experts[-1] + 1]
+        torch.testing.assert_close(value, ref, rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_ddp_and_expert_parallel_on_a_2d_mesh_train_like_one_process(launched, name):
+    reference = reference_training(name, 3)
+    for rank in range(WORLD):
+        got = load(launched, "composition", rank)[name]
+        assert got["experts"] == [2 * (rank % 2), 2 * (rank % 2) + 1]  # the "ep" dimension of the (2, 2) mesh
+        assert sorted(got["ignored"]) == [f"moe.{p}" for p in sorted(expert_parallel.EXPERT_PARAMETERS)]
+        assert_model_equal(got["params"], got["experts"], reference)
+
+
+def test_a_checkpoint_saved_at_two_ranks_loads_at_four_and_in_one_process(launched):
+    reference = reference_training("AddSign", 2)
+    untrained = Model(seed=1)
+    for rank in range(WORLD):
+        got = load(launched, "checkpoint", rank)
+        assert got[4]["experts"] == [rank] and got[1]["experts"] == list(range(4))
+        assert_model_equal(got[4]["params"], got[4]["experts"], reference)
+        assert_model_equal(got[1]["params"], got[1]["experts"], reference)
+        assert got["from_single"]
+    # the comparison would see a checkpoint that did not load
+    assert (untrained.moe.fc1_weight - reference.moe.fc1_weight).abs().max() > 1e-2
