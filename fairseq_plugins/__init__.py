@@ -15,7 +15,8 @@ Then it registers (as fairseq plugins do: each module only registers and subclas
   (the stock ones plus the balance loss of ``--moe-experts``, `fairseq_plugins.moe`), ``cross_entropy_zloss``,
   ``label_smoothed_cross_entropy_zloss``, ``listops_cross_entropy``
 * optimizers (``fairseq_plugins/optim``): ``addsign``, ``powersign``
-* the training-loop flags ``--stability-monitor DIR`` (`fairseq_plugins.monitor`)
+* the training-loop flags ``--stability-monitor DIR`` (`fairseq_plugins.monitor`) and ``--stability-guard``
+  (`fairseq_plugins.guard`)
 
 and the checks of their flags (`fairseq_plugins.flags`): a bad plugin flag ends a tool with one line
 naming the flag (exit 2), before any data is loaded. The algorithms live in ``admin_torch``, ``reinmax``,
@@ -38,6 +39,8 @@ REPAIRS = (
     repairs.cpu_ddp,               # --ddp-backend c10d / pytorch_ddp wrap a CPU model
     repairs.launcher_env,          # torchrun's world taken as the launcher gives it
     repairs.flag_checks,           # the plugins' flag checks run right after the --arch function
+    repairs.guard_flags,           # fairseq-train's parser gets --stability-guard
+    repairs.guard_train_step,      # the stability guard runs in Trainer.train_step (inside the monitor's wrapper)
     repairs.monitor_flags,         # fairseq-train's parser gets --stability-monitor
     repairs.monitor_train_step,    # the stability monitor runs around Trainer.train_step
 )
@@ -54,6 +57,7 @@ for _repair in REPAIRS:
 from . import distributed  # noqa: E402,F401  (the --ddp-backend checks)
 from . import criterions, models, moe, optim, tasks  # noqa: E402,F401  (registrations)
 from . import monitor  # noqa: E402,F401  (--stability-monitor: its checks, fairseq's layers for the monitor)
+from . import guard  # noqa: E402,F401  (--stability-guard: its checks)
 
-__all__ = ["REPAIRS", "criterions", "distributed", "flags", "models", "modules", "moe", "monitor", "optim", "repairs",
-           "tasks"]
+__all__ = ["REPAIRS", "criterions", "distributed", "flags", "guard", "models", "modules", "moe", "monitor", "optim",
+           "repairs", "tasks"]

@@ -14,6 +14,15 @@ modules:
   the summary table and the heatmaps;
 * `stability_toolbox.hooks`: hooks that go inert in a copied or pickled model.
 
+[`StabilityGuard`][stability_toolbox.StabilityGuard] keeps a run alive through its instabilities (skip, rewind,
+back off, stop; `stability_toolbox.guard`, with `stability_toolbox.guard_policy`, `stability_toolbox.spike_detector`,
+`stability_toolbox.conditional_step` and `stability_toolbox.snapshots`; in a HuggingFace ``Trainer`` through
+`stability_toolbox.hf_guard_callback`, in Lightning through `stability_toolbox.lightning_callback`).
+
+[`UpdateSignals`][stability_toolbox.UpdateSignals] records cheap scalars at every update
+(`stability_toolbox.leading_signals`) and [`SignalDetector`][stability_toolbox.SignalDetector] warns when one departs
+from its own recent baseline (`stability_toolbox.signal_detector`; the monitor runs it on its per-update stream).
+
 `stability_toolbox.hf_callback` runs the monitor in a HuggingFace ``Trainer``; `stability_toolbox.z_loss`
 is the z-loss remedy. The shared helpers live one floor down, in `toolbox_core`; the data-check switch
 ([`set_data_checks`][toolbox_core.validation.set_data_checks] and friends) is re-exported here, and
@@ -36,10 +45,16 @@ if TYPE_CHECKING:  # what the names below are, for type checkers and the API doc
     from .monitor import StabilityMonitor, register_layer_kind
     from .warning_rules import DEFAULT_RULES, WarningRule
     from .z_loss import DEFAULT_Z_LOSS, cross_entropy_with_z_loss, log_z
+    from .guard import StabilityGuard
+    from .guard_policy import GuardPolicy
+    from .spike_detector import SpikeDetector
+    from .leading_signals import UpdateSignals
+    from .signal_detector import DEFAULT_SIGNAL_RULES, SignalDetector, SignalRule
     from toolbox_core.validation import data_checks, data_checks_enabled, set_data_checks
 
 __all__ = ["data_checks", "data_checks_enabled", "set_data_checks", "StabilityMonitor", "WarningRule", "DEFAULT_RULES",
-           "register_layer_kind", "cross_entropy_with_z_loss", "log_z", "DEFAULT_Z_LOSS"]
+           "register_layer_kind", "cross_entropy_with_z_loss", "log_z", "DEFAULT_Z_LOSS", "StabilityGuard", "GuardPolicy",
+           "SpikeDetector", "UpdateSignals", "SignalDetector", "SignalRule", "DEFAULT_SIGNAL_RULES"]
 
 # name -> the submodule it comes from (they import torch)
 _LAZY = {
@@ -53,6 +68,13 @@ _LAZY = {
     "cross_entropy_with_z_loss": "z_loss",
     "log_z": "z_loss",
     "DEFAULT_Z_LOSS": "z_loss",
+    "StabilityGuard": "guard",
+    "GuardPolicy": "guard_policy",
+    "SpikeDetector": "spike_detector",
+    "UpdateSignals": "leading_signals",
+    "SignalDetector": "signal_detector",
+    "SignalRule": "signal_detector",
+    "DEFAULT_SIGNAL_RULES": "signal_detector",
 }
 # submodules that ``import stability_toolbox`` used to import eagerly: still reachable as attributes
 _LAZY_SUBMODULES = ("validation", "monitor", "warning_rules", "z_loss")

@@ -64,10 +64,10 @@ import torch
 from torch import Tensor, nn
 
 from .attention_stats import AttentionLogits
-from .quantities import OTHER_ROW, Recorder
+from .quantities import OTHER_ROW, Recorder, running_max
 from .sites import SitePlan
 
-__all__ = ["SIGNALS", "UpdateSignals", "UpdateStream", "EntropyLogits", "grad_rms_over_eps", "update_ratio",
+__all__ = ["SIGNALS", "UpdateSignals", "UpdateStream", "LayerGradients", "EntropyLogits", "grad_rms_over_eps", "update_ratio",
            "attention_entropy", "excess_kurtosis", "second_moment_stats"]
 
 #: the per-update scalars, in the order of a row
@@ -165,12 +165,21 @@ class EntropyLogits(AttentionLogits):
         self.entropy = {}
 
     def _store(self, name, q, k, n_heads, batch_first):
-        super()._store(name, q, k, n_heads, batch_first)
+        # AttentionLogits._store's logit maximum and the entropy from one q.k product (a logged step pays once)
+        if self.recorder.phase != "train" or self.recorder.foreign:
+            return
         if not batch_first:
             q, k = q.transpose(0, 1), k.transpose(0, 1)
-        if q.shape[-1] % n_heads or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+        b, tq, d = q.shape
+        if k.shape[0] != b or k.shape[2] != d or d % n_heads:
             return
-        e = attention_entropy(q.detach(), k.detach(), n_heads)
+        dh = d // n_heads
+        qh = q.detach().reshape(b, tq, n_heads, dh).transpose(1, 2).float()
+        kh = k.detach().reshape(b, k.shape[1], n_heads, dh).transpose(1, 2).float()
+        logits = qh @ kh.transpose(-1, -2) / math.sqrt(dh)
+        self.maxima[name] = running_max(self.maxima.get(name), logits.abs().amax())
+        logp = torch.log_softmax(logits, dim=-1)
+        e = -(logp.exp() * logp).sum(-1).mean()
         old = self.entropy.get(name)
         self.entropy[name] = e if old is None else torch.minimum(old, e)
 
@@ -378,4 +387,55 @@ class UpdateStream:
             for i, k in enumerate(names):
                 out[k] = table[:, i].tolist()
         self._rows, self._steps = [], []
+        return out
+
+
+class LayerGradients:
+    """Per update, from one fused norm over the gradients: ``grad_norm`` (``||g||_2`` over every parameter) and
+    ``grad_rms_eps_min`` (the smallest, over the layer groups, of ``sqrt(sum g_l^2 / N_l) / eps``), as device
+    scalars (no sync). A step where some parameter has no gradient gives ``grad_norm`` over the others only.
+
+    Args:
+        groups: ``[(row, [(name, parameter)])]`` (`stability_toolbox.sites.SitePlan.groups`; the row
+            ``(other)`` is no layer).
+
+    Examples:
+        >>> a, b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(1))
+        >>> a.grad, b.grad = torch.full((4,), 3e-8), torch.tensor([4e-8])
+        >>> out = LayerGradients([("l0", [("a", a)]), ("l1", [("b", b)])])(1e-8)
+        >>> round(float(out["grad_norm"]) * 1e8, 4), round(float(out["grad_rms_eps_min"]), 4)
+        (7.2111, 3.0)
+    """
+
+    def __init__(self, groups):
+        self.params = [p for _, ps in groups for _, p in ps]
+        layer_rows = [row for row, _ in groups if row != OTHER_ROW]
+        self.n_layers = len(layer_rows)
+        gid, numel = [], [0.0] * (self.n_layers + 1)
+        index = {row: i for i, row in enumerate(layer_rows)}
+        for row, ps in groups:
+            for _, p in ps:
+                g = index.get(row, self.n_layers)
+                gid.append(g)
+                numel[g] += p.numel()
+        self._gid, self._numel = torch.tensor(gid, dtype=torch.long), torch.tensor(numel)
+        self._on: Dict[Any, tuple] = {}  # device -> (gid, numel) there: moved once per device
+
+    def __call__(self, eps: float) -> Dict[str, Tensor]:
+        grads = [p.grad for p in self.params]
+        if not self.params:
+            return {}
+        if any(g is None for g in grads):
+            present = [g for g in grads if g is not None]
+            return {"grad_norm": torch.stack(torch._foreach_norm(present)).float().norm()} if present else {}
+        with torch.no_grad():
+            sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
+            dev = sq.device
+            if dev not in self._on:
+                self._on[dev] = (self._gid.to(dev), self._numel.to(dev))
+            gid, numel = self._on[dev]
+            out = {"grad_norm": sq.sum().sqrt()}
+            if self.n_layers:
+                per = torch.zeros(self.n_layers + 1, device=dev).index_add_(0, gid, sq)
+                out["grad_rms_eps_min"] = (per[:-1] / numel[:-1].clamp_min(1)).sqrt().amin() / eps
         return out

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from toolbox_core import validation
 
-from .leading_signals import EntropyLogits, UpdateStream
+from .leading_signals import EntropyLogits, LayerGradients, UpdateStream
 from .hooks import wrap_hooks
 from .probe import Probe, as_call
 from .quantities import QUANTITIES, ParameterGroups, Recorder, accumulate, collect, resolve_fallback, running_max
@@ -121,8 +121,10 @@ class StabilityMonitor:
         log: the logger warnings and the summary go to (default ``stability_toolbox.monitor``).
         signal_rules: the per-update rules ([`SignalRule`][stability_toolbox.signal_detector.SignalRule]s) run
             at each logging step over the updates since the last one (the record's ``updates``: ``loss``,
-            ``grad_norm``, ``log_z_rms`` of every update); default
+            ``grad_norm``, ``grad_rms_eps_min``, ``log_z_rms`` of every update); default
             `stability_toolbox.signal_detector.DEFAULT_SIGNAL_RULES` (``[]``: none).
+        per_update: keep that per-update stream (one fused gradient norm per `capture_grads`, one ``logsumexp``
+            per `observe_logits`, on the device); False: nothing between logging steps but the loss sum.
 
     Raises:
         TypeError / ValueError: a bad argument (named); nothing is attached then.
@@ -151,6 +153,7 @@ class StabilityMonitor:
         heatmaps: bool = True,
         log: Optional[logging.Logger] = None,
         signal_rules: Optional[Sequence[Any]] = None,
+        per_update: bool = True,
     ):
         # ---- every check first: a refused call attaches nothing
         if not isinstance(model, nn.Module):
@@ -171,6 +174,7 @@ class StabilityMonitor:
         heatmaps = validation.as_bool("heatmaps", heatmaps)
         log_dir = as_log_dir(log_dir)
         signal_detector = SignalDetector(signal_rules)  # checks the rules (default: DEFAULT_SIGNAL_RULES)
+        per_update = validation.as_bool("per_update", per_update)
         # ---- attach
         self.model = model
         self.log_dir = log_dir
@@ -184,9 +188,9 @@ class StabilityMonitor:
         # per-update scalars (loss, gradient norm, log Z RMS) kept on the device and read at the logging step
         self._stream = UpdateStream()
         self._signal_detector = signal_detector
-        self._all_params = [p for _, ps in self._site_plan.groups for _, p in ps]
-        self._eps = 1e-8  # grad_rms_eps's unit: the attached optimizer's eps (attach_optimizer), else 1e-8
-        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._layer_grads = LayerGradients(self._site_plan.groups)
+        self._per_update = per_update
+        self._eps = 1e-8  # grad_rms_eps_min's unit: the attached optimizer's eps (attach_optimizer), else 1e-8
         self._params = ParameterGroups(self._site_plan.groups)
         self._probe = Probe(model, self._recorder, probe_call)
         self.step_count = 0          # completed steps
@@ -268,10 +272,9 @@ class StabilityMonitor:
         gradient of the step is the one autograd accumulated. Only on logging steps; no host sync.
         RuntimeError after `close` (like every observation: nothing is dropped silently)."""
         self._check_open()
-        grads = [p.grad for p in self._all_params if p.grad is not None]
-        if grads:  # every step: the global gradient norm for the per-update stream (one fused norm, no sync)
-            with torch.no_grad():
-                self._stream.put("grad_norm", torch.stack(torch._foreach_norm(grads)).float().norm())
+        if self._per_update:  # every step: grad_norm, grad_rms_eps_min (one fused norm on the device, no sync)
+            for name, value in self._layer_grads(self._eps).items():
+                self._stream.put(name, value)
         if self._armed:
             self._params.capture()
 
@@ -291,11 +294,12 @@ class StabilityMonitor:
         if logits.shape[-1] == 0:
             raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape "
                              f"{tuple(logits.shape)}")
-        if logits.numel() == 0:  # no positions: nothing observed (shapes only, no sync)
+        if logits.numel() == 0 or not (self._armed or self._per_update):  # nothing to observe (no sync)
             return
         with torch.no_grad():
             lz = logits.detach().float().logsumexp(-1).reshape(-1)
-            self._stream.put("log_z_rms", lz.pow(2).mean().sqrt())  # every step: the per-update stream
+            if self._per_update:  # every step: the per-update stream
+                self._stream.put("log_z_rms", lz.pow(2).mean().sqrt())
             if not self._armed:
                 return
             part = (lz.sum(), lz.pow(2).sum(), lz.numel())
@@ -318,7 +322,8 @@ class StabilityMonitor:
             raise TypeError(f"loss must be a tensor or a real number, got {type(loss).__name__}")
         if self._loss_sum is not None:
             value = value.to(self._loss_sum.device)
-        self._stream.put("loss", value)
+        if self._per_update:
+            self._stream.put("loss", value)
         self._loss_sum = accumulate(self._loss_sum, value)
         self._loss_max = running_max(self._loss_max, value)
         self._loss_n += 1
@@ -389,6 +394,9 @@ class StabilityMonitor:
             self.end_step()
             self.begin_step()
 
+        eps = optimizer.param_groups[0].get("eps") if optimizer.param_groups else None
+        if isinstance(eps, float) and eps > 0:  # grad_rms_eps_min in this optimizer's epsilon
+            self._eps = eps
         handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
         self._wrap_hooks(handles)  # a pickled / copied optimizer carries inert hooks
         self._optimizer_handles += handles
@@ -404,7 +412,7 @@ class StabilityMonitor:
         quantities, model_q = collect(
             self._site_plan.all_sites(), grads=grads, update=update, weight=weight, attn_max=self._attention.maxima,
             loss=(self._loss_sum, self._loss_max, self._loss_n), log_z=self._log_z, range_dtype=self.range_dtype,
-            history=self.history)
+            history=self.history, attn_entropy=self._attention.entropy)
         self.fallback = resolve_fallback(quantities, self.fallback)
         self._loss_sum, self._loss_max, self._loss_n = None, None, 0
         record = {"step": step, **model_q, "quantities": quantities, "updates": self._stream.read()}

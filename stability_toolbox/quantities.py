@@ -18,10 +18,13 @@ Per row (a residual sublayer, an attention module or a layer's parameter group),
   ``act_frac = act_max / finfo(dtype).max``: the fp16/bf16 overflow margin (``range_dtype`` picks the
   dtype to compare with; default: the activation's own).
 * ``attn_logit_max``: the largest ``|q . k| / sqrt(d_head)`` of each attention module
-  (`stability_toolbox.attention_stats`).
+  (`stability_toolbox.attention_stats`); ``attn_entropy``: the mean over batch, heads and queries of the
+  softmax entropy (nats) of those logits (`stability_toolbox.leading_signals.attention_entropy`; masks not
+  applied; Zhai et al. 2023: its collapse goes with an oscillating loss).
 
 Per model: ``loss`` (mean over the interval), ``loss_max`` and ``loss_spike`` (the interval's largest loss
-over the median of the previous logged means), ``log_z`` / ``log_z_rms`` of the output logits.
+over the median of the previous logged means), ``log_z`` / ``log_z_rms`` of the output logits, ``update_rms``
+(``||W' - W|| / ||W||`` over every monitored parameter for the logged step: the update's RMS over the weights').
 
 What lives here: a [`Site`][stability_toolbox.quantities.Site] per residual sublayer, filled by the hooks
 through the step's [`Recorder`][stability_toolbox.quantities.Recorder]; the parameter groups' squared norms
@@ -44,9 +47,9 @@ __all__ = ["QUANTITIES", "MODEL_QUANTITIES", "LOG_SCALE", "OTHER_ROW", "Site", "
 
 #: per-row quantities, in the order of the summary table
 QUANTITIES = ("beta", "output_change", "grad_norm", "grad_ratio", "update_ratio", "act_max", "act_frac",
-              "attn_logit_max")
+              "attn_logit_max", "attn_entropy")
 #: model-level quantities
-MODEL_QUANTITIES = ("loss", "loss_max", "loss_spike", "log_z", "log_z_rms")
+MODEL_QUANTITIES = ("loss", "loss_max", "loss_spike", "log_z", "log_z_rms", "update_rms")
 #: quantities whose heatmap and warnings are read on a log scale
 LOG_SCALE = frozenset({"output_change", "grad_norm", "grad_ratio", "update_ratio", "act_max", "act_frac",
                        "attn_logit_max"})
@@ -230,6 +233,7 @@ def collect(
     log_z: Optional[Tuple[Tensor, Tensor, int]],
     range_dtype: Optional[torch.dtype],
     history: Sequence[Mapping[str, Any]],
+    attn_entropy: Optional[Mapping[str, Tensor]] = None,
 ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, float]]:
     """Every statistic of a logging step, brought to the host in one transfer, and the quantities derived there.
 
@@ -240,6 +244,8 @@ def collect(
         loss: the interval's loss sum, maximum and count; log_z: the logits' log Z sum, sum of squares, count.
         range_dtype: the dtype ``act_frac`` compares with (None: each activation's own).
         history: the earlier records (``loss_spike`` compares with their losses).
+        attn_entropy: ``{attention module: mean softmax entropy}``
+            (`stability_toolbox.leading_signals.attention_entropy`), or None.
 
     Returns:
         ``({quantity: {row: value}}, {model quantity: value})``; a fallback site's second reading is in the
@@ -273,6 +279,11 @@ def collect(
         put("update_ratio", gname, (update[gname] / weight[gname].clamp_min(1e-30)).sqrt())
     for name, v in attn_max.items():
         put("attn_logit_max", name, v)
+    for name, v in (attn_entropy or {}).items():
+        put("attn_entropy", name, v)
+    if update:  # the whole model's update over its weights: ||W' - W|| / ||W||
+        put("update_rms", "(model)", (torch.stack(list(update.values())).sum()
+                                      / torch.stack(list(weight.values())).sum().clamp_min(1e-30)).sqrt())
     loss_sum, loss_max, loss_n = loss
     if loss_n:
         put("loss", "(model)", loss_sum / loss_n)
@@ -285,7 +296,7 @@ def collect(
     quantities: Dict[str, Dict[str, float]] = {q: {} for q in QUANTITIES}
     model_q: Dict[str, float] = {}
     for (q, row), v in zip(keys, host):
-        if q in ("loss", "loss_max", "log_z", "log_z_rms"):
+        if q in ("loss", "loss_max", "log_z", "log_z_rms", "update_rms"):
             model_q[q] = v
         else:
             quantities.setdefault(q, {})[row] = v

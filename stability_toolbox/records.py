@@ -46,6 +46,7 @@ import math
 import numbers
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -125,6 +126,46 @@ def _parse(line: bytes) -> Any:
         raise ValueError("not JSON this reader can hold (nested too deeply)") from None
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _torn_record(tail: bytes) -> bool:
+    """Whether an unterminated last line can be what a crashed writer left: ASCII (what `RecordWriter` writes)
+    that is blank or begins with ``{``, after any NUL bytes (the zero-filled end that a power loss can leave on
+    some file systems). Anything else (a compressed or binary file, another text) is not a torn record and is
+    never skipped or dropped."""
+    text = tail.lstrip(b" \t\r\x00")
+    return tail.isascii() and (not text.rstrip(b"\x00") or text.startswith(b"{"))
+
+
+def _not_records(path: Path, data: bytes) -> str:
+    """What a file is instead of a monitor.jsonl, where that can be told from its first bytes."""
+    if data.startswith(_GZIP_MAGIC):
+        return f"{path} is gzip-compressed, not a monitor.jsonl: decompress it first (gunzip)"
+    return ""
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of ``path``, refused (ValueError) unless it is a regular file: a FIFO would block the read
+    forever, a device (``/dev/zero``) never end. Opened without blocking so that a FIFO is refused, not waited
+    on; ``/dev/null`` is not a file either."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ValueError(f"path {path} is a directory; give the monitor.jsonl file in it "
+                             f"({path / 'monitor.jsonl'})")
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"path {path} is not a regular file (a FIFO, socket or device); give a monitor.jsonl "
+                             "file")
+        if hasattr(os, "O_NONBLOCK"):  # a regular file reads the same either way; restore the usual mode
+            os.set_blocking(fd, True)
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def _record(value: Any) -> Dict[str, Any]:
     """A parsed line as a record of the history: the non-finite strings of the model-level values and the
     quantities back to floats, the record checked (`as_record`), the numbers as floats."""
@@ -152,12 +193,14 @@ def read_records(path: Union[str, "os.PathLike[str]"]) -> List[Dict[str, Any]]:
     ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` of the model-level values and the quantities back to floats
     (e.g. for `stability_toolbox.warning_rules.replay`); blank lines are skipped.
 
-    A torn last line (no end of line, not a whole JSON object: what a run that crashed while appending
-    leaves) is skipped with a ``UserWarning`` naming the file and line; every record before it is returned.
+    A torn last line (no end of line, not a whole JSON object, but the start of one: ASCII text beginning with
+    ``{``, what a run that crashed while appending leaves) is skipped with a ``UserWarning`` naming the file and
+    line; every record before it is returned. Any other unterminated last line (a binary file) is corrupt.
 
     Raises:
         TypeError: ``path`` is not a str or os.PathLike (an int file descriptor is refused).
-        ValueError: an empty path or a directory; a line with an end of line that is not JSON (corrupt, also
+        ValueError: an empty path, a directory or anything else that is not a regular file (a FIFO is refused
+            at once, never waited on; a device); a gzip-compressed file; a line that is not JSON (corrupt, also
             in the middle of the file); a JSON line that is not a record (no integer ``step``, quantities not
             ``{str: {str: number}}``, ...). The message names the file and the line number.
         OSError: the file cannot be read (FileNotFoundError when it does not exist).
@@ -174,10 +217,9 @@ def read_records(path: Union[str, "os.PathLike[str]"]) -> List[Dict[str, Any]]:
         ([0], True)
     """
     path = as_path(path)
-    if path.is_dir():
-        raise ValueError(f"path {path} is a directory; give the monitor.jsonl file in it "
-                         f"({path / 'monitor.jsonl'})")
-    data = path.read_bytes()
+    data = _read_regular(path)
+    if _not_records(path, data):
+        raise ValueError(_not_records(path, data))
     if data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (a file saved by some editors): not JSON
         data = data[3:]
     *whole, tail = data.split(b"\n")  # tail: what follows the last end of line (b"" in a whole file)
@@ -188,7 +230,7 @@ def read_records(path: Union[str, "os.PathLike[str]"]) -> List[Dict[str, Any]]:
         try:
             value = _parse(line)
         except ValueError as e:
-            if number == len(whole) + 1:  # the unterminated last line: the record a crashed run was writing
+            if number == len(whole) + 1 and _torn_record(line):  # the record a crashed run was writing
                 warnings.warn(f"{path}: line {number} is torn ({e}; {len(line)} bytes without an end of line, "
                               f"the record a crashed run was writing); skipped it, read {len(out)} records",
                               stacklevel=2)
@@ -242,6 +284,8 @@ class RecordWriter:
 
     A ``monitor.jsonl`` that ends in a torn line (a crashed run's unfinished record) is repaired when opened:
     the torn bytes are dropped, with one warning to ``log``, so that the next record starts a line of its own.
+    A ``monitor.jsonl`` that is not a record file (it ends in bytes that cannot start a record: a gzip or other
+    binary file) or not a regular file (a FIFO) is refused with ValueError, left as it is.
     After `close`, `write` raises RuntimeError (like a closed file). A writer holds an open file: it cannot be
     pickled or copied (TypeError); make a new one where it is needed.
 
@@ -264,8 +308,11 @@ class RecordWriter:
         log_dir.mkdir(parents=True, exist_ok=True)
         # unbuffered, opened for appending: each record is one write() of a whole line, which the OS appends
         # at the end of the file as one piece (so concurrent writers never interleave within a line)
-        self._jsonl = open(log_dir / "monitor.jsonl", "a+b", buffering=0)
+        self._jsonl = open(log_dir / "monitor.jsonl", "a+b", buffering=0)  # O_RDWR: a FIFO opens without blocking
         try:
+            if not stat.S_ISREG(os.fstat(self._jsonl.fileno()).st_mode):
+                raise ValueError(f"log_dir {log_dir}: {log_dir / 'monitor.jsonl'} is not a regular file (a FIFO, "
+                                 "socket or device); the monitor appends its records to a file there")
             self._repair_torn_tail()
         except BaseException:
             self._jsonl.close()
@@ -300,6 +347,17 @@ class RecordWriter:
             if whole:
                 f.write(b"\n")
                 return
+            f.seek(0)
+            head = f.read(3)
+            if start == 0 and head == b"\xef\xbb\xbf":  # a byte-order mark before the only line
+                tail = tail[3:]
+            if head.startswith(_GZIP_MAGIC) or not _torn_record(tail):
+                # not a record a crashed writer left (a compressed or binary file, another text): dropping it
+                # would destroy data that is not ours; refuse, the file unchanged
+                raise ValueError(f"log_dir {self.log_dir}: {self.log_dir / 'monitor.jsonl'} is not a monitor "
+                                 f"record file (it ends in {size - start} bytes that are not the start of a "
+                                 f"record{'; it is gzip-compressed' if head.startswith(_GZIP_MAGIC) else ''}); "
+                                 "nothing was changed: move it away or give another log_dir")
             f.truncate(start)
             self.log.warning("stability monitor: %s ended in a torn line (%d bytes without an end of line: the "
                              "record a crashed run was writing); dropped it before appending",

@@ -11,6 +11,8 @@ from . import (  # noqa: F401  (the modules only: nothing is installed by import
     cpu_ddp,
     fairscale_warnings,
     flag_checks,
+    guard_flags,
+    guard_train_step,
     last_batch,
     launcher_env,
     monitor_flags,
@@ -19,5 +21,5 @@ from . import (  # noqa: F401  (the modules only: nothing is installed by import
     safe_checkpoint,
 )
 
-__all__ = ["checkpoint_broadcast", "cpu_ddp", "fairscale_warnings", "flag_checks", "last_batch", "launcher_env",
-           "monitor_flags", "monitor_train_step", "one_line_errors", "safe_checkpoint"]
+__all__ = ["checkpoint_broadcast", "cpu_ddp", "fairscale_warnings", "flag_checks", "guard_flags", "guard_train_step",
+           "last_batch", "launcher_env", "monitor_flags", "monitor_train_step", "one_line_errors", "safe_checkpoint"]

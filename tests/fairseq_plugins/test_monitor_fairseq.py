@@ -129,5 +129,46 @@ def test_fairseq_train_writes_under_dir(tiny_translation_data, tmp_path, arch):
     assert q["grad_norm"]["encoder.layers.0"] > 0 and q["update_ratio"]["decoder.layers.1"] > 0
     assert len(q["attn_logit_max"]) == 2 * 1 + 2 * 2  # encoder self, decoder self + cross
     assert records[-1]["loss"] > 0
+    # the output logits reach the monitor (feed_output_logits): log Z of a (batch, time, vocabulary) output
+    assert all(r["log_z_rms"] >= abs(r["log_z"]) > 0 for r in records)
     assert (mon_dir / "summary.md").exists() and (mon_dir / "heatmap_beta.png").exists()
     assert any((mon_dir / "tb").iterdir())
+
+
+def test_output_logits_of_a_fairseq_style_model_reach_the_monitor():
+    """feed_output_logits: the (logits, extra) output of a training forward on a logged update gives log Z
+    (written out: mean and RMS over positions of logsumexp); evaluation passes are left out."""
+    torch.manual_seed(0)
+
+    class LM(torch.nn.Module):  # a fairseq decoder's output: (logits (batch, time, vocabulary), extra)
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0,
+                                                                                batch_first=True)])
+            self.out = torch.nn.Linear(8, 7)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return self.out(x), {"attn": None}
+
+    model = LM()
+    mon = StabilityMonitor(model, every=2)
+    handle = fm.feed_output_logits(model, mon)
+    xs = [torch.randn(2, 3, 8) for _ in range(3)]
+    seen = []
+    for x in xs:
+        with mon.step():
+            logits, _ = model(x)
+            logits.sum().backward()
+            model.eval()
+            model(torch.randn(2, 3, 8))  # an evaluation pass in between: not observed
+            model.train()
+        seen.append(logits.detach())
+    lz = [v for row in seen[0].logsumexp(-1).tolist() for v in row]
+    rec = mon.history[0]
+    assert rec["log_z"] == pytest.approx(sum(lz) / len(lz), rel=1e-5)
+    assert rec["log_z_rms"] == pytest.approx((sum(v * v for v in lz) / len(lz)) ** 0.5, rel=1e-5)
+    assert [r["step"] for r in mon.history] == [0, 2] and "log_z" in mon.history[1]
+    handle.remove()
+    mon.close()

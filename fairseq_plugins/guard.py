@@ -1,0 +1,151 @@
+"""``fairseq-train --stability-guard``: the stability guard for any fairseq architecture and optimizer.
+
+    fairseq-train data-bin --user-dir fairseq_plugins --arch transformer ... --stability-guard \\
+        --stability-guard-threshold 6 --stability-guard-snapshot-every 100 --stability-guard-rewind-skip 10
+
+puts a [`stability_toolbox.StabilityGuard`][stability_toolbox.StabilityGuard] on the trainer's optimizer at the first
+update: a loss (the criterion's, per target token) or global gradient norm far above its running statistics has
+its update skipped, repeated skips rewind to the last snapshot (model, optimizer, random generators; the data
+moves on and the next ``--stability-guard-rewind-skip`` updates are skipped) with the learning rate backed off,
+and a guard that keeps triggering stops the run cleanly (fairseq saves its checkpoint and ends as at
+``--max-update``) with the diagnosis in the log. fairseq's own check of non-finite gradients
+(``FloatingPointError``) becomes the guard's ``nonfinite`` signal (that update is skipped) instead of ending the
+run. With ``--stability-monitor`` the monitor's warnings drive the policy too (deep Post-LN: stop, "convert with
+admin_torch"). Every event is one ``stability guard: ...`` line (logger ``fairseq_plugins.guard``).
+
+The flags are declared here (`add_guard_args`, plain argparse as the monitor's) and checked by
+`check_guard_flags`, which records them in the environment (``FAIRSEQ_STABILITY_GUARD``) that spawned ranks
+inherit. Two repairs connect them to fairseq: [`fairseq_plugins.repairs.guard_flags`][fairseq_plugins.repairs.guard_flags]
+adds the flags to the training parser and [`fairseq_plugins.repairs.guard_train_step`][fairseq_plugins.repairs.guard_train_step]
+runs the guard in ``Trainer.train_step``. A bad value ends the tool with one line naming the flag, exit status 2.
+"""
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from toolbox_core import validation
+from stability_toolbox.guard import StabilityGuard
+
+from .flags import FlagError, check_flag, flag_check
+
+__all__ = ["add_guard_args", "check_guard_flags", "guard_config", "guard_of", "make_guard", "ENV", "OPTIONS"]
+
+logger = logging.getLogger(__name__)
+
+#: the environment variable holding the parsed flags (JSON), inherited by spawned ranks
+ENV = "FAIRSEQ_STABILITY_GUARD"
+
+#: ``--stability-guard-<name>``: (StabilityGuard keyword, parse, bounds, default, help)
+OPTIONS: Dict[str, tuple] = {
+    "threshold": ("threshold", validation.as_real, dict(low=0.0, low_open=True), 6.0,
+                  "a loss or gradient norm more than this many robust sigmas above its running median is a spike"),
+    "window": ("window", validation.as_int, dict(minimum=2), 128, "updates the running statistics span"),
+    "warmup": ("warmup", validation.as_int, dict(minimum=1), 16, "updates before spikes are scored"),
+    "snapshot-every": ("snapshot_every", validation.as_int, dict(minimum=1), 100,
+                       "take a snapshot (in host memory) every N updates"),
+    "snapshots": ("snapshots", validation.as_int, dict(minimum=1), 2, "snapshots kept"),
+    "rewind-skip": ("rewind_skip", validation.as_int, dict(minimum=0), 10, "updates skipped after a rewind"),
+    "backoff": ("backoff", validation.as_real, dict(low=0.0, high=1.0, low_open=True), 0.5,
+                "learning-rate factor after a rewind"),
+    "backoff-updates": ("backoff_updates", validation.as_int, dict(minimum=0), 50,
+                        "updates the learning-rate backoff lasts"),
+}
+
+
+def add_guard_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--stability-guard`` and its ``--stability-guard-*`` options (once) to ``parser``."""
+    if any("--stability-guard" in a.option_strings for a in parser._actions):
+        return
+    group = parser.add_argument_group("stability guard (fairseq_plugins)")
+    group.add_argument("--stability-guard", action="store_true", default=False,
+                       help="skip spiking updates, rewind and back off on repeats, stop with the diagnosis when "
+                            "it persists (stability_toolbox.StabilityGuard)")
+    for name, (_, _, _, default, text) in OPTIONS.items():
+        group.add_argument(f"--stability-guard-{name}", metavar="X", default=None,
+                           help=f"{text} (default {default}; needs --stability-guard)")
+
+
+def _parse(flag: str, raw: Any, check: Callable, bounds: Dict[str, Any]):
+    text = str(raw).strip()
+    try:
+        value = int(text, 10) if check is validation.as_int else float(text)
+    except ValueError:
+        kind = "an integer" if check is validation.as_int else "a real number"
+        raise FlagError(f"{flag} must be {kind}, got {raw!r}") from None
+    return check_flag(flag, check, value, **bounds)
+
+
+@flag_check
+def check_guard_flags(args) -> None:
+    """Validate the guard flags of a parsed command line and record them for the training loop."""
+    on = getattr(args, "stability_guard", False)
+    given = {name: getattr(args, "stability_guard_" + name.replace("-", "_"), None) for name in OPTIONS}
+    if not on:
+        os.environ.pop(ENV, None)
+        for name, raw in given.items():
+            if raw is not None:
+                raise FlagError(f"--stability-guard-{name} is accepted only with --stability-guard")
+        return
+    config = {}
+    for name, raw in given.items():
+        keyword, check, bounds, default, _ = OPTIONS[name]
+        config[keyword] = default if raw is None else _parse(f"--stability-guard-{name}", raw, check, bounds)
+    if config["warmup"] > config["window"]:
+        raise FlagError(f"--stability-guard-warmup must be <= --stability-guard-window ({config['window']}), "
+                        f"got {config['warmup']}")
+    monitor_dir = getattr(args, "stability_monitor", None)
+    config["log_dir"] = str(Path(monitor_dir).resolve()) if monitor_dir else None
+    os.environ[ENV] = json.dumps(config)
+
+
+def guard_config() -> Optional[dict]:
+    """The flags `check_guard_flags` recorded for this process (StabilityGuard keywords), or None."""
+    raw = os.environ.get(ENV)
+    return json.loads(raw) if raw else None
+
+
+def guard_of(trainer) -> Optional[StabilityGuard]:
+    """The guard a fairseq ``Trainer`` runs (created on its first ``train_step``), or None."""
+    return getattr(trainer, "_stability_guard", None)
+
+
+def _torch_optimizer(trainer):
+    """The torch optimizer inside fairseq's wrappers (``FairseqOptimizer.optimizer``, ``FP16Optimizer``'s)."""
+    import torch
+
+    opt = trainer.optimizer  # fairseq builds it on first access
+    while not isinstance(opt, torch.optim.Optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or inner is opt:
+            raise TypeError(f"--stability-guard: cannot find the torch optimizer inside {type(opt).__name__}")
+        opt = inner
+    return opt
+
+
+def make_guard(trainer, cfg: dict) -> StabilityGuard:
+    """The guard of a fairseq ``Trainer`` for the recorded flags ``cfg``: on the torch optimizer inside fairseq's,
+    reading the criterion's loss per target token, with the monitor of ``--stability-monitor`` if any."""
+    from .monitor import monitor_of
+
+    kwargs = dict(cfg)
+    log_dir = kwargs.pop("log_dir", None)
+    world = getattr(trainer, "data_parallel_world_size", 1)
+    if log_dir is not None and world > 1:
+        log_dir = str(Path(log_dir) / f"rank{trainer.data_parallel_rank}")
+    mon = monitor_of(trainer)
+    guard = StabilityGuard(trainer.model, _torch_optimizer(trainer), monitor=mon,
+                           log_dir=None if mon is not None else log_dir, log=logger, **kwargs)
+
+    def read_loss(module, _args, out):
+        if module.training and isinstance(out, tuple) and len(out) >= 2:
+            loss, sample_size = out[0], out[1]
+            guard.observe_loss(loss.detach().float() / max(float(sample_size), 1.0))
+
+    trainer.criterion.register_forward_hook(read_loss)
+    logger.info("stability guard: on %s, snapshots every %d updates, spikes above %g robust sigmas",
+                type(guard.optimizer).__name__, guard.snapshot_every, guard.detector.threshold)
+    return guard

@@ -1,0 +1,589 @@
+"""Training that survives its instabilities: [`StabilityGuard`][stability_toolbox.StabilityGuard] skips, rewinds, backs off or stops.
+
+The guard wraps ``optimizer.step``. Each step it scores the step's loss and the global gradient norm against
+their robust running statistics (`stability_toolbox.spike_detector`, on the device), decides on the device
+whether the update is applied (`stability_toolbox.conditional_step`: a skipped update leaves the parameters
+and the optimizer state as if the batch never came), and hands the signals to the host without waiting
+(on the CPU at once; on a GPU one step later, when that step's flags are long computed: no host-device
+synchronization in a step without an event). On the host the policy table (`stability_toolbox.guard_policy`)
+turns signals, and the warnings of an attached [`StabilityMonitor`][stability_toolbox.StabilityMonitor], into
+an action:
+
+* ``skip``: the update was not applied (too many skips in a window escalate to ``rewind``);
+* ``rewind``: restore the last good snapshot (`stability_toolbox.snapshots`: model, optimizer, scheduler,
+  grad scaler, random generators, data position), skip the ``rewind_skip`` batches from the one that raised
+  the event on, and multiply the learning rate by ``backoff`` for ``backoff_updates`` updates (too many
+  rewinds in a window escalate to ``stop``). With [`batches`][stability_toolbox.StabilityGuard.batches]
+  (an indexable data source) the batches after the snapshot are replayed: a rewind with ``rewind_skip=0`` and
+  no backoff reproduces the uninterrupted run bit for bit. Without it (a trainer that owns its data loader)
+  the data moves on, and the next ``rewind_skip`` updates are skipped instead (PaLM's restart-and-skip);
+* ``stop``: `stopped` becomes True and `stop_reason` names the mechanism and the remedy (deep Post-LN:
+  "convert with admin_torch"); the guard applies no further update.
+
+Every event is one log line (logger ``stability_toolbox.guard``, WARNING, beginning ``stability guard:``) and
+a record in ``<log_dir>/monitor.jsonl`` (key ``"guard"``; the line also under ``"warnings"``, so TensorBoard
+shows it as the text ``stability/warnings``). A run without events is not changed: the update applied is
+the optimizer's own, bit for bit.
+
+Examples:
+    >>> import torch
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    >>> data = [torch.randn(8, 4) for _ in range(40)]
+    >>> data[30] = data[30] * 1e4                         # a poisoned batch
+    >>> guard = StabilityGuard(model, opt, snapshot_every=10)
+    >>> for i, x in guard.batches(data):                   # (data index, batch)
+    ...     loss = model(x).pow(2).mean()
+    ...     loss.backward()
+    ...     guard.step(loss)                               # optimizer.step() under the guard
+    ...     opt.zero_grad()
+    >>> [(e["update"], e["action"], e["signals"]) for e in guard.events]
+    [(30, 'skip', ['loss_spike', 'grad_norm_spike'])]
+"""
+
+import logging
+import os
+import types
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from toolbox_core import validation
+
+from .conditional_step import conditional_step, skip_path
+from .guard_policy import GuardPolicy, severest
+from .records import RecordWriter, as_log_dir
+from .snapshots import SnapshotRing, capture, restore
+from .spike_detector import DEFAULT_SIGNALS, SpikeDetector
+from .warning_rules import DIAGNOSES, Diagnosis
+
+__all__ = ["StabilityGuard", "GuardStopped"]
+
+logger = logging.getLogger(__name__)
+
+_SIGNAL_OF = {"loss": "loss_spike", "grad_norm": "grad_norm_spike"}
+_WHAT = {"loss_spike": "loss", "grad_norm_spike": "global gradient norm"}
+
+
+class GuardStopped(RuntimeError):
+    """Raised by [`StabilityGuard.step`][stability_toolbox.StabilityGuard.step] when called after the guard stopped the run."""
+
+
+def _stop_diagnosis(signals: Sequence[str]) -> Diagnosis:
+    for s in signals:
+        if s.startswith("warning:") and s[8:] in DIAGNOSES:
+            return DIAGNOSES[s[8:]]
+    return Diagnosis("an instability that skipping batches and rewinding did not cure (loss or gradient-norm "
+                     "spikes keep coming back from the same model state)",
+                     "a lower peak learning rate or a longer warm-up, gradient clipping (clip 1.0), Adam beta2 "
+                     "0.95; run the stability monitor (stability_toolbox.StabilityMonitor) to name the mechanism")
+
+
+class StabilityGuard:
+    """Guard the training of ``model`` by ``optimizer`` (module docstring).
+
+    Args:
+        model: the model (``nn.Module``; under DDP the wrapper or the module, its state dict is what is saved).
+        optimizer: the ``torch.optim.Optimizer``; its ``step`` is wrapped until [`detach`][stability_toolbox.StabilityGuard.detach].
+        scheduler, scaler: a learning-rate scheduler and a ``torch.amp.GradScaler`` whose states the snapshots hold.
+        policy: the decision table (default `GuardPolicy()`).
+        monitor: a `StabilityMonitor` whose warnings become ``warning:<quantity>`` signals.
+        window, threshold, warmup: the spike detector's (`SpikeDetector`): a value more than ``threshold``
+            robust standard deviations above the median of its last ``window`` values, after ``warmup``.
+        signals: the signals scored, a subset of ``("loss", "grad_norm")``.
+        snapshot_every: take a snapshot every this many updates (an integer >= 1), from update 0 (before any).
+        snapshots: how many snapshots are kept (an integer >= 1).
+        snapshot_dir: a directory for the snapshots (atomic files); None keeps them in host memory.
+        rewind_skip: after a rewind, skip this many batches from the one that raised the event (>= 0).
+        backoff: after a rewind, the learning rate is multiplied by this factor (in (0, 1]) ...
+        backoff_updates: ... for this many updates (>= 0).
+        log_dir: where event records go (``monitor.jsonl``; default: the monitor's ``log_dir``, else none).
+        tensorboard: also write the events to TensorBoard (with a ``log_dir``).
+        process_group: under ``torch.distributed``, the group whose ranks take one decision (default: the
+            world when initialized; one all-reduce of a few numbers per step).
+        log: the logger the event lines go to (default ``stability_toolbox.guard``).
+        decide_on_host: read the skip flag on the host and not call the step (None: for CPU runs, where that is
+            no synchronization and saves the device path's copies; False: always the device path).
+
+    Raises:
+        TypeError / ValueError: a bad argument, named; nothing is wrapped then.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
+                 scaler: Any = None, policy: Optional[GuardPolicy] = None, monitor: Any = None,
+                 window: int = 128, threshold: float = 6.0, warmup: int = 16,
+                 signals: Sequence[str] = DEFAULT_SIGNALS, snapshot_every: int = 100, snapshots: int = 2,
+                 snapshot_dir: Optional[Union[str, "os.PathLike[str]"]] = None, rewind_skip: int = 10,
+                 backoff: float = 0.5, backoff_updates: int = 50, log_dir: Optional[Union[str, Path]] = None,
+                 tensorboard: bool = True, process_group: Any = None, log: Optional[logging.Logger] = None,
+                 decide_on_host: Optional[bool] = None):
+        # ---- every check first: a refused call wraps nothing
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if getattr(optimizer.step, "_stability_guard", None) is not None:
+            raise ValueError("optimizer: already guarded by another StabilityGuard (detach() it first)")
+        for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
+            if obj is not None and not (callable(getattr(obj, "state_dict", None)) and
+                                        callable(getattr(obj, "load_state_dict", None))):
+                raise TypeError(f"{name} must have state_dict() and load_state_dict(), got {type(obj).__name__}")
+        policy = GuardPolicy() if policy is None else policy
+        if not isinstance(policy, GuardPolicy):
+            raise TypeError(f"policy must be a GuardPolicy, got {type(policy).__name__}")
+        if monitor is not None and not hasattr(monitor, "warnings"):
+            raise TypeError(f"monitor must be a StabilityMonitor, got {type(monitor).__name__}")
+        if isinstance(signals, str) or not isinstance(signals, Sequence) or not signals or \
+                not set(signals) <= set(DEFAULT_SIGNALS) or len(set(signals)) != len(signals):
+            raise ValueError(f"signals must be a non-empty subset of {DEFAULT_SIGNALS}, got {signals!r}")
+        detector = SpikeDetector(tuple(signals), window=window, threshold=threshold, warmup=warmup)
+        self.snapshot_every = validation.as_int("snapshot_every", snapshot_every, minimum=1)
+        self.rewind_skip = validation.as_int("rewind_skip", rewind_skip, minimum=0)
+        self.backoff = validation.as_real("backoff", backoff, low=0.0, high=1.0, low_open=True)
+        self.backoff_updates = validation.as_int("backoff_updates", backoff_updates, minimum=0)
+        tensorboard = validation.as_bool("tensorboard", tensorboard)
+        if decide_on_host is not None:
+            decide_on_host = validation.as_bool("decide_on_host", decide_on_host)
+        if log is not None and not isinstance(log, logging.Logger):
+            raise TypeError(f"log must be a logging.Logger, got {type(log).__name__}")
+        log_dir = as_log_dir(log_dir)
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank(process_group)
+            world = torch.distributed.get_world_size(process_group)
+        ring = SnapshotRing(snapshots, snapshot_dir, prefix=f"rank{rank}-" if world > 1 else "")
+        skip_path(optimizer)  # raises for an optimizer it cannot step
+        # ---- attach
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.policy = policy
+        self.monitor = monitor
+        self.detector = detector
+        self.signals = tuple(signals)
+        self.ring = ring
+        self.log = log or logger
+        self.process_group = process_group
+        self.decide_on_host = decide_on_host
+        self._masks: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
+        self.world = world
+        self.updates = 0                    # optimizer steps taken under the guard (rewinds set it back)
+        self.events: List[Dict[str, Any]] = []
+        self.stopped = False
+        self.stop_reason: Optional[str] = None
+        self.skipped_updates = 0            # updates not applied (skips, forced skips after a rewind)
+        self.undone_updates = 0             # applied updates a rewind threw away
+        self.rewinds = 0
+        self._loss_sum: Optional[Tensor] = None
+        self._loss_n = 0
+        self._index: Optional[int] = None   # the data index of the batch being trained on (batches())
+        self._position: Optional[int] = None
+        self._replay = False                # batches() drives the data: rewinds replay it
+        self._skip_indices: set = set()
+        self._forced_skips = 0              # trainer mode: updates to skip after a rewind
+        self._backoff_left = 0
+        self._skip_log: List[Tuple[int, Optional[int]]] = []  # (update, data index) of recent skips
+        self._skipped: List[int] = []       # the updates skipped since the oldest kept snapshot
+        self._rewind_times: List[int] = []
+        self._pending: List[Tuple[int, Optional[int], Tensor, Any]] = []
+        self._monitor_seen = len(monitor.warnings) if monitor is not None else 0
+        self._writer = None
+        if log_dir is None and monitor is not None and getattr(monitor, "_writer", None) is not None:
+            self._writer = monitor._writer      # one monitor.jsonl, one TensorBoard writer
+        elif log_dir is not None:
+            self._writer = RecordWriter(log_dir, tensorboard=tensorboard, log=self.log)
+            self._own_writer = True
+        self._had_instance_step = "step" in optimizer.__dict__  # e.g. an LR scheduler's wrapper
+        self._original_step = optimizer.step
+        self._took_initial = False
+        optimizer.step = types.MethodType(_guarded_function(self), optimizer)
+
+    # ------------------------------------------------------------------ data
+    def batches(self, source: Union[Sequence, Callable[[int], Any], Iterable], start: int = 0) -> Iterator[Tuple[int, Any]]:
+        """Yield ``(data index, batch)`` from ``source``, leaving out the batches the guard skips.
+
+        ``source``: a sequence (indexed until its end), a callable ``index -> batch`` (None ends the data), or
+        any other iterable (read forward only: a rewind then does not replay, the next batches are skipped).
+        After a rewind the indexable sources continue from the snapshot's data position.
+        """
+        start = validation.as_int("start", start, minimum=0)
+        if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+            def get(i):
+                return source[i] if i < len(source) else None
+        elif callable(source):
+            get = source
+        elif isinstance(source, Iterable):
+            yield from self._forward_batches(source, start)
+            return
+        else:
+            raise TypeError(f"source must be a sequence, a callable index -> batch or an iterable, got "
+                            f"{type(source).__name__}")
+        self._replay = True
+        i = start
+        while not self.stopped:
+            if i in self._skip_indices:
+                i += 1
+                continue
+            batch = get(i)
+            if batch is None:
+                return
+            self._index, self._position = i, i + 1
+            yield i, batch
+            i = self._position  # a rewind moved it back to the snapshot's position
+
+    def _forward_batches(self, source: Iterable, start: int) -> Iterator[Tuple[int, Any]]:
+        self._replay = False
+        for i, batch in enumerate(source, start):
+            if self.stopped:
+                return
+            if i in self._skip_indices:
+                continue
+            self._index, self._position = i, i + 1
+            yield i, batch
+
+    # ------------------------------------------------------------------ the step
+    def observe_loss(self, loss: Union[Tensor, float]) -> None:
+        """Add a (micro-)batch loss of the coming update (a tensor stays on its device; or a real number)."""
+        if isinstance(loss, Tensor):
+            if not loss.is_floating_point():
+                raise TypeError(f"loss must be a floating tensor or a real number, got dtype {loss.dtype}")
+            value = loss.detach()
+            value = value.reshape(()) if value.numel() == 1 else value.mean()
+            if value.dtype != torch.float32:
+                value = value.float()
+        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            value = torch.tensor(float(loss))
+        else:
+            raise TypeError(f"loss must be a tensor or a real number, got {type(loss).__name__}")
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
+        self._loss_n += 1
+
+    def step(self, loss: Optional[Union[Tensor, float]] = None, closure: Optional[Callable] = None) -> Any:
+        """``observe_loss(loss)`` (when given), then the guarded ``optimizer.step(closure)``."""
+        if loss is not None:
+            self.observe_loss(loss)
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def _grads(self) -> Tuple[List[Tensor], bool]:
+        """The gradients (DTensors: their local shards) and whether any is sharded."""
+        out, sharded = [], False
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    if type(g).__name__ == "DTensor":
+                        g, sharded = g.to_local(), True
+                    out.append(g)
+        return out, sharded
+
+    def _signal_values(self, grads: List[Tensor], sharded: bool,
+                       device: torch.device) -> Tuple[Tensor, Optional[Tensor]]:
+        """The step's signal values and which are present (None: all), reduced over the ranks (one all-reduce).
+        A handful of tensor ops: this runs every step."""
+        sq = None
+        if grads:
+            norms = torch._foreach_norm(grads)
+            sq = torch.stack(norms if len(norms) == 1 or all(n.device == device for n in norms)
+                             else [n.to(device) for n in norms]).float().square().sum()
+            scale = getattr(self.optimizer, "grad_scale", None)  # a GradScaler's fused protocol: still scaled
+            if scale is not None:
+                sq = sq / scale.to(device, torch.float32).reshape(()).square()
+        n = self._loss_n
+        loss = self._loss_sum.to(device) if n else None
+        if self.world > 1:
+            zero = torch.zeros((), device=device)
+            vec = torch.stack([zero if loss is None else loss, torch.full((), float(n), device=device),
+                               zero if sq is None else sq, torch.full((), float(bool(grads)), device=device)])
+            torch.distributed.all_reduce(vec, group=self.process_group)  # the one reduction: every rank decides alike
+            if not sharded:
+                vec[2] = vec[2] / self.world  # DDP: every rank holds the same full gradient
+            value = {"loss": vec[0] / vec[1].clamp(min=1.0), "grad_norm": vec[2].sqrt()}
+            have = {"loss": vec[1] > 0, "grad_norm": vec[3] > 0}
+            return (torch.stack([value[s] for s in self.signals]), torch.stack([have[s] for s in self.signals]))
+        # one process: which signals are present is known on the host
+        zero = None
+        value = {"loss": loss if n <= 1 or loss is None else loss / n, "grad_norm": None if sq is None else sq.sqrt()}
+        present = [value[s] is not None for s in self.signals]
+        if not all(present):
+            zero = torch.zeros((), device=device)
+        values = torch.stack([value[s] if value[s] is not None else zero for s in self.signals])
+        return values, (None if all(present) else torch.tensor(present, device=device))
+
+    def _guarded_step(self, closure: Optional[Callable] = None, **kwargs: Any) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if isinstance(loss, Tensor) and loss.is_floating_point():
+                self.observe_loss(loss)
+        if self.stopped:
+            self._loss_sum, self._loss_n = None, 0
+            return loss
+        if not self._took_initial:  # the state before the first update: a rewind target from the start
+            self._took_initial = True
+            self._take_snapshot()
+        grads, sharded = self._grads()
+        device = grads[0].device if grads else self.detector.device
+        if self.detector.device != device:
+            self.detector.to(device)
+        values, present = self._signal_values(grads, sharded, device)
+        z, event = self.detector.update(values, present)
+        nonfinite = ~torch.isfinite(values) if present is None else present & ~torch.isfinite(values)
+        skip_mask, nonfinite_skips = self._mask(device)
+        skip = ((event & ~nonfinite & skip_mask) | (nonfinite & nonfinite_skips)).any()
+        forced = self._forced_skips > 0
+        if forced:
+            self._forced_skips -= 1
+            skip = torch.ones((), dtype=torch.bool, device=device)
+        original_lr = self._back_off()
+        try:
+            conditional_step(self.optimizer, skip, step=lambda: self._original_step(**kwargs),
+                             on_host=self.decide_on_host)
+        finally:
+            if original_lr is not None:
+                for group, lr in zip(self.optimizer.param_groups, original_lr):
+                    group["lr"] = lr
+        self._loss_sum, self._loss_n = None, 0
+        packed = torch.cat([torch.cat([event, nonfinite, skip.reshape(1)]).float(), z, values.float()])
+        update = self.updates
+        self.updates += 1
+        if forced:
+            self.skipped_updates += 1
+        self._enqueue(update, packed, forced)
+        self._process(final=False)
+        return loss
+
+    def _mask(self, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """Which signals' events skip the update (the policy's table, as tensors; made once per device)."""
+        if device not in self._masks:
+            self._masks[device] = (
+                torch.tensor([self.policy.skips_on_device(_SIGNAL_OF[s]) for s in self.signals], device=device),
+                torch.tensor(self.policy.skips_on_device("nonfinite"), device=device))
+        return self._masks[device]
+
+    def _back_off(self) -> Optional[List[Any]]:
+        if self._backoff_left <= 0 or self.backoff == 1.0:
+            return None
+        self._backoff_left -= 1
+        original = [g["lr"] for g in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * self.backoff
+        return original
+
+    # ------------------------------------------------------------------ the host side
+    def _enqueue(self, update: int, packed: Tensor, forced: bool) -> None:
+        if packed.device.type == "cpu":
+            self._pending.append((update, self._index, packed, forced, None))
+            return
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=torch.cuda.is_available())
+        host.copy_(packed, non_blocking=True)
+        ready = torch.cuda.Event() if packed.device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        self._pending.append((update, self._index, host, forced, ready))
+
+    def _process(self, final: bool) -> None:
+        """Handle the signals that reached the host: on the CPU this step's; on a GPU the previous step's (its
+        copy finished long ago), all of them when ``final`` or at a snapshot."""
+        due_snapshot = self.updates % self.snapshot_every == 0
+        keep = 0 if (final or due_snapshot) else (0 if not self._pending or self._pending[-1][4] is None else 1)
+        while len(self._pending) > keep:
+            update, index, host, forced, ready = self._pending.pop(0)
+            if ready is not None:
+                ready.synchronize()
+            if self._handle(update, index, host.tolist(), forced):
+                self._pending.clear()  # a rewind or stop: the steps still in flight are moot
+                return
+        self._check_monitor()
+        if self.stopped:
+            return
+        if due_snapshot and not final:
+            self._take_snapshot()
+
+    def _handle(self, update: int, index: Optional[int], flags: List[float], forced: bool) -> bool:
+        """Turn one step's flags into the policy's action; True when it rewound or stopped."""
+        k = len(self.signals)
+        event, nonfinite, skipped = flags[:k], flags[k:2 * k], flags[2 * k]
+        z, values = flags[2 * k + 1:3 * k + 1], flags[3 * k + 1:]
+        signals = []
+        for i, s in enumerate(self.signals):
+            if nonfinite[i]:
+                if "nonfinite" not in signals:
+                    signals.append("nonfinite")
+            elif event[i]:
+                signals.append(_SIGNAL_OF[s])
+        if not signals:
+            return False
+        detail = "; ".join(
+            f"{s} {values[i]:.4g} is non-finite" if nonfinite[i] else
+            f"{_WHAT[_SIGNAL_OF[s]]} {values[i]:.4g} is {z[i]:.1f} robust sigmas above its running median "
+            f"(> {self.detector.threshold:g})"
+            for i, s in enumerate(self.signals) if event[i])
+        action = severest(self.policy.action(s) for s in signals)
+        if skipped and not forced:
+            self.skipped_updates += 1
+            self._skipped.append(update)
+        if action == "skip":
+            self._skip_log.append((update, index))
+            recent = [(u, i) for u, i in self._skip_log if u > update - self.policy.window]
+            self._skip_log = recent
+            if len(recent) > self.policy.max_skips:
+                signals.append("repeated")
+                detail += f"; {len(recent)} skips within {self.policy.window} updates"
+                action = severest([action, self.policy.action("repeated")])
+        return self._act(action, signals, detail, update, index)
+
+    def _check_monitor(self) -> None:
+        if self.monitor is None or self.stopped:
+            return
+        new = self.monitor.warnings[self._monitor_seen:]
+        self._monitor_seen = len(self.monitor.warnings)
+        for w in new:
+            signal = f"warning:{w['quantity']}"
+            action = self.policy.action(signal)
+            if self._act(action, [signal], w["message"], self.updates - 1, self._index):
+                return
+
+    def _act(self, action: str, signals: List[str], detail: str, update: int, index: Optional[int]) -> bool:
+        if action == "rewind":
+            self._rewind_times = [u for u in self._rewind_times if u > update - self.policy.rewind_window]
+            if len(self._rewind_times) + 1 > self.policy.max_rewinds:
+                signals = signals + ["persistent"]
+                detail += f"; {len(self._rewind_times) + 1} rewinds within {self.policy.rewind_window} updates"
+                action = severest([action, self.policy.action("persistent")])
+        if action == "rewind" and self.ring.latest() is None:
+            action = "skip"
+            detail += "; no snapshot to rewind to yet"
+        outcome = {"log": "logged (the update was applied)", "skip": "update not applied"}.get(action, "")
+        if action == "rewind":
+            outcome = self._rewind_now(update, index)
+        elif action == "stop":
+            d = _stop_diagnosis(signals)
+            self.stopped = True
+            self.stop_reason = f"likely mechanism: {d.mechanism}; remedy: {d.remedy}"
+            outcome = f"training stopped; {self.stop_reason}"
+            snap = self.ring.latest()
+            if snap is not None and any(not s.startswith("warning:") for s in signals):
+                # spikes that keep coming: leave the model at its last good state, not the damaged one
+                restore(snap, self.model, self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+                outcome += f"; the model is back at the snapshot of update {snap['update']}"
+        where = f"update {update}" + (f" (batch {index})" if index is not None else "")
+        line = f"stability guard: {where}: {', '.join(signals)}: {detail}; action: {action}: {outcome}"
+        self.log.warning(line)
+        record = {"update": update, "data_index": index, "signals": signals, "action": action, "line": line}
+        self.events.append(record)
+        if self._writer is not None:
+            self._writer.write({"step": update, "guard": {k: v for k, v in record.items() if k != "line"},
+                                "quantities": {}, "warnings": [line]})
+        return action in ("rewind", "stop")
+
+    def _rewind_now(self, update: int, index: Optional[int]) -> str:
+        snap = self.ring.latest()
+        restore(snap, self.model, self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        self.detector.load_state_dict({k: v.to(self.detector.device) for k, v in snap["extra"]["detector"].items()})
+        lost = self.updates - snap["update"]
+        self.undone_updates += lost - sum(1 for u in self._skipped if u >= snap["update"])  # skips: counted once
+        self._skipped = [u for u in self._skipped if u < snap["update"]]
+        burst = [i for _, i in self._skip_log if i is not None] + ([index] if index is not None else [])
+        self._skip_log = []  # the statistics of skips start again from the restored state
+        self._rewind_times.append(update)
+        self.rewinds += 1
+        self.updates = snap["update"]
+        self.ring.drop_after(snap["update"])
+        self._backoff_left = self.backoff_updates
+        self._loss_sum, self._loss_n = None, 0
+        if self._replay and snap["position"] is not None and index is not None:
+            # skip from the batch before the burst's first event (it may have done the damage the spike shows:
+            # a loss is measured before its update) through rewind_skip batches past the last
+            first = max(min(burst) - 1, snap["position"])
+            skipped = range(first, index + self.rewind_skip) if self.rewind_skip else range(0)
+            self._skip_indices.update(skipped)
+            self._position = snap["position"]
+            how = f"replaying from batch {snap['position']}, skipping batches {first}..{index + self.rewind_skip - 1}" \
+                if self.rewind_skip else f"replaying from batch {snap['position']}"
+        else:
+            if index is not None:
+                self._skip_indices.update(range(index + 1, index + 1 + self.rewind_skip))
+            else:
+                self._forced_skips = self.rewind_skip
+            how = f"the data moves on, skipping the next {self.rewind_skip} batches"
+        backoff = f", learning rate x{self.backoff:g} for {self.backoff_updates} updates" \
+            if self.backoff != 1.0 and self.backoff_updates else ""
+        return f"rewound to the snapshot of update {snap['update']} ({lost} updates undone), {how}{backoff}"
+
+    def _take_snapshot(self) -> None:
+        self.ring.save(capture(self.model, self.optimizer, update=self.updates, position=self._position,
+                               scheduler=self.scheduler, scaler=self.scaler,
+                               extra={"detector": self.detector.state_dict()}))
+
+    # ------------------------------------------------------------------ user calls
+    def rewind(self, reason: str = "requested") -> None:
+        """Rewind now to the last snapshot (as the ``rewind`` action does), e.g. from a user's own check.
+
+        Raises:
+            ValueError: no snapshot was taken yet.
+        """
+        if not isinstance(reason, str):
+            raise TypeError(f"reason must be a string, got {type(reason).__name__}")
+        if self.ring.latest() is None:
+            raise ValueError("rewind: no snapshot yet (the first is taken at the first guarded step)")
+        self._process(final=True)
+        self._act("rewind", ["requested"], reason, self.updates, self._index)
+
+    def report(self, signal: str, detail: str) -> str:
+        """Act on a signal found outside the guard (e.g. a trainer's own non-finite check, which skipped the
+        update itself): the policy's action for ``signal``, one line, one record; returns the action."""
+        if not isinstance(signal, str) or not signal:
+            raise TypeError(f"signal must be a non-empty string, got {signal!r}")
+        if not isinstance(detail, str):
+            raise TypeError(f"detail must be a string, got {type(detail).__name__}")
+        self._process(final=True)
+        action = self.policy.action(signal)
+        if action == "skip":
+            self.skipped_updates += 1
+        self._act(action, [signal], detail, self.updates, self._index)
+        return action
+
+    def flush(self) -> None:
+        """Handle every signal still in flight (a GPU run's last step), e.g. before reading `events`."""
+        self._process(final=True)
+
+    def summary(self) -> Dict[str, Any]:
+        """Counts: updates, events, skipped and undone updates, rewinds, whether and why it stopped."""
+        self.flush()
+        return {"updates": self.updates, "events": len(self.events), "skipped_updates": self.skipped_updates,
+                "undone_updates": self.undone_updates, "rewinds": self.rewinds, "stopped": self.stopped,
+                "stop_reason": self.stop_reason}
+
+    def detach(self) -> None:
+        """Give ``optimizer.step`` back (idempotent); handles what is still in flight first."""
+        current = self.optimizer.__dict__.get("step")
+        if getattr(current, "_stability_guard", None) is self:
+            self.flush()
+            if self._had_instance_step:
+                self.optimizer.step = self._original_step
+            else:
+                del self.optimizer.step
+        if getattr(self, "_own_writer", False):
+            self._writer.close()
+            self._own_writer = False
+
+    close = detach
+
+
+def _guarded_function(guard: StabilityGuard) -> Callable:
+    """The function bound as the optimizer's ``step`` while guarded (a method, as an LR scheduler that wraps
+    ``optimizer.step`` afterwards expects)."""
+
+    def step(optimizer, closure: Optional[Callable] = None, **kwargs: Any) -> Any:
+        return guard._guarded_step(closure, **kwargs)
+
+    step._stability_guard = guard
+    if hasattr(guard._original_step, "_wrapped_by_lr_sched"):  # the scheduler's wrapper is still called
+        step._wrapped_by_lr_sched = True
+    return step

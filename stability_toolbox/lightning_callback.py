@@ -1,0 +1,87 @@
+"""The stability guard in a PyTorch Lightning ``Trainer``: `StabilityGuardLightning`.
+
+Importing this module does not import Lightning; the callback class (a subclass of
+``pytorch_lightning.Callback``) is built the first time it is looked up.
+
+Examples:
+    >>> from stability_toolbox.lightning_callback import StabilityGuardLightning   # doctest: +SKIP
+    >>> trainer = pl.Trainer(max_steps=10_000, callbacks=[StabilityGuardLightning(snapshot_every=200)])   # doctest: +SKIP
+    >>> trainer.fit(module, loader)   # doctest: +SKIP
+
+At ``on_fit_start`` the callback puts a [`StabilityGuard`][stability_toolbox.StabilityGuard] on the first optimizer
+(automatic optimization) with the first learning-rate scheduler. Lightning steps the optimizer with a closure
+that runs the forward and backward passes; the guard runs it, reads the loss it returns and the gradients, and
+decides. Lightning owns the data loader: a rewind restores the state and the next ``rewind_skip`` updates are
+skipped. When the guard stops, ``trainer.should_stop`` ends the fit and `stop_reason` says why. Unlike
+Lightning's ``SpikeDetection`` (which raises and leaves a skip list for a resumed run), the run goes on.
+"""
+
+from typing import Any, Optional
+
+__all__ = ["StabilityGuardLightning"]
+
+_CLASS = None
+
+
+def _build():
+    import pytorch_lightning as pl
+
+    from .guard import StabilityGuard
+
+    class StabilityGuardLightning(pl.Callback):
+        """A Lightning ``Callback`` running [`StabilityGuard`][stability_toolbox.StabilityGuard] on the fit's optimizer.
+
+        Args:
+            monitor: a [`StabilityMonitor`][stability_toolbox.StabilityMonitor] whose warnings the policy acts on.
+            **guard_kwargs: passed to [`StabilityGuard`][stability_toolbox.StabilityGuard] (checked here).
+        """
+
+        def __init__(self, monitor: Any = None, **guard_kwargs: Any):
+            import torch
+            for key in ("model", "optimizer", "scheduler"):
+                if key in guard_kwargs:
+                    raise TypeError(f"{key} is set by the callback from the Trainer; do not pass it")
+            probe = torch.nn.Linear(1, 1)
+            StabilityGuard(probe, torch.optim.SGD(probe.parameters(), lr=0.1), monitor=monitor,
+                           **{k: v for k, v in guard_kwargs.items() if k != "log_dir"}).detach()
+            self.monitor = monitor
+            self.guard_kwargs = guard_kwargs
+            self.guard: Optional[StabilityGuard] = None
+
+        @property
+        def stop_reason(self) -> Optional[str]:
+            """Why the guard stopped the fit (mechanism and remedy), or None."""
+            return None if self.guard is None else self.guard.stop_reason
+
+        def on_fit_start(self, trainer, pl_module):
+            if not trainer.optimizers:
+                raise ValueError("optimizer: the LightningModule configured none (the guard needs one)")
+            if not pl_module.automatic_optimization:
+                raise ValueError("automatic_optimization: the guard steps the optimizer itself; with manual "
+                                 "optimization use StabilityGuard directly")
+            configs = trainer.lr_scheduler_configs
+            scheduler = configs[0].scheduler if configs else None
+            if self.guard is not None:
+                self.guard.detach()
+            self.guard = StabilityGuard(pl_module, trainer.optimizers[0], scheduler=scheduler, monitor=self.monitor,
+                                        **self.guard_kwargs)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.guard is not None and self.guard.stopped:
+                trainer.should_stop = True
+
+        def on_fit_end(self, trainer, pl_module):
+            if self.guard is not None:
+                self.guard.detach()
+
+    StabilityGuardLightning.__module__ = __name__
+    return StabilityGuardLightning
+
+
+def __getattr__(name: str):
+    global _CLASS
+    if name == "StabilityGuardLightning":
+        if _CLASS is None:
+            _CLASS = _build()
+        return _CLASS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

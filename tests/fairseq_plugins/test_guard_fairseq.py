@@ -1,0 +1,116 @@
+"""``fairseq-train --stability-guard``: the flags (one line naming the flag, exit 2) and a real training run."""
+
+import argparse
+import json
+import os
+
+import pytest
+
+import fairseq_plugins  # noqa: F401  (installs the repairs)
+from fairseq_plugins import guard as fg
+from fairseq_plugins.flags import FlagError
+from fairseq_helpers import PLUGINS_DIR, TINY_TRANSFORMER_ARGS, run_tool, run_tool_batch
+
+
+def _args(**kw):
+    base = {"stability_guard": False, "stability_monitor": None}
+    base.update({"stability_guard_" + n.replace("-", "_"): None for n in fg.OPTIONS})
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.parametrize("kw, flag", [
+    (dict(stability_guard=True, stability_guard_threshold="0"), "--stability-guard-threshold"),
+    (dict(stability_guard=True, stability_guard_threshold="x"), "--stability-guard-threshold"),
+    (dict(stability_guard=True, stability_guard_window="1"), "--stability-guard-window"),
+    (dict(stability_guard=True, stability_guard_window="2.5"), "--stability-guard-window"),
+    (dict(stability_guard=True, stability_guard_backoff="1.5"), "--stability-guard-backoff"),
+    (dict(stability_guard=True, stability_guard_rewind_skip="-1"), "--stability-guard-rewind-skip"),
+    (dict(stability_guard=True, stability_guard_warmup="200"), "--stability-guard-warmup"),
+    (dict(stability_guard_snapshot_every="5"), "--stability-guard-snapshot-every"),
+])
+def test_flag_checks_name_the_flag(kw, flag, monkeypatch):
+    monkeypatch.delenv(fg.ENV, raising=False)
+    with pytest.raises(FlagError, match=flag):
+        fg.check_guard_flags(_args(**kw))
+    assert fg.ENV not in os.environ
+
+
+def test_flags_recorded_with_defaults(monkeypatch):
+    monkeypatch.delenv(fg.ENV, raising=False)
+    fg.check_guard_flags(_args(stability_guard=True, stability_guard_threshold="8", stability_guard_rewind_skip="3"))
+    cfg = json.loads(os.environ[fg.ENV])
+    assert cfg["threshold"] == 8.0 and cfg["rewind_skip"] == 3 and cfg["window"] == 128 and cfg["log_dir"] is None
+    fg.check_guard_flags(_args())
+    assert fg.ENV not in os.environ
+
+
+def test_parser_has_the_flags():
+    from fairseq import options
+
+    parser = options.get_training_parser()
+    names = {s for a in parser._actions for s in a.option_strings}
+    assert {"--stability-guard", "--stability-guard-threshold", "--stability-guard-backoff-updates"} <= names
+
+
+@pytest.mark.slow
+def test_fairseq_train_guard(tiny_translation_data, tmp_path):
+    """A real run with the guard on and its defaults overridden; a bad value is one line, exit 2."""
+    mon = tmp_path / "mon"
+    common = [tiny_translation_data.bin, "--user-dir", PLUGINS_DIR, *TINY_TRANSFORMER_ARGS, "--no-save",
+              "--stability-guard"]
+    bad, proc = run_tool_batch("train", [  # one process: fairseq's start-up is paid once
+        [*common, "--max-update", "1", "--stability-guard-backoff", "2"],
+        [*common, "--max-update", "8", "--stability-guard-snapshot-every", "3", "--stability-guard-warmup", "4",
+         "--stability-monitor", mon, "--stability-monitor-interval", "4"]])
+    assert bad.returncode == 2
+    lines = [x for x in bad.stdout.splitlines() if "error:" in x]
+    assert lines == ["fairseq-train: error: --stability-guard-backoff must be a finite real number in (0, 1], got 2.0"], \
+        bad.stdout[-2000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "stability guard: on Adam, snapshots every 3 updates" in proc.stdout
+    assert "num_updates: 8 >= max_update: 8" in proc.stdout
+    assert (mon / "monitor.jsonl").exists()
+
+
+class FakeTrainer:
+    """What the train-step wrapper reads of a fairseq Trainer; train_step raises fairseq's non-finite error
+    at the calls listed in ``bad``."""
+
+    def __init__(self, bad):
+        import torch
+        from types import SimpleNamespace
+
+        self.model = torch.nn.Linear(2, 1)
+        self.criterion = torch.nn.Module()
+        self.optimizer = SimpleNamespace(optimizer=torch.optim.SGD(self.model.parameters(), lr=0.1))
+        self.cfg = SimpleNamespace(optimization=SimpleNamespace(max_update=100))
+        self.calls, self.bad, self.zeroed = 0, bad, 0
+
+    def get_num_updates(self):
+        return self.calls
+
+    def zero_grad(self):
+        self.zeroed += 1
+
+    def train_step(self, samples, raise_oom=False):
+        self.calls += 1
+        if self.calls in self.bad:
+            raise FloatingPointError("gradients are Nan/Inf")
+        return {"loss": 1.0}
+
+
+def test_train_step_turns_fairseq_nonfinite_into_a_skip_then_a_stop(monkeypatch):
+    from fairseq_plugins.repairs.guard_train_step import _wrap_train_step
+
+    monkeypatch.setenv(fg.ENV, json.dumps({**{k: d for k, _, _, d, _ in fg.OPTIONS.values()}, "log_dir": None}))
+    monkeypatch.setattr(FakeTrainer, "train_step", _wrap_train_step(FakeTrainer.train_step))
+    trainer = FakeTrainer(bad={3})
+    outs = [trainer.train_step([]) for _ in range(5)]
+    assert outs[2] is None and outs[4] == {"loss": 1.0} and trainer.zeroed == 1
+    g = fg.guard_of(trainer)
+    assert [(e["signals"], e["action"]) for e in g.events] == [(["nonfinite"], "skip")]
+    assert trainer.cfg.optimization.max_update == 100
+    g.stopped, g.stop_reason = True, "test"  # once the guard stops, fairseq ends at its next check
+    trainer.train_step([])
+    assert trainer.cfg.optimization.max_update == trainer.get_num_updates()

@@ -1,0 +1,143 @@
+"""The guard in the real HuggingFace Trainer and PyTorch Lightning Trainer, on tiny models: a poisoned step is
+skipped and the run goes on; a monitor's deep Post-LN warning stops the run with the admin_torch remedy."""
+
+import pytest
+import torch
+from torch import nn
+
+POISON_AT = 20  # the forward call whose loss (and so gradient) is multiplied by 1e4
+STEPS = 30
+GUARD = dict(window=16, warmup=8, threshold=15.0, snapshot_every=5)
+
+
+class FakeMonitor:
+    def __init__(self):
+        self.warnings = []
+
+
+class Regression(nn.Module):
+    """y = sum(x); the forward call number POISON_AT returns a loss 1e4 times too large."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.calls = 0
+
+    def loss(self, x, y):
+        loss = (self.lin(x) - y).pow(2).mean()
+        if self.training and torch.is_grad_enabled():
+            if self.calls == POISON_AT:
+                loss = loss * 1e4
+            self.calls += 1
+        return loss
+
+
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4 * STEPS
+
+    def __getitem__(self, i):
+        x = torch.randn(4, generator=torch.Generator().manual_seed(i))
+        return {"x": x, "y": x.sum(0, keepdim=True)}
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+def hf_run(tmp_path, transformers, monitor=None, warn_at=None):
+    from stability_toolbox.hf_guard_callback import StabilityGuardCallback
+
+    class HFModel(Regression):
+        def forward(self, x, y):
+            if warn_at is not None and self.calls == warn_at:
+                monitor.warnings.append({"quantity": "grad_ratio", "message": "stability warning: grad_ratio fell"})
+            return {"loss": self.loss(x, y)}
+
+    torch.manual_seed(0)
+    model = HFModel()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=STEPS,
+                                          learning_rate=1e-2, logging_steps=1000, save_strategy="no", report_to=[],
+                                          use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=0.0)
+    cb = StabilityGuardCallback(monitor=monitor, **GUARD)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[cb])
+    trainer.train()
+    return cb, trainer
+
+
+@pytest.mark.slow
+def test_hf_trainer_skips_the_poisoned_step(tmp_path, transformers):
+    cb, trainer = hf_run(tmp_path, transformers)
+    assert [(e["update"], e["action"]) for e in cb.guard.events] == [(POISON_AT, "skip")]
+    assert trainer.state.global_step == STEPS and cb.guard.skipped_updates == 1
+    assert "step" not in trainer.optimizer.optimizer.__dict__  # detached at the end
+
+
+@pytest.mark.slow
+def test_hf_trainer_stops_on_deep_post_ln_warning(tmp_path, transformers):
+    mon = FakeMonitor()
+    cb, trainer = hf_run(tmp_path, transformers, monitor=mon, warn_at=12)
+    assert cb.guard.stopped and trainer.state.global_step == 13
+    assert "admin_torch.convert" in cb.stop_reason
+
+
+def test_hf_callback_bad_arguments(transformers):
+    from stability_toolbox.hf_guard_callback import StabilityGuardCallback
+
+    with pytest.raises(ValueError, match="backoff"):
+        StabilityGuardCallback(backoff=2.0)
+    with pytest.raises(TypeError, match="optimizer"):
+        StabilityGuardCallback(optimizer=None)
+
+
+@pytest.fixture(scope="module")
+def pl():
+    return pytest.importorskip("pytorch_lightning")
+
+
+def lightning_run(pl, monitor=None, warn_at=None):
+    from stability_toolbox.lightning_callback import StabilityGuardLightning
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = Regression()
+
+        def training_step(self, batch, batch_idx):
+            if warn_at is not None and self.net.calls == warn_at:
+                monitor.warnings.append({"quantity": "grad_ratio", "message": "stability warning: grad_ratio fell"})
+            return self.net.loss(batch["x"], batch["y"])
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 10)}
+
+    torch.manual_seed(0)
+    module = Module()
+    cb = StabilityGuardLightning(monitor=monitor, **GUARD)
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(module, torch.utils.data.DataLoader(Data(), batch_size=4))
+    return cb, trainer
+
+
+@pytest.mark.slow
+def test_lightning_trainer_skips_the_poisoned_step(pl):
+    cb, trainer = lightning_run(pl)
+    assert [(e["update"], e["action"]) for e in cb.guard.events] == [(POISON_AT, "skip")]
+    assert trainer.global_step == STEPS and cb.guard.skipped_updates == 1
+
+
+@pytest.mark.slow
+def test_lightning_trainer_stops_on_deep_post_ln_warning(pl):
+    cb, trainer = lightning_run(pl, monitor=FakeMonitor(), warn_at=12)
+    assert cb.guard.stopped and trainer.global_step == 13
+    assert "admin_torch.convert" in cb.stop_reason
+
+
+def test_lightning_callback_bad_arguments(pl):
+    from stability_toolbox.lightning_callback import StabilityGuardLightning
+
+    with pytest.raises(ValueError, match="window"):
+        StabilityGuardLightning(window=1)
