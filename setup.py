@@ -20,8 +20,10 @@ else:
     ext_modules = [CppExtension(
         "sign_optim._C", ["sign_optim/csrc/fused_sign.cpp"], optional=True,
         # -fno-math-errno: std::fabs/sqrt need no errno, so the loops vectorize; no -ffast-math (the order of the
-        # additions is the single-tensor path's)
-        extra_compile_args=["-O3", "-fno-math-errno"])]
+        # additions is the single-tensor path's). -fopenmp, compiled and linked: torch's at::parallel_for is
+        # header-inline OpenMP, serial in a translation unit built without it (the operator would ignore
+        # torch.set_num_threads); linked, the library uses the libgomp.so.1 torch has already loaded.
+        extra_compile_args=["-O3", "-fno-math-errno", "-fopenmp"], extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

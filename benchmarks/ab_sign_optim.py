@@ -1,15 +1,13 @@
 """A/B of a change to the sign optimizers' hot path: the current ``sign_optim`` against an earlier commit's, in
 one process, on the same tensors, with ``torch.optim.Adam(fused=True)`` as the yardstick.
 
-The earlier commit is imported under another package name. To make one (the commit before the native operator
-here; its C kernel is built beside it)::
+The earlier commit is imported under another package name, with its native operators in another torch.library
+namespace (two libraries may not both define ``sign_optim::fused_sign_``), built by that commit's own setup.py::
 
-    mkdir -p /tmp/ab && git archive <commit> sign_optim | tar -x -C /tmp/ab && mv /tmp/ab/sign_optim /tmp/ab/base_sign_optim
-    sed -i 's/sign_optim\\._fused_kernel/base_sign_optim._fused_kernel/' /tmp/ab/base_sign_optim/*.py
-    (cd /tmp/ab/base_sign_optim && gcc -O3 -fno-math-errno -std=gnu11 -fopenmp -shared -fPIC \\
-        -I$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])') _fused_kernel.c \\
-        -o _fused_kernel$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))'))
-    PYTHONPATH=/tmp/ab python -m benchmarks.ab_sign_optim --base base_sign_optim
+    mkdir -p /tmp/ab && git archive <commit> sign_optim setup.py | tar -x -C /tmp/ab
+    cd /tmp/ab && mv sign_optim base_sign_optim && sed -i 's/\\bsign_optim\\b/base_sign_optim/g' setup.py \
+        base_sign_optim/*.py base_sign_optim/csrc/*.cpp && python setup.py build_ext --inplace
+    cd - && PYTHONPATH=/tmp/ab python -m benchmarks.ab_sign_optim --base base_sign_optim --label <commit>
 
 Each alternation times every optimizer ``--steps`` times in a shuffled order (benchmarks/harness.py) and keeps the
 median step; the table gives each alternation's ratio to Adam(fused), so the spread is visible.
@@ -24,10 +22,16 @@ from pathlib import Path
 import torch
 
 import sign_optim
-from benchmarks.bench_sign_optim import hostbound_params, model300_params
+from benchmarks.bench_sign_optim import _with_grads, hostbound_params, model300_params
 from benchmarks.harness import machine, time_interleaved
 
-SETS = {"model300": model300_params, "hostbound": hostbound_params}
+
+def flat16m_params():
+    """One tensor of 16M floats: the operator's own thread scaling, without a per-tensor cost."""
+    return _with_grads([(16 * 2 ** 20,)], "cpu")
+
+
+SETS = {"model300": model300_params, "hostbound": hostbound_params, "flat16m": flat16m_params}
 
 
 def main(argv=None) -> None:

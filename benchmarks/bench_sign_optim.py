@@ -3,8 +3,10 @@ configuration, on a transformer-sized parameter set, at one and two threads in t
 
 Peers: ``torch.optim.Adam(fused=True)`` (the reference: one pass over memory), ``Adam(foreach=True)``,
 Lion from the ``lion-pytorch`` package (its foreach variant on CPU, its Triton kernel on CUDA), the
-seed's 2018-style per-parameter loop, and a **bandwidth row**: a plain one-pass copy that reads p, g,
-m and writes p, m (the bytes AddSign/PowerSign must move), i.e. the physical floor of such a step.
+seed's 2018-style per-parameter loop, and a **bandwidth row**: torch's own elementwise ops on one flat
+buffer each of p, g and m (``p.add_(g)``, ``m.neg_()``: read p, g, m and write p, m, the bytes AddSign/PowerSign
+must move), which run on every intra-op thread (TensorIterator): the memory bandwidth the machine gives torch at
+that thread count, so "of copy" says how much of it an optimizer uses.
 
 Three parameter sets, each a table (``--sets``): ``transformer`` (an encoder-decoder, ~13.6M parameters in 257
 tensors), ``model300`` (300 tensors: 40 of 512x512, 8 of 2048x512, 252 biases of 512) and ``hostbound`` (3,000
@@ -92,20 +94,18 @@ class SeedLikeSign(torch.optim.Optimizer):
 
 
 class StreamCopy:
-    """The bandwidth row: one pass that reads p, g, m and writes p, m, on scratch copies of the parameters."""
+    """The bandwidth row: read p, g, m and write p, m with torch's own ops on one flat scratch buffer each, so
+    every intra-op thread streams (a reference that ignored the thread count would hide a kernel that does)."""
 
     def __init__(self, params):
-        self.p = [p.detach().clone() for p in params]
-        self.g = [p.grad.detach().clone() for p in params]
-        self.m = [torch.zeros_like(p) for p in params]
+        self.p = torch.cat([p.detach().reshape(-1) for p in params])
+        self.g = torch.cat([p.grad.detach().reshape(-1) for p in params])
+        self.m = torch.randn_like(self.p)
         self.state = {}
 
     def step(self):
-        if self.p[0].device.type == "cpu" and fused.available(self.p[0].device):
-            fused._stream_copy(self.p, self.g, self.m)
-        else:  # two fused foreach copies: read g and m, write p and m (+ p read by the add)
-            torch._foreach_add_(self.p, self.g, alpha=0.0)
-            torch._foreach_copy_(self.m, self.g)
+        self.p.add_(self.g, alpha=1e-6)  # read p, g; write p
+        self.m.neg_()  # read m; write m (no denormals however many steps)
 
 
 def lion(params, device):
@@ -156,7 +156,7 @@ def first_step_seconds(device: str) -> dict:
     return out
 
 
-COPY = "bandwidth: copy p,g,m -> p,m"
+COPY = "bandwidth: torch p.add_(g), m.neg_() (flat)"
 #: tensors of the parameters' size each step must read or write at least once: Adam reads p, g, m, v and
 #: writes p, m, v; Lion and the sign rules read p, g, m and write p, m (the copy row moves the same five)
 TENSORS_MOVED = {"Adam(fused)": 7, "Adam(foreach)": 7, "Lion (lion-pytorch)": 5, "AddSign(fused)": 5,
@@ -284,17 +284,25 @@ def main(argv=None):
         lines.append("")
     lines = [f"{args.device}, torch {torch.__version__}; median of {args.reps} interleaved repetitions x {args.steps} "
              "steps (IQR in brackets; benchmarks/harness.py)", ""] + lines
-    lines += ["first step of a fresh optimizer in a new process: "
+    probe = {}
+    if fused.available(torch.device("cpu")):  # the threads the operator's block scheduler really runs on
+        for t in threads:
+            torch.set_num_threads(t)
+            probe[t] = fused.parallel_probe(64)
+    lines += ["fused operator threads (sign_optim.fused.parallel_probe) at each torch.set_num_threads: "
+              + (", ".join(f"{t} -> {n}" for t, n in probe.items()) or "not built"),
+              "first step of a fresh optimizer in a new process: "
               + ", ".join(f"{k} {v:.3f} s" for k, v in first.items()),
               "GB/s: the bytes each rule must move per step (7 parameter-sized tensors for Adam, 5 for the others, "
-              "each read or written once) over its time; of copy: that rate over the copy row's, the bandwidth the "
-              "same run measured; host µs/tensor: one step on as many 1-element tensors, per tensor (1 thread)",
+              "each read or written once) over its time; of copy: that rate over the bandwidth row's (torch's own ops on "
+              "flat buffers, every thread), the bandwidth the same run measured; host µs/tensor: one step on as many 1-element tensors, per tensor (1 thread)",
               f"command: {command}", f"machine: {machine(args.device)}"]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"sets": sets, "threads": threads, "reps": args.reps, "steps": args.steps, "device": args.device,
             "torch": torch.__version__, "reference": "torch.optim.Adam(fused=True)", "first_step_s": first,
+            "operator_threads": probe,
             "command": command}
     (args.out / "bench_sign_optim.json").write_text(json.dumps({"meta": meta, "sets": everything}, indent=1))
     (args.out / "bench_sign_optim.md").write_text(table + "\n")

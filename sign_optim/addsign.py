@@ -18,7 +18,9 @@ class AddSign(SignOptimizer):
     With ``m <- beta * m + (1 - beta) * g`` updated first (no bias correction) and
     ``d = sign_internal_decay(step)`` (the step before this update; 1 without a decay):
 
-        w \leftarrow w - \mathrm{lr}\,(\alpha + d\,\mathrm{sign}(g)\,\mathrm{sign}(m))\,g
+    $$
+    w \leftarrow w - \mathrm{lr}\,(\alpha + d\,\mathrm{sign}(g)\,\mathrm{sign}(m))\,g
+    $$
 
     implemented as ``w - lr * alpha * g - lr * d * sign(m) * |g|`` (the same value, fewer passes).
     ``weight_decay`` is decoupled (``w <- w - lr * weight_decay * w`` before the update), as in AdamW.

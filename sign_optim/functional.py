@@ -3,7 +3,9 @@ r"""The sign update as functions over one coefficient form, in torch.optim's fun
 After the moving average ``m <- beta m + (1 - beta) g`` (``g`` negated when maximizing) and the decoupled
 weight decay ``p <- (1 - lr wd) p``, both rules (Bello et al., 2017) are
 
-    p \leftarrow p - \mathrm{lr}\,(c_0\,g + a\,\mathrm{sign}(m)\,|g| + b\,|\mathrm{sign}(m)|\,g)
+$$
+p \leftarrow p - \mathrm{lr}\,(c_0\,g + a\,\mathrm{sign}(m)\,|g| + b\,|\mathrm{sign}(m)|\,g)
+$$
 
 with per-parameter coefficients ``(c0, a, b)`` from the rule's hyper-parameters and the internal decay
 ``d`` (`addsign_coefficients`, `powersign_coefficients`): AddSign ``(alpha, d, 0)``;

@@ -7,20 +7,39 @@ shape ``(n, 4)`` or ``(1, 4)``: per parameter ``(1 - lr wd, -lr c0, -lr a, -lr b
 `sign_optim.functional` with ``lr`` and the weight decay folded in (`kernel_coefficients`).
 
 The operator is built like torch's own fused optimizers (``torch._fused_adam_``): it receives the tensor lists
-and checks every tensor natively before it touches any memory (device, layout, contiguity, dtype, shape,
-storage), so the kernel reads and writes only memory that is valid at that call and no pointer outlives it. A
-refused call raises ValueError or TypeError and changes nothing. Kernels:
+and checks every argument natively before it touches any memory (device, layout, contiguity, dtype, shape,
+storage, a finite coefficient table, ``beta`` in [0, 1)), so the kernel reads and writes only memory that is valid
+at that call and no pointer outlives it. A refused call raises ValueError or TypeError and changes nothing.
+
+Aliasing and autograd contract:
+
+* No tensor the operator writes (``params``, ``exp_avgs``, ``state_steps``) may share memory with any other
+  argument or with another written tensor: a parameter listed twice, a moving average that is its parameter, a
+  gradient that is a view of a parameter are ValueErrors naming both (the kernels read through restrict pointers
+  and run blocks in parallel; torch's in-place ops refuse partial overlaps too). Gradients may share memory with
+  each other (they are only read).
+* It is an in-place operator as torch's are: the version counter of every tensor it writes is bumped, so a
+  backward through a graph that saved a parameter before the step raises torch's "modified by an inplace
+  operation" error. It has no derivative: with grad mode on, a tensor that requires grad is refused (optimizers
+  step under ``torch.no_grad()``); an inference tensor is written only inside ``torch.inference_mode()``.
+* All tensors of one call are on one device; the step counters and the table are CPU tensors. A meta tensor
+  among CPU tensors is refused (the dispatcher sends such a call to the Meta kernel, which checks the same
+  metadata); a call whose tensors are all meta (or fake, under ``torch.compile``) changes nothing.
+
+Kernels:
 
 * **CPU**: C++ (``sign_optim/csrc/fused_sign.cpp``), built by ``setup.py`` when the package is installed beside
-  torch; torch's intra-op threads (``torch.set_num_threads``); the float32 loop is compiled for AVX-512, AVX2
-  and baseline x86-64 and picked when the library loads.
+  torch; blocks of 16,384 elements on torch's intra-op threads (``torch.set_num_threads``: the file is built with
+  OpenMP, as ``at::parallel_for`` requires; `parallel_probe` reports the threads used); the float32 loop is
+  compiled for AVX-512, AVX2 and baseline x86-64 and picked when the library loads.
 * **CUDA**: a multi-tensor Triton kernel (`sign_optim.triton_kernel`, one launch for many parameters),
   registered here for the operator's CUDA key; checked by the same native checks.
 * **Meta / fake tensors**: a fake implementation, so ``torch.compile(opt.step)`` traces the step as one node.
 
 float32 and float64 parameters keep their moving average in their dtype; float16 and bfloat16 parameters keep
 it in float32 and are updated in float32, rounded once when stored. The result equals the single-tensor path's
-to 1 ulp (the same operations in the same order).
+to 1 ulp (the same operations in the same order; the moving average is ``torch.lerp``'s formula, which switches
+at weight ``1 - beta = 0.5``, so ``beta = 0`` gives ``m = g`` exactly).
 
 Example:
     >>> import torch
@@ -39,7 +58,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "fused_sign_", "kernel_coefficients", "state_dtype", "local_shard"]
+__all__ = ["available", "unavailable_reason", "fused_sign_", "kernel_coefficients", "state_dtype", "local_shard",
+           "parallel_probe"]
 
 _LOADED: Optional[bool] = None
 _LOAD_ERROR: Optional[str] = None
@@ -63,19 +83,31 @@ def _load() -> bool:
 
 
 def _register_python_kernels() -> None:
-    """The operator's fake implementation (torch.compile) and its CUDA kernel (Triton, imported at first use)."""
+    """The operator's fake implementation (the Meta kernel: torch.compile) and its CUDA kernel (Triton, imported at
+    first use). Both run the operator's native checks first: the fake one its metadata checks, so a meta tensor
+    among CPU tensors (which the dispatcher routes here) is refused rather than silently doing nothing."""
 
     @torch.library.register_fake("sign_optim::fused_sign_")
     def _(params, grads, exp_avgs, state_steps, coefficients, beta, maximize):
+        torch.ops.sign_optim.check_fused_inputs(params, grads, exp_avgs, state_steps, coefficients, beta,
+                                                _kernel_device(params, grads, exp_avgs), False)
         return None
 
     @torch.library.impl("sign_optim::fused_sign_", "CUDA")
     def _(params, grads, exp_avgs, state_steps, coefficients, beta, maximize):
         from .triton_kernel import fused_sign_triton  # Triton is imported only when CUDA parameters are fused
 
-        torch.ops.sign_optim.check_fused_inputs(params, grads, exp_avgs, state_steps, coefficients, "cuda")
+        torch.ops.sign_optim.check_fused_inputs(params, grads, exp_avgs, state_steps, coefficients, beta, "cuda")
         fused_sign_triton(params, grads, exp_avgs, coefficients, beta=beta, maximize=maximize)
         torch._foreach_add_(list(state_steps), 1.0)
+
+
+def _kernel_device(*lists: List[torch.Tensor]) -> str:
+    """The device type the Meta kernel checks the call against: the first tensor's (every other one must match)."""
+    for tensors in lists:
+        for t in tensors:
+            return t.device.type
+    return "cpu"
 
 
 def unavailable_reason(device: Union[str, torch.device]) -> Optional[str]:
@@ -115,6 +147,22 @@ def fused_sign_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs:
     if not _load():
         raise RuntimeError(_LOAD_ERROR)
     torch.ops.sign_optim.fused_sign_(params, grads, exp_avgs, state_steps, coefficients, beta, maximize)
+
+
+def parallel_probe(blocks: int = 64) -> int:
+    """How many distinct threads the CPU kernel's block scheduler runs ``blocks`` blocks of 16,384 elements on:
+    ``torch.get_num_threads()`` for enough blocks when the operator is built with OpenMP, 1 when it is not (it
+    would then ignore ``torch.set_num_threads``). RuntimeError when the operator is not built.
+
+    Example:
+        >>> import torch
+        >>> from sign_optim import fused
+        >>> fused.parallel_probe(64) == min(64, torch.get_num_threads()) if fused.available("cpu") else True
+        True
+    """
+    if not _load():
+        raise RuntimeError(_LOAD_ERROR)
+    return int(torch.ops.sign_optim._parallel_probe(int(blocks)))
 
 
 def step_values(steps: List[torch.Tensor]) -> List[float]:
@@ -159,12 +207,3 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
         # the local tensor itself (what to_local() returns, without its autograd function: a step is no_grad)
         return t._local_tensor
     return t
-
-
-def _stream_copy(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: List[torch.Tensor]) -> None:
-    """The bandwidth reference of ``benchmarks.bench_sign_optim`` (not public API): move the bytes of a step
-    (read p, g, m; write p, m) without the arithmetic, on the step's threads and blocks. float32 CPU tensors;
-    it overwrites ``params`` and ``avgs`` (the benchmark passes scratch copies)."""
-    if not _load():
-        raise RuntimeError(_LOAD_ERROR)
-    torch.ops.sign_optim.stream_copy_(params, grads, avgs)

@@ -20,7 +20,9 @@ class PowerSign(SignOptimizer):
     With ``m <- beta * m + (1 - beta) * g`` updated first (no bias correction) and
     ``d = sign_internal_decay(step)`` (the step before this update; 1 without a decay):
 
-        w \leftarrow w - \mathrm{lr}\,\exp(\ln(\alpha)\,d\,\mathrm{sign}(g)\,\mathrm{sign}(m))\,g
+    $$
+    w \leftarrow w - \mathrm{lr}\,\exp(\ln(\alpha)\,d\,\mathrm{sign}(g)\,\mathrm{sign}(m))\,g
+    $$
 
     computed as ``g + sinh(c) sign(m) |g| + (cosh(c) - 1) |sign(m)| g`` with ``c = d ln(alpha)``
     (the same value for ``sign(g) sign(m)`` in {-1, 0, 1}, without an exponential per element).

@@ -17,7 +17,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from toolbox_core import validation
 
-from . import functional, fused
+from . import aliasing, functional, fused
 from .decays import InternalDecay, internal_decay_from_state_dict
 from .functional import Coefficients
 
@@ -40,6 +40,9 @@ def _step_dtype() -> torch.dtype:
 
 # Key of the decay's serialized form in the optimizer's state_dict.
 _DECAY_KEY = "sign_internal_decay"
+# Key of the rule's name (a subclass's `rule`) in the optimizer's state_dict: an AddSign state (alpha 1) loaded
+# into a PowerSign would silently make it SGD (ln 1 = 0), so a state dict loads only into its own rule.
+_RULE_KEY = "sign_rule"
 # Flags added after the first release, with their defaults: an older state dict's groups may lack them
 # (torch's test_can_load_older_state_dict removes each one, as torch.optim's own flags).
 _LATER_FLAGS = {"maximize": False, "foreach": None, "fused": None, "capturable": False, "weight_decay": 0.0}
@@ -61,12 +64,21 @@ class SignOptimizer(Optimizer):
     counters live on the parameters' device and the step, the decay and ``lr`` stay tensors: no host read,
     CUDA-graph safe (the foreach/traced update, not the fused kernels).
 
+    Every path refuses (ValueError, nothing changed) a step in which a tensor it writes (a parameter, its moving
+    average or step counter) shares memory with another tensor of the step: a parameter listed twice, a gradient
+    or moving average that is a view of a parameter (`sign_optim.aliasing`); every path bumps the parameters'
+    version counters, so a backward through a graph that saved them raises. ``state_dict()["sign_rule"]`` names
+    the rule, and a state dict loads only into its own rule (an AddSign state in a PowerSign is a ValueError).
+
     Serialization of the decays: an [`InternalDecay`][sign_optim.InternalDecay] is saved as its config in its
     group of ``state_dict()["param_groups"]`` (and the constructor's under ``state_dict()["sign_internal_decay"]``)
     and rebuilt by ``load_state_dict``. Any other callable cannot be serialized: it is saved as
     ``{"kind": "custom", "repr": ...}`` and ``load_state_dict`` keeps the callable the group was constructed with
     (pass the same one again); it raises ``ValueError`` if that group has no decay to keep.
     """
+
+    #: the rule's name, saved in ``state_dict()["sign_rule"]`` (a subclass sets it)
+    rule: str = ""
 
     #: CPU foreach path: elements per cache-sized piece of work (`sign_optim.functional._cache_sized_chunks`).
     cpu_chunk_numel: int = 1 << 16
@@ -77,6 +89,9 @@ class SignOptimizer(Optimizer):
         defaults: Dict[str, Any],
         sign_internal_decay: SignDecay,
     ) -> None:
+        if type(self).coefficients is SignOptimizer.coefficients:
+            raise TypeError(f"{type(self).__name__} gives no rule: construct AddSign or PowerSign (a subclass of "
+                            "SignOptimizer must define coefficients and tensor_coefficients)")
         defaults = {**defaults, _DECAY_KEY: _as_decay(sign_internal_decay)}
         self._check_group(defaults)  # hyper-parameters first, before the params are iterated (torch.optim's order)
         super().__init__(params, defaults)
@@ -129,6 +144,15 @@ class SignOptimizer(Optimizer):
                 if isinstance(p, torch.Tensor) and torch.is_complex(p):
                     raise TypeError(f"{type(self).__name__} does not support complex parameters "
                                     "(sign of a complex number)")
+            # torch.optim warns that this "will cause an error" in future; here it is one now: a parameter listed
+            # twice would be stepped twice by the loop and the foreach ops, and its memory written twice at once
+            # by the fused kernel (different answers on different paths)
+            seen = set()
+            for k, p in enumerate(param_group["params"]):
+                if id(p) in seen:
+                    raise ValueError(f"params: the parameter at position {k} is listed twice in one param group; "
+                                     "each parameter may appear once")
+                seen.add(id(p))
             if _DECAY_KEY in param_group:  # a saved group's config (ZeroRedundancyOptimizer's copy) is a decay
                 param_group[_DECAY_KEY] = _as_decay(param_group[_DECAY_KEY])
             merged = {**self.defaults, **param_group}
@@ -174,6 +198,7 @@ class SignOptimizer(Optimizer):
         ``{"kind": "custom", "repr": ...}`` for a callable that cannot be serialized), and the constructor's
         under ``"sign_internal_decay"``."""
         state_dict = super().state_dict()
+        state_dict[_RULE_KEY] = self.rule
         state_dict[_DECAY_KEY] = _saved_decay(self.sign_internal_decay)
         for group in state_dict["param_groups"]:
             group[_DECAY_KEY] = _saved_decay(group.get(_DECAY_KEY))
@@ -184,6 +209,11 @@ class SignOptimizer(Optimizer):
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise TypeError(f"state_dict must be the dict of a {name}.state_dict() (keys 'state' and 'param_groups')")
+        saved_rule = state_dict.get(_RULE_KEY, self.rule)  # older state dicts do not say
+        if saved_rule != self.rule:
+            raise ValueError(f"state_dict is the state of a {saved_rule!r} optimizer (state_dict[{_RULE_KEY!r}]), this "
+                             f"is {name} ({self.rule!r}): a state dict loads into the rule that saved it (alpha means "
+                             "something else in another rule)")
         groups = state_dict["param_groups"]
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} param groups, "
@@ -257,6 +287,7 @@ class SignOptimizer(Optimizer):
         default = self._loaded_decay(top, self.defaults, -1)  # the constructor's: the default of groups added later
         state_dict = dict(state_dict)
         state_dict.pop(_DECAY_KEY, None)
+        state_dict.pop(_RULE_KEY, None)
         state_dict["param_groups"] = [{**g, _DECAY_KEY: d} for g, d in zip(state_dict["param_groups"], decays)]
         super().load_state_dict(state_dict)
         for p, avg in avgs.items():
@@ -296,33 +327,61 @@ class SignOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._skip_for_amp():
+        grad_scale = self._amp_scale()
+        if grad_scale is False:  # found_inf: this step is skipped
             return loss
-        fast = None if torch.compiler.is_compiling() else self._fused_work()
+        # one group and nothing to unscale: the operator's own native check is the only one (a refused call changes
+        # nothing, and the general path then reports or partitions); else every group is checked before any runs
+        precheck = grad_scale is not None or len(self.param_groups) > 1
+        fast = None if torch.compiler.is_compiling() else self._fused_work(precheck)
         if fast is not None:  # every group fused and checked natively: one operator call per group
-            for params, grads, avgs, steps, coefficients, group in fast:
-                fused.fused_sign_(params, grads, avgs, steps, coefficients, beta=float(group["beta"]),
-                                  maximize=group["maximize"])
-            return loss
-        for group, params, grads, decays, states in self._prepare_step():  # every check first
+            self._unscale(grad_scale)
+            try:
+                for params, grads, avgs, steps, coefficients, group in fast:
+                    fused.fused_sign_(params, grads, avgs, steps, coefficients, beta=float(group["beta"]),
+                                      maximize=group["maximize"])
+                return loss
+            except (ValueError, TypeError, RuntimeError, NotImplementedError):
+                if precheck:  # the operator refused what its own check passed: not a layout question
+                    raise
+        # (a layout the operator refused: the general path reports it by name or hands it to the other paths)
+        work = self._prepare_step()  # every check first
+        self._unscale(grad_scale)  # after the checks: a refused step leaves the gradients as they were
+        for group, params, grads, decays, states in work:
             self._update_group(group, params, grads, decays, states)
         return loss
 
-    def _skip_for_amp(self) -> bool:
+    def _amp_scale(self):
         """torch's fused-optimizer protocol with a gradient scaler: ``optimizer.found_inf`` (non-zero: skip this
-        step, nothing changes) and ``optimizer.grad_scale`` (gradients are divided by it first, in place, as
-        ``GradScaler.unscale_`` does). Both are absent unless a caller sets them."""
+        step, nothing changes; returns False) and ``optimizer.grad_scale`` (returned: the gradients are divided by
+        it in place, as ``GradScaler.unscale_`` does, once the step's checks have passed). Both are absent unless a
+        caller sets them; each must be None or a 1-element tensor (a floating one for ``grad_scale``)."""
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        for name, value in (("found_inf", found_inf), ("grad_scale", grad_scale)):
+            if value is not None and not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                raise TypeError(f"optimizer.{name} must be None or a 1-element tensor (torch's GradScaler protocol), "
+                                f"got {type(value).__name__}"
+                                + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
+        if grad_scale is not None and not grad_scale.is_floating_point():
+            raise TypeError(f"optimizer.grad_scale must be a floating tensor, got dtype {grad_scale.dtype}")
         if found_inf is not None and bool(found_inf):
-            return True
-        if grad_scale is not None:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
-                torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-        return False
+            return False
+        return grad_scale
+
+    def _unscale(self, grad_scale: Optional[torch.Tensor]) -> None:
+        """Divide every gradient by ``grad_scale`` in place (one foreach call per device)."""
+        if grad_scale is None:
+            return
+        by_device: Dict[torch.device, List[torch.Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad)
+        for device, grads in by_device.items():
+            torch._foreach_div_(grads, grad_scale.to(device).reshape(()))
 
     # ---- the fused fast path: torch.optim's _init_group, with the checks in the operator
-    def _fused_work(self) -> Optional[List[tuple]]:
+    def _fused_work(self, precheck: bool = True) -> Optional[List[tuple]]:
         """The operator's arguments for every group, checked natively, when every group with gradients takes the
         fused path and every parameter has its state; None otherwise (the general path then checks, partitions
         and reports). Per parameter this costs what torch's fused Adam's ``_init_group`` does."""
@@ -348,8 +407,9 @@ class SignOptimizer(Optimizer):
             if type(params[0]) not in fused.PLAIN_TENSORS:  # DTensors (FSDP2, tensor parallel): their local shards
                 params, grads, avgs = ([fused.local_shard(t) for t in ts] for ts in (params, grads, avgs))
             try:
-                torch.ops.sign_optim.check_fused_inputs(params, grads, avgs, steps, coefficients,
-                                                        params[0].device.type)
+                if precheck:
+                    torch.ops.sign_optim.check_fused_inputs(params, grads, avgs, steps, coefficients,
+                                                            float(group["beta"]), params[0].device.type)
             except (ValueError, TypeError, RuntimeError, NotImplementedError):
                 # the check reads metadata only: a layout the general path partitions or reports (a subclass that is
                 # not a plain shard, a view, state surgery)
@@ -530,11 +590,38 @@ class SignOptimizer(Optimizer):
                 for p, state in zip(params, states):
                     if state:
                         self._check_state(p, state)
+                self._check_no_overlap(group, params, grads, states)
             decays = [] if traced else self._decays(group, states)
             if not traced:
                 self._check_magnitudes(group, params, decays)
             work.append((group, params, grads, decays, states))
         return work
+
+    def _check_no_overlap(self, group: Dict[str, Any], params: List[torch.Tensor], grads: List[torch.Tensor],
+                          states: List[Optional[Dict[str, Any]]]) -> None:
+        """ValueError when a tensor the step writes (a parameter, its moving average or step counter) shares memory
+        with another tensor of the group's step (`sign_optim.aliasing`): every path would give another answer."""
+        avgs = [s["exp_avg"] for s in states if s]
+        steps = [s["step"] for s in states if s]
+        found = aliasing.first_overlap(params, grads, avgs, steps)
+        if found is None:
+            return
+        # the positions in group["params"] of `params` (those with a gradient, in order) and of those with state
+        positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        with_state = [i for i, s in zip(positions, states) if s]
+        words = {"params": "parameter", "grads": "gradient of parameter", "exp_avgs": "moving average of parameter",
+                 "state_steps": "step counter of parameter"}
+
+        def describe(role: str, i: int) -> str:
+            return f"the {words[role]} {(with_state if role in ('exp_avgs', 'state_steps') else positions)[i]}"
+
+        (a, i), (b, j) = found
+        k = next(n for n, g in enumerate(self.param_groups) if g is group)
+        raise ValueError(f"{type(self).__name__}: in param group {k}, {describe(a, i)} "
+                         f"shares memory with {describe(b, j)}; a step writes each parameter, its moving average and "
+                         "step counter in place, so none may overlap another tensor of the step (a parameter listed "
+                         "twice, a gradient or moving average that is a view of a parameter): pass separate tensors "
+                         "(clone() the gradient)")
 
     def _check_state(self, p: torch.Tensor, state: Dict[str, Any]) -> None:
         """ValueError unless ``state`` still fits ``p`` (state surgery or ``p.data = ...`` can break that)."""

@@ -26,6 +26,14 @@ def test_docs_build_strict(tmp_path):
     # the docstrings' cross-references are links (autorefs), not Sphinx roles printed as text
     admin = (tmp_path / "site" / "api/admin_torch/index.html").read_text()
     assert 'href="#admin_torch.calculate_init"' in admin and ":func:" not in admin
+    # formulas are math (arithmatex marks them, KaTeX served by the site renders them offline), never raw
+    # LaTeX printed inside a code block
+    assert r'class="arithmatex">\(\omega = \sqrt{N}\)' in admin
+    assert (tmp_path / "site" / "assets/katex/katex.min.js").exists()
+    assert "assets/katex/katex.min.js" in admin and "assets/katex-init.js" in admin
+    for page in sorted((tmp_path / "site").rglob("*.html")):
+        for block in re.findall(r"<(?:code|pre)[^>]*>(.*?)</(?:code|pre)>", page.read_text(), re.S):
+            assert not re.search(r"\\(?:leftarrow|mathrm|sqrt|frac)\b", block), (page.name, block[:200])
 
 
 def test_readme_is_a_front_page_and_its_links_resolve():

@@ -147,3 +147,127 @@ def test_decay_settings_property(kind, T, periods, zero_after):
 def test_linear_decay_refuses_periods():
     with pytest.raises(ValueError, match="num_periods is not accepted by the linear decay"):
         make_internal_decay("linear", 100, num_periods=2)
+
+
+# ---------------------------------------------------------------- state dicts between rules, retries, aliasing
+PATHS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "single": dict(foreach=False, fused=False)}
+
+
+@pytest.mark.parametrize("source, target", [(AddSign, PowerSign), (PowerSign, AddSign)])
+def test_a_state_dict_loads_only_into_its_own_rule(source, target):
+    """An AddSign state (alpha 1) in a PowerSign would make it plain SGD (ln 1 = 0): refused, nothing changed;
+    the same rule loads it, and an older state dict that does not name its rule still loads."""
+    _, saved = trained(source)
+    params, opt = trained(target)
+    snap = optimizer_snapshot(opt, params)
+    with pytest.raises(ValueError, match=rf"state of a '{source.rule}' optimizer.*this is {target.__name__}"):
+        opt.load_state_dict(saved.state_dict())
+    assert_optimizer_unchanged(snap, opt, params)
+    assert saved.state_dict()["sign_rule"] == source.rule
+    older = {k: v for k, v in saved.state_dict().items() if k != "sign_rule"}
+    _, same = trained(source)
+    same.load_state_dict(older)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_refused_step_leaves_scaled_gradients_alone_and_the_retry_divides_once(path):
+    """torch's fused-optimizer protocol: grad_scale divides the gradients, but only once the step's checks pass;
+    a step refused first (here a state of the wrong shape) and retried after the fix divides them once."""
+    params, opt = trained(AddSign, **PATHS[path])
+    reference, ref_opt = trained(AddSign, **PATHS[path])
+    grads = [torch.randn_like(p) for p in params]
+    for p, q, g in zip(params, reference, grads):
+        p.grad, q.grad = g * 8.0, g.clone()
+    opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+    good = opt.state[params[0]]["exp_avg"]
+    opt.state[params[0]]["exp_avg"] = torch.zeros(7)
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.step()
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g * 8.0)  # not divided by the refused step
+    opt.state[params[0]]["exp_avg"] = good
+    opt.step()
+    ref_opt.step()
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("attr, value, error", [
+    ("grad_scale", 8.0, TypeError), ("grad_scale", torch.ones(2), TypeError),
+    ("grad_scale", torch.tensor(8), TypeError), ("found_inf", 1.0, TypeError), ("found_inf", torch.ones(3), TypeError),
+])
+def test_gradient_scaler_attributes_of_the_wrong_kind_are_refused(attr, value, error):
+    params, opt = trained(AddSign)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    grads = [p.grad.clone() for p in params]
+    setattr(opt, attr, value)
+    snap = optimizer_snapshot(opt, params)
+    with pytest.raises(error, match=attr):
+        opt.step()
+    assert_optimizer_unchanged(snap, opt, params)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    """torch.optim warns that this "will cause an error" in future; here it is one (the paths would differ)."""
+    w = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="params: the parameter at position 1 is listed twice"):
+        AddSign([w, w])
+    opt = AddSign([torch.nn.Parameter(torch.randn(2))])
+    with pytest.raises(ValueError, match="listed twice"):
+        opt.add_param_group({"params": [w, w]})
+    assert len(opt.param_groups) == 1
+
+
+def _aliased_step(case, cls, path):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = cls(params, lr=0.1, **PATHS[path])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    if case == "gradient is a view of its parameter":
+        params[0].grad = params[0].detach().view(12).view(4, 3)
+    elif case == "parameter listed twice (group surgery)":
+        opt.param_groups[0]["params"].append(params[1])
+    elif case == "average is its parameter":
+        opt.state[params[1]]["exp_avg"] = params[1].detach()
+    elif case == "gradient overlaps another parameter":
+        params[1].grad = params[0].detach().view(-1)[:5]
+    return params, opt
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", ["gradient is a view of its parameter", "parameter listed twice (group surgery)",
+                                  "average is its parameter", "gradient overlaps another parameter"])
+def test_memory_shared_with_what_a_step_writes_is_refused_on_every_path(cls, path, case):
+    """Each path would read and write shared memory in its own order (different answers): every path refuses,
+    naming both tensors, and changes nothing."""
+    params, opt = _aliased_step(case, cls, path)
+    snap = optimizer_snapshot(opt, params)
+    grads = [p.grad.clone() for p in params]
+    with pytest.raises(ValueError, match=r"in param group 0, the (\w+ )*parameter \d shares memory with the (\w+ )*parameter \d"):
+        opt.step()
+    assert_optimizer_unchanged(snap, opt, params)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
+def test_interleaved_views_of_one_tensor_are_separate_parameters():
+    """Two columns of one matrix share a storage but no element: not an overlap, every path steps them."""
+    base = torch.randn(6, 2)
+    before = base.clone()
+    a, b = torch.nn.Parameter(base[:, 0]), torch.nn.Parameter(base[:, 1])
+    opt = AddSign([a, b], lr=0.1)  # lr (alpha + sign(g) sign(m)) |g| = 0.2 at the first step
+    a.grad, b.grad = torch.ones(6), -torch.ones(6)
+    opt.step()
+    assert torch.allclose(base, before + torch.tensor([-0.2, 0.2]))
+
+
+def test_the_base_class_has_no_rule():
+    from sign_optim import SignOptimizer
+
+    with pytest.raises(TypeError, match="SignOptimizer gives no rule"):
+        SignOptimizer([torch.nn.Parameter(torch.ones(2))], {"lr": 0.1}, None)

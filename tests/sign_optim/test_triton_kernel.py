@@ -109,6 +109,6 @@ def test_the_cuda_kernels_checks_are_the_operators():
     args = ([torch.zeros(8)], [torch.zeros(4)], [torch.zeros(8)], [torch.zeros(())],
             fused.kernel_coefficients([(1.0, 1.0, 0.0)], lr=0.1, weight_decay=0.0))
     with pytest.raises(ValueError, match="8 elements"):
-        torch.ops.sign_optim.check_fused_inputs(*args, "cpu")
+        torch.ops.sign_optim.check_fused_inputs(*args, 0.9, "cpu")
     with pytest.raises(ValueError, match="cuda"):
-        torch.ops.sign_optim.check_fused_inputs(args[0], [torch.zeros(8)], *args[2:], "cuda")
+        torch.ops.sign_optim.check_fused_inputs(args[0], [torch.zeros(8)], *args[2:], 0.9, "cuda")
