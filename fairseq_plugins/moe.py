@@ -20,7 +20,9 @@ FFN's. 0 (the default) keeps the dense FFN. The flags:
   tokens by all-to-all; the ranks that hold the same experts (``j, j + P, ...``) average their gradients.
   Needs ``--ddp-backend c10d`` (or ``pytorch_ddp``: torch's DDP, which then leaves the experts to the
   exchange), ``--distributed-backend gloo`` or ``nccl``, P dividing ``--moe-experts`` and the world size, a
-  sparse router and no ``--zero-sharding``; anything else is one line naming the flag (exit 2) at argument
+  sparse router, no ``--zero-sharding``, no LayerDrop (each rank would skip other layers) and float32 training
+  (``--fp16``, ``--bf16``, ``--memory-efficient-*``, ``--amp`` take the gradient norm over this rank's experts
+  only); anything else is one line naming the flag (exit 2) at argument
   parsing. Checkpoints hold every expert (gathered before the save): they resume at any P and load in one
   process (``fairseq-generate``, ``fairseq-eval-lm``), optimizer state included.
 
@@ -172,6 +174,18 @@ def _check_expert_parallel_args(args, parallel: int, experts: int, router: str) 
     if sharding != "none":
         raise FlagError(f"{flag} is not accepted with --zero-sharding {sharding} (it shards the optimizer state "
                         f"as if every rank held the same parameters)")
+    for name in ("encoder_layerdrop", "decoder_layerdrop"):
+        if float(getattr(args, name, 0.0) or 0.0) > 0:
+            # fairseq draws the skipped layers from each rank's generator, whose state depends on the rank's
+            # batch: the ranks of a group would skip different layers and their exchanges would not pair up
+            raise FlagError(f"{flag} is not accepted with --{name.replace('_', '-')} > 0 (the ranks of an "
+                            f"expert-parallel group would skip different layers); use --{name.replace('_', '-')} 0")
+    for name in ("fp16", "bf16", "memory_efficient_fp16", "memory_efficient_bf16", "amp"):
+        if getattr(args, name, False) is True:
+            # their optimizers compute the gradient norm (clipping, overflow checks) over this rank's experts
+            # only: the ranks would clip and skip differently and their replicated parameters drift apart
+            raise FlagError(f"{flag} is not accepted with --{name.replace('_', '-')} (its gradient norm would count "
+                            f"this rank's experts only); train in float32")
     comm = getattr(args, "distributed_backend", None)
     if comm is not None and str(comm) not in ("gloo", "nccl"):
         raise FlagError(f"{flag} needs --distributed-backend gloo or nccl (torch.distributed.all_to_all_single), "

@@ -22,6 +22,12 @@ each exchange is the reverse exchange, `all_to_all`). Every rank of the group mu
 backward of the layer (as with DDP); a rank that does not makes the others fail after the group's timeout,
 with an error naming the group, instead of waiting forever.
 
+The ranks must exchange one dtype: each call checks it inside the collectives it already makes (the same
+ValueError on every rank otherwise). Each rank runs all its experts, on no rows if none arrived, so that
+every rank takes part in the backward exchange even when its input needs no gradient; the backward of an
+exchange is an exchange through the same autograd function (a double backward is exact). Gradient clipping
+must count every rank's experts: `clip_grad_norm_` (``torch.nn.utils.clip_grad_norm_`` sees this rank's).
+
 ``router="reinmax"`` (every expert on every token) is refused by name: its exchange would send every token
 to every rank (an all-gather of the batch), which is what expert parallelism exists to avoid.
 
@@ -37,9 +43,11 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from toolbox_core import validation
+
 __all__ = ["all_to_all", "resolve_group", "group_description", "ExpertParallelError", "EXPERT_PARAMETERS",
            "expert_parameter_names", "exclude_experts_from_ddp", "reduce_expert_gradients", "gather_experts",
-           "gather_optimizer_state", "shard_optimizer_state", "expert_grad_square_norms"]
+           "gather_optimizer_state", "shard_optimizer_state", "expert_grad_square_norms", "clip_grad_norm_"]
 
 
 class ExpertParallelError(RuntimeError):
@@ -61,6 +69,10 @@ def resolve_group(group) -> Optional[object]:
     if group is None:
         return None
     dist = _dist()
+    if dist.is_available() and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        # what new_group returns on the ranks outside the group
+        raise ValueError("expert_parallel_group must be a group this process belongs to, got "
+                         "GroupMember.NON_GROUP_MEMBER (new_group's value on a rank outside the group)")
     try:
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:  # pragma: no cover - torch without DeviceMesh
@@ -137,7 +149,9 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return exchange(grad, ctx.group, ctx.input_splits, ctx.output_splits), None, None, None
+        # the reverse exchange through this Function again (not the bare `exchange`): a double backward
+        # (create_graph=True, gradient penalties) differentiates it too instead of silently dropping its terms
+        return _AllToAll.apply(grad, ctx.group, ctx.input_splits, ctx.output_splits), None, None, None
 
 
 def all_to_all(x: Tensor, group, output_splits: Optional[List[int]] = None,
@@ -161,12 +175,41 @@ def all_to_all(x: Tensor, group, output_splits: Optional[List[int]] = None,
     return _AllToAll.apply(x, group, output_splits, input_splits)
 
 
-def max_over_group(value: int, group, device: torch.device) -> int:
-    """The largest ``value`` over the ranks of ``group`` (one all-reduce of one integer, read on the host)."""
+#: the dtypes the exchanges carry, by code (what `dtype_code` sends to the other ranks)
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """A small integer naming ``dtype`` (1 + its position in the exchanged dtypes; 0 for any other)."""
+    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else 0
+
+
+def check_same_dtype(codes: Sequence[int], group) -> None:
+    """ValueError (the same on every rank, which all hold the same ``codes``) when the ranks' token dtypes differ.
+
+    Without it, ranks exchanging float32 with float64 read each other's bytes as their own (a crash of the
+    transport or wrong numbers).
+    """
+    codes = sorted({int(c) for c in codes})
+    if len(codes) > 1:
+        names = [str(_DTYPES[c - 1]) if 0 < c <= len(_DTYPES) else "another dtype" for c in codes]
+        raise ValueError(f"x must have the same dtype on every rank of the {group_description(group)} (the tokens "
+                         f"are exchanged between them), got {names}; convert the layer and its input on every rank")
+
+
+def max_over_group(value: int, group, device: torch.device, dtype: Optional[torch.dtype] = None) -> int:
+    """The largest ``value`` over the ranks of ``group`` (one all-reduce of three integers, read on the host).
+
+    With ``dtype`` (the tokens' dtype), the same all-reduce checks that every rank exchanges that dtype
+    (`check_same_dtype`: the same ValueError on every rank).
+    """
     dist = _dist()
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    code = 0 if dtype is None else dtype_code(dtype)
+    t = torch.tensor([value, code, -code], dtype=torch.int64, device=device)
     _collective(group, "all_reduce of the capacity", lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group))
-    return int(t.item())
+    largest, high, low = t.tolist()
+    check_same_dtype([high, -low], group)
+    return int(largest)
 
 
 def agree(group, name: str, config: dict, local_error: Optional[BaseException]) -> None:
@@ -404,3 +447,68 @@ def expert_grad_square_norms(model):
                     lambda t=summed, g=layer.expert_parallel_group: dist.all_reduce(t, group=g))
         local, every = local.to(mine.device) + mine, every.to(mine.device) + summed
     return local, every
+
+
+def clip_grad_norm_(model, max_norm: float, norm_type: float = 2.0) -> Tensor:
+    r"""``torch.nn.utils.clip_grad_norm_`` over every parameter of ``model``, the experts of every rank counted.
+
+    ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` on an expert-parallel model sees only this
+    rank's experts: each rank computes another norm and scales the replicated parameters (router, attention)
+    by another factor, so the replicas drift apart silently. This computes the norm of the whole model's
+    gradient (the non-expert gradients as they are, the same on every rank after DDP; the experts' summed
+    over each layer's expert-parallel group, one all-reduce per distinct group), the same number on every
+    rank, and scales every gradient by ``min(1, max_norm / (norm + 1e-6))`` like torch. Call it after
+    `reduce_expert_gradients` (collective: every rank of the groups).
+
+    Args:
+        model: an ``nn.Module``.
+        max_norm: a finite real >= 0.
+        norm_type: a real > 0, or ``math.inf`` (the largest absolute value).
+
+    Returns:
+        the total norm before clipping, a float32 0-d tensor (float64 when the gradients are).
+
+    Examples:
+        >>> from reinmax import RoutedFeedForward
+        >>> layer = RoutedFeedForward(4, 8, 2)  # no group: torch.nn.utils.clip_grad_norm_'s numbers
+        >>> layer(torch.randn(3, 4)).pow(2).sum().backward()
+        >>> norm = clip_grad_norm_(layer, max_norm=1e-3)
+        >>> bool(norm > 1e-3), torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()]) <= 1e-3
+        (True, tensor(True))
+    """
+    from .moe import _check_model
+
+    model = _check_model(model)
+    max_norm = validation.as_real("max_norm", max_norm, low=0.0)
+    norm_type = validation.as_real("norm_type", norm_type, low=0.0, low_open=True, finite=False)
+    dist = _dist()
+    experts = _expert_params(model)
+    params = [p for p in model.parameters() if p.grad is not None]
+    dtype = torch.float64 if any(p.grad.dtype == torch.float64 for p in params) else torch.float32
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inf = norm_type == float("inf")
+
+    def part(grads) -> Tensor:  # max |g| (inf) or sum |g|^p, over the gradients given
+        values = [torch.linalg.vector_norm(g.to(dtype), norm_type).to(device) for g in grads]
+        if not values:
+            return torch.zeros((), dtype=dtype, device=device)
+        stacked = torch.stack(values)
+        return stacked.max() if inf else stacked.pow(norm_type).sum()
+
+    total = part([p.grad for p in params if id(p) not in experts])
+    # every layer's group takes part, with or without gradients here: the all-reduces are the same on every rank
+    by_group: dict = {}
+    for layer in _expert_parallel_layers(model):
+        grads = [getattr(layer, name).grad for name in EXPERT_PARAMETERS]
+        entry = by_group.setdefault(id(layer.expert_parallel_group), (layer.expert_parallel_group, []))
+        entry[1].extend(g for g in grads if g is not None)
+    for group, grads in by_group.values():
+        mine = part(grads)
+        op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+        _collective(group, "all_reduce of the expert gradient norms", lambda: dist.all_reduce(mine, op=op, group=group))
+        total = torch.maximum(total, mine) if inf else total + mine
+    norm = total if inf else total.pow(1.0 / norm_type)
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(scale.to(p.grad.dtype))
+    return norm

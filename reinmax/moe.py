@@ -338,25 +338,36 @@ class RoutedFeedForward(nn.Module):
             sorted_out = self._exchange_sorted(sorted_tokens, index, group)
         return torch.empty_like(sorted_out).index_copy(0, order, sorted_out)
 
-    def _run_sorted(self, sorted_tokens: Tensor, counts) -> Tensor:
-        """The local experts on their contiguous slices of ``sorted_tokens`` (``counts``: rows per local expert)."""
-        chunks = [self._expert(e, chunk) for e, chunk in enumerate(sorted_tokens.split(counts)) if chunk.shape[0]]
+    def _run_sorted(self, sorted_tokens: Tensor, counts, every: bool = False) -> Tensor:
+        """The local experts on their contiguous slices of ``sorted_tokens`` (``counts``: rows per local expert);
+        ``every``: also the experts with no rows."""
+        chunks = [self._expert(e, chunk) for e, chunk in enumerate(sorted_tokens.split(counts))
+                  if every or chunk.shape[0]]
         return torch.cat(chunks) if chunks else sorted_tokens
 
     def _exchange_sorted(self, sorted_tokens: Tensor, index: Tensor, group) -> Tensor:
         """The variable-size exchange: each rank gets its experts' tokens, in (source rank, expert) order."""
         P, E_local = group.size(), self.num_local_experts
         counts = _expert_counts(index, self.num_experts, torch.int64)  # (E,) tokens this rank sends per expert
-        received = expert_parallel.exchange(counts, group).view(P, E_local)  # [source, local expert]
+        # each rank's block carries its tokens' dtype too: every rank then checks that all exchange the same one
+        code = torch.full((P, 1), expert_parallel.dtype_code(sorted_tokens.dtype), dtype=torch.int64,
+                          device=counts.device)
+        received = expert_parallel.exchange(torch.cat([counts.view(P, E_local), code], 1), group)
+        received = received.view(P, E_local + 1)  # [source, local expert | dtype]
         host = torch.cat([counts, received.flatten()]).tolist()  # the one host read of the call
         send = torch.tensor(host[:self.num_experts]).view(P, E_local).sum(1).tolist()
-        recv_counts = torch.tensor(host[self.num_experts:]).view(P, E_local)
+        received = torch.tensor(host[self.num_experts:]).view(P, E_local + 1)
+        expert_parallel.check_same_dtype(received[:, -1].tolist(), group)
+        recv_counts = received[:, :-1]
         recv = recv_counts.sum(1).tolist()
         arrived = expert_parallel.all_to_all(sorted_tokens, group, recv, send)
         # regroup the arrivals by local expert (stable: the source ranks in order), run, undo the regrouping
         local_expert = torch.repeat_interleave(torch.arange(E_local).repeat(P), recv_counts.flatten())
         by_expert = torch.argsort(local_expert, stable=True).to(arrived.device)
-        out = self._run_sorted(arrived.index_select(0, by_expert), recv_counts.sum(0).tolist())
+        # every local expert runs, on no rows if none arrived: the output then depends on the experts on every
+        # rank, so every rank runs the backward exchange (a rank whose experts got no token and whose input
+        # needs no gradient would otherwise skip it and the others wait for it) and every expert gets a gradient
+        out = self._run_sorted(arrived.index_select(0, by_expert), recv_counts.sum(0).tolist(), every=True)
         out = torch.empty_like(out).index_copy(0, by_expert, out)
         return expert_parallel.all_to_all(out, group, send, recv)
 
@@ -381,7 +392,7 @@ class RoutedFeedForward(nn.Module):
         position = (torch.cumsum(chosen, 0) * chosen).sum(1) - 1  # rank of the token among its expert's
         keep = position < C
         # the exchange needs the same number of slots on every rank: the largest C of the group (empty slots pad)
-        width = C if group is None else expert_parallel.max_over_group(C, group, tokens.device)
+        width = C if group is None else expert_parallel.max_over_group(C, group, tokens.device, tokens.dtype)
         slot = torch.where(keep, index * width + position, E * width)  # dropped tokens go to a spare slot
         slots = tokens.new_zeros(E * width + 1, d).index_add(0, slot, tokens)
         outs = self._run_slots(slots[:-1].view(E, width, d), group)

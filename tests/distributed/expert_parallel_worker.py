@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from expert_parallel_cases import CASES, OPTIMIZERS, Model, layer, model_loss, optimizer, run  # noqa: E402
+from expert_parallel_cases import (CASES, CLIP, EDGES, OPTIMIZERS, Model, edge_layer, layer, model_loss,  # noqa: E402
+                                   optimizer, run, run_edge)
 from reinmax import RoutedFeedForward, expert_parallel  # noqa: E402
 
 
@@ -35,6 +36,13 @@ def equality(out, rank, world, pair):
     if world > 2:
         got[2] = {f"{r}-{c}": run(layer(r, c, pair), 2, pair.rank()) for r, c in CASES}
     save(out, "equality", got)
+
+
+def edges(out, rank, world, pair):
+    """The edge cases of ``EDGES`` on P = 2 (this rank's pair): an empty rank, every token on one expert with an
+    input that needs no gradient, tiny and huge capacities, eval + no_grad, a 3-D non-contiguous input, a
+    double backward, bfloat16."""
+    save(out, "edges", {name: run_edge(edge_layer(spec, pair), pair.rank(), spec) for name, spec in EDGES.items()})
 
 
 def _refused(build) -> str:
@@ -64,6 +72,15 @@ def refusals(out, rank, world, pair):
         "mesh_2d": _refused(lambda: RoutedFeedForward(6, 8, 4,
                                                       expert_parallel_group=init_device_mesh("cpu", (1, world)))),
     }
+    # a layer converted to another dtype on one rank after construction: the same ValueError on every rank at
+    # the first call (the exchanges would read float32 bytes as float64), in both modes
+    for capacity in (None, 1.0):
+        moe = layer("switch", capacity, group).to(torch.float32 if last else torch.float64)
+        got[f"dtype_{capacity}"] = _refused(lambda: moe(torch.randn(5, 6, dtype=moe.fc1_weight.dtype)))
+    # a group this rank is not in (new_group returns NON_GROUP_MEMBER on the ranks outside it)
+    only_first = dist.new_group([0])
+    got["not_member"] = "member" if rank == 0 else _refused(
+        lambda: RoutedFeedForward(6, 8, 4, expert_parallel_group=only_first))
     # after every refusal the group still works: a layer built right after trains
     moe = layer("switch", 1.0, group)
     got["after"] = run(moe, world, rank)["out"].shape[0] > 0
@@ -109,7 +126,7 @@ def _train(model, ddp, opt, world, rank, steps, dp_group, start=0):
 
 def composition(out, rank, world, pair):
     """DDP over the non-expert parameters of all ranks, expert parallelism over the "ep" dimension of a
-    (dp=2, ep=2) DeviceMesh; AdamW and the sign optimizers; 3 steps."""
+    (dp=2, ep=2) DeviceMesh; AdamW and the sign optimizers; 3 steps; then AdamW's step-3 gradient clipped."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
@@ -118,10 +135,18 @@ def composition(out, rank, world, pair):
     for name in OPTIMIZERS:
         model = Model(mesh["ep"])
         ignored = expert_parallel.exclude_experts_from_ddp(model)
-        ddp = DistributedDataParallel(model)
+        # find_unused_parameters (once): DDP's search for unused parameters must leave the experts alone too
+        ddp = DistributedDataParallel(model, find_unused_parameters=name == "PowerSign")
         _train(model, ddp, optimizer(name, list(model.parameters())), world, rank, 3, mesh["dp"].get_group())
         got[name] = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
                      "experts": list(model.moe.expert_range()), "ignored": ignored}
+        if name == "AdamW":  # the gradient of step 3, clipped: torch's norm (this rank's experts) and the helper's
+            model_loss(ddp, model.moe, world, rank, 3).backward()
+            expert_parallel.reduce_expert_gradients(model, mesh["dp"].get_group())
+            torch_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # no clipping
+            norm = expert_parallel.clip_grad_norm_(model, CLIP)
+            got["clip"] = {"torch_norm": torch_norm, "norm": norm, "experts": got[name]["experts"],
+                           "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
     save(out, "composition", got)
 
 
@@ -154,7 +179,7 @@ def checkpoint(out, rank, world, pair):
     save(out, "checkpoint", got)
 
 
-SCENARIOS = {f.__name__: f for f in (equality, refusals, composition, checkpoint, dead_rank)}
+SCENARIOS = {f.__name__: f for f in (equality, edges, refusals, composition, checkpoint, dead_rank)}
 
 
 def main() -> None:

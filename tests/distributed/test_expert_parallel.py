@@ -5,8 +5,10 @@ fails instead of blocking): expert parallelism over the 4 ranks and over the pai
 here is the single-process layer with every expert, built from the same seed, run on each rank's part of
 the global batch with that rank's routing samples: each rank's outputs, input and router gradients and stats
 must equal the reference's on its tokens (the same tokens dropped), and each expert's gradient the sum over
-the ranks' losses of the reference gradients. The same launch trains DDP + expert parallelism on a 2-D mesh,
-saves and reloads distributed checkpoints at another P, and kills a rank.
+the ranks' losses of the reference gradients. The same launch runs the edge cases of ``EDGES`` on the pairs
+(an empty rank, a rank receiving no token, eval, double backward, ...), refuses bad arguments (the same error on
+every rank), trains DDP + expert parallelism on a 2-D mesh (and clips its gradient), saves and reloads
+distributed checkpoints at another P, and kills a rank.
 """
 
 import os
@@ -18,14 +20,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from expert_parallel_cases import CASES, OPTIMIZERS, Model, layer, model_loss, optimizer, rank_batch, run  # noqa: E402
+from expert_parallel_cases import (CASES, CLIP, EDGES, OPTIMIZERS, Model, edge_layer, layer,  # noqa: E402
+                                   model_loss, optimizer, rank_batch, run, run_edge)
 from reinmax import expert_parallel  # noqa: E402
 
 from fairseq_helpers import free_port  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "expert_parallel_worker.py"
 WORLD = 4
-SCENARIOS = ["equality", "refusals", "composition", "checkpoint", "dead_rank"]
+SCENARIOS = ["equality", "edges", "refusals", "composition", "checkpoint", "dead_rank"]
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")]
 
@@ -113,6 +116,42 @@ def test_switch_without_capacity_equals_one_call_on_the_global_batch(ranks):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+def _close(got, want, tol, msg):
+    if want is None:
+        assert got is None or not got.abs().max() > 0, msg  # no gradient, or an exactly zero one
+    else:
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=msg)
+
+
+@pytest.mark.parametrize("case", list(EDGES))
+def test_edge_cases_at_two_ranks_equal_the_single_process_layer(launched, case):
+    """Each pair of ranks ran the edge case (the two pairs must agree, and each rank equal one process on its
+    tokens): an empty rank, all tokens on one expert with an input needing no gradient (a rank then receives no
+    token and must still run the backward exchange), capacities 1e-9 and 1e308, eval + no_grad, a non-contiguous
+    3-D input, a double backward (the exchange's backward is differentiable), bfloat16."""
+    spec = EDGES[case]
+    # bfloat16: an expert's gradient is one matmul over both ranks' slots here, a sum of two rounded ones there
+    atol = 1.6e-2 if spec.get("dtype") == torch.bfloat16 else 1e-12
+    wants = [run_edge(edge_layer(spec), r, spec) for r in range(2)]
+    for rank in range(WORLD):
+        got, want = load(launched, "edges", rank)[case], wants[rank % 2]
+        assert torch.equal(got["index"], want["index"]), (case, rank)
+        for key in ("out", "dropped", "x_grad", "router_grad"):
+            if key in want:
+                _close(got[key], want[key], atol, f"{case} rank {rank} {key}")
+        if "expert_grads" not in want:
+            continue
+        local = slice(2 * (rank % 2), 2 * (rank % 2) + 2)  # 2 of the 4 experts
+        for name, grad in got["expert_grads"].items():
+            parts = [w["expert_grads"][name] for w in wants if w["expert_grads"][name] is not None]
+            _close(grad, sum(parts)[local] if parts else None, atol, f"{case} rank {rank} {name}")
+    if spec.get("sizes", (1,))[0] == 0:
+        assert load(launched, "edges", 0)[case]["out"].shape == (0, 6)
+    if spec.get("skew"):  # the case is what it claims: rank 1's experts received no token
+        assert all((w["index"] == 0).all() for w in wants)
+        assert load(launched, "edges", 1)[case]["expert_grads"]["fc1_weight"].abs().max() == 0
+
+
 def test_bad_arguments_are_refused_the_same_on_every_rank(launched):
     world, out = WORLD, launched
     got = [load(out, "refusals", r) for r in range(world)]
@@ -125,6 +164,14 @@ def test_bad_arguments_are_refused_the_same_on_every_rank(launched):
     assert "expert_parallel_group" in got[0]["not_dividing"] and f"num_experts={world + 1}" in got[0]["not_dividing"]
     assert "reinmax" in got[0]["reinmax"] and "expert_parallel_group" in got[0]["reinmax"]
     assert "1-D DeviceMesh" in got[0]["mesh_2d"]
+    for capacity in (None, 1.0):  # a rank converted to float32: the same ValueError everywhere, no crash
+        key = f"dtype_{capacity}"
+        assert len({g[key] for g in got}) == 1, [g[key] for g in got]
+        assert got[0][key].startswith("ValueError: x must have the same dtype on every rank"), got[0][key]
+        assert "torch.float32" in got[0][key] and "torch.float64" in got[0][key]
+    for g in got[1:]:
+        assert g["not_member"].startswith("ValueError: expert_parallel_group must be a group this process "
+                                          "belongs to"), g["not_member"]
     assert all(g["after"] for g in got)
 
 
@@ -149,9 +196,10 @@ def reference_training(name: str, steps: int, world: int = WORLD):
     return model
 
 
-def assert_model_equal(got: dict, experts, model, atol=1e-10):
-    """Non-expert parameters whole; expert parameters: this rank's rows of the reference's."""
-    want = dict(model.named_parameters())
+def assert_model_equal(got: dict, experts, model, atol=1e-10, grads=False):
+    """Non-expert parameters whole; expert parameters: this rank's rows of the reference's (``grads``: of the
+    reference's gradients)."""
+    want = {n: p.grad if grads else p for n, p in model.named_parameters()}
     assert set(got) == set(want)
     for name, value in got.items():
         ref = want[name].detach()
@@ -168,6 +216,21 @@ def test_ddp_and_expert_parallel_on_a_2d_mesh_train_like_one_process(launched, n
         assert got["experts"] == [2 * (rank % 2), 2 * (rank % 2) + 1]  # the "ep" dimension of the (2, 2) mesh
         assert sorted(got["ignored"]) == [f"moe.{p}" for p in sorted(expert_parallel.EXPERT_PARAMETERS)]
         assert_model_equal(got["params"], got["experts"], reference)
+
+
+def test_clip_grad_norm_counts_the_experts_of_every_rank(launched):
+    """expert_parallel.clip_grad_norm_ gives every rank the norm of the whole model's gradient (one process's,
+    every expert) and clips like torch; torch.nn.utils.clip_grad_norm_ sees this rank's experts only."""
+    model = reference_training("AdamW", 3)
+    (sum(model_loss(model, model.moe, WORLD, r, 3) for r in range(WORLD)) / WORLD).backward()
+    want = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    assert want > 2 * CLIP  # the clipping is active
+    got = [load(launched, "composition", r)["clip"] for r in range(WORLD)]
+    for g in got:
+        torch.testing.assert_close(g["norm"], want, rtol=1e-10, atol=0)
+        assert_model_equal(g["grads"], g["experts"], model, atol=1e-10, grads=True)
+    # what the helper is for: torch's norm differs between the two ranks of an expert-parallel group
+    assert abs(float(got[0]["torch_norm"]) - float(got[1]["torch_norm"])) > 1e-6
 
 
 def test_a_checkpoint_saved_at_two_ranks_loads_at_four_and_in_one_process(launched):

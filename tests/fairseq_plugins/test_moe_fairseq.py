@@ -278,6 +278,12 @@ BAD_EXPERT_PARALLEL = [
     (dict(ddp_backend="fully_sharded"), "got --ddp-backend fully_sharded"),
     (dict(zero_sharding="os"), "--moe-expert-parallel-size 2 is not accepted with --zero-sharding os"),
     (dict(distributed_backend="mpi"), "--moe-expert-parallel-size 2 needs --distributed-backend gloo or nccl"),
+    (dict(decoder_layerdrop=0.1), "--moe-expert-parallel-size 2 is not accepted with --decoder-layerdrop > 0"),
+    (dict(encoder_layerdrop=0.2), "--moe-expert-parallel-size 2 is not accepted with --encoder-layerdrop > 0"),
+    (dict(fp16=True), "--moe-expert-parallel-size 2 is not accepted with --fp16"),
+    (dict(bf16=True), "--moe-expert-parallel-size 2 is not accepted with --bf16"),
+    (dict(memory_efficient_fp16=True), "is not accepted with --memory-efficient-fp16"),
+    (dict(amp=True), "--moe-expert-parallel-size 2 is not accepted with --amp"),
 ]
 
 
@@ -316,32 +322,39 @@ def test_expert_parallel_size_not_dividing_the_world_is_one_line_before_data(lm_
 
 @pytest.mark.slow
 def test_expert_parallel_on_two_cpu_ranks_resumes_and_equals_data_parallel(lm_data, tmp_path):
-    """c10d on 2 gloo ranks, each holding 2 of the 4 experts: trained to 2 updates, resumed to 4, it equals the
-    plain data-parallel run (every expert on both ranks) of 4 updates: model and optimizer state, and the
-    checkpoint holds every expert (it loads at any P, or in one process)."""
+    """c10d on 2 gloo ranks, each holding 2 of the 4 experts: resumed from the data-parallel run's checkpoint at
+    update 2 (every expert, in one file) and trained to 4, saving at update 3 on the way (the save gathers every
+    expert and its optimizer state and must leave the live ones alone), it equals the plain data-parallel run
+    (every expert on both ranks) of 4 updates: model and optimizer state, and its checkpoint holds every expert
+    like the data-parallel one (so it loads at any P, or in one process). Two launches: the expert-parallel
+    checkpoint equals the data-parallel one, which the expert-parallel run resumes from."""
     from fairseq_helpers import run_ranks
 
     moe = [lm_data, *TINY_LM, "--moe-experts", "4", "--moe-router", "sparsemixer", "--criterion", "cross_entropy_moe",
            "--disable-validation", "--clip-norm", "0.5"]
     runs = {}
-    # the first run saves after update 1 and trains on: the save must leave the live optimizer state alone
-    for tag, updates, extra in (("ep", 2, ["--moe-expert-parallel-size", "2", "--save-interval-updates", "1"]),
-                                ("ep", 4, ["--moe-expert-parallel-size", "2"]), ("dp", 4, [])):
-        codes, logs = run_ranks([[*moe, "--max-update", updates, "--save-dir", tmp_path / tag, *extra]] * 2,
+    for tag, extra in (("dp", ["--save-interval-updates", "2"]),
+                       ("ep", ["--moe-expert-parallel-size", "2", "--save-interval-updates", "1",
+                               "--restore-file", tmp_path / "dp" / "checkpoint_1_2.pt"])):
+        codes, logs = run_ranks([[*moe, "--max-update", 4, "--save-dir", tmp_path / tag, *extra]] * 2,
                                 tmp_path, timeout=300, ddp_backend="c10d")
         assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-        runs[tag, updates] = logs[0]
-    assert "Loaded checkpoint" in runs["ep", 4] and "(epoch 1 @ 2 updates)" in runs["ep", 4]
+        runs[tag] = logs[0]
+    assert "Loaded checkpoint" in runs["ep"] and "(epoch 1 @ 2 updates)" in runs["ep"]
+    midway = torch.load(tmp_path / "ep" / "checkpoint_1_3.pt", weights_only=False)  # it saved on the way
+    assert midway["model"]["decoder.layers.0.fc1.fc1_weight"].shape == (4, 64, 32)
     ep = torch.load(tmp_path / "ep" / "checkpoint_last.pt", weights_only=False)
     dp = torch.load(tmp_path / "dp" / "checkpoint_last.pt", weights_only=False)
     assert ep["optimizer_history"][-1]["num_updates"] == 4
     assert ep["model"]["decoder.layers.0.fc1.fc1_weight"].shape == (4, 64, 32)  # every expert, gathered
+    assert set(ep["model"]) == set(dp["model"])
     for key in dp["model"]:
         torch.testing.assert_close(ep["model"][key], dp["model"][key], rtol=0, atol=2e-5, msg=key)
+    assert set(ep["last_optimizer_state"]["state"]) == set(dp["last_optimizer_state"]["state"])
     for index, state in dp["last_optimizer_state"]["state"].items():
         for name, value in state.items():
             torch.testing.assert_close(ep["last_optimizer_state"]["state"][index][name], value, rtol=0, atol=2e-5)
     # the logged gradient norm counts every expert (the clipping is the same on both ranks and as without experts
     # split): the same as the data-parallel run's
-    norms = [re.findall(r"gnorm ([\d.]+)", runs[k]) for k in (("ep", 4), ("dp", 4))]
+    norms = [re.findall(r"gnorm ([\d.]+)", runs[k]) for k in ("ep", "dp")]
     assert norms[0] and norms[0][-1] == norms[1][-1]

@@ -130,3 +130,41 @@ def test_optimizer_state_round_trip_and_gradient_helpers(group):
     opt.load_state_dict(again)
     for p in layer.parameters():
         assert opt.state[p]["exp_avg"].shape == p.shape
+
+
+def test_the_exchange_is_differentiable_twice(group):
+    """The backward of all_to_all is an all_to_all too: a double backward (a gradient penalty) keeps its terms."""
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: expert_parallel.all_to_all(t, group, [5], [5]).pow(3), (x,))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_clip_grad_norm_equals_torch_on_one_rank(group, norm_type):
+    """One rank holds every expert: the helper is torch.nn.utils.clip_grad_norm_ (the norm, the clipped grads)."""
+    layers = [pair("sparsemixer", None, group)[1], pair("sparsemixer", None, None)[0]]
+    for layer in layers:
+        layer(torch.arange(42.0, dtype=torch.float64).view(7, 6) / 10, generator=torch.Generator().manual_seed(0)) \
+            .pow(2).sum().backward()
+    norm = expert_parallel.clip_grad_norm_(layers[0], 0.1, norm_type)
+    want = torch.nn.utils.clip_grad_norm_(layers[1].parameters(), 0.1, norm_type)
+    assert want > 0.2  # the clipping is active
+    torch.testing.assert_close(norm, want, rtol=1e-12, atol=0)
+    for a, b in zip(layers[0].parameters(), layers[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(max_norm=-1.0), ValueError, "max_norm must be a finite real number >= 0"),
+    (dict(max_norm="1"), TypeError, "max_norm must be a finite real number"),
+    (dict(max_norm=1.0, norm_type=0.0), ValueError, "norm_type must be a real number > 0"),
+    (dict(max_norm=1.0, norm_type=float("nan")), ValueError, "norm_type must be a real number > 0"),
+])
+def test_clip_grad_norm_refuses_bad_arguments_changing_nothing(kwargs, error, message):
+    layer = RoutedFeedForward(6, 8, 4)
+    layer(torch.randn(5, 6)).pow(2).sum().backward()
+    before = [p.grad.clone() for p in layer.parameters()]
+    with pytest.raises(error, match=message):
+        expert_parallel.clip_grad_norm_(layer, **kwargs)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, layer.parameters()))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        expert_parallel.clip_grad_norm_(layer.parameters(), 1.0)
