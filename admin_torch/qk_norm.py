@@ -55,7 +55,9 @@ class QKNorm(nn.Module):
     """LayerNorm of each head's slice of a ``(..., heads * head_dim)`` projection.
 
     ``forward(x)`` views ``x`` as ``(..., heads, head_dim)``, applies ``layer_norm`` over ``head_dim``
-    (one ``gamma``/``beta`` of size ``head_dim`` shared by the heads) and returns the original shape.
+    (one ``gamma``/``beta`` of size ``head_dim`` shared by the heads) and returns the original shape. ``x`` is
+    floating, on the parameters' device, of their dtype (float16/bfloat16 also against float32 parameters, as
+    ``layer_norm`` takes); anything else is a TypeError/ValueError naming ``x``.
 
     Args:
         dim: the projection's width (``heads * head_dim``), an integer >= 1.
@@ -87,6 +89,16 @@ class QKNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
+        gamma = self.norm.weight
+        if gamma is not None:
+            validation.check_device("x", x, gamma.device, "the norm's parameters")
+            # what layer_norm takes: its parameters' dtype, or float16/bfloat16 against float32 parameters
+            if x.dtype != gamma.dtype and not (gamma.dtype == torch.float32 and x.dtype in (torch.float16,
+                                                                                          torch.bfloat16)):
+                raise TypeError(f"x must have the norm's dtype {gamma.dtype}"
+                                f"{' (or float16/bfloat16)' if gamma.dtype == torch.float32 else ''}, got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.heads * self.head_dim:
             raise ValueError(f"x must have last dimension heads * head_dim = {self.heads} * {self.head_dim}, got "
                              f"shape {tuple(x.shape)}")
@@ -123,21 +135,30 @@ def _check_qkv(mha: nn.MultiheadAttention, query, key, value) -> bool:
         if key.shape[n] != query.shape[n]:
             raise ValueError(f"key must have the batch size N={query.shape[n]} of query (dimension {n} with "
                              f"batch_first={mha.batch_first}), got shape {tuple(key.shape)}")
-    dtype = mha.in_proj_weight.dtype
-    if not torch.is_autocast_enabled(query.device.type):
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dtype != dtype:
-                raise TypeError(f"{name} must have the module's dtype {dtype} (or run under torch.autocast), "
-                                f"got {t.dtype}")
+    dtype, device = mha.in_proj_weight.dtype, mha.in_proj_weight.device
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        validation.check_device(name, t, device, "the module's parameters")
+    autocast = torch.is_autocast_enabled(device.type)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if autocast:  # autocast casts every floating tensor but float64: they meet unless one side is float64
+            ok = (t.dtype == torch.float64) == (dtype == torch.float64)
+            accepted = f"{'float64' if dtype == torch.float64 else 'a floating dtype other than float64'} " \
+                       f"(under torch.autocast, with a {dtype} module)"
+        else:
+            ok, accepted = t.dtype == dtype, f"the module's dtype {dtype} (or run under torch.autocast)"
+        if not ok:
+            raise TypeError(f"{name} must have {accepted}, got {t.dtype}")
     return batched
 
 
-def _check_mask(name: str, mask, shapes: Sequence[Tuple[str, Tuple[int, ...]]]) -> None:
-    """``mask`` is None, or a bool or floating tensor of one of ``shapes`` ((what, shape) pairs)."""
+def _check_mask(name: str, mask, shapes: Sequence[Tuple[str, Tuple[int, ...]]], device: torch.device) -> None:
+    """``mask`` is None, or a bool or floating tensor of one of ``shapes`` ((what, shape) pairs) on ``device``
+    (the query's)."""
     if mask is None:
         return
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be None or a bool or floating tensor, got {type(mask).__name__}")
+    validation.check_device(name, mask, device, "query")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool tensor (True: not attended) or a floating tensor (added to the "
                         f"attention logits), got dtype {mask.dtype}")
@@ -180,7 +201,8 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
     it computes what ``nn.MultiheadAttention`` computes (tested on every mask form, both layouts, both paths):
 
     * ``query`` ``(L, N, E)``, or ``(N, L, E)`` with ``batch_first``, or ``(L, E)`` unbatched; ``key`` and
-      ``value`` the same with ``S`` for ``L``; the module's dtype (any dtype under ``torch.autocast``);
+      ``value`` the same with ``S`` for ``L``; the module's dtype (under ``torch.autocast`` any floating dtype
+      but float64, unless the module is float64); on the module's device, the masks too;
     * ``attn_mask``: ``(L, S)`` or ``(N * num_heads, L, S)`` (unbatched: ``(num_heads, L, S)``), row
       ``n * num_heads + h`` for batch ``n``, head ``h``;
     * ``key_padding_mask``: ``(N, S)`` (unbatched: ``(S,)``);
@@ -236,12 +258,14 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
         if batched:
             b, tq, tk = (query.shape[0], query.shape[1], key.shape[1]) if self.batch_first else \
                 (query.shape[1], query.shape[0], key.shape[0])
-            _check_mask("key_padding_mask", key_padding_mask, [("(N, S)", (b, tk))])
-            _check_mask("attn_mask", attn_mask, [("(L, S)", (tq, tk)), ("(N * num_heads, L, S)", (b * h, tq, tk))])
+            _check_mask("key_padding_mask", key_padding_mask, [("(N, S)", (b, tk))], query.device)
+            _check_mask("attn_mask", attn_mask, [("(L, S)", (tq, tk)), ("(N * num_heads, L, S)", (b * h, tq, tk))],
+                        query.device)
         else:
             b, tq, tk = 1, query.shape[0], key.shape[0]
-            _check_mask("key_padding_mask", key_padding_mask, [("(S,)", (tk,))])
-            _check_mask("attn_mask", attn_mask, [("(L, S)", (tq, tk)), ("(num_heads, L, S)", (h, tq, tk))])
+            _check_mask("key_padding_mask", key_padding_mask, [("(S,)", (tk,))], query.device)
+            _check_mask("attn_mask", attn_mask, [("(L, S)", (tq, tk)), ("(num_heads, L, S)", (h, tq, tk))],
+                        query.device)
 
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

@@ -132,10 +132,12 @@ _GZIP_MAGIC = b"\x1f\x8b"
 def _torn_record(tail: bytes) -> bool:
     """Whether an unterminated last line can be what a crashed writer left: ASCII (what `RecordWriter` writes)
     that is blank or begins with ``{``, after any NUL bytes (the zero-filled end that a power loss can leave on
-    some file systems). Anything else (a compressed or binary file, another text) is not a torn record and is
-    never skipped or dropped."""
+    some file systems), holding no line break (a record is one line: a file whose lines end in a bare carriage
+    return is one unterminated "line" of many records). Anything else (a compressed or binary file, another
+    text) is not a torn record and is never skipped or dropped."""
     text = tail.lstrip(b" \t\r\x00")
-    return tail.isascii() and (not text.rstrip(b"\x00") or text.startswith(b"{"))
+    return tail.isascii() and b"\r" not in text.rstrip(b" \t\r\x00") and \
+        (not text.rstrip(b"\x00") or text.startswith(b"{"))
 
 
 def _not_records(path: Path, data: bytes) -> str:

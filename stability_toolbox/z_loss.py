@@ -62,6 +62,16 @@ def _check_logits(logits) -> Tensor:
     return logits
 
 
+def _check_rows(logits: Tensor) -> None:
+    """Data check (eager only): no position has every logit ``-inf``. Such a row has no softmax: counted, its
+    loss is inf; ignored or masked, its loss is 0 but its gradient NaN (``0 * exp(-inf - -inf)``, in
+    ``F.cross_entropy`` too), which would reach every parameter. One ``amax`` pass, no copy of the logits."""
+    validation.check_data(lambda: torch.isneginf(logits.amax(-1)).any(),
+                          "logits must have a logit above -inf at every position (a row of -inf has no softmax: "
+                          "its gradient is NaN even where ignored); mark padding with ignore_index / mask, not "
+                          "with -inf logits")
+
+
 def _wide(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision logits, their own dtype otherwise (what the losses are computed in)."""
     return torch.promote_types(dtype, torch.float32)
@@ -100,6 +110,11 @@ def z_loss(logits: Tensor, weight: float = DEFAULT_Z_LOSS, *, mask: Optional[Ten
         reduction: ``'mean'`` (over counted positions; 0 when none is counted), ``'sum'`` or ``'none'``
             (per position, shape ``logits.shape[:-1]``, masked ones 0).
 
+    Raises:
+        TypeError / ValueError: naming the argument (``mask`` of another dtype, shape or device); and (a data
+            check, eager mode only) a position whose logits are all ``-inf``, masked or not: its gradient
+            would be NaN.
+
     Examples:
         >>> z_loss(torch.zeros(3, 2), weight=1.0)   # log(2)^2
         tensor(0.4805)
@@ -115,13 +130,17 @@ def z_loss(logits: Tensor, weight: float = DEFAULT_Z_LOSS, *, mask: Optional[Ten
         if mask.shape != logits.shape[:-1]:
             raise ValueError(f"mask must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got "
                              f"{tuple(mask.shape)}")
+        validation.check_device("mask", mask, logits.device, "logits")
+    _check_rows(logits)
+    return _z_loss_term(logits, weight, mask, reduction)
+
+
+def _z_loss_term(logits: Tensor, weight: float, mask: Optional[Tensor], reduction: str) -> Tensor:
+    """`z_loss` of checked arguments (also under a name the keyword argument ``z_loss`` below does not shadow)."""
     per = log_z(logits).pow(2)
     if mask is not None:
         per = per.masked_fill(~mask, 0.0)
     return weight * _reduce(per, mask, reduction)
-
-
-_z_loss_term = z_loss  # the function, under a name the keyword argument below does not shadow
 
 
 def _check_target(target, logits: Tensor) -> Tensor:
@@ -133,10 +152,13 @@ def _check_target(target, logits: Tensor) -> Tensor:
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])} (the class "
                          f"dimension of logits is the last), got {tuple(target.shape)}")
-    return target
+    validation.check_device("target", target, logits.device, "logits")
+    # compared with ignore_index and the class range as int64: a narrow dtype would wrap them (a uint8 target
+    # reads ignore_index=-100 as 156, an int8 one 300 as 44)
+    return target.long()
 
 
-def _check_class_weight(weight, classes: int) -> Optional[Tensor]:
+def _check_class_weight(weight, classes: int, device: torch.device) -> Optional[Tensor]:
     if weight is None:
         return None
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
@@ -144,6 +166,7 @@ def _check_class_weight(weight, classes: int) -> Optional[Tensor]:
                         f"{getattr(weight, 'dtype', type(weight).__name__)}")
     if weight.shape != (classes,):
         raise ValueError(f"weight must have shape ({classes},) (one per class), got {tuple(weight.shape)}")
+    validation.check_device("weight", weight, device, "logits")
     validation.check_data(lambda: ~(torch.isfinite(weight) & (weight >= 0)).all(),
                           "weight must hold finite class weights >= 0")
     return weight
@@ -157,7 +180,8 @@ def cross_entropy_with_z_loss(logits: Tensor, target: Tensor, *, z_loss: float =
     Args:
         logits: ``(..., C)``, floating: the class dimension is the **last** one (``F.cross_entropy`` takes
             ``(N, C, d1, ...)``; for ``(N, C)`` the two agree).
-        target: class indices of shape ``logits.shape[:-1]``, each in ``[0, C)`` or ``ignore_index``.
+        target: class indices of shape ``logits.shape[:-1]``, each in ``[0, C)`` or ``ignore_index``, any
+            integer dtype (compared as int64), on the device of ``logits`` (as ``weight``).
         z_loss: the z-loss weight, a finite real >= 0; 0 computes no term.
         weight: ``F.cross_entropy``'s class weights, None or a ``(C,)`` floating tensor of finite values >= 0
             (they weight the cross-entropy only: the z-loss is an unweighted mean over positions).
@@ -177,7 +201,8 @@ def cross_entropy_with_z_loss(logits: Tensor, target: Tensor, *, z_loss: float =
         TypeError / ValueError: naming the argument: ``logits``/``target``/``weight`` of a wrong type or shape,
             ``z_loss < 0``, ``label_smoothing`` outside ``[0, 1]`` or NaN, a bad ``reduction``; and (data checks,
             eager mode only, see `toolbox_core.validation.set_data_checks`) a target outside ``[0, C)`` that is
-            not ``ignore_index``, a negative or non-finite class weight.
+            not ``ignore_index``, a negative or non-finite class weight, a position whose logits are all
+            ``-inf`` (even an ignored one: its gradient would be NaN, in ``F.cross_entropy`` too).
 
     Examples:
         >>> logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
@@ -188,17 +213,18 @@ def cross_entropy_with_z_loss(logits: Tensor, target: Tensor, *, z_loss: float =
     target = _check_target(target, logits)
     coef = validation.as_real("z_loss", z_loss, low=0.0)
     classes = logits.shape[-1]
-    weight = _check_class_weight(weight, classes)
+    weight = _check_class_weight(weight, classes, logits.device)
     ignore_index = validation.as_int("ignore_index", ignore_index, minimum=-2 ** 63, maximum=2 ** 63 - 1)  # int64
     reduction = validation.as_choice("reduction", reduction, ("mean", "sum", "none"))
     label_smoothing = validation.as_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     keep = target != ignore_index
     validation.check_data(lambda: (keep & ((target < 0) | (target >= classes))).any(),
                           f"target must hold class indices in [0, {classes}) or ignore_index={ignore_index}")
+    _check_rows(logits)
 
     dtype = _wide(logits.dtype)
     flat = logits.reshape(-1, classes).to(dtype)
-    flat_target, flat_keep = target.reshape(-1).long(), keep.reshape(-1)
+    flat_target, flat_keep = target.reshape(-1), keep.reshape(-1)
     if weight is not None:
         weight = weight.to(dtype)
     ce = F.cross_entropy(flat, flat_target, weight=weight, ignore_index=ignore_index, reduction=reduction,
@@ -212,5 +238,5 @@ def cross_entropy_with_z_loss(logits: Tensor, target: Tensor, *, z_loss: float =
             counted = (weight[torch.where(flat_keep, flat_target, 0)] * flat_keep).sum() > 0
         ce = torch.where(counted, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
     if coef != 0.0:
-        ce = ce + _z_loss_term(flat, coef, mask=flat_keep, reduction=reduction)
+        ce = ce + _z_loss_term(flat, coef, flat_keep, reduction)
     return ce.reshape(target.shape) if reduction == "none" else ce

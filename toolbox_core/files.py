@@ -102,6 +102,10 @@ def _check_open_kwargs(mode: str, open_kwargs: dict) -> None:
             pass
     except LookupError as err:  # an unknown codec: open raises LookupError, not a ValueError
         raise ValueError(f"encoding / errors: {err}") from None
+    except (TypeError, ValueError) as err:  # open's own words do not always name the argument
+        given = ", ".join(f"{k}={v!r}" for k, v in open_kwargs.items())
+        raise type(err)(f"open() arguments of atomic_write (mode={mode!r}{', ' + given if given else ''}): "
+                        f"{err}") from None
     if open_kwargs.get("errors") is not None:
         try:
             codecs.lookup_error(open_kwargs["errors"])
@@ -216,11 +220,15 @@ def atomic_write(path: PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]
     ``open_kwargs`` are ``open``'s ``buffering``, ``encoding``, ``errors`` and ``newline``, checked before
     anything is created.
 
-    Like ``open`` for writing, before the body runs: a directory at ``path`` raises IsADirectoryError, a missing
+    Refused before the body runs, ``path`` left as it is: an existing ``path`` that is not a regular file (a FIFO,
+    a device such as ``/dev/null``, which a rename would replace by a file) raises ValueError. Like ``open`` for
+    writing: a directory at ``path`` (or a path ending in a separator) raises IsADirectoryError, a missing
     directory FileNotFoundError, a file in place of the directory NotADirectoryError, a loop of links OSError
     (ELOOP), a read-only ``path`` or directory PermissionError (see the module doc: a target without any write
     bit is read-only for root too). Whatever the body raises (a full disk, Ctrl-C, ``SystemExit``), ``path``
-    keeps its old content and the temporary file (``.<name>.<pid>.*.tmp``) is removed.
+    keeps its old content and the temporary file (``.<name>.<pid>.*.tmp``) is removed. A process forked inside
+    the body (a data-loader worker) never publishes nor removes the parent's temporary: ending the body there
+    raises RuntimeError in the child, and the parent's write completes.
 
     A replaced file keeps its permission bits (and its owner, where the process may set it); a new one gets what
     ``open()`` would give it under the process umask. A symbolic link is written through: its target is replaced
@@ -243,6 +251,10 @@ def atomic_write(path: PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]
     _check_mode(mode)
     _check_open_kwargs(mode, open_kwargs)
     exclusive = "x" in mode
+    if given.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):  # open("f/", "w") refuses it too:
+        # the name of a directory is never a file to write (abspath/realpath would drop the separator)
+        raise IsADirectoryError(errno.EISDIR, f"{os.strerror(errno.EISDIR)} (a path ending in a separator names a "
+                                "directory)", given)
     target = os.path.abspath(given) if exclusive else os.path.realpath(given)  # "w": through symlinks
     if exclusive and os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), given)
@@ -260,9 +272,13 @@ def atomic_write(path: PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]
     except FileNotFoundError:
         old = None
     if old is not None:
+        if not stat.S_ISREG(old.st_mode):  # a FIFO, socket or device (/dev/null): a rename would destroy it
+            raise ValueError(f"path {given}: {target} is not a regular file (a FIFO, socket or device); "
+                             "atomic_write replaces regular files only, and left it as it is (write to it with open)")
         _refuse_read_only(target, "the file", "path", given)
     _refuse_read_only(parent, "its directory", "path", given)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.{os.getpid()}.", suffix=".tmp", dir=parent)
+    owner = os.getpid()
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.{owner}.", suffix=".tmp", dir=parent)
     try:
         if old is not None:
             permissions = stat.S_IMODE(old.st_mode)
@@ -278,12 +294,15 @@ def atomic_write(path: PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]
         except BaseException:
             os.close(fd)
             raise
-        with f:
+        try:
             yield f
+            _check_owner(owner, "atomic_write", given)
             closed_by_body = f.closed
             if not closed_by_body:
                 f.flush()
                 os.fsync(f.fileno())
+        finally:
+            _close(f, owner)
         if closed_by_body:  # its data went to the file at close(), not yet to the disk
             _fsync_file(tmp)
         if exclusive:
@@ -292,9 +311,36 @@ def atomic_write(path: PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]
             os.replace(tmp, target)
         _fsync_dir(parent)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if os.getpid() == owner:  # a child forked in the body leaves the parent's temporary alone
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
+
+
+def _close(f: IO, owner: int) -> None:
+    """Close the temporary file ``f``. In a process forked inside the body, ``f`` shares the parent's
+    descriptor but holds its own copy of the parent's unwritten buffer: closing it would write that data a second
+    time into the parent's file. The descriptor is pointed at the null device first, where the copy goes."""
+    if os.getpid() != owner and not f.closed:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, f.fileno())
+        finally:
+            os.close(null)
+        with contextlib.suppress(OSError):
+            f.close()
+        return
+    f.close()
+
+
+def _check_owner(owner: int, what: str, given: str) -> None:
+    """RuntimeError in a process forked inside the body of ``what``: only the process that began the write
+    publishes it, and a child that ends the body (instead of ``os._exit``) must neither publish a copy nor remove
+    the parent's temporary, lock or files."""
+    if os.getpid() != owner:
+        raise RuntimeError(f"{what}({given!r}): this process (pid {os.getpid()}) was forked inside the body of the "
+                           f"write that pid {owner} began; only that process publishes it (end a forked child "
+                           "with os._exit)")
 
 
 # ------------------------------------------------------------------------------------- publish_directory
@@ -336,6 +382,9 @@ def _acquire(lock: str, name: str, given: str) -> int:
             same = os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False))
         except FileNotFoundError:
             same = False
+        except BaseException:  # Ctrl-C here must not leave this process holding the lock until it exits
+            os.close(fd)
+            raise
         if same:
             break
         os.close(fd)
@@ -448,7 +497,10 @@ def publish_directory(path: PathLike, write: Callable[[str], T], *, keep: Option
     writes (the file is removed when it ends); a second writer raises BlockingIOError naming the first (pid,
     host, start time) before writing anything, and the first completes. Temporary directories are
     ``.<name>.<tag>-<pid>-<random>``, removed on any error; one left by a killed writer is removed by the next
-    writer (only a lock holder removes them, so a live writer's is never touched).
+    writer (only a lock holder removes them, so a live writer's is never touched). The lock dies with its
+    holder (``flock``): a writer killed with SIGKILL never blocks the next one, which takes over its lock file
+    and removes it when done. A process forked inside ``write`` neither publishes nor removes the parent's lock
+    or temporary directory (it gets RuntimeError if it returns from ``write``); the parent's save completes.
 
     Refused before anything is changed: ``path`` is a file (ValueError naming ``name``); ``path`` is the
     current working directory or contains it (ValueError: the swap would leave the process in a deleted
@@ -489,6 +541,7 @@ def publish_directory(path: PathLike, write: Callable[[str], T], *, keep: Option
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     lock = os.path.join(parent, f".{base}.{tag}.lock")
+    owner = os.getpid()
     lock_fd = _acquire(lock, name, os.fspath(path))
     try:
         for stale in os.listdir(parent):  # a killed writer's: a live one would hold the lock we hold
@@ -503,6 +556,7 @@ def publish_directory(path: PathLike, write: Callable[[str], T], *, keep: Option
                     os.chown(tmp, old.st_uid, old.st_gid)
                 os.chmod(tmp, stat.S_IMODE(old.st_mode))
             result = write(tmp)
+            _check_owner(owner, "publish_directory", os.fspath(path))
             _fsync_tree(tmp)
             if os.path.isdir(target):
                 _carry(target, tmp, keep)
@@ -524,8 +578,11 @@ def publish_directory(path: PathLike, write: Callable[[str], T], *, keep: Option
                 tmp = None
             _fsync_dir(parent)
         finally:
-            if tmp is not None:  # the old directory after the exchange, or an unfinished one
-                _remove_tree(tmp)
+            if tmp is not None and os.getpid() == owner:  # the old directory after the exchange, or an unfinished
+                _remove_tree(tmp)  # one (never from a child forked in write: it is the parent's)
     finally:
-        _release(lock_fd, lock)
+        if os.getpid() == owner:
+            _release(lock_fd, lock)
+        else:  # a forked child's copy of the descriptor: the lock and its file stay the parent's
+            os.close(lock_fd)
     return result

@@ -40,6 +40,7 @@ __all__ = [
     "as_bool",
     "as_choice",
     "check_data",
+    "check_device",
     "data_checks_enabled",
     "set_data_checks",
     "data_checks",
@@ -83,6 +84,22 @@ def data_checks(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _DATA_CHECKS = previous
+
+
+def check_device(name: str, tensor: "Tensor", device, what: str) -> None:
+    """ValueError naming ``name`` unless ``tensor`` lives on ``device`` (the device of ``what``, e.g.
+    ``"logits"``). An argument check: it reads no data. torch itself raises a RuntimeError deep inside an
+    operation for a mismatch (or, for some CPU kernels, reads a ``meta`` tensor as if it held data).
+
+    Examples:
+        >>> import torch
+        >>> check_device("mask", torch.zeros(2, device="meta"), torch.device("cpu"), "logits")
+        Traceback (most recent call last):
+        ...
+        ValueError: mask must be on the device of logits (cpu), got a tensor on meta
+    """
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on the device of {what} ({device}), got a tensor on {tensor.device}")
 
 
 def check_data(bad: Callable[[], "Tensor"], message: str) -> None:

@@ -4,6 +4,7 @@ torch.nn.MultiheadAttention's call contract: with identity norms, torch's number
 layout and path; what torch refuses refused by name; fully masked queries; finite differences; compile."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -489,3 +490,127 @@ def test_monitor_reads_the_normalised_attention_logits():
         want = (qh @ kh.transpose(-1, -2)).abs().max().item() / 2.0
         assert got == pytest.approx(want, rel=1e-4)
         mon.close()
+
+
+# ------------------------------------------------------------------- adversarial review: devices, dtypes, empties
+
+def _review_calls():
+    """(name, call kwargs, autocast, error, what must be named): each crashed with a bare RuntimeError (or
+    computed on a meta mask) before the review."""
+    q, kv = torch.randn(N, L, E), torch.randn(N, S, E)
+    return [
+        ("meta attn_mask", dict(attn_mask=torch.zeros(L, S, device="meta")), False, ValueError, "attn_mask"),
+        ("meta key_padding_mask", dict(key_padding_mask=torch.zeros(N, S, dtype=torch.bool, device="meta")), False,
+         ValueError, "key_padding_mask"),
+        ("meta key and value", dict(key=kv.to("meta"), value=kv.to("meta")), False, ValueError, "key"),
+        ("meta query", dict(query=q.to("meta")), False, ValueError, "query"),
+        ("float64 key under autocast", dict(key=kv.double(), value=kv.double()), True, TypeError, "key"),
+        ("float64 query under autocast", dict(query=q.double()), True, TypeError, "query"),
+        ("broadcastable (1, L, S) attn_mask", dict(attn_mask=torch.zeros(1, L, S)), False, ValueError, "attn_mask"),
+        ("broadcastable (1, S) key_padding_mask", dict(key_padding_mask=torch.zeros(1, S, dtype=torch.bool)), False,
+         ValueError, "key_padding_mask"),
+        ("0-d attn_mask", dict(attn_mask=torch.tensor(0.0)), False, ValueError, "attn_mask"),
+        ("complex attn_mask", dict(attn_mask=torch.zeros(L, S, dtype=torch.complex64)), False, TypeError,
+         "attn_mask"),
+    ], q, kv
+
+
+@pytest.mark.parametrize("index", range(10), ids=[c[0] for c in _review_calls()[0]])
+def test_other_devices_and_dtypes_are_refused_by_name_and_change_nothing(stock_and_mine, index):
+    cases, q, kv = _review_calls()
+    _, kw, autocast, error, name = cases[index]
+    _, mine = stock_and_mine(True)
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), pytest.raises(error) as err:
+        mine(**{**dict(query=q, key=kv, value=kv), **kw})
+    assert str(err.value).startswith(name)
+    assert all(torch.equal(v, before[k]) for k, v in mine.state_dict().items())
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("n, tq, tk", [(0, L, S), (N, 0, S), (N, L, 0)])
+def test_empty_batches_and_sequences_agree_with_torch(stock_and_mine, need_weights, n, tq, tk):
+    """No batch, no query or no key: the shapes torch gives and no NaN (no key: output out_proj(0))."""
+    stock, mine = stock_and_mine(True)
+    q, kv = torch.randn(n, tq, E), torch.randn(n, tk, E)
+    kpm = torch.zeros(n, tk, dtype=torch.bool)
+    # torch's own module cannot reshape an empty padding mask on its fast path: compare to it without one (this
+    # one masks nothing)
+    want, want_w = stock(q, kv, kv, need_weights=need_weights)
+    got, got_w = mine(q, kv, kv, key_padding_mask=kpm, need_weights=need_weights)
+    assert got.shape == want.shape and not got.isnan().any()
+    if tk == 0 and n * tq:
+        torch.testing.assert_close(got, mine.out_proj.bias.expand_as(got).detach())
+    else:
+        torch.testing.assert_close(got, want.nan_to_num(), atol=1e-5, rtol=1e-5)
+    assert (got_w is None) == (want_w is None) and (got_w is None or got_w.shape == want_w.shape)
+
+
+def test_a_float_mask_of_another_dtype_is_added_in_the_query_dtype(stock_and_mine):
+    """A float64 / float16 additive mask on a float32 module (torch's weights path refuses it with a bare
+    RuntimeError): the result of the same mask in float32."""
+    _, mine = stock_and_mine(False)
+    gen = torch.Generator().manual_seed(3)
+    q, kv = torch.randn(L, N, E, generator=gen), torch.randn(S, N, E, generator=gen)
+    mask = torch.randn(L, S, generator=gen).half().float()
+    want, want_w = mine(q, kv, kv, attn_mask=mask)
+    for dtype in (torch.float64, torch.float16):
+        got, got_w = mine(q, kv, kv, attn_mask=mask.to(dtype))
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_w, want_w)
+
+
+def test_state_dict_round_trip_with_stock_attention(stock_and_mine):
+    """The stock module's state loads (the norms start as LayerNorm's defaults) and the stock keys come back
+    unchanged; a pickled copy still keeps torch's fused fast path off."""
+    stock, _ = stock_and_mine(False)
+    mine = QKNormMultiheadAttention(E, H)
+    missing, unexpected = mine.load_state_dict(stock.state_dict(), strict=False)
+    assert not unexpected and all(k.split(".")[0] in ("q_norm", "k_norm") for k in missing)
+    back = nn.MultiheadAttention(E, H)
+    _, unexpected = back.load_state_dict(mine.state_dict(), strict=False)
+    assert all(k.split(".")[0] in ("q_norm", "k_norm") for k in unexpected)
+    assert all(torch.equal(v, stock.state_dict()[k]) for k, v in back.state_dict().items())
+    import copy
+    import pickle
+    assert not pickle.loads(pickle.dumps(mine))._qkv_same_embed_dim and not copy.deepcopy(mine)._qkv_same_embed_dim
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_a_float_mask_that_requires_grad_gets_the_finite_difference_gradient(need_weights):
+    """A learned additive bias (ALiBi-like) as attn_mask: its gradient on both paths, a -inf entry and a query
+    with every key masked included (zero gradient there, no NaN)."""
+    torch.manual_seed(17)
+    mha = QKNormMultiheadAttention(E, H, dtype=torch.float64)
+    _randomize_norms(mha)
+    q, kv = torch.randn(L, N, E, dtype=torch.float64), torch.randn(S, N, E, dtype=torch.float64)
+    bias = torch.randn(L, S, dtype=torch.float64)
+    bias[0, 1] = float("-inf")
+    bias[2] = float("-inf")  # query 2 sees no key
+    free = torch.isfinite(bias)
+
+    def f(values):
+        mask = torch.full((L, S), float("-inf"), dtype=torch.float64).masked_scatter(free, values)
+        return mha(q, kv, kv, attn_mask=mask, need_weights=need_weights)[0]
+    assert torch.autograd.gradcheck(f, (bias[free].clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("x, error, message", [
+    (torch.randn(3, 8, dtype=torch.float64), TypeError, "x must have the norm's dtype torch.float32"),
+    (torch.randn(3, 8).long(), TypeError, "x must be a floating tensor"),
+    (torch.randn(3, 8, device="meta"), ValueError, "x must be on the device of the norm's parameters"),
+], ids=["float64", "int64", "meta"])
+def test_qknorm_refuses_what_layer_norm_would_crash_on_by_name(x, error, message):
+    """Before the review: a bare RuntimeError ('mixed dtype', 'not on the expected device')."""
+    with pytest.raises(error, match=re.escape(message)):
+        QKNorm(8, 2)(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_qknorm_takes_half_inputs_against_float_parameters_as_layer_norm(dtype):
+    torch.manual_seed(18)
+    norm = QKNorm(8, 2)
+    _randomize_norms(norm)
+    x = torch.randn(3, 8).to(dtype)
+    want = _ln(x.double().view(3, 2, 4), norm.norm.weight.double(), norm.norm.bias.double()).view(3, 8)
+    torch.testing.assert_close(norm(x).double(), want, atol=2e-2, rtol=2e-2)

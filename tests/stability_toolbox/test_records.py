@@ -404,3 +404,98 @@ def test_summary_escapes_a_bar_in_a_layer_name_and_is_written_atomically(tmp_pat
     path = write_summary(tmp_path, text)
     assert path == tmp_path / "summary.md" and path.read_text(encoding="utf-8") == text + "\n"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]   # no temporary file left
+
+
+# ------------------------------------------------------------ adversarial review: files that are not record files
+
+def _gzip_of(lines):
+    import gzip
+    return gzip.compress("".join(line + "\n" for line in lines).encode())
+
+
+@pytest.mark.parametrize("content, match", [
+    ("gzip", r"is gzip-compressed, not a monitor.jsonl: decompress it first"),
+    ("binary", r"line 1: not UTF-8"),
+    ("records+binary", r"line 3: not UTF-8"),
+    ("records+text", r"line 3: not JSON"),
+    ("cr-only", r"line 1: not JSON"),
+], ids=["gzip", "binary", "records+binary", "records+text", "cr-only"])
+def test_an_unterminated_line_that_cannot_start_a_record_is_not_skipped_as_torn(tmp_path, content, match, recwarn):
+    """Before the review a gzip file (no b"\\n" in it) read as [] with a 'torn line' warning, and a writer
+    opened on it truncated it to 0 bytes."""
+    lines = _records_of([_record(0, 1.0), _record(10, 2.0)])
+    data = {"gzip": _gzip_of(lines), "binary": bytes(range(128, 256)),
+            "records+binary": "".join(x + "\n" for x in lines).encode() + b"\x80\xff{",
+            "records+text": "".join(x + "\n" for x in lines).encode() + b"not a record",
+            "cr-only": "".join(x + "\r" for x in lines).encode()}[content]  # old Mac line ends: was read as []
+    (tmp_path / "monitor.jsonl").write_bytes(data)
+    with pytest.raises(ValueError, match=match):
+        read_records(tmp_path / "monitor.jsonl")
+    assert not [w for w in recwarn if "torn" in str(w.message)]
+    with pytest.raises(ValueError, match=r"is not a monitor record file .* nothing was changed"):
+        _writer(tmp_path)
+    assert (tmp_path / "monitor.jsonl").read_bytes() == data
+
+
+@pytest.mark.parametrize("ending", ["\r\n", "\n"], ids=["crlf", "lf"])
+@pytest.mark.parametrize("bom", [False, True], ids=["", "bom"])
+def test_crlf_and_a_byte_order_mark_read_as_the_same_records(tmp_path, ending, bom):
+    history = [_record(0, 1.0), _record(10, NAN)]
+    path = tmp_path / "monitor.jsonl"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + "".join(x + ending for x in _records_of(history)).encode())
+    assert _same(read_records(path), [{k: v for k, v in h.items()} for h in history])
+    path.write_bytes(b"\n" if not bom else b"\xef\xbb\xbf\r\n")
+    assert read_records(path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_fifo_is_refused_at_once_by_the_reader_and_the_writer(tmp_path):
+    """A FIFO with no writer blocked read_records forever; the writer died on seek (a bare OSError)."""
+    os.mkfifo(tmp_path / "monitor.jsonl")
+    result = []
+
+    def read():
+        try:
+            read_records(tmp_path / "monitor.jsonl")
+        except ValueError as e:
+            result.append(str(e))
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=5)
+    if reader.is_alive():  # unblock the hung reader so the test process can end, then fail
+        with open(os.open(tmp_path / "monitor.jsonl", os.O_WRONLY | os.O_NONBLOCK), "wb"):
+            pass
+        pytest.fail("read_records blocked on a FIFO")
+    assert result and "is not a regular file" in result[0]
+    with pytest.raises(ValueError, match="is not a regular file"):
+        _writer(tmp_path)
+    assert os.path.exists(tmp_path / "monitor.jsonl") and not os.path.isfile(tmp_path / "monitor.jsonl")
+    with pytest.raises(ValueError, match="is not a regular file"):
+        read_records(os.devnull)
+
+
+def test_a_loop_of_links_and_a_path_subclass(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(OSError):
+        read_records(tmp_path / "loop")
+
+    class MyPath(type(tmp_path)):
+        pass
+    _write_lines(tmp_path / "m.jsonl", _records_of([_record(3, 1.0)]))
+    assert [r["step"] for r in read_records(MyPath(tmp_path / "m.jsonl"))] == [3]
+
+
+@pytest.mark.parametrize("tail", [b"\x00" * 64, b'{"step": 20, "qu' + b"\x00" * 7, b"\x00\x00{\"st", b"  "],
+                         ids=["zeros", "record+zeros", "zeros+record", "blank"])
+def test_a_zero_filled_or_blank_tail_is_what_a_crash_leaves(tmp_path, tail, caplog):
+    """A power loss can leave the end of an appended file zero-filled: still a torn tail (skipped by the reader
+    with a warning unless blank, dropped by the writer), never a corrupt file."""
+    lines = _records_of([_record(0, 1.0), _record(10, 2.0)])
+    head = "".join(x + "\n" for x in lines).encode()
+    (tmp_path / "monitor.jsonl").write_bytes(head + tail)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [r["step"] for r in read_records(tmp_path / "monitor.jsonl")] == [0, 10]
+    assert len([w for w in caught if "is torn" in str(w.message)]) == (tail.strip() != b"")
+    _writer(tmp_path).close()
+    assert (tmp_path / "monitor.jsonl").read_bytes() == head

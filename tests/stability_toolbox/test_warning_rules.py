@@ -418,3 +418,17 @@ def test_random_histories_and_rules_give_the_defined_warnings_or_a_named_error(d
     for end in range(1, len(history) + 1):
         assert check(history[:end], rules) == check(history[max(0, end - lookback(rules)):end], rules)
     assert all(w["message"].startswith("stability warning: layer ") and "\n" not in w["message"] for w in got)
+
+
+@pytest.mark.parametrize("window", [4, 5, 50])
+def test_a_window_longer_than_the_history_waits_for_it(window):
+    """A rule over ``window`` logs fires only once ``window`` values exist: the same rising series (x2 per log
+    past the threshold) warns at its ``window``-th record, not before, and never on a shorter history."""
+    series = [2.0 ** i for i in range(1, 6)]  # 2, 4, 8, 16, 32
+    rule = {"grad_norm": WarningRule(threshold=1.0, window=window, min_growth=2.0)}
+    warnings = replay(_hist("grad_norm", series), rule)
+    if window <= len(series):
+        assert [w["step"] for w in warnings] == [10 * (window - 1)]
+    else:
+        assert warnings == [] and first_warning(_hist("grad_norm", series), rule) is None
+        assert check(_hist("grad_norm", series), rule) == []

@@ -283,3 +283,73 @@ def test_z_loss_term_bad_mask_is_named():
         z_loss(logits, mask=torch.ones(2))
     with pytest.raises(ValueError, match=r"mask must have shape logits.shape\[:-1\] = \(2,\)"):
         z_loss(logits, mask=torch.ones(3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------- adversarial review: dtypes and devices
+
+@pytest.mark.parametrize("dtype, ignore_index, bad", [
+    (torch.uint8, -100, 156),   # uint8 reads -100 as 156: 156 was silently ignored instead of refused
+    (torch.int8, 300, 44),      # int8 reads 300 as 44: 44 reached F.cross_entropy (a bare IndexError)
+    (torch.int16, 70000, 4464),
+])
+def test_a_narrow_target_dtype_never_wraps_ignore_index(dtype, ignore_index, bad):
+    logits = torch.randn(3, C)
+    with pytest.raises(ValueError, match=rf"target must hold class indices in \[0, {C}\) or "
+                                         rf"ignore_index={ignore_index}"):
+        cross_entropy_with_z_loss(logits, torch.tensor([0, bad, 1], dtype=dtype), ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_integer_target_dtype_is_the_int64_loss(batch, dtype, reduction):
+    logits, target, w = batch
+    target = target.clamp_min(0) if dtype == torch.uint8 else target
+    want = cross_entropy_with_z_loss(logits, target, weight=w, reduction=reduction)
+    torch.testing.assert_close(cross_entropy_with_z_loss(logits, target.to(dtype), weight=w, reduction=reduction),
+                               want)
+
+
+@pytest.mark.parametrize("argument", ["target", "weight", "mask"])
+def test_a_tensor_on_another_device_is_refused_by_name(batch, argument):
+    """Before the review: a bare RuntimeError from inside the data check (``.item()`` of a meta tensor)."""
+    logits, target, w = batch
+    logits = logits.clone().requires_grad_()
+    with pytest.raises(ValueError, match=rf"^{argument} must be on the device of logits \(cpu\), got a tensor on meta"):
+        if argument == "mask":
+            z_loss(logits, mask=torch.ones(logits.shape[:-1], dtype=torch.bool, device="meta"))
+        else:
+            cross_entropy_with_z_loss(logits, target.to("meta") if argument == "target" else target,
+                                      weight=w.to("meta") if argument == "weight" else w)
+    assert logits.grad is None
+
+
+def test_torch_layout_of_k_dim_logits_is_refused_by_name():
+    """``(N, C, d1, d2)`` logits with ``(N, d1, d2)`` targets (torch's layout): refused, naming the layout this
+    function takes; moved to the last dimension they give F.cross_entropy's value."""
+    gen = torch.Generator().manual_seed(21)
+    logits, target = torch.randn(2, C, 3, 4, generator=gen), torch.randint(0, C, (2, 3, 4), generator=gen)
+    with pytest.raises(ValueError, match=r"the class dimension of logits is the last"):
+        cross_entropy_with_z_loss(logits, target)
+    torch.testing.assert_close(cross_entropy_with_z_loss(logits.movedim(1, -1), target, z_loss=0.0),
+                               F.cross_entropy(logits, target))
+
+
+@pytest.mark.parametrize("call", ["ce-ignored", "ce-counted", "ce-no-z", "z_loss-masked"])
+def test_a_position_with_every_logit_minus_inf_is_refused_not_a_nan_gradient(call):
+    """Before the review an ignored position whose logits are all -inf (padding masked with -inf) gave a finite
+    loss and a NaN gradient (F.cross_entropy does too): it poisons every parameter. Refused by name; with the
+    data checks off it is torch's value (documented)."""
+    logits = torch.randn(3, C, requires_grad=True)
+    rows = torch.tensor([False, True, False])
+    bad = logits.masked_fill(rows[:, None], float("-inf"))
+    target = torch.tensor([1, 2 if call == "ce-counted" else -100, 0])
+    run = {"ce-ignored": lambda: cross_entropy_with_z_loss(bad, target),
+           "ce-counted": lambda: cross_entropy_with_z_loss(bad, target),
+           "ce-no-z": lambda: cross_entropy_with_z_loss(bad, target, z_loss=0.0),
+           "z_loss-masked": lambda: z_loss(bad, mask=~rows)}[call]
+    with pytest.raises(ValueError, match="logits must have a logit above -inf at every position"):
+        run()
+    assert logits.grad is None
+    partly = logits.masked_fill(torch.arange(C) == 0, float("-inf"))  # a -inf class is fine: a softmax exists
+    cross_entropy_with_z_loss(partly, torch.tensor([1, -100, 2])).backward()
+    assert torch.isfinite(logits.grad).all()

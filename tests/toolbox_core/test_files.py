@@ -788,3 +788,154 @@ def test_failures_are_opens_own(tmp_path, kind):
     after = {p.name: (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
              for p in tmp_path.iterdir()}
     assert after == before
+
+
+# ------------------------------------------------------------------ adversarial review: open's words, forks, kills
+
+@pytest.mark.parametrize("mode, kwargs, error", [
+    ("w", {"buffering": "x"}, TypeError),   # open: "'str' object cannot be interpreted as an integer"
+    ("w", {"buffering": 0}, ValueError),    # open: "can't have unbuffered text I/O"
+    ("w", {"newline": 1}, TypeError),
+    ("w", {"encoding": 1}, TypeError),
+])
+def test_open_arguments_open_refuses_are_named(tmp_path, monkeypatch, mode, kwargs, error):
+    monkeypatch.chdir(tmp_path)
+    (arg, value), = kwargs.items()
+    with pytest.raises(error, match=rf"^open\(\) arguments of atomic_write \(mode='w', {arg}={re.escape(repr(value))}\)"):
+        with atomic_write("f", mode, **kwargs):
+            pytest.fail("the body ran")
+    assert listing(tmp_path) == []
+
+
+class _InChild(Exception):
+    """Raised in a child forked inside a save, to run the save's own cleanup there."""
+
+
+def _fork_and_end_the_child(how):
+    """Fork; the child ends the body by ``how`` ('raise': an exception, 'return': normally) and is then ended with
+    os._exit (0 when the save refused to go on in the child); the parent waits for it and returns its status."""
+    pid = os.fork()
+    if pid == 0:
+        if how == "raise":
+            raise _InChild()
+        return None
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def _child_guard(save):
+    """Run ``save()``; in a forked child, whatever it raises ends the child (never pytest's process)."""
+    parent = os.getpid()
+    try:
+        return save()
+    except BaseException as e:
+        if os.getpid() != parent:
+            os._exit(0 if isinstance(e, (_InChild, RuntimeError)) else 3)
+        raise
+    finally:
+        if os.getpid() != parent:
+            os._exit(4)  # the child returned from the save: it must not have
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+@pytest.mark.parametrize("how", ["raise", "return"])
+def test_a_child_forked_in_publish_neither_publishes_nor_removes_the_parents_save(ckpt, tmp_path, how):
+    """Before the review a child that raised ran the save's cleanup: it removed the parent's temporary
+    directory and lock file, and the parent's rename then failed (FileNotFoundError)."""
+    statuses = []
+
+    def write(tmp):
+        writer(NEW)(tmp)
+        statuses.append(_fork_and_end_the_child(how))
+        return "parent"
+    assert _child_guard(lambda: publish_directory(ckpt, write)) == "parent"
+    assert statuses == [0] and tree(ckpt) == NEW and listing(tmp_path) == ["ckpt"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+@pytest.mark.parametrize("mode", ["w", "wb", "w+"])
+@pytest.mark.parametrize("how", ["raise", "return"])
+def test_a_child_forked_in_atomic_write_leaves_the_parents_write(tmp_path, how, mode):
+    """The child neither removes nor publishes the parent's temporary, and never writes its copy of the
+    parent's unflushed buffer into it (before the review: 'newnew')."""
+    path = tmp_path / "f"
+    path.write_text("old")
+    statuses = []
+
+    def save():
+        with atomic_write(path, mode) as f:
+            f.write(b"new" if "b" in mode else "new")  # not flushed: the child holds a copy of the buffer
+            statuses.append(_fork_and_end_the_child(how))
+    _child_guard(save)
+    assert statuses == [0] and path.read_text() == "new" and listing(tmp_path) == ["f"]
+
+
+def test_a_sigkilled_writers_lock_does_not_block_and_does_not_accumulate(ckpt, tmp_path):
+    """A real writer holds the lock (flock) and is killed with SIGKILL mid-save: the lock died with it; the next
+    save takes over its lock file, removes its temporary directory, and leaves nothing beside the checkpoint."""
+    import signal
+    code = ("import os, sys, time; from toolbox_core.files import publish_directory\n"
+            "def write(tmp):\n    open(os.path.join(tmp, 'half'), 'w').write('x'); print('writing', flush=True); "
+            "time.sleep(60)\npublish_directory(sys.argv[1], write)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(ckpt)], stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert child.stdout.readline() == b"writing\n"
+        assert ".ckpt.publish.lock" in listing(tmp_path)
+        with pytest.raises(BlockingIOError, match=rf"pid {child.pid}"):  # alive: it holds the lock
+            publish_directory(ckpt, writer(NEW))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        child.stdout.close()
+    assert ".ckpt.publish.lock" in listing(tmp_path) and tree(ckpt) == OLD  # what the killed writer left
+    for _ in range(2):
+        publish_directory(ckpt, writer(NEW))
+        assert listing(tmp_path) == ["ckpt"] and tree(ckpt) == NEW
+
+
+@pytest.mark.parametrize("mode", ["w", "x"])
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_path_ending_in_a_separator_is_a_directory_as_open_says(tmp_path, monkeypatch, mode, existed):
+    """Before the review ``atomic_write("f/")`` wrote (or replaced) the file ``f``; ``open("f/", "w")`` refuses."""
+    monkeypatch.chdir(tmp_path)
+    if existed:
+        Path("f").write_text("old")
+    with pytest.raises(IsADirectoryError):
+        open("f" + os.sep, "w")
+    with pytest.raises(IsADirectoryError, match="ending in a separator"):
+        with atomic_write("f" + os.sep, mode):
+            pytest.fail("the body ran")
+    assert listing(tmp_path) == (["f"] if existed else []) and (not existed or Path("f").read_text() == "old")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+@pytest.mark.parametrize("through_link", [False, True])
+def test_a_fifo_target_is_refused_and_left_as_it_is(tmp_path, through_link):
+    """Before the review a FIFO (and so ``/dev/null`` for root) was replaced by a regular file."""
+    os.mkfifo(tmp_path / "pipe")
+    path = tmp_path / "pipe"
+    if through_link:
+        (tmp_path / "link").symlink_to("pipe")
+        path = tmp_path / "link"
+    with pytest.raises(ValueError, match=r"is not a regular file \(a FIFO, socket or device\)"):
+        with atomic_write(path):
+            pytest.fail("the body ran")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+    assert listing(tmp_path) == (["link", "pipe"] if through_link else ["pipe"])
+
+
+def test_ctrl_c_while_taking_the_lock_does_not_keep_it(ckpt, tmp_path, monkeypatch):
+    """A KeyboardInterrupt right after the flock was taken (while checking the lock file is still the one
+    locked) used to leak the descriptor: the process kept the lock, and each later save in it (a notebook after
+    Ctrl-C) was refused as 'being written by another save' naming itself."""
+    real = os.path.samestat
+
+    def interrupted(a, b):
+        monkeypatch.setattr(os.path, "samestat", real)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os.path, "samestat", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        publish_directory(ckpt, writer(NEW))
+    assert tree(ckpt) == OLD
+    publish_directory(ckpt, writer(NEW))
+    assert tree(ckpt) == NEW and listing(tmp_path) == ["ckpt"]
