@@ -11,6 +11,8 @@ module's parameters are on the CPU and changes nothing on CUDA.
 
 import torch
 
+from ._wrap import wrap_once
+
 __all__ = ["install", "CpuAwareDistributedDataParallel"]
 
 
@@ -31,9 +33,12 @@ def _cpu_aware(ddp_class: type) -> type:
 CpuAwareDistributedDataParallel = _cpu_aware(torch.nn.parallel.DistributedDataParallel)
 
 
+def _use_cpu_aware(ddp_class: type) -> type:
+    return CpuAwareDistributedDataParallel
+
+
 def install() -> None:
     """Point fairseq's c10d/pytorch_ddp wrapper at `CpuAwareDistributedDataParallel` (idempotent)."""
     from fairseq.models import distributed_fairseq_model
 
-    if not getattr(distributed_fairseq_model.DistributedDataParallel, "_cpu_aware", False):
-        distributed_fairseq_model.DistributedDataParallel = CpuAwareDistributedDataParallel
+    wrap_once(distributed_fairseq_model, "DistributedDataParallel", _use_cpu_aware)

@@ -14,27 +14,25 @@ import functools
 from typing import Callable
 
 from .. import flags
+from ._wrap import wrap_once, wrapped_once
 
 __all__ = ["install"]
 
 
 def _checked(arch_fn: Callable) -> Callable:
-    if getattr(arch_fn, "_checks_flags", False):
-        return arch_fn
+    return wrapped_once(arch_fn, _arch_then_check)
 
+
+def _arch_then_check(arch_fn: Callable) -> Callable:
     @functools.wraps(arch_fn)
     def arch_then_check(args):
         arch_fn(args)
         flags.check_args(args)
 
-    arch_then_check._checks_flags = True
     return arch_then_check
 
 
 def _registering_checked(register_model_architecture: Callable) -> Callable:
-    if getattr(register_model_architecture, "_checks_flags", False):
-        return register_model_architecture
-
     @functools.wraps(register_model_architecture)
     def register_checked(model_name, arch_name):
         register = register_model_architecture(model_name, arch_name)
@@ -45,7 +43,6 @@ def _registering_checked(register_model_architecture: Callable) -> Callable:
 
         return register_arch_fn
 
-    register_checked._checks_flags = True
     return register_checked
 
 
@@ -55,4 +52,4 @@ def install() -> None:
 
     for name, fn in list(models.ARCH_CONFIG_REGISTRY.items()):
         models.ARCH_CONFIG_REGISTRY[name] = _checked(fn)
-    models.register_model_architecture = _registering_checked(models.register_model_architecture)
+    wrap_once(models, "register_model_architecture", _registering_checked)

@@ -9,13 +9,12 @@ The same gap as [`fairseq_plugins.repairs.monitor_flags`][fairseq_plugins.repair
 
 import functools
 
+from ._wrap import wrap_once
+
 __all__ = ["install"]
 
 
 def _wrap_add_checkpoint_args(add_checkpoint_args):
-    if getattr(add_checkpoint_args, "_stability_guard", False):
-        return add_checkpoint_args
-
     @functools.wraps(add_checkpoint_args)
     def add_checkpoint_and_guard_args(parser, *args, **kwargs):
         from .. import guard  # imported with the other registrations, after the repairs are installed
@@ -32,4 +31,4 @@ def install() -> None:
     """Wrap ``fairseq.options.add_checkpoint_args`` (idempotent)."""
     import fairseq.options
 
-    fairseq.options.add_checkpoint_args = _wrap_add_checkpoint_args(fairseq.options.add_checkpoint_args)
+    wrap_once(fairseq.options, "add_checkpoint_args", _wrap_add_checkpoint_args)

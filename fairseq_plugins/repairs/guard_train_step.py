@@ -11,13 +11,12 @@ fairseq saves and ends as at ``--max-update``. Without the flags it calls the st
 
 import functools
 
+from ._wrap import wrap_once
+
 __all__ = ["install"]
 
 
 def _wrap_train_step(train_step):
-    if getattr(train_step, "_stability_guard", False):
-        return train_step
-
     @functools.wraps(train_step)
     def train_step_guarded(self, samples, raise_oom=False):
         from .. import guard as fg  # imported with the other registrations, after the repairs are installed
@@ -46,4 +45,4 @@ def install() -> None:
     """Wrap ``fairseq.trainer.Trainer.train_step`` (idempotent)."""
     import fairseq.trainer
 
-    fairseq.trainer.Trainer.train_step = _wrap_train_step(fairseq.trainer.Trainer.train_step)
+    wrap_once(fairseq.trainer.Trainer, "train_step", _wrap_train_step)

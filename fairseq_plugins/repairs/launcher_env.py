@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from ._wrap import wrap_once
+
 __all__ = ["install", "LAUNCHER_ENV"]
 
 #: the environment variables a launcher sets for every process (all of them are needed)
@@ -34,7 +36,6 @@ def _launcher_aware(infer_init_method):
             return None
         return infer_init_method(cfg, force_distributed)
 
-    infer_from_launcher._launcher_aware = True
     return infer_from_launcher
 
 
@@ -42,5 +43,4 @@ def install() -> None:
     """Wrap fairseq's ``distributed.utils.infer_init_method`` (idempotent)."""
     from fairseq.distributed import utils as distributed_utils
 
-    if not getattr(distributed_utils.infer_init_method, "_launcher_aware", False):
-        distributed_utils.infer_init_method = _launcher_aware(distributed_utils.infer_init_method)
+    wrap_once(distributed_utils, "infer_init_method", _launcher_aware)

@@ -12,13 +12,12 @@ fairseq's dataclass configuration (``convert_namespace_to_omegaconf`` drops them
 
 import functools
 
+from ._wrap import wrap_once
+
 __all__ = ["install"]
 
 
 def _wrap_add_checkpoint_args(add_checkpoint_args):
-    if getattr(add_checkpoint_args, "_stability_monitor", False):
-        return add_checkpoint_args
-
     @functools.wraps(add_checkpoint_args)
     def add_checkpoint_and_monitor_args(parser, *args, **kwargs):
         from .. import monitor  # imported with the other registrations, after the repairs are installed
@@ -35,4 +34,4 @@ def install() -> None:
     """Wrap ``fairseq.options.add_checkpoint_args`` (idempotent)."""
     import fairseq.options
 
-    fairseq.options.add_checkpoint_args = _wrap_add_checkpoint_args(fairseq.options.add_checkpoint_args)
+    wrap_once(fairseq.options, "add_checkpoint_args", _wrap_add_checkpoint_args)

@@ -10,13 +10,12 @@ wrapper does one integer comparison; without the flags it calls the step unchang
 
 import functools
 
+from ._wrap import wrap_once
+
 __all__ = ["install"]
 
 
 def _wrap_train_step(train_step):
-    if getattr(train_step, "_stability_monitor", False):
-        return train_step
-
     @functools.wraps(train_step)
     def train_step_monitored(self, samples, raise_oom=False):
         from .. import monitor  # imported with the other registrations, after the repairs are installed
@@ -53,4 +52,4 @@ def install() -> None:
     """Wrap ``fairseq.trainer.Trainer.train_step`` (idempotent)."""
     import fairseq.trainer
 
-    fairseq.trainer.Trainer.train_step = _wrap_train_step(fairseq.trainer.Trainer.train_step)
+    wrap_once(fairseq.trainer.Trainer, "train_step", _wrap_train_step)

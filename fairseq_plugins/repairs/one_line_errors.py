@@ -13,6 +13,7 @@ import os
 import sys
 
 from .. import flags
+from ._wrap import wrap_once
 
 __all__ = ["install"]
 
@@ -28,11 +29,9 @@ def _excepthook(previous):
         # SystemExit from an excepthook sets the exit status; finally blocks have run and atexit handlers run
         raise SystemExit(status)
 
-    hook._one_line = True
     return hook
 
 
 def install() -> None:
     """Chain the one-line ``sys.excepthook`` (idempotent)."""
-    if not getattr(sys.excepthook, "_one_line", False):
-        sys.excepthook = _excepthook(sys.excepthook)
+    wrap_once(sys, "excepthook", _excepthook)

@@ -155,3 +155,30 @@ def repair_modules_in_list_order():
     import fairseq_plugins
 
     return [r.__name__.rsplit(".", 1)[-1] for r in fairseq_plugins.REPAIRS]
+
+
+def test_every_replacing_repair_goes_through_wrap_once():
+    """A repair that replaces a fairseq attribute does it through ``_wrap.wrap_once`` (marked per repair, so two
+    repairs can wrap one function, each once), never by assigning the attribute itself."""
+    from fairseq_plugins import REPAIRS
+
+    for repair in REPAIRS:
+        tree = ast.parse(open(repair.__file__).read())
+        install = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "install")
+        assigned = [ast.unparse(t) for n in ast.walk(install) if isinstance(n, ast.Assign) for t in n.targets
+                    if isinstance(t, ast.Attribute)]
+        assert not assigned, f"{repair.__name__}.install() assigns {assigned}: use wrap_once"
+
+
+def test_the_monitor_and_the_guard_both_wrap_train_step_once():
+    from fairseq.trainer import Trainer
+
+    from fairseq_plugins.repairs import _wrap, guard_train_step, monitor_train_step
+
+    keys = _wrap.wrapped_by(Trainer.train_step)
+    assert {"fairseq_plugins.repairs.monitor_train_step._wrap_train_step",
+            "fairseq_plugins.repairs.guard_train_step._wrap_train_step"} <= keys
+    before = Trainer.train_step
+    monitor_train_step.install()
+    guard_train_step.install()
+    assert Trainer.train_step is before
