@@ -47,7 +47,8 @@ import logging
 import os
 import types
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+import weakref
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -201,18 +202,27 @@ class StabilityGuard:
         self._had_instance_step = "step" in optimizer.__dict__  # e.g. an LR scheduler's wrapper
         self._original_step = optimizer.step
         self._took_initial = False
+        self._requested: Optional[str] = None   # rewind(): done at the next step
+        self._step_loss: Any = None
+        self._last_grads: List[Tuple[Any, int]] = []
         optimizer.step = types.MethodType(_guarded_function(self), optimizer)
 
     # ------------------------------------------------------------------ data
     def batches(self, source: Union[Sequence, Callable[[int], Any], Iterable], start: int = 0) -> Iterator[Tuple[int, Any]]:
         """Yield ``(data index, batch)`` from ``source``, leaving out the batches the guard skips.
 
-        ``source``: a sequence (indexed until its end), a callable ``index -> batch`` (None ends the data), or
-        any other iterable (read forward only: a rewind then does not replay, the next batches are skipped).
-        After a rewind the indexable sources continue from the snapshot's data position.
+        ``source``: a sequence or a map-style dataset (``__getitem__`` and ``__len__``; indexed until its end), a
+        callable ``index -> batch`` (None ends the data), or any other iterable (read forward only: a rewind
+        then does not replay, the next ``rewind_skip`` batches of this pass are skipped, once). After a rewind the
+        indexable sources continue from the snapshot's data position. The snapshot before the first update is
+        taken before the first batch is read (a rewind to it replays that batch too).
         """
         start = validation.as_int("start", start, minimum=0)
-        if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        if isinstance(source, (str, bytes, Mapping)):
+            raise TypeError(f"source must be a sequence, a callable index -> batch or an iterable, got "
+                            f"{type(source).__name__}")
+        if isinstance(source, Sequence) or (hasattr(source, "__getitem__") and hasattr(source, "__len__")):
+            # a sequence or a map-style dataset (torch.utils.data.Dataset with __len__): indexed, replayable
             def get(i):
                 return source[i] if i < len(source) else None
         elif callable(source):
@@ -229,6 +239,7 @@ class StabilityGuard:
             if i in self._skip_indices:
                 i += 1
                 continue
+            self._initial_snapshot(i)
             batch = get(i)
             if batch is None:
                 return
@@ -242,13 +253,30 @@ class StabilityGuard:
             if self.stopped:
                 return
             if i in self._skip_indices:
-                continue
+                self._skip_indices.discard(i)  # read forward: an index is never seen again (another epoch's i
+                continue                       # is another batch), so a skip is used once
+            self._initial_snapshot(i)
             self._index, self._position = i, i + 1
             yield i, batch
+
+    def _initial_snapshot(self, position: int) -> None:
+        """The state before the first update, taken before the first batch is read (its random state too): a
+        rewind to it replays the data from ``position``."""
+        if not self._took_initial:
+            self._took_initial = True
+            self._position = position
+            self._take_snapshot()
 
     # ------------------------------------------------------------------ the step
     def observe_loss(self, loss: Union[Tensor, float]) -> None:
         """Add a (micro-)batch loss of the coming update (a tensor stays on its device; or a real number)."""
+        value = self._check_loss(loss)
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
+        self._loss_n += 1
+
+    @staticmethod
+    def _check_loss(loss: Union[Tensor, float]) -> Tensor:
+        """The loss as a 0-d float32 tensor (its mean when it has several elements), or a named TypeError."""
         if isinstance(loss, Tensor):
             if not loss.is_floating_point():
                 raise TypeError(f"loss must be a floating tensor or a real number, got dtype {loss.dtype}")
@@ -260,14 +288,40 @@ class StabilityGuard:
             value = torch.tensor(float(loss))
         else:
             raise TypeError(f"loss must be a tensor or a real number, got {type(loss).__name__}")
-        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
-        self._loss_n += 1
+        return value
 
     def step(self, loss: Optional[Union[Tensor, float]] = None, closure: Optional[Callable] = None) -> Any:
-        """``observe_loss(loss)`` (when given), then the guarded ``optimizer.step(closure)``."""
+        """``observe_loss(loss)`` (when given), then the guarded ``optimizer.step(closure)``.
+
+        Raises:
+            GuardStopped: the guard stopped the run (`stop_reason` says why); nothing is done.
+            ValueError: called again on the gradients of the previous update (no backward since); nothing is done.
+        """
+        if self.stopped:
+            raise GuardStopped(f"guard.step: the guard stopped the run; {self.stop_reason}")
         if loss is not None:
-            self.observe_loss(loss)
-        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            self._check_loss(loss)
+        self._step_loss = loss  # observed by the guarded step once it checked the gradients are new
+        try:
+            return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        finally:
+            self._step_loss = None
+
+    def _check_fresh(self) -> None:
+        """Refuse a second step on the same gradients (the same tensors, unmodified since the last step)."""
+        last = self._last_grads
+        if not last:
+            return
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if len(grads) == len(last) and all(r() is g and v == g._version for (r, v), g in zip(last, grads)):
+            raise ValueError("step: called again on the gradients of the previous update (no backward since); "
+                             "call it once per update, after backward(), and optimizer.zero_grad() between updates")
+
+    def _remember_grads(self) -> None:
+        # weak references: the old gradients are not kept alive (set_to_none frees them), and a new tensor at a
+        # reused address is not mistaken for the old one
+        self._last_grads = [(weakref.ref(p.grad), p.grad._version) for g in self.optimizer.param_groups
+                            for p in g["params"] if p.grad is not None]
 
     def _grads(self) -> Tuple[List[Tensor], bool]:
         """The gradients (DTensors: their local shards) and whether any is sharded."""
@@ -288,26 +342,30 @@ class StabilityGuard:
         sq = None
         if grads:
             norms = torch._foreach_norm(grads)
+            # float64: a finite norm above ~1.8e19 squares to inf in float32 (a huge spike read as non-finite)
             sq = torch.stack(norms if len(norms) == 1 or all(n.device == device for n in norms)
-                             else [n.to(device) for n in norms]).float().square().sum()
+                             else [n.to(device) for n in norms]).double().square().sum()
             scale = getattr(self.optimizer, "grad_scale", None)  # a GradScaler's fused protocol: still scaled
             if scale is not None:
-                sq = sq / scale.to(device, torch.float32).reshape(()).square()
+                sq = sq / scale.to(device, torch.float64).reshape(()).square()
         n = self._loss_n
         loss = self._loss_sum.to(device) if n else None
         if self.world > 1:
-            zero = torch.zeros((), device=device)
-            vec = torch.stack([zero if loss is None else loss, torch.full((), float(n), device=device),
-                               zero if sq is None else sq, torch.full((), float(bool(grads)), device=device)])
+            zero = torch.zeros((), device=device, dtype=torch.float64)
+            vec = torch.stack([zero if loss is None else loss.double(),
+                               torch.full((), float(n), device=device, dtype=torch.float64),
+                               zero if sq is None else sq,
+                               torch.full((), float(bool(grads)), device=device, dtype=torch.float64)])
             torch.distributed.all_reduce(vec, group=self.process_group)  # the one reduction: every rank decides alike
             if not sharded:
                 vec[2] = vec[2] / self.world  # DDP: every rank holds the same full gradient
-            value = {"loss": vec[0] / vec[1].clamp(min=1.0), "grad_norm": vec[2].sqrt()}
+            value = {"loss": (vec[0] / vec[1].clamp(min=1.0)).float(), "grad_norm": vec[2].sqrt().float()}
             have = {"loss": vec[1] > 0, "grad_norm": vec[3] > 0}
             return (torch.stack([value[s] for s in self.signals]), torch.stack([have[s] for s in self.signals]))
         # one process: which signals are present is known on the host
         zero = None
-        value = {"loss": loss if n <= 1 or loss is None else loss / n, "grad_norm": None if sq is None else sq.sqrt()}
+        value = {"loss": loss if n <= 1 or loss is None else loss / n,
+                 "grad_norm": None if sq is None else sq.sqrt().float()}
         present = [value[s] is not None for s in self.signals]
         if not all(present):
             zero = torch.zeros((), device=device)
@@ -319,11 +377,15 @@ class StabilityGuard:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-            if isinstance(loss, Tensor) and loss.is_floating_point():
-                self.observe_loss(loss)
         if self.stopped:
             self._loss_sum, self._loss_n = None, 0
             return loss
+        self._check_fresh()  # before anything changes
+        if self._step_loss is not None:
+            self.observe_loss(self._step_loss)
+            self._step_loss = None
+        if isinstance(loss, Tensor) and loss.is_floating_point():
+            self.observe_loss(loss)
         if not self._took_initial:  # the state before the first update: a rewind target from the start
             self._took_initial = True
             self._take_snapshot()
@@ -334,11 +396,20 @@ class StabilityGuard:
         values, present = self._signal_values(grads, sharded, device)
         z, event = self.detector.update(values, present)
         nonfinite = ~torch.isfinite(values) if present is None else present & ~torch.isfinite(values)
+        scaler_inf = self.optimizer.__dict__.get("found_inf")
+        if isinstance(scaler_inf, Tensor):
+            # a GradScaler found inf/NaN gradients (its fused protocol): the optimizer skips the step itself and the
+            # scaler lowers its scale. That is the scaler's routine, not a spike: no event, no count, no escalation
+            clean = scaler_inf.detach().reshape(()).to(device) == 0
+            event, nonfinite = event & clean, nonfinite & clean
         skip_mask, nonfinite_skips = self._mask(device)
         skip = ((event & ~nonfinite & skip_mask) | (nonfinite & nonfinite_skips)).any()
         forced = self._forced_skips > 0
+        requested = self._requested
+        self._requested = None
         if forced:
             self._forced_skips -= 1
+        if forced or requested is not None:
             skip = torch.ones((), dtype=torch.bool, device=device)
         original_lr = self._back_off()
         try:
@@ -348,14 +419,19 @@ class StabilityGuard:
             if original_lr is not None:
                 for group, lr in zip(self.optimizer.param_groups, original_lr):
                     group["lr"] = lr
+        self._remember_grads()
         self._loss_sum, self._loss_n = None, 0
         packed = torch.cat([torch.cat([event, nonfinite, skip.reshape(1)]).float(), z, values.float()])
         update = self.updates
         self.updates += 1
         if forced:
             self.skipped_updates += 1
-        self._enqueue(update, packed, forced)
-        self._process(final=False)
+        self._enqueue(update, packed, forced or requested is not None)
+        rewinds = self.rewinds
+        self._process(final=False if requested is None else True)
+        if requested is not None and self.rewinds == rewinds and not self.stopped:
+            self._skipped.append(update)  # not applied: the rewind undoes nothing of it
+            self._act("rewind", ["requested"], requested, update, self._index)
         return loss
 
     def _mask(self, device: torch.device) -> Tuple[Tensor, Tensor]:
@@ -456,18 +532,22 @@ class StabilityGuard:
                 signals = signals + ["persistent"]
                 detail += f"; {len(self._rewind_times) + 1} rewinds within {self.policy.rewind_window} updates"
                 action = severest([action, self.policy.action("persistent")])
-        if action == "rewind" and self.ring.latest() is None:
+        snap = self.ring.latest() if action in ("rewind", "stop") else None
+        if snap is not None and not self._fits(snap):
+            self.ring.drop_after(-1)  # none of them fits any more; a new one is taken at the next due update
+            snap = None
+            detail += "; the optimizer's parameter groups changed since the snapshots were taken (dropped)"
+        if action == "rewind" and snap is None:
             action = "skip"
-            detail += "; no snapshot to rewind to yet"
+            detail += "; no snapshot to rewind to"
         outcome = {"log": "logged (the update was applied)", "skip": "update not applied"}.get(action, "")
         if action == "rewind":
-            outcome = self._rewind_now(update, index)
+            outcome = self._rewind_now(update, index, snap)
         elif action == "stop":
             d = _stop_diagnosis(signals)
             self.stopped = True
             self.stop_reason = f"likely mechanism: {d.mechanism}; remedy: {d.remedy}"
             outcome = f"training stopped; {self.stop_reason}"
-            snap = self.ring.latest()
             if snap is not None and any(not s.startswith("warning:") for s in signals):
                 # spikes that keep coming: leave the model at its last good state, not the damaged one
                 restore(snap, self.model, self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
@@ -482,8 +562,13 @@ class StabilityGuard:
                                 "quantities": {}, "warnings": [line]})
         return action in ("rewind", "stop")
 
-    def _rewind_now(self, update: int, index: Optional[int]) -> str:
-        snap = self.ring.latest()
+    def _fits(self, snap: Dict[str, Any]) -> bool:
+        """Whether ``snap``'s optimizer state has this optimizer's parameter groups (a group added since: no)."""
+        saved = snap.get("optimizer")
+        return saved is None or [len(g["params"]) for g in saved["param_groups"]] == \
+            [len(g["params"]) for g in self.optimizer.param_groups]
+
+    def _rewind_now(self, update: int, index: Optional[int], snap: Dict[str, Any]) -> str:
         restore(snap, self.model, self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         self.detector.load_state_dict({k: v.to(self.detector.device) for k, v in snap["extra"]["detector"].items()})
         lost = self.updates - snap["update"]
@@ -517,23 +602,29 @@ class StabilityGuard:
         return f"rewound to the snapshot of update {snap['update']} ({lost} updates undone), {how}{backoff}"
 
     def _take_snapshot(self) -> None:
-        self.ring.save(capture(self.model, self.optimizer, update=self.updates, position=self._position,
-                               scheduler=self.scheduler, scaler=self.scaler,
-                               extra={"detector": self.detector.state_dict()}))
+        snap = capture(self.model, self.optimizer, update=self.updates, position=self._position,
+                       scheduler=self.scheduler, scaler=self.scaler, extra={"detector": self.detector.state_dict()})
+        try:
+            self.ring.save(snap)
+        except OSError as err:  # e.g. the directory made read-only, a full disk: the run goes on, said once a time
+            self._act("log", ["snapshot_failed"], f"the snapshot of update {self.updates} could not be written "
+                      f"({type(err).__name__}: {err}); the ring keeps the older ones", self.updates, self._index)
 
     # ------------------------------------------------------------------ user calls
     def rewind(self, reason: str = "requested") -> None:
-        """Rewind now to the last snapshot (as the ``rewind`` action does), e.g. from a user's own check.
+        """Rewind to the last snapshot (as the ``rewind`` action does), e.g. from a user's own check: at the next
+        guarded step, in place of its update. Snapshots are taken inside a step (before the loop's
+        ``scheduler.step()``), so a rewind is done inside one too: the loop's own ``scheduler.step()`` that
+        follows it then keeps the schedule exact (a rewind with no skip and no backoff = the uninterrupted run).
 
         Raises:
             ValueError: no snapshot was taken yet.
         """
         if not isinstance(reason, str):
             raise TypeError(f"reason must be a string, got {type(reason).__name__}")
-        if self.ring.latest() is None:
+        if len(self.ring) == 0:
             raise ValueError("rewind: no snapshot yet (the first is taken at the first guarded step)")
-        self._process(final=True)
-        self._act("rewind", ["requested"], reason, self.updates, self._index)
+        self._requested = reason
 
     def report(self, signal: str, detail: str) -> str:
         """Act on a signal found outside the guard (e.g. a trainer's own non-finite check, which skipped the
@@ -560,6 +651,45 @@ class StabilityGuard:
                 "undone_updates": self.undone_updates, "rewinds": self.rewinds, "stopped": self.stopped,
                 "stop_reason": self.stop_reason}
 
+    _STATE_KEYS = ("updates", "skipped_updates", "undone_updates", "rewinds", "stopped", "stop_reason", "detector",
+                   "skip_indices", "forced_skips", "backoff_left", "skip_log", "skipped", "rewind_times")
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The guard's own state, for a checkpoint: counters, the detector's statistics (on the CPU), the batches
+        it skips, the backoff and escalation windows. Not the snapshots: they are copies of what the checkpoint
+        itself holds; after `load_state_dict` the first guarded step (or ``batches``) takes a new one."""
+        self.flush()
+        return {"updates": self.updates, "skipped_updates": self.skipped_updates,
+                "undone_updates": self.undone_updates, "rewinds": self.rewinds, "stopped": self.stopped,
+                "stop_reason": self.stop_reason,
+                "detector": {k: v.cpu() for k, v in self.detector.state_dict().items()},
+                "skip_indices": sorted(self._skip_indices), "forced_skips": self._forced_skips,
+                "backoff_left": self._backoff_left, "skip_log": list(self._skip_log), "skipped": list(self._skipped),
+                "rewind_times": list(self._rewind_times)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume from `state_dict` (a killed run restarted from its checkpoint); checked first, nothing changes
+        on a ValueError. The snapshot ring is emptied: the next one is taken before the next update."""
+        if not isinstance(state, dict) or set(state) != set(self._STATE_KEYS):
+            raise ValueError(f"state must be a StabilityGuard.state_dict() (keys {', '.join(self._STATE_KEYS)})")
+        det = state["detector"]
+        if not isinstance(det, dict) or set(det) != {"buffer", "position", "count"} or \
+                tuple(det["buffer"].shape) != tuple(self.detector._buffer.shape):
+            raise ValueError("state: its detector has another shape (signals x window) than this guard's")
+        self.detector.load_state_dict({k: v.to(self.detector.device) for k, v in det.items()})
+        self.updates, self.skipped_updates = int(state["updates"]), int(state["skipped_updates"])
+        self.undone_updates, self.rewinds = int(state["undone_updates"]), int(state["rewinds"])
+        self.stopped, self.stop_reason = bool(state["stopped"]), state["stop_reason"]
+        self._skip_indices = set(state["skip_indices"])
+        self._forced_skips, self._backoff_left = int(state["forced_skips"]), int(state["backoff_left"])
+        self._skip_log = [tuple(x) for x in state["skip_log"]]
+        self._skipped, self._rewind_times = list(state["skipped"]), list(state["rewind_times"])
+        self._pending.clear()
+        self._requested, self._last_grads = None, []
+        self._loss_sum, self._loss_n = None, 0
+        self.ring.drop_after(-1)
+        self._took_initial = False
+
     def detach(self) -> None:
         """Give ``optimizer.step`` back (idempotent); handles what is still in flight first."""
         current = self.optimizer.__dict__.get("step")
@@ -583,6 +713,10 @@ def _guarded_function(guard: StabilityGuard) -> Callable:
     def step(optimizer, closure: Optional[Callable] = None, **kwargs: Any) -> Any:
         return guard._guarded_step(closure, **kwargs)
 
+    # torch.compile(optimizer.step): the guard's host side (snapshots, the policy, the log) cannot be traced;
+    # it runs eagerly (a graph break; fullgraph=True names this function as disabled) instead of failing inside
+    # dynamo on the random generators' states
+    step = torch.compiler.disable(step)
     step._stability_guard = guard
     if hasattr(guard._original_step, "_wrapped_by_lr_sched"):  # the scheduler's wrapper is still called
         step._wrapped_by_lr_sched = True

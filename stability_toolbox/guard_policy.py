@@ -20,7 +20,9 @@ A *signal* is what the guard saw; an *action* is what it does about it:
 Actions, from mild to severe: ``log`` (one line and a record, nothing changes), ``skip`` (the update is not
 applied), ``rewind`` (restore the last good snapshot, skip batches, back the learning rate off), ``stop`` (end
 the run cleanly with the diagnosis and the remedy). When one step raises several signals the most severe
-action wins. A signal the table does not name is logged.
+action wins. A signal the table does not name is logged. Two rows are restricted: ``nonfinite`` cannot be
+``log`` (the update would be applied: NaN parameters) and ``persistent`` must be ``stop`` (anything else would
+rewind without end); a row overridden otherwise is a ValueError naming it.
 
 Examples:
     >>> policy = GuardPolicy(actions={"loss_spike": "rewind"})   # override one row, keep the others
@@ -60,6 +62,13 @@ DEFAULT_ACTIONS: Dict[str, str] = {
 }
 
 
+#: rows whose action is restricted: logging a non-finite update would apply it (NaN parameters for good); a
+#: ``persistent`` that does not stop would rewind without end (the escalation exists to end that loop)
+_ALLOWED = {"nonfinite": ("skip", "rewind", "stop"), "persistent": ("stop",)}
+_WHY = {"nonfinite": "'log' would apply a non-finite update and leave NaN parameters",
+        "persistent": "anything else would rewind without end"}
+
+
 def severest(actions: Iterable[str]) -> str:
     """The most severe of ``actions`` (``'log'`` for none)."""
     return max(actions, key=ACTIONS.index, default="log")
@@ -97,6 +106,9 @@ class GuardPolicy:
                 raise ValueError(f"actions: unknown signal {signal!r}; accepted: {', '.join(SIGNALS)} or "
                                  "'warning:<quantity>'")
             checks.as_choice(f"actions[{signal!r}]", action, ACTIONS)
+            if signal in _ALLOWED and action not in _ALLOWED[signal]:
+                raise ValueError(f"actions[{signal!r}] must be one of {', '.join(_ALLOWED[signal])}, got {action!r} "
+                                 f"({_WHY[signal]})")
             table[signal] = action
         object.__setattr__(self, "actions", table)
         checks.as_int("max_skips", self.max_skips, minimum=0)

@@ -12,7 +12,10 @@ At ``on_fit_start`` the callback puts a [`StabilityGuard`][stability_toolbox.Sta
 (automatic optimization) with the first learning-rate scheduler. Lightning steps the optimizer with a closure
 that runs the forward and backward passes; the guard runs it, reads the loss it returns and the gradients, and
 decides. Lightning owns the data loader: a rewind restores the state and the next ``rewind_skip`` updates are
-skipped. When the guard stops, ``trainer.should_stop`` ends the fit and `stop_reason` says why. Unlike
+skipped. When the guard stops, ``trainer.should_stop`` ends the fit and `stop_reason` says why. The guard's
+statistics and counters go into Lightning's checkpoints (``state_dict``) and come back on resume. With
+``accumulate_grad_batches`` > 1 the loss signal is the last micro-batch's (the one whose closure runs inside the
+step); the gradient norm is the whole update's. Manual optimization is refused by name. Unlike
 Lightning's ``SpikeDetection`` (which raises and leaves a skip list for a resumed run), the run goes on.
 """
 
@@ -47,6 +50,7 @@ def _build():
             self.monitor = monitor
             self.guard_kwargs = guard_kwargs
             self.guard: Optional[StabilityGuard] = None
+            self._resumed: Optional[dict] = None
 
         @property
         def stop_reason(self) -> Optional[str]:
@@ -65,6 +69,21 @@ def _build():
                 self.guard.detach()
             self.guard = StabilityGuard(pl_module, trainer.optimizers[0], scheduler=scheduler, monitor=self.monitor,
                                         **self.guard_kwargs)
+            if self._resumed is not None:  # a checkpoint's guard state (load_state_dict came first)
+                self.guard.load_state_dict(self._resumed)
+                self._resumed = None
+
+        def state_dict(self):
+            """The guard's state (`StabilityGuard.state_dict`), saved in Lightning's checkpoints."""
+            return {} if self.guard is None else self.guard.state_dict()
+
+        def load_state_dict(self, state_dict):
+            """Resume the guard's statistics and counters from a checkpoint (applied when the guard is built)."""
+            if state_dict:
+                if self.guard is not None:
+                    self.guard.load_state_dict(state_dict)
+                else:
+                    self._resumed = state_dict
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if self.guard is not None and self.guard.stopped:

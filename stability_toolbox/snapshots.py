@@ -210,10 +210,16 @@ class SnapshotRing:
             old.unlink(missing_ok=True)
 
     def latest(self) -> Optional[Dict[str, Any]]:
-        """The newest snapshot, or None."""
+        """The newest snapshot, or None. On disk, a file that vanished (its directory deleted or cleaned) is
+        forgotten and the next newer one read: None when none is left (the guard then skips instead of rewinding)."""
         if self.directory is None:
             return self._memory[-1] if self._memory else None
-        return torch.load(self._files[-1], weights_only=False) if self._files else None
+        while self._files:
+            try:
+                return torch.load(self._files[-1], weights_only=False)
+            except FileNotFoundError:
+                self._files.pop()
+        return None
 
     def updates(self) -> List[int]:
         """The updates the stored snapshots were taken at, oldest first."""

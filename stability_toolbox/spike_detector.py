@@ -7,7 +7,8 @@ absolute deviation ``mad``:
     z = (x - med) / max(1.4826 * mad, rel_floor * |med|, abs_floor)
 
 (``1.4826 * mad`` estimates the standard deviation of normal noise; the floors keep a flat series from
-flagging a tiny rise). A value is a *spike* when ``z > threshold`` once ``warmup`` values were accepted
+flagging a tiny rise). A window whose median and MAD are both 0 (a loss or a gradient norm sitting at exactly 0)
+has no scale to judge a rise by: nothing is a spike then (non-finite values still are). A value is a *spike* when ``z > threshold`` once ``warmup`` values were accepted
 (one-sided: a falling loss is never an event), and *non-finite* when it is NaN or infinite (always an
 event). A step with an event adds nothing to the statistics, so a spike does not widen the band that
 would let the next one through. Everything runs in tensor ops on the signals' device: no value is read on
@@ -109,9 +110,10 @@ class SpikeDetector:
         buf = self._buffer
         med = buf.nanmedian(dim=1).values
         mad = (buf - med[:, None]).abs().nanmedian(dim=1).values
-        scale = torch.maximum(_MAD_TO_SIGMA * mad, self.rel_floor * med.abs()) + self.abs_floor
-        z = (x - med) / scale
-        ready = self._count >= self.warmup
+        spread = torch.maximum(_MAD_TO_SIGMA * mad, self.rel_floor * med.abs())
+        z = (x - med) / (spread + self.abs_floor)
+        # a window of exact zeros (a loss or gradient norm at 0) has no scale: any rise would score ~1e6 sigmas
+        ready = (self._count >= self.warmup) & (spread > 0)
         spike = ready & (z > self.threshold)  # NaN compares False
         nonfinite = ~torch.isfinite(x)
         event = spike | nonfinite

@@ -364,8 +364,10 @@ def test_crash_in_the_middle_of_a_rewind_keeps_the_snapshot(monkeypatch):
 
     # the model and the optimizer are restored first, then the crash
     monkeypatch.setattr(snapshots, "set_rng_state", crash)
+    guard.rewind()  # done at the next step, in place of its update
+    loss_of(model, data[12]).backward()
     with pytest.raises(RuntimeError, match="crash"):
-        guard.rewind()
+        guard.step()
     # the stored snapshot is intact, and nothing of the live state aliases it
     assert all(torch.equal(kept[k], v) for k, v in guard.ring.latest()["model"].items())
     assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())  # it was restored before the crash
@@ -493,3 +495,378 @@ def test_cuda_steps_without_events_do_not_synchronize():
         opt.zero_grad()
     guard.flush()
     assert [(e["update"], e["action"]) for e in guard.events] == [(BAD, "skip")]
+
+
+# ---------------------------------------------------------------- adversarial review (each test a defect found)
+
+
+def plain_run(data, make_opt, dropout=0.0, seed=3, sched=None):
+    """The unguarded reference: every batch, once, in order."""
+    model = make_model(dropout)
+    opt = make_opt(model.parameters())
+    s = sched(opt) if sched else None
+    torch.manual_seed(seed)
+    for batch in data:
+        loss_of(model, batch).backward()
+        opt.step()
+        if s:
+            s.step()
+        opt.zero_grad()
+    return model, opt, s
+
+
+def test_rewind_to_the_first_snapshot_replays_batch_zero():
+    """The snapshot before any update is taken before batch 0 is read (position 0, its random state): a rewind to
+    it replays batch 0 too and equals the uninterrupted run (was: position 1, batch 0 lost)."""
+    data = make_data(poison=False)[:8]
+    model = make_model(dropout=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    guard = StabilityGuard(model, opt, snapshot_every=100, rewind_skip=0, backoff=1.0)
+    torch.manual_seed(3)
+    seen = []
+    for i, batch in guard.batches(data):
+        seen.append(i)
+        loss = loss_of(model, batch)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        if i == 3 and guard.rewinds == 0 and not guard._requested:
+            guard.rewind()
+    assert seen == [0, 1, 2, 3, 4] + list(range(8)) and guard.rewinds == 1
+    ref, ref_opt, _ = plain_run(data, lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), dropout=0.2)
+    assert_same_run(model, opt, ref, ref_opt)
+
+
+@pytest.mark.parametrize("kind", ["lambda", "onecycle", "sequential"])
+def test_user_rewind_with_schedulers_is_exact(kind):
+    """rewind() called in the loop after scheduler.step() (was: done at once, the restored schedule one step behind
+    the replay); two param groups with their own learning rates."""
+    def make_opt(ps):
+        ps = list(ps)
+        return torch.optim.SGD([{"params": ps[:2], "lr": 0.1}, {"params": ps[2:], "lr": 0.01}], lr=0.1, momentum=0.9)
+
+    def make_sched(o):
+        if kind == "lambda":
+            return torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1 / (1 + k))
+        if kind == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.1, 0.01], total_steps=40)
+        return torch.optim.lr_scheduler.SequentialLR(o, [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=5),
+                                                         torch.optim.lr_scheduler.ExponentialLR(o, 0.9)], [5])
+    data = make_data(poison=False)[:20]
+    model = make_model()
+    opt = make_opt(model.parameters())
+    sched = make_sched(opt)
+    guard = StabilityGuard(model, opt, scheduler=sched, snapshot_every=5, rewind_skip=0, backoff=1.0)
+    torch.manual_seed(3)
+    for i, batch in guard.batches(data):
+        loss = loss_of(model, batch)
+        loss.backward()
+        guard.step(loss)
+        sched.step()
+        opt.zero_grad()
+        if i == 12 and guard.rewinds == 0 and not guard._requested:
+            guard.rewind()
+    assert guard.rewinds == 1
+    ref, ref_opt, ref_sched = plain_run(data, make_opt, sched=make_sched)
+    assert_same_run(model, opt, ref, ref_opt)
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref_opt.param_groups]
+
+
+def test_backoff_ends_on_the_scheduled_learning_rate():
+    """A rewind with backoff under LambdaLR and two groups: the backed-off updates use x0.5 of the schedule's
+    learning rate, the later ones the schedule's own (not a stale or backed-off one)."""
+    data = make_data(poison=False)[:20]
+    data[12] = (data[12][0] * float("nan"), data[12][1])
+    model = make_model()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[3].parameters(), "lr": 0.01}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k))
+    applied = []
+    opt.register_step_pre_hook(lambda o, a, k: applied.append([g["lr"] for g in o.param_groups]))
+    guard = StabilityGuard(model, opt, scheduler=sched, policy=GuardPolicy(actions={"nonfinite": "rewind"}),
+                           snapshot_every=5, rewind_skip=1, backoff=0.5, backoff_updates=3, decide_on_host=False)
+    for i, batch in guard.batches(data):
+        loss = loss_of(model, batch)
+        loss.backward()
+        guard.step(loss)
+        sched.step()
+        opt.zero_grad()
+    # updates 0..12 (12 rewound to the snapshot of update 10), then 10 replayed, 11 (the batch before the event)
+    # and 12 skipped, 13..19: 8 updates, scheduled as updates 10..17
+    scheduled = [[0.1 / (1 + k), 0.01 / (1 + k)] for k in range(40)]
+    assert len(applied) == 13 + 8
+    for j, lrs in enumerate(applied[13:]):
+        factor = 0.5 if j < 3 else 1.0
+        assert lrs == pytest.approx([x * factor for x in scheduled[10 + j]], rel=1e-12)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(scheduled[18], rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [dict(actions={"nonfinite": "log"}), dict(actions={"persistent": "rewind"}),
+                                    dict(actions={"persistent": "skip"})])
+def test_policy_refuses_rows_that_poison_or_loop(kwargs):
+    """nonfinite=log would apply a NaN update; persistent other than stop would rewind without end."""
+    with pytest.raises(ValueError, match=r"actions\['(nonfinite|persistent)'\] must be one of"):
+        GuardPolicy(**kwargs)
+    assert GuardPolicy(actions={}).actions == GuardPolicy().actions  # an empty table keeps the defaults
+
+
+def test_disk_ring_deleted_directory_skips_instead_of_crashing(tmp_path):
+    import shutil
+    model, data = make_model(), make_data(poison=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = StabilityGuard(model, opt, snapshot_every=2, snapshot_dir=tmp_path / "snaps")
+    for i, batch in guard.batches(data[:5]):
+        loss = loss_of(model, batch)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        if i == 3:
+            shutil.rmtree(tmp_path / "snaps")
+            guard.rewind()
+    assert [e["action"] for e in guard.events] == ["skip"] and "no snapshot to rewind to" in guard.events[0]["line"]
+    assert guard.ring.updates() == []
+
+
+def test_disk_ring_read_only_directory_keeps_the_run_going(tmp_path, monkeypatch):
+    """A snapshot that cannot be written (read-only directory: atomic_write's PermissionError, simulated so that
+    it holds under root too) is one logged event; the run goes on (was: the exception out of optimizer.step)."""
+    model, data = make_model(), make_data(poison=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = StabilityGuard(model, opt, snapshot_every=2, snapshot_dir=tmp_path / "snaps")
+
+    def read_only(*a, **k):
+        raise PermissionError("its directory is read-only")
+    monkeypatch.setattr(guard.ring, "save", read_only)
+    for i, batch in guard.batches(data[:5]):
+        loss = loss_of(model, batch)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    assert guard.updates == 5 and {e["action"] for e in guard.events} == {"log"}
+    assert all(e["signals"] == ["snapshot_failed"] for e in guard.events)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_grad_scaler_overflow_is_not_a_guard_event(fused):
+    """A GradScaler's overflow steps (its fused found_inf protocol) are the scaler's: no event, no escalation to a
+    rewind that would also undo the scale's calibration; the guarded run equals the unguarded one, scale included."""
+    data = make_data(poison=False)[:16]
+    runs = []
+    for guarded in (True, False):
+        model = make_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+        guard = StabilityGuard(model, opt, scaler=scaler, window=16, warmup=4) if guarded else None
+        for i, batch in enumerate(data):
+            loss = loss_of(model, batch)
+            if 2 <= i <= 6:
+                loss = loss * 1e30  # overflows under the scale: the scaler skips and backs its scale off
+            scaler.scale(loss).backward()
+            if guarded:
+                guard.observe_loss(loss)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        runs.append((model, opt, scaler.get_scale()))
+        if guarded:
+            assert guard.events == [] and guard.skipped_updates == 0
+    assert runs[0][2] == runs[1][2] < 2.0 ** 40
+    assert_same_run(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+
+
+def test_forward_only_skips_are_used_once_not_every_epoch():
+    model, data = make_model(), make_data(poison=False)[:10]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = StabilityGuard(model, opt, snapshot_every=2, rewind_skip=3)
+    epochs = []
+    for epoch in range(2):
+        seen = []
+        for i, batch in guard.batches(iter(data)):
+            seen.append(i)
+            loss = loss_of(model, batch)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            if epoch == 0 and i == 4:
+                guard.rewind()
+        epochs.append(seen)
+    assert epochs == [[0, 1, 2, 3, 4, 5, 9], list(range(10))]
+
+
+def test_map_style_dataset_is_replayed():
+    class Dataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            if i >= 6:
+                raise IndexError(i)
+            return make_data(poison=False)[i]
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = StabilityGuard(model, opt, snapshot_every=2, rewind_skip=0, backoff=1.0)
+    seen = []
+    for i, batch in guard.batches(Dataset()):
+        seen.append(i)
+        loss = loss_of(model, batch)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        if i == 2 and not guard.rewinds and not guard._requested:
+            guard.rewind()
+    assert seen == [0, 1, 2, 3, 2, 3, 4, 5]  # rewound at update 3 to the snapshot of update 2 (position 2)
+    with pytest.raises(TypeError, match="source"):
+        next(guard.batches({"a": 1}))
+
+
+@pytest.mark.parametrize("values", [[0.0] * 40 + [1e-4, 1e-3], [2.0] * 40 + [2.01]])
+def test_flat_series_are_no_spikes(values):
+    """A loss sitting at exactly 0 has no scale (was: 1e-4 scored 100 sigmas); a constant loss has its 2% floor."""
+    det = SpikeDetector(("loss",), window=32, warmup=4)
+    events = [bool(det.update(torch.tensor([v]))[1][0]) for v in values]
+    assert not any(events)
+    assert bool(det.update(torch.tensor([float("nan")]))[1][0])
+
+
+def test_fast_decreasing_and_huge_losses():
+    """128 updates of a fast-falling loss: no event; then one huge but finite batch is skipped, and a gradient
+    that is inf in one parameter only is skipped exactly (the other parameters untouched)."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = StabilityGuard(model, opt)
+    w = torch.randn(8, 1)
+    losses = []
+    for step in range(128):
+        x = torch.randn(32, 8)
+        loss = (model(x) - x @ w).pow(2).mean()
+        losses.append(float(loss.detach()))
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    assert guard.events == [] and losses[-1] < 0.01 * losses[0]
+    x = torch.randn(32, 8) * 1e6
+    loss = (model(x) - x @ w).pow(2).mean()
+    loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    guard.step(loss)
+    opt.zero_grad()
+    assert guard.events[-1]["action"] == "skip" and math.isfinite(float(loss))
+    loss = (model(x[:1] * 1e-6) - x[:1] @ w * 1e-6).pow(2).mean()
+    loss.backward()
+    model.bias.grad.fill_(float("inf"))
+    guard.step(loss)
+    assert "nonfinite" in guard.events[-1]["signals"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_step_twice_on_the_same_gradients_is_refused():
+    model, data = make_model(), make_data(poison=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = StabilityGuard(model, opt)
+    loss = loss_of(model, data[0])
+    loss.backward()
+    guard.step(loss)
+    state = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="step: called again"):
+        guard.step(loss)
+    with pytest.raises(ValueError, match="step: called again"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(state, model.parameters())) and guard.updates == 1
+    assert guard._loss_n == 0
+    for set_to_none in (True, False):  # a new backward (either zero_grad) is a new update
+        opt.zero_grad(set_to_none=set_to_none)
+        loss = loss_of(model, data[1])
+        loss.backward()
+        guard.step(loss)
+    assert guard.updates == 3
+
+
+def test_step_after_stop_raises_guard_stopped():
+    from stability_toolbox.guard import GuardStopped
+    model, data = make_model(), make_data(poison=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mon = FakeMonitor()
+    guard = StabilityGuard(model, opt, monitor=mon)
+    mon.warnings.append({"quantity": "grad_ratio", "message": "grad_ratio fell"})
+    loss_of(model, data[0]).backward()
+    guard.step()
+    assert guard.stopped
+    with pytest.raises(GuardStopped, match="admin_torch"):
+        guard.step(loss_of(model, data[1]))
+
+
+def test_param_group_added_after_the_snapshot_skips_then_rewinds_again():
+    model, data = make_model(), make_data(poison=False)
+    opt = torch.optim.SGD(list(model[0].parameters()), lr=1e-2)
+    guard = StabilityGuard(model, opt, snapshot_every=2)
+
+    def one(i):
+        loss = loss_of(model, data[i])
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    one(0)
+    opt.add_param_group({"params": list(model[3].parameters()), "lr": 1e-3})
+    guard.rewind()
+    one(1)
+    assert guard.events[-1]["action"] == "skip" and "parameter groups changed" in guard.events[-1]["line"]
+    one(2)
+    one(3)  # a snapshot of the new layout at update 2 (updates: 0, 1 skipped, 2, 3)
+    guard.rewind()
+    one(4)
+    assert guard.events[-1]["action"] == "rewind" and guard.rewinds == 1
+
+
+def test_state_dict_resumes_a_killed_run():
+    """Checkpoint model, optimizer and guard at update 15, 'kill', resume in new objects: the detector's
+    statistics come back, so the poisoned batch 20 is skipped as in the uninterrupted guarded run, bit for bit."""
+    data = make_data()
+
+    def fresh():
+        m = make_model()
+        o = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        return m, o, StabilityGuard(m, o, **GUARD)
+
+    def train(m, o, g, start, stop):
+        for i, batch in g.batches(data[:stop], start=start):
+            loss = loss_of(m, batch)
+            loss.backward()
+            g.step(loss)
+            o.zero_grad()
+    m1, o1, g1 = fresh()
+    train(m1, o1, g1, 0, N_BATCHES)
+    m2, o2, g2 = fresh()
+    train(m2, o2, g2, 0, 15)
+    ckpt = {"model": m2.state_dict(), "opt": o2.state_dict(), "guard": g2.state_dict()}
+    m3, o3, g3 = fresh()
+    with pytest.raises(ValueError, match="state"):
+        g3.load_state_dict({"updates": 3})
+    assert g3.updates == 0
+    m3.load_state_dict(ckpt["model"])
+    o3.load_state_dict(ckpt["opt"])
+    g3.load_state_dict(ckpt["guard"])
+    train(m3, o3, g3, 15, N_BATCHES)
+    assert [(e["update"], e["action"]) for e in g3.events] == [(e["update"], e["action"]) for e in g1.events]
+    assert g3.summary() == g1.summary()
+    assert_same_run(m1, o1, m3, o3)
+
+
+def test_compiled_optimizer_step_runs_the_guard_eagerly():
+    """torch.compile(opt.step) with the guard: the guard runs (eagerly: its host side is not traced) and skips the
+    poisoned batch as the eager guarded run does, bit for bit (was: a dynamo error on the generators' states)."""
+    runs = []
+    for compiled in (True, False):
+        model, data = make_model(), make_data()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        guard = StabilityGuard(model, opt, **GUARD)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for i, batch in guard.batches(data):
+            loss = loss_of(model, batch)
+            loss.backward()
+            guard.observe_loss(loss)
+            step()
+            opt.zero_grad()
+        assert [(e["update"], e["action"]) for e in guard.events] == [(BAD, "skip")]
+        runs.append((model, opt))
+    assert_same_run(*runs[0], *runs[1])

@@ -141,3 +141,82 @@ def test_lightning_callback_bad_arguments(pl):
 
     with pytest.raises(ValueError, match="window"):
         StabilityGuardLightning(window=1)
+
+
+@pytest.mark.slow
+def test_real_monitor_deep_post_ln_stops_the_guard_with_admin_remedy(tmp_path, shared_data):
+    """The real StabilityMonitor on the stability grid's deep Post-LN setting (Multi30k, seed 2: it warns on
+    grad_ratio at update 20) drives the guard: the run stops cleanly with the admin_torch remedy, one update after
+    the warning (the monitor's warning comes at the end of its step, after the guarded update)."""
+    import torch.nn.functional as F
+
+    from benchmarks import stability_grid as sg
+    from stability_toolbox import StabilityMonitor
+    from stability_toolbox.guard import GuardStopped, StabilityGuard
+
+    torch.set_num_threads(1)
+    train, _ = sg.load_data()
+    settings = dict(kind="post_ln", depth=12, lr=2e-3)
+    model = sg.build(settings, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(1002)
+    mon = StabilityMonitor(model, tmp_path, every=10, tensorboard=False, heatmaps=False)
+    guard = StabilityGuard(model, opt, monitor=mon)
+    for step in range(23):
+        for g in opt.param_groups:
+            g["lr"] = sg.lr_at(step, settings["lr"], 40, 21)
+        starts = torch.randint(0, train.numel() - sg.SEQ - 1, (sg.BATCH,), generator=gen)
+        batch = torch.stack([train[s:s + sg.SEQ + 1] for s in starts.tolist()])
+        if guard.stopped:
+            with pytest.raises(GuardStopped):
+                guard.step()
+            break
+        with mon.step() as s:
+            logits = model(batch[:, :-1])
+            mon.observe_logits(logits)
+            loss = F.cross_entropy(logits.reshape(-1, sg.VOCAB), batch[:, 1:].reshape(-1))
+            loss.backward()
+            mon.capture_grads()
+            guard.step(loss)
+            opt.zero_grad(set_to_none=True)
+            s.loss = loss.detach()
+    mon.close()
+    assert guard.stopped and guard.updates == 22 and step == 22
+    assert guard.events[-1]["signals"] == ["warning:grad_ratio"] and guard.events[-1]["action"] == "stop"
+    assert "admin_torch.convert" in guard.stop_reason
+
+
+@pytest.mark.slow
+def test_lightning_accumulation_checkpoint_resume_and_manual_refusal(pl, tmp_path):
+    """accumulate_grad_batches=2: the poisoned micro-batch's update (forward call 20 -> update 10) is skipped;
+    the guard's state rides in Lightning's checkpoint and comes back on resume; manual optimization is refused."""
+    from stability_toolbox.lightning_callback import StabilityGuardLightning
+
+    class Module(pl.LightningModule):
+        def __init__(self, manual=False):
+            super().__init__()
+            self.net = Regression()
+            self.automatic_optimization = not manual
+
+        def training_step(self, batch, batch_idx):
+            return self.net.loss(batch["x"], batch["y"])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def fit(module, cb, steps, ckpt=None, accumulate=2):
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[cb], accumulate_grad_batches=accumulate,
+                             default_root_dir=tmp_path, enable_checkpointing=False)
+        trainer.fit(module, torch.utils.data.DataLoader(Data(), batch_size=2), ckpt_path=ckpt)
+        return trainer
+    torch.manual_seed(0)
+    cb = StabilityGuardLightning(**GUARD)
+    trainer = fit(Module(), cb, 15)
+    assert [(e["update"], e["action"]) for e in cb.guard.events] == [(10, "skip")]
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    cb2 = StabilityGuardLightning(**GUARD)
+    fit(Module(), cb2, 16, ckpt=tmp_path / "c.ckpt")
+    assert cb2.guard.updates == 16 and cb2.guard.skipped_updates == 1
+    with pytest.raises(ValueError, match="automatic_optimization"):
+        fit(Module(manual=True), StabilityGuardLightning(**GUARD), 2, accumulate=1)
