@@ -246,6 +246,12 @@ def first_alarm(stream: Mapping[str, Sequence[float]], rules: Optional[Sequence[
     return ws[0] if ws else None
 
 
-#: the default rules (set by ``python -m benchmarks.foresight analyze`` on the calibration seeds; see
-#: results/monitor/foresight.md)
-DEFAULT_SIGNAL_RULES: tuple = ()
+#: the default rules, set by ``python -m benchmarks.foresight analyze`` on its calibration seed (seed 1) only:
+#: the smallest layer's gradient RMS (in Adam's epsilon) falling to a quarter of its level over the 20 updates
+#: before the last 6, for 3 updates in a row (Wortsman et al. 2023's signal: the gradient shrinking towards
+#: epsilon; here it falls when the lower layers of a deep Post-LN stack stop learning and when a high learning
+#: rate breaks a qk-normed LM). Hit, lead and false-alarm rates on the evaluation seeds and on models it was
+#: not calibrated on: results/monitor/foresight.md.
+DEFAULT_SIGNAL_RULES: tuple = (
+    SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, smooth=3, persist=3, start=20),
+)

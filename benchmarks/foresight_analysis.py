@@ -1,0 +1,471 @@
+"""Scoring the foresight grid: onsets, the detectors (ours and the peers'), calibration, the head-to-head table.
+
+``python -m benchmarks.foresight analyze [--work DIR]`` calls `analyze`, which writes
+``results/monitor/foresight.md`` and ``foresight.json``.
+
+* **Failed**: final validation loss > 1.05 x the best of its group (same seed); *stable* otherwise.
+* **Onset** (`own_onset`, on the run's own smoothed loss, mean of 10 updates): the first update ``u >= 10``
+  from which the loss stays above ``1.05 x`` its running minimum (over updates before ``u``) for the next
+  20 updates (a rise), or the first ``u >= 20`` from which it improves by less than 1% over the next 50
+  updates while its twin improves by more than 5% over the same updates (a stall); the earlier of the two.
+  A failed run with neither is scored against its twin separation.
+* **Twin separation**: `benchmarks.stability_grid.separation` against the group's best run.
+* **Lead** = onset - first alarm (updates). A *hit* warns with lead >= 5; *late*: warned with lead < 5;
+  *missed*: no alarm. A *false alarm*: any alarm on a stable run.
+
+Detectors, all on the same recorded streams (one value per update):
+
+* ``ours``: `stability_toolbox.signal_detector` with the rules calibrated here on the calibration seeds;
+* ``monitor DEFAULT_RULES``: the monitor's per-layer rules on its records (every 10 updates);
+* ``trainscope CUSUM`` / ``trainscope z-score``: trainscope 1.8.1's ``ChangePointDetector`` (its default)
+  and ``ZScoreDetector`` with their default settings, fed the loss (the installed package; its source's
+  algorithm re-implemented here when it is not installed);
+* ``trainscope kurtosis`` / ``trainscope grad-norm``: trainscope's ``analysis.first_crossing_step`` (median +
+  3 x 1.4826 MAD of the first 40 updates, crossed 3 updates in a row) on the largest layer activation
+  kurtosis / the gradient norm;
+* ``loss z>6/128``, ``grad-norm z>6/128``: OLMo-core ``SkipStepAdamW``'s documented rule (z-score against
+  the previous 128 updates, sigma factor 6); ``loss z>3/50``, ``grad-norm z>3/50``: plain z-scores.
+"""
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from benchmarks import stability_grid as sg
+
+FAIL_REL = 0.05
+SMOOTH = 10
+RISE_HOLD = 20
+STALL_SPAN = 50
+HIT_LEAD = 5
+#: the per-update signals the monitor itself keeps (record["updates"])
+MONITOR_STREAM = ("loss", "grad_norm", "grad_rms_eps_min", "log_z_rms")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _num(v):
+    if isinstance(v, str):
+        return {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.get(v, v)
+    if isinstance(v, list):
+        return [_num(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _num(x) for k, x in v.items()}
+    return v
+
+
+def load_runs(work: Path) -> Dict[str, dict]:
+    """``{run name: result}`` of every finished run in ``work`` (non-finite values back as floats)."""
+    runs = {}
+    for f in sorted(Path(work).glob("*__s*.json")):
+        r = json.loads(f.read_text())
+        r["signals"] = _num(r["signals"])
+        r["monitor"] = _num(r.get("monitor", []))
+        derive_signals(r["signals"])
+        runs[f.stem] = r
+    return runs
+
+
+def derive_signals(s: dict) -> None:
+    """Signals computed from the recorded ones: ``linear_rms_gmean`` (geometric mean over the linears of
+    their output RMS), when absent."""
+    if "linear_rms_gmean" not in s and s.get("linear_rms"):
+        out = []
+        for row in s["linear_rms"]:
+            xs = [x for x in row if isinstance(x, float) and math.isfinite(x) and x > 0]
+            out.append(math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan"))
+        s["linear_rms_gmean"] = out
+
+
+# ----------------------------------------------------------------------------- onsets
+
+def smooth(xs: Sequence[float], k: int = SMOOTH) -> List[float]:
+    return sg.smooth(list(xs), k)
+
+
+def rise_onset(losses: Sequence[float]) -> Optional[int]:
+    """First ``u >= SMOOTH`` from which the smoothed loss stays > 1.05 x its minimum before ``u`` for
+    ``RISE_HOLD`` updates (or to the end of the run)."""
+    sm = smooth(losses)
+    best = sm[0]
+    for u in range(1, len(sm)):
+        if u >= SMOOTH:
+            end = min(u + RISE_HOLD, len(sm))
+            if end - u >= min(RISE_HOLD, 5) and all(sm[t] > (1 + FAIL_REL) * best for t in range(u, end)):
+                return u
+        best = min(best, sm[u])
+    return None
+
+
+def stall_onset(losses: Sequence[float], twin: Optional[Sequence[float]]) -> Optional[int]:
+    """First ``u >= 20`` from which the smoothed loss improves by < 1% over the next ``STALL_SPAN`` updates
+    while the twin's improves by > 5% over the same updates, the run being behind its twin at ``u`` already."""
+    if twin is None:
+        return None
+    a, b = smooth(losses), smooth(twin)
+    for u in range(20, min(len(a), len(b)) - STALL_SPAN):
+        best_before = min(a[: u + 1])
+        # behind its twin already (a run identical to its twin up to an injection has not stalled yet)
+        if a[u] > b[u] * 1.005 and min(a[u: u + STALL_SPAN + 1]) > best_before * 0.99 \
+                and b[u + STALL_SPAN] < b[u] * (1 - FAIL_REL):
+            return u
+    return None
+
+
+def own_onset(losses: Sequence[float], twin: Optional[Sequence[float]]) -> Optional[int]:
+    """The earlier of `rise_onset` and `stall_onset` (None: neither)."""
+    xs = [x for x in (rise_onset(losses), stall_onset(losses, twin)) if x is not None]
+    return min(xs) if xs else None
+
+
+# ----------------------------------------------------------------------------- the peers' detectors
+
+def _trainscope():
+    try:
+        from trainscope.analysis import first_crossing_step
+        from trainscope.core.detectors import ChangePointDetector, ZScoreDetector
+        return ChangePointDetector, ZScoreDetector, first_crossing_step
+    except ImportError:  # pragma: no cover - the package is in the Makefile's install list
+        return None
+
+
+def _clean(xs: Sequence[float], big: float = 1e9) -> List[float]:
+    return [x if isinstance(x, (int, float)) and math.isfinite(x) else big for x in xs]
+
+
+def first_call(det, xs: Sequence[float]) -> Optional[int]:
+    """The first index at which ``det.update(x)`` returns a score (trainscope's spike), or None."""
+    for i, x in enumerate(_clean(xs)):
+        if det.update(x) is not None:
+            return i
+    return None
+
+
+def cusum_reimpl(xs: Sequence[float], threshold=6.0, slack=1.0, window=200, min_obs=30) -> Optional[int]:
+    """trainscope 1.8.1 ``ChangePointDetector`` (its source: two-sided Page CUSUM on median/MAD z-scores)."""
+    hist: List[float] = []
+    pos = neg = 0.0
+    for i, x in enumerate(_clean(xs)):
+        if len(hist) < min_obs:
+            hist.append(x)
+            continue
+        med = statistics.median(hist)
+        sd = max(statistics.median([abs(h - med) for h in hist]) * 1.4826, 1e-12)
+        z = (x - med) / sd
+        pos, neg = max(0.0, pos + z - slack), min(0.0, neg + z + slack)
+        hist.append(x)
+        hist = hist[-window:]
+        if pos >= threshold or abs(neg) >= threshold:
+            return i
+    return None
+
+
+def zscore_alarm(xs: Sequence[float], threshold: float, window: int, min_obs: int = 20) -> Optional[int]:
+    """First update whose value is > ``threshold`` standard deviations above the mean of the previous
+    ``window`` values (at least ``min_obs`` of them); a non-finite value alarms at once."""
+    for i, x in enumerate(xs):
+        if not math.isfinite(x):
+            return i if i >= min_obs else None
+        past = [v for v in xs[max(0, i - window): i] if math.isfinite(v)]
+        if len(past) < min_obs:
+            continue
+        mu = statistics.fmean(past)
+        sd = statistics.pstdev(past)
+        if sd > 0 and (x - mu) / sd > threshold:
+            return i
+    return None
+
+
+def crossing_reimpl(xs: Sequence[float]) -> Optional[int]:
+    """trainscope 1.8.1 ``analysis.first_crossing_step``: median + 3 x 1.4826 MAD of the first 40 values,
+    exceeded 3 updates in a row."""
+    if len(xs) < 50:
+        return None
+    base = list(xs[:40])
+    med = sorted(base)[20]
+    mad = sorted(abs(v - med) for v in base)[20]
+    thr = med + 3.0 * mad * 1.4826
+    run = 0
+    for i in range(40, len(xs)):
+        run = run + 1 if math.isfinite(xs[i]) and xs[i] > thr else 0
+        if run >= 3:
+            return i - run + 1
+    return None
+
+
+def peer_detectors() -> Dict[str, Callable[[dict], Optional[int]]]:
+    """``{name: run -> first alarm update or None}`` of the peers' detectors."""
+    ts = _trainscope()
+    installed = ts is not None
+
+    def ts_cusum(r):
+        return first_call(ts[0](), r["signals"]["loss"]) if installed else cusum_reimpl(r["signals"]["loss"])
+
+    def ts_z(r):
+        if installed:
+            return first_call(ts[1](), r["signals"]["loss"])
+        return None
+
+    def crossing(signal):
+        def f(r):
+            xs = _clean(r["signals"][signal], 0.0)
+            return ts[2](xs) if installed else crossing_reimpl(xs)
+        return f
+
+    tag = "" if installed else " (re-implemented)"
+    out = {f"trainscope CUSUM (loss){tag}": ts_cusum,
+           f"trainscope kurtosis crossing{tag}": crossing("act_kurtosis_max"),
+           f"trainscope grad-norm crossing{tag}": crossing("grad_norm")}
+    if installed:
+        out["trainscope z-score (loss)"] = ts_z
+    out.update({
+        "loss z>6/128 (OLMo-core)": lambda r: zscore_alarm(r["signals"]["loss"], 6.0, 128),
+        "grad-norm z>6/128 (OLMo-core)": lambda r: zscore_alarm(r["signals"]["grad_norm"], 6.0, 128),
+        "loss z>3/50": lambda r: zscore_alarm(r["signals"]["loss"], 3.0, 50),
+        "grad-norm z>3/50": lambda r: zscore_alarm(r["signals"]["grad_norm"], 3.0, 50),
+    })
+    return out
+
+
+def monitor_default(r: dict) -> Optional[int]:
+    """The monitor's ``DEFAULT_RULES`` replayed on its records (logged every 10 updates)."""
+    from stability_toolbox import DEFAULT_RULES
+    from stability_toolbox.warning_rules import first_warning
+
+    w = first_warning(r["monitor"], DEFAULT_RULES)
+    return None if w is None else w["step"]
+
+
+# ----------------------------------------------------------------------------- judging
+
+def judge(runs: Dict[str, dict]) -> List[dict]:
+    """One row per run: group, role, seed, failed, onset, separation (no detector yet)."""
+    rows = []
+    for name, r in runs.items():
+        group, seed = r["group"], r["seed"]
+        peers = {n: p for n, p in runs.items() if p["group"] == group and p["seed"] == seed}
+        def vl(p):
+            v = p["valid_loss"]
+            return v if isinstance(v, float) and math.isfinite(v) else 1e9
+        ref_name = min(peers, key=lambda n: vl(peers[n]))
+        ref = peers[ref_name]
+        failed = vl(r) > vl(ref) * (1 + FAIL_REL)
+        twin = next((p for p in peers.values() if p["role"] == "twin"), None)
+        twin_losses = twin["signals"]["loss"] if twin is not None and twin is not r else ref["signals"]["loss"]
+        onset = own_onset(r["signals"]["loss"], twin_losses) if failed else None
+        sep = sg.separation(r["signals"]["loss"], ref["signals"]["loss"]) if failed else None
+        rows.append({"run": name, "group": group, "variant": r["variant"], "role": r["role"], "seed": seed,
+                     "valid_loss": r["valid_loss"], "ref": ref["variant"], "ref_valid_loss": ref["valid_loss"],
+                     "failed": failed, "onset": onset, "separation": sep,
+                     "reference_update": onset if onset is not None else sep})
+    return rows
+
+
+def score(rows: List[dict], alarms: Dict[str, Optional[int]]) -> Dict[str, object]:
+    """Counts over ``rows`` for one detector (``alarms``: run -> first alarm update)."""
+    failing = [r for r in rows if r["failed"]]
+    stable = [r for r in rows if not r["failed"]]
+    hits = late = missed = 0
+    leads, sep_leads = [], []
+    for r in failing:
+        a = alarms.get(r["run"])
+        if a is None or r["reference_update"] is None:
+            missed += a is None
+            late += a is not None
+            continue
+        lead = r["reference_update"] - a
+        leads.append(lead)
+        if r["separation"] is not None:
+            sep_leads.append(r["separation"] - a)
+        if lead >= HIT_LEAD:
+            hits += 1
+        else:
+            late += 1
+    fa = sum(alarms.get(r["run"]) is not None for r in stable)
+    return {"failing": len(failing), "hits": hits, "late": late, "missed": missed, "stable": len(stable),
+            "false_alarms": fa, "median_lead": statistics.median(leads) if leads else None,
+            "median_sep_lead": statistics.median(sep_leads) if sep_leads else None}
+
+
+# ----------------------------------------------------------------------------- calibration of our rules
+
+#: (signal, direction) candidates for a rule, and the factors tried on the calibration seeds
+TEMPLATES = (("grad_ratio_min", "falling"), ("grad_norm", "rising"), ("grad_rms_eps", "falling"),
+             ("grad_rms_eps_min", "falling"), ("update_ratio", "rising"), ("log_z_rms", "rising"),
+             ("log_z_mean", "rising"), ("attn_logit_max", "rising"), ("attn_entropy_min", "falling"),
+             ("linear_rms_max", "rising"), ("linear_rms_gmean", "rising"), ("act_kurtosis_max", "rising"),
+             ("adam_v_rms", "rising"), ("adam_v_max", "rising"), ("loss", "rising"))
+FACTORS = (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
+#: the rule shapes tried: a long baseline, and a short one that can fire earlier in a run
+RULE_SHAPES = (dict(baseline=50, lag=10, smooth=3, persist=3, start=20),
+               dict(baseline=20, lag=5, smooth=3, persist=3, start=20))
+
+
+def _alarms(runs: Dict[str, dict], names: Sequence[str], rules) -> Dict[str, Optional[int]]:
+    from stability_toolbox.signal_detector import first_alarm
+
+    out = {}
+    for n in names:
+        w = first_alarm(runs[n]["signals"], rules)
+        out[n] = None if w is None else w["update"]
+    return out
+
+
+def calibrate(runs: Dict[str, dict], rows: List[dict], seeds: Sequence[int], exclude_groups=frozenset()):
+    """Our rules, set on the runs of ``seeds`` only: per template the smallest factor of `FACTORS` with no
+    alarm on a stable calibration run, then one notch higher (a margin); the templates kept greedily by the
+    failing calibration runs they warn >= 5 updates ahead. Returns ``(rules, log)``."""
+    from stability_toolbox.signal_detector import SignalRule
+
+    cal = [r for r in rows if r["seed"] in seeds and r["group"] not in exclude_groups]
+    stable = [r["run"] for r in cal if not r["failed"]]
+    failing = [r for r in cal if r["failed"] and r["reference_update"] is not None]
+    log, candidates = [], []
+    for signal, direction in TEMPLATES:
+        if not all(signal in runs[r["run"]]["signals"] for r in cal):
+            continue
+        for shape in RULE_SHAPES:
+            chosen = None
+            for i, f in enumerate(FACTORS):
+                rule = SignalRule(signal, f, direction, **shape)
+                if not any(v is not None for v in _alarms(runs, stable, [rule]).values()):
+                    chosen = FACTORS[min(i + 1, len(FACTORS) - 1)]
+                    break
+            tag = f"{signal} ({direction}, baseline {shape['baseline']})"
+            if chosen is None:
+                log.append(f"{tag}: alarms on a stable calibration run at every factor; dropped")
+                continue
+            rule = SignalRule(signal, chosen, direction, **shape)
+            al = _alarms(runs, [r["run"] for r in failing], [rule])
+            early = {r["run"] for r in failing
+                     if al[r["run"]] is not None and r["reference_update"] - al[r["run"]] >= HIT_LEAD}
+            log.append(f"{tag}: factor {chosen:g}; early on {len(early)}/{len(failing)} failing calibration runs")
+            candidates.append((rule, early))
+    kept, covered = [], set()
+    for rule, early in sorted(candidates, key=lambda c: -len(c[1])):
+        if early - covered:
+            kept.append(rule)
+            covered |= early
+    return kept, log
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:g}" if isinstance(v, (int, float)) else str(v))
+
+
+def analyze(work: Path, out: Path) -> dict:
+    """Score every run of ``work`` and write ``foresight.md`` / ``foresight.json`` under ``out``."""
+    from benchmarks.foresight import CALIBRATION_SEEDS, EVALUATION_SEEDS, GRID, UNSEEN_GROUPS
+    from stability_toolbox.signal_detector import first_alarm
+
+    runs = load_runs(work)
+    rows = judge(runs)
+    rules, cal_log = calibrate(runs, rows, CALIBRATION_SEEDS, UNSEEN_GROUPS)
+    detectors: Dict[str, Callable[[dict], Optional[int]]] = {}
+    ours = _alarms(runs, list(runs), rules)
+    mon = {n: monitor_default(r) for n, r in runs.items()}
+    # the monitor with per_update=True: DEFAULT_RULES on its records plus the signal rules on its per-update stream
+    # (loss, grad_norm, grad_rms_eps_min, log_z_rms), both issued at the next logging step (every 10 here)
+    stream_only = {n: {k: r["signals"][k] for k in MONITOR_STREAM} for n, r in runs.items()}
+    mon_stream = {n: first_alarm(stream_only[n], rules) for n in runs}
+    mon_stream = {n: None if w is None else -(-w["update"] // 10) * 10 for n, w in mon_stream.items()}
+
+    def earliest(*xs):
+        return min([x for x in xs if x is not None], default=None)
+
+    detectors["ours: signal rules (per update)"] = lambda r: ours[r["_name"]]
+    detectors["ours + DEFAULT_RULES"] = lambda r: earliest(ours[r["_name"]], mon[r["_name"]])
+    detectors["monitor at defaults: DEFAULT_RULES (every 10)"] = lambda r: mon[r["_name"]]
+    detectors["monitor per_update=True (every 10)"] = lambda r: earliest(mon[r["_name"]], mon_stream[r["_name"]])
+    detectors.update(peer_detectors())
+    for n, r in runs.items():
+        r["_name"] = n
+    alarms = {d: {n: f(r) for n, r in runs.items()} for d, f in detectors.items()}
+    for row in rows:
+        row["alarms"] = {d: alarms[d][row["run"]] for d in detectors}
+
+    def subset(seeds, groups):
+        return [r for r in rows if r["seed"] in seeds and r["group"] in groups]
+
+    seen = [g for g in GRID if g not in UNSEEN_GROUPS]
+    unseen = [g for g in GRID if g in UNSEEN_GROUPS]
+    all_seeds = sorted({r["seed"] for r in rows})
+    eval_seeds = [s for s in all_seeds if s in EVALUATION_SEEDS]
+    sections = [("Evaluation seeds " + ", ".join(map(str, eval_seeds)) + " (reference stacks; not used to calibrate)",
+                 subset(eval_seeds, seen), seen),
+                ("torch.nn.TransformerEncoder LMs, all seeds (never used to calibrate)", subset(all_seeds, unseen),
+                 unseen),
+                ("Calibration seeds " + ", ".join(map(str, CALIBRATION_SEEDS)) + " (the rules were set on these)",
+                 subset(CALIBRATION_SEEDS, seen), seen)]
+    report = {"rules": [r.__dict__ for r in rules], "calibration_log": cal_log, "sections": [], "runs": rows,
+              "calibration_seeds": list(CALIBRATION_SEEDS), "evaluation_seeds": eval_seeds,
+              "n_runs": len(rows)}
+    lines = ["# Foresight: which detector warns before a run fails?", "",
+             "Command: `python -m benchmarks.foresight grid --work DIR` then "
+             "`python -m benchmarks.foresight analyze --work DIR` (scoring: `benchmarks/foresight_analysis.py`).", "",
+             f"{len(rows)} runs finished: seeds {', '.join(map(str, all_seeds))}; calibration seeds "
+             f"{', '.join(map(str, CALIBRATION_SEEDS))}, evaluation seeds {', '.join(map(str, EVALUATION_SEEDS))}"
+             + (f" (not run here: {', '.join(map(str, missing))}; the grid command with the same --work resumes "
+                f"them)" if (missing := [x for x in EVALUATION_SEEDS if x not in all_seeds]) else "") + ".", "",
+             "Cell: hits (warned >= 5 updates before onset) / failing runs, then late, missed; false alarms / "
+             "stable runs; median lead (updates, against the run's own onset; in brackets against twin separation).",
+             "",
+             "Failed: final validation loss > 1.05 x the best of its group (same seed). Onset: the first update from "
+             "which the run's smoothed loss (mean of 10) stays > 1.05 x its running minimum for 20 updates, or improves "
+             "< 1% over the next 50 while its twin improves > 5% (a failed run with neither: its twin separation). "
+             "Twin separation: its smoothed loss > 1.05 x the group best's.", "",
+             "Detectors: *ours: signal rules (per update)*: `stability_toolbox.signal_detector` with the rules below "
+             "on the `UpdateSignals` stream, read at every update; *ours + DEFAULT_RULES*: with the monitor's "
+             "per-layer rules too; *monitor at defaults: DEFAULT_RULES (every 10)*: the monitor's per-layer rules on "
+             "its records (what the monitor issues at its defaults); *monitor per_update=True (every 10)*: "
+             "DEFAULT_RULES plus the signal rules on the monitor's own per-update stream (loss, grad_norm, "
+             "grad_rms_eps_min, log_z_rms), issued at the next logging step; "
+             "*trainscope ...*: trainscope 1.8.1's ChangePointDetector (its default) and ZScoreDetector on the loss, "
+             "and its `analysis.first_crossing_step` on activation kurtosis and on the gradient norm, default "
+             "settings; *z>6/128 (OLMo-core)*: SkipStepAdamW's documented rule (z-score over the previous 128 "
+             "updates > 6); *z>3/50*: plain z-scores.", ""]
+    for title, subrows, groups in sections:
+        if not subrows:
+            continue
+        lines += [f"## {title}", ""]
+        head = "| detector | " + " | ".join(groups) + " | all |"
+        lines += [head, "|---|" + "---|" * (len(groups) + 1)]
+        sec = {"title": title, "table": {}}
+        for d in detectors:
+            al = alarms[d]
+            cells = []
+            for g in list(groups) + ["all"]:
+                rs = [r for r in subrows if g == "all" or r["group"] == g]
+                s = score(rs, al)
+                sec["table"].setdefault(d, {})[g] = s
+                cells.append(f"{s['hits']}/{s['failing']} (late {s['late']}, missed {s['missed']}); FA "
+                             f"{s['false_alarms']}/{s['stable']}; lead {_fmt(s['median_lead'])} "
+                             f"[{_fmt(s['median_sep_lead'])}]")
+            lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        lines.append("")
+        report["sections"].append(sec)
+    lines += ["## Our rules (set on the calibration seeds)", "",
+              "Each: the signal's median of the last 3 updates against the median of the `baseline` updates before "
+              "the last `lag + 1`; fires when the ratio passes the factor for 3 updates in a row (not before update "
+              "20). Per signal and shape, the factor is the smallest of the grid with no alarm on a stable "
+              "calibration run, one step up; rules are kept greedily by the failing calibration runs they warn "
+              ">= 5 updates ahead.", ""]
+    lines += [f"* `{r.signal}` {r.direction} x{r.factor:g} (baseline {r.baseline}, lag {r.lag})" for r in rules] + [""]
+    lines += ["Calibration log:", ""] + [f"* {x}" for x in cal_log] + [""]
+    lines += ["## Runs", "", "| run | role | valid | group best | failed | onset | twin separation | "
+              + " | ".join(detectors) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(detectors)]
+    for r in sorted(rows, key=lambda r: (r["group"], r["seed"], r["variant"])):
+        lines.append(f"| {r['run']} | {r['role']} | {r['valid_loss']:.3f} | {r['ref_valid_loss']:.3f} ({r['ref']}) | "
+                     f"{'yes' if r['failed'] else 'no'} | {_fmt(r['onset'])} | {_fmt(r['separation'])} | "
+                     + " | ".join(_fmt(r["alarms"][d]) for d in detectors) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "foresight.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for r in rows:
+        r["alarms"] = {d: v for d, v in r["alarms"].items()}
+    (out / "foresight.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    print("\n".join(lines[:60]))
+    return report

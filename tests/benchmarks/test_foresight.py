@@ -1,0 +1,95 @@
+"""benchmarks.foresight / foresight_analysis: the onsets on hand-made loss curves, the peers' detectors
+against trainscope's own classes (the re-implementations must agree with the package), the z-score rule
+written out, the head-to-head counts, and one real (tiny) run with its per-update signals."""
+
+import math
+import random
+import statistics
+
+import pytest
+
+from benchmarks import foresight as fs
+from benchmarks import foresight_analysis as fa
+
+
+def test_rise_onset_is_where_the_loss_stays_above_its_running_minimum():
+    losses = [5.0 - 0.02 * i for i in range(60)] + [6.0] * 60   # learns to 3.82, then jumps to 6.0
+    # smoothed over 10: passes 1.05 x min(before) once 2 of the 10 are 6.0 (mean 4.29 > 1.05 * 3.97) -> 61
+    u = fa.rise_onset(losses)
+    sm = fa.smooth(losses)
+    assert u == next(t for t in range(10, len(sm)) if sm[t] > 1.05 * min(sm[:t]))
+    assert fa.rise_onset([5.0 - 0.01 * i for i in range(100)]) is None
+
+
+def test_stall_onset_needs_the_twin_to_improve():
+    flat = [5.0] * 40 + [4.8] * 100                   # learns a little (at 40), then stalls
+    twin = [5.0 - 0.01 * i for i in range(140)]       # keeps improving, ahead of it from update 20 on
+    u = fa.stall_onset(flat, twin)
+    # within 1% of the plateau (4.8 / 0.99 = 4.848): the smoothed loss passes below it at update 47
+    assert u == 47 and fa.smooth(flat)[47] == pytest.approx(4.84) and fa.smooth(flat)[46] > 4.8 / 0.99
+    assert fa.stall_onset(flat, flat) is None          # a twin that stalls too: no onset
+    assert fa.own_onset(flat, twin) == u
+
+
+def _noisy(seed, n=150, jump_at=100):
+    rng = random.Random(seed)
+    return [4.0 + 0.05 * rng.gauss(0, 1) + (1.5 if i >= jump_at else 0.0) for i in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cusum_and_crossing_reimplementations_agree_with_trainscope(seed):
+    ts = pytest.importorskip("trainscope")  # noqa: F841
+    from trainscope.analysis import first_crossing_step
+    from trainscope.core.detectors import ChangePointDetector
+
+    xs = _noisy(seed)
+    assert fa.cusum_reimpl(xs) == fa.first_call(ChangePointDetector(), xs)
+    assert fa.crossing_reimpl(xs) == first_crossing_step(xs)
+
+
+def test_zscore_alarm_is_the_rule_written_out():
+    xs = _noisy(3)
+    want = None
+    for i in range(len(xs)):
+        past = xs[max(0, i - 50): i]
+        if len(past) >= 20 and (xs[i] - statistics.fmean(past)) / statistics.pstdev(past) > 3.0:
+            want = i
+            break
+    assert fa.zscore_alarm(xs, 3.0, 50) == want == 100
+
+
+def test_score_counts_hits_late_missed_and_false_alarms():
+    rows = [{"run": "a", "failed": True, "reference_update": 50, "separation": 40},
+            {"run": "b", "failed": True, "reference_update": 50, "separation": None},
+            {"run": "c", "failed": True, "reference_update": 50, "separation": 45},
+            {"run": "d", "failed": False, "reference_update": None, "separation": None},
+            {"run": "e", "failed": False, "reference_update": None, "separation": None}]
+    s = fa.score(rows, {"a": 45, "b": 48, "c": None, "d": 10, "e": None})
+    assert (s["hits"], s["late"], s["missed"], s["false_alarms"], s["failing"], s["stable"]) == (1, 1, 1, 1, 3, 2)
+    assert s["median_lead"] == 3.5 and s["median_sep_lead"] == -5
+
+
+def test_noise_fraction_ramps_up():
+    st = dict(noise_from=10, noise_ramp=4)
+    assert [fs.noise_fraction(t, st) for t in (9, 10, 11, 13, 20)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert fs.noise_fraction(100, {}) == 0.0
+
+
+@pytest.mark.slow
+def test_a_tiny_real_run_records_every_update(tmp_path, monkeypatch):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)   # word ids standing in for Multi30k (the loop is what is tested)
+    monkeypatch.setattr(fs.sg, "load_data", lambda: (torch.randint(0, fs.sg.VOCAB, (500,), generator=gen),
+                                                     torch.randint(0, fs.sg.VOCAB, (200,), generator=gen)))
+    settings = dict(model="tnn", norm_first=True, depth=1, lr=1e-3, warmup=2)
+    job = [("g__tiny__s1", settings, 1, {"group": "g", "variant": "tiny", "role": "twin"})]
+    fs.run_grid(job, tmp_path, budget_min=5.0, updates=3)
+    runs = fa.load_runs(tmp_path)
+    r = runs["g__tiny__s1"]
+    assert len(r["signals"]["loss"]) == 3 and r["signals"]["loss"][0] == pytest.approx(math.log(fs.sg.VOCAB), abs=0.5)
+    assert all(v > 0 for v in r["signals"]["attn_logit_max"]) and len(r["signals"]["linear_rms_gmean"]) == 3
+    assert [h["step"] for h in r["monitor"]] == [0]
+    mtime = (tmp_path / "g__tiny__s1.json").stat().st_mtime
+    fs.run_grid(job, tmp_path, budget_min=5.0, updates=3)   # done before: skipped
+    assert (tmp_path / "g__tiny__s1.json").stat().st_mtime == mtime
