@@ -58,22 +58,31 @@ Examples:
 """
 
 import math
+import numbers
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from toolbox_core import checks
+
 from .attention_stats import AttentionLogits
+from .hooks import wrap_hooks
 from .quantities import OTHER_ROW, Recorder, running_max
 from .sites import SitePlan
 
-__all__ = ["SIGNALS", "UpdateSignals", "UpdateStream", "LayerGradients", "EntropyLogits", "grad_rms_over_eps", "update_ratio",
+__all__ = ["SIGNALS", "MONITOR_SIGNALS", "UpdateSignals", "UpdateStream", "LayerGradients", "EntropyLogits",
+           "grad_rms_over_eps", "update_ratio",
            "attention_entropy", "excess_kurtosis", "second_moment_stats"]
 
 #: the per-update scalars, in the order of a row
 SIGNALS = ("loss", "grad_norm", "grad_rms_eps", "grad_rms_eps_min", "grad_ratio_min", "update_ratio", "log_z_mean",
            "log_z_rms", "attn_logit_max", "attn_entropy_min", "linear_rms_max", "linear_rms_gmean", "act_kurtosis_max",
            "adam_v_rms", "adam_v_max")
+
+#: the per-update scalars `stability_toolbox.StabilityMonitor` keeps with ``per_update=True`` (``record["updates"]``):
+#: the signals its ``signal_rules`` may read
+MONITOR_SIGNALS = ("loss", "grad_norm", "grad_rms_eps_min", "log_z_rms")
 
 
 def grad_rms_over_eps(grads: Sequence[Tensor], eps: float) -> Tensor:
@@ -85,6 +94,7 @@ def grad_rms_over_eps(grads: Sequence[Tensor], eps: float) -> Tensor:
     """
     if not grads:
         raise ValueError("grads must hold at least one tensor")
+    eps = checks.as_real("eps", eps, low=0.0, low_open=True)
     sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
     n = sum(g.numel() for g in grads)
     return (sq / max(n, 1)).sqrt() / eps
@@ -97,6 +107,15 @@ def update_ratio(before: Sequence[Tensor], after: Sequence[Tensor]) -> Tensor:
         >>> float(update_ratio([torch.ones(4)], [torch.full((4,), 1.5)]))
         0.5
     """
+    if len(before) != len(after) or not before:  # zip would silently drop the tensors past the shorter list
+        raise ValueError(f"before and after must hold the same number (>= 1) of tensors, got {len(before)} and "
+                         f"{len(after)}")
+    for i, (b, a) in enumerate(zip(before, after)):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            raise TypeError(f"before[{i}] and after[{i}] must be tensors, got {type(b).__name__} and "
+                            f"{type(a).__name__}")
+        if a.shape != b.shape:
+            raise ValueError(f"after[{i}] must have the shape of before[{i}] {tuple(b.shape)}, got {tuple(a.shape)}")
     num = torch.stack([(a.detach().float() - b.detach().float()).pow(2).sum() for a, b in zip(after, before)]).sum()
     den = torch.stack([b.detach().float().pow(2).sum() for b in before]).sum()
     return (num / den.clamp_min(1e-30)).sqrt()
@@ -113,7 +132,13 @@ def attention_entropy(q: Tensor, k: Tensor, n_heads: int) -> Tensor:
         >>> round(float(attention_entropy(q, k, 2)), 4) == round(math.log(5), 4)   # uniform over 5 keys
         True
     """
+    n_heads = checks.as_int("n_heads", n_heads, minimum=1)
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() == 3 and k.dim() == 3):
+        raise TypeError("q and k must be 3-D tensors (batch, time, dim)")
     b, tq, d = q.shape
+    if k.shape[0] != b or k.shape[2] != d or d % n_heads:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and dim, with dim divisible by "
+                         f"n_heads={n_heads}")
     dh = d // n_heads
     qh = q.reshape(b, tq, n_heads, dh).transpose(1, 2).float()
     kh = k.reshape(b, k.shape[1], n_heads, dh).transpose(1, 2).float()
@@ -144,7 +169,11 @@ def second_moment_stats(optimizer: torch.optim.Optimizer) -> Optional[Tensor]:
         >>> second_moment_stats(opt).tolist()     # v = 0.5 * g^2 = [2, 8]: sqrt(5), sqrt(8)
         [2.2360680103302, 2.8284270763397217]
     """
-    vs = [s["exp_avg_sq"] for s in optimizer.state.values() if isinstance(s.get("exp_avg_sq"), Tensor)]
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    # an empty parameter's moment has no entries (amax of it would raise): it adds nothing to either statistic
+    vs = [s["exp_avg_sq"] for s in optimizer.state.values()
+          if isinstance(s.get("exp_avg_sq"), Tensor) and s["exp_avg_sq"].numel()]
     if not vs:
         return None
     total = torch.stack([v.float().sum() for v in vs]).sum() / sum(v.numel() for v in vs)
@@ -190,7 +219,8 @@ class UpdateSignals:
     Call `after_backward` once the gradients are final (after unscaling/clipping, before the
     optimizer step), `observe_logits` with the output logits of the update's forward pass (optional),
     then `after_step` with the loss after the optimizer step. The hooks (attention, linear outputs,
-    layer outputs) stay on the model until `remove`.
+    layer outputs) stay on the model until `remove`; a deep copy (an EMA copy) or a pickled copy of the model
+    carries them inert (`stability_toolbox.hooks`).
 
     Args:
         model: the model (its layer groups and attention modules come from `SitePlan`).
@@ -210,12 +240,12 @@ class UpdateSignals:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if eps is None:
-            eps = optimizer.param_groups[0].get("eps", 1e-8)
-            eps = eps if isinstance(eps, float) and eps > 0 else 1e-8
-        elif not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
-        self.model, self.optimizer, self.eps = model, optimizer, float(eps)
+        if eps is None:  # an optimizer without a positive float eps (SGD, the sign optimizers, Adafactor): 1e-8
+            eps = optimizer.param_groups[0].get("eps", 1e-8) if optimizer.param_groups else 1e-8
+            eps = eps if isinstance(eps, float) and 0 < eps < math.inf else 1e-8
+        eps = checks.as_real("eps", eps, low=0.0, low_open=True)
+        activations = checks.as_bool("activations", activations)
+        self.model, self.optimizer, self.eps = model, optimizer, eps
         plan = SitePlan(model)
         self.params: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
         index = {id(p): i for i, p in enumerate(self.params)}
@@ -232,7 +262,9 @@ class UpdateSignals:
         self._gid, self._numel = gid.to(device), numel.to(device)
         self._before = [p.detach().clone() for p in self.params]
         self._rows: List[Tensor] = []
+        self._present: List[tuple] = []  # per update: which signals were measured (the others read as None)
         self._linear_rows: List[Tensor] = []
+        self._linear_present: List[tuple] = []
         self._handles: List[Any] = []
         self._pending: Dict[str, Tensor] = {}
         self.linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] if activations else []
@@ -250,6 +282,9 @@ class UpdateSignals:
                 except AttributeError:
                     continue
                 self._handles.append(layer.register_forward_hook(lambda _m, _a, out, i=i: self._kurtosis(i, out)))
+            # a deep copy of the model (an EMA copy) or a pickled one (torch.save(model)) carries inert hooks: the
+            # copy pickles and its forward passes never report into this update
+            wrap_hooks(self._handles)
 
     def _kurtosis(self, i: int, out) -> None:
         t = out if isinstance(out, Tensor) else (out[0] if isinstance(out, (tuple, list)) and out and
@@ -279,7 +314,8 @@ class UpdateSignals:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if not grads:
             return
-        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).pow(2)
+        # the norms in float32: a float16 gradient's norm past 65504 would be inf (a false non-finite signal)
+        sq = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).pow(2)
         per = torch.zeros_like(self._numel).index_add_(0, self._gid, sq)
         total = sq.sum()
         n_all = sum(p.numel() for p in self.params)
@@ -293,7 +329,12 @@ class UpdateSignals:
 
     @torch.no_grad()
     def after_step(self, loss: Any = None) -> None:
-        """Close the update: the update ratio, Adam's second moment, the forward-pass signals, the ``loss``."""
+        """Close the update: the update ratio, Adam's second moment, the forward-pass signals, the ``loss``
+        (a tensor, its mean; a number; None or an empty tensor: no loss). TypeError for another ``loss``,
+        with nothing changed."""
+        if loss is not None and not isinstance(loss, Tensor) and (isinstance(loss, bool) or
+                                                                   not isinstance(loss, numbers.Real)):
+            raise TypeError(f"loss must be a tensor, a real number or None, got {type(loss).__name__}")
         p = self._pending
         nan = torch.tensor(float("nan"), device=self._numel.device)
         if "grad_norm" in p:
@@ -308,28 +349,37 @@ class UpdateSignals:
             if self._attn.entropy:
                 p["attn_entropy_min"] = torch.stack(list(self._attn.entropy.values())).amin()
             self._attn.clear()
-        if self._lin:
+        if self.linears:  # one row per update (NaN: that linear did not run), so rows stay aligned with updates
             lin = torch.stack([self._lin.get(i, nan) for i in range(len(self.linears))])
-            p["linear_rms_max"] = lin.nan_to_num(nan=0.0).amax()
-            p["linear_rms_gmean"] = lin.clamp_min(1e-30).log().nanmean().exp()
+            if self._lin:
+                p["linear_rms_max"] = lin.nan_to_num(nan=0.0).amax()
+                p["linear_rms_gmean"] = lin.clamp_min(1e-30).log().nanmean().exp()
             self._linear_rows.append(lin)
+            self._linear_present.append(tuple(i in self._lin for i in range(len(self.linears))))
             self._lin = {}
         if self._kurt:
             p["act_kurtosis_max"] = torch.stack(list(self._kurt.values())).amax()
             self._kurt = {}
-        if loss is not None:
-            p["loss"] = loss.detach().float().reshape(-1).mean() if isinstance(loss, Tensor) else \
-                torch.tensor(float(loss))
+        if isinstance(loss, Tensor):
+            if loss.numel():  # an empty loss is no loss (its mean would be a made-up NaN)
+                p["loss"] = loss.detach().float().reshape(-1).mean()
+        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+            p["loss"] = torch.tensor(float(loss))
         self._rows.append(torch.stack([p[s].to(nan.device).float().reshape(()) if s in p else nan
                                        for s in SIGNALS]))
+        self._present.append(tuple(s in p for s in SIGNALS))
         self._pending = {}
 
     def read(self) -> Dict[str, List]:
-        """``{signal: [value per update]}`` (NaN where a signal was not available), plus ``linear_rms``:
-        ``[[RMS per linear] per update]`` and ``linears``: their names. One device-to-host transfer."""
+        """``{signal: [value per update]}`` (None where a signal was not measured at that update; NaN is a
+        measured non-finite value), plus ``linear_rms``: ``[[RMS per linear] per update]`` (None: that linear
+        did not run) and ``linears``: their names. One device-to-host transfer."""
         rows = torch.stack(self._rows).cpu().tolist() if self._rows else []
-        out: Dict[str, List] = {s: [r[i] for r in rows] for i, s in enumerate(SIGNALS)}
-        out["linear_rms"] = torch.stack(self._linear_rows).cpu().tolist() if self._linear_rows else []
+        out: Dict[str, List] = {s: [r[i] if ok[i] else None for r, ok in zip(rows, self._present)]
+                                for i, s in enumerate(SIGNALS)}
+        lin = torch.stack(self._linear_rows).cpu().tolist() if self._linear_rows else []
+        out["linear_rms"] = [[x if ok else None for x, ok in zip(row, present)]
+                             for row, present in zip(lin, self._linear_present)]
         out["linears"] = list(self.linears)
         return out
 
@@ -345,15 +395,17 @@ class UpdateStream:
 
     ``put(name, value)`` sets a scalar of the current update (a tensor stays on its device); ``end(step)``
     closes the update; ``read()`` returns ``{"update": [step, ...], name: [value, ...]}`` for the updates
-    closed since the last read (NaN where a name had no value) in one device-to-host transfer, and forgets them.
+    closed since the last read (None where a name had no value at that update: a NaN is a measured value,
+    which a `stability_toolbox.signal_detector.SignalRule` fires on) in one device-to-host transfer, and
+    forgets them.
 
     Examples:
         >>> s = UpdateStream()
         >>> s.put("loss", torch.tensor(2.0)); s.end(0)
         >>> s.put("loss", torch.tensor(1.5)); s.put("grad_norm", torch.tensor(3.0)); s.end(1)
         >>> out = s.read()
-        >>> out["update"], out["loss"], math.isnan(out["grad_norm"][0]), out["grad_norm"][1]
-        ([0, 1], [2.0, 1.5], True, 3.0)
+        >>> out["update"], out["loss"], out["grad_norm"]
+        ([0, 1], [2.0, 1.5], [None, 3.0])
     """
 
     def __init__(self):
@@ -362,11 +414,24 @@ class UpdateStream:
         self._steps: List[int] = []
 
     def put(self, name: str, value: Tensor) -> None:
-        """Set ``name`` of the current update to ``value`` (a scalar tensor; no transfer)."""
-        self._current[name] = value.detach().float().reshape(())
+        """Set ``name`` of the current update to ``value`` (a one-element real tensor, no transfer; or a real
+        number). TypeError for another name or value, with nothing changed."""
+        if not isinstance(name, str) or not name or name == "update":
+            raise TypeError(f"name must be a non-empty str other than 'update', got {name!r}")
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(f"value must be a one-element real tensor or a real number, got a tensor of shape "
+                                f"{tuple(value.shape)} and dtype {value.dtype}")
+            self._current[name] = value.detach().float().reshape(())
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            self._current[name] = torch.tensor(float(value))
+        else:
+            raise TypeError(f"value must be a one-element real tensor or a real number, got {type(value).__name__}")
 
     def end(self, step: int) -> None:
-        """Close the current update as update ``step`` (nothing is kept for an update without a value)."""
+        """Close the current update as update ``step`` (an integer >= 0; nothing is kept for an update
+        without a value)."""
+        step = checks.as_int("step", step, minimum=0)
         if self._current:
             self._rows.append(self._current)
             self._steps.append(step)
@@ -384,8 +449,8 @@ class UpdateStream:
             dev = next(iter(self._rows[0].values())).device
             nan = torch.tensor(float("nan"), device=dev)
             table = torch.stack([torch.stack([r.get(k, nan).to(dev) for k in names]) for r in self._rows]).cpu()
-            for i, k in enumerate(names):
-                out[k] = table[:, i].tolist()
+            for i, k in enumerate(names):  # an absent value is None, not the NaN that filled the table
+                out[k] = [v if k in r else None for v, r in zip(table[:, i].tolist(), self._rows)]
         self._rows, self._steps = [], []
         return out
 
@@ -393,7 +458,9 @@ class UpdateStream:
 class LayerGradients:
     """Per update, from one fused norm over the gradients: ``grad_norm`` (``||g||_2`` over every parameter) and
     ``grad_rms_eps_min`` (the smallest, over the layer groups, of ``sqrt(sum g_l^2 / N_l) / eps``), as device
-    scalars (no sync). A step where some parameter has no gradient gives ``grad_norm`` over the others only.
+    scalars (no sync), in float32 whatever the gradients' dtype. A parameter without a gradient at a step (not
+    used by that forward pass) is left out of both: the norm and each layer's RMS are over the parameters that
+    have one (a layer with none is left out of the minimum).
 
     Args:
         groups: ``[(row, [(name, parameter)])]`` (`stability_toolbox.sites.SitePlan.groups`; the row
@@ -411,31 +478,39 @@ class LayerGradients:
         self.params = [p for _, ps in groups for _, p in ps]
         layer_rows = [row for row, _ in groups if row != OTHER_ROW]
         self.n_layers = len(layer_rows)
-        gid, numel = [], [0.0] * (self.n_layers + 1)
+        gid = []
         index = {row: i for i, row in enumerate(layer_rows)}
         for row, ps in groups:
-            for _, p in ps:
-                g = index.get(row, self.n_layers)
-                gid.append(g)
-                numel[g] += p.numel()
-        self._gid, self._numel = torch.tensor(gid, dtype=torch.long), torch.tensor(numel)
-        self._on: Dict[Any, tuple] = {}  # device -> (gid, numel) there: moved once per device
+            gid += [index.get(row, self.n_layers)] * len(ps)
+        self._gid, self._gid_list = torch.tensor(gid, dtype=torch.long), gid
+        self._sizes = torch.tensor([float(p.numel()) for p in self.params], dtype=torch.float64)
+        # (device, which parameters have a gradient) -> (gid, numel, any layer) there: built once per pattern
+        self._on: Dict[Any, tuple] = {}
 
     def __call__(self, eps: float) -> Dict[str, Tensor]:
         grads = [p.grad for p in self.params]
-        if not self.params:
+        present = tuple(g is not None for g in grads)
+        if not any(present):
             return {}
-        if any(g is None for g in grads):
-            present = [g for g in grads if g is not None]
-            return {"grad_norm": torch.stack(torch._foreach_norm(present)).float().norm()} if present else {}
         with torch.no_grad():
-            sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
+            # float32 norms: a float16 gradient's norm past 65504 would be inf (a false non-finite signal)
+            sq = torch.stack(torch._foreach_norm([g for g in grads if g is not None], dtype=torch.float32)).pow(2)
             dev = sq.device
-            if dev not in self._on:
-                self._on[dev] = (self._gid.to(dev), self._numel.to(dev))
-            gid, numel = self._on[dev]
+            key = (dev, present)
+            if key not in self._on:  # the layer index and entry counts of the parameters with a gradient
+                if len(self._on) >= 16:  # bounded: a model whose unused parameters change every step (MoE)
+                    self._on.clear()
+                keep = [i for i, ok in enumerate(present) if ok]
+                numel = torch.zeros(self.n_layers + 1, dtype=torch.float64)
+                gid = self._gid[keep]
+                numel.index_add_(0, gid, self._sizes[keep])
+                any_layer = any(self._gid_list[i] < self.n_layers for i in keep)  # host lists: no tensor read
+                self._on[key] = (gid.to(dev), numel.float().to(dev), any_layer)
+            gid, numel, any_layer = self._on[key]
             out = {"grad_norm": sq.sum().sqrt()}
-            if self.n_layers:
+            if any_layer:
                 per = torch.zeros(self.n_layers + 1, device=dev).index_add_(0, gid, sq)
-                out["grad_rms_eps_min"] = (per[:-1] / numel[:-1].clamp_min(1)).sqrt().amin() / eps
+                rms = (per[:-1] / numel[:-1].clamp_min(1)).sqrt()
+                # a layer none of whose parameters has a gradient is no layer at this step
+                out["grad_rms_eps_min"] = torch.where(numel[:-1] > 0, rms, torch.full_like(rms, math.inf)).amin() / eps
         return out

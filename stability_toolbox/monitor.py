@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from toolbox_core import validation
 
-from .leading_signals import EntropyLogits, LayerGradients, UpdateStream
+from .leading_signals import MONITOR_SIGNALS, EntropyLogits, LayerGradients, UpdateStream
 from .hooks import wrap_hooks
 from .probe import Probe, as_call
 from .quantities import QUANTITIES, ParameterGroups, Recorder, accumulate, collect, resolve_fallback, running_max
@@ -122,7 +122,9 @@ class StabilityMonitor:
         signal_rules: the per-update rules ([`SignalRule`][stability_toolbox.signal_detector.SignalRule]s) run
             at each logging step over the updates since the last one (the record's ``updates``: ``loss``,
             ``grad_norm``, ``grad_rms_eps_min``, ``log_z_rms`` of every update); default
-            `stability_toolbox.signal_detector.DEFAULT_SIGNAL_RULES` (``[]``: none).
+            `stability_toolbox.signal_detector.DEFAULT_SIGNAL_RULES` (``[]``: none). A rule on another signal
+            (`stability_toolbox.leading_signals.MONITOR_SIGNALS` lists those recorded), or rules given without
+            ``per_update=True``, is a ValueError: such a rule would never fire.
         per_update: keep that per-update stream (one fused gradient norm per `capture_grads`, one ``logsumexp``
             per `observe_logits`, on the device); off by default: it measured +1.3% per step on the overhead
             benchmark (docs/monitor.md), over the 1% the defaults are held to; between logging steps the
@@ -177,6 +179,13 @@ class StabilityMonitor:
         log_dir = as_log_dir(log_dir)
         signal_detector = SignalDetector(signal_rules)  # checks the rules (default: DEFAULT_SIGNAL_RULES)
         per_update = validation.as_bool("per_update", per_update)
+        for i, r in enumerate(signal_detector.rules):  # a rule on a signal never recorded would never fire
+            if r.signal not in MONITOR_SIGNALS:
+                raise ValueError(f"signal_rules[{i}]: the monitor records no per-update signal {r.signal!r}; "
+                                 f"accepted: {', '.join(MONITOR_SIGNALS)}")
+        if signal_rules is not None and signal_rules and not per_update:
+            raise ValueError("signal_rules: the per-update rules read the per-update stream, which only "
+                             "per_update=True keeps; pass per_update=True (or signal_rules=[])")
         # ---- attach
         self.model = model
         self.log_dir = log_dir
@@ -397,7 +406,7 @@ class StabilityMonitor:
             self.begin_step()
 
         eps = optimizer.param_groups[0].get("eps") if optimizer.param_groups else None
-        if isinstance(eps, float) and eps > 0:  # grad_rms_eps_min in this optimizer's epsilon
+        if isinstance(eps, float) and 0 < eps < float("inf"):  # grad_rms_eps_min in this optimizer's epsilon
             self._eps = eps
         handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
         self._wrap_hooks(handles)  # a pickled / copied optimizer carries inert hooks

@@ -34,6 +34,7 @@ Examples:
 """
 
 import math
+import numbers
 import statistics
 from collections import deque
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class SignalRule:
 
     Args:
         signal: the signal's name (a key of the scalars passed to the detector).
-        factor: the ratio to the baseline that fires (> 1).
+        factor: the ratio to the baseline that fires (a finite number > 1).
         direction: ``'rising'`` or ``'falling'``.
         baseline: how many values the baseline median spans (>= 1).
         lag: how many of the latest updates the baseline leaves out (>= 0).
@@ -76,15 +77,20 @@ class SignalRule:
     def __post_init__(self):
         if not isinstance(self.signal, str) or not self.signal:
             raise TypeError(f"signal must be a non-empty str, got {self.signal!r}")
-        checks.as_real("factor", self.factor, low=1.0)
-        checks.as_choice("direction", self.direction, ("rising", "falling"))
-        checks.as_int("baseline", self.baseline, minimum=1)
-        checks.as_int("lag", self.lag, minimum=0)
-        checks.as_int("smooth", self.smooth, minimum=1)
-        checks.as_int("persist", self.persist, minimum=1)
-        if self.level is not None:
-            checks.as_real("level", self.level)
-        checks.as_int("start", self.start, minimum=0)
+        # every field checked, then kept as a plain Python number (a 0-d tensor or NumPy scalar passed in would
+        # otherwise make every comparison a tensor and the rule unhashable)
+        fields = {
+            "factor": checks.as_real("factor", self.factor, low=1.0, low_open=True),
+            "direction": checks.as_choice("direction", self.direction, ("rising", "falling")),
+            "baseline": checks.as_int("baseline", self.baseline, minimum=1),
+            "lag": checks.as_int("lag", self.lag, minimum=0),
+            "smooth": checks.as_int("smooth", self.smooth, minimum=1),
+            "persist": checks.as_int("persist", self.persist, minimum=1),
+            "level": None if self.level is None else checks.as_real("level", self.level),
+            "start": checks.as_int("start", self.start, minimum=0),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
     @property
     def memory(self) -> int:
@@ -148,6 +154,11 @@ class SignalDetector:
         for i, r in enumerate(rules):
             if not isinstance(r, SignalRule):
                 raise TypeError(f"rules[{i}] must be a SignalRule, got {type(r).__name__}")
+        seen: Dict[SignalRule, int] = {}
+        for i, r in enumerate(rules):  # the same rule twice would issue every warning twice
+            if r in seen:
+                raise ValueError(f"rules[{i}] repeats rules[{seen[r]}] ({r}); each rule once")
+            seen[r] = i
         self.rules = tuple(rules)
         self._past: Dict[str, Deque[float]] = {}
         self._held = [0] * len(self.rules)
@@ -156,7 +167,8 @@ class SignalDetector:
         self.warnings: List[Dict[str, Any]] = []
 
     def update(self, step: int, scalars: Mapping[str, float]) -> List[Dict[str, Any]]:
-        """Feed update ``step``'s scalars (``{signal: value}``; signals absent or None are skipped).
+        """Feed update ``step``'s scalars (``{signal: value}``; signals absent or None are skipped: None is
+        "not measured at this update", NaN is a measured non-finite value and fires).
 
         Returns the warnings this update raises: dicts ``update`` (= ``step``), ``signal`` (= ``quantity``;
         ``layer`` is ``'(model)'``), ``value``, ``baseline``, ``ratio``, ``rule``, ``mechanism``, ``remedy``,
@@ -170,8 +182,9 @@ class SignalDetector:
             memory[r.signal] = max(memory.get(r.signal, 0), r.memory)
         for name in memory:  # every value checked before any is kept: a refused call changes nothing
             v = scalars.get(name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise TypeError(f"scalars[{name!r}] must be a real number, got {type(v).__name__}")
+            # a real number (NumPy's too) or None; never a tensor: reading one here would be a host-device sync
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise TypeError(f"scalars[{name!r}] must be a real number or None, got {type(v).__name__}")
         out = []
         for name, keep in memory.items():
             if scalars.get(name) is not None:
@@ -231,8 +244,13 @@ def detect(stream: Mapping[str, Sequence[float]], rules: Optional[Sequence[Signa
     time)."""
     if not isinstance(stream, Mapping):
         raise TypeError(f"stream must be a mapping {{signal: [value per update]}}, got {type(stream).__name__}")
+    first_update = checks.as_int("first_update", first_update, minimum=0)
     det = SignalDetector(rules)
     names = sorted({r.signal for r in det.rules} & set(stream))
+    for k in names:
+        if isinstance(stream[k], (str, bytes)) or not isinstance(stream[k], Sequence):
+            raise TypeError(f"stream[{k!r}] must be a sequence of values (one per update; None: no value), "
+                            f"got {type(stream[k]).__name__}")
     n = max((len(stream[k]) for k in names), default=0)
     for t in range(n):
         det.update(first_update + t, {k: stream[k][t] for k in names if t < len(stream[k])})

@@ -8,8 +8,9 @@ import torch
 from scipy import stats
 
 from admin_torch import make_stack
-from stability_toolbox.leading_signals import (SIGNALS, UpdateSignals, attention_entropy, excess_kurtosis,
-                                               grad_rms_over_eps, second_moment_stats, update_ratio)
+from stability_toolbox.leading_signals import (SIGNALS, LayerGradients, UpdateSignals, UpdateStream,
+                                               attention_entropy, excess_kurtosis, grad_rms_over_eps,
+                                               second_moment_stats, update_ratio)
 from stability_toolbox.sites import SitePlan
 
 
@@ -156,3 +157,162 @@ def test_bad_arguments_are_refused(lm):
         UpdateSignals(model, "opt")
     with pytest.raises(ValueError, match="eps"):
         UpdateSignals(model, opt, eps=0.0)
+
+
+# ---------------------------------------------------------------- adversarial review (issue 41's public API)
+
+def test_bad_arguments_of_the_formulas_are_refused_by_name():
+    for eps in (0.0, -1e-8, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="eps"):
+            grad_rms_over_eps([torch.ones(2)], eps)
+    with pytest.raises(ValueError, match="before and after"):   # zip would drop the second tensor
+        update_ratio([torch.ones(2), torch.ones(2)], [torch.ones(2)])
+    with pytest.raises(ValueError, match=r"after\[0\]"):
+        update_ratio([torch.ones(2)], [torch.ones(3)])
+    with pytest.raises(ValueError, match="n_heads"):
+        attention_entropy(torch.randn(1, 3, 4), torch.randn(1, 3, 4), 0)
+    with pytest.raises(ValueError, match="n_heads=3"):
+        attention_entropy(torch.randn(1, 3, 4), torch.randn(1, 3, 4), 3)
+    with pytest.raises(TypeError, match="optimizer"):
+        second_moment_stats("adam")
+
+
+def test_an_empty_parameter_adds_nothing_to_the_second_moment():
+    p, q = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([p, q], lr=0.1, betas=(0.9, 0.5))
+    p.grad, q.grad = torch.zeros(0), torch.tensor([2.0, 4.0])
+    opt.step()
+    assert second_moment_stats(opt).tolist() == pytest.approx([math.sqrt(5.0), math.sqrt(8.0)])
+
+
+@pytest.mark.parametrize("kwargs, error", [(dict(eps=float("inf")), ValueError), (dict(eps="1e-8"), TypeError),
+                                           (dict(activations="no"), TypeError)])
+def test_bad_keyword_arguments_are_refused(lm, kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        UpdateSignals(*lm, **kwargs)
+
+
+def _update(model, opt, sig):
+    x = torch.randint(0, 11, (2, 5))
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), x.reshape(-1))
+    loss.backward()
+    sig.after_backward()
+    opt.step()
+    sig.after_step(loss)
+    opt.zero_grad()
+    return loss
+
+
+def test_a_signal_not_measured_reads_none_and_a_bad_loss_changes_nothing(lm):
+    model, _ = lm
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)   # no exp_avg_sq, no eps: grad_rms_eps in 1e-8
+    sig = UpdateSignals(model, opt)
+    loss = _update(model, opt, sig)
+    with pytest.raises(TypeError, match="loss"):
+        sig.after_step("2.0")
+    sig.after_step(torch.zeros(0))   # an update without forward pass and with an empty loss
+    out = sig.read()
+    assert out["log_z_mean"] == [None, None] and out["adam_v_max"] == [None, None]   # never NaN for "absent"
+    assert out["loss"] == [pytest.approx(float(loss.detach())), None]
+    # the linear rows stay one per update: the second update ran no linear
+    assert len(out["linear_rms"]) == 2 and out["linear_rms"][1] == [None] * len(out["linears"])
+    assert out["linear_rms_max"][1] is None and all(v is not None for v in out["linear_rms"][0])
+
+
+class _PlainDescent(torch.optim.Optimizer):
+    """A custom optimizer: no eps, no moments."""
+
+    def __init__(self, params):
+        super().__init__(params, dict(lr=0.01))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-g["lr"])
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1), _PlainDescent,
+                                  lambda ps: __import__("sign_optim").AddSign(ps, lr=1e-3)],
+                         ids=["sgd", "custom", "addsign"])
+def test_optimizers_without_adams_moments(lm, make):
+    model, _ = lm
+    opt = make(model.parameters())
+    sig = UpdateSignals(model, opt)
+    loss = _update(model, opt, sig)
+    out = sig.read()
+    assert out["loss"][0] == pytest.approx(float(loss.detach())) and out["adam_v_rms"] == [None]
+    assert 0 < out["update_ratio"][0] < 1 and math.isfinite(out["grad_rms_eps"][0])
+
+
+def test_half_precision_gradients_are_normed_in_float32():
+    # each entry 1000 is a float16, their norm 1000 * sqrt(20000) is not (> 65504): inf would read as a blow-up
+    layer = torch.nn.Sequential(torch.nn.LayerNorm(4))
+    big = torch.nn.Parameter(torch.zeros(20000, dtype=torch.float16))
+    layer.register_parameter("big", big)
+    sig = UpdateSignals(layer, torch.optim.SGD(layer.parameters(), lr=0.0), activations=False)
+    for p in layer.parameters():
+        p.grad = torch.zeros_like(p)
+    big.grad = torch.full_like(big, 1000.0)
+    sig.after_backward()
+    sig.after_step()
+    assert sig.read()["grad_norm"][0] == pytest.approx(1000.0 * math.sqrt(20000), rel=1e-4)
+    out = LayerGradients([("l0", [("big", big)])])(1e-8)
+    assert float(out["grad_norm"]) == pytest.approx(1000.0 * math.sqrt(20000), rel=1e-4)
+    assert float(out["grad_rms_eps_min"]) == pytest.approx(1000.0 / 1e-8, rel=1e-4)
+
+
+def test_a_parameter_without_gradient_is_left_out_of_the_layer_rms():
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (4, 1, 2))
+    a.grad, b.grad = torch.full((4,), 3e-8), torch.tensor([4e-8])   # c: unused by the forward pass, no grad
+    groups = [("l0", [("a", a), ("c", c)]), ("l1", [("b", b)])]
+    out = LayerGradients(groups)(1e-8)
+    assert float(out["grad_norm"]) == pytest.approx(math.sqrt(4 * 9e-16 + 16e-16), rel=1e-5)
+    assert float(out["grad_rms_eps_min"]) == pytest.approx(3.0, rel=1e-5)   # l0 over a only; l1: 4
+    b.grad = None   # l1 has no gradient at all: it is no layer at this step
+    assert float(LayerGradients(groups)(1e-8)["grad_rms_eps_min"]) == pytest.approx(3.0, rel=1e-5)
+
+
+def test_a_copy_of_the_model_does_not_report_and_the_model_pickles(lm):
+    import copy
+    import io
+    model, opt = lm
+    sig = UpdateSignals(model, opt)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(10.0)
+    x = torch.randint(0, 11, (2, 5))
+    model(x)
+    ema(x)   # an EMA copy's forward between the update's forward and after_step
+    sig.after_step()
+    got = sig.read()["linear_rms"][0]
+    seen = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda _m, _a, out, n=n: seen.__setitem__(n, float(out.detach().pow(2).mean().sqrt()))) for n in sig.linears]
+    model(x)
+    for h in hooks:
+        h.remove()
+    assert got == pytest.approx([seen[n] for n in sig.linears], rel=1e-5)
+    torch.save(model, io.BytesIO())
+    sig.remove()
+
+
+def test_update_stream_refuses_bad_values_and_reads_none_for_absent():
+    s = UpdateStream()
+    with pytest.raises(TypeError, match="value"):
+        s.put("loss", torch.ones(3))
+    with pytest.raises(TypeError, match="value"):
+        s.put("loss", "1.0")
+    with pytest.raises(TypeError, match="name"):
+        s.put(3, 1.0)
+    s.put("loss", 2.0)
+    s.end(0)
+    s.put("grad_norm", torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="step"):
+        s.end(-1)
+    s.end(1)
+    out = s.read()
+    assert out["loss"] == [2.0, None] and out["grad_norm"][0] is None and math.isnan(out["grad_norm"][1])

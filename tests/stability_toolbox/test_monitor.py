@@ -398,7 +398,7 @@ def test_the_monitors_modules_import_downward_only():
 
     below = {"quantities": set(), "hooks": set(), "warning_rules": set(), "sites": {"quantities"},
              "probe": {"quantities"}, "records": {"quantities", "warning_rules"}, "attention_stats": {"quantities", "sites"},
-             "signal_detector": set(), "leading_signals": {"quantities", "sites", "attention_stats"},
+             "signal_detector": set(), "leading_signals": {"quantities", "hooks", "sites", "attention_stats"},
              "monitor": {"quantities", "hooks", "warning_rules", "sites", "probe", "records", "leading_signals",
                          "signal_detector"}}
     package = Path(stability_toolbox.__file__).parent

@@ -131,3 +131,89 @@ def test_by_default_no_per_update_stream_is_kept(lm):
     with pytest.raises(TypeError, match="per_update"):
         StabilityMonitor(model, per_update="yes")
     mon.close()
+
+
+# ---------------------------------------------------------------- adversarial review (issue 41's public API)
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(signal_rules=[SignalRule("grad_nrom", 2.0)], per_update=True), r"signal_rules\[0\].*grad_nrom.*accepted"),
+    (dict(signal_rules=[SignalRule("attn_entropy_min", 2.0)], per_update=True), "attn_entropy_min"),
+    (dict(signal_rules=[SignalRule("loss", 2.0)]), "per_update=True"),
+    (dict(signal_rules=[SignalRule("loss", 2.0), SignalRule("loss", 2.0)], per_update=True), "repeats")])
+def test_rules_that_could_never_fire_are_refused(lm, kwargs, match):
+    model, _ = lm
+    with pytest.raises(ValueError, match=match):
+        StabilityMonitor(model, **kwargs)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _train(mon, model, opt, n, losses=None):
+    for i in range(n):
+        x = torch.randint(0, 11, (2, 5))
+        with mon.step() as s:
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), x.reshape(-1))
+            loss.backward()
+            mon.capture_grads()
+            opt.step()
+            opt.zero_grad()
+            s.loss = loss if losses is None else losses[i]
+
+
+def test_an_update_without_a_loss_is_no_warning_and_a_nan_loss_is(lm, tmp_path):
+    from stability_toolbox.records import read_records
+    model, opt = lm
+    rule = SignalRule("loss", 2.0, baseline=2, lag=0, smooth=1, persist=1, start=0)
+    mon = StabilityMonitor(model, tmp_path, every=4, signal_rules=[rule], per_update=True, tensorboard=False,
+                           heatmaps=False)
+    _train(mon, model, opt, 5, losses=[1.0, None, 1.0, 1.0, 1.0])
+    assert mon.history[-1]["updates"]["loss"] == [None, 1.0, 1.0, 1.0] and mon.warnings == []
+    mon.close()
+    assert read_records(tmp_path / "monitor.jsonl")[-1]["updates"]["loss"] == [None, 1.0, 1.0, 1.0]
+    mon = StabilityMonitor(model, every=2, signal_rules=[rule], per_update=True)
+    _train(mon, model, opt, 3, losses=[1.0, float("nan"), 1.0])
+    assert [w["update"] for w in mon.warnings if "update" in w] == [1]   # (the logged-step rule warns too)
+    mon.close()
+
+
+def test_a_parameter_unused_by_the_forward_pass_keeps_the_default_rules_signal(lm):
+    model, opt = lm
+    model[1].register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))   # never gets a gradient
+    mon = StabilityMonitor(model, every=2, per_update=True)
+    layers = [[p for _, p in ps if p is not model[1].unused] for row, ps in mon._site_plan.groups
+              if row != "(other)"]
+    x = torch.randint(0, 11, (2, 5))
+    with mon.step():
+        logits = model(x)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 11), x.reshape(-1)).backward()
+        mon.capture_grads()
+        want = min(math.sqrt(sum(float(p.grad.pow(2).sum()) for p in ps) / sum(p.numel() for p in ps))
+                   for ps in layers if ps) / 1e-8
+        opt.zero_grad()
+    assert mon.history[0]["updates"]["grad_rms_eps_min"] == [pytest.approx(want, rel=1e-4)]
+    assert mon.warnings == []
+    mon.close()
+
+
+def test_two_monitors_on_one_model_keep_the_same_stream(lm):
+    model, opt = lm
+    a, b = StabilityMonitor(model, every=2, per_update=True), StabilityMonitor(model, every=3, per_update=True)
+    norms = []
+    for _ in range(4):
+        x = torch.randint(0, 11, (2, 5))
+        a.begin_step()
+        b.begin_step()
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), x.reshape(-1))
+        loss.backward()
+        a.capture_grads()
+        b.capture_grads()
+        norms.append(math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters())))
+        opt.step()
+        opt.zero_grad()
+        a.end_step(loss)
+        b.end_step(loss)
+    for mon, n in ((a, 3), (b, 4)):
+        got = [v for r in mon.history for v in r["updates"]["grad_norm"]]
+        assert got == pytest.approx(norms[:n], rel=1e-5)
+        mon.close()

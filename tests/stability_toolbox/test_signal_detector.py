@@ -71,7 +71,12 @@ def test_a_non_finite_value_fires_at_once_and_a_missing_signal_is_skipped():
     (dict(signal="a", factor=2.0, direction="up"), "direction"), (dict(signal="a", factor=2.0, baseline=0), "baseline"),
     (dict(signal="a", factor=2.0, lag=-1), "lag"), (dict(signal="a", factor=2.0, persist=0), "persist"),
     (dict(signal="a", factor=2.0, smooth=0), "smooth"), (dict(signal="a", factor=2.0, start=-1), "start"),
-    (dict(signal="a", factor=2.0, level="x"), "level")])
+    (dict(signal="a", factor=2.0, level="x"), "level"),
+    (dict(signal="a", factor=float("nan")), "factor"), (dict(signal="a", factor=float("inf")), "factor"),
+    (dict(signal="a", factor=1.0), "factor"), (dict(signal="a", factor=2.0, level=float("nan")), "level"),
+    (dict(signal="a", factor=2.0, level=float("inf")), "level"),
+    (dict(signal="a", factor=2.0, baseline=2.5), "baseline"),
+    (dict(signal="a", factor=2.0, persist=True), "persist"), (dict(signal=3, factor=2.0), "signal")])
 def test_bad_rules_are_refused(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         SignalRule(**kwargs)
@@ -97,3 +102,51 @@ def test_bad_detector_inputs_are_refused_and_change_nothing():
 
 def test_default_rules_are_rules():
     assert all(isinstance(r, SignalRule) for r in DEFAULT_SIGNAL_RULES)
+
+
+# ---------------------------------------------------------------- adversarial review (issue 41's public API)
+
+def test_a_factor_of_one_is_refused_and_fields_are_kept_as_plain_numbers():
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="factor"):   # x1 would fire on a flat signal
+        SignalRule("a", 1.0)
+    r = SignalRule("a", torch.tensor(2.0), baseline=np.int64(3), level=np.float32(0.5))
+    assert type(r.factor) is float and type(r.baseline) is int and type(r.level) is float
+    assert hash(r) == hash(SignalRule("a", 2.0, baseline=3, level=0.5))
+
+
+def test_the_same_rule_twice_is_refused():
+    r = SignalRule("a", 2.0)
+    with pytest.raises(ValueError, match=r"rules\[1\] repeats rules\[0\]"):
+        SignalDetector([r, SignalRule("a", 2.0)])
+
+
+def test_numpy_numbers_are_values_and_none_is_no_value_while_nan_fires():
+    np = pytest.importorskip("numpy")
+    r = SignalRule("a", 2.0, baseline=3, lag=0, smooth=1, persist=1, start=0)
+    det = SignalDetector([r])
+    assert [det.update(t, {"a": np.float32(1.0)}) for t in range(4)] == [[]] * 4
+    assert det.update(4, {"a": np.float64(3.0)})[0]["update"] == 4
+    gap = [1.0, 1.0, None, 1.0, None, 1.0]   # updates with no value: a gap, not a non-finite value
+    assert detect({"a": gap}, [r]) == []
+    assert detect({"a": gap[:2] + [float("nan")]}, [r])[0]["update"] == 2
+
+
+def test_a_stream_that_is_not_a_sequence_and_a_negative_first_update_are_refused():
+    r = SignalRule("a", 2.0)
+    with pytest.raises(TypeError, match=r"stream\['a'\]"):
+        detect({"a": 1.0}, [r])
+    with pytest.raises(ValueError, match="first_update"):
+        detect({"a": [1.0]}, [r], first_update=-1)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_copied_detector_carries_its_state(how):
+    import copy
+    import pickle
+    det = SignalDetector([SignalRule("a", 2.0, baseline=3, lag=0, smooth=1, persist=2, start=0)])
+    for t, v in enumerate([1.0, 1.0, 1.0, 3.0]):   # held once at update 3; persist=2 fires at 4
+        det.update(t, {"a": v})
+    twin = pickle.loads(pickle.dumps(det)) if how == "pickle" else copy.deepcopy(det)
+    assert twin.update(4, {"a": 3.0})[0]["update"] == 4 == det.update(4, {"a": 3.0})[0]["update"]
