@@ -42,11 +42,41 @@ def _number(name: str, value: Any, **bounds) -> float:
     return value if type(value) in (int, float) else checked
 
 
+class _NumberOps:
+    """The few operations a decay's formula needs, on Python numbers (`math`)."""
+
+    cos = staticmethod(math.cos)
+    fmod = staticmethod(math.fmod)
+
+    @staticmethod
+    def at_least_zero(x: float) -> float:
+        return max(0.0, x)
+
+    @staticmethod
+    def zero_where(condition: bool, x: float) -> float:
+        return 0.0 if condition else x
+
+
+class _TensorOps:
+    """The same operations on tensors (torch's ops: traceable by ``torch.compile``, no host read)."""
+
+    def __init__(self, torch) -> None:
+        self.torch = torch
+        self.cos, self.fmod = torch.cos, torch.fmod
+
+    def at_least_zero(self, x):
+        return self.torch.clamp(x, min=0.0)
+
+    def zero_where(self, condition, x):
+        return self.torch.where(condition, self.torch.zeros_like(x), x)
+
+
 class InternalDecay:
     """Base class: a picklable callable ``step (int >= 0) -> float`` with a serializable config.
 
     Subclasses set ``kind`` (the name used by [`make_internal_decay`][sign_optim.make_internal_decay] and in state dicts) and
-    implement `value`.
+    implement ``_formula(step, ops)``, the decay of a step already clipped to ``[0, T_max]``, written once for a number
+    (`value`, ``ops`` on Python numbers) and a tensor (`tensor_value`, ``ops`` on tensors).
     """
 
     kind: str = ""
@@ -55,15 +85,16 @@ class InternalDecay:
         self.T_max = _number("T_max", T_max, low=1.0)
 
     def value(self, step: float) -> float:
-        raise NotImplementedError
+        """The decay at a number ``step`` in ``[0, T_max]``."""
+        return self._formula(step, _NumberOps)
 
     def tensor_value(self, step: "torch.Tensor") -> "torch.Tensor":
         """The decay at a 0-d tensor ``step``, as a float64 tensor (torch ops: traceable by
         ``torch.compile``, no recompilation as the step changes). Equal to ``self(step)``."""
         import torch
-        return self._tensor_value(torch.clamp(step.double(), min=0.0, max=float(self.T_max)), torch)
+        return self._formula(torch.clamp(step.double(), min=0.0, max=float(self.T_max)), _TensorOps(torch))
 
-    def _tensor_value(self, step, torch):
+    def _formula(self, step, ops):
         raise NotImplementedError
 
     def __call__(self, step: float) -> float:
@@ -104,11 +135,8 @@ class LinearInternalDecay(InternalDecay):
 
     kind = "linear"
 
-    def value(self, step: float) -> float:
-        return max(0.0, (self.T_max - step) / self.T_max)
-
-    def _tensor_value(self, step, torch):
-        return torch.clamp((self.T_max - step) / self.T_max, min=0.0)
+    def _formula(self, step, ops):
+        return ops.at_least_zero((self.T_max - step) / self.T_max)
 
 
 class _PeriodicDecay(InternalDecay):
@@ -138,17 +166,11 @@ class CosineInternalDecay(_PeriodicDecay):
     def __init__(self, T_max: float, num_periods: float = 0.5, zero_after: Optional[float] = None) -> None:
         super().__init__(T_max, num_periods, zero_after)
 
-    def value(self, step: float) -> float:
+    def _formula(self, step, ops):
         fraction = 2.0 * self.num_periods * step / self.T_max
-        if self.zero_after is not None and fraction >= 2.0 * self.zero_after:
-            return 0.0
-        return 0.5 * (1.0 + math.cos(math.pi * fraction))
-
-    def _tensor_value(self, step, torch):
-        fraction = 2.0 * self.num_periods * step / self.T_max
-        value = 0.5 * (1.0 + torch.cos(math.pi * fraction))
+        value = 0.5 * (1.0 + ops.cos(math.pi * fraction))
         if self.zero_after is not None:
-            value = torch.where(fraction >= 2.0 * self.zero_after, torch.zeros_like(value), value)
+            value = ops.zero_where(fraction >= 2.0 * self.zero_after, value)
         return value
 
 
@@ -170,18 +192,11 @@ class RestartCosineInternalDecay(_PeriodicDecay):
     def __init__(self, T_max: float, num_periods: float = 1, zero_after: Optional[float] = None) -> None:
         super().__init__(T_max, num_periods, zero_after)
 
-    def value(self, step: float) -> float:
+    def _formula(self, step, ops):
         periods = self.num_periods * step
-        if self.zero_after is not None and periods / self.T_max >= self.zero_after:
-            return 0.0
-        fraction = math.fmod(periods, self.T_max) / self.T_max
-        return 0.5 * (1.0 + math.cos(math.pi * fraction))
-
-    def _tensor_value(self, step, torch):
-        periods = self.num_periods * step
-        value = 0.5 * (1.0 + torch.cos(math.pi * torch.fmod(periods, self.T_max) / self.T_max))
+        value = 0.5 * (1.0 + ops.cos(math.pi * (ops.fmod(periods, self.T_max) / self.T_max)))
         if self.zero_after is not None:
-            value = torch.where(periods / self.T_max >= self.zero_after, torch.zeros_like(value), value)
+            value = ops.zero_where(periods / self.T_max >= self.zero_after, value)
         return value
 
 

@@ -13,11 +13,13 @@ PowerSign ``(1, sinh(c), cosh(c) - 1)`` with ``c = d ln(alpha)``, because
 ``alpha ** (d s) = 1 + sinh(c) s + (cosh(c) - 1) s**2`` for ``s = sign(g) sign(m)`` in {-1, 0, 1}: the same
 value as the exponential, without an exponential per element, and exact where ``m == 0``.
 
-`sign_update` runs the update as torch.optim's ``adam()`` does, by one of its implementations:
-`_single_tensor_sign` (a loop over parameters; half precision computed in float32 and stored once),
-`_multi_tensor_sign` (``torch._foreach_*`` ops, in cache-sized chunks on the CPU) and, in
-`sign_optim.fused`, the one-pass kernels (C on the CPU, Triton on CUDA), which take the same ``(a, b)``.
-`_traced_sign` is the single-tensor form with tensor coefficients (``torch.compile``, ``capturable``).
+The coefficient functions take a number or a tensor decay through one formula. `sign_update` is the one
+dispatcher, as torch.optim's ``adam()`` (`route` says which): `_single_tensor_sign` (a loop over parameters; half
+precision computed in float32 and stored once), `_multi_tensor_sign` (``torch._foreach_*`` ops, in cache-sized
+chunks on the CPU), `_fused_sign` (the one-pass operator of `sign_optim.fused`: C on the CPU, Triton on CUDA, with
+``lr`` and the weight decay folded into its table), `_compiled_fused_sign` (that operator as one node of a
+``torch.compile`` graph) and `_traced_sign` (the single-tensor form with tensor coefficients: ``capturable``,
+``torch.compile``). The optimizer classes keep the state, the checks and ``state_dict``.
 
 Examples:
     >>> import torch
@@ -29,11 +31,15 @@ Examples:
 """
 
 import math
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
-__all__ = ["Coefficients", "addsign_coefficients", "powersign_coefficients", "max_factor", "sign_update"]
+from . import fused as _fused
+
+__all__ = ["Coefficients", "ROUTES", "addsign_coefficients", "powersign_coefficients", "max_factor", "route",
+           "sign_update"]
 
 #: ``(c0, a, b)`` of one parameter's update (module docstring)
 Coefficients = Tuple[float, float, float]
@@ -41,17 +47,21 @@ Coefficients = Tuple[float, float, float]
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def addsign_coefficients(alpha: float, decay: float) -> Coefficients:
-    """AddSign's ``(c0, a, b)``: ``(alpha + d s) g`` = ``alpha g + d sign(m) |g|``."""
-    return float(alpha), float(decay), 0.0
+def addsign_coefficients(alpha: float, decay):
+    """AddSign's ``(c0, a, b)``: ``(alpha + d s) g`` = ``alpha g + d sign(m) |g|``. ``decay`` a number or a tensor
+    (the traced routes: ``a`` is then that tensor)."""
+    return float(alpha), (decay if isinstance(decay, torch.Tensor) else float(decay)), 0.0
 
 
-def powersign_coefficients(alpha: float, decay: float) -> Coefficients:
-    """PowerSign's ``(c0, a, b) = (1, sinh(c), cosh(c) - 1)`` with ``c = decay * ln(alpha)``.
+def powersign_coefficients(alpha: float, decay):
+    """PowerSign's ``(c0, a, b) = (1, sinh(c), cosh(c) - 1)`` with ``c = decay * ln(alpha)``, one formula for a
+    number ``decay`` (`math`) and a tensor one (torch's ops, the traced routes).
 
-    OverflowError for ``|c|`` beyond float64's exponential range (the optimizer refuses such a step first)."""
-    c = math.log(alpha) * decay
-    return 1.0, math.sinh(c), math.expm1(c) - math.sinh(c)  # expm1(c) - sinh(c) = cosh(c) - 1, accurate near 0
+    OverflowError for a number ``|c|`` beyond float64's exponential range (the optimizer refuses such a step
+    first)."""
+    c = decay * math.log(alpha)
+    ops = torch if isinstance(c, torch.Tensor) else math
+    return 1.0, ops.sinh(c), ops.expm1(c) - ops.sinh(c)  # expm1(c) - sinh(c) = cosh(c) - 1, accurate near 0
 
 
 def max_factor(coefficients: Coefficients) -> float:
@@ -61,21 +71,165 @@ def max_factor(coefficients: Coefficients) -> float:
     return sum(abs(x) for x in coefficients)
 
 
+#: the routes of `sign_update` (`route`), torch's ``adam()`` implementations plus the traced forms
+ROUTES = ("fused", "compiled_fused", "traced", "foreach", "single_tensor")
+
+
+def route(params: List[torch.Tensor], *, foreach: Optional[bool] = None, fused: Optional[bool] = None,
+          capturable: bool = False) -> str:
+    """The implementation `sign_update` runs for ``params`` (one of `ROUTES`), as torch's ``adam()`` picks one.
+
+    ``fused=True``, or both flags None and a fused kernel for every device (`sign_optim.fused`): ``"fused"``.
+    Under ``torch.compile`` every tensor stays a tensor: ``"compiled_fused"`` (the operator as one graph node) for
+    fused CPU parameters, else ``"traced"``; ``capturable`` also takes ``"traced"`` (no host read) unless every
+    parameter is on the CPU and fused (reading the CPU counters there is no device sync). Otherwise ``foreach``
+    (None: torch's default for these parameters) picks ``"foreach"`` over ``"single_tensor"``; half-precision
+    parameters always take the single-tensor loop (computed in float32, stored once).
+    """
+    if fused is not None or foreach is not None:
+        use_fused = bool(fused)
+    else:
+        use_fused = all(_fused.available(d) for d in {p.device for p in params})
+    compiling = torch.compiler.is_compiling()
+    if compiling or capturable:  # (only these ask where the parameters are: a per-tensor cost on the hot path)
+        on_cpu = use_fused and all(p.is_cpu for p in params)
+        if compiling:
+            return "compiled_fused" if on_cpu else "traced"
+        if not on_cpu:
+            return "traced"
+    if use_fused:
+        return "fused"
+    if foreach is None:
+        full = [p for p in params if p.dtype not in _HALF]
+        foreach = bool(full) and _default_to_fused_or_foreach(full, differentiable=False)[1]
+    return "foreach" if foreach else "single_tensor"
+
+
 def sign_update(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: List[torch.Tensor],
-                coefficients: Sequence[Coefficients], *, lr: float, beta: float, weight_decay: float, maximize: bool,
-                foreach: bool, chunk_numel: int = 1 << 16) -> None:
+                coefficients: Union[Sequence[Coefficients], torch.Tensor],
+                state_steps: Optional[List[torch.Tensor]] = None, *, lr, beta: float, weight_decay: float,
+                maximize: bool, foreach: Optional[bool] = None, fused: Optional[bool] = None,
+                capturable: bool = False, found_inf: Optional[torch.Tensor] = None,
+                chunk_numel: int = 1 << 16) -> None:
     """One step of the sign rule over ``params`` (in place), their gradients and moving averages ``avgs``
-    (float32 for half-precision parameters), ``coefficients[i]`` for parameter ``i``. ``foreach`` picks
-    `_multi_tensor_sign` (float32/float64 parameters of one device) over `_single_tensor_sign`.
-    The step counters are the caller's."""
+    (float32 for half-precision parameters), ``coefficients[i]`` for parameter ``i``: the one dispatcher of every
+    implementation (`route`), as torch's ``adam()``.
+
+    Args:
+        coefficients: one ``(c0, a, b)`` per parameter (`addsign_coefficients`, `powersign_coefficients`):
+            numbers, or 0-d tensors on the traced routes; or, for the fused route only, the operator's table
+            (`sign_optim.fused.kernel_coefficients`, ``lr`` and ``weight_decay`` folded in).
+        state_steps: the step counters, each advanced by 1 (None: the caller's).
+        lr, beta, weight_decay, maximize: the rule's hyper-parameters (``lr`` a tensor on the traced routes).
+        foreach, fused, capturable: the route's flags (`route`); a parameter the fused kernels do not take (a
+            layout, a device) falls back to the other implementations.
+        found_inf: torch's gradient-scaler flag (1-element tensor): where non-zero, the step changes nothing
+            (parameters, averages, counters), never read in Python. The fused operator takes it (its kernel
+            skips); the other routes run and put every written tensor back by ``torch.where`` on the flag's
+            device (one copy of the parameters and averages: the price of no host read there).
+        chunk_numel: elements per piece of the CPU foreach route (`_cache_sized_chunks`).
+    """
     if not params:  # the foreach ops refuse empty lists; nothing to update is a no-op on every path
         return
-    if foreach:
-        _multi_tensor_sign(params, grads, avgs, coefficients, lr=lr, beta=beta, weight_decay=weight_decay,
-                           maximize=maximize, chunk_numel=chunk_numel)
-    else:
+    # a table fits the fused operator only (the caller chose and checked it: no second look at every parameter)
+    path = "fused" if isinstance(coefficients, torch.Tensor) else route(params, foreach=foreach, fused=fused,
+                                                                        capturable=capturable)
+    if state_steps is None and path in ("fused", "compiled_fused"):  # the operator advances counters: scratch ones
+        state_steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+    options = dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
+    if found_inf is not None and not (path in ("fused", "compiled_fused")
+                                      and found_inf.device.type == params[0].device.type):
+        # the routes without a flag in their kernel: the step, then put back where found_inf is set
+        _unless_found_inf(found_inf, [*params, *avgs, *(state_steps or [])], lambda: sign_update(
+            params, grads, avgs, coefficients, state_steps, foreach=foreach, fused=fused, capturable=capturable,
+            chunk_numel=chunk_numel, **options))
+        return
+    if path == "compiled_fused":
+        _compiled_fused_sign(params, grads, avgs, coefficients, state_steps, found_inf=found_inf, **options)
+        return
+    if path == "traced":
+        if state_steps is not None:
+            torch._foreach_add_(state_steps, 1.0)
         for p, g, m, coefs in zip(params, grads, avgs, coefficients):
-            _single_tensor_sign(p, g, m, coefs, lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
+            _traced_sign(p, g, m, coefs, **options)
+        return
+    rest = list(range(len(params)))
+    if path == "fused":
+        rest = _fused_sign(params, grads, avgs, coefficients, state_steps, found_inf=found_inf, **options)
+        if not rest:
+            return
+        if found_inf is not None:  # a layout the operator does not take: the other routes, put back if skipped
+            sign_update(*([t[i] for i in rest] for t in (params, grads, avgs, coefficients, state_steps)),
+                        foreach=foreach, fused=False, found_inf=found_inf, chunk_numel=chunk_numel, **options)
+            return
+        path = route([params[i] for i in rest], foreach=foreach, fused=False)
+    if len(rest) < len(params):  # the fused route's leftovers
+        params, grads, avgs, coefficients = ([t[i] for i in rest] for t in (params, grads, avgs, coefficients))
+        state_steps = None if state_steps is None else [state_steps[i] for i in rest]
+    if state_steps is not None:
+        torch._foreach_add_(state_steps, 1.0)  # one call, not one per parameter
+    loop = zip(params, grads, avgs, coefficients)
+    if path == "foreach":
+        half = [i for i, p in enumerate(params) if p.dtype in _HALF]  # one by one, in float32
+        full = [i for i in range(len(params)) if params[i].dtype not in _HALF] if half else None
+        if full is None:
+            _multi_tensor_sign(params, grads, avgs, coefficients, chunk_numel=chunk_numel, **options)
+        elif full:
+            _multi_tensor_sign(*([t[i] for i in full] for t in (params, grads, avgs, coefficients)),
+                               chunk_numel=chunk_numel, **options)
+        loop = ((params[i], grads[i], avgs[i], coefficients[i]) for i in half)
+    for p, g, m, coefs in loop:  # (keywords spelled out: a dict unpacked per parameter costs on many small ones)
+        _single_tensor_sign(p, g, m, coefs, lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
+
+
+def _unless_found_inf(found_inf: torch.Tensor, written: List[torch.Tensor], run) -> None:
+    """``run()``, then every tensor of ``written`` put back where ``found_inf`` is non-zero, by
+    ``torch.where(skip, before, after)`` (NaN-safe: a poisoned update is discarded, not multiplied by 0): the
+    decision stays a tensor, so no host read of the flag (torch's fused kernels skip on the device too)."""
+    skip = found_inf.reshape(()) != 0
+    before = [t.clone() for t in written]
+    run()
+    for t, b in zip(written, before):
+        t.copy_(torch.where(skip.to(t.device), b, t))
+
+
+def _fused_sign(params, grads, avgs, coefficients, state_steps, *, lr, beta, weight_decay, maximize,
+                found_inf=None) -> List[int]:
+    """The fused operator (`sign_optim.fused`), one call per device; the indices left to the other routes (a
+    layout or device it does not take, e.g. a non-contiguous view). Given the operator's table, every parameter
+    goes to the operator (the caller checked them), DTensors by their local shards."""
+    if isinstance(coefficients, torch.Tensor):
+        _fused.fused_sign_(params, grads, avgs, state_steps, coefficients, beta=float(beta), maximize=maximize,
+                           found_inf=found_inf)
+        return []
+    local = [(_fused.local_shard(p), _fused.local_shard(g), _fused.local_shard(m))
+             for p, g, m in zip(params, grads, avgs)]
+    by_device: Dict[torch.device, List[int]] = {}
+    rest = []
+    for i, ((p, g, m), s) in enumerate(zip(local, state_steps)):
+        if _fused.supported(p, g, m, s) and _fused.available(p.device) and (
+                found_inf is None or found_inf.device == p.device):
+            by_device.setdefault(p.device, []).append(i)
+        else:
+            rest.append(i)
+    for idx in by_device.values():
+        table = _fused.kernel_coefficients([coefficients[i] for i in idx], lr=lr, weight_decay=float(weight_decay))
+        _fused.fused_sign_([local[i][0] for i in idx], [local[i][1] for i in idx], [local[i][2] for i in idx],
+                           [state_steps[i] for i in idx], table, beta=float(beta), maximize=maximize,
+                           found_inf=found_inf)
+    return rest
+
+
+def _compiled_fused_sign(params, grads, avgs, coefficients, state_steps, *, lr, beta, weight_decay, maximize,
+                         found_inf=None) -> None:
+    """The fused operator under ``torch.compile``: the table is built from tensor coefficients (no Python number
+    derived from the counters, so no recompilation per step) and the operator is one node of the graph (its
+    fake implementation: `sign_optim.fused`)."""
+    rows = [torch.stack([torch.as_tensor(x, dtype=torch.float64).reshape(()) for x in
+                         (1.0 - lr * weight_decay, -lr * c0, -lr * a, -lr * (0.0 if b is None else b))])
+            for c0, a, b in coefficients]
+    torch.ops.sign_optim.fused_sign_(params, grads, avgs, state_steps, torch.stack(rows), float(beta), maximize,
+                                     found_inf)
 
 
 def _moving_average_and_decay(p, g, m, *, lr, beta, weight_decay, maximize):
@@ -108,14 +262,14 @@ def _single_tensor_sign(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, coefs
 
 def _traced_sign(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, coefs, *, lr, beta: float, weight_decay: float,
                  maximize: bool) -> None:
-    """`_single_tensor_sign` with tensor coefficients (``b`` None where the rule has none) and a tensor or
+    """`_single_tensor_sign` with tensor coefficients (``b`` None or 0 where the rule has none) and a tensor or
     number ``lr``, as one expression: no Python number derived from a tensor, so ``torch.compile`` does not
     recompile per step, and inductor fuses it."""
     work, g = _moving_average_and_decay(p, g, m, lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
     c0, a, b = coefs
     sign_m = m.sign()
     direction = (g if isinstance(c0, (int, float)) and c0 == 1 else g * c0) + sign_m * g.abs() * a
-    if b is not None:
+    if b is not None and not (isinstance(b, (int, float)) and b == 0):
         direction = direction + sign_m.abs() * g * b
     work.add_(direction * (-lr))
     if work is not p:

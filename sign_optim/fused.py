@@ -1,8 +1,10 @@
 """The fused path of AddSign and PowerSign: one operator, one pass over memory.
 
-``torch.ops.sign_optim.fused_sign_(params, grads, exp_avgs, state_steps, coefficients, beta, maximize)`` updates
-every parameter and its moving average in one pass (read ``p``, ``g``, ``m``, write ``p``, ``m``: 5 numbers per
-parameter, where fused Adam moves 7) and advances the step counters. ``coefficients`` is a float64 CPU tensor of
+``torch.ops.sign_optim.fused_sign_(params, grads, exp_avgs, state_steps, coefficients, beta, maximize,
+found_inf=None)`` updates every parameter and its moving average in one pass (read ``p``, ``g``, ``m``, write ``p``,
+``m``: 5 numbers per parameter, where fused Adam moves 7) and advances the step counters; with torch's
+gradient-scaler flag ``found_inf`` set (a 1-element tensor on the parameters' device) it writes nothing, decided
+in the kernel, as torch's fused optimizers skip. ``coefficients`` is a float64 CPU tensor of
 shape ``(n, 4)`` or ``(1, 4)``: per parameter ``(1 - lr wd, -lr c0, -lr a, -lr b)``, the coefficient form of
 `sign_optim.functional` with ``lr`` and the weight decay folded in (`kernel_coefficients`).
 
@@ -88,18 +90,33 @@ def _register_python_kernels() -> None:
     among CPU tensors (which the dispatcher routes here) is refused rather than silently doing nothing."""
 
     @torch.library.register_fake("sign_optim::fused_sign_")
-    def _(params, grads, exp_avgs, state_steps, coefficients, beta, maximize):
-        torch.ops.sign_optim.check_fused_inputs(params, grads, exp_avgs, state_steps, coefficients, beta,
-                                                _kernel_device(params, grads, exp_avgs), False)
+    def _(params, grads, exp_avgs, state_steps, coefficients, beta, maximize, found_inf=None):
+        device = _kernel_device(params, grads, exp_avgs)
+        torch.ops.sign_optim.check_fused_inputs(params, grads, exp_avgs, state_steps, coefficients, beta, device, False)
+        _check_found_inf(found_inf, device)
         return None
 
     @torch.library.impl("sign_optim::fused_sign_", "CUDA")
-    def _(params, grads, exp_avgs, state_steps, coefficients, beta, maximize):
+    def _(params, grads, exp_avgs, state_steps, coefficients, beta, maximize, found_inf=None):
         from .triton_kernel import fused_sign_triton  # Triton is imported only when CUDA parameters are fused
 
         torch.ops.sign_optim.check_fused_inputs(params, grads, exp_avgs, state_steps, coefficients, beta, "cuda")
-        fused_sign_triton(params, grads, exp_avgs, coefficients, beta=beta, maximize=maximize)
+        _check_found_inf(found_inf, "cuda")
+        fused_sign_triton(params, grads, exp_avgs, coefficients, beta=beta, maximize=maximize, found_inf=found_inf)
         torch._foreach_add_(list(state_steps), 1.0)
+        if found_inf is not None:
+            # the counters are CPU tensors: taking a skip back costs one device-to-host copy of the flag (the
+            # parameters and averages were decided in the kernel); device-resident counters would remove it
+            skipped = (found_inf.reshape(()) != 0).to("cpu")
+            for s in state_steps:
+                s.sub_(skipped.to(s.dtype))
+
+
+def _check_found_inf(found_inf: Optional[torch.Tensor], device: str) -> None:
+    """The native kernel's check of torch's gradient-scaler flag, for the Python kernels (Meta, CUDA)."""
+    if found_inf is not None and (found_inf.numel() != 1 or found_inf.device.type != device):
+        raise ValueError("sign_optim fused step: found_inf must be a 1-element tensor on the parameters' device, got "
+                         f"shape {tuple(found_inf.shape)} on {found_inf.device}")
 
 
 def _kernel_device(*lists: List[torch.Tensor]) -> str:
@@ -140,13 +157,19 @@ def kernel_coefficients(coefficients: Sequence[Sequence[float]], *, lr: float, w
 
 
 def fused_sign_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
-                state_steps: List[torch.Tensor], coefficients: torch.Tensor, *, beta: float, maximize: bool) -> None:
+                state_steps: List[torch.Tensor], coefficients: torch.Tensor, *, beta: float, maximize: bool,
+                found_inf: Optional[torch.Tensor] = None) -> None:
     """One fused step (in place) of ``params``, their moving averages ``exp_avgs`` and step counters
     ``state_steps`` (each advanced by 1), with the operator's ``coefficients`` (`kernel_coefficients`).
-    Every tensor is checked natively first: a refused call raises ValueError/TypeError and changes nothing."""
+    Every tensor is checked natively first: a refused call raises ValueError/TypeError and changes nothing.
+    ``found_inf`` (torch's gradient-scaler flag, a 1-element tensor on the parameters' device): non-zero skips the
+    step inside the operator (nothing written, counters kept), with no Python read of the flag."""
     if not _load():
         raise RuntimeError(_LOAD_ERROR)
-    torch.ops.sign_optim.fused_sign_(params, grads, exp_avgs, state_steps, coefficients, beta, maximize)
+    if found_inf is None:  # (the 7-argument call: an operator built before the flag existed still serves it)
+        torch.ops.sign_optim.fused_sign_(params, grads, exp_avgs, state_steps, coefficients, beta, maximize)
+    else:
+        torch.ops.sign_optim.fused_sign_(params, grads, exp_avgs, state_steps, coefficients, beta, maximize, found_inf)
 
 
 def parallel_probe(blocks: int = 64) -> int:

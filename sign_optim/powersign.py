@@ -7,12 +7,13 @@ import torch
 
 from toolbox_core import validation
 
-from .functional import Coefficients, powersign_coefficients
-from .sign_optimizer import SignDecay, SignOptimizer
+from .functional import powersign_coefficients
+from .sign_optimizer import SignDecay, SignOptimizer, shares_argument_docs
 
 __all__ = ["PowerSign"]
 
 
+@shares_argument_docs
 class PowerSign(SignOptimizer):
     r"""PowerSign: multiply the gradient by ``alpha`` where it agrees in sign with its moving average,
     divide it by ``alpha`` where not.
@@ -26,27 +27,12 @@ class PowerSign(SignOptimizer):
 
     computed as ``g + sinh(c) sign(m) |g| + (cosh(c) - 1) |sign(m)| g`` with ``c = d ln(alpha)``
     (the same value for ``sign(g) sign(m)`` in {-1, 0, 1}, without an exponential per element).
-    ``weight_decay`` is decoupled (``w <- w - lr * weight_decay * w`` before the update).
     State: one tensor per parameter (``exp_avg``, float32 for float16/bfloat16 parameters, which are
     updated in float32) and a 0-d tensor ``step``: half of Adam's memory.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-        lr: learning rate (>= 0). Default: 1e-3 (TensorFlow's default is 0.1).
-        beta: moving-average coefficient in [0, 1). Default: 0.9.
         alpha: the base (> 0). Default: e.
-        sign_internal_decay: None (constant 1), a [`InternalDecay`][sign_optim.InternalDecay] (saved in
-            ``state_dict``), or any callable ``step -> float`` (not serializable: pass it again when
-            resuming, see [`SignOptimizer`][sign_optim.SignOptimizer]).
-        weight_decay: decoupled weight decay (>= 0). Default: 0.
-        maximize: maximize the objective instead of minimizing it. Default: False.
-        foreach: use the ``torch._foreach_*`` implementation.
-        fused: use the one-pass operator (`sign_optim.fused`: C++ on CPU, Triton on CUDA).
-            ``fused=None, foreach=None`` (the default) takes the fused kernel where it is available,
-            else foreach; ``fused=True`` where it is not is a ValueError. The paths agree to 1 ulp.
-        capturable: keep the step counter on the parameters' device and never read a tensor on the
-            host (CUDA graphs); ``lr`` may then be a device tensor. With ``fused=True`` on the CPU the
-            fused operator runs (no device to sync with); on CUDA the traced update.
 
     Examples:
         >>> from sign_optim import CosineInternalDecay
@@ -75,14 +61,8 @@ class PowerSign(SignOptimizer):
         super().__init__(params, defaults, sign_internal_decay)
 
     rule = "powersign"
+    rule_coefficients = staticmethod(powersign_coefficients)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         super()._check_group(group)
         validation.as_real("alpha", group["alpha"], low=0.0, low_open=True)
-
-    def coefficients(self, group: Dict[str, Any], decay: float) -> Coefficients:
-        return powersign_coefficients(group["alpha"], decay)
-
-    def tensor_coefficients(self, group: Dict[str, Any], decay: torch.Tensor):
-        c = decay * math.log(group["alpha"])
-        return 1, torch.sinh(c), torch.cosh(c) - 1

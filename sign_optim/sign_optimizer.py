@@ -3,9 +3,10 @@
 Both rules (Bello et al., 2017, arXiv 1709.07417) keep one moving average per parameter and, as in
 TensorFlow, update it first (no bias correction), then scale the gradient by a factor of
 ``sign(g) * sign(m)`` and of the internal decay ``d`` evaluated at the step *before* it is
-incremented (the first update uses ``d(0)``). A subclass only gives its rule's coefficients
-``(c0, a, b)`` (`sign_optim.functional`); the class keeps the state, checks everything first, and hands
-the work to the functional implementations and the fused kernels (`sign_optim.fused`).
+incremented (the first update uses ``d(0)``). A subclass only gives its rule's coefficient function
+(``rule_coefficients``, `sign_optim.functional`); the class keeps the state, checks everything first, and hands
+the work to the one dispatcher, `sign_optim.functional.sign_update`, which chooses the route (fused, foreach,
+single-tensor, traced) as torch's ``adam()`` does.
 """
 
 import math
@@ -13,7 +14,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from toolbox_core import validation
 
@@ -21,16 +21,11 @@ from . import aliasing, functional, fused
 from .decays import InternalDecay, internal_decay_from_state_dict
 from .functional import Coefficients
 
-__all__ = ["SignOptimizer", "SignDecay"]
+__all__ = ["SignOptimizer", "SignDecay", "SHARED_ARGS_DOC", "shares_argument_docs"]
 
 SignDecay = Optional[Callable[[int], float]]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _cuda_step():
-    from .triton_kernel import cuda_step  # Triton is imported only when CUDA parameters are fused
-    return cuda_step
 
 
 def _step_dtype() -> torch.dtype:
@@ -46,6 +41,36 @@ _RULE_KEY = "sign_rule"
 # Flags added after the first release, with their defaults: an older state dict's groups may lack them
 # (torch's test_can_load_older_state_dict removes each one, as torch.optim's own flags).
 _LATER_FLAGS = {"maximize": False, "foreach": None, "fused": None, "capturable": False, "weight_decay": 0.0}
+
+
+#: The argument docs AddSign and PowerSign share, in one place (torch.optim's ``_foreach_doc``/``_fused_doc`` way):
+#: `shares_argument_docs` appends them to a rule's own ``Args`` (``params``, ``alpha``).
+SHARED_ARGS_DOC = """\
+        lr: learning rate (>= 0), a number or a 1-element tensor. Default: 1e-3 (TensorFlow's default is 0.1).
+        beta: moving-average coefficient in [0, 1). Default: 0.9.
+        sign_internal_decay: None (constant 1), a [`InternalDecay`][sign_optim.InternalDecay] (saved in
+            ``state_dict``), or any callable ``step -> float`` (not serializable: pass it again when
+            resuming, see [`SignOptimizer`][sign_optim.SignOptimizer]).
+        weight_decay: decoupled weight decay (>= 0): ``w <- w - lr * weight_decay * w`` before the update, as in
+            AdamW. Default: 0.
+        maximize: maximize the objective instead of minimizing it. Default: False.
+        foreach: use the ``torch._foreach_*`` implementation.
+        fused: use the one-pass operator (`sign_optim.fused`: C++ on CPU, Triton on CUDA).
+            ``fused=None, foreach=None`` (the default) takes the fused kernel where it is available,
+            else foreach; ``fused=True`` where it is not is a ValueError. The paths agree to 1 ulp
+            (`sign_optim.functional.sign_update` dispatches them).
+        capturable: keep the step counter on the parameters' device and never read a tensor on the
+            host (CUDA graphs); ``lr`` may then be a device tensor. With ``fused=True`` on the CPU the
+            fused operator runs (no device to sync with); on CUDA the traced update.
+"""
+
+
+def shares_argument_docs(cls: type) -> type:
+    """Class decorator: `SHARED_ARGS_DOC` appended to the end of the class docstring's ``Args`` section (before
+    ``Examples``), so a help() or an API page shows every argument while each is written once."""
+    head, sep, tail = (cls.__doc__ or "").partition("\n\n    Examples:")
+    cls.__doc__ = head.rstrip("\n") + "\n" + SHARED_ARGS_DOC.rstrip("\n") + sep + tail
+    return cls
 
 
 class SignOptimizer(Optimizer):
@@ -80,6 +105,9 @@ class SignOptimizer(Optimizer):
     #: the rule's name, saved in ``state_dict()["sign_rule"]`` (a subclass sets it)
     rule: str = ""
 
+    #: the rule's ``(alpha, decay) -> (c0, a, b)``, for a number or a tensor decay (`sign_optim.functional`)
+    rule_coefficients: Optional[Callable[[float, Any], Coefficients]] = None
+
     #: CPU foreach path: elements per cache-sized piece of work (`sign_optim.functional._cache_sized_chunks`).
     cpu_chunk_numel: int = 1 << 16
 
@@ -89,9 +117,9 @@ class SignOptimizer(Optimizer):
         defaults: Dict[str, Any],
         sign_internal_decay: SignDecay,
     ) -> None:
-        if type(self).coefficients is SignOptimizer.coefficients:
+        if type(self).rule_coefficients is None:
             raise TypeError(f"{type(self).__name__} gives no rule: construct AddSign or PowerSign (a subclass of "
-                            "SignOptimizer must define coefficients and tensor_coefficients)")
+                            "SignOptimizer must set rule_coefficients, a function of sign_optim.functional)")
         defaults = {**defaults, _DECAY_KEY: _as_decay(sign_internal_decay)}
         self._check_group(defaults)  # hyper-parameters first, before the params are iterated (torch.optim's order)
         super().__init__(params, defaults)
@@ -327,35 +355,35 @@ class SignOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = self._amp_scale()
-        if grad_scale is False:  # found_inf: this step is skipped
-            return loss
+        found_inf, grad_scale = self._amp_flags()
         # one group and nothing to unscale: the operator's own native check is the only one (a refused call changes
         # nothing, and the general path then reports or partitions); else every group is checked before any runs
         precheck = grad_scale is not None or len(self.param_groups) > 1
         fast = None if torch.compiler.is_compiling() else self._fused_work(precheck)
         if fast is not None:  # every group fused and checked natively: one operator call per group
-            self._unscale(grad_scale)
+            self._unscale(grad_scale, found_inf)
             try:
-                for params, grads, avgs, steps, coefficients, group in fast:
-                    fused.fused_sign_(params, grads, avgs, steps, coefficients, beta=float(group["beta"]),
-                                      maximize=group["maximize"])
+                for params, grads, avgs, steps, table, group in fast:
+                    functional.sign_update(params, grads, avgs, table, steps, lr=group["lr"], beta=group["beta"],
+                                           weight_decay=group["weight_decay"], maximize=group["maximize"],
+                                           fused=True, found_inf=found_inf)
                 return loss
             except (ValueError, TypeError, RuntimeError, NotImplementedError):
                 if precheck:  # the operator refused what its own check passed: not a layout question
                     raise
         # (a layout the operator refused: the general path reports it by name or hands it to the other paths)
         work = self._prepare_step()  # every check first
-        self._unscale(grad_scale)  # after the checks: a refused step leaves the gradients as they were
+        self._unscale(grad_scale, found_inf)  # after the checks: a refused step leaves the gradients as they were
         for group, params, grads, decays, states in work:
-            self._update_group(group, params, grads, decays, states)
+            self._update_group(group, params, grads, decays, states, found_inf)
         return loss
 
-    def _amp_scale(self):
-        """torch's fused-optimizer protocol with a gradient scaler: ``optimizer.found_inf`` (non-zero: skip this
-        step, nothing changes; returns False) and ``optimizer.grad_scale`` (returned: the gradients are divided by
-        it in place, as ``GradScaler.unscale_`` does, once the step's checks have passed). Both are absent unless a
-        caller sets them; each must be None or a 1-element tensor (a floating one for ``grad_scale``)."""
+    def _amp_flags(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """torch's fused-optimizer protocol with a gradient scaler: ``optimizer.found_inf`` (non-zero: this step
+        changes nothing, decided on the flag's device by `sign_optim.functional.sign_update`, never read on the
+        host) and ``optimizer.grad_scale`` (the gradients are divided by it in place, as ``GradScaler.unscale_``
+        does, once the step's checks have passed, unless found_inf is set). Both are absent unless a caller sets
+        them; each must be None or a 1-element tensor (a floating one for ``grad_scale``)."""
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         for name, value in (("found_inf", found_inf), ("grad_scale", grad_scale)):
             if value is not None and not (isinstance(value, torch.Tensor) and value.numel() == 1):
@@ -364,14 +392,16 @@ class SignOptimizer(Optimizer):
                                 + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
         if grad_scale is not None and not grad_scale.is_floating_point():
             raise TypeError(f"optimizer.grad_scale must be a floating tensor, got dtype {grad_scale.dtype}")
-        if found_inf is not None and bool(found_inf):
-            return False
-        return grad_scale
+        return found_inf, grad_scale
 
-    def _unscale(self, grad_scale: Optional[torch.Tensor]) -> None:
-        """Divide every gradient by ``grad_scale`` in place (one foreach call per device)."""
+    def _unscale(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+        """Divide every gradient by ``grad_scale`` in place (one foreach call per device); by 1 where ``found_inf``
+        is set (a skipped step leaves the gradients as they were; a tensor decision, no host read)."""
         if grad_scale is None:
             return
+        if found_inf is not None:
+            grad_scale = torch.where(found_inf.reshape(()).to(grad_scale.device) != 0,
+                                     torch.ones_like(grad_scale), grad_scale)
         by_device: Dict[torch.device, List[torch.Tensor]] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -391,7 +421,7 @@ class SignOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if not self._use_fused(group, params) or self._traced(group, params):
+            if self._route(group, params) != "fused":
                 return None
             self._check_group(group)
             states = list(map(state_of, params))
@@ -433,8 +463,20 @@ class SignOptimizer(Optimizer):
         by_decay = {d: self.coefficients(group, d) for d in set(decays)}
         return fused.kernel_coefficients([by_decay[d] for d in decays], lr=lr, weight_decay=float(group["weight_decay"]))
 
-    # ---- the general path: every implementation, first steps, subclasses, capturable, torch.compile
-    def _update_group(self, group, params, grads, decays, states) -> None:
+    # ---- the general path: every route, first steps, subclasses, capturable, torch.compile
+    @staticmethod
+    def _route(group: Dict[str, Any], params: List[torch.Tensor]) -> str:
+        """The route `sign_optim.functional.sign_update` takes for the group (`sign_optim.functional.route`)."""
+        return functional.route(params, foreach=group["foreach"], fused=group["fused"],
+                                capturable=group["capturable"])
+
+    def _use_fused(self, group: Dict[str, Any], params: List[torch.Tensor]) -> bool:
+        """Whether the group takes the fused operator (eagerly or as a compiled graph's node)."""
+        return self._route(group, params) in ("fused", "compiled_fused")
+
+    def _update_group(self, group, params, grads, decays, states, found_inf=None) -> None:
+        """The state of a first step, the coefficients (numbers, or tensors on the traced routes), then the
+        dispatcher."""
         for i, state in enumerate(states):
             if not state:
                 p = params[i]
@@ -446,114 +488,37 @@ class SignOptimizer(Optimizer):
                                                     memory_format=torch.preserve_format)
         avgs = [state["exp_avg"] for state in states]
         steps = [state["step"] for state in states]
-        # (torch.compile's optimizer tracing sets capturable=True while it traces: on the CPU the fused operator
-        # reads nothing on the host under compile either, so it stays the path)
-        if torch.compiler.is_compiling() and self._use_fused(group, params) and all(p.is_cpu for p in params):
-            self._compiled_fused_update(group, params, grads, avgs, steps)  # one operator node in the graph
-            return
-        if self._traced(group, params):
-            torch._foreach_add_(steps, 1.0)
-            self._traced_update(group, params, grads, avgs)
-            return
-        lr = validation.as_real("lr", group["lr"])  # a tensor lr is read once per group and step
-        rest = list(range(len(params)))
-        if self._use_fused(group, params):
-            rest = self._fused_update(group, lr, params, grads, avgs, steps, decays)
-        if not rest:
-            return
-        torch._foreach_add_([steps[i] for i in rest], 1.0)  # one call, not one per parameter
-        full = [i for i in rest if params[i].dtype not in _HALF]
-        half = [i for i in rest if params[i].dtype in _HALF]
-        foreach = group["foreach"]
-        if foreach is None and full:
-            foreach = _default_to_fused_or_foreach([params[i] for i in full], differentiable=False)[1]
-        coefs = {d: self.coefficients(group, d) for d in set(decays)}
-        options = dict(lr=lr, beta=group["beta"], weight_decay=group["weight_decay"], maximize=group["maximize"])
-        for idx, use_foreach in ((full, bool(foreach)), (half, False)):  # half precision: one by one, in float32
-            if idx:
-                functional.sign_update([params[i] for i in idx], [grads[i] for i in idx], [avgs[i] for i in idx],
-                                       [coefs[decays[i]] for i in idx], foreach=use_foreach,
-                                       chunk_numel=self.cpu_chunk_numel, **options)
+        path = self._route(group, params)
+        if path in ("traced", "compiled_fused"):
+            lr = self._lr_value(group)  # a 1-element lr of any shape, e.g. (1, 1), stays a tensor
+            coefficients = [self.coefficients(group, self._tensor_decay(group, p, s, path)) for p, s in
+                            zip(params, steps)]
+        else:
+            lr = validation.as_real("lr", group["lr"])  # a tensor lr is read once per group and step
+            by_decay = {d: self.coefficients(group, d) for d in set(decays)}
+            coefficients = [by_decay[d] for d in decays]
+        functional.sign_update(params, grads, avgs, coefficients, steps, lr=lr, beta=group["beta"],
+                               weight_decay=group["weight_decay"], maximize=group["maximize"],
+                               foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
+                               found_inf=found_inf, chunk_numel=self.cpu_chunk_numel)
 
-    def _compiled_fused_update(self, group, params, grads, avgs, steps) -> None:
-        """The fused operator under ``torch.compile``: the coefficient table is computed from the step counters
-        as tensors (no Python number derived from them, so no recompilation per step) and the operator is one
-        node of the graph (its fake implementation: `sign_optim.fused`)."""
+    @staticmethod
+    def _tensor_decay(group: Dict[str, Any], p: torch.Tensor, step: torch.Tensor, path: str) -> torch.Tensor:
+        """The decay of the step before this update as a 0-d tensor (torch.compile, capturable: no Python number
+        derived from the counter, so no recompilation per step), in the dtype the route computes in."""
         decay = group[_DECAY_KEY]
-        lr = self._lr_value(group)
         if decay is None:
-            d = torch.ones(1, dtype=torch.float64)
+            d = torch.ones((), dtype=torch.float64)
         elif isinstance(decay, InternalDecay):
-            d = decay.tensor_value(torch.stack([s.reshape(()) for s in steps]))  # the steps before this update
-        else:  # a custom callable takes numbers: a recompilation per step value
-            d = torch.tensor([float(decay(int(s))) for s in steps], dtype=torch.float64)
-        c0, a, b = self.tensor_coefficients(group, d)
-        zero = torch.zeros_like(d)
-        keep = (1.0 - lr * group["weight_decay"]) + zero
-        table = torch.stack([keep, -lr * (c0 + zero), -lr * a, -lr * (zero if b is None else b)], dim=1)
-        torch.ops.sign_optim.fused_sign_(params, grads, avgs, steps, table.to(torch.float64), float(group["beta"]),
-                                         group["maximize"])
+            d = decay.tensor_value(step.reshape(()))
+        else:  # a custom callable takes a number: one recompilation per step value
+            d = torch.tensor(float(decay(int(step))), dtype=torch.float64)
+        return d if path == "compiled_fused" else d.to(torch.float32 if p.dtype in _HALF else p.dtype)
 
-    def _traced_update(self, group, params, grads, avgs) -> None:
-        """The update under ``torch.compile`` or ``capturable``: step, decay and lr stay tensors (no Python number
-        derived from the step counter, so no recompilation per step); inductor fuses the elementwise ops."""
-        decay = group[_DECAY_KEY]
-        lr = self._lr_value(group)  # a 1-element lr of any shape, e.g. (1, 1)
-        for p, g, m in zip(params, grads, avgs):
-            step = self.state[p]["step"] - 1  # the decay of the step before this update, as in eager
-            if decay is None:
-                d = torch.ones((), dtype=torch.float64)
-            elif isinstance(decay, InternalDecay):
-                d = decay.tensor_value(step)
-            else:  # a custom callable takes a number: one recompilation per step value
-                d = torch.tensor(float(decay(int(step))), dtype=torch.float64)
-            d = d.to(torch.float32 if p.dtype in _HALF else p.dtype)
-            functional._traced_sign(p, g, m, self.tensor_coefficients(group, d), lr=lr, beta=group["beta"],
-                                    weight_decay=group["weight_decay"], maximize=group["maximize"])
-
-    def _traced(self, group: Dict[str, Any], params: List[torch.Tensor]) -> bool:
-        """Whether the group takes the traced update: under torch.compile, and for ``capturable`` unless every
-        parameter is on the CPU and fused (where reading lr and the counters on the host is no device sync)."""
-        if torch.compiler.is_compiling():
-            return True
-        return group["capturable"] and not (self._use_fused(group, params) and all(p.is_cpu for p in params))
-
-    def _use_fused(self, group: Dict[str, Any], params: List[torch.Tensor]) -> bool:
-        """``fused=True``, or ``fused=None`` and ``foreach=None`` with a fused kernel for every device."""
-        if group["fused"] is not None or group["foreach"] is not None:
-            return bool(group["fused"])
-        devices = {p.device for p in params}
-        return all(fused.available(d) for d in devices)
-
-    def _fused_update(self, group, lr, params, grads, avgs, steps, decays) -> List[int]:
-        """The fused operator on the parameters it takes (DTensors by their local shards), one call per device;
-        the indices left to the other paths (a layout it does not take, e.g. a non-contiguous view)."""
-        local = [(fused.local_shard(p), fused.local_shard(g), fused.local_shard(m))
-                 for p, g, m in zip(params, grads, avgs)]
-        by_device: Dict[torch.device, List[int]] = {}
-        rest = []
-        for i, ((p, g, m), s) in enumerate(zip(local, steps)):
-            if fused.supported(p, g, m, s) and fused.available(p.device):
-                by_device.setdefault(p.device, []).append(i)
-            else:
-                rest.append(i)
-        by_decay = {d: self.coefficients(group, d) for d in set(decays)}
-        for idx in by_device.values():
-            coefficients = fused.kernel_coefficients([by_decay[decays[i]] for i in idx], lr=lr,
-                                                     weight_decay=float(group["weight_decay"]))
-            fused.fused_sign_([local[i][0] for i in idx], [local[i][1] for i in idx], [local[i][2] for i in idx],
-                              [steps[i] for i in idx], coefficients, beta=float(group["beta"]),
-                              maximize=group["maximize"])
-        return rest
-
-    def coefficients(self, group: Dict[str, Any], decay: float) -> Coefficients:
-        """The rule's ``(c0, a, b)`` for a parameter of ``group`` at decay value ``decay``
-        (`sign_optim.functional`)."""
-        raise NotImplementedError
-
-    def tensor_coefficients(self, group: Dict[str, Any], decay: torch.Tensor):
-        """[`coefficients`][sign_optim.SignOptimizer.coefficients] with a 0-d tensor ``decay`` (the traced path); ``b`` None where the rule has none."""
-        raise NotImplementedError
+    def coefficients(self, group: Dict[str, Any], decay) -> Coefficients:
+        """The rule's ``(c0, a, b)`` for a parameter of ``group`` at decay value ``decay``, a number or a 0-d
+        tensor (`rule_coefficients`, `sign_optim.functional`)."""
+        return type(self).rule_coefficients(group["alpha"], decay)
 
     def _prepare_step(self) -> List[Tuple[Dict[str, Any], List[torch.Tensor], List[torch.Tensor], List[float], List]]:
         """Check every group and gradient (hyper-parameters may have been changed since construction, by
@@ -584,8 +549,8 @@ class SignOptimizer(Optimizer):
                                    "parameters first, e.g. with module.to_empty(device=...))")
             # .get: self.state is a defaultdict, [] would add an entry (None: a new parameter)
             states = [self.state.get(p) for p in params]
-            # the decay is evaluated as a tensor in _traced_update when compiling or capturable
-            traced = self._traced(group, params)
+            # the decay is evaluated as a tensor (_tensor_decay) when compiling or capturable
+            traced = self._route(group, params) in ("traced", "compiled_fused")
             if not compiling:
                 for p, state in zip(params, states):
                     if state:

@@ -11,7 +11,7 @@ The kernel also runs on CPU tensors under Triton's interpreter (``TRITON_INTERPR
 imported), which is how the test suite checks it without a GPU (tests/sign_optim/test_triton_kernel.py).
 """
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -26,8 +26,8 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
-def _sign_step(p_addrs, g_addrs, m_addrs, numels, coefs, block_tensor, block_start, w, neg,
-               P_DTYPE: tl.constexpr, PER_PARAM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _sign_step(p_addrs, g_addrs, m_addrs, numels, coefs, block_tensor, block_start, w, neg, found_inf,
+               P_DTYPE: tl.constexpr, PER_PARAM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)  # the tensor this program updates
     start = tl.load(block_start + pid)
@@ -41,6 +41,8 @@ def _sign_step(p_addrs, g_addrs, m_addrs, numels, coefs, block_tensor, block_sta
     ka = tl.load(row + 2).to(tl.float32)
     kb = tl.load(row + 3).to(tl.float32)
     offs = start + tl.arange(0, BLOCK_SIZE).to(tl.int64)
+    if HAS_FOUND_INF:  # torch's gradient-scaler flag, read on the device: non-zero writes nothing (no element)
+        n = n * (tl.load(found_inf) == 0.0).to(tl.int64)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * neg
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
@@ -56,15 +58,18 @@ def _sign_step(p_addrs, g_addrs, m_addrs, numels, coefs, block_tensor, block_sta
 
 
 def fused_sign_triton(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
-                      coefficients: torch.Tensor, *, beta: float, maximize: bool) -> None:
+                      coefficients: torch.Tensor, *, beta: float, maximize: bool,
+                      found_inf: Optional[torch.Tensor] = None) -> None:
     """The update of ``params`` and ``exp_avgs`` (the caller checked them: contiguous, one device, sizes, dtypes;
     the step counters are the caller's), one launch per parameter dtype. ``coefficients``: ``(n, 4)`` or
-    ``(1, 4)`` float64, as for ``torch.ops.sign_optim.fused_sign_``."""
+    ``(1, 4)`` float64, as for ``torch.ops.sign_optim.fused_sign_``. ``found_inf`` (a 1-element tensor on the
+    parameters' device, torch's gradient-scaler flag): where non-zero nothing is written, decided in the kernel."""
     n = len(params)
     if n == 0:
         return
     device = params[0].device
     per_param = coefficients.shape[0] == n and n != 1
+    flag = None if found_inf is None else found_inf.reshape(1).to(device=device, dtype=torch.float32)
     by_dtype = {}
     for i, p in enumerate(params):
         if p.numel():
@@ -84,4 +89,5 @@ def fused_sign_triton(params: List[torch.Tensor], grads: List[torch.Tensor], exp
             x.to(device, non_blocking=True) for x in (tables, numel, coefs.float(), block_tensor, block_start))
         _sign_step[(block_tensor.numel(),)](
             tables[0], tables[1], tables[2], numel, coefs, block_tensor, block_start, 1.0 - beta,
-            -1.0 if maximize else 1.0, P_DTYPE=_TL_DTYPES[dtype], PER_PARAM=per_param, BLOCK_SIZE=BLOCK)
+            -1.0 if maximize else 1.0, coefs if flag is None else flag, P_DTYPE=_TL_DTYPES[dtype], PER_PARAM=per_param,
+            BLOCK_SIZE=BLOCK, HAS_FOUND_INF=flag is not None)

@@ -12,7 +12,8 @@
 // any other argument (the loops read through restrict pointers). So it reads and writes only memory that is
 // valid at this call; no pointer outlives the call. A refused call raises ValueError/TypeError
 // (TORCH_CHECK_VALUE/TYPE) and changes nothing. The step counters (1-element float32 or float64 CPU tensors)
-// advance by 1 in the same call.
+// advance by 1 in the same call. With torch's gradient-scaler flag `found_inf` non-zero (optional, a 1-element
+// tensor on the parameters' device) the checked call changes nothing, as torch's fused optimizers skip.
 //
 // Autograd: the operator is an in-place update without a derivative, with kernels for torch's autograd keys
 // (ADInplaceOrView bumps the version counter of every tensor it writes, so a backward through a graph that
@@ -46,6 +47,7 @@
 #include <cmath>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <tuple>
@@ -388,9 +390,21 @@ void run_blocks(at::TensorList params, at::TensorList grads, at::TensorList exp_
   });
 }
 
+// torch's fused-optimizer flag (GradScaler): a 1-element tensor; non-zero skips the step. The CPU kernel reads it
+// here, as torch's fused CPU Adam does (a CPU tensor: no device to synchronize with, and no Python read).
+bool skip_for(const std::optional<at::Tensor>& found_inf, c10::DeviceType device) {
+  if (!found_inf.has_value() || !found_inf->defined()) return false;
+  TORCH_CHECK_VALUE(found_inf->numel() == 1 && found_inf->device().type() == device,
+                    "sign_optim fused step: found_inf must be a 1-element tensor on the parameters' device, got ",
+                    found_inf->sizes(), " on ", found_inf->device());
+  return found_inf->item().toDouble() != 0.0;
+}
+
 void fused_sign_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList state_steps,
-                    const at::Tensor& coefficients, double beta, bool maximize) {
+                    const at::Tensor& coefficients, double beta, bool maximize,
+                    const std::optional<at::Tensor>& found_inf) {
   check_inputs(params, grads, exp_avgs, state_steps, coefficients, beta, c10::DeviceType::CPU, /*real=*/true);
+  if (skip_for(found_inf, c10::DeviceType::CPU)) return;  // checked first: a skipped call is still a valid one
   run_blocks(params, grads, exp_avgs, coefficients, beta, maximize);
   for (const at::Tensor& s : state_steps) {  // checked above: 1 element, float32 or float64, CPU
     if (s.scalar_type() == at::kFloat) {
@@ -443,7 +457,7 @@ int64_t parallel_probe(int64_t blocks) {
 }
 
 using FusedSignFn = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, double,
-                          bool);
+                          bool, const std::optional<at::Tensor>&);
 
 const c10::TypedOperatorHandle<FusedSignFn>& fused_sign_op() {
   static const auto op =
@@ -454,7 +468,8 @@ const c10::TypedOperatorHandle<FusedSignFn>& fused_sign_op() {
 // The Autograd kernel. The operator has no derivative: with grad mode on it takes no tensor that requires grad
 // (torch refuses an in-place op on a leaf that requires grad; an optimizer steps under torch.no_grad()).
 void fused_sign_autograd(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                         at::TensorList state_steps, const at::Tensor& coefficients, double beta, bool maximize) {
+                         at::TensorList state_steps, const at::Tensor& coefficients, double beta, bool maximize,
+                         const std::optional<at::Tensor>& found_inf) {
   if (at::GradMode::is_enabled()) {
     static const char* names[] = {"params", "grads", "exp_avgs", "state_steps"};
     const at::TensorList lists[] = {params, grads, exp_avgs, state_steps};
@@ -468,17 +483,18 @@ void fused_sign_autograd(c10::DispatchKeySet keys, at::TensorList params, at::Te
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   fused_sign_op().redispatch(keys & c10::after_autograd_keyset, params, grads, exp_avgs, state_steps, coefficients,
-                             beta, maximize);
+                             beta, maximize, found_inf);
 }
 
 // The ADInplaceOrView kernel: the operator below it, then the version counter of every tensor it wrote is bumped,
 // as torch's in-place operators do, so a backward through a graph that saved one of them raises.
 void fused_sign_inplace(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                        at::TensorList state_steps, const at::Tensor& coefficients, double beta, bool maximize) {
+                        at::TensorList state_steps, const at::Tensor& coefficients, double beta, bool maximize,
+                        const std::optional<at::Tensor>& found_inf) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     fused_sign_op().redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, exp_avgs, state_steps,
-                               coefficients, beta, maximize);
+                               coefficients, beta, maximize, found_inf);
   }
   for (const at::TensorList list : {params, exp_avgs, state_steps}) {
     for (const at::Tensor& t : list) {
@@ -492,7 +508,7 @@ void fused_sign_inplace(c10::DispatchKeySet keys, at::TensorList params, at::Ten
 TORCH_LIBRARY(sign_optim, m) {
   m.def(
       "fused_sign_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] state_steps, "
-      "Tensor coefficients, float beta, bool maximize) -> ()");
+      "Tensor coefficients, float beta, bool maximize, Tensor? found_inf=None) -> ()");
   m.def(
       "check_fused_inputs(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] state_steps, "
       "Tensor coefficients, float beta, str device, bool real=True) -> ()",

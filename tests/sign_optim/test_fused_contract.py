@@ -220,3 +220,33 @@ def test_the_operator_runs_on_torchs_intra_op_thread_count(threads):
         assert fused.parallel_probe(1) == 1  # one block: no parallel region
     finally:
         torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------ torch's gradient-scaler flag
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_found_inf_set_writes_nothing_and_zero_is_the_plain_step(dtype):
+    """``found_inf`` non-zero (gradients with inf and NaN, as a GradScaler's overflow leaves them): the operator
+    writes no parameter, average or counter; ``found_inf`` 0 is the call without the flag, bit for bit."""
+    params, grads, avgs, steps = args(n=40, count=3)
+    params = [p.to(dtype) for p in params]
+    grads = [g.to(dtype) for g in grads]
+    grads[1][3], grads[2][0] = float("inf"), float("nan")
+    before = snapshot(params, avgs, steps)
+    fused.fused_sign_(params, grads, avgs, steps, table(), beta=0.9, maximize=False, found_inf=torch.ones(()))
+    assert_same(before, params, avgs, steps)
+    grads[1][3], grads[2][0] = 0.5, -0.25
+    plain = snapshot(params, avgs, steps)
+    fused.fused_sign_(params, grads, avgs, steps, table(), beta=0.9, maximize=False, found_inf=torch.zeros(1))
+    ref_p, ref_m, ref_s = plain
+    fused.fused_sign_(ref_p, grads, ref_m, ref_s, table(), beta=0.9, maximize=False)
+    assert_same([ref_p, ref_m, ref_s], params, avgs, steps)
+    assert all(float(s) == 1.0 for s in steps)
+
+
+@pytest.mark.parametrize("flag", [torch.ones(2), torch.ones((), device="meta")])
+def test_a_found_inf_that_is_not_one_element_on_the_device_is_refused(flag):
+    params, grads, avgs, steps = args()
+    before = snapshot(params, avgs, steps)
+    with pytest.raises(ValueError, match="found_inf"):
+        fused.fused_sign_(params, grads, avgs, steps, table(), beta=0.9, maximize=False, found_inf=flag)
+    assert_same(before, params, avgs, steps)

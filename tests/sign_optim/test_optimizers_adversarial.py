@@ -271,3 +271,75 @@ def test_the_base_class_has_no_rule():
 
     with pytest.raises(TypeError, match="SignOptimizer gives no rule"):
         SignOptimizer([torch.nn.Parameter(torch.ones(2))], {"lr": 0.1}, None)
+
+
+class _DeviceFlag(torch.Tensor):
+    """A found_inf that fails a test if the step reads it on the host (a host-device sync on an accelerator)."""
+
+    def __bool__(self):
+        raise AssertionError("found_inf was read on the host (bool)")
+
+    def item(self):
+        raise AssertionError("found_inf was read on the host (item)")
+
+    def tolist(self):
+        raise AssertionError("found_inf was read on the host (tolist)")
+
+    def __float__(self):
+        raise AssertionError("found_inf was read on the host (float)")
+
+
+def _flag(value: float) -> torch.Tensor:
+    return torch.tensor(value).as_subclass(_DeviceFlag)
+
+
+@pytest.mark.parametrize("cls", [AddSign, PowerSign])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("scaled", [False, True])
+def test_found_inf_skips_on_the_device_without_a_host_read(cls, path, scaled):
+    """torch's fused protocol, decided as a tensor: found_inf set changes nothing (parameters, moving averages,
+    counters, and the gradients are not unscaled), found_inf 0 is the plain step (against an optimizer without
+    the flag); neither reads the flag on the host (bool/item/float raise)."""
+    decay = make_internal_decay("linear", 10)
+    params, opt = trained(cls, sign_internal_decay=decay, **PATHS[path])
+    reference, ref_opt = trained(cls, sign_internal_decay=decay, **PATHS[path])
+    grads = [torch.randn_like(p) for p in params]
+    for p, q, g in zip(params, reference, grads):
+        p.grad, q.grad = g * (8.0 if scaled else 1.0), g.clone()
+    if scaled:
+        opt.grad_scale = torch.tensor(8.0)
+    scaled_grads = [p.grad.clone() for p in params]
+    snap = optimizer_snapshot(opt, params)
+    opt.found_inf = _flag(1.0)
+    opt.step()
+    assert_optimizer_unchanged(snap, opt, params)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, scaled_grads))
+    opt.found_inf = _flag(0.0)
+    opt.step()
+    ref_opt.step()
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"], rtol=0, atol=0)
+        assert float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_skipped_first_step_leaves_a_fresh_state(path):
+    """A first step skipped by found_inf creates the state at step 0 with a zero average: the next step is a fresh
+    optimizer's first step, exactly."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, reference):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt, ref_opt = AddSign(params, lr=0.1, **PATHS[path]), AddSign(reference, lr=0.1, **PATHS[path])
+    opt.found_inf = _flag(1.0)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+    opt.found_inf = None
+    opt.step()
+    ref_opt.step()
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        assert float(opt.state[p]["step"]) == 1.0

@@ -112,3 +112,20 @@ def test_the_cuda_kernels_checks_are_the_operators():
         torch.ops.sign_optim.check_fused_inputs(*args, 0.9, "cpu")
     with pytest.raises(ValueError, match="cuda"):
         torch.ops.sign_optim.check_fused_inputs(args[0], [torch.zeros(8)], *args[2:], 0.9, "cuda")
+
+
+def test_triton_kernel_skips_on_found_inf_and_zero_is_the_plain_launch():
+    """torch's gradient-scaler flag read in the kernel: set (gradients with inf), nothing is written; 0, the
+    launch without the flag."""
+    params, grads, avgs = make_state(torch.float32, seed=7)
+    grads[3][5] = float("inf")
+    table = fused.kernel_coefficients([(1.0, 1.0, 0.0)], lr=0.1, weight_decay=0.0)
+    out, m_out = clone(params), clone(avgs)
+    fused_sign_triton(out, grads, m_out, table, beta=0.9, maximize=False, found_inf=torch.ones(()))
+    assert all(torch.equal(a, b) for a, b in zip(out + m_out, params + avgs))
+    grads[3][5] = 1.0
+    ref, m_ref = clone(params), clone(avgs)
+    fused_sign_triton(out, grads, m_out, table, beta=0.9, maximize=False, found_inf=torch.zeros(1))
+    fused_sign_triton(ref, grads, m_ref, table, beta=0.9, maximize=False)
+    assert all(torch.equal(a, b) for a, b in zip(out + m_out, ref + m_ref))
+    assert not torch.equal(out[3], params[3])
