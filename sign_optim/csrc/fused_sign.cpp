@@ -22,8 +22,8 @@
 // same metadata checks, so a meta tensor among CPU tensors is refused instead of silently doing nothing.
 //
 // float32 and float64 parameters keep their moving average in their dtype; float16 and bfloat16 ones keep it in
-// float32 and are updated in float32, rounded once when stored. The lists may mix dtypes. The work is split into
-// blocks of at most kBlock elements across all tensors, run by torch's intra-op threads: at::parallel_for is
+// float32 and are updated in float32, rounded once when stored. The lists may mix dtypes. The work is cut into
+// blocks of at most kBlock elements, split evenly by elements across torch's intra-op threads: at::parallel_for is
 // OpenMP in torch's CPU builds and header-inline, so this file is compiled and linked with -fopenmp (setup.py)
 // and torch.set_num_threads applies (sign_optim._parallel_probe reports the threads a block loop ran on). GCC's
 // target_clones builds the float32 loop for AVX-512, AVX2 and baseline x86-64 and picks one when the library
@@ -337,20 +337,38 @@ void check_inputs(at::TensorList params, at::TensorList grads, at::TensorList ex
   check_no_overlap(params, grads, exp_avgs, steps);
 }
 
-// The one block scheduler of the operator: the tensors' elements cut into blocks of at most kBlock, the blocks
-// split across torch's intra-op threads (at::parallel_for, OpenMP: torch.set_num_threads applies).
+// The one block scheduler of the operator: each tensor cut into blocks of at most kBlock elements (at multiples of
+// kBlock within the tensor, so a result never depends on the thread count), and the blocks split across torch's
+// intra-op threads (at::parallel_for, OpenMP: torch.set_num_threads applies) into contiguous runs of equal
+// *elements*, not equal block counts: a model's many small biases beside its weight matrices would otherwise load
+// the threads unevenly.
 // body(k, start, len) handles elements [start, start + len) of tensor k.
 template <typename F>
 void for_each_block(const std::vector<int64_t>& numels, const F& body) {
   const int64_t n = static_cast<int64_t>(numels.size());
   std::vector<int64_t> first_block(n + 1, 0);
   for (int64_t k = 0; k < n; k++) first_block[k + 1] = first_block[k] + (numels[k] + kBlock - 1) / kBlock;
-  at::parallel_for(0, first_block[n], 1, [&](int64_t begin, int64_t end) {
-    int64_t k = std::upper_bound(first_block.begin(), first_block.end(), begin) - first_block.begin() - 1;
-    for (int64_t b = begin; b < end; b++) {
-      while (first_block[k + 1] <= b) k++;
-      const int64_t start = (b - first_block[k]) * kBlock;
-      body(k, start, std::min(kBlock, numels[k] - start));
+  const int64_t blocks = first_block[n];
+  if (blocks == 0) return;
+  std::vector<int64_t> before(blocks + 1, 0);  // before[b]: the elements of blocks [0, b)
+  for (int64_t k = 0, b = 0; k < n; k++) {
+    for (int64_t start = 0; start < numels[k]; start += kBlock, b++) {
+      before[b + 1] = before[b] + std::min(kBlock, numels[k] - start);
+    }
+  }
+  const int64_t total = before[blocks];
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    for (int64_t part = part_begin; part < part_end; part++) {
+      // the blocks whose first element falls in this part's share of the elements
+      const int64_t lo = std::lower_bound(before.begin(), before.end() - 1, total * part / parts) - before.begin();
+      const int64_t hi = std::lower_bound(before.begin(), before.end() - 1, total * (part + 1) / parts) - before.begin();
+      int64_t k = std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin() - 1;
+      for (int64_t b = lo; b < hi; b++) {
+        while (first_block[k + 1] <= b) k++;
+        const int64_t start = (b - first_block[k]) * kBlock;
+        body(k, start, std::min(kBlock, numels[k] - start));
+      }
     }
   });
 }
