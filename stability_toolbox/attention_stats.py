@@ -116,13 +116,25 @@ class AttentionLogits:
     def _store(self, name: str, q: Tensor, k: Tensor, n_heads: int, batch_first: bool) -> None:
         if self.recorder.phase != "train" or self.recorder.foreign:
             return
-        if not batch_first:
-            q, k = q.transpose(0, 1), k.transpose(0, 1)
-        b, tq, d = q.shape
-        if k.shape[0] != b or k.shape[2] != d or d % n_heads:
-            return
-        dh = d // n_heads
-        qh = q.reshape(b, tq, n_heads, dh).transpose(1, 2).float()
-        kh = k.reshape(b, k.shape[1], n_heads, dh).transpose(1, 2).float()
-        value = (qh @ kh.transpose(-1, -2)).abs().amax() / math.sqrt(dh)
-        self.maxima[name] = running_max(self.maxima.get(name), value)
+        logits = scaled_logits(q, k, n_heads, batch_first)
+        if logits is not None:
+            self._record(name, logits)
+
+    def _record(self, name: str, logits: Tensor) -> None:
+        """What is kept of one call's logits ``(batch, heads, tq, tk)``: their largest magnitude."""
+        self.maxima[name] = running_max(self.maxima.get(name), logits.abs().amax())
+
+
+def scaled_logits(q: Tensor, k: Tensor, n_heads: int, batch_first: bool) -> Optional[Tensor]:
+    """The attention logits ``q.k / sqrt(d_head)`` per head, ``(batch, heads, tq, tk)`` in float32, from projected
+    queries and keys ``(batch, t, d)`` (``(t, batch, d)`` unless ``batch_first``); None when the shapes do not
+    split into ``n_heads`` heads."""
+    if not batch_first:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    b, tq, d = q.shape
+    if k.shape[0] != b or k.shape[2] != d or d % n_heads:
+        return None
+    dh = d // n_heads
+    qh = q.detach().reshape(b, tq, n_heads, dh).transpose(1, 2).float()
+    kh = k.detach().reshape(b, k.shape[1], n_heads, dh).transpose(1, 2).float()
+    return qh @ kh.transpose(-1, -2) / math.sqrt(dh)

@@ -721,3 +721,15 @@ def _guarded_function(guard: StabilityGuard) -> Callable:
     if hasattr(guard._original_step, "_wrapped_by_lr_sched"):  # the scheduler's wrapper is still called
         step._wrapped_by_lr_sched = True
     return step
+
+
+def check_trainer_arguments(monitor: Any, guard_kwargs: Dict[str, Any]) -> None:
+    """What a trainer's guard callback (HuggingFace, Lightning) checks at construction, before its trainer exists:
+    ``model``/``optimizer``/``scheduler`` come from the trainer (TypeError), and every other argument is checked
+    by building a throw-away guard, so a bad one fails now, naming itself, rather than at ``on_train_begin``."""
+    for key in ("model", "optimizer", "scheduler"):
+        if key in guard_kwargs:
+            raise TypeError(f"{key} is set by the callback from the Trainer; do not pass it")
+    probe = torch.nn.Linear(1, 1)
+    StabilityGuard(probe, torch.optim.SGD(probe.parameters(), lr=0.1), monitor=monitor,
+                   **{k: v for k, v in guard_kwargs.items() if k != "log_dir"}).detach()

@@ -68,7 +68,7 @@ from toolbox_core import checks
 
 from .attention_stats import AttentionLogits
 from .hooks import wrap_hooks
-from .quantities import OTHER_ROW, Recorder, running_max
+from .quantities import OTHER_ROW, Recorder
 from .sites import SitePlan
 
 __all__ = ["SIGNALS", "MONITOR_SIGNALS", "UpdateSignals", "UpdateStream", "LayerGradients", "EntropyLogits",
@@ -193,20 +193,9 @@ class EntropyLogits(AttentionLogits):
         super().clear()
         self.entropy = {}
 
-    def _store(self, name, q, k, n_heads, batch_first):
-        # AttentionLogits._store's logit maximum and the entropy from one q.k product (a logged step pays once)
-        if self.recorder.phase != "train" or self.recorder.foreign:
-            return
-        if not batch_first:
-            q, k = q.transpose(0, 1), k.transpose(0, 1)
-        b, tq, d = q.shape
-        if k.shape[0] != b or k.shape[2] != d or d % n_heads:
-            return
-        dh = d // n_heads
-        qh = q.detach().reshape(b, tq, n_heads, dh).transpose(1, 2).float()
-        kh = k.detach().reshape(b, k.shape[1], n_heads, dh).transpose(1, 2).float()
-        logits = qh @ kh.transpose(-1, -2) / math.sqrt(dh)
-        self.maxima[name] = running_max(self.maxima.get(name), logits.abs().amax())
+    def _record(self, name, logits):
+        # AttentionLogits' logit maximum and the entropy from one q.k product (a logged step pays once)
+        super()._record(name, logits)
         logp = torch.log_softmax(logits, dim=-1)
         e = -(logp.exp() * logp).sum(-1).mean()
         old = self.entropy.get(name)

@@ -29,7 +29,7 @@ _CLASS = None
 def _build():
     import pytorch_lightning as pl
 
-    from .guard import StabilityGuard
+    from .guard import StabilityGuard, check_trainer_arguments
 
     class StabilityGuardLightning(pl.Callback):
         """A Lightning ``Callback`` running [`StabilityGuard`][stability_toolbox.StabilityGuard] on the fit's optimizer.
@@ -40,13 +40,7 @@ def _build():
         """
 
         def __init__(self, monitor: Any = None, **guard_kwargs: Any):
-            import torch
-            for key in ("model", "optimizer", "scheduler"):
-                if key in guard_kwargs:
-                    raise TypeError(f"{key} is set by the callback from the Trainer; do not pass it")
-            probe = torch.nn.Linear(1, 1)
-            StabilityGuard(probe, torch.optim.SGD(probe.parameters(), lr=0.1), monitor=monitor,
-                           **{k: v for k, v in guard_kwargs.items() if k != "log_dir"}).detach()
+            check_trainer_arguments(monitor, guard_kwargs)  # a bad argument fails here, not at the first step
             self.monitor = monitor
             self.guard_kwargs = guard_kwargs
             self.guard: Optional[StabilityGuard] = None
