@@ -30,14 +30,11 @@ Twin separation (`benchmarks.stability_grid.separation`) is reported beside it.
 import argparse
 import json
 import logging
-import math
-import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from toolbox_core.files import atomic_write
 
@@ -191,16 +188,10 @@ def train_one(settings: dict, seed: int, data, updates: int = UPDATES, interval:
     signals = sig.read()
     sig.remove()
     mon.close()
-    model.eval()
-    with torch.no_grad():
-        n = (valid.numel() - 1) // SEQ
-        x = valid[: n * SEQ + 1]
-        inp, tgt = x[:-1].view(n, SEQ), x[1:].view(n, SEQ)
-        vals = [F.cross_entropy(model(inp[i:i + 64]).reshape(-1, sg.VOCAB), tgt[i:i + 64].reshape(-1)).item()
-                for i in range(0, n, 64)]
+    valid_loss = sg.validation_loss(model, valid)
     from stability_toolbox.records import _json_safe
     return {"settings": settings, "seed": seed, "updates": updates, "interval": interval,
-            "valid_loss": statistics.mean(vals), "train_seconds": seconds, "signals": _json_safe(signals),
+            "valid_loss": valid_loss, "train_seconds": seconds, "signals": _json_safe(signals),
             "monitor": _json_safe(mon.history)}
 
 

@@ -179,6 +179,18 @@ def train_one(run_dir: Path, settings: dict, seed: int, updates: int, warmup: in
         losses.append(float(ce))
     seconds = time.time() - t0
     mon.close()
+    valid_loss = validation_loss(model, valid)
+    return {"settings": settings, "seed": seed, "updates": updates, "warmup": warmup, "interval": interval,
+            "losses": losses, "valid_loss": valid_loss, "train_seconds": seconds,
+            "init_loss": math.log(VOCAB)}
+
+
+def validation_loss(model, valid) -> float:
+    """The mean next-token cross-entropy (nats) of ``model`` (in eval mode) over the token stream ``valid``, cut
+    into sequences of ``SEQ`` and batches of 64."""
+    import torch
+    import torch.nn.functional as F
+
     model.eval()
     with torch.no_grad():
         n = (valid.numel() - 1) // SEQ
@@ -186,10 +198,7 @@ def train_one(run_dir: Path, settings: dict, seed: int, updates: int, warmup: in
         inp, tgt = x[:-1].view(n, SEQ), x[1:].view(n, SEQ)
         vals = [F.cross_entropy(model(inp[i:i + 64]).reshape(-1, VOCAB), tgt[i:i + 64].reshape(-1)).item()
                 for i in range(0, n, 64)]
-        valid_loss = statistics.mean(vals)
-    return {"settings": settings, "seed": seed, "updates": updates, "warmup": warmup, "interval": interval,
-            "losses": losses, "valid_loss": valid_loss, "train_seconds": seconds,
-            "init_loss": math.log(VOCAB)}
+    return statistics.mean(vals)
 
 
 def run_name(group: str, variant: str, seed: int) -> str:
