@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml setup.py sign_optim/csrc/fused_sign.cpp constraints.txt
 	$(PIP) install --no-deps --force-reinstall "$$(ls "$(WHEEL_CACHE)"/$(FAIRSEQ_WHEEL) | head -n 1)"
 	$(PIP) install -c constraints.txt hydra-core omegaconf regex sacrebleu tqdm bitarray cffi \
 	  scikit-learn packaging sentencepiece matplotlib tensorboardX lion-pytorch transformers accelerate pytorch-lightning pytest pytest-xdist hypothesis \
-	  expecttest triton==3.9.0 trainscope==1.8.1 \
+	  expecttest triton==3.9.0 trainscope==1.8.1 zclip==1.0.0 \
 	  mkdocs-material "mkdocstrings[python]" 2>&1 | grep -v "is ignored" || true
 	@# fairscale (fairseq's --zero-sharding os and --ddp-backend fully_sharded): its sdist, without CUDA extensions
 	BUILD_CUDA_EXTENSIONS=0 $(PIP) install --no-build-isolation --no-deps -c constraints.txt fairscale==0.4.13

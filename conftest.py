@@ -8,3 +8,4 @@ collect_ignore = [] if importlib.util.find_spec("triton") else ["sign_optim/trit
 # aliases of modules that moved to the ground package toolbox_core (they replace themselves in sys.modules, so
 # their examples run where the modules now live)
 collect_ignore += [f"stability_toolbox/{name}.py" for name in ("checks", "files", "validation", "listops")]
+collect_ignore += ["toolbox_core/listops.py"]  # the ListOps data code moved up, to listops_data

@@ -131,13 +131,14 @@ class _AtNorm:
 
 
 class _OmegaSum:
-    """Admin's use of a sum: ``s = x + f(x)`` becomes ``omega * x + f(x)``."""
+    """Admin's use of a sum: ``s = x + f(x)`` becomes ``omega * x + f(x)``, as ``s + (omega - 1) x`` (one fused
+    operation: [`OmegaResidual.rescale_sum`][admin_torch.OmegaResidual.rescale_sum])."""
 
     def __init__(self, omega: OmegaResidual):
         self.omega = omega
 
     def __call__(self, x: Tensor, s: Tensor) -> Tensor:
-        return self.omega(x, s - x)
+        return self.omega.rescale_sum(x, s)
 
 
 class _Admin:

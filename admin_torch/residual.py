@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
 from toolbox_core import validation
 
@@ -119,15 +120,54 @@ class OmegaResidual(nn.Module):
 
     # 0.1.0 names of the two forward variants, kept for code that calls them directly.
     def forward_omega(self, x: Tensor, f_x: Tensor) -> Tensor:
+        return x * self._omega_for(x) + f_x
+
+    def _omega_for(self, x: Tensor) -> Tensor:
+        """omega, checked against ``x`` and in the dtype it multiplies ``x`` in."""
         omega = self.omega
         if self.as_parameter and (x.dim() == 0 or x.shape[-1] != omega.shape[0]):
             raise ValueError(f"x must have last dimension embed_dim={omega.shape[0]} (the size of the vector omega), "
                              f"got shape {tuple(x.shape)}")
         # floating x: omega in x's dtype (the dtype of the plain x + f_x, also under autocast);
         # integer x: type promotion (x * omega is floating: omega is never truncated to an integer)
-        if x.is_floating_point():
+        if x.is_floating_point() and omega.dtype != x.dtype:
             omega = omega.to(dtype=x.dtype)
-        return x * omega + f_x
+        return omega
+
+    def rescale_sum(self, x: Tensor, s: Tensor) -> Tensor:
+        """``x * omega + f_x`` from the plain residual sum ``s = x + f_x`` that a Post-LN layer computed already
+        (what `admin_torch.hooks` has at the LayerNorm): ``s + (omega - 1) * x``, one operation forward and one
+        multiply backward where ``self(x, s - x)`` takes three each way; equal to it up to rounding.
+
+        A 1-element omega (a buffer) is read as a number once per change of its value (its version counter, kept
+        on the host, tells; on CUDA that read waits for the device once, never in a step with omega unchanged);
+        a vector omega (``as_parameter``), or a step being compiled, takes one fused multiply-add instead. A hook
+        on this module (the stability monitor's, or profiling's) is called as ever: the module is then called as
+        ``self(x, s - x)``, so the hook reads ``(x, f_x)``.
+
+        Shape: ``x``, ``s``: ``(*, embed_dim)``; output: the broadcast shape of both.
+
+        Examples:
+            >>> res = OmegaResidual(2.0)
+            >>> res.rescale_sum(torch.ones(3), torch.full((3,), 1.5))   # x = 1, f_x = 0.5: 2 * 1 + 0.5
+            tensor([2.5000, 2.5000, 2.5000])
+        """
+        if self._profile_hook is not None or _has_hooks(self) or not x.is_floating_point():
+            return self(x, s - x)
+        if self.as_parameter or torch.compiler.is_compiling():
+            return torch.addcmul(s, x, self._omega_for(x) - 1)
+        return torch.add(s, x, alpha=self._omega_minus_one())
+
+    def _omega_minus_one(self) -> float:
+        """``omega - 1`` as a number, for a 1-element omega: read again only when omega changed (another tensor,
+        other memory, or an in-place write: ``set_omega_``, ``load_state_dict``, ``.to()``)."""
+        omega = self.omega
+        key = (omega, omega._version, omega.data_ptr())
+        cached = getattr(self, "_omega_minus_one_cache", None)  # absent in modules pickled by older versions
+        if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
+            cached = key + (float(omega.detach()) - 1.0,)
+            self._omega_minus_one_cache = cached
+        return cached[3]
 
     def forward_original(self, x: Tensor, f_x: Tensor) -> Tensor:
         return x + f_x
@@ -158,6 +198,15 @@ class OmegaResidual(nn.Module):
         if self.as_parameter:
             return f"embed_dim={self.omega.numel()}, as_parameter=True, omega~{self.omega.float().mean().item():.4g}"
         return f"omega={self.omega.float().item():.4g}"
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run a hook: its own or a global one (``nn.Module.__call__``'s own test of
+    its fast path)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module_hooks._global_forward_hooks
+                or _module_hooks._global_forward_pre_hooks or _module_hooks._global_backward_hooks
+                or _module_hooks._global_backward_pre_hooks)
 
 
 def as_module(

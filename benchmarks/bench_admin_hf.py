@@ -11,12 +11,14 @@ and the max |fold(model)(x) - model(x)| in float32 with a padding mask.
 import argparse
 import copy
 import os
+import statistics
 import time
 
 import torch
 
 import admin_torch
 from benchmarks import hf_families as H
+from toolbox_core.files import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,27 +32,43 @@ def _scale(hidden, layers):
     H.FUNNEL.update(d_model=hidden, n_head=4, d_head=hidden // 4, d_inner=4 * hidden)  # 3 blocks + 1 decoder layer
 
 
-def _steps(models, x, device, steps, warmup=2):
-    """Training steps of the models, interleaved (a shared machine's load hits both alike); the minimum
-    step time of each (the least disturbed)."""
+def _steps(models, x, device, steps, rounds=1, warmup=2):
+    """Training steps of the models, interleaved in alternating order (a shared machine's load hits all alike),
+    ``steps`` of each per round; per round, the minimum step time of each (the least disturbed): a list of
+    ``rounds`` lists, one time per model. On the CPU with one thread a step is timed by the CPU time of this
+    thread (``time.thread_time``: what other processes take of the cores does not count), else by the clock."""
+    clock = time.thread_time if device == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     opts = [torch.optim.SGD(m.parameters(), lr=1e-4) for m in models]
-    times = [[] for _ in models]
     for m in models:
         m.train()
-    for i in range(warmup + steps):
-        for j, (model, opt) in enumerate(zip(models, opts)):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = H.output(model(**x)).float().pow(2).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[j].append(time.perf_counter() - t0)
-    return [min(t) for t in times]
+    out = []
+    for r in range(rounds):
+        times = [[] for _ in models]
+        for i in range((warmup if r == 0 else 0) + steps):
+            order = range(len(models)) if (i + r) % 2 == 0 else reversed(range(len(models)))
+            for j in order:
+                model, opt = models[j], opts[j]
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = clock()
+                loss = H.output(model(**x)).float().pow(2).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if r > 0 or i >= warmup:
+                    times[j].append(clock() - t0)
+        out.append([min(t) for t in times])
+    return out
+
+
+def _spread(values):
+    """(median, lower quartile, upper quartile) of ``values``."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), q1, q3
 
 
 def main(argv=None):
@@ -58,13 +76,20 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="steps of each model per round")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds: the overhead is the median over rounds of the ratio of their fastest steps, "
+                             "with its interquartile range")
     parser.add_argument("--families", nargs="*", default=None)
     parser.add_argument("--out", default=os.path.join(HERE, "..", "results", "admin", "hf_overhead.md"))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1: steps timed in thread CPU time)")
     args = parser.parse_args(argv)
+    for flag in ("steps", "rounds", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be an integer >= 1, got {getattr(args, flag)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(min(args.threads, torch.get_num_threads()))
     _scale(args.hidden, args.layers)
     rows = []
     known = list(H.families()) + list(H.fold_refused())
@@ -82,27 +107,35 @@ def main(argv=None):
                 err = (H.output(admin_torch.fold(admin)(**x)) - ref).abs().max().item()
             except ValueError:  # a family whose fold is refused (H.fold_refused): overhead only
                 err = float("nan")
-        t_stock, t_admin = _steps([stock, admin], x, args.device, args.steps)
-        rows.append((family, t_stock * 1e3, t_admin * 1e3, 100 * (t_admin / t_stock - 1), err))
+        per_round = _steps([stock, admin], x, args.device, args.steps, args.rounds)
+        t_stock, t_admin = (min(t[j] for t in per_round) for j in (0, 1))
+        ratio, low, high = _spread([a / s for s, a in per_round])
+        rows.append((family, t_stock * 1e3, t_admin * 1e3, 100 * (ratio - 1), 100 * (low - 1), 100 * (high - 1), err))
         print(f"{family:18s} stock {t_stock * 1e3:7.2f} ms  admin {t_admin * 1e3:7.2f} ms  "
-              f"overhead {rows[-1][3]:+6.1f}%  fold err {'refused' if err != err else f'{err:.2e}'}", flush=True)
-    lines = [f"# admin_torch.convert on HuggingFace families: step overhead and fold error",
+              f"overhead {rows[-1][3]:+6.1f}% [{rows[-1][4]:+.1f}%, {rows[-1][5]:+.1f}%]  "
+              f"fold err {'refused' if err != err else f'{err:.2e}'}", flush=True)
+    clock_name = "thread CPU time" if args.device == "cpu" and args.threads == 1 else "wall time"
+    lines = ["# admin_torch.convert on HuggingFace families: step overhead and fold error",
              "",
              f"`python -m benchmarks.bench_admin_hf --device {args.device} --hidden {args.hidden} --layers "
-             f"{args.layers} --steps {args.steps}` (torch {torch.__version__}; batch 2 x 8 tokens, padding in one "
-             "sequence; stock and converted steps interleaved, the fastest step of each; fold error = max |fold(model)(x) - model(x)|, float32, eval).",
+             f"{args.layers} --steps {args.steps} --rounds {args.rounds} --threads {args.threads}` "
+             f"(torch {torch.__version__}; batch 2 x 8 tokens, padding in one sequence; stock and converted steps "
+             f"interleaved in alternating order, {clock_name}; per round the fastest step of each; "
+             "overhead = median over rounds of converted / stock - 1, [interquartile range]; fold error = "
+             "max |fold(model)(x) - model(x)|, float32, eval).",
              "",
-             "| family | stock step (ms) | converted step (ms) | overhead | fold error |",
+             "| family | stock step (ms) | converted step (ms) | overhead [IQR] | fold error |",
              "|---|---:|---:|---:|---:|"]
-    lines += [f"| {f} | {a:.2f} | {b:.2f} | {o:+.1f}% | {'refused' if e != e else f'{e:.1e}'} |"
-              for f, a, b, o, e in rows]
+    lines += [f"| {f} | {a:.2f} | {b:.2f} | {o:+.1f}% [{lo:+.1f}%, {hi:+.1f}%] | "
+              f"{'refused' if e != e else f'{e:.1e}'} |" for f, a, b, o, lo, hi, e in rows]
     lines += ["", "'refused': a family whose fold is refused with a reason (shared ALBERT layers, FSMT's sinusoidal "
               "positions, Funnel's repeated blocks; docs/huggingface.md). Small models: the overhead is the "
-              "hooks' Python calls plus one multiply-add per residual, a fixed cost per layer call, so its share "
-              "shrinks as the model grows; timings of a few milliseconds vary by about 10% between runs (run it twice "
-              "to see the spread), so differences of that size, negative ones included, are noise."]
+              "hooks' Python calls plus one scaled add per residual (one multiply in the backward: "
+              "OmegaResidual.rescale_sum), a fixed cost per layer call, so its share shrinks as the model grows; "
+              "timings of a few milliseconds vary by about 10% between runs on a loaded machine (the interquartile "
+              "range shows the spread), so differences of that size, negative ones included, are noise."]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with atomic_write(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("wrote", args.out)
 

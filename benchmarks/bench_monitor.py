@@ -206,6 +206,18 @@ def overhead_paired(a) -> None:
         mon2.end_step(loss)
     sync()
     host_us = (time.perf_counter() - t) / calls * 1e6
+    # the per-update rules' work between logging steps (DEFAULT_SIGNAL_RULES: one fused norm over the layers'
+    # gradients, the asynchronous read, the detector), timed alone on the model's real gradients
+    model(x).pow(2).mean().backward()
+    grad_calls = 300
+    t = time.perf_counter()
+    for _ in range(grad_calls):
+        mon2.begin_step()
+        mon2.capture_grads()
+        mon2.end_step(loss)
+    sync()
+    grads_us = (time.perf_counter() - t) / grad_calls * 1e6
+    opt.zero_grad(set_to_none=True)
     mon2.close()
 
     rng = random.Random(0)
@@ -247,6 +259,9 @@ def overhead_paired(a) -> None:
         lines.append(f"| {label} | {point[key]:+.2f}% | {lo:+.2f}% .. {hi:+.2f}% |")
     lines += ["", f"host cost of begin_step() + end_step(loss) between logging steps (no model): {host_us:.1f} us "
               f"per step = {100 * host_us / 1e3 / base_ms:.3f}% of the bare step", "",
+              f"begin_step() + capture_grads() + end_step(loss) between logging steps, on the model's gradients (the "
+              f"per-update rules' work, timed alone): {grads_us:.1f} us per step = "
+              f"{100 * grads_us / 1e3 / base_ms:.3f}% of the bare step", "",
               f"command: python -m benchmarks.bench_monitor overhead-paired --device {a.device} --layers {a.layers} "
               f"--dim {a.dim} --batch {a.batch} --tokens {a.tokens} --pairs {a.pairs} --logged-pairs "
               f"{a.logged_pairs} --interval {k} --threads {a.threads}",
@@ -257,7 +272,7 @@ def overhead_paired(a) -> None:
     (a.out / f"overhead_paired_{a.device}.md").write_text(text + "\n")
     (a.out / f"overhead_paired_{a.device}.json").write_text(json.dumps(
         {"point_pct": {str(kk): v for kk, v in point.items()},
-         "spread_pct": {str(kk): spread(kk) for kk, _ in names}, "host_us": host_us,
+         "spread_pct": {str(kk): spread(kk) for kk, _ in names}, "host_us": host_us, "capture_grads_us": grads_us,
          "bare_s": bare_all, "nonlog_pairs_s": list(zip(nb, nm)), "logged_pairs_s": list(zip(lb, lm))}, indent=1))
 
 

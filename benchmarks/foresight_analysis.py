@@ -11,12 +11,19 @@
   A failed run with neither is scored against its twin separation.
 * **Twin separation**: `benchmarks.stability_grid.separation` against the group's best run.
 * **Lead** = onset - first alarm (updates). A *hit* warns with lead >= 5; *late*: warned with lead < 5;
-  *missed*: no alarm. A *false alarm*: any alarm on a stable run.
+  *missed*: no alarm, or (injected bad data) an alarm before the first corrupted batch, on data identical to
+  the clean twin's. A *false alarm*: any alarm on a stable run.
+* The report also checks the goals for the monitor at its defaults (`goal_lines`) and whether the bad-data
+  onset leaves any detector room for a 5-update lead (`bad_data_lines`).
 
 Detectors, all on the same recorded streams (one value per update):
 
-* ``ours``: `stability_toolbox.signal_detector` with the rules calibrated here on the calibration seeds;
-* ``monitor DEFAULT_RULES``: the monitor's per-layer rules on its records (every 10 updates);
+* ``ours``: `stability_toolbox.signal_detector` with the rules calibrated here on the calibration seeds (and
+  whether they equal the shipped ``DEFAULT_SIGNAL_RULES``), known at the update itself;
+* ``monitor at defaults (every 100)``: what ``StabilityMonitor(model)`` issues: ``DEFAULT_SIGNAL_RULES`` at every
+  update on the scalars it computes, known ``READ_DELAY`` = 1 update later (its asynchronous copy), or its
+  per-layer ``DEFAULT_RULES`` on the records at updates 0, 100, 200, ...; ``monitor every=10``: the same with a
+  record every 10 updates; ``per-layer DEFAULT_RULES only``: the per-layer rules alone (every 10);
 * ``trainscope CUSUM`` / ``trainscope z-score``: trainscope 1.8.1's ``ChangePointDetector`` (its default)
   and ``ZScoreDetector`` with their default settings, fed the loss (the installed package; its source's
   algorithm re-implemented here when it is not installed);
@@ -33,6 +40,8 @@ import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from toolbox_core.files import atomic_write
+
 from benchmarks import stability_grid as sg
 
 FAIL_REL = 0.05
@@ -40,8 +49,17 @@ SMOOTH = 10
 RISE_HOLD = 20
 STALL_SPAN = 50
 HIT_LEAD = 5
-#: the per-update signals the monitor itself keeps (record["updates"])
+#: the per-update signals the monitor itself computes (stability_toolbox.leading_signals.MONITOR_SIGNALS)
 MONITOR_STREAM = ("loss", "grad_norm", "grad_rms_eps_min", "log_z_rms")
+#: the monitor's default logging interval (StabilityMonitor(every=100))
+DEFAULT_EVERY = 100
+#: updates between an update and the host knowing its per-update scalars, as scored: 1 (the next update's
+#: end_step; on a GPU the asynchronous copy usually lands within one or two updates, on a CPU at once)
+READ_DELAY = 1
+OURS = "ours: signal rules (per update, calibrated here)"
+MON_DEFAULT = "monitor at defaults (every 100)"
+MON_10 = "monitor every=10"
+MON_LAYER_ONLY = "per-layer DEFAULT_RULES only (every 10)"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -229,19 +247,34 @@ def peer_detectors() -> Dict[str, Callable[[dict], Optional[int]]]:
     return out
 
 
-def monitor_default(r: dict) -> Optional[int]:
-    """The monitor's ``DEFAULT_RULES`` replayed on its records (logged every 10 updates)."""
+def monitor_default(r: dict, every: int = 10) -> Optional[int]:
+    """The monitor's ``DEFAULT_RULES`` replayed on its records (logged every 10 updates), or on those at
+    updates ``0, every, 2 every, ...`` only (``every`` a multiple of 10: what a monitor logging every
+    ``every`` updates sees; its per-layer quantities are per-update snapshots, only the logged loss mean spans
+    10 updates instead of ``every``)."""
     from stability_toolbox import DEFAULT_RULES
     from stability_toolbox.warning_rules import first_warning
 
-    w = first_warning(r["monitor"], DEFAULT_RULES)
+    history = [h for h in r["monitor"] if h["step"] % every == 0]
+    w = first_warning(history, DEFAULT_RULES)
     return None if w is None else w["step"]
 
 
 # ----------------------------------------------------------------------------- judging
 
+def first_corrupted_update(settings: dict) -> Optional[int]:
+    """The first update whose batch holds a row of injected bad data (``benchmarks.foresight.noise_fraction``
+    x the batch, rounded, >= 1), or None (no injection)."""
+    from benchmarks.foresight import BATCH, UPDATES, noise_fraction
+
+    if settings.get("noise_from") is None:
+        return None
+    return next((t for t in range(UPDATES) if round(noise_fraction(t, settings) * BATCH) >= 1), None)
+
+
 def judge(runs: Dict[str, dict]) -> List[dict]:
-    """One row per run: group, role, seed, failed, onset, separation (no detector yet)."""
+    """One row per run: group, role, seed, failed, onset, separation, the first corrupted update of an
+    injected run (no detector yet)."""
     rows = []
     for name, r in runs.items():
         group, seed = r["group"], r["seed"]
@@ -259,7 +292,8 @@ def judge(runs: Dict[str, dict]) -> List[dict]:
         rows.append({"run": name, "group": group, "variant": r["variant"], "role": r["role"], "seed": seed,
                      "valid_loss": r["valid_loss"], "ref": ref["variant"], "ref_valid_loss": ref["valid_loss"],
                      "failed": failed, "onset": onset, "separation": sep,
-                     "reference_update": onset if onset is not None else sep})
+                     "reference_update": onset if onset is not None else sep,
+                     "injected_at": first_corrupted_update(r["settings"])})
     return rows
 
 
@@ -271,6 +305,9 @@ def score(rows: List[dict], alarms: Dict[str, Optional[int]]) -> Dict[str, objec
     leads, sep_leads = [], []
     for r in failing:
         a = alarms.get(r["run"])
+        if a is not None and r.get("injected_at") is not None and a < r["injected_at"]:
+            # fired before any bad batch, on data identical to its clean twin's: no warning of the bad data
+            a = None
         if a is None or r["reference_update"] is None:
             missed += a is None
             late += a is not None
@@ -353,6 +390,66 @@ def calibrate(runs: Dict[str, dict], rows: List[dict], seeds: Sequence[int], exc
 
 # ----------------------------------------------------------------------------- the report
 
+def goal_lines(report: dict, rows: List[dict], alarms: Dict[str, Dict[str, Optional[int]]], eval_seeds,
+               seen: Sequence[str], unseen: Sequence[str]) -> List[str]:
+    """The issue's goals checked for the monitor at its defaults on the evaluation runs (reference stacks of
+    the evaluation seeds, ``torch.nn`` LMs of every seed): >= 80% of the failing runs of every mechanism
+    warned >= 5 updates ahead, <= 5% false alarms, and no peer with more hits in any mechanism."""
+    ev = [r for r in rows if (r["group"] in seen and r["seed"] in eval_seeds) or r["group"] in unseen]
+    peers = [d for d in alarms if d not in (OURS, MON_DEFAULT, MON_10, MON_LAYER_ONLY)]
+    out = ["## The goals, for the monitor at its defaults (evaluation runs)", "",
+           "| mechanism | hits >= 5 ahead | >= 80%? | peers with more hits |", "|---|---|---|---|"]
+    goal = {"mechanisms": {}}
+    for g in list(seen) + list(unseen):
+        rs = [r for r in ev if r["group"] == g]
+        s = score(rs, alarms[MON_DEFAULT])
+        ok = None if not s["failing"] else s["hits"] >= 0.8 * s["failing"]
+        better = [p for p in peers if score(rs, alarms[p])["hits"] > s["hits"]]
+        goal["mechanisms"][g] = {"hits": s["hits"], "failing": s["failing"], "met": ok, "peers_ahead": better}
+        out.append(f"| {g} | {s['hits']}/{s['failing']} | {'-' if ok is None else ('yes' if ok else 'no')} | "
+                   f"{', '.join(better) or 'none'} |")
+    s = score(ev, alarms[MON_DEFAULT])
+    rate = s["false_alarms"] / max(1, s["stable"])
+    goal["false_alarms"] = {"count": s["false_alarms"], "stable": s["stable"], "rate": rate, "met": rate <= 0.05}
+    fa_runs = [r["run"] for r in ev if not r["failed"] and alarms[MON_DEFAULT].get(r["run"]) is not None]
+    out += ["", f"False alarms: {s['false_alarms']}/{s['stable']} stable runs ({100 * rate:.1f}%; goal <= 5%: "
+            f"{'met' if rate <= 0.05 else 'not met'}){': ' + ', '.join(fa_runs) if fa_runs else ''}.", ""]
+    report["goals"] = goal
+    return out
+
+
+def bad_data_lines(rows: List[dict], alarms: Dict[str, Dict[str, Optional[int]]]) -> List[str]:
+    """Is the onset of an injected-bad-data run a fair target? Its first corrupted batch, its onset, the
+    largest lead any detector could have (an alarm before the first corrupted batch fires on data identical to
+    its twin's), and each detector's alarm as updates after the first corrupted batch."""
+    inj = [r for r in rows if r.get("injected_at") is not None and r["failed"]]
+    if not inj:
+        return []
+    out = ["## Injected bad data: is its onset a fair target?", "",
+           "The candidate trains on exactly its twin's batches until the first batch with a row of random words; "
+           "from then its training loss *is* the symptom (random words cost ~log(vocabulary) nats each). "
+           "Nothing that depends on the data can differ before that batch, so the largest possible lead is "
+           "onset - first corrupted update. Cells: first alarm as updates after the first corrupted batch "
+           "(negative: before it, on data identical to the twin's; counted as missed).", "",
+           "| run | first corrupted update | onset | largest possible lead | " + " | ".join(alarms) + " |",
+           "|---|---|---|---|" + "---|" * len(alarms)]
+    for r in sorted(inj, key=lambda r: r["run"]):
+        cells = []
+        for d in alarms:
+            a = alarms[d].get(r["run"])
+            cells.append("-" if a is None else f"{a - r['injected_at']:+d}")
+        best = None if r["reference_update"] is None else r["reference_update"] - r["injected_at"]
+        out.append(f"| {r['run']} | {r['injected_at']} | {_fmt(r['onset'])} | {_fmt(best)} | " + " | ".join(cells)
+                   + " |")
+    reach = sum(1 for r in inj if r["reference_update"] is not None and
+                r["reference_update"] - r["injected_at"] >= HIT_LEAD)
+    out += ["", f"On {reach} of {len(inj)} bad-data runs a lead of >= {HIT_LEAD} updates is possible at all (an alarm "
+            f"at the very first corrupted batch); the >= 80% goal cannot be met on this mechanism by any detector "
+            f"under this onset. The loss jump itself is the earliest sign (the gradient norm does not move: "
+            f"random targets give bounded gradients).", ""]
+    return out
+
+
 def _fmt(v) -> str:
     return "-" if v is None else (f"{v:g}" if isinstance(v, (int, float)) else str(v))
 
@@ -365,22 +462,26 @@ def analyze(work: Path, out: Path) -> dict:
     runs = load_runs(work)
     rows = judge(runs)
     rules, cal_log = calibrate(runs, rows, CALIBRATION_SEEDS, UNSEEN_GROUPS)
+    from stability_toolbox.signal_detector import DEFAULT_SIGNAL_RULES
+
     detectors: Dict[str, Callable[[dict], Optional[int]]] = {}
     ours = _alarms(runs, list(runs), rules)
-    mon = {n: monitor_default(r) for n, r in runs.items()}
-    # the monitor with per_update=True: DEFAULT_RULES on its records plus the signal rules on its per-update stream
-    # (loss, grad_norm, grad_rms_eps_min, log_z_rms), both issued at the next logging step (every 10 here)
+    mon10 = {n: monitor_default(r) for n, r in runs.items()}
+    mon100 = {n: monitor_default(r, every=DEFAULT_EVERY) for n, r in runs.items()}
+    # the monitor's own per-update rules (DEFAULT_SIGNAL_RULES) on the scalars it computes (MONITOR_STREAM), run at
+    # every update whatever its interval; the host knows an update's scalars READ_DELAY updates later (GPU, async copy)
     stream_only = {n: {k: r["signals"][k] for k in MONITOR_STREAM} for n, r in runs.items()}
-    mon_stream = {n: first_alarm(stream_only[n], rules) for n in runs}
-    mon_stream = {n: None if w is None else -(-w["update"] // 10) * 10 for n, w in mon_stream.items()}
+    online = {n: first_alarm(stream_only[n], list(DEFAULT_SIGNAL_RULES)) for n in runs}
+    online = {n: None if w is None else w["update"] + READ_DELAY for n, w in online.items()}
+    reproduced = [r.__dict__ for r in rules] == [r.__dict__ for r in DEFAULT_SIGNAL_RULES]
 
     def earliest(*xs):
         return min([x for x in xs if x is not None], default=None)
 
-    detectors["ours: signal rules (per update)"] = lambda r: ours[r["_name"]]
-    detectors["ours + DEFAULT_RULES"] = lambda r: earliest(ours[r["_name"]], mon[r["_name"]])
-    detectors["monitor at defaults: DEFAULT_RULES (every 10)"] = lambda r: mon[r["_name"]]
-    detectors["monitor per_update=True (every 10)"] = lambda r: earliest(mon[r["_name"]], mon_stream[r["_name"]])
+    detectors[OURS] = lambda r: ours[r["_name"]]
+    detectors[MON_DEFAULT] = lambda r: earliest(mon100[r["_name"]], online[r["_name"]])
+    detectors[MON_10] = lambda r: earliest(mon10[r["_name"]], online[r["_name"]])
+    detectors[MON_LAYER_ONLY] = lambda r: mon10[r["_name"]]
     detectors.update(peer_detectors())
     for n, r in runs.items():
         r["_name"] = n
@@ -403,31 +504,41 @@ def analyze(work: Path, out: Path) -> dict:
                  subset(CALIBRATION_SEEDS, seen), seen)]
     report = {"rules": [r.__dict__ for r in rules], "calibration_log": cal_log, "sections": [], "runs": rows,
               "calibration_seeds": list(CALIBRATION_SEEDS), "evaluation_seeds": eval_seeds,
-              "n_runs": len(rows)}
+              "n_runs": len(rows), "read_delay": READ_DELAY, "default_every": DEFAULT_EVERY,
+              "calibration_reproduces_default_signal_rules": reproduced}
+    missing = [x for x in EVALUATION_SEEDS if x not in all_seeds]
     lines = ["# Foresight: which detector warns before a run fails?", "",
              "Command: `python -m benchmarks.foresight grid --work DIR` then "
              "`python -m benchmarks.foresight analyze --work DIR` (scoring: `benchmarks/foresight_analysis.py`).", "",
-             f"{len(rows)} runs finished: seeds {', '.join(map(str, all_seeds))}; calibration seeds "
-             f"{', '.join(map(str, CALIBRATION_SEEDS))}, evaluation seeds {', '.join(map(str, EVALUATION_SEEDS))}"
+             f"{len(rows)} runs finished: seeds {', '.join(map(str, all_seeds))}. **Calibration seeds "
+             f"{', '.join(map(str, CALIBRATION_SEEDS))}** (every threshold of ours was chosen looking at these runs "
+             f"only; the `torch.nn` groups not even there); **evaluation seeds "
+             f"{', '.join(map(str, EVALUATION_SEEDS))}**, never used to tune anything"
              + (f" (not run here: {', '.join(map(str, missing))}; the grid command with the same --work resumes "
-                f"them)" if (missing := [x for x in EVALUATION_SEEDS if x not in all_seeds]) else "") + ".", "",
+                f"them)" if missing else "") + ".", "",
              "Cell: hits (warned >= 5 updates before onset) / failing runs, then late, missed; false alarms / "
              "stable runs; median lead (updates, against the run's own onset; in brackets against twin separation).",
              "",
              "Failed: final validation loss > 1.05 x the best of its group (same seed). Onset: the first update from "
-             "which the run's smoothed loss (mean of 10) stays > 1.05 x its running minimum for 20 updates, or improves "
-             "< 1% over the next 50 while its twin improves > 5% (a failed run with neither: its twin separation). "
-             "Twin separation: its smoothed loss > 1.05 x the group best's.", "",
-             "Detectors: *ours: signal rules (per update)*: `stability_toolbox.signal_detector` with the rules below "
-             "on the `UpdateSignals` stream, read at every update; *ours + DEFAULT_RULES*: with the monitor's "
-             "per-layer rules too; *monitor at defaults: DEFAULT_RULES (every 10)*: the monitor's per-layer rules on "
-             "its records (what the monitor issues at its defaults); *monitor per_update=True (every 10)*: "
-             "DEFAULT_RULES plus the signal rules on the monitor's own per-update stream (loss, grad_norm, "
-             "grad_rms_eps_min, log_z_rms), issued at the next logging step; "
+             "which the run's smoothed loss (trailing mean of 10) stays > 1.05 x its running minimum for 20 updates, "
+             "or improves < 1% over the next 50 while its twin improves > 5% (a failed run with neither: its twin "
+             "separation). Twin separation: its smoothed loss > 1.05 x the group best's. Injected bad data: an alarm "
+             "before the first corrupted batch (when the run is still identical to its clean twin) counts as missed.",
+             "",
+             f"Detectors: *{OURS}*: `stability_toolbox.signal_detector` with the rules below (set on the calibration "
+             f"seed) on the per-update stream, known at the update itself; *{MON_DEFAULT}*: what "
+             "`StabilityMonitor(model)` issues at its default settings: its per-update rules "
+             "(`DEFAULT_SIGNAL_RULES`) at every update on the scalars it computes itself (loss, grad_norm, "
+             f"grad_rms_eps_min, log_z_rms), counted from update + {READ_DELAY} (when the host has the asynchronous "
+             f"copy: no host-device sync), or its per-layer `DEFAULT_RULES` on the records of updates 0, "
+             f"{DEFAULT_EVERY}, {2 * DEFAULT_EVERY}, ...; *{MON_10}*: the same with a record every 10 updates; "
+             f"*{MON_LAYER_ONLY}*: the per-layer rules alone (the monitor before the per-update rules); "
              "*trainscope ...*: trainscope 1.8.1's ChangePointDetector (its default) and ZScoreDetector on the loss, "
              "and its `analysis.first_crossing_step` on activation kurtosis and on the gradient norm, default "
              "settings; *z>6/128 (OLMo-core)*: SkipStepAdamW's documented rule (z-score over the previous 128 "
-             "updates > 6); *z>3/50*: plain z-scores.", ""]
+             "updates > 6); *z>3/50*: plain z-scores.", "",
+             "Calibration on seed 1 " + ("reproduces" if reproduced else "does NOT reproduce") +
+             " `stability_toolbox.signal_detector.DEFAULT_SIGNAL_RULES` (the monitor's default per-update rules).", ""]
     for title, subrows, groups in sections:
         if not subrows:
             continue
@@ -448,6 +559,8 @@ def analyze(work: Path, out: Path) -> dict:
             lines.append(f"| {d} | " + " | ".join(cells) + " |")
         lines.append("")
         report["sections"].append(sec)
+    lines += goal_lines(report, rows, alarms, eval_seeds, seen, unseen)
+    lines += bad_data_lines(rows, alarms)
     lines += ["## Our rules (set on the calibration seeds)", "",
               "Each: the signal's median of the last 3 updates against the median of the `baseline` updates before "
               "the last `lag + 1`; fires when the ratio passes the factor for 3 updates in a row (not before update "
@@ -463,9 +576,9 @@ def analyze(work: Path, out: Path) -> dict:
                      f"{'yes' if r['failed'] else 'no'} | {_fmt(r['onset'])} | {_fmt(r['separation'])} | "
                      + " | ".join(_fmt(r["alarms"][d]) for d in detectors) + " |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "foresight.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    for r in rows:
-        r["alarms"] = {d: v for d, v in r["alarms"].items()}
-    (out / "foresight.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    with atomic_write(out / "foresight.md", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with atomic_write(out / "foresight.json", encoding="utf-8") as f:
+        f.write(json.dumps(report, indent=1, default=str))
     print("\n".join(lines[:60]))
     return report

@@ -23,16 +23,27 @@ run as a control (its loss must be identical).
 
     python -m benchmarks.moe_lm                                   # CPU: 4 layers, d=128, 300 updates, 3 seeds
     python -m benchmarks.moe_lm --layers 12 --dim 512 --max-update 20000 --device cuda   # larger
+
+Expert parallelism (``ep``, `main_ep`): the same LM with the experts split over P gloo CPU ranks
+(``--moe-expert-parallel-size P`` on fairseq's c10d launch, ``--tokens / P`` tokens per rank: the same global
+batch per update) against one process, per seed; one run at a time under ``nice``, each finished run cached in
+the work directory (a re-run of the command skips it), the table in ``--out/ep_lm.{json,md}``:
+
+    python -m benchmarks.moe_lm ep --work work/ep_lm --parallel 2,1 --seeds 1,2 --out results/moe
 """
 
 import argparse
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from benchmarks.lm_recipe_runs import prepare_english, recipe_env, run, write_table
-from benchmarks.sweep import run_jobs
+from benchmarks.sweep import recorded_command, run_jobs, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,6 +146,9 @@ def router_share(args, experts: int, router: str) -> dict:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ep"]:
+        return main_ep(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k")
     ap.add_argument("--work", type=Path, default=REPO / "work" / "lm")
@@ -296,6 +310,164 @@ def plot(rows, experts, routers, args):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out / "moe_lm.png", dpi=120)
+
+
+# ------------------------------------------------------------------ expert parallelism (ep)
+
+
+def parse_run_log(text: str) -> dict:
+    """The last ``valid_loss`` and ``train_wps`` of a fairseq ``--log-format json`` log."""
+    out = {}
+    for line in text.splitlines():
+        if "{" not in line:
+            continue
+        try:
+            rec = json.loads(line[line.index("{"):])
+        except ValueError:
+            continue
+        if "valid_loss" in rec:
+            out["valid_loss"] = float(rec["valid_loss"])
+        if "train_wps" in rec:
+            out["wps"] = float(rec["train_wps"])
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(cmds, logs, env, timeout: float) -> list:
+    """Start one process per rank (``nice -n 10``); their exit codes. When a rank fails, or ``timeout`` seconds
+    pass, the others are killed (by process id) instead of waiting for their collectives forever."""
+    procs = []
+    for cmd, log in zip(cmds, logs):
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(["nice", "-n", "10", *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT,
+                                          env=env, cwd=REPO, start_new_session=True))
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = any(p.poll() not in (None, 0) for p in procs)
+        if failed or time.time() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, 9)  # the rank's own session: train.sh and its fairseq-train
+                    p.wait()
+            break
+        time.sleep(1)
+    return [p.poll() if p.poll() is not None else -9 for p in procs]
+
+
+def one_ep(args, parallel: int, seed: int, env) -> dict:
+    """sparsemixer (``--router``) with ``--experts`` experts, ``parallel`` ranks (1: one process), seed ``seed``."""
+    config = f"{args.router}-E{args.experts}"
+    save = args.work / "checkpoints" / (f"ep-{config}-L{args.layers}-d{args.dim}-u{args.max_update}"
+                                        f"-P{parallel}-s{seed}")
+    cached = save / "result.json"
+    if cached.is_file():
+        result = json.loads(cached.read_text())
+        if result.get("exit") == 0 and "valid_loss" in result:
+            return result
+    per_rank = int(args.tokens) // parallel
+    common = [REPO / "recipes/lm/train.sh", "--model", "admin", "--layers", args.layers, "--dim", args.dim,
+              "--max-tokens", per_rank, "--tokens-per-update", per_rank, "--data", args.work, "--gpus", "0",
+              "--lr", args.lr, "--warmup", args.warmup, "--seed", seed, "--max-update", args.max_update]
+    moe = ["--no-save", "--moe-experts", args.experts, "--moe-router", args.router, "--moe-tau", args.tau,
+           "--moe-balance-weight", args.balance_weight, "--criterion", "cross_entropy_moe"]
+    port = _free_port()
+    cmds, logs = [], []
+    for rank in range(parallel):
+        rank_dir = save / f"rank{rank}"
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        dist = [] if parallel == 1 else [
+            "--moe-expert-parallel-size", parallel, "--distributed-world-size", parallel, "--distributed-rank", rank,
+            "--distributed-no-spawn", "--distributed-backend", "gloo", "--ddp-backend", "c10d",
+            "--distributed-init-method", f"tcp://127.0.0.1:{port}"]
+        cmds.append([*common, "--save", rank_dir, "--", *moe, *dist])
+        logs.append(rank_dir / "driver_train.log")
+    start = time.time()
+    codes = launch_ranks(cmds, logs, env, float(args.timeout))
+    result = {"config": config, "parallel": parallel, "seed": seed, "tokens_per_rank": per_rank,
+              "exit": max(codes, key=abs), "seconds": round(time.time() - start, 1)}
+    log = save / "rank0" / "train.log"
+    result.update(parse_run_log(log.read_text() if log.exists() else ""))
+    write_json(cached, result)
+    return result
+
+
+def main_ep(argv) -> None:
+    """``python -m benchmarks.moe_lm ep``: LM quality with the experts split over P ranks against one process."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.moe_lm ep", description=main_ep.__doc__)
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k")
+    ap.add_argument("--work", type=Path, required=True, help="prepared data, runs and their cached results")
+    ap.add_argument("--parallel", default="2,1", help="expert-parallel sizes P (1: one process), in run order")
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--experts", default="8")
+    ap.add_argument("--router", default="sparsemixer")
+    ap.add_argument("--layers", default="4")
+    ap.add_argument("--dim", default="128")
+    ap.add_argument("--tokens", default="1024", help="tokens per update (all ranks together)")
+    ap.add_argument("--lr", default="1e-3")
+    ap.add_argument("--warmup", default="100")
+    ap.add_argument("--tau", default="1.0")
+    ap.add_argument("--balance-weight", default="0.01")
+    ap.add_argument("--max-update", default="200")
+    ap.add_argument("--timeout", default="3600", help="seconds a run may take before its ranks are killed")
+    ap.add_argument("--reference", type=Path, default=REPO / "results" / "reinmax" / "moe_lm.json",
+                    help="the committed single-process runs, quoted in the table")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "moe")
+    args = ap.parse_args(argv)
+    sizes = [int(p) for p in args.parallel.split(",")]
+    if any(p < 1 or int(args.experts) % p or int(args.tokens) % p for p in sizes):
+        ap.error(f"--parallel: each P must be >= 1 and divide --experts {args.experts} and --tokens {args.tokens}, "
+                 f"got {args.parallel}")
+    if not args.data.is_dir():
+        ap.error(f"--data: {args.data} not found (Multi30k raw files, e.g. ../shared/data/multi30k)")
+    env = recipe_env()
+    prepare_english(args.data, args.work, env)
+    results = []
+    for p in sizes:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            print(f"{args.router}-E{args.experts} P={p} seed {seed} ...", flush=True)
+            results.append(one_ep(args, p, seed, env))
+            print(f"  {results[-1]}", flush=True)
+    config = f"{args.router}-E{args.experts}"
+    reference = {}
+    if args.reference.is_file():
+        reference = {r["seed"]: r for r in json.loads(args.reference.read_text())["runs"]
+                     if r["config"] == config and "valid_loss" in r}
+    rows = []
+    for p in sorted(set(sizes)):
+        loss = [r["valid_loss"] for r in results if r["parallel"] == p and "valid_loss" in r]
+        rows.append({"parallel": p, "runs": len(loss), "valid_loss_mean": statistics.mean(loss) if loss else None,
+                     "valid_loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0})
+    lines = [f"Decoder-only LM (Post-LN + Admin), {args.layers} layers, d={args.dim}, {config} (sparse router, no "
+             f"capacity: the variable-size exchange), English Multi30k, {args.tokens} tokens per update over all "
+             f"ranks, lr {args.lr}, warmup {args.warmup}, {args.max_update} updates; P = experts split over P gloo "
+             f"CPU ranks (fairseq c10d, --moe-expert-parallel-size P, {args.tokens}/P tokens per rank), P = 1: one "
+             f"process; validation loss base 2 after the last update; wall: the run's seconds (nice 10, one thread "
+             f"per rank, on a machine shared with other jobs); the committed single-process runs "
+             f"({args.reference.name}) are quoted as they are (made on an earlier tree: compare P against the P = 1 "
+             f"runs made here)", "",
+             "| seed | P | valid loss | committed single-process run | wall s | words/s |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        ref = reference.get(r["seed"], {}).get("valid_loss")
+        loss = f"{r['valid_loss']:.3f}" if "valid_loss" in r else f"failed (exit {r['exit']})"
+        lines.append(f"| {r['seed']} | {r['parallel']} | {loss} | {'-' if ref is None else f'{ref:.3f}'} | "
+                     f"{r['seconds']:.0f} | {r.get('wps', '-')} |")
+    lines += ["", "| P | runs | valid loss (mean +- std) |", "|---|---|---|"]
+    lines += [f"| {r['parallel']} | {r['runs']} | " + ("-" if r["valid_loss_mean"] is None else
+              f"{r['valid_loss_mean']:.3f} +- {r['valid_loss_std']:.3f}") + " |" for r in rows]
+    if reference:
+        ref = [reference[s]["valid_loss"] for s in sorted(reference)]
+        lines.append(f"| committed P=1 ({args.reference.name}, seeds {','.join(map(str, sorted(reference)))}) | "
+                     f"{len(ref)} | {statistics.mean(ref):.3f} +- "
+                     f"{statistics.stdev(ref) if len(ref) > 1 else 0:.3f} |")
+    lines += ["", "command: " + recorded_command("benchmarks.moe_lm", ["ep", *argv])]
+    write_table(args.out, "ep_lm", args, results, rows, "\n".join(lines))
+    print(f"wrote {args.out}/ep_lm.{{json,md}}")
 
 
 if __name__ == "__main__":

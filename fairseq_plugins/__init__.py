@@ -10,13 +10,15 @@ Then it registers (as fairseq plugins do: each module only registers and subclas
 
 * models   (``fairseq_plugins/models``): ``transformer_admin`` and its architectures, ``transformer_lm_admin``
   and its architectures, ``listops_tree``; their layers live in ``fairseq_plugins/modules``
-* tasks    (``fairseq_plugins/tasks``):  ``listops`` (its pure-Python data code: `toolbox_core.listops`)
+* tasks    (``fairseq_plugins/tasks``):  ``listops`` (its pure-Python data code: the `listops_data` package)
 * criteria (``fairseq_plugins/criterions``): ``cross_entropy_moe``, ``label_smoothed_cross_entropy_moe``
-  (the stock ones plus the balance loss of ``--moe-experts``, `fairseq_plugins.moe`), ``cross_entropy_zloss``,
+  (the stock ones plus the balance loss of ``--moe-experts``, `fairseq_plugins.moe_ffn`), ``cross_entropy_zloss``,
   ``label_smoothed_cross_entropy_zloss``, ``listops_cross_entropy``
 * optimizers (``fairseq_plugins/optim``): ``addsign``, ``powersign``
 * the training-loop flags ``--stability-monitor DIR`` (`fairseq_plugins.monitor`) and ``--stability-guard``
-  (`fairseq_plugins.guard`)
+  (`fairseq_plugins.guard`): each registers its flags and its step wrapper into the generic repairs
+  ``training_flags`` and ``train_step``, which carry the flags on fairseq's configuration and run the wrappers
+  around ``Trainer.train_step`` (the monitor's outermost: it is imported first)
 
 and the checks of their flags (`fairseq_plugins.flags`): a bad plugin flag ends a tool with one line
 naming the flag (exit 2), before any data is loaded. The algorithms live in ``admin_torch``, ``reinmax``,
@@ -38,11 +40,9 @@ REPAIRS = (
     repairs.last_batch,            # batch_by_size keeps the last batch that fairseq drops
     repairs.cpu_ddp,               # --ddp-backend c10d / pytorch_ddp wrap a CPU model
     repairs.launcher_env,          # torchrun's world taken as the launcher gives it
-    repairs.flag_checks,           # the plugins' flag checks run right after the --arch function
-    repairs.guard_flags,           # fairseq-train's parser gets --stability-guard
-    repairs.guard_train_step,      # the stability guard runs in Trainer.train_step (inside the monitor's wrapper)
-    repairs.monitor_flags,         # fairseq-train's parser gets --stability-monitor
-    repairs.monitor_train_step,    # the stability monitor runs around Trainer.train_step
+    repairs.flag_checks,           # the plugins' flag checks run once, on the parsed command line
+    repairs.training_flags,        # fairseq-train's parser gets the features' flags, carried on cfg.common
+    repairs.train_step,            # the features' step wrappers run around Trainer.train_step
 )
 """Every process-wide repair of fairseq / torch behaviour, one module each (`fairseq_plugins.repairs`), installed in
 this order by ``import fairseq_plugins``; each ``install()`` is idempotent. The warnings filter comes first: it must
@@ -55,9 +55,9 @@ for _repair in REPAIRS:
 # Importing models/ and tasks/ here as well makes `import fairseq_plugins` alone enough. The flag checks run
 # in this order (the first failing one is reported).
 from . import distributed  # noqa: E402,F401  (the --ddp-backend checks)
-from . import criterions, models, moe, optim, tasks  # noqa: E402,F401  (registrations)
-from . import monitor  # noqa: E402,F401  (--stability-monitor: its checks, fairseq's layers for the monitor)
-from . import guard  # noqa: E402,F401  (--stability-guard: its checks)
+from . import criterions, models, moe_ffn, optim, tasks  # noqa: E402,F401  (registrations)
+from . import monitor  # noqa: E402,F401  (--stability-monitor: its flags, checks and step wrapper, registered)
+from . import guard  # noqa: E402,F401  (--stability-guard: the same, its wrapper inside the monitor's)
 
-__all__ = ["REPAIRS", "criterions", "distributed", "flags", "guard", "models", "modules", "moe", "monitor", "optim",
-           "repairs", "tasks"]
+__all__ = ["REPAIRS", "criterions", "distributed", "flags", "guard", "models", "modules", "moe_ffn", "monitor",
+           "optim", "repairs", "tasks"]

@@ -2,17 +2,22 @@
 
 The flags are the fields of `AdminConfig` (both models) and `TransformerAdminConfig` (an encoder-decoder
 adds ``--encoder-as-parameter``), fairseq dataclasses with their help: ``transformer_lm_admin``'s config
-inherits them (with `fairseq_plugins.moe.MoEConfig`'s ``--moe-*``), and the args-based
-``transformer_admin`` generates its argparse flags from them (`add_admin_args`). `admin_defaults` fills what
-a command line left out from the same fields.
+inherits them (with `fairseq_plugins.moe_ffn.MoEConfig`'s ``--moe-*``), and the args-based
+``transformer_admin`` generates its argparse flags from them (`add_admin_args`).
 
-`check_admin_args` checks the values (one line naming the flag, before any data loads, through
-`fairseq_plugins.flags`): the choices with the libraries' validator and the flag's name, then what is
-refused in combination (Pre-LN, DeepNorm with trainable omegas, ``--admin-profile`` without profiling).
+Each thing is done in one place, as fairseq does it:
+
+* defaults: the architecture function (``transformer_admin``'s call `admin_defaults`, from the same fields;
+  ``transformer_lm_admin``'s fairseq fills from its dataclass);
+* checks: `check_admin_args`, run by the flag check `check_transformer_admin_flags` once, on the parsed
+  command line after the architecture function (one line naming the flag, before any data loads, through
+  `fairseq_plugins.flags`): the choices with the libraries' validator and the flag's name, then what is
+  refused in combination (Pre-LN, DeepNorm with trainable omegas, ``--admin-profile`` without profiling);
+* ``build_model`` only builds: it neither fills nor checks.
 """
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import admin_torch
@@ -21,8 +26,8 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 
 from toolbox_core import validation
 
-from .flags import FlagError, check_flag, flag_check
-from .moe import add_moe_args, check_moe_args, moe_defaults
+from .flags import FlagError, check_flag, declared_values, fill_defaults, flag_check
+from .moe_ffn import MoEConfig, add_moe_args, check_moe_args
 
 __all__ = ["ADMIN_INITS", "ADMIN_ARGS", "AdminConfig", "TransformerAdminConfig", "add_admin_args", "admin_defaults",
            "check_admin_args", "check_transformer_admin_flags"]
@@ -69,49 +74,46 @@ def add_admin_args(parser) -> None:
     add_moe_args(parser)
 
 
-_ADMIN_FIELDS = [f for f in fields(TransformerAdminConfig) if f.name != "_name"]
-
-
 def admin_defaults(args) -> None:
-    """Fill the admin (and ``--moe-*``) arguments a model configuration lacks (an args Namespace, a
-    TransformerConfig, or a dataclass config whose fields are not all admin arguments: a language model
-    has no encoder), with `TransformerAdminConfig`'s defaults."""
-    moe_defaults(args)
-    for f in _ADMIN_FIELDS:
-        value = getattr(args, f.name, None)
-        if value is None or (f.type is bool and not isinstance(value, bool)):
-            value = f.default if value is None else bool(value)
-            try:
-                setattr(args, f.name, value)
-            except Exception:  # an OmegaConf struct config without that key: it keeps its own default
-                pass
+    """The architecture functions' part of ``transformer_admin`` (the one place its defaults are filled): the
+    admin and ``--moe-*`` arguments ``args`` lacks get `TransformerAdminConfig`'s and `MoEConfig`'s defaults.
+
+        >>> import argparse
+        >>> args = argparse.Namespace(admin_init="deepnorm")
+        >>> admin_defaults(args)
+        >>> args.admin_init, args.admin_output_change_scale, args.moe_experts
+        ('deepnorm', 'O(logn)', 0)
+    """
+    fill_defaults(args, TransformerAdminConfig, MoEConfig)
 
 
 def check_admin_args(args) -> None:
-    """The admin flags of a parsed command line or model Namespace; `FlagError` names the flag."""
-    admin_defaults(args)
-    check_flag("--admin-init", validation.as_choice, str(args.admin_init), choices=ADMIN_INITS)
-    check_flag("--admin-output-change-scale", validation.as_choice, str(args.admin_output_change_scale),
+    """The admin (and ``--moe-*``) flags of a parsed command line or a model configuration (a flag not given: its
+    declared default); `FlagError` names the flag. ``args`` is read, not changed."""
+    admin = declared_values(args, TransformerAdminConfig)
+    check_flag("--admin-init", validation.as_choice, str(admin.admin_init), choices=ADMIN_INITS)
+    check_flag("--admin-output-change-scale", validation.as_choice, str(admin.admin_output_change_scale),
                choices=admin_torch.OUTPUT_CHANGE_SCALES)
     if getattr(args, "encoder_normalize_before", False) or getattr(args, "decoder_normalize_before", False):
         raise FlagError(
             "--encoder-normalize-before / --decoder-normalize-before are not accepted by transformer_admin "
             "(Admin rescales the shortcut of Post-LN sublayers; use --arch transformer for Pre-LN)"
         )
-    if args.admin_init == "deepnorm" and (getattr(args, "encoder_as_parameter", False) or args.decoder_as_parameter):
+    if str(admin.admin_init) == "deepnorm" and (admin.encoder_as_parameter or admin.decoder_as_parameter):
         raise FlagError(
             "--encoder-as-parameter / --decoder-as-parameter are accepted only with --admin-init admin or "
             "profiled (DeepNorm's alpha is a constant)"
         )
-    if args.admin_profile is not None:
-        if args.admin_init != "profiled":
+    profile = admin.admin_profile
+    if profile is not None:
+        if str(admin.admin_init) != "profiled":
             raise FlagError(f"--admin-profile is accepted only with --admin-init profiled "
-                            f"(got --admin-init {args.admin_init})")
-        parent = os.path.dirname(os.path.abspath(args.admin_profile))
+                            f"(got --admin-init {admin.admin_init})")
+        parent = os.path.dirname(os.path.abspath(profile))
         if not os.path.isdir(parent):
-            raise FlagError(f"--admin-profile {args.admin_profile}: directory {parent} does not exist")
-        if os.path.isdir(args.admin_profile):
-            raise FlagError(f"--admin-profile {args.admin_profile} is a directory; give a JSON file path")
+            raise FlagError(f"--admin-profile {profile}: directory {parent} does not exist")
+        if os.path.isdir(profile):
+            raise FlagError(f"--admin-profile {profile} is a directory; give a JSON file path")
     if getattr(args, "cross_self_attention", False):
         raise FlagError("--cross-self-attention is not accepted by transformer_admin")
     check_moe_args(args)

@@ -39,6 +39,7 @@ import admin_torch
 from admin_torch.folding import fold_stack_
 from fairseq.data import Dictionary
 from toolbox_core.files import atomic_write, check_output_path
+from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.transformer import TransformerModel
 from fairseq.modules import SinusoidalPositionalEmbedding
 
@@ -262,6 +263,9 @@ def fold_checkpoint(in_path: str, out_path: str) -> Dict[str, float]:
     task = SimpleNamespace(source_dictionary=src, target_dictionary=tgt)
     args = _as_namespace(args)
     args.admin_profile = None  # the checkpoint holds the omegas; do not read or write a profile file
+    # as fairseq's models.build_model: the --arch function fills the defaults (a flag newer than the checkpoint),
+    # then the model only builds
+    ARCH_CONFIG_REGISTRY[arch](args)
     model = (TransformerLMAdmin if language_model else TransformerAdminModel).build_model(args, task)
     model.load_state_dict(sd, strict=True)
     model.eval()

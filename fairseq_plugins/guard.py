@@ -14,16 +14,16 @@ run. With ``--stability-monitor`` the monitor's warnings drive the policy too (d
 admin_torch"). Every event is one ``stability guard: ...`` line (logger ``fairseq_plugins.guard``).
 
 The flags are declared here (`add_guard_args`, plain argparse as the monitor's) and checked by
-`check_guard_flags`, which records them in the environment (``FAIRSEQ_STABILITY_GUARD``) that spawned ranks
-inherit. Two repairs connect them to fairseq: [`fairseq_plugins.repairs.guard_flags`][fairseq_plugins.repairs.guard_flags]
-adds the flags to the training parser and [`fairseq_plugins.repairs.guard_train_step`][fairseq_plugins.repairs.guard_train_step]
-runs the guard in ``Trainer.train_step``. A bad value ends the tool with one line naming the flag, exit status 2.
+`check_guard_flags` at parsing, which writes the parsed values (or the defaults) back on the arguments. As the
+monitor, this module registers its flags and its step wrapper `guarded_step` into the generic repairs
+[`training_flags`][fairseq_plugins.repairs.training_flags] (the flags in the training parser, carried on fairseq's
+configuration to every rank) and [`train_step`][fairseq_plugins.repairs.train_step] (inside the monitor's
+wrapper), which reads them from the trainer's configuration. A bad value ends the tool with one line naming the
+flag, exit status 2.
 """
 
 import argparse
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -31,13 +31,13 @@ from toolbox_core import validation
 from stability_toolbox.guard import StabilityGuard
 
 from .flags import FlagError, check_flag, flag_check
+from .repairs.train_step import register_step_wrapper
+from .repairs.training_flags import flag_value, register_arg_adder
 
-__all__ = ["add_guard_args", "check_guard_flags", "guard_config", "guard_of", "make_guard", "ENV", "OPTIONS"]
+__all__ = ["add_guard_args", "check_guard_flags", "guard_settings", "guard_of", "make_guard", "guarded_step",
+           "OPTIONS"]
 
 logger = logging.getLogger(__name__)
-
-#: the environment variable holding the parsed flags (JSON), inherited by spawned ranks
-ENV = "FAIRSEQ_STABILITY_GUARD"
 
 #: ``--stability-guard-<name>``: (StabilityGuard keyword, parse, bounds, default, help)
 OPTIONS: Dict[str, tuple] = {
@@ -56,6 +56,7 @@ OPTIONS: Dict[str, tuple] = {
 }
 
 
+@register_arg_adder
 def add_guard_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--stability-guard`` and its ``--stability-guard-*`` options (once) to ``parser``."""
     if any("--stability-guard" in a.option_strings for a in parser._actions):
@@ -79,13 +80,17 @@ def _parse(flag: str, raw: Any, check: Callable, bounds: Dict[str, Any]):
     return check_flag(flag, check, value, **bounds)
 
 
+def _dest(name: str) -> str:
+    return "stability_guard_" + name.replace("-", "_")
+
+
 @flag_check
 def check_guard_flags(args) -> None:
-    """Validate the guard flags of a parsed command line and record them for the training loop."""
+    """Validate the guard flags of a parsed command line and write the parsed values (the defaults for those not
+    given) back on ``args``, from where fairseq's configuration carries them."""
     on = getattr(args, "stability_guard", False)
-    given = {name: getattr(args, "stability_guard_" + name.replace("-", "_"), None) for name in OPTIONS}
+    given = {name: getattr(args, _dest(name), None) for name in OPTIONS}
     if not on:
-        os.environ.pop(ENV, None)
         for name, raw in given.items():
             if raw is not None:
                 raise FlagError(f"--stability-guard-{name} is accepted only with --stability-guard")
@@ -97,15 +102,19 @@ def check_guard_flags(args) -> None:
     if config["warmup"] > config["window"]:
         raise FlagError(f"--stability-guard-warmup must be <= --stability-guard-window ({config['window']}), "
                         f"got {config['warmup']}")
-    monitor_dir = getattr(args, "stability_monitor", None)
-    config["log_dir"] = str(Path(monitor_dir).resolve()) if monitor_dir else None
-    os.environ[ENV] = json.dumps(config)
+    for name in OPTIONS:
+        setattr(args, _dest(name), config[OPTIONS[name][0]])
 
 
-def guard_config() -> Optional[dict]:
-    """The flags `check_guard_flags` recorded for this process (StabilityGuard keywords), or None."""
-    raw = os.environ.get(ENV)
-    return json.loads(raw) if raw else None
+def guard_settings(cfg) -> Optional[dict]:
+    """The StabilityGuard keywords of a fairseq configuration (the flags as `check_guard_flags` left them, and
+    ``log_dir``: the ``--stability-monitor`` directory), or None without ``--stability-guard``."""
+    if not flag_value(cfg, "stability_guard", False):
+        return None
+    settings = {keyword: flag_value(cfg, _dest(name), default) for name, (keyword, _, _, default, _) in OPTIONS.items()}
+    monitor_dir = flag_value(cfg, "stability_monitor")
+    settings["log_dir"] = str(Path(monitor_dir).resolve()) if monitor_dir else None
+    return settings
 
 
 def guard_of(trainer) -> Optional[StabilityGuard]:
@@ -127,7 +136,7 @@ def _torch_optimizer(trainer):
 
 
 def make_guard(trainer, cfg: dict) -> StabilityGuard:
-    """The guard of a fairseq ``Trainer`` for the recorded flags ``cfg``: on the torch optimizer inside fairseq's,
+    """The guard of a fairseq ``Trainer`` for the settings ``cfg`` (`guard_settings`): on the torch optimizer inside fairseq's,
     reading the criterion's loss per target token, with the monitor of ``--stability-monitor`` if any."""
     from .monitor import monitor_of
 
@@ -149,3 +158,31 @@ def make_guard(trainer, cfg: dict) -> StabilityGuard:
     logger.info("stability guard: on %s, snapshots every %d updates, spikes above %g robust sigmas",
                 type(guard.optimizer).__name__, guard.snapshot_every, guard.detector.threshold)
     return guard
+
+
+def guarded_step(trainer, step, samples, raise_oom=False):
+    """The step wrapper of ``--stability-guard`` (registered with the repair
+    [`train_step`][fairseq_plugins.repairs.train_step], inside the monitor's). The guard is put on the trainer's
+    optimizer at the first step (it then acts inside ``optimizer.step``); fairseq's ``FloatingPointError`` (a
+    non-finite gradient: the update was not applied) becomes the guard's ``nonfinite`` signal and the step returns
+    None, as fairseq's own out-of-memory skip does; once the guard stops, ``cfg.optimization.max_update`` is set to
+    the current update, so fairseq saves and ends as at ``--max-update``. Without the flag it calls the step
+    unchanged."""
+    if "_stability_guard" not in vars(trainer):
+        settings = guard_settings(trainer.cfg)
+        trainer._stability_guard = None if settings is None else make_guard(trainer, settings)
+    g = trainer._stability_guard
+    if g is None:
+        return step(samples, raise_oom)
+    try:
+        out = None if g.stopped else step(samples, raise_oom)
+    except FloatingPointError as err:
+        out = None
+        trainer.zero_grad()
+        g.report("nonfinite", f"fairseq: {err}")
+    if g.stopped:  # fairseq ends at the next check, saving its checkpoint, as at --max-update
+        trainer.cfg.optimization.max_update = trainer.get_num_updates()
+    return out
+
+
+register_step_wrapper("stability_guard", guarded_step)

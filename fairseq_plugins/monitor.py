@@ -18,42 +18,42 @@ The layers are found through the descriptions `fairseq_plugins.fold_checkpoint` 
 LayerNorms.
 
 The flags are declared here (`add_monitor_args`; plain argparse: they belong to no fairseq component, so no
-fairseq dataclass holds them) and checked by `check_monitor_flags`, which records them in the environment
-(``FAIRSEQ_STABILITY_MONITOR``) that spawned ranks inherit. Two repairs, installed by ``import fairseq_plugins``,
-connect them to fairseq: [`fairseq_plugins.repairs.monitor_flags`][fairseq_plugins.repairs.monitor_flags] adds the
-flags to the training parser and [`fairseq_plugins.repairs.monitor_train_step`][fairseq_plugins.repairs.monitor_train_step]
-runs the monitor around ``Trainer.train_step``.
+fairseq dataclass holds them) and checked by `check_monitor_flags` at parsing, which writes the parsed values back
+on the arguments. This module registers two things into the generic repairs that ``import fairseq_plugins``
+installs: the flags ([`training_flags`][fairseq_plugins.repairs.training_flags] adds them to the training parser
+and carries them on fairseq's configuration, ``cfg.common``, to every rank) and `monitored_step`
+([`train_step`][fairseq_plugins.repairs.train_step] runs it around ``Trainer.train_step``), which reads them from
+the trainer's configuration.
 
 A bad value ends the tool with one line naming the flag, exit status 2 (`FlagError`).
 """
 
 import argparse
 import atexit
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from toolbox_core import validation
-from stability_toolbox.hooks import wrap_hooks
+from stability_toolbox.inert_hooks import wrap_hooks
 from stability_toolbox.monitor import StabilityMonitor
 
 from .flags import FlagError, check_flag, flag_check
 from .modules import layer_kinds  # noqa: F401  (registers fairseq's layers: the monitor finds them)
+from .repairs.train_step import register_step_wrapper
+from .repairs.training_flags import flag_value, register_arg_adder
 
-__all__ = ["add_monitor_args", "check_monitor_flags", "monitor_of", "monitor_config", "make_monitor",
-           "feed_output_logits", "ENV", "DEFAULT_INTERVAL"]
+__all__ = ["add_monitor_args", "check_monitor_flags", "monitor_of", "monitor_settings", "make_monitor",
+           "monitored_step", "feed_output_logits", "DEFAULT_INTERVAL"]
 
 logger = logging.getLogger(__name__)
 
-#: the environment variable holding the parsed flags (JSON), inherited by spawned ranks
-ENV = "FAIRSEQ_STABILITY_MONITOR"
 DEFAULT_INTERVAL = 100
 
 
+@register_arg_adder
 def add_monitor_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--stability-monitor`` and ``--stability-monitor-interval`` (once) to ``parser``."""
     if any("--stability-monitor" in a.option_strings for a in parser._actions):
@@ -68,11 +68,11 @@ def add_monitor_args(parser: argparse.ArgumentParser) -> None:
 
 @flag_check
 def check_monitor_flags(args) -> None:
-    """Validate the monitor flags of a parsed command line and record them for the training loop."""
+    """Validate the monitor flags of a parsed command line and write the parsed values back on ``args`` (the
+    directory made absolute, the interval an int), from where fairseq's configuration carries them."""
     directory = getattr(args, "stability_monitor", None)
     interval = getattr(args, "stability_monitor_interval", DEFAULT_INTERVAL)
     if directory is None:
-        os.environ.pop(ENV, None)
         if interval not in (None, DEFAULT_INTERVAL, str(DEFAULT_INTERVAL)):
             raise FlagError("--stability-monitor-interval is accepted only with --stability-monitor DIR")
         return
@@ -89,13 +89,16 @@ def check_monitor_flags(args) -> None:
     parent = path.resolve().parent
     if not path.exists() and not parent.is_dir():
         raise FlagError(f"--stability-monitor {directory}: directory {parent} does not exist")
-    os.environ[ENV] = json.dumps({"dir": str(path.resolve()), "interval": interval})
+    args.stability_monitor, args.stability_monitor_interval = str(path.resolve()), interval
 
 
-def monitor_config() -> Optional[dict]:
-    """The flags `check_monitor_flags` recorded for this process (``{"dir": ..., "interval": ...}``), or None."""
-    raw = os.environ.get(ENV)
-    return json.loads(raw) if raw else None
+def monitor_settings(cfg) -> Optional[dict]:
+    """``{"dir": ..., "interval": ...}`` of a fairseq configuration (the flags as `check_monitor_flags` left them),
+    or None without ``--stability-monitor``."""
+    directory = flag_value(cfg, "stability_monitor")
+    if directory is None:
+        return None
+    return {"dir": directory, "interval": int(flag_value(cfg, "stability_monitor_interval", DEFAULT_INTERVAL))}
 
 
 def _unwrap(model):
@@ -111,7 +114,8 @@ def monitor_of(trainer) -> Optional[StabilityMonitor]:
 
 
 def make_monitor(trainer, cfg: dict) -> StabilityMonitor:
-    """The monitor of a fairseq ``Trainer`` for the recorded flags ``cfg`` (one directory per rank), closed at exit."""
+    """The monitor of a fairseq ``Trainer`` for the settings ``cfg`` (`monitor_settings`; one directory per rank),
+    closed at exit."""
     directory = Path(cfg["dir"])
     world = getattr(trainer, "data_parallel_world_size", 1)
     if world > 1:
@@ -143,3 +147,35 @@ def feed_output_logits(model, mon: StabilityMonitor):
     return handle
 
 
+def monitored_step(trainer, step, samples, raise_oom=False):
+    """The step wrapper of ``--stability-monitor`` (registered with the repair
+    [`train_step`][fairseq_plugins.repairs.train_step]): on a logged update it arms the monitor before the step and
+    reads the gradients (normalized, clipped), the update and the loss after it. The monitor is made on the
+    trainer's first step from its configuration; between logged updates this does one integer comparison, and
+    without the flag it calls the step unchanged."""
+    if "_stability_monitor" not in vars(trainer):
+        settings = monitor_settings(trainer.cfg)
+        trainer._stability_monitor = None if settings is None else make_monitor(trainer, settings)
+    mon = trainer._stability_monitor
+    if mon is None:
+        return step(samples, raise_oom)
+    update = trainer.get_num_updates()
+    if not mon.is_logging_step(update):  # the common case: one comparison, no hook, no sync
+        mon.step_count = update + 1
+        return step(samples, raise_oom)
+    mon.begin_step(update)
+    try:
+        out = step(samples, raise_oom)
+    except BaseException:
+        mon.end_step()
+        raise
+    # the gradients stay in place until the next train_step zeroes them (normalized, clipped)
+    mon.capture_grads()
+    loss = None
+    if isinstance(out, dict) and out.get("loss") is not None:
+        loss = float(out["loss"])  # the step's smoothed, normalized loss as fairseq logs it (base 2)
+    mon.end_step(loss)
+    return out
+
+
+register_step_wrapper("stability_monitor", monitored_step)

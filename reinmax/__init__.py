@@ -12,13 +12,19 @@ Layers with discrete choices: [`CategoricalLayer`][reinmax.CategoricalLayer], [`
 latent-tree encoder [`LatentTreeLSTM`][reinmax.LatentTreeLSTM] (which adjacent pair to merge, chosen by any
 estimator) and the mixture-of-experts FFN [`RoutedFeedForward`][reinmax.RoutedFeedForward] (which expert a token goes
 to: [`route_tokens`][reinmax.route_tokens] with ReinMax, SparseMixer, Switch, straight-through or Gumbel-Softmax). The package carries no data set: ListOps' generator and reader live, free of torch
-and fairseq, in `toolbox_core.listops`.
+and fairseq, in the `listops_data` package.
+
+The layer lives in `reinmax.routed_experts`; ``reinmax.moe``, its former name, still names that module (a deprecated
+alias, kept for old imports and for models pickled under it).
 """
+
+import sys
 
 from . import expert_parallel
 from .baselines import gapped_straight_through, gumbel_rao, gumbel_softmax, straight_through
 from .layers import CategoricalLayer, DiscreteBottleneck
-from .moe import RoutedFeedForward, RoutingStats, clear_moe_stats, moe_balance_loss, moe_layers, moe_load
+from . import routed_experts
+from .routed_experts import RoutedFeedForward, RoutingStats, clear_moe_stats, moe_balance_loss, moe_layers, moe_load
 from .registry import ESTIMATORS, estimate
 from .reinmax_function import ReinMaxFunction, reinmax
 from .routing import ROUTER_MIN_TAU, ROUTERS, SPARSE_ROUTERS, TAU_ROUTERS, Routing, balance_loss, route_tokens
@@ -55,3 +61,14 @@ __all__ = [
     "sample_categorical",
     "straight_through",
 ]
+
+# the former name of the routed-experts module: ``import reinmax.moe`` and a pickle naming reinmax.moe.RoutedFeedForward
+# get the module itself
+sys.modules.setdefault(f"{__name__}.moe", routed_experts)
+
+
+def __getattr__(name: str):
+    """PEP 562: ``reinmax.moe``, the deprecated name of `reinmax.routed_experts`."""
+    if name == "moe":
+        return routed_experts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,6 +28,20 @@ every rank takes part in the backward exchange even when its input needs no grad
 exchange is an exchange through the same autograd function (a double backward is exact). Gradient clipping
 must count every rank's experts: `clip_grad_norm_` (``torch.nn.utils.clip_grad_norm_`` sees this rank's).
 
+``torch.compile(fullgraph=True)``: the capacity mode compiles (the exchange is then torch's traceable, differentiable
+``torch.distributed._functional_collectives.all_to_all_single``; compiled equals eager, outputs and gradients,
+tested at P = 2). Under compile the group's largest C is not read (a host read): every rank of the group must
+then give the layer the same number of tokens (a fixed batch shape) of the same dtype; a compiled call checks
+both on the device (`same_over_group_compiled`: every rank raises the same RuntimeError otherwise). The
+no-capacity mode reads its counts on the host and runs eagerly (``fullgraph=True`` refuses it: compile it without
+``fullgraph``, or use a capacity).
+
+FSDP2: `fully_shard_experts` shards each layer's experts over their data-parallel replicas of a ``(dp, ep)``
+mesh (and the router like the rest of the model), then ``fully_shard(model, mesh=mesh)``: trains like one
+process (tested with AdamW on 4 ranks). The ``state_dict`` and ``load_state_dict`` of such a model are refused by
+name (DCP + DDP is the tested checkpoint path); a model without expert-parallel layers, or already sharded by
+``fully_shard`` (a second call), is refused before anything is sharded.
+
 ``router="reinmax"`` (every expert on every token) is refused by name: its exchange would send every token
 to every rank (an all-gather of the batch), which is what expert parallelism exists to avoid.
 
@@ -46,8 +60,9 @@ from torch import Tensor
 from toolbox_core import validation
 
 __all__ = ["all_to_all", "resolve_group", "group_description", "ExpertParallelError", "EXPERT_PARAMETERS",
-           "expert_parameter_names", "exclude_experts_from_ddp", "reduce_expert_gradients", "gather_experts",
-           "gather_optimizer_state", "shard_optimizer_state", "expert_grad_square_norms", "clip_grad_norm_"]
+           "expert_parameter_names", "exclude_experts_from_ddp", "reduce_expert_gradients", "fully_shard_experts",
+           "gather_experts", "gather_optimizer_state", "shard_optimizer_state", "expert_grad_square_norms",
+           "clip_grad_norm_"]
 
 
 class ExpertParallelError(RuntimeError):
@@ -172,6 +187,13 @@ def all_to_all(x: Tensor, group, output_splits: Optional[List[int]] = None,
     """
     if group is None:
         return x
+    if torch.compiler.is_compiling():
+        # the traceable collective (torch's functional all_to_all_single, differentiable: its backward is the
+        # reverse exchange); eager calls keep `_AllToAll`, whose failures name the group
+        from torch.distributed import _functional_collectives as funcol
+
+        splits = (None, None) if output_splits is None else (list(output_splits), list(input_splits))
+        return funcol.all_to_all_single(x.contiguous(), *splits, group)
     return _AllToAll.apply(x, group, output_splits, input_splits)
 
 
@@ -210,6 +232,26 @@ def max_over_group(value: int, group, device: torch.device, dtype: Optional[torc
     largest, high, low = t.tolist()
     check_same_dtype([high, -low], group)
     return int(largest)
+
+
+def same_over_group_compiled(value: int, group, device: torch.device, dtype: Optional[torch.dtype] = None) -> int:
+    """``value`` (the capacity C), after checking under torch.compile that every rank of ``group`` has the same
+    (and, with ``dtype``, the tokens' dtype, that every rank exchanges the same dtype).
+
+    One traceable all-reduce of ``(value, -value, code, -code)`` (max) and assertions on the device (no host
+    read): with different values or dtypes every rank fails the same way (a RuntimeError on the CPU) before the
+    exchange, whose blocks would not match in size (gloo aborts the process on such a mismatch).
+    """
+    from torch.distributed import _functional_collectives as funcol
+
+    code = 0 if dtype is None else dtype_code(dtype)
+    both = funcol.all_reduce(torch.tensor([value, -value, code, -code], dtype=torch.int64, device=device), "max",
+                             group)
+    torch._assert_async(both[0] == -both[1], "under torch.compile every rank of the expert-parallel group must give "
+                        "the layer the same number of tokens (the same capacity C); pad the batch, or run eagerly")
+    torch._assert_async(both[2] == -both[3], "x must have the same dtype on every rank of the expert-parallel group "
+                        "(the tokens are exchanged between them); convert the layer and its input on every rank")
+    return value
 
 
 def agree(group, name: str, config: dict, local_error: Optional[BaseException]) -> None:
@@ -268,15 +310,26 @@ def experts_as_dtensors(layer, state_dict, prefix, local_metadata) -> None:
     full = getattr(layer._group, "full", None)
     if full is not None:  # gather_experts ran: every expert, once
         layer._group.full = None
+        if full["versions"] != _versions(layer):
+            # the gathered copies are of experts changed since (an optimizer step): a stale checkpoint otherwise
+            raise ValueError(f"state_dict of an expert-parallel RoutedFeedForward ({prefix or 'the layer'}): its "
+                             f"experts changed after gather_experts (e.g. an optimizer step); call "
+                             f"gather_experts(model) right before state_dict()")
         for name in EXPERT_PARAMETERS:
             if prefix + name in state_dict:
                 state_dict[prefix + name] = full[name]
         return
+    if any(isinstance(state_dict.get(prefix + name), DTensor) for name in EXPERT_PARAMETERS):
+        # fully_shard_experts: DTensors over the data-parallel ranks of this rank's E/P experts, which do not say
+        # where the experts sit among the E: a checkpoint of them would mix up the groups' experts
+        raise ValueError(f"state_dict of an expert-parallel RoutedFeedForward ({prefix or 'the layer'}) whose experts "
+                         f"are sharded by fully_shard (fully_shard_experts) is not supported; checkpoint the model "
+                         f"without FSDP2 over the experts (DDP + expert parallelism) or gather its parameters first")
     mesh = _device_mesh(layer)
     for name in EXPERT_PARAMETERS:
         key = prefix + name
         value = state_dict.get(key)
-        if value is not None and not isinstance(value, DTensor):
+        if value is not None:
             state_dict[key] = DTensor.from_local(value, mesh, [Shard(0)], run_check=False)
 
 
@@ -285,20 +338,48 @@ def experts_from_state(layer, state_dict, prefix, local_metadata, strict, missin
     """``load_state_dict`` pre-hook: this rank's experts from a DTensor (any sharding) or a full ``(E, ...)`` tensor.
 
     A single-process checkpoint (every expert) thus loads into an expert-parallel layer (each rank keeps its
-    experts); a tensor with this rank's ``(E/P, ...)`` rows loads as it is.
+    experts); a tensor with this rank's ``(E/P, ...)`` rows loads as it is. Any other number of experts is a
+    ValueError naming the key and both counts (before this layer changes; a DTensor's on every rank alike).
     """
     if layer.expert_parallel_group is None:
         return
     from torch.distributed.tensor import DTensor, Shard
 
+    if any(isinstance(getattr(layer, name), DTensor) for name in EXPERT_PARAMETERS):
+        # the counterpart of experts_as_dtensors' refusal: FSDP2 over the experts' replicas (fully_shard_experts)
+        raise ValueError(f"load_state_dict of an expert-parallel RoutedFeedForward ({prefix or 'the layer'}) whose "
+                         f"experts are sharded by fully_shard (fully_shard_experts) is not supported; load the "
+                         f"checkpoint before fully_shard_experts (DDP + expert parallelism checkpoints load then)")
     local = slice(layer.first_expert, layer.first_expert + layer.num_local_experts)
+    E, E_local, P = layer.num_experts, layer.num_local_experts, layer.expert_parallel_group.size()
+    ranks = _dist().get_process_group_ranks(layer.expert_parallel_group)
+    for name in EXPERT_PARAMETERS:  # every key checked before any is changed
+        value = state_dict.get(prefix + name)
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"state_dict[{prefix + name!r}] must be a torch.Tensor (or DTensor) of experts, got "
+                            f"{type(value).__name__}")
+        rows = value.shape[0] if value.dim() else None  # a DTensor's shape is its global one
+        accepted = (E,) if isinstance(value, DTensor) else (E, E_local)
+        if rows not in accepted:
+            wanted = f"{E} (every expert)" + ("" if isinstance(value, DTensor) else
+                                              f" or {E_local} (this rank's experts {local.start}..{local.stop - 1})")
+            raise ValueError(f"state_dict[{prefix + name!r}] must have {wanted} rows for this expert-parallel layer "
+                             f"(num_experts={E} over P={P} ranks, E/P={E_local}), got shape {tuple(value.shape)}"
+                             f"{' (a DTensor: its global shape)' if isinstance(value, DTensor) else ''}: a "
+                             f"checkpoint of a layer with another num_experts")
     for name in EXPERT_PARAMETERS:
         key = prefix + name
         value = state_dict.get(key)
         if value is None:
             continue
         if isinstance(value, DTensor):
-            same = value.device_mesh.size() == layer.expert_parallel_group.size()
+            # this rank's rows as they are only when sharded over this very group (the same ranks, in order): a
+            # DTensor over another group of the same size (e.g. mesh["dp"] for a layer on mesh["ep"]) holds other
+            # experts here
+            mesh = value.device_mesh
+            same = mesh.ndim == 1 and _dist().get_process_group_ranks(mesh.get_group()) == ranks
             if tuple(value.placements) == (Shard(0),) and same:
                 value = value.to_local()
             else:
@@ -309,7 +390,7 @@ def experts_from_state(layer, state_dict, prefix, local_metadata, strict, missin
 
 
 def _expert_parallel_layers(model):
-    from .moe import moe_layers
+    from .routed_experts import moe_layers
 
     return [m for m in moe_layers(model) if m.expert_parallel_group is not None]
 
@@ -352,7 +433,10 @@ def reduce_expert_gradients(model, data_parallel_group=None) -> None:
     between ``backward()`` and ``optimizer.step()``.
     """
     dist = _dist()
-    for layer in _expert_parallel_layers(model):
+    layers = _expert_parallel_layers(model)
+    _refuse_fully_sharded(layers, "reduce_expert_gradients",
+                          "FSDP2 already reduced their gradients (dividing again would shrink them)")
+    for layer in layers:
         dp = 1 if data_parallel_group is None else dist.get_world_size(data_parallel_group)
         world = dp * layer.expert_parallel_group.size()
         for name in EXPERT_PARAMETERS:
@@ -363,6 +447,85 @@ def reduce_expert_gradients(model, data_parallel_group=None) -> None:
                 _collective(data_parallel_group, "all_reduce of the expert gradients",
                             lambda g=grad: dist.all_reduce(g, group=data_parallel_group))
             grad.div_(world)
+
+
+def _refuse_fully_sharded(layers, what: str, why: str) -> None:
+    """ValueError naming ``what`` when a layer's experts are sharded by `fully_shard_experts` (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(getattr(layer, name), DTensor) for layer in layers for name in EXPERT_PARAMETERS):
+        raise ValueError(f"{what} takes a model whose experts are plain tensors (DDP + expert parallelism), got "
+                         f"experts sharded by fully_shard (fully_shard_experts): {why}")
+
+
+def fully_shard_experts(model, mesh, dp_dim: str = "dp", ep_dim: str = "ep") -> List[object]:
+    r"""FSDP2 over the data-parallel replicas of each expert: ``fully_shard`` every expert-parallel layer's experts
+    over ``mesh[dp_dim]`` and its router over the whole ``mesh``; then call ``fully_shard(model, mesh=mesh)``.
+
+    On a ``(dp, ep)`` mesh each layer's group is ``mesh[ep_dim]``: a rank holds E/ep experts, which the ``dp``
+    ranks along the other dimension hold too (its replicas). This shards them over those replicas (each rank
+    keeps ``1/(dp ep)`` of the experts' bytes between forwards, all-gathered over ``dp`` for its forward and
+    backward) and reduce-scatters their gradients with a divide factor of ``dp x ep`` (the exchange already
+    summed the ``ep`` ranks' gradients), so they are the gradients of the mean loss over every rank. The router
+    gets its own ``fully_shard`` on ``mesh`` (HSDP: replicated over ``dp``, sharded over ``ep``, its gradient
+    averaged over every rank), like every other parameter under ``fully_shard(model, mesh=mesh)`` afterwards.
+    No `reduce_expert_gradients` then: FSDP2 reduces every gradient. Collective (every rank of the mesh).
+
+    Args:
+        model: an ``nn.Module`` whose expert-parallel layers' groups are ``mesh[ep_dim]``.
+        mesh: a 2-D ``DeviceMesh`` with dimensions named ``dp_dim`` and ``ep_dim``.
+
+    Returns:
+        the sharded layers (each an ``FSDPModule``), in module order.
+
+    Raises:
+        TypeError: ``mesh`` is not a DeviceMesh.
+        ValueError: ``mesh`` is not 2-D with those dimension names, ``model`` has no expert-parallel layer, a
+            layer's group is not ``mesh[ep_dim]``, or a layer (or a module holding it) is already sharded by
+            ``fully_shard`` (a second call, or ``fully_shard(model)`` first); nothing is sharded then.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from .routed_experts import _check_model
+
+    model = _check_model(model)
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"mesh must be a torch.distributed DeviceMesh, got {type(mesh).__name__}")
+    names = tuple(mesh.mesh_dim_names or ())
+    if mesh.ndim != 2 or dp_dim not in names or ep_dim not in names or dp_dim == ep_dim:
+        raise ValueError(f"mesh must be a 2-D DeviceMesh with dimensions named {dp_dim!r} (dp_dim) and {ep_dim!r} "
+                         f"(ep_dim), got {mesh.ndim}-D with names {names}")
+    dist = _dist()
+    ep_ranks = dist.get_process_group_ranks(mesh[ep_dim].get_group())
+    layers = _expert_parallel_layers(model)
+    if not layers:
+        from .routed_experts import moe_layers
+
+        found = sum(1 for _ in moe_layers(model))
+        raise ValueError(f"model must hold a RoutedFeedForward built with expert_parallel_group=mesh[{ep_dim!r}] "
+                         f"for fully_shard_experts, got {found} RoutedFeedForward layers, none expert parallel")
+    # a module that holds a layer and is already sharded (a second call, or fully_shard(model) first) owns the
+    # experts: sharding them again fails inside torch, and a fully_shard over the 2-D mesh treats the ep ranks'
+    # different experts as one tensor (silently mixed experts)
+    holders = {id(m) for layer in layers for m in (layer, layer.router)}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule) and (id(module) in holders or any(
+                id(inner) in holders for inner in module.modules())):
+            raise ValueError(f"model must not be sharded by fully_shard before fully_shard_experts, got "
+                             f"{name or 'the model'!r} already sharded (fully_shard_experts called twice, or "
+                             f"fully_shard(model) first); call fully_shard_experts once, before fully_shard")
+    for layer in layers:  # all checked before any is sharded
+        if dist.get_process_group_ranks(layer.expert_parallel_group) != ep_ranks:
+            raise ValueError(f"mesh[{ep_dim!r}] must be each expert-parallel layer's group (ranks {ep_ranks}), got a "
+                             f"layer on the {group_description(layer.expert_parallel_group)}")
+    sharded = []
+    for layer in layers:
+        fully_shard(layer.router, mesh=mesh)
+        layer = fully_shard(layer, mesh=mesh[dp_dim])  # what is left of the layer: its experts
+        layer.set_gradient_divide_factor(float(mesh.size()))
+        sharded.append(layer)
+    return sharded
 
 
 def _all_gather_rows(t: Tensor, group) -> Tensor:
@@ -380,10 +543,17 @@ def gather_experts(model) -> None:
     (``load_state_dict`` keeps each rank's experts). Without this call, ``state_dict()`` holds DTensor views
     for ``torch.distributed.checkpoint``.
     """
-    for layer in _expert_parallel_layers(model):
+    layers = _expert_parallel_layers(model)
+    _refuse_fully_sharded(layers, "gather_experts", "the state_dict of such a model is not supported")
+    for layer in layers:
         group = layer.expert_parallel_group
-        layer._group.full = {name: _all_gather_rows(getattr(layer, name).detach(), group)
-                             for name in EXPERT_PARAMETERS}
+        full = {name: _all_gather_rows(getattr(layer, name).detach(), group) for name in EXPERT_PARAMETERS}
+        layer._group.full = dict(full, versions=_versions(layer))
+
+
+def _versions(layer) -> tuple:
+    """The experts' version counters (an in-place change, an optimizer step, increments them)."""
+    return tuple(getattr(layer, name)._version for name in EXPERT_PARAMETERS)
 
 
 def _expert_params(model) -> dict:
@@ -394,6 +564,8 @@ def _expert_params(model) -> dict:
 def gather_optimizer_state(model, optimizer) -> dict:
     """Collective: ``optimizer.state_dict()`` with the experts' per-expert state (tensors shaped like the expert
     parameter, e.g. Adam's moments) gathered into full ``(E, ...)`` tensors, as in a single-process run."""
+    _refuse_fully_sharded(_expert_parallel_layers(model), "gather_optimizer_state",
+                          "the state_dict of such a model is not supported")
     experts = _expert_params(model)
     state = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -429,6 +601,14 @@ def shard_optimizer_state(model, optimizer, state: dict) -> dict:
     return state
 
 
+def _value(t: Tensor) -> Tensor:
+    """A reduction of (DTensor) gradients as a plain tensor: a DTensor's (sharded by FSDP2: a collective over its
+    mesh, every rank of which computes the same reductions in the same order) gathered, a tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def expert_grad_square_norms(model):
     """``(this rank's, the group's)``: the squared L2 norm of the experts' gradients on this rank, and summed over
     each layer's expert-parallel group (one all-reduce per layer), as float32 0-d tensors.
@@ -440,7 +620,7 @@ def expert_grad_square_norms(model):
     local = every = torch.zeros((), dtype=torch.float32)
     for layer in _expert_parallel_layers(model):
         grads = [getattr(layer, name).grad for name in EXPERT_PARAMETERS]
-        mine = sum((g.float().pow(2).sum() for g in grads if g is not None),
+        mine = sum((_value(g.float().pow(2).sum()) for g in grads if g is not None),
                    torch.zeros((), dtype=torch.float32, device=layer.fc1_weight.device))
         summed = mine.clone()
         _collective(layer.expert_parallel_group, "all_reduce of the expert gradient norms",
@@ -458,7 +638,9 @@ def clip_grad_norm_(model, max_norm: float, norm_type: float = 2.0) -> Tensor:
     gradient (the non-expert gradients as they are, the same on every rank after DDP; the experts' summed
     over each layer's expert-parallel group, one all-reduce per distinct group), the same number on every
     rank, and scales every gradient by ``min(1, max_norm / (norm + 1e-6))`` like torch. Call it after
-    `reduce_expert_gradients` (collective: every rank of the groups).
+    `reduce_expert_gradients` (collective: every rank of the groups). Under `fully_shard_experts` + FSDP2
+    (DTensor gradients) it takes each gradient's norm over its mesh, then the experts' over their groups, and
+    scales each rank's shards: the same norm (tested on a (dp=2, ep=2) mesh).
 
     Args:
         model: an ``nn.Module``.
@@ -476,7 +658,7 @@ def clip_grad_norm_(model, max_norm: float, norm_type: float = 2.0) -> Tensor:
         >>> bool(norm > 1e-3), torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()]) <= 1e-3
         (True, tensor(True))
     """
-    from .moe import _check_model
+    from .routed_experts import _check_model
 
     model = _check_model(model)
     max_norm = validation.as_real("max_norm", max_norm, low=0.0)
@@ -489,7 +671,7 @@ def clip_grad_norm_(model, max_norm: float, norm_type: float = 2.0) -> Tensor:
     inf = norm_type == float("inf")
 
     def part(grads) -> Tensor:  # max |g| (inf) or sum |g|^p, over the gradients given
-        values = [torch.linalg.vector_norm(g.to(dtype), norm_type).to(device) for g in grads]
+        values = [_value(torch.linalg.vector_norm(g.to(dtype), norm_type)).to(device) for g in grads]
         if not values:
             return torch.zeros((), dtype=dtype, device=device)
         stacked = torch.stack(values)
@@ -509,6 +691,9 @@ def clip_grad_norm_(model, max_norm: float, norm_type: float = 2.0) -> Tensor:
         total = torch.maximum(total, mine) if inf else total + mine
     norm = total if inf else total.pow(1.0 / norm_type)
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for p in params:
-        p.grad.mul_(scale.to(p.grad.dtype))
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for p in params:  # a DTensor gradient (FSDP2): its local shard, in place
+            (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(scale.to(p.grad.dtype))
     return norm

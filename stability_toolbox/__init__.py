@@ -12,7 +12,7 @@ modules:
 * `stability_toolbox.warning_rules`: the warning rules, pure functions of the history;
 * `stability_toolbox.records`: ``monitor.jsonl`` (and [`read_records`][stability_toolbox.records.read_records]),
   the summary table and the heatmaps;
-* `stability_toolbox.hooks`: hooks that go inert in a copied or pickled model.
+* `stability_toolbox.inert_hooks`: hooks that go inert in a copied or pickled model.
 
 [`StabilityGuard`][stability_toolbox.StabilityGuard] keeps a run alive through its instabilities (skip, rewind,
 back off, stop; `stability_toolbox.guard`, with `stability_toolbox.guard_policy`, `stability_toolbox.spike_detector`,
@@ -26,7 +26,9 @@ from its own recent baseline (`stability_toolbox.signal_detector`; the monitor r
 `stability_toolbox.hf_callback` runs the monitor in a HuggingFace ``Trainer``; `stability_toolbox.z_loss`
 is the z-loss remedy. The shared helpers live one floor down, in `toolbox_core`; the data-check switch
 ([`set_data_checks`][toolbox_core.validation.set_data_checks] and friends) is re-exported here, and
-``stability_toolbox.{checks,validation,files,listops}`` still name the `toolbox_core` modules.
+``stability_toolbox.{checks,validation,files}`` still name the `toolbox_core` modules. Deprecated names of moved
+modules, kept for old imports and for models pickled under them: ``stability_toolbox.hooks`` names
+`stability_toolbox.inert_hooks`, ``stability_toolbox.listops`` (an alias module) the `listops_data` package.
 
 Importing this package imports neither torch nor fairseq: the names re-exported here are imported on first
 use, while ``from stability_toolbox import StabilityMonitor`` works as ever.
@@ -39,7 +41,10 @@ Examples:
 """
 
 import importlib
+import sys
 from typing import TYPE_CHECKING
+
+from . import inert_hooks as _inert_hooks
 
 if TYPE_CHECKING:  # what the names below are, for type checkers and the API docs; imported lazily at run time
     from .monitor import StabilityMonitor, register_layer_kind
@@ -78,6 +83,11 @@ _LAZY = {
 }
 # submodules that ``import stability_toolbox`` used to import eagerly: still reachable as attributes
 _LAZY_SUBMODULES = ("validation", "monitor", "warning_rules", "z_loss")
+# deprecated module names -> the module now holding that code: registered in sys.modules, so ``import
+# stability_toolbox.hooks`` and a pickle naming ``stability_toolbox.hooks._make_inert`` get the new module
+_MOVED = {"hooks": _inert_hooks}
+for _name, _module in _MOVED.items():
+    sys.modules.setdefault(f"{__name__}.{_name}", _module)
 
 
 def __getattr__(name: str):
@@ -86,6 +96,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     elif name in _LAZY_SUBMODULES:
         value = importlib.import_module(f".{name}", __name__)
+    elif name in _MOVED:
+        return _MOVED[name]  # not cached: the deprecated names stay out of the namespace
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

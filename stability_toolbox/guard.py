@@ -4,10 +4,11 @@ The guard wraps ``optimizer.step``. Each step it scores the step's loss and the 
 their robust running statistics (`stability_toolbox.spike_detector`, on the device), decides on the device
 whether the update is applied (`stability_toolbox.conditional_step`: a skipped update leaves the parameters
 and the optimizer state as if the batch never came), and hands the signals to the host without waiting
-(on the CPU at once; on a GPU one step later, when that step's flags are long computed: no host-device
-synchronization in a step without an event). On the host the policy table (`stability_toolbox.guard_policy`)
-turns signals, and the warnings of an attached [`StabilityMonitor`][stability_toolbox.StabilityMonitor], into
-an action:
+(on a GPU one step later, when that step's flags are long computed: no host-device synchronization in a step
+without an event). On the CPU, where reading a value is free, the step's two numbers are read at once and
+scored in Python floats (`SpikeDetector.score_host`): a step without an event costs the gradient norm and a
+few tensor ops. On the host the policy table (`stability_toolbox.guard_policy`) turns signals, and the
+warnings of an attached [`StabilityMonitor`][stability_toolbox.StabilityMonitor], into an action:
 
 * ``skip``: the update was not applied (too many skips in a window escalate to ``rewind``);
 * ``rewind``: restore the last good snapshot (`stability_toolbox.snapshots`: model, optimizer, scheduler,
@@ -44,6 +45,7 @@ Examples:
 """
 
 import logging
+import math
 import os
 import types
 from pathlib import Path
@@ -68,6 +70,14 @@ logger = logging.getLogger(__name__)
 
 _SIGNAL_OF = {"loss": "loss_spike", "grad_norm": "grad_norm_spike"}
 _WHAT = {"loss_spike": "loss", "grad_norm_spike": "global gradient norm"}
+
+
+_F32_MAX = 3.4028234663852886e38
+
+
+def _f32(x: float) -> float:
+    """``x`` in float32's range (beyond it: infinite, as a float32 tensor holds it)."""
+    return x if abs(x) <= _F32_MAX or x != x else math.copysign(math.inf, x)
 
 
 class GuardStopped(RuntimeError):
@@ -95,6 +105,7 @@ class StabilityGuard:
         monitor: a `StabilityMonitor` whose warnings become ``warning:<quantity>`` signals.
         window, threshold, warmup: the spike detector's (`SpikeDetector`): a value more than ``threshold``
             robust standard deviations above the median of its last ``window`` values, after ``warmup``.
+        refresh_every: the detector recomputes the median and the MAD every this many updates (`SpikeDetector`).
         signals: the signals scored, a subset of ``("loss", "grad_norm")``.
         snapshot_every: take a snapshot every this many updates (an integer >= 1), from update 0 (before any).
         snapshots: how many snapshots are kept (an integer >= 1).
@@ -116,7 +127,7 @@ class StabilityGuard:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
                  scaler: Any = None, policy: Optional[GuardPolicy] = None, monitor: Any = None,
-                 window: int = 128, threshold: float = 6.0, warmup: int = 16,
+                 window: int = 128, threshold: float = 6.0, warmup: int = 16, refresh_every: int = 16,
                  signals: Sequence[str] = DEFAULT_SIGNALS, snapshot_every: int = 100, snapshots: int = 2,
                  snapshot_dir: Optional[Union[str, "os.PathLike[str]"]] = None, rewind_skip: int = 10,
                  backoff: float = 0.5, backoff_updates: int = 50, log_dir: Optional[Union[str, Path]] = None,
@@ -141,7 +152,8 @@ class StabilityGuard:
         if isinstance(signals, str) or not isinstance(signals, Sequence) or not signals or \
                 not set(signals) <= set(DEFAULT_SIGNALS) or len(set(signals)) != len(signals):
             raise ValueError(f"signals must be a non-empty subset of {DEFAULT_SIGNALS}, got {signals!r}")
-        detector = SpikeDetector(tuple(signals), window=window, threshold=threshold, warmup=warmup)
+        detector = SpikeDetector(tuple(signals), window=window, threshold=threshold, warmup=warmup,
+                                 refresh_every=refresh_every)
         self.snapshot_every = validation.as_int("snapshot_every", snapshot_every, minimum=1)
         self.rewind_skip = validation.as_int("rewind_skip", rewind_skip, minimum=0)
         self.backoff = validation.as_real("backoff", backoff, low=0.0, high=1.0, low_open=True)
@@ -172,6 +184,8 @@ class StabilityGuard:
         self.process_group = process_group
         self.decide_on_host = decide_on_host
         self._masks: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
+        self._every_event_skips = all(policy.skips_on_device(_SIGNAL_OF[s]) for s in signals) and \
+            policy.skips_on_device("nonfinite")
         self.world = world
         self.updates = 0                    # optimizer steps taken under the guard (rewinds set it back)
         self.events: List[Dict[str, Any]] = []
@@ -205,6 +219,10 @@ class StabilityGuard:
         self._requested: Optional[str] = None   # rewind(): done at the next step
         self._step_loss: Any = None
         self._last_grads: List[Tuple[Any, int]] = []
+        self._last_count = 0
+        self._last_versions = 0
+        self._params_key: Any = None
+        self._params_cache: Any = None
         optimizer.step = types.MethodType(_guarded_function(self), optimizer)
 
     # ------------------------------------------------------------------ data
@@ -307,47 +325,77 @@ class StabilityGuard:
         finally:
             self._step_loss = None
 
-    def _check_fresh(self) -> None:
-        """Refuse a second step on the same gradients (the same tensors, unmodified since the last step)."""
+    def _check_fresh(self, raw: List[Tensor]) -> None:
+        """Refuse a second step on the same gradients ``raw`` (`_grads`'s): the sampled ones are the same
+        tensors as at the last step, unmodified since."""
         last = self._last_grads
-        if not last:
+        if not last or len(raw) != self._last_count:
             return
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if len(grads) == len(last) and all(r() is g and v == g._version for (r, v), g in zip(last, grads)):
-            raise ValueError("step: called again on the gradients of the previous update (no backward since); "
-                             "call it once per update, after backward(), and optimizer.zero_grad() between updates")
+        for (ref, version), i in zip(last, self._sampled(len(raw))):
+            g = raw[i]
+            if ref() is not g or g._version != version:
+                return
+        # the sampled gradients are untouched: a second step, unless a backward without zero_grad reached only
+        # other parameters (conditional computation, unused layers): then some version moved
+        if sum(g._version for g in raw) != self._last_versions:
+            return
+        raise ValueError("step: called again on the gradients of the previous update (no backward since); "
+                         "call it once per update, after backward(), and optimizer.zero_grad() between updates")
 
-    def _remember_grads(self) -> None:
-        # weak references: the old gradients are not kept alive (set_to_none frees them), and a new tensor at a
-        # reused address is not mistaken for the old one
-        self._last_grads = [(weakref.ref(p.grad), p.grad._version) for g in self.optimizer.param_groups
-                            for p in g["params"] if p.grad is not None]
+    @staticmethod
+    def _sampled(n: int) -> Tuple[int, ...]:
+        return (0, n // 2, n - 1) if n > 3 else tuple(range(n))
 
-    def _grads(self) -> Tuple[List[Tensor], bool]:
-        """The gradients (DTensors: their local shards) and whether any is sharded."""
-        out, sharded = [], False
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    if type(g).__name__ == "DTensor":
-                        g, sharded = g.to_local(), True
-                    out.append(g)
-        return out, sharded
+    def _remember_grads(self, raw: List[Tensor]) -> None:
+        # weak references (the old gradients are not kept alive: set_to_none frees them, and a new tensor at a
+        # reused address is not mistaken for the old one) to three of the gradients, the first, a middle and the
+        # last: a backward, a zero_grad or a clipping changes them all (weak references to every gradient, made
+        # every step, cost ~10% of the guard's 1% budget on a small model)
+        self._last_count = len(raw)
+        self._last_versions = sum(g._version for g in raw)  # ~6 us per 100 gradients
+        self._last_grads = [(weakref.ref(raw[i]), raw[i]._version) for i in self._sampled(len(raw))]
 
-    def _signal_values(self, grads: List[Tensor], sharded: bool,
-                       device: torch.device) -> Tuple[Tensor, Optional[Tensor]]:
-        """The step's signal values and which are present (None: all), reduced over the ranks (one all-reduce).
-        A handful of tensor ops: this runs every step."""
-        sq = None
+    def _params(self) -> Tuple[List[Tensor], bool, bool]:
+        """The optimizer's parameters in order, whether any is a DTensor and whether they span several devices
+        (these two cached until the parameters change). The list is read afresh every step: a parameter replaced
+        inside a group's list (same list, same length) must be seen, or its gradient would escape the norm."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        key = tuple(map(id, params))  # ~1 us per 100 parameters, in C
+        if key != self._params_key:
+            self._params_cache = (any(type(p).__name__ == "DTensor" for p in params),
+                                  len({p.device for p in params}) > 1)
+            self._params_key = key
+        return (params, *self._params_cache)
+
+    def _grads(self) -> Tuple[List[Tensor], List[Tensor], bool, bool]:
+        """The gradients as the parameters hold them, the same as local tensors (DTensors: their shards), whether
+        any is sharded and whether they span several devices."""
+        params, dtensors, devices = self._params()
+        raw = [p.grad for p in params]
+        raw = [g for g in raw if g is not None]
+        if dtensors:
+            local = [g.to_local() if type(g).__name__ == "DTensor" else g for g in raw]
+            return raw, local, any(type(g).__name__ == "DTensor" for g in raw), devices
+        return raw, raw, False, devices
+
+    def _signal_values(self, grads: List[Tensor], sharded: bool, several_devices: bool, device: torch.device,
+                       host: bool = False) -> Tuple[Any, Any]:
+        """The step's signal values and which are present (None: all), reduced over the ranks (one all-reduce):
+        tensors, or with ``host`` (one process on the CPU) lists of floats and bools. A handful of tensor ops:
+        this runs every step."""
+        norm = sq = None
         if grads:
             norms = torch._foreach_norm(grads)
-            # float64: a finite norm above ~1.8e19 squares to inf in float32 (a huge spike read as non-finite)
-            sq = torch.stack(norms if len(norms) == 1 or all(n.device == device for n in norms)
-                             else [n.to(device) for n in norms]).double().square().sum()
+            if several_devices:
+                norms = [n.to(device) for n in norms]
             scale = getattr(self.optimizer, "grad_scale", None)  # a GradScaler's fused protocol: still scaled
-            if scale is not None:
-                sq = sq / scale.to(device, torch.float64).reshape(()).square()
+            if self.world > 1 or scale is not None:
+                # float64: a finite norm above ~1.8e19 squares to inf in float32 (a huge spike read as non-finite)
+                sq = torch.stack(norms).double().square().sum()
+                if scale is not None:
+                    sq = sq / scale.to(device, torch.float64).reshape(()).square()
+            else:  # one op for the norm of the norms, in float64 for the same reason
+                norm = torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64)
         n = self._loss_n
         loss = self._loss_sum.to(device) if n else None
         if self.world > 1:
@@ -363,12 +411,20 @@ class StabilityGuard:
             have = {"loss": vec[1] > 0, "grad_norm": vec[3] > 0}
             return (torch.stack([value[s] for s in self.signals]), torch.stack([have[s] for s in self.signals]))
         # one process: which signals are present is known on the host
-        zero = None
+        if sq is not None:
+            norm = sq.sqrt()
+        if host:  # floats (float32's range: a norm beyond it is non-finite, as on the device)
+            value = {"loss": None if loss is None else _f32(loss.item() / max(n, 1)),
+                     "grad_norm": None if norm is None else _f32(norm.item())}
+            present = [value[s] is not None for s in self.signals]
+            return [value[s] if value[s] is not None else 0.0 for s in self.signals], \
+                (None if all(present) else present)
         value = {"loss": loss if n <= 1 or loss is None else loss / n,
-                 "grad_norm": None if sq is None else sq.sqrt().float()}
+                 "grad_norm": None if norm is None else norm.float()}
+        if value["loss"] is not None and value["grad_norm"] is not None:
+            return torch.stack([value[s] for s in self.signals]), None
         present = [value[s] is not None for s in self.signals]
-        if not all(present):
-            zero = torch.zeros((), device=device)
+        zero = torch.zeros((), device=device)
         values = torch.stack([value[s] if value[s] is not None else zero for s in self.signals])
         return values, (None if all(present) else torch.tensor(present, device=device))
 
@@ -380,7 +436,8 @@ class StabilityGuard:
         if self.stopped:
             self._loss_sum, self._loss_n = None, 0
             return loss
-        self._check_fresh()  # before anything changes
+        raw, grads, sharded, several_devices = self._grads()
+        self._check_fresh(raw)  # before anything changes
         if self._step_loss is not None:
             self.observe_loss(self._step_loss)
             self._step_loss = None
@@ -389,50 +446,91 @@ class StabilityGuard:
         if not self._took_initial:  # the state before the first update: a rewind target from the start
             self._took_initial = True
             self._take_snapshot()
-        grads, sharded = self._grads()
         device = grads[0].device if grads else self.detector.device
         if self.detector.device != device:
             self.detector.to(device)
-        values, present = self._signal_values(grads, sharded, device)
-        z, event = self.detector.update(values, present)
-        nonfinite = ~torch.isfinite(values) if present is None else present & ~torch.isfinite(values)
-        scaler_inf = self.optimizer.__dict__.get("found_inf")
-        if isinstance(scaler_inf, Tensor):
-            # a GradScaler found inf/NaN gradients (its fused protocol): the optimizer skips the step itself and the
-            # scaler lowers its scale. That is the scaler's routine, not a spike: no event, no count, no escalation
-            clean = scaler_inf.detach().reshape(()).to(device) == 0
-            event, nonfinite = event & clean, nonfinite & clean
-        skip_mask, nonfinite_skips = self._mask(device)
-        skip = ((event & ~nonfinite & skip_mask) | (nonfinite & nonfinite_skips)).any()
+        host = device.type == "cpu" and self.decide_on_host is not False and self.world == 1
+        values, present = self._signal_values(grads, sharded, several_devices, device, host)
         forced = self._forced_skips > 0
         requested = self._requested
         self._requested = None
         if forced:
             self._forced_skips -= 1
-        if forced or requested is not None:
-            skip = torch.ones((), dtype=torch.bool, device=device)
+        if host:
+            # on the CPU reading is free: the detector's per-step arithmetic in Python floats, the decision on the
+            # host (~6 tensor ops a step in all, the grad norm's included)
+            flags, skip = self._score_on_host(values, present, forced or requested is not None)
+        else:
+            flags, skip = self._score_on_device(values, present, device, forced or requested is not None)
         original_lr = self._back_off()
         try:
-            conditional_step(self.optimizer, skip, step=lambda: self._original_step(**kwargs),
-                             on_host=self.decide_on_host)
+            if isinstance(skip, bool):
+                if not skip:
+                    self._original_step(**kwargs)
+            else:
+                conditional_step(self.optimizer, skip, step=lambda: self._original_step(**kwargs),
+                                 on_host=self.decide_on_host)
         finally:
             if original_lr is not None:
                 for group, lr in zip(self.optimizer.param_groups, original_lr):
                     group["lr"] = lr
-        self._remember_grads()
+        self._remember_grads(raw)
         self._loss_sum, self._loss_n = None, 0
-        packed = torch.cat([torch.cat([event, nonfinite, skip.reshape(1)]).float(), z, values.float()])
         update = self.updates
         self.updates += 1
         if forced:
             self.skipped_updates += 1
-        self._enqueue(update, packed, forced or requested is not None)
+        if flags is not None:
+            self._enqueue(update, flags, forced or requested is not None)
         rewinds = self.rewinds
         self._process(final=False if requested is None else True)
         if requested is not None and self.rewinds == rewinds and not self.stopped:
             self._skipped.append(update)  # not applied: the rewind undoes nothing of it
             self._act("rewind", ["requested"], requested, update, self._index)
         return loss
+
+    def _score_on_host(self, xs: List[float], present: Optional[List[bool]],
+                       forced: bool) -> Tuple[Optional[List[float]], bool]:
+        """The detector on the host: the flags for `_handle` (None without an event) and whether to skip."""
+        z, event, nonfinite, any_event = self.detector.score_host(xs, present)
+        scaler_inf = self.optimizer.__dict__.get("found_inf")
+        if isinstance(scaler_inf, Tensor) and float(scaler_inf) != 0:  # a GradScaler's overflow: no event
+            event, nonfinite, any_event = [False] * len(event), [False] * len(event), False
+        if self._every_event_skips:
+            skip = any_event
+        else:
+            skip = any((n and self.policy.skips_on_device("nonfinite")) or
+                       (e and not n and self.policy.skips_on_device(_SIGNAL_OF[s]))
+                       for s, e, n in zip(self.signals, event, nonfinite))
+        skip = skip or forced
+        if not any_event:
+            return None, skip
+        return [float(e) for e in event] + [float(n) for n in nonfinite] + [float(skip)] + z + xs, skip
+
+    def _score_on_device(self, values: Tensor, present: Optional[Tensor], device: torch.device,
+                         forced: bool) -> Tuple[Optional[Tensor], Tensor]:
+        """The detector on the device (~15 tensor ops, nothing read): the flags to copy to the host and the skip
+        flag as a 0-d bool tensor."""
+        z, event, nonfinite, any_event = self.detector.score(values, present)
+        scaler_inf = self.optimizer.__dict__.get("found_inf")
+        if isinstance(scaler_inf, Tensor):
+            # a GradScaler found inf/NaN gradients (its fused protocol): the optimizer skips the step itself and the
+            # scaler lowers its scale. That is the scaler's routine, not a spike: no event, no count, no escalation
+            clean = scaler_inf.detach().reshape(()).to(device) == 0
+            event, nonfinite = event & clean, nonfinite & clean
+            any_event = event.any()
+        if self._every_event_skips:  # the default table: every event skips the update
+            skip = any_event
+        else:
+            skip_mask, nonfinite_skips = self._mask(device)
+            skip = ((event & ~nonfinite & skip_mask) | (nonfinite & nonfinite_skips)).any()
+        if forced:
+            skip = torch.ones((), dtype=torch.bool, device=device)
+        # on the CPU (decide_on_host=False) reading the flag is no synchronization: a step without an event hands
+        # nothing to the host side; on a GPU every step's flags go (copied without waiting, read one step later)
+        if device.type == "cpu" and not bool(any_event):
+            return None, skip
+        return torch.cat([torch.cat([event, nonfinite, skip.reshape(1)]).float(), z, values.float()]), skip
 
     def _mask(self, device: torch.device) -> Tuple[Tensor, Tensor]:
         """Which signals' events skip the update (the policy's table, as tensors; made once per device)."""
@@ -452,8 +550,8 @@ class StabilityGuard:
         return original
 
     # ------------------------------------------------------------------ the host side
-    def _enqueue(self, update: int, packed: Tensor, forced: bool) -> None:
-        if packed.device.type == "cpu":
+    def _enqueue(self, update: int, packed: Union[Tensor, List[float]], forced: bool) -> None:
+        if isinstance(packed, list) or packed.device.type == "cpu":
             self._pending.append((update, self._index, packed, forced, None))
             return
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=torch.cuda.is_available())
@@ -472,7 +570,7 @@ class StabilityGuard:
             update, index, host, forced, ready = self._pending.pop(0)
             if ready is not None:
                 ready.synchronize()
-            if self._handle(update, index, host.tolist(), forced):
+            if self._handle(update, index, host if isinstance(host, list) else host.tolist(), forced):
                 self._pending.clear()  # a rewind or stop: the steps still in flight are moot
                 return
         self._check_monitor()
@@ -570,7 +668,7 @@ class StabilityGuard:
 
     def _rewind_now(self, update: int, index: Optional[int], snap: Dict[str, Any]) -> str:
         restore(snap, self.model, self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
-        self.detector.load_state_dict({k: v.to(self.detector.device) for k, v in snap["extra"]["detector"].items()})
+        self.detector.load_state_dict(snap["extra"]["detector"])
         lost = self.updates - snap["update"]
         self.undone_updates += lost - sum(1 for u in self._skipped if u >= snap["update"])  # skips: counted once
         self._skipped = [u for u in self._skipped if u < snap["update"]]
@@ -662,7 +760,7 @@ class StabilityGuard:
         return {"updates": self.updates, "skipped_updates": self.skipped_updates,
                 "undone_updates": self.undone_updates, "rewinds": self.rewinds, "stopped": self.stopped,
                 "stop_reason": self.stop_reason,
-                "detector": {k: v.cpu() for k, v in self.detector.state_dict().items()},
+                "detector": {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self.detector.state_dict().items()},
                 "skip_indices": sorted(self._skip_indices), "forced_skips": self._forced_skips,
                 "backoff_left": self._backoff_left, "skip_log": list(self._skip_log), "skipped": list(self._skipped),
                 "rewind_times": list(self._rewind_times)}
@@ -673,10 +771,10 @@ class StabilityGuard:
         if not isinstance(state, dict) or set(state) != set(self._STATE_KEYS):
             raise ValueError(f"state must be a StabilityGuard.state_dict() (keys {', '.join(self._STATE_KEYS)})")
         det = state["detector"]
-        if not isinstance(det, dict) or set(det) != {"buffer", "position", "count"} or \
+        if not isinstance(det, dict) or set(det) != set(self.detector.state_dict()) or \
                 tuple(det["buffer"].shape) != tuple(self.detector._buffer.shape):
             raise ValueError("state: its detector has another shape (signals x window) than this guard's")
-        self.detector.load_state_dict({k: v.to(self.detector.device) for k, v in det.items()})
+        self.detector.load_state_dict(det)
         self.updates, self.skipped_updates = int(state["updates"]), int(state["skipped_updates"])
         self.undone_updates, self.rewinds = int(state["undone_updates"]), int(state["rewinds"])
         self.stopped, self.stop_reason = bool(state["stopped"]), state["stop_reason"]

@@ -16,21 +16,61 @@ data loader, so a rewind restores the state and the data moves on: the next ``re
 skipped. When the guard stops, ``control.should_training_stop`` ends the run at the end of the step and
 `stop_reason` says why. The Trainer clips the gradients (``max_grad_norm``) before ``optimizer.step``: the
 gradient-norm signal is then the clipped norm, the loss signal is unaffected.
+
+Resume: the callback is a ``transformers.ExportableState``. Every checkpoint's ``trainer_state.json`` holds the
+guard's state (`StabilityGuard.state_dict`, as JSON: its counters, the detector's running statistics, the
+batches still to skip, the backoff and escalation windows) under ``stateful_callbacks``; a Trainer resumed from
+that checkpoint (``trainer.train(resume_from_checkpoint=...)``) reads it back at ``on_train_begin``, so the
+resumed run's guard decides as the uninterrupted one's would (a checkpoint without it, from an older version:
+the guard starts afresh, said in a warning). The Trainer's ``restore_callback_states_from_checkpoint=True`` is
+refused (ValueError naming it, when the Trainer is built or training begins): at a resume the Trainer would
+replace this callback by one rebuilt from saved constructor arguments, and a policy or a monitor cannot be saved
+as JSON, so the resumed guard would silently run with other settings than the ones given.
 """
 
-from typing import Any, Optional
+import logging
+
+from typing import Any, Dict, Optional
 
 __all__ = ["StabilityGuardCallback"]
 
 _CLASS = None
+_LOG = logging.getLogger(__name__)
+
+
+def _refuse_callback_restore(args: Any) -> None:
+    if getattr(args, "restore_callback_states_from_checkpoint", False):
+        raise ValueError("restore_callback_states_from_checkpoint=True: the Trainer would replace the "
+                         "StabilityGuardCallback by one rebuilt without its arguments (policy, monitor, thresholds); "
+                         "leave it False, the callback restores the guard's state from the checkpoint itself")
+
+
+def _guard_state_to_json(state: Dict[str, Any]) -> Dict[str, Any]:
+    """`StabilityGuard.state_dict` as JSON values: the detector's tensors as ``{"dtype", "shape", "values"}``."""
+    det = {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape), "values": v.flatten().tolist()}
+           if hasattr(v, "tolist") and hasattr(v, "dtype") else v for k, v in state["detector"].items()}
+    return {**state, "detector": det, "skip_log": [list(x) for x in state["skip_log"]]}
+
+
+def _guard_state_from_json(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The inverse of `_guard_state_to_json` (ValueError for anything else)."""
+    import torch
+
+    try:
+        det = {k: torch.tensor([float(x) if x is None else x for x in v["values"]], dtype=getattr(torch, v["dtype"]))
+               .reshape(v["shape"]) if isinstance(v, dict) else v for k, v in state["detector"].items()}
+        return {**state, "detector": det, "skip_log": [tuple(x) for x in state["skip_log"]]}
+    except (KeyError, TypeError, AttributeError, RuntimeError) as err:
+        raise ValueError(f"state: not a saved StabilityGuard state ({type(err).__name__}: {err})") from None
 
 
 def _build():
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
     from .guard import StabilityGuard, check_trainer_arguments
 
-    class StabilityGuardCallback(TrainerCallback):
+    class StabilityGuardCallback(TrainerCallback, ExportableState):
         """A ``TrainerCallback`` running [`StabilityGuard`][stability_toolbox.StabilityGuard] on the Trainer's optimizer.
 
         Args:
@@ -54,7 +94,12 @@ def _build():
             """Why the guard stopped the run (mechanism and remedy), or None."""
             return None if self.guard is None else self.guard.stop_reason
 
+        def on_init_end(self, args, state, control, **kwargs):
+            _refuse_callback_restore(args)
+            return control
+
         def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+            _refuse_callback_restore(args)
             if model is None or optimizer is None:
                 raise ValueError("model, optimizer: the Trainer passed none to the callback")
             if self.guard is not None:
@@ -63,6 +108,18 @@ def _build():
             self.guard = StabilityGuard(model, inner, scheduler=lr_scheduler, monitor=self.monitor,
                                         **self.guard_kwargs)
             guard = self.guard
+            saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+            if isinstance(saved, list):  # several callbacks of this class: the Trainer keeps a list
+                saved = saved[0] if saved else None
+            if state.global_step > 0 and isinstance(saved, dict) and "guard" in saved:
+                guard.load_state_dict(_guard_state_from_json(saved["guard"]))  # resumed from a checkpoint
+            elif state.global_step > 0:
+                _LOG.warning("stability guard: resumed at update %d from a checkpoint without the guard's state (an "
+                             "older version): its statistics start afresh", state.global_step)
+                if isinstance(getattr(state, "stateful_callbacks", None), dict):
+                    # the Trainer's next save updates this callback's entry in place and fails (KeyError) where
+                    # the loaded state has none: give it one
+                    state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
             def read_loss(module, _args, out):
                 if not module.training or not __import__("torch").is_grad_enabled():
@@ -73,6 +130,13 @@ def _build():
 
             self._hook = model.register_forward_hook(read_loss)
             return control
+
+        def state(self) -> Dict[str, Any]:
+            """What a checkpoint's ``trainer_state.json`` keeps: the guard's state (no constructor arguments)."""
+            out: Dict[str, Any] = {"args": {}, "attributes": {}}
+            if self.guard is not None:
+                out["guard"] = _guard_state_to_json(self.guard.state_dict())
+            return out
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.guard is not None and self.guard.stopped:

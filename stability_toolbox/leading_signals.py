@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from toolbox_core import checks
 
 from .attention_stats import AttentionLogits
-from .hooks import wrap_hooks
+from .inert_hooks import wrap_hooks
 from .quantities import OTHER_ROW, Recorder
 from .sites import SitePlan
 
@@ -80,9 +80,28 @@ SIGNALS = ("loss", "grad_norm", "grad_rms_eps", "grad_rms_eps_min", "grad_ratio_
            "log_z_rms", "attn_logit_max", "attn_entropy_min", "linear_rms_max", "linear_rms_gmean", "act_kurtosis_max",
            "adam_v_rms", "adam_v_max")
 
-#: the per-update scalars `stability_toolbox.StabilityMonitor` keeps with ``per_update=True`` (``record["updates"]``):
-#: the signals its ``signal_rules`` may read
+#: the per-update scalars `stability_toolbox.StabilityMonitor` can compute at every update: the signals its
+#: ``signal_rules`` may read (run at every update) and, with ``per_update=True``, its records keep (``record["updates"]``)
 MONITOR_SIGNALS = ("loss", "grad_norm", "grad_rms_eps_min", "log_z_rms")
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _squared_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """``stack([||t||_2^2])`` in float32 from fused norms: a float16 / bfloat16 tensor's norm is taken in
+    float32 (its norm past 65504 would be inf, a false non-finite signal), a float64 one in float64 then
+    rounded (``_foreach_norm`` refuses to narrow)."""
+    low = [t.dtype in _LOW for t in tensors]
+    if all(low):
+        norms = list(torch._foreach_norm(list(tensors), dtype=torch.float32))
+    elif not any(low):
+        norms = list(torch._foreach_norm(list(tensors)))
+    else:  # mixed precisions: two fused calls, the norms back in the tensors' order
+        lo = iter(torch._foreach_norm([t for t, f in zip(tensors, low) if f], dtype=torch.float32))
+        hi = iter(torch._foreach_norm([t for t, f in zip(tensors, low) if not f]))
+        norms = [next(lo) if f else next(hi) for f in low]
+    return torch.stack([n.float() for n in norms]).pow(2)
 
 
 def grad_rms_over_eps(grads: Sequence[Tensor], eps: float) -> Tensor:
@@ -304,7 +323,7 @@ class UpdateSignals:
         if not grads:
             return
         # the norms in float32: a float16 gradient's norm past 65504 would be inf (a false non-finite signal)
-        sq = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).pow(2)
+        sq = _squared_norms(grads)
         per = torch.zeros_like(self._numel).index_add_(0, self._gid, sq)
         total = sq.sum()
         n_all = sum(p.numel() for p in self.params)
@@ -454,6 +473,9 @@ class LayerGradients:
     Args:
         groups: ``[(row, [(name, parameter)])]`` (`stability_toolbox.sites.SitePlan.groups`; the row
             ``(other)`` is no layer).
+        model_norm: also ``grad_norm`` over every parameter; False reads the layer groups' gradients only
+            (``grad_rms_eps_min`` alone: the embeddings and output head, often the largest tensors of an
+            LM, are not read).
 
     Examples:
         >>> a, b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(1))
@@ -463,7 +485,10 @@ class LayerGradients:
         (7.2111, 3.0)
     """
 
-    def __init__(self, groups):
+    def __init__(self, groups, model_norm: bool = True):
+        self.model_norm = checks.as_bool("model_norm", model_norm)
+        if not self.model_norm:  # the layer rows only: the other row's gradients are never read
+            groups = [(row, ps) for row, ps in groups if row != OTHER_ROW]
         self.params = [p for _, ps in groups for _, p in ps]
         layer_rows = [row for row, _ in groups if row != OTHER_ROW]
         self.n_layers = len(layer_rows)
@@ -483,7 +508,7 @@ class LayerGradients:
             return {}
         with torch.no_grad():
             # float32 norms: a float16 gradient's norm past 65504 would be inf (a false non-finite signal)
-            sq = torch.stack(torch._foreach_norm([g for g in grads if g is not None], dtype=torch.float32)).pow(2)
+            sq = _squared_norms([g for g in grads if g is not None])
             dev = sq.device
             key = (dev, present)
             if key not in self._on:  # the layer index and entry counts of the parameters with a gradient
@@ -496,7 +521,7 @@ class LayerGradients:
                 any_layer = any(self._gid_list[i] < self.n_layers for i in keep)  # host lists: no tensor read
                 self._on[key] = (gid.to(dev), numel.float().to(dev), any_layer)
             gid, numel, any_layer = self._on[key]
-            out = {"grad_norm": sq.sum().sqrt()}
+            out = {"grad_norm": sq.sum().sqrt()} if self.model_norm else {}
             if any_layer:
                 per = torch.zeros(self.n_layers + 1, device=dev).index_add_(0, gid, sq)
                 rms = (per[:-1] / numel[:-1].clamp_min(1)).sqrt()

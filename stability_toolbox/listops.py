@@ -1,7 +1,7 @@
-"""Moved to `toolbox_core.listops` (the ground package the libraries share); this name stays an alias of it."""
+"""Deprecated name: the ListOps data code lives in the torch-free `listops_data` package; this name stays an alias."""
 
 import sys
 
-from toolbox_core import listops as _module
+import listops_data as _module
 
 sys.modules[__name__] = _module

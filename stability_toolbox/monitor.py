@@ -14,11 +14,14 @@ This module is the step protocol; the monitor composes one-idea modules:
 * `stability_toolbox.quantities`: the statistics, accumulated on the device and brought to the host at once;
 * `stability_toolbox.attention_stats`: the attention-logit statistic; `stability_toolbox.probe`: the probe batch;
 * `stability_toolbox.records`: ``monitor.jsonl`` (read back by `read_records`), TensorBoard, the summary and
-  the heatmaps; `stability_toolbox.warning_rules`: the warning rules; `stability_toolbox.hooks`: hooks that
+  the heatmaps; `stability_toolbox.warning_rules`: the warning rules; `stability_toolbox.inert_hooks`: hooks that
   stay behind when the model is copied.
 
 Between logging steps no hook is installed and nothing is read on the host: [`begin_step`][stability_toolbox.StabilityMonitor.begin_step] /
-[`end_step`][stability_toolbox.StabilityMonitor.end_step] count, and a loss passed in is accumulated on its device. On a logging step the
+[`end_step`][stability_toolbox.StabilityMonitor.end_step] count, and a loss passed in is accumulated on its device;
+the per-update rules (``signal_rules``, default `stability_toolbox.signal_detector.DEFAULT_SIGNAL_RULES`) get their
+scalar (one fused norm over the layers' gradients in ``capture_grads``) through an asynchronous copy to the host
+(`stability_toolbox.scalar_reader`), checked at every update without waiting for the device. On a logging step the
 hooks go in, the statistics are computed on the device, and one transfer brings them to the host.
 
 Outputs under ``log_dir``: ``monitor.jsonl`` (one JSON object per logging step), TensorBoard scalars
@@ -59,10 +62,11 @@ from torch import Tensor, nn
 from toolbox_core import validation
 
 from .leading_signals import MONITOR_SIGNALS, EntropyLogits, LayerGradients, UpdateStream
-from .hooks import wrap_hooks
+from .inert_hooks import wrap_hooks
 from .probe import Probe, as_call
-from .quantities import QUANTITIES, ParameterGroups, Recorder, accumulate, collect, resolve_fallback, running_max
+from .quantities import OTHER_ROW, QUANTITIES, ParameterGroups, Recorder, accumulate, collect, resolve_fallback, running_max
 from .records import RecordWriter, as_log_dir, summary_table, write_heatmaps, write_summary
+from .scalar_reader import ScalarReader
 from .signal_detector import SignalDetector
 from .sites import FALLBACK_MODES, SitePlan, register_layer_kind
 from .warning_rules import DEFAULT_RULES, WarningRule, as_rules, check, lookback
@@ -70,7 +74,7 @@ from .warning_rules import DEFAULT_RULES, WarningRule, as_rules, check, lookback
 # Names that lived here before the monitor was split, still importable from here: read_records (benchmarks,
 # tests), MODEL_QUANTITIES and _json_safe (the jsonl format), and the hooks a pickled model names as
 # stability_toolbox.monitor._inert_hook / _make_inert (a model saved with torch.save before the split).
-from .hooks import _inert_hook, _make_inert  # noqa: E402,F401
+from .inert_hooks import _inert_hook, _make_inert  # noqa: E402,F401
 from .quantities import MODEL_QUANTITIES  # noqa: E402,F401
 from .records import _json_safe, read_records  # noqa: E402,F401
 
@@ -119,16 +123,23 @@ class StabilityMonitor:
             a dict of its fields (checked by `stability_toolbox.warning_rules.as_rules`).
         tensorboard, heatmaps: write TensorBoard scalars / PNG heatmaps (needs ``log_dir``).
         log: the logger warnings and the summary go to (default ``stability_toolbox.monitor``).
-        signal_rules: the per-update rules ([`SignalRule`][stability_toolbox.signal_detector.SignalRule]s) run
-            at each logging step over the updates since the last one (the record's ``updates``: ``loss``,
-            ``grad_norm``, ``grad_rms_eps_min``, ``log_z_rms`` of every update); default
-            `stability_toolbox.signal_detector.DEFAULT_SIGNAL_RULES` (``[]``: none). A rule on another signal
-            (`stability_toolbox.leading_signals.MONITOR_SIGNALS` lists those recorded), or rules given without
-            ``per_update=True``, is a ValueError: such a rule would never fire.
-        per_update: keep that per-update stream (one fused gradient norm per `capture_grads`, one ``logsumexp``
-            per `observe_logits`, on the device); off by default: it measured +1.3% per step on the overhead
-            benchmark (docs/monitor.md), over the 1% the defaults are held to; between logging steps the
-            default monitor keeps the loss sum only.
+        signal_rules: the per-update rules ([`SignalRule`][stability_toolbox.signal_detector.SignalRule]s), run
+            at **every** update on the scalars they read (``loss``, ``grad_norm``, ``grad_rms_eps_min``,
+            ``log_z_rms``: `stability_toolbox.leading_signals.MONITOR_SIGNALS`), whatever ``per_update`` and
+            ``every``: the scalars are computed on the device and copied to the host asynchronously
+            (`stability_toolbox.scalar_reader.ScalarReader`, no host-device sync), and a rule is checked as soon
+            as the host has them (at once on a CPU; on a GPU at the first `end_step` after the copy finished);
+            a warning carries the update it was measured at (``update``) and the one the host knew it at
+            (``known_at``). Default `stability_toolbox.signal_detector.DEFAULT_SIGNAL_RULES`
+            (``grad_rms_eps_min`` only: one fused norm over the layers' gradients per `capture_grads`);
+            ``[]``: none, and nothing is computed between logging steps. A rule on another signal is a
+            ValueError (it would never fire), as is a rule on ``grad_rms_eps_min`` for a model with no layer group
+            (every parameter in the ``(other)`` row); the default rule is then off (one INFO line). The gradient
+            signals need `capture_grads` (or `attach_optimizer`). `state_dict` / `load_state_dict` carry the
+            rules' running state across a resume.
+        per_update: also keep ``loss``, ``grad_norm``, ``grad_rms_eps_min`` and ``log_z_rms`` of every update in
+            the records (``record["updates"]``; one ``logsumexp`` per `observe_logits` and a norm over every
+            gradient, the embeddings' too); off by default.
 
     Raises:
         TypeError / ValueError: a bad argument (named); nothing is attached then.
@@ -177,15 +188,13 @@ class StabilityMonitor:
         tensorboard = validation.as_bool("tensorboard", tensorboard)
         heatmaps = validation.as_bool("heatmaps", heatmaps)
         log_dir = as_log_dir(log_dir)
-        signal_detector = SignalDetector(signal_rules)  # checks the rules (default: DEFAULT_SIGNAL_RULES)
+        # checks the rules (default: DEFAULT_SIGNAL_RULES); a refusal names signal_rules
+        signal_detector = SignalDetector(signal_rules, argument="signal_rules")
         per_update = validation.as_bool("per_update", per_update)
         for i, r in enumerate(signal_detector.rules):  # a rule on a signal never recorded would never fire
             if r.signal not in MONITOR_SIGNALS:
                 raise ValueError(f"signal_rules[{i}]: the monitor records no per-update signal {r.signal!r}; "
                                  f"accepted: {', '.join(MONITOR_SIGNALS)}")
-        if signal_rules is not None and signal_rules and not per_update:
-            raise ValueError("signal_rules: the per-update rules read the per-update stream, which only "
-                             "per_update=True keeps; pass per_update=True (or signal_rules=[])")
         # ---- attach
         self.model = model
         self.log_dir = log_dir
@@ -195,12 +204,31 @@ class StabilityMonitor:
         self._heatmaps = heatmaps
         self._recorder = Recorder(self.probe_rows)
         self._site_plan = SitePlan(model)  # raises when there is nothing to monitor
+        if not any(row != OTHER_ROW for row, _ in self._site_plan.groups):
+            # no layer group (a fallback model: every parameter in the "(other)" row): grad_rms_eps_min, the
+            # smallest layer's gradient RMS, does not exist, and a rule on it could never fire
+            never = [i for i, r in enumerate(signal_detector.rules) if r.signal == "grad_rms_eps_min"]
+            if never and signal_rules is not None:
+                raise ValueError(f"signal_rules[{never[0]}]: this model has no layer group (mechanism "
+                                 f"{self._site_plan.mechanism(self.fallback)!r}), so grad_rms_eps_min, the smallest "
+                                 f"layer's gradient RMS, is never measured; use grad_norm or loss")
+            if never:  # the defaults: say once that they read nothing here, rather than stay silent
+                (log or logger).info("stability monitor: no layer group in this model; the default per-update "
+                                     "rule on grad_rms_eps_min is off (pass signal_rules to choose another)")
+                signal_detector = SignalDetector([r for r in signal_detector.rules if r.signal != "grad_rms_eps_min"],
+                                                 argument="signal_rules")
         self._attention = EntropyLogits(self._site_plan.attention, self._recorder)  # logit maxima and entropy
         # per-update scalars (loss, gradient norm, log Z RMS) kept on the device and read at the logging step
         self._stream = UpdateStream()
         self._signal_detector = signal_detector
-        self._layer_grads = LayerGradients(self._site_plan.groups)
         self._per_update = per_update
+        # the signals the per-update rules read: computed at every update and read without a sync
+        self._online = frozenset(r.signal for r in signal_detector.rules)
+        self._reader = ScalarReader()
+        self._signal_lines: List[str] = []  # per-update warnings since the last record (its "warnings")
+        # the global gradient norm (every parameter, embeddings too) only when something reads it
+        self._layer_grads = LayerGradients(self._site_plan.groups,
+                                           model_norm=per_update or "grad_norm" in self._online)
         self._eps = 1e-8  # grad_rms_eps_min's unit: the attached optimizer's eps (attach_optimizer), else 1e-8
         self._params = ParameterGroups(self._site_plan.groups)
         self._probe = Probe(model, self._recorder, probe_call)
@@ -247,7 +275,7 @@ class StabilityMonitor:
 
     def _wrap_hooks(self, handles: Optional[List[Any]] = None) -> None:
         """Every hook this monitor put on the model (or those of ``handles``) made inert in a pickled or
-        deep-copied model (`stability_toolbox.hooks`): ``torch.save(model)`` works; an EMA copy does not report
+        deep-copied model (`stability_toolbox.inert_hooks`): ``torch.save(model)`` works; an EMA copy does not report
         here."""
         wrap_hooks(self._handles if handles is None else handles)
 
@@ -280,12 +308,18 @@ class StabilityMonitor:
 
     def capture_grads(self) -> None:
         """Read the gradients now (after unscaling/clipping, before ``zero_grad``); without this call the
-        gradient of the step is the one autograd accumulated. Only on logging steps; no host sync.
+        gradient of the step is the one autograd accumulated. At every step it gives the per-update rules their
+        gradient signal (``grad_rms_eps_min``: one fused norm over the layers' gradients, on the device); on
+        logging steps also the per-layer gradients. No host sync.
         RuntimeError after `close` (like every observation: nothing is dropped silently)."""
         self._check_open()
-        if self._per_update:  # every step: grad_norm, grad_rms_eps_min (one fused norm on the device, no sync)
+        if self._per_update or self._online & {"grad_norm", "grad_rms_eps_min"}:
+            # every step: grad_rms_eps_min (and grad_norm), one fused norm on the device, no sync
             for name, value in self._layer_grads(self._eps).items():
-                self._stream.put(name, value)
+                if self._per_update:
+                    self._stream.put(name, value)
+                if name in self._online:
+                    self._reader.put(name, value)
         if self._armed:
             self._params.capture()
 
@@ -305,12 +339,17 @@ class StabilityMonitor:
         if logits.shape[-1] == 0:
             raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape "
                              f"{tuple(logits.shape)}")
-        if logits.numel() == 0 or not (self._armed or self._per_update):  # nothing to observe (no sync)
+        every_step = self._per_update or "log_z_rms" in self._online
+        if logits.numel() == 0 or not (self._armed or every_step):  # nothing to observe (no sync)
             return
         with torch.no_grad():
             lz = logits.detach().float().logsumexp(-1).reshape(-1)
-            if self._per_update:  # every step: the per-update stream
-                self._stream.put("log_z_rms", lz.pow(2).mean().sqrt())
+            if every_step:  # every step: the per-update stream / the per-update rules
+                rms = lz.pow(2).mean().sqrt()
+                if self._per_update:
+                    self._stream.put("log_z_rms", rms)
+                if "log_z_rms" in self._online:
+                    self._reader.put("log_z_rms", rms)
             if not self._armed:
                 return
             part = (lz.sum(), lz.pow(2).sum(), lz.numel())
@@ -335,6 +374,8 @@ class StabilityMonitor:
             value = value.to(self._loss_sum.device)
         if self._per_update:
             self._stream.put("loss", value)
+        if "loss" in self._online:
+            self._reader.put("loss", value)
         self._loss_sum = accumulate(self._loss_sum, value)
         self._loss_max = running_max(self._loss_max, value)
         self._loss_n += 1
@@ -344,6 +385,8 @@ class StabilityMonitor:
         self._check_open()
         self.observe_loss(loss)
         self._stream.end(self.step_count)
+        self._reader.end(self.step_count)
+        self._check_signals()  # the updates whose scalars have reached the host (no wait)
         record = None
         if self._armed:
             try:
@@ -384,6 +427,7 @@ class StabilityMonitor:
             self.end_step(handle.loss)
         except BaseException:
             self._stream.clear()  # the failed step's per-update values are not an update
+            self._reader.clear()
             if self._armed:  # a failed step leaves no hook and no capture behind, and logs nothing
                 self._clear_step(failed=True)
             raise
@@ -428,7 +472,8 @@ class StabilityMonitor:
         self._loss_sum, self._loss_max, self._loss_n = None, None, 0
         record = {"step": step, **model_q, "quantities": quantities, "updates": self._stream.read()}
         self.history.append(record)
-        record["warnings"] = self._check_rules(record) + self._check_signals(record["updates"])
+        record["warnings"] = self._check_rules(record) + self._signal_lines
+        self._signal_lines = []
         if self._writer is not None:
             self._writer.write(record)
         return record
@@ -446,16 +491,67 @@ class StabilityMonitor:
             self.warnings.append(w)
         return lines
 
-    def _check_signals(self, updates: Dict[str, List]) -> List[str]:
-        # the per-update rules (stability_toolbox.signal_detector) over the updates since the last logging step
-        lines = []
-        names = [k for k in updates if k != "update"]
-        for i, step in enumerate(updates["update"]):
-            for w in self._signal_detector.update(step, {k: updates[k][i] for k in names}):
+    def _check_signals(self, block: bool = False) -> None:
+        # the per-update rules (stability_toolbox.signal_detector) over every update whose scalars the host has
+        # now: a warning is issued here, known at the current update (its lead counts from known_at)
+        for step, scalars in self._reader.ready(block):
+            for w in self._signal_detector.update(step, scalars):
+                w["known_at"] = self.step_count
                 self.log.warning(w["message"])
-                lines.append(w["message"])
+                self._signal_lines.append(w["message"])
                 self.warnings.append(w)
-        return lines
+
+    # ------------------------------------------------------------------ resume
+
+    _STATE_KEYS = ("step_count", "signal_detector", "warned", "history", "fallback", "eps")
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The monitor's running state, for a checkpoint (plain Python values; ``torch.save`` it): the step
+        counter, the per-update rules' state (`SignalDetector.state_dict`), which warnings were issued, the last
+        records the logging-step rules read; plain data (``torch.load(..., weights_only=True)`` reads it). A new monitor on the resumed model given it by `load_state_dict`
+        warns from then on exactly as an unbroken run would. Waits for the updates still being copied to the
+        host (a sync, once per checkpoint). Call it between steps.
+
+        Examples:
+            >>> from admin_torch import make_stack
+            >>> mon = StabilityMonitor(make_stack('pre_ln', depth=2, dim=8, seed=0), every=5)
+            >>> sorted(mon.state_dict())
+            ['eps', 'fallback', 'history', 'signal_detector', 'step_count', 'warned']
+        """
+        self._check_signals(block=True)  # every closed update's scalars through the rules first
+        return {"step_count": self.step_count, "signal_detector": self._signal_detector.state_dict(),
+                "warned": sorted(self._warned), "history": list(self.history[-lookback(self.rules):]),
+                "fallback": self.fallback, "eps": self._eps}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume from `state_dict` (a new monitor, same rules, on the resumed model; before its first step).
+        ValueError naming ``state`` for another monitor's state (other ``signal_rules``) or a malformed one;
+        checked first: a refused call changes nothing. RuntimeError after `close` or during a logged step."""
+        self._check_open()
+        if self._armed:
+            raise RuntimeError("load_state_dict: a logged step is under way; load the state before the first "
+                               "step (before attach_optimizer / begin_step) or between steps")
+        if not isinstance(state, dict) or set(state) != set(self._STATE_KEYS):
+            raise ValueError(f"state must be a StabilityMonitor.state_dict() (keys {', '.join(self._STATE_KEYS)})")
+        step_count = validation.as_int("state['step_count']", state["step_count"], minimum=0)
+        fallback = validation.as_choice("state['fallback']", state["fallback"], FALLBACK_MODES)
+        eps = state["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, float) or not 0 < eps < float("inf"):
+            raise ValueError(f"state['eps'] must be a finite float > 0, got {eps!r}")
+        warned, history = state["warned"], state["history"]
+        if not isinstance(warned, (list, tuple)) or not all(isinstance(w, (list, tuple)) and len(w) == 2
+                                                              for w in warned):
+            raise ValueError("state['warned'] must be a list of (layer, quantity) pairs")
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            raise ValueError("state['history'] must be a list of records (dicts)")
+        # the detector checks its part (ValueError naming state: other rules) before anything changes here
+        detector = SignalDetector(self._signal_detector.rules)
+        detector.load_state_dict(state["signal_detector"])
+        self._check_signals(block=True)  # nothing of this monitor's own updates is left pending
+        self._signal_detector = detector
+        self.step_count, self.fallback, self._eps = step_count, fallback, eps
+        self._warned = {tuple(w) for w in warned}
+        self.history = [dict(r) for r in history]
 
     # ------------------------------------------------------------------ outputs
 
@@ -497,6 +593,7 @@ class StabilityMonitor:
         ``summary()`` stay readable."""
         if self._closed:
             return self.summary()
+        self._check_signals(block=True)  # the last updates' copies: waited for once, at the end
         self.remove()
         self._closed = True
         text = self.summary()

@@ -179,7 +179,8 @@ class ParameterGroups:
         weights."""
         for _, params in self.groups:
             for _, p in params:
-                handles.append(p.register_post_accumulate_grad_hook(self._accumulated))
+                if p.requires_grad:  # a layer frozen after the monitor was built gets no gradient (and no hook)
+                    handles.append(p.register_post_accumulate_grad_hook(self._accumulated))
         with torch.no_grad():
             self.before = [[p.detach().clone() for _, p in params] for _, params in self.groups]
 

@@ -14,7 +14,8 @@ and holds at ``t`` when ``level_t >= factor * base_t`` (``direction='rising'``) 
 ``level_t <= base_t / factor`` (``'falling'``) with ``base_t > 0``, and, with ``level`` set,
 ``level_t >= level`` (rising) or
 ``<= level`` (falling). It fires at the first update ``t >= start`` at which it has held for ``persist``
-consecutive updates; a non-finite value fires at once. Each rule fires once.
+consecutive updates; a non-finite value counts as holding (so an isolated overflow, such as a GradScaler's
+skipped step under fp16, does not fire, and a diverged run fires after ``persist`` updates). Each rule fires once.
 
 [`SignalDetector`][stability_toolbox.signal_detector.SignalDetector] runs a set of rules online
 (``update(step, scalars)`` returns the warnings of that update, each with its update index) and
@@ -37,7 +38,7 @@ import math
 import numbers
 import statistics
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence
 
 from toolbox_core import checks
@@ -147,17 +148,18 @@ class SignalDetector:
         3
     """
 
-    def __init__(self, rules: Optional[Sequence[SignalRule]] = None):
+    def __init__(self, rules: Optional[Sequence[SignalRule]] = None, *, argument: str = "rules"):
+        # argument: the name a refusal gives the rules (the caller's own argument, e.g. the monitor's signal_rules)
         rules = DEFAULT_SIGNAL_RULES if rules is None else rules
         if isinstance(rules, SignalRule) or not isinstance(rules, (list, tuple)):
-            raise TypeError(f"rules must be a list or tuple of SignalRule, got {type(rules).__name__}")
+            raise TypeError(f"{argument} must be a list or tuple of SignalRule, got {type(rules).__name__}")
         for i, r in enumerate(rules):
             if not isinstance(r, SignalRule):
-                raise TypeError(f"rules[{i}] must be a SignalRule, got {type(r).__name__}")
+                raise TypeError(f"{argument}[{i}] must be a SignalRule, got {type(r).__name__}")
         seen: Dict[SignalRule, int] = {}
         for i, r in enumerate(rules):  # the same rule twice would issue every warning twice
             if r in seen:
-                raise ValueError(f"rules[{i}] repeats rules[{seen[r]}] ({r}); each rule once")
+                raise ValueError(f"{argument}[{i}] repeats {argument}[{seen[r]}] ({r}); each rule once")
             seen[r] = i
         self.rules = tuple(rules)
         self._past: Dict[str, Deque[float]] = {}
@@ -199,11 +201,64 @@ class SignalDetector:
         self.warnings += out
         return out
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The running state, for a checkpoint (plain Python values): the rules, each signal's recent values,
+        how long each rule has held and whether it fired, the warnings so far. A detector given it by
+        `load_state_dict` warns, from the next update on, exactly as the one it was taken from.
+
+        Examples:
+            >>> det = SignalDetector([SignalRule("loss", factor=2.0, baseline=3, lag=0, smooth=1, persist=1,
+            ...                                  start=0)])
+            >>> for i, v in enumerate([1.0, 1.0, 1.0]): _ = det.update(i, {"loss": v})
+            >>> resumed = SignalDetector(det.rules); resumed.load_state_dict(det.state_dict())
+            >>> resumed.update(3, {"loss": 3.0})[0]["update"]
+            3
+        """
+        # rules as dicts of their fields: the state is plain data, so torch.load(..., weights_only=True) reads it
+        return {"rules": [asdict(r) for r in self.rules], "past": {k: list(v) for k, v in self._past.items()},
+                "held": list(self._held), "fired": list(self._fired),
+                "warnings": [{**w, "rule": asdict(w["rule"])} for w in self.warnings]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from `state_dict`. ValueError (naming ``state``) for another detector's state (other rules)
+        or a malformed one; checked first: a refused call changes nothing."""
+        keys = ("rules", "past", "held", "fired", "warnings")
+        if not isinstance(state, Mapping) or set(state) != set(keys):
+            raise ValueError(f"state must be a SignalDetector.state_dict() (keys {', '.join(keys)})")
+        if not isinstance(state["rules"], (list, tuple)) or list(state["rules"]) != [asdict(r) for r in self.rules]:
+            raise ValueError(f"state: its rules {state['rules']!r} are not this detector's {self.rules}")
+        n = len(self.rules)
+        held, fired, past = state["held"], state["fired"], state["past"]
+        if not (isinstance(held, (list, tuple)) and len(held) == n and all(isinstance(h, int) and h >= 0 for h in held)
+                and isinstance(fired, (list, tuple)) and len(fired) == n and all(isinstance(f, bool) for f in fired)):
+            raise ValueError(f"state: 'held' and 'fired' must list one count / flag per rule ({n})")
+        memory: Dict[str, int] = {}
+        for r in self.rules:
+            memory[r.signal] = max(memory.get(r.signal, 0), r.memory)
+        if not isinstance(past, Mapping) or not set(past) <= set(memory) or any(
+                not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, numbers.Real)
+                                                        for x in v) for v in past.values()):
+            raise ValueError(f"state: 'past' must map signals of these rules ({', '.join(memory)}) to numbers")
+        warnings = state["warnings"]
+        if not isinstance(warnings, (list, tuple)) or not all(
+                isinstance(w, Mapping) and isinstance(w.get("rule"), Mapping) for w in warnings):
+            raise ValueError("state: 'warnings' must be a list of warnings (dicts, their 'rule' a dict of its fields)")
+        try:
+            warnings = [{**w, "rule": SignalRule(**w["rule"])} for w in warnings]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"state: a warning's rule is not a SignalRule's fields ({e})") from None
+        self._past = {k: deque((float(x) for x in v), maxlen=memory[k] + 1) for k, v in past.items()}
+        self._held, self._fired = [int(h) for h in held], [bool(f) for f in fired]
+        self.warnings = warnings
+
     def _check(self, i: int, r: SignalRule, step: int) -> Optional[Dict[str, Any]]:
         past = self._past[r.signal]
         v = past[-1]
         if not math.isfinite(v):
-            return self._warning(r, step, v, float("nan"), "is non-finite")
+            # a non-finite value holds the rule, as a departure does: one isolated overflow (a GradScaler's skipped
+            # step under fp16) is not a warning; a run that has diverged stays non-finite and warns after `persist`
+            self._held[i] = self._held[i] + 1 if step >= r.start else 0
+            return self._warning(r, step, v, float("nan"), "is non-finite") if self._held[i] >= r.persist else None
         xs = list(past)
         if len(xs) < r.lag + r.baseline + 1 or step < r.start:
             self._held[i] = 0
@@ -268,8 +323,9 @@ def first_alarm(stream: Mapping[str, Sequence[float]], rules: Optional[Sequence[
 #: the smallest layer's gradient RMS (in Adam's epsilon) falling to a quarter of its level over the 20 updates
 #: before the last 6, for 3 updates in a row (Wortsman et al. 2023's signal: the gradient shrinking towards
 #: epsilon; here it falls when the lower layers of a deep Post-LN stack stop learning and when a high learning
-#: rate breaks a qk-normed LM). Hit, lead and false-alarm rates on the evaluation seeds and on models it was
-#: not calibrated on: results/monitor/foresight.md.
+#: rate breaks a qk-normed LM). `stability_toolbox.StabilityMonitor` runs them at every update by default (on a
+#: host copy of the scalar, no host-device sync). Hit, lead and false-alarm rates on the evaluation seeds and on
+#: models it was not calibrated on: results/monitor/foresight.md.
 DEFAULT_SIGNAL_RULES: tuple = (
     SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, smooth=3, persist=3, start=20),
 )

@@ -4,15 +4,24 @@ Each signal (by default the step's loss and the global gradient norm) keeps the 
 values in a ring buffer on the device. A new value ``x`` is scored against their median ``med`` and median
 absolute deviation ``mad``:
 
-    z = (x - med) / max(1.4826 * mad, rel_floor * |med|, abs_floor)
+    z = (x - med) / (max(1.4826 * mad, rel_floor * |med|) + abs_floor)
 
 (``1.4826 * mad`` estimates the standard deviation of normal noise; the floors keep a flat series from
 flagging a tiny rise). A window whose median and MAD are both 0 (a loss or a gradient norm sitting at exactly 0)
-has no scale to judge a rise by: nothing is a spike then (non-finite values still are). A value is a *spike* when ``z > threshold`` once ``warmup`` values were accepted
-(one-sided: a falling loss is never an event), and *non-finite* when it is NaN or infinite (always an
-event). A step with an event adds nothing to the statistics, so a spike does not widen the band that
-would let the next one through. Everything runs in tensor ops on the signals' device: no value is read on
-the host (no host-device synchronization), and the ring position is a device tensor.
+has no scale to judge a rise by: nothing is a spike then (non-finite values still are). A value is a *spike*
+when ``z > threshold`` once ``warmup`` values were accepted (one-sided: a falling loss is never an event), and
+*non-finite* when it is NaN or infinite (always an event). A step with an event adds nothing to the
+statistics, so a spike does not widen the band that would let the next one through.
+
+The median and the MAD are recomputed every ``refresh_every`` updates (and at each of the first
+``2 * warmup + 1``, while the window is thin and moves with every value), from the window as it stands then;
+the updates in between are scored against those (``refresh_every=1``: the exact running statistics of every
+step). Two medians over the window cost ~15 tensor ops; spread over ``refresh_every`` steps they leave a step
+~10 small tensor ops. A loss drifting down over 16 updates moves the median by a fraction of one robust
+sigma: the 6-sigma threshold barely sees the difference. Everything runs in tensor ops on the signals' device: no
+value is read on the host (no host-device synchronization); the host only counts the calls. For signals on
+the CPU, where reading is free, `score_host` does the per-step arithmetic in Python floats on the same
+statistics (the guard's default there): no tensor op at all between refreshes.
 
 Examples:
     >>> import torch
@@ -27,7 +36,9 @@ Examples:
     True
 """
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+import ctypes
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -42,6 +53,8 @@ DEFAULT_SIGNALS: Tuple[str, ...] = ("loss", "grad_norm")
 # 1 / Phi^-1(3/4): MAD * this estimates sigma for normal noise
 _MAD_TO_SIGMA = 1.4826
 
+_STATE_KEYS = ("buffer", "count", "offset", "inv", "calls")
+
 
 class SpikeDetector:
     """Robust z-scores of ``len(names)`` scalar signals over a ring of their last ``window`` accepted values.
@@ -54,6 +67,8 @@ class SpikeDetector:
         warmup: spikes are scored once this many values were accepted (an integer in ``[1, window]``);
             non-finite values are events from the first step.
         rel_floor, abs_floor: the floors of the scale (real numbers >= 0; their sum must be > 0).
+        refresh_every: recompute the median and the MAD every this many updates (an integer >= 1; 1: every
+            update, the exact running statistics).
         device: where the statistics live (default: the CPU, moved to the first values' device).
 
     Raises:
@@ -61,7 +76,7 @@ class SpikeDetector:
     """
 
     def __init__(self, names: Sequence[str] = DEFAULT_SIGNALS, *, window: int = 128, threshold: float = 6.0,
-                 warmup: int = 16, rel_floor: float = 0.02, abs_floor: float = 1e-6,
+                 warmup: int = 16, rel_floor: float = 0.02, abs_floor: float = 1e-6, refresh_every: int = 16,
                  device: Optional[torch.device] = None):
         if isinstance(names, str) or not isinstance(names, Sequence) or not names or \
                 not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
@@ -75,11 +90,21 @@ class SpikeDetector:
         if self.rel_floor + self.abs_floor <= 0:
             raise ValueError("rel_floor and abs_floor must not both be 0: a flat series would score every rise as "
                              "infinitely many standard deviations")
+        self.refresh_every = validation.as_int("refresh_every", refresh_every, minimum=1)
         device = torch.device("cpu") if device is None else torch.device(device)
         k = len(self.names)
-        self._buffer = torch.full((k, self.window), float("nan"), device=device)
-        self._position = torch.zeros(1, dtype=torch.long, device=device)
+        # window + 1 columns: the accepted values go round the ring; the column at count % (window + 1) is the
+        # scratch one (this step's value is written there unconditionally, and counts only when accepted: one
+        # index_copy_ and one add, no select of the old value), left out of the statistics
+        self._buffer = torch.full((k, self.window + 1), float("nan"), device=device)
         self._count = torch.zeros((), dtype=torch.long, device=device)
+        # from the last refresh: z = x * inv + offset, offset = -median * inv (NaN while not ready: z is NaN,
+        # no spike), inv = 1 / (scale + abs_floor)
+        self._offset = torch.full((k,), float("nan"), device=device)
+        self._inv = torch.ones((k,), device=device)
+        self._cut = torch.full((k,), float("nan"), device=device)
+        self._calls = 0  # on the host: when to refresh
+        self._host_stats: Any = None  # score_host's: the refresh's offset and inv as floats, NumPy views
 
     @property
     def device(self) -> torch.device:
@@ -88,58 +113,134 @@ class SpikeDetector:
 
     def to(self, device: torch.device) -> "SpikeDetector":
         """Move the statistics to ``device`` (once, before the first step; in place)."""
-        self._buffer = self._buffer.to(device)
-        self._position = self._position.to(device)
-        self._count = self._count.to(device)
+        for name in ("_buffer", "_count", "_offset", "_inv", "_cut"):
+            setattr(self, name, getattr(self, name).to(device))
+        self._host_stats = None
         return self
+
+    def _tick(self) -> None:
+        """Count a call; refresh the statistics at each of the first ``2 * warmup + 1`` calls (a thin window moves
+        with every value) and every ``refresh_every``-th after."""
+        if self._calls <= 2 * self.warmup or self._calls % self.refresh_every == 0:
+            self._refresh()
+        self._calls += 1
+
+    def _refresh(self) -> None:
+        """The median and the scale of the window now (the scratch column left out), ~15 tensor ops."""
+        buf = self._buffer.index_fill(1, torch.remainder(self._count, self.window + 1).reshape(1), float("nan"))
+        med = buf.nanmedian(dim=1).values
+        mad = (buf - med[:, None]).abs().nanmedian(dim=1).values
+        spread = torch.maximum(_MAD_TO_SIGMA * mad, self.rel_floor * med.abs())
+        # a window of exact zeros (a loss or gradient norm at 0) has no scale: any rise would score ~1e6 sigmas
+        ready = (self._count >= self.warmup) & (spread > 0)
+        # z = (x - med) / scale as one fused multiply-add per step: x * inv + offset (NaN offset: not ready)
+        self._inv = (spread + self.abs_floor).reciprocal()
+        self._offset = torch.where(ready, med.neg().mul_(self._inv), float("nan"))
+        self._set_cut()
+
+    def _set_cut(self) -> None:
+        """The decision's cut-off from the refresh's ``offset`` and ``inv``: a value ``x`` (rounded to float32) is a
+        spike when ``x > cut``, ``cut = (threshold - offset) / inv = median + threshold * scale`` (NaN: not ready).
+        A comparison of two float32 numbers is exact, on the device and in Python floats alike, so `score` and
+        `score_host` take the same decision on the same values; ``z > threshold`` computed in float32 on one side
+        and in float64 on the other would not, at the threshold. Derived from the saved ``offset`` and ``inv``
+        (not saved itself), so a loaded state decides as the one that was saved."""
+        self._cut = (self.threshold - self._offset) / self._inv
+        self._host_stats = None
 
     @torch.no_grad()
     def update(self, values: Tensor, present: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Score ``values`` (shape ``(len(names),)``, float) and add them to the statistics unless one is an event.
 
         ``present`` (bool, same shape; default all True) marks signals observed this step: an absent one is
-        neither scored nor stored. Returns ``(z, event)``: the robust z-scores (NaN before anything was
-        accepted) and the per-signal event flags (spike or non-finite), both on the device, nothing read.
+        neither scored nor stored. Returns ``(z, event)``: the robust z-scores (NaN while the statistics are not
+        ready) and the per-signal event flags (spike or non-finite), both on the device, nothing read.
         """
         if not isinstance(values, Tensor) or values.shape != (len(self.names),):
             raise ValueError(f"values must be a tensor of shape ({len(self.names)},) (one per signal "
                              f"{self.names}), got {getattr(values, 'shape', type(values).__name__)}")
+        z, event, _, _ = self.score(values, present)
+        return z, event
+
+    def score(self, values: Tensor, present: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`update` without its checks, for the guard's step: ``(z, event, nonfinite, any event)`` (the last 0-d)."""
         x = values.detach()
         if x.device != self._buffer.device or x.dtype != torch.float32:
             x = x.to(self._buffer.device, torch.float32)
-        buf = self._buffer
-        med = buf.nanmedian(dim=1).values
-        mad = (buf - med[:, None]).abs().nanmedian(dim=1).values
-        spread = torch.maximum(_MAD_TO_SIGMA * mad, self.rel_floor * med.abs())
-        z = (x - med) / (spread + self.abs_floor)
-        # a window of exact zeros (a loss or gradient norm at 0) has no scale: any rise would score ~1e6 sigmas
-        ready = (self._count >= self.warmup) & (spread > 0)
-        spike = ready & (z > self.threshold)  # NaN compares False
-        nonfinite = ~torch.isfinite(x)
-        event = spike | nonfinite
-        stored = x
+        if self._calls <= 2 * self.warmup or self._calls % self.refresh_every == 0:
+            self._refresh()
+        self._calls += 1
+        # ~10 tensor ops: this runs every step
+        z = torch.addcmul(self._offset, x, self._inv)
+        nonfinite = (x * 0.0) != 0.0  # inf * 0 and NaN * 0 are NaN: one op fewer than ~isfinite
+        event = (x > self._cut) | nonfinite  # = z > threshold, decided exactly (`_set_cut`); NaN compares False
         if present is not None:  # an absent signal is neither scored nor stored (NaN: nanmedian skips it)
             present = present.to(x.device, torch.bool)
             event = event & present
-            stored = torch.where(present, x, torch.full_like(x, float("nan")))
-        accept = ~event.any()
-        column = buf.index_select(1, self._position).squeeze(1)
-        buf.index_copy_(1, self._position, torch.where(accept, stored, column)[:, None])
-        self._position.copy_(torch.where(accept, (self._position + 1) % self.window, self._position))
-        self._count.add_(accept.long())
-        return z, event
+            nonfinite = nonfinite & present
+            x = torch.where(present, x, torch.full_like(x, float("nan")))
+        any_event = event.any()
+        self._buffer.index_copy_(1, torch.remainder(self._count, self.window + 1).reshape(1), x[:, None])
+        self._count.add_(~any_event)
+        return z, event, nonfinite, any_event
+
+    def score_host(self, values: List[float],
+                   present: Optional[List[bool]] = None) -> Tuple[List[float], List[bool], List[bool], bool]:
+        """`score` on the host, for signals on the CPU (where reading them is free): the same statistics (the
+        buffer is written through a NumPy view of its memory, so `state_dict` and the device path see it), the
+        per-step arithmetic in Python floats instead of ~10 tensor ops (the refresh stays in tensor ops). The
+        z-scores agree with `score`'s to float32 rounding, the decisions exactly (`_set_cut`). Returns lists and a
+        bool."""
+        if len(values) != len(self.names) or (present is not None and len(present) != len(self.names)):
+            raise ValueError(f"values (and present) must have one entry per signal {self.names}, got {len(values)}")
+        if self.device.type != "cpu":
+            raise ValueError(f"score_host: the statistics are on {self.device}, not the CPU (use score)")
+        if self._calls <= 2 * self.warmup or self._calls % self.refresh_every == 0:
+            self._refresh()
+        self._calls += 1
+        if self._host_stats is None:  # refreshed (or loaded) since the last host step
+            self._host_stats = (self._offset.tolist(), self._inv.tolist(), self._cut.tolist(), self._buffer.numpy(),
+                                self._count.numpy())
+        offset, inv, cut, buf, count = self._host_stats
+        c = int(count)
+        slot = c % (self.window + 1)
+        z, event, nonfinite = [], [], []
+        for i, x in enumerate(values):  # a loop over the signals (two), not over anything large
+            # the value as the device path holds it: rounded to float32 (beyond its range: infinite)
+            x = ctypes.c_float(x).value
+            bad = not math.isfinite(x)
+            zi = x * inv[i] + offset[i]
+            hit = x > cut[i] or bad  # exactly the device path's decision (`_set_cut`); NaN compares False
+            if present is not None and not present[i]:  # an absent signal is neither scored nor stored
+                hit = bad = False
+                x = math.nan
+            buf[i, slot] = x
+            z.append(zi)
+            event.append(hit)
+            nonfinite.append(bad)
+        any_event = True in event
+        if not any_event:
+            count[...] = c + 1
+        return z, event, nonfinite, any_event
 
     def state_dict(self) -> Dict[str, Any]:
-        """The statistics (cloned; on their device)."""
-        return {"buffer": self._buffer.clone(), "position": self._position.clone(), "count": self._count.clone()}
+        """The statistics (tensors cloned, on their device; ``calls`` a host integer)."""
+        return {"buffer": self._buffer.clone(), "count": self._count.clone(), "offset": self._offset.clone(),
+                "inv": self._inv.clone(), "calls": self._calls}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what `state_dict` gave (checked first: ValueError for another detector's shape)."""
-        if not isinstance(state, dict) or set(state) != {"buffer", "position", "count"}:
-            raise ValueError("state must be a SpikeDetector.state_dict() (keys buffer, position, count)")
-        if tuple(state["buffer"].shape) != tuple(self._buffer.shape):
+        """Restore what `state_dict` gave, onto this detector's device (checked first: ValueError for another
+        detector's shape)."""
+        if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
+            raise ValueError(f"state must be a SpikeDetector.state_dict() (keys {', '.join(_STATE_KEYS)})")
+        if tuple(state["buffer"].shape) != tuple(self._buffer.shape) or \
+                tuple(state["offset"].shape) != tuple(self._offset.shape):
             raise ValueError(f"state: buffer of shape {tuple(state['buffer'].shape)}, this detector keeps "
-                             f"{tuple(self._buffer.shape)} (signals x window)")
+                             f"{tuple(self._buffer.shape)} (signals x (window + 1))")
+        calls = validation.as_int("state['calls']", state["calls"], minimum=0)
         self._buffer.copy_(state["buffer"])
-        self._position.copy_(state["position"])
         self._count.copy_(state["count"])
+        self._offset = state["offset"].to(self.device, copy=True)
+        self._inv = state["inv"].to(self.device, copy=True)
+        self._set_cut()
+        self._calls = calls

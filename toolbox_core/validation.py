@@ -11,7 +11,7 @@ Two kinds of check (the convention of ``torch.distributions``):
 * **argument checks** (types, ranges, shapes, dims: [`as_int`][toolbox_core.checks.as_int], [`as_real`][toolbox_core.checks.as_real],
   [`as_bool`][toolbox_core.checks.as_bool], [`as_choice`][toolbox_core.checks.as_choice]) read no tensor data: they always run, cost nothing on a GPU
   and are invisible to ``torch.compile``. They live in the torch-free [`toolbox_core.checks`][toolbox_core.checks]
-  (what the ListOps data code, `toolbox_core.listops`, uses) and are re-exported here;
+  (what the ListOps data code, the `listops_data` package, uses) and are re-exported here;
 * **data checks** ([`check_data`][toolbox_core.validation.check_data]: NaN or +inf logits, an all ``-inf`` slice, negative
   probabilities) read a tensor's values. On CUDA each one is a host-device synchronization and
   under ``torch.compile`` a graph break, so they run only in eager mode, and

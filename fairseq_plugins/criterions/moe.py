@@ -23,7 +23,7 @@ Example:
 import torch
 
 import reinmax
-from reinmax.moe import clear_moe_stats
+from reinmax.routed_experts import clear_moe_stats
 from fairseq import metrics
 from fairseq.criterions import CRITERION_REGISTRY, register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig

@@ -28,7 +28,7 @@ Initializations (``--admin-init``):
   gain beta ([`admin_torch.deepnorm_scale_`][admin_torch.deepnorm_scale_]).
 
 ``--moe-experts E`` makes every FFN a mixture of E experts routed by a discrete sample
-(`fairseq_plugins.moe`; ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
+(`fairseq_plugins.moe_ffn`; ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
 ``--moe-capacity-factor``; train with ``--criterion label_smoothed_cross_entropy_moe``).
 
 ``--qk-norm`` adds qk-layernorm (a LayerNorm on each head's queries and keys,
@@ -47,8 +47,9 @@ Example:
 A trained model folds into a stock ``transformer`` checkpoint with
 ``python -m fairseq_plugins.fold_checkpoint IN.pt OUT.pt``.
 
-This module registers the model and its architectures; the flags are declared and checked in
-`fairseq_plugins.admin`, the layers are `fairseq_plugins.modules.admin_layers`, profiling is the mixin
+This module registers the model and its architectures, whose functions fill the Admin and MoE defaults
+(`fairseq_plugins.admin.admin_defaults`; fairseq applies the function of ``--arch`` after parsing and again
+to the model's configuration before ``build_model``, which only builds; the flags are checked once, at parsing); the flags are declared and checked in `fairseq_plugins.admin`, the layers are `fairseq_plugins.modules.admin_layers`, profiling is the mixin
 `fairseq_plugins.modules.admin_profiling.AdminProfiling`.
 """
 
@@ -62,7 +63,7 @@ from fairseq.models.transformer.transformer_legacy import (
     transformer_vaswani_wmt_en_de_big,
 )
 
-from ..admin import ADMIN_ARGS, ADMIN_INITS, add_admin_args, admin_defaults, check_admin_args
+from ..admin import ADMIN_ARGS, ADMIN_INITS, add_admin_args, admin_defaults
 from ..admin import check_transformer_admin_flags  # noqa: F401  (its old home)
 from ..modules.admin_layers import (  # noqa: F401  (decoder_sublayers ... apply_qk_norm: their old home)
     TransformerAdminDecoder,
@@ -107,8 +108,7 @@ class TransformerAdminModel(AdminProfiling, TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        transformer_admin(args)
-        check_admin_args(args)
+        # fairseq applied the --arch function (the defaults) to args, the flags were checked at parsing: only build
         model = super().build_model(args, task)
         # fairseq keeps a TransformerConfig as model.args; keep the flat Namespace too (for folding)
         model.legacy_args = copy.deepcopy(args)

@@ -9,7 +9,7 @@ as ``LN(omega * x + f(x))`` ([`admin_torch.OmegaResidual`][admin_torch.OmegaResi
 The flags are ``transformer_admin``'s: ``--admin-init admin|profiled|deepnorm``,
 ``--admin-output-change-scale``, ``--decoder-as-parameter``, ``--admin-profile``, and the
 mixture-of-experts FFN's ``--moe-experts``, ``--moe-router``, ``--moe-tau``, ``--moe-balance-weight``,
-``--moe-capacity-factor`` (`fairseq_plugins.moe`), and ``--qk-norm`` (qk-layernorm,
+``--moe-capacity-factor`` (`fairseq_plugins.moe_ffn`), and ``--qk-norm`` (qk-layernorm,
 `fairseq_plugins.modules.admin_layers.apply_qk_norm`). Pre-LN
 (``--decoder-normalize-before``) is refused. Architectures, named after fairseq's own:
 
@@ -37,20 +37,37 @@ from fairseq.models.transformer_lm import DEFAULT_MAX_TARGET_POSITIONS, Transfor
 from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf
 
-from ..admin import AdminConfig, check_admin_args
-from ..flags import FlagError
+from ..admin import AdminConfig
+from ..flags import FlagError, fill_defaults, flag_check
 from ..modules.admin_layers import TransformerAdminDecoder, apply_qk_norm
 from ..modules.admin_profiling import AdminProfiling
-from ..moe import MoEConfig
+from ..moe_ffn import MoEConfig
 from ..registry import register_architecture_once, register_once
 
-__all__ = ["TransformerLMAdminConfig", "TransformerLMAdmin"]
+__all__ = ["TransformerLMAdminConfig", "TransformerLMAdmin", "check_transformer_lm_admin_flags"]
 
 
 @dataclass
 class TransformerLMAdminConfig(MoEConfig, AdminConfig, TransformerLanguageModelConfig):  # fields: the base first
     """fairseq's ``transformer_lm`` configuration with the Admin flags (`fairseq_plugins.admin.AdminConfig`) and
-    the ``--moe-*`` flags (`fairseq_plugins.moe.MoEConfig`), each declared once there."""
+    the ``--moe-*`` flags (`fairseq_plugins.moe_ffn.MoEConfig`), each declared once there."""
+
+
+#: fairseq ``transformer_lm`` flags that this model refuses (its omegas fold into a token embedding)
+_REFUSED = (("--character-embeddings", "character_embeddings"), ("--adaptive-input", "adaptive_input"))
+
+
+@flag_check
+def check_transformer_lm_admin_flags(args) -> None:
+    """What ``transformer_lm_admin`` refuses of ``transformer_lm``'s flags (its Admin and ``--moe-*`` flags:
+    `fairseq_plugins.admin.check_transformer_admin_flags`)."""
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY
+
+    if ARCH_MODEL_NAME_REGISTRY.get(getattr(args, "arch", None)) != "transformer_lm_admin":
+        return
+    for flag, name in _REFUSED:
+        if safe_getattr(args, name, False):
+            raise FlagError(f"{flag} is not accepted by transformer_lm_admin (its omegas fold into a token embedding)")
 
 
 @register_once(MODEL_REGISTRY, register_model, "transformer_lm_admin", dataclass=TransformerLMAdminConfig)
@@ -70,10 +87,7 @@ class TransformerLMAdmin(AdminProfiling, TransformerLanguageModel):
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True, enum_to_str=True)) \
                 if OmegaConf.is_config(args) \
                 else argparse.Namespace(**vars(args))
-        check_admin_args(args)
-        for flag, name in (("--character-embeddings", "character_embeddings"), ("--adaptive-input", "adaptive_input")):
-            if safe_getattr(args, name, False):
-                raise FlagError(f"{flag} is not accepted by transformer_lm_admin (its omegas fold into a token embedding)")
+        # fairseq filled the defaults (the dataclass, the --arch function); the flags were checked at parsing: only build
         if args.decoder_layers_to_keep:
             args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
         if safe_getattr(args, "max_target_positions", None) is None:
@@ -102,6 +116,7 @@ class TransformerLMAdmin(AdminProfiling, TransformerLanguageModel):
 
 def _post_ln(args, *, dim: int, ffn: int, layers: int, heads: int, activation: str = "relu",
              attention_dropout: float = 0.0) -> None:
+    fill_defaults(args, AdminConfig, MoEConfig)  # a checkpoint's configuration from before a flag existed
     args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", dim)
     args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", ffn)
     args.decoder_layers = safe_getattr(args, "decoder_layers", layers)

@@ -25,7 +25,7 @@ from fairseq.models.transformer import TransformerConfig, TransformerDecoder, Tr
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
-from ..moe import install_moe_ffn
+from ..moe_ffn import install_moe_ffn
 
 __all__ = [
     "ENCODER_SUBLAYERS_PER_LAYER",

@@ -24,15 +24,14 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.optim import OPTIMIZER_REGISTRY, FairseqOptimizer, register_optimizer
 from omegaconf import II
 
 from sign_optim import AddSign, PowerSign, make_internal_decay
 
-from toolbox_core import validation
-
-from ..flags import FlagError, check_flag, flag_check
+from ..flags import FlagError, flag_check, library_check
 from ..registry import register_once
 
 logger = logging.getLogger(__name__)
@@ -70,20 +69,38 @@ class FairseqPowerSignConfig(_SignConfig):
     sign_alpha: float = field(default=math.e, metadata={"help": "PowerSign: the base (> 0)"})
 
 
+#: the libraries' argument -> the flag that sets it: each bound is written once, in sign_optim (the optimizer's
+#: constructor, make_internal_decay); the plugin only maps the flags onto it
+LIBRARY_FLAGS = {"lr": "--lr", "beta": "--sign-beta", "alpha": "--sign-alpha", "weight_decay": "--weight-decay",
+                 "T_max": "--sign-decay-steps", "num_periods": "--sign-decay-periods",
+                 "zero_after": "--sign-decay-zero-after"}
+
+
+def internal_decay(cfg):
+    """The internal decay of the flags (None for ``--sign-decay none``), built by
+    [`sign_optim.make_internal_decay`][sign_optim.make_internal_decay]; its refusal is a `FlagError` naming the flag.
+    The horizon is ``--sign-decay-steps``, else ``--max-update``."""
+    kind = str(cfg.sign_decay)
+    if kind == "none":
+        return None
+    steps = cfg.sign_decay_steps
+    if steps is None:
+        steps = cfg.max_update
+        if not steps or steps < 1:  # fairseq's --max-update 0: no limit, so no horizon
+            raise FlagError(f"--sign-decay {kind} needs a horizon: --sign-decay-steps T (an integer >= 1) "
+                            "or --max-update")
+    return library_check(LIBRARY_FLAGS, make_internal_decay, kind, steps, cfg.sign_decay_periods,
+                         cfg.sign_decay_zero_after)
+
+
 @flag_check
 def check_sign_flags(args) -> None:
-    """The flags of ``--optimizer addsign|powersign`` (FlagError naming the flag and the accepted values)."""
+    """The flags of ``--optimizer addsign|powersign`` (FlagError naming the flag and the accepted values): which
+    ``--sign-decay`` takes which flag is the plugin's; every bound is the library's, checked by building the
+    decay and the optimizer (on a one-element probe) as the run will."""
     optimizer = getattr(args, "optimizer", None)
     if optimizer not in ("addsign", "powersign"):
         return
-    check_flag("--sign-beta", validation.as_real, args.sign_beta, low=0.0, high=1.0, high_open=True)
-    if optimizer == "powersign":
-        check_flag("--sign-alpha", validation.as_real, args.sign_alpha, low=0.0, low_open=True)
-    else:
-        check_flag("--sign-alpha", validation.as_real, args.sign_alpha)
-    check_flag("--weight-decay", validation.as_real, args.weight_decay, low=0.0)
-    for lr in (args.lr if isinstance(args.lr, Collection) else [args.lr]):
-        check_flag("--lr", validation.as_real, lr, low=0.0)
     decay = str(args.sign_decay)
     if decay in ("none", "linear"):
         for flag, value in (("--sign-decay-periods", args.sign_decay_periods),
@@ -91,20 +108,14 @@ def check_sign_flags(args) -> None:
             if value is not None:
                 raise FlagError(f"{flag} is accepted only with --sign-decay cosine or restart "
                                 f"(got --sign-decay {decay})")
-    if decay == "none":
-        if args.sign_decay_steps is not None:
-            raise FlagError("--sign-decay-steps is accepted only with --sign-decay linear, cosine or restart "
-                            "(got --sign-decay none)")
-        return
-    if args.sign_decay_periods is not None:
-        check_flag("--sign-decay-periods", validation.as_real, args.sign_decay_periods, low=0.0, low_open=True)
-    if args.sign_decay_zero_after is not None:
-        check_flag("--sign-decay-zero-after", validation.as_real, args.sign_decay_zero_after, low=0.0)
-    if args.sign_decay_steps is not None:
-        check_flag("--sign-decay-steps", validation.as_int, args.sign_decay_steps, minimum=1)
-    elif not args.max_update or args.max_update < 1:
-        raise FlagError(f"--sign-decay {decay} needs a horizon: --sign-decay-steps T (an integer >= 1) "
-                        "or --max-update")
+    if decay == "none" and args.sign_decay_steps is not None:
+        raise FlagError("--sign-decay-steps is accepted only with --sign-decay linear, cosine or restart "
+                        "(got --sign-decay none)")
+    sign_decay = internal_decay(args)
+    rule = OPTIMIZER_REGISTRY[optimizer].optimizer_class
+    for lr in (args.lr if isinstance(args.lr, Collection) else [args.lr]):
+        library_check(LIBRARY_FLAGS, rule, [torch.zeros(1)], lr=lr, beta=args.sign_beta, alpha=args.sign_alpha,
+                      weight_decay=args.weight_decay, sign_internal_decay=sign_decay)
 
 
 class _FairseqSignOptimizer(FairseqOptimizer):
@@ -112,18 +123,8 @@ class _FairseqSignOptimizer(FairseqOptimizer):
 
     def __init__(self, cfg: _SignConfig, params) -> None:
         super().__init__(cfg)
-        self._optimizer = self.optimizer_class(params, sign_internal_decay=self._build_decay(), **self.optimizer_config)
-
-    def _build_decay(self):
-        kind = str(self.cfg.sign_decay)
-        if kind == "none":
-            return None
-        steps = self.cfg.sign_decay_steps or self.cfg.max_update
-        if not steps or steps < 1:
-            raise ValueError(
-                f"--sign-decay {kind} needs a horizon: set --sign-decay-steps or --max-update (got {steps})"
-            )
-        return make_internal_decay(kind, steps, self.cfg.sign_decay_periods, self.cfg.sign_decay_zero_after)
+        self._optimizer = self.optimizer_class(params, sign_internal_decay=internal_decay(self.cfg),
+                                               **self.optimizer_config)
 
     @property
     def optimizer_config(self):

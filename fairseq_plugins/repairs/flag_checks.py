@@ -1,55 +1,39 @@
-"""Run the plugins' flag checks on every parsed command line, before any data loads.
+"""Run the plugins' flag checks once, on every parsed command line, before any data loads.
 
 fairseq-fixed 0.12.3.1 has no hook for a plugin to check its flags: the first plugin code that sees a bad
 value is the model's or optimizer's constructor, after the data is loaded (minutes into a run), and its
-``ValueError`` comes out as a traceback. The architecture function of ``--arch`` is the last thing fairseq
-applies to the parsed arguments (``options.parse_args_and_arch`` in every tool, ``models.build_model`` for a
-checkpoint's configuration). `install` wraps every registered architecture function, and fairseq's
-``register_model_architecture`` so that the ones registered afterwards (the plugins', another user dir's)
-are wrapped too: right after the architecture function, every check registered with
-[`fairseq_plugins.flags.flag_check`][fairseq_plugins.flags.flag_check] runs on the arguments.
+``ValueError`` comes out as a traceback. Every tool (train, generate, validate, interactive, eval-lm) parses
+its command line with ``options.parse_args_and_arch``, which ends by applying the architecture function of
+``--arch`` (the defaults) and fairseq's own post-processing; the tools look it up at call time. `install`
+wraps it: right after it, every check registered with
+[`fairseq_plugins.flags.flag_check`][fairseq_plugins.flags.flag_check] runs once on the parsed arguments.
+A model's configuration that fairseq builds later (``models.build_model``, a checkpoint's) is not checked
+again: the checks belong to the command line.
 """
 
 import functools
 from typing import Callable
 
 from .. import flags
-from ._wrap import wrap_once, wrapped_once
+from ._wrap import wrap_once
 
 __all__ = ["install"]
 
 
-def _checked(arch_fn: Callable) -> Callable:
-    return wrapped_once(arch_fn, _arch_then_check)
+def _parse_then_check(parse_args_and_arch: Callable) -> Callable:
+    @functools.wraps(parse_args_and_arch)
+    def parse_args_and_arch_then_check(parser, input_args=None, parse_known=False, suppress_defaults=False,
+                                       modify_parser=None):
+        out = parse_args_and_arch(parser, input_args, parse_known, suppress_defaults, modify_parser)
+        if not suppress_defaults:  # that parse calls this one without it first: the full arguments are checked
+            flags.check_args(out[0] if parse_known else out)
+        return out
 
-
-def _arch_then_check(arch_fn: Callable) -> Callable:
-    @functools.wraps(arch_fn)
-    def arch_then_check(args):
-        arch_fn(args)
-        flags.check_args(args)
-
-    return arch_then_check
-
-
-def _registering_checked(register_model_architecture: Callable) -> Callable:
-    @functools.wraps(register_model_architecture)
-    def register_checked(model_name, arch_name):
-        register = register_model_architecture(model_name, arch_name)
-
-        def register_arch_fn(fn):
-            register(_checked(fn))
-            return fn  # the module keeps its own function, as with fairseq's decorator
-
-        return register_arch_fn
-
-    return register_checked
+    return parse_args_and_arch_then_check
 
 
 def install() -> None:
-    """Wrap the registered architecture functions and fairseq's ``register_model_architecture`` (idempotent)."""
-    from fairseq import models
+    """Wrap fairseq's ``options.parse_args_and_arch`` (idempotent)."""
+    from fairseq import options
 
-    for name, fn in list(models.ARCH_CONFIG_REGISTRY.items()):
-        models.ARCH_CONFIG_REGISTRY[name] = _checked(fn)
-    wrap_once(models, "register_model_architecture", _registering_checked)
+    wrap_once(options, "parse_args_and_arch", _parse_then_check)

@@ -2,7 +2,7 @@
 
 The data directory holds ``train.tsv``, ``valid.tsv``, ``test.tsv`` (any ``<split>.tsv`` named by
 ``--train-subset`` / ``--valid-subset``) in the official ``label<TAB>expression`` format, read by
-`toolbox_core.listops.read_listops` (a malformed line is an error naming the file and line), where
+`listops.read_listops` (a malformed line is an error naming the file and line), where
 ListOps' pure-Python data code (generator, parser, evaluator, reader and writer) lives; this module keeps only the
 fairseq side. The model reads the tokens without parentheses; the dictionary is fixed (digits, operators, ``]``).
 
@@ -29,7 +29,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import TASK_REGISTRY, FairseqTask, register_task
 
 from toolbox_core import validation
-from toolbox_core.listops import VOCABULARY, read_listops
+from listops_data import VOCABULARY, read_listops
 
 from ..flags import DataError, FlagError, check_flag, flag_check
 from ..registry import register_once

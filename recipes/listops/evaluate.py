@@ -32,7 +32,7 @@ def evaluate(model, dictionary, examples, max_tokens=4000, progress=False):
     from fairseq.data import data_utils
 
     from toolbox_core import validation
-    from toolbox_core.listops import ListOpsExample, parse_expression
+    from listops_data import ListOpsExample, parse_expression
 
     max_tokens = validation.as_int("max_tokens", max_tokens, minimum=1)
     examples = list(examples)
@@ -86,7 +86,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     import fairseq_plugins  # noqa: F401  registers the task/model and the safe checkpoint loader
     from fairseq import checkpoint_utils
-    from toolbox_core.listops import read_listops
+    from listops_data import read_listops
 
     test = Path(args.test)
     if not test.exists():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate ListOps examples (official distribution) as ``label<TAB>expression`` lines.
 
-Pure Python (:mod:`toolbox_core.listops`): imports neither torch nor fairseq.
+Pure Python (:mod:`listops_data`): imports neither torch nor fairseq.
 
 Example::
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from toolbox_core.listops import generate, read_listops, write_listops  # noqa: E402
+from listops_data import generate, read_listops, write_listops  # noqa: E402
 
 
 def main(argv=None):

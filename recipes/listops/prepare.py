@@ -4,7 +4,7 @@
 Writes ``DEST/train.tsv`` (generated, excluding the official test and valid expressions) and
 links ``DEST/valid.tsv`` and ``DEST/test.tsv`` to the official files of ``--official`` when they
 exist (otherwise generates them too). The task reads the text format directly; no binarization.
-Pure Python (:mod:`toolbox_core.listops`): imports neither torch nor fairseq.
+Pure Python (:mod:`listops_data`): imports neither torch nor fairseq.
 
 Example::
 
@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from toolbox_core.listops import generate, read_listops, write_listops  # noqa: E402
+from listops_data import generate, read_listops, write_listops  # noqa: E402
 
 OFFICIAL = REPO.parent / "shared" / "data" / "listops"
 

@@ -208,3 +208,50 @@ def test_existing_name_is_not_overwritten():
 def test_import_does_not_import_fairseq():
     code = "import sys, admin_torch; sys.exit(1 if any(k.split('.')[0] == 'fairseq' for k in sys.modules) else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("param", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rescale_sum_is_the_residual_from_the_plain_sum(param, dtype):
+    """``rescale_sum(x, x + f)`` = ``x * omega + f`` (written out), with the same gradients (to rounding), in the
+    activation dtype; a hook on the module still reads ``(x, f)``."""
+    torch.manual_seed(0)
+    res = OmegaResidual(1.7, as_parameter=param, embed_dim=8 if param else None)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 8, dtype=torch.float64)
+    out = res.rescale_sum(x.to(dtype), (x + f).to(dtype))
+    assert out.dtype == dtype
+    expected = x * 1.7 + f
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.double(), expected, **tol)
+    grads = torch.autograd.grad((out.double() * w).sum(), [x, f])
+    torch.testing.assert_close(grads[0], w * 1.7, **tol)
+    torch.testing.assert_close(grads[1], w, **tol)
+    seen = []
+    res.register_forward_hook(lambda m, args, out: seen.append(args))
+    res.rescale_sum(x.detach(), (x + f).detach())
+    (hx, hf), = seen
+    assert torch.equal(hx, x.detach()) and torch.allclose(hf, f.detach())
+
+
+def test_rescale_sum_follows_every_change_of_omega():
+    """The number rescale_sum reads omega as is read again whenever omega changes (set_omega_, load_state_dict,
+    an in-place write, a dtype change): each result equals the written-out x * omega + f with the new omega."""
+    res = OmegaResidual(2.0)
+    x, f = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+
+    def check(omega):
+        torch.testing.assert_close(res.rescale_sum(x.to(res.omega.dtype), (x + f).to(res.omega.dtype)).double(),
+                                   x * omega + f, rtol=1e-6, atol=1e-6)
+
+    check(2.0)
+    res.set_omega_(3.5)
+    check(3.5)
+    res.load_state_dict({"omega": torch.tensor([0.25])})
+    check(0.25)
+    with torch.no_grad():
+        res.omega.mul_(4)
+    check(1.0)
+    res.double().set_omega_(1.75)
+    check(1.75)

@@ -69,6 +69,23 @@ def test_score_counts_hits_late_missed_and_false_alarms():
     assert s["median_lead"] == 3.5 and s["median_sep_lead"] == -5
 
 
+def test_an_alarm_before_the_first_corrupted_batch_is_no_warning_of_it():
+    # the grid's bad-data candidate: round(frac * 16) >= 1 first at frac = 4/100 (0.64 rows), update 203
+    st = dict(noise_from=200, noise_ramp=100)
+    assert fa.first_corrupted_update(st) == 203 and fa.first_corrupted_update({}) is None
+    rows = [{"run": "x", "failed": True, "reference_update": 210, "separation": 210, "injected_at": 203}]
+    assert fa.score(rows, {"x": 150})["missed"] == 1  # fired on data identical to the clean twin's
+    assert (fa.score(rows, {"x": 203})["hits"], fa.score(rows, {"x": 206})["late"]) == (1, 1)
+
+
+def test_the_default_interval_replays_only_its_own_records():
+    hist = [{"step": s, "quantities": {"attn_logit_max": {"a": v}}} for s, v in zip(range(0, 310, 10),
+                                                                                  [1.0 * 3 ** (i / 10) for i in range(31)])]
+    # every 10: x1.12 per record, never the x2 per logged step the rule needs; every 100: x3 per record, past 20 at 300
+    assert fa.monitor_default({"monitor": hist}) is None
+    assert fa.monitor_default({"monitor": hist}, every=100) == 300
+
+
 def test_noise_fraction_ramps_up():
     st = dict(noise_from=10, noise_ramp=4)
     assert [fs.noise_fraction(t, st) for t in (9, 10, 11, 13, 20)] == [0.0, 0.25, 0.5, 1.0, 1.0]

@@ -5,6 +5,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 
 def _save_dir(cmd) -> Path:
     cmd = [str(c) for c in cmd]
@@ -57,6 +59,39 @@ def test_moe_lm_runs_every_job_once_in_job_order(tmp_path, monkeypatch, capsys):
     rows = json.loads((tmp_path / "out" / "moe_lm.json").read_text())["rows"]
     assert [(r["config"], r["per_seed"]) for r in rows] == [("dense", [1.25, 2.25]), ("switch-E4", [1.25, 2.25])]
     assert "[runs 4/4" in capsys.readouterr().out
+
+
+def test_moe_lm_ep_launches_p_ranks_with_their_share_of_the_batch_and_resumes(tmp_path, monkeypatch, capsys):
+    from benchmarks import moe_lm
+
+    launches = []
+
+    def fake_launch(cmds, logs, env, timeout):
+        cmds = [[str(c) for c in cmd] for cmd in cmds]
+        launches.append(cmds)
+        save = _save_dir(cmds[0])
+        (save / "train.log").write_text(f'valid | {{"valid_loss": "{len(cmds)}.{_seed(save.parent)}"}}\n')
+        return [0] * len(cmds)
+
+    monkeypatch.setattr(moe_lm, "launch_ranks", fake_launch)
+    monkeypatch.setattr(moe_lm, "prepare_english", lambda *a, **k: None)
+    argv = ["ep", "--data", str(tmp_path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"),
+            "--parallel", "2,1", "--seeds", "1,2", "--reference", str(tmp_path / "none.json")]
+    moe_lm.main(argv)
+    assert [len(cmds) for cmds in launches] == [2, 2, 1, 1]
+    two = launches[0]
+    for rank, cmd in enumerate(two):
+        assert cmd[cmd.index("--max-tokens") + 1] == "512" and cmd[cmd.index("--tokens-per-update") + 1] == "512"
+        assert cmd[cmd.index("--moe-expert-parallel-size") + 1] == "2"
+        assert cmd[cmd.index("--distributed-rank") + 1] == str(rank)
+    assert "--moe-expert-parallel-size" not in launches[2][0] and "1024" in launches[2][0]
+    table = (tmp_path / "out" / "ep_lm.md").read_text()
+    assert "| 2 | 2 | 2.200 |" in table and "| 1 | 1 | 1.100 |" in table
+    moe_lm.main(argv)  # resumed: every run is cached in the work directory
+    assert len(launches) == 4
+    with pytest.raises(SystemExit):
+        moe_lm.main([*argv, "--parallel", "3"])  # 3 divides neither 8 experts nor 1024 tokens
+    assert "--parallel: each P must be >= 1 and divide --experts 8" in capsys.readouterr().err
 
 
 def test_monitor_evidence_runs_every_job_once(tmp_path, monkeypatch, capsys):

@@ -179,13 +179,67 @@ def checkpoint(out, rank, world, pair):
     save(out, "checkpoint", got)
 
 
-SCENARIOS = {f.__name__: f for f in (equality, edges, refusals, composition, checkpoint, dead_rank)}
+def compiled(out, rank, world, pair):
+    """On the pair of ranks 0 and 1 (the others wait): the capacity mode under torch.compile(fullgraph=True)
+    (backend aot_eager) against the same layer in eager mode, forward and backward, the global RNG seeded alike;
+    10 and 12 tokens (the same C = 2). And the check compiled calls make that the ranks' C agree (run eagerly
+    here, with C = 2 and 3: every rank must raise)."""
+    if rank >= 2:
+        return
+
+    def step(moe, call):
+        x = torch.randn(10 + 2 * rank, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(rank)) * 2
+        x.requires_grad_(True)
+        torch.manual_seed(5 + rank)  # the routing samples (a torch.Generator does not compile)
+        y = call(x)
+        ((y * y.detach().sin()).sum() + 0.1 * moe.stats.balance_loss).backward()
+        return {"out": y.detach(), "x_grad": x.grad, "dropped": moe.stats.dropped.detach(), "index": moe.stats.index,
+                "grads": {n: p.grad.clone() for n, p in moe.named_parameters()}}
+
+    eager, moe = layer("sparsemixer", 0.5, pair), layer("sparsemixer", 0.5, pair)
+    fn = torch.compile(lambda x: moe(x), fullgraph=True, backend="aot_eager")
+    got = {"eager": step(eager, eager), "compiled": step(moe, fn), "experts": list(moe.expert_range())}
+    try:
+        expert_parallel.same_over_group_compiled(2 + rank, pair, torch.device("cpu"))
+        got["different_capacity"] = "accepted"
+    except RuntimeError as err:
+        got["different_capacity"] = str(err)
+    got["same_capacity"] = expert_parallel.same_over_group_compiled(2, pair, torch.device("cpu"))
+    save(out, "compiled", got)
+
+
+def fsdp2(out, rank, world, pair):
+    """FSDP2 over a (dp=2, ep=2) DeviceMesh: expert_parallel.fully_shard_experts, then fully_shard of the model
+    (HSDP); AdamW, 3 steps; the parameters gathered over dp. And what is refused: a 1-D mesh, a state_dict."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "ep"))
+    model = Model(mesh["ep"])
+    got = {"one_d_mesh": _refused(lambda: expert_parallel.fully_shard_experts(model, mesh["dp"]))}
+    expert_parallel.fully_shard_experts(model, mesh)
+    fully_shard(model, mesh=mesh)
+    got["expert_rows_held"] = model.moe.fc1_weight.to_local().shape[0]  # of the E = 4 experts
+    opt = optimizer("AdamW", list(model.parameters()))
+    for step in range(3):
+        model_loss(model, model.moe, world, rank, step).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    got["params"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    got["experts"] = list(model.moe.expert_range())
+    got["state_dict"] = _refused(model.state_dict)
+    save(out, "fsdp2", got)
+
+
+SCENARIOS = {f.__name__: f for f in (equality, edges, refusals, composition, checkpoint, compiled, fsdp2,
+                                     dead_rank)}
 
 
 def main() -> None:
     out, names = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    # (a longer timeout for the compiled scenario, whose compilation the ranks that wait for it must outlast)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("EP_TIMEOUT", "60"))))
     rank, world = dist.get_rank(), dist.get_world_size()
     pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]  # every rank creates every group
     for name in names:

@@ -9,7 +9,7 @@ from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq_plugins.admin import AdminConfig, TransformerAdminConfig
 from fairseq_plugins.criterions.zloss import ZLossConfig
-from fairseq_plugins.moe import MOE_DEFAULTS, MoEConfig
+from fairseq_plugins.moe_ffn import MOE_DEFAULTS, MoEConfig
 
 
 def declared(*configs):
@@ -47,3 +47,50 @@ def test_z_loss_is_declared_once_for_both_criteria():
     for name in ("cross_entropy_zloss", "label_smoothed_cross_entropy_zloss"):
         config = CRITERION_DATACLASS_REGISTRY[name]
         assert issubclass(config, ZLossConfig) and config().z_loss == ZLossConfig().z_loss
+
+
+def test_the_language_model_architectures_fill_the_declared_defaults():
+    """A language model's --arch function fills the Admin and --moe-* defaults (a checkpoint's configuration from
+    before a flag existed); build_model then only builds."""
+    for arch in ("transformer_lm_admin_deep", "transformer_lm_admin_gpt"):
+        args = argparse.Namespace(admin_init="deepnorm")
+        ARCH_CONFIG_REGISTRY[arch](args)
+        want = {flag[2:].replace("-", "_"): default for flag, (_, default) in declared(AdminConfig, MoEConfig).items()}
+        assert {name: getattr(args, name) for name in want} == {**want, "admin_init": "deepnorm"}, arch
+
+
+def test_a_command_line_is_given_defaults_by_the_architecture_and_checked_once(monkeypatch):
+    """fairseq-train's path for transformer_admin, counted: parsing applies the --arch function (the one place
+    defaults are filled) and the flag checks (once); fairseq's models.build_model applies the --arch function to
+    the model's configuration again, as for every args-based model; the model's build_model neither fills nor
+    checks."""
+    import collections
+    from types import SimpleNamespace
+
+    from fairseq import models, options
+    from fairseq.data import Dictionary
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from fairseq_plugins import admin, flags
+
+    calls = collections.Counter()
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(admin, "fill_defaults", counted("fill", admin.fill_defaults))
+    monkeypatch.setattr(flags, "_CHECKS", [counted(check.__qualname__, check) for check in flags._CHECKS])
+    argv = ["data-bin", "--task", "translation", "--arch", "transformer_admin", "--encoder-layers", "1",
+            "--decoder-layers", "1", "--share-all-embeddings", "--optimizer", "adam", "--moe-experts", "2",
+            "--criterion", "label_smoothed_cross_entropy_moe"]
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    checks = {name for name in calls if name != "fill"}
+    assert "check_transformer_admin_flags" in checks and len(checks) == len(flags._CHECKS)
+    assert calls == {"fill": 1, **{name: 1 for name in checks}}
+    cfg = convert_namespace_to_omegaconf(args)
+    d = Dictionary()
+    models.build_model(cfg.model, SimpleNamespace(source_dictionary=d, target_dictionary=d))
+    assert calls == {"fill": 2, **{name: 1 for name in checks}}

@@ -1,10 +1,10 @@
 """``fairseq-train --stability-guard``: the flags (one line naming the flag, exit 2) and a real training run."""
 
 import argparse
-import json
 import os
 
 import pytest
+from omegaconf import OmegaConf
 
 import fairseq_plugins  # noqa: F401  (installs the repairs)
 from fairseq_plugins import guard as fg
@@ -29,20 +29,28 @@ def _args(**kw):
     (dict(stability_guard=True, stability_guard_warmup="200"), "--stability-guard-warmup"),
     (dict(stability_guard_snapshot_every="5"), "--stability-guard-snapshot-every"),
 ])
-def test_flag_checks_name_the_flag(kw, flag, monkeypatch):
-    monkeypatch.delenv(fg.ENV, raising=False)
+def test_flag_checks_name_the_flag(kw, flag):
     with pytest.raises(FlagError, match=flag):
         fg.check_guard_flags(_args(**kw))
-    assert fg.ENV not in os.environ
 
 
-def test_flags_recorded_with_defaults(monkeypatch):
-    monkeypatch.delenv(fg.ENV, raising=False)
-    fg.check_guard_flags(_args(stability_guard=True, stability_guard_threshold="8", stability_guard_rewind_skip="3"))
-    cfg = json.loads(os.environ[fg.ENV])
-    assert cfg["threshold"] == 8.0 and cfg["rewind_skip"] == 3 and cfg["window"] == 128 and cfg["log_dir"] is None
-    fg.check_guard_flags(_args())
-    assert fg.ENV not in os.environ
+def test_flags_parsed_with_defaults_and_read_from_the_configuration(tmp_path):
+    environ = dict(os.environ)
+    args = _args(stability_guard=True, stability_guard_threshold="8", stability_guard_rewind_skip="3")
+    fg.check_guard_flags(args)
+    assert (args.stability_guard_threshold, args.stability_guard_rewind_skip, args.stability_guard_window) == (8.0, 3, 128)
+    fg.check_guard_flags(args)  # fairseq checks a model's configuration again: the parsed values pass
+    cfg = OmegaConf.create({"common": {k: v for k, v in vars(args).items()}})
+    settings = fg.guard_settings(cfg)
+    assert settings["threshold"] == 8.0 and settings["rewind_skip"] == 3 and settings["window"] == 128
+    assert settings["log_dir"] is None
+    cfg.common.stability_monitor = str(tmp_path)
+    assert fg.guard_settings(cfg)["log_dir"] == str(tmp_path)
+    off = _args()
+    fg.check_guard_flags(off)
+    assert fg.guard_settings(OmegaConf.create({"common": vars(off)})) is None
+    assert fg.guard_settings(OmegaConf.create({"common": {}})) is None
+    assert dict(os.environ) == environ  # nothing goes through the environment
 
 
 def test_parser_has_the_flags():
@@ -84,7 +92,9 @@ class FakeTrainer:
         self.model = torch.nn.Linear(2, 1)
         self.criterion = torch.nn.Module()
         self.optimizer = SimpleNamespace(optimizer=torch.optim.SGD(self.model.parameters(), lr=0.1))
-        self.cfg = SimpleNamespace(optimization=SimpleNamespace(max_update=100))
+        self.cfg = SimpleNamespace(optimization=SimpleNamespace(max_update=100), common=SimpleNamespace(
+            stability_guard=True, **{"stability_guard_" + n.replace("-", "_"): d for n, (_, _, _, d, _) in
+                                     fg.OPTIONS.items()}))
         self.calls, self.bad, self.zeroed = 0, bad, 0
 
     def get_num_updates(self):
@@ -101,9 +111,8 @@ class FakeTrainer:
 
 
 def test_train_step_turns_fairseq_nonfinite_into_a_skip_then_a_stop(monkeypatch):
-    from fairseq_plugins.repairs.guard_train_step import _wrap_train_step
+    from fairseq_plugins.repairs.train_step import _wrap_train_step
 
-    monkeypatch.setenv(fg.ENV, json.dumps({**{k: d for k, _, _, d, _ in fg.OPTIONS.values()}, "log_dir": None}))
     monkeypatch.setattr(FakeTrainer, "train_step", _wrap_train_step(FakeTrainer.train_step))
     trainer = FakeTrainer(bad={3})
     outs = [trainer.train_step([]) for _ in range(5)]

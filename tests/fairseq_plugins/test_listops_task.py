@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, run_tool, tool_env
-from toolbox_core.listops import generate, write_listops
+from listops_data import generate, write_listops
 
 LISTOPS_ARGS = [
     "--user-dir", PLUGINS_DIR, "--task", "listops", "--arch", "listops_tree",
@@ -97,7 +97,7 @@ def test_fairseq_train_then_evaluate(listops_dir, tmp_path):
     # the recipe's batched, padded evaluation against one example at a time, unpadded, in this process
     import torch
     from fairseq import checkpoint_utils
-    from toolbox_core.listops import read_listops
+    from listops_data import read_listops
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(save / "checkpoint_last.pt")],
                                                                    arg_overrides={"data": str(listops_dir)})

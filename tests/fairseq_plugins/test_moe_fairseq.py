@@ -223,7 +223,7 @@ BAD_WITH_EXPERTS = [
 @pytest.mark.parametrize("experts", [0, 2])
 def test_bad_moe_flags_are_refused(flags, message, experts):
     from fairseq_plugins.flags import FlagError
-    from fairseq_plugins.moe import check_moe_args
+    from fairseq_plugins.moe_ffn import check_moe_args
 
     args = argparse.Namespace(**{"moe_experts": experts, **flags})
     if experts == 0 and (flags, message) in BAD_WITH_EXPERTS:
@@ -290,7 +290,7 @@ BAD_EXPERT_PARALLEL = [
 @pytest.mark.parametrize("flags, message", BAD_EXPERT_PARALLEL)
 def test_bad_expert_parallel_combinations_are_refused(flags, message, monkeypatch):
     from fairseq_plugins.flags import FlagError
-    from fairseq_plugins.moe import check_moe_args
+    from fairseq_plugins.moe_ffn import check_moe_args
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     good = dict(moe_experts=4, moe_router="switch", moe_expert_parallel_size=2, distributed_world_size=4,
@@ -303,7 +303,7 @@ def test_bad_expert_parallel_combinations_are_refused(flags, message, monkeypatc
 def test_a_model_configuration_without_the_world_size_is_accepted(monkeypatch):
     """fairseq checks the model's own configuration again when it builds the model (and a checkpoint's, in one
     process for fairseq-generate): that configuration has no world size, which then cannot be refused."""
-    from fairseq_plugins.moe import check_moe_args
+    from fairseq_plugins.moe_ffn import check_moe_args
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     check_moe_args(argparse.Namespace(moe_experts=4, moe_router="switch", moe_expert_parallel_size=2))

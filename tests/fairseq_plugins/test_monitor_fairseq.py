@@ -2,15 +2,17 @@
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import fairseq_plugins  # noqa: F401  (installs the repairs)
 from fairseq_plugins import monitor as fm
 from fairseq_plugins.flags import FlagError
-from fairseq_plugins.repairs import monitor_flags, monitor_train_step
-from fairseq_helpers import PLUGINS_DIR, TINY_TRANSFORMER_ARGS, run_tool
+from fairseq_plugins.repairs import _wrap, train_step, training_flags
+from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, TINY_TRANSFORMER_ARGS, free_port, make_lm_data, run_tool, tool_env
 from stability_toolbox import StabilityMonitor
 
 
@@ -18,8 +20,7 @@ def _args(**kw):
     return argparse.Namespace(**{"stability_monitor": None, "stability_monitor_interval": fm.DEFAULT_INTERVAL, **kw})
 
 
-def test_flag_checks_name_the_flag(tmp_path, monkeypatch):
-    monkeypatch.delenv(fm.ENV, raising=False)
+def test_flag_checks_name_the_flag(tmp_path):
     for bad, flag in [(_args(stability_monitor=str(tmp_path), stability_monitor_interval="0"),
                        "--stability-monitor-interval"),
                       (_args(stability_monitor=str(tmp_path), stability_monitor_interval="x"),
@@ -33,10 +34,13 @@ def test_flag_checks_name_the_flag(tmp_path, monkeypatch):
     f.write_text("x")
     with pytest.raises(FlagError, match="not a directory"):
         fm.check_monitor_flags(_args(stability_monitor=str(f)))
-    fm.check_monitor_flags(_args(stability_monitor=str(tmp_path / "mon"), stability_monitor_interval="7"))
-    assert json.loads(__import__("os").environ[fm.ENV])["interval"] == 7
+    environ = dict(os.environ)
+    args = _args(stability_monitor=os.path.relpath(tmp_path / "mon"), stability_monitor_interval="7")
+    fm.check_monitor_flags(args)  # the parsed values are written back on the arguments
+    assert (args.stability_monitor, args.stability_monitor_interval) == (str((tmp_path / "mon").resolve()), 7)
+    fm.check_monitor_flags(args)  # fairseq checks a model's configuration again: the parsed values pass
     fm.check_monitor_flags(_args())
-    assert fm.ENV not in __import__("os").environ
+    assert dict(os.environ) == environ  # nothing goes through the environment
 
 
 def test_parser_has_the_flags_and_train_step_is_wrapped_once():
@@ -45,12 +49,30 @@ def test_parser_has_the_flags_and_train_step_is_wrapped_once():
 
     parser = options.get_training_parser()
     assert any("--stability-monitor-interval" in a.option_strings for a in parser._actions)
-    assert Trainer.train_step._stability_monitor
-    monitor_flags.install()  # idempotent
-    monitor_train_step.install()
-    assert not getattr(Trainer.train_step.__wrapped__, "_stability_monitor", False)
+    assert list(train_step._WRAPPERS) == ["stability_monitor", "stability_guard"]  # the monitor's outermost
+    training_flags.install()  # idempotent
+    train_step.install()
+    assert _wrap.wrapped_by(Trainer.train_step) == {"fairseq_plugins.repairs.train_step._wrap_train_step"}
+    assert not _wrap.wrapped_by(Trainer.train_step.__wrapped__)
     parser = options.get_training_parser()
     assert sum("--stability-monitor-interval" in a.option_strings for a in parser._actions) == 1
+
+
+def test_the_flags_travel_on_fairseqs_configuration(tmp_path):
+    """A dataclass-configured model (listops_tree: fairseq keeps no Namespace of the command line): the checked
+    flags reach ``cfg.common`` through fairseq's own conversion, and the settings are read from there."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(tmp_path), "--task", "listops", "--arch", "listops_tree",
+                                                "--criterion", "listops_cross_entropy", "--optimizer", "adam",
+                                                "--stability-monitor", str(tmp_path / "mon"),
+                                                "--stability-monitor-interval", "3"])
+    cfg = convert_namespace_to_omegaconf(args)
+    assert not isinstance(cfg.model, argparse.Namespace) and "stability_monitor" not in cfg.model
+    assert fm.monitor_settings(cfg) == {"dir": str((tmp_path / "mon").resolve()), "interval": 3}
+    assert fm.monitor_settings(OmegaConf.create({"common": {"seed": 1}})) is None  # a configuration without it
 
 
 @pytest.mark.parametrize("pre_ln", [False, True])
@@ -172,3 +194,50 @@ def test_output_logits_of_a_fairseq_style_model_reach_the_monitor():
     assert [r["step"] for r in mon.history] == [0, 2] and "log_z" in mon.history[1]
     handle.remove()
     mon.close()
+
+
+#: fairseq-train with fairseq's own spawning: distributed_utils.call_main starts min(GPUs, world size) ranks with
+#: torch.multiprocessing.spawn and hands each the configuration; on a CPU machine the driver reports as many
+#: devices as ranks so that fairseq spawns them (the spawned ranks do not see this: they run on the CPU, gloo)
+_SPAWNING_TRAIN = r"""
+import sys, torch
+ranks = int(sys.argv[1])
+torch.cuda.device_count = lambda: ranks
+from fairseq_cli.train import cli_main
+sys.argv = ["fairseq-train", *sys.argv[2:]]
+cli_main()
+"""
+
+
+@pytest.mark.slow
+def test_spawned_ranks_of_a_dataclass_model_get_the_flags_from_fairseqs_configuration(tmp_path):
+    """Two ranks spawned by fairseq itself, a dataclass-configured model (``transformer_lm_admin_deep``: fairseq
+    keeps no Namespace of the command line, and applies the --arch function and the flag checks to the model's
+    configuration again when it builds it): both ranks monitor (``DIR/rank<R>``) and guard with the flags given,
+    which reached them on the configuration; the environment holds none of them."""
+    import subprocess
+    import sys
+
+    data = make_lm_data(tmp_path / "lm", sizes=(60, 10, 10))
+    mon = tmp_path / "mon"
+    args = [data, "--user-dir", PLUGINS_DIR, "--task", "language_modeling", "--sample-break-mode", "eos",
+            "--tokens-per-sample", "32", "--arch", "transformer_lm_admin_deep", "--decoder-layers", "2",
+            "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
+            "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "200", "--cpu", "--seed", "1",
+            "--no-progress-bar", "--log-format", "simple", "--log-interval", "1", "--num-workers", "0",
+            "--max-update", "4", "--no-save", "--stability-monitor", mon, "--stability-monitor-interval", "2",
+            "--stability-guard", "--stability-guard-snapshot-every", "3",
+            "--distributed-world-size", "2", "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}",
+            "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+    env = {k: v for k, v in tool_env().items() if not k.startswith("FAIRSEQ_STABILITY")}
+    proc = subprocess.run([sys.executable, "-c", _SPAWNING_TRAIN, "2", *map(str, args)], cwd=REPO_ROOT, env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "distributed init (rank 1)" in proc.stdout  # fairseq spawned the second rank
+    assert "stability monitor: 4 sublayers via" in proc.stdout and "stability guard: on Adam, snapshots every 3" \
+        in proc.stdout
+    for rank in (0, 1):
+        records = [json.loads(x) for x in (mon / f"rank{rank}" / "monitor.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [0, 2], rank
+        assert len(records[-1]["quantities"]["beta"]) == 4
+    assert not any(k.startswith("FAIRSEQ_STABILITY") for k in os.environ)

@@ -24,6 +24,7 @@ def patch_points():
     import torch
     from fairseq import checkpoint_utils, models, options, trainer
     from fairseq.data import data_utils
+    from fairseq.dataclass import utils as dataclass_utils
     from fairseq.distributed import utils as distributed_utils
     from fairseq.models import distributed_fairseq_model
 
@@ -39,6 +40,8 @@ def patch_points():
         "register_model_architecture": id(models.register_model_architecture),
         "arch functions": {name: id(fn) for name, fn in models.ARCH_CONFIG_REGISTRY.items()},
         "add_checkpoint_args": id(options.add_checkpoint_args),
+        "parse_args_and_arch": id(options.parse_args_and_arch),
+        "convert_namespace_to_omegaconf": id(dataclass_utils.convert_namespace_to_omegaconf),
         "Trainer.train_step": id(trainer.Trainer.train_step),
     }
 '''
@@ -170,15 +173,73 @@ def test_every_replacing_repair_goes_through_wrap_once():
         assert not assigned, f"{repair.__name__}.install() assigns {assigned}: use wrap_once"
 
 
-def test_the_monitor_and_the_guard_both_wrap_train_step_once():
+def test_the_monitor_and_the_guard_register_into_one_train_step_repair():
     from fairseq.trainer import Trainer
 
-    from fairseq_plugins.repairs import _wrap, guard_train_step, monitor_train_step
+    import fairseq_plugins
+    from fairseq_plugins.repairs import _wrap, train_step, training_flags
 
-    keys = _wrap.wrapped_by(Trainer.train_step)
-    assert {"fairseq_plugins.repairs.monitor_train_step._wrap_train_step",
-            "fairseq_plugins.repairs.guard_train_step._wrap_train_step"} <= keys
+    assert _wrap.wrapped_by(Trainer.train_step) == {"fairseq_plugins.repairs.train_step._wrap_train_step"}
+    assert train_step._WRAPPERS == {"stability_monitor": fairseq_plugins.monitor.monitored_step,
+                                    "stability_guard": fairseq_plugins.guard.guarded_step}
+    assert list(training_flags._ADDERS.values()) == [fairseq_plugins.monitor.add_monitor_args,
+                                                     fairseq_plugins.guard.add_guard_args]
     before = Trainer.train_step
-    monitor_train_step.install()
-    guard_train_step.install()
-    assert Trainer.train_step is before
+    train_step.install()
+    train_step.register_step_wrapper("stability_guard", lambda *a: None)  # a second registration: a no-op
+    assert Trainer.train_step is before and train_step._WRAPPERS["stability_guard"] is fairseq_plugins.guard.guarded_step
+
+
+def test_the_wrappers_run_first_registered_outermost(monkeypatch):
+    from fairseq_plugins.repairs import train_step
+
+    calls = []
+
+    def named(name):
+        def wrapper(trainer, step, samples, raise_oom=False):
+            calls.append(name)
+            return step(samples + [name], raise_oom)
+        return wrapper
+
+    monkeypatch.setattr(train_step, "_WRAPPERS", {"outer": named("outer"), "inner": named("inner")})
+    wrapped = train_step._wrap_train_step(lambda self, samples, raise_oom=False: (self, samples, raise_oom))
+    assert wrapped("trainer", [], True) == ("trainer", ["outer", "inner"], True) and calls == ["outer", "inner"]
+
+
+def test_repairs_import_no_feature_module():
+    """A repair knows fairseq and torch: of the plugins it imports only the other repairs and the flag plumbing
+    (fairseq_plugins.flags); the features register into it."""
+    allowed = {"fairseq_plugins.flags", "fairseq_plugins.repairs"}
+    bad = []
+    for path in sorted((PLUGINS_DIR / "repairs").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    continue  # a sibling repair
+                base = "fairseq_plugins" if node.level == 2 else (node.module or "")
+                names = [f"{base}.{node.module}" if node.level == 2 and node.module else base]
+                if node.level == 2 and not node.module:
+                    names = [f"fairseq_plugins.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            bad += [f"{path.name}: {n}" for n in names
+                    if n.startswith("fairseq_plugins") and not any(n == a or n.startswith(a + ".") for a in allowed)]
+    assert not bad, bad
+
+
+def test_no_setting_travels_through_the_environment():
+    """No module of the plugins writes the environment (the features' flags travel on fairseq's configuration,
+    repairs.training_flags); reading a launcher's variables (WORLD_SIZE, RANK ...) is allowed."""
+    writes = []
+    for path in sorted(PLUGINS_DIR.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = ast.unparse(node) if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete, ast.Call)) else ""
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)) and "environ[" in text.split("=")[0]:
+                writes.append(f"{path.name}: {text}")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+                    node.func.attr in ("pop", "update", "setdefault", "clear", "popitem")
+                    and "environ" in ast.unparse(node.func.value) or node.func.attr in ("putenv", "unsetenv")):
+                writes.append(f"{path.name}: {text}")
+    assert not writes, writes

@@ -25,6 +25,40 @@ from fairseq_plugins.optim.sign import FairseqAddSign, FairseqPowerSign
 from sign_optim import AddSign, CosineInternalDecay, PowerSign, RestartCosineInternalDecay
 
 
+SIGN_FLAGS = dict(sign_decay="none", sign_decay_periods=None, sign_decay_zero_after=None, sign_decay_steps=None,
+                  max_update=10, lr=[0.01], sign_beta=0.9, sign_alpha=2.0, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("name", ["addsign", "powersign"])
+@pytest.mark.parametrize("flag, value", [
+    ("sign_beta", 0.0), ("sign_beta", 0.999), ("sign_beta", 1.0), ("sign_beta", -1e-9), ("sign_beta", math.nan),
+    ("sign_alpha", 0.0), ("sign_alpha", -1.0), ("sign_alpha", 1e-12), ("sign_alpha", math.inf),
+    ("weight_decay", 0.0), ("weight_decay", -1e-3), ("lr", [0.0]), ("lr", [0.1, -1.0]),
+])
+def test_the_flags_bounds_are_the_librarys(name, flag, value):
+    """``--sign-beta`` / ``--sign-alpha`` / ``--weight-decay`` / ``--lr`` are accepted exactly when the library's
+    optimizer accepts the value (the bound is written once, in sign_optim); a refusal names the flag."""
+    import argparse
+
+    from fairseq_plugins.flags import FlagError
+    from fairseq_plugins.optim.sign import check_sign_flags
+
+    rule = {"addsign": AddSign, "powersign": PowerSign}[name]
+    kwargs = dict(lr=0.01, beta=0.9, alpha=2.0, weight_decay=0.0)
+    try:
+        for v in (value if flag == "lr" else [value]):
+            rule([torch.zeros(1)], **{**kwargs, {"sign_beta": "beta", "sign_alpha": "alpha"}.get(flag, flag): v})
+        library_accepts = True
+    except ValueError:
+        library_accepts = False
+    args = argparse.Namespace(**{**SIGN_FLAGS, "optimizer": name, flag: value})
+    if library_accepts:
+        check_sign_flags(args)
+    else:
+        with pytest.raises(FlagError, match="^--" + flag.replace("_", "-") + " must be"):
+            check_sign_flags(args)
+
+
 def optimizer_cfg(name, **overrides):
     cls = OPTIMIZER_REGISTRY[name]
     dc = optim.OPTIMIZER_DATACLASS_REGISTRY[name]
@@ -111,8 +145,10 @@ def _train_args(data, save_dir, *extra):
 
 
 def _load_checkpoint(path):
-    with torch.serialization.safe_globals(safe_checkpoint.safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    # import fairseq_plugins allowlisted the checkpoint's classes for the process; torch's safe_globals() context
+    # would remove them again on exit (it removes what it added, even what was there before)
+    assert set(safe_checkpoint.safe_globals()) <= set(torch.serialization.get_safe_globals())
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _num_updates(ckpt):

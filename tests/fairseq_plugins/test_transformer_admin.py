@@ -12,6 +12,7 @@ import admin_torch
 import fairseq_plugins  # noqa: F401  (registers the model)
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+from fairseq_plugins.flags import check_args
 from fairseq.models.transformer import TransformerModel
 from fairseq_plugins.fold_checkpoint import NotAdminCheckpointError, fold_admin_model, fold_checkpoint, main, stock_args
 from fairseq_plugins.models.transformer_admin import (
@@ -32,7 +33,8 @@ def _task():
 
 
 def build(*extra, enc=2, dec=3, dim=16, arch="transformer_admin", share=True):
-    """A tiny transformer_admin model built as fairseq-train builds it (add_args, arch, build_model)."""
+    """A tiny transformer_admin model built as fairseq-train builds it (add_args, arch, the flag checks that end
+    parse_args_and_arch, build_model)."""
     # fairseq's model argument group suppresses unset arguments, so the arch function fills them
     parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     TransformerAdminModel.add_args(parser)
@@ -45,6 +47,7 @@ def build(*extra, enc=2, dec=3, dim=16, arch="transformer_admin", share=True):
     args = parser.parse_args(argv + [str(a) for a in extra])
     args.arch = arch
     ARCH_CONFIG_REGISTRY[arch](args)
+    check_args(args)
     return TransformerAdminModel.build_model(args, _task())
 
 

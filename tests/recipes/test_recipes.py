@@ -214,7 +214,7 @@ class LengthModel(torch.nn.Module):
 @pytest.mark.parametrize("max_tokens", [1, 7, 4000])
 def test_listops_evaluate_batches_match_single_examples(max_tokens):
     from fairseq_plugins.tasks.listops import listops_dictionary
-    from toolbox_core.listops import generate
+    from listops_data import generate
 
     examples = generate(30, seed=max_tokens, max_length=40)
     preds = listops_evaluator().evaluate(LengthModel(), listops_dictionary(), examples, max_tokens=max_tokens)
@@ -224,7 +224,7 @@ def test_listops_evaluate_batches_match_single_examples(max_tokens):
 @pytest.mark.parametrize("expression", ["( [MAX ] )", "[MAX ]", "( ( ( [SM 1 ) ( [MIN ] ) ) ] )", "( ( [SM 1 ) ]"])
 def test_listops_evaluate_refuses_an_operator_without_argument(expression):
     from fairseq_plugins.tasks.listops import listops_dictionary
-    from toolbox_core.listops import ListOpsExample, generate
+    from listops_data import ListOpsExample, generate
 
     examples = generate(3, seed=0, max_length=20) + [ListOpsExample(0, expression)]
     model = LengthModel()
@@ -236,7 +236,7 @@ def test_listops_evaluate_refuses_an_operator_without_argument(expression):
 @pytest.mark.parametrize("max_tokens, exc", [(0, ValueError), (-5, ValueError), (2.5, TypeError)])
 def test_listops_evaluate_refuses_bad_max_tokens(max_tokens, exc):
     from fairseq_plugins.tasks.listops import listops_dictionary
-    from toolbox_core.listops import generate
+    from listops_data import generate
 
     with pytest.raises(exc, match="max_tokens"):
         listops_evaluator().evaluate(LengthModel(), listops_dictionary(), generate(2, max_length=10), max_tokens=max_tokens)

@@ -108,6 +108,38 @@ def test_state_dict_holds_dtensor_views_and_gather_experts_full_tensors(group):
     assert torch.equal(other.fc2_bias, plain.fc2_bias)
 
 
+@pytest.mark.parametrize("as_dtensor", [False, True])
+def test_a_state_dict_with_another_expert_count_is_a_value_error_naming_the_key(group, as_dtensor):
+    """A checkpoint of an 8-expert layer into a 4-expert one: the key and both counts, not torch's RuntimeError
+    (nor, for a DTensor, this rank's rows of the wrong experts), and the layer is unchanged."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    _, layer = pair("switch", None, group)
+    torch.manual_seed(1)
+    state = RoutedFeedForward(6, 8, 8, router="switch").double().state_dict()
+    if as_dtensor:
+        mesh = init_device_mesh("cpu", (1,))
+        state = {k: DTensor.from_local(v, mesh, [Shard(0)]) if k.startswith("fc") else v for k, v in state.items()}
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match=r"state_dict\['fc1_weight'\] must have 4 \(every expert\).*"
+                                         r"num_experts=4 over P=1 ranks, E/P=4\), got shape \(8, 8, 6\)"):
+        layer.load_state_dict(state)
+    after = layer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fully_shard_experts_refuses_a_mesh_of_the_wrong_kind(group):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _, layer = pair("switch", 1.0, group)
+    with pytest.raises(TypeError, match="mesh must be a torch.distributed DeviceMesh, got str"):
+        expert_parallel.fully_shard_experts(layer, "dp")
+    with pytest.raises(ValueError, match="mesh must be a 2-D DeviceMesh with dimensions named 'dp'"):
+        expert_parallel.fully_shard_experts(layer, init_device_mesh("cpu", (1,), mesh_dim_names=("dp",)))
+    assert not any(type(m).__name__.startswith("FSDP") for m in layer.modules())  # nothing was sharded
+
+
 def test_optimizer_state_round_trip_and_gradient_helpers(group):
     _, layer = pair("sparsemixer", None, group)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
@@ -168,3 +200,38 @@ def test_clip_grad_norm_refuses_bad_arguments_changing_nothing(kwargs, error, me
     assert all(torch.equal(a, p.grad) for a, p in zip(before, layer.parameters()))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         expert_parallel.clip_grad_norm_(layer.parameters(), 1.0)
+
+
+def test_a_copy_does_not_take_the_experts_gathered_for_the_original(group):
+    """gather_experts(model) leaves the full experts for model's next state_dict only: a deepcopy (an EMA model)
+    holds its own experts, and its state_dict must not return the original's."""
+    _, layer = pair("switch", None, group)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.fc1_weight.add_(1.0)
+    expert_parallel.gather_experts(layer)
+    twin_state = twin.state_dict()["fc1_weight"]
+    torch.testing.assert_close(twin_state.full_tensor(), layer.fc1_weight.detach() + 1.0, rtol=0, atol=0)
+    assert torch.equal(layer.state_dict()["fc1_weight"], layer.fc1_weight)  # the original's gathered experts
+
+
+def test_a_state_dict_after_the_experts_changed_since_gather_experts_is_refused(group):
+    """gather_experts, then an optimizer step, then state_dict: a ValueError, not the gathered (stale) experts."""
+    _, layer = pair("switch", None, group)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    expert_parallel.gather_experts(layer)
+    layer(torch.randn(5, 6, dtype=torch.float64)).pow(2).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="experts changed after gather_experts.*right before state_dict"):
+        layer.state_dict()
+    assert torch.equal(layer.state_dict()["fc1_weight"].to_local(), layer.fc1_weight)  # the DTensor views again
+
+
+@pytest.mark.parametrize("value", [[1.0, 2.0], 3.0])
+def test_a_state_dict_entry_that_is_not_a_tensor_is_a_type_error_naming_the_key(group, value):
+    _, layer = pair("switch", None, group)
+    state = dict(layer.state_dict(), fc2_bias=value)
+    before = layer.fc2_bias.detach().clone()
+    with pytest.raises(TypeError, match=r"state_dict\['fc2_bias'\] must be a torch.Tensor"):
+        layer.load_state_dict(state)
+    assert torch.equal(layer.fc2_bias, before)

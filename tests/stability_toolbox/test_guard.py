@@ -320,21 +320,59 @@ def robust_z(history, x, rel_floor=0.02, abs_floor=1e-6):
     return (x - med) / (max(1.4826 * mad, rel_floor * abs(med)) + abs_floor)
 
 
-def test_detector_matches_median_mad_formula():
+@pytest.mark.parametrize("refresh_every", [1, 3])
+@pytest.mark.parametrize("on_host", [False, True], ids=["tensor_ops", "host_floats"])
+def test_detector_matches_median_mad_formula(refresh_every, on_host):
+    """z against the formula over the accepted values as they stood at the last refresh (every update at
+    refresh_every=1; else at each of the first 2 * warmup + 1 updates and every refresh_every-th)."""
     rng = np.random.default_rng(0)
-    det = SpikeDetector(("a",), window=6, warmup=3, threshold=4.0)
+    det = SpikeDetector(("a",), window=6, warmup=3, threshold=4.0, refresh_every=refresh_every)
     accepted = []
-    for v in list(rng.normal(5.0, 0.5, 20)) + [50.0, float("inf"), 5.0]:
-        z, event = det.update(torch.tensor([v], dtype=torch.float32))
-        window = [float(np.float32(a)) for a in accepted[-6:]]
-        if window:
-            assert math.isclose(float(z[0]), robust_z(window, float(np.float32(v))), rel_tol=1e-4, abs_tol=1e-4)
-        expect = (not math.isfinite(v)) or (len(accepted) >= 3 and robust_z(window, v) > 4.0)
-        assert bool(event[0]) == expect
+    window = []
+    for call, v in enumerate(list(rng.normal(5.0, 0.5, 20)) + [50.0, float("inf"), 5.0]):
+        if call <= 6 or call % refresh_every == 0:
+            window = [float(np.float32(a)) for a in accepted[-6:]]
+        if on_host:
+            zs, events, _, _ = det.score_host([float(np.float32(v))])
+            z, event = zs[0], events[0]
+        else:
+            zt, et = det.update(torch.tensor([v], dtype=torch.float32))
+            z, event = float(zt[0]), bool(et[0])
+        ready = len(window) >= 3
+        if ready:
+            assert math.isclose(z, robust_z(window, float(np.float32(v))), rel_tol=1e-4, abs_tol=1e-4)
+        expect = (not math.isfinite(v)) or (ready and robust_z(window, v) > 4.0)
+        assert event == expect
         if not expect:
             accepted.append(v)
     assert 50.0 not in accepted and float("inf") not in accepted  # events add nothing to the statistics
     assert accepted[-1] == 5.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_detector_host_floats_decide_as_tensor_ops(seed):
+    """The CPU's host path (score_host, Python floats) and the tensor path (score) take the same decisions and
+    keep the same statistics on a random series with spikes, non-finite values and an absent signal."""
+    rng = np.random.default_rng(seed)
+    a = SpikeDetector(("loss", "grad_norm"), window=12, warmup=4, refresh_every=5)
+    b = SpikeDetector(("loss", "grad_norm"), window=12, warmup=4, refresh_every=5)
+    for step in range(80):
+        v = [float(np.float32(x)) for x in rng.lognormal(0.0, 0.1, 2)]
+        if step % 17 == 9:
+            v[step % 2] *= 50.0
+        if step == 33:
+            v[1] = float("nan")
+        present = [True, step % 11 != 5]
+        z1, e1, n1, any1 = a.score_host(v, present)
+        z2, e2, n2, any2 = b.score(torch.tensor(v), torch.tensor(present))
+        assert e1 == e2.tolist() and n1 == n2.tolist() and any1 == bool(any2), step
+        for x, y in zip(z1, z2.tolist()):
+            assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-4), step
+    sa, sb = a.state_dict(), b.state_dict()
+    assert torch.equal(sa["count"], sb["count"]) and sa["calls"] == sb["calls"]
+    assert torch.allclose(sa["buffer"], sb["buffer"], equal_nan=True)
+    with pytest.raises(ValueError, match="one entry per signal"):
+        a.score_host([1.0])
 
 
 def test_detector_absent_signal_is_not_scored():

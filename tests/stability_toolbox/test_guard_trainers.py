@@ -220,3 +220,56 @@ def test_lightning_accumulation_checkpoint_resume_and_manual_refusal(pl, tmp_pat
     assert cb2.guard.updates == 16 and cb2.guard.skipped_updates == 1
     with pytest.raises(ValueError, match="automatic_optimization"):
         fit(Module(manual=True), StabilityGuardLightning(**GUARD), 2, accumulate=1)
+
+
+class PoisonedData(Data):
+    """Data with the 4 samples of batch POISON_AT (sequential order, batch 4) 1e3 times off their target."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        if i // 4 == POISON_AT:
+            item["y"] = item["y"] * 1e3
+        return item
+
+
+def hf_resume_run(tmp_path, transformers, resume: bool):
+    """STEPS updates checkpointed every 10 (resume: a new Trainer and callback continue from checkpoint 10)."""
+    from stability_toolbox.hf_guard_callback import StabilityGuardCallback
+
+    class HFModel(Regression):
+        def forward(self, x, y):
+            return {"loss": (self.lin(x) - y).pow(2).mean()}
+
+    torch.manual_seed(0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=STEPS,
+                                          learning_rate=1e-2, logging_steps=1000, save_strategy="steps", save_steps=10,
+                                          report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+                                          max_grad_norm=0.0, train_sampling_strategy="sequential", seed=0)
+    # warm-up 12 of window 16: a guard that forgot its statistics at the resume (10 values from update 10 on) would
+    # not be ready for the poisoned batch 20 with a fresh start; the restored one has 20 values behind it
+    cb = StabilityGuardCallback(window=16, warmup=12, threshold=15.0, snapshot_every=5)
+    trainer = transformers.Trainer(model=HFModel(), args=args, train_dataset=PoisonedData(), callbacks=[cb])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10") if resume else None)
+    return cb, trainer
+
+
+@pytest.mark.slow
+def test_hf_trainer_resume_restores_the_guard(tmp_path, transformers):
+    """A Trainer resumed from a checkpoint continues with the guard's saved state: the same events, counters and
+    detector statistics as the uninterrupted run (a guard started afresh would miss the poisoned batch: its
+    warm-up would not be over)."""
+    import json
+
+    full, full_trainer = hf_resume_run(tmp_path, transformers, resume=False)
+    assert [(e["update"], e["action"]) for e in full.guard.events] == [(POISON_AT, "skip")]
+    saved = json.loads((tmp_path / "checkpoint-10" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["StabilityGuardCallback"]["guard"]["updates"] == 10
+    resumed, trainer = hf_resume_run(tmp_path, transformers, resume=True)
+    assert trainer.state.global_step == STEPS
+    assert [(e["update"], e["action"]) for e in resumed.guard.events] == [(POISON_AT, "skip")]
+    a, b = full.guard.state_dict(), resumed.guard.state_dict()
+    assert a["updates"] == b["updates"] == STEPS and a["skipped_updates"] == b["skipped_updates"] == 1
+    for key in ("buffer", "count", "offset", "inv"):
+        assert torch.allclose(a["detector"][key], b["detector"][key], equal_nan=True), key
+    for (n, p), q in zip(full_trainer.model.state_dict().items(), trainer.model.state_dict().values()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), n

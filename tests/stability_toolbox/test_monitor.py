@@ -396,11 +396,12 @@ def test_the_monitors_modules_import_downward_only():
 
     import stability_toolbox
 
-    below = {"quantities": set(), "hooks": set(), "warning_rules": set(), "sites": {"quantities"},
+    below = {"quantities": set(), "inert_hooks": set(), "warning_rules": set(), "sites": {"quantities"},
              "probe": {"quantities"}, "records": {"quantities", "warning_rules"}, "attention_stats": {"quantities", "sites"},
-             "signal_detector": set(), "leading_signals": {"quantities", "hooks", "sites", "attention_stats"},
-             "monitor": {"quantities", "hooks", "warning_rules", "sites", "probe", "records", "leading_signals",
-                         "signal_detector"}}
+             "signal_detector": set(), "scalar_reader": set(),
+             "leading_signals": {"quantities", "inert_hooks", "sites", "attention_stats"},
+             "monitor": {"quantities", "inert_hooks", "warning_rules", "sites", "probe", "records", "leading_signals",
+                         "signal_detector", "scalar_reader"}}
     package = Path(stability_toolbox.__file__).parent
     for module, allowed in below.items():
         imported = set()

@@ -58,12 +58,16 @@ def test_online_equals_offline_and_each_rule_fires_once():
     assert "stability warning: update 10: a rose" in online[0]["message"]
 
 
-def test_a_non_finite_value_fires_at_once_and_a_missing_signal_is_skipped():
-    r = SignalRule("a", 2.0, baseline=50, lag=10, start=20)
+def test_a_non_finite_value_holds_the_rule_and_a_missing_signal_is_skipped():
+    r = SignalRule("a", 2.0, baseline=50, lag=10, persist=3, start=2)
     det = SignalDetector([r])
     assert det.update(0, {"b": 1.0}) == []
-    (w,) = det.update(1, {"a": float("nan")})
-    assert w["update"] == 1 and "non-finite" in w["message"]
+    assert det.update(1, {"a": float("nan")}) == []          # before start: nothing
+    assert det.update(2, {"a": float("inf")}) == []          # one isolated overflow (fp16 GradScaler): nothing
+    assert det.update(3, {"a": 1.0}) == []
+    fired = [det.update(t, {"a": float("nan")}) for t in range(4, 8)]   # diverged: non-finite from update 4 on
+    assert [len(w) for w in fired] == [0, 0, 1, 0]
+    assert fired[2][0]["update"] == 6 and "non-finite" in fired[2][0]["message"]
 
 
 @pytest.mark.parametrize("kwargs, match", [

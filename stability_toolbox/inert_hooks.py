@@ -1,7 +1,7 @@
 """The monitor's hooks on a model report into this model only: a copy of the model carries an inert hook.
 
 Every hook a monitor installs (on modules, parameters, the optimizer) is wrapped by
-[`wrap_hooks`][stability_toolbox.hooks.wrap_hooks] in a small callable that ``copy.deepcopy`` (an EMA copy of
+[`wrap_hooks`][stability_toolbox.inert_hooks.wrap_hooks] in a small callable that ``copy.deepcopy`` (an EMA copy of
 the model) and pickling (``torch.save(model)``) replace by a function that does nothing: the copy pickles,
 and it never reports into the monitor of the original.
 """

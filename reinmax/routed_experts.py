@@ -78,7 +78,9 @@ class _GroupRef:
         self.group = group
 
     def __deepcopy__(self, memo):
-        return self
+        # a new holder of the same group: what gather_experts leaves here for the next state_dict (this layer's
+        # experts) must not reach a copy's (e.g. an EMA model's) state_dict
+        return _GroupRef(self.group)
 
     def __reduce__(self):
         if self.group is not None:
@@ -265,10 +267,11 @@ class RoutedFeedForward(nn.Module):
             raise TypeError(f"x must have the layer's dtype {dtype} (or run under torch.autocast), got {x.dtype}; "
                             f"convert the input or the layer (layer.to({x.dtype}))")
         tokens = x.reshape(-1, d)
-        router_weight = self.router.weight
-        # a router kept in another precision than the experts (e.g. float32 with bfloat16 experts) gets its own
-        logits = F.linear(tokens if tokens.dtype == router_weight.dtype else tokens.to(router_weight.dtype),
-                          router_weight)
+        router_dtype = self.router.weight.dtype
+        # a router kept in another precision than the experts (e.g. float32 with bfloat16 experts) gets its own;
+        # the router is called as a module (not through its weight): hooks on it run, e.g. FSDP2's all-gather
+        # when it is sharded on its own (reinmax.expert_parallel.fully_shard_experts)
+        logits = self.router(tokens if tokens.dtype == router_dtype else tokens.to(router_dtype))
         routing = route_tokens(logits, self.router_name, self.tau, training=self.training,
                                jitter_eps=self.jitter_eps, generator=generator)
         if self.sparse:
@@ -279,7 +282,8 @@ class RoutedFeedForward(nn.Module):
             balance_loss=_balance_loss(routing.probs, routing.index),
             load=_expert_counts(routing.index, self.num_experts, routing.probs.dtype) / max(tokens.shape[0], 1),
             dropped=dropped, index=routing.index)
-        return out.reshape(x.shape)
+        # not a view when the shapes agree (FSDP2 warns about a sharded module that returns a view)
+        return out if out.shape == x.shape else out.reshape(x.shape)
 
     def __getstate__(self):
         # the last call's stats hold its autograd graph (not copyable, not picklable): a copy has not run
@@ -392,7 +396,13 @@ class RoutedFeedForward(nn.Module):
         position = (torch.cumsum(chosen, 0) * chosen).sum(1) - 1  # rank of the token among its expert's
         keep = position < C
         # the exchange needs the same number of slots on every rank: the largest C of the group (empty slots pad)
-        width = C if group is None else expert_parallel.max_over_group(C, group, tokens.device, tokens.dtype)
+        if group is None:
+            width = C
+        elif torch.compiler.is_compiling():
+            # no host read under compile: every rank must have the same C, checked on the device by every rank
+            width = expert_parallel.same_over_group_compiled(C, group, tokens.device, tokens.dtype)
+        else:
+            width = expert_parallel.max_over_group(C, group, tokens.device, tokens.dtype)
         slot = torch.where(keep, index * width + position, E * width)  # dropped tokens go to a spare slot
         slots = tokens.new_zeros(E * width + 1, d).index_add(0, slot, tokens)
         outs = self._run_slots(slots[:-1].view(E, width, d), group)

@@ -28,8 +28,18 @@ def heavy_modules_after(code: str) -> list:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_listops_module_imports_neither_torch_nor_fairseq():
-    assert heavy_modules_after("import toolbox_core.listops, toolbox_core.checks, toolbox_core.files") == []
+def test_listops_package_imports_neither_torch_nor_fairseq():
+    assert heavy_modules_after("import listops_data, toolbox_core.checks, toolbox_core.files") == []
+
+
+def test_the_ground_does_not_import_listops_until_its_old_name_is_asked_for():
+    # listops sits a floor above toolbox_core: the deprecated name toolbox_core.listops is resolved on demand only
+    code = ("import toolbox_core, toolbox_core.files, toolbox_core.validation\n"
+            "assert 'listops_data' not in sys.modules\n"
+            "import listops_data, toolbox_core.listops, stability_toolbox.listops\n"
+            "assert toolbox_core.listops is listops_data is stability_toolbox.listops\n"
+            "assert listops_data.__spec__.name == 'listops_data'  # the alias leaves the package's own spec alone")
+    assert heavy_modules_after(code) == []
 
 
 def _run_recipe(name, *args):

@@ -1,4 +1,4 @@
-"""Mixture-of-experts FFNs in the Admin transformers: the ``--moe-*`` flags and the layer surgery.
+"""The mixture-of-experts FFN of the Admin transformers: its ``--moe-*`` flags, their checks, and the layer surgery.
 
 With ``--moe-experts E`` (E >= 1) every FFN of ``transformer_admin`` (encoder and decoder) and of
 ``transformer_lm_admin`` becomes a [`reinmax.RoutedFeedForward`][reinmax.RoutedFeedForward] with E experts of the
@@ -42,7 +42,7 @@ Example:
 """
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
@@ -55,10 +55,10 @@ from toolbox_core import validation
 
 from reinmax.routing import ROUTER_MIN_TAU, TAU_ROUTERS
 
-from .flags import FlagError, check_flag
+from .flags import FlagError, check_flag, declared_defaults, declared_values
 
-__all__ = ["MoEConfig", "MOE_DEFAULTS", "MOE_CRITERIA", "add_moe_args", "moe_defaults", "check_moe_args",
-           "install_moe_ffn", "expert_parallel_groups"]
+__all__ = ["MoEConfig", "MOE_DEFAULTS", "MOE_CRITERIA", "add_moe_args", "check_moe_args", "install_moe_ffn",
+           "expert_parallel_groups"]
 
 
 @dataclass
@@ -83,7 +83,7 @@ class MoEConfig(FairseqDataclass):
 
 
 #: the ``--moe-*`` arguments and their defaults (`MoEConfig`'s).
-MOE_DEFAULTS = {f.name: f.default for f in fields(MoEConfig) if f.name != "_name"}
+MOE_DEFAULTS = declared_defaults(MoEConfig)
 #: the criteria that add the balance loss.
 MOE_CRITERIA = ("cross_entropy_moe", "label_smoothed_cross_entropy_moe")
 _STOCK_CRITERIA = ("cross_entropy", "label_smoothed_cross_entropy")
@@ -91,37 +91,28 @@ _STOCK_CRITERIA = ("cross_entropy", "label_smoothed_cross_entropy")
 
 def add_moe_args(parser) -> None:
     """The ``--moe-*`` flags of an args-based model (``add_args``), generated from `MoEConfig` as fairseq
-    generates a dataclass model's (no defaults: `moe_defaults` fills what was not given)."""
-    group = parser.add_argument_group("mixture-of-experts FFN (fairseq_plugins.moe)")
+    generates a dataclass model's (no defaults: the architecture function fills what was not given)."""
+    group = parser.add_argument_group("mixture-of-experts FFN (fairseq_plugins.moe_ffn)")
     gen_parser_from_dataclass(group, MoEConfig(), delete_default=True)
 
 
-def moe_defaults(args) -> None:
-    """Fill the ``--moe-*`` values a configuration lacks (``None``: not given)."""
-    for name, default in MOE_DEFAULTS.items():
-        if getattr(args, name, None) is None:
-            try:
-                setattr(args, name, default)
-            except Exception:  # an OmegaConf struct config without that key keeps its own default
-                pass
-
-
 def check_moe_args(args) -> None:
-    """The ``--moe-*`` flags; `FlagError` names the flag and the accepted values."""
-    moe_defaults(args)
+    """The ``--moe-*`` flags of a parsed command line (a flag not given: its declared default); `FlagError` names
+    the flag and the accepted values. ``args`` is read, not changed."""
+    moe = declared_values(args, MoEConfig)
     # every value is checked whether or not --moe-experts turns the feature on: a bad value is a bad command line
-    experts = check_flag("--moe-experts", validation.as_int, args.moe_experts, minimum=0)
-    router = check_flag("--moe-router", validation.as_choice, str(args.moe_router), choices=reinmax.ROUTERS)
-    tau = check_flag("--moe-tau", validation.as_real, args.moe_tau, low=0.0, low_open=True)
+    experts = check_flag("--moe-experts", validation.as_int, moe.moe_experts, minimum=0)
+    router = check_flag("--moe-router", validation.as_choice, str(moe.moe_router), choices=reinmax.ROUTERS)
+    tau = check_flag("--moe-tau", validation.as_real, moe.moe_tau, low=0.0, low_open=True)
     if router in TAU_ROUTERS and tau < ROUTER_MIN_TAU:
         raise FlagError(f"--moe-tau must be a finite real number >= {ROUTER_MIN_TAU:g} with --moe-router {router}, "
                         f"got {tau!r}")
-    weight = check_flag("--moe-balance-weight", validation.as_real, args.moe_balance_weight, low=0.0)
-    capacity = check_flag("--moe-capacity-factor", validation.as_real, args.moe_capacity_factor, low=0.0)
+    weight = check_flag("--moe-balance-weight", validation.as_real, moe.moe_balance_weight, low=0.0)
+    capacity = check_flag("--moe-capacity-factor", validation.as_real, moe.moe_capacity_factor, low=0.0)
     if capacity > 0 and router == "reinmax":
         raise FlagError("--moe-capacity-factor must be 0 with --moe-router reinmax (it runs every expert on every "
                         "token, so no token is dropped)")
-    parallel = check_flag("--moe-expert-parallel-size", validation.as_int, args.moe_expert_parallel_size, minimum=1)
+    parallel = check_flag("--moe-expert-parallel-size", validation.as_int, moe.moe_expert_parallel_size, minimum=1)
     if parallel > 1:
         _check_expert_parallel_args(args, parallel, experts, router)
     if experts == 0:
@@ -140,8 +131,8 @@ _EP_DDP_BACKENDS = ("c10d", "pytorch_ddp")
 
 
 def _world_size(args) -> Optional[int]:
-    """The world size the run has or will have; None where the arguments do not say (a model's own configuration,
-    checked again when fairseq builds the model from it, or from a checkpoint in one process)."""
+    """The world size the run has or will have; None where the arguments do not say (a command line that leaves it
+    to the launcher or to fairseq's default, or a model configuration checked directly)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from toolbox_core import listops
-from toolbox_core.listops import (count_trees, evaluate, generate, generate_tree, parse_expression, read_listops,
-                                       to_string, to_tokens, tree_depth, tree_length)
+import listops_data
+from listops_data import (count_trees, evaluate, generate, generate_tree, parse_expression, read_listops,
+                     to_string, to_tokens, tree_depth, tree_length)
 
 DEPTH = 3000  # far beyond Python's recursion limit (1000)
 
@@ -48,7 +48,7 @@ def reference_tree(rng, depth, max_depth, max_args, operator_prob):
         return rng.choice(range(10))
     n = rng.randint(2, max_args)
     args = tuple(reference_tree(rng, depth + 1, max_depth, max_args, operator_prob) for _ in range(n))
-    return (rng.choice(listops.OPERATORS), args)
+    return (rng.choice(listops_data.OPERATORS), args)
 
 
 @given(st.integers(0, 10 ** 6), st.integers(1, 25), st.integers(2, 5), st.floats(0.05, 0.45))
@@ -67,7 +67,7 @@ def all_trees(max_depth, max_args, max_length):
     for k in range(2, max_args + 1):
         for args in itertools.product(smaller, repeat=k):
             if 2 + sum(tree_length(a) for a in args) <= max_length:
-                out.extend((op, args) for op in listops.OPERATORS)
+                out.extend((op, args) for op in listops_data.OPERATORS)
     return out
 
 
@@ -134,7 +134,7 @@ def test_write_listops_is_atomic(tmp_path):
         yield from generate(3, max_length=10)
         raise RuntimeError("interrupted")
     with pytest.raises(RuntimeError):
-        listops.write_listops(path, examples())
+        listops_data.write_listops(path, examples())
     assert path.read_text() == "old\n"
 
 
@@ -148,11 +148,11 @@ def bury(node, depth, rng):
     for _ in range(depth):
         args = [rng.randrange(10) for _ in range(rng.randint(1, 3))]
         args.insert(rng.randrange(len(args) + 1), node)
-        node = (rng.choice(listops.OPERATORS), tuple(args))
+        node = (rng.choice(listops_data.OPERATORS), tuple(args))
     return node
 
 
-@pytest.mark.parametrize("op", listops.OPERATORS)
+@pytest.mark.parametrize("op", listops_data.OPERATORS)
 @pytest.mark.parametrize("depth", [0, 1, 5, DEPTH])
 @pytest.mark.parametrize("function", FUNCTIONS, ids=lambda f: f.__name__)
 def test_operator_without_argument_is_a_value_error_naming_it(op, depth, function):
@@ -191,6 +191,6 @@ def test_written_operator_without_argument_is_refused_by_the_reader(tmp_path, te
 
 def test_one_argument_operators_still_evaluate():
     # parse_expression accepts ( ( [OP a ) ] ): the value of the operator over one argument
-    for op, expected in zip(listops.OPERATORS, (7, 7, 7, 7)):
+    for op, expected in zip(listops_data.OPERATORS, (7, 7, 7, 7)):
         tree = parse_expression(f"( ( {op} 7 ) ] )".split())
         assert tree == (op, (7,)) and evaluate(tree) == expected

@@ -6,8 +6,8 @@ import statistics
 import numpy as np
 import pytest
 
-from toolbox_core.listops import (OPERATORS, ListOpsExample, generate, generate_tree, parse_expression,
-                                       read_listops, to_string, tree_depth, write_listops)
+from listops_data import (OPERATORS, ListOpsExample, generate, generate_tree, parse_expression,
+                     read_listops, to_string, tree_depth, write_listops)
 
 
 def independent_value(expression: str) -> int:
@@ -73,7 +73,7 @@ def test_official_bare_digit_line(shared_data):
 def test_median_even_count_rounds_down():
     # MED of [2, 5] is int(numpy.median) = int(3.5) = 3; of [1, 2, 3, 4] it is 2
     assert parse_expression("( ( ( [MED 2 ) 5 ) ] )".split()) == ("[MED", (2, 5))
-    from toolbox_core.listops import evaluate
+    from listops_data import evaluate
     assert evaluate(("[MED", (2, 5))) == 3
     assert evaluate(("[MED", (1, 2, 3, 4))) == 2
     assert evaluate(("[MED", (9, 0, 9))) == 9

@@ -280,3 +280,20 @@ def test_bad_inputs_are_refused():
         layer(torch.ones(3, D, dtype=torch.long))
     with pytest.raises(ValueError, match="logits must be finite"):
         layer(torch.full((2, D), float("nan")))
+
+
+def test_a_layer_pickled_under_the_former_module_name_loads():
+    """A model saved while the module was reinmax/moe.py names ``reinmax.moe.RoutedFeedForward``: it still loads,
+    as the same class, and computes what it computed."""
+    import pickle
+
+    layer = make_layer("switch").eval()
+    x = torch.randn(5, D, dtype=torch.float64)
+    expected = layer(x)
+    data = pickle.dumps(layer, protocol=2)  # torch.save's protocol: classes as text, b"c<module>\n<name>\n"
+    assert b"creinmax.routed_experts\n" in data
+    old = data.replace(b"creinmax.routed_experts\n", b"creinmax.moe\n")
+    assert b"routed_experts" not in old
+    loaded = pickle.loads(old)
+    assert type(loaded) is RoutedFeedForward
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)

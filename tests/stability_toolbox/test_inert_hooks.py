@@ -1,5 +1,6 @@
-"""stability_toolbox.hooks: a wrapped hook runs in its model, a deep copy or a pickle of the model carries an
-inert one, and a model pickled before the monitor was split (naming stability_toolbox.monitor's hooks) loads."""
+"""stability_toolbox.inert_hooks: a wrapped hook runs in its model, a deep copy or a pickle of the model carries an
+inert one, and a model pickled under an older module name (stability_toolbox.monitor's or stability_toolbox.hooks'
+hooks) loads."""
 
 import copy
 import io
@@ -8,7 +9,7 @@ import pickle
 import torch
 from torch import nn
 
-from stability_toolbox import hooks, monitor
+from stability_toolbox import inert_hooks as hooks, monitor
 
 
 def test_wrapped_hook_runs_here_and_goes_inert_in_a_copy():
@@ -40,3 +41,11 @@ def test_pickles_naming_the_monitor_module_still_load():
     assert pickle.loads(b"cstability_toolbox.monitor\n_make_inert\n(tR.") is hooks._inert_hook
     assert pickle.loads(b"cstability_toolbox.monitor\n_inert_hook\n.") is hooks._inert_hook
     assert monitor._inert_hook is hooks._inert_hook
+
+
+def test_pickles_naming_the_former_hooks_module_still_load():
+    # protocol 0 by hand: what pickle wrote for a copied hook while the module was stability_toolbox/hooks.py
+    assert pickle.loads(b"cstability_toolbox.hooks\n_make_inert\n(tR.") is hooks._inert_hook
+    import stability_toolbox.hooks
+    from stability_toolbox.hooks import wrap_hooks
+    assert stability_toolbox.hooks is hooks and wrap_hooks is hooks.wrap_hooks

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import reinmax
 from reinmax import ROUTERS, SPARSE_ROUTERS, RoutedFeedForward, moe_balance_loss, moe_load, route_tokens
-from reinmax.moe import clear_moe_stats
+from reinmax.routed_experts import clear_moe_stats
 from reinmax.routing import ROUTER_MIN_TAU, TAU_ROUTERS
 from torch_helpers import expert_outputs, sparsemixer_probs
 

@@ -1,0 +1,110 @@
+"""Per-update device scalars brought to the host without a host-device sync.
+
+[`ScalarReader`][stability_toolbox.scalar_reader.ScalarReader] keeps, for each update, a few one-element
+tensors (``put``); ``end(step)`` stacks them on their device and starts one asynchronous copy of that
+row into pinned host memory, marked by a CUDA event; ``ready()`` returns the rows whose copy has finished
+(``event.query()``: it never waits), oldest first. The host therefore learns update ``t``'s scalars at the
+first ``ready()`` after the device has reached update ``t``'s copy: on a CPU tensor at once (no device to
+wait for), on a GPU usually one or two updates later (how far the host runs ahead of the device). A warning
+computed from those values is *known* at that later update, which is where its lead is counted from.
+``ready(block=True)`` waits (for the end of a run).
+
+Examples:
+    >>> import torch
+    >>> r = ScalarReader()
+    >>> r.put("loss", torch.tensor(2.0)); r.end(0)
+    >>> r.put("loss", torch.tensor(1.5)); r.put("grad_norm", torch.tensor(3.0)); r.end(1)
+    >>> r.ready()
+    [(0, {'loss': 2.0}), (1, {'grad_norm': 3.0, 'loss': 1.5})]
+    >>> r.ready()          # each row is returned once
+    []
+"""
+
+import numbers
+from collections import deque
+from typing import Any, Deque, Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from toolbox_core import checks
+
+__all__ = ["ScalarReader"]
+
+
+class ScalarReader:
+    """Rows of named per-update scalars, copied to the host asynchronously (module docstring).
+
+    Only ``end`` issues device work (one ``stack``, one non-blocking copy, one event record); ``put`` and
+    ``ready`` never read a device value on the host.
+    """
+
+    def __init__(self):
+        self._current: Dict[str, Tensor] = {}
+        # (step, names, host row, CUDA event or None): copies started, not yet returned by ready()
+        self._pending: Deque[Tuple[int, Tuple[str, ...], Tensor, Any]] = deque()
+        self._free: Dict[int, List[Tensor]] = {}  # pinned rows returned by ready(), reused by size
+
+    def put(self, name: str, value: Any) -> None:
+        """Set ``name`` of the current update to ``value`` (a one-element real tensor, kept on its device, or
+        a real number). TypeError for another name or value, with nothing changed."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(f"value must be a one-element real tensor or a real number, got a tensor of shape "
+                                f"{tuple(value.shape)} and dtype {value.dtype}")
+            self._current[name] = value.detach().float().reshape(())
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            self._current[name] = torch.tensor(float(value))
+        else:
+            raise TypeError(f"value must be a one-element real tensor or a real number, got {type(value).__name__}")
+
+    def clear(self) -> None:
+        """Forget the current update's values (a failed step)."""
+        self._current = {}
+
+    def end(self, step: int) -> None:
+        """Close the current update as update ``step`` (an integer >= 0) and start its copy to the host
+        (nothing for an update without a value)."""
+        step = checks.as_int("step", step, minimum=0)
+        if not self._current:
+            return
+        names = tuple(sorted(self._current))
+        dev = self._current[names[0]].device
+        row = torch.stack([self._current[k].to(dev) for k in names])
+        self._current = {}
+        if row.device.type == "cuda":
+            free = self._free.get(len(names))
+            host = free.pop() if free else torch.empty(len(names), pin_memory=True)
+            host.copy_(row, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:  # a host tensor already: nothing to wait for
+            host, event = row, None
+        self._pending.append((step, names, host, event))
+
+    @property
+    def pending(self) -> int:
+        """How many closed updates have not been returned by `ready` yet."""
+        return len(self._pending)
+
+    def ready(self, block: bool = False) -> List[Tuple[int, Dict[str, float]]]:
+        """``[(step, {name: value})]`` of the closed updates whose copy has finished, oldest first (each
+        returned once). ``block=True`` waits for every copy (a sync: for the end of a run)."""
+        block = checks.as_bool("block", block)
+        out = []
+        while self._pending:
+            step, names, host, event = self._pending[0]
+            if event is not None:
+                if block:
+                    event.synchronize()
+                elif not event.query():  # the device has not reached this copy yet: read it at a later update
+                    break
+            self._pending.popleft()
+            # the host copy is complete: reading it through NumPy is plain host memory, no device involved
+            values = host.detach().numpy().tolist()
+            out.append((step, dict(zip(names, values))))
+            if event is not None:
+                self._free.setdefault(len(names), []).append(host)
+        return out
