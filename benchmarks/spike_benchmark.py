@@ -90,14 +90,17 @@ class GridLM(nn.Module):
 
 
 class TinyLM(nn.Module):
-    def __init__(self):
+    """The benchmark's LM (Pre-LN, 4 heads); its defaults are the benchmark's, the overhead's realistic step is
+    a wider, deeper, longer one (`OVERHEAD_SIZES`)."""
+
+    def __init__(self, width: int = WIDTH, layers: int = 2, context: int = CONTEXT):
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, WIDTH)
-        self.pos = nn.Parameter(torch.randn(CONTEXT, WIDTH) * 0.02)
-        layer = nn.TransformerEncoderLayer(WIDTH, 4, 4 * WIDTH, dropout=0.0, batch_first=True, norm_first=True)
-        self.body = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.out = nn.Linear(WIDTH, VOCAB)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(CONTEXT), persistent=False)
+        self.embed = nn.Embedding(VOCAB, width)
+        self.pos = nn.Parameter(torch.randn(context, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out = nn.Linear(width, VOCAB)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
 
     def forward(self, tokens):
         h = self.embed(tokens) + self.pos[: tokens.shape[1]]
@@ -205,7 +208,8 @@ def run_guard(task: Task) -> Dict[str, Any]:
     s = guard.summary()
     guard.detach()
     lost = s["skipped_updates"] + s["undone_updates"] + len(guard._skip_indices)
-    return {"model": model, "interventions": s["events"], "updates_lost": lost, "stopped": s["stopped"]}
+    return {"model": model, "interventions": s["events"], "updates_lost": lost, "stopped": s["stopped"],
+            "lr_cuts": s["lr_cuts"]}
 
 
 def run_olmo_skip(task: Task, wheel: str = OLMO_WHEEL) -> Dict[str, Any]:
@@ -391,54 +395,86 @@ def run_one(mechanism: str, method: str, seed: int, steps: int) -> Dict[str, Any
     return {"mechanism": mechanism, "method": method, "seed": seed, "final_loss": final, "wall_s": wall, **out}
 
 
-def overhead(reps: int = 200, seed: int = 0, skip: int = 40) -> Dict[str, Any]:
-    """The guard's cost per training step at default settings: a guarded and an unguarded TinyLM stepped
-    alternately (the order swapped every step) on the same clean batches in one process, so machine load hits
-    both alike; the first ``skip`` steps (the detector's warm-up, 2 x 16 updates of exact statistics) left out.
-    Three paired measures, medians with their interquartile range:
+#: the overhead's model sizes: (width, layers, batch, context); ``toy`` is the benchmark's LM and batch (512
+#: tokens, ~0.1M parameters), ``realistic`` a 6-layer width-256 LM (~4.8M parameters, 512 tokens), a step of
+#: ~0.2-0.3 s on one CPU thread
+OVERHEAD_SIZES = {"toy": (WIDTH, 2, BATCH, CONTEXT), "realistic": (256, 6, 4, 128)}
+
+
+def overhead(reps: int = 200, seed: int = 0, skip: int = 40, size: str = "toy") -> Dict[str, Any]:
+    """The guard's cost per training step at default settings: a guarded and an unguarded LM of ``size``
+    (`OVERHEAD_SIZES`) stepped alternately (the order swapped every step) on the same clean batches in one
+    process, so machine load hits both alike; the first ``skip`` steps (the detector's warm-up, 2 x 16 updates of
+    exact statistics) left out. A third copy is guarded with the global gradient norm handed to it
+    (``guard.step(loss, grad_norm=clip_grad_norm_(...))``, no clipping: max_norm inf), its own time measured
+    without the clipping, which the loop pays anyway. Measures, medians with their interquartile range:
 
     * ``own``: the guarded call minus the optimizer step inside it (the guard's own work; it also pays the cache
       misses of the first work after the backward, which the optimizer step pays in the unguarded run);
     * ``around_step``: the guarded call minus the unguarded run's ``opt.step()`` of the same iteration (both
       timed from the end of the backward: the guard's incremental cost, with the optimizer's noise in it);
-    * ``step``: the whole-step ratio (forward, backward, step; the noisiest)."""
+    * ``step``: the whole-step ratio (forward, backward, step; the noisiest);
+    * ``own_given_norm``: ``own`` of the copy handed the gradient norm."""
     from stability_toolbox import StabilityGuard
 
+    width, layers, batch_size, context = OVERHEAD_SIZES[size]
     task = Task("clean", seed, reps + skip)
-    plain, plain_opt = fresh(task)
-    guarded, guarded_opt = fresh(task)
-    guard = StabilityGuard(guarded, guarded_opt)
-    inner: List[float] = []
-    original = guard._original_step
 
-    def timed_original(**kwargs):  # the optimizer's own step inside the guarded one: what is not overhead
-        start = time.perf_counter()
-        original(**kwargs)
-        inner.append(time.perf_counter() - start)
+    def model_and_opt():
+        torch.manual_seed(seed)
+        model = TinyLM(width, layers, context)
+        return model, torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
 
-    guard._original_step = timed_original
-    times: Dict[str, List[float]] = {"none": [], "guard": [], "own": [], "around_step": []}
+    def batch_of(i):
+        if size == "toy":
+            return task.batch(i)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)  # the toy's Markov source at this context
+        x = torch.empty(batch_size, context + 1, dtype=torch.long)
+        x[:, 0] = torch.randint(0, VOCAB, (batch_size,), generator=g)
+        for t in range(context):
+            x[:, t + 1] = torch.multinomial(task.probs[x[:, t]], 1, generator=g).squeeze(1)
+        return x, 1.0
+
+    arms = {name: model_and_opt() for name in ("none", "guard", "given")}
+    guards = {name: StabilityGuard(*arms[name]) for name in ("guard", "given")}
+    inner: Dict[str, List[float]] = {"guard": [], "given": []}
+    for name, guard in guards.items():
+        original = guard._original_step
+
+        def timed_original(original=original, name=name, **kwargs):  # the optimizer's own step: not overhead
+            start = time.perf_counter()
+            original(**kwargs)
+            inner[name].append(time.perf_counter() - start)
+
+        guard._original_step = timed_original
+    times: Dict[str, List[float]] = {"none": [], "guard": [], "given": [], "own": [], "around_step": [],
+                                     "own_given_norm": []}
     for i in range(reps + skip):
-        batch = task.batch(i)
-        order = [("none", plain, plain_opt), ("guard", guarded, guarded_opt)]
-        if i % 2:
-            order.reverse()
+        batch = batch_of(i)
+        order = ["none", "guard", "given"]
+        order = order[i % 3:] + order[:i % 3]  # rotated every step
         calls = {}
-        for name, model, opt in order:
+        for name in order:
+            model, opt = arms[name]
             start = time.perf_counter()
             loss = loss_of(model, batch)
             loss.backward()
+            if name == "given":
+                norm = nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             call = time.perf_counter()
-            if name == "guard":
-                guard.step(loss)
-            else:
+            if name == "none":
                 opt.step()
+            elif name == "guard":
+                guards[name].step(loss)
+            else:
+                guards[name].step(loss, grad_norm=norm)
             calls[name] = time.perf_counter() - call
             opt.zero_grad()
             if i >= skip:
                 times[name].append(time.perf_counter() - start)
         if i >= skip:
-            times["own"].append(calls["guard"] - inner[-1])
+            times["own"].append(calls["guard"] - inner["guard"][-1])
+            times["own_given_norm"].append(calls["given"] - inner["given"][-1])
             times["around_step"].append(calls["guard"] - calls["none"])
     base = statistics.median(times["none"])
 
@@ -451,8 +487,12 @@ def overhead(reps: int = 200, seed: int = 0, skip: int = 40) -> Dict[str, Any]:
             "own_ms": summary(times["own"], 1e3), "own_pct_of_step": summary(times["own"], 100 / base),
             "around_step_ms": summary(times["around_step"], 1e3),
             "around_step_pct_of_step": summary(times["around_step"], 100 / base),
-            "step_ratio_pct": summary(ratios, 100), "steps": reps, "warmup_steps_left_out": skip,
-            "events": len(guard.events)}
+            "step_ratio_pct": summary(ratios, 100),
+            "own_given_norm_ms": summary(times["own_given_norm"], 1e3),
+            "own_given_norm_pct_of_step": summary(times["own_given_norm"], 100 / base),
+            "model": {"width": width, "layers": layers, "tokens_per_step": batch_size * context,
+                      "parameters": sum(p.numel() for p in arms["none"][0].parameters())},
+            "steps": reps, "warmup_steps_left_out": skip, "events": sum(len(g.events) for g in guards.values())}
 
 
 def is_clean(mechanism: str) -> bool:
@@ -500,8 +540,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--mechanisms", default=",".join(MECHANISMS))
+    parser.add_argument("--rerun", action="store_true",
+                        help="run the selected (mechanism, method, seed) cells again, replacing their stored runs "
+                             "(e.g. after a change of the guard)")
     parser.add_argument("--overhead", type=int, default=0, metavar="STEPS",
-                        help="only measure the guard's step-time overhead over STEPS paired steps")
+                        help="only measure the guard's step-time overhead: STEPS paired steps of the toy LM, "
+                             "then STEPS // 3 of the realistic one (OVERHEAD_SIZES), in this one process")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.steps < 60:
         parser.error("--seeds must be >= 1 and --steps >= 60")
@@ -517,7 +561,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.overhead:
-        result = overhead(args.overhead)
+        result = {"toy": overhead(args.overhead, size="toy"),
+                  "realistic": overhead(max(args.overhead // 3, 20), size="realistic")}
         with atomic_write(out / "overhead.json") as f:
             json.dump({"command": "python -m benchmarks.spike_benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
                        "torch": torch.__version__, **result}, f, indent=1)
@@ -525,8 +570,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     path = out / "spike_benchmark.json"
     runs = json.loads(path.read_text())["runs"] if path.exists() else []
-    done = {(r["mechanism"], r["method"], r["seed"], r.get("steps", args.steps)) for r in runs}
     seeds = range(args.seeds) if args.seed_list is None else [int(x) for x in args.seed_list.split(",")]
+    if args.rerun:  # the selected cells are replaced as each is run again (an interrupted rerun keeps the rest)
+        redo = {(mech, method, seed, args.steps) for seed in seeds for mech in mechanisms for method in methods}
+    else:
+        redo = set()
+    done = {(r["mechanism"], r["method"], r["seed"], r.get("steps", args.steps)) for r in runs} - redo
     for seed in seeds:
         for mech in mechanisms:
             for method in methods:
@@ -534,6 +583,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     continue
                 r = run_one(mech, method, seed, args.steps)
                 r["steps"] = args.steps
+                runs = [x for x in runs if (x["mechanism"], x["method"], x["seed"], x.get("steps", args.steps)) !=
+                        (mech, method, seed, args.steps)]
                 runs.append(r)
                 print(json.dumps(r), flush=True)
                 with atomic_write(path) as f:

@@ -7,7 +7,8 @@ puts a [`stability_toolbox.StabilityGuard`][stability_toolbox.StabilityGuard] on
 update: a loss (the criterion's, per target token) or global gradient norm far above its running statistics has
 its update skipped, repeated skips rewind to the last snapshot (model, optimizer, random generators; the data
 moves on and the next ``--stability-guard-rewind-skip`` updates are skipped) with the learning rate backed off,
-and a guard that keeps triggering stops the run cleanly (fairseq saves its checkpoint and ends as at
+rewinds that keep coming back cut the learning rate for the rest of the run (``--stability-guard-lr-cut``, at most
+``--stability-guard-max-lr-cuts`` times), and a guard that keeps triggering stops the run cleanly (fairseq saves its checkpoint and ends as at
 ``--max-update``) with the diagnosis in the log. fairseq's own check of non-finite gradients
 (``FloatingPointError``) becomes the guard's ``nonfinite`` signal (that update is skipped) instead of ending the
 run. With ``--stability-monitor`` the monitor's warnings drive the policy too (deep Post-LN: stop, "convert with
@@ -29,6 +30,7 @@ from typing import Any, Callable, Dict, Optional
 
 from toolbox_core import validation
 from stability_toolbox.guard import StabilityGuard
+from stability_toolbox.guard_policy import GuardPolicy
 
 from .flags import FlagError, check_flag, flag_check
 from .repairs.train_step import register_step_wrapper
@@ -53,7 +55,13 @@ OPTIONS: Dict[str, tuple] = {
                 "learning-rate factor after a rewind"),
     "backoff-updates": ("backoff_updates", validation.as_int, dict(minimum=0), 50,
                         "updates the learning-rate backoff lasts"),
+    "lr-cut": ("lr_cut", validation.as_real, dict(low=0.0, high=1.0, low_open=True, high_open=True), 0.5,
+               "learning-rate factor of each persistent cut (rewinds that keep coming back), for the rest of the run"),
+    "max-lr-cuts": ("max_lr_cuts", validation.as_int, dict(minimum=0), 3,
+                    "persistent learning-rate cuts before the guard stops the run with its diagnosis"),
 }
+#: the OPTIONS keywords that are GuardPolicy fields (the others are StabilityGuard's)
+POLICY_KEYWORDS = ("lr_cut", "max_lr_cuts")
 
 
 @register_arg_adder
@@ -142,11 +150,12 @@ def make_guard(trainer, cfg: dict) -> StabilityGuard:
 
     kwargs = dict(cfg)
     log_dir = kwargs.pop("log_dir", None)
+    policy = GuardPolicy(**{k: kwargs.pop(k) for k in POLICY_KEYWORDS if k in kwargs})
     world = getattr(trainer, "data_parallel_world_size", 1)
     if log_dir is not None and world > 1:
         log_dir = str(Path(log_dir) / f"rank{trainer.data_parallel_rank}")
     mon = monitor_of(trainer)
-    guard = StabilityGuard(trainer.model, _torch_optimizer(trainer), monitor=mon,
+    guard = StabilityGuard(trainer.model, _torch_optimizer(trainer), policy=policy, monitor=mon,
                            log_dir=None if mon is not None else log_dir, log=logger, **kwargs)
 
     def read_loss(module, _args, out):

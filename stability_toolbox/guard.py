@@ -14,10 +14,14 @@ warnings of an attached [`StabilityMonitor`][stability_toolbox.StabilityMonitor]
 * ``rewind``: restore the last good snapshot (`stability_toolbox.snapshots`: model, optimizer, scheduler,
   grad scaler, random generators, data position), skip the ``rewind_skip`` batches from the one that raised
   the event on, and multiply the learning rate by ``backoff`` for ``backoff_updates`` updates (too many
-  rewinds in a window escalate to ``stop``). With [`batches`][stability_toolbox.StabilityGuard.batches]
+  rewinds in a window escalate to ``cut_lr``). With [`batches`][stability_toolbox.StabilityGuard.batches]
   (an indexable data source) the batches after the snapshot are replayed: a rewind with ``rewind_skip=0`` and
   no backoff reproduces the uninterrupted run bit for bit. Without it (a trainer that owns its data loader)
   the data moves on, and the next ``rewind_skip`` updates are skipped instead (PaLM's restart-and-skip);
+* ``cut_lr``: spikes that come back after rewinds say the learning rate is too high (OPT-175B's diagnosis,
+  whose team rewound and lowered it by hand): the rewind, and the learning rate multiplied by the policy's
+  ``lr_cut`` for the rest of the run (on top of the scheduler's rate: the update uses
+  ``scheduler lr x lr_cut ** cuts``; the cuts are in `state_dict`). After ``max_lr_cuts`` cuts it stops;
 * ``stop``: `stopped` becomes True and `stop_reason` names the mechanism and the remedy (deep Post-LN:
   "convert with admin_torch"); the guard applies no further update.
 
@@ -46,6 +50,7 @@ Examples:
 
 import logging
 import math
+import numbers
 import os
 import types
 from pathlib import Path
@@ -73,6 +78,21 @@ _WHAT = {"loss_spike": "loss", "grad_norm_spike": "global gradient norm"}
 
 
 _F32_MAX = 3.4028234663852886e38
+
+
+def _scalable_lr(lr: Any) -> bool:
+    """Whether a parameter group's ``lr`` is a rate the guard can multiply: a real number or a one-element
+    floating tensor (torch's capturable and fused Adam take ``lr=torch.tensor(...)``)."""
+    if isinstance(lr, Tensor):
+        return lr.is_floating_point() and lr.numel() == 1
+    return isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+
+
+def _check_norm_sign(value: float) -> None:
+    """A handed gradient norm is >= 0 or non-finite (NaN, +-inf: the ``nonfinite`` signal, never refused: a
+    non-finite gradient is what the guard is there to catch); a finite negative value is a named ValueError."""
+    if value < 0 and math.isfinite(value):
+        raise ValueError(f"grad_norm must be a real number >= 0 (or NaN/inf: non-finite), got {value!r}")
 
 
 def _f32(x: float) -> float:
@@ -202,6 +222,7 @@ class StabilityGuard:
         self._skip_indices: set = set()
         self._forced_skips = 0              # trainer mode: updates to skip after a rewind
         self._backoff_left = 0
+        self.lr_cuts = 0                    # cut_lr actions taken: the learning rate is x policy.lr_cut ** lr_cuts
         self._skip_log: List[Tuple[int, Optional[int]]] = []  # (update, data index) of recent skips
         self._skipped: List[int] = []       # the updates skipped since the oldest kept snapshot
         self._rewind_times: List[int] = []
@@ -216,8 +237,11 @@ class StabilityGuard:
         self._had_instance_step = "step" in optimizer.__dict__  # e.g. an LR scheduler's wrapper
         self._original_step = optimizer.step
         self._took_initial = False
+        self._snapshot_owed = False             # a due snapshot put off by recent skips (_process)
+        self._owed_since = 0                    # ... since this update
         self._requested: Optional[str] = None   # rewind(): done at the next step
         self._step_loss: Any = None
+        self._step_norm: Optional[Tensor] = None  # a global gradient norm handed to step() (grad_norm=)
         self._last_grads: List[Tuple[Any, int]] = []
         self._last_count = 0
         self._last_versions = 0
@@ -308,22 +332,62 @@ class StabilityGuard:
             raise TypeError(f"loss must be a tensor or a real number, got {type(loss).__name__}")
         return value
 
-    def step(self, loss: Optional[Union[Tensor, float]] = None, closure: Optional[Callable] = None) -> Any:
+    def step(self, loss: Optional[Union[Tensor, float]] = None, closure: Optional[Callable] = None, *,
+             grad_norm: Optional[Union[Tensor, float]] = None) -> Any:
         """``observe_loss(loss)`` (when given), then the guarded ``optimizer.step(closure)``.
+
+        ``grad_norm``: the global gradient norm of this update when the loop already has it, e.g. the value
+        ``torch.nn.utils.clip_grad_norm_`` returns (a 0-d or one-element floating tensor, on any device, or a real
+        number >= 0; NaN/+-inf are non-finite signals, never refused; a negative CPU tensor is refused as a
+        negative number is, a GPU one is not read). The guard then scores it instead of computing the norm itself
+        (one pass over the gradients less). It is taken as the norm of the whole model's unscaled gradients:
+        under several processes every rank's value is the same global norm (as ``clip_grad_norm_`` returns under
+        DDP and FSDP2); with a GradScaler, the norm after ``scaler.unscale_``.
 
         Raises:
             GuardStopped: the guard stopped the run (`stop_reason` says why); nothing is done.
             ValueError: called again on the gradients of the previous update (no backward since); nothing is done.
+            TypeError / ValueError: a bad ``loss`` or ``grad_norm``, named; nothing is done.
         """
         if self.stopped:
             raise GuardStopped(f"guard.step: the guard stopped the run; {self.stop_reason}")
         if loss is not None:
             self._check_loss(loss)
+        norm = None if grad_norm is None else self._check_norm(grad_norm)
         self._step_loss = loss  # observed by the guarded step once it checked the gradients are new
+        self._step_norm = norm
         try:
             return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         finally:
-            self._step_loss = None
+            self._step_loss = self._step_norm = None
+
+    @staticmethod
+    def _check_norm(grad_norm: Union[Tensor, float]) -> Tensor:
+        """``grad_norm`` as a 0-d float64 tensor on its device, or a named TypeError/ValueError."""
+        if isinstance(grad_norm, Tensor):
+            if not grad_norm.is_floating_point():
+                raise TypeError(f"grad_norm must be a floating tensor or a real number >= 0, got dtype "
+                                f"{grad_norm.dtype}")
+            if grad_norm.numel() != 1:
+                raise ValueError(f"grad_norm must be one number (a 0-d or one-element tensor), got shape "
+                                 f"{tuple(grad_norm.shape)}")
+            if grad_norm.device.type == "meta":
+                raise ValueError("grad_norm must hold a value: a meta tensor has none")
+            value = grad_norm.detach().reshape(()).double()
+            # the sign is checked where reading is free (the CPU); on a GPU that read would be a sync: a norm is
+            # >= 0 by construction there (clip_grad_norm_'s)
+            if value.device.type == "cpu":
+                _check_norm_sign(value.item())
+            return value
+        if isinstance(grad_norm, bool) or not isinstance(grad_norm, numbers.Real):  # NumPy floats are Real
+            raise TypeError(f"grad_norm must be a floating tensor or a real number >= 0, got "
+                            f"{type(grad_norm).__name__}")
+        try:
+            value = float(grad_norm)
+        except OverflowError:  # an integer beyond a float's range: non-finite, as a value beyond float32's
+            value = math.inf
+        _check_norm_sign(value)
+        return torch.tensor(value, dtype=torch.float64)
 
     def _check_fresh(self, raw: List[Tensor]) -> None:
         """Refuse a second step on the same gradients ``raw`` (`_grads`'s): the sampled ones are the same
@@ -379,12 +443,17 @@ class StabilityGuard:
         return raw, raw, False, devices
 
     def _signal_values(self, grads: List[Tensor], sharded: bool, several_devices: bool, device: torch.device,
-                       host: bool = False) -> Tuple[Any, Any]:
+                       host: bool = False, given: Optional[Tensor] = None) -> Tuple[Any, Any]:
         """The step's signal values and which are present (None: all), reduced over the ranks (one all-reduce):
         tensors, or with ``host`` (one process on the CPU) lists of floats and bools. A handful of tensor ops:
-        this runs every step."""
+        this runs every step. ``given``: the global gradient norm from the caller (float64), used as it is."""
         norm = sq = None
-        if grads:
+        if given is not None:
+            norm = given.to(device)
+            if self.world > 1:
+                sq = norm.square()
+                norm = None
+        elif grads:
             norms = torch._foreach_norm(grads)
             if several_devices:
                 norms = [n.to(device) for n in norms]
@@ -403,10 +472,11 @@ class StabilityGuard:
             vec = torch.stack([zero if loss is None else loss.double(),
                                torch.full((), float(n), device=device, dtype=torch.float64),
                                zero if sq is None else sq,
-                               torch.full((), float(bool(grads)), device=device, dtype=torch.float64)])
+                               torch.full((), float(bool(grads) or given is not None), device=device,
+                                          dtype=torch.float64)])
             torch.distributed.all_reduce(vec, group=self.process_group)  # the one reduction: every rank decides alike
-            if not sharded:
-                vec[2] = vec[2] / self.world  # DDP: every rank holds the same full gradient
+            if not sharded or given is not None:
+                vec[2] = vec[2] / self.world  # DDP (or a given global norm): every rank holds the same full value
             value = {"loss": (vec[0] / vec[1].clamp(min=1.0)).float(), "grad_norm": vec[2].sqrt().float()}
             have = {"loss": vec[1] > 0, "grad_norm": vec[3] > 0}
             return (torch.stack([value[s] for s in self.signals]), torch.stack([have[s] for s in self.signals]))
@@ -441,6 +511,7 @@ class StabilityGuard:
         if self._step_loss is not None:
             self.observe_loss(self._step_loss)
             self._step_loss = None
+        given, self._step_norm = self._step_norm, None
         if isinstance(loss, Tensor) and loss.is_floating_point():
             self.observe_loss(loss)
         if not self._took_initial:  # the state before the first update: a rewind target from the start
@@ -450,7 +521,7 @@ class StabilityGuard:
         if self.detector.device != device:
             self.detector.to(device)
         host = device.type == "cpu" and self.decide_on_host is not False and self.world == 1
-        values, present = self._signal_values(grads, sharded, several_devices, device, host)
+        values, present = self._signal_values(grads, sharded, several_devices, device, host, given)
         forced = self._forced_skips > 0
         requested = self._requested
         self._requested = None
@@ -462,7 +533,7 @@ class StabilityGuard:
             flags, skip = self._score_on_host(values, present, forced or requested is not None)
         else:
             flags, skip = self._score_on_device(values, present, device, forced or requested is not None)
-        original_lr = self._back_off()
+        scaled_lr = self._back_off()
         try:
             if isinstance(skip, bool):
                 if not skip:
@@ -471,9 +542,9 @@ class StabilityGuard:
                 conditional_step(self.optimizer, skip, step=lambda: self._original_step(**kwargs),
                                  on_host=self.decide_on_host)
         finally:
-            if original_lr is not None:
-                for group, lr in zip(self.optimizer.param_groups, original_lr):
-                    group["lr"] = lr
+            for group, original, scaled in scaled_lr:
+                if group.get("lr") is scaled:  # else something inside the step set its own rate: keep that
+                    group["lr"] = original
         self._remember_grads(raw)
         self._loss_sum, self._loss_n = None, 0
         update = self.updates
@@ -540,14 +611,31 @@ class StabilityGuard:
                 torch.tensor(self.policy.skips_on_device("nonfinite"), device=device))
         return self._masks[device]
 
-    def _back_off(self) -> Optional[List[Any]]:
-        if self._backoff_left <= 0 or self.backoff == 1.0:
-            return None
-        self._backoff_left -= 1
-        original = [g["lr"] for g in self.optimizer.param_groups]
+    def lr_scale(self) -> float:
+        """The persistent learning-rate factor of the ``cut_lr`` actions so far (``policy.lr_cut ** lr_cuts``; 1.0
+        without a cut): each update uses the rate in the optimizer's groups (the scheduler's) times this."""
+        return self.policy.lr_cut ** self.lr_cuts
+
+    def _back_off(self) -> List[Tuple[Dict[str, Any], Any, Any]]:
+        """Multiply the groups' learning rates by the temporary backoff and the persistent cut for this update;
+        returns ``(group, original, scaled)`` for the caller to put the originals back after it (the scheduler
+        never sees a scaled rate). A group without a numeric ``lr`` (none, or None: e.g. Adafactor's relative
+        step) is left as it is (``cut_lr`` then stops instead, `_act`)."""
+        factor = 1.0
+        if self._backoff_left > 0 and self.backoff != 1.0:
+            self._backoff_left -= 1
+            factor = self.backoff
+        if self.lr_cuts:
+            factor = factor * self.lr_scale()
+        if factor == 1.0:
+            return []
+        scaled = []
         for group in self.optimizer.param_groups:
-            group["lr"] = group["lr"] * self.backoff
-        return original
+            lr = group.get("lr")
+            if _scalable_lr(lr):
+                group["lr"] = lr * factor
+                scaled.append((group, lr, group["lr"]))
+        return scaled
 
     # ------------------------------------------------------------------ the host side
     def _enqueue(self, update: int, packed: Union[Tensor, List[float]], forced: bool) -> None:
@@ -564,7 +652,9 @@ class StabilityGuard:
     def _process(self, final: bool) -> None:
         """Handle the signals that reached the host: on the CPU this step's; on a GPU the previous step's (its
         copy finished long ago), all of them when ``final`` or at a snapshot."""
-        due_snapshot = self.updates % self.snapshot_every == 0
+        # a snapshot put off by skips is tried once the window looks quiet (the check below decides, after the
+        # flags in flight are handled): no read of in-flight flags every step of the wait
+        due_snapshot = self.updates % self.snapshot_every == 0 or (self._snapshot_owed and not self._snapshot_waits())
         keep = 0 if (final or due_snapshot) else (0 if not self._pending or self._pending[-1][4] is None else 1)
         while len(self._pending) > keep:
             update, index, host, forced, ready = self._pending.pop(0)
@@ -577,7 +667,27 @@ class StabilityGuard:
         if self.stopped:
             return
         if due_snapshot and not final:
-            self._take_snapshot()
+            if self._snapshot_waits():
+                # skips within the window: the spikes may come from the model's state itself (a loss is measured
+                # before its update), so this state is no good rewind target; the snapshot waits for a quiet window
+                if not self._snapshot_owed:
+                    self._owed_since = self.updates
+                self._snapshot_owed = True
+            else:
+                self._snapshot_owed = False
+                self._take_snapshot()
+
+    def _snapshot_waits(self) -> bool:
+        """Whether a due snapshot waits: a skip within the last ``policy.window`` updates, for at most ``window``
+        updates. Skips that did not escalate to ``repeated`` over a whole window of waiting are isolated bad
+        batches, not the model's state; waiting on (a bad batch every < ``window`` updates) would starve the ring,
+        and a later rewind would lose everything since its last snapshot."""
+        return self._recent_skip() and not (self._snapshot_owed and
+                                            self.updates - self._owed_since >= self.policy.window)
+
+    def _recent_skip(self) -> bool:
+        """Whether an update was skipped within the last ``policy.window`` updates."""
+        return any(u > self.updates - self.policy.window for u, _ in self._skip_log)
 
     def _handle(self, update: int, index: Optional[int], flags: List[float], forced: bool) -> bool:
         """Turn one step's flags into the policy's action; True when it rewound or stopped."""
@@ -630,7 +740,13 @@ class StabilityGuard:
                 signals = signals + ["persistent"]
                 detail += f"; {len(self._rewind_times) + 1} rewinds within {self.policy.rewind_window} updates"
                 action = severest([action, self.policy.action("persistent")])
-        snap = self.ring.latest() if action in ("rewind", "stop") else None
+        if action == "cut_lr" and not all(_scalable_lr(g.get("lr")) for g in self.optimizer.param_groups):
+            detail += "; the optimizer has a parameter group without a numeric learning rate ('lr') to cut"
+            action = "stop"
+        if action == "cut_lr" and self.lr_cuts >= self.policy.max_lr_cuts:
+            detail += f"; the learning rate was cut {self.lr_cuts} times already (x{self.lr_scale():g}, max_lr_cuts)"
+            action = "stop"
+        snap = self.ring.latest() if action in ("rewind", "cut_lr", "stop") else None
         if snap is not None and not self._fits(snap):
             self.ring.drop_after(-1)  # none of them fits any more; a new one is taken at the next due update
             snap = None
@@ -641,6 +757,12 @@ class StabilityGuard:
         outcome = {"log": "logged (the update was applied)", "skip": "update not applied"}.get(action, "")
         if action == "rewind":
             outcome = self._rewind_now(update, index, snap)
+        elif action == "cut_lr":
+            outcome = self._rewind_now(update, index, snap) if snap is not None else \
+                "update not applied (no snapshot to rewind to)"
+            self.lr_cuts += 1  # the rewinds stay counted: spikes that come back at the new rate cut it again
+            outcome += (f"; learning rate cut to x{self.lr_scale():g} of the schedule's for the rest of the run "
+                        f"(cut {self.lr_cuts} of {self.policy.max_lr_cuts})")
         elif action == "stop":
             d = _stop_diagnosis(signals)
             self.stopped = True
@@ -658,7 +780,7 @@ class StabilityGuard:
         if self._writer is not None:
             self._writer.write({"step": update, "guard": {k: v for k, v in record.items() if k != "line"},
                                 "quantities": {}, "warnings": [line]})
-        return action in ("rewind", "stop")
+        return action in ("rewind", "cut_lr", "stop")
 
     def _fits(self, snap: Dict[str, Any]) -> bool:
         """Whether ``snap``'s optimizer state has this optimizer's parameter groups (a group added since: no)."""
@@ -674,6 +796,7 @@ class StabilityGuard:
         self._skipped = [u for u in self._skipped if u < snap["update"]]
         burst = [i for _, i in self._skip_log if i is not None] + ([index] if index is not None else [])
         self._skip_log = []  # the statistics of skips start again from the restored state
+        self._snapshot_owed = False  # the restored state is the last good one; the next is due on schedule
         self._rewind_times.append(update)
         self.rewinds += 1
         self.updates = snap["update"]
@@ -743,14 +866,17 @@ class StabilityGuard:
         self._process(final=True)
 
     def summary(self) -> Dict[str, Any]:
-        """Counts: updates, events, skipped and undone updates, rewinds, whether and why it stopped."""
+        """Counts: updates, events, skipped and undone updates, rewinds, learning-rate cuts, whether and why it
+        stopped."""
         self.flush()
         return {"updates": self.updates, "events": len(self.events), "skipped_updates": self.skipped_updates,
-                "undone_updates": self.undone_updates, "rewinds": self.rewinds, "stopped": self.stopped,
+                "undone_updates": self.undone_updates, "rewinds": self.rewinds, "lr_cuts": self.lr_cuts,
+                "stopped": self.stopped,
                 "stop_reason": self.stop_reason}
 
     _STATE_KEYS = ("updates", "skipped_updates", "undone_updates", "rewinds", "stopped", "stop_reason", "detector",
-                   "skip_indices", "forced_skips", "backoff_left", "skip_log", "skipped", "rewind_times")
+                   "skip_indices", "forced_skips", "backoff_left", "skip_log", "skipped", "rewind_times", "lr_cuts")
+    _OPTIONAL_KEYS = ("lr_cuts",)  # absent in the states of guards without learning-rate cuts: 0
 
     def state_dict(self) -> Dict[str, Any]:
         """The guard's own state, for a checkpoint: counters, the detector's statistics (on the CPU), the batches
@@ -763,13 +889,15 @@ class StabilityGuard:
                 "detector": {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self.detector.state_dict().items()},
                 "skip_indices": sorted(self._skip_indices), "forced_skips": self._forced_skips,
                 "backoff_left": self._backoff_left, "skip_log": list(self._skip_log), "skipped": list(self._skipped),
-                "rewind_times": list(self._rewind_times)}
+                "rewind_times": list(self._rewind_times), "lr_cuts": self.lr_cuts}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from `state_dict` (a killed run restarted from its checkpoint); checked first, nothing changes
         on a ValueError. The snapshot ring is emptied: the next one is taken before the next update."""
-        if not isinstance(state, dict) or set(state) != set(self._STATE_KEYS):
+        if not isinstance(state, dict) or not set(self._STATE_KEYS) - set(self._OPTIONAL_KEYS) <= set(state) or \
+                not set(state) <= set(self._STATE_KEYS):
             raise ValueError(f"state must be a StabilityGuard.state_dict() (keys {', '.join(self._STATE_KEYS)})")
+        lr_cuts = validation.as_int("state['lr_cuts']", state.get("lr_cuts", 0), minimum=0)
         det = state["detector"]
         if not isinstance(det, dict) or set(det) != set(self.detector.state_dict()) or \
                 tuple(det["buffer"].shape) != tuple(self.detector._buffer.shape):
@@ -782,11 +910,13 @@ class StabilityGuard:
         self._forced_skips, self._backoff_left = int(state["forced_skips"]), int(state["backoff_left"])
         self._skip_log = [tuple(x) for x in state["skip_log"]]
         self._skipped, self._rewind_times = list(state["skipped"]), list(state["rewind_times"])
+        self.lr_cuts = lr_cuts
         self._pending.clear()
         self._requested, self._last_grads = None, []
         self._loss_sum, self._loss_n = None, 0
         self.ring.drop_after(-1)
         self._took_initial = False
+        self._snapshot_owed = False
 
     def detach(self) -> None:
         """Give ``optimizer.step`` back (idempotent); handles what is still in flight first."""

@@ -8,7 +8,7 @@ A *signal* is what the guard saw; an *action* is what it does about it:
 | ``loss_spike`` (loss > ``threshold`` robust sigmas above its running median) | ``skip`` | a bad batch (OLMo-core, metaseq) |
 | ``grad_norm_spike`` (global gradient norm, same test) | ``skip`` | gradient-norm spikes precede loss spikes (OLMo 2) |
 | ``repeated`` (more than ``max_skips`` skips within ``window`` updates) | ``rewind`` | "data x model state" (PaLM): go back, skip ahead |
-| ``persistent`` (``max_rewinds`` rewinds within ``rewind_window`` updates) | ``stop`` | rewinding does not cure it: stop and say why |
+| ``persistent`` (``max_rewinds`` rewinds within ``rewind_window`` updates) | ``cut_lr`` | spikes that return from the last good state: the learning rate is too high (OPT-175B's remedy) |
 | ``warning:grad_ratio`` (the monitor: vanishing lower-layer gradients) | ``stop`` | deep Post-LN stalls; no batch skipping cures it: convert with admin_torch |
 | ``warning:act_frac`` (activations near the dtype's overflow) | ``stop`` | change the dtype |
 | ``warning:attn_logit_max`` (attention-logit growth) | ``rewind`` | back off the learning rate (then qk-norm, named in the line) |
@@ -18,11 +18,13 @@ A *signal* is what the guard saw; an *action* is what it does about it:
 | ``warning:loss_spike`` (the monitor's interval spike) | ``log`` | the detector already acted on the step |
 
 Actions, from mild to severe: ``log`` (one line and a record, nothing changes), ``skip`` (the update is not
-applied), ``rewind`` (restore the last good snapshot, skip batches, back the learning rate off), ``stop`` (end
-the run cleanly with the diagnosis and the remedy). When one step raises several signals the most severe
-action wins. A signal the table does not name is logged. Two rows are restricted: ``nonfinite`` cannot be
-``log`` (the update would be applied: NaN parameters) and ``persistent`` must be ``stop`` (anything else would
-rewind without end); a row overridden otherwise is a ValueError naming it.
+applied), ``rewind`` (restore the last good snapshot, skip batches, back the learning rate off for a while),
+``cut_lr`` (the rewind, and the learning rate multiplied by ``lr_cut`` for the rest of the run: the schedule's
+rate times ``lr_cut ** cuts``; after ``max_lr_cuts`` cuts it becomes ``stop``), ``stop`` (end the run cleanly
+with the diagnosis and the remedy). When one step raises several signals the most severe action wins. A signal
+the table does not name is logged. Two rows are restricted: ``nonfinite`` cannot be ``log`` (the update would
+be applied: NaN parameters) and ``persistent`` must be ``cut_lr`` or ``stop`` (anything else would rewind
+without end; ``cut_lr`` is bounded by ``max_lr_cuts``); a row overridden otherwise is a ValueError naming it.
 
 Examples:
     >>> policy = GuardPolicy(actions={"loss_spike": "rewind"})   # override one row, keep the others
@@ -30,6 +32,8 @@ Examples:
     ('rewind', 'skip', 'stop')
     >>> policy.action("something new")
     'log'
+    >>> GuardPolicy().action("persistent"), GuardPolicy(max_lr_cuts=0).max_lr_cuts   # 0: persistent stops at once
+    ('cut_lr', 0)
 """
 
 from dataclasses import dataclass, field
@@ -40,7 +44,7 @@ from toolbox_core import checks
 __all__ = ["GuardPolicy", "DEFAULT_ACTIONS", "ACTIONS", "SIGNALS", "severest"]
 
 #: the actions, from mild to severe
-ACTIONS = ("log", "skip", "rewind", "stop")
+ACTIONS = ("log", "skip", "rewind", "cut_lr", "stop")
 
 #: the signals the guard raises itself (the monitor's warnings come as ``warning:<quantity>``)
 SIGNALS = ("nonfinite", "loss_spike", "grad_norm_spike", "repeated", "persistent")
@@ -51,7 +55,7 @@ DEFAULT_ACTIONS: Dict[str, str] = {
     "loss_spike": "skip",
     "grad_norm_spike": "skip",
     "repeated": "rewind",
-    "persistent": "stop",
+    "persistent": "cut_lr",
     "warning:grad_ratio": "stop",
     "warning:act_frac": "stop",
     "warning:attn_logit_max": "rewind",
@@ -63,8 +67,9 @@ DEFAULT_ACTIONS: Dict[str, str] = {
 
 
 #: rows whose action is restricted: logging a non-finite update would apply it (NaN parameters for good); a
-#: ``persistent`` that does not stop would rewind without end (the escalation exists to end that loop)
-_ALLOWED = {"nonfinite": ("skip", "rewind", "stop"), "persistent": ("stop",)}
+#: ``persistent`` that neither cuts the learning rate (bounded by ``max_lr_cuts``) nor stops would rewind without
+#: end (the escalation exists to end that loop)
+_ALLOWED = {"nonfinite": ("skip", "rewind", "cut_lr", "stop"), "persistent": ("cut_lr", "stop")}
 _WHY = {"nonfinite": "'log' would apply a non-finite update and leave NaN parameters",
         "persistent": "anything else would rewind without end"}
 
@@ -85,6 +90,10 @@ class GuardPolicy:
         window: the span of ``max_skips``, in updates (an integer >= 1).
         max_rewinds: this many rewinds within ``rewind_window`` updates raise ``persistent`` (an integer >= 1).
         rewind_window: the span of ``max_rewinds``, in updates (an integer >= 1).
+        lr_cut: the ``cut_lr`` action multiplies the learning rate by this factor for the rest of the run (a real
+            in (0, 1); it multiplies whatever the scheduler sets, and the cuts compound: ``lr_cut ** cuts``).
+        max_lr_cuts: after this many cuts a further ``cut_lr`` stops the run (an integer >= 0; 0: ``persistent``
+            stops at once, the behavior without learning-rate cuts).
 
     Raises:
         TypeError / ValueError: a bad argument, named with the accepted values.
@@ -95,6 +104,8 @@ class GuardPolicy:
     window: int = 50
     max_rewinds: int = 3
     rewind_window: int = 1000
+    lr_cut: float = 0.5
+    max_lr_cuts: int = 3
 
     def __post_init__(self):
         if not isinstance(self.actions, Mapping):
@@ -115,6 +126,9 @@ class GuardPolicy:
         checks.as_int("window", self.window, minimum=1)
         checks.as_int("max_rewinds", self.max_rewinds, minimum=1)
         checks.as_int("rewind_window", self.rewind_window, minimum=1)
+        object.__setattr__(self, "lr_cut", checks.as_real("lr_cut", self.lr_cut, low=0.0, high=1.0, low_open=True,
+                                                          high_open=True))
+        object.__setattr__(self, "max_lr_cuts", checks.as_int("max_lr_cuts", self.max_lr_cuts, minimum=0))
 
     def action(self, signal: str) -> str:
         """The action for ``signal`` (``'log'`` for a signal the table does not name)."""

@@ -28,6 +28,11 @@ def _args(**kw):
     (dict(stability_guard=True, stability_guard_rewind_skip="-1"), "--stability-guard-rewind-skip"),
     (dict(stability_guard=True, stability_guard_warmup="200"), "--stability-guard-warmup"),
     (dict(stability_guard_snapshot_every="5"), "--stability-guard-snapshot-every"),
+    (dict(stability_guard=True, stability_guard_lr_cut="1"), "--stability-guard-lr-cut"),
+    (dict(stability_guard=True, stability_guard_lr_cut="0"), "--stability-guard-lr-cut"),
+    (dict(stability_guard=True, stability_guard_lr_cut="nan"), "--stability-guard-lr-cut"),
+    (dict(stability_guard=True, stability_guard_max_lr_cuts="-1"), "--stability-guard-max-lr-cuts"),
+    (dict(stability_guard=True, stability_guard_max_lr_cuts="1.5"), "--stability-guard-max-lr-cuts"),
 ])
 def test_flag_checks_name_the_flag(kw, flag):
     with pytest.raises(FlagError, match=flag):
@@ -51,6 +56,22 @@ def test_flags_parsed_with_defaults_and_read_from_the_configuration(tmp_path):
     assert fg.guard_settings(OmegaConf.create({"common": vars(off)})) is None
     assert fg.guard_settings(OmegaConf.create({"common": {}})) is None
     assert dict(os.environ) == environ  # nothing goes through the environment
+
+
+def test_the_learning_rate_cut_flags_reach_the_guards_policy():
+    """--stability-guard-lr-cut / --stability-guard-max-lr-cuts are GuardPolicy fields: the guard fairseq builds
+    cuts by that factor, that many times (the library's own defaults when not given)."""
+    args = _args(stability_guard=True, stability_guard_lr_cut="0.25", stability_guard_max_lr_cuts="1")
+    fg.check_guard_flags(args)
+    trainer = FakeTrainer(bad=())
+    trainer.cfg.common = OmegaConf.create({"common": vars(args)}).common
+    guard = fg.make_guard(trainer, fg.guard_settings(trainer.cfg))
+    assert (guard.policy.lr_cut, guard.policy.max_lr_cuts) == (0.25, 1)
+    defaults = _args(stability_guard=True)
+    fg.check_guard_flags(defaults)
+    from stability_toolbox import GuardPolicy
+    assert (defaults.stability_guard_lr_cut, defaults.stability_guard_max_lr_cuts) == (
+        GuardPolicy().lr_cut, GuardPolicy().max_lr_cuts)
 
 
 def test_parser_has_the_flags():
