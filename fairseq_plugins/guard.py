@@ -15,7 +15,8 @@ run. With ``--stability-monitor`` the monitor's warnings drive the policy too (d
 admin_torch"). Every event is one ``stability guard: ...`` line (logger ``fairseq_plugins.guard``).
 
 The flags are declared here (`add_guard_args`, plain argparse as the monitor's) and checked by
-`check_guard_flags` at parsing, which writes the parsed values (or the defaults) back on the arguments. As the
+`check_guard_flags` at parsing, which writes the parsed values (or the defaults) back on the arguments; each bound
+and default is the library's (a guard is built on a probe with the values given, and its errors name the flag). As the
 monitor, this module registers its flags and its step wrapper `guarded_step` into the generic repairs
 [`training_flags`][fairseq_plugins.repairs.training_flags] (the flags in the training parser, carried on fairseq's
 configuration to every rank) and [`train_step`][fairseq_plugins.repairs.train_step] (inside the monitor's
@@ -24,44 +25,62 @@ flag, exit status 2.
 """
 
 import argparse
+import dataclasses
+import inspect
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
-from toolbox_core import validation
 from stability_toolbox.guard import StabilityGuard
 from stability_toolbox.guard_policy import GuardPolicy
 
-from .flags import FlagError, check_flag, flag_check
+from .flags import FlagError, flag_check, library_check
 from .repairs.train_step import register_step_wrapper
 from .repairs.training_flags import flag_value, register_arg_adder
 
 __all__ = ["add_guard_args", "check_guard_flags", "guard_settings", "guard_of", "make_guard", "guarded_step",
-           "OPTIONS"]
+           "library_defaults", "OPTIONS"]
 
 logger = logging.getLogger(__name__)
 
-#: ``--stability-guard-<name>``: (StabilityGuard keyword, parse, bounds, default, help)
+#: ``--stability-guard-<name>``: (the StabilityGuard or GuardPolicy keyword, int or float, help). The bounds and the
+#: defaults are the library's: `check_guard_flags` builds a guard with the values given, and `library_defaults`
+#: reads the defaults from the library's signatures.
 OPTIONS: Dict[str, tuple] = {
-    "threshold": ("threshold", validation.as_real, dict(low=0.0, low_open=True), 6.0,
+    "threshold": ("threshold", float,
                   "a loss or gradient norm more than this many robust sigmas above its running median is a spike"),
-    "window": ("window", validation.as_int, dict(minimum=2), 128, "updates the running statistics span"),
-    "warmup": ("warmup", validation.as_int, dict(minimum=1), 16, "updates before spikes are scored"),
-    "snapshot-every": ("snapshot_every", validation.as_int, dict(minimum=1), 100,
-                       "take a snapshot (in host memory) every N updates"),
-    "snapshots": ("snapshots", validation.as_int, dict(minimum=1), 2, "snapshots kept"),
-    "rewind-skip": ("rewind_skip", validation.as_int, dict(minimum=0), 10, "updates skipped after a rewind"),
-    "backoff": ("backoff", validation.as_real, dict(low=0.0, high=1.0, low_open=True), 0.5,
-                "learning-rate factor after a rewind"),
-    "backoff-updates": ("backoff_updates", validation.as_int, dict(minimum=0), 50,
-                        "updates the learning-rate backoff lasts"),
-    "lr-cut": ("lr_cut", validation.as_real, dict(low=0.0, high=1.0, low_open=True, high_open=True), 0.5,
+    "window": ("window", int, "updates the running statistics span"),
+    "warmup": ("warmup", int, "updates before spikes are scored"),
+    "snapshot-every": ("snapshot_every", int, "take a snapshot (in host memory) every N updates"),
+    "snapshots": ("snapshots", int, "snapshots kept"),
+    "rewind-skip": ("rewind_skip", int, "updates skipped after a rewind"),
+    "backoff": ("backoff", float, "learning-rate factor after a rewind"),
+    "backoff-updates": ("backoff_updates", int, "updates the learning-rate backoff lasts"),
+    "lr-cut": ("lr_cut", float,
                "learning-rate factor of each persistent cut (rewinds that keep coming back), for the rest of the run"),
-    "max-lr-cuts": ("max_lr_cuts", validation.as_int, dict(minimum=0), 3,
-                    "persistent learning-rate cuts before the guard stops the run with its diagnosis"),
+    "max-lr-cuts": ("max_lr_cuts", int, "persistent learning-rate cuts before the guard stops the run with its diagnosis"),
 }
 #: the OPTIONS keywords that are GuardPolicy fields (the others are StabilityGuard's)
 POLICY_KEYWORDS = ("lr_cut", "max_lr_cuts")
+#: the library's argument names -> flags, for its error messages (the snapshot ring calls its size ``size``)
+LIBRARY_FLAGS = {**{keyword: f"--stability-guard-{name}" for name, (keyword, _, _) in OPTIONS.items()},
+                 "size": "--stability-guard-snapshots"}
+
+
+def library_defaults() -> Dict[str, Any]:
+    """``keyword -> default`` of every option, read from `StabilityGuard`'s and `GuardPolicy`'s signatures."""
+    guard = inspect.signature(StabilityGuard.__init__).parameters
+    policy = {f.name: f.default for f in dataclasses.fields(GuardPolicy)}
+    return {kw: policy[kw] if kw in POLICY_KEYWORDS else guard[kw].default for kw, _, _ in OPTIONS.values()}
+
+
+def _probe_guard(**config) -> None:
+    """Build a guard with ``config`` on a one-parameter probe: the library checks every bound, as the run will."""
+    import torch
+
+    model = torch.nn.Linear(1, 1)
+    policy = GuardPolicy(**{k: config.pop(k) for k in POLICY_KEYWORDS})
+    StabilityGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=policy, **config)
 
 
 @register_arg_adder
@@ -73,19 +92,19 @@ def add_guard_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stability-guard", action="store_true", default=False,
                        help="skip spiking updates, rewind and back off on repeats, stop with the diagnosis when "
                             "it persists (stability_toolbox.StabilityGuard)")
-    for name, (_, _, _, default, text) in OPTIONS.items():
+    defaults = library_defaults()
+    for name, (keyword, _, text) in OPTIONS.items():
         group.add_argument(f"--stability-guard-{name}", metavar="X", default=None,
-                           help=f"{text} (default {default}; needs --stability-guard)")
+                           help=f"{text} (default {defaults[keyword]}; needs --stability-guard)")
 
 
-def _parse(flag: str, raw: Any, check: Callable, bounds: Dict[str, Any]):
+def _parse(flag: str, raw: Any, kind: type):
+    """The text of ``flag`` as a number of ``kind`` (its bounds are the library's)."""
     text = str(raw).strip()
     try:
-        value = int(text, 10) if check is validation.as_int else float(text)
+        return int(text, 10) if kind is int else float(text)
     except ValueError:
-        kind = "an integer" if check is validation.as_int else "a real number"
-        raise FlagError(f"{flag} must be {kind}, got {raw!r}") from None
-    return check_flag(flag, check, value, **bounds)
+        raise FlagError(f"{flag} must be {'an integer' if kind is int else 'a real number'}, got {raw!r}") from None
 
 
 def _dest(name: str) -> str:
@@ -103,13 +122,12 @@ def check_guard_flags(args) -> None:
             if raw is not None:
                 raise FlagError(f"--stability-guard-{name} is accepted only with --stability-guard")
         return
-    config = {}
+    config = library_defaults()
     for name, raw in given.items():
-        keyword, check, bounds, default, _ = OPTIONS[name]
-        config[keyword] = default if raw is None else _parse(f"--stability-guard-{name}", raw, check, bounds)
-    if config["warmup"] > config["window"]:
-        raise FlagError(f"--stability-guard-warmup must be <= --stability-guard-window ({config['window']}), "
-                        f"got {config['warmup']}")
+        keyword, kind, _ = OPTIONS[name]
+        if raw is not None:
+            config[keyword] = _parse(f"--stability-guard-{name}", raw, kind)
+    library_check(LIBRARY_FLAGS, _probe_guard, **config)
     for name in OPTIONS:
         setattr(args, _dest(name), config[OPTIONS[name][0]])
 
@@ -119,7 +137,8 @@ def guard_settings(cfg) -> Optional[dict]:
     ``log_dir``: the ``--stability-monitor`` directory), or None without ``--stability-guard``."""
     if not flag_value(cfg, "stability_guard", False):
         return None
-    settings = {keyword: flag_value(cfg, _dest(name), default) for name, (keyword, _, _, default, _) in OPTIONS.items()}
+    defaults = library_defaults()
+    settings = {keyword: flag_value(cfg, _dest(name), defaults[keyword]) for name, (keyword, _, _) in OPTIONS.items()}
     monitor_dir = flag_value(cfg, "stability_monitor")
     settings["log_dir"] = str(Path(monitor_dir).resolve()) if monitor_dir else None
     return settings

@@ -33,6 +33,9 @@ def _args(**kw):
     (dict(stability_guard=True, stability_guard_lr_cut="nan"), "--stability-guard-lr-cut"),
     (dict(stability_guard=True, stability_guard_max_lr_cuts="-1"), "--stability-guard-max-lr-cuts"),
     (dict(stability_guard=True, stability_guard_max_lr_cuts="1.5"), "--stability-guard-max-lr-cuts"),
+    (dict(stability_guard=True, stability_guard_snapshots="0"), "--stability-guard-snapshots"),
+    (dict(stability_guard=True, stability_guard_backoff="0"), "--stability-guard-backoff"),
+    (dict(stability_guard=True, stability_guard_threshold="inf"), "--stability-guard-threshold"),
 ])
 def test_flag_checks_name_the_flag(kw, flag):
     with pytest.raises(FlagError, match=flag):
@@ -56,6 +59,41 @@ def test_flags_parsed_with_defaults_and_read_from_the_configuration(tmp_path):
     assert fg.guard_settings(OmegaConf.create({"common": vars(off)})) is None
     assert fg.guard_settings(OmegaConf.create({"common": {}})) is None
     assert dict(os.environ) == environ  # nothing goes through the environment
+
+
+def test_the_flags_bounds_and_defaults_are_the_librarys():
+    """Each flag accepts exactly what StabilityGuard / GuardPolicy accept (the library owns every bound), and an
+    absent flag takes the library's default."""
+    import torch
+    from stability_toolbox import GuardPolicy, StabilityGuard
+
+    def library_accepts(keyword, value):
+        model = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        try:
+            if keyword in fg.POLICY_KEYWORDS:
+                GuardPolicy(**{keyword: value})
+            else:
+                StabilityGuard(model, opt, **{keyword: value})
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    for name, (keyword, kind, _) in fg.OPTIONS.items():
+        for value in (-1, 0, 0.5, 1, 2, 1.5, 200):
+            if kind is int and value != int(value):
+                continue
+            value = kind(value)
+            try:
+                fg.check_guard_flags(_args(stability_guard=True, **{fg._dest(name): str(value)}))
+                plugin = True
+            except FlagError as err:
+                assert str(err).startswith("--stability-guard-")  # this flag, or the one it conflicts with
+                plugin = False
+            assert plugin == library_accepts(keyword, value), (name, value)
+    args = _args(stability_guard=True)
+    fg.check_guard_flags(args)
+    assert args.stability_guard_window == 128 and args.stability_guard_threshold == 6.0  # StabilityGuard's own
 
 
 def test_the_learning_rate_cut_flags_reach_the_guards_policy():
@@ -114,8 +152,8 @@ class FakeTrainer:
         self.criterion = torch.nn.Module()
         self.optimizer = SimpleNamespace(optimizer=torch.optim.SGD(self.model.parameters(), lr=0.1))
         self.cfg = SimpleNamespace(optimization=SimpleNamespace(max_update=100), common=SimpleNamespace(
-            stability_guard=True, **{"stability_guard_" + n.replace("-", "_"): d for n, (_, _, _, d, _) in
-                                     fg.OPTIONS.items()}))
+            stability_guard=True, **{"stability_guard_" + n.replace("-", "_"): fg.library_defaults()[kw]
+                                     for n, (kw, _, _) in fg.OPTIONS.items()}))
         self.calls, self.bad, self.zeroed = 0, bad, 0
 
     def get_num_updates(self):
