@@ -69,6 +69,7 @@ from toolbox_core import checks
 from .attention_stats import AttentionLogits
 from .inert_hooks import wrap_hooks
 from .quantities import OTHER_ROW, Recorder
+from .scalar_reader import as_scalar
 from .sites import SitePlan
 
 __all__ = ["SIGNALS", "MONITOR_SIGNALS", "UpdateSignals", "UpdateStream", "LayerGradients", "EntropyLogits",
@@ -426,15 +427,7 @@ class UpdateStream:
         number). TypeError for another name or value, with nothing changed."""
         if not isinstance(name, str) or not name or name == "update":
             raise TypeError(f"name must be a non-empty str other than 'update', got {name!r}")
-        if isinstance(value, Tensor):
-            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-                raise TypeError(f"value must be a one-element real tensor or a real number, got a tensor of shape "
-                                f"{tuple(value.shape)} and dtype {value.dtype}")
-            self._current[name] = value.detach().float().reshape(())
-        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-            self._current[name] = torch.tensor(float(value))
-        else:
-            raise TypeError(f"value must be a one-element real tensor or a real number, got {type(value).__name__}")
+        self._current[name] = as_scalar(value)
 
     def end(self, step: int) -> None:
         """Close the current update as update ``step`` (an integer >= 0; nothing is kept for an update

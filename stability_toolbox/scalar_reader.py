@@ -29,8 +29,25 @@ from torch import Tensor
 
 from toolbox_core import checks
 
-__all__ = ["ScalarReader"]
+__all__ = ["ScalarReader", "as_scalar"]
 
+
+
+def as_scalar(value: Any) -> Tensor:
+    """``value`` (a one-element real tensor, kept on its device with no transfer, or a real number) as a float32
+    0-d tensor, detached. TypeError for anything else.
+
+        >>> as_scalar(torch.tensor([2.5], dtype=torch.float64)), as_scalar(3)
+        (tensor(2.5000), tensor(3.))
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"value must be a one-element real tensor or a real number, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        return value.detach().float().reshape(())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value))
+    raise TypeError(f"value must be a one-element real tensor or a real number, got {type(value).__name__}")
 
 class ScalarReader:
     """Rows of named per-update scalars, copied to the host asynchronously (module docstring).
@@ -50,15 +67,7 @@ class ScalarReader:
         a real number). TypeError for another name or value, with nothing changed."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
-        if isinstance(value, Tensor):
-            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-                raise TypeError(f"value must be a one-element real tensor or a real number, got a tensor of shape "
-                                f"{tuple(value.shape)} and dtype {value.dtype}")
-            self._current[name] = value.detach().float().reshape(())
-        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-            self._current[name] = torch.tensor(float(value))
-        else:
-            raise TypeError(f"value must be a one-element real tensor or a real number, got {type(value).__name__}")
+        self._current[name] = as_scalar(value)
 
     def clear(self) -> None:
         """Forget the current update's values (a failed step)."""
