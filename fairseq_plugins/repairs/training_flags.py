@@ -9,9 +9,12 @@ dataclass-configured one, e.g. ``transformer_lm``, does not), and that configura
 the ranks fairseq spawns see. `install` wraps
 
 * ``fairseq.options.add_checkpoint_args`` (which ``get_training_parser`` looks up at call time) to add the flags
-  of every function registered with `register_arg_adder` to the training parser, and
-* ``fairseq.dataclass.utils.convert_namespace_to_omegaconf`` (and ``fairseq_cli.train``'s name for it, bound
-  when that module was imported) to copy those flags from the parsed arguments into ``cfg.common``,
+  of every function registered with `register_arg_adder` to the training parser, and to it only
+  (``fairseq-generate`` and ``fairseq-interactive`` also call it, run no training step, and reject the flags as
+  unknown, as ``fairseq-eval-lm`` does), and
+* ``fairseq.dataclass.utils.convert_namespace_to_omegaconf`` (and every fairseq module's name for it bound
+  before the plugins were imported: ``fairseq_cli.train``'s, ``fairseq.trainer``'s for a ``Trainer`` built from
+  a Namespace) to copy those flags from the parsed arguments into ``cfg.common``,
 
 so a feature reads its flags from the trainer's configuration (`flag_value`) on every rank: fairseq's
 ``distributed_utils.call_main`` hands that configuration to the ranks it spawns, and a rank started by a
@@ -36,6 +39,9 @@ from typing import Any, Callable, Dict, Set
 from ._wrap import wrap_once
 
 __all__ = ["install", "register_arg_adder", "carried_flags", "flag_value"]
+
+#: the top-level packages whose modules may have bound ``convert_namespace_to_omegaconf`` before `install`
+_FAIRSEQ = ("fairseq", "fairseq_cli")
 
 #: ``module.qualname -> add_args(parser)``: the training-loop flags of the features, in registration order
 _ADDERS: Dict[str, Callable[[argparse.ArgumentParser], None]] = {}
@@ -65,12 +71,20 @@ def flag_value(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(getattr(cfg, "common", None), name, default)
 
 
+def _is_training_parser(parser: argparse.ArgumentParser) -> bool:
+    """Whether ``parser`` is ``get_training_parser``'s: ``fairseq-generate`` and ``fairseq-interactive`` call
+    ``add_checkpoint_args`` too, but run no training step, so a training-loop flag there would be accepted and do
+    nothing; only the training parser has fairseq's optimization flags (``--max-update``) by then."""
+    return any("--max-update" in action.option_strings for action in parser._actions)
+
+
 def _adding_flags(add_checkpoint_args: Callable) -> Callable:
     @functools.wraps(add_checkpoint_args)
     def add_checkpoint_and_plugin_args(parser, *args, **kwargs):
         out = add_checkpoint_args(parser, *args, **kwargs)
-        for add_args in _ADDERS.values():
-            add_args(parser)
+        if _is_training_parser(parser):
+            for add_args in _ADDERS.values():
+                add_args(parser)
         return out
 
     return add_checkpoint_and_plugin_args
@@ -99,6 +113,9 @@ def install() -> None:
 
     wrap_once(fairseq.options, "add_checkpoint_args", _adding_flags)
     wrap_once(dataclass_utils, "convert_namespace_to_omegaconf", _carrying_flags)
-    train = sys.modules.get("fairseq_cli.train")  # fairseq-train imported it (and bound the name) before the plugins
-    if train is not None and hasattr(train, "convert_namespace_to_omegaconf"):
-        wrap_once(train, "convert_namespace_to_omegaconf", _carrying_flags)
+    # the modules imported before the plugins bound fairseq's function under their own name: fairseq_cli.train
+    # (fairseq-train's conversion), fairseq.trainer (a Trainer built from a Namespace), fairseq.checkpoint_utils...
+    for name, module in list(sys.modules.items()):
+        bound = getattr(module, "convert_namespace_to_omegaconf", None) if name.split(".")[0] in _FAIRSEQ else None
+        if getattr(bound, "__module__", None) == dataclass_utils.__name__:
+            wrap_once(module, "convert_namespace_to_omegaconf", _carrying_flags)
