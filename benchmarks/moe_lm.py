@@ -67,7 +67,16 @@ def one(args, experts: int, router: str, seed: int, env) -> dict:
     code = run(cmd, save / "driver_train.log", env)
     result = {"config": name(experts, router), "experts": experts, "router": router if experts else "-",
               "seed": seed, "exit": code, "seconds": round(time.time() - start, 1)}
-    for line in (save / "train.log").read_text().splitlines() if (save / "train.log").exists() else []:
+    log = save / "train.log"
+    result.update(parse_run_log(log.read_text() if log.exists() else ""))
+    return result
+
+
+def parse_run_log(text: str) -> dict:
+    """The last ``valid_loss`` (with its per-expert ``valid_load``, if any) and ``train_wps`` of a fairseq
+    ``--log-format json`` log."""
+    out = {}
+    for line in text.splitlines():
         if "{" not in line:
             continue
         try:
@@ -75,12 +84,12 @@ def one(args, experts: int, router: str, seed: int, env) -> dict:
         except ValueError:
             continue
         if "valid_loss" in rec:
-            result["valid_loss"] = float(rec["valid_loss"])
+            out["valid_loss"] = float(rec["valid_loss"])
             for key in [k for k in rec if k.startswith("valid_moe_load")]:
-                result.setdefault("valid_load", {})[key[len("valid_moe_load"):]] = float(rec[key])
+                out.setdefault("valid_load", {})[key[len("valid_moe_load"):]] = float(rec[key])
         if "train_wps" in rec:
-            result["wps"] = float(rec["train_wps"])
-    return result
+            out["wps"] = float(rec["train_wps"])
+    return out
 
 
 def describe(result: dict) -> str:
@@ -313,23 +322,6 @@ def plot(rows, experts, routers, args):
 
 
 # ------------------------------------------------------------------ expert parallelism (ep)
-
-
-def parse_run_log(text: str) -> dict:
-    """The last ``valid_loss`` and ``train_wps`` of a fairseq ``--log-format json`` log."""
-    out = {}
-    for line in text.splitlines():
-        if "{" not in line:
-            continue
-        try:
-            rec = json.loads(line[line.index("{"):])
-        except ValueError:
-            continue
-        if "valid_loss" in rec:
-            out["valid_loss"] = float(rec["valid_loss"])
-        if "train_wps" in rec:
-            out["wps"] = float(rec["train_wps"])
-    return out
 
 
 def _free_port() -> int:
