@@ -150,20 +150,17 @@ def feed_output_logits(model, mon: StabilityMonitor):
 def monitored_step(trainer, step, samples, raise_oom=False):
     """The step wrapper of ``--stability-monitor`` (registered with the repair
     [`train_step`][fairseq_plugins.repairs.train_step]): on a logged update it arms the monitor before the step and
-    reads the gradients (normalized, clipped), the update and the loss after it. The monitor is made on the
-    trainer's first step from its configuration; between logged updates this does one integer comparison, and
-    without the flag it calls the step unchanged."""
+    reads the gradients (normalized, clipped), the update and the loss after it; on every other update it hands
+    the per-update rules (`stability_toolbox.DEFAULT_SIGNAL_RULES`) their scalars, as in any other loop (no hook,
+    no host-device sync). The monitor is made on the trainer's first step from its configuration; without the
+    flag it calls the step unchanged."""
     if "_stability_monitor" not in vars(trainer):
         settings = monitor_settings(trainer.cfg)
         trainer._stability_monitor = None if settings is None else make_monitor(trainer, settings)
     mon = trainer._stability_monitor
     if mon is None:
         return step(samples, raise_oom)
-    update = trainer.get_num_updates()
-    if not mon.is_logging_step(update):  # the common case: one comparison, no hook, no sync
-        mon.step_count = update + 1
-        return step(samples, raise_oom)
-    mon.begin_step(update)
+    mon.begin_step(trainer.get_num_updates())  # hooks only on a logged update
     try:
         out = step(samples, raise_oom)
     except BaseException:
@@ -171,10 +168,9 @@ def monitored_step(trainer, step, samples, raise_oom=False):
         raise
     # the gradients stay in place until the next train_step zeroes them (normalized, clipped)
     mon.capture_grads()
-    loss = None
-    if isinstance(out, dict) and out.get("loss") is not None:
-        loss = float(out["loss"])  # the step's smoothed, normalized loss as fairseq logs it (base 2)
-    mon.end_step(loss)
+    # the step's smoothed, normalized loss as fairseq logs it (base 2): a number, or a tensor kept on its device
+    loss = out.get("loss") if isinstance(out, dict) else None
+    mon.end_step(loss if loss is None or isinstance(loss, torch.Tensor) else float(loss))
     return out
 
 

@@ -241,3 +241,66 @@ def test_spawned_ranks_of_a_dataclass_model_get_the_flags_from_fairseqs_configur
         assert [r["step"] for r in records] == [0, 2], rank
         assert len(records[-1]["quantities"]["beta"]) == 4
     assert not any(k.startswith("FAIRSEQ_STABILITY") for k in os.environ)
+
+
+class _StepOnlyTrainer:
+    """What `monitored_step` reads of a fairseq Trainer (its update counter and the model) around a real training
+    step of a small LM: forward, backward, the gradients scaled by ``grad_scale(update)`` (as fairseq's
+    normalization and clipping change them in place), an Adam step; the logging output's loss is ``loss(update)``."""
+
+    def __init__(self, grad_scale, loss):
+        torch.manual_seed(0)
+        from admin_torch import make_stack
+
+        self.model = torch.nn.Sequential(torch.nn.Embedding(11, 8), make_stack("pre_ln", depth=2, dim=8, heads=2,
+                                                                               seed=0, causal=True),
+                                         torch.nn.Linear(8, 11))
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.grad_scale, self.loss, self.updates = grad_scale, loss, 0
+        self.data = torch.Generator().manual_seed(1)
+
+    def get_num_updates(self):
+        return self.updates
+
+    def train_step(self, samples, raise_oom=False):
+        self.opt.zero_grad()  # fairseq zeroes at the start of its step: the gradients outlive it
+        x = torch.randint(0, 11, (2, 5), generator=self.data)
+        torch.nn.functional.cross_entropy(self.model(x).reshape(-1, 11), x.reshape(-1)).backward()
+        for p in self.model.parameters():
+            p.grad.mul_(self.grad_scale(self.updates))
+        self.opt.step()
+        out = {"loss": self.loss(self.updates)}
+        self.updates += 1
+        return out
+
+
+def _collapse_rules():
+    from stability_toolbox import SignalRule
+
+    return [SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=10, lag=2, smooth=1, persist=2, start=5),
+            SignalRule("loss", 2.0, "rising", baseline=10, lag=2, smooth=1, persist=2, start=5)]
+
+
+@pytest.mark.parametrize("signal, at", [("grad_rms_eps_min", 30), ("loss", 40)])
+def test_the_per_update_rules_run_between_logged_updates_as_in_a_plain_loop(signal, at):
+    """`monitored_step` hands every update (not only the logged ones) to the per-update rules: the same warnings,
+    at the same updates, as the monitor around the same steps in a plain loop."""
+    grad_scale = (lambda u: 1e-3 if u >= at else 1.0) if signal == "grad_rms_eps_min" else (lambda u: 1.0)
+    loss = (lambda u: 5.0 if u >= at else 1.0) if signal == "loss" else (lambda u: 1.0)
+    warned = []
+    for loop in ("fairseq", "plain"):
+        trainer = _StepOnlyTrainer(grad_scale, loss)
+        mon = StabilityMonitor(trainer.model, every=1000, signal_rules=_collapse_rules())
+        for _ in range(60):
+            if loop == "fairseq":
+                trainer._stability_monitor = mon
+                fm.monitored_step(trainer, trainer.train_step, [])
+            else:
+                mon.begin_step(trainer.get_num_updates())
+                out = trainer.train_step([])
+                mon.capture_grads()
+                mon.end_step(out["loss"])
+        mon.close()
+        warned.append([(w["signal"], w["update"]) for w in mon.warnings if "signal" in w])
+    assert warned[0] == warned[1]
+    assert [s for s, _ in warned[0]] == [signal] and at <= warned[0][0][1] <= at + 5, warned
