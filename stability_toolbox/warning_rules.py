@@ -6,10 +6,10 @@ step, as in ``monitor.jsonl``): ``{"step": int, "loss": ..., "log_z_rms": ..., "
 itself with the row ``(model)``.
 
 A rule ([`stability_toolbox.WarningRule`][stability_toolbox.WarningRule]: ``threshold``, ``window``, ``min_growth``, ``min_rows``,
-``direction``) fires on one (row, quantity) at the latest record when its latest value is past the
+``direction``, ``growth_span``) fires on one (row, quantity) at the latest record when its latest value is past the
 threshold *and* it moved the same way at each of the last ``window`` logged values, by at least a factor
-``min_growth`` per logged step (a rate, not only a level: a low threshold with a required rate warns
-early without firing on a value that merely sits low). Non-finite values warn at once; each
+``min_growth`` per logged step, or per ``growth_span`` updates when set (a rate, not only a level: a low
+threshold with a required rate warns early without firing on a value that merely sits low). Non-finite values warn at once; each
 (row, quantity) warns once; ``min_rows`` rows must fire together.
 
 Each warning names the layer, the quantity and its trend, then the *likely mechanism* and the
@@ -76,6 +76,11 @@ class WarningRule:
       ``1 / min_growth`` times the one before;
     * and at least ``min_rows`` rows of that quantity meet it at once (one noisy row does not fire).
 
+    ``growth_span`` (None: per logged step) makes ``min_growth`` a rate per ``growth_span`` updates, whatever
+    the logging interval: between two logged values ``d`` updates apart (their records' ``step``) the
+    required factor is ``min_growth ** (d / growth_span)``. Without it a rule set on records every 10 updates
+    asks ten times less growth per update of a monitor logging every 100.
+
     Non-finite values (NaN/inf in a statistic) warn at once. Each (row, quantity) warns once.
     """
 
@@ -84,6 +89,7 @@ class WarningRule:
     min_growth: float = 1.0
     min_rows: int = 1
     direction: str = "rising"
+    growth_span: Optional[int] = None
 
     def __post_init__(self):
         # stored as checked (Python float / int): a NumPy scalar or a 0-d tensor given here compares, slices,
@@ -92,7 +98,9 @@ class WarningRule:
                             ("window", checks.as_int("window", self.window, minimum=1)),
                             ("min_growth", checks.as_real("min_growth", self.min_growth, low=0.0)),
                             ("min_rows", checks.as_int("min_rows", self.min_rows, minimum=1)),
-                            ("direction", checks.as_choice("direction", self.direction, ("rising", "falling")))):
+                            ("direction", checks.as_choice("direction", self.direction, ("rising", "falling"))),
+                            ("growth_span", None if self.growth_span is None
+                             else checks.as_int("growth_span", self.growth_span, minimum=1))):
             object.__setattr__(self, name, value)  # frozen: the dataclass way to set a field in __post_init__
 
 
@@ -106,9 +114,12 @@ DEFAULT_RULES: Dict[str, WarningRule] = {
     "grad_norm": WarningRule(threshold=100.0, window=3, min_growth=1.5),
     # fp16 overflow: the largest activation within a factor 16 of the dtype's largest finite value
     "act_frac": WarningRule(threshold=1.0 / 16, window=2),
-    # attention-logit growth: the largest |q.k|/sqrt(d) past 20 and at least doubling per log over the last
-    # 3 logged steps (slow growth to ~50 trains fine; growth that fast ends in a saturated softmax)
-    "attn_logit_max": WarningRule(threshold=20.0, window=3, min_growth=2.0),
+    # attention-logit growth: the largest |q.k|/sqrt(d) past 20 and at least doubling per 10 updates over the
+    # last 3 logged steps (slow growth to ~50 trains fine; growth that fast ends in a saturated softmax). A rate
+    # per 10 updates (growth_span), whatever the interval: per logged step, at the default interval of 100 it
+    # asked a doubling per 100 updates and warned on Pre-LN LMs whose logits grew x10 per 100 updates past 500
+    # but that trained within 3% of their control (benchmarks.foresight, seed 1 already; results/monitor/foresight.md)
+    "attn_logit_max": WarningRule(threshold=20.0, window=3, min_growth=2.0, growth_span=10),
     # output-logit divergence: the RMS of the output logits' log Z past 10 and growing >= 1.3x per log
     # (needs monitor.observe_logits(logits))
     "log_z_rms": WarningRule(threshold=10.0, window=3, min_growth=1.3),
@@ -364,15 +375,28 @@ def _warning(step: int, layer: str, quantity: str, trend: str) -> Dict[str, Any]
             "remedy": d.remedy, "message": format_line(layer, quantity, trend)}
 
 
-def _trend(series: Sequence[float], rule) -> Optional[str]:
-    """The trend text when ``series`` (the last ``window`` values, latest last) meets ``rule``, else None."""
-    pairs = list(zip(series, series[1:]))
+def _growth(rule, updates: int) -> float:
+    """The factor ``rule`` asks between two logged values ``updates`` apart (``min_growth`` per log, or per
+    ``growth_span`` updates)."""
+    if rule.growth_span is None:
+        return rule.min_growth
+    try:
+        return rule.min_growth ** (max(updates, 0) / rule.growth_span)
+    except OverflowError:  # a rate asked over very many updates: no finite growth meets it
+        return math.inf
+
+
+def _trend(series: Sequence[float], rule, steps: Optional[Sequence[int]] = None) -> Optional[str]:
+    """The trend text when ``series`` (the last ``window`` values, latest last; logged at ``steps``) meets
+    ``rule``, else None."""
+    steps = list(range(len(series))) if steps is None else list(steps)
+    pairs = [(a, b, _growth(rule, sb - sa)) for a, b, sa, sb in zip(series, series[1:], steps, steps[1:])]
     v = series[-1]
     if rule.direction == "rising":
-        moving = all(b > a and b >= a * rule.min_growth for a, b in pairs)
+        moving = all(b > a and b >= a * g for a, b, g in pairs)
         reached, verb, cmp = v >= rule.threshold, "rose", ">="
     else:
-        moving = all(b < a and b * rule.min_growth <= a for a, b in pairs)
+        moving = all(b < a and b * g <= a for a, b, g in pairs)
         reached, verb, cmp = v <= rule.threshold, "fell", "<="
     if not (reached and moving):
         return None
@@ -397,10 +421,11 @@ def _check(history: Sequence[Mapping[str, Any]], end: int, rules: Mapping[str, W
             if not math.isfinite(v):
                 hits.append((row, f"is non-finite ({v}) at step {step}", True))
                 continue
-            series = [_rows(h, q).get(row) for h in history[max(0, end - rule.window):end]]
+            recent = history[max(0, end - rule.window):end]
+            series = [_rows(h, q).get(row) for h in recent]
             if len(series) < rule.window or any(x is None or not math.isfinite(x) for x in series):
                 continue
-            trend = _trend(series, rule)
+            trend = _trend(series, rule, [h["step"] for h in recent])
             if trend is not None:
                 hits.append((row, f"{trend} at step {step}", False))
         if sum(not nonfinite for _, _, nonfinite in hits) < rule.min_rows:

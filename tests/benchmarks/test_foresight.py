@@ -79,11 +79,60 @@ def test_an_alarm_before_the_first_corrupted_batch_is_no_warning_of_it():
 
 
 def test_the_default_interval_replays_only_its_own_records():
-    hist = [{"step": s, "quantities": {"attn_logit_max": {"a": v}}} for s, v in zip(range(0, 310, 10),
-                                                                                  [1.0 * 3 ** (i / 10) for i in range(31)])]
-    # every 10: x1.12 per record, never the x2 per logged step the rule needs; every 100: x3 per record, past 20 at 300
-    assert fa.monitor_default({"monitor": hist}) is None
-    assert fa.monitor_default({"monitor": hist}, every=100) == 300
+    def hist(per_10):  # the largest attention logit growing x per_10 every 10 updates, logged every 10
+        return [{"step": s, "quantities": {"attn_logit_max": {"a": 1.0 * per_10 ** (s / 10)}}} for s in range(0, 310, 10)]
+
+    # x1.12 per 10 updates: never the doubling per 10 updates (growth_span 10) the rule asks, at either interval;
+    # per logged step the interval of 100 saw x3 per record and warned at 300 (before growth_span)
+    slow = hist(3 ** 0.1)
+    assert fa.monitor_default({"monitor": slow}) is None
+    assert fa.monitor_default({"monitor": slow}, every=100) is None
+    # x2.5 per 10 updates: past 20 at update 40 (2.5^4 = 39), the 3rd record of a doubling; at every 100 the
+    # 3rd record (update 200) grew 2.5^10 = 9537 >= 2^10 = 1024 per record
+    fast = hist(2.5)
+    assert fa.monitor_default({"monitor": fast}) == 40
+    assert fa.monitor_default({"monitor": fast}, every=100) == 200
+
+
+def _stream_run(values):
+    return {"signals": {"grad_rms_eps_min": list(values), "loss": [4.0] * len(values),
+                        "grad_norm": [1.0] * len(values), "log_z_rms": [7.0] * len(values)}}
+
+
+@pytest.mark.parametrize("drop", [2.6, 3.5, 5.5])
+def test_calibrated_factor_is_the_margin_over_the_stable_runs_written_out(drop):
+    """A stable run whose signal falls x``drop`` and stays: its ratio (held for any persist) is ``drop``; the
+    calibrated factor is the smallest of FACTORS with factor / MARGIN above it."""
+    stable = _stream_run([1000.0] * 40 + [1000.0 / drop] * 60)
+    runs = {"s": stable}
+    shape = dict(baseline=20, lag=5, smooth=3, persist=3, start=20)
+    want = min(f for f in fa.FACTORS if f / fa.MARGIN > drop)
+    assert fa.calibrated_factor(runs, ["s"], "grad_rms_eps_min", "falling", shape) == want
+    assert want == {2.6: 4.0, 3.5: 6.0, 5.5: 10.0}[drop]
+
+
+def test_select_rules_keeps_the_most_warnings_then_the_longest_persist():
+    from stability_toolbox.signal_detector import SignalRule
+
+    short = SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, persist=3)
+    held = SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, persist=5)
+    other = SignalRule("grad_norm", 3.0, "rising", persist=3)
+    # equal coverage: the longer persist; a rule covering nothing new is dropped; one covering more goes first
+    assert fa.select_rules([(short, {"a", "b"}), (held, {"a", "b"}), (other, {"b"})]) == [held]
+    assert fa.select_rules([(short, {"a", "b", "c"}), (held, {"a", "b"}), (other, {"d"})]) == [short, other]
+
+
+def test_calibration_on_seed_1_reproduces_the_shipped_defaults():
+    """The committed calibration inputs (seed 1's reference-stack runs only, written by `analyze`) give
+    DEFAULT_SIGNAL_RULES exactly when the calibration is re-run on them."""
+    from stability_toolbox.signal_detector import DEFAULT_SIGNAL_RULES
+
+    runs, rows, seeds, excluded = fa.read_calibration_inputs(fs.OUT / fa.CALIBRATION_FILE)
+    assert seeds == fs.CALIBRATION_SEEDS and excluded == fs.UNSEEN_GROUPS
+    assert {r["seed"] for r in rows} == set(fs.CALIBRATION_SEEDS) and not {r["group"] for r in rows} & excluded
+    assert any(r["failed"] for r in rows) and any(not r["failed"] for r in rows)
+    rules, _ = fa.calibrate_monitor_defaults(runs, rows, seeds, excluded)
+    assert list(rules) == list(DEFAULT_SIGNAL_RULES)
 
 
 def test_noise_fraction_ramps_up():

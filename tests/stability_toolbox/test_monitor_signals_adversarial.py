@@ -26,12 +26,13 @@ from stability_toolbox.scalar_reader import ScalarReader
 from stability_toolbox.signal_detector import DEFAULT_SIGNAL_RULES, SignalRule
 
 EPS = 1e-8  # the unit of grad_rms_eps_min without an attached optimizer
-# The default rule (falling x4; baseline 20, lag 5, smooth 3, persist 3, start 20) on a gradient RMS of 1e-6
+# The default rule (falling x4; baseline 20, lag 5, smooth 3, persist 5, start 20) on a gradient RMS of 1e-6
 # (100 eps) at every update before DROP and 1e-7 (10 eps) from DROP on: level_t = median of the last 3 values is
 # 100 at DROP, 10 from DROP + 1 on (<= 100 / 4, the baseline's median 100 is over updates <= t - 6); it holds
-# at DROP + 1, DROP + 2, DROP + 3 and fires there.
+# at DROP + 1, ..., DROP + 5 and fires there.
 DROP = 30
-FIRES_AT = DROP + 3
+PERSIST = 5
+FIRES_AT = DROP + PERSIST
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +67,8 @@ def _fired(mon):
 
 
 def test_the_default_rule_fires_where_the_formula_says(model):
+    (rule,) = DEFAULT_SIGNAL_RULES  # the rule the hand computation above is for
+    assert (rule.factor, rule.baseline, rule.lag, rule.smooth, rule.persist, rule.start) == (4.0, 20, 5, 3, PERSIST, 20)
     mon = StabilityMonitor(model, every=1000)
     _feed(mon, model, range(40))
     assert [(u, k) for u, k, _ in _fired(mon)] == [(FIRES_AT, FIRES_AT)]  # on a CPU known at once
@@ -132,14 +135,14 @@ def test_bad_signal_rules_are_named_and_attach_nothing(model, rules, exc, match)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_an_isolated_overflow_is_silent_and_a_diverged_run_warns_once(model, bad, dtype):
     # an fp16 GradScaler's overflow step (inf gradients once, after unscale_) is routine: no warning; gradients
-    # that stay non-finite (a diverged run) warn once, `persist` (3) updates in, and the run goes on
+    # that stay non-finite (a diverged run) warn once, `persist` (5) updates in, and the run goes on
     model.to(dtype)
     mon = StabilityMonitor(model, every=1000)
     _feed(mon, model, range(30), rms=lambda t: bad if t == 22 else 1e-3)
     assert _fired(mon) == []
     _feed(mon, model, range(30, 40), rms=lambda t: bad)
     fired = _fired(mon)
-    assert [(u, k) for u, k, _ in fired] == [(32, 32)] and "non-finite" in fired[0][2]
+    assert [(u, k) for u, k, _ in fired] == [(30 + PERSIST - 1,) * 2] and "non-finite" in fired[0][2]
     assert mon.step_count == 40
     mon.close()
 

@@ -46,7 +46,7 @@ def test_bad_values_are_refused_and_change_nothing(name, value):
         r.ready(block="yes")
 
 
-def _written_out_alarm(xs, factor=4.0, baseline=20, lag=5, smooth=3, persist=3, start=20):
+def _written_out_alarm(xs, factor=4.0, baseline=20, lag=5, smooth=3, persist=5, start=20):
     """The falling rule of the signal detector's docstring, written out: level = median of the last ``smooth``,
     base = median of the ``baseline`` values before the latest ``lag + 1``; held when level * factor <= base."""
     held = 0

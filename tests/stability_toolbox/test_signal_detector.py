@@ -108,6 +108,23 @@ def test_default_rules_are_rules():
     assert all(isinstance(r, SignalRule) for r in DEFAULT_SIGNAL_RULES)
 
 
+def test_the_default_rule_lets_a_short_transient_pass_and_warns_on_a_lasting_collapse():
+    """The shipped rule (benchmarks.foresight's calibration on seed 1): the smallest layer's gradient RMS at a
+    quarter of its baseline for 5 updates in a row. An early-training dip that lasts 4 updates does not warn
+    (it did when the rule held 3); a collapse that stays warns on its 5th update."""
+    from dataclasses import replace
+
+    (rule,) = DEFAULT_SIGNAL_RULES
+    assert (rule.signal, rule.direction, rule.factor, rule.baseline, rule.lag, rule.smooth, rule.persist,
+            rule.start, rule.level) == ("grad_rms_eps_min", "falling", 4.0, 20, 5, 3, 5, 20, None)
+    transient = [1000.0] * 40 + [150.0] * 4 + [1000.0] * 40
+    # the level (median of the last 3) is 150 at updates 41..44, the baseline 1000: 4 updates in a row
+    assert first_alarm({"grad_rms_eps_min": transient}) is None and brute_first_fire(transient, rule) is None
+    assert brute_first_fire(transient, replace(rule, persist=3)) == 43
+    collapse = [1000.0] * 40 + [100.0] * 40
+    assert first_alarm({"grad_rms_eps_min": collapse})["update"] == brute_first_fire(collapse, rule) == 45
+
+
 # ---------------------------------------------------------------- adversarial review (issue 41's public API)
 
 def test_a_factor_of_one_is_refused_and_fields_are_kept_as_plain_numbers():

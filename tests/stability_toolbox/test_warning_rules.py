@@ -420,6 +420,52 @@ def test_random_histories_and_rules_give_the_defined_warnings_or_a_named_error(d
     assert all(w["message"].startswith("stability warning: layer ") and "\n" not in w["message"] for w in got)
 
 
+def _growth_span_oracle(values, steps, rule):
+    """growth_span written out: each of the last ``window`` values past the one before by a factor of at least
+    min_growth ** (updates between them / growth_span), the latest past the threshold."""
+    for end in range(rule.window, len(values) + 1):
+        v, s = values[end - rule.window:end], steps[end - rule.window:end]
+        if v[-1] >= rule.threshold and all(
+                b > a and b >= a * rule.min_growth ** ((sb - sa) / rule.growth_span)
+                for a, b, sa, sb in zip(v, v[1:], s, s[1:])):
+            return steps[end - 1]
+    return None
+
+
+@pytest.mark.parametrize("every", [5, 10, 20, 100])
+@pytest.mark.parametrize("per_10", [1.5, 1.9, 2.1, 3.0])
+def test_growth_span_makes_the_rate_per_updates_whatever_the_interval(every, per_10):
+    """The same exponential growth (x per_10 every 10 updates) logged every ``every`` updates: with
+    growth_span=10 the rule (a doubling per 10 updates) warns iff per_10 >= 2, at any interval, where the
+    oracle says; per logged step (no growth_span) a long interval lets slow growth through."""
+    steps = list(range(0, 400, every))
+    values = [3.0 * per_10 ** (s / 10) for s in steps]
+    hist = [{"step": s, "quantities": {"attn_logit_max": {"a": v}}} for s, v in zip(steps, values)]
+    rule = WarningRule(threshold=20.0, window=3, min_growth=2.0, growth_span=10)
+    w = first_warning(hist, {"attn_logit_max": rule})
+    assert (None if w is None else w["step"]) == _growth_span_oracle(values, steps, rule)
+    assert (w is not None) == (per_10 >= 2.0)
+    per_log = first_warning(hist, {"attn_logit_max": WarningRule(threshold=20.0, window=3, min_growth=2.0)})
+    if every == 100:
+        assert per_log is not None  # x per_10^10 per record: past a doubling per log however slow
+    if every == 10:
+        assert (None if per_log is None else per_log["step"]) == (None if w is None else w["step"])
+
+
+def test_growth_span_is_checked_and_the_default_attention_rule_uses_it():
+    assert DEFAULT_RULES["attn_logit_max"].growth_span == 10
+    assert WarningRule(threshold=1.0).growth_span is None
+    for bad, exc in ((0, ValueError), (-10, ValueError), (2.5, TypeError), ("10", TypeError)):
+        with pytest.raises(exc, match="growth_span"):
+            WarningRule(threshold=1.0, growth_span=bad)
+    with pytest.raises(ValueError, match=r"rules\['attn_logit_max'\]\.growth_span"):
+        first_warning([{"step": 0}], {"attn_logit_max": {"threshold": 1.0, "growth_span": 0}})
+    # a rate over very many updates: no finite growth meets it (no OverflowError)
+    hist = [{"step": s, "quantities": {"attn_logit_max": {"a": v}}} for s, v in ((0, 1.0), (10 ** 6, 1e300))]
+    assert first_warning(hist, {"attn_logit_max": WarningRule(threshold=1.0, window=2, min_growth=2.0,
+                                                              growth_span=1)}) is None
+
+
 @pytest.mark.parametrize("window", [4, 5, 50])
 def test_a_window_longer_than_the_history_waits_for_it(window):
     """A rule over ``window`` logs fires only once ``window`` values exist: the same rising series (x2 per log
