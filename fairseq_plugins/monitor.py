@@ -36,11 +36,10 @@ from typing import Optional
 
 import torch
 
-from toolbox_core import validation
 from stability_toolbox.inert_hooks import wrap_hooks
 from stability_toolbox.monitor import StabilityMonitor
 
-from .flags import FlagError, check_flag, flag_check
+from .flags import FlagError, flag_check, library_check
 from .modules import layer_kinds  # noqa: F401  (registers fairseq's layers: the monitor finds them)
 from .repairs.train_step import register_step_wrapper
 from .repairs.training_flags import flag_value, register_arg_adder
@@ -80,7 +79,8 @@ def check_monitor_flags(args) -> None:
         interval = int(str(interval), 10)
     except ValueError:
         raise FlagError(f"--stability-monitor-interval must be an integer >= 1, got {interval!r}") from None
-    interval = check_flag("--stability-monitor-interval", validation.as_int, interval, minimum=1)
+    # the bound is the library's: a monitor built on a probe with this interval (its `every`) checks it
+    library_check({"every": "--stability-monitor-interval"}, _probe_monitor, interval)
     if not str(directory).strip():
         raise FlagError("--stability-monitor must name a directory, got an empty string")
     path = Path(directory)
@@ -90,6 +90,11 @@ def check_monitor_flags(args) -> None:
     if not path.exists() and not parent.is_dir():
         raise FlagError(f"--stability-monitor {directory}: directory {parent} does not exist")
     args.stability_monitor, args.stability_monitor_interval = str(path.resolve()), interval
+
+
+def _probe_monitor(every: int) -> None:
+    """Build (and remove) a monitor with ``every`` on a LayerNorm probe: the library checks the bound."""
+    StabilityMonitor(torch.nn.LayerNorm(1), every=every, signal_rules=[]).remove()
 
 
 def monitor_settings(cfg) -> Optional[dict]:

@@ -43,6 +43,24 @@ def test_flag_checks_name_the_flag(tmp_path):
     assert dict(os.environ) == environ  # nothing goes through the environment
 
 
+@pytest.mark.parametrize("value", ["1", "7", "0", "-3", "1.5", "x", "1e3"])
+def test_the_interval_bound_is_the_librarys(tmp_path, value):
+    """--stability-monitor-interval accepts exactly the integers StabilityMonitor's ``every`` accepts (the library
+    owns the bound; the plugin only parses the command line's string as a base-10 integer and names the flag)."""
+    try:
+        StabilityMonitor(torch.nn.LayerNorm(2), every=int(value, 10), signal_rules=[]).remove()
+        library = None
+    except ValueError as err:  # int() of a non-integer string, or the library's bound
+        library = str(err)
+    args = _args(stability_monitor=str(tmp_path / "m"), stability_monitor_interval=value)
+    if library is None:
+        fm.check_monitor_flags(args)
+        assert args.stability_monitor_interval == int(value)
+    else:
+        with pytest.raises(FlagError, match=r"^--stability-monitor-interval must be an integer >= 1, got"):
+            fm.check_monitor_flags(args)
+
+
 def test_parser_has_the_flags_and_train_step_is_wrapped_once():
     from fairseq import options
     from fairseq.trainer import Trainer
