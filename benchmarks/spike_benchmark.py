@@ -514,8 +514,9 @@ def table(runs: List[Dict[str, Any]], tolerance: float = 0.02) -> str:
     failing = {(r["mechanism"], r["seed"]) for r in runs
                if r["method"] == "none" and not is_clean(r["mechanism"]) and not ok(r)}
     lines = ["| mechanism | method | runs | within 2% of the clean twin | of the failing runs, recovered | "
-             "median final / twin | median interventions | median updates lost | median wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "median final / twin | median interventions | interventions, all runs | median updates lost | "
+             "median wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for mech in MECHANISMS:
         for method in METHODS:
             rs = [r for r in runs if r["mechanism"] == mech and r["method"] == method]
@@ -527,6 +528,7 @@ def table(runs: List[Dict[str, Any]], tolerance: float = 0.02) -> str:
                 f"{sum(map(ok, fail_rs))}/{len(fail_rs)} | "
                 f"{statistics.median(r['final_loss'] / twin[(twin_of(mech), r['seed'])] for r in rs):.4f} | "
                 f"{statistics.median(r['interventions'] for r in rs):g} | "
+                f"{sum(r['interventions'] for r in rs)} | "
                 f"{statistics.median(r['updates_lost'] for r in rs):g} | "
                 f"{statistics.median(r['wall_s'] for r in rs):.1f} |")
     return "\n".join(lines)

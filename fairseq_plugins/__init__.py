@@ -18,7 +18,8 @@ Then it registers (as fairseq plugins do: each module only registers and subclas
 * the training-loop flags ``--stability-monitor DIR`` (`fairseq_plugins.monitor`) and ``--stability-guard``
   (`fairseq_plugins.guard`): each registers its flags and its step wrapper into the generic repairs
   ``training_flags`` and ``train_step``, which carry the flags on fairseq's configuration and run the wrappers
-  around ``Trainer.train_step`` (the monitor's outermost: it is imported first)
+  around ``Trainer.train_step`` (the monitor's outermost: it is imported first); the guard also reads each
+  update's gradient norm from ``Trainer.clip_grad_norm`` (the repair ``grad_norm``)
 
 and the checks of their flags (`fairseq_plugins.flags`): a bad plugin flag ends a tool with one line
 naming the flag (exit 2), before any data is loaded. The algorithms live in ``admin_torch``, ``reinmax``,
@@ -43,6 +44,7 @@ REPAIRS = (
     repairs.flag_checks,           # the plugins' flag checks run once, on the parsed command line
     repairs.training_flags,        # fairseq-train's parser gets the features' flags, carried on cfg.common
     repairs.train_step,            # the features' step wrappers run around Trainer.train_step
+    repairs.grad_norm,             # the features read the gradient norm Trainer.clip_grad_norm computes
 )
 """Every process-wide repair of fairseq / torch behaviour, one module each (`fairseq_plugins.repairs`), installed in
 this order by ``import fairseq_plugins``; each ``install()`` is idempotent. The warnings filter comes first: it must

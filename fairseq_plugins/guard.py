@@ -14,6 +14,12 @@ rewinds that keep coming back cut the learning rate for the rest of the run (``-
 run. With ``--stability-monitor`` the monitor's warnings drive the policy too (deep Post-LN: stop, "convert with
 admin_torch"). Every event is one ``stability guard: ...`` line (logger ``fairseq_plugins.guard``).
 
+The gradient-norm signal is fairseq's own: every update fairseq computes the global gradient norm
+(``Trainer.clip_grad_norm``, whatever ``--clip-norm``: the norm before clipping, after the fp16 unscaling) right
+before the optimizer step; `read_grad_norm`, registered with the repair
+[`grad_norm`][fairseq_plugins.repairs.grad_norm], hands it to the guard
+(`StabilityGuard.observe_grad_norm`), which then makes no pass of its own over the gradients.
+
 The flags are declared here (`add_guard_args`, plain argparse as the monitor's) and checked by
 `check_guard_flags` at parsing, which writes the parsed values (or the defaults) back on the arguments; each bound
 and default is the library's (a guard is built on a probe with the values given, and its errors name the flag). As the
@@ -35,11 +41,12 @@ from stability_toolbox.guard import StabilityGuard
 from stability_toolbox.guard_policy import GuardPolicy
 
 from .flags import FlagError, flag_check, library_check
+from .repairs.grad_norm import register_norm_reader
 from .repairs.train_step import register_step_wrapper
 from .repairs.training_flags import flag_value, register_arg_adder
 
 __all__ = ["add_guard_args", "check_guard_flags", "guard_settings", "guard_of", "make_guard", "guarded_step",
-           "library_defaults", "OPTIONS"]
+           "read_grad_norm", "library_defaults", "OPTIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,9 @@ OPTIONS: Dict[str, tuple] = {
                   "a loss or gradient norm more than this many robust sigmas above its running median is a spike"),
     "window": ("window", int, "updates the running statistics span"),
     "warmup": ("warmup", int, "updates before spikes are scored"),
+    "min-ratio": ("min_ratio", float,
+                  "a spike must also exceed this multiple of its running median, the loss's and the gradient norm's "
+                  "alike (the library's default: 1.2 for the loss, 2.0 for the gradient norm)"),
     "snapshot-every": ("snapshot_every", int, "take a snapshot (in host memory) every N updates"),
     "snapshots": ("snapshots", int, "snapshots kept"),
     "rewind-skip": ("rewind_skip", int, "updates skipped after a rewind"),
@@ -94,8 +104,9 @@ def add_guard_args(parser: argparse.ArgumentParser) -> None:
                             "it persists (stability_toolbox.StabilityGuard)")
     defaults = library_defaults()
     for name, (keyword, _, text) in OPTIONS.items():
+        default = "" if defaults[keyword] is None else f"default {defaults[keyword]}; "  # None: in the text
         group.add_argument(f"--stability-guard-{name}", metavar="X", default=None,
-                           help=f"{text} (default {defaults[keyword]}; needs --stability-guard)")
+                           help=f"{text} ({default}needs --stability-guard)")
 
 
 def _parse(flag: str, raw: Any, kind: type):
@@ -214,3 +225,16 @@ def guarded_step(trainer, step, samples, raise_oom=False):
 
 
 register_step_wrapper("stability_guard", guarded_step)
+
+
+def read_grad_norm(trainer, norm) -> None:
+    """The norm reader of ``--stability-guard`` (registered with the repair
+    [`grad_norm`][fairseq_plugins.repairs.grad_norm]): the gradient norm fairseq computed for this update, handed
+    to the trainer's guard before its optimizer step (`StabilityGuard.observe_grad_norm`). Without a guard (the
+    flag off, or before the first step) it does nothing."""
+    guard = guard_of(trainer)
+    if guard is not None and not guard.stopped and norm is not None:
+        guard.observe_grad_norm(norm)
+
+
+register_norm_reader("stability_guard", read_grad_norm)

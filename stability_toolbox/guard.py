@@ -66,7 +66,7 @@ from .conditional_step import conditional_step, skip_path
 from .guard_policy import GuardPolicy, severest
 from .records import RecordWriter, as_log_dir
 from .snapshots import SnapshotRing, capture, restore
-from .spike_detector import DEFAULT_SIGNALS, SpikeDetector
+from .spike_detector import DEFAULT_MIN_RATIO, DEFAULT_SIGNALS, SpikeDetector, check_min_ratio
 from .warning_rules import DIAGNOSES, Diagnosis
 
 __all__ = ["StabilityGuard", "GuardStopped"]
@@ -100,6 +100,11 @@ def _f32(x: float) -> float:
     return x if abs(x) <= _F32_MAX or x != x else math.copysign(math.inf, x)
 
 
+def _times(value: float, median: float) -> str:
+    """``value`` as a multiple of ``median`` for an event line (``2.3x``; a rise over a median <= 0 as a difference)."""
+    return f"{value / median:.3g}x" if median > 0 else f"{value - median:+.4g} over"
+
+
 class GuardStopped(RuntimeError):
     """Raised by [`StabilityGuard.step`][stability_toolbox.StabilityGuard.step] when called after the guard stopped the run."""
 
@@ -125,6 +130,9 @@ class StabilityGuard:
         monitor: a `StabilityMonitor` whose warnings become ``warning:<quantity>`` signals.
         window, threshold, warmup: the spike detector's (`SpikeDetector`): a value more than ``threshold``
             robust standard deviations above the median of its last ``window`` values, after ``warmup``.
+        min_ratio: ... and more than this multiple of that median (`SpikeDetector`): a real number >= 1 for both
+            signals, or a mapping ``{"loss": r, "grad_norm": r}`` for one or both (default `DEFAULT_MIN_RATIO`:
+            1.2 for the loss, 2.0 for the gradient norm; 1.0: the z-score alone).
         refresh_every: the detector recomputes the median and the MAD every this many updates (`SpikeDetector`).
         signals: the signals scored, a subset of ``("loss", "grad_norm")``.
         snapshot_every: take a snapshot every this many updates (an integer >= 1), from update 0 (before any).
@@ -148,6 +156,7 @@ class StabilityGuard:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
                  scaler: Any = None, policy: Optional[GuardPolicy] = None, monitor: Any = None,
                  window: int = 128, threshold: float = 6.0, warmup: int = 16, refresh_every: int = 16,
+                 min_ratio: Optional[Union[float, Mapping[str, float]]] = None,
                  signals: Sequence[str] = DEFAULT_SIGNALS, snapshot_every: int = 100, snapshots: int = 2,
                  snapshot_dir: Optional[Union[str, "os.PathLike[str]"]] = None, rewind_skip: int = 10,
                  backoff: float = 0.5, backoff_updates: int = 50, log_dir: Optional[Union[str, Path]] = None,
@@ -172,8 +181,11 @@ class StabilityGuard:
         if isinstance(signals, str) or not isinstance(signals, Sequence) or not signals or \
                 not set(signals) <= set(DEFAULT_SIGNALS) or len(set(signals)) != len(signals):
             raise ValueError(f"signals must be a non-empty subset of {DEFAULT_SIGNALS}, got {signals!r}")
+        ratios = check_min_ratio(DEFAULT_MIN_RATIO if min_ratio is None else min_ratio, DEFAULT_SIGNALS,
+                                 default=DEFAULT_MIN_RATIO)
+        ratios = {s: ratios[s] for s in signals}
         detector = SpikeDetector(tuple(signals), window=window, threshold=threshold, warmup=warmup,
-                                 refresh_every=refresh_every)
+                                 refresh_every=refresh_every, min_ratio=ratios)
         self.snapshot_every = validation.as_int("snapshot_every", snapshot_every, minimum=1)
         self.rewind_skip = validation.as_int("rewind_skip", rewind_skip, minimum=0)
         self.backoff = validation.as_real("backoff", backoff, low=0.0, high=1.0, low_open=True)
@@ -242,9 +254,9 @@ class StabilityGuard:
         self._requested: Optional[str] = None   # rewind(): done at the next step
         self._step_loss: Any = None
         self._step_norm: Optional[Tensor] = None  # a global gradient norm handed to step() (grad_norm=)
-        self._last_grads: List[Tuple[Any, int]] = []
-        self._last_count = 0
-        self._last_versions = 0
+        # observe_grad_norm's: (the norm, the stamp of the gradients it is the norm of)
+        self._observed_norm: Optional[Tuple[Tensor, Any]] = None
+        self._last_stamp: Any = None  # the stamp of the last step's gradients (_check_fresh)
         self._params_key: Any = None
         self._params_cache: Any = None
         optimizer.step = types.MethodType(_guarded_function(self), optimizer)
@@ -361,6 +373,24 @@ class StabilityGuard:
         finally:
             self._step_loss = self._step_norm = None
 
+    def observe_grad_norm(self, grad_norm: Union[Tensor, float]) -> None:
+        """Hand over the global gradient norm of the coming update that the trainer computed anyway, before its
+        ``optimizer.step()`` (e.g. the value ``clip_grad_norm_`` returned: the norm before clipping): the guarded
+        step scores it instead of computing the norm itself, one pass over the gradients less. The trainer
+        callbacks (HuggingFace, Lightning with gradient clipping, fairseq) hand their trainer's norm this way.
+
+        ``grad_norm`` is checked as `step`'s ``grad_norm`` (the same types, values and meaning: the norm of the
+        whole model's unscaled gradients, the same on every rank). It is the norm of the gradients as they are
+        now: if they change before the step (another backward, a zero_grad: the trainer skipped its step, e.g. a
+        GradScaler's overflow), the step ignores it and computes the norm itself. A ``grad_norm`` given to `step`
+        takes precedence; the step uses the value once.
+
+        Raises:
+            TypeError / ValueError: a bad ``grad_norm``, named; nothing is kept.
+        """
+        norm = self._check_norm(grad_norm)
+        self._observed_norm = (norm, self._stamp(self._grads()[0]))
+
     @staticmethod
     def _check_norm(grad_norm: Union[Tensor, float]) -> Tensor:
         """``grad_norm`` as a 0-d float64 tensor on its device, or a named TypeError/ValueError."""
@@ -390,34 +420,40 @@ class StabilityGuard:
         return torch.tensor(value, dtype=torch.float64)
 
     def _check_fresh(self, raw: List[Tensor]) -> None:
-        """Refuse a second step on the same gradients ``raw`` (`_grads`'s): the sampled ones are the same
-        tensors as at the last step, unmodified since."""
-        last = self._last_grads
-        if not last or len(raw) != self._last_count:
-            return
-        for (ref, version), i in zip(last, self._sampled(len(raw))):
-            g = raw[i]
-            if ref() is not g or g._version != version:
-                return
-        # the sampled gradients are untouched: a second step, unless a backward without zero_grad reached only
-        # other parameters (conditional computation, unused layers): then some version moved
-        if sum(g._version for g in raw) != self._last_versions:
-            return
-        raise ValueError("step: called again on the gradients of the previous update (no backward since); "
-                         "call it once per update, after backward(), and optimizer.zero_grad() between updates")
+        """Refuse a second step on the same gradients ``raw`` (`_grads`'s): the same tensors as at the last step,
+        unmodified since (`_unchanged`)."""
+        if self._last_stamp is not None and self._unchanged(raw, self._last_stamp):
+            raise ValueError("step: called again on the gradients of the previous update (no backward since); "
+                             "call it once per update, after backward(), and optimizer.zero_grad() between updates")
 
     @staticmethod
     def _sampled(n: int) -> Tuple[int, ...]:
         return (0, n // 2, n - 1) if n > 3 else tuple(range(n))
 
+    def _stamp(self, raw: List[Tensor]) -> Tuple[int, int, List[Tuple[Any, int]]]:
+        """What identifies the gradients ``raw`` as they are now: their count, the sum of their version counters
+        (~6 us per 100 gradients) and weak references (the old gradients are not kept alive: set_to_none frees
+        them, and a new tensor at a reused address is not mistaken for the old one) to three of them, the first, a
+        middle and the last, with their versions: a backward, a zero_grad or a clipping changes them (weak
+        references to every gradient, made every step, cost ~10% of the guard's 1% budget on a small model)."""
+        return (len(raw), sum(g._version for g in raw),
+                [(weakref.ref(raw[i]), raw[i]._version) for i in self._sampled(len(raw))])
+
+    def _unchanged(self, raw: List[Tensor], stamp: Tuple[int, int, List[Tuple[Any, int]]]) -> bool:
+        """Whether ``raw`` are the gradients `_stamp` saw, unmodified since: the sampled ones are the same tensors at
+        the same versions, and no version moved elsewhere (a backward without zero_grad that reached only other
+        parameters: conditional computation, unused layers)."""
+        count, versions, sampled = stamp
+        if not sampled or len(raw) != count:
+            return False
+        for (ref, version), i in zip(sampled, self._sampled(len(raw))):
+            g = raw[i]
+            if ref() is not g or g._version != version:
+                return False
+        return sum(g._version for g in raw) == versions
+
     def _remember_grads(self, raw: List[Tensor]) -> None:
-        # weak references (the old gradients are not kept alive: set_to_none frees them, and a new tensor at a
-        # reused address is not mistaken for the old one) to three of the gradients, the first, a middle and the
-        # last: a backward, a zero_grad or a clipping changes them all (weak references to every gradient, made
-        # every step, cost ~10% of the guard's 1% budget on a small model)
-        self._last_count = len(raw)
-        self._last_versions = sum(g._version for g in raw)  # ~6 us per 100 gradients
-        self._last_grads = [(weakref.ref(raw[i]), raw[i]._version) for i in self._sampled(len(raw))]
+        self._last_stamp = self._stamp(raw)
 
     def _params(self) -> Tuple[List[Tensor], bool, bool]:
         """The optimizer's parameters in order, whether any is a DTensor and whether they span several devices
@@ -512,6 +548,9 @@ class StabilityGuard:
             self.observe_loss(self._step_loss)
             self._step_loss = None
         given, self._step_norm = self._step_norm, None
+        observed, self._observed_norm = self._observed_norm, None
+        if given is None and observed is not None and self._unchanged(raw, observed[1]):
+            given = observed[0]  # the trainer's norm of exactly these gradients
         if isinstance(loss, Tensor) and loss.is_floating_point():
             self.observe_loss(loss)
         if not self._took_initial:  # the state before the first update: a rewind target from the start
@@ -576,7 +615,8 @@ class StabilityGuard:
         skip = skip or forced
         if not any_event:
             return None, skip
-        return [float(e) for e in event] + [float(n) for n in nonfinite] + [float(skip)] + z + xs, skip
+        median = self.detector._median.tolist()
+        return [float(e) for e in event] + [float(n) for n in nonfinite] + [float(skip)] + z + xs + median, skip
 
     def _score_on_device(self, values: Tensor, present: Optional[Tensor], device: torch.device,
                          forced: bool) -> Tuple[Optional[Tensor], Tensor]:
@@ -601,7 +641,8 @@ class StabilityGuard:
         # nothing to the host side; on a GPU every step's flags go (copied without waiting, read one step later)
         if device.type == "cpu" and not bool(any_event):
             return None, skip
-        return torch.cat([torch.cat([event, nonfinite, skip.reshape(1)]).float(), z, values.float()]), skip
+        return torch.cat([torch.cat([event, nonfinite, skip.reshape(1)]).float(), z, values.float(),
+                          self.detector._median]), skip
 
     def _mask(self, device: torch.device) -> Tuple[Tensor, Tensor]:
         """Which signals' events skip the update (the policy's table, as tensors; made once per device)."""
@@ -693,7 +734,7 @@ class StabilityGuard:
         """Turn one step's flags into the policy's action; True when it rewound or stopped."""
         k = len(self.signals)
         event, nonfinite, skipped = flags[:k], flags[k:2 * k], flags[2 * k]
-        z, values = flags[2 * k + 1:3 * k + 1], flags[3 * k + 1:]
+        z, values, median = flags[2 * k + 1:3 * k + 1], flags[3 * k + 1:4 * k + 1], flags[4 * k + 1:]
         signals = []
         for i, s in enumerate(self.signals):
             if nonfinite[i]:
@@ -706,7 +747,8 @@ class StabilityGuard:
         detail = "; ".join(
             f"{s} {values[i]:.4g} is non-finite" if nonfinite[i] else
             f"{_WHAT[_SIGNAL_OF[s]]} {values[i]:.4g} is {z[i]:.1f} robust sigmas above its running median "
-            f"(> {self.detector.threshold:g})"
+            f"{median[i]:.4g} (> {self.detector.threshold:g}), {_times(values[i], median[i])} it "
+            f"(> {self.detector.min_ratio[s]:g}x)"
             for i, s in enumerate(self.signals) if event[i])
         action = severest(self.policy.action(s) for s in signals)
         if skipped and not forced:
@@ -912,7 +954,7 @@ class StabilityGuard:
         self._skipped, self._rewind_times = list(state["skipped"]), list(state["rewind_times"])
         self.lr_cuts = lr_cuts
         self._pending.clear()
-        self._requested, self._last_grads = None, []
+        self._requested, self._last_stamp, self._observed_norm = None, None, None
         self._loss_sum, self._loss_n = None, 0
         self.ring.drop_after(-1)
         self._took_initial = False

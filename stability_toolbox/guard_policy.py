@@ -5,8 +5,8 @@ A *signal* is what the guard saw; an *action* is what it does about it:
 | signal | default action | why |
 |---|---|---|
 | ``nonfinite`` (NaN/inf loss or gradient norm) | ``skip`` | one poisoned batch: drop its update |
-| ``loss_spike`` (loss > ``threshold`` robust sigmas above its running median) | ``skip`` | a bad batch (OLMo-core, metaseq) |
-| ``grad_norm_spike`` (global gradient norm, same test) | ``skip`` | gradient-norm spikes precede loss spikes (OLMo 2) |
+| ``loss_spike`` (loss > ``threshold`` robust sigmas above its running median and > ``min_ratio`` x it: 1.2) | ``skip`` | a bad batch (OLMo-core, metaseq) |
+| ``grad_norm_spike`` (global gradient norm, same test; ``min_ratio`` 2.0) | ``skip`` | gradient-norm spikes precede loss spikes (OLMo 2) |
 | ``repeated`` (more than ``max_skips`` skips within ``window`` updates) | ``rewind`` | "data x model state" (PaLM): go back, skip ahead |
 | ``persistent`` (``max_rewinds`` rewinds within ``rewind_window`` updates) | ``cut_lr`` | spikes that return from the last good state: the learning rate is too high (OPT-175B's remedy) |
 | ``warning:grad_ratio`` (the monitor: vanishing lower-layer gradients) | ``stop`` | deep Post-LN stalls; no batch skipping cures it: convert with admin_torch |

@@ -14,8 +14,17 @@ optimizer (the one inside accelerate's wrapper) with the Trainer's learning-rate
 micro-batch is read from the model's output (a forward hook, training forwards only). The Trainer owns the
 data loader, so a rewind restores the state and the data moves on: the next ``rewind_skip`` updates are
 skipped. When the guard stops, ``control.should_training_stop`` ends the run at the end of the step and
-`stop_reason` says why. The Trainer clips the gradients (``max_grad_norm``) before ``optimizer.step``: the
-gradient-norm signal is then the clipped norm, the loss signal is unaffected.
+`stop_reason` says why.
+
+The gradient-norm signal is the Trainer's own: before ``optimizer.step`` the Trainer calls
+``accelerator.clip_grad_norm_`` (clipping at ``max_grad_norm``, or at infinity only to log the norm), which
+returns the global norm *before* clipping. The callback wraps that method on this Trainer's accelerator only
+(callbacks are not handed their Trainer: it is found on the call stack at ``on_train_begin``, the Trainer
+whose callback handler holds this callback) and hands the value to the guard
+(`StabilityGuard.observe_grad_norm`): the guard makes no pass of its own over the gradients, and it scores the
+norm before clipping, where a spike shows (the clipped norm is at most ``max_grad_norm``: it would hide it).
+Where the Trainer computes the norm elsewhere (DeepSpeed, which reports the previous step's; gradients on
+several device meshes) or the Trainer is not found, the guard computes the norm of the gradients it steps on.
 
 Resume: the callback is a ``transformers.ExportableState``. Every checkpoint's ``trainer_state.json`` holds the
 guard's state (`StabilityGuard.state_dict`, as JSON: its counters, the detector's running statistics, the
@@ -29,8 +38,9 @@ as JSON, so the resumed guard would silently run with other settings than the on
 """
 
 import logging
+import sys
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 __all__ = ["StabilityGuardCallback"]
 
@@ -64,6 +74,60 @@ def _guard_state_from_json(state: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"state: not a saved StabilityGuard state ({type(err).__name__}: {err})") from None
 
 
+def _trainer_of(callback: Any) -> Any:
+    """The ``transformers.Trainer`` running ``callback``: the ``self`` of a caller on the stack that is a Trainer
+    whose callback handler holds this very callback (the Trainer hands callbacks no reference to itself), or
+    None."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer) and \
+                any(cb is callback for cb in getattr(getattr(owner, "callback_handler", None), "callbacks", ())):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+#: set on the clip_grad_norm_ this module puts on an accelerator: the guard it feeds
+_FEEDS = "_stability_guard_feeds"
+
+
+def _feed_clip_norm(trainer: Any, guard: Any) -> Optional[Callable[[], None]]:
+    """Wrap ``trainer.accelerator.clip_grad_norm_`` (this instance only) so each norm it returns is handed to
+    ``guard``; returns the undo, or None where the Trainer's norm is not this update's (DeepSpeed)."""
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is None or not callable(getattr(accelerator, "clip_grad_norm_", None)):
+        return None
+    if str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED"):
+        return None  # DeepSpeed clips inside its own step and reports the previous step's norm
+    had_own = "clip_grad_norm_" in vars(accelerator)
+    current = accelerator.clip_grad_norm_
+    original = getattr(current, "__wrapped__", current) if getattr(current, _FEEDS, None) is not None else current
+
+    def clip_grad_norm_(parameters, max_norm, norm_type=2, **kwargs):
+        norm = original(parameters, max_norm, norm_type=norm_type, **kwargs)
+        # the Trainer's call, right before optimizer.step: the pre-clip global norm of every parameter (a user's
+        # call on a subset, if any, comes earlier in the step and is replaced by the Trainer's)
+        if norm is not None and float(norm_type) == 2.0 and not guard.stopped:
+            guard.observe_grad_norm(norm)
+        return norm
+
+    clip_grad_norm_.__wrapped__ = original
+    setattr(clip_grad_norm_, _FEEDS, guard)
+    accelerator.clip_grad_norm_ = clip_grad_norm_
+
+    def undo() -> None:
+        if getattr(vars(accelerator).get("clip_grad_norm_"), _FEEDS, None) is guard:
+            if had_own:
+                accelerator.clip_grad_norm_ = original
+            else:
+                del accelerator.clip_grad_norm_
+
+    return undo
+
+
 def _build():
     from transformers import TrainerCallback
     from transformers.trainer_callback import ExportableState
@@ -88,6 +152,7 @@ def _build():
             self.guard_kwargs = guard_kwargs
             self.guard: Optional[StabilityGuard] = None
             self._hook = None
+            self._unfeed: Optional[Callable[[], None]] = None
 
         @property
         def stop_reason(self) -> Optional[str]:
@@ -104,6 +169,9 @@ def _build():
                 raise ValueError("model, optimizer: the Trainer passed none to the callback")
             if self.guard is not None:
                 self.guard.detach()
+            if self._unfeed is not None:
+                self._unfeed()
+                self._unfeed = None
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
             self.guard = StabilityGuard(model, inner, scheduler=lr_scheduler, monitor=self.monitor,
                                         **self.guard_kwargs)
@@ -129,6 +197,8 @@ def _build():
                     guard.observe_loss(loss)
 
             self._hook = model.register_forward_hook(read_loss)
+            trainer = _trainer_of(self)
+            self._unfeed = None if trainer is None else _feed_clip_norm(trainer, guard)
             return control
 
         def state(self) -> Dict[str, Any]:
@@ -147,6 +217,9 @@ def _build():
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
+            if self._unfeed is not None:
+                self._unfeed()
+                self._unfeed = None
             if self.guard is not None:
                 self.guard.detach()
             return control

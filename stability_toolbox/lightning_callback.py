@@ -17,13 +17,56 @@ statistics and counters go into Lightning's checkpoints (``state_dict``) and com
 ``accumulate_grad_batches`` > 1 the loss signal is the last micro-batch's (the one whose closure runs inside the
 step); the gradient norm is the whole update's. Manual optimization is refused by name. Unlike
 Lightning's ``SpikeDetection`` (which raises and leaves a skip list for a resumed run), the run goes on.
+
+With gradient clipping by norm (``Trainer(gradient_clip_val=...)``) Lightning computes the global gradient norm
+before every step and drops it (``Precision.clip_grad_by_norm`` returns nothing). The callback then replaces that
+method on this fit's precision plugin only by the same call (``torch.nn.utils.clip_grad_norm_`` over the
+plugin's ``main_params``, after the same unscaling of mixed precision) that also hands the norm it returns, the
+norm before clipping, to the guard (`StabilityGuard.observe_grad_norm`): no second pass over the gradients, and
+the spike is seen where the clipped norm would hide it. Without clipping, or with a plugin that clips its own
+way (FSDP, DeepSpeed), the guard computes the norm itself.
 """
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 __all__ = ["StabilityGuardLightning"]
 
 _CLASS = None
+
+
+#: set on the clip_grad_by_norm this module puts on a precision plugin: the guard it feeds
+_FEEDS = "_stability_guard_feeds"
+
+
+def _feed_clip_norm(trainer: Any, guard: Any) -> Optional[Callable[[], None]]:
+    """Make ``trainer.precision_plugin.clip_grad_by_norm`` (this instance only) hand the norm it computes to
+    ``guard``; returns the undo, or None for a plugin that clips otherwise than Lightning's base ``Precision``."""
+    import torch
+    from pytorch_lightning.plugins.precision import Precision
+
+    plugin = getattr(trainer, "precision_plugin", None)
+    if not isinstance(plugin, Precision) or type(plugin).clip_grad_by_norm is not Precision.clip_grad_by_norm:
+        return None
+    had_own = "clip_grad_by_norm" in vars(plugin)
+    previous = vars(plugin).get("clip_grad_by_norm")
+
+    def clip_grad_by_norm(optimizer, clip_val):
+        # Precision.clip_grad_by_norm's body, keeping the norm it computes (the global norm before clipping)
+        norm = torch.nn.utils.clip_grad_norm_(plugin.main_params(optimizer), clip_val)
+        if optimizer is guard.optimizer and not guard.stopped:
+            guard.observe_grad_norm(norm)
+
+    setattr(clip_grad_by_norm, _FEEDS, guard)
+    plugin.clip_grad_by_norm = clip_grad_by_norm
+
+    def undo() -> None:
+        if getattr(vars(plugin).get("clip_grad_by_norm"), _FEEDS, None) is guard:
+            if had_own and getattr(previous, _FEEDS, None) is None:
+                plugin.clip_grad_by_norm = previous
+            else:
+                del plugin.clip_grad_by_norm
+
+    return undo
 
 
 def _build():
@@ -45,6 +88,7 @@ def _build():
             self.guard_kwargs = guard_kwargs
             self.guard: Optional[StabilityGuard] = None
             self._resumed: Optional[dict] = None
+            self._unfeed: Optional[Callable[[], None]] = None
 
         @property
         def stop_reason(self) -> Optional[str]:
@@ -61,8 +105,11 @@ def _build():
             scheduler = configs[0].scheduler if configs else None
             if self.guard is not None:
                 self.guard.detach()
+            if self._unfeed is not None:
+                self._unfeed()
             self.guard = StabilityGuard(pl_module, trainer.optimizers[0], scheduler=scheduler, monitor=self.monitor,
                                         **self.guard_kwargs)
+            self._unfeed = _feed_clip_norm(trainer, self.guard)
             if self._resumed is not None:  # a checkpoint's guard state (load_state_dict came first)
                 self.guard.load_state_dict(self._resumed)
                 self._resumed = None
@@ -84,6 +131,9 @@ def _build():
                 trainer.should_stop = True
 
         def on_fit_end(self, trainer, pl_module):
+            if self._unfeed is not None:
+                self._unfeed()
+                self._unfeed = None
             if self.guard is not None:
                 self.guard.detach()
 

@@ -7,7 +7,7 @@ the list [`fairseq_plugins.REPAIRS`][fairseq_plugins.REPAIRS], which ``import fa
 
 A repair knows fairseq and torch, never a feature of the plugins: the features (the stability monitor, the
 guard) register into the generic repairs' registries (`training_flags.register_arg_adder`,
-`train_step.register_step_wrapper`) when ``fairseq_plugins`` imports them. The modules here import only each
+`train_step.register_step_wrapper`, `grad_norm.register_norm_reader`) when ``fairseq_plugins`` imports them. The modules here import only each
 other and `fairseq_plugins.flags` (a test enforces it).
 """
 
@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (the modules only: nothing is installed by import
     cpu_ddp,
     fairscale_warnings,
     flag_checks,
+    grad_norm,
     last_batch,
     launcher_env,
     one_line_errors,
@@ -24,5 +25,5 @@ from . import (  # noqa: F401  (the modules only: nothing is installed by import
     training_flags,
 )
 
-__all__ = ["checkpoint_broadcast", "cpu_ddp", "fairscale_warnings", "flag_checks", "last_batch", "launcher_env",
-           "one_line_errors", "safe_checkpoint", "train_step", "training_flags"]
+__all__ = ["checkpoint_broadcast", "cpu_ddp", "fairscale_warnings", "flag_checks", "grad_norm", "last_batch",
+           "launcher_env", "one_line_errors", "safe_checkpoint", "train_step", "training_flags"]

@@ -1,10 +1,13 @@
 """The stability guard on 2 gloo ranks under DDP and FSDP2: every rank takes the same decision from one
 all-reduce per step, a skip equals the single-process run without that batch, and a rewind restores every rank
-alike (FSDP2: each rank's shards of the parameters and the optimizer state).
+alike (FSDP2: each rank's shards of the parameters and the optimizer state). A global gradient norm handed to the
+guard (``guard.step(loss, grad_norm=clip_grad_norm_(...))``, or ``observe_grad_norm`` as the trainer callbacks do)
+takes the same decisions and gives the same parameters under DDP as the guard's own norm.
 
 The ranks run this file as a script (``python test_guard_distributed.py OUT``); the reference trains the same
 seeded model in this process on the ranks' chunks of each batch with their losses averaged."""
 
+import datetime
 import os
 import subprocess
 import sys
@@ -41,7 +44,7 @@ def worker(out: Path) -> None:
 
     from stability_toolbox import GuardPolicy, StabilityGuard
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a lost peer fails, not hangs
     rank = dist.get_rank()
     reductions = []
     real_all_reduce = dist.all_reduce
@@ -56,7 +59,8 @@ def worker(out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
 
     rewind = GuardPolicy(actions={"loss_spike": "rewind", "grad_norm_spike": "rewind"})
-    for scenario, policy in (("skip", GuardPolicy()), ("rewind", rewind), ("fsdp2_rewind", rewind)):
+    for scenario, policy in (("skip", GuardPolicy()), ("rewind", rewind), ("fsdp2_rewind", rewind),
+                             ("skip_given", GuardPolicy()), ("rewind_given", rewind), ("skip_observed", GuardPolicy())):
         if scenario.startswith("fsdp2"):  # parameters and optimizer state sharded (DTensors): the snapshot holds
             model = fully_shard(make_model(), mesh=init_device_mesh("cpu", (WORLD,)))  # each rank's shards
         else:
@@ -70,7 +74,16 @@ def worker(out: Path) -> None:
             chunk = slice(4 * rank, 4 * rank + 4)
             loss = loss_fn(model, x[chunk], y[chunk])
             loss.backward()
-            guard.step(loss)
+            if scenario.endswith(("_given", "_observed")):
+                # DDP averaged the gradients: every rank's clip_grad_norm_ is the same global norm (nothing clipped)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+                if scenario.endswith("_given"):
+                    guard.step(loss, grad_norm=norm)
+                else:
+                    guard.observe_grad_norm(norm)
+                    guard.step(loss)
+            else:
+                guard.step(loss)
             opt.zero_grad()
             steps += 1
         inner = getattr(model, "module", model)
@@ -83,11 +96,12 @@ def worker(out: Path) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-def test_ddp_ranks_decide_alike(tmp_path):
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Every scenario of `worker` on 2 gloo ranks (launched once for the module's tests): each rank's results."""
     from fairseq_helpers import free_port
 
+    tmp_path = tmp_path_factory.mktemp("guard_ranks")
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
@@ -102,7 +116,13 @@ def test_ddp_ranks_decide_alike(tmp_path):
                 p.kill()
             pytest.fail("a rank hung (killed after 120 s)")
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_ddp_ranks_decide_alike(ranks):
+    r0, r1 = ranks
     for scenario in ("skip", "rewind", "fsdp2_rewind"):
         assert r0[scenario]["events"] == r1[scenario]["events"], scenario
         if not scenario.startswith("fsdp2"):  # (FSDP2 makes its own collectives)
@@ -126,6 +146,21 @@ def test_ddp_ranks_decide_alike(tmp_path):
         opt.zero_grad()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(r0["skip"]["params"][k], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+@pytest.mark.parametrize("given, own", [("skip_given", "skip"), ("rewind_given", "rewind"),
+                                        ("skip_observed", "skip")])
+def test_ddp_given_norm_decides_as_the_guards_own(ranks, given, own):
+    """Under DDP a norm handed over (step's grad_norm=, or observe_grad_norm) is the same global norm on every rank:
+    one all-reduce per step still, the same events on both ranks as the guard computing the norm itself, and the
+    same parameters bit for bit."""
+    r0, r1 = ranks
+    assert r0[given]["events"] == r1[given]["events"] == r0[own]["events"] and r0[own]["events"]
+    assert r0[given]["reductions_per_step"] == r1[given]["reductions_per_step"] == 1.0
+    for k, v in r0[own]["params"].items():
+        assert torch.equal(r0[given]["params"][k], v) and torch.equal(r1[given]["params"][k], v), (given, k)
 
 
 if __name__ == "__main__":

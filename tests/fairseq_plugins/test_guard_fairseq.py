@@ -36,6 +36,8 @@ def _args(**kw):
     (dict(stability_guard=True, stability_guard_snapshots="0"), "--stability-guard-snapshots"),
     (dict(stability_guard=True, stability_guard_backoff="0"), "--stability-guard-backoff"),
     (dict(stability_guard=True, stability_guard_threshold="inf"), "--stability-guard-threshold"),
+    (dict(stability_guard=True, stability_guard_min_ratio="0.5"), "--stability-guard-min-ratio"),
+    (dict(stability_guard=True, stability_guard_min_ratio="nan"), "--stability-guard-min-ratio"),
 ])
 def test_flag_checks_name_the_flag(kw, flag):
     with pytest.raises(FlagError, match=flag):
@@ -112,6 +114,18 @@ def test_the_learning_rate_cut_flags_reach_the_guards_policy():
         GuardPolicy().lr_cut, GuardPolicy().max_lr_cuts)
 
 
+def test_the_min_ratio_flag_reaches_the_detector():
+    """--stability-guard-min-ratio sets both signals' ratio; without it the library's per-signal defaults apply."""
+    from stability_toolbox.spike_detector import DEFAULT_MIN_RATIO
+
+    for given, expected in (("3", {"loss": 3.0, "grad_norm": 3.0}), (None, dict(DEFAULT_MIN_RATIO))):
+        args = _args(stability_guard=True, stability_guard_min_ratio=given)
+        fg.check_guard_flags(args)
+        trainer = FakeTrainer(bad=())
+        trainer.cfg.common = OmegaConf.create({"common": vars(args)}).common
+        assert fg.make_guard(trainer, fg.guard_settings(trainer.cfg)).detector.min_ratio == expected
+
+
 def test_parser_has_the_flags():
     from fairseq import options
 
@@ -182,3 +196,50 @@ def test_train_step_turns_fairseq_nonfinite_into_a_skip_then_a_stop(monkeypatch)
     g.stopped, g.stop_reason = True, "test"  # once the guard stops, fairseq ends at its next check
     trainer.train_step([])
     assert trainer.cfg.optimization.max_update == trainer.get_num_updates()
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 0.5])
+def test_the_guard_scores_the_norm_fairseqs_trainer_computes(clip_norm, monkeypatch):
+    """fairseq's own ``Trainer.clip_grad_norm`` (as installed: through the repair ``grad_norm``) and its
+    ``utils.clip_grad_norm_``, called before each optimizer step as ``train_step`` does: the guard scores the norm
+    they return (before clipping: with --clip-norm 0.5 the poisoned update is still a gradient-norm spike) and
+    makes no pass of its own over the gradients."""
+    import torch
+    from types import SimpleNamespace
+
+    from fairseq import utils as fairseq_utils
+    from fairseq.trainer import Trainer
+
+    from fairseq_plugins.repairs import _wrap
+    from stability_toolbox.guard import StabilityGuard
+
+    assert "fairseq_plugins.repairs.grad_norm._wrap_clip_grad_norm" in _wrap.wrapped_by(Trainer.clip_grad_norm)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    params = list(model.parameters())
+    trainer = SimpleNamespace(is_fsdp=False, data_parallel_process_group=None, optimizer=SimpleNamespace(
+        clip_grad_norm=lambda max_norm, aggregate_norm_fn=None: fairseq_utils.clip_grad_norm_(params, max_norm,
+                                                                                               aggregate_norm_fn)))
+    guard = trainer._stability_guard = StabilityGuard(model, opt, window=16, warmup=8, threshold=15.0)
+    seen, returned = [], []
+    original = guard._signal_values
+
+    def spy(grads, sharded, several, device, host=False, given=None):
+        values, present = original(grads, sharded, several, device, host, given)
+        seen.append((float(values[1]), given is not None))
+        return values, present
+
+    monkeypatch.setattr(guard, "_signal_values", spy)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(24):
+        x = torch.randn(8, 4, generator=gen) * (1e3 if i == 20 else 1.0)
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        loss.backward()
+        returned.append(float(Trainer.clip_grad_norm(trainer, clip_norm)))  # train_step's call
+        guard.step(loss)
+        opt.zero_grad()
+    assert all(handed for _, handed in seen)
+    assert [v for v, _ in seen] == pytest.approx(returned, rel=1e-6)
+    assert [(e["update"], e["signals"]) for e in guard.events] == [(20, ["loss_spike", "grad_norm_spike"])]
+    guard.detach()

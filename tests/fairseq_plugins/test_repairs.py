@@ -43,6 +43,7 @@ def patch_points():
         "parse_args_and_arch": id(options.parse_args_and_arch),
         "convert_namespace_to_omegaconf": id(dataclass_utils.convert_namespace_to_omegaconf),
         "Trainer.train_step": id(trainer.Trainer.train_step),
+        "Trainer.clip_grad_norm": id(trainer.Trainer.clip_grad_norm),
     }
 '''
 

@@ -320,6 +320,65 @@ def robust_z(history, x, rel_floor=0.02, abs_floor=1e-6):
     return (x - med) / (max(1.4826 * mad, rel_floor * abs(med)) + abs_floor)
 
 
+def lower_median(history):
+    return sorted(history)[(len(history) - 1) // 2]
+
+
+@pytest.mark.parametrize("min_ratio", [1.0, 1.5, 3.0])
+@pytest.mark.parametrize("on_host", [False, True], ids=["tensor_ops", "host_floats"])
+def test_detector_spike_needs_z_and_ratio(min_ratio, on_host):
+    """A spike is ``z > threshold`` and ``x > min_ratio * median`` (a positive median), both written out: on a
+    series with a tight spread, rises of 1.3x .. 4x are all far beyond 6 robust sigmas, and only those above the
+    ratio are events (and leave the statistics alone)."""
+    rng = np.random.default_rng(3)
+    det = SpikeDetector(("g",), window=16, warmup=4, threshold=6.0, refresh_every=1, min_ratio=min_ratio)
+    accepted, flagged = [], 0
+    series = list(1.0 + 0.002 * rng.standard_normal(12)) + [1.3, 1.0, 1.6, 1.0, 2.2, 1.0, 3.5, 1.0, 4.0]
+    for v in series:
+        v = float(np.float32(v))
+        if on_host:
+            event = det.score_host([v])[1][0]
+        else:
+            event = bool(det.update(torch.tensor([v]))[1][0])
+        window = accepted[-16:]
+        expect = len(window) >= 4 and robust_z(window, v) > 6.0 and v > min_ratio * lower_median(window)
+        assert event == expect, (v, min_ratio)
+        flagged += expect
+        if not expect:
+            accepted.append(v)
+    assert flagged == {1.0: 5, 1.5: 4, 3.0: 2}[min_ratio]
+
+
+def test_detector_ratio_of_a_negative_median_is_of_its_magnitude():
+    # a loss that can be negative (a log-likelihood): the ratio's cut is med + (r - 1) * |med|
+    det = SpikeDetector(("nll",), window=8, warmup=4, refresh_every=1, min_ratio=1.5)
+    for v in (-2.0, -2.01, -1.99, -2.0, -2.005):
+        det.score_host([v])
+    assert det.score_host([-1.2])[1] == [False]  # 80 robust sigmas, but less than 0.5 x |-2| above -2
+    assert det.score_host([-0.9])[1] == [True]
+
+
+def test_guard_default_ratios_and_the_benchmarks_false_skip():
+    """The guard's defaults (loss 1.2x, gradient norm 2x): the clean run's false skip of the spike benchmark
+    (attn_logits_clean seed 1, update 202: gradient norm 1.69x its median at 6.1 robust sigmas) is no event;
+    a gradient norm 3x the median is."""
+    model = make_model()
+    guard = StabilityGuard(model, torch.optim.SGD(model.parameters(), lr=0.0), warmup=8, window=16,
+                           refresh_every=1, signals=("grad_norm",))
+    assert guard.detector.min_ratio == {"grad_norm": 2.0}
+    assert StabilityGuard(make_model(), torch.optim.SGD(make_model().parameters(), lr=0.0),
+                          min_ratio={"loss": 1.5}).detector.min_ratio == {"loss": 1.5, "grad_norm": 2.0}
+    rng = np.random.default_rng(0)
+    x = torch.randn(8, 6)
+    for norm in list(0.42 + 0.02 * rng.standard_normal(16)) + [0.7104, 0.42, 1.3]:
+        model(x).sum().backward()
+        guard.step(grad_norm=float(norm))
+        model.zero_grad()
+    assert [e["update"] for e in guard.events] == [18]
+    assert "3.1" in guard.events[0]["line"] and "(> 2x)" in guard.events[0]["line"]
+    guard.detach()
+
+
 @pytest.mark.parametrize("refresh_every", [1, 3])
 @pytest.mark.parametrize("on_host", [False, True], ids=["tensor_ops", "host_floats"])
 def test_detector_matches_median_mad_formula(refresh_every, on_host):
@@ -454,6 +513,14 @@ def test_crash_while_writing_a_snapshot_keeps_the_last_file(tmp_path, monkeypatc
     (dict(tensorboard="yes"), TypeError, "tensorboard"),
     (dict(log="guard"), TypeError, "log"),
     (dict(snapshot_dir=5), TypeError, "directory"),
+    (dict(min_ratio=0.5), ValueError, "min_ratio"),
+    (dict(min_ratio=float("nan")), ValueError, "min_ratio"),
+    (dict(min_ratio=float("inf")), ValueError, "min_ratio"),
+    (dict(min_ratio="2"), TypeError, "min_ratio"),
+    (dict(min_ratio=True), TypeError, "min_ratio"),
+    (dict(min_ratio={"accuracy": 2.0}), ValueError, "min_ratio.*accuracy"),
+    (dict(min_ratio={"grad_norm": 0.9}), ValueError, "min_ratio\\['grad_norm'\\]"),
+    (dict(min_ratio={"loss": None}), TypeError, "min_ratio\\['loss'\\]"),
 ])
 def test_bad_arguments_name_themselves_and_wrap_nothing(kwargs, exc, name):
     model = make_model()

@@ -52,13 +52,37 @@ values = st.one_of(st.floats(0.5, 2.0), st.floats(allow_nan=True, allow_infinity
                    st.sampled_from([1.0, 0.0, 1e39, -1e39, 3.4028235e38, float("nan"), float("inf")]))
 
 
+ratios = st.one_of(st.just(1.0), st.floats(1.0, 4.0), st.sampled_from([1.2, 2.0, 1e30]))
+
+
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(series=st.lists(st.tuples(values, values), min_size=1, max_size=40), window=st.integers(2, 8),
-       warmup_frac=st.floats(0.0, 1.0), refresh_every=st.integers(1, 5))
-def test_host_and_device_paths_take_the_same_decisions(series, window, warmup_frac, refresh_every):
+       warmup_frac=st.floats(0.0, 1.0), refresh_every=st.integers(1, 5), loss_ratio=ratios, norm_ratio=ratios)
+def test_host_and_device_paths_take_the_same_decisions(series, window, warmup_frac, refresh_every, loss_ratio,
+                                                        norm_ratio):
     warmup = 1 + int(warmup_frac * (window - 1))
-    dev, host = both_paths(series, window=window, warmup=warmup, refresh_every=refresh_every)
+    dev, host = both_paths(series, window=window, warmup=warmup, refresh_every=refresh_every,
+                           min_ratio={"loss": loss_ratio, "grad_norm": norm_ratio})
     assert dev == host
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("ratio", [1.3, 2.0])
+def test_host_and_device_agree_exactly_at_the_ratio(seed, ratio):
+    """Values at the ratio's cut (median x min_ratio, written out in float64, where it binds: a tight spread) and
+    their float neighbours decide alike on both paths."""
+    gen = torch.Generator().manual_seed(seed)
+    base = (1.0 + 1e-4 * torch.rand(6, generator=gen, dtype=torch.float64)).float().double().tolist()
+    med = sorted(base)[2]
+    edge = med * ratio
+    hits = []
+    for x in (edge, math.nextafter(edge, 0), math.nextafter(edge, 10), float(torch.tensor(edge).float()),
+              edge * (1 - 1e-6), edge * (1 + 1e-6)):
+        dev, host = both_paths([(b, 1.0) for b in base] + [(x, 1.0)], window=8, warmup=4, refresh_every=1,
+                               min_ratio={"loss": ratio, "grad_norm": 1.0})
+        assert dev == host, x
+        hits.append(dev[-1][0][0])
+    assert hits[-2:] == [False, True]  # the ratio decides here, not the z-score (far above 6 for both)
 
 
 def test_values_beyond_float32_are_nonfinite_on_both_paths():

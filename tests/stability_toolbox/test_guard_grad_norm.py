@@ -38,6 +38,9 @@ def run(data, how, decide_on_host=None):
         loss.backward()
         if how == "own":
             guard.step(loss)
+        elif how == "observe":  # a trainer's callback: the clipping norm handed before the trainer's step
+            guard.observe_grad_norm(nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+            guard.step(loss)
         else:
             norm = nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # the norm, nothing clipped
             guard.step(loss, grad_norm=norm if how == "tensor" else float(norm))
@@ -45,7 +48,7 @@ def run(data, how, decide_on_host=None):
     return model, guard
 
 
-@pytest.mark.parametrize("how", ["tensor", "float"])
+@pytest.mark.parametrize("how", ["tensor", "float", "observe"])
 @pytest.mark.parametrize("decide_on_host", [None, False])
 def test_a_given_norm_takes_the_same_decisions_as_the_guards_own(data, how, decide_on_host):
     m1, g1 = run(data, "own", decide_on_host)
@@ -144,3 +147,76 @@ def test_a_non_finite_norm_is_the_nonfinite_signal_not_an_error(data, value):
     loss.backward()
     guard.step(loss, grad_norm=np.float32(1.5))
     assert len(guard.events) == 1 and guard.updates == 2
+
+
+# ---------------------------------------------------------------- observe_grad_norm (the trainers' callbacks)
+def scored_norms(guard, monkeypatch):
+    """The gradient norms the guard's detector is handed, step by step."""
+    seen = []
+    original = guard._signal_values
+
+    def spy(grads, sharded, several, device, host=False, given=None):
+        values, present = original(grads, sharded, several, device, host, given)
+        seen.append(float(values[guard.signals.index("grad_norm")]))
+        return values, present
+
+    monkeypatch.setattr(guard, "_signal_values", spy)
+    return seen
+
+
+def own_norm(model):
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+
+
+@pytest.mark.parametrize("change", ["backward_again", "zero_grad_and_backward", "zero_grad_in_place"])
+def test_an_observed_norm_of_gradients_changed_since_is_ignored(data, change, monkeypatch):
+    """The norm handed is of the gradients as they were: a backward or a zero_grad between the hand-over and the
+    step (a trainer that skipped its step) makes it stale: the step computes the norm of what it steps on."""
+    model, opt = make()
+    guard = StabilityGuard(model, opt, **SETTINGS)
+    seen = scored_norms(guard, monkeypatch)
+    loss_of(model, data[0]).backward()
+    guard.observe_grad_norm(123.0)
+    if change == "backward_again":
+        loss_of(model, data[1]).backward()
+    elif change == "zero_grad_and_backward":
+        opt.zero_grad()
+        loss_of(model, data[1]).backward()
+    else:
+        opt.zero_grad(set_to_none=False)
+        loss_of(model, data[1]).backward()
+    guard.step()
+    assert seen[-1] == pytest.approx(own_norm(model), rel=1e-5) and seen[-1] != 123.0
+    opt.zero_grad()
+    loss_of(model, data[2]).backward()  # used once: the next update computes its own again
+    guard.step()
+    assert seen[-1] == pytest.approx(own_norm(model), rel=1e-5)
+
+
+def test_an_observed_norm_is_scored_once_and_step_grad_norm_wins(data, monkeypatch):
+    model, opt = make()
+    guard = StabilityGuard(model, opt, **SETTINGS)
+    seen = scored_norms(guard, monkeypatch)
+    for i in range(3):
+        loss_of(model, data[i]).backward()
+        guard.observe_grad_norm(torch.tensor(7.0 + i))
+        if i == 2:
+            guard.step(grad_norm=0.5)
+        else:
+            guard.step()
+        opt.zero_grad()
+    assert seen == [7.0, 8.0, 0.5]
+
+
+@pytest.mark.parametrize("bad, exc", [("1.0", TypeError), (-1.0, ValueError), (torch.ones(2), ValueError),
+                                      (torch.tensor(3), TypeError)])
+def test_a_bad_observed_norm_is_refused_and_nothing_kept(data, bad, exc, monkeypatch):
+    model, opt = make()
+    guard = StabilityGuard(model, opt, **SETTINGS)
+    seen = scored_norms(guard, monkeypatch)
+    loss_of(model, data[0]).backward()
+    guard.observe_grad_norm(9.0)
+    with pytest.raises(exc, match="grad_norm"):
+        guard.observe_grad_norm(bad)
+    guard.step()
+    assert seen == [9.0]  # the refused call left the earlier hand-over as it was

@@ -46,7 +46,7 @@ def transformers():
     return pytest.importorskip("transformers")
 
 
-def hf_run(tmp_path, transformers, monitor=None, warn_at=None):
+def hf_run(tmp_path, transformers, monitor=None, warn_at=None, max_grad_norm=0.0, logging_steps=1000):
     from stability_toolbox.hf_guard_callback import StabilityGuardCallback
 
     class HFModel(Regression):
@@ -58,8 +58,9 @@ def hf_run(tmp_path, transformers, monitor=None, warn_at=None):
     torch.manual_seed(0)
     model = HFModel()
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=STEPS,
-                                          learning_rate=1e-2, logging_steps=1000, save_strategy="no", report_to=[],
-                                          use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=0.0)
+                                          learning_rate=1e-2, logging_steps=logging_steps, save_strategy="no",
+                                          report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+                                          max_grad_norm=max_grad_norm)
     cb = StabilityGuardCallback(monitor=monitor, **GUARD)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[cb])
     trainer.train()
@@ -75,6 +76,40 @@ def test_hf_trainer_skips_the_poisoned_step(tmp_path, transformers):
 
 
 @pytest.mark.slow
+def scored_grad_norms(monkeypatch):
+    """Spy on every guard: per guarded step, (the gradient norm scored, whether it was handed over)."""
+    from stability_toolbox.guard import StabilityGuard
+
+    seen = []
+    original = StabilityGuard._signal_values
+
+    def spy(self, grads, sharded, several, device, host=False, given=None):
+        values, present = original(self, grads, sharded, several, device, host, given)
+        seen.append((float(values[self.signals.index("grad_norm")]), given is not None))
+        return values, present
+
+    monkeypatch.setattr(StabilityGuard, "_signal_values", spy)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_hf_trainer_hands_its_pre_clip_norm_to_the_guard(tmp_path, transformers, monkeypatch, max_grad_norm):
+    """The guard scores the Trainer's own gradient norm (the one it logs: before clipping), handed over at every
+    update, and makes no pass of its own; with clipping at 1.0 the poisoned step's norm is still a spike (the
+    clipped norm, at most 1.0, would hide it). The accelerator gets its method back at the end."""
+    seen = scored_grad_norms(monkeypatch)
+    cb, trainer = hf_run(tmp_path, transformers, max_grad_norm=max_grad_norm, logging_steps=1)
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(seen) == len(logged) == STEPS and all(handed for _, handed in seen)
+    assert [v for v, _ in seen] == pytest.approx(logged, rel=1e-5)
+    assert seen[POISON_AT][0] > 100 * max(v for v, _ in seen[POISON_AT - 5:POISON_AT])
+    assert [(e["update"], e["action"], e["signals"]) for e in cb.guard.events] == \
+        [(POISON_AT, "skip", ["loss_spike", "grad_norm_spike"])]
+    assert "clip_grad_norm_" not in vars(trainer.accelerator)
+
+
+@pytest.mark.slow
 def test_hf_trainer_stops_on_deep_post_ln_warning(tmp_path, transformers):
     mon = FakeMonitor()
     cb, trainer = hf_run(tmp_path, transformers, monitor=mon, warn_at=12)
@@ -87,6 +122,8 @@ def test_hf_callback_bad_arguments(transformers):
 
     with pytest.raises(ValueError, match="backoff"):
         StabilityGuardCallback(backoff=2.0)
+    with pytest.raises(ValueError, match="min_ratio"):
+        StabilityGuardCallback(min_ratio={"grad_norm": 0.5})
     with pytest.raises(TypeError, match="optimizer"):
         StabilityGuardCallback(optimizer=None)
 
@@ -96,7 +133,7 @@ def pl():
     return pytest.importorskip("pytorch_lightning")
 
 
-def lightning_run(pl, monitor=None, warn_at=None):
+def lightning_run(pl, monitor=None, warn_at=None, gradient_clip_val=None, pre_clip=None):
     from stability_toolbox.lightning_callback import StabilityGuardLightning
 
     class Module(pl.LightningModule):
@@ -113,11 +150,17 @@ def lightning_run(pl, monitor=None, warn_at=None):
             opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
             return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 10)}
 
+        def on_before_optimizer_step(self, optimizer):  # before Lightning clips: the norm, written out
+            if pre_clip is not None:
+                pre_clip.append(float(torch.stack([p.grad.double().pow(2).sum() for p in self.parameters()])
+                                      .sum().sqrt()))
+
     torch.manual_seed(0)
     module = Module()
     cb = StabilityGuardLightning(monitor=monitor, **GUARD)
     trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                         gradient_clip_val=gradient_clip_val)
     trainer.fit(module, torch.utils.data.DataLoader(Data(), batch_size=4))
     return cb, trainer
 
@@ -127,6 +170,21 @@ def test_lightning_trainer_skips_the_poisoned_step(pl):
     cb, trainer = lightning_run(pl)
     assert [(e["update"], e["action"]) for e in cb.guard.events] == [(POISON_AT, "skip")]
     assert trainer.global_step == STEPS and cb.guard.skipped_updates == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_lightning_clipping_hands_its_pre_clip_norm_to_the_guard(pl, monkeypatch, clip):
+    """With gradient_clip_val the guard scores the norm Lightning's clipping computes (before clipping: the
+    poisoned step is still a gradient-norm spike), handed over at every update; without clipping it computes the
+    same norm itself. The plugin gets its method back at the end."""
+    seen, pre_clip = scored_grad_norms(monkeypatch), []
+    cb, trainer = lightning_run(pl, gradient_clip_val=clip, pre_clip=pre_clip)
+    assert len(seen) == len(pre_clip) == STEPS
+    assert all(handed == (clip is not None) for _, handed in seen)
+    assert [v for v, _ in seen] == pytest.approx(pre_clip, rel=1e-5)
+    assert [(e["update"], e["signals"]) for e in cb.guard.events] == [(POISON_AT, ["loss_spike", "grad_norm_spike"])]
+    assert "clip_grad_by_norm" not in vars(trainer.precision_plugin)
 
 
 @pytest.mark.slow
@@ -141,6 +199,8 @@ def test_lightning_callback_bad_arguments(pl):
 
     with pytest.raises(ValueError, match="window"):
         StabilityGuardLightning(window=1)
+    with pytest.raises(ValueError, match="min_ratio"):
+        StabilityGuardLightning(min_ratio=0.9)
 
 
 @pytest.mark.slow
