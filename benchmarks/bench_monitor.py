@@ -1,9 +1,10 @@
 """The stability monitor: its overhead, and what it shows on the deep runs the toolbox already measures.
 
-Three subcommands::
+Subcommands::
 
     python -m benchmarks.bench_monitor overhead [--device cuda]      # step time with / without the monitor
     python -m benchmarks.bench_monitor overhead-paired               # the same, step-paired: small spread
+    python -m benchmarks.bench_monitor overhead-ab --ref HEAD        # today's monitor against a revision's, paired
     python -m benchmarks.bench_monitor evidence                      # the monitored deep runs (fairseq-train)
     python -m benchmarks.bench_monitor analyze                       # warnings, rates, plots of those runs
 
@@ -11,6 +12,11 @@ Three subcommands::
 trained with Adam; the median step time of the bare loop and of the loop under
 :class:`stability_toolbox.StabilityMonitor` at several intervals (the timing harness of
 ``benchmarks/harness.py``: warm-up, alternating order, medians), plus the cost of one logged step.
+
+``overhead-ab``: today's monitor against the one at a git revision (``--ref``, default HEAD; its package read
+with ``git show`` into a temporary directory and imported under another name) in one process, on one model: a bare
+step, a step under each monitor, rotating; the paired differences with 5-95% bootstrap intervals, by wall clock
+and by the thread's CPU time (the figure to read on a loaded machine). How a hot-path change is A/B'd.
 
 ``evidence``: the Multi30k En-De 18L-18L runs of ``benchmarks/admin_multi30k_stability.py`` and the
 12-layer LM runs of ``benchmarks/admin_lm_stability.py`` (``recipes/lm/train.sh``), each with
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from benchmarks.sweep import run_jobs
 
@@ -40,6 +47,14 @@ BIN = Path(sys.executable).parent
 
 
 # ----------------------------------------------------------------------------- overhead
+
+def _write(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temporary file and one rename (a cut-short run leaves no half file)."""
+    from toolbox_core.files import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(text)
+
 
 def _overhead_model(a):
     """The timed model of both overhead measurements: (device, model, optimizer, batch, sync())."""
@@ -269,11 +284,158 @@ def overhead_paired(a) -> None:
     text = "\n".join(lines)
     print(text)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"overhead_paired_{a.device}.md").write_text(text + "\n")
-    (a.out / f"overhead_paired_{a.device}.json").write_text(json.dumps(
+    _write(a.out / f"overhead_paired_{a.device}.md", text + "\n")
+    _write(a.out / f"overhead_paired_{a.device}.json", json.dumps(
         {"point_pct": {str(kk): v for kk, v in point.items()},
          "spread_pct": {str(kk): spread(kk) for kk, _ in names}, "host_us": host_us, "capture_grads_us": grads_us,
          "bare_s": bare_all, "nonlog_pairs_s": list(zip(nb, nm)), "logged_pairs_s": list(zip(lb, lm))}, indent=1))
+
+
+def load_package_at(rev: str, package: str = "stability_toolbox", into: Optional[Path] = None):
+    """``package`` as it was at git revision ``rev``, imported under the name ``<package>_at_<rev>`` (its modules
+    import each other relatively, so the copy runs its own code; everything else it imports is today's). Read-only
+    git (``git ls-tree`` / ``git show``); the files go to ``into`` (default: a new temporary directory)."""
+    import importlib.util
+    import re
+    import tempfile
+
+    if not re.fullmatch(r"[A-Za-z0-9_.^~/-]+", rev):
+        raise ValueError(f"rev must be a git revision (letters, digits, _.^~/-), got {rev!r}")
+    names = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{package}/"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    alias = f"{package}_at_{re.sub(r'[^A-Za-z0-9]', '_', rev)}"
+    root = Path(into) if into is not None else Path(tempfile.mkdtemp(prefix="bench_monitor_ref_"))
+    (root / alias).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name.endswith(".py"):
+            text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=REPO, capture_output=True, text=True,
+                                  check=True).stdout
+            (root / alias / Path(name).name).write_text(text)
+    # imported from its folder as a package (its relative imports find its own modules); the import path is untouched
+    spec = importlib.util.spec_from_file_location(alias, root / alias / "__init__.py",
+                                                  submodule_search_locations=[str(root / alias)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[alias]
+        raise
+    return module
+
+
+def overhead_ab(a) -> None:
+    """The working tree's monitor against the one at ``--ref`` (default HEAD) in ONE process, on one model: a
+    round is a bare step, a step under the reference monitor and a step under today's, in a rotating order;
+    the paired differences (monitored - bare, today - reference) between logging steps and on logging steps,
+    their medians and 5-95% bootstrap intervals, by wall clock and by the thread's CPU time (less sensitive to
+    other processes on a loaded machine). Both monitors run at their defaults (``rules={}`` as
+    ``overhead-paired``: no warning lines)."""
+    import random
+
+    import torch
+
+    import stability_toolbox
+
+    ref_pkg = load_package_at(a.ref)
+    commit = subprocess.run(["git", "rev-parse", "--short", a.ref], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    device, model, opt, x, sync = _overhead_model(a)
+    k = a.interval
+    mons = {"ref": ref_pkg.StabilityMonitor(model, None, every=k, tensorboard=False, heatmaps=False, rules={}),
+            "new": stability_toolbox.StabilityMonitor(model, None, every=k, tensorboard=False, heatmaps=False,
+                                                       rules={})}
+
+    def step(mon=None):
+        sync()
+        t, c = time.perf_counter(), time.thread_time()
+        if mon is not None:
+            mon.begin_step()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        if mon is not None:
+            mon.capture_grads()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if mon is not None:
+            mon.end_step(loss)
+        sync()
+        return time.perf_counter() - t, time.thread_time() - c
+
+    for _ in range(3):
+        step()
+    for mon in mons.values():  # the first logged step (probe capture) is set-up, not a per-step cost
+        mon.step_count = 0
+        step(mon)
+
+    def rounds(n, logged):
+        out = {kind: [] for kind in ("bare", "ref", "new")}
+        for i in range(n):
+            order = ["bare", "ref", "new"]
+            order = order[i % 3:] + order[:i % 3]
+            for kind in order:
+                mon = mons.get(kind)
+                if mon is not None:
+                    mon.step_count = (0 if logged else 1) + k * (i + 1)
+                out[kind].append(step(mon))
+        return out
+
+    t0 = time.time()
+    non = rounds(a.pairs, logged=False)
+    log = rounds(a.logged_pairs, logged=True)
+    seconds = time.time() - t0
+    for mon in mons.values():
+        mon.close()
+    rng = random.Random(0)
+    table = {}
+    for clock, c in (("wall", 0), ("cpu", 1)):
+        bare = [t[c] for t in non["bare"] + log["bare"]]
+        diffs = {}
+        for name, (hi, lo) in {"ref": ("ref", "bare"), "new": ("new", "bare"), "new - ref": ("new", "ref")}.items():
+            diffs[name] = ([h[c] - l[c] for h, l in zip(non[hi], non[lo])],
+                           [h[c] - l[c] for h, l in zip(log[hi], log[lo])])
+
+        def estimate(dn, dl, base):
+            m = statistics.median(base)
+            return (100 * statistics.median(dn) / m, 100 * statistics.median(dl) / m,
+                    100 * ((k - 1) * statistics.median(dn) + statistics.median(dl)) / k / m)
+
+        for name, (dn, dl) in diffs.items():
+            point = estimate(dn, dl, bare)
+            boots = sorted((estimate([rng.choice(dn) for _ in dn], [rng.choice(dl) for _ in dl],
+                                     [rng.choice(bare) for _ in bare]) for _ in range(a.boot)))
+            spread = []
+            for j in range(3):
+                vals = sorted(b[j] for b in boots)
+                spread.append((vals[int(0.05 * len(vals))], vals[int(0.95 * len(vals)) - 1]))
+            table[(clock, name)] = {"nonlog": point[0], "logged": point[1], "every": point[2], "spread": spread,
+                                    "bare_ms": 1e3 * statistics.median(bare)}
+    lines = [f"Monitor overhead A/B, one process: the working tree's StabilityMonitor against {a.ref}'s ({commit}); "
+             f"torch.nn "
+             f"TransformerEncoder {a.layers} layers (Post-LN, d={a.dim}, 4 heads), batch {a.batch} x {a.tokens} "
+             f"tokens, Adam; device {a.device}, {a.threads} thread(s); {a.pairs} rounds between logging steps and "
+             f"{a.logged_pairs} on logging steps (bare / {a.ref} / today, rotating), {seconds:.0f} s", "",
+             "| clock | monitor | bare step (ms) | a step between logging steps | one logged step | every "
+             f"{k} |", "|---|---|---|---|---|---|"]
+    for (clock, name), r in table.items():
+        cells = [f"{v:+.2f}% ({lo:+.2f} .. {hi:+.2f})" for v, (lo, hi) in
+                 zip((r["nonlog"], r["logged"], r["every"]), r["spread"])]
+        label = {"ref": f"{a.ref} - bare", "new": "today - bare", "new - ref": f"today - {a.ref}"}[name]
+        lines.append(f"| {clock} | {label} | {r['bare_ms']:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "cells: median of the paired differences over the bare step's median, (5-95% bootstrap)", "",
+              f"command: python -m benchmarks.bench_monitor overhead-ab --ref {a.ref} --device {a.device} --layers "
+              f"{a.layers} --dim {a.dim} --batch {a.batch} --tokens {a.tokens} --pairs {a.pairs} --logged-pairs "
+              f"{a.logged_pairs} --interval {k} --threads {a.threads}",
+              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"]
+    text = "\n".join(lines)
+    print(text)
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        _write(a.out / f"overhead_ab_{a.device}.md", text + "\n")
+        _write(a.out / f"overhead_ab_{a.device}.json", json.dumps(
+            {"ref": a.ref, "ref_commit": commit,
+             "rows": [{"clock": c, "monitor": n, **r} for (c, n), r in table.items()],
+             "nonlog_s": {kk: v for kk, v in non.items()}, "logged_s": {kk: v for kk, v in log.items()}}, indent=1))
 
 
 # ----------------------------------------------------------------------------- evidence runs
@@ -466,6 +628,19 @@ def main(argv=None):
     q.add_argument("--interval", type=int, default=100)
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--out", type=Path, default=REPO / "results" / "monitor")
+    r = sub.add_parser("overhead-ab", help="today's monitor against the one at --ref, in one process")
+    r.add_argument("--ref", default="HEAD", help="the git revision to compare with (default HEAD)")
+    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--layers", type=int, default=6)
+    r.add_argument("--dim", type=int, default=128)
+    r.add_argument("--batch", type=int, default=8)
+    r.add_argument("--tokens", type=int, default=64)
+    r.add_argument("--pairs", type=int, default=300, help="rounds between logging steps")
+    r.add_argument("--logged-pairs", type=int, default=40, help="rounds on logging steps")
+    r.add_argument("--interval", type=int, default=100)
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")
+    r.add_argument("--out", type=Path, default=None, help="where overhead_ab_<device>.md/.json go (default: printed only)")
     e = sub.add_parser("evidence")
     e.add_argument("--which", default="mt,lm")
     e.add_argument("--work", type=Path, default=REPO / "work" / "monitor")
@@ -502,6 +677,12 @@ def main(argv=None):
             if not torch.cuda.is_available():
                 p.error("--device cuda: no CUDA device")
         overhead_paired(a)
+    elif a.cmd == "overhead-ab":
+        if a.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                p.error("--device cuda: no CUDA device")
+        overhead_ab(a)
     elif a.cmd == "evidence":
         evidence(a)
     else:

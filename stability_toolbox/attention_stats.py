@@ -74,7 +74,14 @@ class AttentionLogits:
                 handles.append(getattr(module, k_name).register_forward_hook(
                     lambda m, a, o, h=proj_hook: h(m, a, o, "k")))
 
+    def _training_pass(self) -> bool:
+        # the logits are kept on the training pass only: on the probe pass (and on another monitor's) the
+        # projections are not recomputed at all (a logged step would pay two matmuls per module for nothing)
+        return self.recorder.phase == "train" and not self.recorder.foreign
+
     def _mha_logits(self, name: str, m: nn.MultiheadAttention, args, kwargs) -> None:
+        if not self._training_pass():
+            return
         query = args[0] if args else kwargs.get("query")
         key = args[1] if len(args) > 1 else kwargs.get("key")
         if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.dim() != 3:
@@ -95,6 +102,8 @@ class AttentionLogits:
             self._store(name, q, k, m.num_heads, batch_first=m.batch_first)
 
     def _fairseq_logits(self, name: str, m: nn.Module, args, kwargs) -> None:
+        if not self._training_pass():
+            return
         query = args[0] if args else kwargs.get("query")
         key = args[1] if len(args) > 1 else kwargs.get("key")
         key = query if key is None else key
@@ -114,7 +123,7 @@ class AttentionLogits:
             self._store(name, q.detach(), k.detach(), n_heads, batch_first=(style != "fairseq"))
 
     def _store(self, name: str, q: Tensor, k: Tensor, n_heads: int, batch_first: bool) -> None:
-        if self.recorder.phase != "train" or self.recorder.foreign:
+        if not self._training_pass():
             return
         logits = scaled_logits(q, k, n_heads, batch_first)
         if logits is not None:

@@ -229,6 +229,8 @@ class StabilityMonitor:
         # the global gradient norm (every parameter, embeddings too) only when something reads it
         self._layer_grads = LayerGradients(self._site_plan.groups,
                                            model_norm=per_update or "grad_norm" in self._online)
+        # whether capture_grads computes the gradient signals at every update (decided once, not per call)
+        self._grad_signals = per_update or bool(self._online & {"grad_norm", "grad_rms_eps_min"})
         self._eps = 1e-8  # grad_rms_eps_min's unit: the attached optimizer's eps (attach_optimizer), else 1e-8
         self._params = ParameterGroups(self._site_plan.groups)
         self._probe = Probe(model, self._recorder, probe_call)
@@ -296,8 +298,8 @@ class StabilityMonitor:
         Returns whether this step is logged (then the hooks are in until [`end_step`][stability_toolbox.StabilityMonitor.end_step]).
         """
         self._check_open()
-        if step is not None:
-            self.step_count = validation.as_int("step", step, minimum=0)
+        if step is not None:  # a plain int >= 0 (fairseq's every update) skips the full check and its message
+            self.step_count = step if type(step) is int and step >= 0 else validation.as_int("step", step, minimum=0)
         if self._armed or not self.is_logging_step():
             return self._armed
         self._params.arm(self._handles)
@@ -313,7 +315,7 @@ class StabilityMonitor:
         logging steps also the per-layer gradients. No host sync.
         RuntimeError after `close` (like every observation: nothing is dropped silently)."""
         self._check_open()
-        if self._per_update or self._online & {"grad_norm", "grad_rms_eps_min"}:
+        if self._grad_signals:
             # every step: grad_rms_eps_min (and grad_norm), one fused norm on the device, no sync
             for name, value in self._layer_grads(self._eps).items():
                 if self._per_update:
@@ -362,15 +364,22 @@ class StabilityMonitor:
         self._check_open()
         if loss is None:
             return
-        if isinstance(loss, Tensor) and loss.numel() == 0:
-            return
         if isinstance(loss, Tensor):
-            value = loss.detach().float().reshape(-1).mean()
+            n = loss.numel()
+            if n == 0:
+                return
+            if n == 1 and loss.dtype == torch.float32:
+                # one float32 value: its mean, bit for bit, is 0 + value (a -0.0 loss becomes +0.0 as in the
+                # mean's sum), a fresh tensor (the caller may reuse its own in place): one op where the mean of a
+                # one-element view took four (tests/stability_toolbox/test_monitor_exact.py)
+                value = loss.detach().reshape(()) + 0.0
+            else:
+                value = loss.detach().float().reshape(-1).mean()
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
             value = torch.tensor(float(loss))
         else:
             raise TypeError(f"loss must be a tensor or a real number, got {type(loss).__name__}")
-        if self._loss_sum is not None:
+        if self._loss_sum is not None and value.device != self._loss_sum.device:
             value = value.to(self._loss_sum.device)
         if self._per_update:
             self._stream.put("loss", value)
@@ -384,7 +393,8 @@ class StabilityMonitor:
         """Call after the optimizer step. On a logging step, returns the record written; else None."""
         self._check_open()
         self.observe_loss(loss)
-        self._stream.end(self.step_count)
+        if self._per_update:  # the stream keeps nothing otherwise
+            self._stream.end(self.step_count)
         self._reader.end(self.step_count)
         self._check_signals()  # the updates whose scalars have reached the host (no wait)
         record = None

@@ -9,7 +9,8 @@ phase, so the hooks keep the probe rows and training is not disturbed. When the 
 (``model.to(torch.bfloat16)``, ``model.cuda()``) the probe follows it.
 """
 
-from typing import Any, Optional, Tuple
+import contextlib
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,20 @@ def as_call(probe: Any) -> Call:
     if isinstance(probe, dict):
         return (), dict(probe)
     return tuple(probe), {}
+
+
+@contextlib.contextmanager
+def _python_path(off: bool) -> Iterator[None]:
+    """With ``off``, torch.nn's fused transformer fast path is disabled inside (and restored after)."""
+    if not off:
+        yield
+        return
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 def _dtype_device(model: nn.Module) -> Tuple[Optional[torch.dtype], Optional[torch.device]]:
@@ -92,14 +107,15 @@ class Probe:
         model = self.model
         modes = [(m, m.training) for m in model.modules()]
         # torch.nn's encoder layers take a fused fast path in eval mode without autograd, which skips the
-        # hooks of their LayerNorms; grad mode keeps them on the Python path (outputs are discarded)
+        # hooks of their LayerNorms: it is switched off for the pass (torch.backends.mha), which runs without
+        # autograd (no graph is built for outputs that are discarded; the same kernels, the same values)
         fast_path = any(isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention)) for m in model.modules())
         devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
         args, kwargs = self.call = self._follow_model(*self.call)
         with self.recorder.probing():
             try:
                 model.eval()
-                with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(fast_path):
+                with torch.random.fork_rng(devices=devices), torch.no_grad(), _python_path(fast_path):
                     model(*args, **kwargs)
             except Exception as err:
                 given = "the probe= inputs" if self.given else "the probe (the first logged step's inputs)"

@@ -145,6 +145,14 @@ class Recorder:
         site.dtype = s.dtype
         site.calls += 1
 
+    def record_residual(self, site: Site, x: Tensor, s: Tensor) -> None:
+        """``x``: the residual input, ``s``: the residual sum (same shape): `record` of the branch ``f = s - x``,
+        formed on the training pass only (the probe pass keeps rows of ``s`` alone, another monitor's probe pass
+        nothing: the subtraction would be a pass over the activation for nothing)."""
+        if self.foreign:
+            return
+        self.record(site, s if self.phase == "probe" else s - x, s)
+
     def record_fallback(self, site: Site, s: Tensor, s_prev: Tensor, y_prev: Tensor) -> None:
         """A norm found by the fallback: ``s`` its input, ``s_prev`` / ``y_prev`` the previous norm's input
         and output. The shortcut is either (Pre-LN: ``s_prev``, Post-LN: ``y_prev``); both readings are kept

@@ -2,7 +2,8 @@
 
 [`ScalarReader`][stability_toolbox.scalar_reader.ScalarReader] keeps, for each update, a few one-element
 tensors (``put``); ``end(step)`` stacks them on their device and starts one asynchronous copy of that
-row into pinned host memory, marked by a CUDA event; ``ready()`` returns the rows whose copy has finished
+row into pinned host memory, marked by a CUDA event (values in host memory, on a CPU, are read at ``end``
+through NumPy: no copy to make); ``ready()`` returns the rows whose copy has finished
 (``event.query()``: it never waits), oldest first. The host therefore learns update ``t``'s scalars at the
 first ``ready()`` after the device has reached update ``t``'s copy: on a CPU tensor at once (no device to
 wait for), on a GPU usually one or two updates later (how far the host runs ahead of the device). A warning
@@ -41,6 +42,8 @@ def as_scalar(value: Any) -> Tensor:
         (tensor(2.5000), tensor(3.))
     """
     if isinstance(value, Tensor):
+        if value.dtype == torch.float32 and value.dim() == 0 and not value.requires_grad:
+            return value  # already what is asked (the monitor's own values): no op dispatched per update
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"value must be a one-element real tensor or a real number, got a tensor of shape "
                             f"{tuple(value.shape)} and dtype {value.dtype}")
@@ -58,8 +61,9 @@ class ScalarReader:
 
     def __init__(self):
         self._current: Dict[str, Tensor] = {}
-        # (step, names, host row, CUDA event or None): copies started, not yet returned by ready()
-        self._pending: Deque[Tuple[int, Tuple[str, ...], Tensor, Any]] = deque()
+        # (step, names, host row (a pinned tensor, or the values read already on a CPU), CUDA event or None):
+        # copies started, not yet returned by ready()
+        self._pending: Deque[Tuple[int, Tuple[str, ...], Any, Any]] = deque()
         self._free: Dict[int, List[Tensor]] = {}  # pinned rows returned by ready(), reused by size
 
     def put(self, name: str, value: Any) -> None:
@@ -76,21 +80,26 @@ class ScalarReader:
     def end(self, step: int) -> None:
         """Close the current update as update ``step`` (an integer >= 0) and start its copy to the host
         (nothing for an update without a value)."""
-        step = checks.as_int("step", step, minimum=0)
+        if type(step) is not int or step < 0:  # the full check (and its message) off the per-update path
+            step = checks.as_int("step", step, minimum=0)
         if not self._current:
             return
         names = tuple(sorted(self._current))
-        dev = self._current[names[0]].device
-        row = torch.stack([self._current[k].to(dev) for k in names])
-        self._current = {}
-        if row.device.type == "cuda":
+        current, self._current = self._current, {}
+        dev = current[names[0]].device
+        if dev.type == "cuda":
+            row = torch.stack([current[k].to(dev) for k in names])
             free = self._free.get(len(names))
             host = free.pop() if free else torch.empty(len(names), pin_memory=True)
             host.copy_(row, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        else:  # a host tensor already: nothing to wait for
-            host, event = row, None
+        elif all(current[k].device.type == "cpu" for k in names):
+            # host memory already: the values are read now, through NumPy (no device, nothing to wait for, no
+            # stack to build); a value changed in place after this update does not change what it recorded
+            host, event = [current[k].numpy().item() for k in names], None
+        else:  # values on a device other than CUDA's: one stack there, brought over as it is
+            host, event = torch.stack([current[k].to(dev) for k in names]).cpu().numpy().tolist(), None
         self._pending.append((step, names, host, event))
 
     @property
@@ -101,7 +110,8 @@ class ScalarReader:
     def ready(self, block: bool = False) -> List[Tuple[int, Dict[str, float]]]:
         """``[(step, {name: value})]`` of the closed updates whose copy has finished, oldest first (each
         returned once). ``block=True`` waits for every copy (a sync: for the end of a run)."""
-        block = checks.as_bool("block", block)
+        if block is not True and block is not False:
+            block = checks.as_bool("block", block)
         out = []
         while self._pending:
             step, names, host, event = self._pending[0]
@@ -111,9 +121,10 @@ class ScalarReader:
                 elif not event.query():  # the device has not reached this copy yet: read it at a later update
                     break
             self._pending.popleft()
-            # the host copy is complete: reading it through NumPy is plain host memory, no device involved
-            values = host.detach().numpy().tolist()
-            out.append((step, dict(zip(names, values))))
             if event is not None:
+                # the host copy is complete: reading it through NumPy is plain host memory, no device involved
+                out.append((step, dict(zip(names, host.numpy().tolist()))))
                 self._free.setdefault(len(names), []).append(host)
+            else:  # read at end() already
+                out.append((step, dict(zip(names, host))))
         return out

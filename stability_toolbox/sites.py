@@ -248,7 +248,7 @@ def _arm_layer(rec: Recorder, layer: nn.Module, kind, pre: bool, sites: List[Sit
         # the residual argument, the source norm's output, the capture module's inputs or the layer's input)
         def at_sum(x, s, site):
             if isinstance(x, Tensor) and x.shape == s.shape:
-                rec.record(site, s - x, s)
+                rec.record_residual(site, x, s)
         capture_sums(layer, kind, [functools.partial(at_sum, site=site) for site in sites], strict=False, handles=hs)
     else:
         # Pre-LN: x_i = norm i's input, s_i = norm i+1's input (or the layer's output), f = s - x
@@ -256,7 +256,7 @@ def _arm_layer(rec: Recorder, layer: nn.Module, kind, pre: bool, sites: List[Sit
             x = slots[i]
             slots[i] = None
             if isinstance(x, Tensor) and isinstance(s, Tensor) and x.shape == s.shape:
-                rec.record(sites[i], s - x, s)
+                rec.record_residual(sites[i], x, s)
 
         for i, sub in enumerate(kind.sublayers):
             def at_norm(_m, args, i=i):
