@@ -130,8 +130,8 @@ class StabilityGuard:
         monitor: a `StabilityMonitor` whose warnings become ``warning:<quantity>`` signals.
         window, threshold, warmup: the spike detector's (`SpikeDetector`): a value more than ``threshold``
             robust standard deviations above the median of its last ``window`` values, after ``warmup``.
-        min_ratio: ... and more than this multiple of that median (`SpikeDetector`): a real number >= 1 for both
-            signals, or a mapping ``{"loss": r, "grad_norm": r}`` for one or both (default `DEFAULT_MIN_RATIO`:
+        min_ratio: ... and more than this multiple of that median (`SpikeDetector`): a real number in [1, 3.4e38]
+            for both signals, or a mapping ``{"loss": r, "grad_norm": r}`` for one or both (default `DEFAULT_MIN_RATIO`:
             1.2 for the loss, 2.0 for the gradient norm; 1.0: the z-score alone).
         refresh_every: the detector recomputes the median and the MAD every this many updates (`SpikeDetector`).
         signals: the signals scored, a subset of ``("loss", "grad_norm")``.
@@ -383,7 +383,8 @@ class StabilityGuard:
         whole model's unscaled gradients, the same on every rank). It is the norm of the gradients as they are
         now: if they change before the step (another backward, a zero_grad: the trainer skipped its step, e.g. a
         GradScaler's overflow), the step ignores it and computes the norm itself. A ``grad_norm`` given to `step`
-        takes precedence; the step uses the value once.
+        takes precedence; the step uses the value once, as it was when handed (a copy: changing the tensor
+        afterwards changes nothing).
 
         Raises:
             TypeError / ValueError: a bad ``grad_norm``, named; nothing is kept.
@@ -403,7 +404,9 @@ class StabilityGuard:
                                  f"{tuple(grad_norm.shape)}")
             if grad_norm.device.type == "meta":
                 raise ValueError("grad_norm must hold a value: a meta tensor has none")
-            value = grad_norm.detach().reshape(()).double()
+            # a copy (float64 is .double()'s no-op): the value as handed, whatever happens to the caller's tensor
+            # before the step (a trainer reusing its buffer, an in-place clip of the returned norm)
+            value = grad_norm.detach().reshape(()).to(torch.float64, copy=True)
             # the sign is checked where reading is free (the CPU); on a GPU that read would be a sync: a norm is
             # >= 0 by construction there (clip_grad_norm_'s)
             if value.device.type == "cpu":

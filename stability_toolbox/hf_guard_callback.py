@@ -24,7 +24,9 @@ whose callback handler holds this callback) and hands the value to the guard
 (`StabilityGuard.observe_grad_norm`): the guard makes no pass of its own over the gradients, and it scores the
 norm before clipping, where a spike shows (the clipped norm is at most ``max_grad_norm``: it would hide it).
 Where the Trainer computes the norm elsewhere (DeepSpeed, which reports the previous step's; gradients on
-several device meshes) or the Trainer is not found, the guard computes the norm of the gradients it steps on.
+several device meshes), the Trainer is not found, or a ``clip_grad_norm_`` call covers only some of the
+optimizer's parameters (a user's clipping of some layers), the guard computes the norm of the gradients it steps
+on.
 
 Resume: the callback is a ``transformers.ExportableState``. Every checkpoint's ``trainer_state.json`` holds the
 guard's state (`StabilityGuard.state_dict`, as JSON: its counters, the detector's running statistics, the
@@ -94,6 +96,19 @@ def _trainer_of(callback: Any) -> Any:
 _FEEDS = "_stability_guard_feeds"
 
 
+def _guards(guard: Any) -> bool:
+    """Whether ``guard`` still guards its optimizer (not detached, e.g. by the user mid-run: a detached guard is
+    handed nothing)."""
+    return getattr(vars(guard.optimizer).get("step"), "_stability_guard", None) is guard
+
+
+def _covers(parameters: list, guard: Any) -> bool:
+    """Whether ``parameters`` hold every parameter of the guard's optimizer that has a gradient (the norm clipped
+    over them is then the global norm, the one the guard scores)."""
+    ids = {id(p) for p in parameters}
+    return all(id(p) in ids for g in guard.optimizer.param_groups for p in g["params"] if p.grad is not None)
+
+
 def _feed_clip_norm(trainer: Any, guard: Any) -> Optional[Callable[[], None]]:
     """Wrap ``trainer.accelerator.clip_grad_norm_`` (this instance only) so each norm it returns is handed to
     ``guard``; returns the undo, or None where the Trainer's norm is not this update's (DeepSpeed)."""
@@ -107,10 +122,16 @@ def _feed_clip_norm(trainer: Any, guard: Any) -> Optional[Callable[[], None]]:
     original = getattr(current, "__wrapped__", current) if getattr(current, _FEEDS, None) is not None else current
 
     def clip_grad_norm_(parameters, max_norm, norm_type=2, **kwargs):
+        import torch
+
+        # a list: the parameters are read twice (the clip, then `_covers`); a generator would be empty the second time
+        parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
         norm = original(parameters, max_norm, norm_type=norm_type, **kwargs)
-        # the Trainer's call, right before optimizer.step: the pre-clip global norm of every parameter (a user's
-        # call on a subset, if any, comes earlier in the step and is replaced by the Trainer's)
-        if norm is not None and float(norm_type) == 2.0 and not guard.stopped:
+        # the Trainer's call, right before optimizer.step: the pre-clip global norm of every parameter. A call over
+        # a subset (a user's callback clipping some layers, at on_pre_optimizer_step: after the Trainer's call) is
+        # not the norm the guard scores: not handed (the guard computes its own norm at the step)
+        if norm is not None and float(norm_type) == 2.0 and not guard.stopped and _guards(guard) and \
+                _covers(parameters, guard):
             guard.observe_grad_norm(norm)
         return norm
 

@@ -24,7 +24,8 @@ method on this fit's precision plugin only by the same call (``torch.nn.utils.cl
 plugin's ``main_params``, after the same unscaling of mixed precision) that also hands the norm it returns, the
 norm before clipping, to the guard (`StabilityGuard.observe_grad_norm`): no second pass over the gradients, and
 the spike is seen where the clipped norm would hide it. Without clipping, or with a plugin that clips its own
-way (FSDP, DeepSpeed), the guard computes the norm itself.
+way (FSDP, DeepSpeed), the guard computes the norm itself. The plugin's method and the optimizer's ``step`` are
+given back when the fit ends, by an exception too (``on_exception``).
 """
 
 from typing import Any, Callable, Optional
@@ -136,6 +137,11 @@ def _build():
                 self._unfeed = None
             if self.guard is not None:
                 self.guard.detach()
+
+        def on_exception(self, trainer, pl_module, exception):
+            # a fit ended by an exception never reaches on_fit_end: give back the precision plugin's clipping and
+            # the optimizer's step all the same (the trainer, the plugin and the optimizer outlive the fit)
+            self.on_fit_end(trainer, pl_module)
 
     StabilityGuardLightning.__module__ = __name__
     return StabilityGuardLightning

@@ -81,11 +81,16 @@ _MAD_TO_SIGMA = 1.4826
 
 _STATE_KEYS = ("buffer", "count", "offset", "inv", "calls")
 
+# the largest min_ratio: the cut is computed in float32 (`SpikeDetector._set_cut`), where a larger ratio is infinite
+# and, times a running median of 0, NaN: no value would ever be a spike, the z-score's included
+_MAX_RATIO = float(torch.finfo(torch.float32).max)
+
 
 def check_min_ratio(min_ratio: Union[float, Mapping[str, float]], names: Sequence[str],
                     default: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
     """``min_ratio`` (a real number for every signal, or a mapping ``{name: ratio}`` for some of ``names``, the
-    others ``default``'s or 1.0) as ``{name: ratio}`` for every name; each a finite real >= 1.
+    others ``default``'s or 1.0) as ``{name: ratio}`` for every name; each a real number in ``[1, 3.4e38]`` (float32's
+    range: the cut is computed in float32).
 
     Raises:
         TypeError / ValueError: naming ``min_ratio`` (or ``min_ratio['name']``) and what it accepts.
@@ -101,13 +106,13 @@ def check_min_ratio(min_ratio: Union[float, Mapping[str, float]], names: Sequenc
             raise ValueError(f"min_ratio: unknown signal(s) {unknown!r}; accepted: {', '.join(names)}")
         out = {n: float(default.get(n, 1.0)) for n in names}
         for n, r in min_ratio.items():
-            out[n] = validation.as_real(f"min_ratio[{n!r}]", r, low=1.0)
+            out[n] = validation.as_real(f"min_ratio[{n!r}]", r, low=1.0, high=_MAX_RATIO)
         return out
     if isinstance(min_ratio, (str, bytes)) or not (isinstance(min_ratio, numbers.Real) or
                                                    isinstance(min_ratio, torch.Tensor)):
         raise TypeError(f"min_ratio must be a finite real number >= 1 or a mapping {{signal: ratio}} over "
                         f"{', '.join(names)}, got {type(min_ratio).__name__}")
-    r = validation.as_real("min_ratio", min_ratio, low=1.0)
+    r = validation.as_real("min_ratio", min_ratio, low=1.0, high=_MAX_RATIO)
     return {n: r for n in names}
 
 
@@ -123,7 +128,7 @@ class SpikeDetector:
             non-finite values are events from the first step.
         rel_floor, abs_floor: the floors of the scale (real numbers >= 0; their sum must be > 0).
         min_ratio: a spike must also exceed the running median by this factor (``x > med + (min_ratio - 1) *
-            |med|``): a finite real number >= 1 for every signal, or a mapping ``{name: ratio}`` for some of them
+            |med|``): a real number in ``[1, 3.4e38]`` for every signal, or a mapping ``{name: ratio}`` for some of them
             (the others 1.0: the z-score alone).
         refresh_every: recompute the median and the MAD every this many updates (an integer >= 1; 1: every
             update, the exact running statistics).
