@@ -157,8 +157,9 @@ def monitored_step(trainer, step, samples, raise_oom=False):
     [`train_step`][fairseq_plugins.repairs.train_step]): on a logged update it arms the monitor before the step and
     reads the gradients (normalized, clipped), the update and the loss after it; on every other update it hands
     the per-update rules (`stability_toolbox.DEFAULT_SIGNAL_RULES`) their scalars, as in any other loop (no hook,
-    no host-device sync). The monitor is made on the trainer's first step from its configuration; without the
-    flag it calls the step unchanged."""
+    no host-device sync). A step that raises or returns None (fairseq made no update: the counter stays) is
+    discarded (`StabilityMonitor.discard_step`): nothing of it is recorded. The monitor is made on the trainer's
+    first step from its configuration; without the flag it calls the step unchanged."""
     if "_stability_monitor" not in vars(trainer):
         settings = monitor_settings(trainer.cfg)
         trainer._stability_monitor = None if settings is None else make_monitor(trainer, settings)
@@ -169,8 +170,13 @@ def monitored_step(trainer, step, samples, raise_oom=False):
     try:
         out = step(samples, raise_oom)
     except BaseException:
-        mon.end_step()
+        mon.discard_step()  # a failed update logs nothing (and the error is fairseq's, not the monitor's)
         raise
+    if out is None:
+        # no update was made (fp16 overflow, every micro-batch out of memory, a guard's skipped non-finite step):
+        # fairseq's counter stays, so recording it would log this update twice (once with no update in it)
+        mon.discard_step()
+        return out
     # the gradients stay in place until the next train_step zeroes them (normalized, clipped)
     mon.capture_grads()
     # the step's smoothed, normalized loss as fairseq logs it (base 2): a number, or a tensor kept on its device

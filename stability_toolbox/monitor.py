@@ -243,6 +243,7 @@ class StabilityMonitor:
         self._loss_sum: Optional[Tensor] = None
         self._loss_max: Optional[Tensor] = None
         self._loss_n = 0
+        self._loss_begin: Optional[tuple] = None  # the loss sums when the step under way began (discard_step)
         self._log_z: Optional[Tuple[Tensor, Tensor, int]] = None  # observe_logits: sum, sum of squares, count
         self._optimizer_handles: List[Any] = []
         self._closed = False
@@ -284,7 +285,10 @@ class StabilityMonitor:
     # ------------------------------------------------------------------ the step protocol
 
     def is_logging_step(self, step: Optional[int] = None) -> bool:
-        """Whether ``step`` (default: the coming one) is logged."""
+        """Whether ``step`` (default: the coming one; else an integer >= 0, checked as `begin_step` checks it)
+        is logged."""
+        if step is not None:  # a float, a bool, a negative or a string step has no answer (was a bare % on it)
+            step = validation.as_int("step", step, minimum=0)
         return (self.step_count if step is None else step) % self.every == 0
 
     @property
@@ -300,6 +304,7 @@ class StabilityMonitor:
         self._check_open()
         if step is not None:  # a plain int >= 0 (fairseq's every update) skips the full check and its message
             self.step_count = step if type(step) is int and step >= 0 else validation.as_int("step", step, minimum=0)
+        self._loss_begin = (self._loss_sum, self._loss_max, self._loss_n)
         if self._armed or not self.is_logging_step():
             return self._armed
         self._params.arm(self._handles)
@@ -321,7 +326,7 @@ class StabilityMonitor:
                 if self._per_update:
                     self._stream.put(name, value)
                 if name in self._online:
-                    self._reader.put(name, value)
+                    self._reader.put(name, value, copy=False)  # fresh values of this update
         if self._armed:
             self._params.capture()
 
@@ -351,7 +356,7 @@ class StabilityMonitor:
                 if self._per_update:
                     self._stream.put("log_z_rms", rms)
                 if "log_z_rms" in self._online:
-                    self._reader.put("log_z_rms", rms)
+                    self._reader.put("log_z_rms", rms, copy=False)
             if not self._armed:
                 return
             part = (lz.sum(), lz.pow(2).sum(), lz.numel())
@@ -374,6 +379,10 @@ class StabilityMonitor:
                 # one-element view took four (tests/stability_toolbox/test_monitor_exact.py)
                 value = loss.detach().reshape(()) + 0.0
             else:
+                # .float() would make 1.0 of True and drop an imaginary part: refused, as as_scalar refuses them
+                if loss.dtype == torch.bool or loss.is_complex():
+                    raise TypeError(f"loss must be a real (floating or integer) tensor or a real number, got a "
+                                    f"tensor of dtype {loss.dtype}")
                 value = loss.detach().float().reshape(-1).mean()
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
             value = torch.tensor(float(loss))
@@ -384,7 +393,7 @@ class StabilityMonitor:
         if self._per_update:
             self._stream.put("loss", value)
         if "loss" in self._online:
-            self._reader.put("loss", value)
+            self._reader.put("loss", value, copy=False)  # a fresh tensor (above)
         self._loss_sum = accumulate(self._loss_sum, value)
         self._loss_max = running_max(self._loss_max, value)
         self._loss_n += 1
@@ -393,6 +402,7 @@ class StabilityMonitor:
         """Call after the optimizer step. On a logging step, returns the record written; else None."""
         self._check_open()
         self.observe_loss(loss)
+        self._loss_begin = None  # the step is done: its losses stay
         if self._per_update:  # the stream keeps nothing otherwise
             self._stream.end(self.step_count)
         self._reader.end(self.step_count)
@@ -436,11 +446,21 @@ class StabilityMonitor:
                 self.observe_logits(handle.logits)
             self.end_step(handle.loss)
         except BaseException:
-            self._stream.clear()  # the failed step's per-update values are not an update
-            self._reader.clear()
-            if self._armed:  # a failed step leaves no hook and no capture behind, and logs nothing
-                self._clear_step(failed=True)
+            self.discard_step()
             raise
+
+    def discard_step(self) -> None:
+        """Abandon the step under way (it failed, or made no update: an fp16 overflow or out-of-memory skip):
+        its per-update values are dropped, a logged step's hooks and captures are removed and nothing is
+        logged; the counter does not advance (the next `begin_step` may name the same step again). Never
+        raises (it runs on error paths), also after `close`."""
+        self._stream.clear()  # the failed step's per-update values are not an update
+        self._reader.clear()
+        if self._loss_begin is not None:  # nor are its losses (observe_loss inside the step): the sums as it began
+            self._loss_sum, self._loss_max, self._loss_n = self._loss_begin
+            self._loss_begin = None
+        if self._armed:  # a failed step leaves no hook and no capture behind, and logs nothing
+            self._clear_step(failed=True)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "StabilityMonitor":
         """Drive the monitor from ``optimizer``'s step hooks: no other call needed in the loop (losses:

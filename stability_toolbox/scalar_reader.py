@@ -34,20 +34,29 @@ __all__ = ["ScalarReader", "as_scalar"]
 
 
 
-def as_scalar(value: Any) -> Tensor:
+def as_scalar(value: Any, copy: bool = True) -> Tensor:
     """``value`` (a one-element real tensor, kept on its device with no transfer, or a real number) as a float32
     0-d tensor, detached. TypeError for anything else.
 
+    ``copy=True`` (the default): the result never shares memory with ``value``, so a caller that changes its
+    tensor in place afterwards (a loss buffer reused at every update) does not change what was recorded.
+    ``copy=False``: a 0-d float32 tensor the caller will not touch again (the monitor's own values) is returned
+    as it is, with no op dispatched.
+
         >>> as_scalar(torch.tensor([2.5], dtype=torch.float64)), as_scalar(3)
         (tensor(2.5000), tensor(3.))
+        >>> t = torch.tensor(1.0); v = as_scalar(t); _ = t.fill_(5.0); v
+        tensor(1.)
     """
     if isinstance(value, Tensor):
-        if value.dtype == torch.float32 and value.dim() == 0 and not value.requires_grad:
-            return value  # already what is asked (the monitor's own values): no op dispatched per update
+        if value.dtype == torch.float32 and value.dim() == 0 and not value.requires_grad and not copy:
+            return value  # already what is asked and handed over (the monitor's own values): no op per update
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"value must be a one-element real tensor or a real number, got a tensor of shape "
                             f"{tuple(value.shape)} and dtype {value.dtype}")
-        return value.detach().float().reshape(())
+        out = value.detach().float().reshape(())
+        # a float32 tensor in: .float() and reshape are views of the caller's memory; a copy keeps today's value
+        return out.clone() if copy and value.dtype == torch.float32 else out
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return torch.tensor(float(value))
     raise TypeError(f"value must be a one-element real tensor or a real number, got {type(value).__name__}")
@@ -66,12 +75,13 @@ class ScalarReader:
         self._pending: Deque[Tuple[int, Tuple[str, ...], Any, Any]] = deque()
         self._free: Dict[int, List[Tensor]] = {}  # pinned rows returned by ready(), reused by size
 
-    def put(self, name: str, value: Any) -> None:
+    def put(self, name: str, value: Any, *, copy: bool = True) -> None:
         """Set ``name`` of the current update to ``value`` (a one-element real tensor, kept on its device, or
-        a real number). TypeError for another name or value, with nothing changed."""
+        a real number): its value now (`as_scalar`'s ``copy``; ``copy=False`` for a tensor nobody changes
+        afterwards). TypeError for another name or value, with nothing changed."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
-        self._current[name] = as_scalar(value)
+        self._current[name] = as_scalar(value, copy=copy is not False)
 
     def clear(self) -> None:
         """Forget the current update's values (a failed step)."""

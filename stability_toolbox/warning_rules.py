@@ -386,6 +386,13 @@ def _growth(rule, updates: int) -> float:
         return math.inf
 
 
+def _times(x: float, factor: float) -> float:
+    """``x * factor``, 0 for ``x == 0`` whatever the factor: a factor that overflowed to inf (`_growth`) stands for
+    a finite one too large for a float, and 0 times it is 0 (``0 * inf`` is NaN, which compares false and would
+    decide the rule differently from a factor just below the overflow)."""
+    return x * factor if x else x
+
+
 def _trend(series: Sequence[float], rule, steps: Optional[Sequence[int]] = None) -> Optional[str]:
     """The trend text when ``series`` (the last ``window`` values, latest last; logged at ``steps``) meets
     ``rule``, else None."""
@@ -393,10 +400,10 @@ def _trend(series: Sequence[float], rule, steps: Optional[Sequence[int]] = None)
     pairs = [(a, b, _growth(rule, sb - sa)) for a, b, sa, sb in zip(series, series[1:], steps, steps[1:])]
     v = series[-1]
     if rule.direction == "rising":
-        moving = all(b > a and b >= a * g for a, b, g in pairs)
+        moving = all(b > a and b >= _times(a, g) for a, b, g in pairs)
         reached, verb, cmp = v >= rule.threshold, "rose", ">="
     else:
-        moving = all(b < a and b * g <= a for a, b, g in pairs)
+        moving = all(b < a and _times(b, g) <= a for a, b, g in pairs)
         reached, verb, cmp = v <= rule.threshold, "fell", "<="
     if not (reached and moving):
         return None
