@@ -42,7 +42,7 @@ from stability_toolbox.guard_policy import GuardPolicy
 
 from .flags import FlagError, flag_check, library_check
 from .repairs.grad_norm import register_norm_reader
-from .repairs.train_step import register_step_wrapper
+from .repairs.train_step import feature_of, register_step_wrapper
 from .repairs.training_flags import flag_value, register_arg_adder
 
 __all__ = ["add_guard_args", "check_guard_flags", "guard_settings", "guard_of", "make_guard", "guarded_step",
@@ -207,10 +207,7 @@ def guarded_step(trainer, step, samples, raise_oom=False):
     None, as fairseq's own out-of-memory skip does; once the guard stops, ``cfg.optimization.max_update`` is set to
     the current update, so fairseq saves and ends as at ``--max-update``. Without the flag it calls the step
     unchanged."""
-    if "_stability_guard" not in vars(trainer):
-        settings = guard_settings(trainer.cfg)
-        trainer._stability_guard = None if settings is None else make_guard(trainer, settings)
-    g = trainer._stability_guard
+    g = feature_of(trainer, "_stability_guard", guard_settings, make_guard)
     if g is None:
         return step(samples, raise_oom)
     try:

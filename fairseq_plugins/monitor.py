@@ -41,7 +41,7 @@ from stability_toolbox.monitor import StabilityMonitor
 
 from .flags import FlagError, flag_check, library_check
 from .modules import layer_kinds  # noqa: F401  (registers fairseq's layers: the monitor finds them)
-from .repairs.train_step import register_step_wrapper
+from .repairs.train_step import feature_of, register_step_wrapper
 from .repairs.training_flags import flag_value, register_arg_adder
 
 __all__ = ["add_monitor_args", "check_monitor_flags", "monitor_of", "monitor_settings", "make_monitor",
@@ -160,10 +160,7 @@ def monitored_step(trainer, step, samples, raise_oom=False):
     no host-device sync). A step that raises or returns None (fairseq made no update: the counter stays) is
     discarded (`StabilityMonitor.discard_step`): nothing of it is recorded. The monitor is made on the trainer's
     first step from its configuration; without the flag it calls the step unchanged."""
-    if "_stability_monitor" not in vars(trainer):
-        settings = monitor_settings(trainer.cfg)
-        trainer._stability_monitor = None if settings is None else make_monitor(trainer, settings)
-    mon = trainer._stability_monitor
+    mon = feature_of(trainer, "_stability_monitor", monitor_settings, make_monitor)
     if mon is None:
         return step(samples, raise_oom)
     mon.begin_step(trainer.get_num_updates())  # hooks only on a logged update

@@ -26,11 +26,11 @@ wrappers registered after it, then fairseq's step); it reads its settings from `
 """
 
 import functools
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from ._wrap import wrap_once
 
-__all__ = ["install", "register_step_wrapper", "StepWrapper"]
+__all__ = ["feature_of", "install", "register_step_wrapper", "StepWrapper"]
 
 #: ``wrapper(trainer, step, samples, raise_oom) -> the step's output``
 StepWrapper = Callable[[Any, Callable, Any, bool], Any]
@@ -43,6 +43,16 @@ def register_step_wrapper(key: str, wrapper: StepWrapper) -> StepWrapper:
     """Run ``wrapper`` around every ``Trainer.train_step`` (once per ``key``: a second registration is a no-op)."""
     _WRAPPERS.setdefault(key, wrapper)
     return wrapper
+
+
+def feature_of(trainer: Any, attr: str, settings: Callable[[Any], Optional[dict]],
+               make: Callable[[Any, dict], Any]) -> Any:
+    """The feature a step wrapper runs (a monitor, a guard), kept on ``trainer`` as ``attr``: made on the trainer's
+    first step, ``make(trainer, settings(trainer.cfg))``, or None when ``settings`` finds its flag absent."""
+    if attr not in vars(trainer):
+        config = settings(trainer.cfg)
+        setattr(trainer, attr, None if config is None else make(trainer, config))
+    return getattr(trainer, attr)
 
 
 def _wrap_train_step(train_step: Callable) -> Callable:
