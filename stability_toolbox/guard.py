@@ -54,7 +54,6 @@ import numbers
 import os
 import types
 from pathlib import Path
-import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -63,6 +62,7 @@ from torch import Tensor
 from toolbox_core import validation
 
 from .conditional_step import conditional_step, skip_path
+from .guard_gradients import OptimizerGradients, check_grad_norm, stamp, unchanged
 from .guard_policy import GuardPolicy, severest
 from .records import RecordWriter, as_log_dir
 from .snapshots import SnapshotRing, capture, restore
@@ -86,13 +86,6 @@ def _scalable_lr(lr: Any) -> bool:
     if isinstance(lr, Tensor):
         return lr.is_floating_point() and lr.numel() == 1
     return isinstance(lr, numbers.Real) and not isinstance(lr, bool)
-
-
-def _check_norm_sign(value: float) -> None:
-    """A handed gradient norm is >= 0 or non-finite (NaN, +-inf: the ``nonfinite`` signal, never refused: a
-    non-finite gradient is what the guard is there to catch); a finite negative value is a named ValueError."""
-    if value < 0 and math.isfinite(value):
-        raise ValueError(f"grad_norm must be a real number >= 0 (or NaN/inf: non-finite), got {value!r}")
 
 
 def _f32(x: float) -> float:
@@ -257,8 +250,7 @@ class StabilityGuard:
         # observe_grad_norm's: (the norm, the stamp of the gradients it is the norm of)
         self._observed_norm: Optional[Tuple[Tensor, Any]] = None
         self._last_stamp: Any = None  # the stamp of the last step's gradients (_check_fresh)
-        self._params_key: Any = None
-        self._params_cache: Any = None
+        self._gradients = OptimizerGradients(optimizer)
         optimizer.step = types.MethodType(_guarded_function(self), optimizer)
 
     # ------------------------------------------------------------------ data
@@ -365,7 +357,7 @@ class StabilityGuard:
             raise GuardStopped(f"guard.step: the guard stopped the run; {self.stop_reason}")
         if loss is not None:
             self._check_loss(loss)
-        norm = None if grad_norm is None else self._check_norm(grad_norm)
+        norm = None if grad_norm is None else check_grad_norm(grad_norm)
         self._step_loss = loss  # observed by the guarded step once it checked the gradients are new
         self._step_norm = norm
         try:
@@ -389,97 +381,18 @@ class StabilityGuard:
         Raises:
             TypeError / ValueError: a bad ``grad_norm``, named; nothing is kept.
         """
-        norm = self._check_norm(grad_norm)
-        self._observed_norm = (norm, self._stamp(self._grads()[0]))
-
-    @staticmethod
-    def _check_norm(grad_norm: Union[Tensor, float]) -> Tensor:
-        """``grad_norm`` as a 0-d float64 tensor on its device, or a named TypeError/ValueError."""
-        if isinstance(grad_norm, Tensor):
-            if not grad_norm.is_floating_point():
-                raise TypeError(f"grad_norm must be a floating tensor or a real number >= 0, got dtype "
-                                f"{grad_norm.dtype}")
-            if grad_norm.numel() != 1:
-                raise ValueError(f"grad_norm must be one number (a 0-d or one-element tensor), got shape "
-                                 f"{tuple(grad_norm.shape)}")
-            if grad_norm.device.type == "meta":
-                raise ValueError("grad_norm must hold a value: a meta tensor has none")
-            # a copy (float64 is .double()'s no-op): the value as handed, whatever happens to the caller's tensor
-            # before the step (a trainer reusing its buffer, an in-place clip of the returned norm)
-            value = grad_norm.detach().reshape(()).to(torch.float64, copy=True)
-            # the sign is checked where reading is free (the CPU); on a GPU that read would be a sync: a norm is
-            # >= 0 by construction there (clip_grad_norm_'s)
-            if value.device.type == "cpu":
-                _check_norm_sign(value.item())
-            return value
-        if isinstance(grad_norm, bool) or not isinstance(grad_norm, numbers.Real):  # NumPy floats are Real
-            raise TypeError(f"grad_norm must be a floating tensor or a real number >= 0, got "
-                            f"{type(grad_norm).__name__}")
-        try:
-            value = float(grad_norm)
-        except OverflowError:  # an integer beyond a float's range: non-finite, as a value beyond float32's
-            value = math.inf
-        _check_norm_sign(value)
-        return torch.tensor(value, dtype=torch.float64)
+        norm = check_grad_norm(grad_norm)
+        self._observed_norm = (norm, stamp(self._gradients.read()[0]))
 
     def _check_fresh(self, raw: List[Tensor]) -> None:
-        """Refuse a second step on the same gradients ``raw`` (`_grads`'s): the same tensors as at the last step,
-        unmodified since (`_unchanged`)."""
-        if self._last_stamp is not None and self._unchanged(raw, self._last_stamp):
+        """Refuse a second step on the same gradients ``raw``: the same tensors as at the last step, unmodified
+        since (`stability_toolbox.guard_gradients.unchanged`)."""
+        if self._last_stamp is not None and unchanged(raw, self._last_stamp):
             raise ValueError("step: called again on the gradients of the previous update (no backward since); "
                              "call it once per update, after backward(), and optimizer.zero_grad() between updates")
 
-    @staticmethod
-    def _sampled(n: int) -> Tuple[int, ...]:
-        return (0, n // 2, n - 1) if n > 3 else tuple(range(n))
-
-    def _stamp(self, raw: List[Tensor]) -> Tuple[int, int, List[Tuple[Any, int]]]:
-        """What identifies the gradients ``raw`` as they are now: their count, the sum of their version counters
-        (~6 us per 100 gradients) and weak references (the old gradients are not kept alive: set_to_none frees
-        them, and a new tensor at a reused address is not mistaken for the old one) to three of them, the first, a
-        middle and the last, with their versions: a backward, a zero_grad or a clipping changes them (weak
-        references to every gradient, made every step, cost ~10% of the guard's 1% budget on a small model)."""
-        return (len(raw), sum(g._version for g in raw),
-                [(weakref.ref(raw[i]), raw[i]._version) for i in self._sampled(len(raw))])
-
-    def _unchanged(self, raw: List[Tensor], stamp: Tuple[int, int, List[Tuple[Any, int]]]) -> bool:
-        """Whether ``raw`` are the gradients `_stamp` saw, unmodified since: the sampled ones are the same tensors at
-        the same versions, and no version moved elsewhere (a backward without zero_grad that reached only other
-        parameters: conditional computation, unused layers)."""
-        count, versions, sampled = stamp
-        if not sampled or len(raw) != count:
-            return False
-        for (ref, version), i in zip(sampled, self._sampled(len(raw))):
-            g = raw[i]
-            if ref() is not g or g._version != version:
-                return False
-        return sum(g._version for g in raw) == versions
-
     def _remember_grads(self, raw: List[Tensor]) -> None:
-        self._last_stamp = self._stamp(raw)
-
-    def _params(self) -> Tuple[List[Tensor], bool, bool]:
-        """The optimizer's parameters in order, whether any is a DTensor and whether they span several devices
-        (these two cached until the parameters change). The list is read afresh every step: a parameter replaced
-        inside a group's list (same list, same length) must be seen, or its gradient would escape the norm."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        key = tuple(map(id, params))  # ~1 us per 100 parameters, in C
-        if key != self._params_key:
-            self._params_cache = (any(type(p).__name__ == "DTensor" for p in params),
-                                  len({p.device for p in params}) > 1)
-            self._params_key = key
-        return (params, *self._params_cache)
-
-    def _grads(self) -> Tuple[List[Tensor], List[Tensor], bool, bool]:
-        """The gradients as the parameters hold them, the same as local tensors (DTensors: their shards), whether
-        any is sharded and whether they span several devices."""
-        params, dtensors, devices = self._params()
-        raw = [p.grad for p in params]
-        raw = [g for g in raw if g is not None]
-        if dtensors:
-            local = [g.to_local() if type(g).__name__ == "DTensor" else g for g in raw]
-            return raw, local, any(type(g).__name__ == "DTensor" for g in raw), devices
-        return raw, raw, False, devices
+        self._last_stamp = stamp(raw)
 
     def _signal_values(self, grads: List[Tensor], sharded: bool, several_devices: bool, device: torch.device,
                        host: bool = False, given: Optional[Tensor] = None) -> Tuple[Any, Any]:
@@ -545,14 +458,14 @@ class StabilityGuard:
         if self.stopped:
             self._loss_sum, self._loss_n = None, 0
             return loss
-        raw, grads, sharded, several_devices = self._grads()
+        raw, grads, sharded, several_devices = self._gradients.read()
         self._check_fresh(raw)  # before anything changes
         if self._step_loss is not None:
             self.observe_loss(self._step_loss)
             self._step_loss = None
         given, self._step_norm = self._step_norm, None
         observed, self._observed_norm = self._observed_norm, None
-        if given is None and observed is not None and self._unchanged(raw, observed[1]):
+        if given is None and observed is not None and unchanged(raw, observed[1]):
             given = observed[0]  # the trainer's norm of exactly these gradients
         if isinstance(loss, Tensor) and loss.is_floating_point():
             self.observe_loss(loss)
