@@ -2,11 +2,14 @@
 mechanism of `admin_torch.architectures` (HuggingFace's layers, whose forwards are long).
 
 Per sublayer ``norm(x + f(x))`` of a layer, a hook captures ``x`` into the layer's slot (the first input of a
-submodule, the output of the LayerNorm that ran before, or the second argument of a module called as
-``module(f_x, x)``), and a forward pre-hook of ``norm`` turns its input ``s = x + f(x)`` into
-``omega * x + f(x) = s + (omega - 1) x``: the same function as the drop-in layers of `admin_torch.layers`.
-Capture and use happen inside the layer's forward, so gradient checkpointing, which replays that forward,
-replays them too; a forward that raises leaves no captured tensor behind.
+submodule, or the output of the LayerNorm that ran before), and a forward pre-hook of ``norm`` turns its input
+``s = x + f(x)`` into ``omega * x + f(x) = s + (omega - 1) x``: the same function as the drop-in layers of
+`admin_torch.layers`. Where the sum is made inside one module called as ``module(f_x, x)`` (``residual_arg``:
+HuggingFace's ``BertSelfOutput``, ``BertOutput``), Admin needs one hook only: a pre-hook of that module gives it
+``omega * x`` in place of ``x``, so the module's own sum is ``f(x) + omega * x`` (no slot, no hook on the norm
+or the layer: every other module of the layer keeps PyTorch's hook-free call path). Capture and use happen inside
+the layer's forward, so gradient checkpointing, which replays that forward, replays them too; a forward that
+raises leaves no captured tensor behind.
 
 Examples:
     >>> from admin_torch.architectures import LayerKind, Sublayer
@@ -132,13 +135,17 @@ class _AtNorm:
 
 class _OmegaSum:
     """Admin's use of a sum: ``s = x + f(x)`` becomes ``omega * x + f(x)``, as ``s + (omega - 1) x`` (one fused
-    operation: [`OmegaResidual.rescale_sum`][admin_torch.OmegaResidual.rescale_sum])."""
+    operation: [`OmegaResidual.rescale_sum`][admin_torch.OmegaResidual.rescale_sum]); or, where the sum is yet to
+    be made (``residual_arg``), ``x`` becomes ``omega * x`` (``scaled_input``)."""
 
     def __init__(self, omega: OmegaResidual):
         self.omega = omega
 
     def __call__(self, x: Tensor, s: Tensor) -> Tensor:
         return self.omega.rescale_sum(x, s)
+
+    def scaled_input(self, x: Tensor) -> Optional[Tensor]:
+        return self.omega.scaled_input(x)
 
 
 class _Admin:
@@ -161,7 +168,65 @@ class _CaptureResidualArg:
         self.slot = slot
 
     def __call__(self, module, args, kwargs):
-        self.slot.x = args[1] if len(args) >= 2 else kwargs.get("input_tensor")
+        self.slot.x = _residual_arg(args, kwargs)
+
+
+def _residual_arg(args, kwargs):
+    """x of a module called as ``module(f_x, x)`` or ``module(f_x, input_tensor=x)``; None if it has none."""
+    return args[1] if len(args) >= 2 else kwargs.get("input_tensor")
+
+
+class _ScaleResidualArg:
+    """The one hook of a ``residual_arg`` sublayer when its ``at_sum`` can act before the sum (``scaled_input``:
+    Admin): a forward pre-hook (with kwargs) of the module called as ``module(f_x, x)`` that computes
+    ``norm(f_x + x)`` in its own call; it passes ``at_sum.scaled_input(x)`` (``omega * x``) in place of ``x``, so
+    the module's sum is ``f_x + omega * x``, the Admin sum. Nothing is held between calls: exact under gradient
+    checkpointing and ``torch.compile``, nothing left behind by a failed forward.
+
+    While ``scaled_input`` returns None (a hook on the omega module must see its call ``omega(x, f_x)``: the
+    stability monitor's, profiling's), the sublayer is read as a captured one instead: ``x`` goes into this hook's
+    own slot, a pre-hook of ``norm`` (``_AtNorm``) applies ``at_sum(x, s)``, and an exit hook of the module (always
+    called, a failed forward included) empties the slot. Those two hooks are added on the first such call and
+    removed on the first call that scales again; their handles go into ``handles`` (the layer's list, so that
+    `remove_hooks` finds them) while they are installed."""
+
+    def __init__(self, norm: nn.Module, at_sum, strict: bool, handles: List[RemovableHandle]):
+        self.norm, self.at_sum, self.strict, self.handles = norm, at_sum, strict, handles
+        self.slot = _Slot()
+        self.observed: Optional[List[RemovableHandle]] = None  # the two hooks of the captured reading, if installed
+
+    def __call__(self, module, args, kwargs):
+        x = _residual_arg(args, kwargs)
+        if x is None:  # never a silently different function
+            raise RuntimeError(f"admin_torch: converted {type(module).__name__} called without its residual input "
+                               "(the second argument, or input_tensor=)")
+        scaled = self.at_sum.scaled_input(x)
+        if scaled is not None:
+            if self.observed is not None:
+                self._read_scaled()
+            if len(args) >= 2:
+                return (args[0], scaled) + tuple(args[2:]), kwargs
+            return args, {**kwargs, "input_tensor": scaled}
+        if self.observed is None:
+            self._read_captured(module)
+        self.slot.x = x
+        return None
+
+    def _read_captured(self, module: nn.Module) -> None:
+        # registered from this module's pre-hook: its exit hook is one the call now running will run (PyTorch
+        # reads the module's forward hooks after its forward, and again when the forward raised)
+        self.observed = [self.norm.register_forward_pre_hook(_AtNorm(self.slot, self.at_sum, self.strict),
+                                                             prepend=True),
+                         module.register_forward_hook(_ClearSlots([self.slot]), always_call=True)]
+        self.handles.extend(self.observed)
+
+    def _read_scaled(self) -> None:
+        for handle in self.observed:
+            handle.remove()
+            if handle in self.handles:
+                self.handles.remove(handle)
+        self.observed = None
+        self.slot.x = None
 
 
 class _ClearSlots:
@@ -191,6 +256,11 @@ def capture_sums(layer: nn.Module, kind: LayerKind, at_sums: Sequence[Callable[[
     replaces ``s``. Admin (`install_hooks`) and the stability monitor (`stability_toolbox.sites`) both read
     layers through it, so they see the same sublayers.
 
+    An ``at_sum`` that only rescales x (``at_sum(x, s) = s + (c - 1) x``) may say so with a method
+    ``scaled_input(x)`` returning ``c x`` (or None for a call it must see as ``at_sum(x, s)``): on a sublayer
+    described with ``residual_arg``, whose module makes the sum itself, ``c x`` is then passed to that module in
+    place of ``x``, one hook in all (Admin's `_OmegaSum`).
+
     Args:
         layer: a module described by ``kind``.
         kind: its `LayerKind`.
@@ -218,22 +288,30 @@ def capture_sums(layer: nn.Module, kind: LayerKind, at_sums: Sequence[Callable[[
     if len(at_sums) != len(kind.sublayers):
         raise ValueError(f"at_sums: one callable per sublayer ({len(kind.sublayers)}), got {len(at_sums)}")
     handles = [] if handles is None else handles
-    # one slot per layer: the sublayers run in order, each capture is consumed by the next norm
+    # a residual_arg sublayer whose at_sum acts before the sum: one hook on its module, nothing captured
+    scaled = [sub.residual_arg is not None and callable(getattr(at_sum, "scaled_input", None))
+              for sub, at_sum in zip(kind.sublayers, at_sums)]
+    # one slot per layer for the others: the sublayers run in order, each capture is consumed by the next norm
     slot = _Slot()
-    clear = _ClearSlots([slot])
-    handles.append(layer.register_forward_pre_hook(clear, prepend=True))
-    handles.append(layer.register_forward_hook(clear, always_call=True))
+    if not all(scaled):
+        clear = _ClearSlots([slot])
+        handles.append(layer.register_forward_pre_hook(clear, prepend=True))
+        handles.append(layer.register_forward_hook(clear, always_call=True))
     reads_norm_output = any(o.residual_arg is None and o.capture is None and o.source is not None
                             for o in kind.sublayers)
-    for sub, at_sum in zip(kind.sublayers, at_sums):
+    for sub, at_sum, before_sum in zip(kind.sublayers, at_sums, scaled):
         norm = resolve(layer, sub.norm)
-        if sub.residual_arg is not None:
+        if before_sum:
+            handles.append(resolve(layer, sub.residual_arg).register_forward_pre_hook(
+                _ScaleResidualArg(norm, at_sum, strict, handles), with_kwargs=True))
+        elif sub.residual_arg is not None:
             handles.append(resolve(layer, sub.residual_arg).register_forward_pre_hook(
                 _CaptureResidualArg(slot), with_kwargs=True))
         elif sub.capture is not None or sub.source is None:
             target = resolve(layer, sub.capture) if sub.capture is not None else layer
             handles.append(target.register_forward_pre_hook(_CaptureInput(slot, sub.capture_args), with_kwargs=True))
-        handles.append(norm.register_forward_pre_hook(_AtNorm(slot, at_sum, strict)))
+        if not before_sum:
+            handles.append(norm.register_forward_pre_hook(_AtNorm(slot, at_sum, strict)))
         # x of a later sublayer that reads this norm's output without a residual argument or a capture:
         # whichever sublayer runs next takes it (a decoder layer skipping its cross-attention stays exact)
         if sub.norm != kind.last_norm and reads_norm_output:

@@ -158,6 +158,24 @@ class OmegaResidual(nn.Module):
             return torch.addcmul(s, x, self._omega_for(x) - 1)
         return torch.add(s, x, alpha=self._omega_minus_one())
 
+    def scaled_input(self, x: Tensor) -> Optional[Tensor]:
+        """``x * omega``, for a caller whose own code then adds ``f_x`` (what `admin_torch.hooks` gives a module
+        called as ``module(f_x, x)`` in place of ``x``): with that sum, exactly ``self(x, f_x)``, the same two
+        operations. None where this module's call must be seen: a hook on it (the stability monitor's, or
+        profiling's, which reads ``(x, f_x)`` and may set omega first); the caller then calls ``self(x, f_x)``.
+
+        Shape: ``x``: ``(*, embed_dim)``; output: the broadcast shape of ``x`` and omega.
+
+        Examples:
+            >>> res = OmegaResidual(2.0)
+            >>> x, f_x = torch.ones(3), torch.full((3,), 0.5)
+            >>> torch.equal(f_x + res.scaled_input(x), res(x, f_x))
+            True
+        """
+        if self._profile_hook is not None or _has_hooks(self):
+            return None
+        return x * self._omega_for(x)
+
     def _omega_minus_one(self) -> float:
         """``omega - 1`` as a number, for a 1-element omega: read again only when omega changed (another tensor,
         other memory, or an in-place write: ``set_omega_``, ``load_state_dict``, ``.to()``)."""

@@ -63,6 +63,14 @@ def _steps(models, x, device, steps, rounds=1, warmup=2):
     return out
 
 
+def _load():
+    """The 1-minute load average of the machine, or None where the system has none (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _spread(values):
     """(median, lower quartile, upper quartile) of ``values``."""
     if len(values) < 2:
@@ -91,6 +99,7 @@ def main(argv=None):
         parser.error("--device cuda: no CUDA device")
     torch.set_num_threads(min(args.threads, torch.get_num_threads()))
     _scale(args.hidden, args.layers)
+    load_start = _load()
     rows = []
     known = list(H.families()) + list(H.fold_refused())
     for family in args.families or known:
@@ -115,14 +124,19 @@ def main(argv=None):
               f"overhead {rows[-1][3]:+6.1f}% [{rows[-1][4]:+.1f}%, {rows[-1][5]:+.1f}%]  "
               f"fold err {'refused' if err != err else f'{err:.2e}'}", flush=True)
     clock_name = "thread CPU time" if args.device == "cpu" and args.threads == 1 else "wall time"
+    load = ("" if load_start is None else
+            f"; the machine's load average (1 min) {load_start:.1f} at the start, {_load():.1f} at the end, "
+            f"on {os.cpu_count()} CPUs: other processes' load slows small operations and Python calls, which "
+            "the converted step has more of")
     lines = ["# admin_torch.convert on HuggingFace families: step overhead and fold error",
              "",
              f"`python -m benchmarks.bench_admin_hf --device {args.device} --hidden {args.hidden} --layers "
-             f"{args.layers} --steps {args.steps} --rounds {args.rounds} --threads {args.threads}` "
+             f"{args.layers} --steps {args.steps} --rounds {args.rounds} --threads {args.threads}"
+             f"{' --families ' + ' '.join(args.families) if args.families else ''}` "
              f"(torch {torch.__version__}; batch 2 x 8 tokens, padding in one sequence; stock and converted steps "
              f"interleaved in alternating order, {clock_name}; per round the fastest step of each; "
              "overhead = median over rounds of converted / stock - 1, [interquartile range]; fold error = "
-             "max |fold(model)(x) - model(x)|, float32, eval).",
+             f"max |fold(model)(x) - model(x)|, float32, eval{load}).",
              "",
              "| family | stock step (ms) | converted step (ms) | overhead [IQR] | fold error |",
              "|---|---:|---:|---:|---:|"]
@@ -130,8 +144,10 @@ def main(argv=None):
               f"{'refused' if e != e else f'{e:.1e}'} |" for f, a, b, o, lo, hi, e in rows]
     lines += ["", "'refused': a family whose fold is refused with a reason (shared ALBERT layers, FSMT's sinusoidal "
               "positions, Funnel's repeated blocks; docs/huggingface.md). Small models: the overhead is the "
-              "hooks' Python calls plus one scaled add per residual (one multiply in the backward: "
-              "OmegaResidual.rescale_sum), a fixed cost per layer call, so its share shrinks as the model grows; "
+              "hooks' Python calls plus one operation per residual and one in the backward (BERT-like layers, "
+              "whose output modules take the residual as an argument: one hook per sublayer, which passes "
+              "omega * x; the others: a scaled add at the LayerNorm, OmegaResidual.rescale_sum), a fixed cost per "
+              "layer call, so its share shrinks as the model grows; "
               "timings of a few milliseconds vary by about 10% between runs on a loaded machine (the interquartile "
               "range shows the spread), so differences of that size, negative ones included, are noise."]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
