@@ -61,6 +61,13 @@ def tiny_translation_data(tmp_path_factory):
     return make_translation_data(tmp_path_factory.mktemp("tiny_translation"))
 
 
+def pytest_configure(config):
+    """``xdist_group`` (pytest-xdist's mark: the tests that share a module's fixture run on one worker under
+    ``--dist loadgroup``, as make test runs) is known also where xdist is not loaded (``-p no:xdist``)."""
+    config.addinivalue_line("markers", "xdist_group(name): run these tests on one pytest-xdist worker "
+                                       "(--dist loadgroup), e.g. the users of one module-scoped fixture")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` (the GPU lane, ``make test-gpu``) are skipped without a CUDA device."""
     import torch

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from benchmarks.fairseq_data import TranslationData, write_reversal_corpus  # noqa: F401 (re-exported)
 
@@ -101,12 +101,22 @@ def run_tool(tool: str, *args, cwd=None, timeout: float = 300, check: bool = Tru
 
 
 _BATCH_DRIVER = r"""
-import importlib.metadata, json, os, sys, tempfile, traceback
-tool, cases, results_path = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
-main = next(ep for ep in importlib.metadata.entry_points(group="console_scripts")
-            if ep.name == "fairseq-" + tool).load()
+import importlib.metadata, json, logging, os, sys, tempfile, traceback
+cases, results_path = json.load(open(sys.argv[1])), sys.argv[2]
+mains, logging_of = {}, {}
+root = logging.getLogger()
 results = []
-for args in cases:
+for tool, args in cases:
+    if tool not in mains:  # a tool's module is imported when its first case runs, as its console script does
+        # fairseq's tools configure logging when their module is imported (logging.basicConfig, a no-op where the
+        # root logger has a handler already): each tool gets the configuration it makes in a fresh process
+        root.handlers[:] = []
+        mains[tool] = next(ep for ep in importlib.metadata.entry_points(group="console_scripts")
+                           if ep.name == "fairseq-" + tool).load()
+        logging_of[tool] = list(root.handlers), root.level
+    main = mains[tool]
+    root.handlers[:], level = list(logging_of[tool][0]), logging_of[tool][1]
+    root.setLevel(level)
     with tempfile.TemporaryFile(mode="w+") as out:
         sys.stdout.flush(); sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
@@ -117,6 +127,8 @@ for args in cases:
             main()
         except SystemExit as exit:
             code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+            if not isinstance(exit.code, (int, type(None))):  # sys.exit("message"): printed, as the interpreter does
+                print(exit.code, file=sys.stderr)
         except BaseException:  # what the interpreter does with an unhandled exception: its excepthook, status 1
             try:
                 sys.excepthook(*sys.exc_info())
@@ -124,46 +136,77 @@ for args in cases:
             except SystemExit as exit:  # the plugins' one-line hook sets the status this way
                 code = exit.code
         sys.stdout.flush(); sys.stderr.flush()
-        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2); os.close(saved[0]); os.close(saved[1])
         out.seek(0)
         results.append({"returncode": code, "stdout": out.read()})
 json.dump(results, open(results_path, "w"))
 """
 
 
-def run_tool_batch(tool: str, cases: Sequence[Sequence], timeout: float = 600) -> list:
-    """Run ``fairseq-<tool>`` once per argument list in ``cases``, all in ONE Python process (fairseq's start-up,
-    6-7 s, is paid once): each run's console entry point is called with its ``sys.argv``, its output (file
-    descriptors 1 and 2) and exit status kept apart. For command-line checks that end before any training
-    state exists; returns ``subprocess.CompletedProcess``-like objects (``returncode``, ``stdout``)."""
+def run_tool_batch(tool: str, cases: Sequence[Sequence], timeout: Optional[float] = None) -> list:
+    """Run ``fairseq-<tool>`` once per argument list in ``cases``, all in ONE Python process: see
+    :func:`run_tools_batch`, which this is with the same tool for every case."""
+    return run_tools_batch([(tool, args) for args in cases], timeout=timeout)
+
+
+def run_tools_batch(cases: Sequence[Tuple[str, Sequence]], timeout: Optional[float] = None) -> list:
+    """Run ``fairseq-<tool> *args`` for each ``(tool, args)`` of ``cases`` in order, all in ONE Python process
+    (fairseq's start-up, 4-7 s of CPU, is paid once): each run's console entry point is called with its
+    ``sys.argv``, its output (file descriptors 1 and 2) and exit status kept apart, stdin empty, the working
+    directory the repository's root. Returns ``subprocess.CompletedProcess``-like objects (``returncode``,
+    ``stdout``), one per case. ``timeout``: seconds for the whole batch, by default 300 per case (``run_tool``'s).
+
+    What a batch shares is the process: the modules imported and the plugins registered by an earlier case (a
+    ``--user-dir`` stays loaded). A run that must start without the plugins goes before the first case that loads
+    them, or in its own process. Each fairseq tool seeds torch and NumPy from its own ``--seed`` when it starts,
+    so an earlier case's use of the generators does not carry into the next."""
     import json
     import tempfile
 
+    cases = [(tool, [str(a) for a in args]) for tool, args in cases]
+    timeout = 300 * len(cases) if timeout is None else timeout
     with tempfile.TemporaryDirectory() as tmp:
         todo, done = Path(tmp) / "cases.json", Path(tmp) / "results.json"
-        todo.write_text(json.dumps([[str(a) for a in args] for args in cases]))
-        proc = subprocess.run([sys.executable, "-c", _BATCH_DRIVER, tool, str(todo), str(done)], cwd=REPO_ROOT,
-                              env=tool_env(), text=True, capture_output=True, timeout=timeout)
+        todo.write_text(json.dumps(cases))
+        proc = subprocess.run([sys.executable, "-c", _BATCH_DRIVER, str(todo), str(done)], cwd=REPO_ROOT,
+                              env=tool_env(), text=True, capture_output=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
         if proc.returncode != 0 or not done.exists():
-            raise AssertionError(f"the fairseq-{tool} batch driver failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+            raise AssertionError(f"the fairseq batch driver failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
         results = json.loads(done.read_text())
-    return [subprocess.CompletedProcess(["fairseq-" + tool, *map(str, args)], r["returncode"], r["stdout"])
-            for args, r in zip(cases, results)]
+    return [subprocess.CompletedProcess(["fairseq-" + tool, *args], r["returncode"], r["stdout"])
+            for (tool, args), r in zip(cases, results)]
+
+
+def check_run(run: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``run`` (one result of a batch) when it exited 0, else an AssertionError with the end of its log."""
+    if run.returncode != 0:
+        raise AssertionError(f"{' '.join(run.args)} exited {run.returncode}:\n{run.stdout[-4000:]}")
+    return run
+
+
+def translation_data_case(root: Path, **corpus_kwargs) -> Tuple[TranslationData, Tuple[str, list]]:
+    """A tiny reversal corpus written under ``root/raw``, and the fairseq-preprocess run, ``(tool, args)``, that
+    binarizes it into ``root/bin`` (for a batch: ``run_tools_batch``)."""
+    raw = write_reversal_corpus(root / "raw", **corpus_kwargs)
+    out = root / "bin"
+    return TranslationData(raw=raw, bin=out), ("preprocess", [
+        "--source-lang", "src", "--target-lang", "tgt", "--trainpref", raw / "train", "--validpref", raw / "valid",
+        "--testpref", raw / "test", "--destdir", out, "--joined-dictionary", "--workers", "1"])
 
 
 def make_translation_data(root: Path, **corpus_kwargs) -> TranslationData:
     """A tiny reversal corpus under ``root/raw``, binarized by the real fairseq-preprocess into ``root/bin``."""
-    raw = write_reversal_corpus(root / "raw", **corpus_kwargs)
-    out = root / "bin"
-    run_tool("preprocess", "--source-lang", "src", "--target-lang", "tgt",
-             "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
-             "--destdir", out, "--joined-dictionary", "--workers", "1")
-    return TranslationData(raw=raw, bin=out)
+    data, (tool, args) = translation_data_case(root, **corpus_kwargs)
+    run_tool(tool, *args)
+    return data
 
 
-def make_lm_data(root: Path, sizes: Sequence[int] = (300, 40, 40), vocab: int = 40, seed: int = 0) -> Path:
-    """A tiny monolingual corpus (random words with a repeated-pattern structure to learn), binarized by
-    the real ``fairseq-preprocess --only-source`` into ``root/bin``."""
+def lm_data_case(root: Path, sizes: Sequence[int] = (300, 40, 40), vocab: int = 40,
+                 seed: int = 0) -> Tuple[Path, Tuple[str, list]]:
+    """A tiny monolingual corpus (random words with a repeated-pattern structure to learn) written under
+    ``root/raw``, and the fairseq-preprocess ``--only-source`` run, ``(tool, args)``, that binarizes it into
+    ``root/bin`` (for a batch: ``run_tools_batch``); ``(root/bin, that run)``."""
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(vocab)]
     raw = root / "raw"
@@ -174,6 +217,13 @@ def make_lm_data(root: Path, sizes: Sequence[int] = (300, 40, 40), vocab: int = 
                 start = rng.randrange(vocab)
                 f.write(" ".join(words[(start + 3 * k) % vocab] for k in range(rng.randint(4, 12))) + "\n")
     out = root / "bin"
-    run_tool("preprocess", "--only-source", "--trainpref", raw / "train.txt", "--validpref", raw / "valid.txt",
-             "--testpref", raw / "test.txt", "--destdir", out, "--workers", "1")
+    return out, ("preprocess", ["--only-source", "--trainpref", raw / "train.txt", "--validpref", raw / "valid.txt",
+                                "--testpref", raw / "test.txt", "--destdir", out, "--workers", "1"])
+
+
+def make_lm_data(root: Path, sizes: Sequence[int] = (300, 40, 40), vocab: int = 40, seed: int = 0) -> Path:
+    """A tiny monolingual corpus (random words with a repeated-pattern structure to learn), binarized by
+    the real ``fairseq-preprocess --only-source`` into ``root/bin``."""
+    out, (tool, args) = lm_data_case(root, sizes, vocab, seed)
+    run_tool(tool, *args)
     return out

@@ -14,10 +14,15 @@ MASTER_PORT in the environment, gloo, CPU):
   (``Accelerator.prepare``, ``accelerator.backward``), ``accelerator.save_state`` after ``SAVE`` steps;
   the resume is a fresh converted model and optimizer, ``accelerator.load_state(CKPT)`` and the data loader
   past its first ``SAVE`` batches (``skip_first_batches``).
+* ``trainer_all OUT`` / ``accelerate_all OUT``: the unbroken run and its resume in one launch (the ranks' start-up,
+  torch and transformers imports, paid once): ``full`` (``accelerate``), then rank 0 copies the checkpoint of
+  update ``SAVE`` alone to ``OUT/ckpt3`` (``OUT/state3``), where the unbroken run's later checkpoint is not
+  around, every rank waits for the copy, and ``resume`` (``accelerate_resume``) starts from that copy.
 """
 
 import json
 import os
+import shutil
 import sys
 import warnings
 
@@ -136,9 +141,26 @@ def record(model, opt, path, with_fold):
     torch.save(result, path)
 
 
+def copy_on_rank0(src, dst, rank):
+    """``src`` copied to ``dst`` by rank 0 while the other ranks wait (the copy is there for all when it returns)."""
+    if rank == 0:
+        shutil.copytree(src, dst)
+    torch.distributed.barrier()
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
+    if mode in ("trainer_all", "accelerate_all"):
+        first, resume, src, dst = (("full", "resume", os.path.join(out, "full", f"checkpoint-{SAVE}"), "ckpt3")
+                                   if mode == "trainer_all" else
+                                   ("accelerate", "accelerate_resume", os.path.join(out, "accelerate_state"), "state3"))
+        sys.argv[1:] = [first, out]
+        main()
+        copy_on_rank0(src, os.path.join(out, dst), rank)
+        sys.argv[1:] = [resume, out, os.path.join(out, dst)]
+        main()
+        return
     if mode == "full":
         model, opt = train(os.path.join(out, "full"))
         if rank == 0:
@@ -160,7 +182,8 @@ def main():
         if rank == 0:
             record(model, opt, os.path.join(out, "accelerate_resumed.pt"), with_fold=True)
     else:
-        raise ValueError(f"mode must be 'full', 'resume', 'accelerate' or 'accelerate_resume', got {mode!r}")
+        raise ValueError("mode must be 'full', 'resume', 'accelerate', 'accelerate_resume', 'trainer_all' or "
+                         f"'accelerate_all', got {mode!r}")
     if rank == 0:
         with open(os.path.join(out, f"{mode}.done"), "w") as f:
             json.dump({"ok": True}, f)

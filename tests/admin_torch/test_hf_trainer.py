@@ -3,7 +3,6 @@ sign_optim.AddSign + CosineInternalDecay: Trainer checkpoints, resume equal to t
 the end. The ranks run tests/admin_torch/hf_trainer_worker.py."""
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -63,16 +62,18 @@ def _max_diff(a, b):
 
 @pytest.mark.slow
 def test_trainer_ddp_resume_with_sign_optimizer_equals_unbroken_run_and_folds(tmp_path):
-    _launch("full", str(tmp_path))
+    # one launch (start-up paid once): the unbroken run, then the resume from a copy of its checkpoint-3 alone
+    # (tmp_path/ckpt3: the unbroken run's later checkpoint is not around), made by rank 0 between the two
+    _launch("trainer_all", str(tmp_path))
     ckpt = tmp_path / "full" / "checkpoint-3"
     assert (ckpt / "optimizer.pt").is_file() and (ckpt / "model.safetensors").is_file()
     # the Trainer checkpoint holds the sign optimizer's state; it loads with weights_only=True as Trainer does
     state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     assert state["sign_internal_decay"] == {"kind": "cosine", "T_max": 6, "num_periods": 0.5, "zero_after": None}
     assert all(float(s["step"]) == 3 for s in state["state"].values())
-    resume_from = tmp_path / "ckpt3"
-    shutil.copytree(ckpt, resume_from)  # the unbroken run's later checkpoint is not around
-    _launch("resume", str(tmp_path), str(resume_from))
+    resumed_from = tmp_path / "ckpt3"
+    assert sorted(p.name for p in resumed_from.iterdir()) == sorted(p.name for p in ckpt.iterdir())
+    assert all((resumed_from / p.name).read_bytes() == p.read_bytes() for p in ckpt.iterdir() if p.is_file())
 
     full = torch.load(tmp_path / "full.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
@@ -94,12 +95,11 @@ def test_trainer_ddp_resume_with_sign_optimizer_equals_unbroken_run_and_folds(tm
 def test_accelerate_loop_resume_equals_unbroken_run_and_folds(tmp_path):
     """The same training as a plain accelerate loop on two processes: accelerator.save_state after 3 steps,
     a fresh converted model + optimizer resumed with load_state ends where the unbroken run ended."""
-    _launch("accelerate", str(tmp_path))
+    # one launch: the unbroken run, then the resume from tmp_path/state3, rank 0's copy of its saved state
+    _launch("accelerate_all", str(tmp_path))
     state = tmp_path / "accelerate_state"
     assert state.is_dir()
-    resume_from = tmp_path / "state3"
-    shutil.copytree(state, resume_from)
-    _launch("accelerate_resume", str(tmp_path), str(resume_from))
+    assert sorted(p.name for p in (tmp_path / "state3").iterdir()) == sorted(p.name for p in state.iterdir())
     full = torch.load(tmp_path / "accelerate.pt", weights_only=True)
     resumed = torch.load(tmp_path / "accelerate_resumed.pt", weights_only=True)
     assert full["opt_steps"] == resumed["opt_steps"] == [6.0]

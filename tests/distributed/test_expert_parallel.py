@@ -29,7 +29,9 @@ from fairseq_helpers import free_port  # noqa: E402
 WORKER = Path(__file__).resolve().parent / "expert_parallel_worker.py"
 WORLD = 4
 SCENARIOS = ["equality", "edges", "refusals", "composition", "checkpoint", "dead_rank"]
-pytestmark = [pytest.mark.slow,
+# the ranks are launched once per module (module fixtures): its tests stay on one worker under
+# `pytest --dist loadgroup` (make test), else each worker that gets one of them launches them again
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("expert_parallel_launches"),
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")]
 
 

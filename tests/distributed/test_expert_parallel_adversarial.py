@@ -30,7 +30,9 @@ from test_expert_parallel import assert_model_equal  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "expert_parallel_adversarial_worker.py"
 WORLD = 4
-pytestmark = [pytest.mark.slow,
+# the ranks are launched once per module (module fixtures): its tests stay on one worker under
+# `pytest --dist loadgroup` (make test), else each worker that gets one of them launches them again
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("expert_parallel_adversarial_launch"),
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")]
 
 

@@ -18,7 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_expert_parallel import WORLD, assert_model_equal, launch, load, reference_training  # noqa: E402
 
-pytestmark = [pytest.mark.slow,
+# the ranks are launched once per module (module fixtures): its tests stay on one worker under
+# `pytest --dist loadgroup` (make test), else each worker that gets one of them launches them again
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("expert_parallel_compose_launch"),
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")]
 
 

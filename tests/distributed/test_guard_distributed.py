@@ -120,6 +120,7 @@ def ranks(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("guard_launch")  # one module launch of the ranks: its tests on one worker (--dist loadgroup)
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_ddp_ranks_decide_alike(ranks):
     r0, r1 = ranks
@@ -149,6 +150,7 @@ def test_ddp_ranks_decide_alike(ranks):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("guard_launch")  # one module launch of the ranks: its tests on one worker (--dist loadgroup)
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 @pytest.mark.parametrize("given, own", [("skip_given", "skip"), ("rewind_given", "rewind"),
                                         ("skip_observed", "skip")])

@@ -26,7 +26,9 @@ from fairseq_helpers import free_port  # noqa: E402
 WORLD = 2
 WORKER = Path(__file__).resolve().parent / "sharded_worker.py"
 SCENARIOS = ["fsdp2_sign", "dcp_resume", "tensor_parallel", "zero", "admin_fsdp2", "moe_fsdp2"]
-pytestmark = [pytest.mark.slow,
+# the ranks are launched once per module (module fixtures): its tests stay on one worker under
+# `pytest --dist loadgroup` (make test), else each worker that gets one of them launches them again
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sharded_launch"),
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")]
 
 

@@ -5,17 +5,23 @@ fairseq-train 2 updates, resume to 3, then fold the checkpoint with
 the command ``python -m fairseq_plugins.fold_checkpoint`` (its ``main``, in-process) and check that fairseq-generate WITHOUT --user-dir
 on the folded checkpoint gives the same hypotheses as fairseq-generate with --user-dir on the
 Admin checkpoint.
+
+The tools run in two processes for the whole module (``run_tools_batch``: fairseq's start-up is paid once per
+process): every training run, then every generation, the three without --user-dir first, before the plugins
+are loaded in that process.
 """
 
+import contextlib
+import io
 import re
-import subprocess
 
 import pytest
 
 from fairseq_plugins.fold_checkpoint import main as fold_main
-from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, TINY_TRANSFORMER_ARGS, run_tool, tool_env, tool_path
+from fairseq_helpers import PLUGINS_DIR, TINY_TRANSFORMER_ARGS, check_run, run_tools_batch
 
-pytestmark = pytest.mark.slow
+# the module's runs are one fixture: its tests stay on one worker under `pytest --dist loadgroup` (make test)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fairseq_admin_e2e")]
 
 INITS = {
     "admin": ["--admin-init", "admin", "--encoder-as-parameter", "--decoder-as-parameter"],
@@ -41,48 +47,67 @@ def hypotheses(log: str):
     return out
 
 
-def generate_both(data, admin_ckpt, folded_ckpt):
-    """fairseq-generate on both checkpoints, run side by side (the admin one needs --user-dir)."""
+def generate_args(data, checkpoint, *extra):
     # --required-batch-size-multiple 1: without --user-dir (the folded run) fairseq-fixed would drop
     # the last batch (fairseq_plugins.batching fixes that only where the plugins are loaded).
-    common = [data, "--gen-subset", "valid", "--beam", "2", "--batch-size", "64", "--cpu", "--num-workers", "0",
-              "--max-len-b", "20", "--required-batch-size-multiple", "1"]
-    cmds = [[tool_path("generate"), *map(str, common), "--path", str(admin_ckpt), "--user-dir", str(PLUGINS_DIR)],
-            [tool_path("generate"), *map(str, common), "--path", str(folded_ckpt)]]
-    procs = [subprocess.Popen(c, cwd=REPO_ROOT, env=tool_env(), text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for c in cmds]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, c, log in zip(procs, cmds, logs):
-        assert p.returncode == 0, f"{' '.join(c)} exited {p.returncode}:\n{log[-4000:]}"
-    return logs
+    return [data, "--gen-subset", "valid", "--beam", "2", "--batch-size", "64", "--cpu", "--num-workers", "0",
+            "--max-len-b", "20", "--required-batch-size-multiple", "1", "--path", checkpoint, *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_translation_data, tmp_path_factory):
+    """{init: (first training run, resumed run, (fold's exit status, its output), admin generate run, folded
+    generate run, dir)}: each test checks its own runs (one init's failure is reported by its own test)."""
+    data, root = tiny_translation_data.bin, tmp_path_factory.mktemp("admin_e2e")
+    trains = []
+    for init, init_args in INITS.items():
+        ck = root / init / "ck"
+        (root / init).mkdir()
+        first_args, resume_args = list(init_args), list(init_args)
+        if init == "profiled":
+            # the resumed run names a profile file that does not exist (the first run's is elsewhere): it must
+            # take the omegas from the checkpoint, not profile again
+            first_args += ["--admin-profile", root / init / "profile.json"]
+            resume_args += ["--admin-profile", root / init / "resume_profile.json"]
+        trains += [("train", [*admin_train_args(data, ck, first_args), "--max-update", "2"]),
+                   ("train", [*admin_train_args(data, ck, resume_args), "--max-update", "3"])]
+    logs = run_tools_batch(trains)
+
+    folds = {}
+    for i, init in enumerate(INITS):
+        if logs[2 * i + 1].returncode != 0:
+            folds[init] = (None, "not folded: the training failed")
+            continue
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # the command's main() in-process
+            code = fold_main([str(root / init / "ck" / "checkpoint_last.pt"), str(root / init / "folded.pt")])
+        folds[init] = (code, out.getvalue())
+
+    # without --user-dir first: the folded checkpoints are generated before the plugins load in that process
+    generates = [("generate", generate_args(data, root / init / "folded.pt")) for init in INITS]
+    generates += [("generate", generate_args(data, root / init / "ck" / "checkpoint_last.pt", "--user-dir",
+                                             PLUGINS_DIR)) for init in INITS]
+    gen_logs = run_tools_batch(generates)
+    n = len(INITS)
+    return {init: (logs[2 * i], logs[2 * i + 1], folds[init], gen_logs[n + i], gen_logs[i], root / init)
+            for i, init in enumerate(INITS)}
 
 
 @pytest.mark.parametrize("init", list(INITS))
-def test_train_resume_fold_generate(init, tiny_translation_data, tmp_path, capsys):
-    data, ck = tiny_translation_data.bin, tmp_path / "ck"
-    init_args = list(INITS[init])
-    profile = tmp_path / "profile.json"
-    if init == "profiled":
-        init_args += ["--admin-profile", profile]
-
-    first = run_tool("train", *admin_train_args(data, ck, init_args), "--max-update", "2").stdout
+def test_train_resume_fold_generate(init, runs):
+    first, resumed, (fold_code, fold_out), admin_log, folded_log, root = runs[init]
+    first, resumed = check_run(first).stdout, check_run(resumed).stdout
     assert "num_updates 2" in first
     if init == "profiled":
-        assert "profiled 10 omegas" in first and profile.exists()
-        profile.unlink()  # a resumed run must take the omegas from the checkpoint, not profile again
+        assert "profiled 10 omegas" in first and (root / "profile.json").exists()
 
-    resumed = run_tool("train", *admin_train_args(data, ck, init_args), "--max-update", "3").stdout
     assert "Loaded checkpoint" in resumed and "num_updates 3" in resumed
     if init == "profiled":
-        assert "profiled 10 omegas" not in resumed and not profile.exists()
+        assert "profiled 10 omegas" not in resumed and not (root / "resume_profile.json").exists()
 
-    folded = tmp_path / "folded.pt"
-    # the command's main() in-process (a subprocess would only add fairseq's import time)
-    assert fold_main([str(ck / "checkpoint_last.pt"), str(folded)]) == 0
-    assert "folded 10 residual omegas" in capsys.readouterr().out
+    assert fold_code == 0
+    assert "folded 10 residual omegas" in fold_out
 
-    admin_log, folded_log = generate_both(data, ck / "checkpoint_last.pt", folded)
-    admin_hyps, folded_hyps = hypotheses(admin_log), hypotheses(folded_log)
+    admin_hyps, folded_hyps = hypotheses(check_run(admin_log).stdout), hypotheses(check_run(folded_log).stdout)
     assert len(admin_hyps) == 50  # the whole valid split
     assert folded_hyps == admin_hyps
-

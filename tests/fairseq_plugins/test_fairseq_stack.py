@@ -1,5 +1,9 @@
 """The real fairseq command-line tools with ``--user-dir fairseq_plugins``: train, kill, resume,
-decode, score, distributed training on two CPU ranks, and the failure modes users hit."""
+decode, score, distributed training on two CPU ranks, and the failure modes users hit.
+
+The one-line failures of every test here run in one fairseq process for the module (``refusals``, with
+``run_tools_batch``: fairseq's start-up is paid once), and one short training run (``trained``) gives the
+checkpoints that the interactive, allowlist and corruption tests read."""
 
 import os
 import re
@@ -12,9 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, TINY_TRANSFORMER_ARGS, run_ranks, run_tool, tool_env, tool_path
+from fairseq_helpers import (PLUGINS_DIR, REPO_ROOT, TINY_TRANSFORMER_ARGS, check_run, run_ranks, run_tool,
+                             run_tools_batch, tool_env, tool_path)
 
 pytestmark = pytest.mark.slow
+# the tests that read `trained` or `refusals` stay on one worker under `pytest --dist loadgroup` (make test)
+SHARED_RUNS = pytest.mark.xdist_group("fairseq_stack_shared_runs")
 
 
 def train_args(data, save_dir, max_update, *extra):
@@ -32,11 +39,14 @@ def last_update(save_dir: Path) -> int:
     return state["optimizer_history"][-1]["num_updates"]
 
 
-def validation_loss(data, checkpoint: Path) -> float:
-    """The loss ``fairseq-validate`` reports for ``checkpoint`` on the valid subset."""
-    out = run_tool("validate", data.bin, "--user-dir", "fairseq_plugins", "--path", checkpoint,
-                   "--task", "translation", "--cpu", "--max-tokens", "500", "--valid-subset", "valid")
-    line = next(line for line in out.stdout.splitlines() if "valid on 'valid' subset" in line)
+def validate_args(data, checkpoint: Path) -> list:
+    return [data.bin, "--user-dir", "fairseq_plugins", "--path", checkpoint, "--task", "translation", "--cpu",
+            "--max-tokens", "500", "--valid-subset", "valid"]
+
+
+def validation_loss(log: str) -> float:
+    """The loss a ``fairseq-validate`` log reports on the valid subset."""
+    line = next(line for line in log.splitlines() if "valid on 'valid' subset" in line)
     return float(line.split("| loss ")[1].split()[0])
 
 
@@ -56,39 +66,50 @@ def start_training_and_kill(args, log: Path, kill_after_update: int) -> int:
 
 
 def test_sigkilled_training_resumes_to_the_same_updates_and_quality(tiny_translation_data, tmp_path):
-    # Unbroken reference run.
-    full = tmp_path / "full"
-    run_tool("train", *train_args(tiny_translation_data, full, 40))
-    assert last_update(full) == 40
-
-    # The same run, killed with SIGKILL after its checkpoint at update 10, then restarted.
-    broken = tmp_path / "broken"
+    # A run killed with SIGKILL after its checkpoint at update 10 (its own process).
+    full, broken = tmp_path / "full", tmp_path / "broken"
     rc = start_training_and_kill(train_args(tiny_translation_data, broken, 40), tmp_path / "killed.log", 10)
     assert rc == -signal.SIGKILL, f"training was not killed mid-run (exit {rc})"
     assert 10 <= last_update(broken) < 40
-    resumed = run_tool("train", *train_args(tiny_translation_data, broken, 40))
+    # Then, in one fairseq process: the unbroken reference run, the restart of the killed one, validation of
+    # both and decoding.
+    unbroken, resumed, *validated, gen = map(check_run, run_tools_batch([
+        ("train", train_args(tiny_translation_data, full, 40)),
+        ("train", train_args(tiny_translation_data, broken, 40)),
+        *[("validate", validate_args(tiny_translation_data, run / "checkpoint_last.pt")) for run in (full, broken)],
+        ("generate", [tiny_translation_data.bin, "--user-dir", "fairseq_plugins", "--path",
+                      broken / "checkpoint_last.pt", "--cpu", "--beam", "2", "--max-tokens", "500",
+                      "--gen-subset", "test"])]))
+    assert last_update(full) == 40 and "Loaded checkpoint" not in unbroken.stdout
     assert "Loaded checkpoint" in resumed.stdout
     assert last_update(broken) == 40
 
     # The resumed model is as good as the unbroken one (fairseq re-seeds each update, but a
     # mid-epoch resume does not reproduce the weights bit for bit, so compare validation loss).
-    losses = [validation_loss(tiny_translation_data, run / "checkpoint_last.pt") for run in (full, broken)]
+    losses = [validation_loss(run.stdout) for run in validated]
     assert abs(losses[0] - losses[1]) < 0.05 * losses[0], losses
 
     # Decode and score the resumed model with the plugins loaded.
-    gen = run_tool("generate", tiny_translation_data.bin, "--user-dir", "fairseq_plugins",
-                   "--path", broken / "checkpoint_last.pt", "--cpu", "--beam", "2",
-                   "--max-tokens", "500", "--gen-subset", "test")
     assert "Generate test with beam=2" in gen.stdout
     # Every test sentence, also the 2 that fairseq-fixed's batching would drop (50 % 8 != 0).
     assert "Translated 50 sentences" in gen.stdout and gen.stdout.count("\nH-") == 50
 
 
-def test_interactive_and_absolute_user_dir_from_another_directory(tiny_translation_data, tmp_path):
-    save = tmp_path / "ck"
-    # Run from an unrelated directory with the package's absolute path, as an installed user would.
-    run_tool("train", *train_args(tiny_translation_data, save, 5)[:1], "--user-dir", PLUGINS_DIR,
-             *TINY_TRANSFORMER_ARGS, "--max-update", "5", "--save-dir", save, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def trained(tiny_translation_data, tmp_path_factory):
+    """5 updates with validation (best_loss saved), run from an unrelated directory with the package's absolute
+    path, as an installed user would; the save directory (read only: tests copy what they change)."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    save = elsewhere / "ck"
+    run_tool("train", tiny_translation_data.bin, "--user-dir", PLUGINS_DIR, *TINY_TRANSFORMER_ARGS,
+             "--max-update", "5", "--save-dir", save, cwd=elsewhere)
+    assert last_update(save) == 5
+    return save
+
+
+@SHARED_RUNS
+def test_interactive_and_absolute_user_dir_from_another_directory(tiny_translation_data, trained, tmp_path):
+    save = trained  # trained from another directory with the absolute --user-dir (the fixture)
     out = run_tool("interactive", tiny_translation_data.bin, "--user-dir", PLUGINS_DIR, "--path",
                    save / "checkpoint_last.pt", "--cpu", "--beam", "2", "--source-lang", "src",
                    "--target-lang", "tgt", cwd=tmp_path, stdin="w1 w2 w3\nw4 w5\n")
@@ -114,13 +135,14 @@ def test_two_cpu_ranks_train_and_resume(tiny_translation_data, tmp_path):
     assert last_update(save) == 12
 
 
-def test_checkpoints_hold_only_allowlisted_globals(tiny_translation_data, tmp_path):
+@SHARED_RUNS
+def test_checkpoints_hold_only_allowlisted_globals(trained):
     from fairseq_plugins.safe_checkpoint import safe_globals
 
-    save = tmp_path / "ck"
-    run_tool("train", *train_args(tiny_translation_data, save, 5))  # with validation: best_loss saved
     allowed = {f"{cls.__module__}.{cls.__qualname__}" for cls in safe_globals()}
-    for path in save.glob("*.pt"):
+    paths = list(trained.glob("*.pt"))  # with validation: best_loss saved
+    assert {"checkpoint_last.pt", "checkpoint_best.pt"} <= {p.name for p in paths}
+    for path in paths:
         assert set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) <= allowed, path
 
 
@@ -132,46 +154,78 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("tool", ["generate", "train"])
-def test_checkpoint_that_would_run_code_is_refused(tiny_translation_data, tmp_path, tool):
-    marker = tmp_path / "code-ran"
-    bad = tmp_path / "ck" / "checkpoint_last.pt"
-    bad.parent.mkdir()
-    torch.save({"model": {}, "payload": _RunsCode(marker)}, bad)
-    if tool == "generate":
-        args = [tiny_translation_data.bin, "--user-dir", "fairseq_plugins", "--path", bad, "--cpu"]
-    else:
-        args = train_args(tiny_translation_data, bad.parent, 5)
-    proc = run_tool(tool, *args, check=False, timeout=120)
+CODE_TOOLS = ["generate", "train"]
+DAMAGES = ["truncated", "garbage", "empty"]
+USER_DIR_TOOLS = ["train", "generate", "validate", "interactive"]
+
+
+@pytest.fixture(scope="module")
+def refusals(tiny_translation_data, trained, tmp_path_factory):
+    """Every failure case of this module, run in one fairseq process (each a tool run that must fail with a
+    clear message): {(kind, case): (result, what the case needs to check)}."""
+    root = tmp_path_factory.mktemp("refusals")
+    data = tiny_translation_data
+    cases, keys, extra = [], [], {}
+    # a wrong --user-dir first, while no plugin has been loaded in the process
+    for tool in USER_DIR_TOOLS:
+        wrong = root / f"no_such_plugins_{tool}"
+        keys.append(("user_dir", tool)); cases.append((tool, [data.bin, "--user-dir", wrong, "--cpu"]))
+        extra[("user_dir", tool)] = wrong
+    # a checkpoint that would run code when unpickled
+    for tool in CODE_TOOLS:
+        marker = root / f"code-ran-{tool}"
+        bad = root / f"code_{tool}" / "checkpoint_last.pt"
+        bad.parent.mkdir()
+        torch.save({"model": {}, "payload": _RunsCode(marker)}, bad)
+        args = ([data.bin, "--user-dir", "fairseq_plugins", "--path", bad, "--cpu"] if tool == "generate"
+                else train_args(data, bad.parent, 5))
+        keys.append(("code", tool)); cases.append((tool, args))
+        extra[("code", tool)] = marker
+    # a damaged checkpoint_last.pt of a real run; training to more updates than it holds must load it
+    for damage in DAMAGES:
+        save = root / f"damaged_{damage}"
+        save.mkdir()
+        path = save / "checkpoint_last.pt"
+        good = (trained / "checkpoint_last.pt").read_bytes()
+        path.write_bytes({"truncated": good[: len(good) // 3], "garbage": b"not a checkpoint" * 10,
+                          "empty": b""}[damage])
+        for tool, args in [("train", train_args(data, save, 8)),
+                           ("generate", [data.bin, "--user-dir", "fairseq_plugins", "--path", path, "--cpu"])]:
+            keys.append(("damaged", damage, tool)); cases.append((tool, args))
+        extra[("damaged", damage)] = path
+    results = run_tools_batch(cases)
+    return dict(zip(keys, results)), extra
+
+
+@pytest.mark.parametrize("tool", CODE_TOOLS)
+@SHARED_RUNS
+def test_checkpoint_that_would_run_code_is_refused(refusals, tool):
+    runs, extra = refusals
+    proc, marker = runs[("code", tool)], extra[("code", tool)]
     assert proc.returncode != 0
     assert "refusing to load checkpoint" in proc.stdout and "posix.system" in proc.stdout
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_corrupted_checkpoint_fails_clearly(tiny_translation_data, tmp_path, damage):
-    save = tmp_path / "ck"
-    run_tool("train", *train_args(tiny_translation_data, save, 2), "--disable-validation")
-    path = save / "checkpoint_last.pt"
-    data = path.read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 3], "garbage": b"not a checkpoint" * 10,
-                      "empty": b""}[damage])
-    for tool, args in [("train", train_args(tiny_translation_data, save, 4)),
-                       ("generate", [tiny_translation_data.bin, "--user-dir", "fairseq_plugins",
-                                     "--path", path, "--cpu"])]:
-        proc = run_tool(tool, *args, check=False, timeout=120)
+@pytest.mark.parametrize("damage", DAMAGES)
+@SHARED_RUNS
+def test_corrupted_checkpoint_fails_clearly(refusals, damage):
+    runs, extra = refusals
+    path = extra[("damaged", damage)]
+    for tool in ("train", "generate"):
+        proc = runs[("damaged", damage, tool)]
         assert proc.returncode != 0, tool
         assert f"checkpoint {path}" in proc.stdout or "checkpoint_last.pt is truncated" in proc.stdout
         assert "truncated or corrupted" in proc.stdout, proc.stdout[-2000:]
 
 
-@pytest.mark.parametrize("tool", ["train", "generate", "validate", "interactive"])
-def test_wrong_user_dir_fails_with_the_path(tiny_translation_data, tmp_path, tool):
-    wrong = tmp_path / "no_such_plugins"
-    proc = run_tool(tool, tiny_translation_data.bin, "--user-dir", wrong, "--cpu", check=False,
-                    timeout=120, stdin="")
+@pytest.mark.parametrize("tool", USER_DIR_TOOLS)
+@SHARED_RUNS
+def test_wrong_user_dir_fails_with_the_path(refusals, tool):
+    runs, extra = refusals
+    proc = runs[("user_dir", tool)]
     assert proc.returncode != 0
-    assert str(wrong) in proc.stdout
+    assert str(extra[("user_dir", tool)]) in proc.stdout
 
 
 def test_registration_happens_once_across_reimports():

@@ -7,12 +7,13 @@ proves the check came first.
 """
 
 import sys
+from pathlib import Path
 
 import pytest
 
-from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, run_tool, run_tool_batch, tool_env
+from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, run_tool_batch, tool_env
 
-# every fairseq-train refusal below runs in one process (tool_runs): fairseq's start-up is paid once per module
+# every fairseq-train run below runs in one process (tool_runs): fairseq's start-up is paid once per module
 # (xdist_group keeps the module on one worker under `pytest --dist loadgroup`, as make test runs it)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fairseq_flag_checks")]
 
@@ -74,13 +75,33 @@ ADMIN_CASES = [
 ]
 
 
+SPLIT_CASES = [  # (train.tsv, flags, needle)
+    ("", [], "the file is empty"),
+    ("0\t( ( ( [MIN 0 ) 1 ) ] )\n", ["--max-train-length", "3"], "longer than --max-train-length 3"),
+]
+
+
+def listops_dir(root: Path, train: str) -> Path:
+    root.mkdir()
+    (root / "train.tsv").write_text(train)
+    (root / "valid.tsv").write_text("0\t( ( ( [MIN 0 ) 1 ) ] )\n")
+    return root
+
+
 @pytest.fixture(scope="module")
 def tool_runs(unreadable_listops, tmp_path_factory):
-    """Every refusal of this module, run by one fairseq-train process: (kind, case index) -> its run."""
+    """Every fairseq-train run of this module (the refusals and one good run), in one process (fairseq's start-up
+    is paid once): (kind, case index) -> its run."""
     no_data = tmp_path_factory.mktemp("admin") / "no-data-here"
     cases = {("listops", i): [unreadable_listops, *LISTOPS, *flags] for i, (flags, _) in enumerate(LISTOPS_CASES)}
     cases.update({("admin", i): [no_data, *ADMIN, *flags] for i, (flags, _) in enumerate(ADMIN_CASES)})
     cases[("missing", 0)] = [tmp_path_factory.mktemp("missing") / "missing", *LISTOPS]
+    root = tmp_path_factory.mktemp("splits")
+    cases.update({("split", i): [listops_dir(root / f"split{i}", train), *LISTOPS, *flags]
+                  for i, (train, flags, _) in enumerate(SPLIT_CASES)})
+    good = listops_dir(root / "good", "0\t( ( ( [MIN 0 ) 1 ) ] )\n3\t( ( ( [SM 1 ) 2 ) ] )\n")
+    cases[("good", 0)] = [good, *LISTOPS, "--optimizer", "powersign", "--sign-decay", "cosine",
+                          "--sign-decay-periods", "1", "--tau", "1.3"]
     runs = run_tool_batch("train", list(cases.values()))
     return dict(zip(cases, runs))
 
@@ -99,24 +120,17 @@ def test_listops_data_dir_is_checked_first(tool_runs):
     assert_one_line(tool_runs["missing", 0], "train", "DATA must be a directory")
 
 
-@pytest.mark.parametrize("train, flags, needle", [
-    ("", [], "the file is empty"),
-    ("0\t( ( ( [MIN 0 ) 1 ) ] )\n", ["--max-train-length", "3"], "longer than --max-train-length 3"),
-])
-def test_empty_or_fully_filtered_training_set_is_one_line(tmp_path, train, flags, needle):
-    (tmp_path / "train.tsv").write_text(train)
-    (tmp_path / "valid.tsv").write_text("0\t( ( ( [MIN 0 ) 1 ) ] )\n")
-    proc = run_tool("train", tmp_path, *LISTOPS, *flags, check=False)
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)), ids=["empty", "filtered"])
+def test_empty_or_fully_filtered_training_set_is_one_line(tool_runs, case):
+    needle = SPLIT_CASES[case][2]
+    proc = tool_runs["split", case]
     err = proc.stdout.strip().splitlines()[-1]
     assert proc.returncode == 1 and "Traceback" not in proc.stdout and "IndexError" not in proc.stdout
     assert err.startswith("fairseq-train: error: ListOps split 'train'") and needle in err
 
 
-def test_good_flags_still_train(tmp_path):
-    (tmp_path / "train.tsv").write_text("0\t( ( ( [MIN 0 ) 1 ) ] )\n3\t( ( ( [SM 1 ) 2 ) ] )\n")
-    (tmp_path / "valid.tsv").write_text("0\t( ( ( [MIN 0 ) 1 ) ] )\n")
-    proc = run_tool("train", tmp_path, *LISTOPS, "--optimizer", "powersign", "--sign-decay", "cosine",
-                    "--sign-decay-periods", "1", "--tau", "1.3", check=False)
+def test_good_flags_still_train(tool_runs):
+    proc = tool_runs["good", 0]  # powersign, cosine decay over 1 period, --tau 1.3
     assert proc.returncode == 0, proc.stdout[-3000:]
 
 

@@ -13,7 +13,7 @@ import reinmax
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
-from fairseq_helpers import PLUGINS_DIR, make_lm_data, make_translation_data, run_tool
+from fairseq_helpers import PLUGINS_DIR, check_run, lm_data_case, run_tools_batch, translation_data_case
 from fairseq_plugins.criterions.moe import LabelSmoothedCrossEntropyMoE
 from fairseq_plugins.models.transformer_admin import TransformerAdminModel
 
@@ -149,41 +149,83 @@ TINY_LM = ["--task", "language_modeling", "--sample-break-mode", "eos", "--token
 
 
 @pytest.fixture(scope="module")
-def lm_data(tmp_path_factory):
-    return make_lm_data(tmp_path_factory.mktemp("moe_lm"))
+def lm_corpus(tmp_path_factory):
+    """(the binarized directory, the fairseq-preprocess run that makes it: the first case of ``lm_runs``)."""
+    return lm_data_case(tmp_path_factory.mktemp("moe_lm"))
+
+
+@pytest.fixture(scope="module")
+def lm_data(lm_corpus, lm_runs):
+    """The binarized corpus (made by ``lm_runs``' first case)."""
+    return lm_corpus[0]
+
+
+LM_MOE = ["--moe-experts", "4", "--moe-router", "sparsemixer", "--criterion", "cross_entropy_moe"]
+LAYERDROP_MOE = ["--moe-experts", "2", "--moe-router", "switch", "--criterion", "cross_entropy_moe",
+                 "--decoder-layers", "4", "--decoder-layerdrop", "0.5", "--moe-capacity-factor", "1e308"]
+# the tests that read lm_runs stay on one worker under `pytest --dist loadgroup` (make test): one batch
+LM_RUNS = pytest.mark.xdist_group("fairseq_moe_lm_runs")
+
+
+@pytest.fixture(scope="module")
+def lm_runs(lm_corpus, tmp_path_factory):
+    """fairseq-preprocess, then every single-process fairseq run of the language-model tests below, in ONE process
+    (``run_tools_batch``: fairseq's start-up is paid once; each run seeds itself from --seed): {name: (result, its
+    directory)}."""
+    lm_data, preprocess = lm_corpus
+    root = tmp_path_factory.mktemp("moe_lm_runs")
+    runs = {  # name: (tool, args, directory)
+        "straight": ("train", [*LM_MOE, "--max-update", "8"], "a"),
+        "first_half": ("train", [*LM_MOE, "--max-update", "4"], "b"),
+        "resumed": ("train", [*LM_MOE, "--max-update", "8"], "b"),
+        "dense": ("train", ["--max-update", "1"], "c"),
+        "layerdrop": ("train", [*LAYERDROP_MOE, "--max-update", "6", "--log-interval", "1"], "layerdrop"),
+        "bad_criterion": ("train", ["--moe-experts", "2", "--criterion", "cross_entropy"], "bad_criterion"),
+        "tiny_tau": ("train", ["--moe-experts", "2", "--moe-router", "reinmax", "--moe-tau", "1e-40",
+                               "--criterion", "cross_entropy_moe"], "tiny_tau"),
+        "ep_not_dividing": ("train", ["--moe-experts", "4", "--moe-expert-parallel-size", "2",
+                                      "--criterion", "cross_entropy_moe"], "ep_not_dividing"),
+    }
+    cases = [(tool, [lm_data, *TINY_LM, *args, "--save-dir", root / d]) for tool, args, d in runs.values()]
+    cases.append(("eval-lm", [lm_data, "--path", root / "a" / "checkpoint_last.pt", "--user-dir", PLUGINS_DIR,
+                              "--cpu", "--max-tokens", "400", "--num-workers", "0", "--sample-break-mode", "eos",
+                              "--tokens-per-sample", "64", "--gen-subset", "valid"]))
+    dirs = [root / d for _, _, d in runs.values()] + [None]
+    preprocessed, *results = run_tools_batch([preprocess, *cases])
+    check_run(preprocessed)
+    return dict(zip([*runs, "eval_lm"], zip(results, dirs)))
 
 
 @pytest.mark.slow
-def test_lm_trains_logs_resumes_exactly_scores_and_refuses_folding(lm_data, tmp_path):
-    moe = ["--moe-experts", "4", "--moe-router", "sparsemixer", "--criterion", "cross_entropy_moe"]
-    straight = run_tool("train", lm_data, *TINY_LM, *moe, "--max-update", "8", "--save-dir", tmp_path / "a").stdout
+@LM_RUNS
+def test_lm_trains_logs_resumes_exactly_scores_and_refuses_folding(lm_runs, tmp_path):
+    straight = check_run(lm_runs["straight"][0]).stdout
     assert re.search(r"train \| .*moe_load0 [\d.]+ \| moe_load1 .*moe_load3 [\d.]+ \| moe_balance [\d.]+", straight)
-    run_tool("train", lm_data, *TINY_LM, *moe, "--max-update", "4", "--save-dir", tmp_path / "b")
-    resumed = run_tool("train", lm_data, *TINY_LM, *moe, "--max-update", "8", "--save-dir", tmp_path / "b").stdout
+    check_run(lm_runs["first_half"][0])
+    resumed = check_run(lm_runs["resumed"][0]).stdout
     assert "Loaded checkpoint" in resumed and "num_updates 8" in resumed
-    a = torch.load(tmp_path / "a" / "checkpoint_last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=False)["model"]
+    a_dir, b_dir = lm_runs["straight"][1], lm_runs["resumed"][1]
+    a = torch.load(a_dir / "checkpoint_last.pt", weights_only=False)["model"]
+    b = torch.load(b_dir / "checkpoint_last.pt", weights_only=False)["model"]
     assert a["decoder.layers.0.fc1.router.weight"].shape == (4, 32)
     for key in a:  # the routing samples, the experts and the router continue exactly
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
-    out = run_tool("eval-lm", lm_data, "--path", tmp_path / "a" / "checkpoint_last.pt", "--user-dir", PLUGINS_DIR,
-                   "--cpu", "--max-tokens", "400", "--num-workers", "0", "--sample-break-mode", "eos",
-                   "--tokens-per-sample", "64", "--gen-subset", "valid").stdout
+    out = check_run(lm_runs["eval_lm"][0]).stdout
     assert re.search(r"Perplexity: [\d.]+", out)
 
     from fairseq_plugins.fold_checkpoint import main as fold_main
-    proc = run_tool("train", lm_data, *TINY_LM, "--max-update", "1", "--save-dir", tmp_path / "c", check=False)
+    proc, c_dir = lm_runs["dense"]
     assert proc.returncode == 0  # dense, for contrast: folds
-    assert fold_main([str(tmp_path / "c" / "checkpoint_last.pt"), str(tmp_path / "dense.pt")]) == 0
-    assert fold_main([str(tmp_path / "a" / "checkpoint_last.pt"), str(tmp_path / "moe.pt")]) == 2
+    assert fold_main([str(c_dir / "checkpoint_last.pt"), str(tmp_path / "dense.pt")]) == 0
+    assert fold_main([str(a_dir / "checkpoint_last.pt"), str(tmp_path / "moe.pt")]) == 2
     assert not (tmp_path / "moe.pt").exists()
 
 
 @pytest.mark.slow
 def test_translation_with_experts_trains_and_generates(tmp_path_factory, tmp_path):
     router = "reinmax"  # the dense path; the LM test runs a sparse one
-    data = make_translation_data(tmp_path_factory.mktemp(f"moe_mt_{router}"), sizes=(200, 30, 30))
+    data, preprocess = translation_data_case(tmp_path_factory.mktemp(f"moe_mt_{router}"), sizes=(200, 30, 30))
     args = [data.bin, "--user-dir", PLUGINS_DIR, "--arch", "transformer_admin", "--encoder-layers", "2",
             "--decoder-layers", "2", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
             "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
@@ -192,10 +234,13 @@ def test_translation_with_experts_trains_and_generates(tmp_path_factory, tmp_pat
             "--num-workers", "0", "--no-epoch-checkpoints", "--save-dir", tmp_path,
             "--criterion", "label_smoothed_cross_entropy_moe", "--label-smoothing", "0.1",
             "--moe-experts", "2", "--moe-router", router, "--moe-tau", "1.3"]
-    log = run_tool("train", *args).stdout
+    _, train, gen = map(check_run, run_tools_batch([  # one fairseq process
+        preprocess,
+        ("train", args),
+        ("generate", [data.bin, "--path", tmp_path / "checkpoint_last.pt", "--user-dir", PLUGINS_DIR,
+                      "--cpu", "--beam", "2", "--max-tokens", "500", "--num-workers", "0"])]))
+    log, gen = train.stdout, gen.stdout
     assert "moe_balance" in log and "num_updates 6" in log
-    gen = run_tool("generate", data.bin, "--path", tmp_path / "checkpoint_last.pt", "--user-dir", PLUGINS_DIR,
-                   "--cpu", "--beam", "2", "--max-tokens", "500", "--num-workers", "0").stdout
     assert len(re.findall(r"^H-\d+\t", gen, flags=re.M)) == 30  # every test sentence decoded
 
 
@@ -234,9 +279,9 @@ def test_bad_moe_flags_are_refused(flags, message, experts):
 
 
 @pytest.mark.slow
-def test_bad_moe_flag_ends_fairseq_train_with_one_line(lm_data, tmp_path):
-    proc = run_tool("train", lm_data, *TINY_LM, "--moe-experts", "2", "--criterion", "cross_entropy",
-                    "--save-dir", tmp_path, check=False)
+@LM_RUNS
+def test_bad_moe_flag_ends_fairseq_train_with_one_line(lm_runs):
+    proc = lm_runs["bad_criterion"][0]
     assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
     assert proc.stdout.strip().splitlines()[-1].startswith(
         "fairseq-train: error: --criterion cross_entropy ignores the load-balancing loss of --moe-experts; "
@@ -244,21 +289,19 @@ def test_bad_moe_flag_ends_fairseq_train_with_one_line(lm_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_layerdrop_and_a_huge_capacity_factor_train_with_the_real_tool(lm_data, tmp_path):
+@LM_RUNS
+def test_layerdrop_and_a_huge_capacity_factor_train_with_the_real_tool(lm_runs):
     """Regression: --decoder-layerdrop with cross_entropy_moe died in the second update's backward, and
     --moe-capacity-factor 1e308 with an OverflowError after the data had loaded."""
-    moe = ["--moe-experts", "2", "--moe-router", "switch", "--criterion", "cross_entropy_moe",
-           "--decoder-layers", "4", "--decoder-layerdrop", "0.5", "--moe-capacity-factor", "1e308"]
-    out = run_tool("train", lm_data, *TINY_LM, *moe, "--max-update", "6", "--log-interval", "1",
-                   "--save-dir", tmp_path).stdout
+    out = check_run(lm_runs["layerdrop"][0]).stdout  # LAYERDROP_MOE, 6 updates
     assert "num_updates 6" in out and re.search(r"moe_balance [\d.]+", out)
     assert re.search(r"moe_dropped 0(\.0+)? ", out)
 
 
 @pytest.mark.slow
-def test_tau_below_the_floor_ends_fairseq_train_with_one_line(lm_data, tmp_path):
-    proc = run_tool("train", lm_data, *TINY_LM, "--moe-experts", "2", "--moe-router", "reinmax", "--moe-tau", "1e-40",
-                    "--criterion", "cross_entropy_moe", "--save-dir", tmp_path, check=False)
+@LM_RUNS
+def test_tau_below_the_floor_ends_fairseq_train_with_one_line(lm_runs):
+    proc = lm_runs["tiny_tau"][0]
     assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("fairseq-train: error: --moe-tau must be a finite real number >= 1e-30"), last
@@ -310,9 +353,9 @@ def test_a_model_configuration_without_the_world_size_is_accepted(monkeypatch):
 
 
 @pytest.mark.slow
-def test_expert_parallel_size_not_dividing_the_world_is_one_line_before_data(lm_data, tmp_path):
-    proc = run_tool("train", lm_data, *TINY_LM, "--moe-experts", "4", "--moe-expert-parallel-size", "2",
-                    "--criterion", "cross_entropy_moe", "--save-dir", tmp_path, check=False)
+@LM_RUNS
+def test_expert_parallel_size_not_dividing_the_world_is_one_line_before_data(lm_runs):
+    proc = lm_runs["ep_not_dividing"][0]
     assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("fairseq-train: error: --moe-expert-parallel-size 2 must divide the world size "
@@ -321,6 +364,7 @@ def test_expert_parallel_size_not_dividing_the_world_is_one_line_before_data(lm_
 
 
 @pytest.mark.slow
+@LM_RUNS  # lm_data comes from lm_runs' batch
 def test_expert_parallel_on_two_cpu_ranks_resumes_and_equals_data_parallel(lm_data, tmp_path):
     """c10d on 2 gloo ranks, each holding 2 of the 4 experts: resumed from the data-parallel run's checkpoint at
     update 2 (every expert, in one file) and trained to 4, saving at update 3 on the way (the save gathers every

@@ -16,7 +16,7 @@ from admin_torch import QKNormLinear
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.modules.multihead_attention import MultiheadAttention
-from fairseq_helpers import PLUGINS_DIR, make_lm_data, run_tool, run_tool_batch
+from fairseq_helpers import PLUGINS_DIR, check_run, lm_data_case, run_tools_batch
 from fairseq_plugins.criterions.zloss import CrossEntropyZLoss, LabelSmoothedCrossEntropyZLoss, check_z_loss_flags
 from fairseq_plugins.flags import FlagError
 from fairseq_plugins.models.transformer_admin import TransformerAdminModel, apply_qk_norm
@@ -133,8 +133,9 @@ def test_zloss_criteria_match_the_formula_and_zero_is_stock(label_smoothing):
 
 
 @pytest.fixture(scope="module")
-def lm_data(tmp_path_factory):
-    return make_lm_data(tmp_path_factory.mktemp("lm_zloss"), sizes=(120, 20, 20))
+def lm_corpus(tmp_path_factory):
+    """(the binarized directory, the fairseq-preprocess run that makes it): the test runs it in its batch."""
+    return lm_data_case(tmp_path_factory.mktemp("lm_zloss"), sizes=(120, 20, 20))
 
 
 TINY_LM = ["--task", "language_modeling", "--sample-break-mode", "eos", "--tokens-per-sample", "32",
@@ -150,13 +151,19 @@ def _train_losses(log):
 
 
 @pytest.mark.slow
-def test_fairseq_train_qk_norm_and_zloss(lm_data, tmp_path, capsys):
-    stock = run_tool("train", lm_data, *TINY_LM, "--criterion", "cross_entropy", "--save-dir", tmp_path / "a").stdout
-    zero = run_tool("train", lm_data, *TINY_LM, "--criterion", "cross_entropy_zloss", "--z-loss", "0",
-                    "--save-dir", tmp_path / "b").stdout
+def test_fairseq_train_qk_norm_and_zloss(lm_corpus, tmp_path, capsys):
+    lm_data, preprocess = lm_corpus
+    # every fairseq-train run of this test in one process (fairseq's start-up paid once; each run seeds itself)
+    good = [["--criterion", "cross_entropy", "--save-dir", tmp_path / "a"],
+            ["--criterion", "cross_entropy_zloss", "--z-loss", "0", "--save-dir", tmp_path / "b"],
+            ["--criterion", "cross_entropy_zloss", "--z-loss", "1e-4", "--qk-norm", "--save-dir", tmp_path / "c"]]
+    # bad flags: one line naming the flag, exit 2, before the data loads
+    bad = [[*flags, "--save-dir", tmp_path / "d"] for flags, _ in BAD_FLAGS]
+    preprocessed, *runs = run_tools_batch([preprocess, *[("train", [lm_data, *TINY_LM, *args]) for args in good + bad]])
+    check_run(preprocessed)
+    stock, zero, both = (check_run(run).stdout for run in runs[:len(good)])
+    runs = runs[len(good):]
     assert _train_losses(stock) and _train_losses(zero) == _train_losses(stock)   # z-loss 0: nothing changes
-    both = run_tool("train", lm_data, *TINY_LM, "--criterion", "cross_entropy_zloss", "--z-loss", "1e-4",
-                    "--qk-norm", "--save-dir", tmp_path / "c").stdout
     assert "z_loss" in both and _train_losses(both) != _train_losses(stock)
     state = torch.load(tmp_path / "c" / "checkpoint_last.pt", weights_only=False)
     keys = [k for k in state["model"] if k.endswith("q_proj.qk_norm.norm.weight")]
@@ -164,9 +171,6 @@ def test_fairseq_train_qk_norm_and_zloss(lm_data, tmp_path, capsys):
     from fairseq_plugins.fold_checkpoint import main as fold_main
     assert fold_main([str(tmp_path / "c" / "checkpoint_last.pt"), str(tmp_path / "folded.pt")]) == 2
     assert "trained with --qk-norm" in capsys.readouterr().err and not (tmp_path / "folded.pt").exists()
-    # bad flags: one line naming the flag, exit 2, before the data loads (all in one fairseq-train process)
-    runs = run_tool_batch("train", [[lm_data, *TINY_LM, *flags, "--save-dir", tmp_path / "d"]
-                                    for flags, _ in BAD_FLAGS])
     for (flags, needle), run in zip(BAD_FLAGS, runs):
         last = run.stdout.strip().splitlines()[-1]
         assert run.returncode == 2 and "Traceback" not in run.stdout, (flags, run.stdout[-2000:])

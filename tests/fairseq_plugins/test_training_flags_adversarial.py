@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import fairseq_plugins  # noqa: F401  (installs the repairs: the flags in the training parser)
-from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, make_lm_data, run_tool, tool_env
+from fairseq_helpers import PLUGINS_DIR, REPO_ROOT, check_run, lm_data_case, run_tool, run_tools_batch, tool_env
 
 FLAGS = ["--stability-monitor", "mon", "--stability-guard", "--stability-guard-threshold", "7"]
 
@@ -78,20 +78,27 @@ def test_a_checkpoint_trained_with_the_flags_resumes_and_loads_without_them(tmp_
     """cfg.common of the checkpoint holds the flags: resuming without them (the command line wins) starts no
     monitor or guard and writes nothing into the old monitor directory; fairseq-generate rejects them; stock
     fairseq-eval-lm (no --user-dir) loads the checkpoint."""
-    data = make_lm_data(tmp_path / "lm", sizes=(120, 20, 20))
+    data, preprocess = lm_data_case(tmp_path / "lm", sizes=(120, 20, 20))
     mon, ck = tmp_path / "mon", tmp_path / "ck"
-    run_tool("train", data, "--user-dir", PLUGINS_DIR, *LM_ARGS, "--max-update", "2", "--save-dir", ck,
-             "--stability-monitor", mon, "--stability-monitor-interval", "1", "--stability-guard")
+    # fairseq-preprocess and the first training run in one fairseq process (its start-up paid once)
+    for run in run_tools_batch([
+            preprocess,
+            ("train", [data, "--user-dir", PLUGINS_DIR, *LM_ARGS, "--max-update", "2", "--save-dir", ck,
+                       "--stability-monitor", mon, "--stability-monitor-interval", "1", "--stability-guard"])]):
+        check_run(run)
     before = {p: p.stat().st_mtime_ns for p in mon.rglob("*")}
     assert (mon / "monitor.jsonl").read_text().count("\n") == 2
 
-    resumed = run_tool("train", data, "--user-dir", PLUGINS_DIR, *LM_ARGS, "--max-update", "3", "--save-dir", ck)
+    # the restart and fairseq-generate in one fairseq process (its start-up paid once)
+    resumed, generate = run_tools_batch([
+        ("train", [data, "--user-dir", PLUGINS_DIR, *LM_ARGS, "--max-update", "3", "--save-dir", ck]),
+        ("generate", [data, "--user-dir", PLUGINS_DIR, "--task", "language_modeling", "--path",
+                      ck / "checkpoint_last.pt", "--cpu", "--stability-monitor", mon])])
+    check_run(resumed)
     assert "Loaded checkpoint" in resumed.stdout and "done training" in resumed.stdout, resumed.stdout[-2000:]
     assert "stability monitor:" not in resumed.stdout and "stability guard:" not in resumed.stdout
     assert {p: p.stat().st_mtime_ns for p in mon.rglob("*")} == before
 
-    generate = run_tool("generate", data, "--user-dir", PLUGINS_DIR, "--task", "language_modeling",
-                        "--path", ck / "checkpoint_last.pt", "--cpu", "--stability-monitor", mon, check=False)
     assert generate.returncode == 2 and "unrecognized arguments: --stability-monitor" in generate.stdout
 
     run_tool("eval-lm", data, "--path", ck / "checkpoint_last.pt", "--cpu", "--tokens-per-sample", "32",

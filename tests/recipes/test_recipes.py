@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -173,13 +174,22 @@ def test_demo_quick_shows_the_claim_and_reuses_runs(tmp_path):
     assert again.stdout.count("reuse finished run") == 3 and "reuse data" in again.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["admin", "preln"])
-def test_lm_recipe_end_to_end_on_real_text(shared_data, tmp_path, model):
-    """prepare (sentencepiece, --only-source) -> train a tiny LM -> fairseq-eval-lm perplexity."""
-    out = tmp_path / "lm"
+@pytest.fixture(scope="module")
+def lm_prepared(shared_data, tmp_path_factory) -> Path:
+    """lm/prepare.sh's output on the real text (the same for every model: prepared once, read only)."""
+    out = tmp_path_factory.mktemp("lm_prepared") / "lm"
     run("lm/prepare.sh", "--raw", shared_data / "multi30k", "--lang", "en", "--out", out, "--max-lines", 300,
         "--vocab", 200)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("lm_recipe")  # both models on one worker under `pytest --dist loadgroup`: one prepare
+@pytest.mark.parametrize("model", ["admin", "preln"])
+def test_lm_recipe_end_to_end_on_real_text(lm_prepared, tmp_path, model):
+    """prepare (sentencepiece, --only-source) -> train a tiny LM -> fairseq-eval-lm perplexity."""
+    out = tmp_path / "lm"
+    shutil.copytree(lm_prepared, out)  # the prepared data, where this model's run writes
     save = out / "ck"
     run("lm/train.sh", "--model", model, "--layers", 2, "--dim", 32, "--data", out, "--save", save, "--gpus", 0,
         "--max-update", 6, "--warmup", 2, "--max-tokens", 512, "--tokens-per-update", 512)
