@@ -147,6 +147,17 @@ class _OmegaSum:
     def scaled_input(self, x: Tensor) -> Optional[Tensor]:
         return self.omega.scaled_input(x)
 
+    def scale(self, x: Tensor) -> Tensor:
+        """``omega * x`` even while a hook watches omega (compiled code, which calls no hook added later)."""
+        return self.omega._scale(x)
+
+    def notify(self, reader: "_ScaleResidualArg") -> None:
+        """Have ``reader`` switch to its captured reading when a hook is put on omega."""
+        readers = getattr(self.omega, "_scaled_readers", None)
+        if readers is None:
+            readers = self.omega._scaled_readers = []
+        readers.append(reader)
+
 
 class _Admin:
     """The norm hook of models converted before `capture_sums` existed (``_AtNorm`` + ``_OmegaSum`` now): kept
@@ -171,6 +182,11 @@ class _CaptureResidualArg:
         self.slot.x = _residual_arg(args, kwargs)
 
 
+class _MissingResidualInput(TypeError, RuntimeError):
+    """A converted module called as ``module(f_x, x)`` got no ``x`` (``input_tensor``): a missing argument, hence a
+    TypeError (as Python's own for a missing argument); also a RuntimeError, what it was before."""
+
+
 def _residual_arg(args, kwargs):
     """x of a module called as ``module(f_x, x)`` or ``module(f_x, input_tensor=x)``; None if it has none."""
     return args[1] if len(args) >= 2 else kwargs.get("input_tensor")
@@ -188,19 +204,30 @@ class _ScaleResidualArg:
     own slot, a pre-hook of ``norm`` (``_AtNorm``) applies ``at_sum(x, s)``, and an exit hook of the module (always
     called, a failed forward included) empties the slot. Those two hooks are added on the first such call and
     removed on the first call that scales again; their handles go into ``handles`` (the layer's list, so that
-    `remove_hooks` finds them) while they are installed."""
+    `remove_hooks` finds them) while they are installed. A hook put on the omega module itself switches at once
+    (``at_sum.notify``), outside any forward pass: a layer compiled while it is watched (``fullgraph=True``) then
+    traces the captured reading. Traced code switches nothing: it keeps the reading installed when it was traced
+    (a hook added after compiling is not called by the compiled code, as for any module)."""
 
-    def __init__(self, norm: nn.Module, at_sum, strict: bool, handles: List[RemovableHandle]):
-        self.norm, self.at_sum, self.strict, self.handles = norm, at_sum, strict, handles
+    def __init__(self, norm: nn.Module, at_sum, strict: bool, handles: List[RemovableHandle],
+                 module: Optional[nn.Module] = None):
+        self.norm, self.at_sum, self.strict, self.handles, self.module = norm, at_sum, strict, handles, module
         self.slot = _Slot()
         self.observed: Optional[List[RemovableHandle]] = None  # the two hooks of the captured reading, if installed
+        if module is not None and callable(getattr(at_sum, "notify", None)):
+            at_sum.notify(self)
 
     def __call__(self, module, args, kwargs):
         x = _residual_arg(args, kwargs)
         if x is None:  # never a silently different function
-            raise RuntimeError(f"admin_torch: converted {type(module).__name__} called without its residual input "
-                               "(the second argument, or input_tensor=)")
-        scaled = self.at_sum.scaled_input(x)
+            raise _MissingResidualInput(f"admin_torch: converted {type(module).__name__} called without its residual "
+                                       "input: input_tensor (the second argument, or input_tensor=) is required, "
+                                       "a tensor")
+        if torch.compiler.is_compiling():  # no hook is added or removed in traced code: the installed reading
+            scaled = None if self.observed is not None else \
+                (self.at_sum.scale(x) if callable(getattr(self.at_sum, "scale", None)) else self.at_sum.scaled_input(x))
+        else:
+            scaled = self.at_sum.scaled_input(x)
         if scaled is not None:
             if self.observed is not None:
                 self._read_scaled()
@@ -211,6 +238,11 @@ class _ScaleResidualArg:
             self._read_captured(module)
         self.slot.x = x
         return None
+
+    def read_captured(self) -> None:
+        """Switch to the captured reading now (a hook was put on the omega module); nothing if it is on."""
+        if self.observed is None and self.module is not None:
+            self._read_captured(self.module)
 
     def _read_captured(self, module: nn.Module) -> None:
         # registered from this module's pre-hook: its exit hook is one the call now running will run (PyTorch
@@ -302,8 +334,9 @@ def capture_sums(layer: nn.Module, kind: LayerKind, at_sums: Sequence[Callable[[
     for sub, at_sum, before_sum in zip(kind.sublayers, at_sums, scaled):
         norm = resolve(layer, sub.norm)
         if before_sum:
-            handles.append(resolve(layer, sub.residual_arg).register_forward_pre_hook(
-                _ScaleResidualArg(norm, at_sum, strict, handles), with_kwargs=True))
+            module = resolve(layer, sub.residual_arg)
+            handles.append(module.register_forward_pre_hook(_ScaleResidualArg(norm, at_sum, strict, handles, module),
+                                                            with_kwargs=True))
         elif sub.residual_arg is not None:
             handles.append(resolve(layer, sub.residual_arg).register_forward_pre_hook(
                 _CaptureResidualArg(slot), with_kwargs=True))
@@ -345,3 +378,5 @@ def remove_hooks(layer: nn.Module) -> None:
         handle.remove()
     if hasattr(layer, HANDLES):
         delattr(layer, HANDLES)
+    for omega in getattr(layer, "admin_omegas", ()):  # the residual_arg readers a hook on omega would switch
+        omega.__dict__.pop("_scaled_readers", None)

@@ -171,10 +171,40 @@ class OmegaResidual(nn.Module):
             >>> x, f_x = torch.ones(3), torch.full((3,), 0.5)
             >>> torch.equal(f_x + res.scaled_input(x), res(x, f_x))
             True
+
+        Raises:
+            TypeError: ``x`` is not a tensor (checked first, whether or not a hook watches this module).
+            ValueError: ``x`` is not on omega's device, or (a vector omega) its last dimension is not ``embed_dim``.
         """
+        scaled = self._scale(x)  # checked first, watched or not
         if self._profile_hook is not None or _has_hooks(self):
             return None
-        return x * self._omega_for(x)
+        return scaled
+
+    def _scale(self, x: Tensor) -> Tensor:
+        """``x * omega`` (`scaled_input` without the test for hooks), ``x`` checked."""
+        if not isinstance(x, Tensor):  # was a bare AttributeError from x.is_floating_point()
+            raise TypeError(f"x must be a torch.Tensor of shape (*, embed_dim), got {type(x).__name__}")
+        # torch's own error for a mismatch is a RuntimeError deep inside the multiply (a host-side check: no sync)
+        validation.check_device("x", x, self.omega.device, "omega")
+        return x * self._omega_for(x)  # checks the last dimension against a vector omega
+
+    def register_forward_hook(self, *args, **kwargs):
+        handle = super().register_forward_hook(*args, **kwargs)
+        self._watched()
+        return handle
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        handle = super().register_forward_pre_hook(*args, **kwargs)
+        self._watched()
+        return handle
+
+    def _watched(self) -> None:
+        # a hook on this module must see its call omega(x, f_x): the sublayers that scale x instead
+        # (admin_torch.hooks' residual_arg readers) switch to their captured reading now, outside any forward pass,
+        # so also before the layer is compiled (traced code cannot add hooks)
+        for reader in getattr(self, "_scaled_readers", ()):
+            reader.read_captured()
 
     def _omega_minus_one(self) -> float:
         """``omega - 1`` as a number, for a 1-element omega: read again only when omega changed (another tensor,

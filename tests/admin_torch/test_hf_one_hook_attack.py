@@ -307,9 +307,10 @@ def test_compile_model_and_fullgraph_layer_match_eager():
             torch._dynamo.reset()
 
 
-@pytest.mark.xfail(strict=True, reason="known, unfixed: the first watched call registers the captured reading's "
-                                       "hooks, which dynamo cannot trace under fullgraph=True (worked before 8e75f09)")
 def test_compiled_fullgraph_layer_with_a_watched_omega():
+    """A hook put on an omega switches its sublayer to the captured reading at once (outside any forward), so a
+    layer compiled while watched traces that reading and calls the hook; unwatched again, eager runs go back to
+    one hook."""
     model, _ = build()
     layer = model.encoder.layer[0]
     h = torch.randn(2, 8, 16)
@@ -345,3 +346,43 @@ def test_a_user_hook_on_an_omega_that_changes_its_call_is_honoured():
         probe.remove()
         torch.testing.assert_close(out_of(model, x), out_of(written_out(model), x), rtol=0, atol=0)
     assert one_hook_each(model)
+
+
+def test_a_layer_compiled_unwatched_ignores_a_later_hook_and_stays_exact():
+    """Traced code adds and removes no hook: a layer compiled unwatched keeps its one-hook reading when a global
+    hook appears later (the compiled code does not call hooks added after compiling, as for any module)."""
+    model, _ = build()
+    layer = model.encoder.layer[0]
+    h = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        expected = layer(h)[0]
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(layer, backend="eager", fullgraph=True)
+            torch.testing.assert_close(compiled(h)[0], expected)
+            hook = Count()
+            handle = torch.nn.modules.module.register_module_forward_hook(hook)
+            try:
+                torch.testing.assert_close(compiled(h)[0], expected)
+            finally:
+                handle.remove()
+        finally:
+            torch._dynamo.reset()
+    assert one_hook_each(model)
+
+
+def test_after_remove_hooks_a_hook_on_an_omega_installs_nothing():
+    """Removing Admin's hooks also forgets the readers: a hook put on an omega afterwards adds no hook to the
+    layer."""
+    from admin_torch.hooks import remove_hooks
+
+    model, _ = build()
+    layer = model.encoder.layer[0]
+    remove_hooks(layer)
+    before = hook_counts(model)
+    handle = layer.admin_omegas[0].register_forward_hook(Count())
+    after = hook_counts(model)
+    handle.remove()
+    assert {k: v for k, v in after.items() if "admin_omegas" not in k} == \
+        {k: v for k, v in before.items() if "admin_omegas" not in k}
+
