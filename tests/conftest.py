@@ -69,9 +69,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` (the GPU lane, ``make test-gpu``) are skipped without a CUDA device."""
+    """The files that hold end-to-end (``slow``) tests run first, each file's tests in their order: under
+    ``pytest -n`` (make test) the long runs start early and the last minutes are short unit tests, so the workers
+    finish together. Tests marked ``cuda`` (the GPU lane, ``make test-gpu``) are skipped without a CUDA device."""
     import torch
 
+    slow_files = {item.nodeid.split("::")[0] for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_files)  # stable: False (slow files) first
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (the GPU lane: make test-gpu)")
