@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from benchmarks.sweep import run_jobs
 
@@ -54,6 +54,24 @@ def _write(path: Path, text: str) -> None:
 
     with atomic_write(path) as f:
         f.write(text)
+
+
+def _timed_step(model, opt, x, sync, mon=None) -> Tuple[float, float]:
+    """One training step of the overhead model, under ``mon`` when given: (wall seconds, this thread's CPU seconds)."""
+    sync()
+    t, c = time.perf_counter(), time.thread_time()
+    if mon is not None:
+        mon.begin_step()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    if mon is not None:
+        mon.capture_grads()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if mon is not None:
+        mon.end_step(loss)
+    sync()
+    return time.perf_counter() - t, time.thread_time() - c
 
 
 def _overhead_model(a):
@@ -171,20 +189,7 @@ def overhead_paired(a) -> None:
     device, model, opt, x, sync = _overhead_model(a)
 
     def step(mon=None):
-        sync()
-        t = time.perf_counter()
-        if mon is not None:
-            mon.begin_step()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        if mon is not None:
-            mon.capture_grads()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if mon is not None:
-            mon.end_step(loss)
-        sync()
-        return time.perf_counter() - t
+        return _timed_step(model, opt, x, sync, mon)[0]
 
     k = a.interval
     mon = StabilityMonitor(model, None, every=k, tensorboard=False, heatmaps=False, rules={})
@@ -347,20 +352,7 @@ def overhead_ab(a) -> None:
                                                        rules={})}
 
     def step(mon=None):
-        sync()
-        t, c = time.perf_counter(), time.thread_time()
-        if mon is not None:
-            mon.begin_step()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        if mon is not None:
-            mon.capture_grads()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if mon is not None:
-            mon.end_step(loss)
-        sync()
-        return time.perf_counter() - t, time.thread_time() - c
+        return _timed_step(model, opt, x, sync, mon)
 
     for _ in range(3):
         step()
