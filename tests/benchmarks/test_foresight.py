@@ -122,6 +122,50 @@ def test_select_rules_keeps_the_most_warnings_then_the_longest_persist():
     assert fa.select_rules([(short, {"a", "b", "c"}), (held, {"a", "b"}), (other, {"d"})]) == [short, other]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("within", [None, 7])
+def test_rule_strength_is_the_factor_at_which_the_detector_starts_firing(seed, within):
+    """`rule_strength`: the rule at 0.999 x it fires by ``until`` (the detector itself), at 1.001 x it does not."""
+    from stability_toolbox.signal_detector import SignalRule, first_alarm
+
+    rng = random.Random(seed)
+    xs = [1000.0 * math.exp(rng.gauss(0, 0.3)) for _ in range(40)] + \
+        [200.0 * math.exp(rng.gauss(0, 0.8)) for _ in range(40)]   # a noisy fall of ~x5
+    shape = dict(direction="falling", baseline=20, lag=5, smooth=3, persist=4, start=20, within=within)
+    until = 60
+    f = fa.rule_strength(xs, SignalRule("g", 2.0, **shape), until)
+    assert f > 1.5
+
+    def fires(factor):
+        w = first_alarm({"g": xs[: until + 1]}, [SignalRule("g", factor, **shape)])
+        return w is not None
+
+    assert fires(f * 0.999) and not fires(f * 1.001)
+
+
+def test_select_rules_breaks_a_tie_of_equal_holds_by_the_separation():
+    from stability_toolbox.signal_detector import SignalRule
+
+    in_a_row = SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, persist=5)
+    windowed = SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, persist=5, within=8)
+    short = SignalRule("grad_rms_eps_min", 4.0, "falling", baseline=20, lag=5, persist=3)
+    cands = [(short, {"a", "b"}, 3.0), (in_a_row, {"a", "b"}, 1.7), (windowed, {"a", "b"}, 1.9)]
+    # the hold first (5 over 3, whatever its separation), then the separation
+    assert fa.select_rules(cands) == [windowed]
+    assert fa.select_rules([(short, {"a", "b"}, 3.0), (in_a_row, {"a", "b"}, 1.7)]) == [in_a_row]
+
+
+def test_separation_is_the_weakest_failing_run_over_the_strongest_stable_one():
+    from stability_toolbox.signal_detector import SignalRule
+
+    rule = SignalRule("g", 2.0, "falling", baseline=20, lag=5, smooth=1, persist=1, start=20)
+    runs = {"calm": {"signals": {"g": [1000.0] * 30 + [500.0] * 30}},      # falls x2 and stays
+            "fail": {"signals": {"g": [1000.0] * 30 + [125.0] * 30}}}      # falls x8 at update 30
+    # the failing run reaches x8 by its reference update - 5 = 35; the calm one x2: 8 / 2
+    assert fa.separation(runs, ["calm"], {"fail": 40}, rule) == pytest.approx(4.0)
+    assert fa.separation(runs, ["calm"], {}, rule) == 0.0
+
+
 def test_calibration_on_seed_1_reproduces_the_shipped_defaults():
     """The committed calibration inputs (seed 1's reference-stack runs only, written by `analyze`) give
     DEFAULT_SIGNAL_RULES exactly when the calibration is re-run on them."""

@@ -33,6 +33,86 @@ def brute_first_fire(xs, r):
     return None
 
 
+def brute_first_fire_within(xs, r):
+    """The hold with gaps written out: the first t at which the condition holds and holds on >= `persist` of
+    the updates t - within + 1 .. t (an update before `start` or without a full baseline: not holding)."""
+    holds = []
+    for t in range(len(xs)):
+        ok = False
+        if t >= r.lag + r.baseline and t >= r.start:
+            level = statistics.median(xs[max(0, t - r.smooth + 1): t + 1])
+            base = statistics.median(xs[t - r.lag - r.baseline: t - r.lag])
+            if r.direction == "rising":
+                ok = base > 0 and level >= r.factor * base
+            else:
+                ok = base > 0 and level * r.factor <= base
+        holds.append(ok)
+        if ok and sum(holds[max(0, t - r.within + 1): t + 1]) >= r.persist:
+            return t
+    return None
+
+
+within_rules = st.builds(SignalRule, signal=st.just("x"), factor=st.sampled_from([1.1, 1.5, 2.0, 4.0]),
+                         direction=st.sampled_from(["rising", "falling"]), baseline=st.integers(1, 8),
+                         lag=st.integers(0, 4), smooth=st.integers(1, 4), persist=st.just(2),
+                         start=st.integers(0, 10), within=st.integers(2, 5))
+
+
+@given(rule=within_rules, xs=st.lists(st.floats(0.01, 100.0), min_size=1, max_size=40))
+def test_a_hold_within_a_window_is_the_formula_written_out(rule, xs):
+    w = first_alarm({"x": xs}, [rule])
+    assert (None if w is None else w["update"]) == brute_first_fire_within(xs, rule)
+
+
+def test_a_noisy_collapse_fires_within_its_window_and_not_in_a_row():
+    """A signal at a tenth of its baseline that flickers back to it for 2 updates of every 6: the level (median
+    of 3) holds 4 updates in a row, then 2 not (never 5 in a row); 5 of the last 8 at update 47 (held at 41-44
+    and 47)."""
+    from dataclasses import replace
+
+    xs = [1000.0] * 40 + [1000.0 if i % 6 >= 4 else 100.0 for i in range(40)]
+    consecutive = SignalRule("g", 4.0, "falling", baseline=20, lag=5, smooth=3, persist=5, start=20)
+    windowed = replace(consecutive, within=8)
+    assert first_alarm({"g": xs}, [consecutive]) is None
+    assert first_alarm({"g": xs}, [windowed])["update"] == brute_first_fire_within(xs, windowed) == 47
+    assert "5 of 8 updates" in first_alarm({"g": xs}, [windowed])["message"]
+    # a window equal to the hold is the hold in a row
+    steady = [1000.0] * 40 + [100.0] * 40
+    assert first_alarm({"g": steady}, [replace(consecutive, within=5)])["update"] == \
+        first_alarm({"g": steady}, [consecutive])["update"] == 45
+
+
+def test_a_state_saved_before_within_existed_still_loads():
+    r = SignalRule("a", 2.0, baseline=3, lag=0, smooth=1, persist=2, start=0)
+    det = SignalDetector([r])
+    for t, v in enumerate([1.0, 1.0, 1.0, 3.0]):
+        det.update(t, {"a": v})
+    old = det.state_dict()
+    old["rules"] = [{k: v for k, v in d.items() if k != "within"} for d in old["rules"]]
+    resumed = SignalDetector([r])
+    resumed.load_state_dict(old)
+    assert resumed.update(4, {"a": 3.0})[0]["update"] == 4   # held at 3 and 4: 2 in a row
+    with pytest.raises(ValueError, match="state"):             # a windowed rule is another rule
+        SignalDetector([SignalRule("a", 2.0, baseline=3, lag=0, smooth=1, persist=2, start=0, within=3)]
+                       ).load_state_dict(old)
+
+
+@pytest.mark.parametrize("within", [3, 65, 2.5])
+def test_a_window_shorter_than_the_hold_or_too_long_is_refused(within):
+    with pytest.raises((ValueError, TypeError), match="within"):
+        SignalRule("g", 4.0, persist=4, within=within)
+
+
+def test_a_windowed_rule_resumes_from_its_state():
+    r = SignalRule("g", 4.0, "falling", baseline=20, lag=5, smooth=3, persist=5, start=20, within=8)
+    xs = [1000.0] * 40 + [1000.0 if i % 6 >= 4 else 100.0 for i in range(40)]
+    det = SignalDetector([r])
+    for t in range(45):
+        det.update(t, {"g": xs[t]})
+    resumed = SignalDetector([r])
+    resumed.load_state_dict(det.state_dict())
+    assert [w["update"] for t in range(45, 80) for w in resumed.update(t, {"g": xs[t]})] == [47]
+
 rules = st.builds(SignalRule, signal=st.just("x"), factor=st.sampled_from([1.1, 1.5, 2.0, 4.0]),
                   direction=st.sampled_from(["rising", "falling"]), baseline=st.integers(1, 8),
                   lag=st.integers(0, 4), smooth=st.integers(1, 4), persist=st.integers(1, 3),
@@ -110,19 +190,19 @@ def test_default_rules_are_rules():
 
 def test_the_default_rule_lets_a_short_transient_pass_and_warns_on_a_lasting_collapse():
     """The shipped rule (benchmarks.foresight's calibration on seed 1): the smallest layer's gradient RMS at a
-    quarter of its baseline for 5 updates in a row. An early-training dip that lasts 4 updates does not warn
+    quarter of its baseline on 5 of the last 8 updates. An early-training dip that lasts 4 updates does not warn
     (it did when the rule held 3); a collapse that stays warns on its 5th update."""
     from dataclasses import replace
 
     (rule,) = DEFAULT_SIGNAL_RULES
     assert (rule.signal, rule.direction, rule.factor, rule.baseline, rule.lag, rule.smooth, rule.persist,
-            rule.start, rule.level) == ("grad_rms_eps_min", "falling", 4.0, 20, 5, 3, 5, 20, None)
+            rule.start, rule.level, rule.within) == ("grad_rms_eps_min", "falling", 4.0, 20, 5, 3, 5, 20, None, 8)
     transient = [1000.0] * 40 + [150.0] * 4 + [1000.0] * 40
     # the level (median of the last 3) is 150 at updates 41..44, the baseline 1000: 4 updates in a row
-    assert first_alarm({"grad_rms_eps_min": transient}) is None and brute_first_fire(transient, rule) is None
-    assert brute_first_fire(transient, replace(rule, persist=3)) == 43
+    assert first_alarm({"grad_rms_eps_min": transient}) is None and brute_first_fire_within(transient, rule) is None
+    assert brute_first_fire_within(transient, replace(rule, persist=3)) == 43
     collapse = [1000.0] * 40 + [100.0] * 40
-    assert first_alarm({"grad_rms_eps_min": collapse})["update"] == brute_first_fire(collapse, rule) == 45
+    assert first_alarm({"grad_rms_eps_min": collapse})["update"] == brute_first_fire_within(collapse, rule) == 45
 
 
 # ---------------------------------------------------------------- adversarial review (issue 41's public API)
