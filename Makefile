@@ -29,7 +29,8 @@ TEST_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py sign_optim/csrc/fused_sign.cpp constraints.txt Makefile tools/patch_fairseq_numpy2.py tools/patch_fairscale_amp.py
+$(STAMP): pyproject.toml setup.py sign_optim/csrc/fused_sign.cpp constraints.txt Makefile tools/patch_fairseq_numpy2.py tools/patch_fairscale_amp.py \
+           tools/patch_fairseq_imports.py
 	@echo "== creating $(VENV) (torch 2.13.0 CPU, $(FAIRSEQ), recipe tools)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0 numpy cython setuptools wheel 2>&1 | grep -v "is ignored" || true
@@ -45,6 +46,8 @@ $(STAMP): pyproject.toml setup.py sign_optim/csrc/fused_sign.cpp constraints.txt
 	    $(PIP) wheel --no-build-isolation --no-deps -w "$(WHEEL_CACHE)" $$src/fairseq_fixed-0.12.3.1 && \
 	    rm -rf $$src; }
 	$(PIP) install --no-deps --force-reinstall "$$(ls "$(WHEEL_CACHE)"/$(FAIRSEQ_WHEEL) | head -n 1)"
+	@# every fairseq tool imported scikit-learn and scipy.stats at start for two metrics (~0.9 s of CPU a start)
+	$(PY) tools/patch_fairseq_imports.py
 	@# the rest through uv (Astral's installer: the same versions as pip under constraints.txt, in ~10 s instead of
 	@# ~55 s from a warm cache). torch stays pip's: pip takes the machine's wheel file, uv would download a CUDA build.
 	$(PIP) install -c constraints.txt uv 2>&1 | grep -v "is ignored" || true

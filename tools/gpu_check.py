@@ -90,7 +90,7 @@ PARTS = [
                                ["--repeats", "3", "--shapes", "256x64", "--no-compile"])),
     Part("sign_optim", 45, _bench("bench_sign_optim", ["--reps", "5", "--steps", "5", "--threads", "1"],
                                   ["--quick", "--layers", "1", "--dim", "64", "--ffn", "128", "--vocab", "500",
-                                   "--threads", "1"])),
+                                   "--threads", "1", "--sets", "transformer"])),
     Part("admin", 30, _bench("bench_admin_layers", ["--autocast", "none,bfloat16,float16", "--dim", "512",
                                                        "--batch", "32", "--length", "128", "--reps", "10"],
                              ["--autocast", "none,bfloat16", "--dim", "32", "--layers", "2", "--batch", "2",
