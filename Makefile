@@ -21,6 +21,10 @@ WHEEL_CACHE  ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/stability-toolbox/wheels
 FAIRSEQ      := fairseq-fixed==0.12.3.1
 FAIRSEQ_WHEEL := fairseq_fixed-0.12.3.1+numpy2-*.whl
 STAMP        := $(VENV)/.installed
+# what the recipes, the benchmarks, the tests and the docs use besides torch and fairseq
+RECIPE_TOOLS := hydra-core omegaconf regex sacrebleu tqdm bitarray cffi scikit-learn packaging sentencepiece \
+                matplotlib tensorboardX lion-pytorch transformers accelerate pytorch-lightning pytest pytest-xdist \
+                hypothesis expecttest triton==3.9.0 trainscope==1.8.1 zclip==1.0.0 mkdocs-material "mkdocstrings[python]"
 PYTEST_ARGS  ?=
 # test processes: one per core (pytest-xdist); every test is single-threaded (tests/conftest.py)
 TEST_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
@@ -50,11 +54,11 @@ $(STAMP): pyproject.toml setup.py sign_optim/csrc/fused_sign.cpp constraints.txt
 	$(PY) tools/patch_fairseq_imports.py
 	@# the rest through uv (Astral's installer: the same versions as pip under constraints.txt, in ~10 s instead of
 	@# ~55 s from a warm cache). torch stays pip's: pip takes the machine's wheel file, uv would download a CUDA build.
+	@# uv reads no pip configuration (an index or mirror set for pip): where it cannot install them, pip does.
 	$(PIP) install -c constraints.txt uv 2>&1 | grep -v "is ignored" || true
-	$(PY) -m uv pip install --quiet --python $(PY) -c constraints.txt hydra-core omegaconf regex sacrebleu tqdm bitarray cffi \
-	  scikit-learn packaging sentencepiece matplotlib tensorboardX lion-pytorch transformers accelerate pytorch-lightning pytest pytest-xdist hypothesis \
-	  expecttest triton==3.9.0 trainscope==1.8.1 zclip==1.0.0 \
-	  mkdocs-material "mkdocstrings[python]"
+	$(PY) -m uv pip install --quiet --python $(PY) -c constraints.txt $(RECIPE_TOOLS) || \
+	  { echo "== uv could not install the recipe tools: pip installs them"; \
+	    $(PIP) install -c constraints.txt $(RECIPE_TOOLS); }
 	@# fairscale (fairseq's --zero-sharding os and --ddp-backend fully_sharded): its sdist, without CUDA extensions
 	BUILD_CUDA_EXTENSIONS=0 $(PIP) install --no-build-isolation --no-deps -c constraints.txt fairscale==0.4.13
 	@# its import-time FutureWarnings would precede every fairseq tool's output (tools/patch_fairscale_amp.py)
