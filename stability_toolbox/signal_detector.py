@@ -19,8 +19,8 @@ skipped step under fp16, does not fire, and a diverged run fires after ``persist
 With ``within`` set (``>= persist``), the hold tolerates gaps: the rule fires at the first update ``t`` at which
 it holds and at which it has held on at least ``persist`` of the last ``within`` updates that measured the
 signal (``t`` included; updates before ``start`` or without a full baseline count as not holding), so a signal
-that departs and flickers back for an update (a noisy collapse) still fires; ``within = persist`` is the
-consecutive hold.
+that departs and flickers back for an update (a noisy collapse) still fires; ``within = persist`` (or any
+``within`` with ``persist = 1``) is the consecutive hold.
 
 [`SignalDetector`][stability_toolbox.signal_detector.SignalDetector] runs a set of rules online
 (``update(step, scalars)`` returns the warnings of that update, each with its update index) and
@@ -43,7 +43,7 @@ import math
 import numbers
 import statistics
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence
 
 from toolbox_core import checks
@@ -65,7 +65,8 @@ class SignalRule:
         persist: how many updates the condition must hold (>= 1): in a row, or within ``within``.
         level: an absolute bound the level must also pass (None: none).
         start: no warning before this update (>= 0).
-        within: hold on ``persist`` of the last ``within`` updates (>= ``persist``; None: ``persist`` in a row).
+        within: hold on ``persist`` of the last ``within`` updates (``persist`` to 64; None: ``persist`` in a
+            row; ``within == persist``, or any window with ``persist == 1``, fires as the hold in a row does).
 
     Raises:
         TypeError / ValueError: a field of the wrong type or out of range (named).
@@ -169,9 +170,14 @@ class SignalDetector:
                 raise TypeError(f"{argument}[{i}] must be a SignalRule, got {type(r).__name__}")
         seen: Dict[SignalRule, int] = {}
         for i, r in enumerate(rules):  # the same rule twice would issue every warning twice
-            if r in seen:
-                raise ValueError(f"{argument}[{i}] repeats {argument}[{seen[r]}] ({r}); each rule once")
-            seen[r] = i
+            # keyed by what the rule fires on: a window of `persist` updates (or any window of a hold of 1) is
+            # the hold in a row, so SignalRule(..., persist=5, within=5) repeats SignalRule(..., persist=5)
+            key = replace(r, within=None) if r.within is not None and r.persist in (1, r.within) else r
+            if key in seen:
+                why = ("" if rules[seen[key]] == r else
+                       " (a window of persist updates, or with persist=1, is the hold in a row)")
+                raise ValueError(f"{argument}[{i}] repeats {argument}[{seen[key]}] ({r}){why}; each rule once")
+            seen[key] = i
         self.rules = tuple(rules)
         self._past: Dict[str, Deque[float]] = {}
         self._held = [0] * len(self.rules)
@@ -239,12 +245,19 @@ class SignalDetector:
         # a state saved before SignalRule had `within` lists its rules without it: the same rules, held in a row
         if not isinstance(state["rules"], (list, tuple)) or not all(isinstance(d, Mapping) for d in state["rules"]) \
                 or [{"within": None, **d} for d in state["rules"]] != [asdict(r) for r in self.rules]:
-            raise ValueError(f"state: its rules {state['rules']!r} are not this detector's {self.rules}")
+            raise ValueError(f"state: its rules {state['rules']!r} are not this detector's {self.rules}; resume with "
+                             "the rules it was saved with (a monitor: signal_rules=[SignalRule(**d) for d in them])")
         n = len(self.rules)
         held, fired, past = state["held"], state["fired"], state["past"]
-        if not (isinstance(held, (list, tuple)) and len(held) == n and all(isinstance(h, int) and h >= 0 for h in held)
+        if not (isinstance(held, (list, tuple)) and len(held) == n
+                and all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in held)
                 and isinstance(fired, (list, tuple)) and len(fired) == n and all(isinstance(f, bool) for f in fired)):
             raise ValueError(f"state: 'held' and 'fired' must list one count / flag per rule ({n})")
+        for i, (h, r) in enumerate(zip(held, self.rules)):
+            # a windowed rule's hold is a bit mask of its last `within` updates: a larger int is no such mask
+            if r.within is not None and h >= 1 << r.within:
+                raise ValueError(f"state: 'held'[{i}] must be a bit mask of rule {i}'s last {r.within} updates "
+                                 f"(an int in [0, 2**{r.within})), got {h}")
         memory: Dict[str, int] = {}
         for r in self.rules:
             memory[r.signal] = max(memory.get(r.signal, 0), r.memory)

@@ -11,12 +11,15 @@ Usage (``make install`` runs it after installing fairseq)::
 
     python tools/patch_fairseq_imports.py [FAIRSEQ_DIR]   # default: the fairseq this Python imports
 
-Idempotent; exits 2 with one line if FAIRSEQ_DIR holds no fairseq, or a file differs from fairseq 0.12.3's.
+Idempotent; exits 2 with one line, both files left as they were, if FAIRSEQ_DIR holds no fairseq, a file
+differs from fairseq 0.12.3's, a file or its directory is read-only, or a write fails.
 """
 
 import importlib.util
 import os
+import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -62,8 +65,14 @@ MARK = "tools/patch_fairseq_imports.py"
 
 def patch(root: Path) -> int:
     """Repair the files of ``root`` (a fairseq package directory); the number of files changed (0: already
-    repaired). Raises ValueError naming the file if one is neither fairseq 0.12.3's nor repaired, before
-    any file is changed."""
+    repaired). Raises ValueError naming the file if one is neither fairseq 0.12.3's nor repaired, and
+    PermissionError if one (or its directory) is read-only, before any file is changed; an OSError while
+    writing (a full disk) leaves both files as they were.
+
+    Each file is written to a uniquely named temporary beside it (so a leftover or a concurrent run's temporary
+    is never written through) with the file's permission bits, then renamed over it: a symbolic or hard link
+    is replaced by the repaired file under this name only, and what it pointed to (a shared cache) stays as
+    it is."""
     todo = {}
     for name, repairs in REPAIRS.items():
         path = root / name
@@ -76,14 +85,50 @@ def patch(root: Path) -> int:
         missing = [old for old, _ in repairs if text.count(old) != 1]
         if missing:
             raise ValueError(f"{path}: not fairseq 0.12.3's file (expected once: {missing[0].strip()!r})")
+        original = text
         for old, new in repairs:
             text = text.replace(old, new)
-        todo[path] = text
-    for path, text in todo.items():
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        todo[path] = (original, text)
+    for path in todo:
+        # a file without any write bit is read-only on purpose (for root too, who may write it anyway); a link
+        # is replaced, not written through, so only its directory needs to be writable
+        link = path.is_symlink()
+        if not os.access(path.parent, os.W_OK) or not link and (
+                not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222):
+            raise PermissionError(f"{path}: read-only (the file or its directory); nothing was changed")
+    links = {path: os.readlink(path) for path in todo if path.is_symlink()}
+    tmps = {}
+    try:
+        for path, (_, text) in todo.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            tmps[path] = tmp
+            with open(fd, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        done = []
+        try:
+            for path, tmp in tmps.items():
+                os.replace(tmp, path)
+                done.append(path)
+        except OSError:
+            for path in done:  # put back what was replaced (a link as the link): both files repaired, or neither
+                if path in links:  # os.symlink creates exclusively: a name another process took is an error
+                    tmp = tmps[path] = tempfile.mktemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                    os.symlink(links[path], tmp)
+                else:
+                    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                    tmps[path] = tmp
+                    with open(fd, "w", encoding="utf-8", newline="") as f:
+                        f.write(todo[path][0])
+                    os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+                os.replace(tmp, path)
+            raise
+    finally:
+        for tmp in tmps.values():
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
     return len(todo)
 
 
@@ -106,7 +151,7 @@ def main(argv=None) -> int:
         return 2
     try:
         count = patch(root)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # not fairseq's file, read-only, a full disk: one line, files intact
         print(f"patch_fairseq_imports: error: {err}", file=sys.stderr)
         return 2
     print(f"patch_fairseq_imports: {root}: {count} file(s) repaired" if count

@@ -118,6 +118,30 @@ def test_a_wrong_argument_is_one_line_exit_2(args):
 
 @pytest.mark.skipif(importlib.util.find_spec("fairseq") is None, reason="fairseq is not installed (make install)")
 def test_installed_fairseq_starts_without_scikit_learn_or_scipy_stats():
-    code = "import sys, fairseq_cli.train; print(sorted(m for m in ('sklearn', 'scipy.stats') if m in sys.modules))"
+    """... and its metrics (called as fairseq calls them, and with keywords) are scikit-learn's and SciPy's."""
+    code = """
+import sys, fairseq_cli.train
+import fairseq.criterions.sentence_prediction as sp
+from fairseq.criterions import CRITERION_REGISTRY
+from fairseq.tasks import TASK_REGISTRY
+assert 'sentence_prediction' in CRITERION_REGISTRY and 'sentence_prediction' in TASK_REGISTRY
+print(sorted(m for m in ('sklearn', 'scipy.stats') if m in sys.modules))
+import numpy as np
+from sklearn.metrics import f1_score, matthews_corrcoef
+from scipy.stats import pearsonr, spearmanr
+rng = np.random.default_rng(0)
+p, l, w = rng.integers(0, 3, 60), rng.integers(0, 3, 60), rng.random(60)
+x, y = rng.normal(size=60), rng.normal(size=60)
+assert sp.f1_score(y_true=l, y_pred=p, average='macro') == f1_score(l, p, average='macro')
+assert sp._matthews_corrcoef(y_true=l, y_pred=p, sample_weight=w) == matthews_corrcoef(l, p, sample_weight=w)
+assert tuple(sp.pearsonr(x, y, alternative='less')) == tuple(pearsonr(x, y, alternative='less'))
+assert tuple(sp.spearmanr(x, y, nan_policy='omit')) == tuple(spearmanr(x, y, nan_policy='omit'))
+assert sp.acc_and_f1(p % 2, l % 2)['f1'] == f1_score(l % 2, p % 2)
+assert sp.matthews_corrcoef(p, l) == matthews_corrcoef(l, p)
+r = sp.pearson_and_spearman(x, y)
+assert r['pearson'] == pearsonr(x, y)[0] and r['spearmanr'] == spearmanr(x, y)[0]
+print('metrics equal')
+"""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-1000:] + proc.stderr[-2000:]
+    out = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and out[-2:] == ["[]", "metrics equal"], proc.stdout[-1000:] + proc.stderr[-2000:]
