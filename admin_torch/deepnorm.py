@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from toolbox_core import validation
 
+from .residual import check_operands
+
 __all__ = ["DeepNormInit", "deepnorm_init", "deepnorm_scale_", "DeepNormResidual", "DEEPNORM_SCALED_PROJECTIONS"]
 
 #: the projections whose init DeepNet scales by beta (q_proj and k_proj keep gain 1).
@@ -27,6 +29,13 @@ class DeepNormInit:
     encoder_beta: Optional[float]
     decoder_alpha: Optional[float]
     decoder_beta: Optional[float]
+
+    def __post_init__(self) -> None:
+        # each field None or a finite number > 0, stored as a Python float (frozen: set through object.__setattr__)
+        for name in ("encoder_alpha", "encoder_beta", "decoder_alpha", "decoder_beta"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, validation.as_real(name, value, low=0.0, low_open=True))
 
 
 def _check_layers(name: str, value) -> int:
@@ -113,6 +122,7 @@ class DeepNormResidual(nn.Module):
         self.register_buffer("alpha", torch.tensor([validation.as_real("alpha", alpha)]))
 
     def forward(self, x: Tensor, f_x: Tensor) -> Tensor:
+        check_operands(x, "f_x", f_x, self.alpha.device, "alpha")
         alpha = self.alpha.to(dtype=x.dtype) if x.is_floating_point() else self.alpha  # never truncated
         return x * alpha + f_x
 

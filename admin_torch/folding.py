@@ -52,6 +52,11 @@ def _omega_tensor(omega: OmegaLike, dim: int, arg: str = "omega") -> Tensor:
     if not isinstance(omega, Tensor):
         t = torch.full((dim,), validation.as_real(arg, omega), dtype=torch.float64)
     elif isinstance(omega, Tensor):
+        # a complex tensor would lose its imaginary part in the cast, a bool one read as 0 / 1: not omegas
+        if omega.is_complex() or omega.dtype == torch.bool:
+            raise TypeError(f"{arg} must be a real (floating or integer) tensor, got dtype {omega.dtype}")
+        if omega.is_meta:
+            raise ValueError(f"{arg} must hold values to fold, got a tensor on the meta device")
         t = omega.detach().to(dtype=torch.float64, device="cpu").reshape(-1)
         if t.numel() == 1:
             t = t.expand(dim).clone()

@@ -7,6 +7,7 @@ with ``beta_i = Var[f_i(x_i)] / Var[residual output i]``, the share of sublayer 
 sum; [`residual_betas`][admin_torch.residual_betas] measures those shares, so the prediction can be checked on any model.
 """
 
+import math
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -96,6 +97,9 @@ def output_change(
             total += (diff.sum(-1).mean() if diff.dim() > 0 else diff).item()
     finally:
         model.train(was_training)
+    if not math.isfinite(total):  # the base output is finite: the perturbation made it overflow (or NaN)
+        raise ValueError(f"delta_scale={delta_scale} is too large: the perturbed model's output is not finite "
+                         "(NaN or inf); use a small relative perturbation (e.g. 1e-2)")
     return total / num_samples
 
 

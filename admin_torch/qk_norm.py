@@ -241,6 +241,13 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim=None, vdim=None,
                  batch_first: bool = False, device=None, dtype=None, *, eps: float = 1e-5):
+        # torch.nn checks these late or not at all (an AssertionError, or a silently accepted bool / string)
+        embed_dim = validation.as_int("embed_dim", embed_dim, minimum=1)
+        num_heads = validation.as_int("num_heads", num_heads, minimum=1)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        dropout = validation.as_real("dropout", dropout, low=0.0, high=1.0)
+        bias, batch_first = validation.as_bool("bias", bias), validation.as_bool("batch_first", batch_first)
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim,
                          batch_first, device, dtype)
         _check_supported("attention", self)
@@ -334,6 +341,19 @@ class QKNormLinear(nn.Linear):
 
     qk_norm: QKNorm
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 heads: int = 1, eps: float = 1e-5) -> None:
+        """A new projection with its own [`QKNorm`][admin_torch.QKNorm] over ``heads`` heads (``heads`` must divide
+        ``out_features``); `qk_norm_projections_` turns an existing ``nn.Linear`` into one instead."""
+        in_features = validation.as_int("in_features", in_features, minimum=1)
+        out_features = validation.as_int("out_features", out_features, minimum=1)
+        heads = validation.as_int("heads", heads, minimum=1)
+        if out_features % heads:
+            raise ValueError(f"heads must divide out_features, got out_features={out_features} and heads={heads}")
+        eps = validation.as_real("eps", eps, low=0.0, low_open=True)
+        super().__init__(in_features, out_features, validation.as_bool("bias", bias), device, dtype)
+        self.qk_norm = QKNorm(out_features, heads, eps=eps, device=self.weight.device, dtype=self.weight.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.qk_norm(F.linear(x, self.weight, self.bias))
 
@@ -380,6 +400,8 @@ def _add_norms(module: nn.Module, eps: float = 1e-5) -> None:
 def has_qk_norm(module: nn.Module) -> bool:
     """Whether ``module`` (an attention module) applies qk-layernorm (``q_norm`` and ``k_norm``, or
     [`QKNormLinear`][admin_torch.QKNormLinear] projections)."""
+    if not isinstance(module, nn.Module):  # a None or a string is no module: not a silent False
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if isinstance(getattr(module, "q_proj", None), QKNormLinear):
         return True
     return isinstance(getattr(module, "q_norm", None), nn.Module) and isinstance(getattr(module, "k_norm", None),

@@ -18,7 +18,7 @@ from toolbox_core import validation
 
 from .deepnorm import DeepNormResidual, deepnorm_init, deepnorm_scale_
 from .qk_norm import QKNorm
-from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, calculate_init
+from .residual import OUTPUT_CHANGE_SCALES, OmegaResidual, calculate_init, check_operands
 
 __all__ = ["STACK_KINDS", "SUBLAYER_PATTERNS", "AddResidual", "SelfAttention", "FeedForward", "ResidualStack", "make_stack"]
 
@@ -32,6 +32,7 @@ class AddResidual(nn.Module):
     """The plain residual ``x + f_x``."""
 
     def forward(self, x: Tensor, f_x: Tensor) -> Tensor:
+        check_operands(x, "f_x", f_x, x.device if isinstance(x, Tensor) else None, "x")
         return x + f_x
 
 
@@ -109,6 +110,12 @@ class ResidualStack(nn.Module):
         self.final_norm = nn.LayerNorm(dim) if kind == "pre_ln" else None
 
     def forward(self, x: Tensor) -> Tensor:
+        weight = self.input_norm.weight
+        dim = weight.shape[0]
+        validation.check_tensor("x", x, last_dim=dim, shape=f"(*, dim={dim})")
+        validation.check_device("x", x, weight.device, "the stack's parameters")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x must have the stack's dtype {weight.dtype} (or run under torch.autocast), got {x.dtype}")
         h = self.input_norm(x)
         if self.kind == "pre_ln":
             for f, res, ln in zip(self.sublayers, self.residuals, self.norms):

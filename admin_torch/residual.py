@@ -113,13 +113,25 @@ class OmegaResidual(nn.Module):
 
     def forward(self, x: Tensor, f_x: Tensor) -> Tensor:
         """``x * omega + f_x``. omega always multiplies (no ``omega == 1`` shortcut), so an omega
-        loaded from a state_dict or set by profiling is always used."""
+        loaded from a state_dict or set by profiling is always used.
+
+        Raises:
+            TypeError: ``x`` or ``f_x`` is not a tensor.
+            ValueError: either is not on omega's device, their shapes do not broadcast, or (a vector omega) the
+                last dimension of ``x`` is not ``embed_dim``.
+        """
+        check_operands(x, "f_x", f_x, self.omega.device, "omega")
         if self._profile_hook is not None:
             self._profile_hook(self, x, f_x)
-        return self.forward_omega(x, f_x)
+        if x.is_nested and not self.as_parameter:
+            # torch.nn.TransformerEncoder's inference fast path (a padding mask, torch.no_grad): nested tensors
+            # multiply by a number, not by a dense 1-element tensor
+            return x * (self._omega_minus_one() + 1.0) + f_x
+        return x * self._omega_for(x) + f_x
 
     # 0.1.0 names of the two forward variants, kept for code that calls them directly.
     def forward_omega(self, x: Tensor, f_x: Tensor) -> Tensor:
+        check_operands(x, "f_x", f_x, self.omega.device, "omega")
         return x * self._omega_for(x) + f_x
 
     def _omega_for(self, x: Tensor) -> Tensor:
@@ -139,9 +151,11 @@ class OmegaResidual(nn.Module):
         (what `admin_torch.hooks` has at the LayerNorm): ``s + (omega - 1) * x``, one operation forward and one
         multiply backward where ``self(x, s - x)`` takes three each way; equal to it up to rounding.
 
-        A 1-element omega (a buffer) is read as a number once per change of its value (its version counter, kept
-        on the host, tells; on CUDA that read waits for the device once, never in a step with omega unchanged);
-        a vector omega (``as_parameter``), or a step being compiled, takes one fused multiply-add instead. A hook
+        A 1-element omega (a buffer) takes one fused multiply-add with ``omega - 1`` kept as a 0-d tensor on its
+        device, made again once per change of omega (its version counter, kept on the host, tells: no device
+        synchronization); in half precision it is read as a number instead (on CUDA that read waits for the
+        device once per change of omega), so that ``omega - 1`` is applied in float32, not rounded to ``x``'s
+        dtype. A vector omega (``as_parameter``), or a step being compiled, takes one fused multiply-add too. A hook
         on this module (the stability monitor's, or profiling's) is called as ever: the module is then called as
         ``self(x, s - x)``, so the hook reads ``(x, f_x)``.
 
@@ -152,10 +166,16 @@ class OmegaResidual(nn.Module):
             >>> res.rescale_sum(torch.ones(3), torch.full((3,), 1.5))   # x = 1, f_x = 0.5: 2 * 1 + 0.5
             tensor([2.5000, 2.5000, 2.5000])
         """
+        check_operands(x, "s", s, self.omega.device, "omega")
         if self._profile_hook is not None or _has_hooks(self) or not x.is_floating_point():
             return self(x, s - x)
         if self.as_parameter or torch.compiler.is_compiling():
             return torch.addcmul(s, x, self._omega_for(x) - 1)
+        if x.dtype in (torch.float32, torch.float64):
+            # omega - 1 as a cached 0-d tensor: backward multiplies by it directly, where a Python alpha is wrapped
+            # into a new tensor at every call (about 3 ops less per sublayer); the same numbers
+            return torch.addcmul(s, x, self._omega_minus_one_tensor())
+        # half precisions: alpha stays a number applied in float32 (a 0-d tensor would be rounded to x's dtype)
         return torch.add(s, x, alpha=self._omega_minus_one())
 
     def scaled_input(self, x: Tensor) -> Optional[Tensor]:
@@ -185,6 +205,8 @@ class OmegaResidual(nn.Module):
         """``x * omega`` (`scaled_input` without the test for hooks), ``x`` checked."""
         if not isinstance(x, Tensor):  # was a bare AttributeError from x.is_floating_point()
             raise TypeError(f"x must be a torch.Tensor of shape (*, embed_dim), got {type(x).__name__}")
+        if x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"x must be a real (floating or integer) tensor, got dtype {x.dtype}")
         # torch's own error for a mismatch is a RuntimeError deep inside the multiply (a host-side check: no sync)
         validation.check_device("x", x, self.omega.device, "omega")
         return x * self._omega_for(x)  # checks the last dimension against a vector omega
@@ -217,7 +239,21 @@ class OmegaResidual(nn.Module):
             self._omega_minus_one_cache = cached
         return cached[3]
 
+    def _omega_minus_one_tensor(self) -> Tensor:
+        """``omega - 1`` as a 0-d tensor on omega's device, for a 1-element omega: made again only when omega
+        changed (the test of `_omega_minus_one`, on the host: never a device synchronization). Made outside
+        inference mode, so that a module first called under ``torch.inference_mode`` trains afterwards."""
+        omega = self.omega
+        key = (omega, omega._version, omega.data_ptr())
+        cached = getattr(self, "_omega_minus_one_tensor_cache", None)
+        if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = key + (omega.detach().reshape(()) - 1,)
+            self._omega_minus_one_tensor_cache = cached
+        return cached[3]
+
     def forward_original(self, x: Tensor, f_x: Tensor) -> Tensor:
+        check_operands(x, "f_x", f_x, self.omega.device, "omega")
         return x + f_x
 
     @torch.no_grad()
@@ -227,8 +263,11 @@ class OmegaResidual(nn.Module):
         Raises ValueError (NaN, inf, or a shape that does not broadcast) before omega is touched.
         """
         if isinstance(value, Tensor) and value.numel() != 1:
-            if not value.is_floating_point() and not value.dtype.is_signed and value.dtype != torch.uint8:
+            if value.is_complex() or (not value.is_floating_point() and not value.dtype.is_signed
+                                      and value.dtype != torch.uint8):
                 raise TypeError(f"value must be a real tensor, got dtype {value.dtype}")
+            if value.is_meta:
+                raise ValueError("value must hold values (a tensor on the meta device holds none)")
             try:
                 value = torch.broadcast_to(value.to(self.omega.device, self.omega.dtype), self.omega.shape)
             except RuntimeError:
@@ -246,6 +285,33 @@ class OmegaResidual(nn.Module):
         if self.as_parameter:
             return f"embed_dim={self.omega.numel()}, as_parameter=True, omega~{self.omega.float().mean().item():.4g}"
         return f"omega={self.omega.float().item():.4g}"
+
+
+def check_operands(x, other_name: str, other, device: torch.device, what: str) -> None:
+    """The operands of a residual connection: ``x`` and ``other`` (``f_x``, or the sum ``s``) tensors on
+    ``device`` (that of ``what``) whose shapes broadcast; TypeError / ValueError naming the argument. Reads no
+    data: shapes and devices only, on the host (nothing for ``torch.compile`` to break on). Called on every
+    residual sum: the common case (two real tensors of one shape on ``device``) takes one test of each kind."""
+    if not (isinstance(x, Tensor) and isinstance(other, Tensor)):  # was a bare AttributeError deep inside
+        name, t = ("x", x) if not isinstance(x, Tensor) else (other_name, other)
+        raise TypeError(f"{name} must be a torch.Tensor of shape (*, embed_dim), got {type(t).__name__}")
+    if x.dtype in _NOT_REAL or other.dtype in _NOT_REAL:
+        name, t = ("x", x) if x.dtype in _NOT_REAL else (other_name, other)
+        raise TypeError(f"{name} must be a real (floating or integer) tensor, got dtype {t.dtype}")
+    if x.device != device or other.device != device:
+        validation.check_device("x", x, device, what)
+        validation.check_device(other_name, other, device, what)
+    if x.is_nested or other.is_nested:  # torch.nn.TransformerEncoder's fast path: no sizes to compare
+        return
+    if x.shape != other.shape:
+        for a, b in zip(reversed(x.shape), reversed(other.shape)):
+            if a != b and a != 1 and b != 1:
+                raise ValueError(f"x and {other_name} must have shapes that broadcast (the residual sum), got "
+                                 f"{tuple(x.shape)} and {tuple(other.shape)}")
+
+
+#: dtypes that are no residual stream: a bool mask, or complex numbers (omega is real)
+_NOT_REAL = (torch.bool, torch.complex32, torch.complex64, torch.complex128)
 
 
 def _has_hooks(module: nn.Module) -> bool:

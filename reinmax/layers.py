@@ -96,6 +96,7 @@ class DiscreteBottleneck(nn.Module):
             validation.as_int(name, value, minimum=1) for name, value in (
                 ("in_features", in_features), ("num_codes", num_codes),
                 ("code_dim", code_dim), ("num_latents", num_latents)))
+        shared_codebook = validation.as_bool("shared_codebook", shared_codebook)
         self.num_codes, self.code_dim, self.num_latents = num_codes, code_dim, num_latents
         self.to_logits = nn.Linear(in_features, num_latents * num_codes)
         shape = (num_codes, code_dim) if shared_codebook else (num_latents, num_codes, code_dim)
@@ -104,6 +105,12 @@ class DiscreteBottleneck(nn.Module):
         self.return_probs = validation.as_bool("return_probs", return_probs)
 
     def forward(self, hidden: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        weight = self.to_logits.weight
+        validation.check_tensor("hidden", hidden, last_dim=weight.shape[1], shape=f"(*, in_features={weight.shape[1]})")
+        validation.check_device("hidden", hidden, weight.device, "the module's parameters")
+        if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            raise TypeError(f"hidden must have the module's dtype {weight.dtype} (or run under torch.autocast), "
+                            f"got {hidden.dtype}")
         logits = self.to_logits(hidden).unflatten(-1, (self.num_latents, self.num_codes))
         codes, probs = self.choose(logits)
         if self.codebook.dim() == 2:

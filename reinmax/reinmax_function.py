@@ -31,6 +31,11 @@ class ReinMaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(logits: Tensor, tau: float, dim: int, generator: Optional[torch.Generator]):
+        # argument checks (no data read): ``apply`` is public, and a bad ``tau`` would otherwise pass forward
+        # silently and fail (or give a wrong gradient) only in backward
+        check_tau(tau)
+        check_logits(logits, dim)
+        check_generator(generator, logits)
         log_pi0 = torch.log_softmax(logits, dim, dtype=work_dtype(logits.dtype))
         pi0 = log_pi0.exp()
         idx = draw(pi0, dim, generator)

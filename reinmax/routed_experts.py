@@ -262,6 +262,7 @@ class RoutedFeedForward(nn.Module):
         d = self.fc1_weight.shape[2]
         if x.dim() == 0 or x.shape[-1] != d:
             raise ValueError(f"x must have shape (*, embed_dim={d}), got {tuple(x.shape)}")
+        validation.check_device("x", x, self.fc1_weight.device, "the layer's parameters")
         dtype = self.fc1_weight.dtype
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x must have the layer's dtype {dtype} (or run under torch.autocast), got {x.dtype}; "
@@ -381,6 +382,8 @@ class RoutedFeedForward(nn.Module):
         The clamp to N is exact (no expert can receive more than N tokens) and keeps every finite
         factor finite: ``c >= E`` is N without computing ``c * N`` (which overflows for ``c = 1e308``).
         """
+        if not torch.compiler.is_compiling():  # traced: a symbolic size, not a Python int
+            num_tokens = validation.as_int("num_tokens", num_tokens, minimum=0)
         if self.capacity_factor is None:
             return num_tokens
         if self.capacity_factor >= self.num_experts:

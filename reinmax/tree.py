@@ -45,6 +45,7 @@ class BinaryTreeLSTMCell(nn.Module):
 
     def __init__(self, hidden_dim: int):
         super().__init__()
+        hidden_dim = validation.as_int("hidden_dim", hidden_dim, minimum=1)
         self.hidden_dim = hidden_dim
         self.linear = nn.Linear(2 * hidden_dim, 5 * hidden_dim)
         self.reset_parameters()
@@ -57,6 +58,13 @@ class BinaryTreeLSTMCell(nn.Module):
             self.linear.bias[self.hidden_dim:3 * self.hidden_dim].fill_(1.0)
 
     def forward(self, hl: Tensor, cl: Tensor, hr: Tensor, cr: Tensor) -> Tuple[Tensor, Tensor]:
+        shape = f"(..., hidden_dim={self.hidden_dim})"
+        weight = self.linear.weight
+        for name, t in (("hl", hl), ("cl", cl), ("hr", hr), ("cr", cr)):
+            validation.check_tensor(name, t, last_dim=self.hidden_dim, shape=shape)
+            validation.check_device(name, t, weight.device, "the cell's parameters")
+            if t.shape != hl.shape:
+                raise ValueError(f"{name} must have the shape of hl {tuple(hl.shape)}, got {tuple(t.shape)}")
         i, fl, fr, u, o = self.linear(torch.cat([hl, hr], dim=-1)).chunk(5, dim=-1)
         c = cl * torch.sigmoid(fl) + cr * torch.sigmoid(fr) + torch.tanh(u) * torch.sigmoid(i)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -121,12 +129,23 @@ class LatentTreeLSTM(nn.Module):
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).to(logits.dtype)
 
     def forward(self, x: Tensor, lengths: Tensor, return_merges: bool = False):
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.size(-1) != self.input_dim:
-            raise ValueError(f"x must be a (batch, time, {self.input_dim}) tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        validation.check_tensor("x", x, dims=(3,), last_dim=self.input_dim, shape=f"(batch, time, {self.input_dim})")
+        validation.check_device("x", x, self.query.device, "the module's parameters")
+        if x.dtype != self.query.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x must have the module's dtype {self.query.dtype} (or run under torch.autocast), "
+                            f"got {x.dtype}")
+        return_merges = validation.as_bool("return_merges", return_merges)
         batch, time, _ = x.shape
-        lengths = torch.as_tensor(lengths, device=x.device)
-        if lengths.shape != (batch,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        if isinstance(lengths, Tensor) and lengths.is_meta != x.is_meta:
+            raise ValueError(f"lengths must be on the device of x ({x.device}) or hold data, got a tensor on "
+                             f"{lengths.device}")
+        try:
+            lengths = torch.as_tensor(lengths, device=x.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"lengths must be a ({batch},) integer tensor or a sequence of {batch} integers, "
+                            f"got {type(lengths).__name__}") from None
+        if lengths.shape != (batch,) or lengths.dtype.is_floating_point or lengths.dtype.is_complex \
+                or lengths.dtype == torch.bool:
             raise ValueError(f"lengths must be a ({batch},) integer tensor, got {tuple(lengths.shape)} {lengths.dtype}")
         # data checks once per forward (not per merge step): the merge logits are then finite by construction
         validation.check_data(lambda: ((lengths < 1) | (lengths > time)).any(),
@@ -250,6 +269,8 @@ class TreeClassifier(nn.Module):
                 ("vocab_size", vocab_size), ("num_classes", num_classes), ("embed_dim", embed_dim),
                 ("mlp_dim", mlp_dim)))
         dropout = validation.as_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
+        if padding_idx is not None:
+            padding_idx = validation.as_int("padding_idx", padding_idx, minimum=-vocab_size, maximum=vocab_size - 1)
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
         self.encoder = LatentTreeLSTM(embed_dim, hidden_dim, estimator, tau, estimator_options)
         self.dropout = nn.Dropout(dropout)
@@ -257,6 +278,13 @@ class TreeClassifier(nn.Module):
         self.out = nn.Linear(mlp_dim, num_classes)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        validation.check_tensor("tokens", tokens, floating=False, dims=(2,), shape="(batch, time)")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be an int64 or int32 tensor of token ids, got dtype {tokens.dtype}")
+        validation.check_device("tokens", tokens, self.embed.weight.device, "the module's parameters")
+        vocab = self.embed.num_embeddings
+        validation.check_data(lambda: ((tokens < 0) | (tokens >= vocab)).any(),
+                              f"tokens must be token ids in [0, {vocab - 1}] (vocab_size={vocab})")
         root = self.encoder(self.dropout(self.embed(tokens)), lengths)
         hidden = self.dropout(F.relu(self.mlp(self.dropout(root))))
         return self.out(hidden)

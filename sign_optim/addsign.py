@@ -6,7 +6,7 @@ import torch
 
 from toolbox_core import validation
 
-from .functional import addsign_coefficients
+from .functional import _addsign_coefficients
 from .sign_optimizer import SignDecay, SignOptimizer, shares_argument_docs
 
 __all__ = ["AddSign"]
@@ -58,7 +58,7 @@ class AddSign(SignOptimizer):
         super().__init__(params, defaults, sign_internal_decay)
 
     rule = "addsign"
-    rule_coefficients = staticmethod(addsign_coefficients)
+    rule_coefficients = staticmethod(_addsign_coefficients)  # unchecked: the class checks alpha and each decay
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         super()._check_group(group)

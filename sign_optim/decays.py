@@ -85,13 +85,18 @@ class InternalDecay:
         self.T_max = _number("T_max", T_max, low=1.0)
 
     def value(self, step: float) -> float:
-        """The decay at a number ``step`` in ``[0, T_max]``."""
-        return self._formula(step, _NumberOps)
+        """The decay at a number ``step`` in ``[0, T_max]`` (ValueError outside it, TypeError for a non-number)."""
+        return self._formula(validation.as_real("step", step, low=0.0, high=float(self.T_max)), _NumberOps)
 
     def tensor_value(self, step: "torch.Tensor") -> "torch.Tensor":
         """The decay at a 0-d tensor ``step``, as a float64 tensor (torch ops: traceable by
         ``torch.compile``, no recompilation as the step changes). Equal to ``self(step)``."""
         import torch
+        # metadata only (no read of the value: traceable, no host sync); a bad value is the caller's counter
+        if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+            got = (f"a tensor of shape {tuple(step.shape)} and dtype {step.dtype}" if isinstance(step, torch.Tensor)
+                   else type(step).__name__)
+            raise TypeError(f"step must be a 1-element real tensor (the step counter), got {got}")
         return self._formula(torch.clamp(step.double(), min=0.0, max=float(self.T_max)), _TensorOps(torch))
 
     def _formula(self, step, ops):
@@ -99,7 +104,7 @@ class InternalDecay:
 
     def __call__(self, step: float) -> float:
         step = validation.as_real("step", step, low=0.0)
-        return float(self.value(min(step, self.T_max)))
+        return float(self._formula(min(step, self.T_max), _NumberOps))  # (`value` would check step again)
 
     def config(self) -> Dict[str, Any]:
         return {"T_max": self.T_max}
@@ -110,6 +115,8 @@ class InternalDecay:
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Take the configuration of ``state_dict`` (which must be of the same kind)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict (a decay's state_dict()), got {type(state_dict).__name__}")
         if state_dict.get("kind") != self.kind:
             raise ValueError(f"state_dict is of decay kind {state_dict.get('kind')!r}, not {self.kind!r}")
         fresh = internal_decay_from_state_dict(state_dict)

@@ -36,10 +36,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from toolbox_core import validation
+
 from . import fused as _fused
 
-__all__ = ["Coefficients", "ROUTES", "addsign_coefficients", "powersign_coefficients", "max_factor", "route",
-           "sign_update"]
+__all__ = ["Coefficients", "CoefficientOverflow", "ROUTES", "addsign_coefficients", "powersign_coefficients",
+           "max_factor", "route", "sign_update"]
 
 #: ``(c0, a, b)`` of one parameter's update (module docstring)
 Coefficients = Tuple[float, float, float]
@@ -47,9 +49,26 @@ Coefficients = Tuple[float, float, float]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+class CoefficientOverflow(OverflowError, ValueError):
+    """A rule's coefficient beyond float64's range: an OverflowError (what `max_factor`'s callers catch) that is also
+    the ValueError of a bad argument."""
+
+
+def _decay_number(decay):
+    """A tensor decay (the traced routes) as it is (its value is never read); a number checked, as a float."""
+    return decay if isinstance(decay, torch.Tensor) else validation.as_real("decay", decay)
+
+
 def addsign_coefficients(alpha: float, decay):
     """AddSign's ``(c0, a, b)``: ``(alpha + d s) g`` = ``alpha g + d sign(m) |g|``. ``decay`` a number or a tensor
-    (the traced routes: ``a`` is then that tensor)."""
+    (the traced routes: ``a`` is then that tensor). TypeError/ValueError naming ``alpha`` or ``decay`` for a value
+    that is not a finite real number."""
+    return _addsign_coefficients(validation.as_real("alpha", alpha), _decay_number(decay))
+
+
+def _addsign_coefficients(alpha: float, decay):
+    """`addsign_coefficients` without its argument checks: what the optimizer computes each step (its ``alpha`` was
+    checked when its group was set, each decay value by the optimizer as it reads it)."""
     return float(alpha), (decay if isinstance(decay, torch.Tensor) else float(decay)), 0.0
 
 
@@ -57,11 +76,23 @@ def powersign_coefficients(alpha: float, decay):
     """PowerSign's ``(c0, a, b) = (1, sinh(c), cosh(c) - 1)`` with ``c = decay * ln(alpha)``, one formula for a
     number ``decay`` (`math`) and a tensor one (torch's ops, the traced routes).
 
-    OverflowError for a number ``|c|`` beyond float64's exponential range (the optimizer refuses such a step
-    first)."""
+    `CoefficientOverflow` (an OverflowError and a ValueError) for a number ``|c|`` beyond float64's exponential
+    range (the optimizer refuses such a step first); TypeError/ValueError naming ``alpha`` (a finite real > 0) or
+    ``decay`` (a finite real, or a tensor) otherwise."""
+    return _powersign_coefficients(validation.as_real("alpha", alpha, low=0.0, low_open=True), _decay_number(decay))
+
+
+def _powersign_coefficients(alpha: float, decay):
+    """`powersign_coefficients` without its argument checks (as `_addsign_coefficients`); its overflow is kept."""
     c = decay * math.log(alpha)
     ops = torch if isinstance(c, torch.Tensor) else math
-    return 1.0, ops.sinh(c), ops.expm1(c) - ops.sinh(c)  # expm1(c) - sinh(c) = cosh(c) - 1, accurate near 0
+    if ops is math and not math.isfinite(c):  # (sinh(inf) is inf, not an OverflowError)
+        raise CoefficientOverflow(f"decay * ln(alpha) = {c} overflows PowerSign's factor alpha ** decay in float64")
+    try:
+        return 1.0, ops.sinh(c), ops.expm1(c) - ops.sinh(c)  # expm1(c) - sinh(c) = cosh(c) - 1, accurate near 0
+    except OverflowError:
+        raise CoefficientOverflow(f"decay * ln(alpha) = {c:.6g} overflows PowerSign's factor alpha ** decay in "
+                                  "float64: choose alpha closer to 1 or a smaller decay") from None
 
 
 def max_factor(coefficients: Coefficients) -> float:
@@ -86,6 +117,28 @@ def route(params: List[torch.Tensor], *, foreach: Optional[bool] = None, fused: 
     (None: torch's default for these parameters) picks ``"foreach"`` over ``"single_tensor"``; half-precision
     parameters always take the single-tensor loop (computed in float32, stored once).
     """
+    _check_flags(foreach, fused, capturable)
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
+    try:
+        return _route(params, foreach, fused, capturable)
+    except AttributeError:  # an element without .device/.dtype: checked only on this failure (no per-tensor cost)
+        bad = next((p for p in params if not isinstance(p, torch.Tensor)), None)
+        if bad is None:
+            raise
+        raise TypeError(f"params must be a list of tensors, got an element of type {type(bad).__name__}") from None
+
+
+def _check_flags(foreach, fused, capturable) -> None:
+    """TypeError naming the route flag that is not a bool (``foreach`` and ``fused`` may also be None)."""
+    for name, flag in (("foreach", foreach), ("fused", fused)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name} must be None or a bool, got {type(flag).__name__}")
+    if not isinstance(capturable, bool):
+        raise TypeError(f"capturable must be a bool, got {type(capturable).__name__}")
+
+
+def _route(params, foreach, fused, capturable) -> str:
     if fused is not None or foreach is not None:
         use_fused = bool(fused)
     else:
@@ -127,20 +180,31 @@ def sign_update(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: Lis
             (parameters, averages, counters), never read in Python. The fused operator takes it (its kernel
             skips); the other routes run and put every written tensor back by ``torch.where`` on the flag's
             device (one copy of the parameters and averages: the price of no host read there).
-        chunk_numel: elements per piece of the CPU foreach route (`_cache_sized_chunks`).
+        chunk_numel: elements per piece of the CPU foreach route (`_cache_sized_chunks`; an int, <= 0: no chunking).
     """
+    _check_update_arguments(params, grads, avgs, coefficients, state_steps, lr=lr, beta=beta,
+                            weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused,
+                            capturable=capturable, found_inf=found_inf, chunk_numel=chunk_numel)
+    _sign_update(params, grads, avgs, coefficients, state_steps, lr=lr, beta=beta, weight_decay=weight_decay,
+                 maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, found_inf=found_inf,
+                 chunk_numel=chunk_numel)
+
+
+def _sign_update(params, grads, avgs, coefficients, state_steps=None, *, lr, beta, weight_decay, maximize,
+                 foreach=None, fused=None, capturable=False, found_inf=None, chunk_numel=1 << 16) -> None:
+    """`sign_update` after its argument checks: what the optimizer calls each step (its groups were checked when
+    they were set, so a step pays no per-call checks)."""
     if not params:  # the foreach ops refuse empty lists; nothing to update is a no-op on every path
         return
     # a table fits the fused operator only (the caller chose and checked it: no second look at every parameter)
-    path = "fused" if isinstance(coefficients, torch.Tensor) else route(params, foreach=foreach, fused=fused,
-                                                                        capturable=capturable)
+    path = "fused" if isinstance(coefficients, torch.Tensor) else _route(params, foreach, fused, capturable)
     if state_steps is None and path in ("fused", "compiled_fused"):  # the operator advances counters: scratch ones
         state_steps = [torch.zeros((), dtype=torch.float32) for _ in params]
     options = dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
     if found_inf is not None and not (path in ("fused", "compiled_fused")
                                       and found_inf.device.type == params[0].device.type):
         # the routes without a flag in their kernel: the step, then put back where found_inf is set
-        _unless_found_inf(found_inf, [*params, *avgs, *(state_steps or [])], lambda: sign_update(
+        _unless_found_inf(found_inf, [*params, *avgs, *(state_steps or [])], lambda: _sign_update(
             params, grads, avgs, coefficients, state_steps, foreach=foreach, fused=fused, capturable=capturable,
             chunk_numel=chunk_numel, **options))
         return
@@ -180,6 +244,42 @@ def sign_update(params: List[torch.Tensor], grads: List[torch.Tensor], avgs: Lis
         loop = ((params[i], grads[i], avgs[i], coefficients[i]) for i in half)
     for p, g, m, coefs in loop:  # (keywords spelled out: a dict unpacked per parameter costs on many small ones)
         _single_tensor_sign(p, g, m, coefs, lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
+
+
+def _check_update_arguments(params, grads, avgs, coefficients, state_steps, *, lr, beta, weight_decay, maximize,
+                            foreach, fused, capturable, found_inf, chunk_numel) -> None:
+    """`sign_update`'s argument checks, before any tensor changes: TypeError/ValueError naming the argument. They
+    read no tensor data (a tensor ``lr``/``beta``/``weight_decay`` of the traced routes is checked for its size
+    only), so they cost nothing on a GPU; O(1) per call (the tensors themselves are checked by the routes' ops)."""
+    lists = {"params": params, "grads": grads, "avgs": avgs}
+    if state_steps is not None:
+        lists["state_steps"] = state_steps
+    if not isinstance(coefficients, torch.Tensor):
+        lists["coefficients"] = coefficients
+    for name, values in lists.items():
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"{name} must be a list of tensors (one per parameter), got {type(values).__name__}")
+        if len(values) != len(params):
+            raise ValueError(f"{name} must have one entry per parameter ({len(params)}), got {len(values)}")
+    if torch.compiler.is_compiling():  # the optimizer checked its groups eagerly; numbers may be symbolic here
+        return
+    for name, value, bounds in (("lr", lr, dict(low=0.0)), ("beta", beta, dict(low=0.0, high=1.0, high_open=True)),
+                                ("weight_decay", weight_decay, dict(low=0.0))):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool or value.is_meta:
+                raise TypeError(f"{name} must be a real number or a 1-element real tensor with data, got a tensor of "
+                                f"shape {tuple(value.shape)} and dtype {value.dtype} on {value.device}")
+        else:
+            validation.as_real(name, value, **bounds)
+    if not isinstance(maximize, bool):
+        raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
+    _check_flags(foreach, fused, capturable)
+    if found_inf is not None and not (isinstance(found_inf, torch.Tensor) and found_inf.numel() == 1
+                                      and not found_inf.is_meta):
+        raise TypeError("found_inf must be None or a 1-element tensor with data (torch's GradScaler protocol), got "
+                        + (f"a tensor of shape {tuple(found_inf.shape)} on {found_inf.device}"
+                           if isinstance(found_inf, torch.Tensor) else type(found_inf).__name__))
+    validation.as_int("chunk_numel", chunk_numel)  # (<= 0: one piece, no chunking)
 
 
 def _unless_found_inf(found_inf: torch.Tensor, written: List[torch.Tensor], run) -> None:

@@ -60,6 +60,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from toolbox_core import validation
+
 __all__ = ["available", "unavailable_reason", "fused_sign_", "kernel_coefficients", "state_dtype", "local_shard",
            "parallel_probe"]
 
@@ -128,8 +130,9 @@ def _kernel_device(*lists: List[torch.Tensor]) -> str:
 
 
 def unavailable_reason(device: Union[str, torch.device]) -> Optional[str]:
-    """None when parameters on ``device`` have a fused kernel here, else why not (for error messages)."""
-    device = torch.device(device)
+    """None when parameters on ``device`` have a fused kernel here, else why not (for error messages). ``device``
+    a torch.device or its name (``"cpu"``, ``"cuda:0"``); TypeError/ValueError naming it otherwise."""
+    device = validation.as_device("device", device)
     if not _load():
         return _LOAD_ERROR
     if device.type == "cpu":
@@ -146,12 +149,21 @@ def available(device: Union[str, torch.device]) -> bool:
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the moving average of a parameter of ``dtype`` (float32 for half precision)."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def kernel_coefficients(coefficients: Sequence[Sequence[float]], *, lr: float, weight_decay: float) -> torch.Tensor:
     """The operator's ``(n, 4)`` float64 table from per-parameter ``(c0, a, b)`` (`sign_optim.functional`):
     rows ``(1 - lr wd, -lr c0, -lr a, -lr b)``. One row serves every parameter."""
+    return _kernel_table(coefficients, validation.as_real("lr", lr, low=0.0),
+                         validation.as_real("weight_decay", weight_decay, low=0.0))
+
+
+def _kernel_table(coefficients: Sequence[Sequence[float]], lr: float, weight_decay: float) -> torch.Tensor:
+    """`kernel_coefficients` without its argument checks: what the optimizer builds each step (its group's
+    ``lr`` and ``weight_decay`` were checked when they were set)."""
     keep = 1.0 - lr * weight_decay
     return torch.tensor([[keep, -lr * c0, -lr * a, -lr * b] for c0, a, b in coefficients], dtype=torch.float64)
 
@@ -183,9 +195,10 @@ def parallel_probe(blocks: int = 64) -> int:
         >>> fused.parallel_probe(64) == min(64, torch.get_num_threads()) if fused.available("cpu") else True
         True
     """
+    blocks = validation.as_int("blocks", blocks, minimum=1, maximum=2**31 - 1)  # the operator's int
     if not _load():
         raise RuntimeError(_LOAD_ERROR)
-    return int(torch.ops.sign_optim._parallel_probe(int(blocks)))
+    return int(torch.ops.sign_optim._parallel_probe(blocks))
 
 
 def step_values(steps: List[torch.Tensor]) -> List[float]:

@@ -7,7 +7,7 @@ import torch
 
 from toolbox_core import validation
 
-from .functional import powersign_coefficients
+from .functional import _powersign_coefficients
 from .sign_optimizer import SignDecay, SignOptimizer, shares_argument_docs
 
 __all__ = ["PowerSign"]
@@ -61,7 +61,7 @@ class PowerSign(SignOptimizer):
         super().__init__(params, defaults, sign_internal_decay)
 
     rule = "powersign"
-    rule_coefficients = staticmethod(powersign_coefficients)
+    rule_coefficients = staticmethod(_powersign_coefficients)  # unchecked: the class checks alpha and each decay
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         super()._check_group(group)

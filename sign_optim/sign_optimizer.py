@@ -251,6 +251,9 @@ class SignOptimizer(Optimizer):
                 self._loaded_decay(state_dict[_DECAY_KEY], self.defaults, -1)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"state_dict[{_DECAY_KEY!r}]: {err}") from None
+        if not isinstance(state_dict["state"], dict):
+            raise TypeError(f"state_dict['state'] must be a dict (parameter id -> its state), got "
+                            f"{type(state_dict['state']).__name__}")
         params_of = {}
         for k, (saved, own) in enumerate(zip(groups, self.param_groups)):
             if not isinstance(saved, dict) or len(saved.get("params", ())) != len(own["params"]):
@@ -275,6 +278,11 @@ class SignOptimizer(Optimizer):
                 raise ValueError(f"state_dict: exp_avg of parameter {key} has shape "
                                  f"{tuple(avg.shape) if isinstance(avg, torch.Tensor) else type(avg).__name__}, "
                                  f"the parameter has shape {tuple(p.shape)}")
+            # a moving average holds real values to read: a meta, sparse, complex or integer tensor is another
+            # optimizer's (or a tampered) state, which the load would cast silently or the step fail on half done
+            if avg.is_meta or avg.layout != torch.strided or not avg.is_floating_point():
+                raise ValueError(f"state_dict: exp_avg of parameter {key} must be a dense floating tensor with data, "
+                                 f"got {avg.dtype}, layout {avg.layout} on {avg.device}")
             if _is_dtensor(p) != _is_dtensor(avg):
                 raise ValueError(
                     f"state_dict: exp_avg of parameter {key} is a {type(avg).__name__} but the parameter is a "
@@ -364,9 +372,9 @@ class SignOptimizer(Optimizer):
             self._unscale(grad_scale, found_inf)
             try:
                 for params, grads, avgs, steps, table, group in fast:
-                    functional.sign_update(params, grads, avgs, table, steps, lr=group["lr"], beta=group["beta"],
-                                           weight_decay=group["weight_decay"], maximize=group["maximize"],
-                                           fused=True, found_inf=found_inf)
+                    functional._sign_update(params, grads, avgs, table, steps, lr=group["lr"], beta=group["beta"],
+                                            weight_decay=group["weight_decay"], maximize=group["maximize"],
+                                            fused=True, found_inf=found_inf)
                 return loss
             except (ValueError, TypeError, RuntimeError, NotImplementedError):
                 if precheck:  # the operator refused what its own check passed: not a layout question
@@ -461,14 +469,13 @@ class SignOptimizer(Optimizer):
         self._check_magnitudes(group, params, decays)
         lr = validation.as_real("lr", self._lr_value(group))
         by_decay = {d: self.coefficients(group, d) for d in set(decays)}
-        return fused.kernel_coefficients([by_decay[d] for d in decays], lr=lr, weight_decay=float(group["weight_decay"]))
+        return fused._kernel_table([by_decay[d] for d in decays], lr, float(group["weight_decay"]))
 
     # ---- the general path: every route, first steps, subclasses, capturable, torch.compile
     @staticmethod
     def _route(group: Dict[str, Any], params: List[torch.Tensor]) -> str:
         """The route `sign_optim.functional.sign_update` takes for the group (`sign_optim.functional.route`)."""
-        return functional.route(params, foreach=group["foreach"], fused=group["fused"],
-                                capturable=group["capturable"])
+        return functional._route(params, group["foreach"], group["fused"], group["capturable"])  # flags checked
 
     def _use_fused(self, group: Dict[str, Any], params: List[torch.Tensor]) -> bool:
         """Whether the group takes the fused operator (eagerly or as a compiled graph's node)."""
@@ -497,10 +504,10 @@ class SignOptimizer(Optimizer):
             lr = validation.as_real("lr", group["lr"])  # a tensor lr is read once per group and step
             by_decay = {d: self.coefficients(group, d) for d in set(decays)}
             coefficients = [by_decay[d] for d in decays]
-        functional.sign_update(params, grads, avgs, coefficients, steps, lr=lr, beta=group["beta"],
-                               weight_decay=group["weight_decay"], maximize=group["maximize"],
-                               foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
-                               found_inf=found_inf, chunk_numel=self.cpu_chunk_numel)
+        functional._sign_update(params, grads, avgs, coefficients, steps, lr=lr, beta=group["beta"],
+                                weight_decay=group["weight_decay"], maximize=group["maximize"],
+                                foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
+                                found_inf=found_inf, chunk_numel=self.cpu_chunk_numel)
 
     @staticmethod
     def _tensor_decay(group: Dict[str, Any], p: torch.Tensor, step: torch.Tensor, path: str) -> torch.Tensor:

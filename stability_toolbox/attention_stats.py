@@ -27,6 +27,22 @@ from .sites import heads, qk_normed
 __all__ = ["AttentionLogits"]
 
 
+# each style (`stability_toolbox.sites.attention_style`) -> the query and key projections its hooks read
+_PROJECTIONS = {"torch_mha": None, "fairseq": ("q_proj", "k_proj"), "batch_first": ("q_proj", "k_proj"),
+                "hf_bert": ("query", "key")}
+
+
+def _fits_style(entry: Any) -> bool:
+    """Whether ``entry`` is a ``(name, module, style)`` whose module has what the style's hooks read."""
+    if not (isinstance(entry, tuple) and len(entry) == 3 and isinstance(entry[0], str)
+            and isinstance(entry[1], nn.Module) and entry[2] in _PROJECTIONS):
+        return False
+    _, module, style = entry
+    if style == "torch_mha":
+        return isinstance(module, nn.MultiheadAttention)
+    return all(isinstance(getattr(module, attr, None), nn.Module) for attr in _PROJECTIONS[style])
+
+
 class AttentionLogits:
     """The largest scaled attention logit of each module, over one logging step (device tensors).
 
@@ -36,6 +52,9 @@ class AttentionLogits:
     """
 
     def __init__(self, modules: List[Tuple[str, nn.Module, str]], recorder: Recorder):
+        if not isinstance(modules, (list, tuple)) or not all(_fits_style(entry) for entry in modules):
+            raise TypeError(f"modules must be a list of (name, module, style), style one of {list(_PROJECTIONS)} "
+                            f"and the module an attention module of that style (SitePlan.attention), got {modules!r}")
         self.modules = modules
         self.recorder = recorder
         #: ``{module name: largest |q.k|/sqrt(d_head)}`` of the step (None: not called yet)
@@ -92,6 +111,8 @@ class AttentionLogits:
                 wq, wk = m.in_proj_weight[:e], m.in_proj_weight[e:2 * e]
             else:
                 wq, wk = m.q_proj_weight, m.k_proj_weight
+            if query.shape[-1] != wq.shape[1] or key.shape[-1] != wk.shape[1]:
+                return  # inputs the module itself refuses: its own error is raised, not one from this hook
             bq = bk = None
             if m.in_proj_bias is not None:
                 bq, bk = m.in_proj_bias[:e], m.in_proj_bias[e:2 * e]
@@ -109,6 +130,9 @@ class AttentionLogits:
         key = query if key is None else key
         if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.dim() != 3:
             return
+        if query.shape[-1] != getattr(m.q_proj, "in_features", query.shape[-1]) or \
+                key.shape[-1] != getattr(m.k_proj, "in_features", key.shape[-1]):
+            return  # inputs the module itself refuses: its own error is raised, not one from this hook
         with torch.no_grad():
             q, k = m.q_proj(query.detach()), m.k_proj(key.detach())
             if qk_normed(m):
@@ -126,7 +150,7 @@ class AttentionLogits:
         if not self._training_pass():
             return
         logits = scaled_logits(q, k, n_heads, batch_first)
-        if logits is not None:
+        if logits is not None and logits.numel():  # an empty batch or sequence has no logit (amax of none fails)
             self._record(name, logits)
 
     def _record(self, name: str, logits: Tensor) -> None:

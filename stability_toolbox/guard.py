@@ -48,6 +48,7 @@ Examples:
     [(30, 'skip', ['loss_spike', 'grad_norm_spike'])]
 """
 
+import copy
 import logging
 import math
 import numbers
@@ -63,6 +64,7 @@ from toolbox_core import validation
 
 from .conditional_step import conditional_step, skip_path
 from .guard_gradients import OptimizerGradients, check_grad_norm, stamp, unchanged
+from .scalar_reader import as_scalar
 from .guard_policy import GuardPolicy, severest
 from .records import RecordWriter, as_log_dir
 from .snapshots import SnapshotRing, capture, restore
@@ -326,12 +328,15 @@ class StabilityGuard:
         if isinstance(loss, Tensor):
             if not loss.is_floating_point():
                 raise TypeError(f"loss must be a floating tensor or a real number, got dtype {loss.dtype}")
+            if loss.is_meta or loss.numel() == 0:  # no value: stored, it would poison every later step's sum
+                raise ValueError(f"loss must hold a value (a non-empty tensor with data), got shape "
+                                 f"{tuple(loss.shape)} on {loss.device}")
             value = loss.detach()
             value = value.reshape(()) if value.numel() == 1 else value.mean()
             if value.dtype != torch.float32:
                 value = value.float()
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            value = torch.tensor(float(loss))
+            value = as_scalar(loss)  # (an int beyond a float: inf, a non-finite loss, as check_grad_norm's)
         else:
             raise TypeError(f"loss must be a tensor or a real number, got {type(loss).__name__}")
         return value
@@ -851,21 +856,36 @@ class StabilityGuard:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from `state_dict` (a killed run restarted from its checkpoint); checked first, nothing changes
-        on a ValueError. The snapshot ring is emptied: the next one is taken before the next update."""
+        on a ValueError or TypeError. The snapshot ring is emptied: the next one is taken before the next update."""
         if not isinstance(state, dict) or not set(self._STATE_KEYS) - set(self._OPTIONAL_KEYS) <= set(state) or \
                 not set(state) <= set(self._STATE_KEYS):
             raise ValueError(f"state must be a StabilityGuard.state_dict() (keys {', '.join(self._STATE_KEYS)})")
-        lr_cuts = validation.as_int("state['lr_cuts']", state.get("lr_cuts", 0), minimum=0)
+        # every entry checked (TypeError/ValueError naming it) before anything is set
+        # (at most 2**31 - 1: lr_cut ** lr_cuts of a larger int is an OverflowError; the factor is 0.0 long before)
+        lr_cuts = validation.as_int("state['lr_cuts']", state.get("lr_cuts", 0), minimum=0, maximum=2**31 - 1)
+        counts = {key: validation.as_int(f"state['{key}']", state[key], minimum=0, integral_float=True)
+                  for key in ("updates", "skipped_updates", "undone_updates", "rewinds", "forced_skips",
+                              "backoff_left")}
+        stopped = validation.as_bool("state['stopped']", state["stopped"])
+        if state["stop_reason"] is not None and not isinstance(state["stop_reason"], str):
+            raise TypeError(f"state['stop_reason'] must be None or a string, got {type(state['stop_reason']).__name__}")
+        for key in ("skip_indices", "skip_log", "skipped", "rewind_times"):
+            if not isinstance(state[key], (list, tuple, set)):
+                raise TypeError(f"state['{key}'] must be a list, got {type(state[key]).__name__}")
+        skip_indices = {validation.as_int("state['skip_indices'][i]", i, minimum=0) for i in state["skip_indices"]}
+        if not all(isinstance(x, (list, tuple)) for x in state["skip_log"]):
+            raise TypeError("state['skip_log'] must be a list of (update, index) pairs")
         det = state["detector"]
         if not isinstance(det, dict) or set(det) != set(self.detector.state_dict()) or \
-                tuple(det["buffer"].shape) != tuple(self.detector._buffer.shape):
+                tuple(getattr(det["buffer"], "shape", ())) != tuple(self.detector._buffer.shape):
             raise ValueError("state: its detector has another shape (signals x window) than this guard's")
+        copy.deepcopy(self.detector).load_state_dict(det)  # its own checks, on a scratch copy (a few small tensors)
         self.detector.load_state_dict(det)
-        self.updates, self.skipped_updates = int(state["updates"]), int(state["skipped_updates"])
-        self.undone_updates, self.rewinds = int(state["undone_updates"]), int(state["rewinds"])
-        self.stopped, self.stop_reason = bool(state["stopped"]), state["stop_reason"]
-        self._skip_indices = set(state["skip_indices"])
-        self._forced_skips, self._backoff_left = int(state["forced_skips"]), int(state["backoff_left"])
+        self.updates, self.skipped_updates = counts["updates"], counts["skipped_updates"]
+        self.undone_updates, self.rewinds = counts["undone_updates"], counts["rewinds"]
+        self.stopped, self.stop_reason = stopped, state["stop_reason"]
+        self._skip_indices = skip_indices
+        self._forced_skips, self._backoff_left = counts["forced_skips"], counts["backoff_left"]
         self._skip_log = [tuple(x) for x in state["skip_log"]]
         self._skipped, self._rewind_times = list(state["skipped"]), list(state["rewind_times"])
         self.lr_cuts = lr_cuts

@@ -344,6 +344,9 @@ class UpdateSignals:
         if loss is not None and not isinstance(loss, Tensor) and (isinstance(loss, bool) or
                                                                    not isinstance(loss, numbers.Real)):
             raise TypeError(f"loss must be a tensor, a real number or None, got {type(loss).__name__}")
+        if isinstance(loss, Tensor) and (loss.is_meta or loss.is_complex() or loss.dtype == torch.bool):
+            # checked before the update is closed: a meta loss failed at the end, with the row half written
+            raise TypeError(f"loss must be a real tensor with data, got dtype {loss.dtype} on {loss.device}")
         p = self._pending
         nan = torch.tensor(float("nan"), device=self._numel.device)
         if "grad_norm" in p:
@@ -373,7 +376,7 @@ class UpdateSignals:
             if loss.numel():  # an empty loss is no loss (its mean would be a made-up NaN)
                 p["loss"] = loss.detach().float().reshape(-1).mean()
         elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-            p["loss"] = torch.tensor(float(loss))
+            p["loss"] = as_scalar(loss)  # (an int beyond a float: inf, not an OverflowError half-way)
         self._rows.append(torch.stack([p[s].to(nan.device).float().reshape(()) if s in p else nan
                                        for s in SIGNALS]))
         self._present.append(tuple(s in p for s in SIGNALS))

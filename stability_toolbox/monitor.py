@@ -370,6 +370,8 @@ class StabilityMonitor:
         if loss is None:
             return
         if isinstance(loss, Tensor):
+            if loss.is_meta:  # no value: stored, it would poison every later step's sum
+                raise ValueError(f"loss must hold a value: a meta tensor (shape {tuple(loss.shape)}) has none")
             n = loss.numel()
             if n == 0:
                 return
@@ -385,7 +387,10 @@ class StabilityMonitor:
                                     f"tensor of dtype {loss.dtype}")
                 value = loss.detach().float().reshape(-1).mean()
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            value = torch.tensor(float(loss))
+            try:
+                value = torch.tensor(float(loss))
+            except OverflowError:  # an integer beyond a float's range: a non-finite loss, as the guard reads it
+                value = torch.tensor(float("inf"))
         else:
             raise TypeError(f"loss must be a tensor or a real number, got {type(loss).__name__}")
         if self._loss_sum is not None and value.device != self._loss_sum.device:

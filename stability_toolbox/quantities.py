@@ -139,6 +139,8 @@ class Recorder:
             rows = s.detach().reshape(-1, s.shape[-1]) if s.dim() else s.detach().reshape(1, 1)
             site.probe = rows[: self.probe_rows].float().clone()
             return
+        if not s.numel():  # an empty batch or sequence: no statistic (a variance of none is NaN), not a call
+            return
         # the ratio of this call; calls within one step (micro-batches) are averaged
         site.beta_sum = accumulate(site.beta_sum, _var(f) / _var(s).clamp_min(1e-30))
         site.amax = running_max(site.amax, _amax(f, s))
@@ -159,6 +161,8 @@ class Recorder:
         until [`resolve_fallback`][stability_toolbox.quantities.resolve_fallback] decides."""
         if self.phase == "probe":
             self.record(site, s, s)
+            return
+        if not s.numel():  # as in `record`: an empty call has no statistic
             return
         f_post, f_pre = s - y_prev, s - s_prev
         v_post, v_pre, v_s = _var(f_post), _var(f_pre), _var(s).clamp_min(1e-30)

@@ -21,6 +21,7 @@ Examples:
     []
 """
 
+import math
 import numbers
 from collections import deque
 from typing import Any, Deque, Dict, List, Tuple
@@ -51,14 +52,17 @@ def as_scalar(value: Any, copy: bool = True) -> Tensor:
     if isinstance(value, Tensor):
         if value.dtype == torch.float32 and value.dim() == 0 and not value.requires_grad and not copy:
             return value  # already what is asked and handed over (the monitor's own values): no op per update
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"value must be a one-element real tensor or a real number, got a tensor of shape "
-                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool or value.is_meta:
+            raise TypeError(f"value must be a one-element real tensor with data or a real number, got a tensor of "
+                            f"shape {tuple(value.shape)} and dtype {value.dtype} on {value.device}")
         out = value.detach().float().reshape(())
         # a float32 tensor in: .float() and reshape are views of the caller's memory; a copy keeps today's value
         return out.clone() if copy and value.dtype == torch.float32 else out
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return torch.tensor(float(value))
+        try:
+            return torch.tensor(float(value))
+        except OverflowError:  # an integer beyond a float's range: non-finite, as a value beyond float32's is
+            return torch.tensor(math.inf)
     raise TypeError(f"value must be a one-element real tensor or a real number, got {type(value).__name__}")
 
 class ScalarReader:

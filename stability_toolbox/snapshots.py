@@ -34,7 +34,7 @@ import torch
 from toolbox_core import validation
 from toolbox_core.files import atomic_write
 
-__all__ = ["SnapshotRing", "capture", "restore", "rng_state", "set_rng_state"]
+__all__ = ["SnapshotRing", "capture", "restore", "check_snapshot", "rng_state", "set_rng_state"]
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -66,8 +66,34 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
+def _check_rng_state(state: Any, name: str = "state") -> None:
+    """TypeError/ValueError naming ``name`` unless ``state`` has the form `rng_state` gives (checked before any
+    generator is set, so a refused state changes none of them)."""
+    if not isinstance(state, dict) or not {"torch", "python"} <= set(state):
+        raise TypeError(f"{name} must be the dict rng_state() gives (keys 'torch', 'python', optionally 'cuda' and "
+                        f"'numpy'), got {type(state).__name__ if not isinstance(state, dict) else sorted(map(str, state))}")
+    t = state["torch"]
+    want = torch.get_rng_state()
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.device.type != "cpu" or t.shape != want.shape:
+        raise TypeError(f"{name}['torch'] must be what torch.get_rng_state() gives (a CPU uint8 tensor of shape "
+                        f"{tuple(want.shape)}), got " + (f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+                                                          if isinstance(t, torch.Tensor) else type(t).__name__))
+    py = state["python"]
+    if not (isinstance(py, tuple) and len(py) == 3 and isinstance(py[1], tuple)):
+        raise TypeError(f"{name}['python'] must be what random.getstate() gives (a 3-tuple), got {type(py).__name__}")
+    try:
+        random.Random().setstate(py)  # random's own check of the words, on a scratch generator (not the global one)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{name}['python'] is not a state random.getstate() gives: {err}") from None
+    cuda = state.get("cuda")
+    if "cuda" in state and not (isinstance(cuda, (list, tuple)) and all(isinstance(c, torch.Tensor) for c in cuda)):
+        raise TypeError(f"{name}['cuda'] must be a list of tensors (torch.cuda.get_rng_state_all()), got "
+                        f"{type(cuda).__name__}")
+
+
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore what `rng_state` gave."""
+    """Restore what `rng_state` gave (TypeError/ValueError naming ``state`` for another value: nothing is set)."""
+    _check_rng_state(state)
     torch.set_rng_state(state["torch"].clone())
     random.setstate(state["python"])
     if "cuda" in state:
@@ -80,7 +106,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def capture(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], *, update: int,
             position: Optional[int], scheduler: Any = None, scaler: Any = None,
             extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """A snapshot of the training state after ``update`` optimizer steps, ``position`` the next data index."""
+    """A snapshot of the training state after ``update`` optimizer steps, ``position`` the next data index (None:
+    not known). TypeError/ValueError naming an argument that is not what it says."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None and not callable(getattr(obj, "state_dict", None)):
+            raise TypeError(f"{name} must be None or an object with state_dict() and load_state_dict(), got "
+                            f"{type(obj).__name__}")
+    update = validation.as_int("update", update, minimum=0)
+    if position is not None:
+        position = validation.as_int("position", position, minimum=0)
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be None or a dict, got {type(extra).__name__}")
     return {
         "update": update,
         "position": position,
@@ -138,11 +176,54 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) 
     optimizer.load_state_dict(copy.deepcopy(saved))  # copies: load_state_dict keeps CPU tensors as they are
 
 
+_SNAPSHOT_KEYS = ("update", "position", "model", "optimizer", "scheduler", "scaler", "rng", "extra")
+
+
+def check_snapshot(snapshot: Any, name: str = "snapshot") -> None:
+    """TypeError/ValueError naming ``name`` (and the entry) unless ``snapshot`` has the form `capture` gives: what
+    `restore` checks before it changes anything. Reads no tensor data."""
+    if not isinstance(snapshot, dict) or set(snapshot) != set(_SNAPSHOT_KEYS):
+        raise TypeError(f"{name} must be the dict capture() gives (keys {', '.join(_SNAPSHOT_KEYS)}), got "
+                        + (f"keys {sorted(map(str, snapshot))}" if isinstance(snapshot, dict)
+                           else type(snapshot).__name__))
+    validation.as_int(f"{name}['update']", snapshot["update"], minimum=0)
+    if snapshot["position"] is not None:
+        validation.as_int(f"{name}['position']", snapshot["position"], minimum=0)
+    for key in ("model", "extra"):
+        if not isinstance(snapshot[key], dict):
+            raise TypeError(f"{name}['{key}'] must be a dict, got {type(snapshot[key]).__name__}")
+    for key in ("optimizer", "scheduler", "scaler"):
+        if snapshot[key] is not None and not isinstance(snapshot[key], dict):
+            raise TypeError(f"{name}['{key}'] must be None or a state dict, got {type(snapshot[key]).__name__}")
+    opt = snapshot["optimizer"]
+    if opt is not None and not (isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+                                and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                        for g in opt["param_groups"])):
+        raise ValueError(f"{name}['optimizer'] must be an optimizer's state_dict() (a 'state' dict and "
+                         "'param_groups', a list of dicts with 'params')")
+    _check_rng_state(snapshot["rng"], f"{name}['rng']")
+
+
 def restore(snapshot: Dict[str, Any], model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], *,
             scheduler: Any = None, scaler: Any = None) -> None:
     """Load ``snapshot`` into the objects given, tensor by tensor into their own storage where the layout is
-    unchanged (DTensors: their local shards), from copies otherwise; the snapshot itself is never modified."""
+    unchanged (DTensors: their local shards), from copies otherwise; the snapshot itself is never modified.
+
+    Checked first (TypeError/ValueError naming the argument, nothing changed): the snapshot's form
+    (`check_snapshot`), the objects' types, and that the model's parameter and buffer names are the snapshot's."""
+    check_snapshot(snapshot)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None and not callable(getattr(obj, "load_state_dict", None)):
+            raise TypeError(f"{name} must be None or an object with load_state_dict(), got {type(obj).__name__}")
+    if optimizer is not None and not isinstance(getattr(optimizer, "param_groups", None), list):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (with param_groups), got {type(optimizer).__name__}")
     live = model.state_dict()
+    if set(live) != set(snapshot["model"]):
+        missing, unexpected = sorted(set(live) - set(snapshot["model"])), sorted(set(snapshot["model"]) - set(live))
+        raise ValueError(f"snapshot['model'] is not this model's state: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
     if _fits(dict(live), snapshot["model"]):
         _copy_into(dict(live), snapshot["model"])
     else:
@@ -192,7 +273,14 @@ class SnapshotRing:
         return len(self._files) if self.directory is not None else len(self._memory)
 
     def save(self, snapshot: Dict[str, Any]) -> None:
-        """Add ``snapshot`` (the oldest one beyond ``size`` is dropped after it is stored)."""
+        """Add ``snapshot`` (the oldest one beyond ``size`` is dropped after it is stored): a dict whose
+        ``"update"`` is an integer >= 0 (what the ring reads; `restore` checks the rest), else TypeError/ValueError."""
+        if not isinstance(snapshot, dict) or "update" not in snapshot:
+            raise TypeError(f"snapshot must be a dict with an 'update' (what capture() gives), got "
+                            f"{type(snapshot).__name__ if not isinstance(snapshot, dict) else 'a dict without it'}")
+        update = validation.as_int("snapshot['update']", snapshot["update"], minimum=0)
+        if type(snapshot["update"]) is not int:  # a NumPy or tensor integer: the ring keeps (and compares) an int
+            snapshot = {**snapshot, "update": update}
         if self.directory is None:
             self._memory.append(snapshot)
             while len(self._memory) > self.size:
@@ -229,6 +317,7 @@ class SnapshotRing:
 
     def drop_after(self, update: int) -> None:
         """Forget the snapshots taken after ``update`` (a rewind went back before them)."""
+        update = validation.as_int("update", update)
         if self.directory is None:
             self._memory = deque(s for s in self._memory if s["update"] <= update)
             return

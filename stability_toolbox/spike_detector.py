@@ -116,6 +116,19 @@ def check_min_ratio(min_ratio: Union[float, Mapping[str, float]], names: Sequenc
     return {n: r for n in names}
 
 
+def _host_value(i: int, x: Any) -> float:
+    """``score_host``'s ``values[i]`` as a float: any real number, NaN and infinities included (they are events, not
+    errors); TypeError naming it for anything else, ValueError for an integer beyond a float."""
+    if type(x) is float:  # the guard's case: nothing to convert
+        return x
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"values[{i}] must be a real number (NaN and inf are events), got {type(x).__name__}")
+    try:
+        return float(x)
+    except OverflowError:
+        raise ValueError(f"values[{i}] must be a real number, got an integer too large for a float") from None
+
+
 class SpikeDetector:
     """Robust z-scores of ``len(names)`` scalar signals over a ring of their last ``window`` accepted values.
 
@@ -155,7 +168,7 @@ class SpikeDetector:
                              "infinitely many standard deviations")
         self.refresh_every = validation.as_int("refresh_every", refresh_every, minimum=1)
         self.min_ratio = check_min_ratio(min_ratio, self.names)
-        device = torch.device("cpu") if device is None else torch.device(device)
+        device = torch.device("cpu") if device is None else validation.as_device("device", device)
         k = len(self.names)
         # window + 1 columns: the accepted values go round the ring; the column at count % (window + 1) is the
         # scratch one (this step's value is written there unconditionally, and counts only when accepted: one
@@ -179,6 +192,7 @@ class SpikeDetector:
 
     def to(self, device: torch.device) -> "SpikeDetector":
         """Move the statistics to ``device`` (once, before the first step; in place)."""
+        device = validation.as_device("device", device)
         for name in ("_buffer", "_count", "_offset", "_inv", "_cut", "_median", "_ratio"):
             setattr(self, name, getattr(self, name).to(device))
         self._host_stats = None
@@ -226,14 +240,30 @@ class SpikeDetector:
         neither scored nor stored. Returns ``(z, event)``: the robust z-scores (NaN while the statistics are not
         ready) and the per-signal event flags (spike or non-finite), both on the device, nothing read.
         """
-        if not isinstance(values, Tensor) or values.shape != (len(self.names),):
-            raise ValueError(f"values must be a tensor of shape ({len(self.names)},) (one per signal "
-                             f"{self.names}), got {getattr(values, 'shape', type(values).__name__)}")
         z, event, _, _ = self.score(values, present)
         return z, event
 
+    def _check_values(self, values: Any, present: Any) -> None:
+        """TypeError/ValueError naming ``values`` or ``present`` unless they are real (bool) tensors of shape
+        ``(len(names),)`` that hold data: metadata only, no read (the guard's step pays a few attribute reads)."""
+        k = len(self.names)
+        for name, t, kind in (("values", values, "real"), ("present", present, "bool")):
+            if name == "present" and t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a {kind} tensor of shape ({k},) (one per signal {self.names}), got "
+                                f"{type(t).__name__}")
+            if tuple(t.shape) != (k,):
+                raise ValueError(f"{name} must be a {kind} tensor of shape ({k},) (one per signal {self.names}), got "
+                                 f"shape {tuple(t.shape)}")
+            bad_dtype = (t.dtype != torch.bool) if kind == "bool" else (t.dtype == torch.bool or t.is_complex())
+            if bad_dtype or t.is_meta:
+                raise TypeError(f"{name} must be a {kind} tensor with data, got dtype {t.dtype} on {t.device}")
+
     def score(self, values: Tensor, present: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """`update` without its checks, for the guard's step: ``(z, event, nonfinite, any event)`` (the last 0-d)."""
+        """`update` for the guard's step: ``(z, event, nonfinite, any event)`` (the last 0-d). ``values`` and
+        ``present`` are checked (metadata only) before anything changes."""
+        self._check_values(values, present)
         x = values.detach()
         if x.device != self._buffer.device or x.dtype != torch.float32:
             x = x.to(self._buffer.device, torch.float32)
@@ -261,8 +291,16 @@ class SpikeDetector:
         per-step arithmetic in Python floats instead of ~10 tensor ops (the refresh stays in tensor ops). The
         z-scores agree with `score`'s to float32 rounding, the decisions exactly (`_set_cut`). Returns lists and a
         bool."""
+        for name, seq in (("values", values), ("present", present)):
+            if seq is not None and not isinstance(seq, (list, tuple)):
+                raise TypeError(f"{name} must be a list with one entry per signal {self.names}, got "
+                                f"{type(seq).__name__}")
         if len(values) != len(self.names) or (present is not None and len(present) != len(self.names)):
             raise ValueError(f"values (and present) must have one entry per signal {self.names}, got {len(values)}")
+        # a non-finite value is an event (scored below), not an error; anything but a real number is refused first
+        values = [_host_value(i, x) for i, x in enumerate(values)]
+        if present is not None:
+            present = [validation.as_bool(f"present[{i}]", x) for i, x in enumerate(present)]
         if self.device.type != "cpu":
             raise ValueError(f"score_host: the statistics are on {self.device}, not the CPU (use score)")
         if self._calls <= 2 * self.warmup or self._calls % self.refresh_every == 0:
@@ -303,10 +341,20 @@ class SpikeDetector:
         detector's shape)."""
         if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
             raise ValueError(f"state must be a SpikeDetector.state_dict() (keys {', '.join(_STATE_KEYS)})")
-        if tuple(state["buffer"].shape) != tuple(self._buffer.shape) or \
-                tuple(state["offset"].shape) != tuple(self._offset.shape):
-            raise ValueError(f"state: buffer of shape {tuple(state['buffer'].shape)}, this detector keeps "
-                             f"{tuple(self._buffer.shape)} (signals x (window + 1))")
+        k = len(self.names)
+        for key, shape, floating in (("buffer", tuple(self._buffer.shape), True), ("count", (), False),
+                                     ("offset", (k,), True), ("inv", (k,), True)):
+            t = state[key]
+            if not isinstance(t, Tensor) or t.is_meta or t.layout != torch.strided:
+                raise TypeError(f"state['{key}'] must be a dense tensor with data, got "
+                                f"{type(t).__name__ if not isinstance(t, Tensor) else f'{t.layout} on {t.device}'}")
+            if (not t.is_floating_point()) if floating else (t.is_floating_point() or t.is_complex()
+                                                              or t.dtype == torch.bool):
+                raise TypeError(f"state['{key}'] must be a {'floating' if floating else 'integer'} tensor, got "
+                                f"dtype {t.dtype}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state['{key}'] has shape {tuple(t.shape)}, this detector keeps {shape}"
+                                 + (" (signals x (window + 1))" if key == "buffer" else ""))
         calls = validation.as_int("state['calls']", state["calls"], minimum=0)
         self._buffer.copy_(state["buffer"])
         self._count.copy_(state["count"])

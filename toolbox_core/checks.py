@@ -41,7 +41,8 @@ def _is_tensor(value: Any) -> bool:
 def _scalar(value: Any) -> Any:
     """A one-element tensor or NumPy scalar as a Python number; anything else unchanged."""
     if _is_tensor(value):
-        if value.numel() != 1 or value.dtype == _torch().bool or value.is_complex():
+        # a meta tensor holds no value to read (its .item() is a RuntimeError): refused as a non-number
+        if value.numel() != 1 or value.dtype == _torch().bool or value.is_complex() or value.is_meta:
             return value
         return value.item()
     item = getattr(value, "item", None)  # NumPy scalars and 0-d arrays, without importing NumPy
@@ -52,7 +53,8 @@ def _scalar(value: Any) -> Any:
 
 def _describe(value: Any) -> str:
     if _is_tensor(value):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+        where = " on meta (no data)" if value.is_meta else ""
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}{where}"
     return f"{value!r} ({type(value).__name__})"
 
 
@@ -121,7 +123,7 @@ def as_real(name: str, value: Any, *, low: Optional[float] = None, high: Optiona
 def as_bool(name: str, value: Any) -> bool:
     """``value`` as a bool: ``True``/``False``, NumPy bools, or the integers 0 and 1."""
     v = _scalar(value)
-    if _is_tensor(v) and v.numel() == 1 and v.dtype == _torch().bool:  # _scalar keeps bool tensors (not numbers)
+    if _is_tensor(v) and v.numel() == 1 and v.dtype == _torch().bool and not v.is_meta:  # _scalar keeps bool tensors (not numbers)
         return bool(v.item())
     if isinstance(v, bool):
         return v

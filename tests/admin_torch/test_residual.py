@@ -255,3 +255,19 @@ def test_rescale_sum_follows_every_change_of_omega():
     check(1.0)
     res.double().set_omega_(1.75)
     check(1.75)
+    res.to(torch.bfloat16).set_omega_(1.5)  # half precision: omega - 1 applied as a number
+    torch.testing.assert_close(res.rescale_sum(x.bfloat16(), (x + f).bfloat16()).double(), x * 1.5 + f,
+                               rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rescale_sum_first_run_under_inference_mode_then_trains(dtype):
+    """omega - 1 is kept between calls; made under torch.inference_mode it would be an inference tensor, which
+    backward cannot save: a module evaluated before it trains must still back-propagate, d/dx (x omega + f) = omega."""
+    res = OmegaResidual(3.0).to(dtype)
+    x, f = torch.randn(4, 8, dtype=dtype), torch.randn(4, 8, dtype=dtype)
+    with torch.inference_mode():
+        res.rescale_sum(x, x + f)
+    xg = x.clone().requires_grad_()
+    res.rescale_sum(xg, xg + f).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.full_like(x, 3.0))
