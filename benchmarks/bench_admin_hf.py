@@ -6,18 +6,21 @@ and the max |fold(model)(x) - model(x)| in float32 with a padding mask.
 
     python -m benchmarks.bench_admin_hf                       # CPU, writes results/admin/hf_overhead.md
     python -m benchmarks.bench_admin_hf --device cuda --hidden 256 --layers 6
+    python -m benchmarks.bench_admin_hf --hidden 256 --layers 12 --threads 1 --rounds 30 --steps 4 --ref HEAD  # A/B
 """
 
 import argparse
 import copy
 import os
 import statistics
+import subprocess
 import time
 
 import torch
 
 import admin_torch
 from benchmarks import hf_families as H
+from benchmarks.harness import load_package_at
 from toolbox_core.files import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -91,6 +94,9 @@ def main(argv=None):
     parser.add_argument("--families", nargs="*", default=None)
     parser.add_argument("--out", default=os.path.join(HERE, "..", "results", "admin", "hf_overhead.md"))
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1: steps timed in thread CPU time)")
+    parser.add_argument("--ref", default=None,
+                        help="a git revision: also time the model converted by admin_torch as it was there, in the "
+                             "same rotation (today / ref per round, an A/B in one process)")
     args = parser.parse_args(argv)
     for flag in ("steps", "rounds", "threads"):
         if getattr(args, flag) < 1:
@@ -99,8 +105,12 @@ def main(argv=None):
         parser.error("--device cuda: no CUDA device")
     torch.set_num_threads(min(args.threads, torch.get_num_threads()))
     _scale(args.hidden, args.layers)
+    try:
+        ref_pkg = None if args.ref is None else load_package_at(args.ref, "admin_torch")
+    except (ValueError, subprocess.CalledProcessError):
+        parser.error(f"--ref: not a git revision of this repository with admin_torch: {args.ref!r}")
     load_start = _load()
-    rows = []
+    rows, ab = [], []
     known = list(H.families()) + list(H.fold_refused())
     for family in args.families or known:
         if family not in known:
@@ -116,13 +126,17 @@ def main(argv=None):
                 err = (H.output(admin_torch.fold(admin)(**x)) - ref).abs().max().item()
             except ValueError:  # a family whose fold is refused (H.fold_refused): overhead only
                 err = float("nan")
-        per_round = _steps([stock, admin], x, args.device, args.steps, args.rounds)
+        models = [stock, admin] + ([] if ref_pkg is None else [ref_pkg.convert(copy.deepcopy(stock))])
+        per_round = _steps(models, x, args.device, args.steps, args.rounds)
         t_stock, t_admin = (min(t[j] for t in per_round) for j in (0, 1))
-        ratio, low, high = _spread([a / s for s, a in per_round])
+        ratio, low, high = _spread([t[1] / t[0] for t in per_round])
         rows.append((family, t_stock * 1e3, t_admin * 1e3, 100 * (ratio - 1), 100 * (low - 1), 100 * (high - 1), err))
+        vs_ref = "" if ref_pkg is None else "  today / {}: {:+.2f}% [{:+.2f}%, {:+.2f}%]".format(
+            args.ref, *(100 * (v - 1) for v in _spread([t[1] / t[2] for t in per_round])))
+        ab.append(vs_ref)
         print(f"{family:18s} stock {t_stock * 1e3:7.2f} ms  admin {t_admin * 1e3:7.2f} ms  "
               f"overhead {rows[-1][3]:+6.1f}% [{rows[-1][4]:+.1f}%, {rows[-1][5]:+.1f}%]  "
-              f"fold err {'refused' if err != err else f'{err:.2e}'}", flush=True)
+              f"fold err {'refused' if err != err else f'{err:.2e}'}{vs_ref}", flush=True)
     clock_name = "thread CPU time" if args.device == "cpu" and args.threads == 1 else "wall time"
     load = ("" if load_start is None else
             f"; the machine's load average (1 min) {load_start:.1f} at the start, {_load():.1f} at the end, "
@@ -132,7 +146,8 @@ def main(argv=None):
              "",
              f"`python -m benchmarks.bench_admin_hf --device {args.device} --hidden {args.hidden} --layers "
              f"{args.layers} --steps {args.steps} --rounds {args.rounds} --threads {args.threads}"
-             f"{' --families ' + ' '.join(args.families) if args.families else ''}` "
+             f"{' --families ' + ' '.join(args.families) if args.families else ''}"
+             f"{'' if ref_pkg is None else ' --ref ' + args.ref}` "
              f"(torch {torch.__version__}; batch 2 x 8 tokens, padding in one sequence; stock and converted steps "
              f"interleaved in alternating order, {clock_name}; per round the fastest step of each; "
              "overhead = median over rounds of converted / stock - 1, [interquartile range]; fold error = "
@@ -142,6 +157,10 @@ def main(argv=None):
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {f} | {a:.2f} | {b:.2f} | {o:+.1f}% [{lo:+.1f}%, {hi:+.1f}%] | "
               f"{'refused' if e != e else f'{e:.1e}'} |" for f, a, b, o, lo, hi, e in rows]
+    if ref_pkg is not None:
+        lines += ["", f"A/B against `{args.ref}` (its admin_torch loaded beside today's, its converted model stepped in "
+                  "the same rotation; median over rounds of today / ref - 1 [interquartile range]):", ""]
+        lines += [f"- {row[0]}:{vs}" for row, vs in zip(rows, ab)]
     lines += ["", "'refused': a family whose fold is refused with a reason (shared ALBERT layers, FSMT's sinusoidal "
               "positions, Funnel's repeated blocks; docs/huggingface.md). Small models: the overhead is the "
               "hooks' Python calls plus one operation per residual and one in the backward (BERT-like layers, "

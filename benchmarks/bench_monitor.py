@@ -38,8 +38,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
+from benchmarks.harness import load_package_at
 from benchmarks.sweep import run_jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,39 +295,6 @@ def overhead_paired(a) -> None:
         {"point_pct": {str(kk): v for kk, v in point.items()},
          "spread_pct": {str(kk): spread(kk) for kk, _ in names}, "host_us": host_us, "capture_grads_us": grads_us,
          "bare_s": bare_all, "nonlog_pairs_s": list(zip(nb, nm)), "logged_pairs_s": list(zip(lb, lm))}, indent=1))
-
-
-def load_package_at(rev: str, package: str = "stability_toolbox", into: Optional[Path] = None):
-    """``package`` as it was at git revision ``rev``, imported under the name ``<package>_at_<rev>`` (its modules
-    import each other relatively, so the copy runs its own code; everything else it imports is today's). Read-only
-    git (``git ls-tree`` / ``git show``); the files go to ``into`` (default: a new temporary directory)."""
-    import importlib.util
-    import re
-    import tempfile
-
-    if not re.fullmatch(r"[A-Za-z0-9_.^~/-]+", rev):
-        raise ValueError(f"rev must be a git revision (letters, digits, _.^~/-), got {rev!r}")
-    names = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{package}/"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    alias = f"{package}_at_{re.sub(r'[^A-Za-z0-9]', '_', rev)}"
-    root = Path(into) if into is not None else Path(tempfile.mkdtemp(prefix="bench_monitor_ref_"))
-    (root / alias).mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if name.endswith(".py"):
-            text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=REPO, capture_output=True, text=True,
-                                  check=True).stdout
-            (root / alias / Path(name).name).write_text(text)
-    # imported from its folder as a package (its relative imports find its own modules); the import path is untouched
-    spec = importlib.util.spec_from_file_location(alias, root / alias / "__init__.py",
-                                                  submodule_search_locations=[str(root / alias)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[alias]
-        raise
-    return module
 
 
 def overhead_ab(a) -> None:

@@ -77,3 +77,42 @@ def machine(device: str = "cpu") -> str:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     return text
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_package_at(rev: str, package: str = "stability_toolbox", into: Optional["os.PathLike"] = None):
+    """``package`` as it was at git revision ``rev``, imported under the name ``<package>_at_<rev>`` (its modules
+    import each other relatively, so the copy runs its own code; everything else it imports is today's). Read-only
+    git (``git ls-tree`` / ``git show``); the files go to ``into`` (default: a new temporary directory)."""
+    import importlib.util
+    import re
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    if not re.fullmatch(r"[A-Za-z0-9_.^~/-]+", rev):
+        raise ValueError(f"rev must be a git revision (letters, digits, _.^~/-), got {rev!r}")
+    names = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{package}/"], cwd=_REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    alias = f"{package}_at_{re.sub(r'[^A-Za-z0-9]', '_', rev)}"
+    root = Path(into) if into is not None else Path(tempfile.mkdtemp(prefix=f"bench_ref_{package}_"))
+    (root / alias).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name.endswith(".py"):
+            text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=_REPO, capture_output=True, text=True,
+                                  check=True).stdout
+            (root / alias / Path(name).name).write_text(text)
+    # imported from its folder as a package (its relative imports find its own modules); the import path is untouched
+    spec = importlib.util.spec_from_file_location(alias, root / alias / "__init__.py",
+                                                  submodule_search_locations=[str(root / alias)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[alias]
+        raise
+    return module
