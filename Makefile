@@ -34,7 +34,7 @@ TEST_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py sign_optim/csrc/fused_sign.cpp constraints.txt Makefile tools/patch_fairseq_numpy2.py tools/patch_fairscale_amp.py \
-           tools/patch_fairseq_imports.py
+           tools/patch_fairseq_imports.py tools/installed_package.py
 	@echo "== creating $(VENV) (torch 2.13.0 CPU, $(FAIRSEQ), recipe tools)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0 numpy cython setuptools wheel 2>&1 | grep -v "is ignored" || true

@@ -11,7 +11,7 @@ mixture-of-experts tests `expert_outputs` (each expert run on its own, never thr
 `sparsemixer_probs` (SparseMixer's masked softmax in the authors' quotient form); for the sign optimizers
 `sign_rule_step` (one step of AddSign / PowerSign as the paper writes it, in NumPy) and `step_alike` (two
 optimizers stepped on the same gradients); `saved_and_loaded` (an object back from ``torch.save`` /
-``torch.load(weights_only=True)``).
+``torch.load(weights_only=True)``); `raises_naming` (a refusal of the given type whose message names the argument).
 """
 
 import copy
@@ -24,7 +24,7 @@ from benchmarks.memory import saved_bytes
 
 __all__ = ["saved_bytes", "optimizer_snapshot", "assert_optimizer_unchanged", "softmax_jacobian", "softmax_jvp",
            "reinmax_gradient", "chi_square", "assert_within_ulp", "expert_outputs", "sparsemixer_probs",
-           "sign_rule_step", "step_alike", "saved_and_loaded"]
+           "sign_rule_step", "step_alike", "saved_and_loaded", "raises_naming"]
 
 
 def optimizer_snapshot(opt, params):
@@ -140,3 +140,12 @@ def saved_and_loaded(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def raises_naming(exc, name, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` raises ``exc`` (or a subclass) whose message names ``name`` (the refused argument)."""
+    import pytest
+
+    with pytest.raises(exc) as info:
+        fn(*args, **kwargs)
+    assert name in str(info.value), str(info.value)

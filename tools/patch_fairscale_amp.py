@@ -13,10 +13,11 @@ Usage (``make install`` runs it after installing fairscale)::
 Idempotent; exits 2 with one line if FAIRSCALE_DIR holds no fairscale.
 """
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
+
+from installed_package import package_dir  # tools/installed_package.py, beside this script
 
 TARGET = "experimental/nn/offload.py"
 REPAIRS = [
@@ -40,20 +41,8 @@ def patch(root: Path) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) > 1:
-        print("usage: python tools/patch_fairscale_amp.py [FAIRSCALE_DIR]", file=sys.stderr)
-        return 2
-    if argv:
-        root = Path(argv[0])
-    else:
-        spec = importlib.util.find_spec("fairscale")  # locates the package without importing it
-        if spec is None or not spec.submodule_search_locations:
-            print("patch_fairscale_amp: error: fairscale is not installed for this Python", file=sys.stderr)
-            return 2
-        root = Path(list(spec.submodule_search_locations)[0])
-    if not (root / TARGET).is_file():
-        print(f"patch_fairscale_amp: error: {root} is not a fairscale package (no {TARGET})", file=sys.stderr)
+    root = package_dir("patch_fairscale_amp", "fairscale", sys.argv[1:] if argv is None else argv, [TARGET])
+    if root is None:
         return 2
     count = patch(root)
     print(f"patch_fairscale_amp: {root / TARGET}: {count} call(s) replaced" if count

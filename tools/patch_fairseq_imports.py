@@ -15,13 +15,14 @@ Idempotent; exits 2 with one line, both files left as they were, if FAIRSEQ_DIR 
 differs from fairseq 0.12.3's, a file or its directory is read-only, or a write fails.
 """
 
-import importlib.util
 import os
 import stat
 import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+from installed_package import package_dir  # tools/installed_package.py, beside this script
 
 _LAZY_SENTENCE_METRICS = '''\
 def f1_score(*args, **kwargs):  # deferred imports: tools/patch_fairseq_imports.py
@@ -133,21 +134,8 @@ def patch(root: Path) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) > 1:
-        print("usage: python tools/patch_fairseq_imports.py [FAIRSEQ_DIR]", file=sys.stderr)
-        return 2
-    if argv:
-        root = Path(argv[0])
-    else:
-        spec = importlib.util.find_spec("fairseq")  # locates the package without importing it
-        if spec is None or not spec.submodule_search_locations:
-            print("patch_fairseq_imports: error: fairseq is not installed for this Python", file=sys.stderr)
-            return 2
-        root = Path(list(spec.submodule_search_locations)[0])
-    if not all((root / name).is_file() for name in REPAIRS):
-        print(f"patch_fairseq_imports: error: {root} is not a fairseq package (no {' or '.join(REPAIRS)})",
-              file=sys.stderr)
+    root = package_dir("patch_fairseq_imports", "fairseq", sys.argv[1:] if argv is None else argv, list(REPAIRS))
+    if root is None:
         return 2
     try:
         count = patch(root)

@@ -11,6 +11,7 @@ from torch import nn
 from admin_torch import (AddResidual, DeepNormInit, DeepNormResidual, OmegaResidual, QKNormLinear,
                          QKNormMultiheadAttention, TransformerDecoderLayer, TransformerEncoderLayer, fold_into_norm_,
                          has_qk_norm, make_stack, output_change)
+from torch_helpers import raises_naming as _raises
 
 D = 8
 
@@ -18,13 +19,6 @@ D = 8
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def _raises(exc, name, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` raises ``exc`` whose message names ``name``."""
-    with pytest.raises(exc) as info:
-        fn(*args, **kwargs)
-    assert name in str(info.value), str(info.value)
 
 
 RESIDUALS = {

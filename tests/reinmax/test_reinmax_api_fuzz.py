@@ -7,17 +7,12 @@ import torch
 
 from reinmax import (ESTIMATORS, BinaryTreeLSTMCell, DiscreteBottleneck, LatentTreeLSTM, ReinMaxFunction,
                      RoutedFeedForward, TreeClassifier, estimate)
+from torch_helpers import raises_naming as _raises
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def _raises(exc, name, fn, *args, **kwargs):
-    with pytest.raises(exc) as info:
-        fn(*args, **kwargs)
-    assert name in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))

@@ -39,9 +39,15 @@ def _compute_eer(target_list, lprobs):
 
 
 def _load_tool():
+    """The tool as a module, its directory first on the import path as when it runs as a script (it imports
+    ``installed_package`` from beside it)."""
     spec = importlib.util.spec_from_file_location("patch_fairseq_imports_under_test", TOOL)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(TOOL.parent))
     return module
 
 
