@@ -55,8 +55,9 @@ $(STAMP): pyproject.toml setup.py sign_optim/csrc/fused_sign.cpp constraints.txt
 	@# the rest through uv (Astral's installer: the same versions as pip under constraints.txt, in ~10 s instead of
 	@# ~55 s from a warm cache). torch stays pip's: pip takes the machine's wheel file, uv would download a CUDA build.
 	@# uv reads no pip configuration (an index or mirror set for pip): where it cannot install them, pip does.
+	@# --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set, every process would compile them again
 	$(PIP) install -c constraints.txt uv 2>&1 | grep -v "is ignored" || true
-	$(PY) -m uv pip install --quiet --python $(PY) -c constraints.txt $(RECIPE_TOOLS) || \
+	$(PY) -m uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt $(RECIPE_TOOLS) || \
 	  { echo "== uv could not install the recipe tools: pip installs them"; \
 	    $(PIP) install -c constraints.txt $(RECIPE_TOOLS); }
 	@# fairscale (fairseq's --zero-sharding os and --ddp-backend fully_sharded): its sdist, without CUDA extensions
