@@ -65,6 +65,8 @@ fi
 train_one() {  # train_one MODEL: one fairseq-train run, progress on stdout, exit code in DIR/exit_code
   local model=$1 dir="$RUNS/$1" code
   rm -rf "$dir"; mkdir -p "$dir"
+  # --save-dir of its own even with --no-save: fairseq-train writes and removes <save-dir>/dummy at start, and the
+  # parallel runs raced on ./checkpoints/dummy (one of them failed with FileNotFoundError)
   # shellcheck disable=SC2046
   set +e
   fairseq-train "$DATA/bin" --user-dir "$USER_DIR" $(model_flags "$model" "$dir") \
@@ -76,7 +78,7 @@ train_one() {  # train_one MODEL: one fairseq-train run, progress on stdout, exi
     --lr "$LR" --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP" --warmup-init-lr 1e-7 \
     --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --dropout 0.1 \
     --max-tokens "$MAX_TOKENS" --max-update "$UPDATES" --seed 1 --cpu --num-workers 0 \
-    --disable-validation --no-save --no-progress-bar --log-format json --log-interval 10 \
+    --disable-validation --no-save --save-dir "$dir/checkpoints" --no-progress-bar --log-format json --log-interval 10 \
     2>&1 | tee "$dir/train.log" | "$PYTHON" "$RECIPES_DIR/demo/progress.py" "$model" "$UPDATES"
   code=${PIPESTATUS[0]}
   set -e
