@@ -41,12 +41,12 @@ LOGGED = re.compile(r"num_updates=(\d+),.*gnorm=([0-9.]+)")
 
 
 @pytest.mark.slow
-def test_fairseq_runs_score_fairseqs_pre_clip_norm(tiny_translation_data):
+def test_fairseq_runs_score_fairseqs_pre_clip_norm(tiny_translation_data, tmp_path):
     """Real runs, one process: a guard that flags every rise (threshold 0.01, min ratio 1) prints the gradient
     norm it scored at each event; with ``--clip-norm 0`` and with ``--clip-norm 0.05`` (every update clipped) it is
     fairseq's logged ``gnorm`` of that update (the norm before clipping: the clipped one would be 0.05)."""
     common = [tiny_translation_data.bin, "--user-dir", PLUGINS_DIR, *TINY_TRANSFORMER_ARGS, "--no-save",
-              "--max-update", "10", "--stability-guard", "--stability-guard-warmup", "4",
+              "--save-dir", tmp_path / "ck", "--max-update", "10", "--stability-guard", "--stability-guard-warmup", "4",
               "--stability-guard-window", "8", "--stability-guard-threshold", "0.01",
               "--stability-guard-min-ratio", "1", "--stability-guard-rewind-skip", "0"]
     runs = run_tool_batch("train", [[*common, "--clip-norm", "0"], [*common, "--clip-norm", "0.05"]])

@@ -139,7 +139,7 @@ def test_fairseq_train_guard(tiny_translation_data, tmp_path):
     """A real run with the guard on and its defaults overridden; a bad value is one line, exit 2."""
     mon = tmp_path / "mon"
     common = [tiny_translation_data.bin, "--user-dir", PLUGINS_DIR, *TINY_TRANSFORMER_ARGS, "--no-save",
-              "--stability-guard"]
+              "--save-dir", tmp_path / "ck", "--stability-guard"]  # its own save dir: fairseq writes <dir>/dummy
     bad, proc = run_tool_batch("train", [  # one process: fairseq's start-up is paid once
         [*common, "--max-update", "1", "--stability-guard-backoff", "2"],
         [*common, "--max-update", "8", "--stability-guard-snapshot-every", "3", "--stability-guard-warmup", "4",

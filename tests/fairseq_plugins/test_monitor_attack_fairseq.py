@@ -110,7 +110,7 @@ def test_fairseq_train_with_update_freq_and_memory_efficient_fp16(tmp_path, tiny
     intervals = {"uf2": " 2 ", "mefp16": "2", "plus": "+2", "fp16": "2"}
     runs = run_tool_batch("train", [
         [tiny_translation_data.bin, "--user-dir", PLUGINS_DIR, *TINY_TRANSFORMER_ARGS, *extra, "--max-update", "6",
-         "--no-save", "--stability-monitor", tmp_path / name, "--stability-monitor-interval", intervals[name]]
+         "--no-save", "--save-dir", tmp_path / "ck", "--stability-monitor", tmp_path / name, "--stability-monitor-interval", intervals[name]]
         for name, extra in cases.items()])
     for (name, _), proc in zip(cases.items(), runs):
         if name == "fp16":
