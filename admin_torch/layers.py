@@ -49,6 +49,10 @@ def _check_args(d_model, nhead, dim_feedforward, dropout, layer_norm_eps, batch_
 
 def _check_input(layer: nn.Module, name: str, t) -> None:
     """``t`` a floating tensor of shape (S, E) or the layer's batched layout, E = d_model, on the layer's device."""
+    weight = layer.norm1.weight
+    if isinstance(t, Tensor) and t.dtype == weight.dtype and t.device == weight.device and not t.is_nested \
+            and t.dim() in (2, 3) and t.shape[-1] == weight.shape[0]:
+        return  # the common case, decided without building the message (this runs at every forward)
     shape = "(S, E) or " + ("(N, S, E)" if layer.self_attn.batch_first else "(S, N, E)") + \
         f" with E = d_model = {layer.norm1.normalized_shape[0]}"
     if isinstance(t, Tensor) and t.is_nested:  # torch.nn.TransformerEncoder's fast path (padding as a nested tensor)
