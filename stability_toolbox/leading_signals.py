@@ -69,6 +69,7 @@ from toolbox_core import checks
 from .attention_stats import AttentionLogits
 from .inert_hooks import wrap_hooks
 from .quantities import OTHER_ROW, Recorder
+from . import scalar_reader
 from .scalar_reader import as_scalar
 from .sites import SitePlan
 
@@ -89,20 +90,24 @@ MONITOR_SIGNALS = ("loss", "grad_norm", "grad_rms_eps_min", "log_z_rms")
 _LOW = (torch.float16, torch.bfloat16)
 
 
-def _squared_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """``stack([||t||_2^2])`` in float32 from fused norms: a float16 / bfloat16 tensor's norm is taken in
-    float32 (its norm past 65504 would be inf, a false non-finite signal), a float64 one in float64 then
-    rounded (``_foreach_norm`` refuses to narrow)."""
+def _norm_list(tensors: Sequence[Tensor]) -> List[Tensor]:
+    """``[||t||_2]`` from fused norms: a float16 / bfloat16 tensor's norm is taken in float32 (its norm past
+    65504 would be inf, a false non-finite signal), a float32 one in float32, a float64 one in float64
+    (``_foreach_norm`` refuses to narrow)."""
     low = [t.dtype in _LOW for t in tensors]
     if all(low):
-        norms = list(torch._foreach_norm(list(tensors), dtype=torch.float32))
-    elif not any(low):
-        norms = list(torch._foreach_norm(list(tensors)))
-    else:  # mixed precisions: two fused calls, the norms back in the tensors' order
-        lo = iter(torch._foreach_norm([t for t, f in zip(tensors, low) if f], dtype=torch.float32))
-        hi = iter(torch._foreach_norm([t for t, f in zip(tensors, low) if not f]))
-        norms = [next(lo) if f else next(hi) for f in low]
-    return torch.stack([n.float() for n in norms]).pow(2)
+        return list(torch._foreach_norm(list(tensors), dtype=torch.float32))
+    if not any(low):
+        return list(torch._foreach_norm(list(tensors)))
+    # mixed precisions: two fused calls, the norms back in the tensors' order
+    lo = iter(torch._foreach_norm([t for t, f in zip(tensors, low) if f], dtype=torch.float32))
+    hi = iter(torch._foreach_norm([t for t, f in zip(tensors, low) if not f]))
+    return [next(lo) if f else next(hi) for f in low]
+
+
+def _squared_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """``stack([||t||_2^2])`` in float32 (`_norm_list`'s norms; a float64 one rounded)."""
+    return torch.stack([n.float() for n in _norm_list(tensors)]).pow(2)
 
 
 def grad_rms_over_eps(grads: Sequence[Tensor], eps: float) -> Tensor:
@@ -462,7 +467,8 @@ class UpdateStream:
 class LayerGradients:
     """Per update, from one fused norm over the gradients: ``grad_norm`` (``||g||_2`` over every parameter) and
     ``grad_rms_eps_min`` (the smallest, over the layer groups, of ``sqrt(sum g_l^2 / N_l) / eps``), as device
-    scalars (no sync), in float32 whatever the gradients' dtype. A parameter without a gradient at a step (not
+    scalars (no sync), in float32 whatever the gradients' dtype; for CPU gradients, whose norms are host memory
+    already, as Python floats (the sums over the norms in float64 NumPy: no op dispatched per update). A parameter without a gradient at a step (not
     used by that forward pass) is left out of both: the norm and each layer's RMS are over the parameters that
     have one (a layer with none is left out of the minimum).
 
@@ -497,30 +503,62 @@ class LayerGradients:
         # (device, which parameters have a gradient) -> (gid, numel, any layer) there: built once per pattern
         self._on: Dict[Any, tuple] = {}
 
-    def __call__(self, eps: float) -> Dict[str, Tensor]:
+    def _pattern(self, dev: torch.device, present: tuple) -> tuple:
+        """The layer index and entry count of the parameters with a gradient (``present``), on ``dev``:
+        ``(gid, numel, any layer)``, built once per pattern."""
+        host = scalar_reader.host_memory(dev)
+        key = (dev, host, present)
+        if key not in self._on:
+            if len(self._on) >= 16:  # bounded: a model whose unused parameters change every step (MoE)
+                self._on.clear()
+            keep = [i for i, ok in enumerate(present) if ok]
+            numel = torch.zeros(self.n_layers + 1, dtype=torch.float64)
+            gid = self._gid[keep]
+            numel.index_add_(0, gid, self._sizes[keep])
+            any_layer = any(self._gid_list[i] < self.n_layers for i in keep)  # host lists: no tensor read
+            if host:  # plain lists: the host reduction (`_host`)
+                self._on[key] = (gid.tolist(), numel.tolist(), any_layer)
+            else:
+                self._on[key] = (gid.to(dev), numel.float().to(dev), any_layer)
+        return self._on[key]
+
+    def __call__(self, eps: float) -> Dict[str, Any]:
         grads = [p.grad for p in self.params]
         present = tuple(g is not None for g in grads)
         if not any(present):
             return {}
         with torch.no_grad():
-            # float32 norms: a float16 gradient's norm past 65504 would be inf (a false non-finite signal)
-            sq = _squared_norms([g for g in grads if g is not None])
-            dev = sq.device
-            key = (dev, present)
-            if key not in self._on:  # the layer index and entry counts of the parameters with a gradient
-                if len(self._on) >= 16:  # bounded: a model whose unused parameters change every step (MoE)
-                    self._on.clear()
-                keep = [i for i, ok in enumerate(present) if ok]
-                numel = torch.zeros(self.n_layers + 1, dtype=torch.float64)
-                gid = self._gid[keep]
-                numel.index_add_(0, gid, self._sizes[keep])
-                any_layer = any(self._gid_list[i] < self.n_layers for i in keep)  # host lists: no tensor read
-                self._on[key] = (gid.to(dev), numel.float().to(dev), any_layer)
-            gid, numel, any_layer = self._on[key]
-            out = {"grad_norm": sq.sum().sqrt()} if self.model_norm else {}
+            norms = _norm_list([g for g in grads if g is not None])
+            dev = norms[0].device
+            if scalar_reader.host_memory(dev):
+                return self._host([n.item() for n in norms], self._pattern(dev, present), eps)
+            # the squares in float64 where the device has it: a norm past 1.8e19 squared overflows float32 (a false
+            # non-finite signal); the results are float32 again
+            wide = torch.float32 if dev.type == "mps" else torch.float64
+            sq = torch.stack([n.to(wide) for n in norms]).pow(2)
+            gid, numel, any_layer = self._pattern(dev, present)
+            out = {"grad_norm": sq.sum().sqrt().float()} if self.model_norm else {}
             if any_layer:
-                per = torch.zeros(self.n_layers + 1, device=dev).index_add_(0, gid, sq)
-                rms = (per[:-1] / numel[:-1].clamp_min(1)).sqrt()
+                per = torch.zeros(self.n_layers + 1, device=dev, dtype=wide).index_add_(0, gid, sq)
+                rms = (per[:-1] / numel[:-1].to(wide).clamp_min(1)).sqrt()
                 # a layer none of whose parameters has a gradient is no layer at this step
-                out["grad_rms_eps_min"] = torch.where(numel[:-1] > 0, rms, torch.full_like(rms, math.inf)).amin() / eps
+                low = torch.where(numel[:-1] > 0, rms, torch.full_like(rms, math.inf)).amin()
+                out["grad_rms_eps_min"] = (low / eps).float()
+        return out
+
+    def _host(self, norms: List[float], pattern: tuple, eps: float) -> Dict[str, float]:
+        # CPU gradients: their norms are host memory already, so the sums over them run in plain Python floats
+        # (float64). Right after a backward every torch or NumPy call here costs 10-40 us of cold caches: with
+        # the torch ops of the device path this was 0.6 ms a step on the overhead benchmark's model, now 0.1 ms
+        gid, numel, any_layer = pattern
+        per = [0.0] * (self.n_layers + 1)
+        for i, v in zip(gid, norms):
+            per[i] += v * v
+        out = {"grad_norm": math.sqrt(sum(per))} if self.model_norm else {}
+        if any_layer:
+            # a layer none of whose parameters has a gradient (or an entry) is no layer at this step
+            rms = [math.sqrt(per[i] / numel[i]) for i in range(self.n_layers) if numel[i] > 0]
+            # a NaN is the answer, as torch's amin gives it (Python's min would depend on where it stands)
+            low = math.inf if not rms else (math.nan if any(r != r for r in rms) else min(rms))
+            out["grad_rms_eps_min"] = low / eps
         return out

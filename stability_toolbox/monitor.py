@@ -66,6 +66,7 @@ from .inert_hooks import wrap_hooks
 from .probe import Probe, as_call
 from .quantities import OTHER_ROW, QUANTITIES, ParameterGroups, Recorder, accumulate, collect, resolve_fallback, running_max
 from .records import RecordWriter, as_log_dir, summary_table, write_heatmaps, write_summary
+from . import scalar_reader
 from .scalar_reader import ScalarReader
 from .signal_detector import SignalDetector
 from .sites import FALLBACK_MODES, SitePlan, register_layer_kind
@@ -240,8 +241,9 @@ class StabilityMonitor:
         self._warned = set()
         self._handles: List[Any] = []
         self._armed = False
-        self._loss_sum: Optional[Tensor] = None
-        self._loss_max: Optional[Tensor] = None
+        # the losses since the last logging step: device tensors, or Python floats while every loss was a CPU one
+        self._loss_sum: Union[Tensor, float, None] = None
+        self._loss_max: Union[Tensor, float, None] = None
         self._loss_n = 0
         self._loss_begin: Optional[tuple] = None  # the loss sums when the step under way began (discard_step)
         self._log_z: Optional[Tuple[Tensor, Tensor, int]] = None  # observe_logits: sum, sum of squares, count
@@ -375,6 +377,12 @@ class StabilityMonitor:
             n = loss.numel()
             if n == 0:
                 return
+            if n == 1 and loss.dtype == torch.float32 and type(self._loss_sum) is not Tensor and \
+                    scalar_reader.host_memory(loss.device):
+                # a CPU loss is host memory: read with no op (each op right after a step costs 10-40 us of cold
+                # caches), summed in float64 until the logging step
+                self._observe_host_loss(loss.item())
+                return
             if n == 1 and loss.dtype == torch.float32:
                 # one float32 value: its mean, bit for bit, is 0 + value (a -0.0 loss becomes +0.0 as in the
                 # mean's sum), a fresh tensor (the caller may reuse its own in place): one op where the mean of a
@@ -393,6 +401,9 @@ class StabilityMonitor:
                 value = torch.tensor(float("inf"))
         else:
             raise TypeError(f"loss must be a tensor or a real number, got {type(loss).__name__}")
+        if type(self._loss_sum) is float:  # host sums so far (CPU losses), a tensor loss now: the sums become tensors
+            self._loss_sum, self._loss_max = (torch.tensor(v, device=value.device)
+                                              for v in (self._loss_sum, self._loss_max))
         if self._loss_sum is not None and value.device != self._loss_sum.device:
             value = value.to(self._loss_sum.device)
         if self._per_update:
@@ -401,6 +412,20 @@ class StabilityMonitor:
             self._reader.put("loss", value, copy=False)  # a fresh tensor (above)
         self._loss_sum = accumulate(self._loss_sum, value)
         self._loss_max = running_max(self._loss_max, value)
+        self._loss_n += 1
+
+    def _observe_host_loss(self, value: float) -> None:
+        """`observe_loss` of a CPU float32 loss, ``value``: its sum and maximum as Python floats, NaN kept as
+        torch.maximum keeps it; ``0.0 + value``: a -0.0 loss becomes +0.0, as in a tensor sum."""
+        value = 0.0 + value
+        if self._per_update:
+            self._stream.put("loss", value)
+        if "loss" in self._online:
+            self._reader.put("loss", value)
+        top = self._loss_max
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        if top is None or value != value or (top == top and value > top):
+            self._loss_max = value
         self._loss_n += 1
 
     def end_step(self, loss=None) -> Optional[Dict[str, Any]]:
@@ -501,7 +526,8 @@ class StabilityMonitor:
         self._probe.run()  # the probe pass: residual sums on the fixed batch (hooks still in)
         quantities, model_q = collect(
             self._site_plan.all_sites(), grads=grads, update=update, weight=weight, attn_max=self._attention.maxima,
-            loss=(self._loss_sum, self._loss_max, self._loss_n), log_z=self._log_z, range_dtype=self.range_dtype,
+            loss=tuple(torch.tensor(v) if type(v) is float else v for v in (self._loss_sum, self._loss_max))
+            + (self._loss_n,), log_z=self._log_z, range_dtype=self.range_dtype,
             history=self.history, attn_entropy=self._attention.entropy)
         self.fallback = resolve_fallback(quantities, self.fallback)
         self._loss_sum, self._loss_max, self._loss_n = None, None, 0

@@ -31,8 +31,18 @@ from torch import Tensor
 
 from toolbox_core import checks
 
-__all__ = ["ScalarReader", "as_scalar"]
+__all__ = ["ScalarReader", "as_scalar", "host_memory"]
 
+
+
+def host_memory(device: torch.device) -> bool:
+    """Whether a tensor on ``device`` lives in host memory (a CPU's), so that reading its value (``item``) is no
+    host-device sync: the per-update paths read such values on the host rather than dispatching ops on them.
+
+        >>> host_memory(torch.device("cpu")), host_memory(torch.device("meta"))
+        (True, False)
+    """
+    return device.type == "cpu"
 
 
 def as_scalar(value: Any, copy: bool = True) -> Tensor:
@@ -85,7 +95,9 @@ class ScalarReader:
         afterwards). TypeError for another name or value, with nothing changed."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
-        self._current[name] = as_scalar(value, copy=copy is not False)
+        # a Python float is kept as it is (float64, immutable): the monitor's values of CPU gradients, reduced on
+        # the host (no tensor made for them, none read back at `end`)
+        self._current[name] = value if type(value) is float else as_scalar(value, copy=copy is not False)
 
     def clear(self) -> None:
         """Forget the current update's values (a failed step)."""
@@ -100,7 +112,14 @@ class ScalarReader:
             return
         names = tuple(sorted(self._current))
         current, self._current = self._current, {}
-        dev = current[names[0]].device
+        if all(type(v) is float or v.device.type == "cpu" for v in current.values()):
+            # host memory already: the values are read now, through NumPy (no device, nothing to wait for, no
+            # stack to build); a value changed in place after this update does not change what it recorded
+            self._pending.append((step, names, [v if type(v) is float else v.numpy().item()
+                                                for v in map(current.__getitem__, names)], None))
+            return
+        dev = next(v.device for v in current.values() if type(v) is not float)
+        current = {k: torch.tensor(v, dtype=torch.float32) if type(v) is float else v for k, v in current.items()}
         if dev.type == "cuda":
             row = torch.stack([current[k].to(dev) for k in names])
             free = self._free.get(len(names))
@@ -108,10 +127,6 @@ class ScalarReader:
             host.copy_(row, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        elif all(current[k].device.type == "cpu" for k in names):
-            # host memory already: the values are read now, through NumPy (no device, nothing to wait for, no
-            # stack to build); a value changed in place after this update does not change what it recorded
-            host, event = [current[k].numpy().item() for k in names], None
         else:  # values on a device other than CUDA's: one stack there, brought over as it is
             host, event = torch.stack([current[k].to(dev) for k in names]).cpu().numpy().tolist(), None
         self._pending.append((step, names, host, event))

@@ -179,6 +179,10 @@ class SignalDetector:
                 raise ValueError(f"{argument}[{i}] repeats {argument}[{seen[key]}] ({r}){why}; each rule once")
             seen[key] = i
         self.rules = tuple(rules)
+        # each signal's values kept: as many as its most demanding rule reads (fixed with the rules)
+        self._memory: Dict[str, int] = {}
+        for r in self.rules:
+            self._memory[r.signal] = max(self._memory.get(r.signal, 0), r.memory)
         self._past: Dict[str, Deque[float]] = {}
         self._held = [0] * len(self.rules)
         self._fired = [False] * len(self.rules)
@@ -196,9 +200,7 @@ class SignalDetector:
         checks.as_int("step", step, minimum=0)
         if not isinstance(scalars, Mapping):
             raise TypeError(f"scalars must be a mapping {{signal: value}}, got {type(scalars).__name__}")
-        memory: Dict[str, int] = {}
-        for r in self.rules:
-            memory[r.signal] = max(memory.get(r.signal, 0), r.memory)
+        memory = self._memory
         for name in memory:  # every value checked before any is kept: a refused call changes nothing
             v = scalars.get(name)
             # a real number (NumPy's too) or None; never a tensor: reading one here would be a host-device sync
@@ -258,9 +260,7 @@ class SignalDetector:
             if r.within is not None and h >= 1 << r.within:
                 raise ValueError(f"state: 'held'[{i}] must be a bit mask of rule {i}'s last {r.within} updates "
                                  f"(an int in [0, 2**{r.within})), got {h}")
-        memory: Dict[str, int] = {}
-        for r in self.rules:
-            memory[r.signal] = max(memory.get(r.signal, 0), r.memory)
+        memory = self._memory
         if not isinstance(past, Mapping) or not set(past) <= set(memory) or any(
                 not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, numbers.Real)
                                                         for x in v) for v in past.values()):

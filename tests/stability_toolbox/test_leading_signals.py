@@ -316,3 +316,56 @@ def test_update_stream_refuses_bad_values_and_reads_none_for_absent():
     s.end(1)
     out = s.read()
     assert out["loss"] == [2.0, None] and out["grad_norm"][0] is None and math.isnan(out["grad_norm"][1])
+
+
+# ------------------------------------------------------------------ the host path of CPU gradients
+
+# huge: every gradient holds one; each tensor's norm is a float32, the sum of two squares is not
+_SPECIAL = {"finite": None, "nan": math.nan, "inf": math.inf, "huge": 1.5e19}
+
+
+@pytest.mark.parametrize("model_norm", [True, False])
+@pytest.mark.parametrize("special", sorted(_SPECIAL))
+@pytest.mark.parametrize("seed", range(4))
+def test_the_host_path_gives_the_device_path_values(monkeypatch, seed, special, model_norm):
+    """CPU gradients are reduced on the host (Python floats, float64 sums); the device path (a GPU's: torch ops
+    in float32) is taken by telling it CPU tensors are no host memory. Both agree with the formula written
+    out, NaN and inf included; a layer with no gradient, or only empty parameters, is no layer."""
+    from stability_toolbox import scalar_reader
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (5,), (0,), (2, 2), (7,), (1,)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for i, p in enumerate(params):
+        if (seed + i) % 5 != 0:  # some parameters have no gradient at this step
+            p.grad = torch.randn(p.shape, generator=gen) * 10.0 ** float(torch.randint(-9, 3, (), generator=gen))
+    live = [p for p in params if p.grad is not None and p.grad.numel()]
+    if _SPECIAL[special] is not None and live:
+        for p in live if special == "huge" else live[seed % len(live):][:1]:
+            p.grad.view(-1)[0] = _SPECIAL[special]
+    groups = [("l0", [("a", params[0]), ("b", params[1])]), ("l1", [("c", params[2])]),
+              ("l2", [("d", params[3]), ("e", params[4])]), ("(other)", [("f", params[5])])]
+    host = LayerGradients(groups, model_norm=model_norm)(1e-8)
+    with monkeypatch.context() as m:
+        m.setattr(scalar_reader, "host_memory", lambda device: False)
+        device = {k: float(v) for k, v in LayerGradients(groups, model_norm=model_norm)(1e-8).items()}
+    assert all(type(v) is float for v in host.values())
+    # written out: each layer's entries, squared and summed in float64
+    rms, total = [], 0.0
+    for row, ps in groups:
+        entries = [x for _, p in ps if p.grad is not None for x in p.grad.double().reshape(-1).tolist()]
+        total += sum(x * x for x in entries) if (row != "(other)" or model_norm) else 0.0
+        if row != "(other)" and entries:
+            rms.append(math.sqrt(sum(x * x for x in entries) / len(entries)))
+    want = {}
+    if model_norm:
+        want["grad_norm"] = math.sqrt(total)
+    if any(p.grad is not None for _, ps in groups[:3] for _, p in ps):
+        want["grad_rms_eps_min"] = (math.nan if any(r != r for r in rms) else min(rms, default=math.inf)) / 1e-8
+    assert set(host) == set(device) == set(want)
+    for k in want:
+        for got in (host[k], device[k]):
+            if math.isnan(want[k]):
+                assert math.isnan(got), (k, got)
+            else:
+                assert got == pytest.approx(want[k], rel=1e-5), (k, got, want[k])

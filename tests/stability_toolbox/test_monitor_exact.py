@@ -122,12 +122,14 @@ def test_grad_rms_eps_min_of_every_update_is_the_written_out_one(run):
         rms = []
         for layer in range(LAYERS):
             names = [n for n, _ in model.named_parameters() if n.startswith(f"layers.{layer}.")]
-            total = torch.zeros(())
-            for n in names:  # one after another, in parameter order
-                total = total + torch.linalg.vector_norm(grads[n]).pow(2)
-            count = torch.tensor(float(sum(grads[n].numel() for n in names)))
-            rms.append((total / count).sqrt())
-        expected = float(min(rms) / 1e-8)
+            # CPU gradients: each tensor's float32 norm, the sums over them in float64 (Python floats), one
+            # after another in parameter order; the per-update stream keeps the result as a float32
+            total = 0.0
+            for n in names:
+                norm = float(torch.linalg.vector_norm(grads[n]))
+                total += norm * norm
+            rms.append(math.sqrt(total / sum(grads[n].numel() for n in names)))
+        expected = float(torch.tensor(min(rms) / 1e-8, dtype=torch.float32))
         assert value == expected, (step, value, expected)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from admin_torch import make_stack
 from stability_toolbox import StabilityMonitor
+from stability_toolbox import scalar_reader
 from stability_toolbox.scalar_reader import ScalarReader
 from stability_toolbox.signal_detector import DEFAULT_SIGNAL_RULES, SignalRule
 
@@ -254,11 +255,18 @@ def test_a_copied_monitor_carries_the_rules_state(model, how):
     mon.close(), twin.close()
 
 
-def test_a_non_logging_step_reads_nothing_on_the_host(model, monkeypatch):
+@pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
+def test_a_non_logging_step_reads_nothing_on_the_host(model, monkeypatch, host):
     """The default rules between logging steps: no tensor value is read on the host, and the reader is
-    polled without waiting (block=False) at every end_step."""
+    polled without waiting (block=False) at every end_step. The device path (a GPU's) is taken by telling the
+    monitor that CPU tensors are no host memory; on the host path (a CPU's: reading is free there) the norms
+    and the loss are read once each with ``item`` and nothing else is read."""
     mon = StabilityMonitor(model, every=100)
     _feed(mon, model, range(1))  # step 0: logged
+    if not host:
+        monkeypatch.setattr(scalar_reader, "host_memory", lambda device: False)
+    items = []
+    real_item = torch.Tensor.item
     polls = []
     real_ready = ScalarReader.ready
 
@@ -275,11 +283,15 @@ def test_a_non_logging_step_reads_nothing_on_the_host(model, monkeypatch):
         m.setattr(ScalarReader, "ready", ready)
         for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu"):
             m.setattr(torch.Tensor, name, refuse)
+        if host:  # one item per gradient norm and per loss, of CPU tensors (0-d)
+            m.setattr(torch.Tensor, "item", lambda t: items.append(t.device.type) or real_item(t))
         for _ in range(3):
             mon.begin_step()
             mon.capture_grads()
-            mon.end_step()
+            mon.end_step(torch.tensor(2.0))
     assert polls == [False] * 3
+    n_grads = sum(1 for p in mon._layer_grads.params if p.grad is not None)  # the layers' (no model norm)
+    assert items == (["cpu"] * (3 * (n_grads + 1)) if host else [])
     assert list(mon._signal_detector._past["grad_rms_eps_min"])[-3:] == [pytest.approx(100.0)] * 3
     mon.close()
 
@@ -347,3 +359,39 @@ def _ddp_worker(out: Path) -> None:
 
 if __name__ == "__main__":
     _ddp_worker(Path(sys.argv[1]))
+
+
+_LOSS_SEQUENCES = {
+    # CPU float32 losses (summed as host floats) with NaN, inf, -0.0; a float64 or integer tensor or a number
+    # among them (the sums become tensors from there on)
+    "cpu": [1.0, 2.5, -0.0, 4.0], "nan": [1.0, float("nan"), 3.0], "inf": [float("inf"), 1.0],
+    "-inf": [-1.0, float("-inf")], "float64 midway": [1.0, torch.tensor(3.0, dtype=torch.float64), 2.0],
+    "number midway": [1.0, 5, 2.0], "vector midway": [2.0, torch.tensor([1.0, 3.0]), 0.5],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_LOSS_SEQUENCES))
+def test_a_logged_steps_loss_is_the_mean_and_max_of_the_losses_since_the_last(model, name):
+    """The record's ``loss`` / ``loss_max`` over the steps since the last logging step, written out with float64
+    numbers (NaN wins the maximum as torch.maximum has it), whatever mix of CPU float32 losses (read on the host)
+    and other losses (kept as tensors) came in."""
+    losses = _LOSS_SEQUENCES[name]
+    mon = StabilityMonitor(model, every=len(losses) + 1)
+    _feed(mon, model, range(1))  # step 0: logged, no loss
+    values = []
+    for loss in losses:
+        t = loss if not isinstance(loss, float) else torch.tensor(loss)
+        mon.begin_step()
+        mon.end_step(t)
+        values.append(float(t.double().mean()) if isinstance(t, torch.Tensor) else float(t))
+    mon.begin_step()
+    record = mon.end_step()
+    want_mean = sum(values) / len(values)
+    want_max = math.nan if any(v != v for v in values) else max(values)
+    for got, want in ((record["loss"], want_mean), (record["loss_max"], want_max)):
+        if math.isnan(want):
+            assert math.isnan(got), (name, record["loss"], record["loss_max"])
+        else:
+            assert got == pytest.approx(want, rel=1e-6), (name, got, want)
+    assert math.copysign(1.0, record["loss_max"]) == 1.0 or want_max < 0  # -0.0 reads as +0.0
+    mon.close()

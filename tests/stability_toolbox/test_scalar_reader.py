@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from admin_torch import make_stack
-from stability_toolbox import StabilityMonitor
+from stability_toolbox import StabilityMonitor, scalar_reader
 from stability_toolbox.leading_signals import LayerGradients
 from stability_toolbox.scalar_reader import ScalarReader
 from stability_toolbox.signal_detector import DEFAULT_SIGNAL_RULES
@@ -83,6 +83,7 @@ def test_the_default_monitor_runs_its_per_update_rule_at_every_update(monkeypatc
                        for ps in layers) / 1e-8)
         with monkeypatch.context() as m:
             if t:  # a step between logging steps reads no tensor on the host (the rule reads a host copy)
+                m.setattr(scalar_reader, "host_memory", lambda device: False)  # the device path, a GPU's
                 for name in ("item", "tolist", "__bool__", "__float__", "cpu"):
                     m.setattr(torch.Tensor, name, refuse)
             mon.begin_step()
