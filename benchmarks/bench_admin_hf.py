@@ -7,6 +7,8 @@ and the max |fold(model)(x) - model(x)| in float32 with a padding mask.
     python -m benchmarks.bench_admin_hf                       # CPU, writes results/admin/hf_overhead.md
     python -m benchmarks.bench_admin_hf --device cuda --hidden 256 --layers 6
     python -m benchmarks.bench_admin_hf --hidden 256 --layers 12 --threads 1 --rounds 30 --steps 4 --ref HEAD  # A/B
+    python -m benchmarks.bench_admin_hf --hidden 256 --layers 12 --threads 1 --paired 100 --ref HEAD \
+        --families bart bert roberta --out results/admin/hf_overhead_paired.md      # paired steps, stable allocator
 """
 
 import argparse
@@ -20,7 +22,7 @@ import torch
 
 import admin_torch
 from benchmarks import hf_families as H
-from benchmarks.harness import load_package_at
+from benchmarks.harness import load_package_at, median_with_interval, paired_differences, stable_allocator
 from toolbox_core.files import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,6 +68,31 @@ def _steps(models, x, device, steps, rounds=1, warmup=2):
     return out
 
 
+def _paired(models, x, reps):
+    """``reps`` paired steps of each model (`benchmarks.harness.paired_differences`, thread CPU time at one thread):
+    per model after the first, (median, 5%, 95%) of its step minus stock's, over stock's median step; and the
+    same of today's minus ref's when a third model is given."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-4) for m in models]
+
+    def step(j):
+        def run():
+            loss = H.output(models[j](**x)).float().pow(2).mean()
+            loss.backward()
+            opts[j].step()
+            opts[j].zero_grad(set_to_none=True)
+        return run
+
+    for m in models:
+        m.train()
+    t = paired_differences({j: step(j) for j in range(len(models))}, reps, clock=clock)
+    base = statistics.median(t[0])
+    rel = [tuple(v / base for v in median_with_interval([a - b for a, b in zip(t[j], t[0])])) for j in (1,)]
+    if len(models) > 2:
+        rel.append(tuple(v / base for v in median_with_interval([a - b for a, b in zip(t[1], t[2])])))
+    return base, rel
+
+
 def _load():
     """The 1-minute load average of the machine, or None where the system has none (Windows)."""
     try:
@@ -94,6 +121,10 @@ def main(argv=None):
     parser.add_argument("--families", nargs="*", default=None)
     parser.add_argument("--out", default=os.path.join(HERE, "..", "results", "admin", "hf_overhead.md"))
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1: steps timed in thread CPU time)")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="N paired steps instead of rounds: each step of each model in a fresh random order, the "
+                             "median of the per-step differences with its 5-95%% bootstrap interval; glibc's "
+                             "allocator kept from re-mapping large blocks (benchmarks.harness.stable_allocator)")
     parser.add_argument("--ref", default=None,
                         help="a git revision: also time the model converted by admin_torch as it was there, in the "
                              "same rotation (today / ref per round, an A/B in one process)")
@@ -101,6 +132,8 @@ def main(argv=None):
     for flag in ("steps", "rounds", "threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be an integer >= 1, got {getattr(args, flag)}")
+    if args.paired < 0 or args.paired == 1:
+        parser.error(f"--paired must be 0 (off) or an integer >= 2, got {args.paired}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     torch.set_num_threads(min(args.threads, torch.get_num_threads()))
@@ -109,6 +142,8 @@ def main(argv=None):
         ref_pkg = None if args.ref is None else load_package_at(args.ref, "admin_torch")
     except (ValueError, subprocess.CalledProcessError):
         parser.error(f"--ref: not a git revision of this repository with admin_torch: {args.ref!r}")
+    if args.paired:
+        return _main_paired(args, parser, ref_pkg)
     load_start = _load()
     rows, ab = [], []
     known = list(H.families()) + list(H.fold_refused())
@@ -169,6 +204,42 @@ def main(argv=None):
               "layer call, so its share shrinks as the model grows; "
               "timings of a few milliseconds vary by about 10% between runs on a loaded machine (the interquartile "
               "range shows the spread), so differences of that size, negative ones included, are noise."]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with atomic_write(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("wrote", args.out)
+
+
+
+def _main_paired(args, parser, ref_pkg) -> None:
+    """``--paired N``: the converted step's overhead as the median of N paired differences (and today / ``--ref``)."""
+    stable = stable_allocator()
+    known = list(H.families()) + list(H.fold_refused())
+    lines = ["# admin_torch.convert on HuggingFace families: paired step overhead", "",
+             f"`python -m benchmarks.bench_admin_hf --device {args.device} --hidden {args.hidden} --layers "
+             f"{args.layers} --threads {args.threads} --paired {args.paired}"
+             f"{' --families ' + ' '.join(args.families) if args.families else ''}"
+             f"{'' if ref_pkg is None else ' --ref ' + args.ref}` (torch {torch.__version__}; batch 2 x 8 tokens, "
+             f"padding in one sequence; forward, backward and SGD step; {args.paired} steps of each model, each "
+             "repetition in a fresh random order, "
+             f"{'thread CPU time' if args.threads == 1 else 'wall time'}; cells: median of the per-step differences "
+             "over stock's median step, [5%, 95%] of 1000 bootstrap medians; glibc's allocator "
+             f"{'kept from re-mapping large blocks (mallopt)' if stable else 'as it is (mallopt unavailable)'}).", "",
+             "| family | stock step (ms) | converted - stock | " + ("" if ref_pkg is None else f"today - {args.ref} |"),
+             "|---|---:|---:|" + ("" if ref_pkg is None else "---:|")]
+    for family in args.families or known:
+        if family not in known:
+            parser.error(f"--families: {family!r} is not one of {known}")
+        model, x, _ = H.build(family)
+        x = {k: v.to(args.device) for k, v in x.items()}
+        stock = model.to(args.device)
+        models = [stock, admin_torch.convert(copy.deepcopy(stock))]
+        if ref_pkg is not None:
+            models.append(ref_pkg.convert(copy.deepcopy(stock)))
+        base, rel = _paired(models, x, args.paired)
+        cells = " | ".join(f"{100 * m:+.2f}% [{100 * lo:+.2f}%, {100 * hi:+.2f}%]" for m, lo, hi in rel)
+        print(f"{family:18s} stock {base * 1e3:7.2f} ms  {cells}", flush=True)
+        lines.append(f"| {family} | {base * 1e3:.2f} | {cells} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with atomic_write(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -65,6 +65,59 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], reps: int, *, devi
     return out
 
 
+def stable_allocator() -> bool:
+    """Keep glibc's allocator from returning and re-mapping large blocks between steps (``mallopt``: a fixed 32 MiB
+    mmap threshold, a 1 GiB trim threshold), as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` would.
+    Otherwise a step's large activations may come from fresh pages every step: page faults that made a 12-layer
+    BART's backward 25% slower on this machine and its step times noisy, for every candidate alike. True where
+    applied (Linux with glibc), False elsewhere (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
+def paired_differences(fns: Mapping[str, Callable[[], object]], reps: int, *, seed: int = 0,
+                       clock: Callable[[], float] = time.perf_counter) -> Dict[str, list]:
+    """Seconds per call of each of ``fns``, ``reps`` times, every repetition running each once in a fresh random
+    order (after one untimed call of each): name -> samples, aligned by repetition, so that ``a[i] - b[i]`` is a
+    paired difference (both under the same moment's load). ``clock``: e.g. ``time.thread_time`` for one thread.
+
+        >>> out = paired_differences({"a": lambda: None, "b": lambda: None}, reps=3)
+        >>> sorted(out), len(out["a"])
+        (['a', 'b'], 3)
+    """
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(seed)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for name in order:
+            start = clock()
+            fns[name]()
+            samples[name].append(clock() - start)
+    return samples
+
+
+def median_with_interval(values, seed: int = 0, resamples: int = 1000):
+    """(median, 5th, 95th percentile of the bootstrap medians) of ``values``.
+
+        >>> median_with_interval([1.0, 2.0, 3.0])[0]
+        2.0
+    """
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return statistics.median(values), meds[int(0.05 * resamples)], meds[int(0.95 * resamples) - 1]
+
+
 def machine(device: str = "cpu") -> str:
     """One line naming the machine a table was measured on: CPU, cores, torch threads, GPU, torch version."""
     cpu = platform.processor() or platform.machine()

@@ -271,3 +271,71 @@ def test_rescale_sum_first_run_under_inference_mode_then_trains(dtype):
     xg = x.clone().requires_grad_()
     res.rescale_sum(xg, xg + f).sum().backward()
     torch.testing.assert_close(xg.grad, torch.full_like(x, 3.0))
+
+
+def _fresh_rescale(omega: torch.Tensor, x, s, hooked: bool):
+    """rescale_sum of a new module with this omega (and a forward hook if ``hooked``): its first call, which takes
+    the checked path (nothing cached yet); the exception type if it raises."""
+    fresh = OmegaResidual(1.0).to(omega.dtype)
+    fresh.set_omega_(float(omega))
+    if hooked:
+        fresh.register_forward_hook(lambda m, a, o: None)
+    try:
+        return fresh.rescale_sum(x, s)
+    except (TypeError, ValueError, RuntimeError) as e:
+        return type(e)
+
+
+_OPERANDS = {
+    "same shape": lambda: (torch.randn(3, 8), torch.randn(3, 8)),
+    "float64": lambda: (torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)),
+    "broadcast s": lambda: (torch.randn(3, 8), torch.randn(8)),
+    "broadcast x": lambda: (torch.randn(1, 8), torch.randn(3, 8)),
+    "mixed dtypes": lambda: (torch.randn(3, 8), torch.randn(3, 8, dtype=torch.float64)),
+    "bfloat16": lambda: (torch.randn(3, 8).bfloat16(), torch.randn(3, 8).bfloat16()),
+    "integer x": lambda: (torch.arange(24).reshape(3, 8), torch.randn(3, 8)),
+    "no broadcast": lambda: (torch.randn(3, 8), torch.randn(4, 8)),
+    "parameter x": lambda: (nn.Parameter(torch.randn(3, 8)), torch.randn(3, 8)),
+    "bool s": lambda: (torch.randn(3, 8), torch.ones(3, 8, dtype=torch.bool)),
+    "meta x": lambda: (torch.randn(3, 8, device="meta"), torch.randn(3, 8)),
+}
+
+_CHANGES = {
+    "none": lambda res: None,
+    "set_omega_": lambda res: res.set_omega_(0.5),
+    "in-place write": lambda res: torch.no_grad()(res.omega.mul_)(3.0),  # (through .data: no version bump, unseen)
+    "load_state_dict": lambda res: res.load_state_dict({"omega": torch.tensor([2.25])}),
+    "new buffer": lambda res: setattr(res, "omega", torch.tensor([0.75])),
+    "double": lambda res: res.double(),
+    "forward hook": lambda res: res.register_forward_hook(lambda m, a, o: None),
+}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+@pytest.mark.parametrize("operands", sorted(_OPERANDS))
+def test_rescale_sum_after_its_cache_is_made_equals_a_fresh_modules(operands, change):
+    """The common case is decided on a cache made by an earlier call (`_cached_rescale_weight`): after any change
+    of omega or of the module, and for any operands, a call gives what a new module's first call (the checked
+    path) gives, bit for bit, or raises the same kind of error; a hook added after the cache still sees the
+    call (x, f_x)."""
+    torch.manual_seed(0)
+    res = OmegaResidual(1.7)
+    warm = torch.randn(3, 8)
+    res.rescale_sum(warm, warm + 1)  # the cache is made
+    _CHANGES[change](res)
+    seen = []
+    if change == "forward hook":
+        res._forward_hooks.clear()
+        res.register_forward_hook(lambda m, a, o: seen.append(a))
+    x, s = _OPERANDS[operands]()
+    want = _fresh_rescale(res.omega.detach(), x, s, hooked=change == "forward hook")
+    for _ in range(2):  # the second call: the cache made again (or kept) by the first
+        if isinstance(want, type):
+            with pytest.raises(want):
+                res.rescale_sum(x, s)
+            continue
+        got = res.rescale_sum(x, s)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want) if got.device.type != "meta" else True
+    if change == "forward hook" and not isinstance(want, type):
+        assert len(seen) == 2 and torch.equal(seen[0][0], x)

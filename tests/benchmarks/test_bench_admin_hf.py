@@ -39,3 +39,33 @@ def test_a_bad_revision_is_one_line_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--ref" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.md").exists()
+
+
+def test_a_tiny_paired_run_writes_both_columns(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_admin_hf, "stable_allocator", lambda: False)  # this worker's allocator as it is
+    out = tmp_path / "paired.md"
+    bench_admin_hf.main(["--hidden", "32", "--layers", "1", "--threads", "1", "--paired", "3", "--families", "bert",
+                         "--ref", "HEAD", "--out", str(out)])
+    text = out.read_text()
+    assert "--paired 3" in text and "today - HEAD" in text
+    row = next(line for line in text.splitlines() if line.startswith("| bert |"))
+    assert row.count("%") == 6  # two cells of median [5%, 95%]
+
+
+@pytest.mark.parametrize("value", ["1", "-2"])
+def test_a_bad_paired_count_is_one_line_exit_2(tmp_path, value):
+    with pytest.raises(SystemExit) as e:
+        bench_admin_hf.main(["--paired", value, "--out", str(tmp_path / "x.md")])
+    assert e.value.code == 2 and not (tmp_path / "x.md").exists()
+
+
+def test_the_parts_run_puts_rescale_sum_back(tmp_path, monkeypatch):
+    from admin_torch.residual import OmegaResidual
+    from benchmarks import bench_admin_hf_parts
+
+    monkeypatch.setattr(bench_admin_hf_parts, "stable_allocator", lambda: False)
+    before = OmegaResidual.rescale_sum
+    out = tmp_path / "parts.md"
+    bench_admin_hf_parts.main(["--hidden", "32", "--layers", "1", "--reps", "2", "--out", str(out)])
+    assert OmegaResidual.rescale_sum is before
+    assert "| bart |" in out.read_text() and "hooks alone" in out.read_text()
