@@ -198,7 +198,8 @@ class OmegaResidual(nn.Module):
         if omega is not cached[0] or omega._version != cached[1] or omega.data_ptr() != cached[2]:
             return None
         w = cached[3]
-        return w if x.device == w.device else None
+        # s too: a 0-d s on another device would reach addcmul, torch's RuntimeError for check_operands' ValueError
+        return w if x.device == w.device and s.device == w.device else None
 
     def scaled_input(self, x: Tensor) -> Optional[Tensor]:
         """``x * omega``, for a caller whose own code then adds ``f_x`` (what `admin_torch.hooks` gives a module
@@ -255,6 +256,8 @@ class OmegaResidual(nn.Module):
         other memory, or an in-place write: ``set_omega_``, ``load_state_dict``, ``.to()``; a write through ``.data``
         moves no version counter and is not seen: write omega with ``set_omega_``)."""
         omega = self.omega
+        if omega.is_inference():  # made under torch.inference_mode: no version counter to key a cache on, read it
+            return float(omega.detach()) - 1.0
         key = (omega, omega._version, omega.data_ptr())
         cached = getattr(self, "_omega_minus_one_cache", None)  # absent in modules pickled by older versions
         if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
@@ -267,6 +270,9 @@ class OmegaResidual(nn.Module):
         changed (the test of `_omega_minus_one`, on the host: never a device synchronization). Made outside
         inference mode, so that a module first called under ``torch.inference_mode`` trains afterwards."""
         omega = self.omega
+        if omega.is_inference():  # a module made under torch.inference_mode: no version counter, so no cache
+            with torch.no_grad():
+                return omega.detach().reshape(()) - 1
         key = (omega, omega._version, omega.data_ptr())
         cached = getattr(self, "_omega_minus_one_tensor_cache", None)
         if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:

@@ -37,6 +37,12 @@ def _scale(hidden, layers):
     H.FUNNEL.update(d_model=hidden, n_head=4, d_head=hidden // 4, d_inner=4 * hidden)  # 3 blocks + 1 decoder layer
 
 
+def check_hidden(parser: argparse.ArgumentParser, hidden: int) -> None:
+    """``--hidden``: a positive multiple of 4, the benchmark models' attention heads (else `parser.error`)."""
+    if hidden < 4 or hidden % 4:
+        parser.error(f"--hidden must be a positive multiple of 4 (the models have 4 attention heads), got {hidden}")
+
+
 def _steps(models, x, device, steps, rounds=1, warmup=2):
     """Training steps of the models, interleaved in alternating order (a shared machine's load hits all alike),
     ``steps`` of each per round; per round, the minimum step time of each (the least disturbed): a list of
@@ -129,11 +135,16 @@ def main(argv=None):
                         help="a git revision: also time the model converted by admin_torch as it was there, in the "
                              "same rotation (today / ref per round, an A/B in one process)")
     args = parser.parse_args(argv)
-    for flag in ("steps", "rounds", "threads"):
+    for flag in ("steps", "rounds", "threads", "layers"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be an integer >= 1, got {getattr(args, flag)}")
+    check_hidden(parser, args.hidden)
     if args.paired < 0 or args.paired == 1:
         parser.error(f"--paired must be 0 (off) or an integer >= 2, got {args.paired}")
+    known = list(H.families()) + list(H.fold_refused())
+    for family in args.families or ():  # every name checked before any model is built or timed
+        if family not in known:
+            parser.error(f"--families: {family!r} is not one of {known}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     torch.set_num_threads(min(args.threads, torch.get_num_threads()))
@@ -147,9 +158,7 @@ def main(argv=None):
     load_start = _load()
     rows, ab = [], []
     known = list(H.families()) + list(H.fold_refused())
-    for family in args.families or known:
-        if family not in known:
-            parser.error(f"--families: {family!r} is not one of {known}")
+    for family in args.families or known:  # the names were checked in main
         model, x, _ = H.build(family)
         x = {k: v.to(args.device) for k, v in x.items()}
         stock = model.to(args.device)
@@ -227,9 +236,7 @@ def _main_paired(args, parser, ref_pkg) -> None:
              f"{'kept from re-mapping large blocks (mallopt)' if stable else 'as it is (mallopt unavailable)'}).", "",
              "| family | stock step (ms) | converted - stock | " + ("" if ref_pkg is None else f"today - {args.ref} |"),
              "|---|---:|---:|" + ("" if ref_pkg is None else "---:|")]
-    for family in args.families or known:
-        if family not in known:
-            parser.error(f"--families: {family!r} is not one of {known}")
+    for family in args.families or known:  # the names were checked in main
         model, x, _ = H.build(family)
         x = {k: v.to(args.device) for k, v in x.items()}
         stock = model.to(args.device)

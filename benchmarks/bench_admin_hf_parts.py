@@ -7,7 +7,7 @@ operation (`addcmul(s, x, omega - 1)`, no checks: the hooks and the operation); 
 `rescale_sum` that returns ``s`` unchanged (the hooks alone: capturing ``x`` and handing it to the LayerNorm).
 Cells: the median of the per-step differences from stock over stock's median step, [5%, 95%] bootstrap.
 Families whose residuals take `rescale_sum` (BART-like: the sum is made in the layer's own code); BERT-like
-layers take `scaled_input` instead and are not decomposed here.
+layers take `scaled_input` instead and are not decomposed here (refused: exit 2).
 
     python -m benchmarks.bench_admin_hf_parts --hidden 256 --layers 12 --reps 100 --families bart
 """
@@ -22,7 +22,7 @@ import torch
 import admin_torch
 from admin_torch.residual import OmegaResidual
 from benchmarks import hf_families as H
-from benchmarks.bench_admin_hf import _scale
+from benchmarks.bench_admin_hf import _scale, check_hidden
 from benchmarks.harness import median_with_interval, paired_differences, stable_allocator
 from toolbox_core.files import atomic_write
 
@@ -37,6 +37,26 @@ def _unchanged(self, x, s):
     return s
 
 
+def _takes_rescale_sum(family: str) -> bool:
+    """Whether ``family``'s converted model calls `OmegaResidual.rescale_sum` in a forward pass (what the variants
+    replace)."""
+    model, x, _ = H.build(family)
+    admin = admin_torch.convert(model)
+    calls, checked = [], OmegaResidual.rescale_sum
+
+    def counted(self, a, b):
+        calls.append(1)
+        return checked(self, a, b)
+
+    OmegaResidual.rescale_sum = counted
+    try:
+        with torch.no_grad():
+            admin(**x)
+    finally:
+        OmegaResidual.rescale_sum = checked
+    return bool(calls)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=256)
@@ -48,6 +68,16 @@ def main(argv=None) -> None:
     for flag in ("hidden", "layers", "reps"):
         if getattr(args, flag) < (2 if flag == "reps" else 1):
             parser.error(f"--{flag} must be an integer >= {2 if flag == 'reps' else 1}, got {getattr(args, flag)}")
+    check_hidden(parser, args.hidden)
+    if not args.families:  # an empty table would replace the results file
+        parser.error("--families must name at least one family")
+    for family in args.families:  # every name checked before any model is built or timed
+        if family not in H.families():
+            parser.error(f"--families: {family!r} is not one of {list(H.families())}")
+    for family in args.families:  # at the families' small default size, before _scale: only which layers they have
+        if not _takes_rescale_sum(family):
+            parser.error(f"--families: {family!r} never calls OmegaResidual.rescale_sum once converted (its layers "
+                         "scale x instead): its variants would time the same model; use a BART-like family")
     torch.set_num_threads(1)
     stable = stable_allocator()
     _scale(args.hidden, args.layers)
@@ -62,8 +92,6 @@ def main(argv=None) -> None:
              "| family | stock step (ms) | " + " | ".join(variants) + " |", "|---|---:|" + "---:|" * len(variants)]
     try:
         for family in args.families:
-            if family not in H.families():
-                parser.error(f"--families: {family!r} is not one of {list(H.families())}")
             model, x, _ = H.build(family)
             models = {"stock": model, **{k: admin_torch.convert(copy.deepcopy(model)) for k in variants}}
             opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
@@ -90,6 +118,7 @@ def main(argv=None) -> None:
             lines.append(f"| {family} | {base * 1e3:.2f} | " + " | ".join(cells) + " |")
     finally:
         OmegaResidual.rescale_sum = checked
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with atomic_write(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("wrote", args.out)

@@ -17,6 +17,8 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
+from toolbox_core import checks
+
 
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
@@ -94,6 +96,9 @@ def paired_differences(fns: Mapping[str, Callable[[], object]], reps: int, *, se
         >>> sorted(out), len(out["a"])
         (['a', 'b'], 3)
     """
+    reps = checks.as_int("reps", reps, minimum=1)  # no repetition: empty samples, no median to take
+    if not fns or not all(callable(fn) for fn in fns.values()):
+        raise TypeError(f"fns must map at least one name to a callable with no arguments, got {fns!r}")
     for fn in fns.values():
         fn()
     samples = {name: [] for name in fns}
@@ -113,9 +118,14 @@ def median_with_interval(values, seed: int = 0, resamples: int = 1000):
         >>> median_with_interval([1.0, 2.0, 3.0])[0]
         2.0
     """
+    values = list(values)
+    if not values:  # was statistics' StatisticsError
+        raise ValueError("values must hold at least one number")
+    resamples = checks.as_int("resamples", resamples, minimum=1)  # was an IndexError for 0
     rng = random.Random(seed)
     meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return statistics.median(values), meds[int(0.05 * resamples)], meds[int(0.95 * resamples) - 1]
+    low = int(0.05 * resamples)  # and its mirror from the top: a symmetric interval for any number of resamples
+    return statistics.median(values), meds[low], meds[resamples - 1 - low]
 
 
 def machine(device: str = "cpu") -> str:

@@ -93,7 +93,19 @@ _LOW = (torch.float16, torch.bfloat16)
 def _norm_list(tensors: Sequence[Tensor]) -> List[Tensor]:
     """``[||t||_2]`` from fused norms: a float16 / bfloat16 tensor's norm is taken in float32 (its norm past
     65504 would be inf, a false non-finite signal), a float32 one in float32, a float64 one in float64
-    (``_foreach_norm`` refuses to narrow)."""
+    (``_foreach_norm`` refuses to narrow). A sparse tensor (the gradient of ``nn.Embedding(sparse=True)``),
+    which the fused norm refuses, is measured by its stored values, duplicates summed first."""
+    try:
+        return _fused_norms(tensors)
+    except (NotImplementedError, RuntimeError):
+        if all(t.layout == torch.strided for t in tensors):
+            raise
+        # tried after the fused call fails, so the common (dense) case pays no per-tensor layout test
+        return _fused_norms([t if t.layout == torch.strided else t.coalesce().values() if t.is_sparse
+                             else t.values() for t in tensors])
+
+
+def _fused_norms(tensors: Sequence[Tensor]) -> List[Tensor]:
     low = [t.dtype in _LOW for t in tensors]
     if all(low):
         return list(torch._foreach_norm(list(tensors), dtype=torch.float32))
@@ -468,9 +480,10 @@ class LayerGradients:
     """Per update, from one fused norm over the gradients: ``grad_norm`` (``||g||_2`` over every parameter) and
     ``grad_rms_eps_min`` (the smallest, over the layer groups, of ``sqrt(sum g_l^2 / N_l) / eps``), as device
     scalars (no sync), in float32 whatever the gradients' dtype; for CPU gradients, whose norms are host memory
-    already, as Python floats (the sums over the norms in float64 NumPy: no op dispatched per update). A parameter without a gradient at a step (not
-    used by that forward pass) is left out of both: the norm and each layer's RMS are over the parameters that
-    have one (a layer with none is left out of the minimum).
+    already, as Python floats (the sums over the norms in float64 Python floats: no op dispatched per update; a
+    result beyond float32's range is inf, as the device path's float32 one). A parameter without a gradient at a
+    step (not used by that forward pass) is left out of both: the norm and each layer's RMS are over the
+    parameters that have one (a layer with none is left out of the minimum).
 
     Args:
         groups: ``[(row, [(name, parameter)])]`` (`stability_toolbox.sites.SitePlan.groups`; the row
@@ -554,11 +567,22 @@ class LayerGradients:
         per = [0.0] * (self.n_layers + 1)
         for i, v in zip(gid, norms):
             per[i] += v * v
-        out = {"grad_norm": math.sqrt(sum(per))} if self.model_norm else {}
+        out = {"grad_norm": _float32_range(math.sqrt(sum(per)))} if self.model_norm else {}
         if any_layer:
             # a layer none of whose parameters has a gradient (or an entry) is no layer at this step
             rms = [math.sqrt(per[i] / numel[i]) for i in range(self.n_layers) if numel[i] > 0]
             # a NaN is the answer, as torch's amin gives it (Python's min would depend on where it stands)
             low = math.inf if not rms else (math.nan if any(r != r for r in rms) else min(rms))
-            out["grad_rms_eps_min"] = low / eps
+            out["grad_rms_eps_min"] = _float32_range(low / eps)
         return out
+
+
+#: the smallest magnitude float32 rounds to inf (``2**128 - 2**103``: FLT_MAX and half its last place)
+_F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
+
+
+def _float32_range(v: float) -> float:
+    """``v`` (>= 0 or NaN), inf where float32 would overflow: the host path's results as the device path's float32
+    ones (a norm of 4e38 from two finite float32 norms is inf there; finite here, the per-update rules would read
+    a finite value on a CPU and a non-finite one on a GPU, and the record, kept in float32, inf)."""
+    return math.inf if v >= _F32_OVERFLOW else v

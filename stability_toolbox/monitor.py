@@ -53,6 +53,8 @@ Examples:
 
 import contextlib
 import logging
+import math
+import numbers
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -366,8 +368,8 @@ class StabilityMonitor:
             self._log_z = part if old is None else (old[0] + part[0], old[1] + part[1], old[2] + part[2])
 
     def observe_loss(self, loss) -> None:
-        """Add a step's loss (a tensor stays on its device: no sync; or a number). None or an empty tensor
-        adds nothing (the mean of no losses is not a loss). RuntimeError after `close`."""
+        """Add a step's loss (a tensor stays on its device: no sync; or a real number, NumPy's too). None or an
+        empty tensor adds nothing (the mean of no losses is not a loss). RuntimeError after `close`."""
         self._check_open()
         if loss is None:
             return
@@ -394,11 +396,11 @@ class StabilityMonitor:
                     raise TypeError(f"loss must be a real (floating or integer) tensor or a real number, got a "
                                     f"tensor of dtype {loss.dtype}")
                 value = loss.detach().float().reshape(-1).mean()
-        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # NumPy's scalars too (np.float32)
             try:
                 value = torch.tensor(float(loss))
-            except OverflowError:  # an integer beyond a float's range: a non-finite loss, as the guard reads it
-                value = torch.tensor(float("inf"))
+            except OverflowError:  # an integer beyond a float's range: a non-finite loss (its sign kept)
+                value = torch.tensor(math.inf if loss > 0 else -math.inf)
         else:
             raise TypeError(f"loss must be a tensor or a real number, got {type(loss).__name__}")
         if type(self._loss_sum) is float:  # host sums so far (CPU losses), a tensor loss now: the sums become tensors

@@ -179,15 +179,26 @@ class SignalDetector:
                 raise ValueError(f"{argument}[{i}] repeats {argument}[{seen[key]}] ({r}){why}; each rule once")
             seen[key] = i
         self.rules = tuple(rules)
-        # each signal's values kept: as many as its most demanding rule reads (fixed with the rules)
-        self._memory: Dict[str, int] = {}
-        for r in self.rules:
-            self._memory[r.signal] = max(self._memory.get(r.signal, 0), r.memory)
+        self._memory = self._memories(self.rules)
         self._past: Dict[str, Deque[float]] = {}
         self._held = [0] * len(self.rules)
         self._fired = [False] * len(self.rules)
         #: every warning issued so far, in order
         self.warnings: List[Dict[str, Any]] = []
+
+    @staticmethod
+    def _memories(rules: Sequence[SignalRule]) -> Dict[str, int]:
+        """Each signal's values kept: as many as its most demanding rule reads (fixed with the rules)."""
+        memory: Dict[str, int] = {}
+        for r in rules:
+            memory[r.signal] = max(memory.get(r.signal, 0), r.memory)
+        return memory
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # a detector pickled before `_memory` was kept (a monitor saved with torch.save) gets it from its rules
+        self.__dict__.update(state)
+        if "_memory" not in state:
+            self._memory = self._memories(self.rules)
 
     def update(self, step: int, scalars: Mapping[str, float]) -> List[Dict[str, Any]]:
         """Feed update ``step``'s scalars (``{signal: value}``; signals absent or None are skipped: None is
