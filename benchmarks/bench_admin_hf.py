@@ -22,8 +22,8 @@ import torch
 
 import admin_torch
 from benchmarks import hf_families as H
-from benchmarks.harness import load_package_at, median_with_interval, paired_differences, stable_allocator
-from toolbox_core.files import atomic_write
+from benchmarks.harness import (load_package_at, median_with_interval, paired_differences, stable_allocator,
+                                write_lines)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -213,9 +213,7 @@ def main(argv=None):
               "layer call, so its share shrinks as the model grows; "
               "timings of a few milliseconds vary by about 10% between runs on a loaded machine (the interquartile "
               "range shows the spread), so differences of that size, negative ones included, are noise."]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with atomic_write(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_lines(args.out, lines)
     print("wrote", args.out)
 
 
@@ -247,9 +245,7 @@ def _main_paired(args, parser, ref_pkg) -> None:
         cells = " | ".join(f"{100 * m:+.2f}% [{100 * lo:+.2f}%, {100 * hi:+.2f}%]" for m, lo, hi in rel)
         print(f"{family:18s} stock {base * 1e3:7.2f} ms  {cells}", flush=True)
         lines.append(f"| {family} | {base * 1e3:.2f} | {cells} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with atomic_write(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_lines(args.out, lines)
     print("wrote", args.out)
 
 

@@ -23,8 +23,7 @@ import admin_torch
 from admin_torch.residual import OmegaResidual
 from benchmarks import hf_families as H
 from benchmarks.bench_admin_hf import _scale, check_hidden
-from benchmarks.harness import median_with_interval, paired_differences, stable_allocator
-from toolbox_core.files import atomic_write
+from benchmarks.harness import median_with_interval, paired_differences, stable_allocator, write_lines
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -118,9 +117,7 @@ def main(argv=None) -> None:
             lines.append(f"| {family} | {base * 1e3:.2f} | " + " | ".join(cells) + " |")
     finally:
         OmegaResidual.rescale_sum = checked
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with atomic_write(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_lines(args.out, lines)
     print("wrote", args.out)
 
 

@@ -128,6 +128,16 @@ def median_with_interval(values, seed: int = 0, resamples: int = 1000):
     return statistics.median(values), meds[low], meds[resamples - 1 - low]
 
 
+def write_lines(path: "os.PathLike", lines) -> None:
+    """A table's ``lines`` to ``path``, one per line, through a temporary file renamed into place (its directory
+    made first): a run stopped part-way leaves the previous table whole."""
+    from toolbox_core.files import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def machine(device: str = "cpu") -> str:
     """One line naming the machine a table was measured on: CPU, cores, torch threads, GPU, torch version."""
     cpu = platform.processor() or platform.machine()
