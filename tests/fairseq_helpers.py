@@ -36,9 +36,33 @@ TINY_TRANSFORMER_ARGS = [
 ]
 
 
+def _ephemeral_low() -> int:
+    """The first port of the OS's ephemeral range (Linux: /proc; 32768, its default, elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that the OS says is free now (for a distributed init method)."""
-    with socket.socket() as sock:
+    """A TCP port on 127.0.0.1 that is free now (for a distributed init method), drawn at random below the OS's
+    ephemeral range. ``bind(("127.0.0.1", 0))`` hands out an ephemeral port: the range from which every outgoing
+    connection takes its source port (gloo's pair connections, the other test worker's stores), so such a port
+    could be taken again between this test picking it and its rank 0 binding it; a rank then reached another
+    process's store and hung (seen once in make test, two xdist workers running distributed tests at once).
+    Below that range only an explicit bind takes a port, and two random draws rarely meet."""
+    high = _ephemeral_low()
+    low = 10000 if high > 11000 else 1024
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # taken: draw again
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded range: what the OS gives
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

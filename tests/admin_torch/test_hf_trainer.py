@@ -3,12 +3,12 @@ sign_optim.AddSign + CosineInternalDecay: Trainer checkpoints, resume equal to t
 the end. The ranks run tests/admin_torch/hf_trainer_worker.py."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from fairseq_helpers import free_port
 
 pytest.importorskip("transformers")
 
@@ -17,15 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RANK_TIMEOUT_S = 150  # a hung rank (a collective waiting for its peer) fails the test
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(*args, world_size=2):
     """Start ``world_size`` ranks of the worker; fail (after killing the others) if any fails or hangs."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),

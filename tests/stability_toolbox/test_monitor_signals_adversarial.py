@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import pickle
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -301,18 +300,14 @@ def test_a_non_logging_step_reads_nothing_on_the_host(model, monkeypatch, host):
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ddp_ranks_warn_alike_and_finish(tmp_path):
     """Each rank trains on its own data; the all-reduced gradients are the same, so each rank's rule reads the
     same values and warns at the same update; nothing the rule does is collective, so no rank waits."""
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    from fairseq_helpers import free_port  # here: this file is also each rank's script
+
+    env = dict(os.environ, WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=dict(env, RANK=str(r)), cwd=root,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
