@@ -75,6 +75,9 @@ def as_scalar(value: Any, copy: bool = True) -> Tensor:
             return torch.tensor(math.inf)
     raise TypeError(f"value must be a one-element real tensor or a real number, got {type(value).__name__}")
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
 class ScalarReader:
     """Rows of named per-update scalars, copied to the host asynchronously (module docstring).
 
@@ -95,9 +98,11 @@ class ScalarReader:
         afterwards). TypeError for another name or value, with nothing changed."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
-        # a Python float is kept as it is (float64, immutable): the monitor's values of CPU gradients, reduced on
-        # the host (no tensor made for them, none read back at `end`)
-        self._current[name] = value if type(value) is float else as_scalar(value, copy=copy is not False)
+        # a Python float within float32's range is kept as it is (float64, immutable): the monitor's values of CPU
+        # gradients, reduced on the host (no tensor made for them, none read back at `end`); one beyond it reads inf,
+        # as every other number and tensor does (as_scalar's float32)
+        self._current[name] = (value if type(value) is float and -_F32_MAX <= value <= _F32_MAX
+                               else as_scalar(value, copy=copy is not False))
 
     def clear(self) -> None:
         """Forget the current update's values (a failed step)."""

@@ -245,3 +245,22 @@ def test_a_detector_pickled_before_it_kept_its_memory_still_updates():
     old = pickle.loads(pickle.dumps(old))
     out = [(old.update(i, {"loss": v}), new.update(i, {"loss": v})) for i, v in enumerate([1.0, 1.0, 1.0, 3.0])]
     assert [len(a) for a, _ in out] == [len(b) for _, b in out] == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("value", [1e300, -1e300, 3.5e38, 1.5, -2.0, 0.0])
+def test_a_python_float_and_a_numpy_one_read_alike(value):
+    """ScalarReader keeps a Python float within float32's range as it is; beyond it, a Python float reads inf of
+    its sign, as a NumPy float64 (converted to float32) does."""
+    import numpy as np
+
+    from stability_toolbox.scalar_reader import ScalarReader
+
+    r = ScalarReader()
+    got = []
+    for v in (value, np.float64(value)):
+        r.put("x", v)
+        r.end(0)
+        got.append(r.ready()[0][1]["x"])
+    assert got[0] == got[1] or (abs(value) < 3.4e38 and got[0] == pytest.approx(got[1], rel=1e-7))
+    if abs(value) > 3.4028235e38:
+        assert got[0] == math.copysign(math.inf, value)
