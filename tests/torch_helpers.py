@@ -11,7 +11,7 @@ mixture-of-experts tests `expert_outputs` (each expert run on its own, never thr
 `sparsemixer_probs` (SparseMixer's masked softmax in the authors' quotient form); for the sign optimizers
 `sign_rule_step` (one step of AddSign / PowerSign as the paper writes it, in NumPy) and `step_alike` (two
 optimizers stepped on the same gradients); `saved_and_loaded` (an object back from ``torch.save`` /
-``torch.load(weights_only=True)``); `raises_naming` (a refusal of the given type whose message names the argument).
+``torch.load(weights_only=True)``); `raises_naming` (a refusal of the given type whose message names the argument); `feed_grads` (stability-monitor updates with gradients of a chosen RMS).
 """
 
 import copy
@@ -149,3 +149,14 @@ def raises_naming(exc, name, fn, *args, **kwargs):
     with pytest.raises(exc) as info:
         fn(*args, **kwargs)
     assert name in str(info.value), str(info.value)
+
+
+def feed_grads(mon, model, steps, rms):
+    """Updates ``steps`` of the stability monitor ``mon``: every gradient entry of ``model`` set to ``rms(t)`` (so
+    each layer's RMS is ``rms(t)``), then ``begin_step``, ``capture_grads``, ``end_step``."""
+    for t in steps:
+        for p in model.parameters():
+            p.grad = torch.full_like(p, rms(t))
+        mon.begin_step()
+        mon.capture_grads()
+        mon.end_step()

@@ -6,7 +6,6 @@ float32's range. The device path (a GPU's) is taken by telling the monitor CPU t
 
 import copy
 import fractions
-import logging
 import math
 import pickle
 
@@ -14,23 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from admin_torch import make_stack
 from stability_toolbox import StabilityMonitor, scalar_reader
 from stability_toolbox.leading_signals import LayerGradients
 from stability_toolbox.signal_detector import SignalRule
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.getLogger("stability_toolbox").setLevel(logging.ERROR)
-    yield
-    logging.getLogger("stability_toolbox").setLevel(logging.NOTSET)
-
-
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    return make_stack("pre_ln", depth=2, dim=8, heads=2, seed=0)
+pytestmark = pytest.mark.usefixtures("quiet_log")
 
 
 def _monitor(model, every, **kw):

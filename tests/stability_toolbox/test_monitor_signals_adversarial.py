@@ -35,17 +35,7 @@ PERSIST = 5
 FIRES_AT = DROP + PERSIST
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.getLogger("stability_toolbox").setLevel(logging.ERROR)
-    yield
-    logging.getLogger("stability_toolbox").setLevel(logging.NOTSET)
-
-
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    return make_stack("pre_ln", depth=2, dim=8, heads=2, seed=0)
+pytestmark = pytest.mark.usefixtures("quiet_log")
 
 
 def _grad_rms(t: int) -> float:
@@ -54,12 +44,9 @@ def _grad_rms(t: int) -> float:
 
 def _feed(mon, model, steps, rms=_grad_rms):
     """Updates ``steps``: every gradient entry set to ``rms(t)`` (so each layer's RMS is rms(t))."""
-    for t in steps:
-        for p in model.parameters():
-            p.grad = torch.full_like(p, rms(t))
-        mon.begin_step()
-        mon.capture_grads()
-        mon.end_step()
+    from torch_helpers import feed_grads  # here: this file is also each DDP rank's script (tests/ not on its path)
+
+    feed_grads(mon, model, steps, rms)
 
 
 def _fired(mon):

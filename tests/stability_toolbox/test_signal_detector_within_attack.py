@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from admin_torch import make_stack
+from torch_helpers import feed_grads
 from stability_toolbox import StabilityMonitor
 from stability_toolbox.signal_detector import DEFAULT_SIGNAL_RULES, SignalDetector, SignalRule, detect
 
@@ -188,19 +188,8 @@ def _rms(t: int) -> float:
 FIRES_AT = 37
 
 
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    return make_stack("pre_ln", depth=2, dim=8, heads=2, seed=0)
-
-
 def _feed(mon, model, steps):
-    for t in steps:
-        for p in model.parameters():
-            p.grad = torch.full_like(p, _rms(t))
-        mon.begin_step()
-        mon.capture_grads()
-        mon.end_step()
+    feed_grads(mon, model, steps, _rms)
 
 
 @pytest.mark.parametrize("split", [32, 35, 36])  # in the first hold, in the flicker, on the hold's return
