@@ -118,7 +118,9 @@ class StabilityMonitor:
         every: the logging interval k (an integer >= 1); steps 0, k, 2k, ... are logged.
         probe: the probe inputs for ``output_change``: a tensor, a tuple of positional arguments or a
             dict of keyword arguments of ``model``; default: the inputs of the first logged forward.
-        probe_rows: the output change uses the first ``probe_rows`` feature vectors of each sublayer.
+        probe_rows: the output change uses the first ``probe_rows`` feature vectors of each sublayer (a probe
+            holding more samples than those rows need is cut to its leading samples where that keeps every
+            sublayer's rows: `stability_toolbox.probe`).
         range_dtype: the floating dtype ``act_frac`` compares with (e.g. ``torch.float16`` to see the
             fp16 margin of an fp32 run); default: each activation's own dtype.
         fallback: models without residual modules or known layers: ``'auto'``, ``'post_ln'``, ``'pre_ln'``.

@@ -7,10 +7,19 @@ after the training pass, [`Probe.run`][stability_toolbox.probe.Probe.run] calls 
 mode, with the random state forked and the [`Recorder`][stability_toolbox.quantities.Recorder] in its probe
 phase, so the hooks keep the probe rows and training is not disturbed. When the model moved
 (``model.to(torch.bfloat16)``, ``model.cuda()``) the probe follows it.
+
+Only the first ``probe_rows`` rows of each residual sum are kept, and a training batch often holds many more
+(a batch of 8 sequences of 64 tokens holds 512 rows; an LM's batch, thousands). So on its first run a probe
+is also tried cut to its leading samples (every top-level tensor input whose first dimension is the batch's,
+cut to the fewest samples that still give every sublayer its rows): when the cut pass keeps the same rows at
+every sublayer (to float tolerance), the cut probe replaces the full one, and every later logging step pays
+for the smaller pass. A model whose samples interact, a time-first layout whose attention looks ahead, or
+inputs the cut does not fit keep the full probe. The values are those of the full probe either way.
 """
 
 import contextlib
-from typing import Any, Iterator, Optional, Tuple
+import math
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -76,34 +85,54 @@ class Probe:
         self.given = call is not None
         self.step: Optional[int] = None  # the step whose inputs the probe was taken from (None: given)
         self._model_at = _dtype_device(model) if call is not None else None  # the model's dtype, device then
+        #: whether ``call`` is the probe cut to its leading samples (None: not tried yet on this probe)
+        self.cut: Optional[bool] = None
 
     def capture(self, args: tuple, kwargs: dict, step: int) -> None:
         """Keep ``model(*args, **kwargs)``'s inputs (detached copies) as the probe, taken at ``step``."""
-        if self.recorder.foreign:
+        if self.recorder.foreign or self.recorder.phase == "probe":  # a probe pass (this monitor's or another's)
             return
 
         def keep(v):
             return v.detach().clone() if isinstance(v, Tensor) else v
         self.call = (tuple(keep(a) for a in args), {k: keep(v) for k, v in kwargs.items()})
         self.step = step
+        self.cut = None
         self._model_at = _dtype_device(self.model)
 
     def forget_step(self, step: int, failed: bool) -> None:
         """The step ``step`` ends: a probe captured in it is dropped if the step ``failed`` (the next logged step
         takes a fresh one), and is no longer that step's either way."""
         if failed and self.step is not None and self.step == step:
-            self.call = None
+            self.call, self.cut = None, None
         if self.step == step:
             self.step = None
 
     def run(self) -> bool:
-        """Call the model on the probe (eval mode, random state forked); False if there is no probe yet.
+        """Call the model on the probe (eval mode, random state forked); False if there is no probe yet. On a
+        probe's first run it is also tried cut to its leading samples (see the module's docstring); the rows
+        kept are the full probe's.
 
         Raises:
             ValueError: the model refused the probe (what to give instead is named).
         """
         if self.call is None:
             return False
+        args, kwargs = self.call = self._follow_model(*self.call)
+        try:
+            self._pass(args, kwargs)
+        except Exception as err:
+            given = "the probe= inputs" if self.given else "the probe (the first logged step's inputs)"
+            raise ValueError(f"probe: the model refused {given} ({type(err).__name__}: {err}); give probe= "
+                             "inputs the model accepts: a tensor, a tuple of positional arguments or a dict of "
+                             "keyword arguments of model") from err
+        if self.cut is None:
+            self.cut = self._try_cut(args, kwargs)
+        return True
+
+    def _pass(self, args: tuple, kwargs: dict) -> None:
+        """One probe pass: ``model(*args, **kwargs)`` in eval mode, without autograd, random state forked, the
+        recorder in its probe phase; the training flags restored whatever happens."""
         model = self.model
         modes = [(m, m.training) for m in model.modules()]
         # torch.nn's encoder layers take a fused fast path in eval mode without autograd, which skips the
@@ -111,21 +140,38 @@ class Probe:
         # autograd (no graph is built for outputs that are discarded; the same kernels, the same values)
         fast_path = any(isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention)) for m in model.modules())
         devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
-        args, kwargs = self.call = self._follow_model(*self.call)
         with self.recorder.probing():
             try:
                 model.eval()
                 with torch.random.fork_rng(devices=devices), torch.no_grad(), _python_path(fast_path):
                     model(*args, **kwargs)
-            except Exception as err:
-                given = "the probe= inputs" if self.given else "the probe (the first logged step's inputs)"
-                raise ValueError(f"probe: the model refused {given} ({type(err).__name__}: {err}); give probe= "
-                                 "inputs the model accepts: a tensor, a tuple of positional arguments or a dict of "
-                                 "keyword arguments of model") from err
             finally:
                 for m, mode in modes:
                     m.training = mode
-        return True
+
+    def _try_cut(self, args: tuple, kwargs: dict) -> bool:
+        """After a full pass: try the probe cut to the fewest leading samples that give every site its rows;
+        it replaces ``call`` when every site keeps the same rows. The full pass's rows stay recorded."""
+        full = list(self.recorder.probed)
+        kept = [(site, site.probe) for site, _ in full]
+        batch = _batch_size(args, kwargs)
+        n = _samples_needed(batch, [rows for _, rows in full], self.recorder.probe_rows)
+        if n is None:
+            return False
+        cut_args = tuple(_cut(a, n, batch) for a in args)
+        cut_kwargs = {k: _cut(v, n, batch) for k, v in kwargs.items()}
+        try:
+            self._pass(cut_args, cut_kwargs)
+            same = [site for site, _ in self.recorder.probed] == [site for site, _ in full] and all(
+                _close(site.probe, rows, site.dtype) for site, rows in kept)
+        except Exception:  # inputs the cut does not fit (a batch dimension elsewhere): the full probe stays
+            same = False
+        finally:
+            for site, rows in kept:  # this step's rows are the full pass's
+                site.probe = rows
+        if same:
+            self.call = (cut_args, cut_kwargs)
+        return same
 
     def _follow_model(self, args: tuple, kwargs: dict) -> Call:
         """The probe moved to the model's floating dtype and device when the model moved since the probe was
@@ -143,3 +189,41 @@ class Probe:
             dtype = now[0] if v.is_floating_point() and v.dtype == was[0] else v.dtype
             return v.to(device=now[1], dtype=dtype)
         return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+    """The first dimension of the call's first tensor of at least one dimension (None: there is none)."""
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, Tensor) and v.dim() >= 1:
+            return v.shape[0]
+    return None
+
+
+def _samples_needed(batch: Optional[int], rows: List[int], probe_rows: int) -> Optional[int]:
+    """The fewest leading samples of a ``batch`` whose sites had ``rows`` rows each that still give every site
+    ``min(probe_rows, rows)`` rows; None when there is nothing to cut (no site, a site whose rows are no
+    multiple of the batch, or every sample needed)."""
+    if not batch or not rows or any(r == 0 or r % batch for r in rows):
+        return None
+    n = max(math.ceil(min(probe_rows, r) / (r // batch)) for r in rows)
+    return n if n < batch else None
+
+
+def _cut(v: Any, n: int, batch: int) -> Any:
+    """``v[:n]`` for a tensor whose first dimension is the batch's; anything else as it is."""
+    return v[:n] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch else v
+
+
+def _close(now: Optional[Tensor], full: Optional[Tensor], dtype: Optional[torch.dtype]) -> bool:
+    """Whether the cut pass's rows ``now`` are the full pass's ``full``: the same shape, and equal to within a
+    few units in the last place of the activations' ``dtype`` (float32 when unknown; matrix products of another
+    batch size may round differently), relative to each entry or to the rows' largest, non-finite entries alike."""
+    if now is None or full is None or now.shape != full.shape:
+        return now is None and full is None
+    if not full.numel():
+        return True
+    eps = torch.finfo(dtype if dtype is not None and dtype.is_floating_point else torch.float32).eps
+    tol = max(1e-4, 4 * eps)
+    scale = full.abs().nan_to_num(posinf=0.0).amax()
+    near = torch.isclose(now, full, rtol=tol, atol=0.0, equal_nan=True) | ((now - full).abs() <= tol * 1e-2 * scale)
+    return bool(near.all())

@@ -114,6 +114,8 @@ class Recorder:
     def __init__(self, probe_rows: int):
         self.phase = "train"
         self.probe_rows = probe_rows
+        #: the sites the last probe pass recorded, in call order, with the rows their residual sum had then
+        self.probed: List[Tuple[Site, int]] = []
 
     @property
     def foreign(self) -> bool:
@@ -124,6 +126,7 @@ class Recorder:
     def probing(self) -> Iterator[None]:
         """The probe pass: the hooks keep the probe rows, and every other monitor's hooks look away."""
         self.phase = "probe"
+        self.probed = []
         _PROBING[0] += 1
         try:
             yield
@@ -138,6 +141,7 @@ class Recorder:
         if self.phase == "probe":
             rows = s.detach().reshape(-1, s.shape[-1]) if s.dim() else s.detach().reshape(1, 1)
             site.probe = rows[: self.probe_rows].float().clone()
+            self.probed.append((site, rows.shape[0]))
             return
         if not s.numel():  # an empty batch or sequence: no statistic (a variance of none is NaN), not a call
             return
