@@ -72,6 +72,7 @@ from .quantities import OTHER_ROW, Recorder
 from . import scalar_reader
 from .scalar_reader import as_scalar
 from .sites import SitePlan
+from .tensor_norms import norm_list, squared_norms
 
 __all__ = ["SIGNALS", "MONITOR_SIGNALS", "UpdateSignals", "UpdateStream", "LayerGradients", "EntropyLogits",
            "grad_rms_over_eps", "update_ratio",
@@ -85,41 +86,6 @@ SIGNALS = ("loss", "grad_norm", "grad_rms_eps", "grad_rms_eps_min", "grad_ratio_
 #: the per-update scalars `stability_toolbox.StabilityMonitor` can compute at every update: the signals its
 #: ``signal_rules`` may read (run at every update) and, with ``per_update=True``, its records keep (``record["updates"]``)
 MONITOR_SIGNALS = ("loss", "grad_norm", "grad_rms_eps_min", "log_z_rms")
-
-
-_LOW = (torch.float16, torch.bfloat16)
-
-
-def _norm_list(tensors: Sequence[Tensor]) -> List[Tensor]:
-    """``[||t||_2]`` from fused norms: a float16 / bfloat16 tensor's norm is taken in float32 (its norm past
-    65504 would be inf, a false non-finite signal), a float32 one in float32, a float64 one in float64
-    (``_foreach_norm`` refuses to narrow). A sparse tensor (the gradient of ``nn.Embedding(sparse=True)``),
-    which the fused norm refuses, is measured by its stored values, duplicates summed first."""
-    try:
-        return _fused_norms(tensors)
-    except (NotImplementedError, RuntimeError):
-        if all(t.layout == torch.strided for t in tensors):
-            raise
-        # tried after the fused call fails, so the common (dense) case pays no per-tensor layout test
-        return _fused_norms([t if t.layout == torch.strided else t.coalesce().values() if t.is_sparse
-                             else t.values() for t in tensors])
-
-
-def _fused_norms(tensors: Sequence[Tensor]) -> List[Tensor]:
-    low = [t.dtype in _LOW for t in tensors]
-    if all(low):
-        return list(torch._foreach_norm(list(tensors), dtype=torch.float32))
-    if not any(low):
-        return list(torch._foreach_norm(list(tensors)))
-    # mixed precisions: two fused calls, the norms back in the tensors' order
-    lo = iter(torch._foreach_norm([t for t, f in zip(tensors, low) if f], dtype=torch.float32))
-    hi = iter(torch._foreach_norm([t for t, f in zip(tensors, low) if not f]))
-    return [next(lo) if f else next(hi) for f in low]
-
-
-def _squared_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """``stack([||t||_2^2])`` in float32 (`_norm_list`'s norms; a float64 one rounded)."""
-    return torch.stack([n.float() for n in _norm_list(tensors)]).pow(2)
 
 
 def grad_rms_over_eps(grads: Sequence[Tensor], eps: float) -> Tensor:
@@ -341,7 +307,7 @@ class UpdateSignals:
         if not grads:
             return
         # the norms in float32: a float16 gradient's norm past 65504 would be inf (a false non-finite signal)
-        sq = _squared_norms(grads)
+        sq = squared_norms(grads)
         per = torch.zeros_like(self._numel).index_add_(0, self._gid, sq)
         total = sq.sum()
         n_all = sum(p.numel() for p in self.params)
@@ -541,7 +507,7 @@ class LayerGradients:
         if not any(present):
             return {}
         with torch.no_grad():
-            norms = _norm_list([g for g in grads if g is not None])
+            norms = norm_list([g for g in grads if g is not None])
             dev = norms[0].device
             if scalar_reader.host_memory(dev):
                 return self._host([n.item() for n in norms], self._pattern(dev, present), eps)

@@ -42,6 +42,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .tensor_norms import distance_list, norm_list, square_sums
+
 __all__ = ["QUANTITIES", "MODEL_QUANTITIES", "LOG_SCALE", "OTHER_ROW", "Site", "Recorder", "ParameterGroups", "collect",
            "resolve_fallback", "accumulate", "running_max"]
 
@@ -201,37 +203,36 @@ class ParameterGroups:
             self.before = [[p.detach().clone() for _, p in params] for _, params in self.groups]
 
     def _accumulated(self, p: Tensor) -> None:
-        # the accumulated gradient so far; the last call of the step holds the full gradient
+        # the accumulated gradient so far (its norm: one fused op); the last call of the step holds the full one
         if p.grad is not None:
-            self.hooked[id(p)] = p.grad.detach().float().pow(2).sum()
+            self.hooked[id(p)] = norm_list([p.grad.detach()])[0]
 
     def capture(self) -> None:
         """Read the gradients now (after unscaling/clipping); they replace the accumulated ones."""
         with torch.no_grad():
-            self.grads = {}
-            for gname, params in self.groups:
-                sq = [p.grad.detach().float().pow(2).sum() for _, p in params if p.grad is not None]
-                if sq:
-                    self.grads[gname] = torch.stack(sq).sum()
+            present = [(gname, p.grad.detach()) for gname, params in self.groups for _, p in params
+                       if p.grad is not None]
+            self.grads = square_sums([g for g, _ in present], norm_list([t for _, t in present]) if present else [])
 
     def squares(self) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Dict[str, Tensor]]:
         """``(grad, update, weight)``: ``{row: squared norm}`` of the step's gradients, of its update and of
-        the weights before it (device tensors)."""
+        the weights before it (float32 device tensors; a few fused ops for the whole model, not a few per
+        parameter: `stability_toolbox.tensor_norms`)."""
         with torch.no_grad():
             update: Dict[str, Tensor] = {}
             weight: Dict[str, Tensor] = {}
             if self.before is not None:
-                for (gname, params), before in zip(self.groups, self.before):
-                    d = [(p.detach() - b).float().pow(2).sum() for (_, p), b in zip(params, before)]
-                    w = [b.float().pow(2).sum() for b in before]
-                    update[gname], weight[gname] = torch.stack(d).sum(), torch.stack(w).sum()
+                rows = [gname for gname, params in self.groups for _ in params]
+                before = [b for bs in self.before for b in bs]
+                now = [p.detach() for _, params in self.groups for _, p in params]
+                if before:
+                    update = square_sums(rows, distance_list(now, before))
+                    weight = square_sums(rows, norm_list(before))
             grads = self.grads
             if grads is None:
-                grads = {}
-                for gname, params in self.groups:
-                    sq = [self.hooked[id(p)] for _, p in params if id(p) in self.hooked]
-                    if sq:
-                        grads[gname] = torch.stack(sq).sum()
+                hooked = [(gname, self.hooked[id(p)]) for gname, params in self.groups for _, p in params
+                          if id(p) in self.hooked]
+                grads = square_sums([g for g, _ in hooked], [n for _, n in hooked])
         return grads, update, weight
 
     def clear(self) -> None:

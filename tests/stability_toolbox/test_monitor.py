@@ -396,10 +396,11 @@ def test_the_monitors_modules_import_downward_only():
 
     import stability_toolbox
 
-    below = {"quantities": set(), "inert_hooks": set(), "warning_rules": set(), "sites": {"quantities"},
-             "probe": {"quantities"}, "records": {"quantities", "warning_rules"}, "attention_stats": {"quantities", "sites"},
-             "signal_detector": set(), "scalar_reader": set(),
-             "leading_signals": {"quantities", "inert_hooks", "sites", "attention_stats", "scalar_reader"},
+    below = {"tensor_norms": set(), "quantities": {"tensor_norms"}, "inert_hooks": set(), "warning_rules": set(),
+             "sites": {"quantities"}, "probe": {"quantities"}, "records": {"quantities", "warning_rules"},
+             "attention_stats": {"quantities", "sites"}, "signal_detector": set(), "scalar_reader": set(),
+             "leading_signals": {"quantities", "inert_hooks", "sites", "attention_stats", "scalar_reader",
+                                 "tensor_norms"},
              "monitor": {"quantities", "inert_hooks", "warning_rules", "sites", "probe", "records", "leading_signals",
                          "signal_detector", "scalar_reader"}}
     package = Path(stability_toolbox.__file__).parent
