@@ -414,8 +414,18 @@ def overhead(reps: int = 200, seed: int = 0, skip: int = 40, size: str = "toy") 
     * ``around_step``: the guarded call minus the unguarded run's ``opt.step()`` of the same iteration (both
       timed from the end of the backward: the guard's incremental cost, with the optimizer's noise in it);
     * ``step``: the whole-step ratio (forward, backward, step; the noisiest);
-    * ``own_given_norm``: ``own`` of the copy handed the gradient norm."""
+    * ``own_given_norm``: ``own`` of the copy handed the gradient norm;
+    * ``step_paired``: what a user's step costs more, the median over the iterations of the whole-step
+      difference (guarded minus unguarded, same batch, adjacent in time) over the unguarded median step, with
+      its 5-95% bootstrap interval, by wall clock and by the thread's CPU time (``given``: the copy handed the
+      norm, its clipping call included). The allocator is held still first (`benchmarks.harness.stable_allocator`:
+      glibc would otherwise unmap and map again the optimizer's large blocks at every step, page faults that
+      land on one arm or the other)."""
     from stability_toolbox import StabilityGuard
+
+    from .harness import median_with_interval, stable_allocator
+
+    stable_allocator()
 
     width, layers, batch_size, context = OVERHEAD_SIZES[size]
     task = Task("clean", seed, reps + skip)
@@ -449,6 +459,7 @@ def overhead(reps: int = 200, seed: int = 0, skip: int = 40, size: str = "toy") 
         guard._original_step = timed_original
     times: Dict[str, List[float]] = {"none": [], "guard": [], "given": [], "own": [], "around_step": [],
                                      "own_given_norm": []}
+    cpu: Dict[str, List[float]] = {"none": [], "guard": [], "given": []}  # the thread's CPU time of each step
     for i in range(reps + skip):
         batch = batch_of(i)
         order = ["none", "guard", "given"]
@@ -456,7 +467,7 @@ def overhead(reps: int = 200, seed: int = 0, skip: int = 40, size: str = "toy") 
         calls = {}
         for name in order:
             model, opt = arms[name]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             loss = loss_of(model, batch)
             loss.backward()
             if name == "given":
@@ -472,6 +483,7 @@ def overhead(reps: int = 200, seed: int = 0, skip: int = 40, size: str = "toy") 
             opt.zero_grad()
             if i >= skip:
                 times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.thread_time() - start_cpu)
         if i >= skip:
             times["own"].append(calls["guard"] - inner["guard"][-1])
             times["own_given_norm"].append(calls["given"] - inner["given"][-1])
@@ -483,6 +495,12 @@ def overhead(reps: int = 200, seed: int = 0, skip: int = 40, size: str = "toy") 
         return {"median": scale * statistics.median(xs), "iqr": [scale * q[0], scale * q[2]]}
 
     ratios = [g / n - 1 for g, n in zip(times["guard"], times["none"])]
+
+    def paired(clock: Dict[str, List[float]], arm: str) -> Dict[str, float]:
+        scale = 100 / statistics.median(clock["none"])
+        med, lo, hi = median_with_interval([a - b for a, b in zip(clock[arm], clock["none"])], seed=seed)
+        return {"median": scale * med, "interval_5_95": [scale * lo, scale * hi]}
+
     return {"none_step_median_ms": 1e3 * base, "guard_step_median_ms": 1e3 * statistics.median(times["guard"]),
             "own_ms": summary(times["own"], 1e3), "own_pct_of_step": summary(times["own"], 100 / base),
             "around_step_ms": summary(times["around_step"], 1e3),
@@ -490,6 +508,9 @@ def overhead(reps: int = 200, seed: int = 0, skip: int = 40, size: str = "toy") 
             "step_ratio_pct": summary(ratios, 100),
             "own_given_norm_ms": summary(times["own_given_norm"], 1e3),
             "own_given_norm_pct_of_step": summary(times["own_given_norm"], 100 / base),
+            "step_paired_pct": {arm: {"wall": paired(times, arm), "cpu": paired(cpu, arm)}
+                                for arm in ("guard", "given")},
+            "steps_s": {"wall": {arm: times[arm] for arm in ("none", "guard", "given")}, "cpu": cpu},
             "model": {"width": width, "layers": layers, "tokens_per_step": batch_size * context,
                       "parameters": sum(p.numel() for p in arms["none"][0].parameters())},
             "steps": reps, "warmup_steps_left_out": skip, "events": sum(len(g.events) for g in guards.values())}

@@ -1,0 +1,33 @@
+"""benchmarks/spike_benchmark.py: the guard's overhead measurement reports the whole-step paired difference with a
+bootstrap interval (the median of the per-iteration differences, by wall clock and by CPU time), and the command
+line refuses bad settings in one line."""
+
+import statistics
+
+import pytest
+
+from benchmarks import spike_benchmark
+
+
+def test_overhead_reports_the_paired_whole_step_difference():
+    out = spike_benchmark.overhead(reps=8, skip=2, size="toy")
+    assert out["steps"] == 8 and out["events"] == 0
+    for clock in ("wall", "cpu"):
+        steps = out["steps_s"][clock]
+        assert all(len(steps[arm]) == 8 for arm in ("none", "guard", "given"))
+        for arm in ("guard", "given"):
+            cell = out["step_paired_pct"][arm][clock]
+            # written out: the median of each iteration's guarded minus unguarded step, over the unguarded median
+            diffs = [g - n for g, n in zip(steps[arm], steps["none"])]
+            assert cell["median"] == pytest.approx(100 * statistics.median(diffs) / statistics.median(steps["none"]))
+            lo, hi = cell["interval_5_95"]
+            assert lo <= cell["median"] <= hi
+
+
+def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        spike_benchmark.main([str(tmp_path), "--methods", "nope"])
+    assert err.value.code == 2 and "--methods: unknown 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        spike_benchmark.main([str(tmp_path), "--steps", "10"])
+    assert err.value.code == 2 and "--steps" in capsys.readouterr().err
