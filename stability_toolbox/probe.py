@@ -12,9 +12,16 @@ Only the first ``probe_rows`` rows of each residual sum are kept, and a training
 (a batch of 8 sequences of 64 tokens holds 512 rows; an LM's batch, thousands). So on its first run a probe
 is also tried cut to its leading samples (every top-level tensor input whose first dimension is the batch's,
 cut to the fewest samples that still give every sublayer its rows): when the cut pass keeps the same rows at
-every sublayer (to float tolerance), the cut probe replaces the full one, and every later logging step pays
-for the smaller pass. A model whose samples interact, a time-first layout whose attention looks ahead, or
-inputs the cut does not fit keep the full probe. The values are those of the full probe either way.
+every sublayer (to float tolerance), the cut probe replaces the full one, and the later logging steps pay
+for the smaller pass. A model whose samples interact, a time-first layout whose attention looks ahead,
+inputs the cut does not fit, or a compiled model (``torch.compile``: another batch size is another graph) keep
+the full probe. One check sees one set of weights, and samples may come to interact only later (a
+zero-initialised branch that mixes them, still zero on a first step that a warmup from a learning rate of 0
+left unchanged; routing with a capacity that overflows once the router has learnt a preference). So the cut
+is checked again, on the full probe, on the probe's runs 1, 2, 4, 8, ... (a few more full passes: log2 of the
+number of logging steps); the first check that fails restores the full probe for good. The values of every
+checked run are the full probe's; between two checks, those of a model whose samples came to interact since
+the last one are the cut probe's.
 """
 
 import contextlib
@@ -81,12 +88,25 @@ class Probe:
     def __init__(self, model: nn.Module, recorder: Recorder, call: Optional[Call] = None):
         self.model = model
         self.recorder = recorder
+        self.full: Optional[Call] = None  # the full probe while ``call`` is the cut one (its checks run it)
         self.call = call
         self.given = call is not None
         self.step: Optional[int] = None  # the step whose inputs the probe was taken from (None: given)
         self._model_at = _dtype_device(model) if call is not None else None  # the model's dtype, device then
         #: whether ``call`` is the probe cut to its leading samples (None: not tried yet on this probe)
         self.cut: Optional[bool] = None
+        self.runs = 0  # the runs of this probe so far (the cut is checked on runs 0, 1, 2, 4, 8, ...)
+
+    @property
+    def call(self) -> Optional[Call]:
+        """The probe's call as the next run makes it (the cut one where ``cut``); None: no probe yet."""
+        return self._call
+
+    @call.setter
+    def call(self, value: Optional[Call]) -> None:
+        self._call = value
+        if value is None:  # no probe: nothing of the last one is kept (its full batch neither)
+            self.full, self.cut, self.runs = None, None, 0
 
     def capture(self, args: tuple, kwargs: dict, step: int) -> None:
         """Keep ``model(*args, **kwargs)``'s inputs (detached copies) as the probe, taken at ``step``."""
@@ -97,28 +117,32 @@ class Probe:
             return v.detach().clone() if isinstance(v, Tensor) else v
         self.call = (tuple(keep(a) for a in args), {k: keep(v) for k, v in kwargs.items()})
         self.step = step
-        self.cut = None
+        self.full, self.cut, self.runs = None, None, 0
         self._model_at = _dtype_device(self.model)
 
     def forget_step(self, step: int, failed: bool) -> None:
         """The step ``step`` ends: a probe captured in it is dropped if the step ``failed`` (the next logged step
         takes a fresh one), and is no longer that step's either way."""
         if failed and self.step is not None and self.step == step:
-            self.call, self.cut = None, None
+            self.call = None
         if self.step == step:
             self.step = None
 
     def run(self) -> bool:
         """Call the model on the probe (eval mode, random state forked); False if there is no probe yet. On a
-        probe's first run it is also tried cut to its leading samples (see the module's docstring); the rows
-        kept are the full probe's.
+        probe's first run it is also tried cut to its leading samples, and a cut probe is checked again on its runs
+        1, 2, 4, 8, ... (see the module's docstring); the rows kept on those runs are the full probe's.
 
         Raises:
             ValueError: the model refused the probe (what to give instead is named).
         """
         if self.call is None:
             return False
-        args, kwargs = self.call = self._follow_model(*self.call)
+        self.call, self.full = self._follow_model(self.call, self.full)
+        # check runs: the first, and a cut probe's runs numbered by a power of two
+        check = self.cut is None or (self.cut and self.runs & (self.runs - 1) == 0)
+        args, kwargs = self.full if check and self.full is not None else self.call
+        self.runs += 1
         try:
             self._pass(args, kwargs)
         except Exception as err:
@@ -126,7 +150,7 @@ class Probe:
             raise ValueError(f"probe: the model refused {given} ({type(err).__name__}: {err}); give probe= "
                              "inputs the model accepts: a tensor, a tuple of positional arguments or a dict of "
                              "keyword arguments of model") from err
-        if self.cut is None:
+        if check:
             self.cut = self._try_cut(args, kwargs)
         return True
 
@@ -150,13 +174,15 @@ class Probe:
                     m.training = mode
 
     def _try_cut(self, args: tuple, kwargs: dict) -> bool:
-        """After a full pass: try the probe cut to the fewest leading samples that give every site its rows;
-        it replaces ``call`` when every site keeps the same rows. The full pass's rows stay recorded."""
+        """After a full pass on ``(args, kwargs)``: try the probe cut to the fewest leading samples that give every
+        site its rows; it becomes ``call`` (the full one ``full``) when every site keeps the same rows, else the
+        full one is ``call``. The full pass's rows stay recorded."""
         full = list(self.recorder.probed)
         kept = [(site, site.probe) for site, _ in full]
         batch = _batch_size(args, kwargs)
         n = _samples_needed(batch, [rows for _, rows in full], self.recorder.probe_rows)
-        if n is None:
+        self.call, self.full = (args, kwargs), None
+        if n is None or _compiled(self.model):
             return False
         cut_args = tuple(_cut(a, n, batch) for a in args)
         cut_kwargs = {k: _cut(v, n, batch) for k, v in kwargs.items()}
@@ -167,28 +193,41 @@ class Probe:
         except Exception:  # inputs the cut does not fit (a batch dimension elsewhere): the full probe stays
             same = False
         finally:
+            for site, _ in self.recorder.probed:  # a sublayer only the cut pass reached has no rows of the full one
+                site.probe = None
             for site, rows in kept:  # this step's rows are the full pass's
                 site.probe = rows
         if same:
-            self.call = (cut_args, cut_kwargs)
+            self.call, self.full = (cut_args, cut_kwargs), (args, kwargs)
         return same
 
-    def _follow_model(self, args: tuple, kwargs: dict) -> Call:
-        """The probe moved to the model's floating dtype and device when the model moved since the probe was
-        stored (``model.to(torch.bfloat16)``, ``model.cuda()``): floating inputs of the model's old dtype take
-        the new one, every tensor the new device."""
+    def _follow_model(self, *calls: Optional[Call]) -> Tuple[Optional[Call], ...]:
+        """The probe's ``calls`` (the cut one and the full one; None stays None) moved to the model's floating
+        dtype and device when the model moved since the probe was stored (``model.to(torch.bfloat16)``,
+        ``model.cuda()``): floating inputs of the model's old dtype take the new one, every tensor the new
+        device."""
         now = _dtype_device(self.model)
         was = self._model_at or now
         self._model_at = now
         if was == now or now[0] is None:
-            return args, kwargs
+            return calls
 
         def move(v):
             if not isinstance(v, Tensor):
                 return v
             dtype = now[0] if v.is_floating_point() and v.dtype == was[0] else v.dtype
             return v.to(device=now[1], dtype=dtype)
-        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+        return tuple(None if c is None else (tuple(move(a) for a in c[0]), {k: move(v) for k, v in c[1].items()})
+                     for c in calls)
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its modules runs compiled (``torch.compile(module)``, ``module.compile()``): a
+    probe of another batch size would be one more graph compiled, and the batch dimension of every later graph of
+    the training step's code made dynamic (torch.compile's automatic dynamic shapes), so such a model keeps its
+    full probe."""
+    return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
 
 
 def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:

@@ -216,8 +216,8 @@ class ParameterGroups:
 
     def squares(self) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Dict[str, Tensor]]:
         """``(grad, update, weight)``: ``{row: squared norm}`` of the step's gradients, of its update and of
-        the weights before it (float32 device tensors; a few fused ops for the whole model, not a few per
-        parameter: `stability_toolbox.tensor_norms`)."""
+        the weights before it (float32 device tensors, float64 for a model with float64 parameters; a few fused
+        ops for the whole model, not a few per parameter: `stability_toolbox.tensor_norms`)."""
         with torch.no_grad():
             update: Dict[str, Tensor] = {}
             weight: Dict[str, Tensor] = {}

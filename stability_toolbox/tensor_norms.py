@@ -66,16 +66,18 @@ def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def square_sums(rows: Sequence[str], norms: Sequence[Tensor]) -> Dict[str, Tensor]:
-    """``{row: sum of the squared norms of its entries}`` in float32 (0-dim tensors on the first norm's
-    device), ``rows[i]`` naming the row of ``norms[i]``. A few ops for each run of equal rows, not one per norm:
-    right after a backward each small op costs 10-40 µs on a CPU (cold caches), and a parameter-group listing
-    holds each row's entries next to each other."""
+    """``{row: sum of the squared norms of its entries}`` (0-dim tensors on the first norm's device), ``rows[i]``
+    naming the row of ``norms[i]``; in float32, or in float64 where a norm is float64 (a float64 model's squares
+    keep its range: a norm below ~1e-19 or above ~1e19 squared in float32 reads 0 or inf). A few ops for each
+    run of equal rows, not one per norm: right after a backward each small op costs 10-40 µs on a CPU (cold
+    caches), and a parameter-group listing holds each row's entries next to each other."""
     if len(rows) != len(norms):
         raise ValueError(f"rows and norms must have the same length, got {len(rows)} and {len(norms)}")
     if not norms:
         return {}
     device = norms[0].device
-    sq = torch.stack([n.float().to(device) for n in norms]).pow(2)
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    sq = torch.stack([n.to(device=device, dtype=dtype) for n in norms]).pow(2)
     runs: List[List] = []  # [row, entries] of each run of equal rows
     for row in rows:
         if runs and runs[-1][0] == row:
