@@ -423,7 +423,7 @@ def overhead(reps: int = 200, seed: int = 0, skip: int = 40, size: str = "toy") 
       land on one arm or the other)."""
     from stability_toolbox import StabilityGuard
 
-    from .harness import median_with_interval, stable_allocator
+    from benchmarks.harness import median_with_interval, stable_allocator
 
     stable_allocator()
 
