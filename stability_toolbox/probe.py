@@ -14,8 +14,9 @@ is also tried cut to its leading samples (every top-level tensor input whose fir
 cut to the fewest samples that still give every sublayer its rows): when the cut pass keeps the same rows at
 every sublayer (to float tolerance), the cut probe replaces the full one, and the later logging steps pay
 for the smaller pass. A model whose samples interact, a time-first layout whose attention looks ahead,
-inputs the cut does not fit, or a compiled model (``torch.compile``: another batch size is another graph) keep
-the full probe. One check sees one set of weights, and samples may come to interact only later (a
+inputs the cut does not fit, a model that keeps batch-sized state between calls (an RNN's carried hidden state:
+its next training step would get the cut batch's), or a compiled model (``torch.compile``: another batch size
+is another graph) keep the full probe. One check sees one set of weights, and samples may come to interact only later (a
 zero-initialised branch that mixes them, still zero on a first step that a warmup from a learning rate of 0
 left unchanged; routing with a capacity that overflows once the router has learnt a preference). So the cut
 is checked again, on the full probe, on the probe's runs 1, 2, 4, 8, ... (a few more full passes: log2 of the
@@ -186,13 +187,19 @@ class Probe:
             return False
         cut_args = tuple(_cut(a, n, batch) for a in args)
         cut_kwargs = {k: _cut(v, n, batch) for k, v in kwargs.items()}
+        state = _module_state(self.model)  # what the full pass left in the model
+        same = False
         try:
             self._pass(cut_args, cut_kwargs)
+            # a model that keeps batch-sized state (an RNN's carried hidden state, a memory) would start its next
+            # training step with the cut batch's: such a model keeps its full probe
             same = [site for site, _ in self.recorder.probed] == [site for site, _ in full] and all(
-                _close(site.probe, rows, site.dtype) for site, rows in kept)
+                _close(site.probe, rows, site.dtype) for site, rows in kept) and \
+                _shapes(_module_state(self.model)) == _shapes(state)
         except Exception:  # inputs the cut does not fit (a batch dimension elsewhere): the full probe stays
-            same = False
+            pass
         finally:
+            _restore(state)  # the model holds what the full pass left, as if the cut had not been tried
             for site, _ in self.recorder.probed:  # a sublayer only the cut pass reached has no rows of the full one
                 site.probe = None
             for site, rows in kept:  # this step's rows are the full pass's
@@ -228,6 +235,46 @@ def _compiled(model: nn.Module) -> bool:
     full probe."""
     return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
                for m in model.modules())
+
+
+#: one tensor a module holds besides its parameters: (module, attribute, whether a buffer, value)
+StateEntry = Tuple[nn.Module, str, bool, Any]
+
+
+def _module_state(model: nn.Module) -> List[StateEntry]:
+    """The tensors ``model``'s modules hold besides their parameters: buffers, and tensor attributes (or lists /
+    tuples holding tensors), such as a hidden state a module keeps between calls."""
+    out: List[StateEntry] = []
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key == "_buffers":
+                out += [(module, k, True, b) for k, b in value.items()]
+            elif key not in ("_parameters", "_modules") and _shape(value) is not None:
+                out.append((module, key, False, value))
+    return out
+
+
+def _shape(value: Any) -> Any:
+    """The shape of a tensor, or of each tensor of a list / tuple holding tensors; None for anything else."""
+    if isinstance(value, Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (list, tuple)) and any(isinstance(x, Tensor) for x in value):
+        return tuple(_shape(x) for x in value)
+    return None
+
+
+def _shapes(state: List[StateEntry]) -> List[Tuple[int, str, Any]]:
+    return [(id(module), key, _shape(value)) for module, key, _, value in state]
+
+
+def _restore(state: List[StateEntry]) -> None:
+    """Put back every entry of ``state`` (the objects themselves: a module that assigns new tensors when called,
+    as a carried state does, gets its earlier ones back)."""
+    for module, key, buffer, value in state:
+        if buffer:
+            module._buffers[key] = value
+        else:
+            module.__dict__[key] = value
 
 
 def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:

@@ -157,6 +157,36 @@ def test_a_cut_that_changes_the_rows_or_fails_keeps_the_full_probe(make):
     assert mon.history[-1]["quantities"]["output_change"]  # the full probe still runs and is read
 
 
+class _Memory(nn.Module):
+    """Keeps each sample's mean output between calls (an RNN's carried state) and adds it, times 0, to the next
+    call's input: a next batch of another size than the last call's is a RuntimeError."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(DIM, DIM)
+        self.norm0, self.norm = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.memory = None
+
+    def forward(self, x):
+        if self.memory is not None:
+            x = x + 0.0 * self.memory[: x.shape[0], None]
+        x = self.norm0(x)
+        y = self.norm(x + self.lin(x))
+        self.memory = y.detach().mean(1)
+        return y
+
+
+def test_a_model_that_keeps_batch_sized_state_keeps_the_full_probe_and_trains_on():
+    torch.manual_seed(0)
+    model = _Memory()
+    x = torch.randn(4, 3, DIM)
+    mon = StabilityMonitor(model, every=1, probe_rows=6, tensorboard=False, heatmaps=False, rules={},
+                           fallback="post_ln")
+    _train(model, mon, [x, x, x])  # a cut probe (2 samples) would leave a 2-sample memory: the next step fails
+    assert mon._probe.cut is False and torch.equal(mon._probe.call[0][0], x)
+    assert model.memory.shape == (4, DIM)
+
+
 def test_the_probe_pass_is_not_captured_as_the_probe():
     # the capture hook is live on the first logged step, whose probe pass calls the model too
     model = _encoder(batch_first=False)
