@@ -54,6 +54,7 @@ from torch import nn
 
 from toolbox_core.files import atomic_write
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB, CONTEXT, BATCH, WIDTH = 32, 32, 16, 64
 MECHANISMS = ("clean", "repeat", "noise", "lr_spike", "attn_logits", "attn_logits_clean", "high_lr", "high_lr_clean")
 METHODS = ("none", "guard", "olmo_skip", "zclip", "metaseq_ewm", "palm_rewind", "lightning_spike")
@@ -555,6 +556,14 @@ def table(runs: List[Dict[str, Any]], tolerance: float = 0.02) -> str:
     return "\n".join(lines)
 
 
+def _relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it, else as given."""
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return path
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="output directory (results/guard); finished runs in it are kept")
@@ -583,11 +592,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    given = list(sys.argv[1:] if argv is None else argv)
+    # the command as recorded in the JSON: an output directory inside the repository by its relative path (no
+    # path of this machine in a committed result)
+    command = "python -m benchmarks.spike_benchmark " + " ".join(_relative(a) if a == args.out else a for a in given)
     if args.overhead:
         result = {"toy": overhead(args.overhead, size="toy"),
                   "realistic": overhead(max(args.overhead // 3, 20), size="realistic")}
         with atomic_write(out / "overhead.json") as f:
-            json.dump({"command": "python -m benchmarks.spike_benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+            json.dump({"command": command,
                        "torch": torch.__version__, **result}, f, indent=1)
         print(json.dumps(result))
         return 0
@@ -611,7 +624,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 runs.append(r)
                 print(json.dumps(r), flush=True)
                 with atomic_write(path) as f:
-                    json.dump({"command": "python -m benchmarks.spike_benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+                    json.dump({"command": command,
                                "torch": torch.__version__, "runs": runs}, f, indent=1)
     text = table([r for r in runs if r.get("steps") == args.steps])
     with atomic_write(out / "spike_benchmark.md") as f:

@@ -31,3 +31,10 @@ def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         spike_benchmark.main([str(tmp_path), "--steps", "10"])
     assert err.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_an_output_directory_inside_the_repository_is_recorded_by_its_relative_path(tmp_path):
+    inside = spike_benchmark.REPO / "results" / "guard"
+    assert spike_benchmark._relative(str(inside)) == "results/guard"
+    assert spike_benchmark._relative("results/guard") == "results/guard"  # a relative one stays (from any directory)
+    assert spike_benchmark._relative(str(tmp_path)) == str(tmp_path)  # outside: as given (not committed)
