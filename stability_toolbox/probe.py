@@ -15,8 +15,9 @@ cut to the fewest samples that still give every sublayer its rows): when the cut
 every sublayer (to float tolerance), the cut probe replaces the full one, and the later logging steps pay
 for the smaller pass. A model whose samples interact, a time-first layout whose attention looks ahead,
 inputs the cut does not fit, a model that keeps batch-sized state between calls (an RNN's carried hidden state:
-its next training step would get the cut batch's), or a compiled model (``torch.compile``: another batch size
-is another graph) keep the full probe. One check sees one set of weights, and samples may come to interact only later (a
+its next training step would get the cut batch's), a compiled model (``torch.compile``: another batch size
+is another graph), or any model in a run of several processes (every rank must run as many probe passes as
+the others: a sharded model gathers its weights in each) keep the full probe. One check sees one set of weights, and samples may come to interact only later (a
 zero-initialised branch that mixes them, still zero on a first step that a warmup from a learning rate of 0
 left unchanged; routing with a capacity that overflows once the router has learnt a preference). So the cut
 is checked again, on the full probe, on the probe's runs 1, 2, 4, 8, ... (a few more full passes: log2 of the
@@ -183,7 +184,7 @@ class Probe:
         batch = _batch_size(args, kwargs)
         n = _samples_needed(batch, [rows for _, rows in full], self.recorder.probe_rows)
         self.call, self.full = (args, kwargs), None
-        if n is None or _compiled(self.model):
+        if n is None or _compiled(self.model) or _several_processes():
             return False
         cut_args = tuple(_cut(a, n, batch) for a in args)
         cut_kwargs = {k: _cut(v, n, batch) for k, v in kwargs.items()}
@@ -275,6 +276,15 @@ def _restore(state: List[StateEntry]) -> None:
             module._buffers[key] = value
         else:
             module.__dict__[key] = value
+
+
+def _several_processes() -> bool:
+    """Whether this process is one of several in a ``torch.distributed`` run. There the probe is not cut: a
+    sharded model (FSDP) gathers its weights in every forward pass, and a DDP wrapper broadcasts its buffers, so
+    every rank must run as many probe passes as the others, while the cut's passes and checks depend on each
+    rank's own batch (another rank's sequences of another length, or samples that interact there only)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:

@@ -271,3 +271,18 @@ def test_huggingface_keyword_inputs_are_cut_together_and_give_the_full_probes_va
     assert records[0].keys() == records[1].keys() and records[0]
     for name, value in records[0].items():
         assert value == pytest.approx(records[1][name], rel=1e-4, abs=1e-9), name
+
+
+def test_a_run_of_several_processes_keeps_the_full_probe(monkeypatch):
+    # each rank decides the cut from its own batch, and a sharded model gathers its weights in every probe pass:
+    # ranks running different numbers of passes would hang, so several processes never cut
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    model = _encoder()
+    x = torch.randn(4, 5, DIM)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    mon = StabilityMonitor(model, every=1, probe_rows=5, tensorboard=False, heatmaps=False, rules={})
+    _train(model, mon, [x, x, x])
+    assert mon._probe.cut is False and torch.equal(mon._probe.call[0][0], x)
+    assert calls == [4] * 6  # one training pass and one probe pass a step, whatever the data
