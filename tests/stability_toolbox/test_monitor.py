@@ -397,7 +397,8 @@ def test_the_monitors_modules_import_downward_only():
     import stability_toolbox
 
     below = {"tensor_norms": set(), "quantities": {"tensor_norms"}, "inert_hooks": set(), "warning_rules": set(),
-             "sites": {"quantities"}, "probe": {"quantities"}, "records": {"quantities", "warning_rules"},
+             "sites": {"quantities"}, "module_state": set(), "probe": {"quantities", "module_state"},
+             "records": {"quantities", "warning_rules"},
              "attention_stats": {"quantities", "sites"}, "signal_detector": set(), "scalar_reader": set(),
              "leading_signals": {"quantities", "inert_hooks", "sites", "attention_stats", "scalar_reader",
                                  "tensor_norms"},
