@@ -10,22 +10,21 @@ their parameters (buffers, tensor attributes, lists / tuples / dicts of tensors:
 cache, a running statistic updated in eval mode) is put back after every pass. When the model moved
 (``model.to(torch.bfloat16)``, ``model.cuda()``) the probe follows it.
 
-Only the first ``probe_rows`` rows of each residual sum are kept, and a training batch often holds many more
-(a batch of 8 sequences of 64 tokens holds 512 rows; an LM's batch, thousands). So on its first run a probe
-is also tried cut to its leading samples (every top-level tensor input whose first dimension is the batch's,
-cut to the fewest samples that still give every sublayer its rows): when the cut pass keeps the same rows at
-every sublayer (to float tolerance), the cut probe replaces the full one, and the later logging steps pay
-for the smaller pass. A model whose samples interact, a time-first layout whose attention looks ahead,
-inputs the cut does not fit, a model that keeps batch-sized state between calls (an RNN's carried hidden state:
-its next training step would get the cut batch's), a compiled model (``torch.compile``: another batch size
-is another graph), or any model in a run of several processes (every rank must run as many probe passes as
-the others: a sharded model gathers its weights in each) keep the full probe. One check sees one set of weights, and samples may come to interact only later (a
-zero-initialised branch that mixes them, still zero on a first step that a warmup from a learning rate of 0
-left unchanged; routing with a capacity that overflows once the router has learnt a preference). So the cut
-is checked again, on the full probe, on the probe's runs 1, 2, 4, 8, ... (a few more full passes: log2 of the
-number of logging steps); the first check that fails restores the full probe for good. The values of every
-checked run are the full probe's; between two checks, those of a model whose samples came to interact since
-the last one are the cut probe's.
+Only the first ``probe_rows`` rows of each residual sum are kept, and a training batch often holds many more (a
+batch of 8 sequences of 64 tokens holds 512 rows; an LM's batch, thousands). So on its first run a probe is also
+tried cut to its leading samples (every top-level tensor input whose first dimension is the batch's, cut to the
+fewest samples that still give every sublayer its rows): when the cut pass keeps the same rows at every sublayer (to
+float tolerance), the cut probe replaces the full one, and the later logging steps pay for the smaller pass. A model
+whose samples interact, a time-first layout whose attention looks ahead, inputs the cut does not fit, a model that
+keeps batch-sized state between calls (an RNN's carried hidden state: its next training step would get the cut
+batch's), a compiled model (``torch.compile``: another batch size is another graph), or any model in a run of
+several processes (every rank must run as many probe passes as the others: a sharded model gathers its weights in
+each) keep the full probe. One check sees one set of weights, and samples may come to interact only later (a
+zero-initialised branch that mixes them, still zero on a first step that a warmup from a learning rate of 0 left
+unchanged; routing with a capacity that overflows once the router has learnt a preference). So the cut is checked
+again, on the full probe, on the probe's runs 1, 2, 4, 8, ... (a few more full passes: log2 of the number of logging
+steps); the first check that fails restores the full probe for good. The values of every checked run are the full
+probe's; between two checks, those of a model whose samples came to interact since the last one are the cut probe's.
 """
 
 import contextlib
@@ -161,8 +160,8 @@ class Probe:
 
     def _pass(self, args: tuple, kwargs: dict, compare: bool = False) -> bool:
         """One probe pass: ``model(*args, **kwargs)`` in eval mode, without autograd, random state forked, the
-        recorder in its probe phase; the training flags and what the modules hold (`stability_toolbox.module_state`) put back
-        whatever happens. With ``compare``, returns whether the tensors the modules held after the pass had the
+        recorder in its probe phase; the training flags and what the modules hold (`stability_toolbox.module_state`)
+        put back whatever happens. With ``compare``, returns whether the tensors the modules held after the pass had the
         shapes they had before it (an RNN's carried state of another batch size: False); else True."""
         model = self.model
         modes = [(m, m.training) for m in model.modules()]

@@ -69,4 +69,5 @@ def test_square_sums_adds_each_rows_squared_norms(runs):
 def test_square_sums_checks_its_lengths_and_squared_norms_stacks():
     with pytest.raises(ValueError, match="rows and norms"):
         square_sums(["a"], [])
-    assert squared_norms([torch.tensor([3.0, 4.0]), torch.ones(2, dtype=torch.float64)]).tolist() == pytest.approx([25.0, 2.0])
+    sq = squared_norms([torch.tensor([3.0, 4.0]), torch.ones(2, dtype=torch.float64)])
+    assert sq.tolist() == pytest.approx([25.0, 2.0])
