@@ -398,8 +398,8 @@ def run_one(mechanism: str, method: str, seed: int, steps: int) -> Dict[str, Any
 
 #: the overhead's model sizes: (width, layers, batch, context); ``toy`` is the benchmark's LM and batch (512
 #: tokens, ~0.1M parameters), ``realistic`` a 6-layer width-256 LM (~4.8M parameters, 512 tokens), a step of
-#: ~0.2-0.3 s on one CPU thread
-OVERHEAD_SIZES = {"toy": (WIDTH, 2, BATCH, CONTEXT), "realistic": (256, 6, 4, 128)}
+#: ~0.2-0.3 s on one CPU thread; ``realistic_2k`` the same LM on 4x the tokens (2,048 a step, ~0.7 s)
+OVERHEAD_SIZES = {"toy": (WIDTH, 2, BATCH, CONTEXT), "realistic": (256, 6, 4, 128), "realistic_2k": (256, 6, 16, 128)}
 
 
 def overhead(reps: int = 200, seed: int = 0, skip: int = 40, size: str = "toy") -> Dict[str, Any]:
@@ -577,7 +577,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "(e.g. after a change of the guard)")
     parser.add_argument("--overhead", type=int, default=0, metavar="STEPS",
                         help="only measure the guard's step-time overhead: STEPS paired steps of the toy LM, "
-                             "then STEPS // 3 of the realistic one (OVERHEAD_SIZES), in this one process")
+                             "then STEPS // 3 of each larger size (OVERHEAD_SIZES), in this one process")
+    parser.add_argument("--overhead-sizes", default="toy,realistic",
+                        help="the sizes --overhead measures (comma-separated; "
+                             f"{', '.join(OVERHEAD_SIZES)}); the others already in overhead.json are kept")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.steps < 60:
         parser.error("--seeds must be >= 1 and --steps >= 60")
@@ -589,6 +592,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for m in mechanisms:
         if m not in MECHANISMS:
             parser.error(f"--mechanisms: unknown {m!r}; accepted: {', '.join(MECHANISMS)}")
+    sizes = args.overhead_sizes.split(",")
+    for size in sizes:
+        if size not in OVERHEAD_SIZES:
+            parser.error(f"--overhead-sizes: unknown {size!r}; accepted: {', '.join(OVERHEAD_SIZES)}")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -597,11 +604,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     # path of this machine in a committed result)
     command = "python -m benchmarks.spike_benchmark " + " ".join(_relative(a) if a == args.out else a for a in given)
     if args.overhead:
-        result = {"toy": overhead(args.overhead, size="toy"),
-                  "realistic": overhead(max(args.overhead // 3, 20), size="realistic")}
-        with atomic_write(out / "overhead.json") as f:
-            json.dump({"command": command,
-                       "torch": torch.__version__, **result}, f, indent=1)
+        result = {size: {**overhead(args.overhead if size == "toy" else max(args.overhead // 3, 20), size=size),
+                         "command": command} for size in sizes}
+        path = out / "overhead.json"
+        kept = json.loads(path.read_text()) if path.exists() else {}  # the sizes not measured now stay
+        with atomic_write(path) as f:
+            json.dump({**kept, "command": command, "torch": torch.__version__, **result}, f, indent=1)
         print(json.dumps(result))
         return 0
     path = out / "spike_benchmark.json"

@@ -2,6 +2,7 @@
 bootstrap interval (the median of the per-iteration differences, by wall clock and by CPU time), and the command
 line refuses bad settings in one line."""
 
+import json
 import statistics
 
 import pytest
@@ -38,3 +39,20 @@ def test_an_output_directory_inside_the_repository_is_recorded_by_its_relative_p
     assert spike_benchmark._relative(str(inside)) == "results/guard"
     assert spike_benchmark._relative("results/guard") == "results/guard"  # a relative one stays (from any directory)
     assert spike_benchmark._relative(str(tmp_path)) == str(tmp_path)  # outside: as given (not committed)
+
+
+def test_overhead_sizes_are_checked_by_name(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        spike_benchmark.main([str(tmp_path), "--overhead", "4", "--overhead-sizes", "toy,huge"])
+    assert err.value.code == 2 and "--overhead-sizes: unknown 'huge'" in capsys.readouterr().err
+    assert not (tmp_path / "overhead.json").exists()  # refused before anything ran
+
+
+def test_measuring_one_size_keeps_the_others_in_overhead_json(tmp_path, monkeypatch):
+    (tmp_path / "overhead.json").write_text('{"realistic": {"steps": 100}, "command": "old", "torch": "x"}')
+    monkeypatch.setattr(spike_benchmark, "overhead", lambda reps, size: {"steps": reps, "size": size})
+    assert spike_benchmark.main([str(tmp_path), "--overhead", "30", "--overhead-sizes", "toy,realistic_2k"]) == 0
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    assert data["realistic"] == {"steps": 100}  # kept
+    assert data["toy"]["steps"] == 30 and data["realistic_2k"]["steps"] == 20  # STEPS, and STEPS // 3 (at least 20)
+    assert data["toy"]["command"].endswith("--overhead 30 --overhead-sizes toy,realistic_2k")
