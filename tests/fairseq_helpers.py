@@ -67,6 +67,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_script_ranks(script: str, args: Sequence, world: int = 2, timeout: float = 120):
+    """Run ``python script *args`` once per rank on this machine (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` /
+    ``MASTER_PORT`` in the environment, a fresh port, one thread each, the repository and ``tests/`` on
+    ``PYTHONPATH``): a test file that is also each rank's script. Returns ``(exit codes, outputs)``; a rank still running after
+    ``timeout`` seconds (a hang) is killed, every rank then, and its exit code is None."""
+    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], env=dict(env, RANK=str(r)),
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    codes, outs = [], []
+    try:
+        for proc in procs:
+            try:
+                outs.append(proc.communicate(timeout=timeout)[0])
+                codes.append(proc.returncode)
+            except subprocess.TimeoutExpired:
+                for other in procs:
+                    other.kill()
+                outs.append(proc.communicate()[0])
+                codes.append(None)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return codes, outs
+
+
 def run_ranks(tool_args_per_rank: Sequence[Sequence], logs: Path, timeout: float = 300,
               ddp_backend: str = "legacy_ddp"):
     """Run ``fairseq-train`` once per rank (gloo on CPU, no spawn); ``(exit codes, logs)``.

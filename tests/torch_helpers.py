@@ -11,7 +11,9 @@ mixture-of-experts tests `expert_outputs` (each expert run on its own, never thr
 `sparsemixer_probs` (SparseMixer's masked softmax in the authors' quotient form); for the sign optimizers
 `sign_rule_step` (one step of AddSign / PowerSign as the paper writes it, in NumPy) and `step_alike` (two
 optimizers stepped on the same gradients); `saved_and_loaded` (an object back from ``torch.save`` /
-``torch.load(weights_only=True)``); `raises_naming` (a refusal of the given type whose message names the argument); `feed_grads` (stability-monitor updates with gradients of a chosen RMS).
+``torch.load(weights_only=True)``); `raises_naming` (a refusal of the given type whose message names the argument); `feed_grads` (stability-monitor updates with gradients of a chosen RMS); for the
+monitor's probe, `norm_inputs` (every LayerNorm's input, read with the test's own hooks) and `output_change` (the
+relative change of a residual sum's first rows, in float64).
 """
 
 import copy
@@ -160,3 +162,32 @@ def feed_grads(mon, model, steps, rms):
         mon.begin_step()
         mon.capture_grads()
         mon.end_step()
+
+
+def norm_inputs(model, x):
+    """``{name: input}`` of every ``nn.LayerNorm`` of ``model`` on ``model(x)`` in eval mode without autograd and
+    without torch.nn's fused transformer path (whose LayerNorms no hook sees), read with the test's own hooks: the
+    residual sums a full probe pass records. The training flags and the fast-path switch are put back."""
+    seen = {}
+    handles = [m.register_forward_pre_hook(lambda _m, a, name=name: seen.__setitem__(name, a[0].clone()))
+               for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    modes = [(m, m.training) for m in model.modules()]
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        for m, mode in modes:
+            m.training = mode
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def output_change(was, now, rows):
+    """``||now - was||^2 / ||was||^2`` over the first ``rows`` feature vectors of two residual sums, in float64."""
+    was, now = was.reshape(-1, was.shape[-1])[:rows].double(), now.reshape(-1, now.shape[-1])[:rows].double()
+    return float((now - was).pow(2).sum() / was.pow(2).sum())

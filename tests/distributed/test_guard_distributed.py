@@ -8,8 +8,6 @@ The ranks run this file as a script (``python test_guard_distributed.py OUT``); 
 seeded model in this process on the ranks' chunks of each batch with their losses averaged."""
 
 import datetime
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -99,23 +97,13 @@ def worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Every scenario of `worker` on 2 gloo ranks (launched once for the module's tests): each rank's results."""
-    from fairseq_helpers import free_port
+    from fairseq_helpers import run_script_ranks
 
     tmp_path = tmp_path_factory.mktemp("guard_ranks")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=dict(env, RANK=str(r)), cwd=root,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("a rank hung (killed after 120 s)")
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    codes, logs = run_script_ranks(__file__, [tmp_path], WORLD)
+    if None in codes:
+        pytest.fail("a rank hung (killed after 120 s)")
+    assert codes == [0] * WORLD, "\n".join(log[-3000:] for log in logs)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

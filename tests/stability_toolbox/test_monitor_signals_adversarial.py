@@ -10,9 +10,7 @@ import io
 import json
 import logging
 import math
-import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -291,22 +289,10 @@ WORLD = 2
 def test_two_ddp_ranks_warn_alike_and_finish(tmp_path):
     """Each rank trains on its own data; the all-reduced gradients are the same, so each rank's rule reads the
     same values and warns at the same update; nothing the rule does is collective, so no rank waits."""
-    root = Path(__file__).resolve().parents[2]
-    from fairseq_helpers import free_port  # here: this file is also each rank's script
+    from fairseq_helpers import run_script_ranks  # here: this file is also each rank's script
 
-    env = dict(os.environ, WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=dict(env, RANK=str(r)), cwd=root,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=120)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    codes, outs = run_script_ranks(__file__, [tmp_path], WORLD)
+    assert codes == [0] * WORLD, "\n".join(outs)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert got[0] == got[1]
     assert got[0]["steps"] == 40 and [w[0] for w in got[0]["warnings"]] == [FIRES_AT]

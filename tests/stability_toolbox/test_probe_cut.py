@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from stability_toolbox import StabilityMonitor
+from torch_helpers import norm_inputs
 from stability_toolbox.probe import _samples_needed
 
 DIM = 16
@@ -19,27 +20,6 @@ def _encoder(batch_first=True, seed=0):
     torch.manual_seed(seed)
     layer = nn.TransformerEncoderLayer(DIM, 2, 2 * DIM, dropout=0.1, batch_first=batch_first)
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-
-
-def _norm_inputs(model, x):
-    """Every LayerNorm's input (the residual sums the monitor reads on a torch.nn encoder), of ``model(x)`` in
-    eval mode without autograd and without the fused fast path: written out with the test's own hooks."""
-    seen, handles = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.LayerNorm):
-            handles.append(m.register_forward_pre_hook(lambda _m, a, name=name: seen.__setitem__(name, a[0])))
-    was = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train()
-        torch.backends.mha.set_fastpath_enabled(was)
-        for h in handles:
-            h.remove()
-    return seen
 
 
 def _train(model, mon, batches, lr=1e-2):
@@ -58,9 +38,9 @@ def test_a_cut_probe_gives_the_full_probes_output_change(probe_rows):
     model = _encoder()
     batches = [torch.randn(6, 5, DIM, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     mon = StabilityMonitor(model, every=1, probe_rows=probe_rows, tensorboard=False, heatmaps=False, rules={})
-    before = _norm_inputs(model, batches[0])  # the full probe (the first logged batch) at the first record
+    before = norm_inputs(model, batches[0])  # the full probe (the first logged batch) at the first record
     _train(model, mon, batches[:2])
-    after = _norm_inputs(model, batches[0])  # and after the one update between the two records
+    after = norm_inputs(model, batches[0])  # and after the one update between the two records
     cut = mon._probe.call[0][0]
     need = math.ceil(probe_rows / 5)
     assert mon._probe.cut and torch.equal(cut, batches[0][:need])  # the fewest samples holding the rows
@@ -91,9 +71,9 @@ def test_time_first_attention_that_looks_ahead_keeps_the_full_probe():
     model = _encoder(batch_first=False)
     x = torch.randn(6, 4, DIM)  # (time, batch, dim): a cut along the first dimension would cut time
     mon = StabilityMonitor(model, every=1, probe_rows=8, tensorboard=False, heatmaps=False, rules={})
-    before = _norm_inputs(model, x)
+    before = norm_inputs(model, x)
     _train(model, mon, [x, torch.randn(6, 4, DIM)])
-    after = _norm_inputs(model, x)
+    after = norm_inputs(model, x)
     assert mon._probe.cut is False and torch.equal(mon._probe.call[0][0], x)
     record = mon.history[-1]["quantities"]["output_change"]
     for name in before:  # the first 8 rows of (time, batch, dim): the first two time steps of every sample

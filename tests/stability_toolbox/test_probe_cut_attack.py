@@ -9,32 +9,9 @@ import torch
 from torch import nn
 
 from stability_toolbox import StabilityMonitor
+from torch_helpers import norm_inputs, output_change
 
 DIM = 8
-
-
-def _norm_inputs(model, x):
-    """Every LayerNorm's input on ``model(x)`` (eval mode, no autograd): the full probe's residual sums, read with
-    the test's own hooks."""
-    seen = {}
-    handles = [m.register_forward_pre_hook(lambda _m, a, name=name: seen.__setitem__(name, a[0].clone()))
-               for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def _change(was, now, rows):
-    was, now = was.reshape(-1, was.shape[-1])[:rows].double(), now.reshape(-1, now.shape[-1])[:rows].double()
-    return float((now - was).pow(2).sum() / was.pow(2).sum())
 
 
 class _GatedMixer(nn.Module):
@@ -72,7 +49,7 @@ def _run(model, mon, batches, lr, warmup=0, before_step=None):
         opt.zero_grad()
         sched.step()
         mon.end_step(loss)
-        after.append(_norm_inputs(model, batches[0]))
+        after.append(norm_inputs(model, batches[0]))
     return after
 
 
@@ -89,7 +66,7 @@ def test_samples_that_interact_only_after_the_first_update_keep_the_full_probes_
     assert mon._probe.cut is False and torch.equal(mon._probe.call[0][0], batches[0])
     for step in range(1, len(batches)):
         record = mon.history[step]["quantities"]["output_change"]
-        assert record["norm"] == pytest.approx(_change(after[step - 1]["norm"], after[step]["norm"], 3), rel=1e-4)
+        assert record["norm"] == pytest.approx(output_change(after[step - 1]["norm"], after[step]["norm"], 3), rel=1e-4)
 
 
 def test_samples_that_come_to_interact_later_are_caught_at_the_next_check(quiet_log):
@@ -113,7 +90,7 @@ def test_samples_that_come_to_interact_later_are_caught_at_the_next_check(quiet_
     assert cuts[1:5] == [True] * 4 and cuts[5:] == [False, False]  # run 3 unchecked, run 4 a check
     for step in (5, 6):
         record = mon.history[step]["quantities"]["output_change"]
-        assert record["norm"] == pytest.approx(_change(after[step - 1]["norm"], after[step]["norm"], 3), rel=1e-4)
+        assert record["norm"] == pytest.approx(output_change(after[step - 1]["norm"], after[step]["norm"], 3), rel=1e-4)
 
 
 def test_a_removed_monitor_keeps_no_probe_batch(quiet_log):
@@ -272,15 +249,15 @@ def test_given_probes_of_every_form_give_the_full_probes_output_change(form, qui
         record = mon.history[step]["quantities"]["output_change"]
         assert set(record) == {"norm"}  # the fallback's sites: every norm after the first
         for name, value in record.items():
-            assert value == pytest.approx(_change(after[step - 1][name], after[step][name], 3), rel=1e-4), name
+            assert value == pytest.approx(output_change(after[step - 1][name], after[step][name], 3), rel=1e-4), name
 
 
 def _norm_inputs_call(model, call):
-    return {name.removeprefix("model."): v for name, v in _norm_inputs(_Call(model, *call), None).items()}
+    return {name.removeprefix("model."): v for name, v in norm_inputs(_Call(model, *call), None).items()}
 
 
 class _Call(nn.Module):
-    """``model(*args, **kwargs)`` as a module of one input (what `_norm_inputs` calls)."""
+    """``model(*args, **kwargs)`` as a module of one input (what `norm_inputs` calls)."""
 
     def __init__(self, model, args, kwargs):
         super().__init__()
@@ -308,11 +285,11 @@ def test_a_model_moved_to_float64_takes_the_cut_and_the_full_probe_along(quiet_l
         model(x.to(dtype) if i == 0 else torch.randn(4, 3, DIM, generator=g, dtype=dtype)).pow(2).mean().backward()
         opt.step()
         mon.end_step(1.0)
-        after.append(_norm_inputs(model, x.to(dtype)))
+        after.append(norm_inputs(model, x.to(dtype)))
     assert mon._probe.cut and mon._probe.call[0][0].dtype == mon._probe.full[0][0].dtype == torch.float64
     for step in (1, 2, 3):
         record = mon.history[step]["quantities"]["output_change"]
-        assert record["norm"] == pytest.approx(_change(after[step - 1]["norm"], after[step]["norm"], 3), rel=1e-4)
+        assert record["norm"] == pytest.approx(output_change(after[step - 1]["norm"], after[step]["norm"], 3), rel=1e-4)
 
 
 class _SmallBatchExtra(nn.Module):

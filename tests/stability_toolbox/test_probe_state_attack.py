@@ -5,8 +5,6 @@ with the test's own hooks, on models of every build (lazy, parametrized, weight-
 resumed monitor, two DDP ranks with batches of different lengths)."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 from torch import nn
 
 from stability_toolbox import StabilityMonitor
+from torch_helpers import norm_inputs, output_change
 
 DIM = 8
 
@@ -23,30 +22,6 @@ def _monitor(model, **kw):
     kw = {"every": 1, "probe_rows": 3, "tensorboard": False, "heatmaps": False, "rules": {}, "fallback": "post_ln",
           **kw}
     return StabilityMonitor(model, **kw)
-
-
-def _norm_inputs(model, x):
-    """Every LayerNorm's input on ``model(x)`` in eval mode without autograd (the full probe's residual sums),
-    read with the test's own hooks."""
-    seen = {}
-    handles = [m.register_forward_pre_hook(lambda _m, a, name=name: seen.__setitem__(name, a[0].clone()))
-               for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def _change(was, now, rows):
-    was, now = was.reshape(-1, was.shape[-1])[:rows].double(), now.reshape(-1, now.shape[-1])[:rows].double()
-    return float((now - was).pow(2).sum() / was.pow(2).sum())
 
 
 def _train(model, mon, batches, probe, lr=0.5, rows=3):
@@ -63,10 +38,10 @@ def _train(model, mon, batches, probe, lr=0.5, rows=3):
         opt.zero_grad()
         if mon is not None:
             mon.end_step(loss)
-        now = _norm_inputs(model, probe)
+        now = norm_inputs(model, probe)
         if last is not None and mon is not None:
             got = mon.history[-1]["quantities"]["output_change"]
-            pairs.append((got, {k: _change(last[k], now[k], rows) for k in got}))
+            pairs.append((got, {k: output_change(last[k], now[k], rows) for k in got}))
         last = now
     return pairs
 
@@ -267,12 +242,12 @@ def test_two_monitors_on_one_model_each_give_the_full_probes_output_change(quiet
         opt.step()
         opt.zero_grad()
         first.end_step(loss), second.end_step(loss)
-        expected.append(_norm_inputs(model, batches[0]))
+        expected.append(norm_inputs(model, batches[0]))
     for mon, rows in ((first, 3), (second, 5)):
         assert mon._probe.cut and torch.equal(mon._probe.full[0][0], batches[0])
         for step in range(1, len(batches)):
             got = mon.history[step]["quantities"]["output_change"]
-            assert got["norm"] == pytest.approx(_change(expected[step - 1]["norm"], expected[step]["norm"], rows),
+            assert got["norm"] == pytest.approx(output_change(expected[step - 1]["norm"], expected[step]["norm"], rows),
                                                 rel=1e-4)
 
 
@@ -331,10 +306,10 @@ def test_a_tiny_gpt2_takes_the_cut_gives_the_full_probes_values_and_trains_as_it
             opt.zero_grad()
             if monitor is not None:
                 monitor.end_step(loss)
-        now = _norm_inputs(model, batches[0])
+        now = norm_inputs(model, batches[0])
         if last is not None:
             got = mon.history[-1]["quantities"]["output_change"]
-            pairs.append((got, {k: _change(last[k], now[k], 7) for k in got}))
+            pairs.append((got, {k: output_change(last[k], now[k], 7) for k in got}))
         last = now
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
     _assert_full_probes(pairs)
@@ -352,22 +327,10 @@ def test_two_ddp_ranks_with_batches_of_other_lengths_each_get_the_full_probes_va
     # the BatchNorm's buffers in each forward: no rank may run a pass the other does not. The probe pass (without
     # autograd) told DDP to skip the next training forward's broadcast of the buffers: each rank's model must stay
     # its unmonitored twin's
-    root = Path(__file__).resolve().parents[2]
-    from fairseq_helpers import free_port  # here: this file is also each rank's script
+    from fairseq_helpers import run_script_ranks  # here: this file is also each rank's script
 
-    env = dict(os.environ, WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=dict(env, RANK=str(r)), cwd=root,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=120)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    codes, outs = run_script_ranks(__file__, [tmp_path], WORLD)
+    assert codes == [0] * WORLD, "\n".join(outs)
     for r in range(WORLD):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert got["cut"] is False and got["probe_len"] == 5 - 2 * r
@@ -410,10 +373,10 @@ def _ddp_worker(out: Path) -> None:
         copy = copy_module.deepcopy(model.module)
         for b in copy.buffers():
             dist.broadcast(b, 0)
-        now = {f"module.{k}": v for k, v in _norm_inputs(copy, batches[0]).items()}
+        now = {f"module.{k}": v for k, v in norm_inputs(copy, batches[0]).items()}
         if last is not None:
             got = mon.history[-1]["quantities"]["output_change"]
-            pairs.append((got, {k: _change(last[k], now[k], 3) for k in got}))
+            pairs.append((got, {k: output_change(last[k], now[k], 3) for k in got}))
         last = now
     got = {"cut": mon._probe.cut, "probe_len": mon._probe.call[0][0].shape[1], "pairs": pairs, "twin": same}
     (out / f"rank{rank}.json").write_text(json.dumps(got))
