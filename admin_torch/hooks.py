@@ -5,9 +5,11 @@ Per sublayer ``norm(x + f(x))`` of a layer, a hook captures ``x`` into the layer
 submodule, or the output of the LayerNorm that ran before), and a forward pre-hook of ``norm`` turns its input
 ``s = x + f(x)`` into ``omega * x + f(x) = s + (omega - 1) x``: the same function as the drop-in layers of
 `admin_torch.layers`. Where the sum is made inside one module called as ``module(f_x, x)`` (``residual_arg``:
-HuggingFace's ``BertSelfOutput``, ``BertOutput``), Admin needs one hook only: a pre-hook of that module gives it
-``omega * x`` in place of ``x``, so the module's own sum is ``f(x) + omega * x`` (no slot, no hook on the norm
-or the layer: every other module of the layer keeps PyTorch's hook-free call path). Capture and use happen inside
+HuggingFace's ``BertSelfOutput``, ``BertOutput``), Admin needs no hook where that module's forward is BERT's
+(`admin_torch.fused_output`: its forward is replaced by the same code with the sum ``f(x) + omega * x`` as one
+fused operation), and one hook otherwise: a pre-hook of that module gives it ``omega * x`` in place of ``x``, so
+the module's own sum is ``f(x) + omega * x`` (no slot, no hook on the norm or the layer: every other module of the
+layer keeps PyTorch's hook-free call path). Capture and use happen inside
 the layer's forward, so gradient checkpointing, which replays that forward, replays them too; a forward that
 raises leaves no captured tensor behind.
 
@@ -34,7 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from . import fused_sums
 from .architectures import LayerKind
+from .fused_sums import _MissingResidualInput
 from .residual import OmegaResidual
 from .stacks import resolve
 
@@ -182,11 +186,6 @@ class _CaptureResidualArg:
         self.slot.x = _residual_arg(args, kwargs)
 
 
-class _MissingResidualInput(TypeError, RuntimeError):
-    """A converted module called as ``module(f_x, x)`` got no ``x`` (``input_tensor``): a missing argument, hence a
-    TypeError (as Python's own for a missing argument); also a RuntimeError, what it was before."""
-
-
 def _residual_arg(args, kwargs):
     """x of a module called as ``module(f_x, x)`` or ``module(f_x, input_tensor=x)``; None if it has none."""
     return args[1] if len(args) >= 2 else kwargs.get("input_tensor")
@@ -291,7 +290,9 @@ def capture_sums(layer: nn.Module, kind: LayerKind, at_sums: Sequence[Callable[[
     An ``at_sum`` that only rescales x (``at_sum(x, s) = s + (c - 1) x``) may say so with a method
     ``scaled_input(x)`` returning ``c x`` (or None for a call it must see as ``at_sum(x, s)``): on a sublayer
     described with ``residual_arg``, whose module makes the sum itself, ``c x`` is then passed to that module in
-    place of ``x``, one hook in all (Admin's `_OmegaSum`).
+    place of ``x``, one hook in all (Admin's `_OmegaSum`); an ``at_sum`` with a method
+    ``install_fused(module, norm)`` may instead change that module itself and return a handle with ``remove()``
+    (None: the hook).
 
     Args:
         layer: a module described by ``kind``.
@@ -320,18 +321,21 @@ def capture_sums(layer: nn.Module, kind: LayerKind, at_sums: Sequence[Callable[[
     if len(at_sums) != len(kind.sublayers):
         raise ValueError(f"at_sums: one callable per sublayer ({len(kind.sublayers)}), got {len(at_sums)}")
     handles = [] if handles is None else handles
+    fused = _install_fused(layer, kind, at_sums, handles)
     # a residual_arg sublayer whose at_sum acts before the sum: one hook on its module, nothing captured
-    scaled = [sub.residual_arg is not None and callable(getattr(at_sum, "scaled_input", None))
-              for sub, at_sum in zip(kind.sublayers, at_sums)]
+    scaled = [not done and sub.residual_arg is not None and callable(getattr(at_sum, "scaled_input", None))
+              for sub, at_sum, done in zip(kind.sublayers, at_sums, fused)]
     # one slot per layer for the others: the sublayers run in order, each capture is consumed by the next norm
     slot = _Slot()
-    if not all(scaled):
+    if not all(a or b for a, b in zip(scaled, fused)):
         clear = _ClearSlots([slot])
         handles.append(layer.register_forward_pre_hook(clear, prepend=True))
         handles.append(layer.register_forward_hook(clear, always_call=True))
     reads_norm_output = any(o.residual_arg is None and o.capture is None and o.source is not None
-                            for o in kind.sublayers)
-    for sub, at_sum, before_sum in zip(kind.sublayers, at_sums, scaled):
+                            for o, done in zip(kind.sublayers, fused) if not done)
+    for sub, at_sum, before_sum, done in zip(kind.sublayers, at_sums, scaled, fused):
+        if done:
+            continue
         norm = resolve(layer, sub.norm)
         if before_sum:
             module = resolve(layer, sub.residual_arg)
@@ -350,6 +354,31 @@ def capture_sums(layer: nn.Module, kind: LayerKind, at_sums: Sequence[Callable[[
         if sub.norm != kind.last_norm and reads_norm_output:
             handles.append(norm.register_forward_hook(_CaptureOutput(slot)))
     return handles
+
+
+def _install_fused(layer: nn.Module, kind: LayerKind, at_sums, handles: List) -> List[bool]:
+    """Admin's sums (an ``at_sum`` with an ``omega``: `_OmegaSum`) made in the code that makes the sum
+    (`admin_torch.fused_sums`) where it can be proved to be that sum: in each output module (``residual_arg``), and in
+    the layer's own forward for all its other sublayers at once. Which sublayers are done, per sublayer."""
+    omegas = [getattr(at_sum, "omega", None) for at_sum in at_sums]
+    done = [False] * len(kind.sublayers)
+    for i, (sub, omega) in enumerate(zip(kind.sublayers, omegas)):
+        if isinstance(omega, OmegaResidual) and sub.residual_arg is not None \
+                and sub.norm.startswith(sub.residual_arg + "."):
+            handle = fused_sums.install(resolve(layer, sub.residual_arg), [sub.norm[len(sub.residual_arg) + 1:]],
+                                        [omega], stream_args=(1,))
+            if handle is not None:
+                handles.append(handle)
+                done[i] = True
+    own = [i for i, sub in enumerate(kind.sublayers) if sub.residual_arg is None]
+    if own and all(isinstance(omegas[i], OmegaResidual) and kind.sublayers[i].capture_args == (0,) for i in own):
+        handle = fused_sums.install(layer, [kind.sublayers[i].norm for i in own], [omegas[i] for i in own],
+                                    stream_args=(0,))
+        if handle is not None:
+            handles.append(handle)
+            for i in own:
+                done[i] = True
+    return done
 
 
 def install_hooks(layer: nn.Module, kind: LayerKind, omegas: Sequence[OmegaResidual]) -> None:

@@ -7,7 +7,7 @@ instead of AssertionError / ZeroDivisionError) and omega that follows the activa
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -201,6 +201,39 @@ class OmegaResidual(nn.Module):
         # s too: a 0-d s on another device would reach addcmul, torch's RuntimeError for check_operands' ValueError
         return w if x.device == w.device and s.device == w.device else None
 
+    def add_scaled(self, f_x: Tensor, x: Tensor) -> Tensor:
+        """``f_x + x * omega``: this module's function (``self(x, f_x)``) in one operation where ``x`` and ``f_x`` are
+        plain floating tensors of one dtype, shape and device (omega's), so that a caller making the sum itself
+        (`admin_torch.fused_sums`' rewritten forwards) pays one multiply more than the plain ``f_x + x``, in the
+        backward. On CPU, ``torch.add(f_x, x, alpha=omega)``, omega read as a number once per change of omega (the
+        fewest operations per step); on an accelerator, ``torch.addcmul`` with a cached 0-d omega (never a device
+        synchronization); a vector omega (``as_parameter``), ``torch.addcmul`` with it (its gradient too).
+        Otherwise (other dtypes or shapes, nested tensors, compiling), or while a hook watches this module (the
+        stability monitor's, profiling's, which must see the call ``(x, f_x)``), it calls ``self(x, f_x)``: the
+        same checks and errors, the same numbers up to rounding.
+
+        Shape: ``x``, ``f_x``: ``(*, embed_dim)``, equal shapes for the one-operation path; output: their
+        broadcast shape.
+
+        Examples:
+            >>> res = OmegaResidual(2.0)
+            >>> res.add_scaled(torch.full((3,), 0.5), torch.ones(3))   # 0.5 + 1 * 2
+            tensor([2.5000, 2.5000, 2.5000])
+        """
+        omega = self._parameters.get("omega") if self.as_parameter else self._buffers.get("omega")
+        if (type(x) is not Tensor or type(f_x) is not Tensor or omega is None or x.dtype is not f_x.dtype
+                or not x.is_floating_point() or x.shape != f_x.shape or x.device != omega.device
+                or f_x.device != omega.device or x.is_nested or self._profile_hook is not None or _has_hooks(self)
+                or torch.compiler.is_compiling() or omega.is_inference()):
+            return self(x, f_x)
+        if self.as_parameter:  # a trainable vector: its gradient comes from the same operation
+            if x.dim() == 0 or x.shape[-1] != omega.shape[0] or x.dtype is not omega.dtype:
+                return self(x, f_x)
+            return torch.addcmul(f_x, x, omega)
+        if x.device.type == "cpu":  # reading omega as a number is no device synchronization here
+            return torch.add(f_x, x, alpha=self._omega_numbers()[1])
+        return torch.addcmul(f_x, x, self._omega_minus_one_tensor_cached()[4])
+
     def scaled_input(self, x: Tensor) -> Optional[Tensor]:
         """``x * omega``, for a caller whose own code then adds ``f_x`` (what `admin_torch.hooks` gives a module
         called as ``module(f_x, x)`` in place of ``x``): with that sum, exactly ``self(x, f_x)``, the same two
@@ -252,18 +285,30 @@ class OmegaResidual(nn.Module):
             reader.read_captured()
 
     def _omega_minus_one(self) -> float:
-        """``omega - 1`` as a number, for a 1-element omega: read again only when omega changed (another tensor,
-        other memory, or an in-place write: ``set_omega_``, ``load_state_dict``, ``.to()``; a write through ``.data``
-        moves no version counter and is not seen: write omega with ``set_omega_``)."""
+        """``omega - 1`` as a number (`_omega_numbers`)."""
+        return self._omega_numbers()[0]
+
+    def _omega_numbers(self) -> Tuple[float, float]:
+        """``(omega - 1, omega)`` as numbers, for a 1-element omega: read again only when omega changed (another
+        tensor, other memory, or an in-place write: ``set_omega_``, ``load_state_dict``, ``.to()``; a write through
+        ``.data`` moves no version counter and is not seen: write omega with ``set_omega_``)."""
         omega = self.omega
         if omega.is_inference():  # made under torch.inference_mode: no version counter to key a cache on, read it
-            return float(omega.detach()) - 1.0
+            value = float(omega.detach())
+            return value - 1.0, value
         key = (omega, omega._version, omega.data_ptr())
         cached = getattr(self, "_omega_minus_one_cache", None)  # absent in modules pickled by older versions
-        if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
-            cached = key + (float(omega.detach()) - 1.0,)
+        if cached is None or len(cached) < 5 or cached[0] is not key[0] or cached[1:3] != key[1:]:
+            value = float(omega.detach())
+            cached = key + (value - 1.0, value)
             self._omega_minus_one_cache = cached
-        return cached[3]
+        return cached[3], cached[4]
+
+    def _omega_minus_one_tensor_cached(self) -> tuple:
+        """The cache entry of `_omega_minus_one_tensor`: ``(omega, version, address, omega - 1, omega)``, the last two
+        0-d tensors on omega's device."""
+        self._omega_minus_one_tensor()
+        return self._omega_minus_one_tensor_cache
 
     def _omega_minus_one_tensor(self) -> Tensor:
         """``omega - 1`` as a 0-d tensor on omega's device, for a 1-element omega: made again only when omega
@@ -275,9 +320,11 @@ class OmegaResidual(nn.Module):
                 return omega.detach().reshape(()) - 1
         key = (omega, omega._version, omega.data_ptr())
         cached = getattr(self, "_omega_minus_one_tensor_cache", None)
-        if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
+        # (a 4-tuple: pickled by a version without the 0-d omega)
+        if cached is None or len(cached) < 5 or cached[0] is not key[0] or cached[1:3] != key[1:]:
             with torch.inference_mode(False), torch.no_grad():
-                cached = key + (omega.detach().reshape(()) - 1,)
+                value = omega.detach().reshape(()).clone()
+                cached = key + (value - 1, value)  # omega - 1 (rescale_sum), omega (add_scaled)
             self._omega_minus_one_tensor_cache = cached
         return cached[3]
 
