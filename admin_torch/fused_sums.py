@@ -12,10 +12,12 @@ stock number of operations forward and one multiply more per sum backward.
 
 It rewrites only what it can prove is that sum, else nothing (the caller keeps the hooks): each norm is called
 exactly once in the forward, as ``self.<norm>(a + b)`` or as ``v = a + b`` followed by ``v = self.<norm>(v)``;
-of ``a`` and ``b`` (plain names) exactly one is the residual stream (``x``: the layer's input, or the output of a
-LayerNorm of the layer, through plain copies such as ``residual = hidden_states``, on every branch; for an output
-module, its second argument), the other is not; the forward has no decorator, no closure (``super()``), no loop,
-``try`` or nested function, and no name of its own that the rewrite adds.
+of ``a`` and ``b`` exactly one is the residual stream, a plain name (``x``: the layer's input, or the output of a
+LayerNorm of the layer applied to such a proved sum, through plain copies such as ``residual = hidden_states``, on
+every branch; for an output module, its second argument), the other is not; the forward has no decorator, no closure
+(``super()``), no loop, ``try`` or nested function, no name of its own that the rewrite adds, does not rebind
+``self``, and its source is the code it runs (names and constants compared: not edited since its import, no private
+name that its class mangles).
 
 Examples:
     >>> from admin_torch.residual import OmegaResidual
@@ -55,9 +57,11 @@ __all__ = ["FusedForward", "rewrite", "install"]
 
 _OMEGAS = "_admin_omegas_"  # the parameter the rewritten forward takes its omegas in
 _UNKNOWN = "?"  # the origin of a value the rewrite cannot follow
+_SUM = "sum"  # the origin of a proved sum x + f (not the stream; a LayerNorm of it is)
 _NORM_TYPES = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _REFUSED_NODES = (ast.For, ast.AsyncFor, ast.While, ast.Try, ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda,
                   ast.ClassDef, ast.Global, ast.Nonlocal, ast.Match) + ((ast.TryStar,) if hasattr(ast, "TryStar") else ())
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)  # a scope of their own, run later
 
 Origins = Dict[str, FrozenSet[str]]
 
@@ -83,11 +87,12 @@ def _norm_call(node: ast.AST, self_name: str) -> Optional[Tuple[str, ast.AST]]:
     return None
 
 
-def _added_names(node: ast.AST) -> Optional[Tuple[str, str]]:
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and isinstance(node.left, ast.Name) \
-            and isinstance(node.right, ast.Name):
-        return node.left.id, node.right.id
-    return None
+def _is_sum(node: ast.AST) -> bool:
+    """``a + b`` with a plain name on at least one side (the stream must be one) and no ``:=`` inside (the rewrite
+    evaluates ``f`` before ``x``: nothing in ``f`` may rebind ``x``)."""
+    return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) \
+        and (isinstance(node.left, ast.Name) or isinstance(node.right, ast.Name)) \
+        and not any(isinstance(sub, ast.NamedExpr) for sub in ast.walk(node))
 
 
 class _Rewriter:
@@ -117,22 +122,33 @@ class _Rewriter:
         if isinstance(node, ast.Name):
             return self.origins.get(node.id, frozenset([_UNKNOWN]))
         call = _norm_call(node, self.self_name)
-        if call is not None and self._is_stream_norm(call[0]):
+        # a LayerNorm's output is the stream only where it normalizes a proved sum x + f (a sandwich norm's of
+        # f alone is not)
+        if call is not None and self._is_stream_norm(call[0]) and self._proved_sum(call[1]):
             return frozenset([f"norm:{call[0]}"])
+        if self._proved_sum(node):
+            return frozenset([_SUM])
         return frozenset([_UNKNOWN])
+
+    def _proved_sum(self, node: ast.AST) -> bool:
+        """``node`` is ``a + b`` (or a name bound to it) with exactly one of ``a``, ``b`` the stream."""
+        if isinstance(node, ast.Name):
+            return self.origins.get(node.id) == frozenset([_SUM])
+        return _is_sum(node) and self._sum_operands(node) is not None
 
     def _in_stream(self, origins: FrozenSet[str]) -> bool:
         return bool(origins) and all(o in self.stream or o.startswith("norm:") for o in origins)
 
-    def _sum_operands(self, a: str, b: str) -> Optional[Tuple[str, str]]:
-        """``(f, x)`` of ``a + b`` where exactly one of them is the stream."""
-        sa, sb = (self._in_stream(self.origins.get(n, frozenset([_UNKNOWN]))) for n in (a, b))
+    def _sum_operands(self, node: ast.BinOp) -> Optional[Tuple[ast.expr, str]]:
+        """``(f, name of x)`` of ``a + b`` where exactly one of them is the stream, a plain name."""
+        sa, sb = (isinstance(n, ast.Name) and self._in_stream(self.origins.get(n.id, frozenset([_UNKNOWN])))
+                  for n in (node.left, node.right))
         if sa == sb:
             return None
-        return (b, a) if sa else (a, b)
+        return (node.right, node.left.id) if sa else (node.left, node.right.id)
 
     def _replace(self, node: ast.BinOp, path: str) -> bool:
-        operands = self._sum_operands(node.left.id, node.right.id)
+        operands = self._sum_operands(node)
         if operands is None or path in self.found:
             return False
         self.found[path] = (node, operands)
@@ -141,6 +157,7 @@ class _Rewriter:
     def walk(self, body: List[ast.stmt]) -> None:
         for k, stmt in enumerate(body):
             if isinstance(stmt, ast.If):
+                self._forget_stores(stmt.test)  # (a := ...) in the test
                 before = dict(self.origins)
                 self.walk(stmt.body)
                 after_body, self.origins = self.origins, dict(before)
@@ -150,15 +167,22 @@ class _Rewriter:
                         self.origins.get(name, frozenset([_UNKNOWN]))
                 continue
             if isinstance(stmt, (ast.With, ast.AsyncWith)):
+                for item in stmt.items:  # ``as v`` and (a := ...) bind values the rewrite does not follow
+                    self._forget_stores(item)
                 self.walk(stmt.body)
                 continue
+            if not any(isinstance(node, ast.NamedExpr) for node in ast.walk(stmt)):
+                # (not inside a comprehension: its own variables, run many times or later)
+                deferred = {id(n) for c in ast.walk(stmt) if isinstance(c, _COMPREHENSIONS) for n in ast.walk(c)}
+                for node in ast.walk(stmt):  # self.norm(a + b), anywhere in the statement
+                    if id(node) in deferred:
+                        continue
+                    call = _norm_call(node, self.self_name)
+                    if call is not None and call[0] in self.norms and _is_sum(call[1]):
+                        self._replace(call[1], call[0])
             if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
                 target, value = stmt.targets[0].id, stmt.value
-                call = _norm_call(value, self.self_name)
-                if call is not None and call[0] in self.norms and _added_names(call[1]):  # self.norm(a + b)
-                    self._replace(call[1], call[0])
-                names = _added_names(value)
-                if names is not None and k + 1 < len(body):  # v = a + b; v = self.norm(v)
+                if _is_sum(value) and k + 1 < len(body):  # v = a + b; v = self.norm(v)
                     nxt = body[k + 1]
                     call = _norm_call(nxt.value, self.self_name) if isinstance(nxt, ast.Assign) else None
                     if call is not None and call[0] in self.norms and len(nxt.targets) == 1 \
@@ -174,6 +198,8 @@ class _Rewriter:
         for sub in ast.walk(node):
             if isinstance(sub, ast.Name) and isinstance(sub.ctx, (ast.Store, ast.Del)):
                 self.origins[sub.id] = frozenset([_UNKNOWN])
+            elif isinstance(sub, ast.alias):  # import a.b as c binds c, import a.b binds a
+                self.origins[sub.asname or sub.name.split(".")[0]] = frozenset([_UNKNOWN])
 
 
 def _norm_calls(tree: ast.AST, self_name: str, path: str) -> int:
@@ -224,8 +250,25 @@ def _parse(cls: type) -> Tuple[Optional[ast.FunctionDef], Optional[object], Opti
     if any(isinstance(node, ast.Name) and node.id == _OMEGAS for node in ast.walk(fn)) or \
             any(a.arg == _OMEGAS for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs):
         return None, None, None, f"its forward uses the name {_OMEGAS}"
+    self_name = (fn.args.posonlyargs + fn.args.args)[0].arg
+    if any(isinstance(node, ast.Name) and node.id == self_name and not isinstance(node.ctx, ast.Load)
+           for node in ast.walk(fn)):
+        return None, None, None, f"its forward rebinds {self_name}"
+    # the text read is the code that runs: not edited since the import, no private name (mangled in a class body,
+    # not in the function compiled again)
+    code = next(c for c in compile(tree, "<admin_torch.fused_sums>", "exec").co_consts if inspect.iscode(c))
+    if _code_names(code) != _code_names(forward.__code__):
+        return None, None, None, "the source of its forward is not the code it runs (edited since its import, or " \
+                                 "private names)"
     ast.increment_lineno(tree, first - 1)
     return fn, forward, wrapper, ""
+
+
+def _code_names(code) -> tuple:
+    """The names and constants (but strings: a docstring is dedented) of a code object and of those inside it."""
+    return (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars,
+            tuple(c for c in code.co_consts if not isinstance(c, str) and not inspect.iscode(c)),
+            tuple(_code_names(c) for c in code.co_consts if inspect.iscode(c)))
 
 
 class Rewritten(NamedTuple):
@@ -237,7 +280,7 @@ class Rewritten(NamedTuple):
     inner: Optional[object]
 
 
-_CACHE: Dict[Tuple[type, Tuple[str, ...], Tuple[int, ...]], Tuple[Optional[Rewritten], str]] = {}
+_CACHE: Dict[Tuple[type, Tuple[str, ...], Tuple[int, ...], FrozenSet[str]], Tuple[Optional[Rewritten], str]] = {}
 
 
 def rewrite(module: nn.Module, norms: Sequence[str], stream_args: Tuple[int, ...]) -> Tuple[Optional[Rewritten], str]:
@@ -251,7 +294,9 @@ def rewrite(module: nn.Module, norms: Sequence[str], stream_args: Tuple[int, ...
     (its input; its LayerNorms' outputs are the stream too), ``(1,)`` for an output module called as ``(f, x)``.
     Made once per class, norms and stream (the structure the rewrite relies on belongs to the class).
     """
-    key = (type(module), tuple(norms), tuple(stream_args))
+    # the proof also reads which submodules are LayerNorms (their outputs are the stream): part of the key
+    key = (type(module), tuple(norms), tuple(stream_args),
+           frozenset(n for n, m in module.named_modules() if n in norms or isinstance(m, _NORM_TYPES)))
     if key in _CACHE:
         return _CACHE[key]
     fn, forward, wrapper, why = _parse(type(module))
@@ -276,7 +321,7 @@ def rewrite(module: nn.Module, norms: Sequence[str], stream_args: Tuple[int, ...
         call = ast.Call(func=ast.Attribute(value=ast.Subscript(value=ast.Name(_OMEGAS, ast.Load()),
                                                                slice=ast.Constant(i), ctx=ast.Load()),
                                            attr="add_scaled", ctx=ast.Load()),
-                        args=[ast.Name(f, ast.Load()), ast.Name(x, ast.Load())], keywords=[])
+                        args=[f, ast.Name(x, ast.Load())], keywords=[])
         holder = parent[id(node)]
         for field, value in ast.iter_fields(holder):
             if value is node:
@@ -335,11 +380,16 @@ class FusedForward:
             raise RuntimeError(f"admin_torch: {type(self.module).__name__}'s sums cannot be rewritten ({why}): "
                                "convert a stock copy of the model again")
         fn = functools.partial(rewritten.fn, self.omegas)
+        self.__dict__["_outer"], self.__dict__["_cls"] = [], type(self.module)
         if rewritten.wrapper is None:
             return functools.partial(fn, self.module)
         # the class's wrapper again, around the rewrite: its closure with the wrapped function replaced
         w = rewritten.wrapper
         cells = tuple(types.CellType(fn if _cell(c) is rewritten.inner else _cell(c)) for c in w.__closure__)
+        # transformers' wrapper checkpoints only as the outermost forward (``type(self).forward is <itself>``); the
+        # instance's forward always is one (no class wrapper calls it): `__call__` keeps that cell the class's
+        # forward, also after the class is subclassed and wrapped again (FSDP2's ``FSDP<Layer>``)
+        self.__dict__["_outer"] = [new for new, old in zip(cells, w.__closure__) if _cell(old) is w]
         wrapper = types.FunctionType(w.__code__, w.__globals__, w.__name__, w.__defaults__, cells)
         wrapper.__kwdefaults__ = w.__kwdefaults__
         return functools.partial(wrapper, self.module)
@@ -350,15 +400,25 @@ class FusedForward:
                 raise _MissingResidualInput(
                     f"admin_torch: converted {type(self.module).__name__} called without its residual input: "
                     f"{self._names[i]} (argument {i + 1}, or {self._names[i]}=) is required, a tensor")
-        return self.call(*args, **kwargs)
+        call = self.call
+        if type(self.module) is not self._cls:  # subclassed since (FSDP2): the wrapper's outermost test follows
+            self._cls = type(self.module)
+            for cell in self._outer:
+                cell.cell_contents = self._cls.forward
+        return call(*args, **kwargs)
 
     @property
     def __signature__(self) -> inspect.Signature:
         """The class forward's signature (what HuggingFace reads of ``module.forward``)."""
         return inspect.signature(type(self.module).forward.__get__(self.module))
 
+    @property
+    def __code__(self):
+        """The class forward's code, as a bound method gives it (``torch.export`` reads its name, file and line)."""
+        return type(self.module).forward.__code__
+
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "call"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("call", "_outer", "_cls")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)

@@ -222,14 +222,23 @@ class OmegaResidual(nn.Module):
         """
         omega = self._parameters.get("omega") if self.as_parameter else self._buffers.get("omega")
         if (type(x) is not Tensor or type(f_x) is not Tensor or omega is None or x.dtype is not f_x.dtype
-                or not x.is_floating_point() or x.shape != f_x.shape or x.device != omega.device
-                or f_x.device != omega.device or x.is_nested or self._profile_hook is not None or _has_hooks(self)
-                or torch.compiler.is_compiling() or omega.is_inference()):
+                or not x.is_floating_point() or x.is_nested or f_x.is_nested or x.shape != f_x.shape
+                or x.device != omega.device or f_x.device != omega.device or self._profile_hook is not None
+                or _has_hooks(self) or torch.compiler.is_compiling() or omega.is_inference()):
+            if type(x) is Tensor and type(f_x) is Tensor and not (x.is_nested or f_x.is_nested) \
+                    and x.shape != f_x.shape:
+                try:
+                    torch.broadcast_shapes(x.shape, f_x.shape)
+                except RuntimeError:  # the caller's own sum x + f_x raises a RuntimeError: this one is both
+                    raise _SumShapeError(f"x and f_x must have shapes that broadcast (the residual sum), got "
+                                         f"{tuple(x.shape)} and {tuple(f_x.shape)}") from None
             return self(x, f_x)
         if self.as_parameter:  # a trainable vector: its gradient comes from the same operation
             if x.dim() == 0 or x.shape[-1] != omega.shape[0] or x.dtype is not omega.dtype:
                 return self(x, f_x)
             return torch.addcmul(f_x, x, omega)
+        if omega.requires_grad:  # a 1-element omega made trainable: a number or a cached copy would drop its gradient
+            return self(x, f_x)
         if x.device.type == "cpu":  # reading omega as a number is no device synchronization here
             return torch.add(f_x, x, alpha=self._omega_numbers()[1])
         return torch.addcmul(f_x, x, self._omega_minus_one_tensor_cached()[4])
@@ -361,6 +370,11 @@ class OmegaResidual(nn.Module):
         if self.as_parameter:
             return f"embed_dim={self.omega.numel()}, as_parameter=True, omega~{self.omega.float().mean().item():.4g}"
         return f"omega={self.omega.float().item():.4g}"
+
+
+class _SumShapeError(ValueError, RuntimeError):
+    """Shapes of ``x`` and ``f_x`` that do not broadcast, met by `OmegaResidual.add_scaled`: this module's ValueError,
+    also the RuntimeError of the sum ``f_x + x`` that the caller's own code made before it was rewritten."""
 
 
 def check_operands(x, other_name: str, other, device: torch.device, what: str) -> None:
