@@ -204,10 +204,11 @@ class OmegaResidual(nn.Module):
     def add_scaled(self, f_x: Tensor, x: Tensor) -> Tensor:
         """``f_x + x * omega``: this module's function (``self(x, f_x)``) in one operation where ``x`` and ``f_x`` are
         plain floating tensors of one dtype, shape and device (omega's), so that a caller making the sum itself
-        (`admin_torch.fused_sums`' rewritten forwards) pays one multiply more than the plain ``f_x + x``, in the
-        backward. On CPU, ``torch.add(f_x, x, alpha=omega)``, omega read as a number once per change of omega (the
-        fewest operations per step); on an accelerator, ``torch.addcmul`` with a cached 0-d omega (never a device
-        synchronization); a vector omega (``as_parameter``), ``torch.addcmul`` with it (its gradient too).
+        (`admin_torch.fused_sums`' rewritten forwards) pays the fewest operations over the plain ``f_x + x``: on CPU
+        (float32, float64), ``x * omega + f_x`` with a cached 0-d omega, one multiply more forward and one backward;
+        in half precision on CPU ``torch.add(f_x, x, alpha=omega)``, omega read as a number once per change and
+        applied in float32; on an accelerator, ``torch.addcmul`` with the cached 0-d omega (one kernel, never a
+        device synchronization); a vector omega (``as_parameter``), ``torch.addcmul`` with it (its gradient too).
         Otherwise (other dtypes or shapes, nested tensors, compiling), or while a hook watches this module (the
         stability monitor's, profiling's, which must see the call ``(x, f_x)``), it calls ``self(x, f_x)``: the
         same checks and errors, the same numbers up to rounding.
@@ -220,6 +221,19 @@ class OmegaResidual(nn.Module):
             >>> res.add_scaled(torch.full((3,), 0.5), torch.ones(3))   # 0.5 + 1 * 2
             tensor([2.5000, 2.5000, 2.5000])
         """
+        fast = self.__dict__.get("_add_scaled_fast")
+        if fast is not None and not torch.compiler.is_compiling():  # the common case on CPU, in few steps: it runs
+            omega, version, address, w = fast                          # once per sum per step
+            if (type(x) is Tensor and type(f_x) is Tensor and x.is_cpu and f_x.is_cpu and not x.is_nested
+                    and not f_x.is_nested and x.dtype in _CACHED_DTYPES and f_x.dtype is x.dtype
+                    and x.shape == f_x.shape and omega._version == version and omega.data_ptr() == address
+                    and self._buffers.get("omega") is omega and self._profile_hook is None and not _has_hooks(self)
+                    and not omega.requires_grad):
+                return x * w + f_x
+        return self._add_scaled_checked(f_x, x)
+
+    def _add_scaled_checked(self, f_x: Tensor, x: Tensor) -> Tensor:
+        """`add_scaled` with every check; it keeps what its CPU float path needs for the next call."""
         omega = self._parameters.get("omega") if self.as_parameter else self._buffers.get("omega")
         if (type(x) is not Tensor or type(f_x) is not Tensor or omega is None or x.dtype is not f_x.dtype
                 or not x.is_floating_point() or x.is_nested or f_x.is_nested or x.shape != f_x.shape
@@ -239,9 +253,16 @@ class OmegaResidual(nn.Module):
             return torch.addcmul(f_x, x, omega)
         if omega.requires_grad:  # a 1-element omega made trainable: a number or a cached copy would drop its gradient
             return self(x, f_x)
-        if x.device.type == "cpu":  # reading omega as a number is no device synchronization here
-            return torch.add(f_x, x, alpha=self._omega_numbers()[1])
-        return torch.addcmul(f_x, x, self._omega_minus_one_tensor_cached()[4])
+        if x.device.type != "cpu":  # one kernel, omega a cached 0-d tensor: no device synchronization
+            return torch.addcmul(f_x, x, self._omega_minus_one_tensor_cached()[4])
+        if x.dtype in _CACHED_DTYPES:
+            # small CPU steps are paid per operation: a multiply and an add forward, one multiply backward, two
+            # operations more than the plain sum per step where addcmul or alpha= take five (their backward wraps a
+            # number into a tensor)
+            cached = self._omega_minus_one_tensor_cached()
+            self._add_scaled_fast = (omega, cached[1], cached[2], cached[4])
+            return x * cached[4] + f_x
+        return torch.add(f_x, x, alpha=self._omega_numbers()[1])  # half precisions: omega applied in float32
 
     def scaled_input(self, x: Tensor) -> Optional[Tensor]:
         """``x * omega``, for a caller whose own code then adds ``f_x`` (what `admin_torch.hooks` gives a module
