@@ -1,13 +1,16 @@
 """Where a converted HuggingFace step's overhead goes: the hooks, the Admin residual's operation, its checks.
 
-Four copies of one small random model (nothing downloaded) step in paired, randomly ordered repetitions
+Five copies of one small random model (nothing downloaded) step in paired, randomly ordered repetitions
 (`benchmarks.harness.paired_differences`, thread CPU time at one thread, glibc's allocator kept from
 re-mapping large blocks): stock; converted; converted with `OmegaResidual.rescale_sum` replaced by its bare
 operation (`addcmul(s, x, omega - 1)`, no checks: the hooks and the operation); and converted with a
 `rescale_sum` that returns ``s`` unchanged (the hooks alone: capturing ``x`` and handing it to the LayerNorm).
 Cells: the median of the per-step differences from stock over stock's median step, [5%, 95%] bootstrap.
-Families whose residuals take `rescale_sum` (BART-like: the sum is made in the layer's own code); BERT-like
-layers take `scaled_input` instead and are not decomposed here (refused: exit 2).
+The three converted copies take the hook path (`admin_torch.fused_sums` kept out: what a layer whose forward
+cannot be rewritten gets); a fifth copy, converted as `admin_torch.convert` does by default (BART's sums made in
+its own forward, no hook), is timed beside them. Families whose hook path takes `rescale_sum` (BART-like: the sum
+is made in the layer's own code); BERT-like layers take `scaled_input` instead and are not decomposed here
+(refused: exit 2).
 
     python -m benchmarks.bench_admin_hf_parts --hidden 256 --layers 12 --reps 100 --families bart
 """
@@ -20,6 +23,7 @@ import time
 import torch
 
 import admin_torch
+from admin_torch import fused_sums
 from admin_torch.residual import OmegaResidual
 from benchmarks import hf_families as H
 from benchmarks.bench_admin_hf import _scale, check_hidden
@@ -36,11 +40,21 @@ def _unchanged(self, x, s):
     return s
 
 
+def _convert_hooked(model):
+    """``model`` converted on the hook path (`admin_torch.fused_sums` refusing every layer)."""
+    install = fused_sums.install
+    fused_sums.install = lambda *args, **kwargs: None
+    try:
+        return admin_torch.convert(model)
+    finally:
+        fused_sums.install = install
+
+
 def _takes_rescale_sum(family: str) -> bool:
-    """Whether ``family``'s converted model calls `OmegaResidual.rescale_sum` in a forward pass (what the variants
-    replace)."""
+    """Whether ``family``'s model converted on the hook path calls `OmegaResidual.rescale_sum` in a forward pass
+    (what the variants replace)."""
     model, x, _ = H.build(family)
-    admin = admin_torch.convert(model)
+    admin = _convert_hooked(model)
     calls, checked = [], OmegaResidual.rescale_sum
 
     def counted(self, a, b):
@@ -81,7 +95,7 @@ def main(argv=None) -> None:
     stable = stable_allocator()
     _scale(args.hidden, args.layers)
     checked = OmegaResidual.rescale_sum
-    variants = {"converted": checked, "bare operation": _bare, "hooks alone": _unchanged}
+    variants = {"converted": checked, "bare operation": _bare, "hooks alone": _unchanged, "fused (default)": checked}
     lines = ["# Where a converted HuggingFace step's overhead goes", "",
              f"`python -m benchmarks.bench_admin_hf_parts --hidden {args.hidden} --layers {args.layers} --reps "
              f"{args.reps} --families {' '.join(args.families)}` (torch {torch.__version__}; batch 2 x 8 tokens; "
@@ -92,7 +106,8 @@ def main(argv=None) -> None:
     try:
         for family in args.families:
             model, x, _ = H.build(family)
-            models = {"stock": model, **{k: admin_torch.convert(copy.deepcopy(model)) for k in variants}}
+            models = {"stock": model, **{k: (admin_torch.convert if k == "fused (default)" else _convert_hooked)(
+                copy.deepcopy(model)) for k in variants}}
             opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
 
             def step(k):

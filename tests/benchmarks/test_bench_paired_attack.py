@@ -67,7 +67,7 @@ def test_bench_admin_hf_parts_makes_the_out_directory(tmp_path, monkeypatch):
     out = tmp_path / "new" / "dir" / "parts.md"
     bench_admin_hf_parts.main(["--hidden", "8", "--layers", "1", "--reps", "2", "--out", str(out)])
     row = next(line for line in out.read_text().splitlines() if line.startswith("| bart |"))
-    assert row.count("+1.00%") == 9  # each variant 0.01 ms over a 1 ms stock step: median and both ends
+    assert row.count("+1.00%") == 12  # each of the 4 variants 0.01 ms over a 1 ms stock step: median and both ends
 
 
 @pytest.mark.parametrize("values, resamples", [([], 1000), ([1.0, 2.0], 0), ([1.0], -1)])
