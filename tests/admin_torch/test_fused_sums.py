@@ -110,77 +110,14 @@ def test_a_branch_that_does_not_run_leaves_its_sum_out():
     torch.testing.assert_close(block(x, True), _written_out(block, x, 1.5, 2.5, skip=True))
 
 
+#: the forms refused here; test_fused_sums_attack.py holds the rebinding, branch and expression forms
 REFUSED = {
-    "sum reused": """
-        def forward(self, hidden_states):
-            residual = hidden_states
-            h = self.fc(hidden_states)
-            s = residual + h
-            out = self.norm(s)
-            return out + s
-        """,
     "no stream operand": """
         def forward(self, hidden_states):
             a = self.fc(hidden_states)
             b = self.fc2(hidden_states)
             hidden_states = a + b
             hidden_states = self.norm(hidden_states)
-            return hidden_states
-        """,
-    "both operands stream": """
-        def forward(self, hidden_states):
-            residual = hidden_states
-            hidden_states = residual + hidden_states
-            hidden_states = self.norm(hidden_states)
-            return hidden_states
-        """,
-    "x reassigned after the copy": """
-        def forward(self, hidden_states):
-            residual = hidden_states
-            residual = self.fc2(residual)
-            hidden_states = self.fc(hidden_states)
-            hidden_states = residual + hidden_states
-            hidden_states = self.norm(hidden_states)
-            return hidden_states
-        """,
-    "x set in one branch only": """
-        def forward(self, hidden_states, flag=False):
-            residual = hidden_states
-            if flag:
-                residual = self.fc2(hidden_states)
-            hidden_states = self.fc(hidden_states)
-            hidden_states = residual + hidden_states
-            hidden_states = self.norm(hidden_states)
-            return hidden_states
-        """,
-    "augmented assignment": """
-        def forward(self, hidden_states):
-            residual = hidden_states
-            hidden_states = self.fc(hidden_states)
-            hidden_states += residual
-            hidden_states = self.norm(hidden_states)
-            return hidden_states
-        """,
-    "norm called twice": """
-        def forward(self, hidden_states):
-            residual = hidden_states
-            hidden_states = self.fc(hidden_states)
-            hidden_states = residual + hidden_states
-            hidden_states = self.norm(hidden_states)
-            return self.norm(hidden_states)
-        """,
-    "three terms": """
-        def forward(self, hidden_states):
-            residual = hidden_states
-            hidden_states = self.norm(residual + self.fc(hidden_states) + self.fc2(hidden_states))
-            return hidden_states
-        """,
-    "norm with a keyword": """
-        def forward(self, hidden_states):
-            residual = hidden_states
-            hidden_states = self.fc(hidden_states)
-            hidden_states = residual + hidden_states
-            hidden_states = self.norm(input=hidden_states)
             return hidden_states
         """,
     "a loop": """
@@ -190,14 +127,6 @@ REFUSED = {
                 hidden_states = self.fc(hidden_states)
                 hidden_states = residual + hidden_states
                 hidden_states = self.norm(hidden_states)
-            return hidden_states
-        """,
-    "walrus into the stream": """
-        def forward(self, hidden_states):
-            residual = hidden_states
-            hidden_states = self.fc(residual := self.fc2(hidden_states))
-            hidden_states = residual + hidden_states
-            hidden_states = self.norm(hidden_states)
             return hidden_states
         """,
     "its own omega name": """
