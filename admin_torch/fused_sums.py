@@ -96,7 +96,7 @@ def _is_sum(node: ast.AST) -> bool:
 
 
 class _Rewriter:
-    """Finds and replaces the sums of one forward (see the module docstring); ``failure`` says why it refused."""
+    """Finds the sums of one forward (see the module docstring): ``found[norm path] = (the sum node, (f, x))``."""
 
     def __init__(self, fn: ast.FunctionDef, module: nn.Module, norms: Sequence[str], stream_args: Tuple[int, ...]):
         self.module, self.norms, self.found = module, list(norms), {}
