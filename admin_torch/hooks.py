@@ -5,11 +5,11 @@ Per sublayer ``norm(x + f(x))`` of a layer, a hook captures ``x`` into the layer
 submodule, or the output of the LayerNorm that ran before), and a forward pre-hook of ``norm`` turns its input
 ``s = x + f(x)`` into ``omega * x + f(x) = s + (omega - 1) x``: the same function as the drop-in layers of
 `admin_torch.layers`. Where the sum is made inside one module called as ``module(f_x, x)`` (``residual_arg``:
-HuggingFace's ``BertSelfOutput``, ``BertOutput``), Admin needs no hook where that module's forward is BERT's
-(`admin_torch.fused_output`: its forward is replaced by the same code with the sum ``f(x) + omega * x`` as one
-fused operation), and one hook otherwise: a pre-hook of that module gives it ``omega * x`` in place of ``x``, so
-the module's own sum is ``f(x) + omega * x`` (no slot, no hook on the norm or the layer: every other module of the
-layer keeps PyTorch's hook-free call path). Capture and use happen inside
+HuggingFace's ``BertSelfOutput``, ``BertOutput``), one hook does it: a pre-hook of that module gives it
+``omega * x`` in place of ``x``, so the module's own sum is ``f(x) + omega * x`` (no slot, no hook on the norm or
+the layer: every other module of the layer keeps PyTorch's hook-free call path). Admin needs no hook at all where
+`admin_torch.fused_sums` can prove the sums of the layer's (or the output module's) own forward: that forward is
+then rewritten to make them, and `capture_sums` installs it instead. Capture and use happen inside
 the layer's forward, so gradient checkpointing, which replays that forward, replays them too; a forward that
 raises leaves no captured tensor behind.
 
@@ -290,9 +290,9 @@ def capture_sums(layer: nn.Module, kind: LayerKind, at_sums: Sequence[Callable[[
     An ``at_sum`` that only rescales x (``at_sum(x, s) = s + (c - 1) x``) may say so with a method
     ``scaled_input(x)`` returning ``c x`` (or None for a call it must see as ``at_sum(x, s)``): on a sublayer
     described with ``residual_arg``, whose module makes the sum itself, ``c x`` is then passed to that module in
-    place of ``x``, one hook in all (Admin's `_OmegaSum`); an ``at_sum`` with a method
-    ``install_fused(module, norm)`` may instead change that module itself and return a handle with ``remove()``
-    (None: the hook).
+    place of ``x``, one hook in all (Admin's `_OmegaSum`). An ``at_sum`` with an ``omega`` (an
+    `OmegaResidual`: Admin's) has its sum made by the forward that makes the sum wherever `admin_torch.fused_sums`
+    proves it (`_install_fused`: no hook; its handle, with ``remove()``, goes into ``handles`` too).
 
     Args:
         layer: a module described by ``kind``.
