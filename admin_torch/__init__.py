@@ -17,7 +17,8 @@
   [`fold_into_linears_`][admin_torch.fold_into_linears_], [`fold_into_embedding_`][admin_torch.fold_into_embedding_].
 
 How the package is built, bottom to top: the pure-torch core (`admin_torch.stacks` finds the residual stacks,
-`admin_torch.hooks` gives a layer Admin residuals without copying its forward, `admin_torch.conversion` and
+`admin_torch.hooks` gives a layer Admin residuals without copying its forward, `admin_torch.fused_sums` makes them
+in the layer's own forward where it can prove its sums (no hook), `admin_torch.conversion` and
 `admin_torch.folding` convert and fold), the HuggingFace adapter above it (`admin_torch.hf_io`), and
 `admin_torch.api`, whose [`convert`][admin_torch.convert] and [`fold`][admin_torch.fold] compose the two
 (`admin_torch.adapter` is the seam). Names of earlier releases that are not listed here are found in their
