@@ -238,9 +238,11 @@ def test_capturable_and_fused_together_as_torch_allows(cls):
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     opt_a = cls(a, lr=torch.tensor(0.01), capturable=True, fused=True, sign_internal_decay=CosineInternalDecay(6))
     opt_b = cls(b, lr=0.01, foreach=True, sign_internal_decay=CosineInternalDecay(6))
-    step_alike(a, opt_a.step, b, opt_b.step)
+    step_alike(a, opt_a.step, b, opt_b.step, steps=4)
     for p, q in zip(a, b):
-        assert_within_ulp(p.detach(), q.detach(), torch.float32)
+        # the documented agreement, 1 ulp per step: which kernel (AVX-512, AVX2) runs, and so how its multiply-adds
+        # round, depends on the CPU (2 ulps after 4 steps on an AVX-512 machine)
+        assert_within_ulp(p.detach(), q.detach(), torch.float32, ulps=4)
 
 
 def test_capturable_refusals():
