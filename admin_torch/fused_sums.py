@@ -46,6 +46,7 @@ import inspect
 import textwrap
 import functools
 import types
+import weakref
 from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch  # noqa: F401 (the doctests' namespace)
@@ -280,7 +281,8 @@ class Rewritten(NamedTuple):
     inner: Optional[object]
 
 
-_CACHE: Dict[Tuple[type, Tuple[str, ...], Tuple[int, ...], FrozenSet[str]], Tuple[Optional[Rewritten], str]] = {}
+#: per class (weakly: a class made at run time is not kept alive), per (norms, stream, LayerNorm paths): the rewrite
+_CACHE: "weakref.WeakKeyDictionary[type, Dict[tuple, Tuple[Optional[Rewritten], str]]]" = weakref.WeakKeyDictionary()
 
 
 def rewrite(module: nn.Module, norms: Sequence[str], stream_args: Tuple[int, ...]) -> Tuple[Optional[Rewritten], str]:
@@ -295,10 +297,11 @@ def rewrite(module: nn.Module, norms: Sequence[str], stream_args: Tuple[int, ...
     Made once per class, norms and stream (the structure the rewrite relies on belongs to the class).
     """
     # the proof also reads which submodules are LayerNorms (their outputs are the stream): part of the key
-    key = (type(module), tuple(norms), tuple(stream_args),
+    key = (tuple(norms), tuple(stream_args),
            frozenset(n for n, m in module.named_modules() if n in norms or isinstance(m, _NORM_TYPES)))
-    if key in _CACHE:
-        return _CACHE[key]
+    cache = _CACHE.setdefault(type(module), {})
+    if key in cache:
+        return cache[key]
     fn, forward, wrapper, why = _parse(type(module))
     if fn is not None:
         self_name = (fn.args.posonlyargs + fn.args.args)[0].arg
@@ -313,8 +316,8 @@ def rewrite(module: nn.Module, norms: Sequence[str], stream_args: Tuple[int, ...
         if missing:
             fn, why = None, f"no sum x + f(x) that provably enters {missing[0]}"
     if fn is None:
-        _CACHE[key] = (None, why)
-        return _CACHE[key]
+        cache[key] = (None, why)
+        return cache[key]
     parent = {id(child): node for node in ast.walk(fn) for child in ast.iter_child_nodes(node)}
     for i, path in enumerate(norms):
         node, (f, x) = rewriter.found[path]
@@ -342,8 +345,8 @@ def rewrite(module: nn.Module, norms: Sequence[str], stream_args: Tuple[int, ...
     new = namespace[fn.name]
     new.__defaults__, new.__kwdefaults__ = forward.__defaults__, forward.__kwdefaults__
     new.__qualname__ = forward.__qualname__ + " (Admin sums)"
-    _CACHE[key] = (Rewritten(new, wrapper, forward), "")
-    return _CACHE[key]
+    cache[key] = (Rewritten(new, wrapper, forward), "")
+    return cache[key]
 
 
 _ABSENT = object()
